@@ -1,0 +1,1 @@
+"""Bundle archives (`.tar.zst`): inspection of untrusted input."""

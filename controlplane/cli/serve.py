@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import click
+
+from controlplane.bootstrap import App, agent_command
+from controlplane.config import Settings
+from controlplane.watch.hub import HubSettings
+
+
+def _run(settings: Settings) -> None:
+    async def main() -> None:
+        app = App(settings)
+        info = await app.start()
+        where = "SQLite in " + str(settings.data_dir) if settings.embedded else "PostgreSQL"
+        click.echo(f"controlplane serving on {settings.listen} (port {info.port}), state in {where}")
+        if info.metrics_port:
+            click.echo(
+                f"metrics on http://{settings.metrics_listen.rpartition(':')[0]}:{info.metrics_port}/metrics"
+            )
+        if info.enrollment_token:
+            if info.token_created:
+                click.echo(
+                    "created project 'default'; its enrollment token is in "
+                    f"{settings.data_dir / 'enrollment-token'}"
+                )
+            click.echo(
+                "start an agent with:\n  " + agent_command(settings.listen, info.port, info.enrollment_token)
+            )
+        sys.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        click.echo("shutting down: streams get a closing bookmark")
+        await app.stop()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(main())
+
+
+@click.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path("data"),
+    show_default=True,
+    envvar="CONTROLPLANE_DATA_DIR",
+    show_envvar=True,
+    help="SQLite file, blobs, keys.",
+)
+@click.option(
+    "--listen",
+    default="127.0.0.1:50051",
+    show_default=True,
+    envvar="CONTROLPLANE_LISTEN",
+    show_envvar=True,
+    help="gRPC address (host:port; port 0 picks a free one).",
+)
+@click.option(
+    "--database-url",
+    default="",
+    envvar="CONTROLPLANE_DATABASE_URL",
+    show_envvar=True,
+    help="postgresql+asyncpg://... (default: SQLite in the data dir).",
+)
+@click.option(
+    "--metrics-listen",
+    default="127.0.0.1:9464",
+    show_default=True,
+    envvar="CONTROLPLANE_METRICS_LISTEN",
+    show_envvar=True,
+    help="Prometheus endpoint host:port; empty to disable.",
+)
+@click.option(
+    "--bookmark-interval",
+    type=float,
+    default=15.0,
+    show_default=True,
+    envvar="CONTROLPLANE_BOOKMARK_INTERVAL",
+    show_envvar=True,
+    help="Seconds between bookmarks.",
+)
+@click.option(
+    "--stream-lifetime",
+    type=(float, float),
+    default=(600.0, 1200.0),
+    show_default=True,
+    envvar="CONTROLPLANE_STREAM_LIFETIME",
+    show_envvar=True,
+    help="Min and max seconds a stream lives before a closing bookmark.",
+)
+@click.option(
+    "--offline-after",
+    type=float,
+    default=30.0,
+    show_default=True,
+    envvar="CONTROLPLANE_OFFLINE_AFTER",
+    show_envvar=True,
+    help="Seconds without a heartbeat before a node is marked offline.",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=float,
+    default=10.0,
+    show_default=True,
+    envvar="CONTROLPLANE_HEARTBEAT_INTERVAL",
+    show_envvar=True,
+    help="Seconds between heartbeats, told to agents.",
+)
+@click.option(
+    "--retain-revisions",
+    type=int,
+    default=10_000,
+    show_default=True,
+    envvar="CONTROLPLANE_RETAIN_REVISIONS",
+    show_envvar=True,
+    help="Revisions of history kept for resumes.",
+)
+@click.option(
+    "--retain-seconds",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    envvar="CONTROLPLANE_RETAIN_SECONDS",
+    show_envvar=True,
+    help="Minimum age of history before it may be pruned.",
+)
+@click.option(
+    "--prune-interval",
+    type=float,
+    default=60.0,
+    show_default=True,
+    envvar="CONTROLPLANE_PRUNE_INTERVAL",
+    show_envvar=True,
+    help="Seconds between retention runs.",
+)
+@click.option(
+    "--log-level", default="INFO", show_default=True, envvar="CONTROLPLANE_LOG_LEVEL", show_envvar=True
+)
+def serve(
+    data_dir: Path,
+    listen: str,
+    database_url: str,
+    metrics_listen: str,
+    bookmark_interval: float,
+    stream_lifetime: tuple[float, float],
+    offline_after: float,
+    heartbeat_interval: float,
+    retain_revisions: int,
+    retain_seconds: float,
+    prune_interval: float,
+    log_level: str,
+) -> None:
+    """Run the control plane (SQLite and a local directory unless --database-url)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    lo, hi = sorted(stream_lifetime)
+    settings = Settings(
+        data_dir=data_dir,
+        listen=listen,
+        database_url=database_url,
+        metrics_listen=metrics_listen,
+        hub=HubSettings(bookmark_interval=bookmark_interval, lifetime_min=lo, lifetime_max=hi),
+        heartbeat_interval=timedelta(seconds=heartbeat_interval),
+        offline_after=timedelta(seconds=offline_after),
+        offline_sweep_interval=timedelta(seconds=min(5.0, max(0.5, offline_after / 4))),
+        retain_revisions=retain_revisions,
+        retain_for=timedelta(seconds=retain_seconds),
+        prune_interval=timedelta(seconds=prune_interval),
+    )
+    _run(settings)

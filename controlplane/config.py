@@ -1,0 +1,40 @@
+"""Settings of `controlplane serve`, from flags or CONTROLPLANE_* environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from controlplane.store.engine import sqlite_url
+from controlplane.watch.hub import HubSettings
+
+
+@dataclass
+class Settings:
+    data_dir: Path = Path("data")
+    listen: str = "127.0.0.1:50051"
+    # Empty: SQLite inside data_dir.
+    database_url: str = ""
+    # host:port for Prometheus; empty disables the endpoint.
+    metrics_listen: str = "127.0.0.1:9464"
+    hub: HubSettings = field(default_factory=HubSettings)
+    heartbeat_interval: timedelta = timedelta(seconds=10)
+    # Three missed heartbeats: one lost packet never flaps a node offline.
+    offline_after: timedelta = timedelta(seconds=30)
+    offline_sweep_interval: timedelta = timedelta(seconds=5)
+    # History kept for resumes: at least this many revisions and this much time. An
+    # agent away for longer bootstraps instead of resuming.
+    retain_revisions: int = 10_000
+    retain_for: timedelta = timedelta(hours=1)
+    prune_interval: timedelta = timedelta(seconds=60)
+    max_pending_requests: int = 65_536
+    shutdown_grace: float = 5.0
+
+    @property
+    def url(self) -> str:
+        return self.database_url or sqlite_url(self.data_dir)
+
+    @property
+    def embedded(self) -> bool:
+        return self.url.startswith("sqlite")

@@ -1,0 +1,117 @@
+"""Writing desired state: the one path every assignment takes.
+
+`AssignBundle`, rollout steps, rollbacks and drift remediation all call `write_assignment`
+inside their own transaction, so each of them is one revision and one commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from controlplane.domain import validation
+from controlplane.domain.desired import Assignment, ChangeKind, DesiredRow
+from controlplane.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from controlplane.domain.labels import Selector, node_key, selector_key
+from controlplane.domain.ports import Clock, Store, Tx
+
+# One assignment may name at most this many nodes; larger sets should use a selector.
+MAX_NODE_TARGETS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A selector, or an explicit list of node ids."""
+
+    selector: Selector | None = None
+    node_ids: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, selector: str | None, node_ids: Sequence[str] | None) -> Target:
+        if selector is not None:
+            return cls(selector=Selector.parse(selector, "target.selector"))
+        if node_ids is None:
+            raise InvalidArgument("give a selector or node ids", field="target")
+        ids = tuple(dict.fromkeys(node_ids))
+        if not ids:
+            raise InvalidArgument("must name at least one node", field="target.nodes.node_ids")
+        if len(ids) > MAX_NODE_TARGETS:
+            raise InvalidArgument(
+                f"at most {MAX_NODE_TARGETS} nodes; use a selector", field="target.nodes.node_ids"
+            )
+        return cls(node_ids=ids)
+
+    async def keys(self, tx: Tx, project: str) -> tuple[str, ...]:
+        if self.selector is not None:
+            return (selector_key(project, self.selector),)
+        for node_id in self.node_ids:
+            node = await tx.nodes.get(node_id)
+            if node is None or node.project != project:
+                raise NotFound(f"node {node_id!r} does not exist in project {project!r}", field="target")
+        return tuple(node_key(n) for n in self.node_ids)
+
+
+async def write_assignment(tx: Tx, assignment: Assignment, written_at: float) -> int:
+    """Write one assignment at a fresh revision, inside `tx`. Returns the revision."""
+    revision = await tx.desired.allocate_revision()
+    await tx.desired.append(assignment.rows(revision, written_at))
+    return revision
+
+
+async def write_unassignment(tx: Tx, project: str, keys: Sequence[str], written_at: float) -> int:
+    revision = await tx.desired.allocate_revision()
+    rows = [DesiredRow(key, revision, project, ChangeKind.UNASSIGN, written_at=written_at) for key in keys]
+    await tx.desired.append(rows)
+    return revision
+
+
+@dataclass
+class DesiredStateWriter:
+    store: Store
+    clock: Clock
+    notify: Callable[[], None]
+
+    async def assign(
+        self,
+        project: str,
+        target: Target,
+        digest: str,
+        traffic_weight: int = 0,
+        pin: bool = False,
+        annotations: Mapping[str, str] | None = None,
+    ) -> tuple[int, tuple[str, ...]]:
+        validation.digest(digest)
+        if not 0 <= traffic_weight <= 100:
+            raise InvalidArgument(f"{traffic_weight} is outside [0, 100]", field="traffic_weight")
+        if pin and target.selector is not None:
+            raise InvalidArgument("only node targets can be pinned", field="pin")
+        notes = validation.annotation_map(annotations or {})
+        async with self.store.write() as tx:
+            await _require_project(tx, project)
+            bundle = await tx.bundles.get(project, digest)
+            if bundle is None:
+                raise NotFound(f"bundle {digest} does not exist in project {project!r}", field="digest")
+            keys = await target.keys(tx, project)
+            assignment = Assignment(
+                project, keys, digest, bundle.size_bytes, traffic_weight or 100, pin, notes
+            )
+            revision = await write_assignment(tx, assignment, self.clock().timestamp())
+            tx.after_commit(self.notify)
+        return revision, keys
+
+    async def unassign(self, project: str, target: Target) -> tuple[int, tuple[str, ...]]:
+        async with self.store.write() as tx:
+            await _require_project(tx, project)
+            keys = await target.keys(tx, project)
+            latest = await tx.desired.latest(keys)
+            live = [k for k in keys if k in latest and latest[k].is_assignment]
+            if not live:
+                raise FailedPrecondition("nothing is assigned to that target", field="target")
+            revision = await write_unassignment(tx, project, live, self.clock().timestamp())
+            tx.after_commit(self.notify)
+        return revision, tuple(live)
+
+
+async def _require_project(tx: Tx, project: str) -> None:
+    if await tx.projects.get(project) is None:
+        raise NotFound(f"project {project!r} does not exist", field="project")

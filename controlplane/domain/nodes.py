@@ -1,0 +1,262 @@
+"""Node lifecycle: registration, heartbeats, status reports, labels, liveness."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from controlplane.domain import validation
+from controlplane.domain.desired import ChangeKind, DesiredRow
+from controlplane.domain.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    Unauthenticated,
+)
+from controlplane.domain.labels import Selector, meta_key, node_key, validate_labels, validate_node_name
+from controlplane.domain.ports import Clock, DeliveryLedger, DesiredView, Store, Tx
+from controlplane.domain.records import (
+    HeartbeatRecord,
+    Node,
+    NodeMetrics,
+    NodeStatus,
+    ReportPhase,
+    StatusReport,
+)
+from controlplane.domain.secrets import hash_secret, new_id, new_secret, secret_matches
+
+# Ten minutes of history at the default 10 s interval: enough for a health gate's window,
+# bounded whatever the fleet does (a ring buffer per node, never one row per beat).
+HEARTBEAT_HISTORY = 60
+MAX_ERROR_TEXT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    node: Node
+    credential: str
+    revision: int
+
+
+@dataclass
+class NodeRegistry:
+    store: Store
+    clock: Clock
+    view: DesiredView
+    ledger: DeliveryLedger
+    notify: Callable[[], None]
+    heartbeat_interval: timedelta = timedelta(seconds=10)
+    on_nack: Callable[[Node, StatusReport], None] = field(default=lambda node, report: None)
+
+    async def register(
+        self,
+        project: str,
+        enrollment_token: str,
+        name: str,
+        labels: Mapping[str, str],
+        agent_version: str = "",
+        hostname: str = "",
+    ) -> Registration:
+        labels = validate_labels(labels)
+        if name:
+            validate_node_name(name)
+        if not enrollment_token:
+            raise Unauthenticated("an enrollment token is required", field="enrollment_token")
+        now = self.clock()
+        async with self.store.write() as tx:
+            if await tx.projects.get(project) is None:
+                raise NotFound(f"project {project!r} does not exist", field="project")
+            if not await tx.projects.enrollment_token_valid(project, hash_secret(enrollment_token)):
+                raise Unauthenticated(f"enrollment token is not valid for project {project!r}")
+            existing = await tx.nodes.get_by_name(project, name) if name else None
+            node_id = existing.id if existing is not None else new_id("n")
+            # The id travels with the secret so a check needs one indexed lookup.
+            credential = f"{node_id}.{new_secret('cpn')}"
+            if existing is not None:
+                await tx.nodes.update_registration(
+                    existing.id, labels, hash_secret(credential), agent_version[:64], hostname[:255]
+                )
+                labels_changed = dict(existing.labels) != labels
+            else:
+                node = Node(
+                    id=node_id,
+                    project=project,
+                    name=name or node_id,
+                    labels=labels,
+                    status=NodeStatus.OFFLINE,
+                    registered_at=now,
+                    agent_version=agent_version[:64],
+                    hostname=hostname[:255],
+                )
+                await tx.nodes.insert(node, hash_secret(credential))
+                labels_changed = True
+            revision = await self._write_labels(tx, project, node_id, labels) if labels_changed else 0
+            stored = await tx.nodes.get(node_id)
+        assert stored is not None
+        return Registration(node=stored, credential=credential, revision=revision)
+
+    async def authenticate(self, node_id: str, credential: str) -> Node:
+        """The node, if `credential` is its current credential."""
+        async with self.store.read() as tx:
+            stored = await tx.nodes.credential_hash(node_id)
+            node = await tx.nodes.get(node_id) if stored else None
+        if node is None or stored is None or not secret_matches(credential, stored):
+            raise Unauthenticated("node credential is not valid")
+        return node
+
+    async def heartbeat(self, node_id: str, metrics: NodeMetrics, applied_digest: str) -> timedelta:
+        _check_metrics(metrics)
+        if applied_digest:
+            validation.digest(applied_digest, "applied_digest")
+        beat = HeartbeatRecord(received_at=self.clock(), metrics=metrics, applied_digest=applied_digest)
+        async with self.store.write() as tx:
+            if await tx.nodes.record_heartbeat(node_id, beat, HEARTBEAT_HISTORY) is None:
+                raise NotFound(f"node {node_id!r} does not exist", field="node_id")
+        return self.heartbeat_interval
+
+    async def report_status(
+        self, node_id: str, stream_id: str, revision: int, digest: str, phase: ReportPhase, error: str
+    ) -> None:
+        validation.digest(digest)
+        if revision <= 0:
+            raise InvalidArgument("must be a revision the node received (> 0)", field="revision")
+        if not stream_id:
+            raise InvalidArgument("must name the stream that delivered the desired state", field="stream_id")
+        if phase is ReportPhase.FAILED and not error:
+            raise InvalidArgument("a FAILED report must say why", field="error")
+        if len(error) > MAX_ERROR_TEXT:
+            raise InvalidArgument(f"at most {MAX_ERROR_TEXT} characters", field="error")
+        sent = self.ledger.was_sent(stream_id, node_id, revision, digest)
+        if sent is False:
+            raise FailedPrecondition(
+                f"stream {stream_id} never sent revision {revision} with {digest} to node {node_id}"
+            )
+        report = StatusReport(stream_id, revision, digest, phase, error, self.clock())
+        async with self.store.write() as tx:
+            node = await tx.nodes.get(node_id)
+            if node is None:
+                raise NotFound(f"node {node_id!r} does not exist", field="node_id")
+            head = await tx.desired.head()
+            if revision > head:
+                raise OutOfRange(f"revision {revision} was never issued (head is {head})", field="revision")
+            if sent is None and not await tx.desired.was_desired(
+                await _assignment_keys(tx, node), digest, revision
+            ):
+                raise FailedPrecondition(
+                    f"node {node_id} was never sent {digest} at or before revision {revision}", field="digest"
+                )
+            last = node.last_report
+            if last is not None and last.revision <= head and _is_stale(last, report):
+                if (last.revision, last.digest, last.phase) == (revision, digest, phase):
+                    return  # a replay of the report we already hold: idempotent
+                raise FailedPrecondition(
+                    f"stale report: node already reported {last.phase.value} for revision {last.revision}",
+                    field="revision",
+                )
+            await tx.nodes.record_report(node_id, report)
+        if phase is ReportPhase.FAILED:
+            self.on_nack(node, report)
+
+    async def update_labels(self, node_id: str, labels: Mapping[str, str]) -> tuple[Node, int]:
+        labels = validate_labels(labels)
+        async with self.store.write() as tx:
+            node = await tx.nodes.get(node_id)
+            if node is None:
+                raise NotFound(f"node {node_id!r} does not exist", field="node_id")
+            revision = 0
+            if dict(node.labels) != labels:
+                await tx.nodes.set_labels(node_id, labels)
+                revision = await self._write_labels(tx, node.project, node_id, labels)
+            updated = await tx.nodes.get(node_id)
+        assert updated is not None
+        return updated, revision
+
+    async def get(self, node_id: str) -> Node:
+        async with self.store.read() as tx:
+            node = await tx.nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id!r} does not exist", field="node_id")
+        return node
+
+    async def page(
+        self, project: str, selector: str, status: NodeStatus | None, page_size: int, page_token: str
+    ) -> tuple[list[Node], str]:
+        limit = validation.page_size(page_size)
+        parsed = Selector.parse(selector) if selector else None
+        after = _decode_token(page_token)
+        async with self.store.read() as tx:
+            if await tx.projects.get(project) is None:
+                raise NotFound(f"project {project!r} does not exist", field="project")
+            nodes = await tx.nodes.page(project, parsed, status, limit + 1, after)
+        next_token = _encode_token(nodes[limit - 1].id) if len(nodes) > limit else ""
+        return nodes[:limit], next_token
+
+    async def heartbeats(self, node_id: str) -> list[HeartbeatRecord]:
+        async with self.store.read() as tx:
+            if await tx.nodes.get(node_id) is None:
+                raise NotFound(f"node {node_id!r} does not exist", field="node_id")
+            return await tx.nodes.heartbeats(node_id)
+
+    def desired(self, node_id: str) -> DesiredRow | None:
+        return self.view.effective(node_id)
+
+    async def mark_offline(self, offline_after: timedelta) -> list[str]:
+        """Mark nodes whose last heartbeat is older than `offline_after` offline."""
+        async with self.store.write() as tx:
+            return await tx.nodes.mark_offline(self.clock() - offline_after)
+
+    async def _write_labels(self, tx: Tx, project: str, node_id: str, labels: Mapping[str, str]) -> int:
+        revision = await tx.desired.allocate_revision()
+        row = DesiredRow(
+            key=meta_key(node_id),
+            revision=revision,
+            project=project,
+            kind=ChangeKind.NODE,
+            labels=dict(labels),
+            written_at=self.clock().timestamp(),
+        )
+        await tx.desired.append([row])
+        tx.after_commit(self.notify)
+        return revision
+
+
+async def _assignment_keys(tx: Tx, node: Node) -> list[str]:
+    keys = [node_key(node.id)]
+    for key in await tx.desired.selector_keys(node.project):
+        selector = Selector.parse(key.split(":", 2)[2])
+        if selector.matches(node.labels):
+            keys.append(key)
+    return keys
+
+
+_PHASE_ORDER = {ReportPhase.DOWNLOADED: 0, ReportPhase.ACTIVE: 1, ReportPhase.FAILED: 1}
+
+
+def _is_stale(last: StatusReport, new: StatusReport) -> bool:
+    """A report that does not move the node forward: older revision or earlier phase."""
+    return (new.revision, _PHASE_ORDER[new.phase]) <= (last.revision, _PHASE_ORDER[last.phase])
+
+
+def _check_metrics(m: NodeMetrics) -> None:
+    validation.bounded(m.error_rate, 0.0, 1.0, "metrics.error_rate")
+    validation.bounded(m.p99_latency_ms, 0.0, 3.6e6, "metrics.p99_latency_ms")
+    validation.bounded(m.cpu_percent, 0.0, 100.0, "metrics.cpu_percent")
+    validation.bounded(m.memory_percent, 0.0, 100.0, "metrics.memory_percent")
+    validation.bounded(m.requests_per_second, 0.0, 1e9, "metrics.requests_per_second")
+
+
+def _encode_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode()
+
+
+def _decode_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidArgument("not a token this server issued", field="page_token") from None

@@ -1,0 +1,90 @@
+"""Plain records the domain works with; the store maps rows to these."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class NodeStatus(enum.StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Health(enum.StrEnum):
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+
+
+class ReportPhase(enum.StrEnum):
+    DOWNLOADED = "downloaded"
+    ACTIVE = "active"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    name: str
+    created_at: datetime
+    node_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeMetrics:
+    health: Health = Health.UNKNOWN
+    error_rate: float = 0.0
+    p99_latency_ms: float = 0.0
+    cpu_percent: float = 0.0
+    memory_percent: float = 0.0
+    requests_per_second: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatRecord:
+    received_at: datetime
+    metrics: NodeMetrics
+    applied_digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    stream_id: str
+    revision: int
+    digest: str
+    phase: ReportPhase
+    error: str
+    reported_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    id: str
+    project: str
+    name: str
+    labels: Mapping[str, str]
+    status: NodeStatus
+    registered_at: datetime
+    agent_version: str = ""
+    hostname: str = ""
+    last_heartbeat: HeartbeatRecord | None = None
+    applied_digest: str = ""
+    applied_revision: int = 0
+    last_report: StatusReport | None = None
+    failed_digest: str = ""
+    failed_revision: int = 0
+    failed_error: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    project: str
+    digest: str
+    version: str
+    size_bytes: int
+    file_count: int
+    created_at: datetime

@@ -1,0 +1,131 @@
+"""Who is calling, and what each RPC requires of them.
+
+Every RPC names its rule in `POLICY`; the interceptor refuses a method without one, so a
+new RPC cannot ship unguarded by accident.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from controlplane.domain.errors import PermissionDenied, Unauthenticated
+from controlplane.domain.nodes import NodeRegistry
+from controlplane.domain.secrets import hash_secret
+
+
+class Rule(enum.Enum):
+    # Open to anyone: health, reflection, enrollment (which checks its own token).
+    PUBLIC = "public"
+    # A node acting for itself.
+    NODE = "node"
+    # Operators and services.
+    OPERATOR = "operator"
+    # Either: a node (for its own project) or an operator.
+    ANY = "any"
+
+
+POLICY: dict[str, Rule] = {
+    "/grpc.health.v1.Health/Check": Rule.PUBLIC,
+    "/grpc.health.v1.Health/Watch": Rule.PUBLIC,
+    "/grpc.health.v1.Health/List": Rule.PUBLIC,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Rule.PUBLIC,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Rule.PUBLIC,
+    "/controlplane.node.v1.NodeService/RegisterNode": Rule.PUBLIC,
+    "/controlplane.node.v1.NodeService/Heartbeat": Rule.NODE,
+    "/controlplane.node.v1.NodeService/ReportStatus": Rule.NODE,
+    "/controlplane.watch.v1.WatchService/WatchBundles": Rule.NODE,
+    "/controlplane.node.v1.NodeService/GetNode": Rule.OPERATOR,
+    "/controlplane.node.v1.NodeService/ListNodes": Rule.OPERATOR,
+    "/controlplane.node.v1.NodeService/UpdateNodeLabels": Rule.OPERATOR,
+    "/controlplane.node.v1.NodeService/ListHeartbeats": Rule.OPERATOR,
+    "/controlplane.project.v1.ProjectService/CreateProject": Rule.OPERATOR,
+    "/controlplane.project.v1.ProjectService/GetProject": Rule.OPERATOR,
+    "/controlplane.project.v1.ProjectService/ListProjects": Rule.OPERATOR,
+    "/controlplane.bundle.v1.BundleService/UploadBundle": Rule.OPERATOR,
+    "/controlplane.bundle.v1.BundleService/DownloadBundle": Rule.ANY,
+    "/controlplane.bundle.v1.BundleService/GetBundle": Rule.OPERATOR,
+    "/controlplane.bundle.v1.BundleService/ListBundles": Rule.OPERATOR,
+    "/controlplane.bundle.v1.BundleService/AssignBundle": Rule.OPERATOR,
+    "/controlplane.bundle.v1.BundleService/UnassignBundle": Rule.OPERATOR,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    kind: Rule
+    subject: str = ""
+    project: str = ""
+
+
+ANONYMOUS = Identity(Rule.PUBLIC)
+_current: contextvars.ContextVar[Identity] = contextvars.ContextVar("identity", default=ANONYMOUS)
+
+
+def current() -> Identity:
+    return _current.get()
+
+
+def set_current(identity: Identity) -> None:
+    _current.set(identity)
+
+
+def require_node(node_id: str) -> Identity:
+    """The caller must be the node `node_id` itself."""
+    identity = current()
+    if identity.kind is Rule.NODE and identity.subject != node_id:
+        raise PermissionDenied(f"node {identity.subject} cannot act for node {node_id!r}", field="node_id")
+    return identity
+
+
+def require_project(project: str) -> Identity:
+    """A node may only touch its own project."""
+    identity = current()
+    if identity.kind is Rule.NODE and identity.project != project:
+        raise PermissionDenied(f"node {identity.subject} belongs to another project", field="project")
+    return identity
+
+
+def bearer(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
+    for key, value in metadata:
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = text.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+class NodeAuthenticator:
+    """Checks node credentials, caching positive answers briefly: a reconnect storm of
+    thousands of agents must not become thousands of database reads."""
+
+    # How long a verified credential is trusted without asking the database again.
+    TTL = 30.0
+
+    def __init__(self, nodes: NodeRegistry, clock: Callable[[], float] = time.monotonic):
+        self._nodes = nodes
+        self._clock = clock
+        self._cache: dict[str, tuple[Identity, float]] = {}
+
+    async def authenticate(self, credential: str) -> Identity:
+        key = hash_secret(credential)
+        hit = self._cache.get(key)
+        now = self._clock()
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        node_id, sep, _ = credential.partition(".")
+        if not sep:
+            raise Unauthenticated("node credential is malformed")
+        node = await self._nodes.authenticate(node_id, credential)
+        identity = Identity(Rule.NODE, node.id, node.project)
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[key] = (identity, now + self.TTL)
+        return identity
+
+    def forget(self, node_id: str) -> None:
+        for key in [k for k, (ident, _) in self._cache.items() if ident.subject == node_id]:
+            del self._cache[key]

@@ -1,0 +1,133 @@
+"""Records to messages and back. No logic beyond the mapping."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controlplane.api.bundle.v1 import bundle_pb2
+from controlplane.api.node.v1 import node_pb2
+from controlplane.api.project.v1 import project_pb2
+from controlplane.domain.desired import DesiredRow
+from controlplane.domain.records import (
+    Bundle,
+    Health,
+    HeartbeatRecord,
+    Node,
+    NodeMetrics,
+    NodeStatus,
+    Project,
+    ReportPhase,
+)
+
+_HEALTH = {
+    Health.UNKNOWN: node_pb2.HEALTH_STATUS_UNSPECIFIED,
+    Health.HEALTHY: node_pb2.HEALTH_STATUS_HEALTHY,
+    Health.DEGRADED: node_pb2.HEALTH_STATUS_DEGRADED,
+    Health.UNHEALTHY: node_pb2.HEALTH_STATUS_UNHEALTHY,
+}
+_HEALTH_IN = {v: k for k, v in _HEALTH.items()}
+_STATUS = {NodeStatus.ONLINE: node_pb2.NODE_STATUS_ONLINE, NodeStatus.OFFLINE: node_pb2.NODE_STATUS_OFFLINE}
+_STATUS_IN = {v: k for k, v in _STATUS.items()}
+_PHASE = {
+    ReportPhase.DOWNLOADED: node_pb2.REPORT_PHASE_DOWNLOADED,
+    ReportPhase.ACTIVE: node_pb2.REPORT_PHASE_ACTIVE,
+    ReportPhase.FAILED: node_pb2.REPORT_PHASE_FAILED,
+}
+PHASE_IN = {v: k for k, v in _PHASE.items()}
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def metrics_in(m: node_pb2.NodeMetrics) -> NodeMetrics:
+    return NodeMetrics(
+        health=_HEALTH_IN.get(m.health, Health.UNKNOWN),
+        error_rate=m.error_rate,
+        p99_latency_ms=m.p99_latency_ms,
+        cpu_percent=m.cpu_percent,
+        memory_percent=m.memory_percent,
+        requests_per_second=m.requests_per_second,
+    )
+
+
+def metrics_out(m: NodeMetrics) -> node_pb2.NodeMetrics:
+    return node_pb2.NodeMetrics(
+        health=_HEALTH[m.health],
+        error_rate=m.error_rate,
+        p99_latency_ms=m.p99_latency_ms,
+        cpu_percent=m.cpu_percent,
+        memory_percent=m.memory_percent,
+        requests_per_second=m.requests_per_second,
+    )
+
+
+def status_in(value: int) -> NodeStatus | None:
+    return _STATUS_IN.get(node_pb2.NodeStatus.ValueType(value))
+
+
+def heartbeat_out(beat: HeartbeatRecord) -> node_pb2.Heartbeat:
+    return node_pb2.Heartbeat(
+        received_at=timestamp(beat.received_at),
+        metrics=metrics_out(beat.metrics),
+        applied_digest=beat.applied_digest,
+    )
+
+
+def node_out(node: Node, desired: DesiredRow | None) -> node_pb2.Node:
+    msg = node_pb2.Node(
+        id=node.id,
+        project=node.project,
+        name=node.name,
+        labels=dict(node.labels),
+        status=_STATUS[node.status],
+        registered_at=timestamp(node.registered_at),
+        applied_digest=node.applied_digest,
+        applied_revision=node.applied_revision,
+        failed_digest=node.failed_digest,
+        failed_error=node.failed_error,
+        agent_version=node.agent_version,
+        hostname=node.hostname,
+    )
+    if desired is not None:
+        msg.desired_digest = desired.digest
+        msg.desired_revision = desired.revision
+    if node.last_heartbeat is not None:
+        msg.last_heartbeat_at.FromDatetime(node.last_heartbeat.received_at)
+        msg.last_heartbeat.CopyFrom(heartbeat_out(node.last_heartbeat))
+    if node.last_report is not None:
+        r = node.last_report
+        msg.last_report.CopyFrom(
+            node_pb2.StatusReport(
+                stream_id=r.stream_id,
+                revision=r.revision,
+                digest=r.digest,
+                phase=_PHASE[r.phase],
+                error=r.error,
+                reported_at=timestamp(r.reported_at),
+            )
+        )
+    return msg
+
+
+def project_out(project: Project) -> project_pb2.Project:
+    return project_pb2.Project(
+        name=project.name, created_at=timestamp(project.created_at), node_count=project.node_count
+    )
+
+
+def bundle_out(bundle: Bundle) -> bundle_pb2.Bundle:
+    return bundle_pb2.Bundle(
+        project=bundle.project,
+        digest=bundle.digest,
+        version=bundle.version,
+        size_bytes=bundle.size_bytes,
+        file_count=bundle.file_count,
+        created_at=timestamp(bundle.created_at),
+    )

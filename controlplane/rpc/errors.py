@@ -1,0 +1,38 @@
+"""The one table from domain errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import grpc
+
+from controlplane.domain.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+STATUS = {name: getattr(grpc.StatusCode, name) for name in grpc.StatusCode.__members__}
+
+
+def status_of(error: DomainError) -> grpc.StatusCode:
+    return STATUS.get(error.code, grpc.StatusCode.INTERNAL)
+
+
+def retry_metadata(error: DomainError) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata telling a client when to retry (RESOURCE_EXHAUSTED, UNAVAILABLE)."""
+    if error.retry_after_ms is None:
+        return ()
+    # Jitter the hint so clients told together do not come back together.
+    hint = int(error.retry_after_ms * random.uniform(0.5, 1.5))
+    return (("retry-after-ms", str(hint)), ("grpc-retry-pushback-ms", str(hint)))
+
+
+async def abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
+    """Turn `error` into the call's status. Unknown errors become INTERNAL, logged, not leaked."""
+    if isinstance(error, DomainError):
+        metadata = retry_metadata(error)
+        if metadata:
+            context.set_trailing_metadata(metadata)
+        await context.abort(status_of(error), str(error))
+    log.exception("unhandled error in %s", method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")

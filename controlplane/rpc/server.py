@@ -1,0 +1,86 @@
+"""The gRPC server: every service, health and reflection on one port."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
+from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
+from controlplane.api.project.v1 import project_pb2, project_pb2_grpc
+from controlplane.api.watch.v1 import watch_pb2
+from controlplane.rpc import watch
+from controlplane.rpc.bundles import BundleServicer
+from controlplane.rpc.interceptor import GuardInterceptor
+from controlplane.rpc.nodes import NodeServicer
+from controlplane.rpc.projects import ProjectServicer
+
+SERVICES = (
+    node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
+    watch_pb2.DESCRIPTOR.services_by_name["WatchService"].full_name,
+    bundle_pb2.DESCRIPTOR.services_by_name["BundleService"].full_name,
+    project_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name,
+)
+
+# Upload chunks are at most 1 MiB; anything near the limit is hostile or a bug.
+MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+
+
+def server_options(max_pending: int) -> list[tuple[str, int]]:
+    return [
+        # The aio server accepts calls one at a time; core drops calls queued beyond
+        # these limits (defaults 1000/3000) with CANCELLED. A reconnect storm of every
+        # agent at once is exactly such a burst (grpc-aio-limits.md §2).
+        ("grpc.server.max_pending_requests", max_pending),
+        ("grpc.server.max_pending_requests_hard_limit", max_pending * 2),
+        ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+        # Agents ping every 60 s to keep load-balancer paths warm; accept pings down to
+        # 20 s so a misconfigured agent is not disconnected for pinging too often.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class GrpcServer:
+    def __init__(
+        self,
+        guard: GuardInterceptor,
+        nodes: NodeServicer,
+        watch_servicer: watch.WatchServicer,
+        bundles: BundleServicer,
+        projects: ProjectServicer,
+        max_pending: int = 65_536,
+    ):
+        self.server = grpc.aio.server(interceptors=[guard], options=server_options(max_pending))
+        node_pb2_grpc.add_NodeServiceServicer_to_server(nodes, self.server)
+        bundle_pb2_grpc.add_BundleServiceServicer_to_server(bundles, self.server)
+        project_pb2_grpc.add_ProjectServiceServicer_to_server(projects, self.server)
+        self.server.add_generic_rpc_handlers((watch.handler(watch_servicer),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = 0
+
+    def bind(self, listen: str) -> int:
+        self.port = self.server.add_insecure_port(listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {listen}")
+        return self.port
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def drain(self) -> None:
+        """Tell load balancers and probes to stop sending new work."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICES):
+            await self.health.set(name, status)

@@ -1,0 +1,83 @@
+"""WatchBundles: admission, auth and waiting for the hub; the hub does the rest.
+
+The handler registers the call with the hub and then only waits for it to end; every
+write comes from the hub's fan-out (see watch/stream.py). Responses are pre-encoded
+bytes, so the method is registered without a response serializer.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from controlplane.api.watch.v1 import watch_pb2 as pb
+from controlplane.domain.errors import InvalidArgument, ResourceExhausted, Unavailable
+from controlplane.rpc import auth
+from controlplane.watch import metrics
+from controlplane.watch.hub import ChangeFeed, WatchHub
+
+SERVICE = "controlplane.watch.v1.WatchService"
+
+
+class WatchServicer:
+    def __init__(
+        self, hub: WatchHub, feed: ChangeFeed, max_opening: int = 1024, visibility_timeout: float = 3.0
+    ):
+        self._hub = hub
+        self._feed = feed
+        # Streams being set up at once. Opening is cheap (no database read on the common
+        # path), so this only bites in a storm far beyond what the accept loop can take.
+        self._max_opening = max_opening
+        self._visibility_timeout = visibility_timeout
+        self._opening = 0
+
+    async def WatchBundles(self, request: pb.WatchBundlesRequest, context: grpc.aio.ServicerContext) -> None:
+        node_id = request.node_id
+        if not node_id:
+            raise InvalidArgument("must name the watching node", field="node_id")
+        auth.require_node(node_id)
+        since = request.since_revision
+        if since < 0:
+            raise InvalidArgument(f"{since} is negative; use 0 to bootstrap", field="since_revision")
+        if self._opening >= self._max_opening:
+            metrics.REJECTED.labels("admission").inc()
+            raise ResourceExhausted("too many streams are opening; retry later", retry_after_ms=2000)
+        self._opening += 1
+        try:
+            await self._wait_for_hub(node_id, since)
+            stream = self._hub.open(node_id, since, request.epoch, context)
+        finally:
+            self._opening -= 1
+        try:
+            await stream.done
+        finally:
+            self._hub.close(stream)
+
+    async def _wait_for_hub(self, node_id: str, since: int) -> None:
+        """Make sure the hub knows the node and has read what the node has seen.
+
+        A node may have seen a revision this process has not read yet (another replica
+        served it): wait for it briefly rather than take the node backwards. A revision
+        beyond the database's head is answered with a reset by the hub instead.
+        """
+        wait_for = 0
+        if since > self._hub.position:
+            head = (await self._feed.position()).head
+            wait_for = since if since <= head else 0
+        if self._hub.knows_node(node_id) and wait_for <= self._hub.position:
+            return
+        if not await self._hub.wait_until(node_id, wait_for, self._visibility_timeout):
+            metrics.REJECTED.labels("not_visible").inc()
+            raise Unavailable("this server has not caught up with the node yet; retry", retry_after_ms=1000)
+
+
+def handler(servicer: WatchServicer) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "WatchBundles": grpc.unary_stream_rpc_method_handler(
+                servicer.WatchBundles,
+                request_deserializer=pb.WatchBundlesRequest.FromString,
+                response_serializer=None,
+            )
+        },
+    )

@@ -1,0 +1,130 @@
+"""The read side the watch hub consumes: head, new rows, the latest-per-key snapshot,
+and retention pruning that maintains the floor."""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy import and_, delete, exists, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.orm import aliased
+
+from controlplane.domain.desired import ChangeKind, DesiredRow, FeedPosition, FeedSnapshot
+from controlplane.store.desired import latest_rows_query, row_to_desired
+from controlplane.store.errors import translated
+from controlplane.store.schema import desired_state_log, revision_counter, server_meta
+
+
+class SqlChangeFeed:
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self._pg = engine.dialect.name == "postgresql"
+
+    async def position(self) -> FeedPosition:
+        async with translated(), self.engine.connect() as conn:
+            return await _position(conn)
+
+    async def changes(self, after: int, upto: int) -> list[DesiredRow]:
+        """Rows with after < revision <= upto, in revision order. Every revision up to a
+        head read earlier is committed, so this never sees a gap."""
+        query = (
+            select(desired_state_log)
+            .where(desired_state_log.c.revision > after, desired_state_log.c.revision <= upto)
+            .order_by(desired_state_log.c.revision, desired_state_log.c.key)
+        )
+        async with translated(), self.engine.connect() as conn:
+            return [row_to_desired(r) for r in (await conn.execute(query)).all()]
+
+    async def snapshot(self) -> FeedSnapshot:
+        """Head, floor, epoch and the latest row of every key, in one consistent read."""
+        options = {"isolation_level": "REPEATABLE READ"} if self._pg else {}
+        async with translated(), self.engine.connect() as plain:
+            conn = await plain.execution_options(**options)
+            async with conn.begin():
+                position = await _position(conn)
+                rows = (
+                    await conn.execute(
+                        latest_rows_query().where(desired_state_log.c.revision <= position.head)
+                    )
+                ).all()
+        return FeedSnapshot(position, [row_to_desired(r) for r in rows])
+
+    async def prune(self, floor: int, batch: int = 5000) -> int:
+        """Raise the retention floor to `floor` and delete history below it.
+
+        A row goes when a newer row of its key exists; a tombstone goes when nothing
+        older of its key is left. The latest assignment of a key is never deleted: it is
+        the current desired state. Returns the number of rows deleted.
+        """
+        newer = aliased(desired_state_log)
+        superseded = exists().where(
+            newer.c.key == desired_state_log.c.key, newer.c.revision > desired_state_log.c.revision
+        )
+        older = exists().where(
+            newer.c.key == desired_state_log.c.key, newer.c.revision < desired_state_log.c.revision
+        )
+        deletable = and_(
+            desired_state_log.c.revision < floor,
+            superseded | (and_(desired_state_log.c.kind == ChangeKind.UNASSIGN.value, ~older)),
+        )
+        total = 0
+        async with translated():
+            async with self.engine.begin() as conn:
+                current = await _meta_int(conn, "floor_revision")
+                if floor <= current:
+                    return 0
+                await conn.execute(
+                    update(server_meta).where(server_meta.c.key == "floor_revision").values(value=str(floor))
+                )
+            while True:
+                async with self.engine.begin() as conn:
+                    victims = (
+                        select(desired_state_log.c.key, desired_state_log.c.revision)
+                        .where(deletable)
+                        .order_by(desired_state_log.c.revision)
+                        .limit(batch)
+                    )
+                    pairs = (await conn.execute(victims)).all()
+                    for key, revision in pairs:
+                        await conn.execute(
+                            delete(desired_state_log).where(
+                                desired_state_log.c.key == key, desired_state_log.c.revision == revision
+                            )
+                        )
+                total += len(pairs)
+                if len(pairs) < batch:
+                    return total
+
+    async def floor_candidate(self, keep_revisions: int, written_before: float) -> int:
+        """The highest revision at least `keep_revisions` behind head and written before
+        `written_before`: the floor retention allows now."""
+        async with translated(), self.engine.connect() as conn:
+            head = int(await conn.scalar(select(revision_counter.c.value)) or 0)
+            value = await conn.scalar(
+                select(desired_state_log.c.revision)
+                .where(
+                    desired_state_log.c.revision <= head - keep_revisions,
+                    desired_state_log.c.written_at < written_before,
+                )
+                .order_by(desired_state_log.c.revision.desc())
+                .limit(1)
+            )
+        return int(value or 0)
+
+    async def rotate_epoch(self) -> str:
+        """Start a new history epoch: every agent re-bootstraps on its next stream."""
+        epoch = secrets.token_hex(8)
+        async with translated(), self.engine.begin() as conn:
+            await conn.execute(update(server_meta).where(server_meta.c.key == "epoch").values(value=epoch))
+        return epoch
+
+
+async def _meta_int(conn: AsyncConnection, key: str) -> int:
+    return int(await conn.scalar(select(server_meta.c.value).where(server_meta.c.key == key)) or 0)
+
+
+async def _position(conn: AsyncConnection) -> FeedPosition:
+    head = int(await conn.scalar(select(revision_counter.c.value)) or 0)
+    floor = await _meta_int(conn, "floor_revision")
+    epoch = str(await conn.scalar(select(server_meta.c.value).where(server_meta.c.key == "epoch")) or "")
+    return FeedPosition(head, floor, epoch)

@@ -1,0 +1,220 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from controlplane.domain.labels import Selector
+from controlplane.domain.records import (
+    Health,
+    HeartbeatRecord,
+    Node,
+    NodeMetrics,
+    NodeStatus,
+    ReportPhase,
+    StatusReport,
+)
+from controlplane.store.schema import node_heartbeats, node_labels, nodes
+
+_METRICS = ("error_rate", "p99_latency_ms", "cpu_percent", "memory_percent", "requests_per_second")
+
+
+def _metrics(row: Any) -> NodeMetrics:
+    return NodeMetrics(Health(row.health), *(getattr(row, m) for m in _METRICS))
+
+
+def _metric_values(m: NodeMetrics) -> dict[str, Any]:
+    return {"health": m.health.value, **{name: getattr(m, name) for name in _METRICS}}
+
+
+def _node(row: Any) -> Node:
+    beat = (
+        HeartbeatRecord(row.last_heartbeat_at, _metrics(row), row.heartbeat_digest)
+        if row.last_heartbeat_at is not None
+        else None
+    )
+    report = (
+        StatusReport(
+            row.report_stream_id,
+            row.report_revision,
+            row.report_digest,
+            ReportPhase(row.report_phase),
+            row.report_error or "",
+            row.reported_at,
+        )
+        if row.report_phase
+        else None
+    )
+    return Node(
+        id=row.id,
+        project=row.project,
+        name=row.name,
+        labels=dict(row.labels),
+        status=NodeStatus(row.status),
+        registered_at=row.registered_at,
+        agent_version=row.agent_version,
+        hostname=row.hostname,
+        last_heartbeat=beat,
+        applied_digest=row.applied_digest,
+        applied_revision=row.applied_revision,
+        last_report=report,
+        failed_digest=row.failed_digest,
+        failed_revision=row.failed_revision,
+        failed_error=row.failed_error,
+    )
+
+
+class SqlNodes:
+    def __init__(self, conn: AsyncConnection):
+        self._conn = conn
+
+    async def get(self, node_id: str) -> Node | None:
+        row = (await self._conn.execute(select(nodes).where(nodes.c.id == node_id))).first()
+        return _node(row) if row else None
+
+    async def get_by_name(self, project: str, name: str) -> Node | None:
+        query = select(nodes).where(nodes.c.project == project, nodes.c.name == name)
+        row = (await self._conn.execute(query)).first()
+        return _node(row) if row else None
+
+    async def insert(self, node: Node, credential_hash: str) -> None:
+        await self._conn.execute(
+            nodes.insert().values(
+                id=node.id,
+                project=node.project,
+                name=node.name,
+                labels=dict(node.labels),
+                credential_hash=credential_hash,
+                status=node.status.value,
+                registered_at=node.registered_at,
+                agent_version=node.agent_version,
+                hostname=node.hostname,
+            )
+        )
+        await self._write_labels(node.id, node.labels)
+
+    async def update_registration(
+        self, node_id: str, labels: Mapping[str, str], credential_hash: str, agent_version: str, hostname: str
+    ) -> None:
+        await self._conn.execute(
+            update(nodes)
+            .where(nodes.c.id == node_id)
+            .values(
+                labels=dict(labels),
+                credential_hash=credential_hash,
+                agent_version=agent_version,
+                hostname=hostname,
+            )
+        )
+        await self._write_labels(node_id, labels)
+
+    async def set_labels(self, node_id: str, labels: Mapping[str, str]) -> None:
+        await self._conn.execute(update(nodes).where(nodes.c.id == node_id).values(labels=dict(labels)))
+        await self._write_labels(node_id, labels)
+
+    async def _write_labels(self, node_id: str, labels: Mapping[str, str]) -> None:
+        await self._conn.execute(delete(node_labels).where(node_labels.c.node_id == node_id))
+        if labels:
+            await self._conn.execute(
+                node_labels.insert(), [{"node_id": node_id, "key": k, "value": v} for k, v in labels.items()]
+            )
+
+    async def credential_hash(self, node_id: str) -> str | None:
+        value = await self._conn.scalar(select(nodes.c.credential_hash).where(nodes.c.id == node_id))
+        return str(value) if value is not None else None
+
+    async def record_heartbeat(
+        self, node_id: str, beat: HeartbeatRecord, history_size: int
+    ) -> NodeStatus | None:
+        values = _metric_values(beat.metrics)
+        result = (
+            await self._conn.execute(
+                update(nodes)
+                .where(nodes.c.id == node_id)
+                .values(
+                    status=NodeStatus.ONLINE.value,
+                    last_heartbeat_at=beat.received_at,
+                    heartbeat_digest=beat.applied_digest,
+                    heartbeat_seq=nodes.c.heartbeat_seq + 1,
+                    **values,
+                )
+                .returning(nodes.c.heartbeat_seq)
+            )
+        ).first()
+        if result is None:
+            return None
+        seq = result.heartbeat_seq
+        slot = seq % history_size
+        row = {"received_at": beat.received_at, "seq": seq, "applied_digest": beat.applied_digest, **values}
+        updated = await self._conn.execute(
+            update(node_heartbeats)
+            .where(node_heartbeats.c.node_id == node_id, node_heartbeats.c.slot == slot)
+            .values(**row)
+        )
+        if updated.rowcount == 0:
+            await self._conn.execute(node_heartbeats.insert().values(node_id=node_id, slot=slot, **row))
+        return NodeStatus.ONLINE
+
+    async def record_report(self, node_id: str, report: StatusReport) -> None:
+        values: dict[str, Any] = {
+            "report_stream_id": report.stream_id,
+            "report_revision": report.revision,
+            "report_digest": report.digest,
+            "report_phase": report.phase.value,
+            "report_error": report.error,
+            "reported_at": report.reported_at,
+        }
+        if report.phase is ReportPhase.ACTIVE:
+            values |= {
+                "applied_digest": report.digest,
+                "applied_revision": report.revision,
+                "failed_digest": "",
+                "failed_revision": 0,
+                "failed_error": "",
+            }
+        elif report.phase is ReportPhase.FAILED:
+            values |= {
+                "failed_digest": report.digest,
+                "failed_revision": report.revision,
+                "failed_error": report.error,
+            }
+        await self._conn.execute(update(nodes).where(nodes.c.id == node_id).values(**values))
+
+    async def page(
+        self, project: str, selector: Selector | None, status: NodeStatus | None, limit: int, after_id: str
+    ) -> list[Node]:
+        query = select(nodes).where(nodes.c.project == project, nodes.c.id > after_id)
+        if status is not None:
+            query = query.where(nodes.c.status == status.value)
+        for key, value in selector.terms if selector else ():
+            query = query.where(
+                nodes.c.id.in_(
+                    select(node_labels.c.node_id).where(
+                        and_(node_labels.c.key == key, node_labels.c.value == value)
+                    )
+                )
+            )
+        rows = (await self._conn.execute(query.order_by(nodes.c.id).limit(limit))).all()
+        return [_node(r) for r in rows]
+
+    async def heartbeats(self, node_id: str) -> list[HeartbeatRecord]:
+        query = (
+            select(node_heartbeats)
+            .where(node_heartbeats.c.node_id == node_id)
+            .order_by(node_heartbeats.c.seq.desc())
+        )
+        rows = (await self._conn.execute(query)).all()
+        return [HeartbeatRecord(r.received_at, _metrics(r), r.applied_digest) for r in rows]
+
+    async def mark_offline(self, cutoff: datetime) -> list[str]:
+        stale = and_(
+            nodes.c.status == NodeStatus.ONLINE.value,
+            nodes.c.last_heartbeat_at < cutoff,
+        )
+        result = await self._conn.execute(
+            update(nodes).where(stale).values(status=NodeStatus.OFFLINE.value).returning(nodes.c.id)
+        )
+        return sorted(r.id for r in result.all())

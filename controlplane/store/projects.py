@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from controlplane.domain.records import Project
+from controlplane.store.schema import enrollment_tokens, nodes, projects
+
+
+class SqlProjects:
+    def __init__(self, conn: AsyncConnection):
+        self._conn = conn
+
+    async def insert(self, name: str, created_at: datetime) -> bool:
+        if await self.get(name) is not None:
+            return False
+        await self._conn.execute(projects.insert().values(name=name, created_at=created_at))
+        return True
+
+    async def get(self, name: str) -> Project | None:
+        row = (await self._conn.execute(select(projects).where(projects.c.name == name))).first()
+        if row is None:
+            return None
+        count = await self._conn.scalar(
+            select(func.count()).select_from(nodes).where(nodes.c.project == name)
+        )
+        return Project(name=row.name, created_at=row.created_at, node_count=count or 0)
+
+    async def all(self) -> list[Project]:
+        counts = select(nodes.c.project, func.count().label("n")).group_by(nodes.c.project).subquery()
+        query = (
+            select(projects.c.name, projects.c.created_at, func.coalesce(counts.c.n, 0).label("n"))
+            .outerjoin(counts, counts.c.project == projects.c.name)
+            .order_by(projects.c.name)
+        )
+        rows = (await self._conn.execute(query)).all()
+        return [Project(name=r.name, created_at=r.created_at, node_count=r.n) for r in rows]
+
+    async def add_enrollment_token(self, project: str, token_hash: str, created_at: datetime) -> None:
+        await self._conn.execute(
+            enrollment_tokens.insert().values(token_hash=token_hash, project=project, created_at=created_at)
+        )
+
+    async def enrollment_token_valid(self, project: str, token_hash: str) -> bool:
+        query = select(enrollment_tokens.c.token_hash).where(
+            enrollment_tokens.c.token_hash == token_hash,
+            enrollment_tokens.c.project == project,
+            enrollment_tokens.c.revoked_at.is_(None),
+            or_(enrollment_tokens.c.uses_left.is_(None), and_(enrollment_tokens.c.uses_left > 0)),
+        )
+        return (await self._conn.execute(query)).first() is not None

@@ -1,0 +1,195 @@
+"""Tables. Migrations in `migrations/` create exactly these (a test compares them)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on both databases (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# Server-wide settings: `epoch` (changes when history is rebuilt), `floor_revision`.
+server_meta = Table(
+    "server_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+# One row. `UPDATE ... SET value = value + 1 RETURNING value` takes the row lock that
+# serializes every desired-state writer until commit: revisions become visible in order.
+revision_counter = Table(
+    "revision_counter",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("value", BigInteger, nullable=False),
+)
+
+projects = Table(
+    "projects",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+enrollment_tokens = Table(
+    "enrollment_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("project", String(63), ForeignKey("projects.name"), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Column("uses_left", Integer, nullable=True),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("project", String(63), ForeignKey("projects.name"), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("labels", Json, nullable=False),
+    Column("credential_hash", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("registered_at", UTCDateTime, nullable=False),
+    Column("agent_version", String(64), nullable=False, default=""),
+    Column("hostname", String(255), nullable=False, default=""),
+    # Latest heartbeat, denormalized for gates and listings.
+    Column("last_heartbeat_at", UTCDateTime, nullable=True),
+    Column("health", String(16), nullable=False, default="unknown"),
+    Column("error_rate", Float, nullable=False, default=0.0),
+    Column("p99_latency_ms", Float, nullable=False, default=0.0),
+    Column("cpu_percent", Float, nullable=False, default=0.0),
+    Column("memory_percent", Float, nullable=False, default=0.0),
+    Column("requests_per_second", Float, nullable=False, default=0.0),
+    Column("heartbeat_digest", String(80), nullable=False, default=""),
+    Column("heartbeat_seq", BigInteger, nullable=False, default=0),
+    # Acknowledged state (ReportStatus).
+    Column("applied_digest", String(80), nullable=False, default=""),
+    Column("applied_revision", BigInteger, nullable=False, default=0),
+    Column("report_stream_id", String(64), nullable=True),
+    Column("report_revision", BigInteger, nullable=True),
+    Column("report_digest", String(80), nullable=True),
+    Column("report_phase", String(16), nullable=True),
+    Column("report_error", Text, nullable=True),
+    Column("reported_at", UTCDateTime, nullable=True),
+    Column("failed_digest", String(80), nullable=False, default=""),
+    Column("failed_revision", BigInteger, nullable=False, default=0),
+    Column("failed_error", Text, nullable=False, default=""),
+    UniqueConstraint("project", "name"),
+    Index(None, "project", "id"),
+    Index(None, "status", "last_heartbeat_at"),
+)
+
+# Labels again, one row per pair, so selectors filter in SQL.
+node_labels = Table(
+    "node_labels",
+    metadata,
+    Column("node_id", String(64), ForeignKey("nodes.id", ondelete="CASCADE"), nullable=False),
+    Column("key", String(63), nullable=False),
+    Column("value", String(63), nullable=False),
+    PrimaryKeyConstraint("node_id", "key"),
+    Index(None, "key", "value", "node_id"),
+)
+
+# A ring buffer per node: slot = seq % history size, so history is bounded by design.
+node_heartbeats = Table(
+    "node_heartbeats",
+    metadata,
+    Column("node_id", String(64), ForeignKey("nodes.id", ondelete="CASCADE"), nullable=False),
+    Column("slot", Integer, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("health", String(16), nullable=False),
+    Column("error_rate", Float, nullable=False),
+    Column("p99_latency_ms", Float, nullable=False),
+    Column("cpu_percent", Float, nullable=False),
+    Column("memory_percent", Float, nullable=False),
+    Column("requests_per_second", Float, nullable=False),
+    Column("applied_digest", String(80), nullable=False),
+    PrimaryKeyConstraint("node_id", "slot"),
+)
+
+bundles = Table(
+    "bundles",
+    metadata,
+    Column("project", String(63), ForeignKey("projects.name"), nullable=False),
+    Column("digest", String(80), nullable=False),
+    Column("version", String(63), nullable=True),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("file_count", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("project", "digest"),
+    UniqueConstraint("project", "version"),
+)
+
+# The desired-state log: one row per (watch key, revision). Never updated; superseded
+# rows older than the retention floor are pruned, the latest row of each key never.
+desired_state_log = Table(
+    "desired_state_log",
+    metadata,
+    Column("key", String(200), nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("project", String(63), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("digest", String(80), nullable=False, default=""),
+    Column("pinned", Boolean, nullable=False, default=False),
+    Column("traffic_weight", Integer, nullable=False, default=100),
+    Column("size_bytes", BigInteger, nullable=False, default=0),
+    Column("annotations", Json, nullable=False),
+    Column("labels", Json, nullable=True),
+    Column("written_at", Float, nullable=False),
+    PrimaryKeyConstraint("key", "revision"),
+    Index(None, "revision"),
+)

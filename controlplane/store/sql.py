@@ -1,0 +1,62 @@
+"""The SQL store: transactions and the repositories bound to them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from controlplane.store.bundles import SqlBundles
+from controlplane.store.desired import SqlDesiredLog
+from controlplane.store.errors import translated
+from controlplane.store.nodes import SqlNodes
+from controlplane.store.projects import SqlProjects
+
+
+class SqlTx:
+    """One transaction; implements `controlplane.domain.ports.Tx`."""
+
+    def __init__(self, conn: AsyncConnection):
+        self.conn = conn
+        self.projects = SqlProjects(conn)
+        self.nodes = SqlNodes(conn)
+        self.bundles = SqlBundles(conn)
+        self.desired = SqlDesiredLog(conn)
+        self._after_commit: list[Callable[[], None]] = []
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        if callback not in self._after_commit:
+            self._after_commit.append(callback)
+
+
+class SqlStore:
+    """Implements `controlplane.domain.ports.Store` on an async engine."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self.is_sqlite = engine.dialect.name == "sqlite"
+        # SQLite has one writer at a time anyway; queueing writers here instead of in
+        # SQLite's busy loop keeps them fair and off the driver threads.
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[SqlTx]:
+        async with AsyncExitStack() as stack:
+            if self._write_lock is not None:
+                await stack.enter_async_context(self._write_lock)
+            await stack.enter_async_context(translated())
+            conn = await stack.enter_async_context(self.engine.connect())
+            if self.is_sqlite:
+                conn = await conn.execution_options(sqlite_immediate=True)
+            async with conn.begin():
+                tx = SqlTx(conn)
+                yield tx
+        for callback in tx._after_commit:
+            callback()
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[SqlTx]:
+        async with translated(), self.engine.connect() as conn, conn.begin():
+            yield SqlTx(conn)

@@ -1,0 +1,1 @@
+"""Background loops: offline sweep, retention pruning."""

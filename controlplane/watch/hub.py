@@ -1,0 +1,456 @@
+"""WatchHub: reads every new revision once and routes it to the streams it touches.
+
+The hub keeps an in-memory image of the desired-state log's latest row per key (the
+same rows a bootstrap would read), advanced by one reader task in revision order. A
+stream opens synchronously against that image at the hub's position P: its bootstrap or
+resume is computed from the image at P and every later batch continues from P, so the
+snapshot and the live changes share one ordering with nothing in between.
+
+Per batch of new rows the work is O(rows + affected streams): rows are routed by key
+(`node:<id>` to that node's streams, a selector to the streams whose labels match it,
+found through a label index), each affected stream's effective state is resolved once,
+and identical events are encoded once for every stream they go to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import random
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from controlplane.api.watch.v1 import watch_pb2 as pb
+from controlplane.domain.desired import ChangeKind, DesiredRow, Effective, FeedPosition, FeedSnapshot, resolve
+from controlplane.domain.errors import Unavailable
+from controlplane.domain.labels import Selector, meta_key, node_key, parse_selector_key
+from controlplane.watch import encoding, metrics
+from controlplane.watch.stream import Sink, WatchStream
+
+log = logging.getLogger(__name__)
+
+# Bookmark slots, one per second; larger than the longest bookmark period.
+_WHEEL = 64
+
+
+class ChangeFeed(Protocol):
+    async def position(self) -> FeedPosition: ...
+    async def changes(self, after: int, upto: int) -> list[DesiredRow]: ...
+    async def snapshot(self) -> FeedSnapshot: ...
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    # Idle streams hear from us this often: under common 30-60 s proxy idle timeouts, and
+    # an agent deadline of 3x this tells a dead stream from a quiet one.
+    bookmark_interval: float = 15.0
+    bookmark_jitter: float = 0.2
+    # Streams end after 10-20 min (jittered) with a closing bookmark so load rebalances
+    # across replicas after a deploy without every agent reconnecting at once.
+    lifetime_min: float = 600.0
+    lifetime_max: float = 1200.0
+    # Safety-net poll when no wake-up arrives (lost NOTIFY, another writer process).
+    sweep_interval: float = 1.0
+    # Revisions read per query while catching up: bounds memory after a long stall.
+    batch_revisions: int = 2000
+    # After this long without a successful read, streams end with UNAVAILABLE so agents
+    # can find a replica that reaches the database.
+    degraded_after: float = 30.0
+    # A closing stream whose last write does not finish in this time is cut.
+    close_grace: float = 10.0
+    # After a burst of opens settles for this long, freeze the heap so the collector
+    # stops rescanning thousands of long-lived stream objects.
+    gc_settle: float = 5.0
+
+
+class WatchHub:
+    def __init__(self, feed: ChangeFeed, settings: HubSettings | None = None):
+        self.feed = feed
+        self.settings = settings or HubSettings()
+        self.position = 0
+        self.floor = 0
+        self.epoch = ""
+        self._latest: dict[str, DesiredRow] = {}
+        self._nodes: dict[str, tuple[str, dict[str, str]]] = {}
+        self._selectors: dict[str, dict[str, Selector]] = {}
+        self._by_id: dict[str, WatchStream] = {}
+        self._by_node: dict[str, set[WatchStream]] = {}
+        self._by_project: dict[str, set[WatchStream]] = {}
+        self._by_label: dict[tuple[str, str, str], set[WatchStream]] = {}
+        self._wheel: list[set[WatchStream]] = [set() for _ in range(_WHEEL)]
+        self._expires: dict[WatchStream, float] = {}
+        self._wakeup = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failing_since: float | None = None
+        self.degraded = False
+        self._opened_since_freeze = 0
+        self._last_open = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._load(await self.feed.snapshot())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run()), loop.create_task(self._tick())]
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """End every stream with a closing bookmark, then stop reading."""
+        for stream in list(self._by_id.values()):
+            stream.close(encoding.bookmark(self.position, closing=True))
+        pending = [s.done for s in self._by_id.values() if not s.done.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+        for stream in list(self._by_id.values()):
+            stream.abort(Unavailable("the server is shutting down"))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    def wake(self) -> None:
+        """A revision was committed (in this process or, via NOTIFY, elsewhere)."""
+        self._wakeup.set()
+
+    # -- queries (DesiredView, DeliveryLedger) -------------------------------------------
+
+    def head(self) -> int:
+        return self.position
+
+    def effective(self, node_id: str) -> DesiredRow | None:
+        info = self._nodes.get(node_id)
+        if info is None:
+            return None
+        return resolve(self._latest.get(k) for k in self._keys_for(info[0], node_id, info[1]))
+
+    def was_sent(self, stream_id: str, node_id: str, revision: int, digest: str) -> bool | None:
+        stream = self._by_id.get(stream_id)
+        if stream is None:
+            return None
+        return stream.node_id == node_id and (revision, digest) in stream.ledger
+
+    def knows_node(self, node_id: str) -> bool:
+        return node_id in self._nodes
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._by_id)
+
+    async def wait_until(self, node_id: str, revision: int, within: float) -> bool:
+        """Wait until the hub has read `revision` and knows `node_id`."""
+        deadline = time.monotonic() + within
+        while self.position < revision or node_id not in self._nodes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.wake()
+            progress = self._progress
+            try:
+                await asyncio.wait_for(progress.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
+
+    # -- streams ---------------------------------------------------------------------
+
+    def open(self, node_id: str, since: int, epoch: str, sink: Sink) -> WatchStream:
+        """Register a stream at the hub's position and queue its first message.
+
+        The caller has made sure the hub knows the node and has read `since` (or
+        decided `since` is ahead of the database head).
+        """
+        if self.degraded:
+            raise Unavailable("the control plane cannot read its database; try another replica")
+        project, labels = self._nodes[node_id]
+        stream = WatchStream(secrets.token_hex(8), node_id, project, labels, sink, self._catch_up)
+        stream.keys = self._keys_for(project, node_id, labels)
+        head = self.position
+        row = resolve(self._latest.get(k) for k in stream.keys)
+        reset = self._reset_reason(since, epoch)
+        mode = pb.STREAM_MODE_RESUME if since > 0 and reset is None else pb.STREAM_MODE_BOOTSTRAP
+        parts = [encoding.started(stream.stream_id, self.epoch, mode, head, self.floor)]
+        if reset is not None:
+            metrics.RESETS.labels(pb.ResetReason.Name(reset)).inc()
+            parts.append(encoding.reset(reset, self.floor, head, self.epoch))
+        if mode == pb.STREAM_MODE_BOOTSTRAP:
+            metrics.BOOTSTRAPS.inc()
+            parts += [encoding.desired(head, row), encoding.snapshot_end(head)]
+            self._record(stream, head, row)
+        else:
+            metrics.RESUMES.inc()
+            changed = max(
+                (self._latest[k].revision for k in (*stream.keys, meta_key(node_id)) if k in self._latest),
+                default=0,
+            )
+            if changed > since:
+                parts.append(encoding.desired(head, row))
+                self._record(stream, head, row)
+            else:
+                stream.cursor = since
+                stream.last_effective = Effective.of(row) if row else None
+            parts.append(encoding.bookmark(head))
+        self._register(stream)
+        stream.send(b"".join(parts))
+        return stream
+
+    def close(self, stream: WatchStream) -> None:
+        """Forget a stream whose call has ended."""
+        if self._by_id.pop(stream.stream_id, None) is None:
+            return
+        self._by_node[stream.node_id].discard(stream)
+        if not self._by_node[stream.node_id]:
+            del self._by_node[stream.node_id]
+        self._by_project[stream.project].discard(stream)
+        self._unindex_labels(stream)
+        self._expires.pop(stream, None)
+        for slot in self._wheel:
+            slot.discard(stream)
+        metrics.STREAMS_OPEN.dec()
+
+    def _reset_reason(self, since: int, epoch: str) -> pb.ResetReason.ValueType | None:
+        if since <= 0:
+            return None
+        if epoch != self.epoch:
+            return pb.RESET_REASON_EPOCH_CHANGED
+        if since < self.floor:
+            return pb.RESET_REASON_TOO_OLD
+        if since > self.position:
+            return pb.RESET_REASON_AHEAD_OF_HEAD
+        return None
+
+    def _register(self, stream: WatchStream) -> None:
+        self._by_id[stream.stream_id] = stream
+        self._by_node.setdefault(stream.node_id, set()).add(stream)
+        self._by_project.setdefault(stream.project, set()).add(stream)
+        self._index_labels(stream)
+        now = time.monotonic()
+        s = self.settings
+        self._expires[stream] = now + random.uniform(s.lifetime_min, s.lifetime_max)
+        self._schedule(stream, now)
+        self._opened_since_freeze += 1
+        self._last_open = now
+        metrics.STREAMS_OPEN.inc()
+
+    def _schedule(self, stream: WatchStream, now: float) -> None:
+        s = self.settings
+        period = s.bookmark_interval * random.uniform(1 - s.bookmark_jitter, 1 + s.bookmark_jitter)
+        self._wheel[int(now + period) % _WHEEL].add(stream)
+
+    def _index_labels(self, stream: WatchStream) -> None:
+        for k, v in stream.labels.items():
+            self._by_label.setdefault((stream.project, k, v), set()).add(stream)
+
+    def _unindex_labels(self, stream: WatchStream) -> None:
+        for k, v in stream.labels.items():
+            bucket = self._by_label.get((stream.project, k, v))
+            if bucket is not None:
+                bucket.discard(stream)
+                if not bucket:
+                    del self._by_label[(stream.project, k, v)]
+
+    def _keys_for(self, project: str, node_id: str, labels: dict[str, str]) -> set[str]:
+        keys = {node_key(node_id)}
+        keys.update(k for k, sel in self._selectors.get(project, {}).items() if sel.matches(labels))
+        return keys
+
+    def _record(self, stream: WatchStream, revision: int, row: DesiredRow | None) -> None:
+        stream.cursor = revision
+        stream.last_effective = Effective.of(row) if row else None
+        if row is not None:
+            stream.ledger.append((revision, row.digest))
+
+    def _catch_up(self, stream: WatchStream) -> bytes:
+        """The message that replaces a lagging stream's dropped queue."""
+        head = self.position
+        row = resolve(self._latest.get(k) for k in stream.keys)
+        self._record(stream, head, row)
+        return encoding.desired(head, row) + encoding.bookmark(head, closing=stream.closing)
+
+    # -- reading the log -------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self.settings.sweep_interval)
+            self._wakeup.clear()
+            try:
+                await self._read()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                metrics.FEED_ERRORS.inc()
+                log.warning("reading the desired-state log failed", exc_info=True)
+                now = time.monotonic()
+                self._failing_since = self._failing_since or now
+                if now - self._failing_since > self.settings.degraded_after and not self.degraded:
+                    self._degrade()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._wakeup.set()
+                continue
+            backoff = 0.1
+            self._failing_since = None
+            self.degraded = False
+
+    async def _read(self) -> None:
+        pos = await self.feed.position()
+        if pos.epoch != self.epoch or pos.head < self.position:
+            log.warning("history epoch changed (%s -> %s): ending every stream", self.epoch, pos.epoch)
+            self._load(await self.feed.snapshot())
+            for stream in list(self._by_id.values()):
+                stream.abort(Unavailable("the server's history epoch changed; reconnect"))
+            return
+        if pos.floor > self.position:
+            # Rows we have not read were pruned: rebuild from the latest state instead.
+            self._load(await self.feed.snapshot())
+            self._resolve_all()
+            return
+        self.floor = pos.floor
+        metrics.FLOOR.set(pos.floor)
+        while self.position < pos.head:
+            upto = min(pos.head, self.position + self.settings.batch_revisions)
+            rows = await self.feed.changes(self.position, upto)
+            self._apply(rows, upto)
+
+    def _load(self, snapshot: FeedSnapshot) -> None:
+        self._latest = {}
+        self._nodes = {}
+        self._selectors = {}
+        for row in snapshot.rows:
+            self._remember(row)
+        self.epoch = snapshot.position.epoch
+        self.floor = snapshot.position.floor
+        self._advance(snapshot.position.head)
+
+    def _remember(self, row: DesiredRow) -> str | None:
+        """Update the image with one row; returns the node id for a node row."""
+        self._latest[row.key] = row
+        if row.kind is ChangeKind.NODE:
+            node_id = row.key.split(":", 1)[1]
+            self._nodes[node_id] = (row.project, dict(row.labels or {}))
+            return node_id
+        parsed = parse_selector_key(row.key)
+        if parsed is not None and row.key not in self._selectors.get(parsed[0], {}):
+            self._selectors.setdefault(parsed[0], {})[row.key] = parsed[1]
+        return None
+
+    def _advance(self, position: int) -> None:
+        self.position = position
+        metrics.HEAD.set(position)
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    def _apply(self, rows: list[DesiredRow], upto: int) -> None:
+        """Route one batch. Synchronous: streams never see a half-applied batch."""
+        affected: dict[WatchStream, int] = {}
+        selectors: dict[str, int] = {}
+        for row in rows:
+            node_id = self._remember(row)
+            if node_id is not None:
+                for stream in self._by_node.get(node_id, ()):
+                    self._relabel(stream, self._nodes[node_id][1])
+                    affected[stream] = row.revision
+            elif row.key.startswith("node:"):
+                for stream in self._by_node.get(row.key[5:], ()):
+                    affected[stream] = row.revision
+            else:
+                selectors[row.key] = row.revision
+        for key, revision in selectors.items():
+            project, selector = parse_selector_key(key) or ("", Selector(()))
+            for stream in self._matching(project, selector):
+                stream.keys.add(key)
+                affected[stream] = max(affected.get(stream, 0), revision)
+        self._deliver(affected)
+        self._advance(upto)
+        if rows:
+            now = time.time()
+            for written_at in {r.written_at for r in rows}:
+                metrics.FANOUT_LATENCY.observe(max(0.0, now - written_at))
+
+    def _deliver(self, affected: dict[WatchStream, int]) -> None:
+        encoded: dict[tuple[str, int, int], bytes] = {}
+        delivered = 0
+        for stream, revision in affected.items():
+            row = resolve(self._latest.get(k) for k in stream.keys)
+            if row is None:
+                if stream.last_effective is None:
+                    continue
+            elif Effective.of(row).same_content(stream.last_effective):
+                continue
+            cache_key = (row.key, row.revision, revision) if row else ("", 0, revision)
+            payload = encoded.get(cache_key)
+            if payload is None:
+                payload = encoded[cache_key] = encoding.desired(revision, row)
+            stream.deliver(revision, row, payload)
+            delivered += 1
+        if delivered:
+            metrics.DELIVERIES.inc(delivered)
+
+    def _resolve_all(self) -> None:
+        for stream in self._by_id.values():
+            stream.keys = self._keys_for(stream.project, stream.node_id, stream.labels)
+        self._deliver(dict.fromkeys(self._by_id.values(), self.position))
+
+    def _relabel(self, stream: WatchStream, labels: dict[str, str]) -> None:
+        self._unindex_labels(stream)
+        stream.labels = labels
+        self._index_labels(stream)
+        stream.keys = self._keys_for(stream.project, stream.node_id, labels)
+
+    def _matching(self, project: str, selector: Selector) -> Iterable[WatchStream]:
+        if not selector.terms:
+            return list(self._by_project.get(project, ()))
+        buckets = [self._by_label.get((project, k, v), set()) for k, v in selector.terms]
+        smallest = min(buckets, key=len)
+        return [s for s in smallest if selector.matches(s.labels)]
+
+    def _degrade(self) -> None:
+        self.degraded = True
+        log.error("no successful read for %.0f s: ending every stream", self.settings.degraded_after)
+        for stream in list(self._by_id.values()):
+            stream.abort(Unavailable("the control plane cannot read its database; reconnect"))
+
+    # -- bookmarks, lifetimes, GC ------------------------------------------------------
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._tick_once(time.monotonic())
+
+    def _tick_once(self, now: float) -> None:
+        slot = int(now) % _WHEEL
+        due, self._wheel[slot] = self._wheel[slot], set()
+        payload: bytes | None = None
+        sent = 0
+        grace = self.settings.close_grace
+        for stream in due:
+            if stream.done.done():
+                continue
+            expires = self._expires.get(stream, now)
+            if stream.closing:
+                if now > expires + grace:
+                    stream.abort(Unavailable("closing stream did not drain in time"))
+                    continue
+            elif now >= expires:
+                stream.close(encoding.bookmark(self.position, closing=True))
+                sent += 1
+            elif stream.idle:
+                payload = payload or encoding.bookmark(self.position)
+                stream.cursor = self.position
+                stream.send(payload)
+                sent += 1
+            self._schedule(stream, now)
+        if sent:
+            metrics.BOOKMARKS.inc(sent)
+        if self._opened_since_freeze and now - self._last_open > self.settings.gc_settle:
+            # The streams opened in the last burst are long-lived: move them out of the
+            # collector's way (grpc-aio-limits.md §3: the larger half of the send cost).
+            gc.collect()
+            gc.freeze()
+            self._opened_since_freeze = 0

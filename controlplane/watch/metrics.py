@@ -1,0 +1,30 @@
+"""Prometheus metrics of the watch. Counters that would tick once per delivery are
+incremented once per fan-out batch instead: a lock per delivery would cost as much as
+the delivery."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STREAMS_OPEN = Gauge("controlplane_watch_streams_open", "WatchBundles streams currently open.")
+STREAMS_LAGGING = Gauge(
+    "controlplane_watch_streams_lagging", "Streams whose queue overflowed and that are catching up."
+)
+LAGGING_TOTAL = Counter("controlplane_watch_lagging_total", "Times a stream's queue overflowed.")
+BOOTSTRAPS = Counter("controlplane_watch_bootstraps_total", "Streams served a full bootstrap.")
+RESUMES = Counter("controlplane_watch_resumes_total", "Streams resumed from the node's cursor.")
+RESETS = Counter("controlplane_watch_resets_total", "Resumes refused with a reset, by reason.", ["reason"])
+BOOKMARKS = Counter("controlplane_watch_bookmarks_total", "Bookmarks sent (liveness and closing).")
+DELIVERIES = Counter("controlplane_watch_deliveries_total", "DesiredState events queued to streams.")
+NACKS = Counter("controlplane_watch_nacks_total", "FAILED status reports (NACKs) received.")
+REJECTED = Counter(
+    "controlplane_watch_streams_rejected_total", "Stream opens refused before start, by reason.", ["reason"]
+)
+FANOUT_LATENCY = Histogram(
+    "controlplane_watch_fanout_latency_seconds",
+    "From the write of a revision to its events being queued on every affected stream.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+HEAD = Gauge("controlplane_watch_head_revision", "Newest revision the hub has read.")
+FLOOR = Gauge("controlplane_watch_floor_revision", "Oldest revision a resume can start from.")
+FEED_ERRORS = Counter("controlplane_watch_feed_errors_total", "Failed reads of the desired-state log.")

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.bootstrap import App
+from controlplane.config import Settings
+from controlplane.watch.hub import HubSettings
+from tests.support import postgres
+from tests.support.harness import Harness
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh database on each backend: every integration test runs on both."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+        return
+    await postgres.ensure_running()
+    url = await postgres.create_database()
+    try:
+        yield url
+    finally:
+        await postgres.drop_database(url)
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    await postgres.ensure_running()
+    url = await postgres.create_database()
+    try:
+        yield url
+    finally:
+        await postgres.drop_database(url)
+
+
+def fast_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
+    hub = HubSettings(bookmark_interval=1.0, sweep_interval=0.2)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        listen="127.0.0.1:0",
+        database_url="" if database_url.startswith("sqlite") else database_url,
+        metrics_listen="",
+        hub=hub,
+        shutdown_grace=1.0,
+    )
+    return replace(settings, **overrides)
+
+
+HarnessFactory = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def make_harness(tmp_path: Path, database_url: str) -> AsyncIterator[HarnessFactory]:
+    started: list[Harness] = []
+
+    async def make(**overrides: Any) -> Harness:
+        settings = fast_settings(tmp_path, database_url, **overrides)
+        app = App(settings)
+        info = await app.start()
+        assert info.enrollment_token
+        harness = Harness(app, f"127.0.0.1:{info.port}", info.enrollment_token)
+        started.append(harness)
+        return harness
+
+    yield make
+    for harness in started:
+        await harness.close()
+        await harness.app.stop()
+
+
+@pytest.fixture
+async def harness(make_harness: HarnessFactory) -> Harness:
+    return await make_harness()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -1,0 +1,98 @@
+"""WatchBundles end to end over a real gRPC server, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from controlplane.api.watch.v1 import watch_pb2 as pb
+from tests.support.archives import bundle
+from tests.support.harness import Harness
+
+
+async def test_bootstrap_then_live_change(harness: Harness) -> None:
+    v1 = await harness.upload(bundle({"main.kdl": b"v1"}))
+    await harness.assign(v1, selector="env=prod")
+    node = await harness.register("edge-1", {"env": "prod"})
+
+    rec = harness.open_watch(node)
+    await rec.wait_for(lambda r: "snapshot_end" in r.kinds, what="end of snapshot")
+    (started,) = rec.of("started")
+    assert started.mode == pb.STREAM_MODE_BOOTSTRAP
+    assert rec.kinds[:3] == ["started", "desired", "snapshot_end"]
+    desired = rec.of("desired")[0]
+    assert desired.digest == v1
+    assert desired.source == "env=prod"
+    assert rec.of("snapshot_end")[0].revision == desired.revision == started.head_revision
+
+    v2 = await harness.upload(bundle({"main.kdl": b"v2"}))
+    revision = await harness.assign(v2, selector="env=prod")
+    live = await rec.wait_digest(v2)
+    assert live.revision == revision
+    assert live.assigned_revision == revision
+    await rec.cancel()
+
+
+async def test_node_registered_later_gets_current_bundle(harness: Harness) -> None:
+    v1 = await harness.upload(bundle({"a": b"1"}))
+    await harness.assign(v1, selector="*")
+    late = await harness.register("late", {"zone": "b"})
+    rec = harness.open_watch(late)
+    assert (await rec.wait_digest(v1)).digest == v1
+    await rec.cancel()
+
+
+async def test_resume_sends_no_bootstrap_and_only_changes(harness: Harness) -> None:
+    v1 = await harness.upload(bundle({"a": b"1"}))
+    node = await harness.register("n1", {"env": "prod"})
+    await harness.assign(v1, nodes=[node.node_id])
+    rec = harness.open_watch(node)
+    await rec.wait_digest(v1)
+    cursor, epoch = rec.last_revision(), rec.epoch
+    await rec.cancel()
+
+    # Nothing changed: a resume carries only a bookmark.
+    again = harness.open_watch(node, since=cursor, epoch=epoch)
+    await again.wait_for(lambda r: "bookmark" in r.kinds, what="bookmark")
+    assert again.of("started")[0].mode == pb.STREAM_MODE_RESUME
+    assert again.of("desired") == []
+    assert "snapshot_end" not in again.kinds
+    await again.cancel()
+
+    # A change while disconnected arrives on resume.
+    v2 = await harness.upload(bundle({"a": b"2"}))
+    await harness.assign(v2, nodes=[node.node_id])
+    third = harness.open_watch(node, since=cursor, epoch=epoch)
+    assert (await third.wait_digest(v2)).digest == v2
+    assert third.of("started")[0].mode == pb.STREAM_MODE_RESUME
+    await third.cancel()
+
+
+@pytest.mark.parametrize(
+    ("since", "epoch", "reason"),
+    [
+        (10_000, None, pb.RESET_REASON_AHEAD_OF_HEAD),
+        (1, "not-the-epoch", pb.RESET_REASON_EPOCH_CHANGED),
+    ],
+)
+async def test_reset_then_bootstrap(harness: Harness, since: int, epoch: str | None, reason: int) -> None:
+    node = await harness.register("n1", {})
+    first = harness.open_watch(node)
+    await first.wait_for(lambda r: "snapshot_end" in r.kinds)
+    server_epoch = first.epoch
+    await first.cancel()
+    rec = harness.open_watch(node, since=since, epoch=server_epoch if epoch is None else epoch)
+    await rec.wait_for(lambda r: "snapshot_end" in r.kinds, what="bootstrap after reset")
+    assert rec.kinds[:4] == ["started", "reset", "desired", "snapshot_end"]
+    assert rec.of("reset")[0].reason == reason
+    assert rec.of("reset")[0].epoch == server_epoch
+    await rec.cancel()
+
+
+async def test_negative_since_revision_is_invalid(harness: Harness) -> None:
+    node = await harness.register("n1", {})
+    rec = harness.open_watch(node, since=-5)
+    await rec.ended.wait()
+    assert rec.error is not None
+    assert rec.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "since_revision" in (rec.error.details() or "")

@@ -6,11 +6,11 @@ the tests that need it fail with a message saying so.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import asyncpg
@@ -49,7 +49,7 @@ async def ensure_running() -> None:
     for _ in range(30):
         if await _try_connect():
             return
-        time.sleep(1)
+        await asyncio.sleep(1)
     raise PostgresUnavailable(f"PostgreSQL did not come up at {ADMIN_DSN}")
 
 

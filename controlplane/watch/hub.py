@@ -21,7 +21,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -69,9 +69,15 @@ class HubSettings:
 
 
 class WatchHub:
-    def __init__(self, feed: ChangeFeed, settings: HubSettings | None = None):
+    def __init__(
+        self,
+        feed: ChangeFeed,
+        settings: HubSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.feed = feed
         self.settings = settings or HubSettings()
+        self._clock = clock
         self.position = 0
         self.floor = 0
         self.epoch = ""
@@ -94,10 +100,20 @@ class WatchHub:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, background: bool = True) -> None:
+        """Load the latest state; with `background`, start reading and ticking.
+
+        Without it the caller drives the hub with `catch_up()` and `tick()`: tests do,
+        to make every interleaving deterministic.
+        """
         self._load(await self.feed.snapshot())
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._run()), loop.create_task(self._tick())]
+        if background:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._run()), loop.create_task(self._tick())]
+
+    async def catch_up(self) -> None:
+        """Read and route everything committed so far."""
+        await self._read()
 
     async def stop(self, grace: float = 5.0) -> None:
         """End every stream with a closing bookmark, then stop reading."""
@@ -228,7 +244,7 @@ class WatchHub:
         self._by_node.setdefault(stream.node_id, set()).add(stream)
         self._by_project.setdefault(stream.project, set()).add(stream)
         self._index_labels(stream)
-        now = time.monotonic()
+        now = self._clock()
         s = self.settings
         self._expires[stream] = now + random.uniform(s.lifetime_min, s.lifetime_max)
         self._schedule(stream, now)
@@ -393,8 +409,13 @@ class WatchHub:
             metrics.DELIVERIES.inc(delivered)
 
     def _resolve_all(self) -> None:
-        for stream in self._by_id.values():
-            stream.keys = self._keys_for(stream.project, stream.node_id, stream.labels)
+        """After a reload: re-route every stream from the new image and send what changed."""
+        for stream in list(self._by_id.values()):
+            info = self._nodes.get(stream.node_id)
+            if info is None:
+                stream.abort(Unavailable("the node is gone from the control plane"))
+                continue
+            self._relabel(stream, info[1])
         self._deliver(dict.fromkeys(self._by_id.values(), self.position))
 
     def _relabel(self, stream: WatchStream, labels: dict[str, str]) -> None:
@@ -421,9 +442,10 @@ class WatchHub:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self._tick_once(time.monotonic())
+            self.tick(self._clock())
 
-    def _tick_once(self, now: float) -> None:
+    def tick(self, now: float) -> None:
+        """Bookmarks, lifetimes and GC for the wheel slot of second `now`."""
         slot = int(now) % _WHEEL
         due, self._wheel[slot] = self._wheel[slot], set()
         payload: bytes | None = None

@@ -1,0 +1,332 @@
+"""WatchHub against an in-memory feed, driven step by step."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from controlplane.api.watch.v1 import watch_pb2 as pb
+from controlplane.domain.errors import Unavailable
+from controlplane.domain.labels import Selector, node_key, selector_key
+from controlplane.watch import encoding
+from controlplane.watch.hub import HubSettings, WatchHub
+from controlplane.watch.stream import MAX_PENDING, WatchStream
+from tests.support.memfeed import MemoryFeed
+from tests.support.sinks import RecordingSink
+
+SEL_PROD = selector_key("p", Selector.parse("env=prod"))
+SEL_ALL = selector_key("p", Selector.parse("*"))
+
+
+async def settle() -> None:
+    """Let every drain task that can run, run."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def feed() -> MemoryFeed:
+    return MemoryFeed()
+
+
+@pytest.fixture
+async def hub(feed: MemoryFeed) -> AsyncIterator[WatchHub]:
+    h = WatchHub(feed, HubSettings(bookmark_interval=5.0, lifetime_min=100.0, lifetime_max=100.0))
+    await h.start(background=False)
+    yield h
+    await h.stop(grace=0.1)
+
+
+Opener = Callable[..., tuple[WatchStream, RecordingSink]]
+
+
+@pytest.fixture
+def open_stream(hub: WatchHub) -> Opener:
+    def open_(node_id: str, since: int = 0, epoch: str = "") -> tuple[WatchStream, RecordingSink]:
+        sink = RecordingSink()
+        return hub.open(node_id, since, epoch or hub.epoch, sink), sink
+
+    return open_
+
+
+async def test_bootstrap_is_started_desired_snapshot_end(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    feed.node("a", {"env": "prod"})
+    feed.assign((SEL_PROD,), "d1")
+    await hub.catch_up()
+    _, sink = open_stream("a")
+    await settle()
+    assert sink.kinds() == ["started", "desired", "snapshot_end"]
+    started, desired, end = sink.events
+    assert started.started.mode == pb.STREAM_MODE_BOOTSTRAP
+    assert desired.desired.digest == "d1"
+    assert desired.desired.source == "env=prod"
+    assert desired.desired.revision == end.snapshot_end.revision == hub.position == 2
+
+
+async def test_selector_change_reaches_only_matching_streams(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    feed.node("a", {"env": "prod"})
+    feed.node("b", {"env": "dev"})
+    await hub.catch_up()
+    (_, a), (_, b) = open_stream("a"), open_stream("b")
+    await settle()
+    feed.assign((SEL_PROD,), "d1")
+    await hub.catch_up()
+    await settle()
+    assert [d.digest for d in a.of("desired")] == ["", "d1"]
+    assert [d.digest for d in b.of("desired")] == [""]
+
+
+async def test_node_assignment_reaches_only_that_node(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    feed.node("a", {})
+    feed.node("b", {})
+    await hub.catch_up()
+    (_, a), (_, b) = open_stream("a"), open_stream("b")
+    revision = feed.assign((node_key("b"),), "only-b")
+    await hub.catch_up()
+    await settle()
+    assert [d.digest for d in a.of("desired")] == [""]
+    assert [(d.digest, d.revision) for d in b.of("desired")][-1] == ("only-b", revision)
+
+
+async def test_identical_event_is_encoded_once(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(50):
+        feed.node(f"n{i}", {"env": "prod"})
+    await hub.catch_up()
+    sinks = [open_stream(f"n{i}")[1] for i in range(50)]
+    await settle()
+    calls = 0
+    real = encoding.desired
+
+    def counting(revision: int, row: object) -> bytes:
+        nonlocal calls
+        calls += 1
+        return real(revision, row)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(encoding, "desired", counting)
+    feed.assign((SEL_ALL,), "fleet")
+    await hub.catch_up()
+    await settle()
+    assert calls == 1
+    assert all(s.of("desired")[-1].digest == "fleet" for s in sinks)  # type: ignore[attr-defined]
+
+
+async def test_pin_wins_and_tombstone_falls_back(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    feed.node("a", {"env": "prod"})
+    feed.assign((node_key("a"),), "pinned", pinned=True)
+    await hub.catch_up()
+    _, sink = open_stream("a")
+    feed.assign((SEL_PROD,), "newer-fleet")  # higher revision, but the pin wins
+    await hub.catch_up()
+    await settle()
+    assert [d.digest for d in sink.of("desired")] == ["pinned"]
+    feed.unassign((node_key("a"),))  # unpin: the fleet assignment applies
+    await hub.catch_up()
+    await settle()
+    assert [d.digest for d in sink.of("desired")] == ["pinned", "newer-fleet"]
+    feed.unassign((SEL_PROD,))
+    await hub.catch_up()
+    await settle()
+    assert [d.digest for d in sink.of("desired")][-1] == ""
+
+
+async def test_relabel_reroutes_the_stream(feed: MemoryFeed, hub: WatchHub, open_stream: Opener) -> None:
+    feed.node("a", {"env": "dev"})
+    feed.assign((SEL_PROD,), "prod-bundle")
+    await hub.catch_up()
+    _, sink = open_stream("a")
+    await settle()
+    assert sink.of("desired")[-1].digest == ""  # type: ignore[attr-defined]
+    feed.node("a", {"env": "prod"})
+    await hub.catch_up()
+    await settle()
+    assert sink.of("desired")[-1].digest == "prod-bundle"  # type: ignore[attr-defined]
+    feed.assign((SEL_PROD,), "prod-2")
+    await hub.catch_up()
+    await settle()
+    assert sink.of("desired")[-1].digest == "prod-2"  # type: ignore[attr-defined]
+
+
+async def test_resume_without_changes_sends_only_a_bookmark(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    feed.node("a", {})
+    feed.assign((node_key("a"),), "d1")
+    await hub.catch_up()
+    stream, first = open_stream("a")
+    await settle()
+    hub.close(stream)
+    feed.assign((SEL_PROD,), "unrelated")
+    await hub.catch_up()
+    _, sink = open_stream("a", since=2)
+    await settle()
+    assert sink.kinds() == ["started", "bookmark"]
+    assert sink.events[0].started.mode == pb.STREAM_MODE_RESUME
+    assert sink.events[1].bookmark.revision == hub.position == 3
+
+
+async def test_reset_reasons(feed: MemoryFeed, hub: WatchHub, open_stream: Opener) -> None:
+    feed.node("a", {})
+    await hub.catch_up()
+    _, ahead = open_stream("a", since=99)
+    _, other_epoch = open_stream("a", since=1, epoch="other")
+    feed.floor = 5
+    for _ in range(6):
+        feed.assign((node_key("a"),), "x")
+    await hub.catch_up()
+    _, too_old = open_stream("a", since=2)
+    await settle()
+    assert ahead.events[1].reset.reason == pb.RESET_REASON_AHEAD_OF_HEAD
+    assert other_epoch.events[1].reset.reason == pb.RESET_REASON_EPOCH_CHANGED
+    assert too_old.events[1].reset.reason == pb.RESET_REASON_TOO_OLD
+    for sink in (ahead, other_epoch, too_old):
+        assert sink.kinds()[:4] == ["started", "reset", "desired", "snapshot_end"]
+
+
+async def test_slow_consumer_lags_and_catches_up_alone(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    feed.node("slow", {"env": "prod"})
+    feed.node("fast", {"env": "prod"})
+    await hub.catch_up()
+    slow_stream, slow = open_stream("slow")
+    _, fast = open_stream("fast")
+    await settle()
+    slow.block()
+    for i in range(MAX_PENDING + 5):
+        feed.assign((SEL_PROD,), f"d{i}")
+        await hub.catch_up()
+        await settle()
+    assert slow_stream.lagging
+    # The fast stream got every change while the slow one was stuck.
+    assert [d.digest for d in fast.of("desired")][1:] == [f"d{i}" for i in range(MAX_PENDING + 5)]
+    slow.unblock()
+    await settle()
+    assert not slow_stream.lagging
+    digests = [d.digest for d in slow.of("desired")]
+    # The stuck write, then the latest state instead of the dropped backlog.
+    assert digests[-1] == f"d{MAX_PENDING + 4}"
+    assert len(digests) < MAX_PENDING
+    assert slow.kinds()[-1] == "bookmark"
+    assert slow.of("bookmark")[-1].revision == hub.position  # type: ignore[attr-defined]
+
+
+async def test_bookmarks_go_to_idle_streams_on_schedule(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    feed.node("a", {})
+    feed.node("b", {})
+    await hub.catch_up()
+    (_, a), (_, b) = open_stream("a"), open_stream("b")
+    await settle()
+    b.block()
+    feed.assign((node_key("b"),), "x")  # b now has a write stuck in flight
+    await hub.catch_up()
+    await settle()
+    now = time.monotonic()
+    for second in range(int(now), int(now) + 10):
+        hub.tick(second)
+    await settle()
+    assert a.of("bookmark"), "idle stream got no bookmark"
+    assert a.of("bookmark")[-1].revision == hub.position  # type: ignore[attr-defined]
+    b.unblock()
+    await settle()
+    assert b.of("bookmark") == []
+
+
+async def test_lifetime_ends_stream_with_closing_bookmark(feed: MemoryFeed, open_stream: Opener) -> None:
+    hub = WatchHub(feed, HubSettings(bookmark_interval=1.0, lifetime_min=0.0, lifetime_max=0.0))
+    await hub.start(background=False)
+    feed.node("a", {})
+    await hub.catch_up()
+    sink = RecordingSink()
+    stream = hub.open("a", 0, hub.epoch, sink)
+    await settle()
+    start = time.monotonic()
+    for second in range(int(start), int(start) + 4):
+        hub.tick(second + 0.999)
+    await settle()
+    assert stream.done.done() and stream.done.exception() is None
+    last = sink.of("bookmark")[-1]
+    assert last.closing and last.revision == hub.position  # type: ignore[attr-defined]
+    await hub.stop(grace=0.1)
+
+
+async def test_epoch_change_ends_streams_unavailable(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    feed.node("a", {})
+    await hub.catch_up()
+    stream, _ = open_stream("a")
+    feed.epoch = "restored"
+    await hub.catch_up()
+    assert isinstance(stream.done.exception(), Unavailable)
+    assert hub.epoch == "restored"
+
+
+async def test_floor_past_position_rebuilds_and_resolves(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    feed.node("a", {"env": "prod"})
+    await hub.catch_up()
+    _, sink = open_stream("a")
+    await settle()
+    feed.assign((SEL_PROD,), "after-prune")
+    feed.floor = feed.head  # history below head was pruned before the hub read it
+    await hub.catch_up()
+    await settle()
+    assert sink.of("desired")[-1].digest == "after-prune"  # type: ignore[attr-defined]
+
+
+async def test_feed_outage_degrades_and_ends_streams(feed: MemoryFeed) -> None:
+    hub = WatchHub(feed, HubSettings(degraded_after=0.2, sweep_interval=0.05))
+    feed.node("a", {})
+    await hub.start()
+    sink = RecordingSink()
+    stream = hub.open("a", 0, hub.epoch, sink)
+    feed.fail = True
+    await asyncio.wait([stream.done], timeout=5)
+    assert isinstance(stream.done.exception(), Unavailable)
+    assert hub.degraded
+    feed.fail = False
+    for _ in range(100):
+        if not hub.degraded:
+            break
+        await asyncio.sleep(0.05)
+    assert not hub.degraded
+    await hub.stop(grace=0.1)
+
+
+async def test_stop_sends_closing_bookmark(feed: MemoryFeed, hub: WatchHub, open_stream: Opener) -> None:
+    feed.node("a", {})
+    await hub.catch_up()
+    stream, sink = open_stream("a")
+    await settle()
+    await hub.stop(grace=1.0)
+    assert stream.done.done()
+    assert sink.events[-1].bookmark.closing
+
+
+async def test_was_sent_checks_the_stream_ledger(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    feed.node("a", {})
+    revision = feed.assign((node_key("a"),), "d1")
+    await hub.catch_up()
+    stream, _ = open_stream("a")
+    assert hub.was_sent(stream.stream_id, "a", revision, "d1") is True
+    assert hub.was_sent(stream.stream_id, "a", revision, "forged") is False
+    assert hub.was_sent(stream.stream_id, "other-node", revision, "d1") is False
+    assert hub.was_sent("unknown-stream", "a", revision, "d1") is None

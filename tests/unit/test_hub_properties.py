@@ -1,0 +1,277 @@
+"""The watch guarantees, checked by hypothesis over random histories.
+
+Random sequences of assignments, unassignments, relabels, pruning, connects, resumes,
+disconnects, slow (blocked) consumers and bookmark ticks, against a model that keeps the
+whole history. Each guarantee is one named check:
+
+- ORDERED: revisions on a stream never go backwards; DesiredState revisions strictly rise.
+- STARTED: every stream begins with exactly one StreamStarted.
+- CONSISTENT (no gap, bookmark-safe): whenever a node receives a DesiredState, a
+  SnapshotEnd or a Bookmark at revision R, the bundle it holds is the model's desired
+  bundle at R — so no change at or below R can still be on its way.
+- CONVERGENT (latest-state-wins): once the hub has read everything and a connected
+  consumer has drained, the node holds the model's current desired bundle.
+- RESUMABLE: a consumer that resumes from its cursor is not bootstrapped unless the
+  cursor is below the floor (and then it is told so with a reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from controlplane.api.watch.v1 import watch_pb2 as pb
+from controlplane.domain.desired import ChangeKind, DesiredRow
+from controlplane.domain.labels import Selector, meta_key, node_key, selector_key
+from controlplane.watch.hub import HubSettings, WatchHub
+from controlplane.watch.stream import WatchStream
+from tests.support.memfeed import MemoryFeed
+from tests.support.sinks import RecordingSink
+
+# Small domains make collisions (the interesting cases) frequent.
+NODES = ("a", "b")
+LABELS = ({}, {"env": "prod"}, {"env": "prod", "zone": "1"})
+SELECTORS = ("*", "env=prod", "env=prod,zone=1")
+DIGESTS = ("d1", "d2")
+PROJECT = "p"
+T = TypeVar("T")
+
+
+def model_desired(history: list[DesiredRow], node: str, revision: int) -> str:
+    """The bundle `node` should hold at `revision`, computed from the full history."""
+    latest: dict[str, DesiredRow] = {}
+    for row in history:
+        if row.revision <= revision:
+            latest[row.key] = row
+    labels = dict(latest[meta_key(node)].labels or {})
+    candidates = []
+    for key, row in latest.items():
+        if row.kind is not ChangeKind.ASSIGN:
+            continue
+        if key == node_key(node):
+            candidates.append(row)
+        elif key.startswith("sel:") and Selector.parse(key.split(":", 2)[2]).matches(labels):
+            candidates.append(row)
+    if not candidates:
+        return ""
+    return max(candidates, key=lambda r: (r.pinned, r.revision)).digest
+
+
+@dataclass
+class Client:
+    """A node agent's view: cursor, epoch and the bundle it holds."""
+
+    cursor: int = 0
+    epoch: str = ""
+    digest: str = ""
+    stream: WatchStream | None = None
+    sink: RecordingSink | None = None
+    seen: int = 0
+    streams_opened: int = 0
+    bootstraps: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+async def _settle() -> None:
+    for _ in range(30):
+        await asyncio.sleep(0)
+
+
+class HubMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.clock = 10_000.0
+        self.feed = MemoryFeed()
+        for node in NODES:
+            self.feed.node(node, {}, PROJECT)
+        self.hub = WatchHub(
+            self.feed,
+            HubSettings(bookmark_interval=1.0, bookmark_jitter=0.0, lifetime_min=1e9, lifetime_max=1e9),
+            clock=lambda: self.clock,
+        )
+        self.loop.run_until_complete(self.hub.start(background=False))
+        self.clients = {n: Client() for n in NODES}
+
+    def teardown(self) -> None:
+        self.loop.run_until_complete(self.hub.stop(grace=0.05))
+        self.loop.close()
+
+    @property
+    def history(self) -> list[DesiredRow]:
+        return self.feed.history
+
+    def run(self, coro: object) -> None:
+        self.loop.run_until_complete(coro)  # type: ignore[arg-type]
+        self.loop.run_until_complete(_settle())
+        self.consume()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run synchronous hub code inside the loop (it starts tasks)."""
+
+        async def inside() -> T:
+            return fn()
+
+        return self.loop.run_until_complete(inside())
+
+    # -- writes ------------------------------------------------------------------
+
+    # Each write may be read by the hub at once or left to batch with later ones.
+
+    @rule(selector=st.sampled_from(SELECTORS), digest=st.sampled_from(DIGESTS), now=st.booleans())
+    def assign_selector(self, selector: str, digest: str, now: bool) -> None:
+        self.feed.assign((selector_key(PROJECT, Selector.parse(selector)),), digest, PROJECT)
+        self._maybe_read(now)
+
+    @rule(
+        node=st.sampled_from(NODES), digest=st.sampled_from(DIGESTS), pinned=st.booleans(), now=st.booleans()
+    )
+    def assign_node(self, node: str, digest: str, pinned: bool, now: bool) -> None:
+        self.feed.assign((node_key(node),), digest, PROJECT, pinned=pinned)
+        self._maybe_read(now)
+
+    @rule(digest=st.sampled_from(DIGESTS), now=st.booleans())
+    def assign_step(self, digest: str, now: bool) -> None:
+        """A rollout step: several node keys in one revision."""
+        self.feed.assign(tuple(node_key(n) for n in NODES), digest, PROJECT)
+        self._maybe_read(now)
+
+    @rule(key=st.sampled_from([*(f"node:{n}" for n in NODES), *SELECTORS]), now=st.booleans())
+    def unassign(self, key: str, now: bool) -> None:
+        full = key if key.startswith("node:") else selector_key(PROJECT, Selector.parse(key))
+        self.feed.unassign((full,), PROJECT)
+        self._maybe_read(now)
+
+    @rule(node=st.sampled_from(NODES), labels=st.sampled_from(LABELS), now=st.booleans())
+    def relabel(self, node: str, labels: dict[str, str], now: bool) -> None:
+        self.feed.node(node, labels, PROJECT)
+        self._maybe_read(now)
+
+    def _maybe_read(self, now: bool) -> None:
+        if now:
+            self.read()
+
+    @rule(behind=st.integers(0, 5))
+    def prune(self, behind: int) -> None:
+        self.feed.prune(max(0, self.feed.head - behind))
+
+    # -- the hub -----------------------------------------------------------------
+
+    @rule()
+    def read(self) -> None:
+        self.run(self.hub.catch_up())
+
+    @rule()
+    def tick(self) -> None:
+        self.clock += 1.0
+        clock = self.clock
+        self.call(lambda: self.hub.tick(clock))
+        self.run(_settle())
+
+    # -- consumers ---------------------------------------------------------------
+
+    @rule(node=st.sampled_from(NODES))
+    def connect(self, node: str) -> None:
+        client = self.clients[node]
+        if client.stream is not None:
+            return
+        sink = RecordingSink()
+        since = client.cursor
+        epoch = client.epoch or self.hub.epoch
+        client.stream = self.call(lambda: self.hub.open(node, since, epoch, sink))
+        client.sink, client.seen = sink, 0
+        client.streams_opened += 1
+        self.run(_settle())
+        started = sink.events[0].started
+        reset = sink.events[1].reset if sink.kinds()[1:2] == ["reset"] else None
+        if since > 0 and since >= self.hub.floor and since <= self.hub.position:
+            assert started.mode == pb.STREAM_MODE_RESUME, "RESUMABLE: a usable cursor was bootstrapped"
+        if started.mode == pb.STREAM_MODE_BOOTSTRAP and since > 0:
+            assert reset is not None, "RESUMABLE: bootstrap of a cursor without a reset"
+
+    @rule(node=st.sampled_from(NODES))
+    def disconnect(self, node: str) -> None:
+        client = self.clients[node]
+        if client.stream is None or client.sink is None:
+            return
+        stream = client.stream
+        self.call(lambda: self.hub.close(stream))
+        client.sink.dead = True
+        client.sink.unblock()
+        self.run(_settle())
+        client.stream = client.sink = None
+
+    @rule(node=st.sampled_from(NODES))
+    def block(self, node: str) -> None:
+        if (sink := self.clients[node].sink) is not None:
+            sink.block()
+
+    @rule(node=st.sampled_from(NODES))
+    def unblock(self, node: str) -> None:
+        if (sink := self.clients[node].sink) is not None:
+            sink.unblock()
+            self.run(_settle())
+
+    def consume(self) -> None:
+        """Each node applies what it received, checking every guarantee on the way."""
+        for node, client in self.clients.items():
+            if client.sink is None:
+                continue
+            events = client.sink.events
+            for index in range(client.seen, len(events)):
+                self._apply(node, client, events[index], first=index == 0)
+            client.seen = len(events)
+
+    def _apply(self, node: str, client: Client, event: pb.WatchEvent, first: bool) -> None:
+        kind = event.WhichOneof("event")
+        client.events.append(str(kind))
+        assert (kind == "started") == first, f"STARTED: {kind} at first={first}"
+        if kind == "started":
+            client.epoch = event.started.epoch
+            if event.started.mode == pb.STREAM_MODE_BOOTSTRAP:
+                client.bootstraps += 1
+            return
+        if kind == "reset":
+            client.cursor = 0
+            return
+        message = getattr(event, str(kind))
+        revision = message.revision
+        assert revision >= client.cursor, f"ORDERED: {kind} at {revision} after cursor {client.cursor}"
+        if kind == "desired":
+            assert revision > client.cursor or client.cursor == 0 or first, "ORDERED: repeated revision"
+            client.digest = message.digest
+        client.cursor = revision
+        expected = model_desired(self.history, node, revision)
+        assert client.digest == expected, (
+            f"CONSISTENT: node {node} holds {client.digest!r} at {kind} {revision}, model says {expected!r}"
+        )
+
+    @invariant()
+    def convergent(self) -> None:
+        if self.hub.position != self.feed.head:
+            return
+        for node, client in self.clients.items():
+            if client.sink is None or not client.sink.gate.is_set() or client.stream is None:
+                continue
+            if client.stream.in_flight or client.stream.pending:
+                continue
+            expected = model_desired(self.history, node, self.hub.position)
+            assert client.digest == expected, (
+                f"CONVERGENT: {node} holds {client.digest!r}, model {expected!r}"
+            )
+
+    @precondition(lambda self: True)
+    @invariant()
+    def no_stream_leaks(self) -> None:
+        open_ids = {c.stream.stream_id for c in self.clients.values() if c.stream is not None}
+        assert self.hub.stream_count == len(open_ids)
+
+
+HubMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+TestHubGuarantees = HubMachine.TestCase

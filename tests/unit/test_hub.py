@@ -165,7 +165,7 @@ async def test_resume_without_changes_sends_only_a_bookmark(
     feed.node("a", {})
     feed.assign((node_key("a"),), "d1")
     await hub.catch_up()
-    stream, first = open_stream("a")
+    stream, _first = open_stream("a")
     await settle()
     hub.close(stream)
     feed.assign((SEL_PROD,), "unrelated")

@@ -54,9 +54,9 @@ def model_desired(history: list[DesiredRow], node: str, revision: int) -> str:
     for key, row in latest.items():
         if row.kind is not ChangeKind.ASSIGN:
             continue
-        if key == node_key(node):
-            candidates.append(row)
-        elif key.startswith("sel:") and Selector.parse(key.split(":", 2)[2]).matches(labels):
+        if key == node_key(node) or (
+            key.startswith("sel:") and Selector.parse(key.split(":", 2)[2]).matches(labels)
+        ):
             candidates.append(row)
     if not candidates:
         return ""

@@ -77,15 +77,16 @@ class App:
             heartbeat_interval=s.heartbeat_interval,
             on_nack=_count_nack,
         )
-        self.writer = DesiredStateWriter(self.store, utcnow, self.hub.wake)
+        self.writer = DesiredStateWriter(self.store, utcnow, self.hub.wake, self.hub)
         self.bundles = BundleRegistry(
             self.store, LocalBlobStore(s.data_dir / "blobs"), utcnow, staging_dir=s.data_dir / "staging"
         )
         token, created = await self._enrollment_token()
 
+        authenticator = NodeAuthenticator(self.nodes)
         self.grpc = GrpcServer(
-            GuardInterceptor(NodeAuthenticator(self.nodes)),
-            NodeServicer(self.nodes),
+            GuardInterceptor(authenticator),
+            NodeServicer(self.nodes, authenticator),
             WatchServicer(self.hub, self.feed),
             BundleServicer(self.bundles, self.writer),
             ProjectServicer(self.projects),

@@ -57,12 +57,11 @@ def fast_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settin
 HarnessFactory = Callable[..., Awaitable[Harness]]
 
 
-@pytest.fixture
-async def make_harness(tmp_path: Path, database_url: str) -> AsyncIterator[HarnessFactory]:
+async def _harnesses(tmp_path: Path, url: str) -> AsyncIterator[HarnessFactory]:
     started: list[Harness] = []
 
     async def make(**overrides: Any) -> Harness:
-        settings = fast_settings(tmp_path, database_url, **overrides)
+        settings = fast_settings(tmp_path, url, **overrides)
         app = App(settings)
         info = await app.start()
         assert info.enrollment_token
@@ -77,8 +76,22 @@ async def make_harness(tmp_path: Path, database_url: str) -> AsyncIterator[Harne
 
 
 @pytest.fixture
+async def make_harness(tmp_path: Path, database_url: str) -> AsyncIterator[HarnessFactory]:
+    """Start in-process control planes on this test's database (both backends)."""
+    async for factory in _harnesses(tmp_path, database_url):
+        yield factory
+
+
+@pytest.fixture
 async def harness(make_harness: HarnessFactory) -> Harness:
     return await make_harness()
+
+
+@pytest.fixture
+async def pg_harness(tmp_path: Path, pg_url: str) -> AsyncIterator[Harness]:
+    """A control plane on PostgreSQL only."""
+    async for factory in _harnesses(tmp_path, pg_url):
+        yield await factory()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -76,7 +76,9 @@ def inspect_archive(path: Path, limits: ArchiveLimits | None = None) -> ArchiveI
                     if member.isfile():
                         total += member.size
                         if total > limits.max_total_bytes:
-                            raise InvalidArchive(f"files exceed {limits.max_total_bytes} bytes in total")
+                            raise InvalidArchive(
+                                f"files exceed the limit of {limits.max_total_bytes} bytes in total"
+                            )
                         paths.append(member.name)
                         if len(paths) > limits.max_files:
                             raise InvalidArchive(f"more than {limits.max_files} files")
@@ -93,6 +95,9 @@ def _check_member(member: tarfile.TarInfo, limits: ArchiveLimits, seen: set[str]
     name = member.name
     if not name or len(name) > 4096 or "\x00" in name:
         raise InvalidArchive(f"member name {name[:80]!r} is empty, too long or holds NUL")
+    # The data filter would quietly strip a leading '/': for an upload that is a refusal.
+    if name.startswith("/") or ".." in name.split("/"):
+        raise InvalidArchive(f"member {name!r} is refused: absolute or climbing out of the bundle")
     try:
         tarfile.data_filter(member, _ROOT)
     except tarfile.FilterError as e:

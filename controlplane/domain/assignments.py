@@ -13,7 +13,8 @@ from controlplane.domain import validation
 from controlplane.domain.desired import Assignment, ChangeKind, DesiredRow
 from controlplane.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from controlplane.domain.labels import Selector, node_key, selector_key
-from controlplane.domain.ports import Clock, Store, Tx
+from controlplane.domain.nodes import READ_YOUR_WRITES
+from controlplane.domain.ports import Clock, DesiredView, Store, Tx
 
 # One assignment may name at most this many nodes; larger sets should use a selector.
 MAX_NODE_TARGETS = 10_000
@@ -70,6 +71,7 @@ class DesiredStateWriter:
     store: Store
     clock: Clock
     notify: Callable[[], None]
+    view: DesiredView
 
     async def assign(
         self,
@@ -97,6 +99,7 @@ class DesiredStateWriter:
             )
             revision = await write_assignment(tx, assignment, self.clock().timestamp())
             tx.after_commit(self.notify)
+        await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         return revision, keys
 
     async def unassign(self, project: str, target: Target) -> tuple[int, tuple[str, ...]]:
@@ -109,6 +112,7 @@ class DesiredStateWriter:
                 raise FailedPrecondition("nothing is assigned to that target", field="target")
             revision = await write_unassignment(tx, project, live, self.clock().timestamp())
             tx.after_commit(self.notify)
+        await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         return revision, tuple(live)
 
 

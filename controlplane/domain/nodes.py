@@ -33,6 +33,9 @@ from controlplane.domain.secrets import hash_secret, new_id, new_secret, secret_
 # bounded whatever the fleet does (a ring buffer per node, never one row per beat).
 HEARTBEAT_HISTORY = 60
 MAX_ERROR_TEXT = 4096
+# How long a write waits for this process's watch hub to route it before answering, so a
+# caller's next read sees it; the hub reads within milliseconds unless the database stalls.
+READ_YOUR_WRITES = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +133,6 @@ class NodeRegistry:
             raise InvalidArgument("a FAILED report must say why", field="error")
         if len(error) > MAX_ERROR_TEXT:
             raise InvalidArgument(f"at most {MAX_ERROR_TEXT} characters", field="error")
-        sent = self.ledger.was_sent(stream_id, node_id, revision, digest)
-        if sent is False:
-            raise FailedPrecondition(
-                f"stream {stream_id} never sent revision {revision} with {digest} to node {node_id}"
-            )
         report = StatusReport(stream_id, revision, digest, phase, error, self.clock())
         async with self.store.write() as tx:
             node = await tx.nodes.get(node_id)
@@ -143,6 +141,13 @@ class NodeRegistry:
             head = await tx.desired.head()
             if revision > head:
                 raise OutOfRange(f"revision {revision} was never issued (head is {head})", field="revision")
+            # The stream that sent it knows exactly what it sent; a stream of another
+            # replica (or one already gone) falls back to the log.
+            sent = self.ledger.was_sent(stream_id, node_id, revision, digest)
+            if sent is False:
+                raise FailedPrecondition(
+                    f"stream {stream_id} never sent revision {revision} with {digest} to node {node_id}"
+                )
             if sent is None and not await tx.desired.was_desired(
                 await _assignment_keys(tx, node), digest, revision
             ):
@@ -173,6 +178,8 @@ class NodeRegistry:
                 revision = await self._write_labels(tx, node.project, node_id, labels)
             updated = await tx.nodes.get(node_id)
         assert updated is not None
+        # Read-your-writes: the answer (and a GetNode right after) shows the new routing.
+        await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         return updated, revision
 
     async def get(self, node_id: str) -> Node:
@@ -257,6 +264,6 @@ def _decode_token(token: str) -> str:
     if not token:
         return ""
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidArgument("not a token this server issued", field="page_token") from None

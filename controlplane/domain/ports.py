@@ -94,6 +94,9 @@ class DesiredView(Protocol):
 
     def effective(self, node_id: str) -> DesiredRow | None: ...
     def head(self) -> int: ...
+    async def wait_until(self, node_id: str | None, revision: int, within: float) -> bool:
+        """Wait (at most `within` seconds) until the view reflects `revision`."""
+        ...
 
 
 class Clock(Protocol):

@@ -9,8 +9,9 @@ from controlplane.rpc import auth, convert
 
 
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
-    def __init__(self, nodes: NodeRegistry):
+    def __init__(self, nodes: NodeRegistry, authenticator: auth.NodeAuthenticator):
         self._nodes = nodes
+        self._authenticator = authenticator
 
     async def RegisterNode(
         self, request: node_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
@@ -23,6 +24,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             request.agent_version,
             request.hostname,
         )
+        # The previous credential died with this registration: stop trusting it here.
+        self._authenticator.forget(reg.node.id)
         return node_pb2.RegisterNodeResponse(
             node_id=reg.node.id, node_credential=reg.credential, project=reg.node.project
         )

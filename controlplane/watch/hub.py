@@ -157,10 +157,10 @@ class WatchHub:
     def stream_count(self) -> int:
         return len(self._by_id)
 
-    async def wait_until(self, node_id: str, revision: int, within: float) -> bool:
-        """Wait until the hub has read `revision` and knows `node_id`."""
+    async def wait_until(self, node_id: str | None, revision: int, within: float) -> bool:
+        """Wait until the hub has read `revision` (and knows `node_id`, if given)."""
         deadline = time.monotonic() + within
-        while self.position < revision or node_id not in self._nodes:
+        while self.position < revision or (node_id is not None and node_id not in self._nodes):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False

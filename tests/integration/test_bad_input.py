@@ -1,0 +1,271 @@
+"""Bad and hostile input: the right status, a message naming the field, nothing lost,
+nothing half-written, and an open stream beside it is not disturbed."""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import AsyncIterator, Awaitable
+
+import grpc
+import pytest
+
+from controlplane.api.bundle.v1 import bundle_pb2 as bpb
+from controlplane.api.node.v1 import node_pb2 as npb
+from controlplane.api.watch.v1 import watch_pb2 as wpb
+from tests.support.archives import bundle, member, tar_zst
+from tests.support.harness import Harness, Recorder, Registered
+
+SHA_UNKNOWN = "sha256:" + "0" * 64
+
+
+async def expect(code: grpc.StatusCode, call: Awaitable[object], mentions: str = "") -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await call
+    assert e.value.code() == code, f"{e.value.code()}: {e.value.details()}"
+    details = e.value.details() or ""
+    assert mentions in details, details
+    return details
+
+
+@pytest.fixture
+async def bystander(harness: Harness) -> AsyncIterator[tuple[Registered, Recorder]]:
+    """A node watching throughout; checked untouched at the end of each test."""
+    node = await harness.register("bystander", {"env": "prod"})
+    rec = harness.open_watch(node)
+    await rec.wait_for(lambda r: "snapshot_end" in r.kinds)
+    yield node, rec
+    digest = await harness.upload(bundle({"after": b"the storm"}))
+    await harness.assign(digest, selector="env=prod")
+    await rec.wait_digest(digest)
+    assert rec.error is None and not rec.ended.is_set()
+    await rec.cancel()
+
+
+async def test_registration_errors(harness: Harness, bystander: object) -> None:
+    def register(**kwargs: object) -> Awaitable[object]:
+        fields = {"project": "default", "enrollment_token": harness.token, "name": "n1", **kwargs}
+        return harness.nodes.RegisterNode(npb.RegisterNodeRequest(**fields))  # type: ignore[arg-type]
+
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, register(labels={"bad key": "x"}), "labels['bad key']")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, register(labels={"env": "has space"}), "labels['env']")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, register(labels={"k" * 64: "v"}), "labels[")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, register(name="../etc"), "name")
+    await expect(grpc.StatusCode.NOT_FOUND, register(project="nope"), "project")
+    await expect(grpc.StatusCode.UNAUTHENTICATED, register(enrollment_token="cpe_forged"), "enrollment token")
+    await expect(grpc.StatusCode.UNAUTHENTICATED, register(enrollment_token=""), "enrollment_token")
+    listed = await harness.nodes.ListNodes(npb.ListNodesRequest(project="default"))
+    assert [n.name for n in listed.nodes] == ["bystander"]  # nothing half-registered
+
+
+async def test_unknown_nodes_and_bad_queries(harness: Harness, bystander: object) -> None:
+    await expect(
+        grpc.StatusCode.NOT_FOUND, harness.nodes.GetNode(npb.GetNodeRequest(node_id="n-nope")), "node_id"
+    )
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        harness.nodes.ListNodes(npb.ListNodesRequest(project="default", selector="env")),
+        "selector",
+    )
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        harness.nodes.ListNodes(npb.ListNodesRequest(project="default", page_size=5000)),
+        "page_size",
+    )
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        harness.nodes.ListNodes(npb.ListNodesRequest(project="default", page_token="%%%")),
+        "page_token",
+    )
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        harness.nodes.UpdateNodeLabels(npb.UpdateNodeLabelsRequest(node_id="n-nope", labels={"a": "b"})),
+        "node_id",
+    )
+
+
+async def test_node_credentials_are_bound_to_their_node(
+    harness: Harness, bystander: tuple[Registered, Recorder]
+) -> None:
+    other, _ = bystander
+    me = await harness.register("me")
+    hijack = harness.watch.WatchBundles(wpb.WatchBundlesRequest(node_id=other.node_id), metadata=me.metadata)
+    await expect(grpc.StatusCode.PERMISSION_DENIED, hijack.read(), "node_id")
+    anonymous = harness.watch.WatchBundles(wpb.WatchBundlesRequest(node_id=me.node_id))
+    await expect(grpc.StatusCode.UNAUTHENTICATED, anonymous.read(), "node credential")
+    forged = harness.watch.WatchBundles(
+        wpb.WatchBundlesRequest(node_id=me.node_id),
+        metadata=(("authorization", f"Bearer {me.node_id}.forged"),),
+    )
+    await expect(grpc.StatusCode.UNAUTHENTICATED, forged.read(), "credential")
+    await expect(
+        grpc.StatusCode.PERMISSION_DENIED,
+        harness.nodes.Heartbeat(npb.HeartbeatRequest(node_id=other.node_id), metadata=me.metadata),
+        "node_id",
+    )
+    await expect(
+        grpc.StatusCode.PERMISSION_DENIED,
+        harness.nodes.ListNodes(npb.ListNodesRequest(project="default"), metadata=me.metadata),
+    )
+
+
+async def test_absurd_since_revision(harness: Harness, bystander: object) -> None:
+    node = await harness.register("n1")
+    negative = harness.open_watch(node, since=-1)
+    await negative.ended.wait()
+    assert negative.error is not None and negative.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "since_revision" in (negative.error.details() or "")
+    huge = harness.open_watch(node, since=2**62, epoch=negative.epoch if negative.events else "")
+    await huge.wait_for(lambda r: "snapshot_end" in r.kinds, what="bootstrap after reset")
+    assert huge.of("reset")[0].reason in (wpb.RESET_REASON_AHEAD_OF_HEAD, wpb.RESET_REASON_EPOCH_CHANGED)
+    await huge.cancel()
+
+
+async def test_bad_heartbeats(harness: Harness, bystander: object) -> None:
+    node = await harness.register("n1")
+
+    def beat(**metrics: float) -> Awaitable[object]:
+        request = npb.HeartbeatRequest(node_id=node.node_id, metrics=npb.NodeMetrics(**metrics))  # type: ignore[arg-type]
+        return harness.nodes.Heartbeat(request, metadata=node.metadata)
+
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, beat(error_rate=2.0), "metrics.error_rate")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, beat(cpu_percent=float("nan")), "metrics.cpu_percent")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, beat(p99_latency_ms=-1.0), "metrics.p99_latency_ms")
+    bad_digest = npb.HeartbeatRequest(node_id=node.node_id, applied_digest="md5:abc")
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        harness.nodes.Heartbeat(bad_digest, metadata=node.metadata),
+        "applied_digest",
+    )
+    got = await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))
+    assert not got.node.HasField("last_heartbeat")  # nothing recorded
+
+
+async def test_reports_for_what_was_never_sent(harness: Harness, bystander: object) -> None:
+    sent = await harness.upload(bundle({"a": b"sent"}))
+    never = await harness.upload(bundle({"a": b"never assigned"}))
+    node = await harness.register("n1")
+    rec = harness.open_watch(node)
+    await harness.assign(sent, nodes=[node.node_id])
+    desired = await rec.wait_digest(sent)
+
+    def report(**kwargs: object) -> Awaitable[object]:
+        fields = {
+            "node_id": node.node_id,
+            "stream_id": rec.stream_id,
+            "revision": desired.revision,
+            "digest": sent,
+            "phase": npb.REPORT_PHASE_ACTIVE,
+            **kwargs,
+        }
+        return harness.nodes.ReportStatus(npb.ReportStatusRequest(**fields), metadata=node.metadata)  # type: ignore[arg-type]
+
+    await expect(grpc.StatusCode.OUT_OF_RANGE, report(revision=10**9), "revision")
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, report(digest=never), "never sent")
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, report(stream_id="dead-stream", digest=never), "digest")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, report(phase=npb.REPORT_PHASE_UNSPECIFIED), "phase")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, report(phase=npb.REPORT_PHASE_FAILED), "error")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, report(digest="sha256:xyz"), "digest")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, report(revision=0), "revision")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, report(stream_id=""), "stream_id")
+    got = await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))
+    assert got.node.applied_digest == "" and not got.node.HasField("last_report")
+    # The real acknowledgement still works, and a replayed older one is refused.
+    await report()
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, report(phase=npb.REPORT_PHASE_DOWNLOADED), "stale")
+    await rec.cancel()
+
+
+HOSTILE = {
+    "absolute path": [(member("/etc/passwd", b"x"), b"x")],
+    "dot-dot": [(member("../../escape", b"x"), b"x")],
+    "symlink escaping": [(member("link", kind=tarfile.SYMTYPE, linkname="../../etc/shadow"), b"")],
+    "absolute symlink": [(member("link", kind=tarfile.SYMTYPE, linkname="/etc/shadow"), b"")],
+    "hardlink escaping": [(member("hard", kind=tarfile.LNKTYPE, linkname="../outside"), b"")],
+    "device file": [(member("dev", kind=tarfile.CHRTYPE), b"")],
+    "fifo": [(member("pipe", kind=tarfile.FIFOTYPE), b"")],
+    "duplicate member": [(member("a", b"1"), b"1"), (member("a", b"2"), b"2")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+async def test_hostile_archives_are_refused_whole(harness: Harness, case: str, bystander: object) -> None:
+    archive = tar_zst([(member("main.conf", b"ok"), b"ok"), *HOSTILE[case]])
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(archive), "chunk")
+    listed = await harness.bundles.ListBundles(bpb.ListBundlesRequest(project="default"))
+    assert list(listed.bundles) == []
+    blobs = harness.app.settings.data_dir / "blobs"
+    assert not any(p.is_file() for p in blobs.rglob("*"))
+
+
+async def test_garbage_and_bombs_are_refused(harness: Harness, bystander: object) -> None:
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(b"not an archive at all"), "not a valid")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(b""), "chunk")
+    harness.app.bundles.limits = type(harness.app.bundles.limits)(max_total_bytes=1024 * 1024)
+    zeros = b"\0" * (8 * 1024 * 1024)
+    bomb = tar_zst([(member("zeros", zeros), zeros)])
+    assert len(bomb) < 4096
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(bomb), "limit")
+    harness.app.bundles.limits = type(harness.app.bundles.limits)(max_files=100)
+    many = tar_zst((member(f"f{i}", b""), b"") for i in range(101))
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(many), "more than 100 files")
+
+
+async def test_oversized_message_is_refused_by_the_transport(harness: Harness, bystander: object) -> None:
+    async def requests() -> AsyncIterator[bpb.UploadBundleRequest]:
+        yield bpb.UploadBundleRequest(
+            header=bpb.UploadBundleHeader(project="default"), chunk=b"x" * (5 * 1024 * 1024)
+        )
+
+    await expect(grpc.StatusCode.RESOURCE_EXHAUSTED, harness.bundles.UploadBundle(requests()))
+
+
+async def test_upload_stream_shape(harness: Harness, bystander: object) -> None:
+    async def no_header() -> AsyncIterator[bpb.UploadBundleRequest]:
+        yield bpb.UploadBundleRequest(chunk=b"abc")
+
+    async def two_headers() -> AsyncIterator[bpb.UploadBundleRequest]:
+        header = bpb.UploadBundleHeader(project="default")
+        yield bpb.UploadBundleRequest(header=header, chunk=b"abc")
+        yield bpb.UploadBundleRequest(header=header, chunk=b"def")
+
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.bundles.UploadBundle(no_header()), "header")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.bundles.UploadBundle(two_headers()), "header")
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        harness.upload(bundle({"a": b"1"}), version="bad version!"),
+        "version",
+    )
+    await expect(grpc.StatusCode.NOT_FOUND, harness.upload(bundle({"a": b"1"}), project="nope"), "project")
+
+
+async def test_bad_assignments_write_nothing(harness: Harness, bystander: object) -> None:
+    digest = await harness.upload(bundle({"a": b"1"}))
+    head = harness.app.hub.position
+
+    def assign(**kwargs: object) -> Awaitable[object]:
+        fields = {"project": "default", "digest": digest, "target": bpb.Target(selector="*"), **kwargs}
+        return harness.bundles.AssignBundle(bpb.AssignBundleRequest(**fields))  # type: ignore[arg-type]
+
+    await expect(grpc.StatusCode.NOT_FOUND, assign(digest=SHA_UNKNOWN), "digest")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, assign(digest="latest"), "digest")
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT, assign(target=bpb.Target(selector="env==")), "target.selector"
+    )
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, assign(target=bpb.Target()), "target")
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        assign(target=bpb.Target(nodes=bpb.NodeList(node_ids=["n-nope"]))),
+        "n-nope",
+    )
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, assign(traffic_weight=101), "traffic_weight")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, assign(pin=True), "pin")
+    await expect(grpc.StatusCode.NOT_FOUND, assign(project="nope"), "project")
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        harness.bundles.UnassignBundle(
+            bpb.UnassignBundleRequest(project="default", target=bpb.Target(selector="a=b"))
+        ),
+        "nothing is assigned",
+    )
+    await harness.app.hub.catch_up()
+    assert harness.app.hub.position == head  # no revision was spent on any of them

@@ -1,0 +1,149 @@
+"""Node lifecycle over gRPC: registration, heartbeats, liveness, labels, status reports."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import grpc
+import pytest
+
+from controlplane.api.node.v1 import node_pb2 as npb
+from controlplane.domain.nodes import HEARTBEAT_HISTORY
+from tests.conftest import HarnessFactory
+from tests.support.archives import bundle
+from tests.support.eventually import eventually
+from tests.support.harness import Harness
+
+
+async def test_register_returns_id_and_credential(harness: Harness) -> None:
+    node = await harness.register("edge-1", {"env": "prod", "region": "eu-west"})
+    reply = await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))
+    assert reply.node.name == "edge-1"
+    assert dict(reply.node.labels) == {"env": "prod", "region": "eu-west"}
+    assert reply.node.project == "default"
+    assert reply.node.status == npb.NODE_STATUS_OFFLINE  # no heartbeat yet
+
+
+async def test_reregistering_keeps_the_id_and_kills_the_old_credential(harness: Harness) -> None:
+    first = await harness.register("edge-1", {"env": "prod"})
+    second = await harness.register("edge-1", {"env": "prod"})
+    assert first.node_id == second.node_id
+    assert first.credential != second.credential
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await harness.nodes.Heartbeat(npb.HeartbeatRequest(node_id=first.node_id), metadata=first.metadata)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await harness.nodes.Heartbeat(npb.HeartbeatRequest(node_id=second.node_id), metadata=second.metadata)
+
+
+async def test_heartbeats_store_latest_and_bounded_history(harness: Harness) -> None:
+    node = await harness.register("n1")
+    for i in range(HEARTBEAT_HISTORY + 10):
+        metrics = npb.NodeMetrics(health=npb.HEALTH_STATUS_HEALTHY, error_rate=0.01, p99_latency_ms=float(i))
+        reply = await harness.nodes.Heartbeat(
+            npb.HeartbeatRequest(node_id=node.node_id, metrics=metrics), metadata=node.metadata
+        )
+    assert reply.interval_seconds == 10
+    got = await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))
+    assert got.node.status == npb.NODE_STATUS_ONLINE
+    assert got.node.last_heartbeat.metrics.p99_latency_ms == HEARTBEAT_HISTORY + 9
+    history = await harness.nodes.ListHeartbeats(npb.ListHeartbeatsRequest(node_id=node.node_id))
+    assert len(history.heartbeats) == HEARTBEAT_HISTORY
+    latencies = [h.metrics.p99_latency_ms for h in history.heartbeats]
+    assert latencies == [float(i) for i in range(HEARTBEAT_HISTORY + 9, 9, -1)]
+
+
+async def test_missed_heartbeats_mark_offline_and_a_heartbeat_brings_back(
+    make_harness: HarnessFactory,
+) -> None:
+    harness = await make_harness(
+        offline_after=timedelta(seconds=0.5), offline_sweep_interval=timedelta(seconds=0.1)
+    )
+    node = await harness.register("n1")
+    await harness.nodes.Heartbeat(npb.HeartbeatRequest(node_id=node.node_id), metadata=node.metadata)
+
+    async def status() -> int:
+        return (await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))).node.status
+
+    async def offline() -> None:
+        assert await status() == npb.NODE_STATUS_OFFLINE
+
+    await eventually(offline, timeout=10, what="node marked offline by the sweep")
+    await harness.nodes.Heartbeat(npb.HeartbeatRequest(node_id=node.node_id), metadata=node.metadata)
+    assert await status() == npb.NODE_STATUS_ONLINE
+
+
+async def test_changing_labels_reroutes_the_watch(harness: Harness) -> None:
+    prod = await harness.upload(bundle({"a": b"prod"}))
+    dev = await harness.upload(bundle({"a": b"dev"}))
+    await harness.assign(prod, selector="env=prod")
+    await harness.assign(dev, selector="env=dev")
+    node = await harness.register("n1", {"env": "dev"})
+    rec = harness.open_watch(node)
+    await rec.wait_digest(dev)
+    reply = await harness.nodes.UpdateNodeLabels(
+        npb.UpdateNodeLabelsRequest(node_id=node.node_id, labels={"env": "prod"})
+    )
+    assert reply.revision > 0
+    assert reply.node.desired_digest == prod
+    live = await rec.wait_digest(prod)
+    assert live.revision == reply.revision
+    await rec.cancel()
+
+
+async def test_list_nodes_filters_by_selector_and_pages(harness: Harness) -> None:
+    for i in range(5):
+        await harness.register(f"n{i}", {"env": "prod" if i % 2 else "dev", "tier": "edge"})
+    reply = await harness.nodes.ListNodes(
+        npb.ListNodesRequest(project="default", selector="env=prod,tier=edge")
+    )
+    assert sorted(n.name for n in reply.nodes) == ["n1", "n3"]
+    seen, token = [], ""
+    while True:
+        page = await harness.nodes.ListNodes(
+            npb.ListNodesRequest(project="default", page_size=2, page_token=token)
+        )
+        seen += [n.name for n in page.nodes]
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(seen) == [f"n{i}" for i in range(5)]
+
+
+async def test_ack_and_nack_are_recorded(harness: Harness) -> None:
+    good = await harness.upload(bundle({"a": b"good"}))
+    bad = await harness.upload(bundle({"a": b"bad"}))
+    node = await harness.register("n1")
+    rec = harness.open_watch(node)
+    await harness.assign(good, nodes=[node.node_id])
+    desired = await rec.wait_digest(good)
+
+    async def report(digest: str, revision: int, phase: int, error: str = "") -> None:
+        await harness.nodes.ReportStatus(
+            npb.ReportStatusRequest(
+                node_id=node.node_id,
+                stream_id=rec.stream_id,
+                revision=revision,
+                digest=digest,
+                phase=phase,
+                error=error,
+            ),
+            metadata=node.metadata,
+        )
+
+    await report(good, desired.revision, npb.REPORT_PHASE_DOWNLOADED)
+    await report(good, desired.revision, npb.REPORT_PHASE_ACTIVE)
+    got = (await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))).node
+    assert (got.applied_digest, got.applied_revision) == (good, desired.revision)
+    assert got.desired_digest == good
+
+    await harness.assign(bad, nodes=[node.node_id])
+    nacked = await rec.wait_digest(bad)
+    await report(bad, nacked.revision, npb.REPORT_PHASE_FAILED, "nginx -t: unknown directive")
+    got = (await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))).node
+    assert got.applied_digest == good  # still on the last good bundle
+    assert got.failed_digest == bad
+    assert "unknown directive" in got.failed_error
+    assert got.last_report.phase == npb.REPORT_PHASE_FAILED
+    # A replay of the same report is harmless.
+    await report(bad, nacked.revision, npb.REPORT_PHASE_FAILED, "nginx -t: unknown directive")
+    await rec.cancel()

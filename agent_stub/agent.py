@@ -1,0 +1,181 @@
+"""`Agent`: the watch loop, the heartbeat and the apply pipeline wired together.
+
+Used by the command line, and in-process by simulators and tests: pass an existing
+`grpc.aio.Channel` to share one connection between many agents, a `MemoryStateStore` to
+keep nothing on disk, an `apply` hook (or a whole `installer`) to replace the apply
+command, and `metrics` to feed heartbeats. Progress is visible through attributes
+(`node_id`, `cursor`, `active_digest`, `counters`, `connected`) and through
+`on_event(listener)`, which hears every event the agent logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from agent_stub.applier import ApplyHook, CommandHook, FilesystemInstaller, Installer
+from agent_stub.backoff import Backoff
+from agent_stub.bundles import BundleStore
+from agent_stub.config import AgentConfig
+from agent_stub.download import Downloader
+from agent_stub.events import Counters, EventHandler, StreamInfo
+from agent_stub.heartbeat import Heartbeater, MetricsSource
+from agent_stub.identity import Registrar
+from agent_stub.logs import EventLog, Listener
+from agent_stub.reporter import Reporter
+from agent_stub.rpc import bearer, open_channel
+from agent_stub.state import Cursor, FileStateStore, StateStore
+from agent_stub.watcher import Watcher
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        channel: Any = None,
+        state: StateStore | None = None,
+        installer: Installer | None = None,
+        apply: ApplyHook | None = None,
+        metrics: MetricsSource | None = None,
+        logger: logging.Logger | None = None,
+        rng: Callable[[], float] = random.random,
+    ):
+        self.config = config
+        self._owns_channel = channel is None
+        self.channel = channel if channel is not None else open_channel(config.server)
+        if (state is None or installer is None) and config.state_dir is None:
+            raise ValueError("a state_dir is needed unless both state and installer are given")
+        self.log = EventLog(logger or logging.getLogger("agent_stub"), {"node": None})
+        self.state: StateStore = state if state is not None else FileStateStore(self._dir(), config.fsync)
+        self.registrar = Registrar(self.channel, config, self.state, self.log)
+        if self.registrar.saved is not None:
+            self.log.set(node=self.registrar.saved.node_id)
+        self.bundles: BundleStore | None = None
+        if installer is None:
+            self.bundles = BundleStore(self._dir(), config.fsync)
+            downloader = Downloader(
+                self.channel,
+                project=lambda: config.project,
+                metadata=self.metadata,
+                max_bytes=config.max_bundle_bytes,
+                read_timeout=config.liveness_timeout,
+                fsync=config.fsync,
+            )
+            hook = apply if apply is not None else CommandHook(config.apply_command, config.apply_timeout)
+            installer = FilesystemInstaller(self.bundles, downloader, hook, config.unpack, config.fsync)
+        self.installer: Installer = installer
+        self.reporter = Reporter(
+            self.channel, lambda: self.node_id, self.metadata, self.log, timeout=config.rpc_timeout
+        )
+        self.handler = EventHandler(self.state, self.installer, self.reporter, self.log)
+        self.backoff = Backoff(config.backoff, rng)
+        self.watcher = Watcher(
+            self.channel, self.registrar, self.handler, self.backoff, self.log, config.liveness_timeout
+        )
+        self.heartbeater = Heartbeater(
+            self.channel,
+            lambda: self.node_id,
+            self.metadata,
+            self.installer.active_digest,
+            self.log,
+            interval=config.heartbeat_interval,
+            metrics_file=config.metrics_file,
+            metrics=metrics,
+            timeout=config.rpc_timeout,
+        )
+        self._stop = asyncio.Event()
+
+    def _dir(self) -> Any:
+        assert self.config.state_dir is not None
+        return self.config.state_dir
+
+    # -- what a simulator or test looks at -------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        identity = self.registrar.identity
+        return identity.node_id if identity is not None else ""
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        identity = self.registrar.identity
+        return bearer(identity.credential) if identity is not None else ()
+
+    @property
+    def cursor(self) -> Cursor:
+        return self.handler.cursor
+
+    @property
+    def stream(self) -> StreamInfo:
+        return self.handler.stream
+
+    @property
+    def active_digest(self) -> str:
+        return self.installer.active_digest()
+
+    @property
+    def counters(self) -> Counters:
+        return self.handler.counters
+
+    @property
+    def connected(self) -> asyncio.Event:
+        """Set while a stream is delivering messages."""
+        return self.watcher.connected
+
+    def on_event(self, listener: Listener) -> None:
+        self.log.listeners.append(listener)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def _startup(self) -> None:
+        cursor = self.handler.cursor
+        active = self.installer.active_digest()
+        if self.bundles is not None:
+            removed = self.bundles.gc(keep={active, cursor.previous_digest})
+            if removed:
+                self.log.info("startup.cleaned", removed=len(removed))
+        if cursor.applied_digest and active != cursor.applied_digest:
+            # A crash between the swap and the cursor write: `current` is the truth.
+            self.log.warning(
+                "startup.current_differs", cursor_digest=cursor.applied_digest, current=active or None
+            )
+        self.log.info(
+            "agent.start",
+            server=self.config.server,
+            project=self.config.project,
+            revision=cursor.revision,
+            epoch=cursor.epoch or None,
+            current=active or None,
+        )
+
+    async def run(self) -> None:
+        """Run until `stop()` (or cancellation). Errors talking to the server never end
+        it; only a bug in the agent itself would."""
+        self._startup()
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(self.watcher.run(), name="watch"),
+            loop.create_task(self.heartbeater.run(self.watcher.registered), name="heartbeat"),
+        ]
+        stopper = loop.create_task(self._stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in (*tasks, stopper):
+                task.cancel()
+            await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            self.log.info("agent.stop", revision=self.handler.cursor.revision)
+            if self._owns_channel:
+                with contextlib.suppress(Exception):
+                    await self.channel.close()
+
+    def stop(self) -> None:
+        """Ask `run()` to return: the stream is cancelled, the apply command killed."""
+        self._stop.set()

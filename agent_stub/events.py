@@ -1,0 +1,220 @@
+"""Applying one stream's events in order, and moving the cursor only behind them.
+
+The watch loop hands every response here. Events are handled one after the other, so by
+the time a `snapshot_end` or `bookmark` is reached everything before it is applied, and
+the cursor may move to its revision. Desired states are level-triggered: of several in
+one response only the last is applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from agent_stub.applier import Installer, Target
+from agent_stub.errors import ApplyFailed
+from agent_stub.logs import EventLog
+from agent_stub.reporter import Reporter
+from agent_stub.state import Cursor, Failure, StateStore
+from controlplane.api.watch.v1 import watch_pb2 as pb
+
+
+@dataclass
+class StreamInfo:
+    """What the `started` event told us about the current stream."""
+
+    stream_id: str = ""
+    epoch: str = ""
+    mode: str = ""
+    head_revision: int = 0
+    floor_revision: int = 0
+
+
+@dataclass
+class Counters:
+    streams: int = 0
+    bootstraps: int = 0
+    resumes: int = 0
+    resets: int = 0
+    applied: int = 0
+    failed: int = 0
+    parked: int = 0
+    unchanged: int = 0
+    bookmarks: int = 0
+
+
+class EventHandler:
+    def __init__(
+        self,
+        state: StateStore,
+        installer: Installer,
+        reporter: Reporter,
+        log: EventLog,
+        node_id: str = "",
+    ):
+        self.state = state
+        self.installer = installer
+        self.reporter = reporter
+        self.log = log
+        self.node_id = node_id
+        self.cursor: Cursor = state.load_cursor()
+        self.stream = StreamInfo()
+        self.counters = Counters()
+
+    # -- cursor ----------------------------------------------------------------------
+
+    def _persist(self, cursor: Cursor) -> None:
+        if cursor != self.cursor:
+            self.state.save_cursor(cursor)
+            self.cursor = cursor
+
+    def adopt(self, node_id: str) -> None:
+        """Streams are now for `node_id`. A cursor received for another node is useless:
+        start over with a bootstrap (the bundle on disk stays and is kept if unchanged)."""
+        self.node_id = node_id
+        cursor = self.cursor
+        if cursor.node_id == node_id:
+            return
+        if cursor.node_id and cursor.revision:
+            self.log.warning(
+                "cursor.dropped", detail=f"cursor was for node {cursor.node_id}", revision=cursor.revision
+            )
+            cursor = replace(cursor, revision=0, epoch="", failed=None)
+        self._persist(replace(cursor, node_id=node_id))
+
+    # -- events ----------------------------------------------------------------------
+
+    async def handle(self, response: pb.WatchBundlesResponse) -> bool:
+        """Process one response; True when it ended with a closing bookmark."""
+        events = list(response.events)
+        last_desired = max(
+            (i for i, e in enumerate(events) if e.WhichOneof("event") == "desired"), default=-1
+        )
+        closing = False
+        for i, event in enumerate(events):
+            kind = event.WhichOneof("event")
+            if kind == "started":
+                await self._started(event.started)
+            elif kind == "reset":
+                self._reset(event.reset)
+            elif kind == "desired":
+                if i == last_desired:
+                    await self._desired(event.desired)
+                else:
+                    self.log.debug("desired.superseded", revision=event.desired.revision)
+            elif kind == "snapshot_end":
+                self._advance(event.snapshot_end.revision)
+                self.log.info("snapshot.end", revision=event.snapshot_end.revision)
+            elif kind == "bookmark":
+                self.counters.bookmarks += 1
+                self._advance(event.bookmark.revision)
+                if event.bookmark.closing:
+                    closing = True
+                    self.log.info("stream.closing", revision=event.bookmark.revision)
+            else:
+                self.log.warning("event.unknown", kind=kind)
+        return closing
+
+    async def _started(self, started: pb.StreamStarted) -> None:
+        mode = pb.StreamMode.Name(started.mode).removeprefix("STREAM_MODE_")
+        self.stream = StreamInfo(
+            started.stream_id, started.epoch, mode, started.head_revision, started.floor_revision
+        )
+        self.counters.streams += 1
+        if started.mode == pb.STREAM_MODE_BOOTSTRAP:
+            self.counters.bootstraps += 1
+        elif started.mode == pb.STREAM_MODE_RESUME:
+            self.counters.resumes += 1
+        self.log.set(stream=started.stream_id)
+        self.log.info(
+            "stream.started",
+            mode=mode,
+            revision=self.cursor.revision,
+            head=started.head_revision,
+            floor=started.floor_revision,
+            epoch=started.epoch,
+        )
+        await self.reporter.flush()
+
+    def _reset(self, reset: pb.Reset) -> None:
+        self.counters.resets += 1
+        self.log.warning(
+            "stream.reset",
+            reason=pb.ResetReason.Name(reset.reason).removeprefix("RESET_REASON_"),
+            revision=self.cursor.revision,
+            floor=reset.floor_revision,
+            head=reset.head_revision,
+            epoch=reset.epoch,
+        )
+        # Our cursor is unusable: forget it so a crash before the snapshot ends bootstraps.
+        self._persist(replace(self.cursor, revision=0, epoch=reset.epoch))
+
+    def _advance(self, revision: int) -> None:
+        self._persist(self.cursor.advanced(revision, self.stream.epoch))
+
+    async def _desired(self, desired: pb.DesiredState) -> None:
+        target = Target(
+            digest=desired.digest,
+            revision=desired.revision,
+            traffic_weight=desired.traffic_weight or 100,
+            assigned_revision=desired.assigned_revision,
+            source=desired.source,
+            size_bytes=desired.size_bytes,
+            annotations=dict(desired.annotations),
+        )
+        log = self.log.bind(revision=target.revision, digest=target.digest or None)
+        if not target.digest:
+            log.info("desired.none", detail="nothing assigned; keeping the current bundle")
+            self._advance(target.revision)
+            return
+        active = self.installer.active_digest()
+        if target.digest == active:
+            self.counters.unchanged += 1
+            log.info("desired.unchanged", detail="already running this bundle")
+            cursor = self.cursor.advanced(target.revision, self.stream.epoch)
+            if cursor.failed is not None and cursor.failed.digest == target.digest:
+                cursor = replace(cursor, failed=None)
+            self._persist(replace(cursor, applied_digest=active))
+            await self.reporter.report(self.stream.stream_id, target.revision, target.digest, "ACTIVE")
+            return
+        failed = self.cursor.failed
+        if failed is not None and failed.parks(
+            target.digest, target.revision, target.assigned_revision, self.stream.epoch
+        ):
+            self.counters.parked += 1
+            log.warning(
+                "desired.parked", detail="this bundle was rejected before", failed_revision=failed.revision
+            )
+            self._advance(target.revision)
+            return
+        log.info("apply.start", source=target.source, weight=target.traffic_weight, previous=active or None)
+
+        async def downloaded() -> None:
+            log.info("apply.downloaded")
+            await self.reporter.report(self.stream.stream_id, target.revision, target.digest, "DOWNLOADED")
+
+        try:
+            await self.installer.install(target, self.node_id, downloaded)
+        except ApplyFailed as e:
+            self.counters.failed += 1
+            log.error("apply.failed", reason=e.reason, kept=active or None)
+            failure = Failure(
+                target.digest, target.revision, e.reason, target.assigned_revision, self.stream.epoch
+            )
+            self._persist(replace(self.cursor.advanced(target.revision, self.stream.epoch), failed=failure))
+            await self.reporter.report(
+                self.stream.stream_id, target.revision, target.digest, "FAILED", e.reason
+            )
+            return
+        self.counters.applied += 1
+        cursor = self.cursor.advanced(target.revision, self.stream.epoch)
+        self._persist(
+            replace(
+                cursor,
+                applied_digest=target.digest,
+                applied_revision=target.revision,
+                previous_digest=active,
+                failed=None,
+            )
+        )
+        log.info("apply.active", previous=active or None)
+        await self.reporter.report(self.stream.stream_id, target.revision, target.digest, "ACTIVE")

@@ -1,0 +1,413 @@
+"""Real processes for end-to-end tests: a control plane server and agents.
+
+`ServerProcess` runs `python -m controlplane serve` on a fixed port and data dir, so it can
+be stopped, SIGKILLed and started again where agents expect it. `AgentProcess` runs
+`python -m agent_stub` with its own state dir and log file. `ControlClient` is the
+operator side over gRPC (upload, assign, look at nodes). Every wait polls a condition
+against a deadline; nothing sleeps to synchronize.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
+from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
+from tests.support.eventually import eventually
+
+T = TypeVar("T")
+CHUNK = 1024 * 1024
+# Reconnect quickly after a server restart: tests restart servers on purpose.
+CLIENT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+# Fast agents for tests: a dead stream is noticed within seconds and backoff stays short.
+FAST_AGENT_ARGS = (
+    "--liveness-timeout",
+    "5",
+    "--backoff-base",
+    "0.2",
+    "--backoff-cap",
+    "2",
+    "--heartbeat-interval",
+    "1",
+)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("GRPC_VERBOSITY", "ERROR")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[T]], timeout: float = 15.0, what: str = "condition", interval: float = 0.1
+) -> T:
+    """Poll `check` (which raises AssertionError until it holds) until `timeout`."""
+    return await eventually(check, timeout=timeout, interval=interval, what=what)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _spawn(args: list[str], log_path: Path, banner: str) -> subprocess.Popen[bytes]:
+    """Start `args` with stdout and stderr appended to `log_path` after a banner line."""
+    with log_path.open("ab") as out:
+        out.write(f"=== {banner}\n".encode())
+        out.flush()
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=_env())
+
+
+async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    return await asyncio.to_thread(proc.wait, timeout)
+
+
+@dataclass
+class ServerProcess:
+    """`controlplane serve` on a fixed port and data dir, restartable in place."""
+
+    data_dir: Path
+    port: int = 0
+    bookmark_interval: float = 1.0
+    metrics_port: int | None = None
+    extra_args: Sequence[str] = ()
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir.parent / f"server-{self.port}.log"
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "enrollment-token").read_text().strip()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def start(self, timeout: float = 20.0) -> None:
+        assert not self.running, "server already running"
+        metrics = f"127.0.0.1:{self.metrics_port}" if self.metrics_port else ""
+        args = [
+            sys.executable,
+            "-m",
+            "controlplane",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen",
+            self.address,
+            "--metrics-listen",
+            metrics,
+            "--bookmark-interval",
+            str(self.bookmark_interval),
+            *self.extra_args,
+        ]
+        mark = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.proc = _spawn(args, self.log_path, f"start #{self.starts + 1}: {' '.join(args)}")
+        self.starts += 1
+
+        async def ready() -> None:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{_tail(self.log_path)}")
+            text = self.log_path.read_bytes()[mark:].decode(errors="replace")
+            assert "controlplane serving on" in text, "not serving yet"
+            await self.health()
+
+        await wait_until(ready, timeout, "server start")
+
+    async def health(self) -> None:
+        """Health/Check answers SERVING (AssertionError otherwise)."""
+        channel = grpc.aio.insecure_channel(self.address)
+        try:
+            call = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=lambda _: b"",
+                response_deserializer=lambda b: b,
+            )
+            try:
+                reply = await call(None, timeout=2)
+            except grpc.RpcError as e:
+                raise AssertionError(f"health check failed: {e.code()}") from None
+            # HealthCheckResponse{status = 1 (SERVING)} encodes as 08 01.
+            assert reply == b"\x08\x01", f"not SERVING: {reply!r}"
+        finally:
+            await channel.close()
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait: streams get a closing bookmark."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return await _wait_exit(self.proc, timeout)
+
+    async def kill(self) -> None:
+        """SIGKILL: no closing bookmarks, connections just die."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        await _wait_exit(self.proc, 10)
+
+    async def restart(self) -> None:
+        if self.running:
+            await self.stop()
+        await self.start()
+
+    async def metrics(self) -> dict[str, float]:
+        """The Prometheus endpoint's samples without labels, by name."""
+        assert self.metrics_port, "start the server with a metrics_port"
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+        def fetch() -> str:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return str(response.read().decode())
+
+        text = await asyncio.to_thread(fetch)
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\s+([-+0-9.eE]+|NaN|[+-]Inf)$", line)
+            if match:
+                samples[match.group(1)] = float(match.group(2))
+        return samples
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await self.stop(timeout=10)
+            if self.proc.poll() is None:
+                await self.kill()
+
+
+@dataclass
+class AgentProcess:
+    """One `python -m agent_stub` process with its own state dir and log."""
+
+    server: str
+    token: str
+    state_dir: Path
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    apply_command: str = "true"
+    project: str = "default"
+    extra_args: Sequence[str] = FAST_AGENT_ARGS
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir.parent / f"agent-{self.name}.log"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def args(self) -> list[str]:
+        labels = ",".join(f"{k}={v}" for k, v in self.labels.items())
+        return [
+            sys.executable,
+            "-m",
+            "agent_stub",
+            "--server",
+            self.server,
+            "--project",
+            self.project,
+            "--token",
+            self.token,
+            "--labels",
+            labels,
+            "--state-dir",
+            str(self.state_dir),
+            "--name",
+            self.name,
+            "--apply-command",
+            self.apply_command,
+            *self.extra_args,
+        ]
+
+    def start(self) -> None:
+        assert not self.running, f"agent {self.name} already running"
+        self.proc = _spawn(self.args(), self.log_path, f"start #{self.starts + 1}")
+        self.starts += 1
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM; returns the exit code (0 for a clean stop)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return await _wait_exit(self.proc, timeout)
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        await _wait_exit(self.proc, 10)
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await self.stop(timeout=10)
+            if self.proc.poll() is None:
+                await self.kill()
+
+    # -- what the agent left on disk ---------------------------------------------------
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_since_start(self) -> str:
+        """The log of the current (latest) run only."""
+        text = self.log()
+        marker = f"=== start #{self.starts}\n"
+        return text[text.rfind(marker) :] if marker in text else text
+
+    def cursor(self) -> dict[str, Any]:
+        path = self.state_dir / "cursor.json"
+        return dict(json.loads(path.read_text())) if path.exists() else {}
+
+    def identity(self) -> dict[str, Any]:
+        path = self.state_dir / "identity.json"
+        return dict(json.loads(path.read_text())) if path.exists() else {}
+
+    @property
+    def node_id(self) -> str:
+        return str(self.identity().get("node_id", ""))
+
+    def current(self) -> Path | None:
+        """The bundle directory `current` points at."""
+        link = self.state_dir / "current"
+        return link.resolve() if link.is_symlink() else None
+
+    def current_digest(self) -> str:
+        path = self.current()
+        return f"sha256:{path.name}" if path is not None else ""
+
+    def current_files(self) -> dict[str, bytes]:
+        root = self.current()
+        if root is None or not root.is_dir():
+            return {}
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    def bundle_dirs(self) -> list[str]:
+        bundles = self.state_dir / "bundles"
+        return sorted(p.name for p in bundles.iterdir()) if bundles.is_dir() else []
+
+    async def wait_log(self, pattern: str, timeout: float = 15.0, since_start: bool = True) -> re.Match[str]:
+        """Wait until a line of the log matches `pattern` (a regular expression)."""
+
+        async def check() -> re.Match[str]:
+            text = self.log_since_start() if since_start else self.log()
+            match = re.search(pattern, text, re.MULTILINE)
+            assert match is not None, f"{pattern!r} not in the log of {self.name}:\n{text[-3000:]}"
+            return match
+
+        return await wait_until(check, timeout, f"log line {pattern!r}")
+
+    async def wait_current(self, digest: str, timeout: float = 20.0) -> None:
+        async def check() -> None:
+            assert self.current_digest() == digest, (
+                f"{self.name}: current is {self.current_digest() or 'unset'}, want {digest}\n"
+                f"{self.log()[-2000:]}"
+            )
+
+        await wait_until(check, timeout, f"{self.name} running {digest}")
+
+
+class ControlClient:
+    """The operator side of the control plane, over gRPC."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+        self.nodes = node_pb2_grpc.NodeServiceStub(self.channel)
+        self.bundles = bundle_pb2_grpc.BundleServiceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def upload(self, archive: bytes, project: str = "default", version: str = "") -> str:
+        async def requests() -> AsyncIterator[bundle_pb2.UploadBundleRequest]:
+            header = bundle_pb2.UploadBundleHeader(project=project, version=version)
+            for offset in range(0, max(len(archive), 1), CHUNK):
+                yield bundle_pb2.UploadBundleRequest(
+                    header=header if offset == 0 else None, chunk=archive[offset : offset + CHUNK]
+                )
+
+        reply = await self.bundles.UploadBundle(requests(), wait_for_ready=True, timeout=30)
+        return str(reply.bundle.digest)
+
+    async def assign(
+        self,
+        digest: str,
+        selector: str | None = None,
+        nodes: Sequence[str] = (),
+        project: str = "default",
+        **kwargs: Any,
+    ) -> int:
+        target = (
+            bundle_pb2.Target(selector=selector)
+            if selector is not None
+            else bundle_pb2.Target(nodes=bundle_pb2.NodeList(node_ids=list(nodes)))
+        )
+        reply = await self.bundles.AssignBundle(
+            bundle_pb2.AssignBundleRequest(project=project, target=target, digest=digest, **kwargs),
+            wait_for_ready=True,
+            timeout=30,
+        )
+        return int(reply.revision)
+
+    async def get_node(self, node_id: str) -> node_pb2.Node:
+        reply = await self.nodes.GetNode(
+            node_pb2.GetNodeRequest(node_id=node_id), wait_for_ready=True, timeout=10
+        )
+        node: node_pb2.Node = reply.node
+        return node
+
+    async def wait_node(
+        self, node_id: str, check: Callable[[node_pb2.Node], bool], timeout: float = 20.0, what: str = "node"
+    ) -> node_pb2.Node:
+        async def probe() -> node_pb2.Node:
+            node = await self.get_node(node_id)
+            assert check(node), f"{what}: node is {node}"
+            return node
+
+        return await wait_until(probe, timeout, what)

@@ -14,6 +14,7 @@ from prometheus_client import start_http_server
 
 from controlplane.blobs.local import LocalBlobStore
 from controlplane.config import Settings
+from controlplane.domain import retention
 from controlplane.domain.assignments import DesiredStateWriter
 from controlplane.domain.bundles import BundleRegistry
 from controlplane.domain.clock import utcnow
@@ -53,6 +54,7 @@ class App:
         self.settings = settings
         self._periodic: list[Periodic] = []
         self._listener: PgListener | None = None
+        self._stopped = False
 
     async def start(self) -> StartInfo:
         s = self.settings
@@ -108,7 +110,10 @@ class App:
 
     async def stop(self) -> None:
         """Health NOT_SERVING first, then streams end with a closing bookmark, then the
-        server stops and the database is released."""
+        server stops and the database is released. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         await self.grpc.drain()
         await self.hub.stop(self.settings.shutdown_grace)
         await self.grpc.stop(self.settings.shutdown_grace)
@@ -149,7 +154,7 @@ class App:
             s.retain_revisions, time.time() - s.retain_for.total_seconds()
         )
         if floor > self.hub.floor:
-            deleted = await self.feed.prune(floor)
+            deleted = await retention.prune(self.store, floor)
             log.info("retention: floor is now %d, %d rows pruned", floor, deleted)
             self.hub.wake()
 

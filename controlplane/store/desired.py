@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import Select, and_, func, select, text, update
+from sqlalchemy import Select, and_, delete, exists, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.orm import aliased
 
 from controlplane.domain.desired import ChangeKind, DesiredRow
-from controlplane.store.schema import desired_state_log, revision_counter
+from controlplane.store.schema import desired_state_log, revision_counter, server_meta
 
 NOTIFY_CHANNEL = "controlplane_revisions"
 
@@ -112,3 +113,38 @@ class SqlDesiredLog:
             .distinct()
         )
         return [r.key for r in (await self._conn.execute(query)).all()]
+
+    async def raise_floor(self, floor: int) -> bool:
+        """Move the retention floor up to `floor`; False if it is already there."""
+        current = int(
+            await self._conn.scalar(select(server_meta.c.value).where(server_meta.c.key == "floor_revision"))
+            or 0
+        )
+        if floor <= current:
+            return False
+        await self._conn.execute(
+            update(server_meta).where(server_meta.c.key == "floor_revision").values(value=str(floor))
+        )
+        return True
+
+    async def prune_below(self, floor: int, limit: int) -> int:
+        """Delete up to `limit` rows of history below `floor`, oldest first.
+
+        A row goes when a newer row of its key exists; a tombstone goes when nothing older
+        of its key is left (so an assignment can never resurface). The latest assignment
+        of a key is never deleted: it is the current desired state.
+        """
+        log, other = desired_state_log, aliased(desired_state_log)
+        superseded = exists().where(other.c.key == log.c.key, other.c.revision > log.c.revision)
+        older = exists().where(other.c.key == log.c.key, other.c.revision < log.c.revision)
+        deletable = and_(
+            log.c.revision < floor, superseded | and_(log.c.kind == ChangeKind.UNASSIGN.value, ~older)
+        )
+        victims = (
+            await self._conn.execute(
+                select(log.c.key, log.c.revision).where(deletable).order_by(log.c.revision).limit(limit)
+            )
+        ).all()
+        for key, revision in victims:
+            await self._conn.execute(delete(log).where(log.c.key == key, log.c.revision == revision))
+        return len(victims)

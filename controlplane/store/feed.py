@@ -1,15 +1,12 @@
-"""The read side the watch hub consumes: head, new rows, the latest-per-key snapshot,
-and retention pruning that maintains the floor."""
+"""The read side the watch hub consumes: head, new rows, the latest-per-key snapshot.
+Read-only: every write (retention included) goes through the store's transactions."""
 
 from __future__ import annotations
 
-import secrets
-
-from sqlalchemy import and_, delete, exists, select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.orm import aliased
 
-from controlplane.domain.desired import ChangeKind, DesiredRow, FeedPosition, FeedSnapshot
+from controlplane.domain.desired import DesiredRow, FeedPosition, FeedSnapshot
 from controlplane.store.desired import latest_rows_query, row_to_desired
 from controlplane.store.errors import translated
 from controlplane.store.schema import desired_state_log, revision_counter, server_meta
@@ -49,52 +46,6 @@ class SqlChangeFeed:
                 ).all()
         return FeedSnapshot(position, [row_to_desired(r) for r in rows])
 
-    async def prune(self, floor: int, batch: int = 5000) -> int:
-        """Raise the retention floor to `floor` and delete history below it.
-
-        A row goes when a newer row of its key exists; a tombstone goes when nothing
-        older of its key is left. The latest assignment of a key is never deleted: it is
-        the current desired state. Returns the number of rows deleted.
-        """
-        newer = aliased(desired_state_log)
-        superseded = exists().where(
-            newer.c.key == desired_state_log.c.key, newer.c.revision > desired_state_log.c.revision
-        )
-        older = exists().where(
-            newer.c.key == desired_state_log.c.key, newer.c.revision < desired_state_log.c.revision
-        )
-        deletable = and_(
-            desired_state_log.c.revision < floor,
-            superseded | (and_(desired_state_log.c.kind == ChangeKind.UNASSIGN.value, ~older)),
-        )
-        total = 0
-        async with translated():
-            async with self.engine.begin() as conn:
-                current = await _meta_int(conn, "floor_revision")
-                if floor <= current:
-                    return 0
-                await conn.execute(
-                    update(server_meta).where(server_meta.c.key == "floor_revision").values(value=str(floor))
-                )
-            while True:
-                async with self.engine.begin() as conn:
-                    victims = (
-                        select(desired_state_log.c.key, desired_state_log.c.revision)
-                        .where(deletable)
-                        .order_by(desired_state_log.c.revision)
-                        .limit(batch)
-                    )
-                    pairs = (await conn.execute(victims)).all()
-                    for key, revision in pairs:
-                        await conn.execute(
-                            delete(desired_state_log).where(
-                                desired_state_log.c.key == key, desired_state_log.c.revision == revision
-                            )
-                        )
-                total += len(pairs)
-                if len(pairs) < batch:
-                    return total
-
     async def floor_candidate(self, keep_revisions: int, written_before: float) -> int:
         """The highest revision at least `keep_revisions` behind head and written before
         `written_before`: the floor retention allows now."""
@@ -111,20 +62,13 @@ class SqlChangeFeed:
             )
         return int(value or 0)
 
-    async def rotate_epoch(self) -> str:
-        """Start a new history epoch: every agent re-bootstraps on its next stream."""
-        epoch = secrets.token_hex(8)
-        async with translated(), self.engine.begin() as conn:
-            await conn.execute(update(server_meta).where(server_meta.c.key == "epoch").values(value=epoch))
-        return epoch
 
-
-async def _meta_int(conn: AsyncConnection, key: str) -> int:
+async def meta_int(conn: AsyncConnection, key: str) -> int:
     return int(await conn.scalar(select(server_meta.c.value).where(server_meta.c.key == key)) or 0)
 
 
 async def _position(conn: AsyncConnection) -> FeedPosition:
     head = int(await conn.scalar(select(revision_counter.c.value)) or 0)
-    floor = await _meta_int(conn, "floor_revision")
+    floor = await meta_int(conn, "floor_revision")
     epoch = str(await conn.scalar(select(server_meta.c.value).where(server_meta.c.key == "epoch")) or "")
     return FeedPosition(head, floor, epoch)

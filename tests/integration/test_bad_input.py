@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ from tests.support.harness import Harness, Recorder, Registered
 SHA_UNKNOWN = "sha256:" + "0" * 64
 
 
-async def expect(code: grpc.StatusCode, call: Awaitable[object], mentions: str = "") -> str:
+async def expect(code: grpc.StatusCode, call: Awaitable[Any], mentions: str = "") -> str:
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await call
     assert e.value.code() == code, f"{e.value.code()}: {e.value.details()}"
@@ -42,9 +43,14 @@ async def bystander(harness: Harness) -> AsyncIterator[tuple[Registered, Recorde
 
 
 async def test_registration_errors(harness: Harness, bystander: object) -> None:
-    def register(**kwargs: object) -> Awaitable[object]:
-        fields = {"project": "default", "enrollment_token": harness.token, "name": "n1", **kwargs}
-        return harness.nodes.RegisterNode(npb.RegisterNodeRequest(**fields))  # type: ignore[arg-type]
+    def register(**kwargs: Any) -> Any:
+        fields: dict[str, Any] = {
+            "project": "default",
+            "enrollment_token": harness.token,
+            "name": "n1",
+            **kwargs,
+        }
+        return harness.nodes.RegisterNode(npb.RegisterNodeRequest(**fields))
 
     await expect(grpc.StatusCode.INVALID_ARGUMENT, register(labels={"bad key": "x"}), "labels['bad key']")
     await expect(grpc.StatusCode.INVALID_ARGUMENT, register(labels={"env": "has space"}), "labels['env']")
@@ -123,8 +129,8 @@ async def test_absurd_since_revision(harness: Harness, bystander: object) -> Non
 async def test_bad_heartbeats(harness: Harness, bystander: object) -> None:
     node = await harness.register("n1")
 
-    def beat(**metrics: float) -> Awaitable[object]:
-        request = npb.HeartbeatRequest(node_id=node.node_id, metrics=npb.NodeMetrics(**metrics))  # type: ignore[arg-type]
+    def beat(**metrics: Any) -> Any:
+        request = npb.HeartbeatRequest(node_id=node.node_id, metrics=npb.NodeMetrics(**metrics))
         return harness.nodes.Heartbeat(request, metadata=node.metadata)
 
     await expect(grpc.StatusCode.INVALID_ARGUMENT, beat(error_rate=2.0), "metrics.error_rate")
@@ -148,8 +154,8 @@ async def test_reports_for_what_was_never_sent(harness: Harness, bystander: obje
     await harness.assign(sent, nodes=[node.node_id])
     desired = await rec.wait_digest(sent)
 
-    def report(**kwargs: object) -> Awaitable[object]:
-        fields = {
+    def report(**kwargs: Any) -> Any:
+        fields: dict[str, Any] = {
             "node_id": node.node_id,
             "stream_id": rec.stream_id,
             "revision": desired.revision,
@@ -157,7 +163,7 @@ async def test_reports_for_what_was_never_sent(harness: Harness, bystander: obje
             "phase": npb.REPORT_PHASE_ACTIVE,
             **kwargs,
         }
-        return harness.nodes.ReportStatus(npb.ReportStatusRequest(**fields), metadata=node.metadata)  # type: ignore[arg-type]
+        return harness.nodes.ReportStatus(npb.ReportStatusRequest(**fields), metadata=node.metadata)
 
     await expect(grpc.StatusCode.OUT_OF_RANGE, report(revision=10**9), "revision")
     await expect(grpc.StatusCode.FAILED_PRECONDITION, report(digest=never), "never sent")
@@ -242,9 +248,14 @@ async def test_bad_assignments_write_nothing(harness: Harness, bystander: object
     digest = await harness.upload(bundle({"a": b"1"}))
     head = harness.app.hub.position
 
-    def assign(**kwargs: object) -> Awaitable[object]:
-        fields = {"project": "default", "digest": digest, "target": bpb.Target(selector="*"), **kwargs}
-        return harness.bundles.AssignBundle(bpb.AssignBundleRequest(**fields))  # type: ignore[arg-type]
+    def assign(**kwargs: Any) -> Any:
+        fields: dict[str, Any] = {
+            "project": "default",
+            "digest": digest,
+            "target": bpb.Target(selector="*"),
+            **kwargs,
+        }
+        return harness.bundles.AssignBundle(bpb.AssignBundleRequest(**fields))
 
     await expect(grpc.StatusCode.NOT_FOUND, assign(digest=SHA_UNKNOWN), "digest")
     await expect(grpc.StatusCode.INVALID_ARGUMENT, assign(digest="latest"), "digest")

@@ -62,7 +62,7 @@ async def test_missed_heartbeats_mark_offline_and_a_heartbeat_brings_back(
     await harness.nodes.Heartbeat(npb.HeartbeatRequest(node_id=node.node_id), metadata=node.metadata)
 
     async def status() -> int:
-        return (await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))).node.status
+        return int((await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))).node.status)
 
     async def offline() -> None:
         assert await status() == npb.NODE_STATUS_OFFLINE
@@ -117,7 +117,7 @@ async def test_ack_and_nack_are_recorded(harness: Harness) -> None:
     await harness.assign(good, nodes=[node.node_id])
     desired = await rec.wait_digest(good)
 
-    async def report(digest: str, revision: int, phase: int, error: str = "") -> None:
+    async def report(digest: str, revision: int, phase: npb.ReportPhase.ValueType, error: str = "") -> None:
         await harness.nodes.ReportStatus(
             npb.ReportStatusRequest(
                 node_id=node.node_id,

@@ -72,3 +72,15 @@ async def drop_database(url: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+if __name__ == "__main__":
+    import asyncio as _asyncio
+    import sys as _sys
+
+    try:
+        _asyncio.run(ensure_running())
+    except PostgresUnavailable as e:
+        print(f"PostgreSQL is required for the test suite: {e}", file=_sys.stderr)
+        raise SystemExit(1) from None
+    print(f"PostgreSQL is up at {ADMIN_DSN}")

@@ -4,6 +4,7 @@ the way HTTP/2 flow control stalls a slow reader."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
 
@@ -37,5 +38,5 @@ class RecordingSink:
     def kinds(self) -> list[str]:
         return [str(e.WhichOneof("event")) for e in self.events]
 
-    def of(self, kind: str) -> list[object]:
+    def of(self, kind: str) -> list[Any]:
         return [getattr(e, kind) for e in self.events if e.WhichOneof("event") == kind]

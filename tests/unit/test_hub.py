@@ -118,7 +118,7 @@ async def test_identical_event_is_encoded_once(
     await hub.catch_up()
     await settle()
     assert calls == 1
-    assert all(s.of("desired")[-1].digest == "fleet" for s in sinks)  # type: ignore[attr-defined]
+    assert all(s.of("desired")[-1].digest == "fleet" for s in sinks)
 
 
 async def test_pin_wins_and_tombstone_falls_back(
@@ -148,15 +148,15 @@ async def test_relabel_reroutes_the_stream(feed: MemoryFeed, hub: WatchHub, open
     await hub.catch_up()
     _, sink = open_stream("a")
     await settle()
-    assert sink.of("desired")[-1].digest == ""  # type: ignore[attr-defined]
+    assert sink.of("desired")[-1].digest == ""
     feed.node("a", {"env": "prod"})
     await hub.catch_up()
     await settle()
-    assert sink.of("desired")[-1].digest == "prod-bundle"  # type: ignore[attr-defined]
+    assert sink.of("desired")[-1].digest == "prod-bundle"
     feed.assign((SEL_PROD,), "prod-2")
     await hub.catch_up()
     await settle()
-    assert sink.of("desired")[-1].digest == "prod-2"  # type: ignore[attr-defined]
+    assert sink.of("desired")[-1].digest == "prod-2"
 
 
 async def test_resume_without_changes_sends_only_a_bookmark(
@@ -220,7 +220,7 @@ async def test_slow_consumer_lags_and_catches_up_alone(
     assert digests[-1] == f"d{MAX_PENDING + 4}"
     assert len(digests) < MAX_PENDING
     assert slow.kinds()[-1] == "bookmark"
-    assert slow.of("bookmark")[-1].revision == hub.position  # type: ignore[attr-defined]
+    assert slow.of("bookmark")[-1].revision == hub.position
 
 
 async def test_bookmarks_go_to_idle_streams_on_schedule(
@@ -240,7 +240,7 @@ async def test_bookmarks_go_to_idle_streams_on_schedule(
         hub.tick(second)
     await settle()
     assert a.of("bookmark"), "idle stream got no bookmark"
-    assert a.of("bookmark")[-1].revision == hub.position  # type: ignore[attr-defined]
+    assert a.of("bookmark")[-1].revision == hub.position
     b.unblock()
     await settle()
     assert b.of("bookmark") == []
@@ -260,7 +260,7 @@ async def test_lifetime_ends_stream_with_closing_bookmark(feed: MemoryFeed, open
     await settle()
     assert stream.done.done() and stream.done.exception() is None
     last = sink.of("bookmark")[-1]
-    assert last.closing and last.revision == hub.position  # type: ignore[attr-defined]
+    assert last.closing and last.revision == hub.position
     await hub.stop(grace=0.1)
 
 
@@ -287,7 +287,7 @@ async def test_floor_past_position_rebuilds_and_resolves(
     feed.floor = feed.head  # history below head was pruned before the hub read it
     await hub.catch_up()
     await settle()
-    assert sink.of("desired")[-1].digest == "after-prune"  # type: ignore[attr-defined]
+    assert sink.of("desired")[-1].digest == "after-prune"
 
 
 async def test_feed_outage_degrades_and_ends_streams(feed: MemoryFeed) -> None:

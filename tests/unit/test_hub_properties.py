@@ -36,7 +36,7 @@ from tests.support.sinks import RecordingSink
 
 # Small domains make collisions (the interesting cases) frequent.
 NODES = ("a", "b")
-LABELS = ({}, {"env": "prod"}, {"env": "prod", "zone": "1"})
+LABELS: tuple[dict[str, str], ...] = ({}, {"env": "prod"}, {"env": "prod", "zone": "1"})
 SELECTORS = ("*", "env=prod", "env=prod,zone=1")
 DIGESTS = ("d1", "d2")
 PROJECT = "p"

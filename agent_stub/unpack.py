@@ -211,7 +211,8 @@ def unpack(
     try:
         with (
             archive.open("rb") as raw,
-            zstandard.ZstdDecompressor().stream_reader(raw) as plain,
+            # All frames, as the zstd CLI does: a multi-frame archive is one tar stream.
+            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as plain,
         ):
             counted = io.BufferedReader(_Counting(plain, stream_limit), 64 * 1024)
             with tarfile.open(fileobj=counted, mode="r|", tarinfo=_CappedTarInfo, errorlevel=2) as tar:

@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import start_http_server
 
@@ -55,6 +56,7 @@ class App:
         self._periodic: list[Periodic] = []
         self._listener: PgListener | None = None
         self._stopped = False
+        self._metrics_server: Any = None
 
     async def start(self) -> StartInfo:
         s = self.settings
@@ -65,7 +67,7 @@ class App:
         self.engine = make_engine(s.url)
         await upgrade(self.engine)
         self.store = SqlStore(self.engine)
-        self.feed = SqlChangeFeed(self.engine)
+        self.feed = SqlChangeFeed(self.engine, s.epoch_follows_timeline)
         self.hub = WatchHub(self.feed, s.hub)
         await self.hub.start()
 
@@ -121,6 +123,9 @@ class App:
             await job.stop()
         if self._listener is not None:
             await self._listener.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         await self.engine.dispose()
 
     async def _enrollment_token(self) -> tuple[str | None, bool]:
@@ -140,8 +145,8 @@ class App:
         if not listen:
             return 0
         host, _, port = listen.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
-        return int(server.server_port)
+        self._metrics_server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
+        return int(self._metrics_server.server_port)
 
     async def _sweep_offline(self) -> None:
         marked = await self.nodes.mark_offline(self.settings.offline_after)

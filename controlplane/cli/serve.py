@@ -161,6 +161,7 @@ def serve(
     retain_revisions: int,
     retain_seconds: float,
     prune_interval: float,
+    epoch_follows_timeline: bool,
     log_level: str,
 ) -> None:
     """Run the control plane (SQLite and a local directory unless --database-url)."""
@@ -178,5 +179,6 @@ def serve(
         retain_revisions=retain_revisions,
         retain_for=timedelta(seconds=retain_seconds),
         prune_interval=timedelta(seconds=prune_interval),
+        epoch_follows_timeline=epoch_follows_timeline,
     )
     _run(settings)

@@ -3,7 +3,9 @@ Read-only: every write (retention included) goes through the store's transaction
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from typing import Any
+
+from sqlalchemy import BigInteger, Select, cast, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from controlplane.domain.desired import DesiredRow, FeedPosition, FeedSnapshot
@@ -13,13 +15,23 @@ from controlplane.store.schema import desired_state_log, revision_counter, serve
 
 
 class SqlChangeFeed:
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncEngine, epoch_follows_timeline: bool = True):
+        """`epoch_follows_timeline`: on PostgreSQL, fold the server's timeline into the
+        epoch. Promoting a standby starts a new timeline; if replication was asynchronous
+        the new primary may lack revisions agents have already seen, so they must
+        re-bootstrap. Turn it off only with synchronous replication."""
         self.engine = engine
         self._pg = engine.dialect.name == "postgresql"
+        self._query = _position_query(self._pg and epoch_follows_timeline)
 
     async def position(self) -> FeedPosition:
         async with translated(), self.engine.connect() as conn:
-            return await _position(conn)
+            return await self._position(conn)
+
+    async def _position(self, conn: AsyncConnection) -> FeedPosition:
+        row = (await conn.execute(self._query)).one()
+        epoch = f"{row.epoch}.{row.timeline}" if "timeline" in row._fields else row.epoch
+        return FeedPosition(int(row.head), int(row.floor), str(epoch))
 
     async def changes(self, after: int, upto: int) -> list[DesiredRow]:
         """Rows with after < revision <= upto, in revision order. Every revision up to a
@@ -38,7 +50,7 @@ class SqlChangeFeed:
         async with translated(), self.engine.connect() as plain:
             conn = await plain.execution_options(**options)
             async with conn.begin():
-                position = await _position(conn)
+                position = await self._position(conn)
                 rows = (
                     await conn.execute(
                         latest_rows_query().where(desired_state_log.c.revision <= position.head)
@@ -63,12 +75,17 @@ class SqlChangeFeed:
         return int(value or 0)
 
 
-async def meta_int(conn: AsyncConnection, key: str) -> int:
-    return int(await conn.scalar(select(server_meta.c.value).where(server_meta.c.key == key)) or 0)
+def _position_query(with_timeline: bool) -> Select[Any]:
+    """Head, floor and epoch in one statement: the hub runs it on every wake-up."""
 
+    def meta(key: str) -> Any:
+        return select(server_meta.c.value).where(server_meta.c.key == key).scalar_subquery()
 
-async def _position(conn: AsyncConnection) -> FeedPosition:
-    head = int(await conn.scalar(select(revision_counter.c.value)) or 0)
-    floor = await meta_int(conn, "floor_revision")
-    epoch = str(await conn.scalar(select(server_meta.c.value).where(server_meta.c.key == "epoch")) or "")
-    return FeedPosition(head, floor, epoch)
+    columns: list[Any] = [
+        revision_counter.c.value.label("head"),
+        cast(meta("floor_revision"), BigInteger).label("floor"),
+        meta("epoch").label("epoch"),
+    ]
+    if with_timeline:
+        columns.append(literal_column("(SELECT timeline_id FROM pg_control_checkpoint())").label("timeline"))
+    return select(*columns).where(revision_counter.c.id == 1)

@@ -100,6 +100,11 @@ class HubMachine(RuleBasedStateMachine):
         self.clients = {n: Client() for n in NODES}
 
     def teardown(self) -> None:
+        for client in self.clients.values():
+            if client.sink is not None:
+                client.sink.dead = True
+                client.sink.unblock()
+        self.loop.run_until_complete(_settle())
         self.loop.run_until_complete(self.hub.stop(grace=0.05))
         self.loop.close()
 

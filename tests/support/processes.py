@@ -331,11 +331,19 @@ class AgentProcess:
         bundles = self.state_dir / "bundles"
         return sorted(p.name for p in bundles.iterdir()) if bundles.is_dir() else []
 
-    async def wait_log(self, pattern: str, timeout: float = 15.0, since_start: bool = True) -> re.Match[str]:
-        """Wait until a line of the log matches `pattern` (a regular expression)."""
+    def mark(self) -> int:
+        """A position in the log; pass it as `after` to look only at what follows."""
+        return len(self.log())
+
+    def log_after(self, after: int | None = None) -> str:
+        return self.log()[after:] if after is not None else self.log_since_start()
+
+    async def wait_log(self, pattern: str, timeout: float = 15.0, after: int | None = None) -> re.Match[str]:
+        """Wait until a line of the log (of the current run, or after `after`) matches
+        `pattern`, a regular expression."""
 
         async def check() -> re.Match[str]:
-            text = self.log_since_start() if since_start else self.log()
+            text = self.log_after(after)
             match = re.search(pattern, text, re.MULTILINE)
             assert match is not None, f"{pattern!r} not in the log of {self.name}:\n{text[-3000:]}"
             return match

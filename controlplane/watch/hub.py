@@ -390,20 +390,29 @@ class WatchHub:
                 metrics.FANOUT_LATENCY.observe(max(0.0, now - written_at))
 
     def _deliver(self, affected: dict[WatchStream, int]) -> None:
-        encoded: dict[tuple[str, int, int], bytes] = {}
+        # Per batch, every distinct (row, revision) is resolved to an Effective and encoded
+        # once, however many streams it goes to.
+        effective: dict[int, Effective] = {}
+        encoded: dict[tuple[int, int], bytes] = {}
+        latest = self._latest
         delivered = 0
         for stream, revision in affected.items():
-            row = resolve(self._latest.get(k) for k in stream.keys)
+            row = resolve(latest.get(k) for k in stream.keys)
             if row is None:
                 if stream.last_effective is None:
                     continue
-            elif Effective.of(row).same_content(stream.last_effective):
-                continue
-            cache_key = (row.key, row.revision, revision) if row else ("", 0, revision)
+                eff = None
+            else:
+                eff = effective.get(id(row))
+                if eff is None:
+                    eff = effective[id(row)] = Effective.of(row)
+                if eff.same_content(stream.last_effective):
+                    continue
+            cache_key = (id(row), revision)
             payload = encoded.get(cache_key)
             if payload is None:
                 payload = encoded[cache_key] = encoding.desired(revision, row)
-            stream.deliver(revision, row, payload)
+            stream.deliver(revision, eff, payload)
             delivered += 1
         if delivered:
             metrics.DELIVERIES.inc(delivered)
@@ -429,6 +438,8 @@ class WatchHub:
             return list(self._by_project.get(project, ()))
         buckets = [self._by_label.get((project, k, v), set()) for k, v in selector.terms]
         smallest = min(buckets, key=len)
+        if len(buckets) == 1:
+            return list(smallest)  # the bucket is exactly the selector's matches
         return [s for s in smallest if selector.matches(s.labels)]
 
     def _degrade(self) -> None:

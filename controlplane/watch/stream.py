@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from controlplane.domain.desired import DesiredRow, Effective
+from controlplane.domain.desired import Effective
 from controlplane.watch import metrics
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class Sink(Protocol):
 class WatchStream:
     __slots__ = (
         "_catch_up",
+        "_loop",
         "closing",
         "cursor",
         "done",
@@ -76,20 +77,21 @@ class WatchStream:
         self.lagging = False
         self.closing = False
         self.ledger: collections.deque[tuple[int, str]] = collections.deque(maxlen=LEDGER_SIZE)
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self._loop.create_future()
 
     @property
     def idle(self) -> bool:
         return not (self.in_flight or self.pending or self.lagging or self.closing)
 
-    def deliver(self, revision: int, row: DesiredRow | None, payload: bytes) -> None:
+    def deliver(self, revision: int, effective: Effective | None, payload: bytes) -> None:
         """Queue a DesiredState; remember it for acknowledgements."""
         if self.lagging or self.done.done():
             return  # the catch-up will send the latest state instead
         self.cursor = revision
-        self.last_effective = Effective.of(row) if row is not None else None
-        if row is not None:
-            self.ledger.append((revision, row.digest))
+        self.last_effective = effective
+        if effective is not None:
+            self.ledger.append((revision, effective.digest))
         self.send(payload)
 
     def send(self, payload: bytes) -> None:
@@ -97,7 +99,7 @@ class WatchStream:
             return
         if not self.in_flight:
             self.in_flight = True
-            asyncio.get_running_loop().create_task(self._drain(payload))
+            self._loop.create_task(self._drain(payload))
             return
         self.pending.append(payload)
         if len(self.pending) > MAX_PENDING:
@@ -118,7 +120,7 @@ class WatchStream:
                 self.pending.append(payload)
         elif payload is not None:
             self.in_flight = True
-            asyncio.get_running_loop().create_task(self._drain(payload))
+            self._loop.create_task(self._drain(payload))
         else:
             self._finish()
 

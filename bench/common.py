@@ -256,6 +256,11 @@ def machine() -> dict[str, Any]:
         "protobuf": protobuf.__version__,
         "uvloop": uvloop.__version__,
         "pinned": can_pin(),
+        "git_head": run("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"),
+        # Server files that differ from HEAD when the run started (the tree is shared).
+        "server_tree_dirty": run(
+            "git", "-C", str(ROOT), "status", "--porcelain", "--", "controlplane"
+        ).splitlines(),
     }
 
 

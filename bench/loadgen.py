@@ -61,6 +61,7 @@ class Stream:
         "mode",
         "node_id",
         "ready",
+        "t_failed",
         "t_open",
         "t_ready",
         "t_started",
@@ -80,6 +81,7 @@ class Stream:
         self.t_open = 0.0
         self.t_started = 0.0
         self.t_ready = 0.0
+        self.t_failed = 0.0
         self.call_task: asyncio.Task[None] | None = None
 
 
@@ -103,6 +105,7 @@ class Worker:
         self.events = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.drops: collections.Counter[str] = collections.Counter()
+        self.details: collections.Counter[str] = collections.Counter()
         self.resets = 0
 
     def _make_channels(self) -> None:
@@ -173,6 +176,7 @@ class Worker:
 
     def _mark_failed(self, s: Stream, code: str) -> None:
         s.failed = code
+        s.t_failed = time.time()
         self.unready -= 1
         if self.unready <= 0 and self.all_ready is not None and not self.all_ready.done():
             self.all_ready.set_result(None)
@@ -201,6 +205,8 @@ class Worker:
                 code = "OK"
             except grpc.aio.AioRpcError as e:
                 code = e.code().name
+                if not got_any:
+                    self.details[f"{code}: {e.details()}"[:120]] += 1
             if got_any:
                 self.drops[code] += 1
             else:
@@ -228,7 +234,8 @@ class Worker:
         self.unready = len(self.streams)
         errors0, drops0, msgs0 = self.errors.copy(), self.drops.copy(), self.messages
         for s in self.streams:
-            s.ready, s.failed, s.attempts, s.t_open, s.t_started, s.t_ready = False, "", 0, 0.0, 0.0, 0.0
+            s.ready, s.failed, s.attempts = False, "", 0
+            s.t_open, s.t_started, s.t_ready, s.t_failed = 0.0, 0.0, 0.0, 0.0
         await asyncio.sleep(max(0.0, at - time.time()))
         t_start = time.time()
         for i, s in enumerate(self.streams):
@@ -259,6 +266,8 @@ class Worker:
             "pending": len(self.streams) - len(ready) - sum(failed.values()),
             "ready_times": [s.t_ready for s in ready],
             "started_after": [s.t_started - t_start for s in ready],
+            "failed_after": [s.t_failed - t_start for s in self.streams if s.failed],
+            "details": dict(self.details),
             "modes": dict(modes),
             "retries": sum(max(0, s.attempts - 1) for s in self.streams),
             "errors": dict(self.errors - errors0),

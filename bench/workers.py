@@ -144,6 +144,8 @@ def merge_open(reports: list[dict[str, Any]], t_ref: float) -> dict[str, Any]:
         "all_ready_s": (max(ready_times) - t_ref) if ready_times else None,
         "ready_after": sorted(t - t_ref for t in ready_times),
         "answered_after_s": max(r["t_end"] for r in reports) - t_ref,
+        "failed_after": sorted(t + r["t_start"] - t_ref for r in reports for t in r.get("failed_after", [])),
+        "details": _sum_dicts(r.get("details", {}) for r in reports),
     }
     return out
 

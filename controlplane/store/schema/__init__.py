@@ -1,0 +1,30 @@
+"""Tables, one module per area, all on one MetaData. Migrations in `migrations/` create
+exactly these (tests/integration/test_migrations.py compares them)."""
+
+from controlplane.store.schema.base import Json, UTCDateTime, metadata
+from controlplane.store.schema.core import (
+    bundles,
+    desired_state_log,
+    enrollment_tokens,
+    node_heartbeats,
+    node_labels,
+    nodes,
+    projects,
+    revision_counter,
+    server_meta,
+)
+
+__all__ = [
+    "Json",
+    "UTCDateTime",
+    "bundles",
+    "desired_state_log",
+    "enrollment_tokens",
+    "metadata",
+    "node_heartbeats",
+    "node_labels",
+    "nodes",
+    "projects",
+    "revision_counter",
+    "server_meta",
+]

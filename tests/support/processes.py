@@ -97,6 +97,8 @@ class ServerProcess:
     data_dir: Path
     port: int = 0
     bookmark_interval: float = 1.0
+    # Told to agents in every Heartbeat reply.
+    heartbeat_interval: float = 1.0
     metrics_port: int | None = None
     extra_args: Sequence[str] = ()
     proc: subprocess.Popen[bytes] | None = None
@@ -141,6 +143,8 @@ class ServerProcess:
             metrics,
             "--bookmark-interval",
             str(self.bookmark_interval),
+            "--heartbeat-interval",
+            str(self.heartbeat_interval),
             *self.extra_args,
         ]
         mark = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -311,6 +315,16 @@ class AgentProcess:
     @property
     def node_id(self) -> str:
         return str(self.identity().get("node_id", ""))
+
+    async def wait_registered(self, timeout: float = 15.0) -> str:
+        """The node id, once the agent has registered and saved it."""
+
+        async def check() -> str:
+            node_id = self.node_id
+            assert node_id, f"{self.name} has not registered yet:\n{self.log()[-2000:]}"
+            return node_id
+
+        return await wait_until(check, timeout, f"{self.name} registered")
 
     def current(self) -> Path | None:
         """The bundle directory `current` points at."""

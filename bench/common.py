@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -235,12 +236,9 @@ async def wait_metric(
 def machine() -> dict[str, Any]:
     def run(*cmd: str) -> str:
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
+            return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip("\n")
         except OSError:
             return ""
-
-    import uvloop
-    from google import protobuf
 
     lscpu = run("lscpu")
     model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model")), "")
@@ -252,9 +250,9 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(mem_kb / 1024 / 1024, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "protobuf": protobuf.__version__,
-        "uvloop": uvloop.__version__,
+        "grpcio": version("grpcio"),
+        "protobuf": version("protobuf"),
+        "uvloop": version("uvloop"),
         "pinned": can_pin(),
         "git_head": run("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"),
         # Server files that differ from HEAD when the run started (the tree is shared).

@@ -74,7 +74,7 @@ class Stream:
         self.cursor = 0
         self.epoch = ""
         self.digest = ""
-        self.mode = 0
+        self.mode: pb.StreamMode.ValueType = pb.STREAM_MODE_UNSPECIFIED
         self.ready = False
         self.failed = ""
         self.attempts = 0

@@ -218,7 +218,10 @@ def main() -> None:
         r = asyncio.run(run(sc, window, a.data_dir, a.trace))
         print("  " + line(r), flush=True)
         results.append(r)
-    out = {"machine": machine(), "command": " ".join(["python", "-m", "bench.stall", *sys.argv[1:]])}
+    out: dict[str, Any] = {
+        "machine": machine(),
+        "command": " ".join(["python", "-m", "bench.stall", *sys.argv[1:]]),
+    }
     out["results"] = results
     path = write_json(f"stall-{time.strftime('%Y%m%d-%H%M%S')}.json", out)
     print(f"results: {path}")

@@ -55,7 +55,7 @@ from bench.workers import Workers, merge_open
 # The server trusts a verified node credential for this long (rpc/auth.py NodeAuthenticator.TTL).
 AUTH_CACHE_TTL = 30.0
 
-TARGETS = {
+TARGETS: dict[str, Any] = {
     "us_per_delivery": 30.0,
     "rss_kib_per_stream": 40.0,
     "fleet_p99_ms": {1000: 100.0, 5000: None, 10000: 1000.0},
@@ -281,9 +281,9 @@ class Bench:
         rounds: list[tuple[int, float, float]] = []
         short: list[dict[str, Any]] = []
         m0 = Meter(self.server, self.workers)
-        for r in range(a.rounds):
-            digest = self.bundles["fleet-a" if r % 2 == 0 else "fleet-b"]
-            rev, t0, t1, got = await self._fleet_round(digest, str(r))
+        for i in range(a.rounds):
+            digest = self.bundles["fleet-a" if i % 2 == 0 else "fleet-b"]
+            rev, t0, t1, got = await self._fleet_round(digest, str(i))
             rounds.append((rev, t0, t1))
             if got["count"] < got["need"]:
                 short.append({"rev": rev, **got})
@@ -291,7 +291,9 @@ class Bench:
         m1 = Meter(self.server, self.workers)
         d = m0.delta(m1, WATCH_COUNTERS)
         receipts = await self._receipts([rev for rev, _, _ in rounds])
-        lat1, lat0, per_round = [], [], []
+        lat1: list[float] = []
+        lat0: list[float] = []
+        per_round: list[dict[str, Any]] = []
         for rev, t0, t1 in rounds:
             times = receipts.get(rev, [])
             lat1 += [t - t1 for t in times]
@@ -475,7 +477,7 @@ def summary(res: dict[str, Any]) -> str:
         row("server RSS per idle stream", "≤ 40 KiB", f"{res['idle']['rss_kib_per_stream']} KiB")
     if "fleet" in res:
         f = res["fleet"]
-        t = TARGETS["fleet_p99_ms"].get(n)  # type: ignore[union-attr]
+        t = TARGETS["fleet_p99_ms"].get(n)
         la = f["latency_from_ack"]
         row("server CPU per delivered change", "≤ 30 µs", f"{f['server_us_per_delivery']} µs")
         row(
@@ -505,7 +507,7 @@ def summary(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nodes", type=int, required=True, help="streams (N)")
+    p.add_argument("--nodes", type=int, default=1000, help="streams (N)")
     p.add_argument("--workers", type=int, default=4, help="load-generator processes")
     p.add_argument("--channels", type=int, default=1, help="channels (HTTP/2 connections) per worker")
     p.add_argument("--rounds", type=int, default=10, help="fleet-wide changes")

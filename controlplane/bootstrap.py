@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -17,11 +15,13 @@ from controlplane.blobs.local import LocalBlobStore
 from controlplane.config import Settings
 from controlplane.domain import retention
 from controlplane.domain.assignments import DesiredStateWriter
+from controlplane.domain.audit import acting_as, system
 from controlplane.domain.bundles import BundleRegistry
 from controlplane.domain.clock import utcnow
 from controlplane.domain.nodes import NodeRegistry
 from controlplane.domain.projects import DEFAULT_PROJECT, ProjectDirectory
 from controlplane.domain.records import Node, StatusReport
+from controlplane.keyfiles import load_or_create_hex, write_private
 from controlplane.rpc.auth import NodeAuthenticator
 from controlplane.rpc.bundles import BundleServicer
 from controlplane.rpc.interceptor import GuardInterceptor
@@ -40,6 +40,7 @@ from controlplane.watch.hub import WatchHub
 log = logging.getLogger(__name__)
 
 TOKEN_FILE = "enrollment-token"
+AUDIT_KEY_FILE = "audit-key"
 
 
 @dataclass
@@ -66,7 +67,7 @@ class App:
         gc.set_threshold(50_000, 50, 1000)
         self.engine = make_engine(s.url)
         await upgrade(self.engine)
-        self.store = SqlStore(self.engine)
+        self.store = SqlStore(self.engine, self._audit_key())
         self.feed = SqlChangeFeed(self.engine, s.epoch_follows_timeline)
         self.hub = WatchHub(self.feed, s.hub)
         await self.hub.start()
@@ -128,13 +129,26 @@ class App:
             self._metrics_server.server_close()
         await self.engine.dispose()
 
+    def _audit_key(self) -> bytes:
+        if self.settings.audit_key:
+            return bytes.fromhex(self.settings.audit_key)
+        key, created = load_or_create_hex(self.settings.data_dir / AUDIT_KEY_FILE)
+        if created and not self.settings.embedded:
+            log.warning(
+                "generated an audit key in %s: every replica must use the same key "
+                "(set CONTROLPLANE_AUDIT_KEY)",
+                self.settings.data_dir / AUDIT_KEY_FILE,
+            )
+        return key
+
     async def _enrollment_token(self) -> tuple[str | None, bool]:
         """On a fresh store, create the default project and keep its token in the data
         directory, readable only by the owner, so the agent command can be printed."""
         path = self.settings.data_dir / TOKEN_FILE
-        token = await self.projects.ensure_default()
+        with acting_as(system("first-start")):
+            token = await self.projects.ensure_default()
         if token is not None:
-            _write_private(path, token + "\n")
+            write_private(path, token.encode() + b"\n")
             return token, True
         if path.exists():
             return path.read_text().strip(), False
@@ -149,7 +163,8 @@ class App:
         return int(self._metrics_server.server_port)
 
     async def _sweep_offline(self) -> None:
-        marked = await self.nodes.mark_offline(self.settings.offline_after)
+        with acting_as(system("offline-sweep")):
+            marked = await self.nodes.mark_offline(self.settings.offline_after)
         if marked:
             log.info("marked %d node(s) offline: %s", len(marked), ", ".join(marked[:20]))
 
@@ -159,7 +174,8 @@ class App:
             s.retain_revisions, time.time() - s.retain_for.total_seconds()
         )
         if floor > self.hub.floor:
-            deleted = await retention.prune(self.store, floor)
+            with acting_as(system("retention")):
+                deleted = await retention.prune(self.store, floor)
             log.info("retention: floor is now %d, %d rows pruned", floor, deleted)
             self.hub.wake()
 
@@ -169,12 +185,6 @@ def _count_nack(node: Node, report: StatusReport) -> None:
     log.warning(
         "node %s rejected %s at revision %d: %s", node.id, report.digest, report.revision, report.error
     )
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 
 
 def agent_command(listen: str, port: int, token: str, project: str = DEFAULT_PROJECT) -> str:

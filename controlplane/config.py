@@ -29,6 +29,9 @@ class Settings:
     retain_for: timedelta = timedelta(hours=1)
     prune_interval: timedelta = timedelta(seconds=60)
     max_pending_requests: int = 65_536
+    # The audit chain's HMAC key (hex). Replicas must share it; when unset, the key in
+    # `<data_dir>/audit-key` is used, generated on first start.
+    audit_key: str = ""
     # PostgreSQL: a promoted standby (new timeline) changes the epoch; see store/feed.py.
     epoch_follows_timeline: bool = True
     shutdown_grace: float = 5.0

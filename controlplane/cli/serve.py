@@ -162,6 +162,7 @@ def serve(
     retain_seconds: float,
     prune_interval: float,
     epoch_follows_timeline: bool,
+    audit_key: str,
     log_level: str,
 ) -> None:
     """Run the control plane (SQLite and a local directory unless --database-url)."""
@@ -180,5 +181,6 @@ def serve(
         retain_for=timedelta(seconds=retain_seconds),
         prune_interval=timedelta(seconds=prune_interval),
         epoch_follows_timeline=epoch_follows_timeline,
+        audit_key=audit_key,
     )
     _run(settings)

@@ -98,6 +98,19 @@ class DesiredStateWriter:
                 project, keys, digest, bundle.size_bytes, traffic_weight or 100, pin, notes
             )
             revision = await write_assignment(tx, assignment, self.clock().timestamp())
+            await tx.audit.record(
+                "desired.assign",
+                _resource(keys),
+                project=project,
+                after={
+                    "digest": digest,
+                    "keys": list(keys),
+                    "revision": revision,
+                    "traffic_weight": assignment.traffic_weight,
+                    "pinned": pin,
+                    "annotations": notes,
+                },
+            )
             tx.after_commit(self.notify)
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         return revision, keys
@@ -111,9 +124,22 @@ class DesiredStateWriter:
             if not live:
                 raise FailedPrecondition("nothing is assigned to that target", field="target")
             revision = await write_unassignment(tx, project, live, self.clock().timestamp())
+            await tx.audit.record(
+                "desired.unassign",
+                _resource(live),
+                project=project,
+                before={"digests": {k: latest[k].digest for k in live}},
+                after={"keys": live, "revision": revision},
+            )
             tx.after_commit(self.notify)
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         return revision, tuple(live)
+
+
+def _resource(keys: Sequence[str]) -> str:
+    """`assignment/<first key>` and how many more: the full list is in the entry."""
+    more = f" (+{len(keys) - 1})" if len(keys) > 1 else ""
+    return f"assignment/{keys[0]}{more}"[:300]
 
 
 async def _require_project(tx: Tx, project: str) -> None:

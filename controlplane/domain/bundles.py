@@ -53,6 +53,12 @@ class BundleRegistry:
             if version and (other := await tx.bundles.get_by_version(project, version)) is not None:
                 raise AlreadyExists(f"version {version!r} is already bundle {other.digest}", field="version")
             await tx.bundles.insert(bundle)
+            await tx.audit.record(
+                "bundle.create",
+                f"bundle/{digest}",
+                project=project,
+                after={"version": version, "size_bytes": bundle.size_bytes, "file_count": bundle.file_count},
+            )
         return bundle, True
 
     async def get(self, project: str, digest: str) -> Bundle:

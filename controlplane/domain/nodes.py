@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from controlplane.domain import validation
+from controlplane.domain.audit import current_actor
 from controlplane.domain.desired import ChangeKind, DesiredRow
 from controlplane.domain.errors import (
     FailedPrecondition,
@@ -84,6 +85,13 @@ class NodeRegistry:
                     existing.id, labels, hash_secret(credential), agent_version[:64], hostname[:255]
                 )
                 labels_changed = dict(existing.labels) != labels
+                await tx.audit.record(
+                    "node.reregister",
+                    f"node/{node_id}",
+                    project=project,
+                    before={"labels": dict(existing.labels)},
+                    after={"labels": labels, "credential": "rotated"},
+                )
             else:
                 node = Node(
                     id=node_id,
@@ -97,6 +105,12 @@ class NodeRegistry:
                 )
                 await tx.nodes.insert(node, hash_secret(credential))
                 labels_changed = True
+                await tx.audit.record(
+                    "node.register",
+                    f"node/{node_id}",
+                    project=project,
+                    after={"name": node.name, "labels": labels, "agent_version": node.agent_version},
+                )
             revision = await self._write_labels(tx, project, node_id, labels) if labels_changed else 0
             stored = await tx.nodes.get(node_id)
         assert stored is not None
@@ -117,8 +131,11 @@ class NodeRegistry:
             validation.digest(applied_digest, "applied_digest")
         beat = HeartbeatRecord(received_at=self.clock(), metrics=metrics, applied_digest=applied_digest)
         async with self.store.write() as tx:
-            if await tx.nodes.record_heartbeat(node_id, beat, HEARTBEAT_HISTORY) is None:
+            previous = await tx.nodes.record_heartbeat(node_id, beat, HEARTBEAT_HISTORY)
+            if previous is None:
                 raise NotFound(f"node {node_id!r} does not exist", field="node_id")
+            if previous is NodeStatus.OFFLINE:
+                await tx.audit.record("node.online", f"node/{node_id}", project=current_actor().project)
         return self.heartbeat_interval
 
     async def report_status(
@@ -163,6 +180,21 @@ class NodeRegistry:
                     field="revision",
                 )
             await tx.nodes.record_report(node_id, report)
+            if phase is ReportPhase.FAILED:
+                await tx.audit.record(
+                    "node.nack",
+                    f"node/{node_id}",
+                    project=node.project,
+                    after={"digest": digest, "revision": revision, "error": error},
+                )
+            elif phase is ReportPhase.ACTIVE and digest != node.applied_digest:
+                await tx.audit.record(
+                    "node.applied",
+                    f"node/{node_id}",
+                    project=node.project,
+                    before={"digest": node.applied_digest},
+                    after={"digest": digest, "revision": revision},
+                )
         if phase is ReportPhase.FAILED:
             self.on_nack(node, report)
 
@@ -176,6 +208,13 @@ class NodeRegistry:
             if dict(node.labels) != labels:
                 await tx.nodes.set_labels(node_id, labels)
                 revision = await self._write_labels(tx, node.project, node_id, labels)
+                await tx.audit.record(
+                    "node.relabel",
+                    f"node/{node_id}",
+                    project=node.project,
+                    before={"labels": dict(node.labels)},
+                    after={"labels": labels, "revision": revision},
+                )
             updated = await tx.nodes.get(node_id)
         assert updated is not None
         # Read-your-writes: the answer (and a GetNode right after) shows the new routing.
@@ -214,7 +253,10 @@ class NodeRegistry:
     async def mark_offline(self, offline_after: timedelta) -> list[str]:
         """Mark nodes whose last heartbeat is older than `offline_after` offline."""
         async with self.store.write() as tx:
-            return await tx.nodes.mark_offline(self.clock() - offline_after)
+            marked = await tx.nodes.mark_offline(self.clock() - offline_after)
+            for node_id, project in marked:
+                await tx.audit.record("node.offline", f"node/{node_id}", project=project)
+        return [node_id for node_id, _ in marked]
 
     async def _write_labels(self, tx: Tx, project: str, node_id: str, labels: Mapping[str, str]) -> int:
         revision = await tx.desired.allocate_revision()

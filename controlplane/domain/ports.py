@@ -11,6 +11,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Protocol
 
+from controlplane.domain.audit import AuditLog
 from controlplane.domain.desired import DesiredRow
 from controlplane.domain.labels import Selector
 from controlplane.domain.records import (
@@ -48,7 +49,9 @@ class NodeRepo(Protocol):
         self, project: str, selector: Selector | None, status: NodeStatus | None, limit: int, after_id: str
     ) -> list[Node]: ...
     async def heartbeats(self, node_id: str) -> list[HeartbeatRecord]: ...
-    async def mark_offline(self, cutoff: datetime) -> list[str]: ...
+    async def mark_offline(self, cutoff: datetime) -> list[tuple[str, str]]:
+        """Mark stale online nodes offline; returns their (id, project)."""
+        ...
 
 
 class BundleRepo(Protocol):
@@ -83,6 +86,8 @@ class Tx(Protocol):
     def bundles(self) -> BundleRepo: ...
     @property
     def desired(self) -> DesiredLog: ...
+    @property
+    def audit(self) -> AuditLog: ...
     def after_commit(self, callback: Callable[[], None]) -> None: ...
 
 

@@ -27,6 +27,12 @@ class ProjectDirectory:
             if not await tx.projects.insert(name, now):
                 raise AlreadyExists(f"project {name!r} already exists", field="name")
             await tx.projects.add_enrollment_token(name, hash_secret(token), now)
+            await tx.audit.record(
+                "project.create",
+                f"project/{name}",
+                project=name,
+                after={"name": name, "enrollment_token": "issued"},
+            )
         return Project(name=name, created_at=now), token
 
     async def ensure_default(self) -> str | None:

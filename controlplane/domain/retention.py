@@ -16,6 +16,7 @@ async def prune(store: Store, floor: int, batch: int = PRUNE_BATCH) -> int:
     async with store.write() as tx:
         if not await tx.desired.raise_floor(floor):
             return 0
+        await tx.audit.record("retention.floor", "desired-state-log", after={"floor_revision": floor})
     total = 0
     while True:
         async with store.write() as tx:

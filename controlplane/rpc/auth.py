@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from controlplane.domain.audit import ANONYMOUS as ANONYMOUS_ACTOR
+from controlplane.domain.audit import Actor, ActorKind
 from controlplane.domain.errors import PermissionDenied, Unauthenticated
 from controlplane.domain.nodes import NodeRegistry
 from controlplane.domain.secrets import hash_secret
@@ -59,6 +61,11 @@ class Identity:
     kind: Rule
     subject: str = ""
     project: str = ""
+
+    def actor(self) -> Actor:
+        if self.kind is Rule.NODE:
+            return Actor(ActorKind.NODE, self.subject, self.project)
+        return ANONYMOUS_ACTOR
 
 
 ANONYMOUS = Identity(Rule.PUBLIC)

@@ -4,11 +4,14 @@ errors to status codes."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 
+from controlplane.domain import audit
 from controlplane.domain.errors import PermissionDenied, Unauthenticated
 from controlplane.rpc import auth
 from controlplane.rpc.errors import abort
@@ -72,3 +75,17 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if rule is auth.Rule.OPERATOR and identity.kind is auth.Rule.NODE:
             raise PermissionDenied(f"a node credential cannot call {method}")
         auth.set_current(identity)
+        audit.set_context(identity.actor(), _request_id(context.invocation_metadata() or ()))
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
+
+
+def _request_id(metadata: Sequence[tuple[str, str | bytes]]) -> str:
+    """The caller's `x-request-id` if it is sane, else a new one."""
+    for key, value in metadata:
+        if key == "x-request-id":
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            if _REQUEST_ID.match(text):
+                return text
+    return uuid.uuid4().hex

@@ -129,6 +129,10 @@ class SqlNodes:
     async def record_heartbeat(
         self, node_id: str, beat: HeartbeatRecord, history_size: int
     ) -> NodeStatus | None:
+        """Store the beat; returns the node's status before it (None: no such node)."""
+        previous = await self._conn.scalar(select(nodes.c.status).where(nodes.c.id == node_id))
+        if previous is None:
+            return None
         values = _metric_values(beat.metrics)
         result = (
             await self._conn.execute(
@@ -156,7 +160,7 @@ class SqlNodes:
         )
         if updated.rowcount == 0:
             await self._conn.execute(node_heartbeats.insert().values(node_id=node_id, slot=slot, **row))
-        return NodeStatus.ONLINE
+        return NodeStatus(previous)
 
     async def record_report(self, node_id: str, report: StatusReport) -> None:
         values: dict[str, Any] = {
@@ -209,12 +213,15 @@ class SqlNodes:
         rows = (await self._conn.execute(query)).all()
         return [HeartbeatRecord(r.received_at, _metrics(r), r.applied_digest) for r in rows]
 
-    async def mark_offline(self, cutoff: datetime) -> list[str]:
+    async def mark_offline(self, cutoff: datetime) -> list[tuple[str, str]]:
         stale = and_(
             nodes.c.status == NodeStatus.ONLINE.value,
             nodes.c.last_heartbeat_at < cutoff,
         )
         result = await self._conn.execute(
-            update(nodes).where(stale).values(status=NodeStatus.OFFLINE.value).returning(nodes.c.id)
+            update(nodes)
+            .where(stale)
+            .values(status=NodeStatus.OFFLINE.value)
+            .returning(nodes.c.id, nodes.c.project)
         )
-        return sorted(r.id for r in result.all())
+        return sorted((r.id, r.project) for r in result.all())

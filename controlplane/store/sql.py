@@ -8,6 +8,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from controlplane.domain.clock import utcnow
+from controlplane.domain.ports import Clock
+from controlplane.store.audit import SqlAuditLog
 from controlplane.store.bundles import SqlBundles
 from controlplane.store.desired import SqlDesiredLog
 from controlplane.store.errors import translated
@@ -18,12 +21,13 @@ from controlplane.store.projects import SqlProjects
 class SqlTx:
     """One transaction; implements `controlplane.domain.ports.Tx`."""
 
-    def __init__(self, conn: AsyncConnection):
+    def __init__(self, conn: AsyncConnection, audit_key: bytes, clock: Clock):
         self.conn = conn
         self.projects = SqlProjects(conn)
         self.nodes = SqlNodes(conn)
         self.bundles = SqlBundles(conn)
         self.desired = SqlDesiredLog(conn)
+        self.audit = SqlAuditLog(conn, audit_key, clock)
         self._after_commit: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:
@@ -34,8 +38,10 @@ class SqlTx:
 class SqlStore:
     """Implements `controlplane.domain.ports.Store` on an async engine."""
 
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncEngine, audit_key: bytes, clock: Clock = utcnow):
         self.engine = engine
+        self._audit_key = audit_key
+        self._clock = clock
         self.is_sqlite = engine.dialect.name == "sqlite"
         # SQLite has one writer at a time anyway; queueing writers here instead of in
         # SQLite's busy loop keeps them fair and off the driver threads.
@@ -51,7 +57,7 @@ class SqlStore:
             if self.is_sqlite:
                 conn = await conn.execution_options(sqlite_immediate=True)
             async with conn.begin():
-                tx = SqlTx(conn)
+                tx = SqlTx(conn, self._audit_key, self._clock)
                 yield tx
         for callback in tx._after_commit:
             callback()
@@ -59,4 +65,4 @@ class SqlStore:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[SqlTx]:
         async with translated(), self.engine.connect() as conn, conn.begin():
-            yield SqlTx(conn)
+            yield SqlTx(conn, self._audit_key, self._clock)

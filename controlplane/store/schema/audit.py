@@ -1,0 +1,39 @@
+"""The audit log and its chain head."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Index, Integer, String, Table
+
+from controlplane.store.schema.base import Json, metadata
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    # Stored as the exact ISO string the MAC covers: no round-trip through a driver type.
+    Column("at", String(40), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(100), nullable=False),
+    Column("resource", String(300), nullable=False),
+    Column("project", String(63), nullable=False),
+    Column("before", Json, nullable=True),
+    Column("after", Json, nullable=True),
+    Column("request_id", String(100), nullable=False),
+    Column("mac", String(64), nullable=False),
+    Index(None, "project", "seq"),
+    Index(None, "actor", "seq"),
+    Index(None, "action", "seq"),
+    Index(None, "at"),
+)
+
+# One row: the last sequence number and MAC. Locked by every writer, so entries chain in
+# commit order even with concurrent transactions, and a cut tail is detected.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("mac", String(64), nullable=False),
+)
+
+__all__ = ["audit_head", "audit_log"]

@@ -20,14 +20,24 @@ from controlplane.domain.secrets import hash_secret
 
 
 class Rule(enum.Enum):
+    """What a method requires of its caller."""
+
     # Open to anyone: health, reflection, enrollment (which checks its own token).
     PUBLIC = "public"
     # A node acting for itself.
     NODE = "node"
-    # Operators and services.
+    # Operators and services: read, change, or administer (keys, projects).
+    READ = "read"
+    WRITE = "write"
+    ADMIN = "admin"
+    # A node (for its own project) or an operator who may read.
+    NODE_OR_READ = "node-or-read"
+
+
+class Kind(enum.Enum):
+    ANONYMOUS = "anonymous"
+    NODE = "node"
     OPERATOR = "operator"
-    # Either: a node (for its own project) or an operator.
-    ANY = "any"
 
 
 POLICY: dict[str, Rule] = {
@@ -40,35 +50,35 @@ POLICY: dict[str, Rule] = {
     "/controlplane.node.v1.NodeService/Heartbeat": Rule.NODE,
     "/controlplane.node.v1.NodeService/ReportStatus": Rule.NODE,
     "/controlplane.watch.v1.WatchService/WatchBundles": Rule.NODE,
-    "/controlplane.node.v1.NodeService/GetNode": Rule.OPERATOR,
-    "/controlplane.node.v1.NodeService/ListNodes": Rule.OPERATOR,
-    "/controlplane.node.v1.NodeService/UpdateNodeLabels": Rule.OPERATOR,
-    "/controlplane.node.v1.NodeService/ListHeartbeats": Rule.OPERATOR,
-    "/controlplane.project.v1.ProjectService/CreateProject": Rule.OPERATOR,
-    "/controlplane.project.v1.ProjectService/GetProject": Rule.OPERATOR,
-    "/controlplane.project.v1.ProjectService/ListProjects": Rule.OPERATOR,
-    "/controlplane.bundle.v1.BundleService/UploadBundle": Rule.OPERATOR,
-    "/controlplane.bundle.v1.BundleService/DownloadBundle": Rule.ANY,
-    "/controlplane.bundle.v1.BundleService/GetBundle": Rule.OPERATOR,
-    "/controlplane.bundle.v1.BundleService/ListBundles": Rule.OPERATOR,
-    "/controlplane.bundle.v1.BundleService/AssignBundle": Rule.OPERATOR,
-    "/controlplane.bundle.v1.BundleService/UnassignBundle": Rule.OPERATOR,
+    "/controlplane.node.v1.NodeService/GetNode": Rule.READ,
+    "/controlplane.node.v1.NodeService/ListNodes": Rule.READ,
+    "/controlplane.node.v1.NodeService/UpdateNodeLabels": Rule.WRITE,
+    "/controlplane.node.v1.NodeService/ListHeartbeats": Rule.READ,
+    "/controlplane.project.v1.ProjectService/CreateProject": Rule.ADMIN,
+    "/controlplane.project.v1.ProjectService/GetProject": Rule.READ,
+    "/controlplane.project.v1.ProjectService/ListProjects": Rule.READ,
+    "/controlplane.bundle.v1.BundleService/UploadBundle": Rule.WRITE,
+    "/controlplane.bundle.v1.BundleService/DownloadBundle": Rule.NODE_OR_READ,
+    "/controlplane.bundle.v1.BundleService/GetBundle": Rule.READ,
+    "/controlplane.bundle.v1.BundleService/ListBundles": Rule.READ,
+    "/controlplane.bundle.v1.BundleService/AssignBundle": Rule.WRITE,
+    "/controlplane.bundle.v1.BundleService/UnassignBundle": Rule.WRITE,
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    kind: Rule
+    kind: Kind
     subject: str = ""
     project: str = ""
 
     def actor(self) -> Actor:
-        if self.kind is Rule.NODE:
+        if self.kind is Kind.NODE:
             return Actor(ActorKind.NODE, self.subject, self.project)
         return ANONYMOUS_ACTOR
 
 
-ANONYMOUS = Identity(Rule.PUBLIC)
+ANONYMOUS = Identity(Kind.ANONYMOUS)
 _current: contextvars.ContextVar[Identity] = contextvars.ContextVar("identity", default=ANONYMOUS)
 
 
@@ -83,7 +93,7 @@ def set_current(identity: Identity) -> None:
 def require_node(node_id: str) -> Identity:
     """The caller must be the node `node_id` itself."""
     identity = current()
-    if identity.kind is Rule.NODE and identity.subject != node_id:
+    if identity.kind is Kind.NODE and identity.subject != node_id:
         raise PermissionDenied(f"node {identity.subject} cannot act for node {node_id!r}", field="node_id")
     return identity
 
@@ -91,7 +101,7 @@ def require_node(node_id: str) -> Identity:
 def require_project(project: str) -> Identity:
     """A node may only touch its own project."""
     identity = current()
-    if identity.kind is Rule.NODE and identity.project != project:
+    if identity.kind is Kind.NODE and identity.project != project:
         raise PermissionDenied(f"node {identity.subject} belongs to another project", field="project")
     return identity
 
@@ -127,7 +137,7 @@ class NodeAuthenticator:
         if not sep:
             raise Unauthenticated("node credential is malformed")
         node = await self._nodes.authenticate(node_id, credential)
-        identity = Identity(Rule.NODE, node.id, node.project)
+        identity = Identity(Kind.NODE, node.id, node.project)
         if len(self._cache) > 100_000:
             self._cache.clear()
         self._cache[key] = (identity, now + self.TTL)

@@ -70,14 +70,15 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         identity = auth.ANONYMOUS
         if token is not None:
             identity = await self._nodes.authenticate(token)
-        if rule is auth.Rule.NODE and identity.kind is not auth.Rule.NODE:
+        if rule is auth.Rule.NODE and identity.kind is not auth.Kind.NODE:
             raise Unauthenticated(f"{method} needs a node credential (authorization: Bearer <credential>)")
-        if rule is auth.Rule.OPERATOR and identity.kind is auth.Rule.NODE:
+        if rule in _OPERATOR_RULES and identity.kind is auth.Kind.NODE:
             raise PermissionDenied(f"a node credential cannot call {method}")
         auth.set_current(identity)
         audit.set_context(identity.actor(), _request_id(context.invocation_metadata() or ()))
 
 
+_OPERATOR_RULES = frozenset({auth.Rule.READ, auth.Rule.WRITE, auth.Rule.ADMIN})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from agent_stub.bundles import BundleStore
 from agent_stub.errors import ApplyFailed
@@ -94,18 +94,21 @@ class CommandHook:
             "BUNDLE_PREVIOUS_DIR": str(request.previous_dir or ""),
             "NODE_ID": request.node_id,
         }
-        proc = await asyncio.create_subprocess_exec(
-            self.shell,
-            "-c",
-            self.command,
-            cwd=request.bundle_dir,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            # Its own process group, so a timeout kills whatever it started too.
-            start_new_session=True,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.shell,
+                "-c",
+                self.command,
+                cwd=request.bundle_dir,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                # Its own process group, so a timeout kills whatever it started too.
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise ApplyFailed(f"could not start the apply command: {e}") from None
         tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         assert proc.stderr is not None
         reader = asyncio.get_running_loop().create_task(_collect(proc.stderr, tail))
@@ -169,6 +172,15 @@ def _reason(head: str, tail: collections.deque[str]) -> str:
 
 
 Fetcher = Callable[[str, Path], Awaitable[int]]
+T = TypeVar("T")
+
+
+def _local(step: Callable[[], T], what: str) -> T:
+    """A filesystem step on this node; its failure is reported (NACK), not retried blindly."""
+    try:
+        return step()
+    except OSError as e:
+        raise ApplyFailed(f"{what} failed on this node: {e}") from None
 
 
 class FilesystemInstaller:
@@ -200,16 +212,16 @@ class FilesystemInstaller:
         try:
             await self.fetch(target.digest, archive)
             await downloaded()
-            staging = store.new_staging(target.digest)
-            await self._unpack(archive, staging)
+            unpacked = staging = store.new_staging(target.digest)
+            await self._unpack(archive, unpacked)
             with contextlib.suppress(OSError):
                 archive.unlink()
-            final = store.commit(staging, target.digest)
+            final = _local(lambda: store.commit(unpacked, target.digest), "placing the bundle")
             staging = None
             await self.hook(
                 ApplyRequest(target, final, store.path_for(previous) if previous else None, node_id)
             )
-            store.swap(target.digest)
+            _local(lambda: store.swap(target.digest), "switching current")
             final = None
         finally:
             with contextlib.suppress(OSError):

@@ -110,7 +110,11 @@ class BundleStore:
             os.rename(path, doomed)
         except FileNotFoundError:
             return
-        shutil.rmtree(doomed, ignore_errors=True)
+        if doomed.is_dir() and not doomed.is_symlink():
+            shutil.rmtree(doomed, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                doomed.unlink()
 
     def gc(self, keep: set[str]) -> list[str]:
         """Remove every bundle directory but the active one and `keep`, plus leftovers of

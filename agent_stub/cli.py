@@ -14,6 +14,7 @@ from pathlib import Path
 from agent_stub import __version__
 from agent_stub.backoff import BackoffPolicy
 from agent_stub.config import MIB, AgentConfig
+from agent_stub.state import CorruptState
 from agent_stub.unpack import UnpackLimits
 
 
@@ -100,7 +101,11 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
 async def _run(config: AgentConfig) -> None:
     from agent_stub.agent import Agent
 
-    agent = Agent(config)
+    try:
+        agent = Agent(config)
+    except CorruptState as e:
+        logging.getLogger("agent_stub").error("state.corrupt error=%r", str(e))
+        sys.exit(2)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, agent.stop)

@@ -107,6 +107,8 @@ class EventHandler:
             elif kind == "bookmark":
                 self.counters.bookmarks += 1
                 self._advance(event.bookmark.revision)
+                if self.reporter.pending is not None:
+                    await self.reporter.flush()
                 if event.bookmark.closing:
                     closing = True
                     self.log.info("stream.closing", revision=event.bookmark.revision)

@@ -234,3 +234,39 @@ async def test_hook_request_names_the_previous_bundle(tmp_path: Path) -> None:
     assert seen[0].previous_dir is None
     assert seen[1].previous_dir == store.path_for(v1)
     assert seen[1].bundle_dir == store.path_for(v2)
+
+
+async def test_stray_file_in_the_way_is_replaced(tmp_path: Path) -> None:
+    inst, blobs = installer(tmp_path)
+    v1 = blobs.add(bundle({"main.kdl": b"v1"}))
+    inst.store.path_for(v1).write_text("not a directory")
+    await inst.install(Target(v1, 1), "n-1", nothing)
+    assert files((tmp_path / "state" / "current").resolve()) == {"main.kdl": b"v1"}
+
+
+async def test_local_activation_failure_is_a_nack_and_keeps_current(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inst, blobs = installer(tmp_path)
+    good = blobs.add(bundle({"main.kdl": b"good"}))
+    await inst.install(Target(good, 1), "n-1", nothing)
+    other = blobs.add(bundle({"main.kdl": b"other"}))
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "symlink", disk_full)
+    with pytest.raises(ApplyFailed, match=r"switching current failed on this node.*No space left"):
+        await inst.install(Target(other, 2), "n-1", nothing)
+    monkeypatch.undo()
+    assert inst.active_digest() == good
+    assert not inst.store.path_for(other).exists()
+
+
+async def test_unstartable_apply_command_is_a_nack(tmp_path: Path) -> None:
+    blobs = Blobs()
+    store = BundleStore(tmp_path, fsync=False)
+    inst = FilesystemInstaller(store, blobs, CommandHook("true", shell="/nonexistent/sh"), fsync=False)
+    v1 = blobs.add(bundle({"a": b"1"}))
+    with pytest.raises(ApplyFailed, match="could not start the apply command"):
+        await inst.install(Target(v1, 1), "n-1", nothing)

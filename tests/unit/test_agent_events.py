@@ -47,6 +47,7 @@ class FakeReporter:
     def __init__(self) -> None:
         self.reports: list[tuple[str, int, str, str, str]] = []
         self.flushes = 0
+        self.pending: object = None
 
     async def report(self, stream_id: str, revision: int, digest: str, phase: str, error: str = "") -> bool:
         self.reports.append((stream_id, revision, digest, phase, error))
@@ -231,3 +232,11 @@ async def test_a_cursor_for_another_node_is_dropped() -> None:
     assert (state.cursor.revision, state.cursor.node_id, state.cursor.applied_digest) == (0, "n-new", A)
     handler.adopt("n-new")
     assert state.cursor_writes == 1
+
+
+async def test_bookmark_flushes_a_held_back_report() -> None:
+    handler, _, reporter = make()
+    await handler.handle(message(started()))
+    reporter.pending = object()
+    await handler.handle(message(bookmark(3)))
+    assert reporter.flushes == 2

@@ -384,13 +384,16 @@ async def test_unauthenticated_registers_again_once(
 async def test_repeated_unauthenticated_backs_off_at_the_cap(
     plane: FakeControlPlane, start_agent: Callable[..., Running]
 ) -> None:
-    plane.watch_script = [fail(grpc.StatusCode.UNAUTHENTICATED) for _ in range(3)]
+    plane.watch_script = [fail(grpc.StatusCode.UNAUTHENTICATED), fail(grpc.StatusCode.UNAUTHENTICATED), hang]
     run = start_agent(backoff=BackoffPolicy(base=0.05, cap=0.3))
     await plane.wait_watch_calls(3)
     loud = await run.wait_event("stream.unauthenticated", 2)
     assert "refused again" in str(loud[1]["detail"])
-    # Registered once for the first refusal; the second refusal waits at the cap instead.
+    # Registered at start and once more for the first refusal; the second refusal waited
+    # at the cap instead and retried with the same credential.
     assert len(plane.registrations) == 2
+    assert plane.watch_calls[2][1]["authorization"] == plane.watch_calls[1][1]["authorization"]
+    assert float(str(run.named("reconnect.wait")[-1]["delay"])) >= 0.15
     await run.stop()
 
 

@@ -129,5 +129,9 @@ class Heartbeater:
         """Beat forever once `ready` (the node has an identity)."""
         await ready.wait()
         while True:
-            await self.beat()
+            try:
+                await self.beat()
+            except Exception as e:
+                self.failures += 1
+                self._log.exception("heartbeat.error", error=repr(e))
             await asyncio.sleep(self.interval)

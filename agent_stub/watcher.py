@@ -65,7 +65,13 @@ class Watcher:
 
     async def run(self) -> None:
         while True:
-            delay = await self.attempt()
+            try:
+                delay = await self.attempt()
+            except Exception as e:
+                # A local failure (state dir unwritable, a bug): log it and back off,
+                # never crash-loop the process.
+                self.log.exception("watch.error", error=repr(e))
+                delay = self.backoff.failure()
             if delay > 0:
                 self.log.info("reconnect.wait", delay=f"{delay:.2f}", failures=self.backoff.failures)
                 await asyncio.sleep(delay)

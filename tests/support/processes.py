@@ -377,8 +377,12 @@ class AgentProcess:
 class ControlClient:
     """The operator side of the control plane, over gRPC."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, credential: str = ""):
         self.address = address
+        # Sent as `authorization: Bearer <credential>` when given (an operator API key).
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {credential}"),) if credential else ()
+        )
         self.channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
         self.nodes = node_pb2_grpc.NodeServiceStub(self.channel)
         self.bundles = bundle_pb2_grpc.BundleServiceStub(self.channel)
@@ -394,7 +398,9 @@ class ControlClient:
                     header=header if offset == 0 else None, chunk=archive[offset : offset + CHUNK]
                 )
 
-        reply = await self.bundles.UploadBundle(requests(), wait_for_ready=True, timeout=30)
+        reply = await self.bundles.UploadBundle(
+            requests(), metadata=self.metadata, wait_for_ready=True, timeout=30
+        )
         return str(reply.bundle.digest)
 
     async def assign(
@@ -412,6 +418,7 @@ class ControlClient:
         )
         reply = await self.bundles.AssignBundle(
             bundle_pb2.AssignBundleRequest(project=project, target=target, digest=digest, **kwargs),
+            metadata=self.metadata,
             wait_for_ready=True,
             timeout=30,
         )
@@ -419,7 +426,7 @@ class ControlClient:
 
     async def get_node(self, node_id: str) -> node_pb2.Node:
         reply = await self.nodes.GetNode(
-            node_pb2.GetNodeRequest(node_id=node_id), wait_for_ready=True, timeout=10
+            node_pb2.GetNodeRequest(node_id=node_id), metadata=self.metadata, wait_for_ready=True, timeout=10
         )
         node: node_pb2.Node = reply.node
         return node

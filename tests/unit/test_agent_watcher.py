@@ -248,6 +248,7 @@ async def start_agent(channel: Any) -> AsyncIterator[Callable[..., Running]]:
         installer: Any = None,
         liveness: float = 5.0,
         backoff: BackoffPolicy = FAST,
+        metrics: Any = None,
         **config: Any,
     ) -> Running:
         cfg = AgentConfig(
@@ -266,6 +267,7 @@ async def start_agent(channel: Any) -> AsyncIterator[Callable[..., Running]]:
             channel=channel,
             state=state or MemoryStateStore(),
             installer=installer or NullInstaller(),
+            metrics=metrics,
             logger=logging.getLogger("test.agent"),
         )
         run = Running(agent)
@@ -604,3 +606,30 @@ async def test_transient_download_failure_resumes_without_nack(
     finally:
         await run.stop()
         await channel.close()
+
+
+async def test_local_errors_never_end_the_agent(
+    plane: FakeControlPlane, start_agent: Callable[..., Running]
+) -> None:
+    class BrokenDisk(MemoryStateStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refusals = 2
+
+        def save_identity(self, identity: Identity) -> None:
+            if self.refusals:
+                self.refusals -= 1
+                raise OSError(28, "No space left on device")
+            super().save_identity(identity)
+
+    async def broken_metrics() -> node_pb2.NodeMetrics:
+        raise RuntimeError("sensor unplugged")
+
+    plane.watch_script = [bootstrap(1)]
+    run = start_agent(state=BrokenDisk(), metrics=broken_metrics)
+    errors = await run.wait_event("watch.error", 2)
+    assert "No space left" in str(errors[0]["error"])
+    await run.wait_event("snapshot.end")
+    await run.wait_event("heartbeat.error")
+    assert not run.task.done()
+    await run.stop()

@@ -63,3 +63,22 @@ async def test_graceful_server_restart_rotates_streams_without_backoff(
     await server.start()
     await agent.wait_log(r"stream\.started .*mode=RESUME", after=mark)
     assert agent.current_digest() == v1
+
+
+@pytest.mark.server_args("--stream-lifetime", "1", "2")
+async def test_stream_lifetime_rotation_resumes_at_once(
+    control: ControlClient, spawn_agent: AgentFactory
+) -> None:
+    agent = spawn_agent("edge-1", {"env": "prod"})
+    v1 = await control.upload(bundle({"main.kdl": b"v1"}))
+    await control.assign(v1, selector="env=prod")
+    await agent.wait_current(v1)
+    mark = agent.mark()
+    for _ in range(2):
+        await agent.wait_log(r"stream\.rotate", after=mark)
+        await agent.wait_log(r"stream\.started .*mode=RESUME", after=mark)
+        mark = agent.mark()
+    text = agent.log_since_start()
+    assert "reconnect.wait" not in text, "a closing bookmark must not cost a backoff"
+    assert len(re.findall(r"mode=BOOTSTRAP", text)) == 1
+    assert agent.current_digest() == v1

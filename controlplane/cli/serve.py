@@ -147,6 +147,21 @@ def _run(settings: Settings) -> None:
     help="Seconds between retention runs.",
 )
 @click.option(
+    "--epoch-follows-timeline/--no-epoch-follows-timeline",
+    default=True,
+    show_default=True,
+    envvar="CONTROLPLANE_EPOCH_FOLLOWS_TIMELINE",
+    show_envvar=True,
+    help="PostgreSQL: a promoted standby makes agents re-bootstrap. Disable only with synchronous replication.",
+)
+@click.option(
+    "--audit-key",
+    default="",
+    envvar="CONTROLPLANE_AUDIT_KEY",
+    show_envvar=True,
+    help="Hex HMAC key of the audit chain; default: <data-dir>/audit-key, made on first start.",
+)
+@click.option(
     "--log-level", default="INFO", show_default=True, envvar="CONTROLPLANE_LOG_LEVEL", show_envvar=True
 )
 def serve(

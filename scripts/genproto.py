@@ -44,7 +44,10 @@ def generate(dest: Path) -> None:
             f"--mypy_grpc_out={tmp}",
             *protos,
         ]
-        subprocess.run(cmd, check=True, cwd=PROTO, stdout=subprocess.DEVNULL)
+        result = subprocess.run(cmd, check=False, cwd=PROTO, capture_output=True, text=True)
+        if result.returncode != 0:
+            sys.stderr.write(result.stdout + result.stderr)
+            raise SystemExit(result.returncode)
         src = Path(tmp) / "controlplane"
         if dest.exists():
             shutil.rmtree(dest)

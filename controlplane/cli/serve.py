@@ -152,7 +152,8 @@ def _run(settings: Settings) -> None:
     show_default=True,
     envvar="CONTROLPLANE_EPOCH_FOLLOWS_TIMELINE",
     show_envvar=True,
-    help="PostgreSQL: a promoted standby makes agents re-bootstrap. Disable only with synchronous replication.",
+    help="PostgreSQL: a promoted standby makes agents re-bootstrap. "
+    "Disable only with synchronous replication.",
 )
 @click.option(
     "--audit-key",

@@ -24,7 +24,8 @@ _ROOT = "/nonexistent-bundle-root"
 class ArchiveLimits:
     # Real proxy configs are hundreds of files; ten thousand leaves room for large
     # generated route tables without letting 100,000 tiny files through.
-    max_files: int = 10_000
+    # Counted over every member (files, directories, links), as the agent counts them.
+    max_members: int = 10_000
     max_file_bytes: int = 256 * 1024 * 1024
     max_total_bytes: int = 1024 * 1024 * 1024
 
@@ -63,7 +64,7 @@ class _Counting(io.RawIOBase):
 def inspect_archive(path: Path, limits: ArchiveLimits | None = None) -> ArchiveInfo:
     limits = limits or ArchiveLimits()
     # The tar stream holds headers and padding besides file data: allow for them.
-    stream_limit = limits.max_total_bytes + (limits.max_files + 16) * 1024
+    stream_limit = limits.max_total_bytes + (limits.max_members + 16) * 1024
     paths: list[str] = []
     total = 0
     seen: set[str] = set()
@@ -72,6 +73,8 @@ def inspect_archive(path: Path, limits: ArchiveLimits | None = None) -> ArchiveI
             counted = io.BufferedReader(_Counting(plain, stream_limit), 64 * 1024)
             with tarfile.open(fileobj=counted, mode="r|") as tar:
                 for member in tar:
+                    if len(seen) >= limits.max_members:
+                        raise InvalidArchive(f"more than {limits.max_members} members")
                     _check_member(member, limits, seen)
                     if member.isfile():
                         total += member.size
@@ -80,8 +83,6 @@ def inspect_archive(path: Path, limits: ArchiveLimits | None = None) -> ArchiveI
                                 f"files exceed the limit of {limits.max_total_bytes} bytes in total"
                             )
                         paths.append(member.name)
-                        if len(paths) > limits.max_files:
-                            raise InvalidArchive(f"more than {limits.max_files} files")
     except InvalidArchive:
         raise
     except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as e:

@@ -69,14 +69,20 @@ class Effective:
             annotations=row.annotations,
         )
 
-    def same_content(self, other: Effective | None) -> bool:
-        """True when a node would do nothing different going from `other` to self."""
+    def unchanged_from(self, other: Effective | None) -> bool:
+        """True when `other` is the same assignment: nothing to tell the node.
+
+        A new assignment of the same bundle is a change: it is how an operator asks a
+        node that rejected a bundle to try again, and how drift remediation re-asserts
+        what a node should run. The agent skips re-installing a digest it already runs.
+        """
         return other is not None and (
+            self.assigned_revision,
+            self.source_key,
             self.digest,
             self.traffic_weight,
             self.pinned,
-            dict(self.annotations),
-        ) == (other.digest, other.traffic_weight, other.pinned, dict(other.annotations))
+        ) == (other.assigned_revision, other.source_key, other.digest, other.traffic_weight, other.pinned)
 
 
 def resolve(latest_rows: Iterable[DesiredRow | None]) -> DesiredRow | None:

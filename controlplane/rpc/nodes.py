@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import grpc
 
 from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
@@ -37,7 +39,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         interval = await self._nodes.heartbeat(
             request.node_id, convert.metrics_in(request.metrics), request.applied_digest
         )
-        return node_pb2.HeartbeatResponse(interval_seconds=int(interval.total_seconds()))
+        # Whole seconds on the wire; never 0, which would make an agent spin.
+        return node_pb2.HeartbeatResponse(interval_seconds=max(1, math.ceil(interval.total_seconds())))
 
     async def ReportStatus(
         self, request: node_pb2.ReportStatusRequest, context: grpc.aio.ServicerContext

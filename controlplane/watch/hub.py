@@ -406,7 +406,7 @@ class WatchHub:
                 eff = effective.get(id(row))
                 if eff is None:
                     eff = effective[id(row)] = Effective.of(row)
-                if eff.same_content(stream.last_effective):
+                if eff.unchanged_from(stream.last_effective):
                     continue
             cache_key = (id(row), revision)
             payload = encoded.get(cache_key)

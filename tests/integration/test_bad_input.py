@@ -211,9 +211,9 @@ async def test_garbage_and_bombs_are_refused(harness: Harness, bystander: object
     bomb = tar_zst([(member("zeros", zeros), zeros)])
     assert len(bomb) < 4096
     await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(bomb), "limit")
-    harness.app.bundles.limits = type(harness.app.bundles.limits)(max_files=100)
+    harness.app.bundles.limits = type(harness.app.bundles.limits)(max_members=100)
     many = tar_zst((member(f"f{i}", b""), b"") for i in range(101))
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(many), "more than 100 files")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(many), "more than 100 members")
 
 
 async def test_oversized_message_is_refused_by_the_transport(harness: Harness, bystander: object) -> None:

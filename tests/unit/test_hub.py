@@ -330,3 +330,17 @@ async def test_was_sent_checks_the_stream_ledger(
     assert hub.was_sent(stream.stream_id, "a", revision, "forged") is False
     assert hub.was_sent(stream.stream_id, "other-node", revision, "d1") is False
     assert hub.was_sent("unknown-stream", "a", revision, "d1") is None
+
+
+async def test_reassigning_the_same_bundle_is_delivered(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    """How an operator asks a node that rejected a bundle to try again."""
+    feed.node("a", {})
+    first = feed.assign((node_key("a"),), "d1")
+    await hub.catch_up()
+    _, sink = open_stream("a")
+    again = feed.assign((node_key("a"),), "d1")
+    await hub.catch_up()
+    await settle()
+    assert [(d.digest, d.assigned_revision) for d in sink.of("desired")] == [("d1", first), ("d1", again)]

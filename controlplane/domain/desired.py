@@ -20,6 +20,8 @@ class ChangeKind(enum.StrEnum):
     UNASSIGN = "unassign"
     # A node's routing data (its labels) changed; only on `meta:<id>` keys.
     NODE = "node"
+    # The node's identity was revoked: its streams end. Only on `meta:<id>` keys.
+    REVOKED = "revoked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,8 @@ class DesiredRow:
     traffic_weight: int = 100
     size_bytes: int = 0
     annotations: Mapping[str, str] = field(default_factory=dict)
+    signature: bytes = b""
+    key_id: str = ""
     # Set for NODE rows: the node's labels from this revision on.
     labels: Mapping[str, str] | None = None
     # Wall clock of the write, seconds since the epoch; for latency metrics only.
@@ -111,6 +115,8 @@ class Assignment:
     traffic_weight: int = 100
     pinned: bool = False
     annotations: Mapping[str, str] = field(default_factory=dict)
+    signature: bytes = b""
+    key_id: str = ""
 
     def rows(self, revision: int, written_at: float) -> list[DesiredRow]:
         return [
@@ -124,6 +130,8 @@ class Assignment:
                 traffic_weight=self.traffic_weight,
                 size_bytes=self.size_bytes,
                 annotations=dict(self.annotations),
+                signature=self.signature,
+                key_id=self.key_id,
                 written_at=written_at,
             )
             for key in self.keys

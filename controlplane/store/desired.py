@@ -27,6 +27,8 @@ def row_to_desired(row: Any) -> DesiredRow:
         size_bytes=row.size_bytes,
         annotations=row.annotations or {},
         labels=row.labels,
+        signature=bytes(row.signature or b""),
+        key_id=row.key_id,
         written_at=row.written_at,
     )
 
@@ -81,6 +83,8 @@ class SqlDesiredLog:
                     "annotations": dict(r.annotations),
                     "labels": dict(r.labels) if r.labels is not None else None,
                     "written_at": r.written_at,
+                    "signature": r.signature or None,
+                    "key_id": r.key_id,
                 }
                 for r in rows
             ],

@@ -55,6 +55,8 @@ def desired(revision: int, row: DesiredRow | None) -> bytes:
                 pinned=row.pinned,
                 size_bytes=row.size_bytes,
                 annotations=dict(row.annotations),
+                signature=row.signature,
+                key_id=row.key_id,
             )
         )
     )

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
 from controlplane.domain.desired import ChangeKind, DesiredRow, Effective, FeedPosition, FeedSnapshot, resolve
-from controlplane.domain.errors import Unavailable
+from controlplane.domain.errors import Unauthenticated, Unavailable
 from controlplane.domain.labels import Selector, meta_key, node_key, parse_selector_key
 from controlplane.watch import encoding, metrics
 from controlplane.watch.stream import Sink, WatchStream
@@ -351,6 +351,9 @@ class WatchHub:
             node_id = row.key.split(":", 1)[1]
             self._nodes[node_id] = (row.project, dict(row.labels or {}))
             return node_id
+        if row.kind is ChangeKind.REVOKED:
+            self._nodes.pop(row.key.split(":", 1)[1], None)
+            return None
         parsed = parse_selector_key(row.key)
         if parsed is not None and row.key not in self._selectors.get(parsed[0], {}):
             self._selectors.setdefault(parsed[0], {})[row.key] = parsed[1]
@@ -368,6 +371,10 @@ class WatchHub:
         selectors: dict[str, int] = {}
         for row in rows:
             node_id = self._remember(row)
+            if row.kind is ChangeKind.REVOKED:
+                for stream in list(self._by_node.get(row.key.split(":", 1)[1], ())):
+                    stream.abort(Unauthenticated("this node's identity was revoked"))
+                continue
             if node_id is not None:
                 for stream in self._by_node.get(node_id, ()):
                     self._relabel(stream, self._nodes[node_id][1])

@@ -1,8 +1,11 @@
-"""Bundle pipeline: validation results, manifests, signatures, signing keys, risk, revocation and blob GC (issue 3)
+"""Bundle pipeline: validation, manifests, signatures, signing keys, risk, revocation, blob GC
 
 Revision ID: 0004
 Revises: 0003
 """
+
+import sqlalchemy as sa
+from alembic import op
 
 revision = "0004"
 down_revision = "0003"
@@ -11,9 +14,13 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # Filled in by the work on this area; an empty step keeps the chain in order meanwhile.
-    pass
+    # The signature travels with each assignment to the node.
+    with op.batch_alter_table("desired_state_log") as batch:
+        batch.add_column(sa.Column("signature", sa.LargeBinary(), nullable=True))
+        batch.add_column(sa.Column("key_id", sa.String(64), nullable=False, server_default=""))
 
 
 def downgrade() -> None:
-    pass
+    with op.batch_alter_table("desired_state_log") as batch:
+        batch.drop_column("key_id")
+        batch.drop_column("signature")

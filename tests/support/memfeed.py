@@ -78,6 +78,11 @@ class MemoryFeed:
         self._write([DesiredRow(k, revision, project, ChangeKind.UNASSIGN) for k in keys])
         return revision
 
+    def revoke(self, node_id: str, project: str = "p") -> int:
+        revision = self._next()
+        self._write([DesiredRow(meta_key(node_id), revision, project, ChangeKind.REVOKED)])
+        return revision
+
     def _write(self, rows: list[DesiredRow]) -> None:
         self.rows += rows
         self.history += rows

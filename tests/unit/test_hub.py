@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
-from controlplane.domain.errors import Unavailable
+from controlplane.domain.errors import Unauthenticated, Unavailable
 from controlplane.domain.labels import Selector, node_key, selector_key
 from controlplane.watch import encoding
 from controlplane.watch.hub import HubSettings, WatchHub
@@ -344,3 +344,15 @@ async def test_reassigning_the_same_bundle_is_delivered(
     await hub.catch_up()
     await settle()
     assert [(d.digest, d.assigned_revision) for d in sink.of("desired")] == [("d1", first), ("d1", again)]
+
+
+async def test_revoked_node_streams_end(feed: MemoryFeed, hub: WatchHub, open_stream: Opener) -> None:
+    feed.node("a", {})
+    feed.node("b", {})
+    await hub.catch_up()
+    (stream_a, _), (stream_b, _) = open_stream("a"), open_stream("b")
+    feed.revoke("a")
+    await hub.catch_up()
+    assert isinstance(stream_a.done.exception(), Unauthenticated)
+    assert not stream_b.done.done()
+    assert not hub.knows_node("a")

@@ -10,6 +10,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     PrimaryKeyConstraint,
     String,
     Table,
@@ -151,6 +152,9 @@ desired_state_log = Table(
     Column("annotations", Json, nullable=False),
     Column("labels", Json, nullable=True),
     Column("written_at", Float, nullable=False),
+    # Null on rows written before bundles were signed (and on non-assignment rows).
+    Column("signature", LargeBinary, nullable=True),
+    Column("key_id", String(64), nullable=False, default=""),
     PrimaryKeyConstraint("key", "revision"),
     Index(None, "revision"),
 )

@@ -233,6 +233,8 @@ class DesiredState(_message.Message):
     PINNED_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     ANNOTATIONS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """Stream position of this event; the node's cursor after applying it."""
     digest: _builtins.str
@@ -249,6 +251,11 @@ class DesiredState(_message.Message):
     """The node is pinned to this bundle; rollouts skip it."""
     size_bytes: _builtins.int
     """Archive size, for the download."""
+    signature: _builtins.bytes
+    """Ed25519 signature of the bundle's digest, and the id of the key that made it.
+    The node checks both against its trusted keys before applying.
+    """
+    key_id: _builtins.str
     @_builtins.property
     def annotations(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form rollout metadata (rollout id, step)."""
@@ -264,10 +271,12 @@ class DesiredState(_message.Message):
         pinned: _builtins.bool = ...,
         size_bytes: _builtins.int = ...,
         annotations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        signature: _builtins.bytes = ...,
+        key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "assigned_revision", b"assigned_revision", "digest", b"digest", "pinned", b"pinned", "revision", b"revision", "size_bytes", b"size_bytes", "source", b"source", "traffic_weight", b"traffic_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "assigned_revision", b"assigned_revision", "digest", b"digest", "key_id", b"key_id", "pinned", b"pinned", "revision", b"revision", "signature", b"signature", "size_bytes", b"size_bytes", "source", b"source", "traffic_weight", b"traffic_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

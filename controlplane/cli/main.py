@@ -3,7 +3,7 @@ from __future__ import annotations
 import click
 
 from controlplane import __version__
-from controlplane.cli import db, ops, serve
+from controlplane.cli import bundles, db, nodes, projects, serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -14,8 +14,11 @@ def cli() -> None:
 
 cli.add_command(serve.serve)
 cli.add_command(db.db)
-for command in ops.COMMANDS:
-    cli.add_command(command)
+cli.add_command(projects.projects)
+cli.add_command(nodes.nodes)
+cli.add_command(bundles.bundle)
+cli.add_command(bundles.assign)
+cli.add_command(bundles.unassign)
 
 
 def main() -> None:

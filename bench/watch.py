@@ -91,6 +91,8 @@ class Meter:
         return out
 
 
+FAN_COUNT = "controlplane_watch_fanout_latency_seconds_count"
+FAN_SUM = "controlplane_watch_fanout_latency_seconds_sum"
 WATCH_COUNTERS = (
     "controlplane_watch_bootstraps_total",
     "controlplane_watch_resumes_total",
@@ -372,6 +374,7 @@ class Bench:
             "latency_from_call": lat_summary(lat0),
             "assign_rpc_ms": {"p50": ms(rpc[len(rpc) // 2]), "p99": ms(quantiles(rpc)["p99"])},
             "server_ms_per_change": round(net_cpu / count * 1e3, 3),
+            "hub_fanout_ms_mean": ms(d[FAN_SUM] / d[FAN_COUNT]) if d[FAN_COUNT] else None,
             "client_cpu_s": round(d["client_cpu_s"], 3),
             "client_cpu_pct": round(d["client_cpu_s"] / d["wall_s"] * 100, 1),
             "wall_s": round(d["wall_s"], 2),

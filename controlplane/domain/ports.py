@@ -14,6 +14,7 @@ from typing import Protocol
 from controlplane.domain.audit import AuditLog
 from controlplane.domain.desired import DesiredRow
 from controlplane.domain.labels import Selector
+from controlplane.domain.leases import LeaseRepo
 from controlplane.domain.records import (
     Bundle,
     HeartbeatRecord,
@@ -22,6 +23,7 @@ from controlplane.domain.records import (
     Project,
     StatusReport,
 )
+from controlplane.domain.rollouts.ports import DriftRepo, FreezeRepo, RolloutRepo
 
 
 class ProjectRepo(Protocol):
@@ -88,6 +90,14 @@ class Tx(Protocol):
     def desired(self) -> DesiredLog: ...
     @property
     def audit(self) -> AuditLog: ...
+    @property
+    def rollouts(self) -> RolloutRepo: ...
+    @property
+    def freezes(self) -> FreezeRepo: ...
+    @property
+    def leases(self) -> LeaseRepo: ...
+    @property
+    def drift(self) -> DriftRepo: ...
     def after_commit(self, callback: Callable[[], None]) -> None: ...
 
 

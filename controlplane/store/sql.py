@@ -13,9 +13,12 @@ from controlplane.domain.ports import Clock
 from controlplane.store.audit import SqlAuditLog
 from controlplane.store.bundles import SqlBundles
 from controlplane.store.desired import SqlDesiredLog
+from controlplane.store.drift import SqlDrift
 from controlplane.store.errors import translated
+from controlplane.store.leases import SqlFreezes, SqlLeases
 from controlplane.store.nodes import SqlNodes
 from controlplane.store.projects import SqlProjects
+from controlplane.store.rollouts import SqlRollouts
 
 
 class SqlTx:
@@ -28,6 +31,10 @@ class SqlTx:
         self.bundles = SqlBundles(conn)
         self.desired = SqlDesiredLog(conn)
         self.audit = SqlAuditLog(conn, audit_key, clock)
+        self.rollouts = SqlRollouts(conn)
+        self.freezes = SqlFreezes(conn)
+        self.leases = SqlLeases(conn)
+        self.drift = SqlDrift(conn)
         self._after_commit: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:

@@ -15,6 +15,19 @@ from controlplane.store.schema.core import (
     server_meta,
 )
 
+from controlplane.store.schema.rollouts import (
+    drift_events,
+    drift_settings,
+    freeze_windows,
+    leases,
+    rollout_approvals,
+    rollout_claims,
+    rollout_events,
+    rollout_nodes,
+    rollout_steps,
+    rollouts,
+)
+
 __all__ = [
     "Json",
     "UTCDateTime",
@@ -22,12 +35,22 @@ __all__ = [
     "audit_log",
     "bundles",
     "desired_state_log",
+    "drift_events",
+    "drift_settings",
     "enrollment_tokens",
+    "freeze_windows",
+    "leases",
     "metadata",
     "node_heartbeats",
     "node_labels",
     "nodes",
     "projects",
     "revision_counter",
+    "rollout_approvals",
+    "rollout_claims",
+    "rollout_events",
+    "rollout_nodes",
+    "rollout_steps",
+    "rollouts",
     "server_meta",
 ]

@@ -1,0 +1,110 @@
+"""Leases in the database: one holder at a time for a piece of background work.
+
+A lease has a name (`rollout:<id>`, `drift-sweep`), a holder (one id per server
+process), an expiry, and an `epoch` that rises each time the lease changes hands. The
+epoch is a fencing token: every write a holder makes in the lease's name first checks,
+in the same transaction, that the lease still has its holder and epoch. A holder that
+stalled past its expiry while another replica took over finds its late transaction
+matching nothing (`LeaseLost`), so its writes never land.
+
+A holder also steps down on its own clock: once a lease was not renewed for its whole
+time to live it stops acting on it, renewal or not — a replica cut off from the
+database must not believe it still leads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Protocol
+
+from controlplane.domain.errors import Aborted
+from controlplane.domain.secrets import new_id
+
+if TYPE_CHECKING:  # ports.py names LeaseRepo for `Tx.leases`
+    from controlplane.domain.ports import Clock, Store, Tx
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    name: str
+    holder: str
+    epoch: int
+    expires_at: datetime
+    # Our own monotonic deadline: past it we act as if the lease were lost.
+    local_deadline: float = 0.0
+
+
+class LeaseLost(Aborted):
+    """The lease changed hands (or expired and was taken): the transaction is void."""
+
+
+class LeaseRepo(Protocol):
+    async def take(
+        self, name: str, holder: str, now: datetime, expires_at: datetime
+    ) -> tuple[int, str] | None:
+        """Take or renew the lease: free, expired, or already ours. Returns its (epoch,
+        holder) after the call, or None when another holder has it."""
+        ...
+
+    async def release(self, name: str, holder: str, epoch: int) -> None: ...
+    async def holds(self, name: str, holder: str, epoch: int) -> bool:
+        """Whether the lease is still (holder, epoch); blocks a concurrent takeover
+        until this transaction ends."""
+        ...
+
+    async def get(self, name: str) -> tuple[str, int, datetime] | None: ...
+
+
+@dataclass
+class Leases:
+    store: Store
+    clock: Clock
+    # Long enough to ride out a slow transaction or a GC pause; short enough that a dead
+    # replica's rollouts continue elsewhere within seconds.
+    ttl: timedelta = timedelta(seconds=15)
+    holder: str = field(default_factory=lambda: new_id("replica"))
+    monotonic: Callable[[], float] = time.monotonic
+
+    async def acquire(self, name: str) -> Lease | None:
+        """Take `name` if it is free or expired, or renew it if it is ours."""
+        started = self.monotonic()
+        now = self.clock()
+        try:
+            async with self.store.write() as tx:
+                taken = await tx.leases.take(name, self.holder, now, now + self.ttl)
+        except Aborted:
+            return None  # another replica inserted it first
+        if taken is None:
+            return None
+        epoch, _ = taken
+        return Lease(name, self.holder, epoch, now + self.ttl, started + self.ttl.total_seconds())
+
+    async def renew(self, lease: Lease) -> Lease | None:
+        renewed = await self.acquire(lease.name)
+        if renewed is None or renewed.epoch != lease.epoch:
+            return None
+        return renewed
+
+    def due(self, lease: Lease) -> bool:
+        """Time to renew: a third of the time to live is gone."""
+        return self.monotonic() > lease.local_deadline - 2 * self.ttl.total_seconds() / 3
+
+    def valid(self, lease: Lease) -> bool:
+        return self.monotonic() < lease.local_deadline
+
+    async def release(self, lease: Lease) -> None:
+        async with self.store.write() as tx:
+            await tx.leases.release(lease.name, lease.holder, lease.epoch)
+
+    @staticmethod
+    async def fence(tx: Tx, lease: Lease) -> None:
+        """Fail the transaction unless `lease` still holds (call before writing)."""
+        if not await tx.leases.holds(lease.name, lease.holder, lease.epoch):
+            raise LeaseLost(f"lease {lease.name} (epoch {lease.epoch}) is no longer held by {lease.holder}")
+
+    def expire_locally(self, lease: Lease) -> Lease:
+        """Tests: make this process believe the lease is gone (as after a long stall)."""
+        return replace(lease, local_deadline=0.0)

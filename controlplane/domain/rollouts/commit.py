@@ -1,0 +1,286 @@
+"""Writing a `Run` back: its desired-state writes, its restore, its records and events,
+its audit entries — in the caller's transaction, so all of it lands or none does.
+
+A step is one `write_assignment` for its new-bundle nodes (one revision); blue-green's
+live set, which keeps its bundle, adds one per bundle it runs. A node pinned since it was
+planned is skipped here, in the same transaction as the write, so a pin can never be
+overwritten. The first write of a node records what its `node:<id>` key held before:
+that is what a rollback restores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, TypeVar
+
+from controlplane.domain import validation
+from controlplane.domain.assignments import write_assignment, write_unassignment
+from controlplane.domain.desired import Assignment, DesiredRow
+from controlplane.domain.errors import Aborted, DomainError
+from controlplane.domain.labels import node_key
+from controlplane.domain.rollouts.bundles import assignable
+from controlplane.domain.rollouts.model import (
+    TERMINAL_STATES,
+    NodeState,
+    Role,
+    Rollout,
+    RolloutEvent,
+)
+from controlplane.domain.rollouts.run import EventKind, Run, StepWrite
+
+if TYPE_CHECKING:
+    from controlplane.domain.ports import DesiredView, Tx
+
+# Keys per `IN (...)` query: far below either database's parameter limit.
+_CHUNK = 500
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    rollout: Rollout
+    events: list[RolloutEvent]
+    # Revisions written (step writes and the restore), for read-your-writes.
+    revisions: list[int]
+
+
+def chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+async def latest_node_rows(tx: Tx, node_ids: Sequence[str]) -> dict[str, DesiredRow]:
+    """The latest row of each node's own key (a pin, an assignment or a tombstone)."""
+    rows: dict[str, DesiredRow] = {}
+    for part in chunks(node_ids):
+        found = await tx.desired.latest([node_key(n) for n in part])
+        rows.update({key[5:]: row for key, row in found.items()})
+    return rows
+
+
+def is_pin(row: DesiredRow | None) -> bool:
+    return row is not None and row.is_assignment and row.pinned
+
+
+async def commit(tx: Tx, run: Run, now: datetime, view: DesiredView) -> Committed:
+    revisions: list[int] = []
+    for write in run.writes:
+        revisions += await _write_step(tx, run, write, now, view)
+    if run.restore:
+        revisions += await _restore(tx, run, now)
+    loaded = run.loaded_rollout
+    rollout = run.rollout
+    events = [
+        RolloutEvent(
+            rollout.id,
+            rollout.event_seq + i + 1,
+            now,
+            e.kind,
+            rollout.state,
+            e.message,
+            e.step,
+            e.node_id,
+            e.detail,
+        )
+        for i, e in enumerate(run.events)
+    ]
+    saved = replace(
+        rollout,
+        version=loaded.version + 1,
+        event_seq=rollout.event_seq + len(events),
+        progress=run.progress(),
+    )
+    if not await tx.rollouts.save(saved, loaded.version):
+        raise Aborted(f"rollout {rollout.id} changed concurrently; retry")
+    await tx.rollouts.save_steps(rollout.id, run.changed_steps())
+    await tx.rollouts.save_nodes(rollout.id, run.changed_nodes())
+    await tx.rollouts.add_events(events)
+    if saved.state in TERMINAL_STATES and loaded.state not in TERMINAL_STATES:
+        await tx.rollouts.release(rollout.id)
+    for frm, to in run.transitions:
+        await tx.audit.record(
+            f"rollout.{to.value}",
+            f"rollout/{rollout.id}",
+            project=rollout.project,
+            before={"state": frm.value},
+            after={"state": to.value, "reason": saved.reason, "step": saved.current_step},
+        )
+    return Committed(saved, events, revisions)
+
+
+async def _write_step(tx: Tx, run: Run, write: StepWrite, now: datetime, view: DesiredView) -> list[int]:
+    rollout, spec = run.rollout, run.spec
+    ids = [*write.targets, *write.live]
+    latest = await latest_node_rows(tx, ids)
+    targets: list[str] = []
+    live: dict[str, list[str]] = {}
+    skipped: list[str] = []
+
+    def skip(node_id: str, why: str) -> None:
+        run.set_node(run.nodes[node_id], now, state=NodeState.SKIPPED, error=why)
+        run.event(
+            EventKind.NODE, f"{node_id} skipped: {why}", step=write.step, node_id=node_id, state="skipped"
+        )
+        skipped.append(node_id)
+
+    for node_id in ids:
+        node, row = run.nodes[node_id], latest.get(node_id)
+        if is_pin(row):
+            skip(node_id, "pinned by an operator")
+            continue
+        if not node.touched:
+            effective = view.effective(node_id)
+            node = run.set_node(
+                node,
+                now,
+                previous_digest=effective.digest if effective is not None else "",
+                previous_key_digest=row.digest if row is not None and row.is_assignment else None,
+                previous_weight=row.traffic_weight if row is not None and row.is_assignment else 100,
+            )
+        if node.role is Role.TARGET:
+            targets.append(node_id)
+        elif node.previous_digest:
+            live.setdefault(node.previous_digest, []).append(node_id)
+        else:
+            skip(node_id, "runs no bundle whose traffic weight could move")
+    notes = validation.annotation_map({"rollout": rollout.id, "step": str(write.step)})
+    revisions: list[int] = []
+    if targets:
+        bundle = await assignable(tx, rollout.project, spec.bundle_digest)
+        revision = await write_assignment(
+            tx,
+            Assignment(
+                rollout.project,
+                tuple(node_key(n) for n in targets),
+                bundle.digest,
+                bundle.size_bytes,
+                write.target_weight,
+                False,
+                notes,
+                bundle.signature,
+                bundle.key_id,
+            ),
+            now.timestamp(),
+        )
+        revisions.append(revision)
+        for node_id in targets:
+            run.set_node(run.nodes[node_id], now, assigned_revision=revision)
+    for digest, group in live.items():
+        try:
+            kept = await assignable(tx, rollout.project, digest, field="live")
+        except DomainError as e:
+            for node_id in group:
+                skip(node_id, e.message)
+            continue
+        revision = await write_assignment(
+            tx,
+            Assignment(
+                rollout.project,
+                tuple(node_key(n) for n in group),
+                digest,
+                kept.size_bytes,
+                write.live_weight,
+                False,
+                notes,
+                kept.signature,
+                kept.key_id,
+            ),
+            now.timestamp(),
+        )
+        revisions.append(revision)
+        for node_id in group:
+            run.set_node(run.nodes[node_id], now, assigned_revision=revision)
+    step = run.steps[write.step]
+    run.set_step(step, revision=revisions[0] if revisions else 0)
+    written = len(targets) + sum(len(g) for g in live.values())
+    run.event(
+        EventKind.WRITE,
+        f"step {write.step} written at revision {revisions[0] if revisions else '-'}: {written} node(s)"
+        + (f", {len(skipped)} skipped" if skipped else ""),
+        step=write.step,
+        revisions=revisions,
+        nodes=written,
+        skipped=len(skipped),
+    )
+    await tx.audit.record(
+        "rollout.step",
+        f"rollout/{rollout.id}",
+        project=rollout.project,
+        after={
+            "step": write.step,
+            "revisions": revisions,
+            "digest": spec.bundle_digest,
+            "nodes": written,
+            "skipped": skipped[:50],
+            "traffic_weight": write.target_weight,
+        },
+    )
+    return revisions
+
+
+async def _restore(tx: Tx, run: Run, now: datetime) -> list[int]:
+    """Put every node the rollout touched back on what its own key held before."""
+    rollout = run.rollout
+    latest = await latest_node_rows(tx, run.restore)
+    groups: dict[tuple[str | None, int], list[str]] = {}
+    for node_id in run.restore:
+        node = run.nodes[node_id]
+        if is_pin(latest.get(node_id)):
+            run.set_node(node, now, error="pinned since the rollout wrote it: left as pinned")
+            continue
+        groups.setdefault((node.previous_key_digest, node.previous_weight), []).append(node_id)
+    notes = validation.annotation_map({"rollout": rollout.id, "rollback": "true"})
+    revisions: list[int] = []
+    restored = 0
+    for (digest, weight), group in groups.items():
+        keys = tuple(node_key(n) for n in group)
+        if digest is None:
+            # The key held nothing: a tombstone hands the node back to its selectors.
+            revision = await write_unassignment(tx, rollout.project, keys, now.timestamp())
+            revisions.append(revision)
+            restored += len(group)
+            for node_id in group:
+                run.set_node(run.nodes[node_id], now, assigned_revision=revision)
+            continue
+        try:
+            bundle = await assignable(tx, rollout.project, digest, field="previous")
+        except DomainError as e:
+            for node_id in group:
+                run.set_node(run.nodes[node_id], now, error=f"not restored: {e.message}")
+                run.event(EventKind.NODE, f"{node_id} not restored: {e.message}", node_id=node_id)
+            continue
+        revision = await write_assignment(
+            tx,
+            Assignment(
+                rollout.project,
+                keys,
+                digest,
+                bundle.size_bytes,
+                weight,
+                False,
+                notes,
+                bundle.signature,
+                bundle.key_id,
+            ),
+            now.timestamp(),
+        )
+        revisions.append(revision)
+        restored += len(group)
+        for node_id in group:
+            run.set_node(run.nodes[node_id], now, assigned_revision=revision)
+    run.event(
+        EventKind.WRITE,
+        f"rollback written: {restored} of {len(run.restore)} node(s) restored"
+        + (f" at revision(s) {', '.join(map(str, revisions))}" if revisions else ""),
+        revisions=revisions,
+        nodes=restored,
+    )
+    await tx.audit.record(
+        "rollout.restore",
+        f"rollout/{rollout.id}",
+        project=rollout.project,
+        after={"revisions": revisions, "restored": restored, "touched": len(run.restore)},
+    )
+    return revisions

@@ -1,0 +1,268 @@
+"""RolloutController: operator actions on a rollout, and the driver's `advance`.
+
+Both go the same way: load the rollout, let the state machine decide, write everything
+back in one transaction (`commit`). Operator actions load inside the write transaction;
+the driver decides on a read and then writes, guarded by the rollout's version and its
+lease's epoch, so a concurrent operator action or a replica that took the lease over
+makes the driver's write match nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from controlplane.domain.audit import ActorKind, current_actor
+from controlplane.domain.errors import Aborted, DomainError, InvalidArgument, NotFound, PermissionDenied
+from controlplane.domain.leases import Lease, Leases
+from controlplane.domain.nodes import READ_YOUR_WRITES
+from controlplane.domain.records import HeartbeatRecord
+from controlplane.domain.rollouts import machine
+from controlplane.domain.rollouts.bundles import assignable
+from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
+from controlplane.domain.rollouts.commit import Committed, commit
+from controlplane.domain.rollouts.facts import NodeFacts, World
+from controlplane.domain.rollouts.model import (
+    Approval,
+    Rollout,
+    RolloutNode,
+    RolloutState,
+    RolloutView,
+    Step,
+    StepState,
+)
+from controlplane.domain.rollouts.run import Run
+
+if TYPE_CHECKING:
+    from controlplane.domain.ports import Clock, DesiredView, Store, Tx
+
+# Operator actions retried this often when the driver committed in between.
+_ATTEMPTS = 3
+MAX_REASON = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    rollout: Rollout
+    steps: tuple[Step, ...]
+    nodes: dict[str, RolloutNode]
+
+    def run(self, rollout: Rollout | None = None) -> Run:
+        return Run(rollout or self.rollout, list(self.steps), dict(self.nodes))
+
+
+@dataclass
+class RolloutController:
+    store: Store
+    clock: Clock
+    view: DesiredView
+    notify: Callable[[], None]
+    bus: RolloutBus
+    # Wakes this process's driver (a change it should act on now).
+    wake: Callable[[], None] = lambda: None
+    # Heartbeats older than this fail a gate: three missed beats.
+    stale_after: timedelta = timedelta(seconds=30)
+    _cache: dict[str, Loaded] = field(default_factory=dict)
+
+    # -- operator actions ------------------------------------------------------------
+
+    async def pause(self, project: str, rollout_id: str, reason: str) -> RolloutView:
+        text = _reason(reason)
+        return await self._act(project, rollout_id, lambda run, now: machine.pause(run, now, text))
+
+    async def resume(self, project: str, rollout_id: str) -> RolloutView:
+        return await self._act(project, rollout_id, machine.resume)
+
+    async def cancel(self, project: str, rollout_id: str, reason: str) -> RolloutView:
+        text = _reason(reason)
+        return await self._act(project, rollout_id, lambda run, now: machine.cancel(run, now, text))
+
+    async def roll_back(self, project: str, rollout_id: str, reason: str) -> RolloutView:
+        text = _reason(reason)
+        return await self._act(project, rollout_id, lambda run, now: machine.roll_back(run, now, text))
+
+    async def reject(self, project: str, rollout_id: str, reason: str) -> RolloutView:
+        text = _reason(reason)
+        if not text:
+            raise InvalidArgument("say why the rollout is rejected", field="reason")
+        actor = _operator("reject")
+        return await self._act(project, rollout_id, lambda run, now: machine.reject(run, now, actor, text))
+
+    async def approve(self, project: str, rollout_id: str, comment: str) -> RolloutView:
+        text = _reason(comment, "comment")
+        actor = _operator("approve")
+        for attempt in range(_ATTEMPTS):
+            try:
+                async with self.store.write() as tx:
+                    run = await self._load(tx, project, rollout_id)
+                    approvers = {a.actor for a in await tx.rollouts.approvals(rollout_id)}
+                    now = self.clock()
+                    machine.approve(run, now, actor, approvers)
+                    await tx.rollouts.add_approval(rollout_id, Approval(actor, now, text))
+                    await tx.audit.record(
+                        "rollout.approve",
+                        f"rollout/{rollout_id}",
+                        project=project,
+                        after={"approvals": len(approvers) + 1, "comment": text},
+                    )
+                    self._after_commit(tx, await commit(tx, run, now, self.view))
+                break
+            except Aborted:
+                if attempt == _ATTEMPTS - 1:
+                    raise
+        return await self.get(project, rollout_id)
+
+    async def _act(
+        self, project: str, rollout_id: str, action: Callable[[Run, datetime], None]
+    ) -> RolloutView:
+        committed: Committed | None = None
+        for attempt in range(_ATTEMPTS):
+            try:
+                async with self.store.write() as tx:
+                    run = await self._load(tx, project, rollout_id)
+                    now = self.clock()
+                    action(run, now)
+                    committed = await commit(tx, run, now, self.view)
+                    self._after_commit(tx, committed)
+                break
+            except Aborted:
+                if attempt == _ATTEMPTS - 1:
+                    raise
+        if committed is not None and committed.revisions:
+            await self.view.wait_until(None, max(committed.revisions), READ_YOUR_WRITES)
+        return await self.get(project, rollout_id)
+
+    async def get(self, project: str, rollout_id: str) -> RolloutView:
+        async with self.store.read() as tx:
+            rollout = await _require(tx, project, rollout_id)
+            steps = await tx.rollouts.steps(rollout_id)
+            approvals = await tx.rollouts.approvals(rollout_id)
+        return RolloutView(rollout, tuple(steps), tuple(approvals))
+
+    async def _load(self, tx: Tx, project: str, rollout_id: str) -> Run:
+        rollout = await _require(tx, project, rollout_id)
+        steps = await tx.rollouts.steps(rollout_id)
+        nodes = {n.node_id: n for n in await tx.rollouts.nodes(rollout_id)}
+        return Run(rollout, steps, nodes)
+
+    def _after_commit(self, tx: Tx, committed: Committed) -> None:
+        def done() -> None:
+            if committed.revisions:
+                self.notify()
+            self.bus.publish(RolloutUpdate(committed.rollout, tuple(committed.events)))
+            self.wake()
+
+        tx.after_commit(done)
+
+    # -- the driver --------------------------------------------------------------------
+
+    async def active(self) -> list[str]:
+        async with self.store.read() as tx:
+            rows = await tx.rollouts.active()
+        live = {rid for rid, _ in rows}
+        for rid in [r for r in self._cache if r not in live]:
+            del self._cache[rid]
+        return sorted(live)
+
+    def forget(self, rollout_id: str) -> None:
+        self._cache.pop(rollout_id, None)
+
+    async def advance(self, rollout_id: str, lease: Lease | None = None) -> bool:
+        """One tick of the driver for one rollout; True if it changed anything."""
+        now = self.clock()
+        loaded = await self._observe(rollout_id)
+        if loaded is None:
+            return False
+        base, world = loaded
+        run = base.run()
+        machine.tick(run, world)
+        if run.needs_samples:
+            world = await self._with_samples(base, world)
+            run = base.run()
+            machine.tick(run, world)
+        if not run.changed:
+            return False
+        try:
+            async with self.store.write() as tx:
+                if lease is not None:
+                    await Leases.fence(tx, lease)
+                committed = await commit(tx, run, now, self.view)
+                self._after_commit(tx, committed)
+        except Aborted:
+            self._cache.pop(rollout_id, None)
+            raise
+        self._cache[rollout_id] = Loaded(committed.rollout, tuple(run.steps), run.nodes)
+        return True
+
+    async def _observe(self, rollout_id: str) -> tuple[Loaded, World] | None:
+        now = self.clock()
+        async with self.store.read() as tx:
+            rollout = await tx.rollouts.get(rollout_id)
+            if rollout is None or not rollout.active:
+                self._cache.pop(rollout_id, None)
+                return None
+            base = self._cache.get(rollout_id)
+            if base is None or base.rollout.version != rollout.version:
+                steps = tuple(await tx.rollouts.steps(rollout_id))
+                nodes = {n.node_id: n for n in await tx.rollouts.nodes(rollout_id)}
+                base = Loaded(rollout, steps, nodes)
+                self._cache[rollout_id] = base
+            watched = _watched_nodes(base)
+            facts = {f.node_id: self._with_pin(f) for f in await tx.rollouts.node_facts(watched)}
+            freeze = await tx.freezes.covering(rollout.project, now)
+            problem = ""
+            try:
+                await assignable(tx, rollout.project, rollout.spec.bundle_digest)
+            except DomainError as e:
+                problem = e.message
+        return base, World(now, facts, freeze, problem, self.stale_after)
+
+    def _with_pin(self, facts: NodeFacts) -> NodeFacts:
+        row = self.view.effective(facts.node_id)
+        if row is not None and row.pinned:
+            return replace(facts, pinned=True)
+        return facts
+
+    async def _with_samples(self, base: Loaded, world: World) -> World:
+        run = base.run()
+        canary_ids, baseline_ids = machine.analysis_nodes(run)
+        step = run.current
+        since = step.started_at if step is not None and step.started_at else world.now
+        async with self.store.read() as tx:
+            samples: dict[str, list[HeartbeatRecord]] = await tx.rollouts.heartbeat_samples(
+                [*canary_ids, *baseline_ids], since
+            )
+        return World(world.now, world.facts, world.freeze, world.bundle_problem, world.stale_after, samples)
+
+
+def _watched_nodes(base: Loaded) -> list[str]:
+    """The nodes whose reports and heartbeats the current step depends on."""
+    if base.rollout.state is not RolloutState.RUNNING:
+        return []
+    i = base.rollout.current_step
+    if not 0 <= i < len(base.steps) or base.steps[i].state not in (StepState.APPLYING, StepState.BAKING):
+        return []
+    return [n.node_id for n in Run(base.rollout, list(base.steps), base.nodes).members(base.steps[i])]
+
+
+async def _require(tx: Tx, project: str, rollout_id: str) -> Rollout:
+    rollout = await tx.rollouts.get(rollout_id) if rollout_id else None
+    if rollout is None or rollout.project != project:
+        raise NotFound(f"rollout {rollout_id!r} does not exist in project {project!r}", field="rollout_id")
+    return rollout
+
+
+def _reason(text: str, field: str = "reason") -> str:
+    text = text.strip()
+    if len(text) > MAX_REASON:
+        raise InvalidArgument(f"at most {MAX_REASON} characters", field=field)
+    return text
+
+
+def _operator(what: str) -> str:
+    actor = current_actor()
+    if actor.kind in (ActorKind.ANONYMOUS, ActorKind.NODE):
+        raise PermissionDenied(f"to {what} a rollout, call as an authenticated operator")
+    return str(actor)

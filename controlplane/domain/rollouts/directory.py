@@ -1,0 +1,363 @@
+"""RolloutDirectory: creating and listing rollouts, their nodes and history; freeze
+windows; pinning nodes.
+
+Creating a rollout checks, in one transaction: the bundle may be assigned (not revoked,
+not failed), no freeze window covers its start (unless overridden with a reason), its
+selector matches at least one node that is not pinned, and none of those nodes belongs
+to another active rollout (FAILED_PRECONDITION naming it). The nodes are then claimed —
+a primary key per node, so two replicas creating overlapping rollouts at once cannot
+both succeed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from controlplane.domain import validation
+from controlplane.domain.assignments import write_assignment, write_unassignment
+from controlplane.domain.audit import current_actor
+from controlplane.domain.desired import Assignment
+from controlplane.domain.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from controlplane.domain.labels import Selector, node_key
+from controlplane.domain.nodes import READ_YOUR_WRITES
+from controlplane.domain.records import Node
+from controlplane.domain.rollouts import spec as specs
+from controlplane.domain.rollouts.bundles import assignable, by_version
+from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
+from controlplane.domain.rollouts.commit import is_pin, latest_node_rows
+from controlplane.domain.rollouts.model import (
+    FreezeWindow,
+    NodeState,
+    Rollout,
+    RolloutEvent,
+    RolloutNode,
+    RolloutSpec,
+    RolloutState,
+    RolloutView,
+)
+from controlplane.domain.rollouts.plan import plan
+from controlplane.domain.rollouts.run import EventKind, Run
+from controlplane.domain.secrets import new_id
+
+if TYPE_CHECKING:
+    from controlplane.domain.ports import Clock, DesiredView, Store, Tx
+
+# One rollout may move at most this many nodes: the per-step writes and the rollback
+# stay single transactions of bounded size.
+MAX_TARGETS = 10_000
+MAX_WINDOW = timedelta(days=90)
+
+
+@dataclass
+class RolloutDirectory:
+    store: Store
+    clock: Clock
+    view: DesiredView
+    notify: Callable[[], None]
+    bus: RolloutBus
+    wake: Callable[[], None] = lambda: None
+
+    async def create(self, project: str, spec: RolloutSpec, bundle_version: str = "") -> RolloutView:
+        now = self.clock()
+        if bool(spec.bundle_digest) == bool(bundle_version):
+            raise InvalidArgument(
+                "give exactly one of bundle_digest and bundle_version", field="bundle_digest"
+            )
+        spec = specs.validate(spec, now)
+        creator = str(current_actor())
+        for attempt in range(2):
+            try:
+                return await self._create(project, spec, bundle_version, creator, now)
+            except Aborted:
+                # Most likely a rollout claiming the same nodes committed first: the
+                # second attempt names it.
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _create(
+        self, project: str, spec: RolloutSpec, bundle_version: str, creator: str, now: datetime
+    ) -> RolloutView:
+        async with self.store.write() as tx:
+            await _require_project(tx, project)
+            if bundle_version:
+                spec = replace(spec, bundle_digest=await by_version(tx, project, bundle_version))
+            bundle = await assignable(tx, project, spec.bundle_digest)
+            if not spec.freeze_override_reason:
+                start = spec.scheduled_at or now
+                window = await tx.freezes.covering(project, start)
+                if window is not None:
+                    raise FailedPrecondition(
+                        f"freeze window {window.name!r} ({window.id}) covers {start.isoformat()} until "
+                        f"{window.ends_at.isoformat()}: {window.reason}; give freeze_override_reason to "
+                        "start anyway",
+                        field="freeze_override_reason",
+                    )
+            selector = Selector.parse(spec.selector)
+            matched = await tx.rollouts.target_nodes(project, selector.terms)
+            if len(matched) > MAX_TARGETS:
+                raise InvalidArgument(
+                    f"matches {len(matched)} nodes; at most {MAX_TARGETS} per rollout", field="selector"
+                )
+            pins = await latest_node_rows(tx, matched)
+            pinned = [n for n in matched if is_pin(pins.get(n))]
+            targets = [n for n in matched if not is_pin(pins.get(n))]
+            if not targets:
+                raise FailedPrecondition(
+                    f"selector {spec.selector!r} matches no node to roll out to"
+                    + (f" ({len(pinned)} pinned node(s) skipped)" if pinned else ""),
+                    field="selector",
+                )
+            claims = await tx.rollouts.claims(targets)
+            if claims:
+                node_id, other = sorted(claims.items())[0]
+                raise FailedPrecondition(
+                    f"{len(claims)} target node(s) belong to active rollout {other} (node {node_id} among "
+                    "them); wait for it to end, or cancel it",
+                    field="selector",
+                )
+            standby = [
+                n for n in targets if (row := self.view.effective(n)) is not None and row.traffic_weight == 0
+            ]
+            steps, nodes = plan(spec, targets, standby)
+            nodes += [
+                RolloutNode(n, -1, state=NodeState.SKIPPED, error="pinned by an operator") for n in pinned
+            ]
+            state = RolloutState.PENDING_APPROVAL if spec.approvals_required else RolloutState.PENDING
+            rollout = Rollout(
+                id=new_id("r"),
+                project=project,
+                spec=spec,
+                state=state,
+                created_by=creator,
+                created_at=now,
+                updated_at=now,
+                version=1,
+            )
+            run = Run(rollout, steps, {n.node_id: n for n in nodes})
+            run.event(
+                EventKind.STATE,
+                f"created by {creator}: {spec.strategy.value} of {bundle.version or bundle.digest} to "
+                f"{len(targets)} node(s) in {len(steps)} step(s)"
+                + (f", {len(pinned)} pinned node(s) skipped" if pinned else ""),
+                targets=len(targets),
+                pinned=pinned[:50],
+            )
+            events = [
+                RolloutEvent(rollout.id, i + 1, now, e.kind, state, e.message, e.step, e.node_id, e.detail)
+                for i, e in enumerate(run.events)
+            ]
+            rollout = replace(rollout, event_seq=len(events), progress=run.progress())
+            await tx.rollouts.insert(rollout, steps, nodes)
+            await tx.rollouts.claim(rollout.id, targets)
+            await tx.rollouts.add_events(events)
+            await tx.audit.record(
+                "rollout.create",
+                f"rollout/{rollout.id}",
+                project=project,
+                after={
+                    **spec.to_json(),
+                    "targets": len(targets),
+                    "pinned": pinned[:50],
+                    "state": state.value,
+                },
+            )
+            update = RolloutUpdate(rollout, tuple(events))
+
+            def created() -> None:
+                self.bus.publish(update)
+                self.wake()
+
+            tx.after_commit(created)
+        return RolloutView(rollout, tuple(steps))
+
+    async def page(
+        self, project: str, states: Collection[RolloutState], page_size: int, page_token: str
+    ) -> tuple[list[Rollout], str]:
+        limit = validation.page_size(page_size)
+        before = _decode(page_token)
+        async with self.store.read() as tx:
+            await _require_project(tx, project)
+            found = await tx.rollouts.page(project, states, limit + 1, before)
+        token = _encode(found[limit - 1].id) if len(found) > limit else ""
+        return found[:limit], token
+
+    async def nodes(
+        self, project: str, rollout_id: str, step: int | None, page_size: int, page_token: str
+    ) -> tuple[list[RolloutNode], str]:
+        limit = validation.page_size(page_size)
+        after = _decode(page_token)
+        async with self.store.read() as tx:
+            await _require_rollout(tx, project, rollout_id)
+            found = await tx.rollouts.node_page(rollout_id, step, limit + 1, after)
+        token = _encode(found[limit - 1].node_id) if len(found) > limit else ""
+        return found[:limit], token
+
+    async def history(
+        self, project: str, rollout_id: str, after_seq: int, limit: int
+    ) -> tuple[Rollout, list[RolloutEvent]]:
+        if after_seq < 0:
+            raise InvalidArgument("must not be negative", field="after_seq")
+        async with self.store.read() as tx:
+            rollout = await _require_rollout(tx, project, rollout_id)
+            events = await tx.rollouts.events(rollout_id, after_seq, validation.page_size(limit))
+        return rollout, events
+
+    # -- freeze windows ----------------------------------------------------------------
+
+    async def create_freeze(
+        self, project: str, name: str, starts_at: datetime, ends_at: datetime, reason: str
+    ) -> FreezeWindow:
+        now = self.clock()
+        name, reason = name.strip(), reason.strip()
+        if not 1 <= len(name) <= 100:
+            raise InvalidArgument("must be 1-100 characters", field="name")
+        if not reason or len(reason) > 1000:
+            raise InvalidArgument("say why changes are frozen (1-1000 characters)", field="reason")
+        if ends_at <= starts_at:
+            raise InvalidArgument("must be after starts_at", field="ends_at")
+        if ends_at <= now:
+            raise InvalidArgument("is in the past: the window would never apply", field="ends_at")
+        if ends_at - starts_at > MAX_WINDOW:
+            raise InvalidArgument(f"a window lasts at most {MAX_WINDOW.days} days", field="ends_at")
+        window = FreezeWindow(
+            new_id("f"), project, name, starts_at, ends_at, reason, str(current_actor()), now
+        )
+        async with self.store.write() as tx:
+            await _require_project(tx, project)
+            await tx.freezes.insert(window)
+            await tx.audit.record(
+                "freeze.create",
+                f"freeze/{window.id}",
+                project=project,
+                after={
+                    "name": name,
+                    "starts_at": starts_at.isoformat(),
+                    "ends_at": ends_at.isoformat(),
+                    "reason": reason,
+                },
+            )
+        return window
+
+    async def freezes(self, project: str, include_past: bool) -> list[FreezeWindow]:
+        after = datetime.min.replace(tzinfo=self.clock().tzinfo) if include_past else self.clock()
+        async with self.store.read() as tx:
+            await _require_project(tx, project)
+            return await tx.freezes.page(project, after, validation.MAX_PAGE_SIZE)
+
+    async def delete_freeze(self, project: str, window_id: str) -> FreezeWindow:
+        async with self.store.write() as tx:
+            window = await tx.freezes.get(window_id) if window_id else None
+            if window is None or window.project != project:
+                raise NotFound(
+                    f"freeze window {window_id!r} does not exist in project {project!r}", field="id"
+                )
+            await tx.freezes.delete(window_id)
+            await tx.audit.record(
+                "freeze.delete",
+                f"freeze/{window_id}",
+                project=project,
+                before={"name": window.name, "reason": window.reason},
+            )
+        self.wake()  # a rollout held by it may go on now
+        return window
+
+    # -- pins --------------------------------------------------------------------------
+
+    async def pin(self, project: str, node_id: str, digest: str, bundle_version: str, reason: str) -> int:
+        """Pin a node to a bundle: it wins over every other assignment, and rollouts
+        (including the steps of one in progress, and rollbacks) leave the node alone."""
+        if bool(digest) == bool(bundle_version):
+            raise InvalidArgument("give exactly one of digest and bundle_version", field="digest")
+        if digest:
+            validation.digest(digest)
+        reason = reason.strip()
+        if not reason or len(reason) > 256:
+            raise InvalidArgument("say why the node is pinned (1-256 characters)", field="reason")
+        async with self.store.write() as tx:
+            node = await _require_node(tx, project, node_id)
+            if bundle_version:
+                digest = await by_version(tx, project, bundle_version)
+            bundle = await assignable(tx, project, digest, field="digest")
+            before = (await latest_node_rows(tx, [node.id])).get(node.id)
+            revision = await write_assignment(
+                tx,
+                Assignment(
+                    project,
+                    (node_key(node.id),),
+                    digest,
+                    bundle.size_bytes,
+                    100,
+                    True,
+                    {"pin": reason},
+                    bundle.signature,
+                    bundle.key_id,
+                ),
+                self.clock().timestamp(),
+            )
+            await tx.audit.record(
+                "node.pin",
+                f"node/{node.id}",
+                project=project,
+                before={"digest": before.digest if before else "", "pinned": is_pin(before)},
+                after={"digest": digest, "revision": revision, "reason": reason},
+            )
+            tx.after_commit(self.notify)
+        await self.view.wait_until(None, revision, READ_YOUR_WRITES)
+        self.wake()
+        return revision
+
+    async def unpin(self, project: str, node_id: str) -> int:
+        async with self.store.write() as tx:
+            node = await _require_node(tx, project, node_id)
+            row = (await latest_node_rows(tx, [node.id])).get(node.id)
+            if not is_pin(row):
+                raise FailedPrecondition(f"node {node.id} is not pinned", field="node_id")
+            assert row is not None
+            revision = await write_unassignment(tx, project, [node_key(node.id)], self.clock().timestamp())
+            await tx.audit.record(
+                "node.unpin",
+                f"node/{node.id}",
+                project=project,
+                before={"digest": row.digest, "pinned": True},
+            )
+            tx.after_commit(self.notify)
+        await self.view.wait_until(None, revision, READ_YOUR_WRITES)
+        return revision
+
+
+async def _require_project(tx: Tx, project: str) -> None:
+    if await tx.projects.get(project) is None:
+        raise NotFound(f"project {project!r} does not exist", field="project")
+
+
+async def _require_rollout(tx: Tx, project: str, rollout_id: str) -> Rollout:
+    rollout = await tx.rollouts.get(rollout_id) if rollout_id else None
+    if rollout is None or rollout.project != project:
+        raise NotFound(f"rollout {rollout_id!r} does not exist in project {project!r}", field="rollout_id")
+    return rollout
+
+
+async def _require_node(tx: Tx, project: str, node_id: str) -> Node:
+    node = await tx.nodes.get(node_id) if node_id else None
+    if node is None or node.project != project:
+        raise NotFound(f"node {node_id!r} does not exist in project {project!r}", field="node_id")
+    return node
+
+
+def _encode(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode()
+
+
+def _decode(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidArgument("not a token this server issued", field="page_token") from None

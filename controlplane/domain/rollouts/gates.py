@@ -1,0 +1,87 @@
+"""Health gates: is every node of a step healthy on fresh data?
+
+A node passes only on a heartbeat that arrived after it activated the bundle, reports
+that bundle, and is not stale. Missing, old or foreign data fails: a silent node never
+counts as a healthy one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from controlplane.domain.records import Health
+from controlplane.domain.rollouts.facts import NodeFacts
+from controlplane.domain.rollouts.model import Gates
+
+
+@dataclass(frozen=True, slots=True)
+class GateResult:
+    passed: bool
+    checked: int
+    # The first few failures, "node: why", for events and the reason of a rollback.
+    failures: tuple[str, ...] = ()
+    failing: int = 0
+
+    def summary(self) -> str:
+        if self.passed:
+            return f"{self.checked} node(s) healthy"
+        more = f" (+{self.failing - len(self.failures)} more)" if self.failing > len(self.failures) else ""
+        return f"{self.failing} of {self.checked} node(s) failing: " + "; ".join(self.failures) + more
+
+
+# Enough examples in a reason to act on, short enough for an event or a log line.
+_MAX_EXAMPLES = 3
+
+
+def node_problem(
+    gates: Gates,
+    facts: NodeFacts,
+    digest: str,
+    activated_at: datetime | None,
+    now: datetime,
+    stale: timedelta,
+) -> str:
+    """Why `facts` fails the gates ("" when it passes)."""
+    beat = facts.heartbeat
+    if beat is None:
+        return "no heartbeat"
+    if activated_at is not None and beat.received_at <= activated_at:
+        return "no heartbeat since it activated the bundle"
+    if now - beat.received_at > stale:
+        return f"last heartbeat {int((now - beat.received_at).total_seconds())}s ago"
+    if beat.applied_digest != digest:
+        return f"heartbeat reports {beat.applied_digest or 'no bundle'}"
+    m = beat.metrics
+    if gates.require_healthy and m.health is not Health.HEALTHY:
+        return f"health {m.health.value}"
+    checks = (
+        ("error_rate", m.error_rate, gates.max_error_rate),
+        ("p99_latency_ms", m.p99_latency_ms, gates.max_p99_latency_ms),
+        ("cpu_percent", m.cpu_percent, gates.max_cpu_percent),
+        ("memory_percent", m.memory_percent, gates.max_memory_percent),
+    )
+    for name, value, limit in checks:
+        if limit is not None and value > limit:
+            return f"{name} {value:g} > {limit:g}"
+    return ""
+
+
+def evaluate(
+    gates: Gates,
+    nodes: Iterable[tuple[NodeFacts, str, datetime | None]],
+    now: datetime,
+    stale: timedelta,
+) -> GateResult:
+    """Check (facts, expected digest, activation time) of every node the gates cover."""
+    checked, failing = 0, 0
+    examples: list[str] = []
+    for facts, digest, activated_at in nodes:
+        checked += 1
+        problem = node_problem(gates, facts, digest, activated_at, now, stale)
+        if problem:
+            failing += 1
+            if len(examples) < _MAX_EXAMPLES:
+                examples.append(f"{facts.node_id}: {problem}")
+    return GateResult(failing == 0, checked, tuple(examples), failing)

@@ -1,0 +1,424 @@
+"""The rollout state machine: every decision the driver takes, as pure functions of a
+loaded rollout (`Run`) and what was observed (`World`). No I/O and no clock of its own,
+so unit tests drive it with a fake clock and the property test with random worlds.
+
+One tick, for a RUNNING rollout, works through the current step:
+
+- APPLYING: classify each node of the step from its reports (ACTIVE with the bundle at
+  or after the step's revision, FAILED = NACK, OFFLINE, pinned = SKIPPED). More NACKs
+  than the failure budget fail the rollout. Once no online node is still waiting and at
+  most `max_unavailable` are offline, the step bakes.
+- BAKING: the health gates must pass continuously for the bake time (a failure restarts
+  the bake); failing longer than the gate window fails the rollout. A canary step then
+  runs the analysis: promote, extend by one bake, or roll back.
+- DONE: the next step is written — unless a freeze window holds it — or the rollout
+  succeeds after the last one.
+
+The step deadline covers the whole step (minus time paused, plus one bake per canary
+extension). A failure rolls back (auto-rollback) or halts the rollout as FAILED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import datetime
+
+from controlplane.domain.errors import AlreadyExists, FailedPrecondition, PermissionDenied
+from controlplane.domain.records import HeartbeatRecord
+from controlplane.domain.rollouts import canary, gates
+from controlplane.domain.rollouts.facts import World
+from controlplane.domain.rollouts.model import (
+    NodeState,
+    Role,
+    RolloutNode,
+    RolloutState,
+    Step,
+    StepKind,
+    StepState,
+    Strategy,
+)
+from controlplane.domain.rollouts.run import EventKind, Run, StepWrite
+
+HOLD_PREFIX = "held: "
+
+
+def tick(run: Run, world: World) -> None:
+    """Advance `run` as far as `world` allows."""
+    state = run.state
+    if state is RolloutState.PENDING_APPROVAL:
+        if world.bundle_problem:
+            run.transition(RolloutState.CANCELLED, world.now, world.bundle_problem)
+        return
+    if state is RolloutState.PENDING:
+        _start(run, world)
+        return
+    if state is not RolloutState.RUNNING:
+        return
+    if world.bundle_problem:
+        _fail(run, world.now, world.bundle_problem)
+        return
+    step = run.current
+    if step is None:
+        _advance(run, world)
+        return
+    if step.state in (StepState.APPLYING, StepState.BAKING):
+        _work(run, world, step)
+    elif step.state is StepState.DONE:
+        _advance(run, world)
+
+
+# -- starting and advancing ---------------------------------------------------------
+
+
+def _start(run: Run, world: World) -> None:
+    now = world.now
+    if world.bundle_problem:
+        run.transition(RolloutState.CANCELLED, now, world.bundle_problem)
+        return
+    scheduled = run.spec.scheduled_at
+    if scheduled is not None and now < scheduled:
+        return
+    if _held(run, world):
+        return
+    run.transition(RolloutState.RUNNING, now, "")
+    _advance(run, world)
+
+
+def _held(run: Run, world: World) -> bool:
+    """A freeze window holds starts and step advances (unless overridden)."""
+    window = world.freeze
+    if window is None or run.spec.freeze_override_reason:
+        if run.rollout.reason.startswith(HOLD_PREFIX):
+            run.update(world.now, reason="")
+            run.event(EventKind.HOLD, "freeze window over: continuing")
+        return False
+    reason = f"{HOLD_PREFIX}freeze window {window.name!r} until {window.ends_at.isoformat()}"
+    if run.rollout.reason != reason:
+        run.update(world.now, reason=reason)
+        run.event(EventKind.HOLD, reason, window=window.id)
+    return True
+
+
+def _advance(run: Run, world: World) -> None:
+    nxt = run.rollout.current_step + 1
+    if nxt >= len(run.steps):
+        run.transition(RolloutState.SUCCEEDED, world.now, f"all {len(run.steps)} step(s) done")
+        return
+    if _held(run, world):
+        return
+    _start_step(run, world, run.steps[nxt])
+
+
+def _start_step(run: Run, world: World, step: Step) -> None:
+    now = world.now
+    members = [n for n in run.members(step) if n.state not in _SETTLED]
+    for node in members:
+        run.set_node(node, now, state=NodeState.ASSIGNED)
+    targets = tuple(n.node_id for n in members if n.role is Role.TARGET)
+    live = tuple(n.node_id for n in members if n.role is Role.LIVE)
+    weight = step.traffic_weight if run.spec.strategy is Strategy.BLUE_GREEN else 100
+    run.set_step(step, state=StepState.APPLYING, started_at=now, node_count=len(members))
+    run.update(now, current_step=step.index)
+    if members:
+        run.writes.append(StepWrite(step.index, targets, live, weight, 100 - weight))
+    what = {StepKind.DEPLOY: "deploy", StepKind.TRAFFIC: "traffic", StepKind.SWAP: "swap"}[step.kind]
+    run.event(
+        EventKind.STEP,
+        f"step {step.index} started ({what}): {len(members)} node(s)"
+        + (f", new set at weight {weight}" if run.spec.strategy is Strategy.BLUE_GREEN else ""),
+        step=step.index,
+        nodes=len(members),
+        weight=weight,
+    )
+    if not members:
+        # Nothing to write or wait for (every node skipped or failed before): done.
+        done = run.set_step(run.steps[step.index], state=StepState.BAKING, applied_at=now)
+        run.set_step(done, state=StepState.DONE, finished_at=now)
+        run.event(EventKind.STEP, f"step {step.index} done: no node left to update", step=step.index)
+        _advance(run, world)
+
+
+# Nodes whose outcome is fixed: never written or waited for again.
+_SETTLED = frozenset({NodeState.SKIPPED, NodeState.FAILED, NodeState.ROLLED_BACK})
+
+
+# -- working on a step ----------------------------------------------------------------
+
+
+def _work(run: Run, world: World, step: Step) -> None:
+    now = world.now
+    members = run.members(step)
+    for node in members:
+        _classify(run, world, node)
+    failed = run.count((NodeState.FAILED,))
+    if failed > run.spec.max_failures:
+        examples = [f"{n.node_id}: {n.error}" for n in run.nodes.values() if n.state is NodeState.FAILED]
+        _fail(
+            run,
+            now,
+            f"{failed} node(s) rejected the bundle (budget {run.spec.max_failures}): "
+            + "; ".join(examples[:3]),
+        )
+        return
+    step = run.steps[step.index]
+    limit = run.spec.progress_deadline + step.extensions * run.spec.bake_time
+    assert step.started_at is not None
+    elapsed = (now - step.started_at).total_seconds() - step.paused_seconds
+    if elapsed > limit.total_seconds():
+        waiting = [n.node_id for n in run.members(step) if n.state in (NodeState.ASSIGNED, NodeState.OFFLINE)]
+        _fail(
+            run,
+            now,
+            f"step {step.index} did not complete within {limit.total_seconds():g}s"
+            + (
+                f"; not ACTIVE: {', '.join(waiting[:5])}"
+                if waiting
+                else f"; gates: {step.detail.get('gates')}"
+            ),
+        )
+        return
+    members = run.members(step)
+    offline = [n for n in members if n.state is NodeState.OFFLINE]
+    if step.state is StepState.APPLYING:
+        if any(n.state is NodeState.ASSIGNED for n in members):
+            return
+        if len(offline) > run.spec.max_unavailable:
+            return
+        step = run.set_step(step, state=StepState.BAKING, applied_at=now)
+        active = sum(1 for n in members if n.state is NodeState.ACTIVE)
+        run.event(
+            EventKind.STEP,
+            f"step {step.index} applied: {active} node(s) ACTIVE, {len(offline)} offline",
+            step=step.index,
+            active=active,
+            offline=len(offline),
+        )
+    _bake(run, world, step, members, len(offline))
+
+
+def _classify(run: Run, world: World, node: RolloutNode) -> None:
+    if node.state in _SETTLED or node.state is NodeState.PENDING:
+        return
+    facts = world.facts.get(node.node_id)
+    if facts is None:
+        return
+    now = world.now
+    if facts.pinned:
+        run.set_node(node, now, state=NodeState.SKIPPED, error="pinned by an operator")
+        run.event(EventKind.NODE, f"{node.node_id} skipped: pinned", node_id=node.node_id, state="skipped")
+        return
+    expected = run.expected_digest(node)
+    if facts.applied_digest == expected and facts.applied_revision >= node.assigned_revision:
+        if node.state is not NodeState.ACTIVE:
+            run.set_node(node, now, state=NodeState.ACTIVE, error="", updated_at=facts.reported_at or now)
+            run.event(EventKind.NODE, f"{node.node_id} active", node_id=node.node_id, state="active")
+        return
+    if node.state is NodeState.ACTIVE:
+        return  # once seen ACTIVE it stays so; the gates watch what it does next
+    if facts.failed_digest == expected and facts.failed_revision >= node.assigned_revision:
+        run.set_node(node, now, state=NodeState.FAILED, error=facts.failed_error[:500])
+        run.event(
+            EventKind.NODE,
+            f"{node.node_id} rejected the bundle: {facts.failed_error[:200]}",
+            node_id=node.node_id,
+            state="failed",
+        )
+        return
+    new = NodeState.ASSIGNED if facts.online else NodeState.OFFLINE
+    if new is not node.state:
+        run.set_node(node, now, state=new)
+        run.event(EventKind.NODE, f"{node.node_id} {new.value}", node_id=node.node_id, state=new.value)
+
+
+def _bake(run: Run, world: World, step: Step, members: list[RolloutNode], offline: int) -> None:
+    now, spec = world.now, run.spec
+    gated = [n for n in members if n.state is NodeState.ACTIVE and n.role is Role.TARGET]
+    gone = {n.node_id for n in gated if not (f := world.facts.get(n.node_id)) or not f.online}
+    if offline + len(gone) <= spec.max_unavailable:
+        # Within the allowance an offline node is excused; beyond it, its stale data fails.
+        gated = [n for n in gated if n.node_id not in gone]
+    checked = [
+        (world.facts[n.node_id], spec.bundle_digest, n.updated_at) for n in gated if n.node_id in world.facts
+    ]
+    result = gates.evaluate(spec.gates, checked, now, world.stale_after)
+    # Stored only when the counts move, not on every tick the wording changes.
+    counts = [result.checked, result.failing]
+    detail = {**step.detail, "gates": result.summary(), "gate_counts": counts}
+    fresh = step.detail.get("gate_counts") != counts
+    if not result.passed:
+        if step.gate_failing_since is None:
+            run.set_step(step, gate_failing_since=now, bake_started_at=None, detail=detail)
+            run.event(
+                EventKind.GATES, f"step {step.index} gates failing: {result.summary()}", step=step.index
+            )
+        elif (now - step.gate_failing_since) > spec.gate_failure_window:
+            failing_for = (now - step.gate_failing_since).total_seconds()
+            _fail(run, now, f"health gates failing for {failing_for:.0f}s: {result.summary()}")
+        elif fresh:
+            run.set_step(step, detail=detail)
+        return
+    if step.gate_failing_since is not None:
+        run.event(EventKind.GATES, f"step {step.index} gates passing: {result.summary()}", step=step.index)
+    if step.bake_started_at is None or step.gate_failing_since is not None or fresh:
+        step = run.set_step(
+            step, gate_failing_since=None, bake_started_at=step.bake_started_at or now, detail=detail
+        )
+    assert step.bake_started_at is not None
+    if now - step.bake_started_at < spec.bake_time:
+        return
+    is_canary_step = spec.strategy is Strategy.CANARY and step.index < len(run.steps) - 1
+    if is_canary_step and not _analysis_promotes(run, world, step):
+        return
+    run.set_step(run.steps[step.index], state=StepState.DONE, finished_at=now)
+    run.event(EventKind.STEP, f"step {step.index} done", step=step.index)
+    _advance(run, world)
+
+
+def analysis_nodes(run: Run) -> tuple[list[str], list[str]]:
+    """Canary analysis inputs: (updated target nodes so far, not-yet-updated ones)."""
+    step = run.rollout.current_step
+    canary_ids, baseline_ids = [], []
+    for n in run.nodes.values():
+        if n.role is not Role.TARGET:
+            continue
+        if n.step <= step and n.state is NodeState.ACTIVE:
+            canary_ids.append(n.node_id)
+        elif n.step > step and n.state is NodeState.PENDING:
+            baseline_ids.append(n.node_id)
+    return canary_ids, baseline_ids
+
+
+def _analysis_promotes(run: Run, world: World, step: Step) -> bool:
+    if world.samples is None:
+        run.needs_samples = True
+        return False
+    now, spec = world.now, run.spec
+    canary_ids, baseline_ids = analysis_nodes(run)
+    assert step.applied_at is not None and step.started_at is not None
+    since_applied, since_started = step.applied_at, step.started_at
+
+    samples = world.samples
+
+    def picked(ids: list[str], since: datetime, new: bool) -> list[HeartbeatRecord]:
+        return [
+            beat
+            for node_id in ids
+            for beat in samples.get(node_id, ())
+            if beat.received_at > since and (beat.applied_digest == spec.bundle_digest) == new
+        ]
+
+    result = canary.analyze(
+        spec.canary, picked(canary_ids, since_applied, True), picked(baseline_ids, since_started, False)
+    )
+    analyses = [*step.detail.get("analyses", []), {"at": now.isoformat(), **result.to_json()}]
+    step = run.set_step(step, detail={**step.detail, "analyses": analyses[-10:]})
+    run.event(
+        EventKind.ANALYSIS,
+        f"step {step.index} canary analysis: {result.decision.value} ({result.reason})",
+        step=step.index,
+        **result.to_json(),
+    )
+    if result.decision is canary.Decision.PROMOTE:
+        return True
+    if result.decision is canary.Decision.ROLLBACK:
+        _fail(run, now, f"canary analysis at step {step.index}: {result.reason}")
+        return False
+    if step.extensions >= spec.canary.max_extensions:
+        _fail(
+            run,
+            now,
+            f"canary analysis at step {step.index}: still {result.reason} "
+            f"after {step.extensions} extension(s)",
+        )
+        return False
+    run.set_step(step, extensions=step.extensions + 1, bake_started_at=now)
+    return False
+
+
+# -- failing and rolling back ---------------------------------------------------------
+
+
+def _fail(run: Run, now: datetime, reason: str) -> None:
+    step = run.current
+    if step is not None and step.state in (StepState.APPLYING, StepState.BAKING):
+        run.set_step(step, state=StepState.FAILED, finished_at=now, detail={**step.detail, "failure": reason})
+    if run.spec.auto_rollback:
+        _roll_back(run, now, f"automatic rollback: {reason}")
+    else:
+        run.transition(RolloutState.FAILED, now, reason)
+
+
+def _roll_back(run: Run, now: datetime, reason: str) -> None:
+    run.transition(RolloutState.ROLLED_BACK, now, reason)
+    for node in list(run.nodes.values()):
+        if node.touched and node.state is not NodeState.SKIPPED:
+            run.restore.append(node.node_id)
+            run.set_node(node, now, state=NodeState.ROLLED_BACK)
+    step = run.current
+    if step is not None and step.state in (StepState.APPLYING, StepState.BAKING):
+        run.set_step(step, state=StepState.FAILED, finished_at=now, detail={**step.detail, "failure": reason})
+
+
+# -- operator actions -----------------------------------------------------------------
+
+
+def pause(run: Run, now: datetime, reason: str = "") -> None:
+    if run.state is not RolloutState.RUNNING:
+        raise FailedPrecondition(
+            f"only a running rollout can be paused; {run.rollout.id} is {run.state.value}"
+        )
+    run.transition(RolloutState.PAUSED, now, reason or "paused by an operator")
+
+
+def resume(run: Run, now: datetime) -> None:
+    if run.state is not RolloutState.PAUSED:
+        raise FailedPrecondition(
+            f"only a paused rollout can be resumed; {run.rollout.id} is {run.state.value}"
+        )
+    paused_at = run.rollout.paused_at or now
+    step = run.current
+    if step is not None and step.state in (StepState.APPLYING, StepState.BAKING):
+        # Paused time does not count against the deadline, and the bake starts over:
+        # the gates must hold for a full bake after a pause.
+        run.set_step(
+            step,
+            paused_seconds=step.paused_seconds + max(0.0, (now - paused_at).total_seconds()),
+            bake_started_at=None,
+            gate_failing_since=None,
+        )
+    run.transition(RolloutState.RUNNING, now, "")
+
+
+def cancel(run: Run, now: datetime, reason: str) -> None:
+    if not run.rollout.active:
+        raise FailedPrecondition(f"rollout {run.rollout.id} already ended ({run.state.value})")
+    run.transition(RolloutState.CANCELLED, now, reason or "cancelled by an operator")
+
+
+def roll_back(run: Run, now: datetime, reason: str) -> None:
+    if run.state not in (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.FAILED):
+        raise FailedPrecondition(
+            f"only a running, paused or failed rollout can be rolled back; {run.rollout.id} is "
+            f"{run.state.value}" + ("; cancel it instead" if run.rollout.active else "")
+        )
+    _roll_back(run, now, reason or "rolled back by an operator")
+
+
+def approve(run: Run, now: datetime, actor: str, approvers: Collection[str]) -> None:
+    """Record `actor`'s approval (the caller stores it); enough distinct ones start it."""
+    if run.state is not RolloutState.PENDING_APPROVAL:
+        raise FailedPrecondition(f"rollout {run.rollout.id} is {run.state.value}, not awaiting approval")
+    if actor == run.rollout.created_by:
+        raise PermissionDenied(f"{actor} created rollout {run.rollout.id} and cannot approve it")
+    if actor in approvers:
+        raise AlreadyExists(f"{actor} already approved rollout {run.rollout.id}")
+    have, need = len(approvers) + 1, run.spec.approvals_required
+    run.event(EventKind.APPROVAL, f"approved by {actor} ({have} of {need})", actor=actor)
+    if have >= need:
+        run.transition(RolloutState.PENDING, now, f"approved by {have} operator(s)")
+
+
+def reject(run: Run, now: datetime, actor: str, reason: str) -> None:
+    if run.state is not RolloutState.PENDING_APPROVAL:
+        raise FailedPrecondition(f"rollout {run.rollout.id} is {run.state.value}, not awaiting approval")
+    run.transition(RolloutState.REJECTED, now, f"rejected by {actor}: {reason}")

@@ -1,0 +1,62 @@
+"""One WatchRollout stream: the current state, then every event in order, no gaps.
+
+Subscribe first, then read the snapshot (which names its last event number S): nothing
+committed after S can be missed, it is either queued or in the history. Events arrive
+from the bus; any gap in the numbering (a lost wake-up, a lagging queue) is filled from
+the stored history. The stream ends after the event that made the rollout terminal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from controlplane.domain.rollouts.bus import RolloutBus
+from controlplane.domain.rollouts.model import Rollout, RolloutEvent, RolloutView
+
+# How long a quiet watch waits before looking at the history itself: a safety net only,
+# the poller delivers every change within about a second.
+IDLE_CHECK = 15.0
+HISTORY_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class WatchBatch:
+    rollout: Rollout
+    events: tuple[RolloutEvent, ...]
+
+
+Snapshot = Callable[[], Awaitable[RolloutView]]
+History = Callable[[int], Awaitable[tuple[Rollout, list[RolloutEvent]]]]
+
+
+async def watch(
+    bus: RolloutBus, rollout_id: str, snapshot: Snapshot, history: History
+) -> AsyncIterator[RolloutView | WatchBatch]:
+    sub = bus.subscribe(rollout_id)
+    try:
+        view = await snapshot()
+        yield view
+        rollout, last = view.rollout, view.rollout.event_seq
+        behind = False
+        while rollout.active or last < rollout.event_seq:
+            update = None if behind else await sub.next(IDLE_CHECK)
+            events: list[RolloutEvent] = []
+            if update is not None and not sub.lagging:
+                if update.rollout.version >= rollout.version:
+                    rollout = update.rollout
+                events = [e for e in update.events if e.seq > last]
+                gap = bool(events) and events[0].seq != last + 1
+            else:
+                # A quiet spell, an overflow, or more history to read: ask the history.
+                gap = True
+            if gap:
+                sub.lagging = False
+                rollout, events = await history(last)
+                behind = len(events) >= HISTORY_BATCH
+            events = [e for e in events if e.seq > last]
+            if events:
+                last = events[-1].seq
+                yield WatchBatch(rollout, tuple(events))
+    finally:
+        sub.close()

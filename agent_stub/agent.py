@@ -21,7 +21,7 @@ from agent_stub.applier import ApplyHook, CommandHook, FilesystemInstaller, Inst
 from agent_stub.backoff import Backoff
 from agent_stub.bundles import BundleStore
 from agent_stub.config import AgentConfig
-from agent_stub.download import Downloader
+from agent_stub.download import Downloader, KeyLister
 from agent_stub.events import Counters, EventHandler, StreamInfo
 from agent_stub.heartbeat import Heartbeater, MetricsSource
 from agent_stub.identity import Registrar
@@ -29,6 +29,7 @@ from agent_stub.logs import EventLog, Listener
 from agent_stub.reporter import Reporter
 from agent_stub.rpc import bearer, open_channel
 from agent_stub.state import Cursor, FileStateStore, StateStore
+from agent_stub.verify import BundleVerifier, KeyRing, load_trusted_keys
 from agent_stub.watcher import Watcher
 
 
@@ -67,7 +68,9 @@ class Agent:
                 fsync=config.fsync,
             )
             hook = apply if apply is not None else CommandHook(config.apply_command, config.apply_timeout)
-            installer = FilesystemInstaller(self.bundles, downloader, hook, config.unpack, config.fsync)
+            installer = FilesystemInstaller(
+                self.bundles, downloader, hook, config.unpack, config.fsync, self._verifier(config)
+            )
         self.installer: Installer = installer
         self.reporter = Reporter(
             self.channel, lambda: self.node_id, self.metadata, self.log, timeout=config.rpc_timeout
@@ -89,6 +92,13 @@ class Agent:
             timeout=config.rpc_timeout,
         )
         self._stop = asyncio.Event()
+
+    def _verifier(self, config: AgentConfig) -> BundleVerifier:
+        """Signature and manifest checks: against the keys file, or the server's keys."""
+        pinned = config.trusted_keys is not None
+        ring = KeyRing(load_trusted_keys(config.trusted_keys) if config.trusted_keys else None, pinned)
+        lister = KeyLister(self.channel, lambda: config.project, self.metadata, config.rpc_timeout)
+        return BundleVerifier(ring, lister)
 
     def _dir(self) -> Any:
         assert self.config.state_dir is not None

@@ -24,6 +24,7 @@ from typing import Protocol, TypeVar
 from agent_stub.bundles import BundleStore
 from agent_stub.errors import ApplyFailed
 from agent_stub.unpack import UnpackCancelled, UnpackError, UnpackLimits, unpack
+from agent_stub.verify import BundleVerifier
 
 # The server keeps 4096 characters of a FAILED report's error: leave room for the prefix.
 MAX_REASON = 3500
@@ -42,6 +43,9 @@ class Target:
     source: str = ""
     size_bytes: int = 0
     annotations: Mapping[str, str] = field(default_factory=dict)
+    # The control plane's Ed25519 signature of the digest and the signing key's id.
+    signature: bytes = b""
+    key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -184,7 +188,11 @@ def _local(step: Callable[[], T], what: str) -> T:
 
 
 class FilesystemInstaller:
-    """Download, verify, unpack into a new directory, run the hook, swap `current`."""
+    """Verify the signature, download, check the digest, unpack into a new directory,
+    check the manifest, run the hook, swap `current`.
+
+    Without a `verifier` nothing but the digest is checked: for simulators and tests of
+    other parts; the agent itself always passes one (agent.py)."""
 
     def __init__(
         self,
@@ -193,12 +201,14 @@ class FilesystemInstaller:
         hook: ApplyHook,
         limits: UnpackLimits | None = None,
         fsync: bool = True,
+        verifier: BundleVerifier | None = None,
     ):
         self.store = store
         self.fetch = fetch
         self.hook = hook
         self.limits = limits or UnpackLimits()
         self.fsync = fsync
+        self.verifier = verifier
 
     def active_digest(self) -> str:
         return self.store.active_digest()
@@ -210,10 +220,15 @@ class FilesystemInstaller:
         staging: Path | None = None
         final: Path | None = None
         try:
+            if self.verifier is not None:
+                # Before a byte is downloaded: an unsigned or forged bundle costs nothing.
+                await self.verifier.check_signature(target.digest, target.signature, target.key_id)
             await self.fetch(target.digest, archive)
             await downloaded()
             unpacked = staging = store.new_staging(target.digest)
             await self._unpack(archive, unpacked)
+            if self.verifier is not None:
+                await asyncio.to_thread(self.verifier.check_tree, unpacked)
             with contextlib.suppress(OSError):
                 archive.unlink()
             final = _local(lambda: store.commit(unpacked, target.digest), "placing the bundle")

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-unpacked-bytes", type=positive_int, default=UnpackLimits.max_total_bytes)
     p.add_argument("--max-file-bytes", type=positive_int, default=UnpackLimits.max_file_bytes)
     p.add_argument("--max-members", type=positive_int, default=UnpackLimits.max_members)
+    p.add_argument(
+        "--trusted-keys",
+        type=Path,
+        help="JSON file of the keys bundles must be signed with (`controlplane signing-keys list "
+        "--json`); default: the keys the control plane lists",
+    )
     p.add_argument("--backoff-base", type=positive_float, default=BackoffPolicy.base, help="seconds")
     p.add_argument("--backoff-cap", type=positive_float, default=BackoffPolicy.cap, help="seconds")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -95,6 +101,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
             max_file_bytes=args.max_file_bytes,
         ),
         backoff=BackoffPolicy(base=args.backoff_base, cap=max(args.backoff_cap, args.backoff_base)),
+        trusted_keys=args.trusted_keys,
     )
 
 

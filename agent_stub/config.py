@@ -40,6 +40,9 @@ class AgentConfig:
     max_bundle_bytes: int = 256 * MIB
     unpack: UnpackLimits = field(default_factory=UnpackLimits)
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+    # Keys bundles must be signed with (a JSON file, see verify.py); None trusts the keys
+    # the control plane lists. Bundles are always verified by the built-in installer.
+    trusted_keys: Path | None = None
     # Unary calls (register, report, heartbeat) give up after this long.
     rpc_timeout: float = 10.0
     # fsync state, downloads and unpacked files; simulators with throwaway dirs may skip it.

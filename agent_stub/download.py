@@ -18,7 +18,8 @@ import grpc
 
 from agent_stub.errors import ApplyFailed, TransientFailure
 from agent_stub.rpc import code_name, error_summary, retry_after
-from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
+from agent_stub.verify import TrustedKey, key_id_of
+from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc, signing_pb2, signing_pb2_grpc
 
 # Errors that say the bytes will never come for this digest: a NACK, not a retry.
 _PERMANENT = {
@@ -106,3 +107,39 @@ class Downloader:
                 f"digest mismatch: expected sha256:{expected}, got sha256:{actual} ({size} bytes)"
             )
         return size
+
+
+class KeyLister:
+    """The control plane's signing keys (`ListSigningKeys`), for `verify.BundleVerifier`."""
+
+    def __init__(
+        self,
+        channel: Any,
+        project: Callable[[], str],
+        metadata: Callable[[], tuple[tuple[str, str], ...]],
+        timeout: float,
+    ):
+        self._stub = signing_pb2_grpc.SigningKeyServiceStub(channel)
+        self._project = project
+        self._metadata = metadata
+        self.timeout = timeout
+
+    async def __call__(self) -> list[TrustedKey]:
+        try:
+            reply = await self._stub.ListSigningKeys(
+                signing_pb2.ListSigningKeysRequest(project=self._project()),
+                metadata=self._metadata(),
+                timeout=self.timeout,
+            )
+        except grpc.RpcError as e:
+            raise TransientFailure(
+                f"cannot list the control plane's signing keys: {error_summary(e)}"
+            ) from None
+        keys = []
+        for key in reply.keys:
+            # A listed key whose id is not its own hash is ignored, never trusted.
+            if key_id_of(key.public_key) == key.key_id:
+                keys.append(
+                    TrustedKey(key.key_id, key.public_key, key.state == signing_pb2.SIGNING_KEY_STATE_RETIRED)
+                )
+        return keys

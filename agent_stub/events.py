@@ -162,6 +162,8 @@ class EventHandler:
             source=desired.source,
             size_bytes=desired.size_bytes,
             annotations=dict(desired.annotations),
+            signature=desired.signature,
+            key_id=desired.key_id,
         )
         log = self.log.bind(revision=target.revision, digest=target.digest or None)
         if not target.digest:

@@ -11,16 +11,22 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
+from controlplane.blobs.base import BlobStore
 from controlplane.blobs.local import LocalBlobStore
+from controlplane.blobs.s3 import S3BlobStore, S3Settings
 from controlplane.config import Settings
 from controlplane.domain import retention
 from controlplane.domain.assignments import DesiredStateWriter
 from controlplane.domain.audit import acting_as, system
+from controlplane.domain.bundle_gc import BlobCollector
+from controlplane.domain.bundle_lifecycle import BundleLifecycle
 from controlplane.domain.bundles import BundleRegistry
 from controlplane.domain.clock import utcnow
 from controlplane.domain.nodes import NodeRegistry
 from controlplane.domain.projects import DEFAULT_PROJECT, ProjectDirectory
 from controlplane.domain.records import Node, StatusReport
+from controlplane.domain.signing import Signer, parse_seed
+from controlplane.domain.signing_keys import KeyDirectory
 from controlplane.keyfiles import load_or_create_hex, write_private
 from controlplane.rpc.auth import NodeAuthenticator
 from controlplane.rpc.bundles import BundleServicer
@@ -28,11 +34,13 @@ from controlplane.rpc.interceptor import GuardInterceptor
 from controlplane.rpc.nodes import NodeServicer
 from controlplane.rpc.projects import ProjectServicer
 from controlplane.rpc.server import GrpcServer
+from controlplane.rpc.signing import SigningKeyServicer
 from controlplane.rpc.watch import WatchServicer
 from controlplane.store.engine import make_engine, upgrade
 from controlplane.store.feed import SqlChangeFeed
 from controlplane.store.listen import PgListener
 from controlplane.store.sql import SqlStore
+from controlplane.tasks.bundle_gc import collect_bundles
 from controlplane.tasks.periodic import Periodic
 from controlplane.watch import metrics as watch_metrics
 from controlplane.watch.hub import WatchHub
@@ -41,6 +49,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_FILE = "enrollment-token"
 AUDIT_KEY_FILE = "audit-key"
+SIGNING_KEY_FILE = "signing-key"
 
 
 @dataclass
@@ -83,19 +92,38 @@ class App:
             on_nack=_count_nack,
         )
         self.writer = DesiredStateWriter(self.store, utcnow, self.hub.wake, self.hub)
+        self.blobs = await _blob_store(s)
+        signer = self._signer()
+        self.signing_keys = KeyDirectory(self.store, utcnow, signer, self.hub.wake)
+        allowed = frozenset(s.validator_allow)
         self.bundles = BundleRegistry(
-            self.store, LocalBlobStore(s.data_dir / "blobs"), utcnow, staging_dir=s.data_dir / "staging"
+            self.store,
+            self.blobs,
+            utcnow,
+            staging_dir=s.data_dir / "staging",
+            signer=signer,
+            allowed_programs=allowed,
+            max_bundle_bytes=s.max_bundle_bytes,
         )
+        self.bundles.clean_staging()
+        self.lifecycle = BundleLifecycle(
+            self.store, self.blobs, utcnow, self.hub, s.data_dir / "staging", allowed
+        )
+        self.blob_collector = BlobCollector(self.store, self.blobs, utcnow, s.bundle_retention)
         token, created = await self._enrollment_token()
+        with acting_as(system("signing-keys")):
+            await self.signing_keys.register()
+            await self.signing_keys.sign_unsigned()
 
         authenticator = NodeAuthenticator(self.nodes)
         self.grpc = GrpcServer(
             GuardInterceptor(authenticator),
             NodeServicer(self.nodes, authenticator),
             WatchServicer(self.hub, self.feed),
-            BundleServicer(self.bundles, self.writer),
+            BundleServicer(self.bundles, self.lifecycle, self.writer),
             ProjectServicer(self.projects),
             max_pending=s.max_pending_requests,
+            signing=SigningKeyServicer(self.signing_keys),
         )
         port = self.grpc.bind(s.listen)
         metrics_port = self._start_metrics()
@@ -105,6 +133,11 @@ class App:
         self._periodic = [
             Periodic("offline-sweep", s.offline_sweep_interval.total_seconds(), self._sweep_offline),
             Periodic("retention", s.prune_interval.total_seconds(), self._prune),
+            Periodic(
+                "bundle-gc",
+                s.bundle_gc_interval.total_seconds(),
+                lambda: collect_bundles(self.blob_collector),
+            ),
         ]
         for job in self._periodic:
             job.start()
@@ -127,6 +160,7 @@ class App:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        await self.blobs.close()
         await self.engine.dispose()
 
     def _audit_key(self) -> bytes:
@@ -140,6 +174,23 @@ class App:
                 self.settings.data_dir / AUDIT_KEY_FILE,
             )
         return key
+
+    def _signer(self) -> Signer:
+        """The bundle signing key: configured (hex, or a file of it), else a key made in
+        the data directory on first start."""
+        s = self.settings
+        if s.signing_key:
+            return Signer.from_seed(parse_seed(s.signing_key))
+        if s.signing_key_file is not None:
+            return Signer.from_seed(parse_seed(s.signing_key_file.read_text()))
+        seed, created = load_or_create_hex(s.data_dir / SIGNING_KEY_FILE)
+        if created and not s.embedded:
+            log.warning(
+                "generated a bundle signing key in %s: give every replica the same key "
+                "(CONTROLPLANE_SIGNING_KEY_FILE) or agents must trust each replica's",
+                s.data_dir / SIGNING_KEY_FILE,
+            )
+        return Signer.from_seed(seed)
 
     async def _enrollment_token(self) -> tuple[str | None, bool]:
         """On a fresh store, create the default project and keep its token in the data
@@ -178,6 +229,22 @@ class App:
                 deleted = await retention.prune(self.store, floor)
             log.info("retention: floor is now %d, %d rows pruned", floor, deleted)
             self.hub.wake()
+
+
+async def _blob_store(s: Settings) -> BlobStore:
+    if not s.blob_store:
+        return LocalBlobStore(s.data_dir / "blobs")
+    store = S3BlobStore(
+        S3Settings.from_url(
+            s.blob_store,
+            endpoint_url=s.s3_endpoint_url,
+            region=s.s3_region,
+            access_key_id=s.s3_access_key_id,
+            secret_access_key=s.s3_secret_access_key,
+        )
+    )
+    await store.start()
+    return store
 
 
 def _count_nack(node: Node, report: StatusReport) -> None:

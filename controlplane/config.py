@@ -32,6 +32,24 @@ class Settings:
     # The audit chain's HMAC key (hex). Replicas must share it; when unset, the key in
     # `<data_dir>/audit-key` is used, generated on first start.
     audit_key: str = ""
+    # Bundles' Ed25519 signing key: 64 hex digits (a seed), given directly or in a file.
+    # When unset, `<data_dir>/signing-key`, generated on first start (docs/bundles.md).
+    signing_key: str = ""
+    signing_key_file: Path | None = None
+    # Where archives live: empty for `<data_dir>/blobs`, or `s3://bucket/prefix`. The S3
+    # options default to botocore's own chain (AWS_* environment, profiles, roles).
+    blob_store: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    # Programs external validators may run on this host (names or absolute paths).
+    validator_allow: tuple[str, ...] = ()
+    max_bundle_bytes: int = 256 * 1024 * 1024
+    # Archives no bundle needs (orphans; failed or revoked bundles' archives) are
+    # deleted once this old; a week leaves time to inspect or un-revoke by re-pushing.
+    bundle_retention: timedelta = timedelta(days=7)
+    bundle_gc_interval: timedelta = timedelta(hours=1)
     # PostgreSQL: a promoted standby (new timeline) changes the epoch; see store/feed.py.
     epoch_follows_timeline: bool = True
     shutdown_grace: float = 5.0

@@ -1,6 +1,15 @@
+"""Content-addressed blob storage for bundle archives.
+
+Two backends pass the same contract (tests/integration/test_bundle_blobs.py): a local
+directory (`local.py`, the embedded default) and S3 or anything speaking its API
+(`s3.py`). Keys are `sha256/<first two hex digits>/<hex>`, under an optional prefix.
+Nodes never talk to a backend: they download through the control plane.
+"""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -9,11 +18,33 @@ from typing import Protocol
 CHUNK_BYTES = 256 * 1024
 
 
+class BlobMissing(LookupError):
+    """No blob is stored under that digest."""
+
+
 class BlobStore(Protocol):
     async def put_file(self, digest: str, path: Path) -> None:
-        """Store the file at `path` under `digest` (idempotent)."""
+        """Store the file at `path` under `digest` (idempotent). Storing an existing blob
+        again refreshes its age, so garbage collection cannot take it from under a new
+        bundle row."""
         ...
 
-    def read(self, digest: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator[bytes]: ...
+    def read(self, digest: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator[bytes]:
+        """The blob's bytes, one chunk in memory at a time; BlobMissing if absent."""
+        ...
+
     async def exists(self, digest: str) -> bool: ...
-    async def delete(self, digest: str) -> None: ...
+    async def delete(self, digest: str) -> None:
+        """Remove the blob (no error when it is already gone)."""
+        ...
+
+    def list(self) -> AsyncIterator[tuple[str, datetime]]:
+        """Every stored digest and when it was last stored."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def blob_key(digest: str) -> str:
+    algo, _, hexdigest = digest.partition(":")
+    return f"{algo}/{hexdigest[:2]}/{hexdigest}"

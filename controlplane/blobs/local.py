@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
-from controlplane.blobs.base import CHUNK_BYTES
+from controlplane.blobs.base import CHUNK_BYTES, BlobMissing, blob_key
+
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+# An `.incoming-` file older than this is the leftover of a crashed write.
+_STALE_INCOMING = 3600.0
 
 
 class LocalBlobStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, fsync: bool = True):
         self.root = root
+        self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:
-        algo, _, hexdigest = digest.partition(":")
-        return self.root / algo / hexdigest[:2] / hexdigest
+        return self.root / blob_key(digest)
 
     async def put_file(self, digest: str, path: Path) -> None:
         await asyncio.to_thread(self._put, digest, path)
@@ -27,6 +33,7 @@ class LocalBlobStore:
     def _put(self, digest: str, path: Path) -> None:
         target = self.path(digest)
         if target.exists():
+            os.utime(target)
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
@@ -34,14 +41,18 @@ class LocalBlobStore:
             with os.fdopen(fd, "wb") as out, path.open("rb") as src:
                 shutil.copyfileobj(src, out, 1024 * 1024)
                 out.flush()
-                os.fsync(out.fileno())
+                if self.fsync:
+                    os.fsync(out.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
     async def read(self, digest: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator[bytes]:
-        handle = await asyncio.to_thread(self.path(digest).open, "rb")
+        try:
+            handle = await asyncio.to_thread(self.path(digest).open, "rb")
+        except FileNotFoundError:
+            raise BlobMissing(digest) from None
         try:
             while chunk := await asyncio.to_thread(handle.read, chunk_bytes):
                 yield chunk
@@ -53,3 +64,26 @@ class LocalBlobStore:
 
     async def delete(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
+
+    async def list(self) -> AsyncIterator[tuple[str, datetime]]:
+        for algo_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for shard in sorted(p for p in algo_dir.iterdir() if p.is_dir()):
+                entries = await asyncio.to_thread(_sorted_entries, shard)
+                for entry in entries:
+                    try:
+                        mtime = entry.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if entry.name.startswith(".incoming-"):
+                        if datetime.now(UTC).timestamp() - mtime > _STALE_INCOMING:
+                            entry.unlink(missing_ok=True)
+                        continue
+                    if _HEX.match(entry.name):
+                        yield f"{algo_dir.name}:{entry.name}", datetime.fromtimestamp(mtime, UTC)
+
+    async def close(self) -> None:
+        return None
+
+
+def _sorted_entries(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir())

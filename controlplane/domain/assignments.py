@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from controlplane.domain import validation
+from controlplane.domain.bundles import require_assignable
 from controlplane.domain.desired import Assignment, ChangeKind, DesiredRow
 from controlplane.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from controlplane.domain.labels import Selector, node_key, selector_key
@@ -90,12 +91,18 @@ class DesiredStateWriter:
         notes = validation.annotation_map(annotations or {})
         async with self.store.write() as tx:
             await _require_project(tx, project)
-            bundle = await tx.bundles.get(project, digest)
-            if bundle is None:
-                raise NotFound(f"bundle {digest} does not exist in project {project!r}", field="digest")
+            bundle = await require_assignable(tx, project, digest)
             keys = await target.keys(tx, project)
             assignment = Assignment(
-                project, keys, digest, bundle.size_bytes, traffic_weight or 100, pin, notes
+                project,
+                keys,
+                digest,
+                bundle.size_bytes,
+                traffic_weight or 100,
+                pin,
+                notes,
+                signature=bundle.signature,
+                key_id=bundle.key_id,
             )
             revision = await write_assignment(tx, assignment, self.clock().timestamp())
             await tx.audit.record(
@@ -109,6 +116,7 @@ class DesiredStateWriter:
                     "traffic_weight": assignment.traffic_weight,
                     "pinned": pin,
                     "annotations": notes,
+                    "key_id": bundle.key_id,
                 },
             )
             tx.after_commit(self.notify)

@@ -1,19 +1,91 @@
-"""Bundles: immutable, content-addressed archives of a proxy's configuration."""
+"""Bundles: immutable, content-addressed archives of a proxy's configuration.
+
+`BundleRegistry.create_*` is the pipeline every bundle takes (docs/bundles.md):
+receive into a scratch tree → hash the files into the manifest and parse configs once →
+pack the reproducible archive with its SBOM → validate with the project's validators →
+score risk against the project's previous bundle → sign → store the blob → one
+transaction writes the row, its details, its signature and the audit entry.
+Identical content (same manifest digest) gives back the existing bundle and writes
+nothing, except that a FAILED bundle pushed again is validated again.
+
+`require_assignable` is the one check every desired-state writer makes.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+import base64
+import contextlib
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from controlplane.archives.inspect import ArchiveLimits, InvalidArchive, inspect_archive
+from controlplane.archives import sbom
+from controlplane.archives.limits import ArchiveLimits, InvalidArchive
+from controlplane.archives.manifest import Manifest, scan
+from controlplane.archives.pack import Packed, pack
+from controlplane.archives.tree import TreeBuilder
 from controlplane.blobs.base import BlobStore
-from controlplane.blobs.staging import StagedUpload, UploadTooLarge
-from controlplane.domain import validation
-from controlplane.domain.errors import AlreadyExists, InvalidArgument, NotFound
-from controlplane.domain.ports import Clock, Store
-from controlplane.domain.records import Bundle
+from controlplane.domain import validation, validators
+from controlplane.domain.bundle_intake import Part, receive_files, receive_tar
+from controlplane.domain.bundle_records import Bundle, BundleState, RiskAssessment, ValidationResult
+from controlplane.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from controlplane.domain.risk import Facts, assess
+from controlplane.domain.signing import Signer
+
+if TYPE_CHECKING:
+    # Only for annotations: ports imports the domain modules that import this one.
+    from controlplane.domain.ports import Clock, Store, Tx
+
+# Packing and validating use a core each; more at once would only slow all of them.
+PIPELINE_SLOTS = 2
+# What of the first failing validator's output becomes the bundle's state reason.
+REASON_CHARS = 2000
+
+
+async def with_signature(tx: Tx, bundle: Bundle) -> Bundle:
+    """The bundle with the signature assignments carry: the newest by an active key."""
+    for sig in await tx.bundles.signatures(bundle.project, bundle.digest):
+        if sig.key_active:
+            return replace(bundle, signature=sig.signature, key_id=sig.key_id)
+    return replace(bundle, signature=b"", key_id="")
+
+
+async def require_assignable(tx: Tx, project: str, digest: str, field: str = "digest") -> Bundle:
+    """The bundle, with the signature to deliver, if it may become desired state.
+
+    NOT_FOUND when it does not exist; FAILED_PRECONDITION, naming the bundle and why,
+    when it failed validation, was revoked, lost its archive, or has no signature by an
+    active key. Every path that writes desired state (assignments, rollouts,
+    rollbacks, remediation) calls this inside its transaction.
+    """
+    bundle = await tx.bundles.get(project, digest)
+    if bundle is None:
+        raise NotFound(f"bundle {digest} does not exist in project {project!r}", field=field)
+    if bundle.state is BundleState.FAILED:
+        raise FailedPrecondition(
+            f"bundle {digest} failed validation and can never be assigned: {bundle.state_reason[:500]}",
+            field=field,
+        )
+    if bundle.state is BundleState.REVOKED:
+        raise FailedPrecondition(
+            f"bundle {digest} was revoked and can never be assigned: {bundle.state_reason[:500]}",
+            field=field,
+        )
+    if bundle.purged_at is not None:
+        raise FailedPrecondition(f"bundle {digest}'s archive was garbage-collected", field=field)
+    signed = await with_signature(tx, bundle)
+    if not signed.signature:
+        raise FailedPrecondition(
+            f"bundle {digest} has no signature by an active signing key; a server started with an "
+            "active key signs it",
+            field=field,
+        )
+    return signed
 
 
 @dataclass
@@ -22,68 +94,286 @@ class BundleRegistry:
     blobs: BlobStore
     clock: Clock
     staging_dir: Path
+    signer: Signer
+    # Programs external validators may run (`serve --validator-allow`).
+    allowed_programs: frozenset[str] = frozenset()
     max_bundle_bytes: int = 256 * 1024 * 1024
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)
+    _slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PIPELINE_SLOTS))
 
-    async def upload(self, project: str, version: str, chunks: AsyncIterator[bytes]) -> tuple[Bundle, bool]:
-        """Store an archive. Returns the bundle and whether it is new: identical bytes
-        give back the existing bundle and create nothing."""
+    # -- create ------------------------------------------------------------------------
+
+    async def create_from_files(
+        self, project: str, version: str, parts: AsyncIterator[Part]
+    ) -> tuple[Bundle, bool]:
+        await self._precheck(project, version)
+        with self._scratch() as scratch:
+            tree = TreeBuilder(scratch / "tree", self.limits)
+            await receive_files(tree, parts, self.max_bundle_bytes)
+            return await self._build(project, version, tree, scratch, "file")
+
+    async def create_from_tar(
+        self, project: str, version: str, chunks: AsyncIterator[bytes], field_name: str = "chunk"
+    ) -> tuple[Bundle, bool]:
+        await self._precheck(project, version)
+        with self._scratch() as scratch:
+            tree = TreeBuilder(scratch / "tree", self.limits)
+            await receive_tar(tree, chunks, scratch, self.max_bundle_bytes, field_name)
+            return await self._build(project, version, tree, scratch, field_name)
+
+    async def _precheck(self, project: str, version: str) -> None:
         validation.version_label(version)
-        await self._require_project(project)
-        with StagedUpload(self.staging_dir, self.max_bundle_bytes) as staged:
-            try:
-                async for chunk in chunks:
-                    staged.write(chunk)
-            except UploadTooLarge as e:
-                raise InvalidArgument(str(e), field="chunk") from None
-            digest = staged.finish()
+        async with self.store.read() as tx:
+            await _require_project(tx, project)
+
+    @contextlib.contextmanager
+    def _scratch(self) -> Iterator[Path]:
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(dir=self.staging_dir, prefix="bundle-"))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def clean_staging(self) -> None:
+        """Remove scratch trees left by a crash (at start, before serving)."""
+        if self.staging_dir.is_dir():
+            for entry in self.staging_dir.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+    async def _build(
+        self, project: str, version: str, tree: TreeBuilder, scratch: Path, field_name: str
+    ) -> tuple[Bundle, bool]:
+        try:
+            info = await asyncio.to_thread(tree.finish)
+        except InvalidArchive as e:
+            raise InvalidArgument(str(e), field=field_name) from None
+        async with self._slots:
             async with self.store.read() as tx:
-                existing = await tx.bundles.get(project, digest)
-            if existing is not None:
-                return existing, False
-            try:
-                info = await asyncio.to_thread(inspect_archive, staged.path, self.limits)
-            except InvalidArchive as e:
-                raise InvalidArgument(str(e), field="chunk") from None
-            await self.blobs.put_file(digest, staged.path)
-        bundle = Bundle(project, digest, version, staged.size, info.file_count, self.clock())
-        async with self.store.write() as tx:
-            if await tx.bundles.get(project, digest) is not None:
-                return bundle, False
-            if version and (other := await tx.bundles.get_by_version(project, version)) is not None:
-                raise AlreadyExists(f"version {version!r} is already bundle {other.digest}", field="version")
-            await tx.bundles.insert(bundle)
-            await tx.audit.record(
-                "bundle.create",
-                f"bundle/{digest}",
-                project=project,
-                after={"version": version, "size_bytes": bundle.size_bytes, "file_count": bundle.file_count},
+                config = await _config(tx, project)
+            cache = validators.ParseCache(tree.root)
+            manifest = await asyncio.to_thread(scan, tree.root)
+            content = manifest.digest()
+            async with self.store.read() as tx:
+                existing = await tx.bundles.get_by_content(project, content)
+                if existing is not None and existing.state is not BundleState.FAILED:
+                    return await with_signature(tx, existing), False
+                if version and existing is None:
+                    await _version_free(tx, project, version)
+                previous = await _facts(tx, await tx.bundles.latest_valid(project))
+            structure = await asyncio.to_thread(validators.structure, manifest, cache)
+            archive = scratch / "bundle.tar.zst"
+            packed = await asyncio.to_thread(
+                pack, tree.root, manifest, sbom.build(manifest, structure), archive
             )
-        return bundle, True
+            results = await self._validate(config, tree.root, manifest, cache)
+        risk = assess(previous, Facts(packed.digest, manifest, structure))
+        bundle = _record(project, version, packed, info.files, manifest, results, risk, self.clock())
+        await self.blobs.put_file(packed.digest, archive)
+        if existing is not None:
+            return await self._revalidated(
+                replace(bundle, version=existing.version, created_at=existing.created_at)
+            ), False
+        return await self._insert(bundle, manifest, structure)
 
-    async def get(self, project: str, digest: str) -> Bundle:
-        validation.digest(digest)
+    async def _validate(
+        self,
+        config: validators.ValidationConfig,
+        root: Path,
+        manifest: Manifest,
+        cache: validators.ParseCache,
+    ) -> tuple[ValidationResult, ...]:
+        results: list[ValidationResult] = []
+        if config.main and config.main not in {e.path for e in manifest.files}:
+            results.append(
+                ValidationResult("main", False, f"the main file {config.main!r} is not in the bundle")
+            )
+        for check in config.parsers:
+            results.append(
+                await asyncio.to_thread(validators.run_parser, check, config.main, manifest, cache)
+            )
+        # Last: commands run on the received tree and may write to it; the archive is
+        # already packed, so nothing they do reaches it.
+        for command in config.commands:
+            results.append(
+                await validators.run_command(command, root, config.main, set(self.allowed_programs))
+            )
+        return tuple(results)
+
+    async def _insert(
+        self, bundle: Bundle, manifest: Manifest, structure: Mapping[str, Any]
+    ) -> tuple[Bundle, bool]:
+        async with self.store.write() as tx:
+            existing = await tx.bundles.get_by_content(bundle.project, bundle.manifest_digest)
+            if existing is None:
+                existing = await tx.bundles.get(bundle.project, bundle.digest)
+            if existing is not None:
+                return await with_signature(tx, existing), False
+            if bundle.version:
+                await _version_free(tx, bundle.project, bundle.version)
+            await tx.bundles.insert(bundle, manifest.to_json(), dict(structure))
+            if bundle.state is BundleState.VALID:
+                await self._sign(tx, bundle)
+            await tx.audit.record(
+                "bundle.create", f"bundle/{bundle.digest}", project=bundle.project, after=_summary(bundle)
+            )
+            return await with_signature(tx, bundle), True
+
+    async def _revalidated(self, bundle: Bundle) -> Bundle:
+        async with self.store.write() as tx:
+            current = await tx.bundles.get(bundle.project, bundle.digest)
+            if current is None or current.state is not BundleState.FAILED:
+                return await with_signature(tx, current or bundle)
+            await tx.bundles.update_outcome(bundle)
+            if bundle.state is BundleState.VALID:
+                await self._sign(tx, bundle)
+            await tx.audit.record(
+                "bundle.revalidate",
+                f"bundle/{bundle.digest}",
+                project=bundle.project,
+                before={"state": current.state.value, "state_reason": current.state_reason[:500]},
+                after=_summary(bundle),
+            )
+            return await with_signature(tx, bundle)
+
+    async def _sign(self, tx: Tx, bundle: Bundle) -> None:
+        if any(
+            s.key_id == self.signer.key_id for s in await tx.bundles.signatures(bundle.project, bundle.digest)
+        ):
+            return
+        signature = self.signer.sign(bundle.digest)
+        await tx.bundles.add_signature(
+            bundle.project, bundle.digest, self.signer.key_id, signature, self.clock()
+        )
+
+    # -- read --------------------------------------------------------------------------
+
+    async def get(self, project: str, digest: str = "", version: str = "") -> Bundle:
+        if bool(digest) == bool(version):
+            raise InvalidArgument("give a digest or a version, not both", field="digest")
         async with self.store.read() as tx:
-            bundle = await tx.bundles.get(project, digest)
-        if bundle is None:
-            raise NotFound(f"bundle {digest} does not exist in project {project!r}", field="digest")
-        return bundle
+            if digest:
+                validation.digest(digest)
+                bundle = await tx.bundles.get(project, digest)
+            else:
+                validation.version_label(version)
+                bundle = await tx.bundles.get_by_version(project, version)
+            if bundle is None:
+                what = f"bundle {digest}" if digest else f"version {version!r}"
+                raise NotFound(
+                    f"{what} does not exist in project {project!r}", field="digest" if digest else "version"
+                )
+            return await with_signature(tx, bundle)
 
-    async def page(self, project: str, page_size: int, page_token: str) -> tuple[list[Bundle], str]:
+    async def page(
+        self,
+        project: str,
+        page_size: int,
+        page_token: str,
+        state: BundleState | None = None,
+        version_prefix: str = "",
+    ) -> tuple[list[Bundle], str]:
         limit = validation.page_size(page_size)
-        await self._require_project(project)
-        if page_token:
-            validation.digest(page_token, "page_token")
+        before = _decode_token(page_token) if page_token else None
+        if len(version_prefix) > 63:
+            raise InvalidArgument("at most 63 characters", field="version_prefix")
         async with self.store.read() as tx:
-            bundles = await tx.bundles.page(project, limit + 1, page_token)
-        next_token = bundles[limit - 1].digest if len(bundles) > limit else ""
-        return bundles[:limit], next_token
+            await _require_project(tx, project)
+            rows = await tx.bundles.page(project, limit + 1, before, state, version_prefix)
+            page = [await with_signature(tx, b) for b in rows[:limit]]
+        token = _encode_token(page[-1].created_at, page[-1].digest) if len(rows) > limit else ""
+        return page, token
 
-    async def open(self, project: str, digest: str) -> tuple[Bundle, AsyncIterator[bytes]]:
+    async def open(self, project: str, digest: str, for_node: bool) -> tuple[Bundle, AsyncIterator[bytes]]:
+        """The archive's bytes. Nodes get only bundles they may run."""
         bundle = await self.get(project, digest)
+        if for_node and bundle.state is not BundleState.VALID:
+            verb = "failed validation" if bundle.state is BundleState.FAILED else "was revoked"
+            raise FailedPrecondition(f"bundle {digest} {verb}: {bundle.state_reason[:500]}", field="digest")
+        if bundle.purged_at is not None:
+            raise NotFound(f"bundle {digest}'s archive was garbage-collected", field="digest")
         return bundle, self.blobs.read(digest)
 
-    async def _require_project(self, project: str) -> None:
-        async with self.store.read() as tx:
-            if await tx.projects.get(project) is None:
-                raise NotFound(f"project {project!r} does not exist", field="project")
+
+def _record(
+    project: str,
+    version: str,
+    packed: Packed,
+    files: int,
+    manifest: Manifest,
+    results: tuple[ValidationResult, ...],
+    risk: RiskAssessment,
+    now: datetime,
+) -> Bundle:
+    failed = [r for r in results if not r.ok]
+    reason = "; ".join(f"{r.validator}: {r.output}" for r in failed)[:REASON_CHARS]
+    return Bundle(
+        project=project,
+        digest=packed.digest,
+        version=version,
+        size_bytes=packed.size_bytes,
+        file_count=files,
+        created_at=now,
+        state=BundleState.FAILED if failed else BundleState.VALID,
+        state_reason=reason,
+        total_bytes=manifest.total_bytes,
+        manifest_digest=manifest.digest(),
+        validation=results,
+        risk=risk,
+    )
+
+
+def _summary(bundle: Bundle) -> dict[str, object]:
+    return {
+        "version": bundle.version,
+        "state": bundle.state.value,
+        "size_bytes": bundle.size_bytes,
+        "file_count": bundle.file_count,
+        "manifest_digest": bundle.manifest_digest,
+        "risk": bundle.risk.level.value,
+        "validation": {r.validator: r.ok for r in bundle.validation},
+    }
+
+
+async def _facts(tx: Tx, bundle: Bundle | None) -> Facts | None:
+    if bundle is None:
+        return None
+    details = await tx.bundles.details(bundle.project, bundle.digest)
+    if details is None:
+        return Facts(bundle.digest, Manifest(()), {})
+    return Facts(bundle.digest, Manifest.from_json(details[0]), details[1])
+
+
+async def _config(tx: Tx, project: str) -> validators.ValidationConfig:
+    stored = await tx.validation_configs.get(project)
+    return validators.ValidationConfig.from_json(stored) if stored is not None else validators.DEFAULT
+
+
+async def _version_free(tx: Tx, project: str, version: str) -> None:
+    other = await tx.bundles.get_by_version(project, version)
+    if other is not None:
+        raise AlreadyExists(f"version {version!r} is already bundle {other.digest}", field="version")
+
+
+async def _require_project(tx: Tx, project: str) -> None:
+    if await tx.projects.get(project) is None:
+        raise NotFound(f"project {project!r} does not exist", field="project")
+
+
+def _encode_token(at: datetime, digest: str) -> str:
+    return base64.urlsafe_b64encode(f"{at.isoformat()}|{digest}".encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[datetime, str]:
+    try:
+        at, _, digest = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+        when = datetime.fromisoformat(at)
+        validation.digest(digest)
+        if when.tzinfo is None:
+            raise ValueError("naive")
+    except (ValueError, UnicodeError, InvalidArgument):
+        raise InvalidArgument("not a token this server issued", field="page_token") from None
+    return when, digest

@@ -63,6 +63,16 @@ POLICY: dict[str, Rule] = {
     "/controlplane.bundle.v1.BundleService/ListBundles": Rule.READ,
     "/controlplane.bundle.v1.BundleService/AssignBundle": Rule.WRITE,
     "/controlplane.bundle.v1.BundleService/UnassignBundle": Rule.WRITE,
+    "/controlplane.bundle.v1.BundleService/CreateBundle": Rule.WRITE,
+    "/controlplane.bundle.v1.BundleService/DiffBundles": Rule.READ,
+    "/controlplane.bundle.v1.BundleService/RevokeBundle": Rule.WRITE,
+    "/controlplane.bundle.v1.BundleService/ListRevokedBundleNodes": Rule.READ,
+    "/controlplane.bundle.v1.BundleService/GetValidationConfig": Rule.READ,
+    # Admin: a project's validators may run programs on the control plane's host.
+    "/controlplane.bundle.v1.BundleService/SetValidationConfig": Rule.ADMIN,
+    "/controlplane.bundle.v1.SigningKeyService/ListSigningKeys": Rule.NODE_OR_READ,
+    # Signing keys are the server's, not a project's: a global admin retires one.
+    "/controlplane.bundle.v1.SigningKeyService/RetireSigningKey": Rule.ADMIN,
 }
 
 

@@ -6,15 +6,71 @@ import grpc
 
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
 from controlplane.domain.assignments import DesiredStateWriter, Target
+from controlplane.domain.bundle_intake import FileStart, Part
+from controlplane.domain.bundle_lifecycle import BundleLifecycle
 from controlplane.domain.bundles import BundleRegistry
 from controlplane.domain.errors import InvalidArgument
-from controlplane.rpc import auth, convert
+from controlplane.rpc import auth
+from controlplane.rpc.bundle_convert import (
+    STATE_IN,
+    bundle_out,
+    change_out,
+    config_in,
+    config_out,
+    revoked_node_out,
+    risk_out,
+)
 
 
 class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
-    def __init__(self, bundles: BundleRegistry, writer: DesiredStateWriter):
+    def __init__(self, bundles: BundleRegistry, lifecycle: BundleLifecycle, writer: DesiredStateWriter):
         self._bundles = bundles
+        self._lifecycle = lifecycle
         self._writer = writer
+
+    async def CreateBundle(
+        self,
+        request_iterator: AsyncIterator[bundle_pb2.CreateBundleRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> bundle_pb2.CreateBundleResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("the first message must carry the header", field="header")
+        header = first.header
+        second = await anext(aiter(request_iterator), None)
+        kind = second.WhichOneof("part") if second is not None else None
+        if kind == "tar_chunk" and second is not None:
+            tar_first: bytes = second.tar_chunk
+
+            async def tar() -> AsyncIterator[bytes]:
+                yield tar_first
+                async for message in request_iterator:
+                    if message.WhichOneof("part") != "tar_chunk":
+                        raise InvalidArgument("a tar stream is only tar_chunk messages", field="tar_chunk")
+                    yield message.tar_chunk
+
+            bundle, created = await self._bundles.create_from_tar(
+                header.project, header.version, tar(), "tar_chunk"
+            )
+        else:
+
+            async def parts() -> AsyncIterator[Part]:
+                pending = [second] if second is not None else []
+                async for message in _chain(pending, request_iterator):
+                    which = message.WhichOneof("part")
+                    if which == "file":
+                        f = message.file
+                        yield FileStart(f.path, f.size_bytes, f.executable, f.symlink_target)
+                    elif which == "chunk":
+                        yield message.chunk
+                    else:
+                        raise InvalidArgument(
+                            "after the header: file and chunk messages, or only tar_chunk messages",
+                            field=which or "part",
+                        )
+
+            bundle, created = await self._bundles.create_from_files(header.project, header.version, parts())
+        return bundle_pb2.CreateBundleResponse(bundle=bundle_out(bundle), created=created)
 
     async def UploadBundle(
         self,
@@ -33,14 +89,15 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                     raise InvalidArgument("only the first message may carry a header", field="header")
                 yield message.chunk
 
-        bundle, created = await self._bundles.upload(header.project, header.version, chunks())
-        return bundle_pb2.UploadBundleResponse(bundle=convert.bundle_out(bundle), created=created)
+        bundle, created = await self._bundles.create_from_tar(header.project, header.version, chunks())
+        return bundle_pb2.UploadBundleResponse(bundle=bundle_out(bundle), created=created)
 
     async def DownloadBundle(
         self, request: bundle_pb2.DownloadBundleRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bundle_pb2.DownloadBundleResponse]:
-        auth.require_project(request.project)
-        bundle, chunks = await self._bundles.open(request.project, request.digest)
+        identity = auth.require_project(request.project)
+        for_node = identity.kind is auth.Kind.NODE
+        bundle, chunks = await self._bundles.open(request.project, request.digest, for_node)
         first = True
         async for chunk in chunks:
             yield bundle_pb2.DownloadBundleResponse(chunk=chunk, size_bytes=bundle.size_bytes if first else 0)
@@ -49,16 +106,58 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
     async def GetBundle(
         self, request: bundle_pb2.GetBundleRequest, context: grpc.aio.ServicerContext
     ) -> bundle_pb2.GetBundleResponse:
-        bundle = await self._bundles.get(request.project, request.digest)
-        return bundle_pb2.GetBundleResponse(bundle=convert.bundle_out(bundle))
+        bundle = await self._bundles.get(request.project, request.digest, request.version)
+        return bundle_pb2.GetBundleResponse(bundle=bundle_out(bundle))
 
     async def ListBundles(
         self, request: bundle_pb2.ListBundlesRequest, context: grpc.aio.ServicerContext
     ) -> bundle_pb2.ListBundlesResponse:
-        bundles, token = await self._bundles.page(request.project, request.page_size, request.page_token)
-        return bundle_pb2.ListBundlesResponse(
-            bundles=[convert.bundle_out(b) for b in bundles], next_page_token=token
+        state = None
+        if request.state:
+            state = STATE_IN.get(request.state)
+            if state is None:
+                raise InvalidArgument(f"unknown state {request.state}", field="state")
+        bundles, token = await self._bundles.page(
+            request.project, request.page_size, request.page_token, state, request.version_prefix
         )
+        return bundle_pb2.ListBundlesResponse(bundles=[bundle_out(b) for b in bundles], next_page_token=token)
+
+    async def DiffBundles(
+        self, request: bundle_pb2.DiffBundlesRequest, context: grpc.aio.ServicerContext
+    ) -> bundle_pb2.DiffBundlesResponse:
+        context_lines = request.context_lines or 3
+        changes, risk, truncated = await self._lifecycle.diff(
+            request.project, request.from_digest, request.to_digest, context_lines
+        )
+        return bundle_pb2.DiffBundlesResponse(
+            changes=[change_out(c) for c in changes], risk=risk_out(risk), truncated=truncated
+        )
+
+    async def RevokeBundle(
+        self, request: bundle_pb2.RevokeBundleRequest, context: grpc.aio.ServicerContext
+    ) -> bundle_pb2.RevokeBundleResponse:
+        bundle, nodes = await self._lifecycle.revoke(request.project, request.digest, request.reason)
+        return bundle_pb2.RevokeBundleResponse(
+            bundle=bundle_out(bundle), nodes=[revoked_node_out(n) for n in nodes]
+        )
+
+    async def ListRevokedBundleNodes(
+        self, request: bundle_pb2.ListRevokedBundleNodesRequest, context: grpc.aio.ServicerContext
+    ) -> bundle_pb2.ListRevokedBundleNodesResponse:
+        nodes = await self._lifecycle.revoked_nodes(request.project)
+        return bundle_pb2.ListRevokedBundleNodesResponse(nodes=[revoked_node_out(n) for n in nodes])
+
+    async def GetValidationConfig(
+        self, request: bundle_pb2.GetValidationConfigRequest, context: grpc.aio.ServicerContext
+    ) -> bundle_pb2.GetValidationConfigResponse:
+        config, is_default = await self._lifecycle.validation_config(request.project)
+        return bundle_pb2.GetValidationConfigResponse(config=config_out(config), is_default=is_default)
+
+    async def SetValidationConfig(
+        self, request: bundle_pb2.SetValidationConfigRequest, context: grpc.aio.ServicerContext
+    ) -> bundle_pb2.SetValidationConfigResponse:
+        config = await self._lifecycle.set_validation_config(request.project, config_in(request.config))
+        return bundle_pb2.SetValidationConfigResponse(config=config_out(config))
 
     async def AssignBundle(
         self, request: bundle_pb2.AssignBundleRequest, context: grpc.aio.ServicerContext
@@ -78,6 +177,15 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
     ) -> bundle_pb2.UnassignBundleResponse:
         revision, keys = await self._writer.unassign(request.project, _target(request.target))
         return bundle_pb2.UnassignBundleResponse(revision=revision, keys=keys)
+
+
+async def _chain(
+    pending: list[bundle_pb2.CreateBundleRequest], rest: AsyncIterator[bundle_pb2.CreateBundleRequest]
+) -> AsyncIterator[bundle_pb2.CreateBundleRequest]:
+    for message in pending:
+        yield message
+    async for message in rest:
+        yield message
 
 
 def _target(target: bundle_pb2.Target) -> Target:

@@ -6,7 +6,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
+from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc, signing_pb2, signing_pb2_grpc
 from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
 from controlplane.api.project.v1 import project_pb2, project_pb2_grpc
 from controlplane.api.watch.v1 import watch_pb2
@@ -15,11 +15,13 @@ from controlplane.rpc.bundles import BundleServicer
 from controlplane.rpc.interceptor import GuardInterceptor
 from controlplane.rpc.nodes import NodeServicer
 from controlplane.rpc.projects import ProjectServicer
+from controlplane.rpc.signing import SigningKeyServicer
 
 SERVICES = (
     node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
     watch_pb2.DESCRIPTOR.services_by_name["WatchService"].full_name,
     bundle_pb2.DESCRIPTOR.services_by_name["BundleService"].full_name,
+    signing_pb2.DESCRIPTOR.services_by_name["SigningKeyService"].full_name,
     project_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name,
 )
 
@@ -51,11 +53,14 @@ class GrpcServer:
         bundles: BundleServicer,
         projects: ProjectServicer,
         max_pending: int = 65_536,
+        *,
+        signing: SigningKeyServicer,
     ):
         self.server = grpc.aio.server(interceptors=[guard], options=server_options(max_pending))
         node_pb2_grpc.add_NodeServiceServicer_to_server(nodes, self.server)
         bundle_pb2_grpc.add_BundleServiceServicer_to_server(bundles, self.server)
         project_pb2_grpc.add_ProjectServiceServicer_to_server(projects, self.server)
+        signing_pb2_grpc.add_SigningKeyServiceServicer_to_server(signing, self.server)
         self.server.add_generic_rpc_handlers((watch.handler(watch_servicer),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

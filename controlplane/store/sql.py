@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from controlplane.domain.clock import utcnow
 from controlplane.domain.ports import Clock
 from controlplane.store.audit import SqlAuditLog
-from controlplane.store.bundles import SqlBundles
+from controlplane.store.bundles import SqlBundles, SqlSigningKeys, SqlValidationConfigs
 from controlplane.store.desired import SqlDesiredLog
 from controlplane.store.drift import SqlDrift
 from controlplane.store.errors import translated
@@ -29,6 +29,8 @@ class SqlTx:
         self.projects = SqlProjects(conn)
         self.nodes = SqlNodes(conn)
         self.bundles = SqlBundles(conn)
+        self.signing_keys = SqlSigningKeys(conn)
+        self.validation_configs = SqlValidationConfigs(conn)
         self.desired = SqlDesiredLog(conn)
         self.audit = SqlAuditLog(conn, audit_key, clock)
         self.rollouts = SqlRollouts(conn)

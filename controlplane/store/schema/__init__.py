@@ -3,6 +3,12 @@ exactly these (tests/integration/test_migrations.py compares them)."""
 
 from controlplane.store.schema.audit import audit_head, audit_log
 from controlplane.store.schema.base import Json, UTCDateTime, metadata
+from controlplane.store.schema.bundles import (
+    bundle_details,
+    bundle_signatures,
+    signing_keys,
+    validation_configs,
+)
 from controlplane.store.schema.core import (
     bundles,
     desired_state_log,
@@ -14,7 +20,6 @@ from controlplane.store.schema.core import (
     revision_counter,
     server_meta,
 )
-
 from controlplane.store.schema.rollouts import (
     drift_events,
     drift_settings,
@@ -33,6 +38,8 @@ __all__ = [
     "UTCDateTime",
     "audit_head",
     "audit_log",
+    "bundle_details",
+    "bundle_signatures",
     "bundles",
     "desired_state_log",
     "drift_events",
@@ -53,4 +60,6 @@ __all__ = [
     "rollout_steps",
     "rollouts",
     "server_meta",
+    "signing_keys",
+    "validation_configs",
 ]

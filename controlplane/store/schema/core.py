@@ -123,6 +123,8 @@ node_heartbeats = Table(
     PrimaryKeyConstraint("node_id", "slot"),
 )
 
+# One row per (project, digest). Its manifest and parsed structure are in
+# `bundle_details`, its signatures in `bundle_signatures` (schema/bundles.py).
 bundles = Table(
     "bundles",
     metadata,
@@ -132,8 +134,24 @@ bundles = Table(
     Column("size_bytes", BigInteger, nullable=False),
     Column("file_count", Integer, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # valid | failed | revoked; the reason is the validators' message or the operator's.
+    Column("state", String(16), nullable=False, default="valid"),
+    Column("state_reason", Text, nullable=False, default=""),
+    Column("total_bytes", BigInteger, nullable=False, default=0),
+    # sha256 of manifest.json: identical content is found by it whatever the compression.
+    Column("manifest_digest", String(80), nullable=False, default=""),
+    Column("validation", Json, nullable=True),
+    Column("risk", String(8), nullable=False, default="low"),
+    Column("risk_findings", Json, nullable=True),
+    Column("risk_compared_with", String(80), nullable=False, default=""),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    # The archive was garbage-collected.
+    Column("purged_at", UTCDateTime, nullable=True),
     PrimaryKeyConstraint("project", "digest"),
     UniqueConstraint("project", "version"),
+    Index(None, "project", "created_at"),
+    Index(None, "project", "manifest_digest"),
+    Index(None, "digest"),
 )
 
 # The desired-state log: one row per (watch key, revision). Never updated; superseded

@@ -5,9 +5,11 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +21,98 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _BundleState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BundleStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BundleState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUNDLE_STATE_UNSPECIFIED: _BundleState.ValueType  # 0
+    BUNDLE_STATE_VALID: _BundleState.ValueType  # 1
+    """Validated and signed: can be assigned."""
+    BUNDLE_STATE_FAILED: _BundleState.ValueType  # 2
+    """Validation failed (see `state_reason` and `validation`): never assignable."""
+    BUNDLE_STATE_REVOKED: _BundleState.ValueType  # 3
+    """Withdrawn by an operator: never assignable again."""
+
+class BundleState(_BundleState, metaclass=_BundleStateEnumTypeWrapper): ...
+
+BUNDLE_STATE_UNSPECIFIED: BundleState.ValueType  # 0
+BUNDLE_STATE_VALID: BundleState.ValueType  # 1
+"""Validated and signed: can be assigned."""
+BUNDLE_STATE_FAILED: BundleState.ValueType  # 2
+"""Validation failed (see `state_reason` and `validation`): never assignable."""
+BUNDLE_STATE_REVOKED: BundleState.ValueType  # 3
+"""Withdrawn by an operator: never assignable again."""
+Global___BundleState: _TypeAlias = BundleState  # noqa: Y015
+
+class _RiskLevel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RiskLevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RiskLevel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RISK_LEVEL_UNSPECIFIED: _RiskLevel.ValueType  # 0
+    RISK_LEVEL_LOW: _RiskLevel.ValueType  # 1
+    RISK_LEVEL_MEDIUM: _RiskLevel.ValueType  # 2
+    RISK_LEVEL_HIGH: _RiskLevel.ValueType  # 3
+
+class RiskLevel(_RiskLevel, metaclass=_RiskLevelEnumTypeWrapper): ...
+
+RISK_LEVEL_UNSPECIFIED: RiskLevel.ValueType  # 0
+RISK_LEVEL_LOW: RiskLevel.ValueType  # 1
+RISK_LEVEL_MEDIUM: RiskLevel.ValueType  # 2
+RISK_LEVEL_HIGH: RiskLevel.ValueType  # 3
+Global___RiskLevel: _TypeAlias = RiskLevel  # noqa: Y015
+
+class _FileChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FileChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FileChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FILE_CHANGE_KIND_UNSPECIFIED: _FileChangeKind.ValueType  # 0
+    FILE_CHANGE_KIND_ADDED: _FileChangeKind.ValueType  # 1
+    FILE_CHANGE_KIND_REMOVED: _FileChangeKind.ValueType  # 2
+    FILE_CHANGE_KIND_MODIFIED: _FileChangeKind.ValueType  # 3
+
+class FileChangeKind(_FileChangeKind, metaclass=_FileChangeKindEnumTypeWrapper): ...
+
+FILE_CHANGE_KIND_UNSPECIFIED: FileChangeKind.ValueType  # 0
+FILE_CHANGE_KIND_ADDED: FileChangeKind.ValueType  # 1
+FILE_CHANGE_KIND_REMOVED: FileChangeKind.ValueType  # 2
+FILE_CHANGE_KIND_MODIFIED: FileChangeKind.ValueType  # 3
+Global___FileChangeKind: _TypeAlias = FileChangeKind  # noqa: Y015
+
+class _ConfigFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConfigFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConfigFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONFIG_FORMAT_UNSPECIFIED: _ConfigFormat.ValueType  # 0
+    CONFIG_FORMAT_KDL: _ConfigFormat.ValueType  # 1
+    """KDL syntax (kdl-py)."""
+    CONFIG_FORMAT_JSON: _ConfigFormat.ValueType  # 2
+    CONFIG_FORMAT_YAML: _ConfigFormat.ValueType  # 3
+    CONFIG_FORMAT_ZENTINEL: _ConfigFormat.ValueType  # 4
+    """KDL syntax plus Zentinel's structure: listeners with addresses and
+    protocols, https listeners with tls, routes naming declared upstreams.
+    """
+
+class ConfigFormat(_ConfigFormat, metaclass=_ConfigFormatEnumTypeWrapper): ...
+
+CONFIG_FORMAT_UNSPECIFIED: ConfigFormat.ValueType  # 0
+CONFIG_FORMAT_KDL: ConfigFormat.ValueType  # 1
+"""KDL syntax (kdl-py)."""
+CONFIG_FORMAT_JSON: ConfigFormat.ValueType  # 2
+CONFIG_FORMAT_YAML: ConfigFormat.ValueType  # 3
+CONFIG_FORMAT_ZENTINEL: ConfigFormat.ValueType  # 4
+"""KDL syntax plus Zentinel's structure: listeners with addresses and
+protocols, https listeners with tls, routes naming declared upstreams.
+"""
+Global___ConfigFormat: _TypeAlias = ConfigFormat  # noqa: Y015
+
 @_typing.final
 class Bundle(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -29,15 +123,52 @@ class Bundle(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     FILE_COUNT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STATE_REASON_FIELD_NUMBER: _builtins.int
+    VALIDATION_FIELD_NUMBER: _builtins.int
+    RISK_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    PURGED_AT_FIELD_NUMBER: _builtins.int
     project: _builtins.str
     digest: _builtins.str
     """`sha256:<hex>` of the archive bytes."""
     version: _builtins.str
     """Optional human label, unique per project."""
     size_bytes: _builtins.int
+    """Size of the archive."""
     file_count: _builtins.int
+    state: Global___BundleState.ValueType
+    state_reason: _builtins.str
+    """Why the bundle failed validation, or why it was revoked."""
+    key_id: _builtins.str
+    """The signature delivered with assignments (the newest by an active key)
+    and the id of the key that made it. Empty for FAILED bundles.
+    """
+    signature: _builtins.bytes
+    total_bytes: _builtins.int
+    """Total size of the files once unpacked."""
+    manifest_digest: _builtins.str
+    """`sha256:<hex>` of the bundle's manifest.json: the identity of its content."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def validation(self) -> _containers.RepeatedCompositeFieldContainer[Global___ValidationResult]:
+        """One result per validator that ran."""
+
+    @_builtins.property
+    def risk(self) -> Global___RiskAssessment: ...
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def purged_at(self) -> _timestamp_pb2.Timestamp:
+        """Set when garbage collection removed the archive (revoked or failed
+        bundles, after the retention period).
+        """
+
     def __init__(
         self,
         *,
@@ -47,14 +178,229 @@ class Bundle(_message.Message):
         size_bytes: _builtins.int = ...,
         file_count: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___BundleState.ValueType = ...,
+        state_reason: _builtins.str = ...,
+        validation: _abc.Iterable[Global___ValidationResult] | None = ...,
+        risk: Global___RiskAssessment | None = ...,
+        key_id: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+        total_bytes: _builtins.int = ...,
+        manifest_digest: _builtins.str = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+        purged_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "purged_at", b"purged_at", "revoked_at", b"revoked_at", "risk", b"risk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "digest", b"digest", "file_count", b"file_count", "project", b"project", "size_bytes", b"size_bytes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "digest", b"digest", "file_count", b"file_count", "key_id", b"key_id", "manifest_digest", b"manifest_digest", "project", b"project", "purged_at", b"purged_at", "revoked_at", b"revoked_at", "risk", b"risk", "signature", b"signature", "size_bytes", b"size_bytes", "state", b"state", "state_reason", b"state_reason", "total_bytes", b"total_bytes", "validation", b"validation", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Bundle: _TypeAlias = Bundle  # noqa: Y015
+
+@_typing.final
+class ValidationResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALIDATOR_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    validator: _builtins.str
+    """`kdl:*.kdl`, `json:*.json`, `command:nginx`, ..."""
+    ok: _builtins.bool
+    output: _builtins.str
+    """The parser's error (file, line, column) or the command's output."""
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        validator: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        output: _builtins.str = ...,
+        duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "ok", b"ok", "output", b"output", "validator", b"validator"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidationResult: _TypeAlias = ValidationResult  # noqa: Y015
+
+@_typing.final
+class RiskAssessment(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    COMPARED_WITH_FIELD_NUMBER: _builtins.int
+    FINDINGS_FIELD_NUMBER: _builtins.int
+    level: Global___RiskLevel.ValueType
+    compared_with: _builtins.str
+    """The bundle this one was compared with; empty for a project's first one."""
+    @_builtins.property
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___RiskFinding]: ...
+    def __init__(
+        self,
+        *,
+        level: Global___RiskLevel.ValueType = ...,
+        compared_with: _builtins.str = ...,
+        findings: _abc.Iterable[Global___RiskFinding] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compared_with", b"compared_with", "findings", b"findings", "level", b"level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskAssessment: _TypeAlias = RiskAssessment  # noqa: Y015
+
+@_typing.final
+class RiskFinding(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    level: Global___RiskLevel.ValueType
+    rule: _builtins.str
+    """A stable name for the rule (`tls-changed`, `upstream-removed`, ...)."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        level: Global___RiskLevel.ValueType = ...,
+        rule: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "reason", b"reason", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RiskFinding: _TypeAlias = RiskFinding  # noqa: Y015
+
+@_typing.final
+class CreateBundleHeader(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    version: _builtins.str
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBundleHeader: _TypeAlias = CreateBundleHeader  # noqa: Y015
+
+@_typing.final
+class FileHeader(_message.Message):
+    """One file of the bundle. Its bytes follow in `chunk` messages, `size_bytes`
+    in total.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    EXECUTABLE_FIELD_NUMBER: _builtins.int
+    SYMLINK_TARGET_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Relative path with `/` separators; no `..`, not under `.bundle/`."""
+    size_bytes: _builtins.int
+    executable: _builtins.bool
+    """Packed with mode 0755 instead of 0644."""
+    symlink_target: _builtins.str
+    """Set for a symbolic link (no chunks follow). It must stay inside the bundle."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        executable: _builtins.bool = ...,
+        symlink_target: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executable", b"executable", "path", b"path", "size_bytes", b"size_bytes", "symlink_target", b"symlink_target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileHeader: _TypeAlias = FileHeader  # noqa: Y015
+
+@_typing.final
+class CreateBundleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    TAR_CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """Bytes of the current file."""
+    tar_chunk: _builtins.bytes
+    """Bytes of a tar stream (plain, gzip or zstd), instead of files."""
+    @_builtins.property
+    def header(self) -> Global___CreateBundleHeader:
+        """Only in the first message."""
+
+    @_builtins.property
+    def file(self) -> Global___FileHeader:
+        """Starts the next file."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___CreateBundleHeader | None = ...,
+        file: Global___FileHeader | None = ...,
+        chunk: _builtins.bytes = ...,
+        tar_chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "file", b"file", "header", b"header", "part", b"part", "tar_chunk", b"tar_chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "file", b"file", "header", b"header", "part", b"part", "tar_chunk", b"tar_chunk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "file", "chunk", "tar_chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___CreateBundleRequest: _TypeAlias = CreateBundleRequest  # noqa: Y015
+
+@_typing.final
+class CreateBundleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUNDLE_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when a bundle with identical content already existed: it is
+    returned as it is and nothing new was created.
+    """
+    @_builtins.property
+    def bundle(self) -> Global___Bundle: ...
+    def __init__(
+        self,
+        *,
+        bundle: Global___Bundle | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "created", b"created"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBundleResponse: _TypeAlias = CreateBundleResponse  # noqa: Y015
 
 @_typing.final
 class UploadBundleHeader(_message.Message):
@@ -85,6 +431,7 @@ class UploadBundleRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """Bytes of a tar archive (plain, gzip or zstd)."""
     @_builtins.property
     def header(self) -> Global___UploadBundleHeader:
         """Only in the first message."""
@@ -110,7 +457,7 @@ class UploadBundleResponse(_message.Message):
     BUNDLE_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     created: _builtins.bool
-    """False when identical bytes were already stored: nothing new was created."""
+    """False when identical content was already stored: nothing new was created."""
     @_builtins.property
     def bundle(self) -> Global___Bundle: ...
     def __init__(
@@ -178,17 +525,21 @@ class GetBundleRequest(_message.Message):
 
     PROJECT_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     project: _builtins.str
     digest: _builtins.str
+    """Give the digest or the version label."""
+    version: _builtins.str
     def __init__(
         self,
         *,
         project: _builtins.str = ...,
         digest: _builtins.str = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "project", b"project"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "project", b"project", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -221,19 +572,27 @@ class ListBundlesRequest(_message.Message):
     PROJECT_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    VERSION_PREFIX_FIELD_NUMBER: _builtins.int
     project: _builtins.str
     page_size: _builtins.int
     page_token: _builtins.str
+    state: Global___BundleState.ValueType
+    """Only bundles in this state (any when unspecified)."""
+    version_prefix: _builtins.str
+    """Only bundles whose version label starts with this (`v1.4.`)."""
     def __init__(
         self,
         *,
         project: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        state: Global___BundleState.ValueType = ...,
+        version_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "project", b"project"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "project", b"project", "state", b"state", "version_prefix", b"version_prefix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,6 +620,413 @@ class ListBundlesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListBundlesResponse: _TypeAlias = ListBundlesResponse  # noqa: Y015
+
+@_typing.final
+class FileChange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    OLD_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    NEW_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    UNIFIED_DIFF_FIELD_NUMBER: _builtins.int
+    BINARY_FIELD_NUMBER: _builtins.int
+    DIFF_TRUNCATED_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    kind: Global___FileChangeKind.ValueType
+    old_size_bytes: _builtins.int
+    new_size_bytes: _builtins.int
+    unified_diff: _builtins.str
+    """Unified diff for text files; empty for binary files and symlinks."""
+    binary: _builtins.bool
+    diff_truncated: _builtins.bool
+    """The diff of this file was cut at the size limit."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        kind: Global___FileChangeKind.ValueType = ...,
+        old_size_bytes: _builtins.int = ...,
+        new_size_bytes: _builtins.int = ...,
+        unified_diff: _builtins.str = ...,
+        binary: _builtins.bool = ...,
+        diff_truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binary", b"binary", "diff_truncated", b"diff_truncated", "kind", b"kind", "new_size_bytes", b"new_size_bytes", "old_size_bytes", b"old_size_bytes", "path", b"path", "unified_diff", b"unified_diff"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileChange: _TypeAlias = FileChange  # noqa: Y015
+
+@_typing.final
+class DiffBundlesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    FROM_DIGEST_FIELD_NUMBER: _builtins.int
+    TO_DIGEST_FIELD_NUMBER: _builtins.int
+    CONTEXT_LINES_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    from_digest: _builtins.str
+    """The older bundle."""
+    to_digest: _builtins.str
+    """The newer bundle."""
+    context_lines: _builtins.int
+    """Lines of context in unified diffs (default 3, at most 50)."""
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+        from_digest: _builtins.str = ...,
+        to_digest: _builtins.str = ...,
+        context_lines: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_lines", b"context_lines", "from_digest", b"from_digest", "project", b"project", "to_digest", b"to_digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiffBundlesRequest: _TypeAlias = DiffBundlesRequest  # noqa: Y015
+
+@_typing.final
+class DiffBundlesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    RISK_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """Some unified diffs were left out to keep the answer within its size limit."""
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileChange]: ...
+    @_builtins.property
+    def risk(self) -> Global___RiskAssessment:
+        """Moving from `from_digest` to `to_digest`, scored as for a new bundle."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___FileChange] | None = ...,
+        risk: Global___RiskAssessment | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["risk", b"risk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "risk", b"risk", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiffBundlesResponse: _TypeAlias = DiffBundlesResponse  # noqa: Y015
+
+@_typing.final
+class RevokeBundleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    digest: _builtins.str
+    reason: _builtins.str
+    """Why; shown to operators and on nodes that try to download it."""
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "project", b"project", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeBundleRequest: _TypeAlias = RevokeBundleRequest  # noqa: Y015
+
+@_typing.final
+class RevokedBundleNode(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    REVOKE_REASON_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    name: _builtins.str
+    digest: _builtins.str
+    """The revoked bundle the node runs (applied) or is assigned (desired)."""
+    version: _builtins.str
+    running: _builtins.bool
+    """True when the node reports running it, false when it is only assigned."""
+    revoke_reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        version: _builtins.str = ...,
+        running: _builtins.bool = ...,
+        revoke_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "name", b"name", "node_id", b"node_id", "revoke_reason", b"revoke_reason", "running", b"running", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedBundleNode: _TypeAlias = RevokedBundleNode  # noqa: Y015
+
+@_typing.final
+class RevokeBundleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUNDLE_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def bundle(self) -> Global___Bundle: ...
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedBundleNode]:
+        """Nodes running or assigned the bundle at the time of revocation."""
+
+    def __init__(
+        self,
+        *,
+        bundle: Global___Bundle | None = ...,
+        nodes: _abc.Iterable[Global___RevokedBundleNode] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeBundleResponse: _TypeAlias = RevokeBundleResponse  # noqa: Y015
+
+@_typing.final
+class ListRevokedBundleNodesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRevokedBundleNodesRequest: _TypeAlias = ListRevokedBundleNodesRequest  # noqa: Y015
+
+@_typing.final
+class ListRevokedBundleNodesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedBundleNode]: ...
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___RevokedBundleNode] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRevokedBundleNodesResponse: _TypeAlias = ListRevokedBundleNodesResponse  # noqa: Y015
+
+@_typing.final
+class ParserCheck(_message.Message):
+    """A built-in parser run on the files matching `paths`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    PATHS_FIELD_NUMBER: _builtins.int
+    format: Global___ConfigFormat.ValueType
+    @_builtins.property
+    def paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Glob patterns (`*` also matches `/`); empty means by extension
+        (`*.kdl`, `*.json`, `*.yaml`/`*.yml`), or the main file for ZENTINEL.
+        """
+
+    def __init__(
+        self,
+        *,
+        format: Global___ConfigFormat.ValueType = ...,
+        paths: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "paths", b"paths"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParserCheck: _TypeAlias = ParserCheck  # noqa: Y015
+
+@_typing.final
+class CommandCheck(_message.Message):
+    """An external command run in a scratch copy of the bundle. `{path}` in an
+    argument is replaced by the bundle directory, `{main}` by the main file's
+    path. Exit 0 passes. The program must be on the server's allow-list
+    (`controlplane serve --validator-allow`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGV_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Default 30 s, at most 10 min."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        argv: _abc.Iterable[_builtins.str] | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "name", b"name", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommandCheck: _TypeAlias = CommandCheck  # noqa: Y015
+
+@_typing.final
+class ValidationConfig(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAIN_FIELD_NUMBER: _builtins.int
+    PARSERS_FIELD_NUMBER: _builtins.int
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    main: _builtins.str
+    """The bundle's entry point (`zentinel.kdl`, `nginx.conf`); it must exist in
+    every bundle when set.
+    """
+    @_builtins.property
+    def parsers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParserCheck]: ...
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommandCheck]: ...
+    def __init__(
+        self,
+        *,
+        main: _builtins.str = ...,
+        parsers: _abc.Iterable[Global___ParserCheck] | None = ...,
+        commands: _abc.Iterable[Global___CommandCheck] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands", "main", b"main", "parsers", b"parsers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidationConfig: _TypeAlias = ValidationConfig  # noqa: Y015
+
+@_typing.final
+class GetValidationConfigRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetValidationConfigRequest: _TypeAlias = GetValidationConfigRequest  # noqa: Y015
+
+@_typing.final
+class GetValidationConfigResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    is_default: _builtins.bool
+    """No configuration was set: this is the default."""
+    @_builtins.property
+    def config(self) -> Global___ValidationConfig: ...
+    def __init__(
+        self,
+        *,
+        config: Global___ValidationConfig | None = ...,
+        is_default: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "is_default", b"is_default"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetValidationConfigResponse: _TypeAlias = GetValidationConfigResponse  # noqa: Y015
+
+@_typing.final
+class SetValidationConfigRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    @_builtins.property
+    def config(self) -> Global___ValidationConfig: ...
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+        config: Global___ValidationConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetValidationConfigRequest: _TypeAlias = SetValidationConfigRequest  # noqa: Y015
+
+@_typing.final
+class SetValidationConfigResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def config(self) -> Global___ValidationConfig: ...
+    def __init__(
+        self,
+        *,
+        config: Global___ValidationConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetValidationConfigResponse: _TypeAlias = SetValidationConfigResponse  # noqa: Y015
 
 @_typing.final
 class Target(_message.Message):

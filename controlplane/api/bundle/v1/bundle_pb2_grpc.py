@@ -26,7 +26,13 @@ if _version_not_supported:
 
 
 class BundleServiceStub:
-    """BundleService stores bundles, serves their bytes to nodes and assigns them.
+    """BundleService builds, stores and serves bundles and assigns them to nodes.
+
+    Every bundle goes through one pipeline (docs/bundles.md): the input files are
+    checked, validated with the project's validators, packed into a reproducible
+    `.tar.zst` holding a manifest and a CycloneDX SBOM, signed with Ed25519,
+    stored content-addressed and scored for risk against the project's previous
+    bundle. Identical content gives back the existing bundle and creates nothing.
     """
 
     def __init__(self, channel):
@@ -35,6 +41,11 @@ class BundleServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.CreateBundle = channel.stream_unary(
+                '/controlplane.bundle.v1.BundleService/CreateBundle',
+                request_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.CreateBundleRequest.SerializeToString,
+                response_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.CreateBundleResponse.FromString,
+                _registered_method=True)
         self.UploadBundle = channel.stream_unary(
                 '/controlplane.bundle.v1.BundleService/UploadBundle',
                 request_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.UploadBundleRequest.SerializeToString,
@@ -55,6 +66,31 @@ class BundleServiceStub:
                 request_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.ListBundlesRequest.SerializeToString,
                 response_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.ListBundlesResponse.FromString,
                 _registered_method=True)
+        self.DiffBundles = channel.unary_unary(
+                '/controlplane.bundle.v1.BundleService/DiffBundles',
+                request_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.DiffBundlesRequest.SerializeToString,
+                response_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.DiffBundlesResponse.FromString,
+                _registered_method=True)
+        self.RevokeBundle = channel.unary_unary(
+                '/controlplane.bundle.v1.BundleService/RevokeBundle',
+                request_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.RevokeBundleRequest.SerializeToString,
+                response_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.RevokeBundleResponse.FromString,
+                _registered_method=True)
+        self.ListRevokedBundleNodes = channel.unary_unary(
+                '/controlplane.bundle.v1.BundleService/ListRevokedBundleNodes',
+                request_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.ListRevokedBundleNodesRequest.SerializeToString,
+                response_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.ListRevokedBundleNodesResponse.FromString,
+                _registered_method=True)
+        self.GetValidationConfig = channel.unary_unary(
+                '/controlplane.bundle.v1.BundleService/GetValidationConfig',
+                request_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.GetValidationConfigRequest.SerializeToString,
+                response_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.GetValidationConfigResponse.FromString,
+                _registered_method=True)
+        self.SetValidationConfig = channel.unary_unary(
+                '/controlplane.bundle.v1.BundleService/SetValidationConfig',
+                request_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.SetValidationConfigRequest.SerializeToString,
+                response_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.SetValidationConfigResponse.FromString,
+                _registered_method=True)
         self.AssignBundle = channel.unary_unary(
                 '/controlplane.bundle.v1.BundleService/AssignBundle',
                 request_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.AssignBundleRequest.SerializeToString,
@@ -68,39 +104,101 @@ class BundleServiceStub:
 
 
 class BundleServiceServicer:
-    """BundleService stores bundles, serves their bytes to nodes and assigns them.
+    """BundleService builds, stores and serves bundles and assigns them to nodes.
+
+    Every bundle goes through one pipeline (docs/bundles.md): the input files are
+    checked, validated with the project's validators, packed into a reproducible
+    `.tar.zst` holding a manifest and a CycloneDX SBOM, signed with Ed25519,
+    stored content-addressed and scored for risk against the project's previous
+    bundle. Identical content gives back the existing bundle and creates nothing.
     """
 
+    def CreateBundle(self, request_iterator, context):
+        """CreateBundle builds a bundle from files (or a tar stream) sent in chunks.
+        The first message is the header; then either `file` + `chunk`s per file,
+        or `tar_chunk`s. A bundle that fails validation is recorded as FAILED with
+        the validators' output and can never be assigned; hostile or malformed
+        input is refused (INVALID_ARGUMENT) and records nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadBundle(self, request_iterator, context):
-        """UploadBundle stores a ready-made `.tar.zst` archive. The first message
-        carries the header, every message may carry bytes.
+        """UploadBundle sends a tar archive (plain, gzip or zstd) through the same
+        pipeline as CreateBundle. The digest returned is of the repacked archive.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DownloadBundle(self, request, context):
-        """DownloadBundle streams a bundle's archive in chunks.
+        """DownloadBundle streams a bundle's archive in chunks. Nodes may download
+        only VALID bundles.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetBundle(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """GetBundle returns one bundle, by digest or by version label.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListBundles(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """ListBundles pages through a project's bundles, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiffBundles(self, request, context):
+        """DiffBundles compares two bundles file by file, with unified diffs of
+        text files and the risk of moving from one to the other.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeBundle(self, request, context):
+        """RevokeBundle withdraws a bundle: it can no longer be assigned, rolled out
+        or downloaded by nodes. Nodes running it are listed (and stay listed by
+        ListRevokedBundleNodes until they move off it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRevokedBundleNodes(self, request, context):
+        """ListRevokedBundleNodes lists the nodes of a project that run, or are
+        assigned, a revoked bundle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetValidationConfig(self, request, context):
+        """GetValidationConfig returns the validators a project's bundles go
+        through (the default when none was set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetValidationConfig(self, request, context):
+        """SetValidationConfig replaces a project's validators. Later bundles are
+        validated with them; existing bundles keep their outcome.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AssignBundle(self, request, context):
         """AssignBundle sets the desired bundle of a selector's nodes or of listed
-        nodes, in one transaction and one revision.
+        nodes, in one transaction and one revision. Only VALID bundles can be
+        assigned (FAILED_PRECONDITION otherwise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +214,11 @@ class BundleServiceServicer:
 
 def add_BundleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'CreateBundle': grpc.stream_unary_rpc_method_handler(
+                    servicer.CreateBundle,
+                    request_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.CreateBundleRequest.FromString,
+                    response_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.CreateBundleResponse.SerializeToString,
+            ),
             'UploadBundle': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadBundle,
                     request_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.UploadBundleRequest.FromString,
@@ -136,6 +239,31 @@ def add_BundleServiceServicer_to_server(servicer, server):
                     request_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.ListBundlesRequest.FromString,
                     response_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.ListBundlesResponse.SerializeToString,
             ),
+            'DiffBundles': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiffBundles,
+                    request_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.DiffBundlesRequest.FromString,
+                    response_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.DiffBundlesResponse.SerializeToString,
+            ),
+            'RevokeBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeBundle,
+                    request_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.RevokeBundleRequest.FromString,
+                    response_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.RevokeBundleResponse.SerializeToString,
+            ),
+            'ListRevokedBundleNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRevokedBundleNodes,
+                    request_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.ListRevokedBundleNodesRequest.FromString,
+                    response_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.ListRevokedBundleNodesResponse.SerializeToString,
+            ),
+            'GetValidationConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetValidationConfig,
+                    request_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.GetValidationConfigRequest.FromString,
+                    response_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.GetValidationConfigResponse.SerializeToString,
+            ),
+            'SetValidationConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetValidationConfig,
+                    request_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.SetValidationConfigRequest.FromString,
+                    response_serializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.SetValidationConfigResponse.SerializeToString,
+            ),
             'AssignBundle': grpc.unary_unary_rpc_method_handler(
                     servicer.AssignBundle,
                     request_deserializer=controlplane_dot_bundle_dot_v1_dot_bundle__pb2.AssignBundleRequest.FromString,
@@ -155,8 +283,41 @@ def add_BundleServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class BundleService:
-    """BundleService stores bundles, serves their bytes to nodes and assigns them.
+    """BundleService builds, stores and serves bundles and assigns them to nodes.
+
+    Every bundle goes through one pipeline (docs/bundles.md): the input files are
+    checked, validated with the project's validators, packed into a reproducible
+    `.tar.zst` holding a manifest and a CycloneDX SBOM, signed with Ed25519,
+    stored content-addressed and scored for risk against the project's previous
+    bundle. Identical content gives back the existing bundle and creates nothing.
     """
+
+    @staticmethod
+    def CreateBundle(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/controlplane.bundle.v1.BundleService/CreateBundle',
+            controlplane_dot_bundle_dot_v1_dot_bundle__pb2.CreateBundleRequest.SerializeToString,
+            controlplane_dot_bundle_dot_v1_dot_bundle__pb2.CreateBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def UploadBundle(request_iterator,
@@ -256,6 +417,141 @@ class BundleService:
             '/controlplane.bundle.v1.BundleService/ListBundles',
             controlplane_dot_bundle_dot_v1_dot_bundle__pb2.ListBundlesRequest.SerializeToString,
             controlplane_dot_bundle_dot_v1_dot_bundle__pb2.ListBundlesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiffBundles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.bundle.v1.BundleService/DiffBundles',
+            controlplane_dot_bundle_dot_v1_dot_bundle__pb2.DiffBundlesRequest.SerializeToString,
+            controlplane_dot_bundle_dot_v1_dot_bundle__pb2.DiffBundlesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.bundle.v1.BundleService/RevokeBundle',
+            controlplane_dot_bundle_dot_v1_dot_bundle__pb2.RevokeBundleRequest.SerializeToString,
+            controlplane_dot_bundle_dot_v1_dot_bundle__pb2.RevokeBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRevokedBundleNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.bundle.v1.BundleService/ListRevokedBundleNodes',
+            controlplane_dot_bundle_dot_v1_dot_bundle__pb2.ListRevokedBundleNodesRequest.SerializeToString,
+            controlplane_dot_bundle_dot_v1_dot_bundle__pb2.ListRevokedBundleNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetValidationConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.bundle.v1.BundleService/GetValidationConfig',
+            controlplane_dot_bundle_dot_v1_dot_bundle__pb2.GetValidationConfigRequest.SerializeToString,
+            controlplane_dot_bundle_dot_v1_dot_bundle__pb2.GetValidationConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetValidationConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.bundle.v1.BundleService/SetValidationConfig',
+            controlplane_dot_bundle_dot_v1_dot_bundle__pb2.SetValidationConfigRequest.SerializeToString,
+            controlplane_dot_bundle_dot_v1_dot_bundle__pb2.SetValidationConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

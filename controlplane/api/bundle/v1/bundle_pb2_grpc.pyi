@@ -27,49 +27,149 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class BundleServiceStub:
-    """BundleService stores bundles, serves their bytes to nodes and assigns them."""
+    """BundleService builds, stores and serves bundles and assigns them to nodes.
+
+    Every bundle goes through one pipeline (docs/bundles.md): the input files are
+    checked, validated with the project's validators, packed into a reproducible
+    `.tar.zst` holding a manifest and a CycloneDX SBOM, signed with Ed25519,
+    stored content-addressed and scored for risk against the project's previous
+    bundle. Identical content gives back the existing bundle and creates nothing.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> BundleServiceAsyncStub: ...
+    CreateBundle: _grpc.StreamUnaryMultiCallable[_bundle_pb2.CreateBundleRequest, _bundle_pb2.CreateBundleResponse]
+    """CreateBundle builds a bundle from files (or a tar stream) sent in chunks.
+    The first message is the header; then either `file` + `chunk`s per file,
+    or `tar_chunk`s. A bundle that fails validation is recorded as FAILED with
+    the validators' output and can never be assigned; hostile or malformed
+    input is refused (INVALID_ARGUMENT) and records nothing.
+    """
     UploadBundle: _grpc.StreamUnaryMultiCallable[_bundle_pb2.UploadBundleRequest, _bundle_pb2.UploadBundleResponse]
-    """UploadBundle stores a ready-made `.tar.zst` archive. The first message
-    carries the header, every message may carry bytes.
+    """UploadBundle sends a tar archive (plain, gzip or zstd) through the same
+    pipeline as CreateBundle. The digest returned is of the repacked archive.
     """
     DownloadBundle: _grpc.UnaryStreamMultiCallable[_bundle_pb2.DownloadBundleRequest, _bundle_pb2.DownloadBundleResponse]
-    """DownloadBundle streams a bundle's archive in chunks."""
+    """DownloadBundle streams a bundle's archive in chunks. Nodes may download
+    only VALID bundles.
+    """
     GetBundle: _grpc.UnaryUnaryMultiCallable[_bundle_pb2.GetBundleRequest, _bundle_pb2.GetBundleResponse]
+    """GetBundle returns one bundle, by digest or by version label."""
     ListBundles: _grpc.UnaryUnaryMultiCallable[_bundle_pb2.ListBundlesRequest, _bundle_pb2.ListBundlesResponse]
+    """ListBundles pages through a project's bundles, newest first."""
+    DiffBundles: _grpc.UnaryUnaryMultiCallable[_bundle_pb2.DiffBundlesRequest, _bundle_pb2.DiffBundlesResponse]
+    """DiffBundles compares two bundles file by file, with unified diffs of
+    text files and the risk of moving from one to the other.
+    """
+    RevokeBundle: _grpc.UnaryUnaryMultiCallable[_bundle_pb2.RevokeBundleRequest, _bundle_pb2.RevokeBundleResponse]
+    """RevokeBundle withdraws a bundle: it can no longer be assigned, rolled out
+    or downloaded by nodes. Nodes running it are listed (and stay listed by
+    ListRevokedBundleNodes until they move off it).
+    """
+    ListRevokedBundleNodes: _grpc.UnaryUnaryMultiCallable[_bundle_pb2.ListRevokedBundleNodesRequest, _bundle_pb2.ListRevokedBundleNodesResponse]
+    """ListRevokedBundleNodes lists the nodes of a project that run, or are
+    assigned, a revoked bundle.
+    """
+    GetValidationConfig: _grpc.UnaryUnaryMultiCallable[_bundle_pb2.GetValidationConfigRequest, _bundle_pb2.GetValidationConfigResponse]
+    """GetValidationConfig returns the validators a project's bundles go
+    through (the default when none was set).
+    """
+    SetValidationConfig: _grpc.UnaryUnaryMultiCallable[_bundle_pb2.SetValidationConfigRequest, _bundle_pb2.SetValidationConfigResponse]
+    """SetValidationConfig replaces a project's validators. Later bundles are
+    validated with them; existing bundles keep their outcome.
+    """
     AssignBundle: _grpc.UnaryUnaryMultiCallable[_bundle_pb2.AssignBundleRequest, _bundle_pb2.AssignBundleResponse]
     """AssignBundle sets the desired bundle of a selector's nodes or of listed
-    nodes, in one transaction and one revision.
+    nodes, in one transaction and one revision. Only VALID bundles can be
+    assigned (FAILED_PRECONDITION otherwise).
     """
     UnassignBundle: _grpc.UnaryUnaryMultiCallable[_bundle_pb2.UnassignBundleRequest, _bundle_pb2.UnassignBundleResponse]
     """UnassignBundle removes an assignment (a tombstone on the watch)."""
 
 @_typing.type_check_only
 class BundleServiceAsyncStub(BundleServiceStub):
-    """BundleService stores bundles, serves their bytes to nodes and assigns them."""
+    """BundleService builds, stores and serves bundles and assigns them to nodes.
+
+    Every bundle goes through one pipeline (docs/bundles.md): the input files are
+    checked, validated with the project's validators, packed into a reproducible
+    `.tar.zst` holding a manifest and a CycloneDX SBOM, signed with Ed25519,
+    stored content-addressed and scored for risk against the project's previous
+    bundle. Identical content gives back the existing bundle and creates nothing.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateBundle: _aio.StreamUnaryMultiCallable[_bundle_pb2.CreateBundleRequest, _bundle_pb2.CreateBundleResponse]  # type: ignore[assignment]
+    """CreateBundle builds a bundle from files (or a tar stream) sent in chunks.
+    The first message is the header; then either `file` + `chunk`s per file,
+    or `tar_chunk`s. A bundle that fails validation is recorded as FAILED with
+    the validators' output and can never be assigned; hostile or malformed
+    input is refused (INVALID_ARGUMENT) and records nothing.
+    """
     UploadBundle: _aio.StreamUnaryMultiCallable[_bundle_pb2.UploadBundleRequest, _bundle_pb2.UploadBundleResponse]  # type: ignore[assignment]
-    """UploadBundle stores a ready-made `.tar.zst` archive. The first message
-    carries the header, every message may carry bytes.
+    """UploadBundle sends a tar archive (plain, gzip or zstd) through the same
+    pipeline as CreateBundle. The digest returned is of the repacked archive.
     """
     DownloadBundle: _aio.UnaryStreamMultiCallable[_bundle_pb2.DownloadBundleRequest, _bundle_pb2.DownloadBundleResponse]  # type: ignore[assignment]
-    """DownloadBundle streams a bundle's archive in chunks."""
+    """DownloadBundle streams a bundle's archive in chunks. Nodes may download
+    only VALID bundles.
+    """
     GetBundle: _aio.UnaryUnaryMultiCallable[_bundle_pb2.GetBundleRequest, _bundle_pb2.GetBundleResponse]  # type: ignore[assignment]
+    """GetBundle returns one bundle, by digest or by version label."""
     ListBundles: _aio.UnaryUnaryMultiCallable[_bundle_pb2.ListBundlesRequest, _bundle_pb2.ListBundlesResponse]  # type: ignore[assignment]
+    """ListBundles pages through a project's bundles, newest first."""
+    DiffBundles: _aio.UnaryUnaryMultiCallable[_bundle_pb2.DiffBundlesRequest, _bundle_pb2.DiffBundlesResponse]  # type: ignore[assignment]
+    """DiffBundles compares two bundles file by file, with unified diffs of
+    text files and the risk of moving from one to the other.
+    """
+    RevokeBundle: _aio.UnaryUnaryMultiCallable[_bundle_pb2.RevokeBundleRequest, _bundle_pb2.RevokeBundleResponse]  # type: ignore[assignment]
+    """RevokeBundle withdraws a bundle: it can no longer be assigned, rolled out
+    or downloaded by nodes. Nodes running it are listed (and stay listed by
+    ListRevokedBundleNodes until they move off it).
+    """
+    ListRevokedBundleNodes: _aio.UnaryUnaryMultiCallable[_bundle_pb2.ListRevokedBundleNodesRequest, _bundle_pb2.ListRevokedBundleNodesResponse]  # type: ignore[assignment]
+    """ListRevokedBundleNodes lists the nodes of a project that run, or are
+    assigned, a revoked bundle.
+    """
+    GetValidationConfig: _aio.UnaryUnaryMultiCallable[_bundle_pb2.GetValidationConfigRequest, _bundle_pb2.GetValidationConfigResponse]  # type: ignore[assignment]
+    """GetValidationConfig returns the validators a project's bundles go
+    through (the default when none was set).
+    """
+    SetValidationConfig: _aio.UnaryUnaryMultiCallable[_bundle_pb2.SetValidationConfigRequest, _bundle_pb2.SetValidationConfigResponse]  # type: ignore[assignment]
+    """SetValidationConfig replaces a project's validators. Later bundles are
+    validated with them; existing bundles keep their outcome.
+    """
     AssignBundle: _aio.UnaryUnaryMultiCallable[_bundle_pb2.AssignBundleRequest, _bundle_pb2.AssignBundleResponse]  # type: ignore[assignment]
     """AssignBundle sets the desired bundle of a selector's nodes or of listed
-    nodes, in one transaction and one revision.
+    nodes, in one transaction and one revision. Only VALID bundles can be
+    assigned (FAILED_PRECONDITION otherwise).
     """
     UnassignBundle: _aio.UnaryUnaryMultiCallable[_bundle_pb2.UnassignBundleRequest, _bundle_pb2.UnassignBundleResponse]  # type: ignore[assignment]
     """UnassignBundle removes an assignment (a tombstone on the watch)."""
 
 class BundleServiceServicer(metaclass=_abc_1.ABCMeta):
-    """BundleService stores bundles, serves their bytes to nodes and assigns them."""
+    """BundleService builds, stores and serves bundles and assigns them to nodes.
+
+    Every bundle goes through one pipeline (docs/bundles.md): the input files are
+    checked, validated with the project's validators, packed into a reproducible
+    `.tar.zst` holding a manifest and a CycloneDX SBOM, signed with Ed25519,
+    stored content-addressed and scored for risk against the project's previous
+    bundle. Identical content gives back the existing bundle and creates nothing.
+    """
+
+    @_abc_1.abstractmethod
+    def CreateBundle(
+        self,
+        request_iterator: _MaybeAsyncIterator[_bundle_pb2.CreateBundleRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_bundle_pb2.CreateBundleResponse, _abc.Awaitable[_bundle_pb2.CreateBundleResponse]]:
+        """CreateBundle builds a bundle from files (or a tar stream) sent in chunks.
+        The first message is the header; then either `file` + `chunk`s per file,
+        or `tar_chunk`s. A bundle that fails validation is recorded as FAILED with
+        the validators' output and can never be assigned; hostile or malformed
+        input is refused (INVALID_ARGUMENT) and records nothing.
+        """
 
     @_abc_1.abstractmethod
     def UploadBundle(
@@ -77,8 +177,8 @@ class BundleServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_bundle_pb2.UploadBundleRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_bundle_pb2.UploadBundleResponse, _abc.Awaitable[_bundle_pb2.UploadBundleResponse]]:
-        """UploadBundle stores a ready-made `.tar.zst` archive. The first message
-        carries the header, every message may carry bytes.
+        """UploadBundle sends a tar archive (plain, gzip or zstd) through the same
+        pipeline as CreateBundle. The digest returned is of the repacked archive.
         """
 
     @_abc_1.abstractmethod
@@ -87,21 +187,76 @@ class BundleServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bundle_pb2.DownloadBundleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_bundle_pb2.DownloadBundleResponse], _abc.AsyncIterator[_bundle_pb2.DownloadBundleResponse]]:
-        """DownloadBundle streams a bundle's archive in chunks."""
+        """DownloadBundle streams a bundle's archive in chunks. Nodes may download
+        only VALID bundles.
+        """
 
     @_abc_1.abstractmethod
     def GetBundle(
         self,
         request: _bundle_pb2.GetBundleRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_bundle_pb2.GetBundleResponse, _abc.Awaitable[_bundle_pb2.GetBundleResponse]]: ...
+    ) -> _typing.Union[_bundle_pb2.GetBundleResponse, _abc.Awaitable[_bundle_pb2.GetBundleResponse]]:
+        """GetBundle returns one bundle, by digest or by version label."""
 
     @_abc_1.abstractmethod
     def ListBundles(
         self,
         request: _bundle_pb2.ListBundlesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_bundle_pb2.ListBundlesResponse, _abc.Awaitable[_bundle_pb2.ListBundlesResponse]]: ...
+    ) -> _typing.Union[_bundle_pb2.ListBundlesResponse, _abc.Awaitable[_bundle_pb2.ListBundlesResponse]]:
+        """ListBundles pages through a project's bundles, newest first."""
+
+    @_abc_1.abstractmethod
+    def DiffBundles(
+        self,
+        request: _bundle_pb2.DiffBundlesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bundle_pb2.DiffBundlesResponse, _abc.Awaitable[_bundle_pb2.DiffBundlesResponse]]:
+        """DiffBundles compares two bundles file by file, with unified diffs of
+        text files and the risk of moving from one to the other.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeBundle(
+        self,
+        request: _bundle_pb2.RevokeBundleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bundle_pb2.RevokeBundleResponse, _abc.Awaitable[_bundle_pb2.RevokeBundleResponse]]:
+        """RevokeBundle withdraws a bundle: it can no longer be assigned, rolled out
+        or downloaded by nodes. Nodes running it are listed (and stay listed by
+        ListRevokedBundleNodes until they move off it).
+        """
+
+    @_abc_1.abstractmethod
+    def ListRevokedBundleNodes(
+        self,
+        request: _bundle_pb2.ListRevokedBundleNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bundle_pb2.ListRevokedBundleNodesResponse, _abc.Awaitable[_bundle_pb2.ListRevokedBundleNodesResponse]]:
+        """ListRevokedBundleNodes lists the nodes of a project that run, or are
+        assigned, a revoked bundle.
+        """
+
+    @_abc_1.abstractmethod
+    def GetValidationConfig(
+        self,
+        request: _bundle_pb2.GetValidationConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bundle_pb2.GetValidationConfigResponse, _abc.Awaitable[_bundle_pb2.GetValidationConfigResponse]]:
+        """GetValidationConfig returns the validators a project's bundles go
+        through (the default when none was set).
+        """
+
+    @_abc_1.abstractmethod
+    def SetValidationConfig(
+        self,
+        request: _bundle_pb2.SetValidationConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bundle_pb2.SetValidationConfigResponse, _abc.Awaitable[_bundle_pb2.SetValidationConfigResponse]]:
+        """SetValidationConfig replaces a project's validators. Later bundles are
+        validated with them; existing bundles keep their outcome.
+        """
 
     @_abc_1.abstractmethod
     def AssignBundle(
@@ -110,7 +265,8 @@ class BundleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_bundle_pb2.AssignBundleResponse, _abc.Awaitable[_bundle_pb2.AssignBundleResponse]]:
         """AssignBundle sets the desired bundle of a selector's nodes or of listed
-        nodes, in one transaction and one revision.
+        nodes, in one transaction and one revision. Only VALID bundles can be
+        assigned (FAILED_PRECONDITION otherwise).
         """
 
     @_abc_1.abstractmethod

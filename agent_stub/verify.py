@@ -1,0 +1,234 @@
+"""Proving a bundle is exactly what the control plane built and signed, before it runs.
+
+Three checks, each refusing with a precise reason (a NACK; the running bundle stays):
+
+1. Signature, before downloading: an Ed25519 signature over
+   `b"controlplane.bundle.v1\\x00" + digest` by a trusted key that is not retired. No
+   signature, an unknown key id, a retired key or a signature that does not verify is
+   refused.
+2. Bytes: the archive hashes to the signed digest (download.py).
+3. Manifest, after unpacking: `.bundle/manifest.json` lists exactly the files and links
+   on disk, with their sizes, sha256 and executable bits. The manifest and SBOM are then
+   removed, so the bundle directory holds only the operator's files.
+
+Trusted keys come from `--trusted-keys FILE` (the output of
+`controlplane signing-keys list --json`, or `{"keys": [{"key_id", "public_key" (base64),
+"state"}]}`): only those keys are ever trusted. Without the file the agent trusts the
+keys the control plane publishes (`ListSigningKeys`), which still refuses unsigned or
+tampered bundles but not a compromised control plane. Either way the control plane's
+list is read before each install and can only take trust away: a key it lists as
+retired is retired here too.
+
+This module is the agent's own: it imports nothing of the server (import-linter).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+from agent_stub.errors import ApplyFailed, TransientFailure
+
+CONTEXT = b"controlplane.bundle.v1\x00"
+META_DIR = ".bundle"
+MANIFEST = f"{META_DIR}/manifest.json"
+SBOM = f"{META_DIR}/sbom.cdx.json"
+FORMAT = "controlplane.bundle/v1"
+_READ = 1024 * 1024
+# The manifest of 10,000 files is about 1.5 MB; anything much larger is not ours.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    key_id: str
+    public_key: bytes
+    retired: bool = False
+
+
+def key_id_of(public_key: bytes) -> str:
+    return hashlib.sha256(public_key).hexdigest()[:16]
+
+
+def _key(item: dict[str, Any], where: str) -> TrustedKey:
+    try:
+        raw = item.get("public_key") or item.get("publicKey") or ""
+        public = base64.b64decode(raw, validate=True)
+        VerifyKey(public)
+    except (binascii.Error, ValueError, TypeError) as e:
+        raise ValueError(f"{where}: public_key is not a base64 Ed25519 key: {e}") from None
+    key_id = str(item.get("key_id") or item.get("keyId") or key_id_of(public))
+    if key_id != key_id_of(public):
+        raise ValueError(f"{where}: key id {key_id} does not match its public key ({key_id_of(public)})")
+    state = str(item.get("state", "active")).lower()
+    return TrustedKey(key_id, public, retired="retired" in state)
+
+
+def load_trusted_keys(path: Path) -> dict[str, TrustedKey]:
+    """Read a trusted-keys file; ValueError says what is wrong with it."""
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read trusted keys from {path}: {e}") from None
+    items = body.get("keys", []) if isinstance(body, dict) else body
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path} lists no keys")
+    keys = [_key(item, f"{path} entry {i}") for i, item in enumerate(items)]
+    return {k.key_id: k for k in keys}
+
+
+class KeyRing:
+    """The keys this node trusts. `pinned` (from a file): the control plane can retire
+    them but never add one."""
+
+    def __init__(self, keys: dict[str, TrustedKey] | None = None, pinned: bool = False):
+        self.keys = dict(keys or {})
+        self.pinned = pinned
+        # Retirements are never undone by a later listing.
+        self._retired = {k.key_id for k in self.keys.values() if k.retired}
+
+    def merge_server(self, listed: list[TrustedKey]) -> None:
+        self._retired.update(k.key_id for k in listed if k.retired)
+        if not self.pinned:
+            self.keys = {k.key_id: k for k in listed}
+        self.keys = {i: TrustedKey(k.key_id, k.public_key, i in self._retired) for i, k in self.keys.items()}
+
+    def check(self, digest: str, signature: bytes, key_id: str) -> None:
+        if not signature or not key_id:
+            raise ApplyFailed(
+                f"bundle {digest} is unsigned: this node runs only bundles signed by a trusted key"
+            )
+        key = self.keys.get(key_id)
+        if key is None:
+            trusted = ", ".join(sorted(self.keys)) or "none"
+            raise ApplyFailed(
+                f"bundle {digest} is signed by unknown key {key_id}: not one of this node's trusted keys "
+                f"({trusted})"
+            )
+        if key.retired:
+            raise ApplyFailed(f"bundle {digest} is signed by retired key {key_id}: it is trusted no more")
+        try:
+            VerifyKey(key.public_key).verify(CONTEXT + digest.encode("ascii"), signature)
+        except (BadSignatureError, ValueError, TypeError):
+            raise ApplyFailed(
+                f"signature by key {key_id} does not verify for bundle {digest}: the signature or the "
+                "digest was altered"
+            ) from None
+
+
+ListKeys = Callable[[], Awaitable[list[TrustedKey]]]
+
+
+class BundleVerifier:
+    def __init__(self, ring: KeyRing, list_keys: ListKeys | None = None):
+        self.ring = ring
+        self._list_keys = list_keys
+
+    async def refresh(self) -> None:
+        if self._list_keys is None:
+            return
+        try:
+            listed = await self._list_keys()
+        except TransientFailure:
+            if not self.ring.pinned and not self.ring.keys:
+                raise
+            return
+        self.ring.merge_server(listed)
+
+    async def check_signature(self, digest: str, signature: bytes, key_id: str) -> None:
+        await self.refresh()
+        self.ring.check(digest, signature, key_id)
+
+    def check_tree(self, root: Path) -> None:
+        """The unpacked files are exactly the manifest's; then drop `.bundle/`."""
+        check_manifest(root)
+        try:
+            shutil.rmtree(root / META_DIR)
+        except OSError as e:
+            raise ApplyFailed(f"removing {META_DIR}/ from the bundle failed on this node: {e}") from None
+
+
+def _manifest(root: Path) -> dict[str, dict[str, Any]]:
+    path = root / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        raise ApplyFailed(f"manifest check failed: {MANIFEST} is missing from the bundle")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ApplyFailed(f"manifest check failed: {MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        body = json.loads(path.read_bytes())
+        if body.get("format") != FORMAT:
+            raise ValueError(f"format {body.get('format')!r} is not {FORMAT}")
+        entries = {str(e["path"]): e for e in body["files"]}
+        if len(entries) != len(body["files"]):
+            raise ValueError("a path is listed twice")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ApplyFailed(f"manifest check failed: {MANIFEST} is malformed: {e}") from None
+    if not (root / SBOM).is_file():
+        raise ApplyFailed(f"manifest check failed: {SBOM} is missing from the bundle")
+    return entries
+
+
+def _on_disk(root: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        if rel == META_DIR or rel.startswith(META_DIR + os.sep):
+            continue
+        for name in (*filenames, *(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))):
+            path = name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
+            found[path] = Path(dirpath) / name
+    found.pop(META_DIR, None)
+    return found
+
+
+def check_manifest(root: Path) -> None:
+    entries = _manifest(root)
+    disk = _on_disk(root)
+    extra = sorted(set(disk) - set(entries))
+    if extra:
+        raise ApplyFailed(f"manifest check failed: {extra[0]!r} is in the bundle but not in the manifest")
+    missing = sorted(set(entries) - set(disk))
+    if missing:
+        raise ApplyFailed(f"manifest check failed: the manifest lists {missing[0]!r} but the bundle lacks it")
+    for path_name, entry in sorted(entries.items()):
+        _check_entry(path_name, entry, disk[path_name])
+
+
+def _check_entry(name: str, entry: dict[str, Any], path: Path) -> None:
+    if "link" in entry:
+        if not path.is_symlink() or os.readlink(path) != entry["link"]:
+            raise ApplyFailed(
+                f"manifest check failed: {name!r} is not the symlink to {entry['link']!r} it lists"
+            )
+        return
+    if path.is_symlink() or not path.is_file():
+        raise ApplyFailed(f"manifest check failed: {name!r} is not a regular file")
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_READ):
+            digest.update(chunk)
+            size += len(chunk)
+    if size != entry.get("size"):
+        raise ApplyFailed(
+            f"manifest check failed: {name!r} is {size} bytes, the manifest says {entry.get('size')}"
+        )
+    if digest.hexdigest() != entry.get("sha256"):
+        raise ApplyFailed(
+            f"manifest check failed: {name!r} has sha256 {digest.hexdigest()}, "
+            f"the manifest says {entry.get('sha256')}"
+        )
+    executable = bool(path.stat().st_mode & 0o111)
+    if executable != (int(str(entry.get("mode", "0644")), 8) & 0o111 != 0):
+        raise ApplyFailed(f"manifest check failed: {name!r} executable bit differs from the manifest")

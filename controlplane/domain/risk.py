@@ -1,0 +1,129 @@
+"""How risky is moving from one bundle to the next, judged from what changed.
+
+Each rule looks at the parsed structure (listeners, routes, upstreams, TLS, auth and
+rate-limit blocks, see `archives.kdl_config`) or at the file list, and explains itself
+in one finding. The bundle's level is the highest of its findings' levels.
+
+| rule | level |
+| --- | --- |
+| tls-changed (a TLS block added, removed or changed) | high |
+| auth-changed (an auth/JWT/WAF block added, removed or changed) | high |
+| upstream-removed | high |
+| listener-removed | high |
+| routes-changed, many (more than 10 or a quarter of the routes) | high |
+| routes-changed, a few | low |
+| rate-limit-changed | medium |
+| upstream-changed (targets) | medium |
+| listener-changed / listener-added | medium |
+| certificates-changed (.pem, .crt, .key, ...) | medium |
+| files-removed | medium |
+| files-changed (other files) | low |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from controlplane.archives.kdl_config import Structure
+from controlplane.archives.manifest import Manifest
+from controlplane.domain.bundle_records import RiskAssessment, RiskFinding, RiskLevel
+
+HIGH, MEDIUM, LOW = RiskLevel.HIGH, RiskLevel.MEDIUM, RiskLevel.LOW
+# "Many routes": more than this many, or more than this share of the previous routes.
+MANY_ROUTES = 10
+MANY_ROUTES_SHARE = 0.25
+KEY_MATERIAL = (".pem", ".crt", ".cer", ".key", ".p12", ".pfx", ".jks")
+_LISTED = 5
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What risk is computed from, for one bundle."""
+
+    digest: str
+    manifest: Manifest
+    structure: Structure
+
+
+def _names(items: list[str]) -> str:
+    shown = ", ".join(repr(i) for i in sorted(items)[:_LISTED])
+    return shown + (f" and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
+
+
+def _delta(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    added = [k for k in new if k not in old]
+    removed = [k for k in old if k not in new]
+    changed = [k for k in new if k in old and new[k] != old[k]]
+    return added, removed, changed
+
+
+def _blocks(
+    kind: str, noun: str, rule: str, level: RiskLevel, old: Structure, new: Structure
+) -> list[RiskFinding]:
+    added, removed, changed = _delta(old.get(kind, {}), new.get(kind, {}))
+    findings = []
+    for verb, items in (("added", added), ("removed", removed), ("changed", changed)):
+        if items:
+            findings.append(RiskFinding(level, rule, f"{noun} block(s) {verb}: {_names(items)}"))
+    return findings
+
+
+def assess(previous: Facts | None, current: Facts) -> RiskAssessment:
+    if previous is None:
+        return RiskAssessment(LOW, "", (RiskFinding(LOW, "first-bundle", "the project's first bundle"),))
+    old, new = previous.structure, current.structure
+    findings: list[RiskFinding] = []
+    findings += _blocks("tls", "TLS", "tls-changed", HIGH, old, new)
+    findings += _blocks("auth", "auth", "auth-changed", HIGH, old, new)
+    findings += _blocks("rate_limits", "rate-limit", "rate-limit-changed", MEDIUM, old, new)
+
+    added, removed, changed = _delta(old.get("upstreams", {}), new.get("upstreams", {}))
+    if removed:
+        findings.append(RiskFinding(HIGH, "upstream-removed", f"upstream(s) removed: {_names(removed)}"))
+    if changed:
+        findings.append(RiskFinding(MEDIUM, "upstream-changed", f"upstream(s) changed: {_names(changed)}"))
+    if added:
+        findings.append(RiskFinding(LOW, "upstream-added", f"upstream(s) added: {_names(added)}"))
+
+    old_listeners, new_listeners = old.get("listeners", {}), new.get("listeners", {})
+    added, removed, changed = _delta(old_listeners, new_listeners)
+    if removed:
+        findings.append(RiskFinding(HIGH, "listener-removed", f"listener(s) removed: {_names(removed)}"))
+    moved = [k for k in changed if old_listeners[k].get("address") != new_listeners[k].get("address")]
+    if moved or added:
+        findings.append(
+            RiskFinding(
+                MEDIUM, "listener-changed", f"listener(s) added or re-addressed: {_names(moved + added)}"
+            )
+        )
+
+    old_routes = old.get("routes", {})
+    added, removed, changed = _delta(old_routes, new.get("routes", {}))
+    touched = len(added) + len(removed) + len(changed)
+    if touched:
+        many = touched > MANY_ROUTES or touched > MANY_ROUTES_SHARE * max(len(old_routes), 1)
+        detail = f"{len(added)} added, {len(removed)} removed, {len(changed)} changed of {len(old_routes)}"
+        findings.append(RiskFinding(HIGH if many else LOW, "routes-changed", f"routes changed: {detail}"))
+
+    findings += _file_findings(previous.manifest, current.manifest)
+    level = max((f.level for f in findings), key=lambda lv: lv.rank, default=LOW)
+    return RiskAssessment(level, previous.digest, tuple(findings))
+
+
+def _file_findings(old: Manifest, new: Manifest) -> list[RiskFinding]:
+    before, after = old.by_path(), new.by_path()
+    added, removed, changed = _delta(before, after)
+    findings = []
+    material = [p for p in added + removed + changed if p.lower().endswith(KEY_MATERIAL)]
+    if material:
+        findings.append(
+            RiskFinding(MEDIUM, "certificates-changed", f"key material changed: {_names(material)}")
+        )
+    if removed:
+        findings.append(RiskFinding(MEDIUM, "files-removed", f"file(s) removed: {_names(removed)}"))
+    other = [p for p in added + changed if p not in material]
+    if other:
+        findings.append(RiskFinding(LOW, "files-changed", f"file(s) added or changed: {_names(other)}"))
+    return findings

@@ -1,0 +1,280 @@
+"""The rollout state machine under random operator actions, node reports and clock ticks.
+
+Hypothesis drives a rollout of random strategy and parameters over a small fake fleet
+(`tests/support/rollouts.py`), interleaving ticks of random length with pauses,
+resumes, cancels, rollbacks, approvals, rejections, ACTIVE reports, NACKs, outages,
+heartbeats good and bad, pins, freeze windows and a revoked bundle. Each guarantee is
+one named check:
+
+- LEGAL: every state change the machine makes is in the transition table, and a
+  terminal rollout never changes again (operator actions on it are refused cleanly).
+- IN-STEP: a node's desired state is only ever written by its own step (a blue-green
+  traffic step writes every node), never by a step that has not started.
+- ONCE: each step's desired state is written at most once, in step order.
+- ONE-AT-A-TIME: steps before the current one are done, steps after it untouched, and
+  at most one step is applying or baking.
+- BUDGET: a rollout that is still running or succeeded has no more NACKs than allowed.
+- DONE-MEANS-DONE: a succeeded rollout finished every step.
+- ROLLED-BACK: after a rollback every node the rollout touched is back on what its own
+  key held before.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from hypothesis import event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from controlplane.domain.errors import DomainError
+from controlplane.domain.records import Health, NodeMetrics
+from controlplane.domain.rollouts import machine
+from controlplane.domain.rollouts.model import (
+    TERMINAL_STATES,
+    TRANSITIONS,
+    CanaryAnalysis,
+    FreezeWindow,
+    Gates,
+    NodeState,
+    RolloutState,
+    StepKind,
+    StepState,
+    Strategy,
+)
+from controlplane.domain.rollouts.run import IllegalTransition, Run
+from tests.support.rollouts import T0, FakeFleet, fresh, make_run, make_spec, nodes, tick
+
+BAD = NodeMetrics(Health.UNHEALTHY, error_rate=0.5, p99_latency_ms=900)
+GOOD = NodeMetrics(Health.HEALTHY, error_rate=0.01, p99_latency_ms=20)
+ACTORS = ("operator:alice", "operator:bob", "operator:carol")
+
+
+@st.composite
+def specs(draw: st.DrawFn):  # type: ignore[no-untyped-def]
+    strategy = draw(st.sampled_from(list(Strategy)))
+    extra: dict[str, object] = {}
+    if strategy is Strategy.ROLLING:
+        extra["batch_size"] = draw(st.integers(1, 4))
+    if strategy is Strategy.CANARY:
+        extra["canary"] = CanaryAnalysis(
+            min_sample=draw(st.integers(1, 3)), max_extensions=draw(st.integers(0, 2))
+        )
+    if strategy is Strategy.BLUE_GREEN:
+        extra["traffic_steps"] = draw(st.sampled_from([(10, 50), (50,), ()]))
+    return make_spec(
+        strategy,
+        bake_time=timedelta(seconds=draw(st.sampled_from([0, 2, 5]))),
+        progress_deadline=timedelta(seconds=draw(st.sampled_from([20, 60]))),
+        gate_failure_window=timedelta(seconds=draw(st.sampled_from([0, 5, 15]))),
+        max_unavailable=draw(st.integers(0, 2)),
+        max_failures=draw(st.integers(0, 2)),
+        auto_rollback=draw(st.booleans()),
+        approvals_required=draw(st.integers(0, 2)),
+        gates=Gates(require_healthy=True, max_error_rate=draw(st.sampled_from([None, 0.1]))),
+        **extra,
+    )
+
+
+class RolloutMachine(RuleBasedStateMachine):
+    @initialize(spec=specs(), size=st.integers(1, 9), creator=st.sampled_from(ACTORS))
+    def setup(self, spec, size, creator):  # type: ignore[no-untyped-def]
+        self.ids = nodes(size)
+        self.run: Run = make_run(spec, self.ids, created_by=creator)
+        self.fleet = FakeFleet(self.ids)
+        self.now = T0
+        self.approvers: set[str] = set()
+        self.freeze: FreezeWindow | None = None
+        self.problem = ""
+        self.transitions: list[tuple[RolloutState, RolloutState]] = []
+        self.max_step_seen = -1
+        self.write_order: list[int] = []
+
+    # -- the clock and the driver --------------------------------------------------------
+
+    @rule(seconds=st.integers(0, 20))
+    def advance_clock(self, seconds: int) -> None:
+        self.now += timedelta(seconds=seconds)
+        before = len(self.fleet.written)
+        try:
+            self.run = self._tick()
+        except IllegalTransition as e:  # pragma: no cover - the check that matters
+            raise AssertionError(f"LEGAL: the driver made an illegal transition: {e}") from e
+        self.write_order += [step for step, _ in self.fleet.written[before:]]
+
+    @rule(ticks=st.integers(1, 8))
+    def fleet_behaves(self, ticks: int) -> None:
+        """A stretch where every node applies and beats healthily: progress happens."""
+        for _ in range(ticks):
+            self.fleet.converge_all(self.now, GOOD)
+            self.advance_clock(2)
+
+    def _tick(self) -> Run:
+        before = len(self.fleet.transitions)
+        new = tick(self.run, self.fleet, self.now, freeze=self.freeze, bundle_problem=self.problem)
+        self.transitions += self.fleet.transitions[before:]
+        event(f"state {new.state.value}")
+        return new
+
+    # -- operators ---------------------------------------------------------------------
+
+    def _operator(self, action) -> None:  # type: ignore[no-untyped-def]
+        run = self.run
+        was = run.state
+        try:
+            action(run)
+        except IllegalTransition as e:
+            raise AssertionError(f"LEGAL: an operator action slipped past its guard: {e}") from e
+        except DomainError:
+            assert run.state is was, "a refused action changed the state"
+            assert not run.writes and not run.restore
+            return
+        self.transitions += run.transitions
+        self.fleet.perform(run, self.now)
+        self.run = fresh(run)
+
+    @rule()
+    def pause(self) -> None:
+        self._operator(lambda run: machine.pause(run, self.now, "operator"))
+
+    @rule()
+    def resume(self) -> None:
+        self._operator(lambda run: machine.resume(run, self.now))
+
+    # Rare actions take a die roll: most histories should get far before anything ends them.
+
+    @rule(roll=st.integers(0, 9))
+    def cancel(self, roll: int) -> None:
+        if roll == 0:
+            self._operator(lambda run: machine.cancel(run, self.now, "operator"))
+
+    @rule(roll=st.integers(0, 9))
+    def roll_back(self, roll: int) -> None:
+        if roll == 0:
+            self._operator(lambda run: machine.roll_back(run, self.now, "operator"))
+
+    @rule(actor=st.sampled_from(ACTORS))
+    def approve(self, actor: str) -> None:
+        def act(run: Run) -> None:
+            machine.approve(run, self.now, actor, self.approvers)
+            self.approvers.add(actor)
+
+        self._operator(act)
+
+    @rule(roll=st.integers(0, 9))
+    def reject(self, roll: int) -> None:
+        if roll == 0:
+            self._operator(lambda run: machine.reject(run, self.now, "operator:carol", "no"))
+
+    @rule(on=st.booleans())
+    def toggle_freeze(self, on: bool) -> None:
+        self.freeze = (
+            FreezeWindow("f", "default", "freeze", T0, T0 + timedelta(days=1), "why", "operator:x", T0)
+            if on
+            else None
+        )
+
+    @rule(roll=st.integers(0, 19))
+    def revoke_bundle(self, roll: int) -> None:
+        if roll == 0:
+            self.problem = "bundle is revoked"
+
+    # -- nodes -------------------------------------------------------------------------
+
+    @rule(data=st.data())
+    def node_converges(self, data: st.DataObject) -> None:
+        if self.fleet.desired:
+            node_id = data.draw(st.sampled_from(sorted(self.fleet.desired)))
+            self.fleet.converge(node_id, self.now)
+
+    @rule(data=st.data(), roll=st.integers(0, 4))
+    def node_nacks(self, data: st.DataObject, roll: int) -> None:
+        if self.fleet.desired and roll == 0:
+            self.fleet.nack(data.draw(st.sampled_from(sorted(self.fleet.desired))), self.now)
+
+    @rule(data=st.data(), good=st.booleans())
+    def node_beats(self, data: st.DataObject, good: bool) -> None:
+        self.fleet.beat(data.draw(st.sampled_from(self.ids)), self.now, GOOD if good else BAD)
+
+    @rule(data=st.data(), roll=st.integers(0, 4))
+    def node_goes_offline(self, data: st.DataObject, roll: int) -> None:
+        if roll == 0:
+            self.fleet.offline(data.draw(st.sampled_from(self.ids)))
+
+    @rule(data=st.data(), roll=st.integers(0, 9))
+    def node_pinned(self, data: st.DataObject, roll: int) -> None:
+        if roll == 0:
+            self.fleet.pins.add(data.draw(st.sampled_from(self.ids)))
+
+    @rule()
+    def everyone_converges_healthy(self) -> None:
+        self.fleet.converge_all(self.now, GOOD)
+
+    # -- the guarantees -----------------------------------------------------------------
+
+    @invariant()
+    def legal(self) -> None:
+        seen_terminal = False
+        for frm, to in self.transitions:
+            assert not seen_terminal, f"LEGAL: {frm} -> {to} after a terminal state"
+            assert to in TRANSITIONS.get(frm, frozenset()), f"LEGAL: {frm} -> {to}"
+            seen_terminal = to in TERMINAL_STATES
+
+    @invariant()
+    def in_step(self) -> None:
+        run = self.run
+        for step, node_id in self.fleet.written:
+            node = run.nodes[node_id]
+            kind = run.steps[step].kind
+            assert step <= run.rollout.current_step, f"IN-STEP: {node_id} written by future step {step}"
+            if kind is StepKind.DEPLOY:
+                assert node.step == step, f"IN-STEP: {node_id} (step {node.step}) written by step {step}"
+
+    @invariant()
+    def once(self) -> None:
+        assert all(count == 1 for count in self.fleet.step_writes.values()), f"ONCE: {self.fleet.step_writes}"
+        assert self.write_order == sorted(self.write_order), (
+            f"ONCE: steps written out of order {self.write_order}"
+        )
+
+    @invariant()
+    def one_at_a_time(self) -> None:
+        run, current = self.run, self.run.rollout.current_step
+        working = [s.index for s in run.steps if s.state in (StepState.APPLYING, StepState.BAKING)]
+        assert len(working) <= 1, f"ONE-AT-A-TIME: {working}"
+        for step in run.steps:
+            if step.index < current:
+                assert step.state is StepState.DONE, f"ONE-AT-A-TIME: step {step.index} is {step.state}"
+            elif step.index > current:
+                assert step.state is StepState.PENDING and not step.revision, f"step {step.index} ran early"
+        for node in run.nodes.values():
+            if node.state in (NodeState.ASSIGNED, NodeState.ACTIVE):
+                assert run.steps[node.step].index <= current, f"IN-STEP: {node.node_id} ahead of its step"
+
+    @invariant()
+    def budget(self) -> None:
+        run = self.run
+        if run.state in (RolloutState.RUNNING, RolloutState.SUCCEEDED):
+            failed = run.count((NodeState.FAILED,))
+            assert failed <= run.spec.max_failures, f"BUDGET: {failed} > {run.spec.max_failures}"
+
+    @invariant()
+    def done_means_done(self) -> None:
+        if self.run.state is RolloutState.SUCCEEDED:
+            assert all(s.state is StepState.DONE for s in self.run.steps), "DONE-MEANS-DONE"
+
+    @invariant()
+    def rolled_back(self) -> None:
+        run = self.run
+        if run.state is not RolloutState.ROLLED_BACK:
+            return
+        for node in run.nodes.values():
+            if node.touched and node.state is not NodeState.SKIPPED:
+                digest, weight, _ = self.fleet.desired[node.node_id]
+                assert (digest, weight) == (node.previous_key_digest, node.previous_weight), (
+                    f"ROLLED-BACK: {node.node_id} left on {digest}"
+                )
+
+
+RolloutMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=80, deadline=None)
+TestRolloutMachine = RolloutMachine.TestCase

@@ -22,9 +22,15 @@ from controlplane.domain.bundle_gc import BlobCollector
 from controlplane.domain.bundle_lifecycle import BundleLifecycle
 from controlplane.domain.bundles import BundleRegistry
 from controlplane.domain.clock import utcnow
+from controlplane.domain.drift import DriftDetector
+from controlplane.domain.leases import Leases
 from controlplane.domain.nodes import NodeRegistry
 from controlplane.domain.projects import DEFAULT_PROJECT, ProjectDirectory
 from controlplane.domain.records import Node, StatusReport
+from controlplane.domain.rollouts.bus import RolloutBus
+from controlplane.domain.rollouts.controller import RolloutController
+from controlplane.domain.rollouts.directory import RolloutDirectory
+from controlplane.domain.rollouts.driver import RolloutDriver
 from controlplane.domain.signing import Signer, parse_seed
 from controlplane.domain.signing_keys import KeyDirectory
 from controlplane.keyfiles import load_or_create_hex, write_private
@@ -33,6 +39,7 @@ from controlplane.rpc.bundles import BundleServicer
 from controlplane.rpc.interceptor import GuardInterceptor
 from controlplane.rpc.nodes import NodeServicer
 from controlplane.rpc.projects import ProjectServicer
+from controlplane.rpc.rollouts import DriftServicer, RolloutServicer
 from controlplane.rpc.server import GrpcServer
 from controlplane.rpc.signing import SigningKeyServicer
 from controlplane.rpc.watch import WatchServicer
@@ -42,6 +49,7 @@ from controlplane.store.listen import PgListener
 from controlplane.store.sql import SqlStore
 from controlplane.tasks.bundle_gc import collect_bundles
 from controlplane.tasks.periodic import Periodic
+from controlplane.tasks.rollouts import RolloutTasks, record_pass
 from controlplane.watch import metrics as watch_metrics
 from controlplane.watch.hub import WatchHub
 
@@ -89,7 +97,7 @@ class App:
             ledger=self.hub,
             notify=self.hub.wake,
             heartbeat_interval=s.heartbeat_interval,
-            on_nack=_count_nack,
+            on_nack=self._on_nack,
         )
         self.writer = DesiredStateWriter(self.store, utcnow, self.hub.wake, self.hub)
         self.blobs = await _blob_store(s)
@@ -110,6 +118,7 @@ class App:
             self.store, self.blobs, utcnow, self.hub, s.data_dir / "staging", allowed
         )
         self.blob_collector = BlobCollector(self.store, self.blobs, utcnow, s.bundle_retention)
+        self._build_rollouts()
         token, created = await self._enrollment_token()
         with acting_as(system("signing-keys")):
             await self.signing_keys.register()
@@ -124,6 +133,8 @@ class App:
             ProjectServicer(self.projects),
             max_pending=s.max_pending_requests,
             signing=SigningKeyServicer(self.signing_keys),
+            rollouts=RolloutServicer(self.rollout_directory, self.rollouts, self.rollout_bus),
+            drift=DriftServicer(self.drift),
         )
         port = self.grpc.bind(s.listen)
         metrics_port = self._start_metrics()
@@ -141,6 +152,7 @@ class App:
         ]
         for job in self._periodic:
             job.start()
+        self.rollout_tasks.start()
         await self.grpc.start()
         return StartInfo(port, metrics_port, token, created)
 
@@ -153,6 +165,7 @@ class App:
         await self.grpc.drain()
         await self.hub.stop(self.settings.shutdown_grace)
         await self.grpc.stop(self.settings.shutdown_grace)
+        await self.rollout_tasks.stop()
         for job in self._periodic:
             await job.stop()
         if self._listener is not None:
@@ -212,6 +225,34 @@ class App:
         host, _, port = listen.rpartition(":")
         self._metrics_server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
         return int(self._metrics_server.server_port)
+
+    def _build_rollouts(self) -> None:
+        s = self.settings
+        self.rollout_bus = RolloutBus()
+        self.leases = Leases(self.store, utcnow, ttl=s.lease_ttl)
+        # Gates call a heartbeat stale once the node would be marked offline.
+        self.rollouts = RolloutController(
+            self.store, utcnow, self.hub, self.hub.wake, self.rollout_bus, stale_after=s.offline_after
+        )
+        self.rollout_directory = RolloutDirectory(
+            self.store, utcnow, self.hub, self.hub.wake, self.rollout_bus
+        )
+        self.driver = RolloutDriver(self.rollouts, self.leases, s.rollout_tick.total_seconds(), record_pass)
+        self.rollouts.wake = self.rollout_directory.wake = self.driver.wake
+        self.drift = DriftDetector(self.store, utcnow, self.hub, self.hub.wake, grace=s.drift_grace)
+        self.rollout_tasks = RolloutTasks(
+            self.driver,
+            self.store,
+            self.rollout_bus,
+            self.drift,
+            self.leases,
+            s.drift_interval.total_seconds(),
+        )
+
+    def _on_nack(self, node: Node, report: StatusReport) -> None:
+        _count_nack(node, report)
+        # A NACK can decide a rollout step (its failure budget): let the driver look now.
+        self.driver.wake()
 
     async def _sweep_offline(self) -> None:
         with acting_as(system("offline-sweep")):

@@ -29,6 +29,14 @@ class Settings:
     retain_for: timedelta = timedelta(hours=1)
     prune_interval: timedelta = timedelta(seconds=60)
     max_pending_requests: int = 65_536
+    # Rollouts: the driver's safety-net tick (reports and heartbeats are noticed within
+    # it), the time to live of its leases, and the drift sweep.
+    rollout_tick: timedelta = timedelta(seconds=0.5)
+    lease_ttl: timedelta = timedelta(seconds=15)
+    drift_interval: timedelta = timedelta(seconds=10)
+    # A node must stay off its desired bundle this long before it counts as drifted:
+    # longer than any apply, so a rollout in flight is never drift.
+    drift_grace: timedelta = timedelta(seconds=60)
     # The audit chain's HMAC key (hex). Replicas must share it; when unset, the key in
     # `<data_dir>/audit-key` is used, generated on first start.
     audit_key: str = ""

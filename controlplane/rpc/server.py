@@ -9,12 +9,14 @@ from grpc_reflection.v1alpha import reflection
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc, signing_pb2, signing_pb2_grpc
 from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
 from controlplane.api.project.v1 import project_pb2, project_pb2_grpc
+from controlplane.api.rollout.v1 import drift_pb2, drift_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from controlplane.api.watch.v1 import watch_pb2
 from controlplane.rpc import watch
 from controlplane.rpc.bundles import BundleServicer
 from controlplane.rpc.interceptor import GuardInterceptor
 from controlplane.rpc.nodes import NodeServicer
 from controlplane.rpc.projects import ProjectServicer
+from controlplane.rpc.rollouts import DriftServicer, RolloutServicer
 from controlplane.rpc.signing import SigningKeyServicer
 
 SERVICES = (
@@ -23,6 +25,8 @@ SERVICES = (
     bundle_pb2.DESCRIPTOR.services_by_name["BundleService"].full_name,
     signing_pb2.DESCRIPTOR.services_by_name["SigningKeyService"].full_name,
     project_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name,
+    rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
+    drift_pb2.DESCRIPTOR.services_by_name["DriftService"].full_name,
 )
 
 # Upload chunks are at most 1 MiB; anything near the limit is hostile or a bug.
@@ -55,12 +59,16 @@ class GrpcServer:
         max_pending: int = 65_536,
         *,
         signing: SigningKeyServicer,
+        rollouts: RolloutServicer,
+        drift: DriftServicer,
     ):
         self.server = grpc.aio.server(interceptors=[guard], options=server_options(max_pending))
         node_pb2_grpc.add_NodeServiceServicer_to_server(nodes, self.server)
         bundle_pb2_grpc.add_BundleServiceServicer_to_server(bundles, self.server)
         project_pb2_grpc.add_ProjectServiceServicer_to_server(projects, self.server)
         signing_pb2_grpc.add_SigningKeyServiceServicer_to_server(signing, self.server)
+        rollout_pb2_grpc.add_RolloutServiceServicer_to_server(rollouts, self.server)
+        drift_pb2_grpc.add_DriftServiceServicer_to_server(drift, self.server)
         self.server.add_generic_rpc_handlers((watch.handler(watch_servicer),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from controlplane.domain.errors import FailedPrecondition, NotFound
+from controlplane.domain.bundles import require_assignable
+from controlplane.domain.errors import NotFound
 
 if TYPE_CHECKING:
     from controlplane.domain.ports import Tx
@@ -22,26 +23,11 @@ class AssignableBundle:
 
 
 async def assignable(tx: Tx, project: str, digest: str, field: str = "bundle_digest") -> AssignableBundle:
-    """The bundle, if it exists and may be assigned: never a revoked bundle or one that
-    failed validation (FAILED_PRECONDITION naming why)."""
-    bundle = await tx.bundles.get(project, digest)
-    if bundle is None:
-        raise NotFound(f"bundle {digest} does not exist in project {project!r}", field=field)
-    # Bundle states arrive with the bundle pipeline; read them defensively so this check
-    # works on records with or without them.
-    state = str(getattr(bundle, "state", "valid"))
-    if state != "valid":
-        reason = str(getattr(bundle, "state_reason", "")) or state
-        raise FailedPrecondition(
-            f"bundle {digest} is {state} and cannot be rolled out: {reason}", field=field
-        )
-    return AssignableBundle(
-        digest,
-        bundle.version,
-        bundle.size_bytes,
-        bytes(getattr(bundle, "signature", b"") or b""),
-        str(getattr(bundle, "key_id", "") or ""),
-    )
+    """The bundle with the signature to deliver, if it may be assigned: never a revoked
+    bundle, one that failed validation, or one without a valid signature
+    (FAILED_PRECONDITION naming why; NOT_FOUND if it does not exist)."""
+    bundle = await require_assignable(tx, project, digest, field)
+    return AssignableBundle(digest, bundle.version, bundle.size_bytes, bundle.signature, bundle.key_id)
 
 
 async def by_version(tx: Tx, project: str, version: str) -> str:

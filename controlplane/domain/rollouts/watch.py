@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from controlplane.domain.rollouts.bus import RolloutBus
+from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
 from controlplane.domain.rollouts.model import Rollout, RolloutEvent, RolloutView
+
+if TYPE_CHECKING:
+    from controlplane.domain.ports import Store
 
 # How long a quiet watch waits before looking at the history itself: a safety net only,
 # the poller delivers every change within about a second.
@@ -60,3 +64,23 @@ async def watch(
                 yield WatchBatch(rollout, tuple(events))
     finally:
         sub.close()
+
+
+async def feed_bus(store: Store, bus: RolloutBus) -> int:
+    """Publish what was committed (on any replica) to rollouts watched here: one query
+    for all of them, and the new events of those that moved. Returns rollouts fed."""
+    watched = bus.watched()
+    if not watched:
+        return 0
+    async with store.read() as tx:
+        seqs = await tx.rollouts.event_seqs(list(watched))
+        fed = 0
+        for rollout_id, seq in seqs.items():
+            if seq <= watched[rollout_id]:
+                continue
+            rollout = await tx.rollouts.get(rollout_id)
+            events = await tx.rollouts.events(rollout_id, watched[rollout_id], HISTORY_BATCH)
+            if rollout is not None and events:
+                bus.publish(RolloutUpdate(rollout, tuple(events)))
+                fed += 1
+    return fed

@@ -1,0 +1,110 @@
+"""Each strategy end to end: a control plane, a simulated fleet of real agents over real
+gRPC, RolloutService and WatchRollout; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import HarnessFactory
+from tests.support.harness import Harness
+from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running, seconds
+
+
+@pytest.fixture
+async def plane(make_harness: HarnessFactory) -> Harness:
+    return await make_harness(**FAST)
+
+
+def first_revision_with(node: object, digest: str) -> int:
+    return next(o.revision for o in node.observed if o.digest == digest)  # type: ignore[attr-defined]
+
+
+async def test_rolling_writes_batches_in_order_to_completion(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 7)) as sim:
+        v1 = await plane.upload(archive("v1"))
+        rollouts = Rollouts(plane.channel)
+        created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=3))
+        assert created.state in (pb.ROLLOUT_STATE_PENDING, pb.ROLLOUT_STATE_RUNNING)
+        assert [s.node_count for s in created.steps] == [3, 3, 1]
+        seen = await rollouts.watch(created.id)
+
+        assert seen.snapshot is not None and seen.snapshot.id == created.id
+        assert seen.last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        done = await rollouts.get(created.id)
+        assert [s.state for s in done.steps] == [pb.STEP_STATE_DONE] * 3
+        revisions = [s.revision for s in done.steps]
+        assert revisions == sorted(revisions) and len(set(revisions)) == 3
+        # Each step written exactly once, in order.
+        writes = [e for e in await rollouts.events(created.id) if e.kind == "write"]
+        assert [e.step for e in writes] == [0, 1, 2]
+        # Every node got the bundle from its own step's revision, and runs it now.
+        nodes = {n.node_id: n for n in await rollouts.nodes(created.id)}
+        assert {n.state for n in nodes.values()} == {pb.NODE_STATE_ACTIVE}
+        for node in sim.nodes:
+            assert node.digest == v1
+            assert first_revision_with(node, v1) == revisions[nodes[node.node_id].step]
+        assert done.progress.nodes == {"active": 7}
+        # The watch saw the whole history, numbered without gaps.
+        assert [e.seq for e in seen.events] == list(range(seen.snapshot.event_seq + 1, done.event_seq + 1))
+
+
+async def test_all_at_once_is_one_step(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 4)) as sim:
+        v1 = await plane.upload(archive("v1"))
+        rollouts = Rollouts(plane.channel)
+        created = await rollouts.create(v1, strategy=pb.STRATEGY_ALL_AT_ONCE)
+        assert len(created.steps) == 1 and created.steps[0].node_count == 4
+        assert (await rollouts.watch(created.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        assert {n.digest for n in sim.nodes} == {v1}
+
+
+async def test_canary_promotes_through_cumulative_steps(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 10)) as sim:
+        v1 = await plane.upload(archive("v1"))
+        rollouts = Rollouts(plane.channel)
+        created = await rollouts.create(
+            v1,
+            strategy=pb.STRATEGY_CANARY,
+            canary=pb.CanaryParams(steps_percent=[10, 50, 100], analysis=pb.CanaryAnalysis(min_sample=2)),
+            bake_time=seconds(2),
+        )
+        assert [s.node_count for s in created.steps] == [1, 4, 5]
+        seen = await rollouts.watch(created.id)
+        assert seen.last_state == pb.ROLLOUT_STATE_SUCCEEDED, seen.messages("state")
+        done = await rollouts.get(created.id)
+        decisions = [a.decision for s in done.steps for a in s.analyses]
+        assert decisions == ["promote", "promote"]
+        assert all(a.canary_samples >= 2 for s in done.steps for a in s.analyses)
+        assert {n.digest for n in sim.nodes} == {v1}
+
+
+async def test_blue_green_shifts_weight_on_the_watch_then_swaps(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 4)) as sim:
+        v1 = await plane.upload(archive("v1"))
+        rollouts = Rollouts(plane.channel)
+        first = await rollouts.create(v1, strategy=pb.STRATEGY_ALL_AT_ONCE)
+        await rollouts.watch(first.id)
+        v2 = await plane.upload(archive("v2"))
+        created = await rollouts.create(
+            v2, strategy=pb.STRATEGY_BLUE_GREEN, blue_green=pb.BlueGreenParams(traffic_steps_percent=[25, 50])
+        )
+        assert [(s.kind, s.traffic_weight) for s in created.steps] == [
+            (pb.STEP_KIND_DEPLOY, 0),
+            (pb.STEP_KIND_TRAFFIC, 25),
+            (pb.STEP_KIND_TRAFFIC, 50),
+            (pb.STEP_KIND_SWAP, 100),
+        ]
+        assert (await rollouts.watch(created.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        roles = {n.node_id: n.role for n in await rollouts.nodes(created.id)}
+        green = [n for n in sim.nodes if roles[n.node_id] == "target"]
+        blue = [n for n in sim.nodes if roles[n.node_id] == "live"]
+        assert len(green) == len(blue) == 2
+        # What each node was told on its watch, weight by weight.
+        for node in green:
+            weights = [o.traffic_weight for o in node.observed if o.digest == v2]
+            assert weights == [0, 25, 50, 100], weights
+            assert node.digest == v2
+        for node in blue:
+            weights = [o.traffic_weight for o in node.observed if o.digest == v1]
+            assert weights[-3:] == [75, 50, 0], weights
+            assert node.digest == v1  # the old set stays as the standby

@@ -1,0 +1,183 @@
+"""Rollout tests over real gRPC: a control plane (in-process harness or process), a
+simulated fleet of real agents, and a RolloutService client that follows WatchRollout."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from agent_stub.backoff import BackoffPolicy
+from agent_stub.simulator import FleetConfig, FleetSimulator, MetricsProfile
+from controlplane.api.rollout.v1 import drift_pb2_grpc, rollout_pb2, rollout_pb2_grpc
+from tests.support.archives import bundle
+
+pb = rollout_pb2
+TERMINAL = {
+    pb.ROLLOUT_STATE_SUCCEEDED,
+    pb.ROLLOUT_STATE_CANCELLED,
+    pb.ROLLOUT_STATE_ROLLED_BACK,
+    pb.ROLLOUT_STATE_REJECTED,
+}
+# Harness settings for rollout tests: beats every second, offline after three missed,
+# a driver that looks ten times a second.
+FAST = {
+    "heartbeat_interval": timedelta(seconds=1),
+    "offline_after": timedelta(seconds=3),
+    "offline_sweep_interval": timedelta(seconds=0.5),
+    "rollout_tick": timedelta(seconds=0.1),
+    "drift_interval": timedelta(seconds=0.5),
+    "drift_grace": timedelta(seconds=2),
+    "lease_ttl": timedelta(seconds=3),
+}
+
+
+def seconds(value: float) -> Duration:
+    d = Duration()
+    d.FromTimedelta(timedelta(seconds=value))
+    return d
+
+
+def fleet(
+    address: str, token: str, nodes: int, labels: dict[str, str] | None = None, **kwargs: Any
+) -> FleetSimulator:
+    config = FleetConfig(
+        server=address,
+        project="default",
+        token=token,
+        nodes=nodes,
+        labels=labels or {"env": "prod"},
+        heartbeat_interval=1.0,
+        liveness_timeout=5.0,
+        backoff=BackoffPolicy(base=0.1, cap=1.0),
+        seed=7,
+        **kwargs,
+    )
+    return FleetSimulator(config)
+
+
+@asynccontextmanager
+async def running(sim: FleetSimulator) -> AsyncIterator[FleetSimulator]:
+    await sim.start()
+    try:
+        await sim.wait_registered(30)
+        yield sim
+    finally:
+        await sim.stop()
+
+
+def archive(tag: str) -> bytes:
+    """A valid bundle whose bytes (and so digest) depend on `tag`."""
+    return bundle({"main.kdl": b"listen 8080\n", "routes.kdl": f'route "/" upstream="{tag}"\n'.encode()})
+
+
+@dataclass
+class Watched:
+    """Everything one WatchRollout stream delivered."""
+
+    snapshot: pb.Rollout | None = None
+    events: list[pb.RolloutEvent] = field(default_factory=list)
+    states: list[int] = field(default_factory=list)
+    progress: list[pb.Progress] = field(default_factory=list)
+
+    @property
+    def last_state(self) -> int:
+        return self.states[-1] if self.states else pb.ROLLOUT_STATE_UNSPECIFIED
+
+    def messages(self, kind: str) -> list[str]:
+        return [e.message for e in self.events if e.kind == kind]
+
+
+class Rollouts:
+    def __init__(self, channel: grpc.aio.Channel, project: str = "default"):
+        self.stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+        self.drift = drift_pb2_grpc.DriftServiceStub(channel)
+        self.project = project
+
+    async def create(self, digest: str, selector: str = "env=prod", **fields: Any) -> pb.Rollout:
+        fields.setdefault("bake_time", seconds(0))
+        fields.setdefault("strategy", pb.STRATEGY_ROLLING)
+        if fields["strategy"] == pb.STRATEGY_ROLLING:
+            fields.setdefault("rolling", pb.RollingParams(batch_size=2))
+        reply = await self.stub.CreateRollout(
+            pb.CreateRolloutRequest(project=self.project, bundle_digest=digest, selector=selector, **fields)
+        )
+        return reply.rollout
+
+    async def get(self, rollout_id: str) -> pb.Rollout:
+        return (
+            await self.stub.GetRollout(pb.GetRolloutRequest(project=self.project, rollout_id=rollout_id))
+        ).rollout
+
+    async def nodes(self, rollout_id: str) -> list[pb.RolloutNode]:
+        reply = await self.stub.ListRolloutNodes(
+            pb.ListRolloutNodesRequest(project=self.project, rollout_id=rollout_id, page_size=1000)
+        )
+        return list(reply.nodes)
+
+    async def events(self, rollout_id: str) -> list[pb.RolloutEvent]:
+        out: list[pb.RolloutEvent] = []
+        while True:
+            reply = await self.stub.ListRolloutEvents(
+                pb.ListRolloutEventsRequest(
+                    project=self.project,
+                    rollout_id=rollout_id,
+                    after_seq=out[-1].seq if out else 0,
+                    page_size=1000,
+                )
+            )
+            out += reply.events
+            if len(reply.events) < 1000:
+                return out
+
+    async def watch(self, rollout_id: str, timeout: float = 60.0, until: Sequence[int] = ()) -> Watched:
+        """Follow WatchRollout until the rollout ends (or reaches a state of `until`)."""
+        seen = Watched()
+        call = self.stub.WatchRollout(pb.WatchRolloutRequest(project=self.project, rollout_id=rollout_id))
+
+        async def read() -> None:
+            async for message in call:
+                if message.HasField("snapshot"):
+                    seen.snapshot = message.snapshot
+                seen.events += message.events
+                seen.states.append(message.state)
+                seen.progress.append(message.progress)
+                if message.state in until:
+                    call.cancel()
+                    return
+
+        try:
+            await asyncio.wait_for(read(), timeout)
+        except TimeoutError:
+            call.cancel()
+            rollout = await self.get(rollout_id)
+            raise AssertionError(
+                f"rollout {rollout_id} still {pb.RolloutState.Name(rollout.state)} after {timeout}s: "
+                f"{rollout.reason}\n" + "\n".join(e.message for e in seen.events[-15:])
+            ) from None
+        except asyncio.CancelledError:
+            pass
+        return seen
+
+    async def wait_state(self, rollout_id: str, state: int, timeout: float = 30.0) -> pb.Rollout:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            rollout = await self.get(rollout_id)
+            if rollout.state == state:
+                return rollout
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(
+                    f"rollout {rollout_id} is {pb.RolloutState.Name(rollout.state)}, want "
+                    f"{pb.RolloutState.Name(pb.RolloutState.ValueType(state))}: {rollout.reason}"
+                )
+            await asyncio.sleep(0.1)
+
+
+def bad(error_rate: float = 0.3, p99: float = 900.0) -> MetricsProfile:
+    return MetricsProfile(error_rate=error_rate, p99_latency_ms=p99, noise=0.05)

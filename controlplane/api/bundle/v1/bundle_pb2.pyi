@@ -674,7 +674,7 @@ class DiffBundlesRequest(_message.Message):
     to_digest: _builtins.str
     """The newer bundle."""
     context_lines: _builtins.int
-    """Lines of context in unified diffs (default 3, at most 50)."""
+    """Lines of context in unified diffs: 1-50; 0 means the default, 3."""
     def __init__(
         self,
         *,

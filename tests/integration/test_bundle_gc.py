@@ -1,0 +1,101 @@
+"""Garbage collection: orphan archives and those of old revoked or failed bundles go; what
+a bundle or a node still needs stays. Run on the directory store and on S3."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from controlplane.api.bundle.v1 import bundle_pb2 as bpb
+from controlplane.domain.audit import acting_as, system
+from tests.support.bundles import create
+from tests.support.harness import Harness
+from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, moto_s3, new_bucket
+
+__all__ = ["moto_s3"]
+
+
+@pytest.fixture(params=["local", "s3"])
+async def gc_harness(request: pytest.FixtureRequest, make_harness: Any) -> Harness:
+    overrides: dict[str, Any] = {"bundle_retention": timedelta(0)}
+    if request.param == "s3":
+        endpoint = await new_bucket(request.getfixturevalue("moto_s3"))
+        overrides |= {
+            "blob_store": f"s3://{endpoint.bucket}/gc",
+            "s3_endpoint_url": endpoint.url,
+            "s3_region": REGION,
+            "s3_access_key_id": ACCESS_KEY,
+            "s3_secret_access_key": SECRET_KEY,
+        }
+    harness: Harness = await make_harness(**overrides)
+    return harness
+
+
+async def stored(harness: Harness) -> set[str]:
+    return {d async for d, _ in harness.app.blobs.list()}
+
+
+async def collect(harness: Harness) -> Any:
+    with acting_as(system("test")):
+        return await harness.app.blob_collector.collect()
+
+
+async def test_gc_takes_only_what_nothing_needs(gc_harness: Harness, tmp_path: Path) -> None:
+    h = gc_harness
+    kept = (await create(h.bundles, {"main.kdl": b"kept 1\n"})).bundle
+    revoked = (await create(h.bundles, {"main.kdl": b"revoked 1\n"})).bundle
+    failed = (await create(h.bundles, {"main.kdl": b"failed {\n"})).bundle
+    in_use = (await create(h.bundles, {"main.kdl": b"in-use 1\n"})).bundle
+    assert failed.state == bpb.BUNDLE_STATE_FAILED
+    await h.assign(in_use.digest, selector="env=prod")
+    for digest in (revoked.digest, in_use.digest):
+        await h.bundles.RevokeBundle(bpb.RevokeBundleRequest(project="default", digest=digest, reason="bad"))
+    orphan_data = b"an upload that never became a bundle"
+    orphan = "sha256:" + hashlib.sha256(orphan_data).hexdigest()
+    (tmp_path / "orphan").write_bytes(orphan_data)
+    await h.app.blobs.put_file(orphan, tmp_path / "orphan")
+    assert await stored(h) == {kept.digest, revoked.digest, failed.digest, in_use.digest, orphan}
+
+    report = await collect(h)
+    assert (report.orphans, report.purged) == (1, 2)
+    # The valid bundle and the revoked one still assigned to nodes keep their archives.
+    assert await stored(h) == {kept.digest, in_use.digest}
+    got = await h.bundles.GetBundle(bpb.GetBundleRequest(project="default", digest=revoked.digest))
+    assert got.bundle.HasField("purged_at") and got.bundle.state == bpb.BUNDLE_STATE_REVOKED
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await h.bundles.DownloadBundle(
+            bpb.DownloadBundleRequest(project="default", digest=revoked.digest)
+        ).read()
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "garbage-collected" in str(e.value.details())
+    # Nothing left to take: a second run is a no-op.
+    again = await collect(h)
+    assert (again.orphans, again.purged) == (0, 0)
+    # A purged failed bundle pushed again (now valid) gets its archive back.
+    await h.bundles.SetValidationConfig(
+        bpb.SetValidationConfigRequest(project="default", config=bpb.ValidationConfig())
+    )
+    back = (await create(h.bundles, {"main.kdl": b"failed {\n"})).bundle
+    assert (
+        back.digest == failed.digest
+        and back.state == bpb.BUNDLE_STATE_VALID
+        and not back.HasField("purged_at")
+    )
+    assert failed.digest in await stored(h)
+
+
+async def test_retention_protects_young_archives(make_harness: Any, tmp_path: Path) -> None:
+    h: Harness = await make_harness(bundle_retention=timedelta(hours=1))
+    revoked = (await create(h.bundles, {"main.kdl": b"r 1\n"})).bundle
+    await h.bundles.RevokeBundle(
+        bpb.RevokeBundleRequest(project="default", digest=revoked.digest, reason="x")
+    )
+    (tmp_path / "o").write_bytes(b"orphan")
+    await h.app.blobs.put_file("sha256:" + hashlib.sha256(b"orphan").hexdigest(), tmp_path / "o")
+    report = await collect(h)
+    assert (report.orphans, report.purged) == (0, 0)
+    assert len(await stored(h)) == 2

@@ -1,0 +1,105 @@
+"""Signing keys: first start, rotation to a new key, retirement re-signing what nodes get."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+
+from controlplane.api.bundle.v1 import bundle_pb2 as bpb
+from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
+from controlplane.domain.clock import utcnow
+from controlplane.domain.errors import FailedPrecondition
+from controlplane.domain.signing import Signer, verify
+from controlplane.domain.signing_keys import KeyDirectory
+from tests.support.bundles import create
+from tests.support.harness import Harness
+
+
+def keys_stub(harness: Harness) -> signing_pb2_grpc.SigningKeyServiceStub:
+    return signing_pb2_grpc.SigningKeyServiceStub(harness.channel)
+
+
+async def list_keys(harness: Harness) -> dict[str, signing_pb2.SigningKey]:
+    reply = await keys_stub(harness).ListSigningKeys(signing_pb2.ListSigningKeysRequest(project="default"))
+    return {k.key_id: k for k in reply.keys}
+
+
+async def restart(harness: Harness, make_harness: Any, **settings: Any) -> Harness:
+    await harness.close()
+    await harness.app.stop()
+    new: Harness = await make_harness(**settings)
+    return new
+
+
+async def test_first_start_makes_a_private_key_file(harness: Harness) -> None:
+    path = harness.app.settings.data_dir / "signing-key"
+    assert path.stat().st_mode & 0o777 == 0o600
+    signer = Signer.from_seed(bytes.fromhex(path.read_text().strip()))
+    keys = await list_keys(harness)
+    assert list(keys) == [signer.key_id] and keys[signer.key_id].public_key == signer.public_key
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await keys_stub(harness).RetireSigningKey(
+            signing_pb2.RetireSigningKeyRequest(signing_key_id=signer.key_id)
+        )
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "this server signs with" in str(
+        e.value.details()
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await keys_stub(harness).RetireSigningKey(
+            signing_pb2.RetireSigningKeyRequest(signing_key_id="feedface")
+        )
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "signing_key_id" in str(e.value.details())
+
+
+async def test_rotation_signs_with_the_new_key_and_retiring_the_old_resigns_assignments(
+    harness: Harness, make_harness: Any
+) -> None:
+    old_id = harness.app.signing_keys.signer.key_id
+    first = (await create(harness.bundles, {"main.kdl": b"v 1\n"})).bundle
+    node = await harness.register("edge-1", {"env": "prod"})
+    await harness.assign(first.digest, selector="env=prod")
+    assert first.key_id == old_id
+
+    new_key = Signer.generate()
+    harness = await restart(harness, make_harness, signing_key=new_key.seed.hex())
+    keys = await list_keys(harness)
+    assert set(keys) == {old_id, new_key.key_id}
+    assert keys[new_key.key_id].signing and not keys[old_id].signing
+    assert all(k.state == signing_pb2.SIGNING_KEY_STATE_ACTIVE for k in keys.values())
+    # Every valid bundle got a signature by the new key at start; it is the one delivered now.
+    got = (
+        await harness.bundles.GetBundle(bpb.GetBundleRequest(project="default", digest=first.digest))
+    ).bundle
+    assert got.key_id == new_key.key_id and verify(new_key.public_key, first.digest, got.signature)
+    second = (await create(harness.bundles, {"main.kdl": b"v 2\n"})).bundle
+    assert second.key_id == new_key.key_id
+
+    # The node's current assignment still carries the old signature until the old key retires.
+    rec = harness.open_watch(node)
+    desired = await rec.wait_digest(first.digest)
+    assert desired.key_id == old_id
+    await harness.app.hub.catch_up()
+    head = harness.app.hub.position
+    retired = await keys_stub(harness).RetireSigningKey(
+        signing_pb2.RetireSigningKeyRequest(signing_key_id=old_id)
+    )
+    assert retired.key.state == signing_pb2.SIGNING_KEY_STATE_RETIRED and retired.key.HasField("retired_at")
+    await rec.wait_for(
+        lambda r: any(d.key_id == new_key.key_id for d in r.of("desired")), what="re-signed assignment"
+    )
+    resent = rec.of("desired")[-1]
+    assert resent.digest == first.digest and resent.revision > head
+    assert verify(new_key.public_key, first.digest, resent.signature)
+    # Retiring again changes nothing.
+    await keys_stub(harness).RetireSigningKey(signing_pb2.RetireSigningKeyRequest(signing_key_id=old_id))
+    await harness.app.hub.catch_up()
+    assert harness.app.hub.position == resent.revision
+    await rec.cancel()
+
+    # A server configured with the retired key refuses to start: this is its first step.
+    old_seed = (harness.app.settings.data_dir / "signing-key").read_text().strip()
+    stale = KeyDirectory(harness.app.store, utcnow, Signer.from_seed(bytes.fromhex(old_seed)), lambda: None)
+    with pytest.raises(FailedPrecondition, match=f"signing key {old_id} was retired"):
+        await stale.register()

@@ -1,0 +1,366 @@
+"""The bundle pipeline end to end through the gRPC API, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable
+from typing import Any
+
+import grpc
+import pytest
+from nacl.signing import VerifyKey
+
+from controlplane.api.bundle.v1 import bundle_pb2 as bpb
+from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
+from controlplane.api.node.v1 import node_pb2 as npb
+from controlplane.domain.signing import CONTEXT
+from tests.support.bundles import create, file_messages, tar_messages, tar_of
+from tests.support.harness import Harness
+
+CONFIG = {
+    "zentinel.kdl": b'listeners {\n    listener "http" {\n        address "0.0.0.0:8080"\n    }\n}\n',
+    "conf/limits.yaml": b"rps: 100\n",
+    "conf/upstreams.json": b'{"backend": ["10.0.0.1:80"]}',
+    "certs/site.pem": b"-----BEGIN CERTIFICATE-----\n",
+}
+
+
+async def expect(code: grpc.StatusCode, call: Awaitable[Any], mentions: str = "") -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await call
+    assert e.value.code() == code, f"{e.value.code()}: {e.value.details()}"
+    details = e.value.details() or ""
+    assert mentions in details, details
+    return details
+
+
+async def count(harness: Harness) -> int:
+    listed = await harness.bundles.ListBundles(bpb.ListBundlesRequest(project="default", page_size=1000))
+    return len(listed.bundles)
+
+
+async def test_push_validates_packs_signs_and_scores(harness: Harness) -> None:
+    reply = await create(harness.bundles, CONFIG, version="v1.4.2")
+    b = reply.bundle
+    assert reply.created
+    assert b.state == bpb.BUNDLE_STATE_VALID and b.version == "v1.4.2"
+    assert b.file_count == 4 and b.total_bytes == sum(len(v) for v in CONFIG.values())
+    assert [v.validator for v in b.validation] == ["kdl:*.kdl", "json:*.json", "yaml:*.yaml,*.yml"]
+    assert all(v.ok for v in b.validation)
+    assert b.risk.level == bpb.RISK_LEVEL_LOW and b.risk.findings[0].rule == "first-bundle"
+    keys = await signing_pb2_grpc.SigningKeyServiceStub(harness.channel).ListSigningKeys(
+        signing_pb2.ListSigningKeysRequest()
+    )
+    (key,) = keys.keys
+    assert key.state == signing_pb2.SIGNING_KEY_STATE_ACTIVE and key.signing and key.algorithm == "ed25519"
+    assert b.key_id == key.key_id
+    VerifyKey(key.public_key).verify(CONTEXT + b.digest.encode(), b.signature)
+    # The archive is what nodes download, and hashes to the digest.
+    chunks = [
+        m
+        async for m in harness.bundles.DownloadBundle(
+            bpb.DownloadBundleRequest(project="default", digest=b.digest)
+        )
+    ]
+    import hashlib
+
+    data = b"".join(c.chunk for c in chunks)
+    assert len(data) == b.size_bytes and "sha256:" + hashlib.sha256(data).hexdigest() == b.digest
+    # The assignment carries the signature to the node.
+    node = await harness.register("edge-1", {"env": "prod"})
+    rec = harness.open_watch(node)
+    await harness.assign(b.digest, selector="env=prod")
+    desired = await rec.wait_digest(b.digest)
+    assert (desired.signature, desired.key_id) == (b.signature, b.key_id)
+    await rec.cancel()
+
+
+async def test_same_content_again_creates_nothing(harness: Harness) -> None:
+    first = (await create(harness.bundles, CONFIG, version="v1")).bundle
+    await harness.assign(first.digest, selector="*")
+    await harness.app.hub.catch_up()
+    head, rows = harness.app.hub.position, await count(harness)
+    # Same files, other order, other chunking, another version label: the same bundle.
+    again = await create(
+        harness.bundles,
+        messages=file_messages(dict(reversed(list(CONFIG.items()))), chunk=3),
+        version="v2",
+    )
+    assert not again.created and again.bundle.digest == first.digest and again.bundle.version == "v1"
+    # Through a tar stream (the upload path), files with other modes and mtimes: the same.
+    tarred = await create(harness.bundles, messages=tar_messages(tar_of(CONFIG), chunk=1000))
+    assert not tarred.created and tarred.bundle.digest == first.digest
+    assert await harness.upload(tar_of(CONFIG)) == first.digest
+    await harness.app.hub.catch_up()
+    assert (harness.app.hub.position, await count(harness)) == (head, rows)
+
+
+async def test_failed_validation_is_recorded_and_never_assignable(harness: Harness) -> None:
+    broken = {**CONFIG, "zentinel.kdl": b'listeners {\n    listener "http" {\n'}
+    reply = await create(harness.bundles, broken, version="v-broken")
+    b = reply.bundle
+    assert reply.created and b.state == bpb.BUNDLE_STATE_FAILED
+    assert b.state_reason.startswith("kdl:*.kdl: zentinel.kdl:2:") and not b.signature and not b.key_id
+    failed = [v for v in b.validation if not v.ok]
+    assert [v.validator for v in failed] == ["kdl:*.kdl"]
+    node = await harness.register("edge-1")
+    await harness.app.hub.catch_up()
+    head = harness.app.hub.position
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        harness.assign(b.digest, selector="*"),
+        f"bundle {b.digest} failed validation and can never be assigned: kdl:*.kdl: zentinel.kdl:2:",
+    )
+    download = harness.bundles.DownloadBundle(
+        bpb.DownloadBundleRequest(project="default", digest=b.digest), metadata=node.metadata
+    )
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, download.read(), "failed validation")
+    await harness.app.hub.catch_up()
+    assert harness.app.hub.position == head
+    # The validators change; the same content pushed again is validated again: no new row.
+    await harness.bundles.SetValidationConfig(
+        bpb.SetValidationConfigRequest(project="default", config=bpb.ValidationConfig())
+    )
+    again = await create(harness.bundles, broken)
+    assert not again.created and again.bundle.digest == b.digest
+    assert again.bundle.state == bpb.BUNDLE_STATE_VALID and again.bundle.key_id
+    assert again.bundle.version == "v-broken"
+    await harness.assign(b.digest, selector="*")
+
+
+async def test_versions_lookups_and_listing(harness: Harness) -> None:
+    digests = []
+    for i in range(5):
+        files = {"main.kdl": f"n {i}\n".encode()}
+        digests.append((await create(harness.bundles, files, version=f"v1.{i}.0")).bundle.digest)
+    await expect(
+        grpc.StatusCode.ALREADY_EXISTS,
+        create(harness.bundles, {"main.kdl": b"other\n"}, version="v1.2.0"),
+        "version 'v1.2.0' is already bundle",
+    )
+    await create(harness.bundles, {"main.kdl": b"broken {\n"}, version="v2.0.0")
+    got = await harness.bundles.GetBundle(bpb.GetBundleRequest(project="default", version="v1.3.0"))
+    assert got.bundle.digest == digests[3]
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        harness.bundles.GetBundle(bpb.GetBundleRequest(project="default", version="v9")),
+        "version",
+    )
+    seen, token = [], ""
+    while True:
+        page = await harness.bundles.ListBundles(
+            bpb.ListBundlesRequest(project="default", page_size=2, page_token=token)
+        )
+        seen += [b.version for b in page.bundles]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ["v2.0.0", "v1.4.0", "v1.3.0", "v1.2.0", "v1.1.0", "v1.0.0"]
+    failed = await harness.bundles.ListBundles(
+        bpb.ListBundlesRequest(project="default", state=bpb.BUNDLE_STATE_FAILED)
+    )
+    assert [b.version for b in failed.bundles] == ["v2.0.0"]
+    prefixed = await harness.bundles.ListBundles(
+        bpb.ListBundlesRequest(project="default", version_prefix="v1.", state=bpb.BUNDLE_STATE_VALID)
+    )
+    assert len(prefixed.bundles) == 5
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        harness.bundles.ListBundles(bpb.ListBundlesRequest(project="default", page_token="%%%")),
+        "page_token",
+    )
+
+
+async def test_diff_lists_changes_with_unified_diffs_and_risk(harness: Harness) -> None:
+    old = (await create(harness.bundles, {**CONFIG, "bin/blob": b"\x00\x01"})).bundle
+    new_files = {
+        **CONFIG,
+        "conf/limits.yaml": b"rps: 5\n",
+        "conf/new.yaml": b"x: 1\n",
+        "bin/blob": b"\x00\x02",
+    }
+    del new_files["certs/site.pem"]
+    new = (await create(harness.bundles, new_files)).bundle
+    assert new.risk.compared_with == old.digest and new.risk.level == bpb.RISK_LEVEL_MEDIUM
+    diff = await harness.bundles.DiffBundles(
+        bpb.DiffBundlesRequest(project="default", from_digest=old.digest, to_digest=new.digest)
+    )
+    changes = {c.path: c for c in diff.changes}
+    assert set(changes) == {"bin/blob", "certs/site.pem", "conf/limits.yaml", "conf/new.yaml"}
+    assert changes["certs/site.pem"].kind == bpb.FILE_CHANGE_KIND_REMOVED
+    assert changes["conf/new.yaml"].kind == bpb.FILE_CHANGE_KIND_ADDED
+    limits = changes["conf/limits.yaml"]
+    assert limits.kind == bpb.FILE_CHANGE_KIND_MODIFIED
+    assert "-rps: 100\n+rps: 5\n" in limits.unified_diff
+    assert limits.unified_diff.startswith("--- a/conf/limits.yaml\n+++ b/conf/limits.yaml\n")
+    assert changes["bin/blob"].binary and not changes["bin/blob"].unified_diff
+    assert {f.rule for f in diff.risk.findings} >= {"certificates-changed", "files-removed"}
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        harness.bundles.DiffBundles(
+            bpb.DiffBundlesRequest(project="default", from_digest="x", to_digest=new.digest)
+        ),
+        "from_digest",
+    )
+
+
+async def test_revoked_bundles_cannot_be_assigned_and_their_nodes_are_flagged(harness: Harness) -> None:
+    good = (await create(harness.bundles, {"main.kdl": b"good\n"})).bundle
+    bad = (await create(harness.bundles, {"main.kdl": b'leaks "secrets"\n'})).bundle
+    running = await harness.register("running", {"env": "prod"})
+    waiting = await harness.register("waiting", {"env": "stage"})
+    rec = harness.open_watch(running)
+    await harness.assign(bad.digest, nodes=[running.node_id])
+    desired = await rec.wait_digest(bad.digest)
+    await harness.nodes.ReportStatus(
+        npb.ReportStatusRequest(
+            node_id=running.node_id,
+            stream_id=rec.stream_id,
+            revision=desired.revision,
+            digest=bad.digest,
+            phase=npb.REPORT_PHASE_ACTIVE,
+        ),
+        metadata=running.metadata,
+    )
+    await harness.assign(bad.digest, selector="env=stage")
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        harness.bundles.RevokeBundle(bpb.RevokeBundleRequest(project="default", digest=bad.digest)),
+        "reason",
+    )
+    revoked = await harness.bundles.RevokeBundle(
+        bpb.RevokeBundleRequest(project="default", digest=bad.digest, reason="CVE-2026-0001")
+    )
+    assert revoked.bundle.state == bpb.BUNDLE_STATE_REVOKED and revoked.bundle.state_reason == "CVE-2026-0001"
+    flagged = {n.node_id: n for n in revoked.nodes}
+    assert set(flagged) == {running.node_id, waiting.node_id}
+    assert flagged[running.node_id].running and not flagged[waiting.node_id].running
+    assert flagged[running.node_id].revoke_reason == "CVE-2026-0001"
+    listed = await harness.bundles.ListRevokedBundleNodes(
+        bpb.ListRevokedBundleNodesRequest(project="default")
+    )
+    assert [n.node_id for n in listed.nodes] == sorted(flagged)
+    await harness.app.hub.catch_up()
+    head = harness.app.hub.position
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, harness.assign(bad.digest, selector="*"), "was revoked")
+    download = harness.bundles.DownloadBundle(
+        bpb.DownloadBundleRequest(project="default", digest=bad.digest), metadata=running.metadata
+    )
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, download.read(), "CVE-2026-0001")
+    await harness.app.hub.catch_up()
+    assert harness.app.hub.position == head
+    # Moving the nodes off it clears the flags.
+    await harness.assign(good.digest, nodes=[waiting.node_id])
+    listed = await harness.bundles.ListRevokedBundleNodes(
+        bpb.ListRevokedBundleNodesRequest(project="default")
+    )
+    assert [n.node_id for n in listed.nodes] == [running.node_id]
+    await rec.cancel()
+
+
+async def test_validation_settings(make_harness: Any) -> None:
+    harness: Harness = await make_harness(validator_allow=(sys.executable,))
+    got = await harness.bundles.GetValidationConfig(bpb.GetValidationConfigRequest(project="default"))
+    assert got.is_default and [p.format for p in got.config.parsers] == [
+        bpb.CONFIG_FORMAT_KDL,
+        bpb.CONFIG_FORMAT_JSON,
+        bpb.CONFIG_FORMAT_YAML,
+    ]
+
+    def setting(**config: Any) -> Any:
+        return harness.bundles.SetValidationConfig(
+            bpb.SetValidationConfigRequest(project="default", config=bpb.ValidationConfig(**config))
+        )
+
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        setting(commands=[bpb.CommandCheck(name="sh", argv=["/bin/sh", "-c", "id"])]),
+        "config.commands[0].argv: program '/bin/sh' is not on this server's allow-list",
+    )
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT, setting(parsers=[bpb.ParserCheck()]), "config.parsers[0].format"
+    )
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, setting(main="/etc/passwd"), "config.main")
+    script = "import sys; t = open(sys.argv[1]).read(); print('checked', len(t)); sys.exit('DENY' in t)"
+    await setting(
+        main="proxy.conf",
+        parsers=[bpb.ParserCheck(format=bpb.CONFIG_FORMAT_ZENTINEL, paths=["*.kdl"])],
+        commands=[bpb.CommandCheck(name="proxy-check", argv=[sys.executable, "-c", script, "{main}"])],
+    )
+    got = await harness.bundles.GetValidationConfig(bpb.GetValidationConfigRequest(project="default"))
+    assert not got.is_default and got.config.commands[0].argv[-1] == "{main}"
+    listener = b'listeners {\n    listener "h" {\n        address "0.0.0.0:80"\n    }\n}\n'
+    ok = (await create(harness.bundles, {"proxy.conf": b"allow all;\n", "z.kdl": listener})).bundle
+    assert ok.state == bpb.BUNDLE_STATE_VALID, ok.state_reason
+    outputs = {v.validator: v.output for v in ok.validation}
+    assert outputs["command:proxy-check"] == "checked 11"
+    denied = (await create(harness.bundles, {"proxy.conf": b"DENY all;\n", "z.kdl": listener})).bundle
+    assert denied.state == bpb.BUNDLE_STATE_FAILED
+    assert "command:proxy-check" in denied.state_reason and "exited with code 1" in denied.state_reason
+    missing_main = (await create(harness.bundles, {"z.kdl": listener})).bundle
+    assert "the main file 'proxy.conf' is not in the bundle" in missing_main.state_reason
+
+
+HOSTILE_FILES = {
+    "dot-dot": ([bpb.CreateBundleRequest(file=bpb.FileHeader(path="../x", size_bytes=1))], "file", "'..'"),
+    "absolute": (
+        [bpb.CreateBundleRequest(file=bpb.FileHeader(path="/etc/x", size_bytes=0))],
+        "file",
+        "absolute",
+    ),
+    "reserved": (
+        [bpb.CreateBundleRequest(file=bpb.FileHeader(path=".bundle/manifest.json", size_bytes=0))],
+        "file",
+        "reserved",
+    ),
+    "escaping symlink": (
+        [bpb.CreateBundleRequest(file=bpb.FileHeader(path="l", symlink_target="../../etc/passwd"))],
+        "file",
+        "outside",
+    ),
+    "more bytes than announced": (
+        [
+            bpb.CreateBundleRequest(file=bpb.FileHeader(path="a", size_bytes=2)),
+            bpb.CreateBundleRequest(chunk=b"abc"),
+        ],
+        "chunk",
+        "more bytes than the 2 announced",
+    ),
+    "fewer bytes than announced": (
+        [
+            bpb.CreateBundleRequest(file=bpb.FileHeader(path="a", size_bytes=5)),
+            bpb.CreateBundleRequest(chunk=b"abc"),
+        ],
+        "chunk",
+        "3 bytes received, 5 announced",
+    ),
+    "bytes before a file": ([bpb.CreateBundleRequest(chunk=b"abc")], "chunk", "before any file header"),
+    "files then tar": (
+        [
+            bpb.CreateBundleRequest(file=bpb.FileHeader(path="a", size_bytes=0)),
+            bpb.CreateBundleRequest(tar_chunk=b"x"),
+        ],
+        "tar_chunk",
+        "only tar_chunk",
+    ),
+    "no files": ([], "file", "holds no files"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_FILES))
+async def test_hostile_file_streams_record_nothing(harness: Harness, case: str) -> None:
+    messages, field, why = HOSTILE_FILES[case]
+    details = await expect(grpc.StatusCode.INVALID_ARGUMENT, create(harness.bundles, messages=messages), why)
+    assert details.startswith(f"{field}: "), details
+    assert await count(harness) == 0
+    blobs = harness.app.settings.data_dir / "blobs"
+    assert not any(p.is_file() for p in blobs.rglob("*"))
+    staging = harness.app.settings.data_dir / "staging"
+    assert not any(staging.iterdir()), "scratch trees are removed"
+
+
+async def test_too_many_files_are_refused(harness: Harness) -> None:
+    harness.app.bundles.limits = type(harness.app.bundles.limits)(max_members=50)
+    files = {f"routes/r{i}.kdl": b"r 1\n" for i in range(51)}
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, create(harness.bundles, files), "more than 50 members")
+    assert await count(harness) == 0

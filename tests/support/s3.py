@@ -1,0 +1,107 @@
+"""An S3 endpoint over real HTTP: moto's server mode in a subprocess on a free port.
+
+`moto_s3` (session-wide: one server for the run) yields the endpoint URL; `s3_bucket`
+makes a fresh bucket per test and yields the settings a `S3BlobStore` or `serve
+--blob-store` needs. Credentials are dummies moto accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+from aiobotocore.session import get_session
+
+ACCESS_KEY = "testing"
+SECRET_KEY = "testing"
+REGION = "us-east-1"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    url: str
+    bucket: str = ""
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS environment for a process using this endpoint."""
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+        }
+
+
+def _wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers: up
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto_server did not answer on {url} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[S3Endpoint]:
+    binary = shutil.which("moto_server")
+    if binary is None:
+        pytest.fail("moto_server is not installed (pip install 'moto[server]')")
+    port = _free_port()
+    env = dict(os.environ)
+    proc = subprocess.Popen(
+        [binary, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_up(url, proc)
+        yield S3Endpoint(url)
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def new_bucket(endpoint: S3Endpoint) -> S3Endpoint:
+    """A fresh, empty bucket on the endpoint."""
+    bucket = f"bundles-{uuid.uuid4().hex[:12]}"
+    async with get_session().create_client(
+        "s3",
+        endpoint_url=endpoint.url,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+    ) as client:
+        await client.create_bucket(Bucket=bucket)
+    return S3Endpoint(endpoint.url, bucket)
+
+
+@pytest.fixture
+async def s3_bucket(moto_s3: S3Endpoint) -> AsyncIterator[S3Endpoint]:
+    yield await new_bucket(moto_s3)

@@ -1,0 +1,195 @@
+"""Validation: the built-in parsers and external commands, each with a clear result."""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from controlplane.archives.formats import ConfigFormat
+from controlplane.archives.manifest import scan
+from controlplane.domain import validators
+from controlplane.domain.bundle_records import ValidationResult
+from controlplane.domain.errors import InvalidArgument
+from controlplane.domain.validators import CommandCheck, ParseCache, ParserCheck, ValidationConfig
+
+GOOD_ZENTINEL = b"""
+listeners {
+    listener "http" {
+        address "0.0.0.0:8080"
+        protocol "http"
+    }
+}
+upstreams {
+    upstream "backend" {
+        target "127.0.0.1:3000"
+    }
+}
+routes {
+    route "api" {
+        upstream "backend"
+    }
+}
+"""
+
+
+def bundle_dir(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    root = tmp_path / "tree"
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def run_parser(root: Path, check: ParserCheck, main: str = "") -> ValidationResult:
+    return validators.run_parser(check, main, scan(root), ParseCache(root))
+
+
+def test_syntax_errors_name_file_line_and_column(tmp_path: Path) -> None:
+    root = bundle_dir(
+        tmp_path,
+        {
+            "ok.kdl": b'a "b"\n',
+            "conf/bad.kdl": b'listeners {\n    listener "x" {\n',
+            "bad.json": b'{"a": 1,\n "b": }',
+            "bad.yaml": b"a: [1, 2\nb: c\n",
+            "ok.yml": b"a: 1\n---\nb: 2\n",
+        },
+    )
+    kdl = run_parser(root, ParserCheck(ConfigFormat.KDL))
+    assert not kdl.ok and kdl.validator == "kdl:*.kdl"
+    assert kdl.output.startswith("conf/bad.kdl:2:") and "EOF" in kdl.output
+    js = run_parser(root, ParserCheck(ConfigFormat.JSON))
+    assert not js.ok and js.output.startswith("bad.json:2:7: Expecting value")
+    yml = run_parser(root, ParserCheck(ConfigFormat.YAML))
+    assert not yml.ok and yml.output.startswith("bad.yaml:") and "ok.yml" not in yml.output
+    only_good = run_parser(root, ParserCheck(ConfigFormat.YAML, ("*.yml",)))
+    assert only_good.ok and only_good.output == "1 file(s) parsed"
+
+
+def test_hostile_texts_are_errors_not_crashes(tmp_path: Path) -> None:
+    root = bundle_dir(
+        tmp_path,
+        {
+            "deep.kdl": b"a {\n" * 5000 + b"}\n" * 5000,
+            "deep.json": b"[" * 100_000 + b"]" * 100_000,
+            "binary.kdl": b"\xff\xfe\x00",
+        },
+    )
+    kdl = run_parser(root, ParserCheck(ConfigFormat.KDL))
+    assert not kdl.ok
+    assert "deep.kdl: nested too deeply to parse" in kdl.output
+    assert "binary.kdl: not UTF-8 text" in kdl.output
+    js = run_parser(root, ParserCheck(ConfigFormat.JSON))
+    assert not js.ok and "deep.json: nested too deeply" in js.output
+
+
+def test_zentinel_checks_the_structure(tmp_path: Path) -> None:
+    good = bundle_dir(tmp_path / "good", {"zentinel.kdl": GOOD_ZENTINEL})
+    assert run_parser(good, ParserCheck(ConfigFormat.ZENTINEL), "zentinel.kdl").ok
+    bad_text = (
+        GOOD_ZENTINEL.replace(b'"0.0.0.0:8080"', b'"nowhere"')
+        .replace(b'upstream "backend"\n    }', b'upstream "missing"\n    }')
+        .replace(b'protocol "http"', b'protocol "https"')
+    )
+    bad = bundle_dir(tmp_path / "bad", {"zentinel.kdl": bad_text})
+    result = run_parser(bad, ParserCheck(ConfigFormat.ZENTINEL), "zentinel.kdl")
+    assert not result.ok
+    assert "listener 'http' needs an address of the form host:port, got 'nowhere'" in result.output
+    assert "listener 'http' uses https but has no tls block" in result.output
+    assert "route 'api' names upstream 'missing', which is not declared" in result.output
+    none = bundle_dir(tmp_path / "none", {"other.kdl": b"x 1\n"})
+    assert (
+        "no file matches zentinel.kdl"
+        in run_parser(none, ParserCheck(ConfigFormat.ZENTINEL), "zentinel.kdl").output
+    )
+
+
+async def run(
+    root: Path, argv: list[str], timeout: float = 10.0, allowed: set[str] | None = None
+) -> ValidationResult:
+    check = CommandCheck("check", tuple(argv), timedelta(seconds=timeout))
+    return await validators.run_command(check, root, "main.conf", allowed or {sys.executable})
+
+
+async def test_command_success_sees_the_files_and_placeholders(tmp_path: Path) -> None:
+    root = bundle_dir(tmp_path, {"main.conf": b"listen 80;\n"})
+    script = (
+        "import os,sys; "
+        "print(open(sys.argv[1]).read().strip(), os.getcwd() == sys.argv[2], sorted(os.environ))"
+    )
+    result = await run(root, [sys.executable, "-c", script, "{main}", "{path}"])
+    assert result.ok, result.output
+    assert result.output.startswith("listen 80; True")
+    # The server's environment (its keys) never reaches the command.
+    assert "'BUNDLE_DIR', 'BUNDLE_MAIN', 'HOME', 'LANG', 'PATH'" in result.output
+
+
+async def test_command_failure_returns_its_output(tmp_path: Path) -> None:
+    root = bundle_dir(tmp_path, {"main.conf": b"bad"})
+    script = "import sys; print('main.conf:1: unknown directive bad', file=sys.stderr); sys.exit(3)"
+    result = await run(root, [sys.executable, "-c", script])
+    assert not result.ok
+    assert "exited with code 3" in result.output
+    assert "main.conf:1: unknown directive bad" in result.output
+
+
+async def test_command_timeout_kills_it(tmp_path: Path) -> None:
+    root = bundle_dir(tmp_path, {"main.conf": b""})
+    script = "import time; print('starting', flush=True); time.sleep(60)"
+    result = await run(root, [sys.executable, "-c", script], timeout=0.5)
+    assert not result.ok
+    assert "timed out after 0.5s and was killed" in result.output
+    assert "starting" in result.output
+    assert result.duration < timedelta(seconds=30)
+
+
+async def test_missing_binary_and_programs_off_the_allow_list(tmp_path: Path) -> None:
+    root = bundle_dir(tmp_path, {"main.conf": b""})
+    missing = await run(root, ["zentinel-not-installed", "validate"], allowed={"zentinel-not-installed"})
+    assert not missing.ok
+    assert "command not found: 'zentinel-not-installed' is not installed" in missing.output
+    refused = await run(root, ["/bin/sh", "-c", "true"], allowed=set())
+    assert not refused.ok and "not on this server's allow-list" in refused.output
+
+
+async def test_command_output_is_bounded(tmp_path: Path) -> None:
+    root = bundle_dir(tmp_path, {"main.conf": b""})
+    script = "import sys; sys.stdout.write('x' * 5_000_000); sys.stdout.write('THE END'); sys.exit(1)"
+    result = await run(root, [sys.executable, "-c", script])
+    assert not result.ok and result.output.endswith("THE END")
+    assert len(result.output) <= validators.MAX_OUTPUT + 200
+
+
+def test_config_checks_name_the_field() -> None:
+    ok = ValidationConfig(
+        main="nginx.conf", commands=(CommandCheck("nginx", ("nginx", "-t", "-c", "{main}")),)
+    )
+    assert validators.check_config(ok, {"nginx"}) is ok
+    cases = [
+        (ValidationConfig(main="../x"), "config.main"),
+        (ValidationConfig(commands=(CommandCheck("x", ()),)), "config.commands[0].argv"),
+        (ValidationConfig(commands=(CommandCheck("x", ("rm", "-rf", "/")),)), "config.commands[0].argv"),
+        (
+            ValidationConfig(commands=(CommandCheck("x", ("nginx",), timedelta(hours=1)),)),
+            "config.commands[0].timeout",
+        ),
+        (ValidationConfig(parsers=(ParserCheck(ConfigFormat.KDL, ("",)),)), "config.parsers[0].paths"),
+    ]
+    for config, field in cases:
+        with pytest.raises(InvalidArgument) as caught:
+            validators.check_config(config, {"nginx"})
+        assert caught.value.field == field, caught.value
+
+
+def test_config_round_trips_through_json() -> None:
+    config = ValidationConfig(
+        main="zentinel.kdl",
+        parsers=(ParserCheck(ConfigFormat.ZENTINEL), ParserCheck(ConfigFormat.YAML, ("conf/*.yaml",))),
+        commands=(
+            CommandCheck("zentinel", ("zentinel", "validate", "--config", "{main}"), timedelta(seconds=12)),
+        ),
+    )
+    assert ValidationConfig.from_json(config.to_json()) == config

@@ -71,11 +71,15 @@ def bench_bundle(tag: str) -> bytes:
 
 
 class Operator:
-    """Operator calls (no credential needed yet) over one channel of their own."""
+    """Operator calls over one channel of their own, with the admin API key the server
+    wrote to its data directory on first start (`<data-dir>/admin-key`), if there is one."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, data_dir: Path | None = None):
         self.channel = grpc.aio.insecure_channel(target)
         self.bundles = bundle_pb2_grpc.BundleServiceStub(self.channel)
+        key_file = data_dir / "admin-key" if data_dir else None
+        key = key_file.read_text().strip() if key_file and key_file.exists() else ""
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {key}"),) if key else ()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -88,7 +92,7 @@ class Operator:
                     header=header if offset == 0 else None, chunk=archive[offset : offset + CHUNK]
                 )
 
-        reply = await self.bundles.UploadBundle(requests())
+        reply = await self.bundles.UploadBundle(requests(), metadata=self.metadata)
         return str(reply.bundle.digest)
 
     async def assign(
@@ -110,7 +114,7 @@ class Operator:
             project=project, target=target, digest=digest, annotations=annotations or {}
         )
         t0 = time.time()
-        reply = await self.bundles.AssignBundle(request)
+        reply = await self.bundles.AssignBundle(request, metadata=self.metadata)
         t1 = time.time()
         return int(reply.revision), t0, t1
 

@@ -94,7 +94,9 @@ class Worker:
         self.methods: list[Any] = []
         self._make_channels()
         self.streams = [
-            Stream(n["node_id"], n.get("credential", ""), i % self.n_channels) for i, n in enumerate(nodes)
+            # A node token where the server issues them, else the node credential.
+            Stream(n["node_id"], n.get("token") or n.get("credential", ""), i % self.n_channels)
+            for i, n in enumerate(nodes)
         ]
         self.receipts: dict[int, list[float]] = collections.defaultdict(list)
         self.waiters: dict[int, tuple[int, asyncio.Future[None]]] = {}

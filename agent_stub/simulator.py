@@ -28,7 +28,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -158,6 +158,8 @@ class SimNode:
         # digest -> (desired state received, apply finished), monotonic seconds.
         self.timings: dict[str, tuple[float, float]] = {}
         self.observed: list[Observed] = []
+        # Bundles (digest prefixes) this node alone rejects.
+        self.rejects: set[str] = set()
         self.agent: Agent | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -189,10 +191,7 @@ class SimNode:
             delay = cfg.apply_delay * (1 + rng.uniform(-cfg.apply_jitter, cfg.apply_jitter))
             if delay > 0:
                 await asyncio.sleep(delay)
-            if any(
-                target.digest.startswith(p) or target.digest.removeprefix("sha256:").startswith(p)
-                for p in cfg.fail_bundles
-            ):
+            if _matches(target.digest, cfg.fail_bundles | self.rejects):
                 self.failures += 1
                 raise ApplyFailed(f"simulated: {self.name} rejects {target.digest}")
             if rng.random() < cfg.failure_rate:
@@ -330,7 +329,7 @@ class FleetSimulator:
 
     def profile_for(self, digest: str) -> MetricsProfile:
         for prefix, profile in self.config.bundle_metrics.items():
-            if digest and (digest.startswith(prefix) or digest.removeprefix("sha256:").startswith(prefix)):
+            if _matches(digest, (prefix,)):
                 return profile
         return self.config.metrics
 
@@ -386,6 +385,12 @@ class FleetSummary:
             f"nodes {self.nodes} running {self.running} connected {self.connected} applying {self.applying} "
             f"applied {self.applies} failed {self.failures} | {bundles or 'no bundle'}"
         )
+
+
+def _matches(digest: str, prefixes: Collection[str]) -> bool:
+    """`digest` starts with one of `prefixes` (with or without `sha256:`)."""
+    bare = digest.removeprefix("sha256:")
+    return bool(digest) and any(p and (digest.startswith(p) or bare.startswith(p)) for p in prefixes)
 
 
 class _TapChannel:

@@ -1,0 +1,211 @@
+"""When rollouts go wrong: canary analysis on bad metrics, gates on stale data, NACKs
+against the failure budget, offline nodes against max_unavailable, the step deadline,
+pause and resume, and manual rollback — each against a simulated fleet of real agents,
+checking what every node ends up running. SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent_stub.simulator import FleetSimulator
+from controlplane.api.node.v1 import node_pb2
+from tests.conftest import HarnessFactory
+from tests.support.harness import Harness
+from tests.support.rollout_fleet import FAST, Rollouts, archive, bad, fleet, pb, running, seconds
+
+
+@pytest.fixture
+async def plane(make_harness: HarnessFactory) -> Harness:
+    return await make_harness(**FAST)
+
+
+async def everyone_on(rollouts: Rollouts, digest: str) -> str:
+    """Move the whole fleet to `digest` with a plain rollout (the baseline for a test)."""
+    created = await rollouts.create(digest, selector="*", strategy=pb.STRATEGY_ALL_AT_ONCE)
+    assert (await rollouts.watch(created.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+    return digest
+
+
+async def settle(sim: FleetSimulator, digest: str, timeout: float = 15.0) -> None:
+    """Every running simulated node runs `digest` (a rollback converging)."""
+    for _ in range(int(timeout * 10)):
+        if {n.digest for n in sim.nodes if n.running} == {digest}:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"fleet did not settle on {digest}: {[n.digest for n in sim.nodes]}")
+
+
+async def test_canary_rolls_back_on_bad_metrics_from_the_simulator(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 10)) as sim:
+        rollouts = Rollouts(plane.channel)
+        v1 = await everyone_on(rollouts, await plane.upload(archive("v1")))
+        v2 = await plane.upload(archive("v2"))
+        sim.set_bundle_metrics(v2, bad(error_rate=0.3))
+        created = await rollouts.create(
+            v2,
+            strategy=pb.STRATEGY_CANARY,
+            canary=pb.CanaryParams(steps_percent=[10, 50, 100], analysis=pb.CanaryAnalysis(min_sample=2)),
+            gates=pb.HealthGates(),
+            bake_time=seconds(2),
+        )
+        seen = await rollouts.watch(created.id)
+        assert seen.last_state == pb.ROLLOUT_STATE_ROLLED_BACK
+        done = await rollouts.get(created.id)
+        assert "canary analysis at step 0" in done.reason and "error rate" in done.reason
+        assert done.steps[0].analyses[-1].decision == "rollback"
+        assert done.steps[0].analyses[-1].canary_error_rate > 0.2
+        assert done.steps[0].analyses[-1].baseline_samples >= 2
+        await settle(sim, v1)
+        # Only the canary ever heard of v2.
+        told = [n for n in sim.nodes if any(o.digest == v2 for o in n.observed)]
+        assert len(told) == 1
+
+
+async def test_gates_fail_on_stale_metrics(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 3)) as sim:
+        rollouts = Rollouts(plane.channel)
+        v1 = await everyone_on(rollouts, await plane.upload(archive("v1")))
+        v2 = await plane.upload(archive("v2"))
+        created = await rollouts.create(
+            v2, strategy=pb.STRATEGY_ALL_AT_ONCE, bake_time=seconds(30), gate_failure_window=seconds(2)
+        )
+        await rollouts.watch(created.id, until=[pb.ROLLOUT_STATE_RUNNING])
+        for _ in range(100):
+            rollout = await rollouts.get(created.id)
+            if rollout.steps[0].state == pb.STEP_STATE_BAKING:
+                break
+            await asyncio.sleep(0.1)
+        # A node goes silent while the step bakes: its last heartbeat goes stale.
+        await sim.stop_node(0)
+        seen = await rollouts.watch(created.id)
+        assert seen.last_state == pb.ROLLOUT_STATE_ROLLED_BACK
+        reason = (await rollouts.get(created.id)).reason
+        assert "health gates failing" in reason and sim.nodes[0].node_id in reason, reason
+        history = await rollouts.events(created.id)
+        assert any(e.kind == "gates" and "gates failing" in e.message for e in history)
+        await settle(sim, v1)
+
+
+async def test_nacks_count_against_the_failure_budget(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 4)) as sim:
+        rollouts = Rollouts(plane.channel)
+        v1 = await everyone_on(rollouts, await plane.upload(archive("v1")))
+        v2 = await plane.upload(archive("v2"))
+        ids = sorted(n.node_id for n in sim.nodes)
+        by_id = {n.node_id: n for n in sim.nodes}
+        by_id[ids[0]].rejects.add(v2)
+        # One NACK is within a budget of one: the rollout goes on without that node.
+        ok = await rollouts.create(v2, rolling=pb.RollingParams(batch_size=2), max_failures=1)
+        assert (await rollouts.watch(ok.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        nodes = {n.node_id: n for n in await rollouts.nodes(ok.id)}
+        assert nodes[ids[0]].state == pb.NODE_STATE_FAILED and "rejects" in nodes[ids[0]].error
+        assert by_id[ids[0]].digest == v1 and {by_id[i].digest for i in ids[1:]} == {v2}
+
+        v3 = await plane.upload(archive("v3"))
+        for node in sim.nodes:
+            node.rejects.add(v3)
+        failing = await rollouts.create(v3, rolling=pb.RollingParams(batch_size=2), max_failures=1)
+        assert (await rollouts.watch(failing.id)).last_state == pb.ROLLOUT_STATE_ROLLED_BACK
+        done = await rollouts.get(failing.id)
+        assert "rejected the bundle (budget 1)" in done.reason
+        assert done.steps[1].state == pb.STEP_STATE_PENDING  # never written
+        await asyncio.sleep(0.5)
+        assert {by_id[i].digest for i in ids[1:]} == {v2}
+
+
+async def test_offline_nodes_count_against_max_unavailable(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 4)) as sim:
+        rollouts = Rollouts(plane.channel)
+        await everyone_on(rollouts, await plane.upload(archive("v1")))
+        await sim.stop_node(1)
+        gone = sim.nodes[1].node_id
+        for _ in range(100):
+            node = (await plane.nodes.GetNode(node_pb2.GetNodeRequest(node_id=gone))).node
+            if node.status == node_pb2.NODE_STATUS_OFFLINE:
+                break
+            await asyncio.sleep(0.1)
+        assert node.status == node_pb2.NODE_STATUS_OFFLINE
+
+        v2 = await plane.upload(archive("v2"))
+        strict = await rollouts.create(
+            v2,
+            selector="*",
+            rolling=pb.RollingParams(batch_size=4),
+            max_unavailable=0,
+            progress_deadline=seconds(3),
+        )
+        assert (await rollouts.watch(strict.id)).last_state == pb.ROLLOUT_STATE_ROLLED_BACK
+        assert gone in (await rollouts.get(strict.id)).reason
+
+        tolerant = await rollouts.create(
+            v2, selector="*", rolling=pb.RollingParams(batch_size=4), max_unavailable=1
+        )
+        assert (await rollouts.watch(tolerant.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        nodes = {n.node_id: n for n in await rollouts.nodes(tolerant.id)}
+        assert nodes[gone].state == pb.NODE_STATE_OFFLINE
+        # Back online, the node converges on what its step wrote for it.
+        sim.start_node(1)
+        await settle(sim, v2)
+
+
+async def test_pause_holds_and_resume_continues(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 3)) as sim:
+        rollouts = Rollouts(plane.channel)
+        v1 = await plane.upload(archive("v1"))
+        created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(1))
+        await rollouts.watch(created.id, until=[pb.ROLLOUT_STATE_RUNNING])
+        paused = (
+            await rollouts.stub.PauseRollout(
+                pb.PauseRolloutRequest(project="default", rollout_id=created.id, reason="checking graphs")
+            )
+        ).rollout
+        assert paused.state == pb.ROLLOUT_STATE_PAUSED and paused.reason == "checking graphs"
+        await asyncio.sleep(2.5)
+        still = await rollouts.get(created.id)
+        assert still.state == pb.ROLLOUT_STATE_PAUSED
+        assert [s.state for s in still.steps[1:]] == [pb.STEP_STATE_PENDING] * 2
+        assert sum(1 for n in sim.nodes if n.digest == v1) <= 1
+        resumed = await rollouts.stub.ResumeRollout(
+            pb.ResumeRolloutRequest(project="default", rollout_id=created.id)
+        )
+        assert resumed.rollout.state == pb.ROLLOUT_STATE_RUNNING
+        assert (await rollouts.watch(created.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        assert {n.digest for n in sim.nodes} == {v1}
+
+
+async def test_manual_rollback_restores_what_each_node_had(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 4)) as sim:
+        rollouts = Rollouts(plane.channel)
+        # The baseline comes from a selector assignment: the nodes' own keys hold nothing,
+        # so rolling back hands them back to the selector (a tombstone on their key).
+        v1 = await plane.upload(archive("v1"))
+        await plane.assign(v1, selector="env=prod")
+        await settle(sim, v1)
+        v2 = await plane.upload(archive("v2"))
+        created = await rollouts.create(v2, rolling=pb.RollingParams(batch_size=2), bake_time=seconds(60))
+        for _ in range(100):
+            rollout = await rollouts.get(created.id)
+            if rollout.steps[0].state == pb.STEP_STATE_BAKING:
+                break
+            await asyncio.sleep(0.1)
+        await settle_some(sim, v2, 2)
+        back = await rollouts.stub.RollbackRollout(
+            pb.RollbackRolloutRequest(project="default", rollout_id=created.id, reason="bad deploy")
+        )
+        assert back.rollout.state == pb.ROLLOUT_STATE_ROLLED_BACK and back.rollout.reason == "bad deploy"
+        await settle(sim, v1)
+        nodes = await rollouts.nodes(created.id)
+        assert sorted(n.state for n in nodes) == [pb.NODE_STATE_PENDING] * 2 + [pb.NODE_STATE_ROLLED_BACK] * 2
+        events = await rollouts.events(created.id)
+        assert any(e.kind == "write" and "rollback written: 2 of 2" in e.message for e in events)
+        assert (await rollouts.get(created.id)).steps[1].revision == 0
+
+
+async def settle_some(sim: FleetSimulator, digest: str, count: int) -> None:
+    for _ in range(150):
+        if sum(1 for n in sim.nodes if n.digest == digest) >= count:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"fewer than {count} node(s) on {digest}")

@@ -1,0 +1,369 @@
+"""The safety checks on every path that starts or advances a rollout: one active rollout
+per node, freeze windows (create, start, advance), approvals by distinct operators who
+did not create it, scheduled starts (and cancelling them), pinned nodes, bundles that
+may not be assigned, and bad input that leaves nothing behind. Real agents (simulated
+fleet) over real gRPC, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controlplane.api.bundle.v1 import bundle_pb2
+from controlplane.api.identity.v1 import identity_pb2
+from tests.conftest import HarnessFactory
+from tests.support.harness import Harness
+from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running, seconds
+
+
+@pytest.fixture
+async def plane(make_harness: HarnessFactory) -> Harness:
+    return await make_harness(**FAST)
+
+
+async def expect(code: grpc.StatusCode, call: Awaitable[Any], mentions: str = "") -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await call
+    assert e.value.code() == code, f"{e.value.code()}: {e.value.details()}"
+    details = e.value.details() or ""
+    assert mentions in details, details
+    return details
+
+
+def at(delta: timedelta) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(datetime.now(UTC) + delta)
+    return ts
+
+
+def key(secret: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {secret}"),)
+
+
+async def test_a_node_belongs_to_one_active_rollout(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 4)):
+        v1, v2 = await plane.upload(archive("v1")), await plane.upload(archive("v2"))
+        rollouts = Rollouts(plane.channel)
+        first = await rollouts.create(v1, approvals_required=1)
+        details = await expect(
+            grpc.StatusCode.FAILED_PRECONDITION, rollouts.create(v2, selector="*"), first.id
+        )
+        assert "selector" in details
+        listed = await rollouts.stub.ListRollouts(pb.ListRolloutsRequest(project="default"))
+        assert [r.id for r in listed.rollouts] == [first.id]
+        await rollouts.stub.CancelRollout(pb.CancelRolloutRequest(project="default", rollout_id=first.id))
+        # Its nodes are free again.
+        second = await rollouts.create(v2, selector="*")
+        assert (await rollouts.watch(second.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+
+
+async def test_freeze_windows_block_create_and_hold_start_and_advance(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 2)) as sim:
+        v1 = await plane.upload(archive("v1"))
+        rollouts = Rollouts(plane.channel)
+        window = (
+            await rollouts.stub.CreateFreezeWindow(
+                pb.CreateFreezeWindowRequest(
+                    project="default",
+                    name="sale",
+                    starts_at=at(-timedelta(minutes=1)),
+                    ends_at=at(timedelta(hours=1)),
+                    reason="peak",
+                )
+            )
+        ).window
+        # Create: refused during the window, naming it; allowed with a reason.
+        await expect(grpc.StatusCode.FAILED_PRECONDITION, rollouts.create(v1), "'sale'")
+        forced = await rollouts.create(v1, strategy=pb.STRATEGY_ALL_AT_ONCE, freeze_override_reason="CVE fix")
+        assert (await rollouts.watch(forced.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        await rollouts.stub.DeleteFreezeWindow(pb.DeleteFreezeWindowRequest(project="default", id=window.id))
+
+        # Start: a scheduled rollout whose time comes inside a window waits for it to end.
+        v2 = await plane.upload(archive("v2"))
+        scheduled = await rollouts.create(
+            v2, scheduled_at=at(timedelta(seconds=2)), rolling=pb.RollingParams(batch_size=1)
+        )
+        window = (
+            await rollouts.stub.CreateFreezeWindow(
+                pb.CreateFreezeWindowRequest(
+                    project="default",
+                    name="late",
+                    starts_at=at(timedelta(seconds=1)),
+                    ends_at=at(timedelta(hours=1)),
+                    reason="x",
+                )
+            )
+        ).window
+        held = await rollouts.wait_state(scheduled.id, pb.ROLLOUT_STATE_PENDING)
+        for _ in range(50):
+            held = await rollouts.get(scheduled.id)
+            if held.reason.startswith("held:"):
+                break
+            await asyncio.sleep(0.1)
+        assert "freeze window 'late'" in held.reason and not held.steps[0].revision
+        assert {n.digest for n in sim.nodes} == {v1}
+        await rollouts.stub.DeleteFreezeWindow(pb.DeleteFreezeWindowRequest(project="default", id=window.id))
+
+        # Advance: once step 0 bakes, a new window holds step 1 until it is gone.
+        await rollouts.wait_state(scheduled.id, pb.ROLLOUT_STATE_RUNNING)
+        window = (
+            await rollouts.stub.CreateFreezeWindow(
+                pb.CreateFreezeWindowRequest(
+                    project="default",
+                    name="again",
+                    starts_at=at(-timedelta(seconds=1)),
+                    ends_at=at(timedelta(hours=1)),
+                    reason="y",
+                )
+            )
+        ).window
+        for _ in range(100):
+            mid = await rollouts.get(scheduled.id)
+            if mid.reason.startswith("held:"):
+                break
+            await asyncio.sleep(0.1)
+        assert mid.steps[0].state == pb.STEP_STATE_DONE and mid.steps[1].state == pb.STEP_STATE_PENDING
+        assert "'again'" in mid.reason
+        await rollouts.stub.DeleteFreezeWindow(pb.DeleteFreezeWindowRequest(project="default", id=window.id))
+        assert (await rollouts.watch(scheduled.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        assert {n.digest for n in sim.nodes} == {v2}
+        holds = [e.message for e in await rollouts.events(scheduled.id) if e.kind == "hold"]
+        assert len(holds) == 4, holds  # held, released, held, released: once each, not per tick
+
+
+async def test_approvals_need_distinct_operators_other_than_the_creator(plane: Harness) -> None:
+    operator = identity_pb2.ROLE_OPERATOR
+    alice, bob, carol = [
+        await plane.api_key({"default": operator}, name=n) for n in ("alice", "bob", "carol")
+    ]
+    reader = await plane.api_key({"default": identity_pb2.ROLE_READER}, name="dave")
+    async with running(fleet(plane.address, plane.token, 2)) as sim:
+        v1 = await plane.upload(archive("v1"))
+        rollouts = Rollouts(plane.channel)
+        stub = rollouts.stub
+        created = (
+            await stub.CreateRollout(
+                pb.CreateRolloutRequest(
+                    project="default",
+                    bundle_digest=v1,
+                    selector="env=prod",
+                    strategy=pb.STRATEGY_ALL_AT_ONCE,
+                    approvals_required=2,
+                    bake_time=seconds(0),
+                ),
+                metadata=key(alice),
+            )
+        ).rollout
+        assert created.state == pb.ROLLOUT_STATE_PENDING_APPROVAL and created.created_by.startswith(
+            "operator:"
+        )
+
+        def approve(secret: str) -> Any:
+            return stub.ApproveRollout(
+                pb.ApproveRolloutRequest(project="default", rollout_id=created.id, comment="lgtm"),
+                metadata=key(secret),
+            )
+
+        await expect(grpc.StatusCode.PERMISSION_DENIED, approve(alice), "cannot approve")
+        await expect(grpc.StatusCode.PERMISSION_DENIED, approve(reader))
+        one = (await approve(bob)).rollout
+        assert one.state == pb.ROLLOUT_STATE_PENDING_APPROVAL and len(one.approvals) == 1
+        await expect(grpc.StatusCode.ALREADY_EXISTS, approve(bob), "already approved")
+        await asyncio.sleep(0.5)
+        assert {n.digest for n in sim.nodes} == {""}, "nothing may start before approval"
+        two = (await approve(carol)).rollout
+        assert {a.actor for a in two.approvals} == {
+            a.actor for a in two.approvals if a.actor != created.created_by
+        }
+        assert len({a.actor for a in two.approvals}) == 2
+        assert (await rollouts.watch(created.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+
+        rejected = (
+            await stub.CreateRollout(
+                pb.CreateRolloutRequest(
+                    project="default",
+                    bundle_digest=v1,
+                    selector="*",
+                    strategy=pb.STRATEGY_ALL_AT_ONCE,
+                    approvals_required=1,
+                ),
+                metadata=key(alice),
+            )
+        ).rollout
+        await expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            stub.RejectRollout(
+                pb.RejectRolloutRequest(project="default", rollout_id=rejected.id), metadata=key(bob)
+            ),
+            "reason",
+        )
+        done = await stub.RejectRollout(
+            pb.RejectRolloutRequest(project="default", rollout_id=rejected.id, reason="not today"),
+            metadata=key(bob),
+        )
+        assert done.rollout.state == pb.ROLLOUT_STATE_REJECTED and "not today" in done.rollout.reason
+
+
+async def test_scheduled_rollouts_start_on_time_and_can_be_cancelled_while_waiting(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 2)) as sim:
+        v1 = await plane.upload(archive("v1"))
+        rollouts = Rollouts(plane.channel)
+        when = datetime.now(UTC) + timedelta(seconds=2)
+        ts = Timestamp()
+        ts.FromDatetime(when)
+        waiting = await rollouts.create(v1, scheduled_at=ts, strategy=pb.STRATEGY_ALL_AT_ONCE)
+        cancelled = await rollouts.stub.CancelRollout(
+            pb.CancelRolloutRequest(project="default", rollout_id=waiting.id, reason="wrong bundle")
+        )
+        assert cancelled.rollout.state == pb.ROLLOUT_STATE_CANCELLED
+        await asyncio.sleep(2.5)
+        assert {n.digest for n in sim.nodes} == {""}
+
+        when = datetime.now(UTC) + timedelta(seconds=2)
+        ts.FromDatetime(when)
+        scheduled = await rollouts.create(v1, scheduled_at=ts, strategy=pb.STRATEGY_ALL_AT_ONCE)
+        assert scheduled.state == pb.ROLLOUT_STATE_PENDING
+        seen = await rollouts.watch(scheduled.id)
+        assert seen.last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        done = await rollouts.get(scheduled.id)
+        assert done.started_at.ToDatetime(tzinfo=UTC) >= when
+        assert {n.digest for n in sim.nodes} == {v1}
+
+
+async def test_pinned_nodes_are_skipped_and_reported(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 4)) as sim:
+        v1, v2 = await plane.upload(archive("v1")), await plane.upload(archive("v2"))
+        rollouts = Rollouts(plane.channel)
+        ids = sorted(n.node_id for n in sim.nodes)
+        await rollouts.stub.PinNode(
+            pb.PinNodeRequest(project="default", node_id=ids[0], digest=v1, reason="canary host")
+        )
+        created = await rollouts.create(v2, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(0.5))
+        assert "1 pinned node(s) skipped" in (await rollouts.events(created.id))[0].message
+        # Pinned during the rollout: skipped when its step comes.
+        await rollouts.stub.PinNode(
+            pb.PinNodeRequest(project="default", node_id=ids[3], digest=v1, reason="hold")
+        )
+        assert (await rollouts.watch(created.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        states = {n.node_id: n for n in await rollouts.nodes(created.id)}
+        assert states[ids[0]].state == pb.NODE_STATE_SKIPPED and "pinned" in states[ids[0]].error
+        assert states[ids[3]].state == pb.NODE_STATE_SKIPPED
+        by_id = {n.node_id: n for n in sim.nodes}
+        assert by_id[ids[0]].digest == by_id[ids[3]].digest == v1
+        assert by_id[ids[1]].digest == by_id[ids[2]].digest == v2
+        await rollouts.stub.UnpinNode(pb.UnpinNodeRequest(project="default", node_id=ids[0]))
+        await expect(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            rollouts.stub.UnpinNode(pb.UnpinNodeRequest(project="default", node_id=ids[0])),
+            "not pinned",
+        )
+
+
+async def test_revoked_and_invalid_bundles_cannot_be_rolled_out(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 2)):
+        v1 = await plane.upload(archive("v1"))
+        rollouts = Rollouts(plane.channel)
+        await plane.bundles.RevokeBundle(
+            bundle_pb2.RevokeBundleRequest(project="default", digest=v1, reason="leaked key")
+        )
+        await expect(grpc.StatusCode.FAILED_PRECONDITION, rollouts.create(v1), "revoked")
+        await expect(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            rollouts.stub.PinNode(
+                pb.PinNodeRequest(
+                    project="default", node_id=(await rollouts_any_node(plane)), digest=v1, reason="x"
+                )
+            ),
+            "revoked",
+        )
+        from tests.support.archives import bundle
+
+        broken = await plane.upload(bundle({"main.kdl": b"route / -> nowhere\n"}))
+        await expect(grpc.StatusCode.FAILED_PRECONDITION, rollouts.create(broken), "failed validation")
+
+
+async def rollouts_any_node(plane: Harness) -> str:
+    from controlplane.api.node.v1 import node_pb2
+
+    reply = await plane.nodes.ListNodes(node_pb2.ListNodesRequest(project="default"))
+    return str(reply.nodes[0].id)
+
+
+async def test_bad_input_names_the_field_and_writes_nothing(plane: Harness) -> None:
+    v1 = await plane.upload(archive("v1"))
+    rollouts = Rollouts(plane.channel)
+    stub, bad = rollouts.stub, grpc.StatusCode.INVALID_ARGUMENT
+
+    def create(**fields: Any) -> Any:
+        base: dict[str, Any] = {"project": "default", "bundle_digest": v1, "selector": "env=prod"}
+        return stub.CreateRollout(pb.CreateRolloutRequest(**{**base, **fields}))
+
+    await expect(bad, create(), "strategy")
+    await expect(bad, create(strategy=pb.STRATEGY_ROLLING), "rolling")
+    await expect(
+        bad,
+        create(strategy=pb.STRATEGY_ROLLING, rolling=pb.RollingParams(batch_percent=150)),
+        "rolling.batch_percent",
+    )
+    await expect(bad, create(strategy=pb.STRATEGY_ROLLING, canary=pb.CanaryParams()), "canary")
+    await expect(
+        bad,
+        create(strategy=pb.STRATEGY_CANARY, canary=pb.CanaryParams(steps_percent=[50, 20, 100])),
+        "canary.steps_percent",
+    )
+    await expect(
+        bad, create(strategy=pb.STRATEGY_CANARY, canary=pb.CanaryParams(steps_percent=[5, 50])), "last step"
+    )
+    await expect(bad, create(strategy=pb.STRATEGY_ALL_AT_ONCE, selector="env=pr od"), "selector")
+    await expect(bad, create(strategy=pb.STRATEGY_ALL_AT_ONCE, bundle_digest="sha256:nope"), "bundle_digest")
+    await expect(bad, create(strategy=pb.STRATEGY_ALL_AT_ONCE, bundle_version="v1"), "exactly one")
+    await expect(
+        bad, create(strategy=pb.STRATEGY_ALL_AT_ONCE, scheduled_at=at(-timedelta(minutes=1))), "scheduled_at"
+    )
+    await expect(
+        bad,
+        create(strategy=pb.STRATEGY_ALL_AT_ONCE, bake_time=seconds(60), progress_deadline=seconds(30)),
+        "progress_deadline",
+    )
+    await expect(
+        bad,
+        create(strategy=pb.STRATEGY_ALL_AT_ONCE, gates=pb.HealthGates(max_error_rate=2.0)),
+        "gates.max_error_rate",
+    )
+    await expect(bad, create(strategy=pb.STRATEGY_ALL_AT_ONCE, approvals_required=99), "approvals_required")
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        create(strategy=pb.STRATEGY_ALL_AT_ONCE, bundle_digest="sha256:" + "0" * 64),
+        "bundle_digest",
+    )
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION, create(strategy=pb.STRATEGY_ALL_AT_ONCE), "matches no node"
+    )
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        stub.PauseRollout(pb.PauseRolloutRequest(project="default", rollout_id="r-missing")),
+        "rollout_id",
+    )
+    await expect(
+        bad,
+        stub.CreateFreezeWindow(
+            pb.CreateFreezeWindowRequest(
+                project="default",
+                name="x",
+                starts_at=at(timedelta(hours=2)),
+                ends_at=at(timedelta(hours=1)),
+                reason="r",
+            )
+        ),
+        "ends_at",
+    )
+    listed = await stub.ListRollouts(pb.ListRolloutsRequest(project="default"))
+    assert list(listed.rollouts) == []
+    windows = await stub.ListFreezeWindows(pb.ListFreezeWindowsRequest(project="default", include_past=True))
+    assert list(windows.windows) == []

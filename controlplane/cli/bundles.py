@@ -2,20 +2,118 @@
 
 from __future__ import annotations
 
+import fnmatch
+import os
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
+import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
-from controlplane.cli.client import call, channel, project_option, server_option
+from controlplane.cli.client import call, channel, print_message, project_option, server_option
 
 UPLOAD_CHUNK = 1024 * 1024
+# Version control metadata is never configuration.
+DEFAULT_EXCLUDES = (".git", ".git/*", ".hg", ".hg/*", ".svn", ".svn/*")
+_STATES = {
+    "valid": bundle_pb2.BUNDLE_STATE_VALID,
+    "failed": bundle_pb2.BUNDLE_STATE_FAILED,
+    "revoked": bundle_pb2.BUNDLE_STATE_REVOKED,
+}
+_FORMATS = {
+    "kdl": bundle_pb2.CONFIG_FORMAT_KDL,
+    "json": bundle_pb2.CONFIG_FORMAT_JSON,
+    "yaml": bundle_pb2.CONFIG_FORMAT_YAML,
+    "zentinel": bundle_pb2.CONFIG_FORMAT_ZENTINEL,
+}
 
 
 @click.group()
 def bundle() -> None:
-    """Bundles."""
+    """Bundles: push, inspect, compare, revoke; the project's validators."""
+
+
+def _files(root: Path, excludes: tuple[str, ...]) -> Iterator[tuple[str, Path]]:
+    """Every file and symlink under `root`, as (relative path, path), sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in (*filenames, *(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
+            if not any(fnmatch.fnmatchcase(rel, p) for p in excludes):
+                found.append((rel, Path(dirpath) / name))
+        dirnames[:] = [d for d in dirnames if not any(fnmatch.fnmatchcase(d, p) for p in excludes)]
+    yield from sorted(found)
+
+
+def push_requests(
+    root: Path, project: str, version: str, excludes: tuple[str, ...]
+) -> Iterator[bundle_pb2.CreateBundleRequest]:
+    yield bundle_pb2.CreateBundleRequest(
+        header=bundle_pb2.CreateBundleHeader(project=project, version=version)
+    )
+    for rel, path in _files(root, excludes):
+        if path.is_symlink():
+            header = bundle_pb2.FileHeader(path=rel, symlink_target=os.readlink(path))
+            yield bundle_pb2.CreateBundleRequest(file=header)
+            continue
+        stat = path.stat()
+        header = bundle_pb2.FileHeader(
+            path=rel, size_bytes=stat.st_size, executable=bool(stat.st_mode & 0o111)
+        )
+        yield bundle_pb2.CreateBundleRequest(file=header)
+        with path.open("rb") as f:
+            while chunk := f.read(UPLOAD_CHUNK):
+                yield bundle_pb2.CreateBundleRequest(chunk=chunk)
+
+
+def summary(b: bundle_pb2.Bundle, created: bool) -> str:
+    state = bundle_pb2.BundleState.Name(b.state).removeprefix("BUNDLE_STATE_")
+    risk = bundle_pb2.RiskLevel.Name(b.risk.level).removeprefix("RISK_LEVEL_")
+    lines = [
+        f"{'created' if created else 'exists '} {b.digest}" + (f" ({b.version})" if b.version else ""),
+        f"  state      {state}" + (f": {b.state_reason.splitlines()[0][:200]}" if b.state_reason else ""),
+        f"  signed by  {b.key_id or '-'}",
+        f"  risk       {risk}" + (f" (against {b.risk.compared_with})" if b.risk.compared_with else ""),
+    ]
+    lines += [
+        f"    - [{bundle_pb2.RiskLevel.Name(f.level)[11:].lower()}] {f.reason}" for f in b.risk.findings
+    ]
+    lines.append(f"  files      {b.file_count}, {b.total_bytes} bytes; archive {b.size_bytes} bytes")
+    for v in b.validation:
+        lines.append(f"  {'ok  ' if v.ok else 'FAIL'}       {v.validator}")
+        if not v.ok:
+            lines += [f"             {line}" for line in v.output.splitlines()[:40]]
+    return "\n".join(lines)
+
+
+@bundle.command("push")
+@server_option
+@project_option
+@click.option("--version", "version_label", default="", help="Human label such as v1.4.2.")
+@click.option("--exclude", multiple=True, help="Glob of paths to leave out (repeatable; .git always).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole answer as JSON.")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def bundle_push(
+    server: str, project: str, version_label: str, exclude: tuple[str, ...], as_json: bool, directory: Path
+) -> None:
+    """Validate, pack, sign and store DIRECTORY as a bundle. Exits 1 if it fails validation."""
+    stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
+    try:
+        reply = stub.CreateBundle(
+            push_requests(directory, project, version_label, DEFAULT_EXCLUDES + exclude)
+        )
+    except grpc.RpcError as e:
+        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
+    if as_json:
+        print_message(reply)
+    else:
+        click.echo(summary(reply.bundle, reply.created))
+    if reply.bundle.state == bundle_pb2.BUNDLE_STATE_FAILED:
+        raise SystemExit(1)
 
 
 @bundle.command("upload")
@@ -24,7 +122,7 @@ def bundle() -> None:
 @click.option("--version", "version_label", default="", help="Human label such as v1.4.2.")
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def bundle_upload(server: str, project: str, version_label: str, archive: Path) -> None:
-    """Upload a ready-made .tar.zst archive."""
+    """Send a tar archive (plain, .tar.gz, .tar.zst) through the same pipeline as push."""
 
     def requests() -> Iterator[bundle_pb2.UploadBundleRequest]:
         header = bundle_pb2.UploadBundleHeader(project=project, version=version_label)
@@ -38,12 +136,149 @@ def bundle_upload(server: str, project: str, version_label: str, archive: Path) 
     call(lambda: stub.UploadBundle(requests()))
 
 
+@bundle.command("get")
+@server_option
+@project_option
+@click.argument("digest_or_version")
+def bundle_get(server: str, project: str, digest_or_version: str) -> None:
+    """One bundle, by digest (sha256:...) or version label."""
+    stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
+    request = (
+        bundle_pb2.GetBundleRequest(project=project, digest=digest_or_version)
+        if digest_or_version.startswith("sha256:")
+        else bundle_pb2.GetBundleRequest(project=project, version=digest_or_version)
+    )
+    call(lambda: stub.GetBundle(request))
+
+
 @bundle.command("list")
 @server_option
 @project_option
-def bundle_list(server: str, project: str) -> None:
+@click.option("--state", type=click.Choice(sorted(_STATES)), default=None)
+@click.option("--version-prefix", default="", help="Only versions starting with this.")
+@click.option("--page-size", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--page-token", default="")
+def bundle_list(
+    server: str, project: str, state: str | None, version_prefix: str, page_size: int, page_token: str
+) -> None:
+    """Bundles, newest first."""
     stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
-    call(lambda: stub.ListBundles(bundle_pb2.ListBundlesRequest(project=project, page_size=1000)))
+    request = bundle_pb2.ListBundlesRequest(
+        project=project,
+        page_size=page_size,
+        page_token=page_token,
+        state=_STATES[state] if state else bundle_pb2.BUNDLE_STATE_UNSPECIFIED,
+        version_prefix=version_prefix,
+    )
+    call(lambda: stub.ListBundles(request))
+
+
+@bundle.command("diff")
+@server_option
+@project_option
+@click.option("--context", "context_lines", type=click.IntRange(1, 50), default=3, show_default=True)
+@click.argument("from_digest")
+@click.argument("to_digest")
+def bundle_diff(server: str, project: str, context_lines: int, from_digest: str, to_digest: str) -> None:
+    """Files added, removed and changed from FROM to TO, with unified diffs and risk."""
+    stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
+    request = bundle_pb2.DiffBundlesRequest(
+        project=project, from_digest=from_digest, to_digest=to_digest, context_lines=context_lines
+    )
+    try:
+        reply = stub.DiffBundles(request)
+    except grpc.RpcError as e:
+        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
+    for change in reply.changes:
+        kind = bundle_pb2.FileChangeKind.Name(change.kind).removeprefix("FILE_CHANGE_KIND_").lower()
+        click.echo(f"{kind:8} {change.path}" + (" (binary)" if change.binary else ""))
+    for change in reply.changes:
+        if change.unified_diff:
+            click.echo(change.unified_diff, nl=False)
+    level = bundle_pb2.RiskLevel.Name(reply.risk.level).removeprefix("RISK_LEVEL_")
+    click.echo(f"risk: {level}")
+    for finding in reply.risk.findings:
+        click.echo(f"  - {finding.reason}")
+    if reply.truncated:
+        click.echo("(some diffs were left out: the answer reached its size limit)")
+
+
+@bundle.command("revoke")
+@server_option
+@project_option
+@click.option("--reason", required=True, help="Why; shown to operators and on nodes.")
+@click.argument("digest")
+def bundle_revoke(server: str, project: str, reason: str, digest: str) -> None:
+    """Withdraw a bundle: it can never be assigned again. Lists the nodes on it."""
+    stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
+    call(
+        lambda: stub.RevokeBundle(
+            bundle_pb2.RevokeBundleRequest(project=project, digest=digest, reason=reason)
+        )
+    )
+
+
+@bundle.command("revoked-nodes")
+@server_option
+@project_option
+def bundle_revoked_nodes(server: str, project: str) -> None:
+    """Nodes running, or assigned, a revoked bundle."""
+    stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
+    call(lambda: stub.ListRevokedBundleNodes(bundle_pb2.ListRevokedBundleNodesRequest(project=project)))
+
+
+@bundle.group("validation")
+def validation() -> None:
+    """The validators a project's bundles go through."""
+
+
+@validation.command("get")
+@server_option
+@project_option
+def validation_get(server: str, project: str) -> None:
+    stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
+    call(lambda: stub.GetValidationConfig(bundle_pb2.GetValidationConfigRequest(project=project)))
+
+
+def _parser(spec: str) -> bundle_pb2.ParserCheck:
+    fmt, _, paths = spec.partition(":")
+    if fmt not in _FORMATS:
+        raise click.BadParameter(
+            f"{spec!r}: format must be one of {', '.join(_FORMATS)}", param_hint="--parser"
+        )
+    return bundle_pb2.ParserCheck(format=_FORMATS[fmt], paths=[p for p in paths.split(",") if p])
+
+
+@validation.command("set")
+@server_option
+@project_option
+@click.option("--main", default="", help="The entry point, e.g. zentinel.kdl (the {main} placeholder).")
+@click.option(
+    "--parser", "parsers", multiple=True, help="FORMAT[:GLOB,...], e.g. zentinel or yaml:conf/*.yaml"
+)
+@click.option(
+    "--command", "commands", multiple=True, help="Command line, e.g. 'zentinel validate --config {main}'"
+)
+@click.option("--timeout", type=click.FloatRange(0.1, 600), default=30.0, show_default=True)
+def validation_set(
+    server: str, project: str, main: str, parsers: tuple[str, ...], commands: tuple[str, ...], timeout: float
+) -> None:
+    """Replace the project's validators (no --parser and no --command: none at all)."""
+    checks = []
+    for line in commands:
+        argv = shlex.split(line)
+        if not argv:
+            raise click.BadParameter("empty command", param_hint="--command")
+        duration = Duration()
+        duration.FromMilliseconds(int(timeout * 1000))
+        checks.append(bundle_pb2.CommandCheck(name=Path(argv[0]).name, argv=argv, timeout=duration))
+    config = bundle_pb2.ValidationConfig(main=main, parsers=[_parser(p) for p in parsers], commands=checks)
+    stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
+    call(
+        lambda: stub.SetValidationConfig(
+            bundle_pb2.SetValidationConfigRequest(project=project, config=config)
+        )
+    )
 
 
 def _target(selector: str | None, node_ids: tuple[str, ...]) -> bundle_pb2.Target:

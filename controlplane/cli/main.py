@@ -3,7 +3,7 @@ from __future__ import annotations
 import click
 
 from controlplane import __version__
-from controlplane.cli import bundles, db, nodes, projects, serve
+from controlplane.cli import bundles, db, nodes, projects, serve, signing_keys
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -19,6 +19,7 @@ cli.add_command(nodes.nodes)
 cli.add_command(bundles.bundle)
 cli.add_command(bundles.assign)
 cli.add_command(bundles.unassign)
+cli.add_command(signing_keys.signing_keys)
 
 
 def main() -> None:

@@ -6,10 +6,12 @@ import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import click
 
 from controlplane.bootstrap import App, agent_command
+from controlplane.cli.bundle_options import bundle_options, bundle_settings
 from controlplane.config import Settings
 from controlplane.watch.hub import HubSettings
 
@@ -165,6 +167,7 @@ def _run(settings: Settings) -> None:
 @click.option(
     "--log-level", default="INFO", show_default=True, envvar="CONTROLPLANE_LOG_LEVEL", show_envvar=True
 )
+@bundle_options
 def serve(
     data_dir: Path,
     listen: str,
@@ -180,6 +183,7 @@ def serve(
     epoch_follows_timeline: bool,
     audit_key: str,
     log_level: str,
+    **bundle: Any,
 ) -> None:
     """Run the control plane (SQLite and a local directory unless --database-url)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -198,5 +202,6 @@ def serve(
         prune_interval=timedelta(seconds=prune_interval),
         epoch_follows_timeline=epoch_follows_timeline,
         audit_key=audit_key,
+        **bundle_settings(bundle),
     )
     _run(settings)

@@ -1,0 +1,113 @@
+"""One driver per rollout, across replicas: two control planes on one database (both
+backends), the lease in the database, and its epoch fencing a stalled holder's writes."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from controlplane.domain.audit import acting_as, system
+from controlplane.domain.clock import utcnow
+from controlplane.domain.leases import LeaseLost, Leases
+from controlplane.domain.rollouts.controller import RolloutController
+from controlplane.domain.rollouts.driver import lease_name
+from tests.conftest import HarnessFactory
+from tests.support.harness import Harness
+from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running, seconds
+
+
+async def writes_per_step(rollouts: Rollouts, rollout_id: str) -> list[int]:
+    return [e.step for e in await rollouts.events(rollout_id) if e.kind == "write"]
+
+
+async def test_two_replicas_drive_each_rollout_once(make_harness: HarnessFactory) -> None:
+    a = await make_harness(**FAST)
+    b = await make_harness(**FAST)
+    async with running(fleet(a.address, a.token, 4)):
+        v1 = await a.upload(archive("v1"))
+        rollouts = Rollouts(b.channel)
+        created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(0.3))
+        leaders: set[str] = set()
+        while (await rollouts.get(created.id)).state not in (
+            pb.ROLLOUT_STATE_SUCCEEDED,
+            pb.ROLLOUT_STATE_ROLLED_BACK,
+        ):
+            holding = [h for h in (a, b) if created.id in h.app.driver.held]
+            assert len(holding) <= 1, "two replicas believe they lead the same rollout"
+            leaders.update(h.app.leases.holder for h in holding)
+            await asyncio.sleep(0.05)
+        assert (await rollouts.get(created.id)).state == pb.ROLLOUT_STATE_SUCCEEDED
+        assert len(leaders) == 1
+        assert await writes_per_step(rollouts, created.id) == [0, 1, 2, 3]
+
+
+async def test_a_replacement_replica_resumes_where_the_leader_stopped(make_harness: HarnessFactory) -> None:
+    a = await make_harness(**FAST)
+    b = await make_harness(**FAST)
+    async with running(fleet(a.address, a.token, 4)) as sim:
+        v1 = await a.upload(archive("v1"))
+        rollouts = Rollouts(a.channel)
+        created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(1))
+        while not (leader := next((h for h in (a, b) if created.id in h.app.driver.held), None)):
+            await asyncio.sleep(0.05)
+        while (await rollouts.get(created.id)).progress.current_step < 1:
+            await asyncio.sleep(0.05)
+        # The leader stops dead: no release, no renewal (its loop is gone).
+        task = leader.app.rollout_tasks._task
+        assert task is not None
+        task.cancel()
+        other = b if leader is a else a
+        seen = await Rollouts(other.channel).watch(created.id, timeout=60)
+        assert seen.last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        assert created.id not in leader.app.driver.held or not leader.app.leases.valid(
+            leader.app.driver.held[created.id]
+        )
+        assert await writes_per_step(rollouts, created.id) == [0, 1, 2, 3]
+        assert {n.digest for n in sim.nodes} == {v1}
+
+
+async def test_a_stalled_holders_late_writes_match_nothing(make_harness: HarnessFactory) -> None:
+    plane: Harness = await make_harness(**FAST)
+    app = plane.app
+    await app.rollout_tasks.stop()  # this test plays both replicas itself
+
+    def replica(holder: str) -> tuple[Leases, RolloutController]:
+        leases = Leases(app.store, utcnow, ttl=timedelta(seconds=1), holder=holder)
+        controller = RolloutController(
+            app.store, utcnow, app.hub, app.hub.wake, app.rollout_bus, stale_after=timedelta(seconds=3)
+        )
+        return leases, controller
+
+    (leases_a, ctrl_a), (leases_b, ctrl_b) = replica("replica-a"), replica("replica-b")
+    async with running(fleet(plane.address, plane.token, 2)) as sim:
+        v1 = await plane.upload(archive("v1"))
+        rollouts = Rollouts(plane.channel)
+        created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1))
+        name = lease_name(created.id)
+        with acting_as(system("test-driver")):
+            lease_a = await leases_a.acquire(name)
+            assert lease_a is not None and await leases_b.acquire(name) is None
+            await ctrl_a.advance(created.id, lease_a)  # start, write step 0
+            while sim.nodes[0].digest != v1 and sim.nodes[1].digest != v1:
+                await asyncio.sleep(0.05)
+            # A stalls past its lease; B takes over with a higher epoch.
+            await asyncio.sleep(1.2)
+            assert not leases_a.valid(lease_a)
+            lease_b = await leases_b.acquire(name)
+            assert lease_b is not None and lease_b.epoch == lease_a.epoch + 1
+            # A wakes up and acts on what it saw: its write is refused, nothing lands.
+            while True:
+                try:
+                    changed = await ctrl_a.advance(created.id, lease_a)
+                except LeaseLost:
+                    break
+                assert not changed, "a stale holder's write landed"
+                await asyncio.sleep(0.1)
+            assert (await rollouts.get(created.id)).steps[1].revision == 0
+            # B carries on and finishes.
+            while (await rollouts.get(created.id)).state != pb.ROLLOUT_STATE_SUCCEEDED:
+                await ctrl_b.advance(created.id, lease_b)
+                await asyncio.sleep(0.1)
+        assert await writes_per_step(rollouts, created.id) == [0, 1]

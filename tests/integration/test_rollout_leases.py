@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-import pytest
-
 from controlplane.domain.audit import acting_as, system
 from controlplane.domain.clock import utcnow
 from controlplane.domain.leases import LeaseLost, Leases
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.driver import lease_name
 from tests.conftest import HarnessFactory
+from tests.support.eventually import eventually
 from tests.support.harness import Harness
 from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running, seconds
 
@@ -50,10 +49,17 @@ async def test_a_replacement_replica_resumes_where_the_leader_stopped(make_harne
         v1 = await a.upload(archive("v1"))
         rollouts = Rollouts(a.channel)
         created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(1))
-        while not (leader := next((h for h in (a, b) if created.id in h.app.driver.held), None)):
-            await asyncio.sleep(0.05)
-        while (await rollouts.get(created.id)).progress.current_step < 1:
-            await asyncio.sleep(0.05)
+
+        async def led() -> Harness:
+            holders = [h for h in (a, b) if created.id in h.app.driver.held]
+            assert holders, "nobody leads yet"
+            return holders[0]
+
+        async def second_step() -> None:
+            assert (await rollouts.get(created.id)).progress.current_step >= 1
+
+        leader = await eventually(led, what="a leader")
+        await eventually(second_step, what="step 1 written")
         # The leader stops dead: no release, no renewal (its loop is gone).
         task = leader.app.rollout_tasks._task
         assert task is not None
@@ -90,8 +96,11 @@ async def test_a_stalled_holders_late_writes_match_nothing(make_harness: Harness
             lease_a = await leases_a.acquire(name)
             assert lease_a is not None and await leases_b.acquire(name) is None
             await ctrl_a.advance(created.id, lease_a)  # start, write step 0
-            while sim.nodes[0].digest != v1 and sim.nodes[1].digest != v1:
-                await asyncio.sleep(0.05)
+
+            async def applied() -> None:
+                assert v1 in {n.digest for n in sim.nodes}
+
+            await eventually(applied, what="step 0 applied")
             # A stalls past its lease; B takes over with a higher epoch.
             await asyncio.sleep(1.2)
             assert not leases_a.valid(lease_a)

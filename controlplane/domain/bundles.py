@@ -29,11 +29,17 @@ from controlplane.archives.limits import ArchiveLimits, InvalidArchive
 from controlplane.archives.manifest import Manifest, scan
 from controlplane.archives.pack import Packed, pack
 from controlplane.archives.tree import TreeBuilder
-from controlplane.blobs.base import BlobStore
+from controlplane.blobs.base import BlobMissing, BlobStore
 from controlplane.domain import validation, validators
 from controlplane.domain.bundle_intake import Part, receive_files, receive_tar
 from controlplane.domain.bundle_records import Bundle, BundleState, RiskAssessment, ValidationResult
-from controlplane.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from controlplane.domain.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from controlplane.domain.risk import Facts, assess
 from controlplane.domain.signing import Signer
 
@@ -43,6 +49,12 @@ if TYPE_CHECKING:
 
 # Packing and validating use a core each; more at once would only slow all of them.
 PIPELINE_SLOTS = 2
+# Downloads streaming at once: each holds about 2 MiB of transport buffers whatever the
+# bundle's size (bench/bundles.py), so 32 keep them under ~70 MiB; more would not be
+# faster on two cores. Others wait for a slot, then are told to retry: 30 s stays under
+# the agent's 45 s liveness timeout for a silent download.
+MAX_DOWNLOADS = 32
+DOWNLOAD_WAIT = 30.0
 # What of the first failing validator's output becomes the bundle's state reason.
 REASON_CHARS = 2000
 
@@ -100,6 +112,8 @@ class BundleRegistry:
     max_bundle_bytes: int = 256 * 1024 * 1024
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)
     _slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PIPELINE_SLOTS))
+    download_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_DOWNLOADS))
+    download_wait: float = DOWNLOAD_WAIT
 
     # -- create ------------------------------------------------------------------------
 
@@ -295,7 +309,26 @@ class BundleRegistry:
             raise FailedPrecondition(f"bundle {digest} {verb}: {bundle.state_reason[:500]}", field="digest")
         if bundle.purged_at is not None:
             raise NotFound(f"bundle {digest}'s archive was garbage-collected", field="digest")
-        return bundle, self.blobs.read(digest)
+        return bundle, self._stream(digest)
+
+    async def _stream(self, digest: str) -> AsyncIterator[bytes]:
+        """The blob's chunks, holding one of the download slots while they flow."""
+        try:
+            async with asyncio.timeout(self.download_wait):
+                await self.download_slots.acquire()
+        except TimeoutError:
+            raise ResourceExhausted(
+                f"{MAX_DOWNLOADS} downloads are streaming from this server; retry", retry_after_ms=2000
+            ) from None
+        try:
+            async for chunk in self.blobs.read(digest):
+                yield chunk
+        except BlobMissing:
+            raise NotFound(
+                f"bundle {digest}'s archive is missing from the blob store", field="digest"
+            ) from None
+        finally:
+            self.download_slots.release()
 
 
 def _record(

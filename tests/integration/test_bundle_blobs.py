@@ -7,13 +7,17 @@ import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.blobs.base import BlobMissing, BlobStore
 from controlplane.blobs.local import LocalBlobStore
 from controlplane.blobs.s3 import PART_BYTES, S3BlobStore, S3Settings
-from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, moto_s3, new_bucket
+from tests.support.bundles import create
+from tests.support.harness import Harness
+from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint, moto_s3, new_bucket
 
 __all__ = ["moto_s3"]
 
@@ -120,3 +124,32 @@ def test_s3_urls() -> None:
         S3Settings.from_url("s3:///x")
     with pytest.raises(ValueError, match="s3://"):
         S3Settings.from_url("https://bucket")
+
+
+async def test_nodes_download_through_the_control_plane_from_s3(
+    make_harness: Any, moto_s3: S3Endpoint, tmp_path: Path
+) -> None:
+    """With S3 behind it, the server streams archives to nodes itself; nothing is on disk."""
+    endpoint = await new_bucket(moto_s3)
+    harness: Harness = await make_harness(
+        blob_store=f"s3://{endpoint.bucket}/bundles",
+        s3_endpoint_url=endpoint.url,
+        s3_region=REGION,
+        s3_access_key_id=ACCESS_KEY,
+        s3_secret_access_key=SECRET_KEY,
+    )
+    files = {"main.kdl": b"a 1\n", "data.bin": os.urandom(3 * 1024 * 1024)}
+    bundle = (await create(harness.bundles, files)).bundle
+    node = await harness.register("edge-1")
+    received = hashlib.sha256()
+    size = 0
+    async for message in harness.bundles.DownloadBundle(
+        bpb.DownloadBundleRequest(project="default", digest=bundle.digest), metadata=node.metadata
+    ):
+        assert len(message.chunk) <= 256 * 1024
+        received.update(message.chunk)
+        size += len(message.chunk)
+    assert size == bundle.size_bytes and "sha256:" + received.hexdigest() == bundle.digest
+    assert [d async for d, _ in harness.app.blobs.list()] == [bundle.digest]
+    local = harness.app.settings.data_dir / "blobs"
+    assert not local.exists() or not any(p.is_file() for p in local.rglob("*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Awaitable
 from typing import Any
@@ -364,3 +365,31 @@ async def test_too_many_files_are_refused(harness: Harness) -> None:
     files = {f"routes/r{i}.kdl": b"r 1\n" for i in range(51)}
     await expect(grpc.StatusCode.INVALID_ARGUMENT, create(harness.bundles, files), "more than 50 members")
     assert await count(harness) == 0
+
+
+async def test_downloads_beyond_the_slots_are_told_to_retry(harness: Harness) -> None:
+    import asyncio
+
+    # Incompressible and larger than what the transport buffers: the stream stays open.
+    data = {"main.kdl": b"a 1\n", "blob.bin": os.urandom(24 * 1024 * 1024)}
+    digest = (await create(harness.bundles, data)).bundle.digest
+    registry = harness.app.bundles
+    registry.download_slots = asyncio.Semaphore(1)
+    registry.download_wait = 0.2
+    request = bpb.DownloadBundleRequest(project="default", digest=digest)
+    holding = harness.bundles.DownloadBundle(request)
+    await holding.read()  # streaming: it holds the only slot
+    refused = harness.bundles.DownloadBundle(request)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await refused.read()
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in str(e.value.details())
+    assert any(k == "retry-after-ms" for k, _ in e.value.trailing_metadata() or ())
+    holding.cancel()  # a node that goes away gives its slot back
+
+    async def slot_free() -> None:
+        chunks = [m.chunk async for m in harness.bundles.DownloadBundle(request)]
+        assert sum(len(c) for c in chunks) > 0
+
+    from tests.support.eventually import eventually
+
+    await eventually(slot_free, what="the slot of the cancelled download returned")

@@ -180,8 +180,9 @@ def test_sbom_lists_files_and_what_the_config_declares(tmp_path: Path) -> None:
     services = {s["name"]: s for s in sbom["services"]}
     assert services["listener:https"]["endpoints"] == ["0.0.0.0:443"]
     assert services["upstream:backend"]["endpoints"] == ["10.0.0.1:8080", "10.0.0.2:8080"]
-    route = {p["name"]: p["value"] for p in services["route:api"]["properties"]}
-    assert route["controlplane:upstream"] == "backend"
+    upstream = {p["name"]: p["value"] for p in services["upstream:backend"]["properties"]}
+    assert upstream["controlplane:route"] == "api"
+    assert len(sbom["dependencies"]) == len(files) + len(services)
     assert sbom["serialNumber"].startswith("urn:uuid:")
 
 

@@ -12,6 +12,7 @@ import click
 
 from controlplane.bootstrap import App, agent_command
 from controlplane.cli.bundle_options import bundle_options, bundle_settings
+from controlplane.cli.rollout_options import rollout_options, rollout_settings
 from controlplane.config import Settings
 from controlplane.watch.hub import HubSettings
 
@@ -168,6 +169,7 @@ def _run(settings: Settings) -> None:
     "--log-level", default="INFO", show_default=True, envvar="CONTROLPLANE_LOG_LEVEL", show_envvar=True
 )
 @bundle_options
+@rollout_options
 def serve(
     data_dir: Path,
     listen: str,
@@ -203,5 +205,6 @@ def serve(
         epoch_follows_timeline=epoch_follows_timeline,
         audit_key=audit_key,
         **bundle_settings(bundle),
+        **rollout_settings(bundle),
     )
     _run(settings)

@@ -95,9 +95,11 @@ class Watched:
 
 
 class Rollouts:
-    def __init__(self, channel: grpc.aio.Channel, project: str = "default"):
-        self.stub = rollout_pb2_grpc.RolloutServiceStub(channel)
-        self.drift = drift_pb2_grpc.DriftServiceStub(channel)
+    def __init__(
+        self, channel: grpc.aio.Channel, project: str = "default", metadata: Sequence[tuple[str, str]] = ()
+    ):
+        self.stub = rollout_pb2_grpc.RolloutServiceStub(_Authorized(channel, tuple(metadata)))
+        self.drift = drift_pb2_grpc.DriftServiceStub(_Authorized(channel, tuple(metadata)))
         self.project = project
 
     async def create(self, digest: str, selector: str = "env=prod", **fields: Any) -> pb.Rollout:
@@ -177,6 +179,30 @@ class Rollouts:
                     f"{pb.RolloutState.Name(pb.RolloutState.ValueType(state))}: {rollout.reason}"
                 )
             await asyncio.sleep(0.1)
+
+
+class _Authorized:
+    """A channel whose calls carry `metadata` (an operator's API key) unless given their own."""
+
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]):
+        self._channel = channel
+        self._metadata = metadata
+
+    def __getattr__(self, name: str) -> Any:
+        inner = getattr(self._channel, name)
+        if not self._metadata or name not in ("unary_unary", "unary_stream"):
+            return inner
+
+        def multicallable(*args: Any, **kwargs: Any) -> Any:
+            method = inner(*args, **kwargs)
+
+            def invoke(request: Any, **call_kwargs: Any) -> Any:
+                call_kwargs.setdefault("metadata", self._metadata)
+                return method(request, **call_kwargs)
+
+            return invoke
+
+        return multicallable
 
 
 def bad(error_rate: float = 0.3, p99: float = 900.0) -> MetricsProfile:

@@ -17,7 +17,7 @@ def load(path: Path) -> list[tuple[list[str], int]]:
     stacks = []
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if stack:
+        if stack and count.isdigit():  # py-spy may append a note of its own
             stacks.append((stack.split(";"), int(count)))
     return stacks
 

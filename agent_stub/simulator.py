@@ -135,7 +135,8 @@ class FleetConfig:
 
 @dataclass
 class Observed:
-    """What the watch told a node, and when (monotonic seconds)."""
+    """What the watch told a node, and when (wall clock, seconds since the epoch, so it
+    compares with the server's timestamps on the same machine)."""
 
     digest: str
     traffic_weight: int
@@ -155,7 +156,7 @@ class SimNode:
         self.applies = 0
         self.failures = 0
         self.applying = False
-        # digest -> (desired state received, apply finished), monotonic seconds.
+        # digest -> (desired state received, apply finished), wall clock seconds.
         self.timings: dict[str, tuple[float, float]] = {}
         self.observed: list[Observed] = []
         # Bundles (digest prefixes) this node alone rejects.
@@ -199,7 +200,7 @@ class SimNode:
                 raise ApplyFailed(f"simulated: reload of {target.digest} failed on {self.name}")
             self.digest = target.digest
             self.applies += 1
-            self.timings[target.digest] = (received, time.monotonic())
+            self.timings[target.digest] = (received, time.time())
         finally:
             self.applying = False
 
@@ -207,7 +208,7 @@ class SimNode:
         for seen in reversed(self.observed):
             if seen.digest == digest:
                 return seen.at
-        return time.monotonic()
+        return time.time()
 
     async def _fetch(self, digest: str) -> None:
         assert self.agent is not None
@@ -348,7 +349,7 @@ class FleetSimulator:
             node = self._by_node_id.get(node_id)
         if node is not None:
             node.observed.append(
-                Observed(desired.digest, desired.traffic_weight, desired.revision, time.monotonic())
+                Observed(desired.digest, desired.traffic_weight, desired.revision, time.time())
             )
 
     # -- looking at it -----------------------------------------------------------------

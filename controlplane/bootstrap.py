@@ -24,9 +24,13 @@ from controlplane.domain.bundles import BundleRegistry
 from controlplane.domain.clock import utcnow
 from controlplane.domain.drift import DriftDetector
 from controlplane.domain.leases import Leases
-from controlplane.domain.nodes import NodeRegistry
 from controlplane.domain.projects import DEFAULT_PROJECT, ProjectDirectory
 from controlplane.domain.records import Node, StatusReport
+from controlplane.domain.rollouts.bus import RolloutBus
+from controlplane.domain.rollouts.controller import RolloutController
+from controlplane.domain.rollouts.directory import RolloutDirectory
+from controlplane.domain.rollouts.driver import RolloutDriver
+from controlplane.domain.rollouts.wakeup import ReportingNodeRegistry
 from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.directory import RolloutDirectory
@@ -90,7 +94,7 @@ class App:
         await self.hub.start()
 
         self.projects = ProjectDirectory(self.store, utcnow)
-        self.nodes = NodeRegistry(
+        self.nodes = ReportingNodeRegistry(
             self.store,
             utcnow,
             view=self.hub,
@@ -239,6 +243,36 @@ class App:
         )
         self.driver = RolloutDriver(self.rollouts, self.leases, s.rollout_tick.total_seconds(), record_pass)
         self.rollouts.wake = self.rollout_directory.wake = self.driver.wake
+        self.drift = DriftDetector(self.store, utcnow, self.hub, self.hub.wake, grace=s.drift_grace)
+        self.rollout_tasks = RolloutTasks(
+            self.driver,
+            self.store,
+            self.rollout_bus,
+            self.drift,
+            self.leases,
+            s.drift_interval.total_seconds(),
+        )
+
+    def _on_nack(self, node: Node, report: StatusReport) -> None:
+        _count_nack(node, report)
+        # A NACK can decide a rollout step (its failure budget): let the driver look now.
+        self.driver.wake()
+
+    def _build_rollouts(self) -> None:
+        s = self.settings
+        self.rollout_bus = RolloutBus()
+        self.leases = Leases(self.store, utcnow, ttl=s.lease_ttl)
+        # Gates call a heartbeat stale once the node would be marked offline.
+        self.rollouts = RolloutController(
+            self.store, utcnow, self.hub, self.hub.wake, self.rollout_bus, stale_after=s.offline_after
+        )
+        self.rollout_directory = RolloutDirectory(
+            self.store, utcnow, self.hub, self.hub.wake, self.rollout_bus
+        )
+        self.driver = RolloutDriver(self.rollouts, self.leases, s.rollout_tick.total_seconds(), record_pass)
+        self.rollouts.wake = self.rollout_directory.wake = self.driver.wake
+        # A step completes as soon as its nodes report, not on the next tick.
+        self.nodes.after_report = self.driver.wake
         self.drift = DriftDetector(self.store, utcnow, self.hub, self.hub.wake, grace=s.drift_grace)
         self.rollout_tasks = RolloutTasks(
             self.driver,

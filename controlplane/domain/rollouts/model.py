@@ -116,6 +116,19 @@ class Gates:
     max_cpu_percent: float | None = None
     max_memory_percent: float | None = None
 
+    @property
+    def none(self) -> bool:
+        """No gate at all: a step is done once its nodes are ACTIVE (plus the bake)."""
+        return not self.require_healthy and all(
+            v is None
+            for v in (
+                self.max_error_rate,
+                self.max_p99_latency_ms,
+                self.max_cpu_percent,
+                self.max_memory_percent,
+            )
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "require_healthy": self.require_healthy,

@@ -31,10 +31,6 @@ from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.directory import RolloutDirectory
 from controlplane.domain.rollouts.driver import RolloutDriver
 from controlplane.domain.rollouts.wakeup import ReportingNodeRegistry
-from controlplane.domain.rollouts.bus import RolloutBus
-from controlplane.domain.rollouts.controller import RolloutController
-from controlplane.domain.rollouts.directory import RolloutDirectory
-from controlplane.domain.rollouts.driver import RolloutDriver
 from controlplane.domain.signing import Signer, parse_seed
 from controlplane.domain.signing_keys import KeyDirectory
 from controlplane.keyfiles import load_or_create_hex, write_private
@@ -229,34 +225,6 @@ class App:
         host, _, port = listen.rpartition(":")
         self._metrics_server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
         return int(self._metrics_server.server_port)
-
-    def _build_rollouts(self) -> None:
-        s = self.settings
-        self.rollout_bus = RolloutBus()
-        self.leases = Leases(self.store, utcnow, ttl=s.lease_ttl)
-        # Gates call a heartbeat stale once the node would be marked offline.
-        self.rollouts = RolloutController(
-            self.store, utcnow, self.hub, self.hub.wake, self.rollout_bus, stale_after=s.offline_after
-        )
-        self.rollout_directory = RolloutDirectory(
-            self.store, utcnow, self.hub, self.hub.wake, self.rollout_bus
-        )
-        self.driver = RolloutDriver(self.rollouts, self.leases, s.rollout_tick.total_seconds(), record_pass)
-        self.rollouts.wake = self.rollout_directory.wake = self.driver.wake
-        self.drift = DriftDetector(self.store, utcnow, self.hub, self.hub.wake, grace=s.drift_grace)
-        self.rollout_tasks = RolloutTasks(
-            self.driver,
-            self.store,
-            self.rollout_bus,
-            self.drift,
-            self.leases,
-            s.drift_interval.total_seconds(),
-        )
-
-    def _on_nack(self, node: Node, report: StatusReport) -> None:
-        _count_nack(node, report)
-        # A NACK can decide a rollout step (its failure budget): let the driver look now.
-        self.driver.wake()
 
     def _build_rollouts(self) -> None:
         s = self.settings

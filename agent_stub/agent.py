@@ -27,7 +27,7 @@ from agent_stub.heartbeat import Heartbeater, MetricsSource
 from agent_stub.identity import Registrar
 from agent_stub.logs import EventLog, Listener
 from agent_stub.reporter import Reporter
-from agent_stub.rpc import bearer, open_channel
+from agent_stub.rpc import open_channel
 from agent_stub.state import Cursor, FileStateStore, StateStore
 from agent_stub.verify import BundleVerifier, KeyRing, load_trusted_keys
 from agent_stub.watcher import Watcher
@@ -48,7 +48,7 @@ class Agent:
     ):
         self.config = config
         self._owns_channel = channel is None
-        self.channel = channel if channel is not None else open_channel(config.server)
+        self.channel = channel if channel is not None else open_channel(config.server, config.tls)
         if (state is None or installer is None) and config.state_dir is None:
             raise ValueError("a state_dir is needed unless both state and installer are given")
         self.log = EventLog(logger or logging.getLogger("agent_stub"), {"node": None})
@@ -112,8 +112,7 @@ class Agent:
         return identity.node_id if identity is not None else ""
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        identity = self.registrar.identity
-        return bearer(identity.credential) if identity is not None else ()
+        return self.registrar.metadata()
 
     @property
     def cursor(self) -> Cursor:

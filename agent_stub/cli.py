@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agent_stub import __version__
 from agent_stub.backoff import BackoffPolicy
-from agent_stub.config import MIB, AgentConfig
+from agent_stub.config import MIB, AgentConfig, TlsFiles
 from agent_stub.state import CorruptState
 from agent_stub.unpack import UnpackLimits
 
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--backoff-base", type=positive_float, default=BackoffPolicy.base, help="seconds")
     p.add_argument("--backoff-cap", type=positive_float, default=BackoffPolicy.cap, help="seconds")
+    p.add_argument("--tls-ca", type=Path, help="CA of the server certificate; enables TLS")
+    p.add_argument("--tls-cert", type=Path, help="this node's client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, help="the key of --tls-cert")
+    p.add_argument("--tls-server-name", default="", help="name expected in the server certificate")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--version", action="version", version=f"agent-stub {__version__}")
     return p
@@ -101,6 +105,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
             max_file_bytes=args.max_file_bytes,
         ),
         backoff=BackoffPolicy(base=args.backoff_base, cap=max(args.backoff_cap, args.backoff_base)),
+        tls=TlsFiles(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) if args.tls_ca else None,
         trusted_keys=args.trusted_keys,
     )
 

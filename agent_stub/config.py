@@ -14,6 +14,18 @@ MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """TLS to the control plane: the CA that signed the server's certificate, and for
+    mutual TLS the node's own certificate and key."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    # Expected name in the server certificate when it differs from the --server host.
+    server_name: str = ""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     # host:port of the control plane.
     server: str
@@ -48,4 +60,6 @@ class AgentConfig:
     # fsync state, downloads and unpacked files; simulators with throwaway dirs may skip it.
     fsync: bool = True
     agent_version: str = f"agent-stub/{__version__}"
+    # None: plaintext.
+    tls: TlsFiles | None = None
     hostname: str = field(default_factory=socket.gethostname)

@@ -7,6 +7,8 @@ from typing import Any
 
 import grpc
 
+from agent_stub.config import TlsFiles
+
 # Keepalive pings every 60 s keep NAT and load-balancer paths warm; the server accepts
 # pings down to 20 s, so this never earns a GOAWAY. Permit them without calls so an
 # agent waiting out a backoff still notices a dead connection.
@@ -30,9 +32,20 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
-def open_channel(target: str) -> Any:
-    """An insecure `grpc.aio.Channel` to the control plane, with the agent's options."""
-    return grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+def open_channel(target: str, tls: TlsFiles | None = None) -> Any:
+    """A `grpc.aio.Channel` to the control plane with the agent's options: TLS when `tls`
+    names a CA (and a client certificate, for mutual TLS), else plaintext."""
+    if tls is None or tls.ca is None:
+        return grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes(),
+        private_key=tls.key.read_bytes() if tls.key is not None else None,
+        certificate_chain=tls.cert.read_bytes() if tls.cert is not None else None,
+    )
+    options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 def bearer(credential: str) -> tuple[tuple[str, str], ...]:

@@ -97,7 +97,7 @@ class Watcher:
         self.registered.set()
         self.handler.adopt(identity.node_id)
         self.log.set(node=identity.node_id)
-        return await self._stream(identity.node_id, identity.credential)
+        return await self._stream(identity.node_id, self.registrar.bearer())
 
     async def _stream(self, node_id: str, credential: str) -> float:
         cursor = self.handler.cursor

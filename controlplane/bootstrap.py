@@ -7,6 +7,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -16,14 +17,28 @@ from controlplane.blobs.local import LocalBlobStore
 from controlplane.blobs.s3 import S3BlobStore, S3Settings
 from controlplane.config import Settings
 from controlplane.domain import retention
+from controlplane.domain.apikeys import ApiKeyRegistry
 from controlplane.domain.assignments import DesiredStateWriter
 from controlplane.domain.audit import acting_as, system
+from controlplane.domain.audit_trail import AuditTrail
 from controlplane.domain.bundle_gc import BlobCollector
 from controlplane.domain.bundle_lifecycle import BundleLifecycle
 from controlplane.domain.bundles import BundleRegistry
 from controlplane.domain.clock import utcnow
 from controlplane.domain.drift import DriftDetector
+from controlplane.domain.enrollment import EnrollmentTokens
+from controlplane.domain.errors import NotFound
 from controlplane.domain.leases import Leases
+from controlplane.domain.node_identity import NodeCredentials, load_revocations
+from controlplane.domain.node_tokens import (
+    NodeRevocations,
+    NodeTokens,
+    RevocationTap,
+    TokenKeyring,
+    generate_private_pem,
+    load_private,
+    load_public,
+)
 from controlplane.domain.projects import DEFAULT_PROJECT, ProjectDirectory
 from controlplane.domain.records import Node, StatusReport
 from controlplane.domain.rollouts.bus import RolloutBus
@@ -34,12 +49,16 @@ from controlplane.domain.rollouts.wakeup import ReportingNodeRegistry
 from controlplane.domain.signing import Signer, parse_seed
 from controlplane.domain.signing_keys import KeyDirectory
 from controlplane.keyfiles import load_or_create_hex, write_private
-from controlplane.rpc.auth import NodeAuthenticator
+from controlplane.rpc.audit import AuditServicer
+from controlplane.rpc.authn import Authenticator
 from controlplane.rpc.bundles import BundleServicer
+from controlplane.rpc.identity import IdentityServicer
 from controlplane.rpc.interceptor import GuardInterceptor
 from controlplane.rpc.nodes import NodeServicer
 from controlplane.rpc.projects import ProjectServicer
+from controlplane.rpc.ratelimit import RateLimiter
 from controlplane.rpc.rollouts import DriftServicer, RolloutServicer
+from controlplane.rpc.scope import CachedResolver, ScopeFinder
 from controlplane.rpc.server import GrpcServer
 from controlplane.rpc.signing import SigningKeyServicer
 from controlplane.rpc.watch import WatchServicer
@@ -57,6 +76,8 @@ log = logging.getLogger(__name__)
 
 TOKEN_FILE = "enrollment-token"
 AUDIT_KEY_FILE = "audit-key"
+ADMIN_KEY_FILE = "admin-key"
+TOKEN_KEY_FILE = "token-signing-key.pem"
 SIGNING_KEY_FILE = "signing-key"
 
 
@@ -66,6 +87,8 @@ class StartInfo:
     metrics_port: int
     enrollment_token: str | None
     token_created: bool
+    # The first-start global admin API key, only on the start that created it.
+    admin_key: str | None = None
 
 
 class App:
@@ -84,10 +107,14 @@ class App:
         gc.set_threshold(50_000, 50, 1000)
         self.engine = make_engine(s.url)
         await upgrade(self.engine)
-        self.store = SqlStore(self.engine, self._audit_key())
+        audit_key = self._audit_key()
+        self.store = SqlStore(self.engine, audit_key)
         self.feed = SqlChangeFeed(self.engine, s.epoch_follows_timeline)
-        self.hub = WatchHub(self.feed, s.hub)
+        # The hub's one read of the log also feeds node token revocation.
+        self.revocations = NodeRevocations()
+        self.hub = WatchHub(RevocationTap(self.feed, self.revocations), s.hub)
         await self.hub.start()
+        self.revocations.merge(await load_revocations(self.store))
 
         self.projects = ProjectDirectory(self.store, utcnow)
         self.nodes = ReportingNodeRegistry(
@@ -120,23 +147,34 @@ class App:
         self.blob_collector = BlobCollector(self.store, self.blobs, utcnow, s.bundle_retention)
         self._build_rollouts()
         token, created = await self._enrollment_token()
+        self.api_keys = ApiKeyRegistry(self.store, utcnow)
+        admin_key = await self._admin_key()
+        self.enrollment = EnrollmentTokens(self.store, utcnow)
+        self.credentials = NodeCredentials(self.store, utcnow, self.hub, self.hub.wake)
+        self.tokens = NodeTokens(self._token_keyring(), self.revocations, s.node_token_ttl)
+        self.authenticator = Authenticator(self.api_keys, self.tokens, self.credentials)
+        scopes = ScopeFinder({"node_id": CachedResolver(self._node_project), "key_id": self._key_projects})
+        self.limiter = RateLimiter(s.rate_limits)
         with acting_as(system("signing-keys")):
             await self.signing_keys.register()
             await self.signing_keys.sign_unsigned()
 
-        authenticator = NodeAuthenticator(self.nodes)
         self.grpc = GrpcServer(
-            GuardInterceptor(authenticator),
-            NodeServicer(self.nodes, authenticator),
+            GuardInterceptor(self.authenticator, scopes, self.limiter),
+            NodeServicer(self.nodes),
             WatchServicer(self.hub, self.feed),
             BundleServicer(self.bundles, self.lifecycle, self.writer),
             ProjectServicer(self.projects),
             max_pending=s.max_pending_requests,
+            identity=IdentityServicer(
+                self.api_keys, self.enrollment, self.credentials, self.tokens, self.authenticator
+            ),
+            audit=AuditServicer(AuditTrail(self.store, audit_key)),
             signing=SigningKeyServicer(self.signing_keys),
             rollouts=RolloutServicer(self.rollout_directory, self.rollouts, self.rollout_bus),
             drift=DriftServicer(self.drift),
         )
-        port = self.grpc.bind(s.listen)
+        port = self.grpc.bind(s.listen, s.tls_cert, s.tls_key, s.tls_client_ca)
         metrics_port = self._start_metrics()
         if not s.embedded:
             self._listener = PgListener(s.url, self.hub.wake)
@@ -154,7 +192,7 @@ class App:
             job.start()
         self.rollout_tasks.start()
         await self.grpc.start()
-        return StartInfo(port, metrics_port, token, created)
+        return StartInfo(port, metrics_port, token, created, admin_key)
 
     async def stop(self) -> None:
         """Health NOT_SERVING first, then streams end with a closing bookmark, then the
@@ -204,6 +242,48 @@ class App:
                 s.data_dir / SIGNING_KEY_FILE,
             )
         return Signer.from_seed(seed)
+
+    async def _admin_key(self) -> str | None:
+        """On a store that never had an API key, make a global admin key, keep it in the
+        data directory (readable only by the owner) and return it to be printed once."""
+        with acting_as(system("first-start")):
+            new = await self.api_keys.bootstrap()
+        if new is None:
+            return None
+        write_private(self.settings.data_dir / ADMIN_KEY_FILE, new.secret.encode() + b"\n")
+        return new.secret
+
+    def _token_keyring(self) -> TokenKeyring:
+        """The node token keys: configured (a file or the PEM itself), else a key made in
+        the data directory on first start."""
+        s = self.settings
+        if s.token_signing_key:
+            pem, source = _pem(s.token_signing_key)
+        else:
+            path = s.data_dir / TOKEN_KEY_FILE
+            if not path.exists():
+                write_private(path, generate_private_pem())
+                if not s.embedded:
+                    log.warning(
+                        "generated a node token signing key in %s: every replica must use the same "
+                        "key (set CONTROLPLANE_TOKEN_SIGNING_KEY)",
+                        path,
+                    )
+            pem, source = path.read_bytes(), str(path)
+        verifying = [load_public(*_pem(item)) for item in s.token_verify_keys]
+        return TokenKeyring(load_private(pem, source), verifying)
+
+    async def _node_project(self, node_id: str) -> list[str] | None:
+        try:
+            return [(await self.nodes.get(node_id)).project]
+        except NotFound:
+            return None
+
+    async def _key_projects(self, key_id: str) -> tuple[str, ...] | None:
+        try:
+            return (await self.api_keys.get(key_id)).projects()
+        except NotFound:
+            return None
 
     async def _enrollment_token(self) -> tuple[str | None, bool]:
         """On a fresh store, create the default project and keep its token in the data
@@ -288,6 +368,13 @@ async def _blob_store(s: Settings) -> BlobStore:
     )
     await store.start()
     return store
+
+
+def _pem(value: str) -> tuple[bytes, str]:
+    """A PEM given inline (an environment variable) or as a file path."""
+    if value.lstrip().startswith("-----BEGIN"):
+        return value.encode(), "the configured PEM"
+    return Path(value).read_bytes(), value
 
 
 def _count_nack(node: Node, report: StatusReport) -> None:

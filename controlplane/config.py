@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from controlplane.rpc.ratelimit import RateLimits
 from controlplane.store.engine import sqlite_url
 from controlplane.watch.hub import HubSettings
 
@@ -58,6 +59,18 @@ class Settings:
     # deleted once this old; a week leaves time to inspect or un-revoke by re-pushing.
     bundle_retention: timedelta = timedelta(days=7)
     bundle_gc_interval: timedelta = timedelta(hours=1)
+    # Node tokens' Ed25519 signing key: a PEM file path, or the PEM itself. When unset,
+    # `<data_dir>/token-signing-key.pem`, generated on first start. Replicas must share it.
+    token_signing_key: str = ""
+    # Extra public keys tokens may be signed with (PEM paths): the previous signing key
+    # during a rotation, for one token lifetime.
+    token_verify_keys: tuple[str, ...] = ()
+    node_token_ttl: timedelta = timedelta(minutes=15)
+    # TLS on the gRPC port; with a client CA, every client must present a certificate.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    rate_limits: RateLimits = field(default_factory=RateLimits)
     # PostgreSQL: a promoted standby (new timeline) changes the epoch; see store/feed.py.
     epoch_follows_timeline: bool = True
     shutdown_grace: float = 5.0

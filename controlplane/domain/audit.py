@@ -80,6 +80,13 @@ class AuditLog(Protocol):
 
     def entries(self, batch: int = 1000) -> AsyncIterator[AuditEntry]: ...
 
+    async def query(
+        self, where: AuditQuery, limit: int, after_seq: int, newest_first: bool
+    ) -> list[AuditEntry]:
+        """Entries matching `where`, in sequence order, after (or, newest first, before)
+        `after_seq` (0: from the start)."""
+        ...
+
     async def record(
         self,
         action: str,
@@ -91,6 +98,19 @@ class AuditLog(Protocol):
     ) -> None:
         """Append an entry for the current actor and request, in the caller's transaction."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """Filters of a listing or an export; empty fields match everything."""
+
+    project: str = ""
+    actor: str = ""
+    action: str = ""
+    resource: str = ""
+    # ISO-8601 UTC in the stored form: at or after `start`, before `end`.
+    start: str = ""
+    end: str = ""
 
 
 # -- the chain ------------------------------------------------------------------------

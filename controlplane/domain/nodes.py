@@ -8,10 +8,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from controlplane.domain import validation
-from controlplane.domain.audit import current_actor
+from controlplane.domain import enrollment, validation
+from controlplane.domain.audit import Actor, ActorKind, acting_as, current_actor, current_request_id
 from controlplane.domain.desired import ChangeKind, DesiredRow
 from controlplane.domain.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -19,6 +20,7 @@ from controlplane.domain.errors import (
     Unauthenticated,
 )
 from controlplane.domain.labels import Selector, meta_key, node_key, validate_labels, validate_node_name
+from controlplane.domain.node_identity import append_revocation
 from controlplane.domain.ports import Clock, DeliveryLedger, DesiredView, Store, Tx
 from controlplane.domain.records import (
     HeartbeatRecord,
@@ -64,7 +66,15 @@ class NodeRegistry:
         labels: Mapping[str, str],
         agent_version: str = "",
         hostname: str = "",
+        current_credential: str = "",
     ) -> Registration:
+        """Enroll a node with an enrollment token (one use of it is spent).
+
+        A name that is already registered with a live credential is only taken by a
+        caller presenting that credential (`current_credential`): holding the project's
+        enrollment token is not enough to take over another node's identity. An
+        operator frees the name by revoking the node (`RevokeNode`).
+        """
         labels = validate_labels(labels)
         if name:
             validate_node_name(name)
@@ -74,24 +84,37 @@ class NodeRegistry:
         async with self.store.write() as tx:
             if await tx.projects.get(project) is None:
                 raise NotFound(f"project {project!r} does not exist", field="project")
-            if not await tx.projects.enrollment_token_valid(project, hash_secret(enrollment_token)):
-                raise Unauthenticated(f"enrollment token is not valid for project {project!r}")
+            token = await enrollment.use(tx, project, enrollment_token, self.clock)
             existing = await tx.nodes.get_by_name(project, name) if name else None
             node_id = existing.id if existing is not None else new_id("n")
             # The id travels with the secret so a check needs one indexed lookup.
             credential = f"{node_id}.{new_secret('cpn')}"
             if existing is not None:
+                stored = await tx.nodes.credential_hash(existing.id)
+                if stored and not (current_credential and secret_matches(current_credential, stored)):
+                    raise AlreadyExists(
+                        f"node {name!r} is registered with a live credential: register again with it "
+                        "(authorization: Bearer <node credential>) or have an operator revoke the node",
+                        field="name",
+                    )
                 await tx.nodes.update_registration(
                     existing.id, labels, hash_secret(credential), agent_version[:64], hostname[:255]
                 )
-                labels_changed = dict(existing.labels) != labels
-                await tx.audit.record(
-                    "node.reregister",
-                    f"node/{node_id}",
-                    project=project,
-                    before={"labels": dict(existing.labels)},
-                    after={"labels": labels, "credential": "rotated"},
-                )
+                # The old credential's tokens and streams end with it, on every replica;
+                # the meta row written below makes the node known again.
+                await append_revocation(tx, existing, now.timestamp(), self.notify)
+                labels_changed = True
+                with acting_as(Actor(ActorKind.NODE, node_id, project), current_request_id()):
+                    await tx.audit.record(
+                        "node.reregister",
+                        f"node/{node_id}",
+                        project=project,
+                        before={
+                            "labels": dict(existing.labels),
+                            "credential": "live" if stored else "revoked",
+                        },
+                        after={"labels": labels, "credential": "rotated", "enrollment_token": token.id},
+                    )
             else:
                 node = Node(
                     id=node_id,
@@ -105,16 +128,25 @@ class NodeRegistry:
                 )
                 await tx.nodes.insert(node, hash_secret(credential))
                 labels_changed = True
-                await tx.audit.record(
-                    "node.register",
-                    f"node/{node_id}",
-                    project=project,
-                    after={"name": node.name, "labels": labels, "agent_version": node.agent_version},
-                )
+                with acting_as(Actor(ActorKind.NODE, node_id, project), current_request_id()):
+                    await tx.audit.record(
+                        "node.register",
+                        f"node/{node_id}",
+                        project=project,
+                        after={
+                            "name": node.name,
+                            "labels": labels,
+                            "agent_version": node.agent_version,
+                            "enrollment_token": token.id,
+                        },
+                    )
             revision = await self._write_labels(tx, project, node_id, labels) if labels_changed else 0
-            stored = await tx.nodes.get(node_id)
-        assert stored is not None
-        return Registration(node=stored, credential=credential, revision=revision)
+            stored_node = await tx.nodes.get(node_id)
+        assert stored_node is not None
+        # The hub knows the node (and has dropped its old tokens) before the agent's
+        # next call, so its first watch opens without waiting.
+        await self.view.wait_until(None, revision, READ_YOUR_WRITES)
+        return Registration(node=stored_node, credential=credential, revision=revision)
 
     async def authenticate(self, node_id: str, credential: str) -> Node:
         """The node, if `credential` is its current credential."""

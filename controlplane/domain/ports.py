@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from controlplane.domain.audit import AuditLog
 from controlplane.domain.bundle_records import Bundle, BundleSignature, BundleState, SigningKey
+from controlplane.domain.credentials import ApiKey, EnrollmentToken
 from controlplane.domain.desired import DesiredRow
 from controlplane.domain.labels import Selector
 from controlplane.domain.leases import LeaseRepo
@@ -112,6 +113,54 @@ class DesiredLog(Protocol):
     async def prune_below(self, floor: int, limit: int) -> int: ...
 
 
+class IdentityRepo(Protocol):
+    """API keys, enrollment tokens and node credentials (the parts identity manages)."""
+
+    async def insert_api_key(self, key: ApiKey, secret_hash: str) -> None: ...
+    async def api_key(self, key_id: str) -> tuple[ApiKey, str] | None:
+        """The key and its secret hash."""
+        ...
+
+    async def api_keys(
+        self, project: str | None, include_revoked: bool, limit: int, after_id: str
+    ) -> list[ApiKey]:
+        """Keys in id order; with `project`, only keys holding a grant in it."""
+        ...
+
+    async def revoke_api_key(self, key_id: str, at: datetime) -> bool: ...
+    async def count_api_keys(self) -> int:
+        """Every key ever made, revoked or not, under a lock so two first starts cannot
+        both make the first key."""
+        ...
+
+    async def add_enrollment_token(
+        self,
+        project: str,
+        token_hash: str,
+        created_at: datetime,
+        expires_at: datetime | None,
+        uses: int | None,
+    ) -> EnrollmentToken: ...
+    async def enrollment_tokens(self, project: str) -> list[EnrollmentToken]: ...
+    async def revoke_enrollment_token(
+        self, project: str, token_id: str, at: datetime
+    ) -> EnrollmentToken | None: ...
+    async def use_enrollment_token(
+        self, project: str, token_hash: str, now: datetime
+    ) -> EnrollmentToken | None:
+        """Spend one use of a live token (not revoked, not expired, uses left); None if
+        there is no such token. Atomic: two registrations cannot spend the last use."""
+        ...
+
+    async def clear_node_credential(self, node_id: str) -> bool:
+        """The node's credential stops matching anything; False if no such live node."""
+        ...
+
+    async def revocation_floors(self) -> dict[str, int]:
+        """Per node, the revision of its latest identity revocation still in the log."""
+        ...
+
+
 class Tx(Protocol):
     """One database transaction: everything done through it commits or rolls back together."""
 
@@ -125,6 +174,8 @@ class Tx(Protocol):
     def desired(self) -> DesiredLog: ...
     @property
     def audit(self) -> AuditLog: ...
+    @property
+    def identity(self) -> IdentityRepo: ...
     @property
     def signing_keys(self) -> SigningKeyRepo: ...
     @property

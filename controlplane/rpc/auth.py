@@ -1,22 +1,21 @@
 """Who is calling, and what each RPC requires of them.
 
 Every RPC names its rule in `POLICY`; the interceptor refuses a method without one, so a
-new RPC cannot ship unguarded by accident.
+new RPC cannot ship unguarded by accident. `docs/security.md` carries the table of RPC x
+role this produces (a test regenerates it and fails when the document is stale).
 """
 
 from __future__ import annotations
 
 import contextvars
 import enum
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from controlplane.domain.audit import ANONYMOUS as ANONYMOUS_ACTOR
 from controlplane.domain.audit import Actor, ActorKind
-from controlplane.domain.errors import PermissionDenied, Unauthenticated
-from controlplane.domain.nodes import NodeRegistry
-from controlplane.domain.secrets import hash_secret
+from controlplane.domain.errors import PermissionDenied
+from controlplane.domain.roles import Principal, Role
 
 
 class Rule(enum.Enum):
@@ -24,14 +23,25 @@ class Rule(enum.Enum):
 
     # Open to anyone: health, reflection, enrollment (which checks its own token).
     PUBLIC = "public"
-    # A node acting for itself.
+    # A node acting for itself, with a node token.
     NODE = "node"
-    # Operators and services: read, change, or administer (keys, projects).
+    # Operators and services, by API key: read, change, or administer (keys, projects).
     READ = "read"
     WRITE = "write"
     ADMIN = "admin"
     # A node (for its own project) or an operator who may read.
     NODE_OR_READ = "node-or-read"
+    # A node presenting its long-lived credential: only to exchange it for a token.
+    NODE_CREDENTIAL = "node-credential"
+
+
+# The role an operator key needs, in the request's project, for each operator rule.
+ROLE_FOR = {
+    Rule.READ: Role.READER,
+    Rule.WRITE: Role.OPERATOR,
+    Rule.ADMIN: Role.ADMIN,
+    Rule.NODE_OR_READ: Role.READER,
+}
 
 
 class Kind(enum.Enum):
@@ -39,6 +49,9 @@ class Kind(enum.Enum):
     NODE = "node"
     OPERATOR = "operator"
 
+
+_IDENTITY = "/controlplane.identity.v1.IdentityService/"
+_AUDIT = "/controlplane.audit.v1.AuditService/"
 
 POLICY: dict[str, Rule] = {
     "/grpc.health.v1.Health/Check": Rule.PUBLIC,
@@ -93,18 +106,37 @@ POLICY: dict[str, Rule] = {
     "/controlplane.bundle.v1.SigningKeyService/ListSigningKeys": Rule.NODE_OR_READ,
     # Signing keys are the server's, not a project's: a global admin retires one.
     "/controlplane.bundle.v1.SigningKeyService/RetireSigningKey": Rule.ADMIN,
+    _IDENTITY + "CreateApiKey": Rule.ADMIN,
+    _IDENTITY + "ListApiKeys": Rule.ADMIN,
+    _IDENTITY + "RevokeApiKey": Rule.ADMIN,
+    _IDENTITY + "CreateEnrollmentToken": Rule.ADMIN,
+    _IDENTITY + "ListEnrollmentTokens": Rule.ADMIN,
+    _IDENTITY + "RevokeEnrollmentToken": Rule.ADMIN,
+    _IDENTITY + "RevokeNode": Rule.ADMIN,
+    _IDENTITY + "IssueNodeToken": Rule.NODE_CREDENTIAL,
+    _AUDIT + "ListAuditEvents": Rule.READ,
+    _AUDIT + "ExportAuditEvents": Rule.READ,
+    _AUDIT + "VerifyAuditChain": Rule.ADMIN,
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
     kind: Kind
+    # The node id, or the API key id.
     subject: str = ""
+    # A node's project.
     project: str = ""
+    # An operator key's grants.
+    principal: Principal | None = None
+    # A node: the log head its token (or credential check) was issued at.
+    revision: int = 0
 
     def actor(self) -> Actor:
         if self.kind is Kind.NODE:
             return Actor(ActorKind.NODE, self.subject, self.project)
+        if self.kind is Kind.OPERATOR:
+            return Actor(ActorKind.OPERATOR, self.subject)
         return ANONYMOUS_ACTOR
 
 
@@ -121,7 +153,7 @@ def set_current(identity: Identity) -> None:
 
 
 def require_node(node_id: str) -> Identity:
-    """The caller must be the node `node_id` itself."""
+    """The caller must be the node `node_id` itself (the interceptor checks this too)."""
     identity = current()
     if identity.kind is Kind.NODE and identity.subject != node_id:
         raise PermissionDenied(f"node {identity.subject} cannot act for node {node_id!r}", field="node_id")
@@ -129,50 +161,20 @@ def require_node(node_id: str) -> Identity:
 
 
 def require_project(project: str) -> Identity:
-    """A node may only touch its own project."""
+    """A node may only touch its own project, an operator only projects it holds a role
+    in (the interceptor checks this too; servicers call it as a second line)."""
     identity = current()
     if identity.kind is Kind.NODE and identity.project != project:
         raise PermissionDenied(f"node {identity.subject} belongs to another project", field="project")
+    if identity.principal is not None and identity.principal.role_in(project) is None:
+        raise PermissionDenied(f"this key has no role in project {project!r}", field="project")
     return identity
 
 
 def bearer(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
     for key, value in metadata:
         if key == "authorization":
-            text = value.decode() if isinstance(value, bytes) else value
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
             scheme, _, token = text.partition(" ")
             return token.strip() if scheme.lower() == "bearer" and token.strip() else None
     return None
-
-
-class NodeAuthenticator:
-    """Checks node credentials, caching positive answers briefly: a reconnect storm of
-    thousands of agents must not become thousands of database reads."""
-
-    # How long a verified credential is trusted without asking the database again.
-    TTL = 30.0
-
-    def __init__(self, nodes: NodeRegistry, clock: Callable[[], float] = time.monotonic):
-        self._nodes = nodes
-        self._clock = clock
-        self._cache: dict[str, tuple[Identity, float]] = {}
-
-    async def authenticate(self, credential: str) -> Identity:
-        key = hash_secret(credential)
-        hit = self._cache.get(key)
-        now = self._clock()
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        node_id, sep, _ = credential.partition(".")
-        if not sep:
-            raise Unauthenticated("node credential is malformed")
-        node = await self._nodes.authenticate(node_id, credential)
-        identity = Identity(Kind.NODE, node.id, node.project)
-        if len(self._cache) > 100_000:
-            self._cache.clear()
-        self._cache[key] = (identity, now + self.TTL)
-        return identity
-
-    def forget(self, node_id: str) -> None:
-        for key in [k for k, (ident, _) in self._cache.items() if ident.subject == node_id]:
-            del self._cache[key]

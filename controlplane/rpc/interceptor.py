@@ -1,5 +1,19 @@
-"""The one layer every RPC passes: authentication, the method's rule, and the mapping of
-errors to status codes."""
+"""The one layer every RPC passes: authentication, rate limits, the method's rule, the
+request's scope, and the mapping of errors to status codes.
+
+In order, before any servicer code runs:
+
+1. the method must have a rule in `auth.POLICY` (else PERMISSION_DENIED);
+2. PUBLIC methods (health, reflection, RegisterNode) take no credential; enrollment is
+   rate limited per peer address;
+3. the bearer becomes an Identity (`authn.Authenticator`); none, or an invalid one, is
+   UNAUTHENTICATED, and failures spend the peer's anonymous bucket so guessing is slow;
+4. the identity's bucket is charged (RESOURCE_EXHAUSTED with a retry hint when empty);
+5. the identity's kind must fit the rule (a node cannot call operator RPCs, an API key
+   cannot act as a node): PERMISSION_DENIED;
+6. the request's scope (`scope.ScopeFinder`): a node only for itself and its project,
+   an operator key only with the needed role in every project the request touches.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +24,35 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
+from prometheus_client import Counter
 
 from controlplane.domain import audit
-from controlplane.domain.errors import PermissionDenied, Unauthenticated
+from controlplane.domain.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from controlplane.rpc import auth
+from controlplane.rpc.authn import Authenticator
 from controlplane.rpc.errors import abort
+from controlplane.rpc.ratelimit import RateLimiter
+from controlplane.rpc.scope import ScopeFinder
+
+REFUSED = Counter(
+    "controlplane_auth_refused_total",
+    "Calls refused before reaching a servicer, by reason.",
+    ["reason"],
+)
+
+# Probes and tooling: never rate limited, never authenticated.
+_OPEN = frozenset(m for m in auth.POLICY if m.startswith(("/grpc.health.", "/grpc.reflection.")))
+_WATCH = "/controlplane.watch.v1.WatchService/WatchBundles"
+_OPERATOR_RULES = frozenset({auth.Rule.READ, auth.Rule.WRITE, auth.Rule.ADMIN})
+_NODE_RULES = frozenset({auth.Rule.NODE, auth.Rule.NODE_CREDENTIAL})
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, nodes: auth.NodeAuthenticator):
-        self._nodes = nodes
+    def __init__(self, authenticator: Authenticator, scopes: ScopeFinder, limiter: RateLimiter):
+        self._authn = authenticator
+        self._scopes = scopes
+        self._limiter = limiter
 
     async def intercept_service(
         self,
@@ -33,15 +66,16 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, kind)
             if behavior is not None:
-                return handler._replace(**{kind: self._wrap(method, behavior)})
+                return handler._replace(**{kind: self._wrap(method, kind, behavior)})
         return handler
 
-    def _wrap(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap(self, method: str, kind: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        streams_in = kind.startswith("stream_")
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
-                    await self._admit(method, context)
+                    request = await self._admit(method, context, request, streams_in)
                     async for item in behavior(request, context):
                         yield item
                 except grpc.aio.AbortError:
@@ -53,7 +87,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                await self._admit(method, context)
+                request = await self._admit(method, context, request, streams_in)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -62,23 +96,143 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return call
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    async def _admit(
+        self, method: str, context: grpc.aio.ServicerContext, request: Any, streams_in: bool
+    ) -> Any:
+        """Authenticate and authorize the call; returns the request to hand on (for a
+        client stream, the iterator with its first message put back)."""
         rule = auth.POLICY.get(method)
         if rule is None:
+            REFUSED.labels("no_rule").inc()
             raise PermissionDenied(f"{method} has no authorization rule")
-        token = auth.bearer(context.invocation_metadata() or ())
-        identity = auth.ANONYMOUS
-        if token is not None:
-            identity = await self._nodes.authenticate(token)
-        if rule is auth.Rule.NODE and identity.kind is not auth.Kind.NODE:
-            raise Unauthenticated(f"{method} needs a node credential (authorization: Bearer <credential>)")
-        if rule in _OPERATOR_RULES and identity.kind is auth.Kind.NODE:
-            raise PermissionDenied(f"a node credential cannot call {method}")
-        auth.set_current(identity)
-        audit.set_context(identity.actor(), _request_id(context.invocation_metadata() or ()))
+        metadata = context.invocation_metadata() or ()
+        request_id = _request_id(metadata)
+        if rule is auth.Rule.PUBLIC:
+            if method not in _OPEN:
+                self._charge("anonymous", _peer(context))
+            _enter(auth.ANONYMOUS, request_id)
+            return request
+        identity = await self._authenticate(method, rule, context, metadata)
+        self._charge(_bucket(method, identity), identity.subject)
+        _check_kind(method, rule, identity)
+        first: Message | None = request
+        if streams_in:
+            first = await anext(aiter(request), None)
+            request = _prepend(first, request)
+        await self._check_scope(method, rule, identity, first)
+        _enter(identity, request_id)
+        return request
+
+    async def _authenticate(
+        self,
+        method: str,
+        rule: auth.Rule,
+        context: grpc.aio.ServicerContext,
+        metadata: Sequence[tuple[str, str | bytes]],
+    ) -> auth.Identity:
+        peer = _peer(context)
+        wait = self._limiter.peek("anonymous", peer)
+        if wait is not None:
+            REFUSED.labels("rate_limited").inc()
+            raise ResourceExhausted(
+                "too many calls without a valid credential from this address", retry_after_ms=_ms(wait)
+            )
+        token = auth.bearer(metadata)
+        try:
+            if token is None:
+                what = "a node credential (a node token: authorization: Bearer <token>)"
+                if rule in _OPERATOR_RULES or rule is auth.Rule.NODE_OR_READ:
+                    what = "an API key (authorization: Bearer cpk_...)"
+                raise Unauthenticated(f"{method} needs {what}")
+            return await self._authn.authenticate(token, rule)
+        except Unauthenticated:
+            REFUSED.labels("unauthenticated").inc()
+            self._limiter.take("anonymous", peer)
+            raise
+
+    def _charge(self, bucket: str, key: str) -> None:
+        wait = self._limiter.take(bucket, key)
+        if wait is not None:
+            REFUSED.labels("rate_limited").inc()
+            raise ResourceExhausted(
+                f"rate limit of this {bucket} identity reached; retry later", retry_after_ms=_ms(wait)
+            )
+
+    async def _check_scope(
+        self, method: str, rule: auth.Rule, identity: auth.Identity, request: Message | None
+    ) -> None:
+        node = identity.kind is auth.Kind.NODE
+        scope = await self._scopes.scope(method, request, resolve=not node)
+        if node:
+            for node_id in scope.node_ids:
+                if node_id != identity.subject:
+                    REFUSED.labels("scope").inc()
+                    raise PermissionDenied(
+                        f"node {identity.subject} cannot act for node {node_id!r}", field="node_id"
+                    )
+            for project in scope.projects:
+                if project != identity.project:
+                    REFUSED.labels("scope").inc()
+                    raise PermissionDenied(
+                        f"node {identity.subject} belongs to another project", field="project"
+                    )
+            return
+        principal = identity.principal
+        assert principal is not None
+        need = auth.ROLE_FOR[rule]
+        projects = scope.all_projects
+        if not projects and scope.unknown:
+            # The id names nothing: let the servicer say NOT_FOUND to any reader.
+            allowed = any(role >= need for role in principal.grants.values())
+        else:
+            allowed = principal.allows(need, projects)
+        if not allowed:
+            REFUSED.labels("scope").inc()
+            where = ", ".join(sorted(projects)) if projects else "every project (a global operation)"
+            raise PermissionDenied(
+                f"API key {identity.subject} needs the {need.label} role in {where} for {method}",
+                field="project" if projects else None,
+            )
 
 
-_OPERATOR_RULES = frozenset({auth.Rule.READ, auth.Rule.WRITE, auth.Rule.ADMIN})
+def _check_kind(method: str, rule: auth.Rule, identity: auth.Identity) -> None:
+    if rule in _NODE_RULES and identity.kind is not auth.Kind.NODE:
+        REFUSED.labels("kind").inc()
+        raise PermissionDenied(f"{method} is for nodes; an API key cannot act as a node")
+    if rule in _OPERATOR_RULES and identity.kind is not auth.Kind.OPERATOR:
+        REFUSED.labels("kind").inc()
+        raise PermissionDenied(f"a node token cannot call {method}")
+
+
+def _bucket(method: str, identity: auth.Identity) -> str:
+    if identity.kind is auth.Kind.NODE:
+        return "watch" if method == _WATCH else "node"
+    return "operator"
+
+
+def _enter(identity: auth.Identity, request_id: str) -> None:
+    auth.set_current(identity)
+    audit.set_context(identity.actor(), request_id)
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is None:
+        return
+    yield first
+    async for item in rest:
+        yield item
+
+
+def _peer(context: grpc.aio.ServicerContext) -> str:
+    """The caller's address without its port: `ipv4:10.0.0.7:51234` -> `ipv4:10.0.0.7`."""
+    peer: str = context.peer() or "unknown"
+    return peer.rpartition(":")[0] if peer.count(":") >= 2 else peer
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 
 

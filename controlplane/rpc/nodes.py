@@ -11,9 +11,8 @@ from controlplane.rpc import auth, convert
 
 
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
-    def __init__(self, nodes: NodeRegistry, authenticator: auth.NodeAuthenticator):
+    def __init__(self, nodes: NodeRegistry):
         self._nodes = nodes
-        self._authenticator = authenticator
 
     async def RegisterNode(
         self, request: node_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
@@ -25,9 +24,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             dict(request.labels),
             request.agent_version,
             request.hostname,
+            # Registering a name again takes the node's current credential.
+            current_credential=auth.bearer(context.invocation_metadata() or ()) or "",
         )
-        # The previous credential died with this registration: stop trusting it here.
-        self._authenticator.forget(reg.node.id)
         return node_pb2.RegisterNodeResponse(
             node_id=reg.node.id, node_credential=reg.credential, project=reg.node.project
         )

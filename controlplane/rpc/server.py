@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controlplane.api.audit.v1 import audit_pb2, audit_pb2_grpc
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc, signing_pb2, signing_pb2_grpc
+from controlplane.api.identity.v1 import identity_pb2, identity_pb2_grpc
 from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
 from controlplane.api.project.v1 import project_pb2, project_pb2_grpc
 from controlplane.api.rollout.v1 import drift_pb2, drift_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from controlplane.api.watch.v1 import watch_pb2
 from controlplane.rpc import watch
+from controlplane.rpc.audit import AuditServicer
 from controlplane.rpc.bundles import BundleServicer
+from controlplane.rpc.identity import IdentityServicer
 from controlplane.rpc.interceptor import GuardInterceptor
 from controlplane.rpc.nodes import NodeServicer
 from controlplane.rpc.projects import ProjectServicer
@@ -25,6 +31,8 @@ SERVICES = (
     bundle_pb2.DESCRIPTOR.services_by_name["BundleService"].full_name,
     signing_pb2.DESCRIPTOR.services_by_name["SigningKeyService"].full_name,
     project_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name,
+    identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
     drift_pb2.DESCRIPTOR.services_by_name["DriftService"].full_name,
 )
@@ -58,6 +66,8 @@ class GrpcServer:
         projects: ProjectServicer,
         max_pending: int = 65_536,
         *,
+        identity: IdentityServicer,
+        audit: AuditServicer,
         signing: SigningKeyServicer,
         rollouts: RolloutServicer,
         drift: DriftServicer,
@@ -66,6 +76,8 @@ class GrpcServer:
         node_pb2_grpc.add_NodeServiceServicer_to_server(nodes, self.server)
         bundle_pb2_grpc.add_BundleServiceServicer_to_server(bundles, self.server)
         project_pb2_grpc.add_ProjectServiceServicer_to_server(projects, self.server)
+        identity_pb2_grpc.add_IdentityServiceServicer_to_server(identity, self.server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(audit, self.server)
         signing_pb2_grpc.add_SigningKeyServiceServicer_to_server(signing, self.server)
         rollout_pb2_grpc.add_RolloutServiceServicer_to_server(rollouts, self.server)
         drift_pb2_grpc.add_DriftServiceServicer_to_server(drift, self.server)
@@ -77,8 +89,24 @@ class GrpcServer:
         )
         self.port = 0
 
-    def bind(self, listen: str) -> int:
-        self.port = self.server.add_insecure_port(listen)
+    def bind(
+        self,
+        listen: str,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        client_ca: Path | None = None,
+    ) -> int:
+        """Listen on `listen`: TLS with a certificate and key, and with `client_ca` every
+        client must present a certificate signed by it (mutual TLS)."""
+        if tls_cert is None or tls_key is None:
+            self.port = self.server.add_insecure_port(listen)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls_key.read_bytes(), tls_cert.read_bytes())],
+                root_certificates=client_ca.read_bytes() if client_ca is not None else None,
+                require_client_auth=client_ca is not None,
+            )
+            self.port = self.server.add_secure_port(listen, credentials)
         if not self.port:
             raise OSError(f"cannot listen on {listen}")
         return self.port

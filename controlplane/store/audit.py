@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controlplane.domain.audit import AuditEntry, chain_mac, current_actor, current_request_id
+from controlplane.domain.audit import AuditEntry, AuditQuery, chain_mac, current_actor, current_request_id
 from controlplane.domain.ports import Clock
 from controlplane.store.schema import audit_head, audit_log
 
@@ -102,3 +102,30 @@ class SqlAuditLog:
             if len(rows) < batch:
                 return
             after = rows[-1].seq
+
+    async def query(
+        self, where: AuditQuery, limit: int, after_seq: int, newest_first: bool
+    ) -> list[AuditEntry]:
+        log = audit_log
+        query = select(log)
+        for column, value in (
+            (log.c.project, where.project),
+            (log.c.actor, where.actor),
+            (log.c.action, where.action),
+            (log.c.resource, where.resource),
+        ):
+            if value:
+                query = query.where(column == value)
+        # Stored times share one ISO form (UTC, microseconds): text order is time order.
+        if where.start:
+            query = query.where(log.c.at >= where.start)
+        if where.end:
+            query = query.where(log.c.at < where.end)
+        if newest_first:
+            if after_seq:
+                query = query.where(log.c.seq < after_seq)
+            query = query.order_by(log.c.seq.desc())
+        else:
+            query = query.where(log.c.seq > after_seq).order_by(log.c.seq)
+        rows = (await self._conn.execute(query.limit(limit))).all()
+        return [row_to_entry(row) for row in rows]

@@ -15,6 +15,7 @@ from controlplane.store.bundles import SqlBundles, SqlSigningKeys, SqlValidation
 from controlplane.store.desired import SqlDesiredLog
 from controlplane.store.drift import SqlDrift
 from controlplane.store.errors import translated
+from controlplane.store.identity import SqlIdentity
 from controlplane.store.leases import SqlFreezes, SqlLeases
 from controlplane.store.nodes import SqlNodes
 from controlplane.store.projects import SqlProjects
@@ -33,6 +34,7 @@ class SqlTx:
         self.validation_configs = SqlValidationConfigs(conn)
         self.desired = SqlDesiredLog(conn)
         self.audit = SqlAuditLog(conn, audit_key, clock)
+        self.identity = SqlIdentity(conn)
         self.rollouts = SqlRollouts(conn)
         self.freezes = SqlFreezes(conn)
         self.leases = SqlLeases(conn)

@@ -63,7 +63,13 @@ async def test_list_nodes(harness: Harness) -> None:
     node = await harness.register("edge-1", {"env": "prod"})
     body = json.dumps({"project": "default", "selector": "env=prod"})
     code, out, err = await grpcurl(
-        "-plaintext", "-d", body, harness.address, "controlplane.node.v1.NodeService/ListNodes"
+        "-plaintext",
+        "-H",
+        f"authorization: Bearer {harness.admin_key}",
+        "-d",
+        body,
+        harness.address,
+        "controlplane.node.v1.NodeService/ListNodes",
     )
     assert code == 0, err
     nodes = json.loads(out)["nodes"]
@@ -80,7 +86,7 @@ async def test_read_watch_stream_for_a_few_seconds(harness: Harness) -> None:
         "-max-time",
         "3",
         "-H",
-        f"authorization: Bearer {node.credential}",
+        f"authorization: Bearer {node.token}",
         "-d",
         body,
         harness.address,

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from controlplane.api.audit.v1 import audit_pb2 as apb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.domain import audit
 from controlplane.store.schema import audit_log
@@ -35,35 +36,44 @@ async def verify(h: Harness) -> audit.ChainReport:
 
 
 async def test_mutations_are_recorded_with_actor_and_request(harness: Harness) -> None:
+    started = len(await entries(harness))
     await make_history(harness)
-    got = await entries(harness)
-    actions = [e.action for e in got]
-    # The default project was created at first start, by the system.
-    assert actions == [
-        "project.create",
+    everything = await entries(harness)
+    # First start: the system made the default project and the first admin key (and
+    # whatever else other areas set up then).
+    first = everything[:started]
+    assert {e.actor for e in first} == {"system:first-start"} or all(
+        e.actor.startswith("system:") for e in first
+    )
+    assert {"project.create", "apikey.create"} <= {e.action for e in first}
+    got = everything[started:]
+    assert [e.action for e in got] == [
         "bundle.create",
         "node.register",
         "desired.assign",
         "node.relabel",
         "node.register",
     ]
-    assert got[0].actor == "system:first-start"
-    assert got[2].actor == "anonymous:anonymous"  # operators authenticate once keys exist
-    assign = got[3]
+    admin = f"operator:{harness.admin_key.split('_')[1]}"
+    assert got[0].actor == admin  # the harness calls as the first-start admin key
+    assert got[1].actor == f"node:{got[1].resource.split('/')[1]}"  # a node registers itself
+    assign = got[2]
+    assert assign.actor == admin
     assert assign.after is not None and assign.after["keys"] == ["sel:default:env=prod"]
-    assert all(e.request_id for e in got[1:])
-    assert len({e.request_id for e in got[1:]}) == 5
-    relabel = got[4]
+    assert all(e.request_id for e in got)
+    assert len({e.request_id for e in got}) == 5
+    relabel = got[3]
     assert relabel.before == {"labels": {"env": "prod"}}
     report = await verify(harness)
-    assert report.ok and report.entries == 6
+    assert report.ok and report.entries == len(everything)
 
 
 async def test_concurrent_writers_keep_a_valid_chain(harness: Harness) -> None:
+    started = len(await entries(harness))
     await asyncio.gather(*(harness.register(f"n{i}", {"i": str(i)}) for i in range(30)))
     report = await verify(harness)
     assert report.ok, report.reason
-    assert report.entries == 31
+    assert report.entries == started + 30
 
 
 Tamper = Callable[[AsyncConnection], Awaitable[None]]
@@ -120,3 +130,7 @@ async def test_tampering_is_detected_and_named(harness: Harness, tamper: Tamper,
     assert not report.ok
     assert report.first_bad_seq == first_bad, report.reason
     assert (f"entry {first_bad}" if first_bad else "chain head") in report.reason
+    # The same verdict over the API.
+    reply = await harness.audit.VerifyAuditChain(apb.VerifyAuditChainRequest())
+    assert not reply.ok
+    assert reply.first_bad_seq == first_bad and reply.reason == report.reason

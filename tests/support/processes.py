@@ -121,6 +121,12 @@ class ServerProcess:
         return (self.data_dir / "enrollment-token").read_text().strip()
 
     @property
+    def admin_key(self) -> str:
+        """The global admin API key the first start wrote to the data dir."""
+        path = self.data_dir / "admin-key"
+        return path.read_text().strip() if path.exists() else ""
+
+    @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -159,6 +165,7 @@ class ServerProcess:
             await self.health()
 
         await wait_until(ready, timeout, "server start")
+        _ADMIN_KEYS[self.address] = self.admin_key
 
     async def health(self) -> None:
         """Health/Check answers SERVING (AssertionError otherwise)."""
@@ -374,12 +381,18 @@ class AgentProcess:
         await wait_until(check, timeout, f"{self.name} running {digest}")
 
 
+# The admin key of each server started here, by address: an operator client made with
+# just an address (the e2e `control` fixture) acts as that server's first admin.
+_ADMIN_KEYS: dict[str, str] = {}
+
+
 class ControlClient:
     """The operator side of the control plane, over gRPC."""
 
     def __init__(self, address: str, credential: str = ""):
         self.address = address
-        # Sent as `authorization: Bearer <credential>` when given (an operator API key).
+        credential = credential or _ADMIN_KEYS.get(address, "")
+        # Sent as `authorization: Bearer <credential>` (an operator API key).
         self.metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {credential}"),) if credential else ()
         )

@@ -20,6 +20,7 @@ from controlplane.store.schema.core import (
     revision_counter,
     server_meta,
 )
+from controlplane.store.schema.identity import api_key_grants, api_keys
 from controlplane.store.schema.rollouts import (
     drift_events,
     drift_settings,
@@ -36,6 +37,8 @@ from controlplane.store.schema.rollouts import (
 __all__ = [
     "Json",
     "UTCDateTime",
+    "api_key_grants",
+    "api_keys",
     "audit_head",
     "audit_log",
     "bundle_details",

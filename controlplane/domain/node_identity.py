@@ -1,0 +1,77 @@
+"""Node credentials: checking one (to issue a token) and revoking a node's identity.
+
+Revoking clears the credential and appends a REVOKED row to the node's `meta:` key in
+one transaction: every replica's hub ends the node's streams when it reads the row, and
+`NodeRevocations` refuses every token issued before it (see `node_tokens`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from controlplane.domain.desired import ChangeKind, DesiredRow
+from controlplane.domain.errors import NotFound, Unauthenticated
+from controlplane.domain.labels import meta_key
+from controlplane.domain.ports import Clock, DesiredView, Store, Tx
+from controlplane.domain.records import Node
+from controlplane.domain.secrets import secret_matches
+
+# How long a revocation waits for this process's hub to act on it before answering, so
+# that when RevokeNode returns the node's streams here are gone and its tokens refused.
+ROUTED_WITHIN = 2.0
+
+
+@dataclass
+class NodeCredentials:
+    store: Store
+    clock: Clock
+    view: DesiredView
+    notify: Callable[[], None]
+
+    async def verify(self, node_id: str, credential: str) -> tuple[Node, int]:
+        """The node whose current credential this is, and the log's head read *before*
+        the credential (the `rev` of the token about to be issued)."""
+        async with self.store.read() as tx:
+            head = await tx.desired.head()
+            stored = await tx.nodes.credential_hash(node_id)
+            node = await tx.nodes.get(node_id) if stored else None
+        if node is None or stored is None or not secret_matches(credential, stored):
+            raise Unauthenticated("node credential is not valid")
+        return node, head
+
+    async def revoke(self, node_id: str) -> int:
+        """End the node's identity: its credential, tokens and open streams. Returns the
+        revision of the revocation. The node record stays; registering again under its
+        name (with an enrollment token) gives it a new identity."""
+        async with self.store.write() as tx:
+            node = await tx.nodes.get(node_id)
+            if node is None:
+                raise NotFound(f"node {node_id!r} does not exist", field="node_id")
+            had_credential = await tx.identity.clear_node_credential(node_id)
+            revision = await append_revocation(tx, node, self.clock().timestamp(), self.notify)
+            await tx.audit.record(
+                "node.revoke",
+                f"node/{node_id}",
+                project=node.project,
+                before={"credential": "live" if had_credential else "none"},
+                after={"credential": "revoked", "revision": revision},
+            )
+        await self.view.wait_until(None, revision, ROUTED_WITHIN)
+        return revision
+
+
+async def append_revocation(tx: Tx, node: Node, written_at: float, notify: Callable[[], None]) -> int:
+    """Append the REVOKED row that ends the node's streams and tokens everywhere."""
+    revision = await tx.desired.allocate_revision()
+    row = DesiredRow(meta_key(node.id), revision, node.project, ChangeKind.REVOKED, written_at=written_at)
+    await tx.desired.append([row])
+    tx.after_commit(notify)
+    return revision
+
+
+async def load_revocations(store: Store) -> dict[str, int]:
+    """Every node's latest revocation still in the log (at start: tokens issued before a
+    revocation that the hub's snapshot no longer shows stay dead across restarts)."""
+    async with store.read() as tx:
+        return await tx.identity.revocation_floors()

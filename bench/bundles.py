@@ -151,7 +151,29 @@ async def push(
     return time.perf_counter() - t0, reply
 
 
+def _zentinel_validation() -> Any:
+    from controlplane.archives.formats import ConfigFormat
+    from controlplane.domain import validators
+
+    return validators.ValidationConfig(
+        main="zentinel.kdl",
+        parsers=(
+            validators.KDL_SYNTAX,
+            validators.ParserCheck(ConfigFormat.JSON),
+            validators.ParserCheck(ConfigFormat.YAML),
+            validators.ParserCheck(ConfigFormat.ZENTINEL),
+        ),
+    )
+
+
 async def realistic(op: Operator, work: Path, runs: int) -> dict[str, Any]:
+    """A Zentinel project: KDL syntax, Zentinel's structure, JSON and YAML checked."""
+    from controlplane.rpc.bundle_convert import config_out
+
+    await op.bundles.SetValidationConfig(
+        bundle_pb2.SetValidationConfigRequest(project="default", config=config_out(_zentinel_validation())),
+        metadata=op.metadata,
+    )
     root = work / "config"
     sizes = realistic_config(root)
     latencies = []
@@ -193,6 +215,8 @@ def stages(root: Path) -> dict[str, float]:
     from controlplane.domain import validators
     from controlplane.domain.signing import Signer
 
+    zentinel_validation = _zentinel_validation()
+
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -209,8 +233,8 @@ def stages(root: Path) -> dict[str, float]:
         cache = validators.ParseCache(tree.root)
         t = time.perf_counter()
         structure = validators.structure(manifest, cache)
-        for check in validators.DEFAULT.parsers:
-            validators.run_parser(check, "", manifest, cache)
+        for check in zentinel_validation.parsers:
+            validators.run_parser(check, zentinel_validation.main, manifest, cache)
         out["parse_validate"] = time.perf_counter() - t
         t = time.perf_counter()
         bom = sbom.build(manifest, structure)

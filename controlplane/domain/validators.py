@@ -3,10 +3,11 @@
 A project's `ValidationConfig` names its entry point (`main`), the parsers run on files
 matching glob patterns (KDL, JSON, YAML, or ZENTINEL = KDL plus Zentinel's structure)
 and the external commands (`nginx -t -c {main}`, `zentinel validate --config {main}`)
-run on the received files. A project without one gets `DEFAULT`: syntax checks by
-extension. External commands are an admin's choice of program, run on the control
-plane's host, so the server only runs programs on its allow-list
-(`serve --validator-allow`).
+run on the received files. A project without one gets `DEFAULT`: JSON and YAML syntax
+by extension. KDL checks are opt-in: kdl-py reads KDL 1.0, and a KDL 2.0 configuration
+(which Zentinel also accepts) must not fail by default. External commands are an
+admin's choice of program, run on the control plane's host, so the server only runs
+programs on its allow-list (`serve --validator-allow`).
 """
 
 from __future__ import annotations
@@ -101,9 +102,9 @@ class ValidationConfig:
         )
 
 
-DEFAULT = ValidationConfig(
-    parsers=(ParserCheck(ConfigFormat.KDL), ParserCheck(ConfigFormat.JSON), ParserCheck(ConfigFormat.YAML))
-)
+DEFAULT = ValidationConfig(parsers=(ParserCheck(ConfigFormat.JSON), ParserCheck(ConfigFormat.YAML)))
+# What a Zentinel project typically sets (tests and the benchmark use it).
+KDL_SYNTAX = ParserCheck(ConfigFormat.KDL)
 
 
 def check_config(config: ValidationConfig, allowed: Iterable[str]) -> ValidationConfig:

@@ -91,6 +91,7 @@ async def test_push_then_push_again(harness: Harness, authed: None, tmp_path: Pa
     assert "state      VALID" in first.output
     assert f"signed by  {harness.app.signing_keys.signer.key_id}" in first.output
     assert "files      3," in first.output  # .git and *.tmp left out; the symlink is no file
+    assert "ok         json:*.json" in first.output
     again = await run("bundle", "push", str(tree), "--exclude", "*.tmp", "--json", *server)
     assert again.exit_code == 0, again.output
     body = json.loads(again.output)
@@ -105,6 +106,8 @@ async def test_push_of_an_invalid_config_exits_1_with_the_reason(
     tree = tmp_path / "bad"
     tree.mkdir()
     (tree / "main.kdl").write_text('listeners {\n    listener "h" {\n')
+    setting = await run("bundle", "validation", "set", "--parser", "kdl", "--server", harness.address)
+    assert setting.exit_code == 0, setting.output
     result = await run("bundle", "push", str(tree), "--server", harness.address)
     assert result.exit_code == 1, result.output
     assert "state      FAILED" in result.output

@@ -47,6 +47,8 @@ async def collect(harness: Harness) -> Any:
 
 async def test_gc_takes_only_what_nothing_needs(gc_harness: Harness, tmp_path: Path) -> None:
     h = gc_harness
+    kdl = bpb.ValidationConfig(parsers=[bpb.ParserCheck(format=bpb.CONFIG_FORMAT_KDL)])
+    await h.bundles.SetValidationConfig(bpb.SetValidationConfigRequest(project="default", config=kdl))
     kept = (await create(h.bundles, {"main.kdl": b"kept 1\n"})).bundle
     revoked = (await create(h.bundles, {"main.kdl": b"revoked 1\n"})).bundle
     failed = (await create(h.bundles, {"main.kdl": b"failed {\n"})).bundle

@@ -35,12 +35,24 @@ async def expect(code: grpc.StatusCode, call: Awaitable[Any], mentions: str = ""
     return details
 
 
+async def check_kdl(harness: Harness) -> None:
+    """The project's validators: KDL syntax on top of the default JSON and YAML."""
+    parsers = [
+        bpb.ParserCheck(format=f)
+        for f in (bpb.CONFIG_FORMAT_KDL, bpb.CONFIG_FORMAT_JSON, bpb.CONFIG_FORMAT_YAML)
+    ]
+    await harness.bundles.SetValidationConfig(
+        bpb.SetValidationConfigRequest(project="default", config=bpb.ValidationConfig(parsers=parsers))
+    )
+
+
 async def count(harness: Harness) -> int:
     listed = await harness.bundles.ListBundles(bpb.ListBundlesRequest(project="default", page_size=1000))
     return len(listed.bundles)
 
 
 async def test_push_validates_packs_signs_and_scores(harness: Harness) -> None:
+    await check_kdl(harness)
     reply = await create(harness.bundles, CONFIG, version="v1.4.2")
     b = reply.bundle
     assert reply.created
@@ -98,6 +110,11 @@ async def test_same_content_again_creates_nothing(harness: Harness) -> None:
 
 async def test_failed_validation_is_recorded_and_never_assignable(harness: Harness) -> None:
     broken = {**CONFIG, "zentinel.kdl": b'listeners {\n    listener "http" {\n'}
+    # By default KDL is not parsed (a KDL 2.0 config must not fail): the bundle is valid.
+    unchecked = (await create(harness.bundles, {"other.kdl": b"not kdl 1.0 {\n"})).bundle
+    assert unchecked.state == bpb.BUNDLE_STATE_VALID
+    assert [v.validator for v in unchecked.validation] == ["json:*.json", "yaml:*.yaml,*.yml"]
+    await check_kdl(harness)
     reply = await create(harness.bundles, broken, version="v-broken")
     b = reply.bundle
     assert reply.created and b.state == bpb.BUNDLE_STATE_FAILED
@@ -130,6 +147,7 @@ async def test_failed_validation_is_recorded_and_never_assignable(harness: Harne
 
 
 async def test_versions_lookups_and_listing(harness: Harness) -> None:
+    await check_kdl(harness)
     digests = []
     for i in range(5):
         files = {"main.kdl": f"n {i}\n".encode()}
@@ -263,7 +281,6 @@ async def test_validation_settings(make_harness: Any) -> None:
     harness: Harness = await make_harness(validator_allow=(sys.executable,))
     got = await harness.bundles.GetValidationConfig(bpb.GetValidationConfigRequest(project="default"))
     assert got.is_default and [p.format for p in got.config.parsers] == [
-        bpb.CONFIG_FORMAT_KDL,
         bpb.CONFIG_FORMAT_JSON,
         bpb.CONFIG_FORMAT_YAML,
     ]

@@ -69,7 +69,12 @@ class Agent:
             )
             hook = apply if apply is not None else CommandHook(config.apply_command, config.apply_timeout)
             installer = FilesystemInstaller(
-                self.bundles, downloader, hook, config.unpack, config.fsync, self._verifier(config)
+                self.bundles,
+                downloader,
+                hook,
+                config.unpack,
+                config.fsync,
+                self._verifier(config) if config.verify_bundles else None,
             )
         self.installer: Installer = installer
         self.reporter = Reporter(

@@ -55,6 +55,9 @@ class AgentConfig:
     # Keys bundles must be signed with (a JSON file, see verify.py); None trusts the keys
     # the control plane lists. Bundles are always verified by the built-in installer.
     trusted_keys: Path | None = None
+    # Off only for in-process simulations against fake servers that sign nothing; the
+    # command line has no flag for it.
+    verify_bundles: bool = True
     # Unary calls (register, report, heartbeat) give up after this long.
     rpc_timeout: float = 10.0
     # fsync state, downloads and unpacked files; simulators with throwaway dirs may skip it.

@@ -13,6 +13,7 @@ import click
 from controlplane.bootstrap import App, agent_command
 from controlplane.cli.bundle_options import bundle_options, bundle_settings
 from controlplane.cli.rollout_options import rollout_options, rollout_settings
+from controlplane.cli.security_options import security_options, security_settings
 from controlplane.config import Settings
 from controlplane.watch.hub import HubSettings
 
@@ -26,6 +27,11 @@ def _run(settings: Settings) -> None:
         if info.metrics_port:
             click.echo(
                 f"metrics on http://{settings.metrics_listen.rpartition(':')[0]}:{info.metrics_port}/metrics"
+            )
+        if info.admin_key:
+            click.echo(
+                "created a global admin API key; it is shown only now and kept in "
+                f"{settings.data_dir / 'admin-key'} (readable only by you):\n  {info.admin_key}"
             )
         if info.enrollment_token:
             if info.token_created:
@@ -170,6 +176,7 @@ def _run(settings: Settings) -> None:
 )
 @bundle_options
 @rollout_options
+@security_options
 def serve(
     data_dir: Path,
     listen: str,
@@ -206,5 +213,6 @@ def serve(
         audit_key=audit_key,
         **bundle_settings(bundle),
         **rollout_settings(bundle),
+        **security_settings(bundle),
     )
     _run(settings)

@@ -7,7 +7,8 @@ In order, before any servicer code runs:
 2. PUBLIC methods (health, reflection, RegisterNode) take no credential; enrollment is
    rate limited per peer address;
 3. the bearer becomes an Identity (`authn.Authenticator`); none, or an invalid one, is
-   UNAUTHENTICATED, and failures spend the peer's anonymous bucket so guessing is slow;
+   UNAUTHENTICATED, and failures spend the peer address's bucket, so guessing soon gets
+   only RESOURCE_EXHAUSTED (a valid credential from that address still passes);
 4. the identity's bucket is charged (RESOURCE_EXHAUSTED with a retry hint when empty);
 5. the identity's kind must fit the rule (a node cannot call operator RPCs, an API key
    cannot act as a node): PERMISSION_DENIED;
@@ -130,13 +131,6 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         context: grpc.aio.ServicerContext,
         metadata: Sequence[tuple[str, str | bytes]],
     ) -> auth.Identity:
-        peer = _peer(context)
-        wait = self._limiter.peek("anonymous", peer)
-        if wait is not None:
-            REFUSED.labels("rate_limited").inc()
-            raise ResourceExhausted(
-                "too many calls without a valid credential from this address", retry_after_ms=_ms(wait)
-            )
         token = auth.bearer(metadata)
         try:
             if token is None:
@@ -147,7 +141,14 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return await self._authn.authenticate(token, rule)
         except Unauthenticated:
             REFUSED.labels("unauthenticated").inc()
-            self._limiter.take("anonymous", peer)
+            # Failures spend the address's bucket: past it, guessing gets only a retry
+            # hint. A valid credential from the same address is never held back by it.
+            wait = self._limiter.take("anonymous", _peer(context))
+            if wait is not None:
+                REFUSED.labels("rate_limited").inc()
+                raise ResourceExhausted(
+                    "too many calls without a valid credential from this address", retry_after_ms=_ms(wait)
+                ) from None
             raise
 
     def _charge(self, bucket: str, key: str) -> None:

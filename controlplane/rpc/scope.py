@@ -3,8 +3,8 @@
 The interceptor asks this before any servicer runs, so a key for project A cannot reach
 project B through any RPC, present or future, and a node cannot act for another node:
 
-- a `project` field, at the top level or one message down (`header.project`), names a
-  project; ProjectService names it `name`;
+- a `project` field, at the top level or one message down (`header.project`, every
+  `grants[i].project`), names a project; ProjectService names it `name`;
 - a `node_id` field names a node: for a node caller it must be itself, for an operator
   it resolves to the node's project;
 - other id fields resolve through resolvers the composition root registers (`key_id`
@@ -67,7 +67,7 @@ class ScopeFinder:
         if request is None or method in GLOBAL_METHODS:
             return Scope()
         paths = self._paths_for(method, request.DESCRIPTOR)  # type: ignore[arg-type]
-        projects = {v for p in paths.projects if (v := _get(request, p))}
+        projects = {v for p in paths.projects for v in _values(request, p) if v}
         node_ids: set[str] = set()
         resolved: set[str] = set()
         unknown = False
@@ -99,26 +99,31 @@ class ScopeFinder:
         projects: list[tuple[str, ...]] = []
         ids: list[tuple[str, str]] = []
         for f in descriptor.fields:
-            repeated = f.is_repeated
-            if f.type == _STRING and not repeated:
+            if f.type == _STRING and not f.is_repeated:
                 if f.name == project_field:
                     projects.append((f.name,))
                 elif f.name == "node_id" or f.name in self.resolvers:
                     ids.append((f.name, f.name))
-            elif f.type == _MESSAGE and not repeated and f.message_type is not None:
+            elif f.type == _MESSAGE and f.message_type is not None:
                 inner = f.message_type.fields_by_name.get("project")
                 if inner is not None and inner.type == _STRING and not inner.is_repeated:
                     projects.append((f.name, "project"))
         return _Paths(tuple(projects), tuple(ids))
 
 
-def _get(message: Message, path: tuple[str, ...]) -> str:
-    value: object = message
-    for i, name in enumerate(path):
-        if i < len(path) - 1 and not value.HasField(name):  # type: ignore[attr-defined]
-            return ""
-        value = getattr(value, name)
-    return value if isinstance(value, str) else ""
+def _values(message: Message, path: tuple[str, ...]) -> list[str]:
+    """The strings at `path`: a field, a field of a message field, or of each element of
+    a repeated message field."""
+    if len(path) == 1:
+        value = getattr(message, path[0])
+        return [value] if isinstance(value, str) else []
+    outer, name = path
+    field = message.DESCRIPTOR.fields_by_name[outer]
+    if field.is_repeated:
+        return [getattr(item, name) for item in getattr(message, outer)]
+    if not message.HasField(outer):
+        return []
+    return [getattr(getattr(message, outer), name)]
 
 
 class CachedResolver:

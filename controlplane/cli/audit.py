@@ -1,0 +1,125 @@
+"""`controlplane audit list|verify|export`"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, BinaryIO, TypeVar
+
+import click
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controlplane.api.audit.v1 import audit_pb2 as pb
+from controlplane.api.audit.v1 import audit_pb2_grpc
+from controlplane.cli.client import call, channel, print_message, server_option
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_filters = [
+    click.option("--project", default="", help="Entries of this project (default: every project)."),
+    click.option("--actor", default="", help="e.g. operator:<key id>, node:<node id>, system:offline-sweep"),
+    click.option("--action", default="", help="e.g. node.register, desired.assign, apikey.revoke"),
+    click.option("--resource", default="", help="e.g. node/<id>, apikey/<id>"),
+    click.option("--since", "start", type=click.DateTime(), default=None, help="At or after (UTC)."),
+    click.option("--until", "end", type=click.DateTime(), default=None, help="Before (UTC)."),
+]
+
+
+def with_filters(command: F) -> F:
+    for option in reversed(_filters):
+        command = option(command)
+    return command
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value.replace(tzinfo=UTC) if value.tzinfo is None else value)
+    return ts
+
+
+def _filter(
+    actor: str, action: str, resource: str, start: datetime | None, end: datetime | None
+) -> pb.AuditFilter:
+    return pb.AuditFilter(
+        actor=actor, action=action, resource=resource, start_time=_timestamp(start), end_time=_timestamp(end)
+    )
+
+
+def _stub(server: str) -> audit_pb2_grpc.AuditServiceStub:
+    return audit_pb2_grpc.AuditServiceStub(channel(server))
+
+
+@click.group()
+def audit() -> None:
+    """The tamper-evident audit log."""
+
+
+@audit.command("list")
+@server_option
+@with_filters
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--oldest-first", is_flag=True, help="Default: newest first.")
+@click.option("--page-token", default="")
+def audit_list(
+    server: str,
+    project: str,
+    actor: str,
+    action: str,
+    resource: str,
+    start: datetime | None,
+    end: datetime | None,
+    limit: int,
+    oldest_first: bool,
+    page_token: str,
+) -> None:
+    request = pb.ListAuditEventsRequest(
+        project=project,
+        filter=_filter(actor, action, resource, start, end),
+        page_size=limit,
+        page_token=page_token,
+        newest_first=not oldest_first,
+    )
+    stub = _stub(server)
+    call(lambda: stub.ListAuditEvents(request))
+
+
+@audit.command("verify")
+@server_option
+def audit_verify(server: str) -> None:
+    """Recompute the chain; exits 1 naming the first bad entry if it does not verify."""
+    try:
+        reply = _stub(server).VerifyAuditChain(pb.VerifyAuditChainRequest())
+    except grpc.RpcError as e:
+        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
+    print_message(reply)
+    if not reply.ok:
+        raise click.ClickException(f"the audit chain is broken: {reply.reason}")
+
+
+@audit.command("export")
+@server_option
+@with_filters
+@click.option("--output", "-o", type=click.File("wb"), default="-", help="File (default: stdout).")
+def audit_export(
+    server: str,
+    project: str,
+    actor: str,
+    action: str,
+    resource: str,
+    start: datetime | None,
+    end: datetime | None,
+    output: BinaryIO,
+) -> None:
+    """Write matching entries as JSON lines, oldest first, with their MACs."""
+    request = pb.ExportAuditEventsRequest(
+        project=project, filter=_filter(actor, action, resource, start, end)
+    )
+    try:
+        for reply in _stub(server).ExportAuditEvents(request):
+            output.write(reply.jsonl)
+    except grpc.RpcError as e:
+        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
+    output.flush()

@@ -1,0 +1,110 @@
+"""`controlplane serve` options of identity and transport security: TLS, node token
+keys, rate limits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from controlplane.domain.errors import InvalidArgument
+from controlplane.rpc.ratelimit import RateLimit, RateLimits
+
+F = TypeVar("F", bound=Callable[..., Any])
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+_OPTIONS = [
+    click.option(
+        "--tls-cert",
+        type=_FILE,
+        default=None,
+        envvar="CONTROLPLANE_TLS_CERT",
+        show_envvar=True,
+        help="PEM certificate (chain) of the gRPC port; with --tls-key, the port speaks TLS only.",
+    ),
+    click.option("--tls-key", type=_FILE, default=None, envvar="CONTROLPLANE_TLS_KEY", show_envvar=True),
+    click.option(
+        "--tls-client-ca",
+        type=_FILE,
+        default=None,
+        envvar="CONTROLPLANE_TLS_CLIENT_CA",
+        show_envvar=True,
+        help="Mutual TLS: every client must present a certificate signed by this CA.",
+    ),
+    click.option(
+        "--token-signing-key",
+        default="",
+        envvar="CONTROLPLANE_TOKEN_SIGNING_KEY",
+        show_envvar=True,
+        help="Ed25519 PEM private key (a path, or the PEM) node tokens are signed with; "
+        "default: <data-dir>/token-signing-key.pem, made on first start.",
+    ),
+    click.option(
+        "--token-verify-key",
+        "token_verify_keys",
+        multiple=True,
+        envvar="CONTROLPLANE_TOKEN_VERIFY_KEYS",
+        show_envvar=True,
+        help="Another PEM key node tokens may be signed with: the previous key during a rotation "
+        "(repeatable).",
+    ),
+    click.option(
+        "--node-token-ttl",
+        type=click.FloatRange(60, 86400),
+        default=900.0,
+        show_default=True,
+        envvar="CONTROLPLANE_NODE_TOKEN_TTL",
+        show_envvar=True,
+        help="Seconds a node token lives.",
+    ),
+    click.option(
+        "--rate-limit",
+        "rate_limits",
+        multiple=True,
+        envvar="CONTROLPLANE_RATE_LIMIT",
+        show_envvar=True,
+        help="CLASS=RATE[:BURST] calls per second per identity, CLASS one of operator, node, "
+        "anonymous, watch; 0 disables (repeatable). Defaults: operator=50:200 node=10:100 "
+        "anonymous=50:500 watch=1:20.",
+    ),
+]
+
+NAMES = ("tls_cert", "tls_key", "tls_client_ca", "token_signing_key", "token_verify_keys", "node_token_ttl")
+
+
+def security_options(command: F) -> F:
+    for option in reversed(_OPTIONS):
+        command = option(command)
+    return command
+
+
+def security_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The Settings fields of the options above (taken out of `options`)."""
+    values = {name: options.pop(name) for name in NAMES}
+    if (values["tls_cert"] is None) != (values["tls_key"] is None):
+        raise click.BadParameter("give both --tls-cert and --tls-key, or neither")
+    if values["tls_client_ca"] is not None and values["tls_cert"] is None:
+        raise click.BadParameter("--tls-client-ca needs --tls-cert and --tls-key")
+    values["token_verify_keys"] = tuple(values["token_verify_keys"])
+    values["node_token_ttl"] = timedelta(seconds=values["node_token_ttl"])
+    values["rate_limits"] = parse_rate_limits(options.pop("rate_limits"))
+    return values
+
+
+def parse_rate_limits(items: tuple[str, ...]) -> RateLimits:
+    limits = RateLimits()
+    changes: dict[str, RateLimit] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in RateLimits.__dataclass_fields__:
+            raise click.BadParameter(
+                f"{item!r}: expected CLASS=RATE[:BURST], CLASS one of operator, node, anonymous, watch"
+            )
+        try:
+            changes[name] = RateLimit.parse(value, f"rate_limit.{name}")
+        except InvalidArgument as e:
+            raise click.BadParameter(str(e)) from None
+    return RateLimits(**{**{f: limits.of(f) for f in RateLimits.__dataclass_fields__}, **changes})

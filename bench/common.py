@@ -234,6 +234,32 @@ async def wait_metric(
     return value
 
 
+async def written_at(data_dir: Path, database_url: str, revisions: Sequence[int]) -> dict[int, float]:
+    """The server's own `written_at` (wall clock, set inside the write transaction just
+    before the commit) of each revision, read from the desired-state log."""
+    if not revisions:
+        return {}
+    query = "SELECT revision, MIN(written_at) FROM desired_state_log WHERE revision IN ({}) GROUP BY revision"
+    if not database_url:
+        import sqlite3
+
+        con = sqlite3.connect(f"file:{data_dir / 'controlplane.db'}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = con.execute(query.format(",".join("?" * len(revisions))), list(revisions)).fetchall()
+        finally:
+            con.close()
+        return {int(r): float(w) for r, w in rows}
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        placeholders = ",".join(f"${i + 1}" for i in range(len(revisions)))
+        records = await conn.fetch(query.format(placeholders), *revisions)
+    finally:
+        await conn.close()
+    return {int(r[0]): float(r[1]) for r in records}
+
+
 # -- reporting ---------------------------------------------------------------------------
 
 

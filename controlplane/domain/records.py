@@ -78,13 +78,3 @@ class Node:
     failed_revision: int = 0
     failed_error: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Bundle:
-    project: str
-    digest: str
-    version: str
-    size_bytes: int
-    file_count: int
-    created_at: datetime

@@ -6,12 +6,10 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.api.bundle.v1 import bundle_pb2
 from controlplane.api.node.v1 import node_pb2
 from controlplane.api.project.v1 import project_pb2
 from controlplane.domain.desired import DesiredRow
 from controlplane.domain.records import (
-    Bundle,
     Health,
     HeartbeatRecord,
     Node,
@@ -119,15 +117,4 @@ def node_out(node: Node, desired: DesiredRow | None) -> node_pb2.Node:
 def project_out(project: Project) -> project_pb2.Project:
     return project_pb2.Project(
         name=project.name, created_at=timestamp(project.created_at), node_count=project.node_count
-    )
-
-
-def bundle_out(bundle: Bundle) -> bundle_pb2.Bundle:
-    return bundle_pb2.Bundle(
-        project=bundle.project,
-        digest=bundle.digest,
-        version=bundle.version,
-        size_bytes=bundle.size_bytes,
-        file_count=bundle.file_count,
-        created_at=timestamp(bundle.created_at),
     )

@@ -591,6 +591,7 @@ async def test_transient_download_failure_resumes_without_nack(
             backoff=FAST,
             apply_command="true",
             fsync=False,
+            verify_bundles=False,  # this scripted server signs nothing
         ),
         channel=channel,
         state=cfg_state,

@@ -9,6 +9,7 @@ makes the driver's write match nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 
 # Operator actions retried this often when the driver committed in between.
 _ATTEMPTS = 3
+# Node states seen between decisions are written at most this often per rollout: they
+# are derived again from the nodes table on every tick, so batching loses nothing, and
+# one write a second beats one per status report while a big step converges.
+OBSERVATION_FLUSH = 1.0
 MAX_REASON = 1000
 
 
@@ -65,6 +70,7 @@ class RolloutController:
     # Heartbeats older than this fail a gate: three missed beats.
     stale_after: timedelta = timedelta(seconds=30)
     _cache: dict[str, Loaded] = field(default_factory=dict)
+    _flushed: dict[str, float] = field(default_factory=dict)
 
     # -- operator actions ------------------------------------------------------------
 
@@ -168,6 +174,7 @@ class RolloutController:
 
     def forget(self, rollout_id: str) -> None:
         self._cache.pop(rollout_id, None)
+        self._flushed.pop(rollout_id, None)
 
     async def advance(self, rollout_id: str, lease: Lease | None = None) -> bool:
         """One tick of the driver for one rollout; True if it changed anything."""
@@ -184,6 +191,11 @@ class RolloutController:
             machine.tick(run, world)
         if not run.changed:
             return False
+        if (
+            run.observations_only
+            and time.monotonic() - self._flushed.get(rollout_id, 0.0) < OBSERVATION_FLUSH
+        ):
+            return False
         try:
             async with self.store.write() as tx:
                 if lease is not None:
@@ -194,6 +206,7 @@ class RolloutController:
             self._cache.pop(rollout_id, None)
             raise
         self._cache[rollout_id] = Loaded(committed.rollout, tuple(run.steps), run.nodes)
+        self._flushed[rollout_id] = time.monotonic()
         return True
 
     async def _observe(self, rollout_id: str) -> tuple[Loaded, World] | None:

@@ -118,6 +118,17 @@ class Run:
             or bool(self.changed_nodes())
         )
 
+    @property
+    def observations_only(self) -> bool:
+        """Only node states moved (reports seen, nothing decided): the next tick derives
+        them again from the nodes table, so writing them can wait."""
+        return (
+            self.rollout is self.loaded_rollout
+            and not (self.writes or self.restore or self.transitions)
+            and all(s is old for s, old in zip(self.steps, self.loaded_steps, strict=True))
+            and all(e.kind == EventKind.NODE for e in self.events)
+        )
+
     # -- edits -----------------------------------------------------------------------
 
     def event(

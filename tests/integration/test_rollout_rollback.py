@@ -10,6 +10,7 @@ import asyncio
 import pytest
 
 from agent_stub.simulator import FleetSimulator
+from controlplane.api.bundle.v1 import bundle_pb2
 from controlplane.api.node.v1 import node_pb2
 from tests.conftest import HarnessFactory
 from tests.support.harness import Harness
@@ -209,3 +210,25 @@ async def settle_some(sim: FleetSimulator, digest: str, count: int) -> None:
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"fewer than {count} node(s) on {digest}")
+
+
+async def test_rollback_never_restores_a_revoked_bundle(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 2)) as sim:
+        rollouts = Rollouts(plane.channel)
+        v1 = await plane.upload(archive("v1"))
+        created = await rollouts.create(v1, selector="*", strategy=pb.STRATEGY_ALL_AT_ONCE)
+        await rollouts.watch(created.id)
+        v2 = await plane.upload(archive("v2"))
+        upgrade = await rollouts.create(v2, strategy=pb.STRATEGY_ALL_AT_ONCE, bake_time=seconds(60))
+        await settle(sim, v2)
+        await plane.bundles.RevokeBundle(
+            bundle_pb2.RevokeBundleRequest(project="default", digest=v1, reason="leaked")
+        )
+        back = await rollouts.stub.RollbackRollout(
+            pb.RollbackRolloutRequest(project="default", rollout_id=upgrade.id, reason="try to go back")
+        )
+        assert back.rollout.state == pb.ROLLOUT_STATE_ROLLED_BACK
+        nodes = await rollouts.nodes(upgrade.id)
+        assert all("not restored" in n.error and "revoked" in n.error for n in nodes), nodes
+        await asyncio.sleep(1.0)
+        assert {n.digest for n in sim.nodes} == {v2}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import collections
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -101,43 +99,8 @@ def _gates(items: tuple[str, ...], none: bool) -> pb.HealthGates | None:
     return gates
 
 
-class _ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    """Adds `authorization: Bearer <CONTROLPLANE_API_KEY>` to calls that carry none."""
-
-    def __init__(self, key: str):
-        self._key = key
-
-    def _details(self, details: Any) -> Any:
-        metadata = list(details.metadata or ())
-        if not any(k == "authorization" for k, _ in metadata):
-            metadata.append(("authorization", f"Bearer {self._key}"))
-        return _Details(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-
-class _Details(
-    collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready")),
-    grpc.ClientCallDetails,  # type: ignore[misc]
-):
-    pass
-
-
-def authorized(server: str) -> grpc.Channel:
-    """The CLI's channel, with the operator's API key from CONTROLPLANE_API_KEY if set."""
-    key = os.environ.get("CONTROLPLANE_API_KEY", "")
-    base = channel(server)
-    return grpc.intercept_channel(base, _ApiKey(key)) if key else base
-
-
 def _stub(server: str) -> rollout_pb2_grpc.RolloutServiceStub:
-    return rollout_pb2_grpc.RolloutServiceStub(authorized(server))
+    return rollout_pb2_grpc.RolloutServiceStub(channel(server))
 
 
 @click.group()
@@ -457,7 +420,7 @@ def drift() -> None:
 @project_option
 @click.option("--open", "open_only", is_flag=True, help="Only episodes not resolved yet.")
 def drift_list(server: str, project: str, open_only: bool) -> None:
-    stub = drift_pb2_grpc.DriftServiceStub(authorized(server))
+    stub = drift_pb2_grpc.DriftServiceStub(channel(server))
     call(
         lambda: stub.ListDriftEvents(
             drift_pb2.ListDriftEventsRequest(project=project, open_only=open_only, page_size=1000)
@@ -471,7 +434,7 @@ def drift_list(server: str, project: str, open_only: bool) -> None:
 @click.argument("setting", type=click.Choice(["on", "off", "show"]))
 def drift_remediation(server: str, project: str, setting: str) -> None:
     """Re-assert desired state on drifted nodes of the project (on/off), or show it."""
-    stub = drift_pb2_grpc.DriftServiceStub(authorized(server))
+    stub = drift_pb2_grpc.DriftServiceStub(channel(server))
     if setting == "show":
         call(lambda: stub.GetDriftSettings(drift_pb2.GetDriftSettingsRequest(project=project)))
         return

@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 from prometheus_client import Counter
 
 from controlplane.domain import audit
-from controlplane.domain.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from controlplane.domain.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
 from controlplane.rpc import auth
 from controlplane.rpc.authn import Authenticator
 from controlplane.rpc.errors import abort
@@ -67,7 +67,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, kind)
             if behavior is not None:
-                return handler._replace(**{kind: self._wrap(method, kind, behavior)})
+                return handler._replace(
+                    **{kind: self._wrap(method, kind, behavior)},
+                    request_deserializer=_lenient(handler.request_deserializer),
+                )
         return handler
 
     def _wrap(self, method: str, kind: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
@@ -112,14 +115,21 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if method not in _OPEN:
                 self._charge("anonymous", _peer(context))
             _enter(auth.ANONYMOUS, request_id)
+            if streams_in:
+                return _well_formed(request)
+            if request is MALFORMED:
+                raise _malformed()
             return request
         identity = await self._authenticate(method, rule, context, metadata)
         self._charge(_bucket(method, identity), identity.subject)
         _check_kind(method, rule, identity)
         first: Message | None = request
         if streams_in:
+            request = _well_formed(request)
             first = await anext(aiter(request), None)
             request = _prepend(first, request)
+        elif request is MALFORMED:
+            raise _malformed()
         await self._check_scope(method, rule, identity, first)
         _enter(identity, request_id)
         return request
@@ -214,6 +224,39 @@ def _bucket(method: str, identity: auth.Identity) -> str:
 def _enter(identity: auth.Identity, request_id: str) -> None:
     auth.set_current(identity)
     audit.set_context(identity.actor(), request_id)
+
+
+class _Malformed:
+    """Stands in for a request whose bytes do not parse as its message type."""
+
+
+MALFORMED = _Malformed()
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """grpc answers bytes that do not parse with INTERNAL, before any handler runs; parse
+    them here instead, so they become INVALID_ARGUMENT like any other bad input."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return MALFORMED
+
+    return parse
+
+
+def _malformed() -> InvalidArgument:
+    return InvalidArgument("the request is not a valid message of its type")
+
+
+async def _well_formed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for item in requests:
+        if item is MALFORMED:
+            raise _malformed()
+        yield item
 
 
 async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -51,6 +51,30 @@ FAST_AGENT_ARGS = (
 )
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """How a test client reaches a TLS server: the CA to trust, and for mutual TLS its
+    own certificate and key."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=self.key.read_bytes() if self.key is not None else None,
+            certificate_chain=self.cert.read_bytes() if self.cert is not None else None,
+        )
+
+
+def open_channel(address: str, tls: ClientTls | None = None, options: Sequence[tuple[str, Any]] = ()) -> Any:
+    """A `grpc.aio` channel to `address`: plaintext, or TLS with `tls`."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=list(options))
+    return grpc.aio.secure_channel(address, tls.credentials(), options=list(options))
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -101,6 +125,8 @@ class ServerProcess:
     heartbeat_interval: float = 1.0
     metrics_port: int | None = None
     extra_args: Sequence[str] = ()
+    # For a server started with --tls-cert: how the test's own clients reach it.
+    tls: ClientTls | None = None
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -169,7 +195,7 @@ class ServerProcess:
 
     async def health(self) -> None:
         """Health/Check answers SERVING (AssertionError otherwise)."""
-        channel = grpc.aio.insecure_channel(self.address)
+        channel = open_channel(self.address, self.tls)
         try:
             call = channel.unary_unary(
                 "/grpc.health.v1.Health/Check",
@@ -389,14 +415,14 @@ _ADMIN_KEYS: dict[str, str] = {}
 class ControlClient:
     """The operator side of the control plane, over gRPC."""
 
-    def __init__(self, address: str, credential: str = ""):
+    def __init__(self, address: str, credential: str = "", tls: ClientTls | None = None):
         self.address = address
         credential = credential or _ADMIN_KEYS.get(address, "")
         # Sent as `authorization: Bearer <credential>` (an operator API key).
         self.metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {credential}"),) if credential else ()
         )
-        self.channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+        self.channel = open_channel(address, tls, CLIENT_OPTIONS)
         self.nodes = node_pb2_grpc.NodeServiceStub(self.channel)
         self.bundles = bundle_pb2_grpc.BundleServiceStub(self.channel)
 

@@ -229,8 +229,7 @@ class WatchHub:
         self._by_project[stream.project].discard(stream)
         self._unindex_labels(stream)
         self._expires.pop(stream, None)
-        for slot in self._wheel:
-            slot.discard(stream)
+        self._wheel[stream.wheel_slot].discard(stream)
         metrics.STREAMS_OPEN.dec()
 
     def _reset_reason(self, since: int, epoch: str) -> pb.ResetReason.ValueType | None:
@@ -263,7 +262,8 @@ class WatchHub:
         if self._next_slot is None:
             self._next_slot = int(now / _SLOT)
         slot = max(int((now + period) / _SLOT), self._next_slot)
-        self._wheel[slot % _WHEEL].add(stream)
+        stream.wheel_slot = slot % _WHEEL
+        self._wheel[stream.wheel_slot].add(stream)
 
     def _index_labels(self, stream: WatchStream) -> None:
         for k, v in stream.labels.items():

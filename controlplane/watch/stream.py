@@ -51,6 +51,7 @@ class WatchStream:
         "project",
         "sink",
         "stream_id",
+        "wheel_slot",
     )
 
     def __init__(
@@ -76,6 +77,8 @@ class WatchStream:
         self.pending: list[bytes] = []
         self.lagging = False
         self.closing = False
+        # Where the hub's bookmark wheel holds this stream (so closing it is O(1)).
+        self.wheel_slot = 0
         self.ledger: collections.deque[tuple[int, str]] = collections.deque(maxlen=LEDGER_SIZE)
         self._loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self._loop.create_future()

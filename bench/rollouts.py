@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 from datetime import UTC
@@ -154,6 +155,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "anonymous=0",
         ],
     )
+    load_before = os.getloadavg()
     server.start()
     pin_self(CLIENT_CPU)
     operator = Operator(server.target, data_dir)
@@ -194,6 +196,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     overheads = [r["overhead_s"] for r in rows]
     result = {
         "machine": machine(),
+        # Other work on the VM (the tree and the machine are shared) skews every timing.
+        "loadavg_before": load_before,
         "params": vars(args),
         "registered_s": registered_s,
         "total_s": total,
@@ -222,7 +226,7 @@ def report(r: dict[str, Any]) -> str:
         f"max {r['overhead_s_max'] * 1000:.0f} ms, sum {r['overhead_s_sum']:.2f} s",
         f"  write -> last node told: median {r['deliver_last_s_median'] * 1000:.0f} ms; "
         f"last apply -> step done: median {r['notice_s_median'] * 1000:.0f} ms",
-        f"  server CPU {r['server_cpu_s']:.2f} s "
+        f"  load average before the run {r['loadavg_before'][0]:.2f}; server CPU {r['server_cpu_s']:.2f} s "
         f"({r['server_cpu_percent']:.0f} % of one core while rolling out)",
         "  step  nodes   step_s  agent_s  overhead_s  deliver_last_s  notice_s",
     ]

@@ -4,10 +4,11 @@ a message leaves to the server)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api.rollout.v1 import drift_pb2 as dpb
 from controlplane.api.rollout.v1 import rollout_pb2 as pb
@@ -45,8 +46,19 @@ STEP_KIND = {k: pb.StepKind.Value(f"STEP_KIND_{k.name}") for k in StepKind}
 NODE_STATE = {s: pb.NodeState.Value(f"NODE_STATE_{s.name}") for s in NodeState}
 
 
-def _seconds(d: Duration) -> timedelta:
-    return timedelta(seconds=d.seconds, microseconds=d.nanos // 1000)
+def _seconds(d: Duration, field: str) -> timedelta:
+    try:
+        return timedelta(seconds=d.seconds, microseconds=d.nanos // 1000)
+    except (OverflowError, ValueError):
+        raise InvalidArgument("is not a duration this server can represent", field=field) from None
+
+
+def time_in(ts: Timestamp, field: str) -> datetime:
+    """A request's Timestamp as an aware datetime; nonsense (year 0, 10^19 s) names the field."""
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (OverflowError, ValueError, OSError):
+        raise InvalidArgument("is not a valid time", field=field) from None
 
 
 def _duration(value: timedelta) -> Duration:
@@ -99,9 +111,9 @@ def spec_in(r: pb.CreateRolloutRequest) -> RolloutSpec:
         )
     for name in ("bake_time", "progress_deadline", "gate_failure_window"):
         if r.HasField(name):
-            values[name] = _seconds(getattr(r, name))
+            values[name] = _seconds(getattr(r, name), name)
     if r.HasField("scheduled_at"):
-        values["scheduled_at"] = r.scheduled_at.ToDatetime(tzinfo=UTC)
+        values["scheduled_at"] = time_in(r.scheduled_at, "scheduled_at")
     return RolloutSpec(
         bundle_digest=r.bundle_digest,
         selector=r.selector,

@@ -4,7 +4,6 @@ WatchRollout streams what `domain.rollouts.watch` yields."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC
 
 import grpc
 
@@ -142,8 +141,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         window = await self._directory.create_freeze(
             request.project,
             request.name,
-            request.starts_at.ToDatetime(tzinfo=UTC),
-            request.ends_at.ToDatetime(tzinfo=UTC),
+            convert.time_in(request.starts_at, "starts_at"),
+            convert.time_in(request.ends_at, "ends_at"),
             request.reason,
         )
         return pb.CreateFreezeWindowResponse(window=convert.freeze_out(window))

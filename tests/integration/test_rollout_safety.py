@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api.bundle.v1 import bundle_pb2
@@ -284,7 +285,7 @@ async def test_revoked_and_invalid_bundles_cannot_be_rolled_out(plane: Harness) 
         )
         from tests.support.archives import bundle
 
-        broken = await plane.upload(bundle({"main.kdl": b"route / -> nowhere\n"}))
+        broken = await plane.upload(bundle({"upstreams.json": b'{"backends": [1, 2'}))
         await expect(grpc.StatusCode.FAILED_PRECONDITION, rollouts.create(broken), "failed validation")
 
 
@@ -358,6 +359,26 @@ async def test_bad_input_names_the_field_and_writes_nothing(plane: Harness) -> N
                 name="x",
                 starts_at=at(timedelta(hours=2)),
                 ends_at=at(timedelta(hours=1)),
+                reason="r",
+            )
+        ),
+        "ends_at",
+    )
+    huge = Duration(seconds=10**18)
+    await expect(bad, create(strategy=pb.STRATEGY_ALL_AT_ONCE, bake_time=huge), "bake_time")
+    await expect(
+        bad,
+        create(strategy=pb.STRATEGY_ALL_AT_ONCE, scheduled_at=Timestamp(seconds=-(2**62))),
+        "scheduled_at",
+    )
+    await expect(
+        bad,
+        stub.CreateFreezeWindow(
+            pb.CreateFreezeWindowRequest(
+                project="default",
+                name="x",
+                starts_at=Timestamp(),
+                ends_at=Timestamp(seconds=-(2**63)),
                 reason="r",
             )
         ),

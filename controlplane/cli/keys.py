@@ -124,8 +124,13 @@ def token_revoke(server: str, project: str, token_id: str) -> None:
 @enrollment.command("revoke-node")
 @server_option
 @click.argument("node_id")
-def node_revoke(server: str, node_id: str) -> None:
-    """End a node's identity: its credential, tokens and open streams. Its name can then
-    be registered again with an enrollment token."""
+@click.option(
+    "--allow-reenroll",
+    is_flag=True,
+    help="Let the next registration under the node's name take it (an agent that lost its state).",
+)
+def node_revoke(server: str, node_id: str, allow_reenroll: bool) -> None:
+    """End a node's identity: its credential, tokens and open streams. Its name stays
+    barred from enrolling again unless --allow-reenroll."""
     stub = _stub(server)
-    call(lambda: stub.RevokeNode(pb.RevokeNodeRequest(node_id=node_id)))
+    call(lambda: stub.RevokeNode(pb.RevokeNodeRequest(node_id=node_id, allow_reenroll=allow_reenroll)))

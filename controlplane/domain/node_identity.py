@@ -15,7 +15,7 @@ from controlplane.domain.errors import NotFound, Unauthenticated
 from controlplane.domain.labels import meta_key
 from controlplane.domain.ports import Clock, DesiredView, Store, Tx
 from controlplane.domain.records import Node
-from controlplane.domain.secrets import secret_matches
+from controlplane.domain.secrets import BARRED, secret_matches
 
 # How long a revocation waits for this process's hub to act on it before answering, so
 # that when RevokeNode returns the node's streams here are gone and its tokens refused.
@@ -40,25 +40,32 @@ class NodeCredentials:
             raise Unauthenticated("node credential is not valid")
         return node, head
 
-    async def revoke(self, node_id: str) -> int:
+    async def revoke(self, node_id: str, allow_reenroll: bool = False) -> int:
         """End the node's identity: its credential, tokens and open streams. Returns the
-        revision of the revocation. The node record stays; registering again under its
-        name (with an enrollment token) gives it a new identity."""
+        revision of the revocation. The node record stays. Its name stays barred from
+        registering again unless `allow_reenroll`: then the next registration with an
+        enrollment token takes it (and the node id) afresh."""
         async with self.store.write() as tx:
             node = await tx.nodes.get(node_id)
             if node is None:
                 raise NotFound(f"node {node_id!r} does not exist", field="node_id")
-            had_credential = await tx.identity.clear_node_credential(node_id)
+            previous = await tx.identity.clear_node_credential(node_id, barred=not allow_reenroll)
             revision = await append_revocation(tx, node, self.clock().timestamp(), self.notify)
             await tx.audit.record(
                 "node.revoke",
                 f"node/{node_id}",
                 project=node.project,
-                before={"credential": "live" if had_credential else "none"},
-                after={"credential": "revoked", "revision": revision},
+                before={"credential": _state(previous)},
+                after={"credential": "revoked", "reenroll": allow_reenroll, "revision": revision},
             )
         await self.view.wait_until(None, revision, ROUTED_WITHIN)
         return revision
+
+
+def _state(credential_hash: str) -> str:
+    if credential_hash == BARRED:
+        return "barred"
+    return "live" if credential_hash else "revoked"
 
 
 async def append_revocation(tx: Tx, node: Node, written_at: float, notify: Callable[[], None]) -> int:

@@ -17,6 +17,7 @@ from controlplane.domain.errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
+    PermissionDenied,
     Unauthenticated,
 )
 from controlplane.domain.labels import Selector, meta_key, node_key, validate_labels, validate_node_name
@@ -30,7 +31,7 @@ from controlplane.domain.records import (
     ReportPhase,
     StatusReport,
 )
-from controlplane.domain.secrets import hash_secret, new_id, new_secret, secret_matches
+from controlplane.domain.secrets import BARRED, hash_secret, new_id, new_secret, secret_matches
 
 # Ten minutes of history at the default 10 s interval: enough for a health gate's window,
 # bounded whatever the fleet does (a ring buffer per node, never one row per beat).
@@ -91,6 +92,12 @@ class NodeRegistry:
             credential = f"{node_id}.{new_secret('cpn')}"
             if existing is not None:
                 stored = await tx.nodes.credential_hash(existing.id)
+                if stored == BARRED:
+                    raise PermissionDenied(
+                        f"node {name!r} was revoked; an admin must allow it to enroll again "
+                        "(RevokeNode with allow_reenroll)",
+                        field="name",
+                    )
                 if stored and not (current_credential and secret_matches(current_credential, stored)):
                     raise AlreadyExists(
                         f"node {name!r} is registered with a live credential: register again with it "

@@ -152,8 +152,9 @@ class IdentityRepo(Protocol):
         there is no such token. Atomic: two registrations cannot spend the last use."""
         ...
 
-    async def clear_node_credential(self, node_id: str) -> bool:
-        """The node's credential stops matching anything; False if no such live node."""
+    async def clear_node_credential(self, node_id: str, barred: bool) -> str:
+        """The node's credential stops matching anything; `barred` also keeps its name
+        from enrolling again. Returns the previous hash ("" revoked, BARRED barred)."""
         ...
 
     async def revocation_floors(self) -> dict[str, int]:

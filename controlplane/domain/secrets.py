@@ -46,6 +46,11 @@ def api_key_id(key: str) -> str | None:
     return key_id
 
 
+# Stored in place of a revoked node's credential hash when its name may not enroll again;
+# no sha256 hex digest can equal it. An empty hash means revoked, name free.
+BARRED = "!barred"
+
+
 def token_id(token_hash: str) -> str:
     """The public id of an enrollment token: a prefix of its hash (the hash of 256 random
     bits reveals nothing about the token), so no extra column is needed to name it."""

@@ -100,7 +100,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     ) -> pb.RevokeNodeResponse:
         if not request.node_id:
             raise InvalidArgument("must name the node", field="node_id")
-        revision = await self._credentials.revoke(request.node_id)
+        revision = await self._credentials.revoke(request.node_id, request.allow_reenroll)
         return pb.RevokeNodeResponse(revision=revision)
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from controlplane.domain.credentials import ApiKey, EnrollmentToken
 from controlplane.domain.desired import ChangeKind
 from controlplane.domain.roles import Grant, Role
-from controlplane.domain.secrets import token_id
+from controlplane.domain.secrets import BARRED, token_id
 from controlplane.store.schema import api_key_grants, api_keys, desired_state_log, enrollment_tokens, nodes
 
 # Any constant works: it names the lock two first starts on one PostgreSQL take.
@@ -183,13 +183,12 @@ class SqlIdentity:
 
     # -- node credentials --------------------------------------------------------------
 
-    async def clear_node_credential(self, node_id: str) -> bool:
-        result = await self._conn.execute(
-            update(nodes)
-            .where(nodes.c.id == node_id, nodes.c.credential_hash != "")
-            .values(credential_hash="")
+    async def clear_node_credential(self, node_id: str, barred: bool) -> str:
+        previous = await self._conn.scalar(select(nodes.c.credential_hash).where(nodes.c.id == node_id))
+        await self._conn.execute(
+            update(nodes).where(nodes.c.id == node_id).values(credential_hash=BARRED if barred else "")
         )
-        return bool(result.rowcount)
+        return str(previous or "")
 
     async def revocation_floors(self) -> dict[str, int]:
         log = desired_state_log

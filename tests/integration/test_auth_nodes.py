@@ -119,7 +119,10 @@ async def test_revoking_a_node_ends_its_stream_and_its_tokens(harness: Harness) 
         ipb.IssueNodeTokenRequest(node_id=node.node_id), metadata=auth(node.credential)
     )
     assert await code_of(exchange) == grpc.StatusCode.UNAUTHENTICATED
-    # The name is free again: the enrollment token alone re-enrolls it, same node id.
+    # Its name is barred: holding the enrollment token does not bring a revoked node back...
+    assert await register_raw(harness, "edge-1") == grpc.StatusCode.PERMISSION_DENIED
+    # ...until an admin allows it; then the enrollment token alone re-enrolls it, same id.
+    await harness.identity.RevokeNode(ipb.RevokeNodeRequest(node_id=node.node_id, allow_reenroll=True))
     again = await register_raw(harness, "edge-1")
     assert isinstance(again, npb.RegisterNodeResponse) and again.node_id == node.node_id
     fresh = Registered(again.node_id, again.node_credential, await harness.node_token(again))
@@ -127,7 +130,7 @@ async def test_revoking_a_node_ends_its_stream_and_its_tokens(harness: Harness) 
     assert await heartbeat(harness, node) == grpc.StatusCode.UNAUTHENTICATED
     async with harness.app.store.read() as tx:
         actions = [e.action async for e in tx.audit.entries() if e.resource == f"node/{node.node_id}"]
-    assert actions == ["node.register", "node.revoke", "node.reregister", "node.online"]
+    assert actions == ["node.register", "node.revoke", "node.revoke", "node.reregister", "node.online"]
 
 
 async def test_registering_a_live_name_needs_its_credential(harness: Harness) -> None:
@@ -203,7 +206,7 @@ async def test_bad_enrollment_token_requests(harness: Harness, fields: dict[str,
 async def test_revocation_and_tokens_survive_a_restart(make_harness: HarnessFactory) -> None:
     first = await make_harness()
     kept, revoked = await first.register("kept"), await first.register("revoked")
-    await first.identity.RevokeNode(ipb.RevokeNodeRequest(node_id=revoked.node_id))
+    await first.identity.RevokeNode(ipb.RevokeNodeRequest(node_id=revoked.node_id, allow_reenroll=True))
     await first.register("revoked")  # re-enrolled: its meta row is no longer the REVOKED one
     await first.close()
     await first.app.stop()

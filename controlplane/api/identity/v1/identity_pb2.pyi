@@ -491,15 +491,22 @@ class RevokeNodeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_ID_FIELD_NUMBER: _builtins.int
+    ALLOW_REENROLL_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    allow_reenroll: _builtins.bool
+    """Let the next registration under the node's name (with an enrollment token) take it:
+    for an agent that lost its state directory. Without it the name stays barred, so a
+    compromised node holding the enrollment token cannot enroll itself again.
+    """
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
+        allow_reenroll: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_reenroll", b"allow_reenroll", "node_id", b"node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

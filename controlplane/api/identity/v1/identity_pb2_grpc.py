@@ -135,7 +135,7 @@ class IdentityServiceServicer:
 
     def RevokeNode(self, request, context):
         """RevokeNode ends a node's identity: its credential, its tokens and its open
-        streams. Its name can then be registered again with an enrollment token.
+        streams. Its name stays barred from registering again unless allow_reenroll.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,7 +55,7 @@ class IdentityServiceStub:
     """
     RevokeNode: _grpc.UnaryUnaryMultiCallable[_identity_pb2.RevokeNodeRequest, _identity_pb2.RevokeNodeResponse]
     """RevokeNode ends a node's identity: its credential, its tokens and its open
-    streams. Its name can then be registered again with an enrollment token.
+    streams. Its name stays barred from registering again unless allow_reenroll.
     """
 
 @_typing.type_check_only
@@ -85,7 +85,7 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """
     RevokeNode: _aio.UnaryUnaryMultiCallable[_identity_pb2.RevokeNodeRequest, _identity_pb2.RevokeNodeResponse]  # type: ignore[assignment]
     """RevokeNode ends a node's identity: its credential, its tokens and its open
-    streams. Its name can then be registered again with an enrollment token.
+    streams. Its name stays barred from registering again unless allow_reenroll.
     """
 
 class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -160,7 +160,7 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_identity_pb2.RevokeNodeResponse, _abc.Awaitable[_identity_pb2.RevokeNodeResponse]]:
         """RevokeNode ends a node's identity: its credential, its tokens and its open
-        streams. Its name can then be registered again with an enrollment token.
+        streams. Its name stays barred from registering again unless allow_reenroll.
         """
 
 def add_IdentityServiceServicer_to_server(servicer: IdentityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -53,12 +53,14 @@ _OPTIONS = [
     ),
     click.option(
         "--node-token-ttl",
-        type=click.FloatRange(60, 86400),
+        # At most the default history retention: a revocation must stay in the log for
+        # as long as tokens issued before it live (docs/security.md).
+        type=click.FloatRange(60, 3600),
         default=900.0,
         show_default=True,
         envvar="CONTROLPLANE_NODE_TOKEN_TTL",
         show_envvar=True,
-        help="Seconds a node token lives.",
+        help="Seconds a node token lives; keep it at most --retain-seconds.",
     ),
     click.option(
         "--rate-limit",

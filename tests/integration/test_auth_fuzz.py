@@ -81,6 +81,7 @@ def messages(draw: st.DrawFn, descriptor: Descriptor, known: list[str], depth: i
             continue
         if field.type == FieldDescriptor.TYPE_MESSAGE:
             inner = field.message_type
+            assert inner is not None
             if inner.GetOptions().map_entry:
                 k, v = inner.fields_by_name["key"], inner.fields_by_name["value"]
                 if v.type == FieldDescriptor.TYPE_MESSAGE:
@@ -100,8 +101,9 @@ def build(message: Message, values: dict[str, Any]) -> Message:
     for name, value in values.items():
         field = message.DESCRIPTOR.fields_by_name[name]
         target = getattr(message, name)
+        is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
         try:
-            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+            if field.type == FieldDescriptor.TYPE_MESSAGE and is_map:
                 target.update(value)
             elif field.type == FieldDescriptor.TYPE_MESSAGE and field.is_repeated:
                 for item in value:

@@ -89,7 +89,11 @@ def request_for(rpc: Rpc, h: Harness, node_id: str, victim_key: str) -> tuple[Me
             if value is not None:
                 setattr(message, field.name, value)
                 scoped = True
-        elif field.type == FieldDescriptor.TYPE_MESSAGE and "project" in field.message_type.fields_by_name:
+        elif (
+            field.type == FieldDescriptor.TYPE_MESSAGE
+            and field.message_type is not None
+            and "project" in field.message_type.fields_by_name
+        ):
             getattr(message, field.name).project = "default"
             scoped = True
     if rpc.name == "GetProject":

@@ -68,22 +68,22 @@ class _Signer:
 
 # grpc.aio files each interceptor under the first of the four kinds it is, so one class
 # per kind.
-class _SignUnaryUnary(_Signer, grpc.aio.UnaryUnaryClientInterceptor):
+class _SignUnaryUnary(_Signer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._sign(details), request)
 
 
-class _SignUnaryStream(_Signer, grpc.aio.UnaryStreamClientInterceptor):
+class _SignUnaryStream(_Signer, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._sign(details), request)
 
 
-class _SignStreamUnary(_Signer, grpc.aio.StreamUnaryClientInterceptor):
+class _SignStreamUnary(_Signer, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._sign(details), request_iterator)
 
 
-class _SignStreamStream(_Signer, grpc.aio.StreamStreamClientInterceptor):
+class _SignStreamStream(_Signer, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._sign(details), request_iterator)
 

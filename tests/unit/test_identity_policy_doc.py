@@ -30,7 +30,12 @@ def scoped(path: str, method: MethodDescriptor) -> bool:
     for field in method.input_type.fields:
         if field.type == FieldDescriptor.TYPE_STRING and (field.name == project_field or field.name in _IDS):
             return True
-        if field.type == FieldDescriptor.TYPE_MESSAGE and "project" in field.message_type.fields_by_name:
+        inner = field.message_type
+        if (
+            field.type == FieldDescriptor.TYPE_MESSAGE
+            and inner is not None
+            and "project" in inner.fields_by_name
+        ):
             return True
     return False
 

@@ -19,8 +19,8 @@ class Clock:
 TWO_PER_SECOND = RateLimit(2.0, 4.0)
 
 
-def limiter(clock: Clock, operator: RateLimit = TWO_PER_SECOND, **kw: int) -> RateLimiter:
-    return RateLimiter(RateLimits(operator=operator), clock, **kw)
+def limiter(clock: Clock, operator: RateLimit = TWO_PER_SECOND, max_buckets: int = 200_000) -> RateLimiter:
+    return RateLimiter(RateLimits(operator=operator), clock, max_buckets)
 
 
 def test_burst_then_refill_at_the_rate() -> None:

@@ -126,6 +126,9 @@ class FleetConfig:
     liveness_timeout: float = 45.0
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     channels: int = 0
+    # Nodes started per second (0: all at once). A fleet booting together is a real
+    # scenario, but a benchmark of something else should not measure that storm.
+    ramp: float = 0.0
     seed: int | None = None
     # Agent log lines below this level are dropped: a thousand agents at INFO is noise.
     log_level: int = logging.WARNING
@@ -261,6 +264,8 @@ class FleetSimulator:
             )
         for node in self.nodes:
             self.start_node(node.index)
+            if self.config.ramp > 0:
+                await asyncio.sleep(1 / self.config.ramp)
 
     async def stop(self) -> None:
         await asyncio.gather(*(self.stop_node(n.index) for n in self.nodes))

@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
+import subprocess
 import time
 from datetime import UTC
 from pathlib import Path
@@ -171,6 +173,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             apply_delay=args.apply_delay,
             heartbeat_interval=args.heartbeat_interval,
             backoff=BackoffPolicy(base=0.5, cap=5.0),
+            ramp=args.ramp,
             seed=1,
         )
     )
@@ -182,9 +185,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         v1 = await operator.upload(bench_bundle("v1"))
         v2 = await operator.upload(bench_bundle("v2"))
         await _rollout(stub, operator.metadata, v1, 100)  # warm-up: everyone on v1
+        profiler = _profile(args.py_spy, server.pid) if args.py_spy else None
         cpu0 = procstat.cpu_seconds(server.pid)
         done, t0, t1 = await _rollout(stub, operator.metadata, v2, args.batch_percent)
         cpu1 = procstat.cpu_seconds(server.pid)
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(30)
         by_step = await _nodes_by_step(stub, operator.metadata, done.id)
         rows = analyse(done, by_step, sim, v2)
         metrics = server.metrics()
@@ -217,6 +224,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _profile(py_spy: str, pid: int) -> subprocess.Popen[bytes]:
+    """Sample the server with py-spy (collapsed stacks) during the measured rollout;
+    `python -m bench.profsum .bench-out/profile-rollouts.txt` summarises it."""
+    cmd = [py_spy, "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--format", "raw"]
+    cmd += ["--threads", "--output", str(OUT / "profile-rollouts.txt")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return proc
+
+
 def report(r: dict[str, Any]) -> str:
     lines = [
         f"rolling rollout to {r['params']['nodes']} nodes in {r['params']['batch_percent']} % batches, "
@@ -245,6 +262,8 @@ def main() -> None:
     p.add_argument("--apply-delay", type=float, default=0.0, help="seconds per simulated apply")
     p.add_argument("--heartbeat-interval", type=float, default=10.0)
     p.add_argument("--rollout-tick", type=float, default=0.5, help="the driver's safety-net period")
+    p.add_argument("--py-spy", default="", help="py-spy binary: sample the server during the rollout")
+    p.add_argument("--ramp", type=float, default=100.0, help="simulated nodes started per second")
     p.add_argument("--database-url", default="", help="PostgreSQL URL (default: SQLite)")
     p.add_argument("--data-dir", default="", help="default: .bench-out/rollouts-data, made fresh")
     args = p.parse_args()

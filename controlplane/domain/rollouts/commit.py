@@ -65,6 +65,11 @@ def is_pin(row: DesiredRow | None) -> bool:
 
 
 async def commit(tx: Tx, run: Run, now: datetime, view: DesiredView) -> Committed:
+    if run.writes and not run.spec.freeze_override_reason:
+        # The decision may rest on a freeze check a moment old: the write is what counts.
+        window = await tx.freezes.covering(run.rollout.project, now)
+        if window is not None:
+            raise Aborted(f"freeze window {window.name!r} began; the step waits for it to end")
     revisions: list[int] = []
     for write in run.writes:
         revisions += await _write_step(tx, run, write, now, view)

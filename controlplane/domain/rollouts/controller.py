@@ -27,6 +27,7 @@ from controlplane.domain.rollouts.commit import Committed, commit
 from controlplane.domain.rollouts.facts import NodeFacts, World
 from controlplane.domain.rollouts.model import (
     Approval,
+    FreezeWindow,
     Rollout,
     RolloutNode,
     RolloutState,
@@ -45,6 +46,9 @@ _ATTEMPTS = 3
 # are derived again from the nodes table on every tick, so batching loses nothing, and
 # one write a second beats one per status report while a big step converges.
 OBSERVATION_FLUSH = 1.0
+# Freeze windows and the bundle's state are looked at again after this long: they change
+# rarely, and every write checks both inside its own transaction anyway.
+RECHECK = 1.0
 MAX_REASON = 1000
 
 
@@ -71,6 +75,9 @@ class RolloutController:
     stale_after: timedelta = timedelta(seconds=30)
     _cache: dict[str, Loaded] = field(default_factory=dict)
     _flushed: dict[str, float] = field(default_factory=dict)
+    # Per rollout: when the freeze windows and the bundle were last looked at, and what
+    # was found (a write re-checks both in its own transaction).
+    _checked: dict[str, tuple[float, FreezeWindow | None, str]] = field(default_factory=dict)
 
     # -- operator actions ------------------------------------------------------------
 
@@ -175,6 +182,7 @@ class RolloutController:
     def forget(self, rollout_id: str) -> None:
         self._cache.pop(rollout_id, None)
         self._flushed.pop(rollout_id, None)
+        self._checked.pop(rollout_id, None)
 
     async def advance(self, rollout_id: str, lease: Lease | None = None) -> bool:
         """One tick of the driver for one rollout; True if it changed anything."""
@@ -224,12 +232,16 @@ class RolloutController:
                 self._cache[rollout_id] = base
             watched = _watched_nodes(base)
             facts = {f.node_id: self._with_pin(f) for f in await tx.rollouts.node_facts(watched)}
-            freeze = await tx.freezes.covering(rollout.project, now)
-            problem = ""
-            try:
-                await assignable(tx, rollout.project, rollout.spec.bundle_digest)
-            except DomainError as e:
-                problem = e.message
+            checked = self._checked.get(rollout_id)
+            if checked is None or time.monotonic() - checked[0] > RECHECK:
+                freeze = await tx.freezes.covering(rollout.project, now)
+                problem = ""
+                try:
+                    await assignable(tx, rollout.project, rollout.spec.bundle_digest)
+                except DomainError as e:
+                    problem = e.message
+                checked = self._checked[rollout_id] = (time.monotonic(), freeze, problem)
+            _, freeze, problem = checked
         return base, World(now, facts, freeze, problem, self.stale_after)
 
     def _with_pin(self, facts: NodeFacts) -> NodeFacts:

@@ -30,6 +30,9 @@ from controlplane.domain.rollouts.controller import RolloutController
 
 log = logging.getLogger(__name__)
 
+# How long a wake-up waits for more of the same burst; small next to any apply time.
+DEBOUNCE = 0.02
+
 
 def lease_name(rollout_id: str) -> str:
     return f"rollout:{rollout_id}"
@@ -65,6 +68,8 @@ class RolloutDriver:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self.interval)
+                # Reports come in bursts while a step converges: one pass per burst.
+                await asyncio.sleep(DEBOUNCE)
             self._wakeup.clear()
             try:
                 self.on_pass(await self.run_once())

@@ -21,7 +21,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,15 +30,11 @@ from controlplane.domain.desired import ChangeKind, DesiredRow, Effective, FeedP
 from controlplane.domain.errors import Unauthenticated, Unavailable
 from controlplane.domain.labels import Selector, meta_key, node_key, parse_selector_key
 from controlplane.watch import encoding, metrics
+from controlplane.watch.index import StreamIndex
 from controlplane.watch.stream import Sink, WatchStream
+from controlplane.watch.wheel import SLOT, BookmarkWheel
 
 log = logging.getLogger(__name__)
-
-# The bookmark wheel turns every 0.1 s: 10,000 streams at a 15 s period then make ~70
-# bookmark writes per turn instead of ~700 in one burst that would hold up the loop (and
-# every other call) for ~20 ms. 640 slots span 64 s, more than the longest period.
-_SLOT = 0.1
-_WHEEL = 640
 
 
 class ChangeFeed(Protocol):
@@ -87,11 +83,8 @@ class WatchHub:
         self._latest: dict[str, DesiredRow] = {}
         self._nodes: dict[str, tuple[str, dict[str, str]]] = {}
         self._selectors: dict[str, dict[str, Selector]] = {}
-        self._by_id: dict[str, WatchStream] = {}
-        self._by_node: dict[str, set[WatchStream]] = {}
-        self._by_project: dict[str, set[WatchStream]] = {}
-        self._by_label: dict[tuple[str, str, str], set[WatchStream]] = {}
-        self._wheel: list[set[WatchStream]] = [set() for _ in range(_WHEEL)]
+        self._streams = StreamIndex()
+        self._wheel = BookmarkWheel()
         self._expires: dict[WatchStream, float] = {}
         self._wakeup = asyncio.Event()
         self._progress = asyncio.Event()
@@ -100,8 +93,6 @@ class WatchHub:
         self.degraded = False
         self._opened_since_freeze = 0
         self._last_open = 0.0
-        # The next wheel slot to process; slots a late tick passed over are caught up.
-        self._next_slot: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -122,12 +113,12 @@ class WatchHub:
 
     async def stop(self, grace: float = 5.0) -> None:
         """End every stream with a closing bookmark, then stop reading."""
-        for stream in list(self._by_id.values()):
+        for stream in self._streams:
             stream.close(encoding.bookmark(self.position, closing=True))
-        pending = [s.done for s in self._by_id.values() if not s.done.done()]
+        pending = [s.done for s in self._streams if not s.done.done()]
         if pending:
             await asyncio.wait(pending, timeout=grace)
-        for stream in list(self._by_id.values()):
+        for stream in self._streams:
             stream.abort(Unavailable("the server is shutting down"))
         for task in self._tasks:
             task.cancel()
@@ -150,7 +141,7 @@ class WatchHub:
         return resolve(self._latest.get(k) for k in self._keys_for(info[0], node_id, info[1]))
 
     def was_sent(self, stream_id: str, node_id: str, revision: int, digest: str) -> bool | None:
-        stream = self._by_id.get(stream_id)
+        stream = self._streams.by_id.get(stream_id)
         if stream is None:
             return None
         return stream.node_id == node_id and (revision, digest) in stream.ledger
@@ -160,7 +151,7 @@ class WatchHub:
 
     @property
     def stream_count(self) -> int:
-        return len(self._by_id)
+        return len(self._streams)
 
     async def wait_until(self, node_id: str | None, revision: int, within: float) -> bool:
         """Wait until the hub has read `revision` (and knows `node_id`, if given)."""
@@ -221,15 +212,10 @@ class WatchHub:
 
     def close(self, stream: WatchStream) -> None:
         """Forget a stream whose call has ended."""
-        if self._by_id.pop(stream.stream_id, None) is None:
+        if not self._streams.remove(stream):
             return
-        self._by_node[stream.node_id].discard(stream)
-        if not self._by_node[stream.node_id]:
-            del self._by_node[stream.node_id]
-        self._by_project[stream.project].discard(stream)
-        self._unindex_labels(stream)
         self._expires.pop(stream, None)
-        self._wheel[stream.wheel_slot].discard(stream)
+        self._wheel.remove(stream)
         metrics.STREAMS_OPEN.dec()
 
     def _reset_reason(self, since: int, epoch: str) -> pb.ResetReason.ValueType | None:
@@ -244,10 +230,7 @@ class WatchHub:
         return None
 
     def _register(self, stream: WatchStream) -> None:
-        self._by_id[stream.stream_id] = stream
-        self._by_node.setdefault(stream.node_id, set()).add(stream)
-        self._by_project.setdefault(stream.project, set()).add(stream)
-        self._index_labels(stream)
+        self._streams.add(stream)
         now = self._clock()
         s = self.settings
         self._expires[stream] = now + random.uniform(s.lifetime_min, s.lifetime_max)
@@ -259,23 +242,7 @@ class WatchHub:
     def _schedule(self, stream: WatchStream, now: float) -> None:
         s = self.settings
         period = s.bookmark_interval * random.uniform(1 - s.bookmark_jitter, 1 + s.bookmark_jitter)
-        if self._next_slot is None:
-            self._next_slot = int(now / _SLOT)
-        slot = max(int((now + period) / _SLOT), self._next_slot)
-        stream.wheel_slot = slot % _WHEEL
-        self._wheel[stream.wheel_slot].add(stream)
-
-    def _index_labels(self, stream: WatchStream) -> None:
-        for k, v in stream.labels.items():
-            self._by_label.setdefault((stream.project, k, v), set()).add(stream)
-
-    def _unindex_labels(self, stream: WatchStream) -> None:
-        for k, v in stream.labels.items():
-            bucket = self._by_label.get((stream.project, k, v))
-            if bucket is not None:
-                bucket.discard(stream)
-                if not bucket:
-                    del self._by_label[(stream.project, k, v)]
+        self._wheel.schedule(stream, now, period)
 
     def _keys_for(self, project: str, node_id: str, labels: dict[str, str]) -> set[str]:
         keys = {node_key(node_id)}
@@ -327,7 +294,7 @@ class WatchHub:
         if pos.epoch != self.epoch or pos.head < self.position:
             log.warning("history epoch changed (%s -> %s): ending every stream", self.epoch, pos.epoch)
             self._load(await self.feed.snapshot())
-            for stream in list(self._by_id.values()):
+            for stream in self._streams:
                 stream.abort(Unavailable("the server's history epoch changed; reconnect"))
             return
         if pos.floor > self.position:
@@ -380,21 +347,21 @@ class WatchHub:
         for row in rows:
             node_id = self._remember(row)
             if row.kind is ChangeKind.REVOKED:
-                for stream in list(self._by_node.get(row.key.split(":", 1)[1], ())):
+                for stream in self._streams.of_node(row.key.split(":", 1)[1]):
                     stream.abort(Unauthenticated("this node's identity was revoked"))
                 continue
             if node_id is not None:
-                for stream in self._by_node.get(node_id, ()):
+                for stream in self._streams.of_node(node_id):
                     self._relabel(stream, self._nodes[node_id][1])
                     affected[stream] = row.revision
             elif row.key.startswith("node:"):
-                for stream in self._by_node.get(row.key[5:], ()):
+                for stream in self._streams.of_node(row.key[5:]):
                     affected[stream] = row.revision
             else:
                 selectors[row.key] = row.revision
         for key, revision in selectors.items():
             project, selector = parse_selector_key(key) or ("", Selector(()))
-            for stream in self._matching(project, selector):
+            for stream in self._streams.matching(project, selector):
                 stream.keys.add(key)
                 affected[stream] = max(affected.get(stream, 0), revision)
         # Advance (waking whoever waits for this revision, like the operator's call that
@@ -437,40 +404,29 @@ class WatchHub:
 
     def _resolve_all(self) -> None:
         """After a reload: re-route every stream from the new image and send what changed."""
-        for stream in list(self._by_id.values()):
+        for stream in self._streams:
             info = self._nodes.get(stream.node_id)
             if info is None:
                 stream.abort(Unavailable("the node is gone from the control plane"))
                 continue
             self._relabel(stream, info[1])
-        self._deliver(dict.fromkeys(self._by_id.values(), self.position))
+        self._deliver(dict.fromkeys(self._streams, self.position))
 
     def _relabel(self, stream: WatchStream, labels: dict[str, str]) -> None:
-        self._unindex_labels(stream)
-        stream.labels = labels
-        self._index_labels(stream)
+        self._streams.relabel(stream, labels)
         stream.keys = self._keys_for(stream.project, stream.node_id, labels)
-
-    def _matching(self, project: str, selector: Selector) -> Iterable[WatchStream]:
-        if not selector.terms:
-            return list(self._by_project.get(project, ()))
-        buckets = [self._by_label.get((project, k, v), set()) for k, v in selector.terms]
-        smallest = min(buckets, key=len)
-        if len(buckets) == 1:
-            return list(smallest)  # the bucket is exactly the selector's matches
-        return [s for s in smallest if selector.matches(s.labels)]
 
     def _degrade(self) -> None:
         self.degraded = True
         log.error("no successful read for %.0f s: ending every stream", self.settings.degraded_after)
-        for stream in list(self._by_id.values()):
+        for stream in self._streams:
             stream.abort(Unavailable("the control plane cannot read its database; reconnect"))
 
     # -- bookmarks, lifetimes, GC ------------------------------------------------------
 
     async def _tick(self) -> None:
         while True:
-            await asyncio.sleep(_SLOT)
+            await asyncio.sleep(SLOT)
             self.tick(self._clock())
 
     def tick(self, now: float) -> None:
@@ -479,14 +435,7 @@ class WatchHub:
         A tick that comes late (a busy loop) processes the slots it passed over, so no
         stream ever drops out of the schedule.
         """
-        current = int(now / _SLOT)
-        first = current if self._next_slot is None else max(self._next_slot, current - _WHEEL + 1)
-        self._next_slot = current + 1
-        due: set[WatchStream] = set()
-        for index in range(first, current + 1):
-            slot = index % _WHEEL
-            due |= self._wheel[slot]
-            self._wheel[slot] = set()
+        due = self._wheel.due(now)
         payload: bytes | None = None
         sent = 0
         grace = self.settings.close_grace

@@ -124,6 +124,9 @@ class FleetConfig:
     # Until the server's first Heartbeat reply names the interval.
     heartbeat_interval: float = 10.0
     liveness_timeout: float = 45.0
+    # Unary call deadline; raise it when the server is slow to enroll a big fleet (a
+    # registration whose answer is lost leaves the name held by a credential never seen).
+    rpc_timeout: float = 10.0
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     channels: int = 0
     # Nodes started per second (0: all at once). A fleet booting together is a real
@@ -290,6 +293,7 @@ class FleetSimulator:
             name=node.name,
             heartbeat_interval=cfg.heartbeat_interval,
             liveness_timeout=cfg.liveness_timeout,
+            rpc_timeout=cfg.rpc_timeout,
             backoff=cfg.backoff,
             fsync=False,
             hostname=f"{node.name}.sim",

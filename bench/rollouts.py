@@ -29,6 +29,7 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from datetime import UTC
 from pathlib import Path
@@ -42,6 +43,10 @@ from bench import procstat
 from bench.common import CLIENT_CPU, OUT, Operator, ServerProcess, bench_bundle, machine, pin_self, write_json
 from controlplane.api.rollout.v1 import rollout_pb2 as pb
 from controlplane.api.rollout.v1 import rollout_pb2_grpc
+
+
+def say(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
 
 def _zero() -> Duration:
@@ -174,17 +179,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             heartbeat_interval=args.heartbeat_interval,
             backoff=BackoffPolicy(base=0.5, cap=5.0),
             ramp=args.ramp,
+            rpc_timeout=60.0,
             seed=1,
         )
     )
     try:
         t = time.time()
+        say(f"starting {args.nodes} simulated nodes")
         await sim.start()
         await sim.wait_registered(300)
         registered_s = time.time() - t
+        say(f"all connected after {registered_s:.1f} s")
         v1 = await operator.upload(bench_bundle("v1"))
         v2 = await operator.upload(bench_bundle("v2"))
         await _rollout(stub, operator.metadata, v1, 100)  # warm-up: everyone on v1
+        say("warm-up rollout done; measuring")
         profiler = _profile(args.py_spy, server.pid) if args.py_spy else None
         cpu0 = procstat.cpu_seconds(server.pid)
         done, t0, t1 = await _rollout(stub, operator.metadata, v2, args.batch_percent)
@@ -195,8 +204,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         by_step = await _nodes_by_step(stub, operator.metadata, done.id)
         rows = analyse(done, by_step, sim, v2)
         metrics = server.metrics()
+        say(f"measured rollout done in {t1 - t0:.2f} s; stopping")
     finally:
-        await sim.stop()
+        try:
+            await asyncio.wait_for(sim.stop(), 60)
+        except TimeoutError:
+            say("the simulated fleet did not stop within 60 s")
         await operator.close()
         server.stop()
     total = t1 - t0

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
+import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -127,3 +129,34 @@ def test_key_files() -> None:
         load_private(b"not a key", "test")
     with pytest.raises(InvalidArgument):
         load_public(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "test")
+
+
+def test_a_verified_token_is_not_verified_again_but_still_expires_and_revokes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reconnect storm costs dictionary lookups, yet expiry and revocation still bite."""
+    clock = Clock()
+    t = tokens(clock)
+    token = t.issue("n-1", "default", 5).token
+    assert t.verify(token).node_id == "n-1"
+    calls = 0
+    real = jwt.decode
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    for _ in range(100):
+        t.verify(token)
+    assert calls == 0
+    t.revocations.merge({"n-1": 6})
+    with pytest.raises(Unauthenticated, match="revoked"):
+        t.verify(token)
+    other = t.issue("n-2", "default", 5).token
+    t.verify(other)
+    assert calls == 1
+    clock.now += 900 + 60
+    with pytest.raises(Unauthenticated, match="expired"):
+        t.verify(other)

@@ -155,15 +155,6 @@ class NodeRegistry:
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         return Registration(node=stored_node, credential=credential, revision=revision)
 
-    async def authenticate(self, node_id: str, credential: str) -> Node:
-        """The node, if `credential` is its current credential."""
-        async with self.store.read() as tx:
-            stored = await tx.nodes.credential_hash(node_id)
-            node = await tx.nodes.get(node_id) if stored else None
-        if node is None or stored is None or not secret_matches(credential, stored):
-            raise Unauthenticated("node credential is not valid")
-        return node
-
     async def heartbeat(self, node_id: str, metrics: NodeMetrics, applied_digest: str) -> timedelta:
         _check_metrics(metrics)
         if applied_digest:

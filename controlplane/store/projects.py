@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controlplane.domain.records import Project
@@ -42,12 +42,3 @@ class SqlProjects:
         await self._conn.execute(
             enrollment_tokens.insert().values(token_hash=token_hash, project=project, created_at=created_at)
         )
-
-    async def enrollment_token_valid(self, project: str, token_hash: str) -> bool:
-        query = select(enrollment_tokens.c.token_hash).where(
-            enrollment_tokens.c.token_hash == token_hash,
-            enrollment_tokens.c.project == project,
-            enrollment_tokens.c.revoked_at.is_(None),
-            or_(enrollment_tokens.c.uses_left.is_(None), and_(enrollment_tokens.c.uses_left > 0)),
-        )
-        return (await self._conn.execute(query)).first() is not None

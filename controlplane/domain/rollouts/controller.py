@@ -175,8 +175,8 @@ class RolloutController:
         async with self.store.read() as tx:
             rows = await tx.rollouts.active()
         live = {rid for rid, _ in rows}
-        for rid in [r for r in self._cache if r not in live]:
-            del self._cache[rid]
+        for rid in [r for r in {*self._cache, *self._flushed, *self._checked} if r not in live]:
+            self.forget(rid)
         return sorted(live)
 
     def forget(self, rollout_id: str) -> None:

@@ -166,6 +166,7 @@ class App:
             BundleServicer(self.bundles, self.lifecycle, self.writer),
             ProjectServicer(self.projects),
             max_pending=s.max_pending_requests,
+            min_ping_interval_ms=int(s.min_client_ping_interval * 1000),
             identity=IdentityServicer(
                 self.api_keys, self.enrollment, self.credentials, self.tokens, self.authenticator
             ),

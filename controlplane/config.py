@@ -30,6 +30,8 @@ class Settings:
     retain_for: timedelta = timedelta(hours=1)
     prune_interval: timedelta = timedelta(seconds=60)
     max_pending_requests: int = 65_536
+    # The shortest interval between client keepalive pings the server tolerates (seconds).
+    min_client_ping_interval: float = 20.0
     # Rollouts: the driver's safety-net tick (reports and heartbeats are noticed within
     # it), the time to live of its leases, and the drift sweep.
     rollout_tick: timedelta = timedelta(seconds=0.5)

@@ -41,7 +41,7 @@ SERVICES = (
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 
 
-def server_options(max_pending: int) -> list[tuple[str, int]]:
+def server_options(max_pending: int, min_ping_interval_ms: int = 20_000) -> list[tuple[str, int]]:
     return [
         # The aio server accepts calls one at a time; core drops calls queued beyond
         # these limits (defaults 1000/3000) with CANCELLED. A reconnect storm of every
@@ -49,9 +49,10 @@ def server_options(max_pending: int) -> list[tuple[str, int]]:
         ("grpc.server.max_pending_requests", max_pending),
         ("grpc.server.max_pending_requests_hard_limit", max_pending * 2),
         ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-        # Agents ping every 60 s to keep load-balancer paths warm; accept pings down to
-        # 20 s so a misconfigured agent is not disconnected for pinging too often.
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
+        # Agents ping every 60 s to keep load-balancer paths warm. gRPC's default lets a
+        # client ping only every 5 min while the server sends nothing, and answers more
+        # with GOAWAY too_many_pings: accept pings down to 20 s instead.
+        ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
 
@@ -66,13 +67,16 @@ class GrpcServer:
         projects: ProjectServicer,
         max_pending: int = 65_536,
         *,
+        min_ping_interval_ms: int = 20_000,
         identity: IdentityServicer,
         audit: AuditServicer,
         signing: SigningKeyServicer,
         rollouts: RolloutServicer,
         drift: DriftServicer,
     ):
-        self.server = grpc.aio.server(interceptors=[guard], options=server_options(max_pending))
+        self.server = grpc.aio.server(
+            interceptors=[guard], options=server_options(max_pending, min_ping_interval_ms)
+        )
         node_pb2_grpc.add_NodeServiceServicer_to_server(nodes, self.server)
         bundle_pb2_grpc.add_BundleServiceServicer_to_server(bundles, self.server)
         project_pb2_grpc.add_ProjectServiceServicer_to_server(projects, self.server)

@@ -73,6 +73,11 @@ class Installer(Protocol):
         leave the running bundle as it was. Call `downloaded` once the bytes are verified."""
         ...
 
+    async def reweight(self, target: Target, node_id: str) -> None:
+        """The running bundle stays; tell the proxy its new traffic weight (blue-green,
+        canary). Raise ApplyFailed if the proxy refuses it."""
+        ...
+
 
 class CommandHook:
     """Runs the operator's `--apply-command` through `/bin/sh -c` in the new bundle dir.
@@ -245,6 +250,11 @@ class FilesystemInstaller:
                 if leftover is not None:
                     store.discard(leftover)
         store.gc(keep={target.digest, previous})
+
+    async def reweight(self, target: Target, node_id: str) -> None:
+        """Run the hook again on the running bundle with the new TRAFFIC_WEIGHT."""
+        running = self.store.active_digest()
+        await self.hook(ApplyRequest(target, self.store.path_for(running), None, node_id))
 
     async def _unpack(self, archive: Path, dest: Path) -> None:
         cancelled = threading.Event()

@@ -157,7 +157,9 @@ class EventHandler:
         target = Target(
             digest=desired.digest,
             revision=desired.revision,
-            traffic_weight=desired.traffic_weight or 100,
+            # Taken literally: 0 is a blue-green standby's weight, not "unset" (the
+            # control plane always sends an explicit weight).
+            traffic_weight=desired.traffic_weight,
             assigned_revision=desired.assigned_revision,
             source=desired.source,
             size_bytes=desired.size_bytes,
@@ -172,13 +174,7 @@ class EventHandler:
             return
         active = self.installer.active_digest()
         if target.digest == active:
-            self.counters.unchanged += 1
-            log.info("desired.unchanged", detail="already running this bundle")
-            cursor = self.cursor.advanced(target.revision, self.stream.epoch)
-            if cursor.failed is not None and cursor.failed.digest == target.digest:
-                cursor = replace(cursor, failed=None)
-            self._persist(replace(cursor, applied_digest=active))
-            await self.reporter.report(self.stream.stream_id, target.revision, target.digest, "ACTIVE")
+            await self._unchanged(target, active, log)
             return
         failed = self.cursor.failed
         if failed is not None and failed.parks(
@@ -216,9 +212,36 @@ class EventHandler:
                 cursor,
                 applied_digest=target.digest,
                 applied_revision=target.revision,
+                applied_weight=target.traffic_weight,
                 previous_digest=active,
                 failed=None,
             )
         )
         log.info("apply.active", previous=active or None)
+        await self.reporter.report(self.stream.stream_id, target.revision, target.digest, "ACTIVE")
+
+    async def _unchanged(self, target: Target, active: str, log: EventLog) -> None:
+        """The node already runs this bundle: acknowledge it, after telling the proxy
+        its new traffic weight if only that changed."""
+        cursor = self.cursor.advanced(target.revision, self.stream.epoch)
+        if target.traffic_weight != self.cursor.applied_weight:
+            log.info("apply.reweight", weight=target.traffic_weight, previous=self.cursor.applied_weight)
+            try:
+                await self.installer.reweight(target, self.node_id)
+            except ApplyFailed as e:
+                self.counters.failed += 1
+                log.error("apply.reweight_failed", reason=e.reason, weight=self.cursor.applied_weight)
+                self._persist(cursor)
+                reason = f"traffic weight {target.traffic_weight} refused: {e.reason}"
+                await self.reporter.report(
+                    self.stream.stream_id, target.revision, target.digest, "FAILED", reason
+                )
+                return
+            cursor = replace(cursor, applied_weight=target.traffic_weight)
+        else:
+            self.counters.unchanged += 1
+            log.info("desired.unchanged", detail="already running this bundle")
+        if cursor.failed is not None and cursor.failed.digest == target.digest:
+            cursor = replace(cursor, failed=None)
+        self._persist(replace(cursor, applied_digest=active))
         await self.reporter.report(self.stream.stream_id, target.revision, target.digest, "ACTIVE")

@@ -210,6 +210,9 @@ class SimNode:
         finally:
             self.applying = False
 
+    async def reweight(self, target: Target, node_id: str) -> None:
+        """Simulated proxies take any weight; the watch history records what arrived."""
+
     def _received(self, digest: str) -> float:
         for seen in reversed(self.observed):
             if seen.digest == digest:

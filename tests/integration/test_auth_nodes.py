@@ -137,6 +137,7 @@ async def test_registering_a_live_name_needs_its_credential(harness: Harness) ->
     first = await register_raw(harness, "edge-1")
     assert isinstance(first, npb.RegisterNodeResponse)
     node = Registered(first.node_id, first.node_credential, await harness.node_token(first))
+    assert await heartbeat(harness, node) == grpc.StatusCode.OK  # the node is live
     # Holding the project's enrollment token is not enough to take the name over.
     assert await register_raw(harness, "edge-1") == grpc.StatusCode.ALREADY_EXISTS
     wrong = first.node_id + ".cpn_guess"
@@ -237,3 +238,16 @@ async def test_signing_key_rotation_keeps_old_tokens_for_their_life(
     # Once the old key is dropped, its tokens are refused.
     dropped = await make_harness(token_signing_key=generate_private_pem().decode())
     assert await heartbeat(dropped, node) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_registration_whose_answer_was_lost_can_be_repeated(harness: Harness) -> None:
+    """RegisterNode committed but the agent never got the answer (a timeout): it was never
+    heard from, so the enrollment token alone may enroll the name again, same id."""
+    lost = await register_raw(harness, "edge-1")
+    assert isinstance(lost, npb.RegisterNodeResponse)
+    again = await register_raw(harness, "edge-1")
+    assert isinstance(again, npb.RegisterNodeResponse) and again.node_id == lost.node_id
+    node = Registered(again.node_id, again.node_credential, await harness.node_token(again))
+    assert await heartbeat(harness, node) == grpc.StatusCode.OK
+    # Once heard from, the name is claimed.
+    assert await register_raw(harness, "edge-1") == grpc.StatusCode.ALREADY_EXISTS

@@ -39,13 +39,13 @@ from controlplane.domain.node_tokens import (
     load_private,
     load_public,
 )
+from controlplane.domain.nodes import NodeRegistry
 from controlplane.domain.projects import DEFAULT_PROJECT, ProjectDirectory
 from controlplane.domain.records import Node, StatusReport
 from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.directory import RolloutDirectory
 from controlplane.domain.rollouts.driver import RolloutDriver
-from controlplane.domain.rollouts.wakeup import ReportingNodeRegistry
 from controlplane.domain.signing import Signer, parse_seed
 from controlplane.domain.signing_keys import KeyDirectory
 from controlplane.keyfiles import load_or_create_hex, write_private
@@ -117,7 +117,7 @@ class App:
         self.revocations.merge(await load_revocations(self.store))
 
         self.projects = ProjectDirectory(self.store, utcnow)
-        self.nodes = ReportingNodeRegistry(
+        self.nodes = NodeRegistry(
             self.store,
             utcnow,
             view=self.hub,
@@ -321,7 +321,7 @@ class App:
         self.driver = RolloutDriver(self.rollouts, self.leases, s.rollout_tick.total_seconds(), record_pass)
         self.rollouts.wake = self.rollout_directory.wake = self.driver.wake
         # A step completes as soon as its nodes report, not on the next tick.
-        self.nodes.after_report = self.driver.wake
+        self.nodes.on_report = self.driver.wake
         self.drift = DriftDetector(self.store, utcnow, self.hub, self.hub.wake, grace=s.drift_grace)
         self.rollout_tasks = RolloutTasks(
             self.driver,

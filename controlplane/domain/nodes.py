@@ -61,6 +61,8 @@ class NodeRegistry:
     notify: Callable[[], None]
     heartbeat_interval: timedelta = timedelta(seconds=10)
     on_nack: Callable[[Node, StatusReport], None] = field(default=lambda node, report: None)
+    # Called after every recorded report (the rollout driver wakes on it).
+    on_report: Callable[[], None] = field(default=lambda: None)
 
     async def register(
         self,
@@ -234,6 +236,7 @@ class NodeRegistry:
                 )
         if phase is ReportPhase.FAILED:
             self.on_nack(node, report)
+        self.on_report()
 
     async def update_labels(self, node_id: str, labels: Mapping[str, str]) -> tuple[Node, int]:
         labels = validate_labels(labels)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from controlplane.domain import enrollment, validation
@@ -259,13 +259,16 @@ class NodeRegistry:
         assert updated is not None
         # Read-your-writes: the answer (and a GetNode right after) shows the new routing.
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
+        async with self.store.read() as tx:
+            [updated] = await self._flag_revoked(tx, updated.project, [updated])
         return updated, revision
 
     async def get(self, node_id: str) -> Node:
         async with self.store.read() as tx:
             node = await tx.nodes.get(node_id)
-        if node is None:
-            raise NotFound(f"node {node_id!r} does not exist", field="node_id")
+            if node is None:
+                raise NotFound(f"node {node_id!r} does not exist", field="node_id")
+            [node] = await self._flag_revoked(tx, node.project, [node])
         return node
 
     async def page(
@@ -278,8 +281,29 @@ class NodeRegistry:
             if await tx.projects.get(project) is None:
                 raise NotFound(f"project {project!r} does not exist", field="project")
             nodes = await tx.nodes.page(project, parsed, status, limit + 1, after)
-        next_token = _encode_token(nodes[limit - 1].id) if len(nodes) > limit else ""
-        return nodes[:limit], next_token
+            next_token = _encode_token(nodes[limit - 1].id) if len(nodes) > limit else ""
+            return await self._flag_revoked(tx, project, nodes[:limit]), next_token
+
+    async def _flag_revoked(self, tx: Tx, project: str, nodes: list[Node]) -> list[Node]:
+        """`nodes` with the revocation reason of the bundle each runs or is assigned, so an
+        operator sees at a glance which nodes still serve a revoked bundle."""
+        desired = {n.id: self.view.effective(n.id) for n in nodes}
+        digests = {n.applied_digest for n in nodes}
+        digests.update(d.digest for d in desired.values() if d is not None)
+        reasons = await tx.bundles.revoke_reasons(project, digests)
+        if not reasons:
+            return nodes
+        flagged = []
+        for n in nodes:
+            want = desired[n.id]
+            flagged.append(
+                replace(
+                    n,
+                    applied_revoked_reason=reasons.get(n.applied_digest, ""),
+                    desired_revoked_reason=reasons.get(want.digest, "") if want is not None else "",
+                )
+            )
+        return flagged
 
     async def heartbeats(self, node_id: str) -> list[HeartbeatRecord]:
         async with self.store.read() as tx:

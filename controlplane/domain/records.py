@@ -78,3 +78,7 @@ class Node:
     failed_revision: int = 0
     failed_error: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
+    # Why the bundle the node runs (applied) or is assigned (desired) was revoked; empty
+    # when it was not. Filled by the node registry's reads, not stored on the node.
+    applied_revoked_reason: str = ""
+    desired_revoked_reason: str = ""

@@ -92,6 +92,8 @@ def node_out(node: Node, desired: DesiredRow | None) -> node_pb2.Node:
         failed_error=node.failed_error,
         agent_version=node.agent_version,
         hostname=node.hostname,
+        applied_revoked_reason=node.applied_revoked_reason,
+        desired_revoked_reason=node.desired_revoked_reason,
     )
     if desired is not None:
         msg.desired_digest = desired.digest

@@ -270,6 +270,18 @@ class SqlBundles:
         )
         return [_bundle(r) for r in (await self._conn.execute(query)).all()]
 
+    async def revoke_reasons(self, project: str, digests: Collection[str]) -> dict[str, str]:
+        """Digest → revocation reason, for those of `digests` that are revoked bundles."""
+        wanted = sorted({d for d in digests if d})
+        if not wanted:
+            return {}
+        query = select(bundles.c.digest, bundles.c.state_reason).where(
+            bundles.c.project == project,
+            bundles.c.state == BundleState.REVOKED.value,
+            bundles.c.digest.in_(wanted),
+        )
+        return {r.digest: r.state_reason for r in (await self._conn.execute(query)).all()}
+
 
 class SqlSigningKeys:
     def __init__(self, conn: AsyncConnection):

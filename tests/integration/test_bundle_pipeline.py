@@ -259,6 +259,13 @@ async def test_revoked_bundles_cannot_be_assigned_and_their_nodes_are_flagged(ha
         bpb.ListRevokedBundleNodesRequest(project="default")
     )
     assert [n.node_id for n in listed.nodes] == sorted(flagged)
+    # GetNode and ListNodes carry the flag too: runs it, or is assigned it.
+    got = (await harness.nodes.GetNode(npb.GetNodeRequest(node_id=running.node_id))).node
+    assert got.applied_revoked_reason == "CVE-2026-0001" == got.desired_revoked_reason
+    page = await harness.nodes.ListNodes(npb.ListNodesRequest(project="default"))
+    by_id = {n.id: n for n in page.nodes}
+    assert by_id[waiting.node_id].desired_revoked_reason == "CVE-2026-0001"
+    assert by_id[waiting.node_id].applied_revoked_reason == ""
     await harness.app.hub.catch_up()
     head = harness.app.hub.position
     await expect(grpc.StatusCode.FAILED_PRECONDITION, harness.assign(bad.digest, selector="*"), "was revoked")
@@ -274,6 +281,10 @@ async def test_revoked_bundles_cannot_be_assigned_and_their_nodes_are_flagged(ha
         bpb.ListRevokedBundleNodesRequest(project="default")
     )
     assert [n.node_id for n in listed.nodes] == [running.node_id]
+    page = await harness.nodes.ListNodes(npb.ListNodesRequest(project="default"))
+    by_id = {n.id: n for n in page.nodes}
+    assert by_id[waiting.node_id].desired_revoked_reason == ""
+    assert by_id[running.node_id].applied_revoked_reason == "CVE-2026-0001"
     await rec.cancel()
 
 

@@ -225,6 +225,8 @@ class Node(_message.Message):
     FAILED_ERROR_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
+    APPLIED_REVOKED_REASON_FIELD_NUMBER: _builtins.int
+    DESIRED_REVOKED_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     project: _builtins.str
     name: _builtins.str
@@ -240,6 +242,14 @@ class Node(_message.Message):
     failed_error: _builtins.str
     agent_version: _builtins.str
     hostname: _builtins.str
+    applied_revoked_reason: _builtins.str
+    """Set to the revocation reason when the bundle the node runs (applied_digest) was
+    revoked: the node keeps serving it until an operator assigns another bundle.
+    """
+    desired_revoked_reason: _builtins.str
+    """Set to the revocation reason when the bundle the node is assigned (desired_digest)
+    was revoked after the assignment.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -270,10 +280,12 @@ class Node(_message.Message):
         failed_error: _builtins.str = ...,
         agent_version: _builtins.str = ...,
         hostname: _builtins.str = ...,
+        applied_revoked_reason: _builtins.str = ...,
+        desired_revoked_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "last_heartbeat_at", b"last_heartbeat_at", "last_report", b"last_report", "registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "applied_digest", b"applied_digest", "applied_revision", b"applied_revision", "desired_digest", b"desired_digest", "desired_revision", b"desired_revision", "failed_digest", b"failed_digest", "failed_error", b"failed_error", "hostname", b"hostname", "id", b"id", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "last_heartbeat_at", b"last_heartbeat_at", "last_report", b"last_report", "name", b"name", "project", b"project", "registered_at", b"registered_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "applied_digest", b"applied_digest", "applied_revision", b"applied_revision", "applied_revoked_reason", b"applied_revoked_reason", "desired_digest", b"desired_digest", "desired_revision", b"desired_revision", "desired_revoked_reason", b"desired_revoked_reason", "failed_digest", b"failed_digest", "failed_error", b"failed_error", "hostname", b"hostname", "id", b"id", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "last_heartbeat_at", b"last_heartbeat_at", "last_report", b"last_report", "name", b"name", "project", b"project", "registered_at", b"registered_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,6 +3,7 @@ start and stop order. Nothing else creates engines, sessions or servers."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -100,12 +101,22 @@ class App:
         self._metrics_server: Any = None
 
     async def start(self) -> StartInfo:
+        """Open everything and serve. A start that fails part-way releases what it had
+        opened (the database pool, the hub's task, the blob store's client, a bound port)
+        before the error propagates, so a caller can retry in the same process."""
+        async with contextlib.AsyncExitStack() as undo:
+            info = await self._start(undo)
+            undo.pop_all()
+        return info
+
+    async def _start(self, undo: contextlib.AsyncExitStack) -> StartInfo:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         # Many long-lived stream objects: collect the youngest generation less often
         # (grpc-aio-limits.md §3: the larger part of the GC saving).
         gc.set_threshold(50_000, 50, 1000)
         self.engine = make_engine(s.url)
+        undo.push_async_callback(self.engine.dispose)
         await upgrade(self.engine)
         audit_key = self._audit_key()
         self.store = SqlStore(self.engine, audit_key)
@@ -114,6 +125,7 @@ class App:
         self.revocations = NodeRevocations()
         self.hub = WatchHub(RevocationTap(self.feed, self.revocations), s.hub)
         await self.hub.start()
+        undo.push_async_callback(self.hub.stop, 0.0)
         self.revocations.merge(await load_revocations(self.store))
 
         self.projects = ProjectDirectory(self.store, utcnow)
@@ -128,6 +140,7 @@ class App:
         )
         self.writer = DesiredStateWriter(self.store, utcnow, self.hub.wake, self.hub)
         self.blobs = await _blob_store(s)
+        undo.push_async_callback(self.blobs.close)
         signer = self._signer()
         self.signing_keys = KeyDirectory(self.store, utcnow, signer, self.hub.wake)
         allowed = frozenset(s.validator_allow)
@@ -175,11 +188,14 @@ class App:
             rollouts=RolloutServicer(self.rollout_directory, self.rollouts, self.rollout_bus),
             drift=DriftServicer(self.drift),
         )
+        undo.push_async_callback(self.grpc.stop, 0.0)
         port = self.grpc.bind(s.listen, s.tls_cert, s.tls_key, s.tls_client_ca)
         metrics_port = self._start_metrics()
+        undo.callback(self._stop_metrics)
         if not s.embedded:
             self._listener = PgListener(s.url, self.hub.wake)
             self._listener.start()
+            undo.push_async_callback(self._listener.stop)
         self._periodic = [
             Periodic("offline-sweep", s.offline_sweep_interval.total_seconds(), self._sweep_offline),
             Periodic("retention", s.prune_interval.total_seconds(), self._prune),
@@ -191,7 +207,9 @@ class App:
         ]
         for job in self._periodic:
             job.start()
+            undo.push_async_callback(job.stop)
         self.rollout_tasks.start()
+        undo.push_async_callback(self.rollout_tasks.stop)
         await self.grpc.start()
         return StartInfo(port, metrics_port, token, created, admin_key)
 
@@ -209,9 +227,7 @@ class App:
             await job.stop()
         if self._listener is not None:
             await self._listener.stop()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+        self._stop_metrics()
         await self.blobs.close()
         await self.engine.dispose()
 
@@ -298,6 +314,12 @@ class App:
         if path.exists():
             return path.read_text().strip(), False
         return None, False
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
 
     def _start_metrics(self) -> int:
         listen = self.settings.metrics_listen

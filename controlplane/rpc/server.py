@@ -54,6 +54,9 @@ def server_options(max_pending: int, min_ping_interval_ms: int = 20_000) -> list
         # with GOAWAY too_many_pings: accept pings down to 20 s instead.
         ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms),
         ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC sets SO_REUSEPORT by default on Linux: a second server on a taken port
+        # would start "successfully" and silently share its connections. Refuse instead.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -102,15 +105,18 @@ class GrpcServer:
     ) -> int:
         """Listen on `listen`: TLS with a certificate and key, and with `client_ca` every
         client must present a certificate signed by it (mutual TLS)."""
-        if tls_cert is None or tls_key is None:
-            self.port = self.server.add_insecure_port(listen)
-        else:
-            credentials = grpc.ssl_server_credentials(
-                [(tls_key.read_bytes(), tls_cert.read_bytes())],
-                root_certificates=client_ca.read_bytes() if client_ca is not None else None,
-                require_client_auth=client_ca is not None,
-            )
-            self.port = self.server.add_secure_port(listen, credentials)
+        try:
+            if tls_cert is None or tls_key is None:
+                self.port = self.server.add_insecure_port(listen)
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [(tls_key.read_bytes(), tls_cert.read_bytes())],
+                    root_certificates=client_ca.read_bytes() if client_ca is not None else None,
+                    require_client_auth=client_ca is not None,
+                )
+                self.port = self.server.add_secure_port(listen, credentials)
+        except RuntimeError as exc:  # grpc's way of saying the bind failed
+            raise OSError(f"cannot listen on {listen}: the address is in use or not available") from exc
         if not self.port:
             raise OSError(f"cannot listen on {listen}")
         return self.port

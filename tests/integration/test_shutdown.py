@@ -4,10 +4,14 @@ bookmark and a clean status."""
 from __future__ import annotations
 
 import asyncio
+import socket
+from pathlib import Path
 
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import HarnessFactory
+from controlplane.bootstrap import App
+from tests.conftest import HarnessFactory, fast_settings
 
 
 async def test_shutdown_order(make_harness: HarnessFactory) -> None:
@@ -27,3 +31,22 @@ async def test_shutdown_order(make_harness: HarnessFactory) -> None:
     last = rec.of("bookmark")[-1]
     assert last.closing
     assert last.revision == rec.last_revision()
+
+
+async def test_a_failed_start_releases_what_it_opened(tmp_path: Path, database_url: str) -> None:
+    """The port is taken: start fails with a clear error and leaves no task running and no
+    connection checked out, so the same process can start again on another port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        before = set(asyncio.all_tasks())
+        clash = App(fast_settings(tmp_path, database_url, listen=f"127.0.0.1:{port}"))
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await clash.start()
+        await asyncio.sleep(0)
+        assert set(asyncio.all_tasks()) <= before
+        assert clash.engine.pool.checkedout() == 0
+    again = App(fast_settings(tmp_path, database_url))
+    await again.start()
+    await again.stop()

@@ -192,6 +192,13 @@ class App:
         port = self.grpc.bind(s.listen, s.tls_cert, s.tls_key, s.tls_client_ca)
         metrics_port = self._start_metrics()
         undo.callback(self._stop_metrics)
+        self._start_background(undo)
+        await self.grpc.start()
+        return StartInfo(port, metrics_port, token, created, admin_key)
+
+    def _start_background(self, undo: contextlib.AsyncExitStack) -> None:
+        """NOTIFY listener (PostgreSQL), sweeps and the rollout driver."""
+        s = self.settings
         if not s.embedded:
             self._listener = PgListener(s.url, self.hub.wake)
             self._listener.start()
@@ -210,8 +217,6 @@ class App:
             undo.push_async_callback(job.stop)
         self.rollout_tasks.start()
         undo.push_async_callback(self.rollout_tasks.stop)
-        await self.grpc.start()
-        return StartInfo(port, metrics_port, token, created, admin_key)
 
     async def stop(self) -> None:
         """Health NOT_SERVING first, then streams end with a closing bookmark, then the

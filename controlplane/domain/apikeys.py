@@ -14,6 +14,7 @@ from controlplane.domain.audit import current_actor
 from controlplane.domain.credentials import ApiKey
 from controlplane.domain.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from controlplane.domain.ports import Clock, Store, Tx
+from controlplane.domain.projects import require_project
 from controlplane.domain.roles import EVERY_PROJECT, Grant, Principal, Role, validate_grants
 from controlplane.domain.secrets import api_key_id, hash_secret, new_api_key, secret_matches
 
@@ -47,8 +48,8 @@ class ApiKeyRegistry:
         caller.check_can_mint(wanted, expires_at)
         async with self.store.write() as tx:
             for i, grant in enumerate(wanted):
-                if grant.project != EVERY_PROJECT and await tx.projects.get(grant.project) is None:
-                    raise NotFound(f"project {grant.project!r} does not exist", field=f"grants[{i}].project")
+                if grant.project != EVERY_PROJECT:
+                    await require_project(tx, grant.project, f"grants[{i}].project")
             return await self._insert(tx, name, wanted, expires_at, now)
 
     async def bootstrap(self) -> NewKey | None:

@@ -16,6 +16,7 @@ from controlplane.domain.errors import FailedPrecondition, InvalidArgument, NotF
 from controlplane.domain.labels import Selector, node_key, selector_key
 from controlplane.domain.nodes import READ_YOUR_WRITES
 from controlplane.domain.ports import Clock, DesiredView, Store, Tx
+from controlplane.domain.projects import require_project
 
 # One assignment may name at most this many nodes; larger sets should use a selector.
 MAX_NODE_TARGETS = 10_000
@@ -90,7 +91,7 @@ class DesiredStateWriter:
             raise InvalidArgument("only node targets can be pinned", field="pin")
         notes = validation.annotation_map(annotations or {})
         async with self.store.write() as tx:
-            await _require_project(tx, project)
+            await require_project(tx, project)
             bundle = await require_assignable(tx, project, digest)
             keys = await target.keys(tx, project)
             assignment = Assignment(
@@ -125,7 +126,7 @@ class DesiredStateWriter:
 
     async def unassign(self, project: str, target: Target) -> tuple[int, tuple[str, ...]]:
         async with self.store.write() as tx:
-            await _require_project(tx, project)
+            await require_project(tx, project)
             keys = await target.keys(tx, project)
             latest = await tx.desired.latest(keys)
             live = [k for k in keys if k in latest and latest[k].is_assignment]
@@ -151,5 +152,4 @@ def _resource(keys: Sequence[str]) -> str:
 
 
 async def _require_project(tx: Tx, project: str) -> None:
-    if await tx.projects.get(project) is None:
-        raise NotFound(f"project {project!r} does not exist", field="project")
+    await require_project(tx, project)

@@ -22,6 +22,7 @@ from controlplane.domain.bundle_records import Bundle, BundleState, RevokedNode,
 from controlplane.domain.bundles import with_signature
 from controlplane.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from controlplane.domain.ports import Clock, DesiredView, Store, Tx
+from controlplane.domain.projects import require_project
 from controlplane.domain.risk import Facts, assess
 
 MAX_REASON = 1000
@@ -108,8 +109,7 @@ class BundleLifecycle:
 
     async def revoked_nodes(self, project: str) -> list[RevokedNode]:
         async with self.store.read() as tx:
-            if await tx.projects.get(project) is None:
-                raise NotFound(f"project {project!r} does not exist", field="project")
+            await require_project(tx, project)
             return await self._on(tx, project, await tx.bundles.revoked(project))
 
     async def _on(self, tx: Tx, project: str, revoked: list[Bundle]) -> list[RevokedNode]:
@@ -140,8 +140,7 @@ class BundleLifecycle:
 
     async def validation_config(self, project: str) -> tuple[validators.ValidationConfig, bool]:
         async with self.store.read() as tx:
-            if await tx.projects.get(project) is None:
-                raise NotFound(f"project {project!r} does not exist", field="project")
+            await require_project(tx, project)
             stored = await tx.validation_configs.get(project)
         if stored is None:
             return validators.DEFAULT, True
@@ -152,8 +151,7 @@ class BundleLifecycle:
     ) -> validators.ValidationConfig:
         validators.check_config(config, self.allowed_programs)
         async with self.store.write() as tx:
-            if await tx.projects.get(project) is None:
-                raise NotFound(f"project {project!r} does not exist", field="project")
+            await require_project(tx, project)
             before = await tx.validation_configs.get(project)
             await tx.validation_configs.put(project, config.to_json(), self.clock())
             await tx.audit.record(

@@ -40,6 +40,7 @@ from controlplane.domain.errors import (
     NotFound,
     ResourceExhausted,
 )
+from controlplane.domain.projects import require_project
 from controlplane.domain.risk import Facts, assess
 from controlplane.domain.signing import Signer
 
@@ -138,7 +139,7 @@ class BundleRegistry:
     async def _precheck(self, project: str, version: str) -> None:
         validation.version_label(version)
         async with self.store.read() as tx:
-            await _require_project(tx, project)
+            await require_project(tx, project)
 
     @contextlib.contextmanager
     def _scratch(self) -> Iterator[Path]:
@@ -295,7 +296,7 @@ class BundleRegistry:
         if len(version_prefix) > 63:
             raise InvalidArgument("at most 63 characters", field="version_prefix")
         async with self.store.read() as tx:
-            await _require_project(tx, project)
+            await require_project(tx, project)
             rows = await tx.bundles.page(project, limit + 1, before, state, version_prefix)
             page = [await with_signature(tx, b) for b in rows[:limit]]
         token = _encode_token(page[-1].created_at, page[-1].digest) if len(rows) > limit else ""
@@ -392,8 +393,7 @@ async def _version_free(tx: Tx, project: str, version: str) -> None:
 
 
 async def _require_project(tx: Tx, project: str) -> None:
-    if await tx.projects.get(project) is None:
-        raise NotFound(f"project {project!r} does not exist", field="project")
+    await require_project(tx, project)
 
 
 def _encode_token(at: datetime, digest: str) -> str:

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 from controlplane.domain import validation
 from controlplane.domain.assignments import write_assignment
 from controlplane.domain.desired import Assignment, DesiredRow
-from controlplane.domain.errors import DomainError, NotFound
+from controlplane.domain.errors import DomainError
 from controlplane.domain.labels import node_key
+from controlplane.domain.projects import require_project
 from controlplane.domain.rollouts.bundles import assignable
 from controlplane.domain.rollouts.ports import DriftEpisode, NodeApplied
 from controlplane.domain.secrets import new_id
@@ -194,22 +195,19 @@ class DriftDetector:
     ) -> tuple[list[DriftEpisode], str]:
         limit = validation.page_size(page_size)
         async with self.store.read() as tx:
-            if await tx.projects.get(project) is None:
-                raise NotFound(f"project {project!r} does not exist", field="project")
+            await require_project(tx, project)
             episodes = await tx.drift.page(project, open_only, limit + 1, page_token)
         token = episodes[limit - 1].id if len(episodes) > limit else ""
         return episodes[:limit], token
 
     async def remediation(self, project: str) -> bool:
         async with self.store.read() as tx:
-            if await tx.projects.get(project) is None:
-                raise NotFound(f"project {project!r} does not exist", field="project")
+            await require_project(tx, project)
             return await tx.drift.remediating(project)
 
     async def set_remediation(self, project: str, enabled: bool) -> bool:
         async with self.store.write() as tx:
-            if await tx.projects.get(project) is None:
-                raise NotFound(f"project {project!r} does not exist", field="project")
+            await require_project(tx, project)
             before = await tx.drift.remediating(project)
             if before != enabled:
                 await tx.drift.set_remediating(project, enabled, self.clock())

@@ -14,6 +14,7 @@ from datetime import timedelta
 from controlplane.domain.credentials import EnrollmentToken
 from controlplane.domain.errors import InvalidArgument, NotFound, Unauthenticated
 from controlplane.domain.ports import Clock, Store, Tx
+from controlplane.domain.projects import require_project
 from controlplane.domain.secrets import hash_secret, new_secret
 
 # A token is for a wave of enrollments, not a standing door: a year is the most it may live.
@@ -44,8 +45,7 @@ class EnrollmentTokens:
         now = self.clock()
         expires_at = now + ttl if ttl else None
         async with self.store.write() as tx:
-            if await tx.projects.get(project) is None:
-                raise NotFound(f"project {project!r} does not exist", field="project")
+            await require_project(tx, project)
             token = await tx.identity.add_enrollment_token(
                 project, hash_secret(secret), now, expires_at, max_uses or None
             )
@@ -62,8 +62,7 @@ class EnrollmentTokens:
 
     async def list(self, project: str) -> list[EnrollmentToken]:
         async with self.store.read() as tx:
-            if await tx.projects.get(project) is None:
-                raise NotFound(f"project {project!r} does not exist", field="project")
+            await require_project(tx, project)
             return await tx.identity.enrollment_tokens(project)
 
     async def revoke(self, project: str, token_id: str) -> EnrollmentToken:

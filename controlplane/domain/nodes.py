@@ -23,6 +23,7 @@ from controlplane.domain.errors import (
 from controlplane.domain.labels import Selector, meta_key, node_key, validate_labels, validate_node_name
 from controlplane.domain.node_identity import append_revocation
 from controlplane.domain.ports import Clock, DeliveryLedger, DesiredView, Store, Tx
+from controlplane.domain.projects import require_project
 from controlplane.domain.records import (
     HeartbeatRecord,
     Node,
@@ -91,8 +92,7 @@ class NodeRegistry:
             raise Unauthenticated("an enrollment token is required", field="enrollment_token")
         now = self.clock()
         async with self.store.write() as tx:
-            if await tx.projects.get(project) is None:
-                raise NotFound(f"project {project!r} does not exist", field="project")
+            await require_project(tx, project)
             token = await enrollment.use(tx, project, enrollment_token, self.clock)
             existing = await tx.nodes.get_by_name(project, name) if name else None
             node_id = existing.id if existing is not None else new_id("n")
@@ -278,8 +278,7 @@ class NodeRegistry:
         parsed = Selector.parse(selector) if selector else None
         after = _decode_token(page_token)
         async with self.store.read() as tx:
-            if await tx.projects.get(project) is None:
-                raise NotFound(f"project {project!r} does not exist", field="project")
+            await require_project(tx, project)
             nodes = await tx.nodes.page(project, parsed, status, limit + 1, after)
             next_token = _encode_token(nodes[limit - 1].id) if len(nodes) > limit else ""
             return await self._flag_revoked(tx, project, nodes[:limit]), next_token

@@ -6,11 +6,17 @@ from dataclasses import dataclass
 
 from controlplane.domain.errors import AlreadyExists, NotFound
 from controlplane.domain.labels import validate_name
-from controlplane.domain.ports import Clock, Store
+from controlplane.domain.ports import Clock, Store, Tx
 from controlplane.domain.records import Project
 from controlplane.domain.secrets import hash_secret, new_secret
 
 DEFAULT_PROJECT = "default"
+
+
+async def require_project(tx: Tx, project: str, field: str = "project") -> None:
+    """NOT_FOUND naming `field` unless `project` exists."""
+    if not await tx.projects.exists(project):
+        raise NotFound(f"project {project!r} does not exist", field=field)
 
 
 @dataclass

@@ -28,6 +28,11 @@ class SqlProjects:
         )
         return Project(name=row.name, created_at=row.created_at, node_count=count or 0)
 
+    async def exists(self, name: str) -> bool:
+        """One indexed lookup: what every write path checks (`get` also counts nodes)."""
+        row = (await self._conn.execute(select(projects.c.name).where(projects.c.name == name))).first()
+        return row is not None
+
     async def all(self) -> list[Project]:
         counts = select(nodes.c.project, func.count().label("n")).group_by(nodes.c.project).subquery()
         query = (

@@ -25,6 +25,7 @@ from controlplane.domain.desired import Assignment
 from controlplane.domain.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from controlplane.domain.labels import Selector, node_key
 from controlplane.domain.nodes import READ_YOUR_WRITES
+from controlplane.domain.projects import require_project
 from controlplane.domain.records import Node
 from controlplane.domain.rollouts import spec as specs
 from controlplane.domain.rollouts.bundles import assignable, by_version
@@ -84,7 +85,7 @@ class RolloutDirectory:
         self, project: str, spec: RolloutSpec, bundle_version: str, creator: str, now: datetime
     ) -> RolloutView:
         async with self.store.write() as tx:
-            await _require_project(tx, project)
+            await require_project(tx, project)
             if bundle_version:
                 spec = replace(spec, bundle_digest=await by_version(tx, project, bundle_version))
             bundle = await assignable(tx, project, spec.bundle_digest)
@@ -182,7 +183,7 @@ class RolloutDirectory:
         limit = validation.page_size(page_size)
         before = _decode(page_token)
         async with self.store.read() as tx:
-            await _require_project(tx, project)
+            await require_project(tx, project)
             found = await tx.rollouts.page(project, states, limit + 1, before)
         token = _encode(found[limit - 1].id) if len(found) > limit else ""
         return found[:limit], token
@@ -229,7 +230,7 @@ class RolloutDirectory:
             new_id("f"), project, name, starts_at, ends_at, reason, str(current_actor()), now
         )
         async with self.store.write() as tx:
-            await _require_project(tx, project)
+            await require_project(tx, project)
             await tx.freezes.insert(window)
             await tx.audit.record(
                 "freeze.create",
@@ -247,7 +248,7 @@ class RolloutDirectory:
     async def freezes(self, project: str, include_past: bool) -> list[FreezeWindow]:
         after = datetime.min.replace(tzinfo=self.clock().tzinfo) if include_past else self.clock()
         async with self.store.read() as tx:
-            await _require_project(tx, project)
+            await require_project(tx, project)
             return await tx.freezes.page(project, after, validation.MAX_PAGE_SIZE)
 
     async def delete_freeze(self, project: str, window_id: str) -> FreezeWindow:
@@ -332,8 +333,7 @@ class RolloutDirectory:
 
 
 async def _require_project(tx: Tx, project: str) -> None:
-    if await tx.projects.get(project) is None:
-        raise NotFound(f"project {project!r} does not exist", field="project")
+    await require_project(tx, project)
 
 
 async def _require_rollout(tx: Tx, project: str, rollout_id: str) -> Rollout:

@@ -45,12 +45,16 @@ class Target:
         return cls(node_ids=ids)
 
     async def keys(self, tx: Tx, project: str) -> tuple[str, ...]:
+        """The watch keys to write; NOT_FOUND naming the project, or the first node id
+        that is not a node of it."""
         if self.selector is not None:
+            await require_project(tx, project)
             return (selector_key(project, self.selector),)
-        for node_id in self.node_ids:
-            node = await tx.nodes.get(node_id)
-            if node is None or node.project != project:
-                raise NotFound(f"node {node_id!r} does not exist in project {project!r}", field="target")
+        found = await tx.nodes.in_project(project, self.node_ids)
+        missing = [n for n in self.node_ids if n not in found]
+        if missing:
+            await require_project(tx, project)
+            raise NotFound(f"node {missing[0]!r} does not exist in project {project!r}", field="target")
         return tuple(node_key(n) for n in self.node_ids)
 
 
@@ -91,9 +95,8 @@ class DesiredStateWriter:
             raise InvalidArgument("only node targets can be pinned", field="pin")
         notes = validation.annotation_map(annotations or {})
         async with self.store.write() as tx:
-            await require_project(tx, project)
-            bundle = await require_assignable(tx, project, digest)
             keys = await target.keys(tx, project)
+            bundle = await require_assignable(tx, project, digest)
             assignment = Assignment(
                 project,
                 keys,
@@ -126,7 +129,6 @@ class DesiredStateWriter:
 
     async def unassign(self, project: str, target: Target) -> tuple[int, tuple[str, ...]]:
         async with self.store.write() as tx:
-            await require_project(tx, project)
             keys = await target.keys(tx, project)
             latest = await tx.desired.latest(keys)
             live = [k for k in keys if k in latest and latest[k].is_assignment]

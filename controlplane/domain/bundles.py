@@ -91,14 +91,14 @@ async def require_assignable(tx: Tx, project: str, digest: str, field: str = "di
         )
     if bundle.purged_at is not None:
         raise FailedPrecondition(f"bundle {digest}'s archive was garbage-collected", field=field)
-    signed = await with_signature(tx, bundle)
-    if not signed.signature:
+    # `get` carries the newest signature by an active key already.
+    if not bundle.signature:
         raise FailedPrecondition(
             f"bundle {digest} has no signature by an active signing key; a server started with an "
             "active key signs it",
             field=field,
         )
-    return signed
+    return bundle
 
 
 @dataclass

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -74,6 +74,17 @@ class SqlNodes:
     async def get(self, node_id: str) -> Node | None:
         row = (await self._conn.execute(select(nodes).where(nodes.c.id == node_id))).first()
         return _node(row) if row else None
+
+    async def in_project(self, project: str, node_ids: Collection[str]) -> set[str]:
+        """Those of `node_ids` that are nodes of `project`, in one query per 500 ids."""
+        ids = list(node_ids)
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):
+            query = select(nodes.c.id).where(
+                nodes.c.project == project, nodes.c.id.in_(ids[start : start + 500])
+            )
+            found.update((await self._conn.scalars(query)).all())
+        return found
 
     async def get_by_name(self, project: str, name: str) -> Node | None:
         query = select(nodes).where(nodes.c.project == project, nodes.c.name == name)

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check fmt lint types buf gen gen-check imports bench clean
+.PHONY: run test check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,8 +47,21 @@ gen-check: $(STAMP)
 imports: $(STAMP)
 	$(BIN)/lint-imports
 
+## Benchmarks (docs/benchmarks.md): not tests; they print numbers and write .bench-out/.
+bench-seed: $(STAMP)
+	$(BIN)/python -m bench.seed --nodes 10000
+
 bench: $(STAMP)
 	$(BIN)/python -m bench.watch $(BENCH_ARGS)
+
+bench-bundles: $(STAMP)
+	$(BIN)/python -m bench.bundles $(BENCH_ARGS)
+
+bench-rollouts: $(STAMP)
+	$(BIN)/python -m bench.rollouts $(BENCH_ARGS)
+
+bench-identity: $(STAMP)
+	$(BIN)/python -m bench.identity $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

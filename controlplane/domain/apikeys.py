@@ -3,8 +3,6 @@ expiring and revocable, each carrying roles per project."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -84,10 +82,10 @@ class ApiKeyRegistry:
     ) -> tuple[list[ApiKey], str]:
         """Keys with a grant in `project`, or every key (`project` empty: global admins)."""
         limit = validation.page_size(page_size)
-        after = _decode(page_token)
+        after = validation.decode_page_token(page_token)
         async with self.store.read() as tx:
             keys = await tx.identity.api_keys(project or None, include_revoked, limit + 1, after)
-        next_token = _encode(keys[limit - 1].id) if len(keys) > limit else ""
+        next_token = validation.encode_page_token(keys[limit - 1].id) if len(keys) > limit else ""
         return keys[:limit], next_token
 
     async def get(self, key_id: str) -> ApiKey:
@@ -158,16 +156,3 @@ def _audit_project(grants: Sequence[Grant]) -> str:
     """The project an entry about a key is filed under: its only project, else none."""
     projects = {g.project for g in grants}
     return next(iter(projects)) if len(projects) == 1 and EVERY_PROJECT not in projects else ""
-
-
-def _encode(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode()
-
-
-def _decode(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidArgument("not a token this server issued", field="page_token") from None

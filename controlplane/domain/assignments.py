@@ -151,7 +151,3 @@ def _resource(keys: Sequence[str]) -> str:
     """`assignment/<first key>` and how many more: the full list is in the entry."""
     more = f" (+{len(keys) - 1})" if len(keys) > 1 else ""
     return f"assignment/{keys[0]}{more}"[:300]
-
-
-async def _require_project(tx: Tx, project: str) -> None:
-    await require_project(tx, project)

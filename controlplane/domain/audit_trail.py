@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,10 +25,10 @@ class AuditTrail:
     ) -> tuple[list[AuditEntry], str]:
         _check(where)
         limit = validation.page_size(page_size)
-        after = _decode(page_token)
+        after = _seq(validation.decode_page_token(page_token))
         async with self.store.read() as tx:
             found = await tx.audit.query(where, limit + 1, after, newest_first)
-        next_token = _encode(found[limit - 1].seq) if len(found) > limit else ""
+        next_token = validation.encode_page_token(str(found[limit - 1].seq)) if len(found) > limit else ""
         return found[:limit], next_token
 
     async def export(self, where: AuditQuery) -> AsyncIterator[list[AuditEntry]]:
@@ -81,17 +79,10 @@ def _check(where: AuditQuery) -> None:
             raise InvalidArgument("at most 300 characters", field=f"filter.{name}")
 
 
-def _encode(seq: int) -> str:
-    return base64.urlsafe_b64encode(str(seq).encode()).decode()
-
-
-def _decode(token: str) -> int:
-    if not token:
+def _seq(position: str) -> int:
+    """A page token's audit sequence number (0: from the start)."""
+    if not position:
         return 0
-    try:
-        value = int(base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode())
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidArgument("not a token this server issued", field="page_token") from None
-    if value <= 0:
-        raise InvalidArgument("not a token this server issued", field="page_token")
-    return value
+    if not (position.isascii() and position.isdigit()) or int(position) <= 0:
+        raise validation.bad_page_token()
+    return int(position)

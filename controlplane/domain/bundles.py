@@ -14,7 +14,6 @@ nothing, except that a FAILED bundle pushed again is validated again.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import shutil
 import tempfile
@@ -392,21 +391,17 @@ async def _version_free(tx: Tx, project: str, version: str) -> None:
         raise AlreadyExists(f"version {version!r} is already bundle {other.digest}", field="version")
 
 
-async def _require_project(tx: Tx, project: str) -> None:
-    await require_project(tx, project)
-
-
 def _encode_token(at: datetime, digest: str) -> str:
-    return base64.urlsafe_b64encode(f"{at.isoformat()}|{digest}".encode()).decode()
+    return validation.encode_page_token(f"{at.isoformat()}|{digest}")
 
 
 def _decode_token(token: str) -> tuple[datetime, str]:
     try:
-        at, _, digest = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+        at, _, digest = validation.decode_page_token(token).partition("|")
         when = datetime.fromisoformat(at)
         validation.digest(digest)
         if when.tzinfo is None:
             raise ValueError("naive")
     except (ValueError, UnicodeError, InvalidArgument):
-        raise InvalidArgument("not a token this server issued", field="page_token") from None
+        raise validation.bad_page_token() from None
     return when, digest

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -276,11 +274,11 @@ class NodeRegistry:
     ) -> tuple[list[Node], str]:
         limit = validation.page_size(page_size)
         parsed = Selector.parse(selector) if selector else None
-        after = _decode_token(page_token)
+        after = validation.decode_page_token(page_token)
         async with self.store.read() as tx:
             await require_project(tx, project)
             nodes = await tx.nodes.page(project, parsed, status, limit + 1, after)
-            next_token = _encode_token(nodes[limit - 1].id) if len(nodes) > limit else ""
+            next_token = validation.encode_page_token(nodes[limit - 1].id) if len(nodes) > limit else ""
             return await self._flag_revoked(tx, project, nodes[:limit]), next_token
 
     async def _flag_revoked(self, tx: Tx, project: str, nodes: list[Node]) -> list[Node]:
@@ -359,19 +357,6 @@ def _check_metrics(m: NodeMetrics) -> None:
     validation.bounded(m.cpu_percent, 0.0, 100.0, "metrics.cpu_percent")
     validation.bounded(m.memory_percent, 0.0, 100.0, "metrics.memory_percent")
     validation.bounded(m.requests_per_second, 0.0, 1e9, "metrics.requests_per_second")
-
-
-def _encode_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode()
-
-
-def _decode_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidArgument("not a token this server issued", field="page_token") from None
 
 
 def _unclaimed(node: Node, now: datetime) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 from collections.abc import Mapping
@@ -52,3 +54,22 @@ def page_size(value: int, field: str = "page_size") -> int:
     if value < 0 or value > MAX_PAGE_SIZE:
         raise InvalidArgument(f"must be between 0 and {MAX_PAGE_SIZE}", field=field)
     return value or DEFAULT_PAGE_SIZE
+
+
+def encode_page_token(position: str) -> str:
+    """An opaque page token for `position` (the last key of the page)."""
+    return base64.urlsafe_b64encode(position.encode()).decode()
+
+
+def decode_page_token(token: str) -> str:
+    """The position in a token from `encode_page_token`; "" for no token."""
+    if not token:
+        return ""
+    try:
+        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise bad_page_token() from None
+
+
+def bad_page_token() -> InvalidArgument:
+    return InvalidArgument("not a token this server issued", field="page_token")

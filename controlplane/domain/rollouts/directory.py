@@ -11,8 +11,6 @@ both succeed.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -181,22 +179,22 @@ class RolloutDirectory:
         self, project: str, states: Collection[RolloutState], page_size: int, page_token: str
     ) -> tuple[list[Rollout], str]:
         limit = validation.page_size(page_size)
-        before = _decode(page_token)
+        before = validation.decode_page_token(page_token)
         async with self.store.read() as tx:
             await require_project(tx, project)
             found = await tx.rollouts.page(project, states, limit + 1, before)
-        token = _encode(found[limit - 1].id) if len(found) > limit else ""
+        token = validation.encode_page_token(found[limit - 1].id) if len(found) > limit else ""
         return found[:limit], token
 
     async def nodes(
         self, project: str, rollout_id: str, step: int | None, page_size: int, page_token: str
     ) -> tuple[list[RolloutNode], str]:
         limit = validation.page_size(page_size)
-        after = _decode(page_token)
+        after = validation.decode_page_token(page_token)
         async with self.store.read() as tx:
             await _require_rollout(tx, project, rollout_id)
             found = await tx.rollouts.node_page(rollout_id, step, limit + 1, after)
-        token = _encode(found[limit - 1].node_id) if len(found) > limit else ""
+        token = validation.encode_page_token(found[limit - 1].node_id) if len(found) > limit else ""
         return found[:limit], token
 
     async def history(
@@ -332,10 +330,6 @@ class RolloutDirectory:
         return revision
 
 
-async def _require_project(tx: Tx, project: str) -> None:
-    await require_project(tx, project)
-
-
 async def _require_rollout(tx: Tx, project: str, rollout_id: str) -> Rollout:
     rollout = await tx.rollouts.get(rollout_id) if rollout_id else None
     if rollout is None or rollout.project != project:
@@ -348,16 +342,3 @@ async def _require_node(tx: Tx, project: str, node_id: str) -> Node:
     if node is None or node.project != project:
         raise NotFound(f"node {node_id!r} does not exist in project {project!r}", field="node_id")
     return node
-
-
-def _encode(value: str) -> str:
-    return base64.urlsafe_b64encode(value.encode()).decode()
-
-
-def _decode(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidArgument("not a token this server issued", field="page_token") from None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.pool import QueuePool
 
 from controlplane.bootstrap import App
 from tests.conftest import HarnessFactory, fast_settings
@@ -46,7 +47,8 @@ async def test_a_failed_start_releases_what_it_opened(tmp_path: Path, database_u
             await clash.start()
         await asyncio.sleep(0)
         assert set(asyncio.all_tasks()) <= before
-        assert clash.engine.pool.checkedout() == 0
+        pool = clash.engine.pool
+        assert isinstance(pool, QueuePool) and pool.checkedout() == 0
     again = App(fast_settings(tmp_path, database_url))
     await again.start()
     await again.stop()

@@ -54,6 +54,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._authn = authenticator
         self._scopes = scopes
         self._limiter = limiter
+        # Wrapped handlers by method: a service's handler for a method never changes, so
+        # it is wrapped once instead of on every call (a reconnect storm is 10,000 calls).
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -64,14 +67,20 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method: str = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = handler
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, kind)
             if behavior is not None:
-                return handler._replace(
+                wrapped = handler._replace(
                     **{kind: self._wrap(method, kind, behavior)},
                     request_deserializer=_lenient(handler.request_deserializer),
                 )
-        return handler
+                break
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _wrap(self, method: str, kind: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         streams_in = kind.startswith("stream_")

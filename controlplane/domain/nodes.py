@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from controlplane.domain import enrollment, validation
-from controlplane.domain.audit import Actor, ActorKind, acting_as, current_actor, current_request_id
+from controlplane.domain.audit import Actor, ActorKind, acting_as, current_request_id
 from controlplane.domain.desired import ChangeKind, DesiredRow
 from controlplane.domain.errors import (
     AlreadyExists,
@@ -18,6 +18,7 @@ from controlplane.domain.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from controlplane.domain.heartbeats import HeartbeatWriter
 from controlplane.domain.labels import Selector, meta_key, node_key, validate_labels, validate_node_name
 from controlplane.domain.node_identity import append_revocation
 from controlplane.domain.ports import Clock, DeliveryLedger, DesiredView, Store, Tx
@@ -62,6 +63,9 @@ class NodeRegistry:
     on_nack: Callable[[Node, StatusReport], None] = field(default=lambda node, report: None)
     # Called after every recorded report (the rollout driver wakes on it).
     on_report: Callable[[], None] = field(default=lambda: None)
+
+    def __post_init__(self) -> None:
+        self._heartbeats = HeartbeatWriter(self.store, HEARTBEAT_HISTORY)
 
     async def register(
         self,
@@ -167,12 +171,7 @@ class NodeRegistry:
         if applied_digest:
             validation.digest(applied_digest, "applied_digest")
         beat = HeartbeatRecord(received_at=self.clock(), metrics=metrics, applied_digest=applied_digest)
-        async with self.store.write() as tx:
-            previous = await tx.nodes.record_heartbeat(node_id, beat, HEARTBEAT_HISTORY)
-            if previous is None:
-                raise NotFound(f"node {node_id!r} does not exist", field="node_id")
-            if previous is NodeStatus.OFFLINE:
-                await tx.audit.record("node.online", f"node/{node_id}", project=current_actor().project)
+        await self._heartbeats.write(node_id, beat)
         return self.heartbeat_interval
 
     async def report_status(

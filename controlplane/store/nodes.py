@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import and_, bindparam, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controlplane.domain.labels import Selector
@@ -64,6 +66,20 @@ def _node(row: Any) -> Node:
         failed_digest=row.failed_digest,
         failed_revision=row.failed_revision,
         failed_error=row.failed_error,
+    )
+
+
+# Executed with one parameter set per node: the keys name the columns to set.
+_BEAT_UPDATE = update(nodes).where(nodes.c.id == bindparam("b_id"))
+
+
+def _ring_upsert(dialect: str) -> Any:
+    """INSERT … ON CONFLICT (node_id, slot) DO UPDATE, in the dialect's own construct."""
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert(node_heartbeats)
+    changing = [c.name for c in node_heartbeats.columns if c.name not in ("node_id", "slot")]
+    return stmt.on_conflict_do_update(
+        index_elements=["node_id", "slot"], set_={name: stmt.excluded[name] for name in changing}
     )
 
 
@@ -137,41 +153,55 @@ class SqlNodes:
         value = await self._conn.scalar(select(nodes.c.credential_hash).where(nodes.c.id == node_id))
         return str(value) if value is not None else None
 
-    async def record_heartbeat(
-        self, node_id: str, beat: HeartbeatRecord, history_size: int
-    ) -> NodeStatus | None:
-        """Store the beat; returns the node's status before it (None: no such node)."""
-        previous = await self._conn.scalar(select(nodes.c.status).where(nodes.c.id == node_id))
-        if previous is None:
-            return None
-        values = _metric_values(beat.metrics)
-        result = (
-            await self._conn.execute(
-                update(nodes)
-                .where(nodes.c.id == node_id)
-                .values(
-                    status=NodeStatus.ONLINE.value,
-                    last_heartbeat_at=beat.received_at,
-                    heartbeat_digest=beat.applied_digest,
-                    heartbeat_seq=nodes.c.heartbeat_seq + 1,
-                    **values,
-                )
-                .returning(nodes.c.heartbeat_seq)
+    async def record_heartbeats(
+        self, beats: Sequence[tuple[str, HeartbeatRecord]], history_size: int
+    ) -> dict[str, NodeStatus]:
+        """Store a batch of beats (in order; a node may appear more than once) in a few
+        statements: the nodes' latest metrics and each beat in its node's ring of
+        `history_size` slots. Returns each known node's status before the batch; beats of
+        unknown nodes are skipped."""
+        ids = sorted({node_id for node_id, _ in beats})
+        known: dict[str, tuple[NodeStatus, int]] = {}
+        for start in range(0, len(ids), 500):
+            # FOR UPDATE (PostgreSQL): the sequence numbers below are read, then written.
+            query = (
+                select(nodes.c.id, nodes.c.status, nodes.c.heartbeat_seq)
+                .where(nodes.c.id.in_(ids[start : start + 500]))
+                .order_by(nodes.c.id)
+                .with_for_update()
             )
-        ).first()
-        if result is None:
-            return None
-        seq = result.heartbeat_seq
-        slot = seq % history_size
-        row = {"received_at": beat.received_at, "seq": seq, "applied_digest": beat.applied_digest, **values}
-        updated = await self._conn.execute(
-            update(node_heartbeats)
-            .where(node_heartbeats.c.node_id == node_id, node_heartbeats.c.slot == slot)
-            .values(**row)
-        )
-        if updated.rowcount == 0:
-            await self._conn.execute(node_heartbeats.insert().values(node_id=node_id, slot=slot, **row))
-        return NodeStatus(previous)
+            for r in (await self._conn.execute(query)).all():
+                known[r.id] = (NodeStatus(r.status), int(r.heartbeat_seq))
+        seqs = {node_id: seq for node_id, (_, seq) in known.items()}
+        latest: dict[str, dict[str, Any]] = {}
+        ring: list[dict[str, Any]] = []
+        for node_id, beat in beats:
+            if node_id not in seqs:
+                continue
+            seqs[node_id] = seq = seqs[node_id] + 1
+            values = _metric_values(beat.metrics)
+            latest[node_id] = {
+                "b_id": node_id,
+                "status": NodeStatus.ONLINE.value,
+                "last_heartbeat_at": beat.received_at,
+                "heartbeat_digest": beat.applied_digest,
+                "heartbeat_seq": seq,
+                **values,
+            }
+            ring.append(
+                {
+                    "node_id": node_id,
+                    "slot": seq % history_size,
+                    "seq": seq,
+                    "received_at": beat.received_at,
+                    "applied_digest": beat.applied_digest,
+                    **values,
+                }
+            )
+        if latest:
+            await self._conn.execute(_BEAT_UPDATE, list(latest.values()))
+            await self._conn.execute(_ring_upsert(self._conn.dialect.name), ring)
+        return {node_id: status for node_id, (status, _) in known.items()}
 
     async def record_report(self, node_id: str, report: StatusReport) -> None:
         values: dict[str, Any] = {

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import pytest
 
+from controlplane.api.audit.v1 import audit_pb2 as apb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.domain.nodes import HEARTBEAT_HISTORY
 from tests.conftest import HarnessFactory
@@ -50,6 +53,35 @@ async def test_heartbeats_store_latest_and_bounded_history(harness: Harness) -> 
     assert len(history.heartbeats) == HEARTBEAT_HISTORY
     latencies = [h.metrics.p99_latency_ms for h in history.heartbeats]
     assert latencies == [float(i) for i in range(HEARTBEAT_HISTORY + 9, 9, -1)]
+
+
+async def test_concurrent_heartbeats_are_each_stored_and_audited_once(harness: Harness) -> None:
+    """Many nodes beating at once share transactions (group commit): every beat still
+    lands in its node's history in order, and each node's return to ONLINE is one entry."""
+    nodes = [await harness.register(f"n{i}") for i in range(24)]
+    beats = 6
+
+    async def beat(node: Any, i: int) -> None:
+        for k in range(beats):
+            metrics = npb.NodeMetrics(health=npb.HEALTH_STATUS_HEALTHY, p99_latency_ms=float(i * 100 + k))
+            await harness.nodes.Heartbeat(
+                npb.HeartbeatRequest(node_id=node.node_id, metrics=metrics), metadata=node.metadata
+            )
+
+    await asyncio.gather(*(beat(node, i) for i, node in enumerate(nodes)))
+    for i, node in enumerate(nodes):
+        history = await harness.nodes.ListHeartbeats(npb.ListHeartbeatsRequest(node_id=node.node_id))
+        assert [h.metrics.p99_latency_ms for h in history.heartbeats] == [
+            float(i * 100 + k) for k in reversed(range(beats))
+        ]
+        got = (await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))).node
+        assert got.status == npb.NODE_STATUS_ONLINE
+        assert got.last_heartbeat.metrics.p99_latency_ms == float(i * 100 + beats - 1)
+    online = await harness.audit.ListAuditEvents(
+        apb.ListAuditEventsRequest(filter=apb.AuditFilter(action="node.online"), page_size=1000)
+    )
+    assert sorted(e.resource for e in online.events) == sorted(f"node/{n.node_id}" for n in nodes)
+    assert {e.actor for e in online.events} == {f"node:{n.node_id}" for n in nodes}
 
 
 async def test_missed_heartbeats_mark_offline_and_a_heartbeat_brings_back(

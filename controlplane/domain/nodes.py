@@ -11,6 +11,7 @@ from controlplane.domain.audit import Actor, ActorKind, acting_as, current_reque
 from controlplane.domain.desired import ChangeKind, DesiredRow
 from controlplane.domain.errors import (
     AlreadyExists,
+    DomainError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -18,6 +19,7 @@ from controlplane.domain.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from controlplane.domain.group_commit import GroupCommit, Submitted
 from controlplane.domain.heartbeats import HeartbeatWriter
 from controlplane.domain.labels import Selector, meta_key, node_key, validate_labels, validate_node_name
 from controlplane.domain.node_identity import append_revocation
@@ -66,6 +68,7 @@ class NodeRegistry:
 
     def __post_init__(self) -> None:
         self._heartbeats = HeartbeatWriter(self.store, HEARTBEAT_HISTORY)
+        self._reports: GroupCommit[_Report, Node | None] = GroupCommit(self._commit_reports, "reports")
 
     async def register(
         self,
@@ -187,53 +190,82 @@ class NodeRegistry:
         if len(error) > MAX_ERROR_TEXT:
             raise InvalidArgument(f"at most {MAX_ERROR_TEXT} characters", field="error")
         report = StatusReport(stream_id, revision, digest, phase, error, self.clock())
-        async with self.store.write() as tx:
-            node = await tx.nodes.get(node_id)
-            if node is None:
-                raise NotFound(f"node {node_id!r} does not exist", field="node_id")
-            head = await tx.desired.head()
-            if revision > head:
-                raise OutOfRange(f"revision {revision} was never issued (head is {head})", field="revision")
-            # The stream that sent it knows exactly what it sent; a stream of another
-            # replica (or one already gone) falls back to the log.
-            sent = self.ledger.was_sent(stream_id, node_id, revision, digest)
-            if sent is False:
-                raise FailedPrecondition(
-                    f"stream {stream_id} never sent revision {revision} with {digest} to node {node_id}"
-                )
-            if sent is None and not await tx.desired.was_desired(
-                await _assignment_keys(tx, node), digest, revision
-            ):
-                raise FailedPrecondition(
-                    f"node {node_id} was never sent {digest} at or before revision {revision}", field="digest"
-                )
-            last = node.last_report
-            if last is not None and last.revision <= head and _is_stale(last, report):
-                if (last.revision, last.digest, last.phase) == (revision, digest, phase):
-                    return  # a replay of the report we already hold: idempotent
-                raise FailedPrecondition(
-                    f"stale report: node already reported {last.phase.value} for revision {last.revision}",
-                    field="revision",
-                )
-            await tx.nodes.record_report(node_id, report)
-            if phase is ReportPhase.FAILED:
-                await tx.audit.record(
-                    "node.nack",
-                    f"node/{node_id}",
-                    project=node.project,
-                    after={"digest": digest, "revision": revision, "error": error},
-                )
-            elif phase is ReportPhase.ACTIVE and digest != node.applied_digest:
-                await tx.audit.record(
-                    "node.applied",
-                    f"node/{node_id}",
-                    project=node.project,
-                    before={"digest": node.applied_digest},
-                    after={"digest": digest, "revision": revision},
-                )
+        node = await self._reports.submit((node_id, report))
+        if node is None:
+            return  # a replay of the report already held
         if phase is ReportPhase.FAILED:
             self.on_nack(node, report)
         self.on_report()
+
+    async def _commit_reports(self, batch: list[Submitted[_Report]]) -> list[Node | Exception | None]:
+        """Check and record a batch of reports in one transaction, in arrival order: a
+        report sees the ones before it (a node's DOWNLOADED and ACTIVE often come
+        together). Each outcome is the node as it was before its report, None for a
+        replay, or the error that report alone earned."""
+        outcomes: list[Node | Exception | None] = []
+        async with self.store.write() as tx:
+            head = await tx.desired.head()
+            nodes = {n.id: n for n in await tx.nodes.get_many({s.item[0] for s in batch})}
+            for s in batch:
+                node_id, report = s.item
+                try:
+                    with acting_as(s.actor, s.request_id):
+                        node = await self._record_report(tx, nodes.get(node_id), node_id, head, report)
+                except DomainError as e:
+                    outcomes.append(e)
+                    continue
+                outcomes.append(node)
+                if node is not None:
+                    nodes[node_id] = _after(node, report)
+        return outcomes
+
+    async def _record_report(
+        self, tx: Tx, node: Node | None, node_id: str, head: int, report: StatusReport
+    ) -> Node | None:
+        """Every check precedes the first write: a report that fails one leaves nothing."""
+        revision, digest, phase = report.revision, report.digest, report.phase
+        if node is None:
+            raise NotFound(f"node {node_id!r} does not exist", field="node_id")
+        if revision > head:
+            raise OutOfRange(f"revision {revision} was never issued (head is {head})", field="revision")
+        # The stream that sent it knows exactly what it sent; a stream of another
+        # replica (or one already gone) falls back to the log.
+        sent = self.ledger.was_sent(report.stream_id, node_id, revision, digest)
+        if sent is False:
+            raise FailedPrecondition(
+                f"stream {report.stream_id} never sent revision {revision} with {digest} to node {node_id}"
+            )
+        if sent is None and not await tx.desired.was_desired(
+            await _assignment_keys(tx, node), digest, revision
+        ):
+            raise FailedPrecondition(
+                f"node {node_id} was never sent {digest} at or before revision {revision}", field="digest"
+            )
+        last = node.last_report
+        if last is not None and last.revision <= head and _is_stale(last, report):
+            if (last.revision, last.digest, last.phase) == (revision, digest, phase):
+                return None  # a replay of the report we already hold: idempotent
+            raise FailedPrecondition(
+                f"stale report: node already reported {last.phase.value} for revision {last.revision}",
+                field="revision",
+            )
+        await tx.nodes.record_report(node_id, report)
+        if phase is ReportPhase.FAILED:
+            await tx.audit.record(
+                "node.nack",
+                f"node/{node_id}",
+                project=node.project,
+                after={"digest": digest, "revision": revision, "error": report.error},
+            )
+        elif phase is ReportPhase.ACTIVE and digest != node.applied_digest:
+            await tx.audit.record(
+                "node.applied",
+                f"node/{node_id}",
+                project=node.project,
+                before={"digest": node.applied_digest},
+                after={"digest": digest, "revision": revision},
+            )
+        return node
 
     async def update_labels(self, node_id: str, labels: Mapping[str, str]) -> tuple[Node, int]:
         labels = validate_labels(labels)
@@ -343,6 +375,20 @@ async def _assignment_keys(tx: Tx, node: Node) -> list[str]:
 
 
 _PHASE_ORDER = {ReportPhase.DOWNLOADED: 0, ReportPhase.ACTIVE: 1, ReportPhase.FAILED: 1}
+
+
+_Report = tuple[str, StatusReport]
+
+
+def _after(node: Node, report: StatusReport) -> Node:
+    """The node as recording `report` leaves it, for the checks of a later report."""
+    if report.phase is ReportPhase.ACTIVE:
+        return replace(
+            node, last_report=report, applied_digest=report.digest, applied_revision=report.revision
+        )
+    if report.phase is ReportPhase.FAILED:
+        return replace(node, last_report=report, failed_digest=report.digest, failed_revision=report.revision)
+    return replace(node, last_report=report)
 
 
 def _is_stale(last: StatusReport, new: StatusReport) -> bool:

@@ -19,8 +19,8 @@ In order, before any servicer code runs:
 from __future__ import annotations
 
 import inspect
+import os
 import re
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -296,4 +296,4 @@ def _request_id(metadata: Sequence[tuple[str, str | bytes]]) -> str:
             text = value.decode(errors="replace") if isinstance(value, bytes) else value
             if _REQUEST_ID.match(text):
                 return text
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 32 hex digits, like a UUID4 without its cost

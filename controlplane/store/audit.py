@@ -39,6 +39,9 @@ class SqlAuditLog:
         self._conn = conn
         self._key = key
         self._clock = clock
+        # The chain's head as this transaction left it. Once read FOR UPDATE it is ours
+        # until commit, so a transaction that records several entries reads it once.
+        self._head: tuple[int, str] | None = None
 
     async def record(
         self,
@@ -51,11 +54,14 @@ class SqlAuditLog:
     ) -> None:
         # FOR UPDATE: concurrent writers chain one after another, in commit order. On
         # SQLite the write transaction is exclusive already.
-        head = (
-            await self._conn.execute(select(audit_head).where(audit_head.c.id == 1).with_for_update())
-        ).one()
+        if self._head is None:
+            row = (
+                await self._conn.execute(select(audit_head).where(audit_head.c.id == 1).with_for_update())
+            ).one()
+            self._head = (int(row.seq), str(row.mac))
+        head_seq, head_mac = self._head
         entry = AuditEntry(
-            seq=head.seq + 1,
+            seq=head_seq + 1,
             at=self._clock().isoformat(timespec="microseconds"),
             actor=str(current_actor()),
             action=action,
@@ -65,7 +71,7 @@ class SqlAuditLog:
             after=_plain(after),
             request_id=current_request_id(),
         )
-        mac = chain_mac(self._key, entry, head.mac)
+        mac = chain_mac(self._key, entry, head_mac)
         await self._conn.execute(
             audit_log.insert().values(
                 seq=entry.seq,
@@ -83,6 +89,7 @@ class SqlAuditLog:
         await self._conn.execute(
             update(audit_head).where(audit_head.c.id == 1).values(seq=entry.seq, mac=mac)
         )
+        self._head = (entry.seq, mac)
 
     async def head(self) -> tuple[int, str]:
         row = (await self._conn.execute(select(audit_head).where(audit_head.c.id == 1))).one()

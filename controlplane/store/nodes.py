@@ -91,6 +91,14 @@ class SqlNodes:
         row = (await self._conn.execute(select(nodes).where(nodes.c.id == node_id))).first()
         return _node(row) if row else None
 
+    async def get_many(self, node_ids: Collection[str]) -> list[Node]:
+        ids = sorted(set(node_ids))
+        found: list[Node] = []
+        for start in range(0, len(ids), 500):
+            query = select(nodes).where(nodes.c.id.in_(ids[start : start + 500]))
+            found.extend(_node(r) for r in (await self._conn.execute(query)).all())
+        return found
+
     async def in_project(self, project: str, node_ids: Collection[str]) -> set[str]:
         """Those of `node_ids` that are nodes of `project`, in one query per 500 ids."""
         ids = list(node_ids)

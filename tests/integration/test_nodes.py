@@ -84,6 +84,50 @@ async def test_concurrent_heartbeats_are_each_stored_and_audited_once(harness: H
     assert {e.actor for e in online.events} == {f"node:{n.node_id}" for n in nodes}
 
 
+async def test_concurrent_reports_share_transactions_and_fail_alone(harness: Harness) -> None:
+    """Reports from many nodes at once are committed together (group commit), each in
+    order for its node; a bad report among them is refused alone and leaves nothing."""
+    digest = await harness.upload(bundle({"a": b"fleet"}))
+    never = await harness.upload(bundle({"a": b"never assigned"}))
+    nodes = [await harness.register(f"n{i}") for i in range(20)]
+    recs = [harness.open_watch(n) for n in nodes]
+    await harness.assign(digest, selector="*")
+    desired = [await rec.wait_digest(digest) for rec in recs]
+
+    def report(i: int, phase: int, digest: str = digest) -> Any:
+        req = npb.ReportStatusRequest(
+            node_id=nodes[i].node_id,
+            stream_id=recs[i].stream_id,
+            revision=desired[i].revision,
+            digest=digest,
+            phase=phase,  # type: ignore[arg-type]
+        )
+        return harness.nodes.ReportStatus(req, metadata=nodes[i].metadata)
+
+    async def converge(i: int) -> None:
+        await report(i, npb.REPORT_PHASE_DOWNLOADED)
+        await report(i, npb.REPORT_PHASE_ACTIVE)
+
+    bad = [report(i, npb.REPORT_PHASE_ACTIVE, never) for i in range(0, 20, 5)]
+    results = await asyncio.gather(*(converge(i) for i in range(20)), *bad, return_exceptions=True)
+    assert all(r is None for r in results[:20]), results[:20]
+    for r in results[20:]:
+        assert isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.FAILED_PRECONDITION
+    for node in nodes:
+        got = (await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))).node
+        assert got.applied_digest == digest
+        assert got.last_report.phase == npb.REPORT_PHASE_ACTIVE
+    applied = await harness.audit.ListAuditEvents(
+        apb.ListAuditEventsRequest(filter=apb.AuditFilter(action="node.applied"), page_size=1000)
+    )
+    assert sorted(e.resource for e in applied.events) == sorted(f"node/{n.node_id}" for n in nodes)
+    assert {e.actor for e in applied.events} == {f"node:{n.node_id}" for n in nodes}
+    verified = await harness.audit.VerifyAuditChain(apb.VerifyAuditChainRequest())
+    assert verified.ok, verified
+    for rec in recs:
+        await rec.cancel()
+
+
 async def test_missed_heartbeats_mark_offline_and_a_heartbeat_brings_back(
     make_harness: HarnessFactory,
 ) -> None:

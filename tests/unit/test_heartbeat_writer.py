@@ -49,7 +49,9 @@ class _Store:
         yield self
 
 
-BEAT = HeartbeatRecord(received_at=datetime(2026, 11, 23, tzinfo=UTC), metrics=NodeMetrics(), applied_digest="")
+BEAT = HeartbeatRecord(
+    received_at=datetime(2026, 11, 23, tzinfo=UTC), metrics=NodeMetrics(), applied_digest=""
+)
 
 
 def writer(known: set[str], max_batch: int = 500) -> tuple[HeartbeatWriter, _Nodes]:

@@ -200,7 +200,8 @@ class App:
         """NOTIFY listener (PostgreSQL), sweeps and the rollout driver."""
         s = self.settings
         if not s.embedded:
-            self._listener = PgListener(s.url, self.hub.wake)
+            # A report may reach this replica for a rollout another one leads.
+            self._listener = PgListener(s.url, self.hub.wake, on_reports=self.driver.wake)
             self._listener.start()
             undo.push_async_callback(self._listener.stop)
         self._periodic = [

@@ -88,10 +88,16 @@ async def harness(make_harness: HarnessFactory) -> Harness:
 
 
 @pytest.fixture
-async def pg_harness(tmp_path: Path, pg_url: str) -> AsyncIterator[Harness]:
-    """A control plane on PostgreSQL only."""
+async def make_pg_harness(tmp_path: Path, pg_url: str) -> AsyncIterator[HarnessFactory]:
+    """In-process control planes on PostgreSQL only (replicas that LISTEN/NOTIFY)."""
     async for factory in _harnesses(tmp_path, pg_url):
-        yield await factory()
+        yield factory
+
+
+@pytest.fixture
+async def pg_harness(make_pg_harness: HarnessFactory) -> Harness:
+    """A control plane on PostgreSQL only."""
+    return await make_pg_harness()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -217,6 +217,8 @@ class NodeRegistry:
                 outcomes.append(node)
                 if node is not None:
                     nodes[node_id] = _after(node, report)
+            if any(isinstance(o, Node) for o in outcomes):
+                await tx.nodes.announce_reports()
         return outcomes
 
     async def _record_report(

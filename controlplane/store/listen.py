@@ -1,8 +1,10 @@
-"""LISTEN for revision notifications on PostgreSQL.
+"""LISTEN for notifications on PostgreSQL: new revisions (for the watch hub) and recorded
+status reports (for the rollout driver, which may lead on another replica).
 
-A notification is only a wake-up: the hub always catches up by its cursor, so a
-notification lost while this reconnects costs latency (until the hub's periodic sweep),
-never a change. LISTEN runs on its own connection, never a pooled one.
+A notification is only a wake-up: the hub always catches up by its cursor and the driver
+re-reads the rollout, so a notification lost while this reconnects costs latency (until
+the periodic sweep or tick), never a change. LISTEN runs on its own connection, never a
+pooled one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from controlplane.store.desired import NOTIFY_CHANNEL
+from controlplane.store.nodes import REPORTS_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +28,11 @@ def _setter(event: asyncio.Event) -> Callable[[Any], None]:
 
 
 class PgListener:
-    def __init__(self, url: str, on_notify: Callable[[], None]):
+    def __init__(self, url: str, on_notify: Callable[[], None], on_reports: Callable[[], None] | None = None):
         sa_url = make_url(url)
         self._dsn = sa_url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._on_notify = on_notify
+        self._on_reports = on_reports
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -43,6 +47,10 @@ class PgListener:
     def _notified(self, *_args: Any) -> None:
         self._on_notify()
 
+    def _reported(self, *_args: Any) -> None:
+        if self._on_reports is not None:
+            self._on_reports()
+
     async def _run(self) -> None:
         backoff = 0.5
         while True:
@@ -52,10 +60,12 @@ class PgListener:
                 lost = asyncio.Event()
                 conn.add_termination_listener(_setter(lost))
                 await conn.add_listener(NOTIFY_CHANNEL, self._notified)
+                await conn.add_listener(REPORTS_CHANNEL, self._reported)
                 self.connected.set()
                 backoff = 0.5
                 # Whatever was committed while we were not listening: catch up now.
                 self._on_notify()
+                self._reported()
                 while not lost.is_set():
                     try:
                         await asyncio.wait_for(lost.wait(), 30)

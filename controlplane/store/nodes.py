@@ -4,7 +4,7 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, select, update
+from sqlalchemy import and_, bindparam, delete, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -68,6 +68,9 @@ def _node(row: Any) -> Node:
         failed_error=row.failed_error,
     )
 
+
+# NOTIFY channel of recorded status reports: a wake-up for every replica's rollout driver.
+REPORTS_CHANNEL = "controlplane_reports"
 
 # Executed with one parameter set per node: the keys name the columns to set.
 _BEAT_UPDATE = update(nodes).where(nodes.c.id == bindparam("b_id"))
@@ -210,6 +213,10 @@ class SqlNodes:
             await self._conn.execute(_BEAT_UPDATE, list(latest.values()))
             await self._conn.execute(_ring_upsert(self._conn.dialect.name), ring)
         return {node_id: status for node_id, (status, _) in known.items()}
+
+    async def announce_reports(self) -> None:
+        if self._conn.dialect.name == "postgresql":  # SQLite: one process, woken in-process
+            await self._conn.execute(text(f"NOTIFY {REPORTS_CHANNEL}"))
 
     async def record_report(self, node_id: str, report: StatusReport) -> None:
         values: dict[str, Any] = {

@@ -74,6 +74,23 @@ async def test_a_replacement_replica_resumes_where_the_leader_stopped(make_harne
         assert {n.digest for n in sim.nodes} == {v1}
 
 
+async def test_a_report_to_another_replica_wakes_the_leader(make_pg_harness: HarnessFactory) -> None:
+    """The fleet talks to replica A; B leads the rollout and ticks only once a minute.
+    Each step completes on reports recorded by A: only their NOTIFY can wake B in time."""
+    slow = {**FAST, "rollout_tick": timedelta(seconds=60), "lease_ttl": timedelta(seconds=30)}
+    a = await make_pg_harness(**slow)
+    b = await make_pg_harness(**slow)
+    await a.app.rollout_tasks.stop()  # A never leads
+    async with running(fleet(a.address, a.token, 3)):
+        v1 = await a.upload(archive("v1"))
+        rollouts = Rollouts(b.channel)
+        # No gates: a step is done on its ACTIVE reports alone (heartbeats do not wake B).
+        created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1), gates=pb.HealthGates())
+        seen = await rollouts.watch(created.id, timeout=20)
+        assert seen.last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        assert await writes_per_step(rollouts, created.id) == [0, 1, 2]
+
+
 async def test_a_stalled_holders_late_writes_match_nothing(make_harness: HarnessFactory) -> None:
     plane: Harness = await make_harness(**FAST)
     app = plane.app

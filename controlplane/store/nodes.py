@@ -274,9 +274,12 @@ class SqlNodes:
             nodes.c.status == NodeStatus.ONLINE.value,
             nodes.c.last_heartbeat_at < cutoff,
         )
+        # PostgreSQL: lock in id order, as a heartbeat batch does, and skip the rows a
+        # batch holds (those nodes are beating right now), so the two never deadlock.
+        silent = select(nodes.c.id).where(stale).order_by(nodes.c.id).with_for_update(skip_locked=True)
         result = await self._conn.execute(
             update(nodes)
-            .where(stale)
+            .where(nodes.c.id.in_(silent.scalar_subquery()))
             .values(status=NodeStatus.OFFLINE.value)
             .returning(nodes.c.id, nodes.c.project)
         )

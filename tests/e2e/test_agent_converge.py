@@ -19,6 +19,7 @@ FILES_V2 = {
 }
 
 
+@pytest.mark.both_backends
 async def test_five_agents_converge_on_each_assignment(
     server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory
 ) -> None:

@@ -13,6 +13,7 @@ from tests.support.processes import ControlClient, ServerProcess
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.both_backends
 async def test_agents_resume_after_server_sigkill_and_converge(
     server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory
 ) -> None:

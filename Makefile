@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity clean
+.PHONY: run test check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-group-commit clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,9 @@ bench-rollouts: $(STAMP)
 
 bench-identity: $(STAMP)
 	$(BIN)/python -m bench.identity $(BENCH_ARGS)
+
+bench-group-commit: $(STAMP)
+	$(BIN)/python -m bench.group_commit $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

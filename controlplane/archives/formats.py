@@ -1,9 +1,15 @@
-"""The built-in configuration parsers: KDL (kdl-py), JSON, YAML (PyYAML, safe loader).
+"""The built-in configuration parsers: KDL (ckdl), JSON, YAML (PyYAML, safe loader).
 
 Each parse reads one file of a received tree and answers the parsed document or an
-error naming the file, line and column. Parsing untrusted text must not take the
-server down: files above a size cap are refused, and deep nesting (which the parsers
-handle by recursion) becomes an error instead of a crash.
+error naming the file and line (and column where the parser tells it). Parsing
+untrusted text must not take the server down: files above a size cap are refused, and
+deep nesting becomes an error instead of a crash.
+
+KDL comes in two versions and Zentinel accepts both: KDL 2.0 (bare-word values,
+`#true`, `#null`) and KDL 1.0 (quoted strings, `true`, `r"raw"`). A file whose first
+node is the version marker `/- kdl-version 1` (or `2`) is read as that version only;
+any other is read as 2.0 and, failing that, as 1.0. Documents come back as `KdlNode`s,
+our own plain model, so nothing past this module knows the parser library.
 """
 
 from __future__ import annotations
@@ -11,19 +17,23 @@ from __future__ import annotations
 import enum
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ckdl  # type: ignore[import-untyped]
 import yaml
-from kdl.errors import ParseError as KdlParseError
-from kdl.parsefuncs import parse as parse_kdl
 
 # libyaml's safe loader when PyYAML was built with it: the same documents, ten times faster.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # Configuration files are text a person edits; 8 MiB is far beyond any real one and
 # keeps a pure-Python parse within seconds.
 MAX_PARSE_BYTES = 8 * 1024 * 1024
+# Real configurations nest a handful of levels; what reads the structure recurses.
+MAX_KDL_DEPTH = 100
+# Finding the line of a KDL error re-parses prefixes (about log2(lines) times): only
+# for files up to this size; larger ones get the message without a line.
+_LOCATE_BYTES = 1024 * 1024
 
 
 class ConfigFormat(enum.StrEnum):
@@ -53,7 +63,119 @@ class Parsed:
         return not self.error
 
 
-_KDL_POSITION = re.compile(r"^(\d+):(\d+) parse error: (.*)$", re.DOTALL)
+@dataclass(frozen=True)
+class Tagged:
+    """A KDL value with a type annotation, `(duration)"5s"`."""
+
+    tag: str
+    value: Any
+
+    def __repr__(self) -> str:
+        return f"({self.tag}){self.value!r}"
+
+
+def plain(value: Any) -> Any:
+    """The value without its type annotation."""
+    return value.value if isinstance(value, Tagged) else value
+
+
+@dataclass
+class KdlNode:
+    name: str
+    args: list[Any] = field(default_factory=list)
+    props: dict[str, Any] = field(default_factory=dict)
+    nodes: list[KdlNode] = field(default_factory=list)
+
+
+@dataclass
+class KdlDocument:
+    nodes: list[KdlNode]
+    # The KDL version it parsed as: 2 or 1.
+    version: int
+
+
+class KdlError(ValueError):
+    """Not a KDL document: `line` (when found) and what is wrong, per version tried."""
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.line = line
+
+
+_KDL_MARKER = re.compile(r"\A\ufeff?\s*/-\s*kdl-version\s+([0-9]+)")
+# Messages meaning "the input ended too early": every prefix of a document says so.
+_KDL_EOF = ("Unexpected end of data",)
+
+
+def _value(raw: Any) -> Any:
+    if isinstance(raw, ckdl.Value):
+        return Tagged(str(raw.type_annotation), raw.value)
+    return raw
+
+
+def _convert(doc: Any) -> list[KdlNode]:
+    """ckdl's tree as KdlNodes, without recursion; RecursionError past MAX_KDL_DEPTH."""
+    root: list[KdlNode] = []
+    stack: list[tuple[list[Any], list[KdlNode], int]] = [(list(doc.nodes), root, 1)]
+    while stack:
+        sources, into, depth = stack.pop()
+        if depth > MAX_KDL_DEPTH:
+            raise RecursionError
+        for src in sources:
+            node = KdlNode(
+                str(src.name),
+                [_value(a) for a in src.args],
+                {str(k): _value(v) for k, v in src.properties.items()},
+            )
+            into.append(node)
+            if src.children:
+                stack.append((list(src.children), node.nodes, depth + 1))
+    return root
+
+
+def _error_line(text: str, version: int, message: str) -> int | None:
+    """The line where parsing as `version` first fails with `message`."""
+    lines = text.splitlines(keepends=True)
+    if message.startswith(_KDL_EOF):
+        return len(lines) or 1
+    if len(text) > _LOCATE_BYTES:
+        return None
+
+    def fails_here(k: int) -> bool:
+        try:
+            ckdl.parse("".join(lines[:k]), version=version)
+        except ckdl.ParseError as e:
+            return str(e) == message
+        return False
+
+    lo, hi = 1, len(lines)
+    if not lines or not fails_here(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fails_here(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def parse_kdl(text: str) -> KdlDocument:
+    """A KDL 2.0 or 1.0 document (see the module docstring); KdlError otherwise."""
+    marked = _KDL_MARKER.match(text)
+    if marked and marked.group(1) not in ("1", "2"):
+        raise KdlError(f"kdl-version {marked.group(1)} is not a KDL version this server reads (1, 2)", 1)
+    versions = (int(marked.group(1)),) if marked else (2, 1)
+    failures: list[tuple[int | None, str]] = []
+    for version in versions:
+        try:
+            return KdlDocument(_convert(ckdl.parse(text, version=version)), version)
+        except ckdl.ParseError as e:
+            failures.append((_error_line(text, version, str(e)), f"{e} (as KDL {version}.0)"))
+    (line, message), *others = failures
+    for other_line, other in others:
+        message += f"; {f'line {other_line}: ' if other_line else ''}{other}"
+    raise KdlError(message, line)
 
 
 def parse(root: Path, path: str, fmt: ConfigFormat) -> Parsed:
@@ -76,11 +198,8 @@ def parse(root: Path, path: str, fmt: ConfigFormat) -> Parsed:
         return Parsed(path, list(yaml.load_all(text, Loader=_YAML_LOADER)))
     except RecursionError:
         return Parsed(path, error=f"{path}: nested too deeply to parse")
-    except KdlParseError as e:
-        match = _KDL_POSITION.match(str(e).strip())
-        if match:
-            return Parsed(path, error=f"{path}:{match.group(1)}:{match.group(2)}: {match.group(3)}")
-        return Parsed(path, error=f"{path}: {e}")
+    except KdlError as e:
+        return Parsed(path, error=f"{path}:{e.line}: {e}" if e.line else f"{path}: {e}")
     except json.JSONDecodeError as e:
         return Parsed(path, error=f"{path}:{e.lineno}:{e.colno}: {e.msg}")
     except yaml.YAMLError as e:

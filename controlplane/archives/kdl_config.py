@@ -17,7 +17,9 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from kdl.types import Document, Node
+from controlplane.archives.formats import KdlDocument as Document
+from controlplane.archives.formats import KdlNode as Node
+from controlplane.archives.formats import plain
 
 SECTIONS = {"listeners": "listener", "upstreams": "upstream", "routes": "route"}
 TLS = frozenset({"tls", "ssl", "mtls"})
@@ -43,7 +45,17 @@ Structure = dict[str, dict[str, Any]]
 
 
 def empty() -> Structure:
-    return {"listeners": {}, "upstreams": {}, "routes": {}, "tls": {}, "auth": {}, "rate_limits": {}}
+    # `unparsed`: path -> why, for .kdl files whose structure could not be read (risk
+    # says so rather than judging them unchanged).
+    return {
+        "listeners": {},
+        "upstreams": {},
+        "routes": {},
+        "tls": {},
+        "auth": {},
+        "rate_limits": {},
+        "unparsed": {},
+    }
 
 
 def _render(node: Node) -> str:
@@ -55,6 +67,9 @@ def _render(node: Node) -> str:
 
 
 def _value(value: Any) -> str:
+    # Type annotations are left out, as kdl-py (the parser before) left them out: the
+    # fingerprints of stored bundles stay comparable.
+    value = plain(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return repr(value)
@@ -66,13 +81,14 @@ def fingerprint(node: Node) -> str:
 
 def _ident(node: Node, index: int) -> str:
     for arg in node.args:
-        if isinstance(arg, str):
-            return arg
-    ident = node.props.get("id") or node.props.get("name")
+        if isinstance(plain(arg), str):
+            return str(plain(arg))
+    ident = plain(node.props.get("id")) or plain(node.props.get("name"))
     return str(ident) if ident is not None else f"#{index}"
 
 
 def _text(value: Any) -> str:
+    value = plain(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
@@ -90,7 +106,7 @@ def _first(node: Node, name: str) -> str:
 def _kind(node: Node) -> str | None:
     """`tls`, `auth` or `rate_limits` for a block of that kind, by name or `type`."""
     names = {node.name}
-    names.update(str(v) for v in node.props.values() if isinstance(v, str))
+    names.update(str(plain(v)) for v in node.props.values() if isinstance(plain(v), str))
     names.update(_child_values(node, "type"))
     if node.name in TLS:
         return "tls"
@@ -144,8 +160,8 @@ def extract(documents: Iterable[tuple[str, Document]]) -> Structure:
 def _blocks(nodes: Iterable[Node], scope: str, out: Structure) -> None:
     for node in nodes:
         here = f"{scope}/{node.name}"
-        if node.args and isinstance(node.args[0], str):
-            here += f"[{node.args[0]}]"
+        if node.args and isinstance(plain(node.args[0]), str):
+            here += f"[{plain(node.args[0])}]"
         kind = _kind(node)
         if kind is not None:
             out[kind][here] = fingerprint(node)

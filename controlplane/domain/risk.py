@@ -10,7 +10,8 @@ in one finding. The bundle's level is the highest of its findings' levels.
 | auth-changed (an auth/JWT/WAF block added, removed or changed) | high |
 | upstream-removed | high |
 | listener-removed | high |
-| routes-changed, many (more than 10 or a quarter of the routes) | high |
+| structure-unknown (a .kdl file added or changed that could not be parsed) | high |
+| routes-changed, many (more than 10, or at least 3 and more than a quarter) | high |
 | routes-changed, a few | low |
 | rate-limit-changed | medium |
 | upstream-changed (targets) | medium |
@@ -18,6 +19,9 @@ in one finding. The bundle's level is the highest of its findings' levels.
 | certificates-changed (.pem, .crt, .key, ...) | medium |
 | files-removed | medium |
 | files-changed (other files) | low |
+
+A first bundle is LOW ("first-bundle"), unless some of its .kdl files could not be
+parsed: then MEDIUM (structure-unknown), since nothing about them could be read.
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ from controlplane.archives.manifest import Manifest
 from controlplane.domain.bundle_records import RiskAssessment, RiskFinding, RiskLevel
 
 HIGH, MEDIUM, LOW = RiskLevel.HIGH, RiskLevel.MEDIUM, RiskLevel.LOW
-# "Many routes": more than this many, or more than this share of the previous routes.
+# "Many routes": more than this many, or more than this share of the previous routes
+# when at least MANY_ROUTES_MIN changed (in a config of three routes, one changed route
+# is a third of them, yet a small change).
 MANY_ROUTES = 10
 MANY_ROUTES_SHARE = 0.25
+MANY_ROUTES_MIN = 3
 KEY_MATERIAL = (".pem", ".crt", ".cer", ".key", ".p12", ".pfx", ".jks")
 _LISTED = 5
 
@@ -70,11 +77,35 @@ def _blocks(
     return findings
 
 
+def _unparsed(previous: Facts | None, current: Facts) -> list[RiskFinding]:
+    """Files whose structure could not be read are named, never judged unchanged."""
+    unparsed: dict[str, str] = current.structure.get("unparsed", {})
+    if previous is None:
+        unknown = sorted(unparsed)
+    else:
+        before, after = previous.manifest.by_path(), current.manifest.by_path()
+        was_unparsed = previous.structure.get("unparsed", {})
+        # Unchanged and unreadable before too: nothing in it changed.
+        unknown = sorted(p for p in unparsed if before.get(p) != after.get(p) or p not in was_unparsed)
+    if not unknown:
+        return []
+    return [
+        RiskFinding(
+            MEDIUM if previous is None else HIGH,
+            "structure-unknown",
+            f"cannot read the structure of {_names(unknown)}, so TLS, auth, listener, route and upstream "
+            f"changes in it are not judged: {unparsed[unknown[0]]}",
+        )
+    ]
+
+
 def assess(previous: Facts | None, current: Facts) -> RiskAssessment:
     if previous is None:
-        return RiskAssessment(LOW, "", (RiskFinding(LOW, "first-bundle", "the project's first bundle"),))
+        findings = [RiskFinding(LOW, "first-bundle", "the project's first bundle"), *_unparsed(None, current)]
+        level = max((f.level for f in findings), key=lambda lv: lv.rank)
+        return RiskAssessment(level, "", tuple(findings))
     old, new = previous.structure, current.structure
-    findings: list[RiskFinding] = []
+    findings = _unparsed(previous, current)
     findings += _blocks("tls", "TLS", "tls-changed", HIGH, old, new)
     findings += _blocks("auth", "auth", "auth-changed", HIGH, old, new)
     findings += _blocks("rate_limits", "rate-limit", "rate-limit-changed", MEDIUM, old, new)
@@ -103,7 +134,9 @@ def assess(previous: Facts | None, current: Facts) -> RiskAssessment:
     added, removed, changed = _delta(old_routes, new.get("routes", {}))
     touched = len(added) + len(removed) + len(changed)
     if touched:
-        many = touched > MANY_ROUTES or touched > MANY_ROUTES_SHARE * max(len(old_routes), 1)
+        many = touched > MANY_ROUTES or (
+            touched >= MANY_ROUTES_MIN and touched > MANY_ROUTES_SHARE * max(len(old_routes), 1)
+        )
         detail = f"{len(added)} added, {len(removed)} removed, {len(changed)} changed of {len(old_routes)}"
         findings.append(RiskFinding(HIGH if many else LOW, "routes-changed", f"routes changed: {detail}"))
 

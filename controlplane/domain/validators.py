@@ -4,8 +4,8 @@ A project's `ValidationConfig` names its entry point (`main`), the parsers run o
 matching glob patterns (KDL, JSON, YAML, or ZENTINEL = KDL plus Zentinel's structure)
 and the external commands (`nginx -t -c {main}`, `zentinel validate --config {main}`)
 run on the received files. A project without one gets `DEFAULT`: JSON and YAML syntax
-by extension. KDL checks are opt-in: kdl-py reads KDL 1.0, and a KDL 2.0 configuration
-(which Zentinel also accepts) must not fail by default. External commands are an
+by extension; KDL checks (which read KDL 2.0 and 1.0) are opt-in, so a project whose
+`.kdl` files are some other dialect does not fail by default. External commands are an
 admin's choice of program, run on the control plane's host, so the server only runs
 programs on its allow-list (`serve --validator-allow`).
 """
@@ -185,14 +185,21 @@ def run_parser(check: ParserCheck, main: str, manifest: Manifest, cache: ParseCa
 
 
 def structure(manifest: Manifest, cache: ParseCache) -> kdl_config.Structure:
-    """What every KDL file of the bundle that parses declares."""
+    """What every KDL file of the bundle declares. A file that does not parse is listed
+    under `unparsed` with why, never silently left out: risk then says it cannot judge
+    it (whether or not the project validates KDL)."""
     docs = []
+    unparsed: dict[str, str] = {}
     for entry in manifest.files:
         if entry.path.endswith(".kdl"):
             parsed = cache.get(entry.path, ConfigFormat.KDL)
             if parsed.ok:
                 docs.append((entry.path, parsed.document))
-    return kdl_config.extract(docs)
+            else:
+                unparsed[entry.path] = parsed.error[:500]
+    out = kdl_config.extract(docs)
+    out["unparsed"] = unparsed
+    return out
 
 
 def _cap(text: str) -> str:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from controlplane.archives import kdl_config
 from controlplane.archives.formats import ConfigFormat, parse
-from controlplane.archives.manifest import Entry, Manifest
+from controlplane.archives.manifest import Entry, Manifest, scan
+from controlplane.domain import validators
 from controlplane.domain.bundle_records import RiskLevel
 from controlplane.domain.risk import Facts, assess
 
@@ -125,3 +126,97 @@ def test_file_changes(tmp_path: Path) -> None:
         "files-removed": RiskLevel.MEDIUM,
         "files-changed": RiskLevel.LOW,
     }
+
+
+def test_listener_removed_is_high_and_re_addressed_or_added_is_medium(tmp_path: Path) -> None:
+    base = BASE.replace("%ROUTES%", routes(3))
+    old = facts(tmp_path / "a", base)
+    no_listener = base.replace('    listener "https" {', '    xlistener "https" {')
+    assert rules(assess(old, facts(tmp_path / "b", no_listener)))["listener-removed"] is RiskLevel.HIGH
+    moved = facts(tmp_path / "c", base.replace("0.0.0.0:443", "0.0.0.0:8443"))
+    result = assess(old, moved)
+    assert rules(result) == {"listener-changed": RiskLevel.MEDIUM, "files-changed": RiskLevel.LOW}
+    assert "'https'" in result.findings[0].reason and result.level is RiskLevel.MEDIUM
+    extra = base.replace(
+        "listeners {\n", 'listeners {\n    listener "admin" {\n        address "127.0.0.1:9000"\n    }\n'
+    )
+    result = assess(old, facts(tmp_path / "d", extra))
+    assert rules(result) == {"listener-changed": RiskLevel.MEDIUM, "files-changed": RiskLevel.LOW}
+    assert "'admin'" in result.findings[0].reason
+
+
+def test_upstream_targets_changed_is_medium_and_added_is_low(tmp_path: Path) -> None:
+    base = BASE.replace("%ROUTES%", routes(3))
+    old = facts(tmp_path / "a", base)
+    retargeted = facts(tmp_path / "b", base.replace("10.0.0.9:8080", "10.0.0.10:8080"))
+    result = assess(old, retargeted)
+    assert rules(result) == {"upstream-changed": RiskLevel.MEDIUM, "files-changed": RiskLevel.LOW}
+    assert "'legacy'" in result.findings[0].reason
+    added = base.replace(
+        "upstreams {\n", 'upstreams {\n    upstream "new" {\n        target "10.0.1.1:80"\n    }\n'
+    )
+    result = assess(old, facts(tmp_path / "c", added))
+    assert rules(result) == {"upstream-added": RiskLevel.LOW, "files-changed": RiskLevel.LOW}
+    assert result.level is RiskLevel.LOW and "'new'" in result.findings[0].reason
+
+
+def test_one_route_of_a_few_is_not_many(tmp_path: Path) -> None:
+    """A quarter of three routes is under one: the share alone must not make it HIGH."""
+    old = facts(tmp_path / "a", BASE.replace("%ROUTES%", routes(3)))
+    one = BASE.replace("%ROUTES%", routes(3)).replace(
+        'route "r2" {\n        upstream "backend"', 'route "r2" {\n        upstream "legacy"'
+    )
+    result = assess(old, facts(tmp_path / "b", one))
+    assert rules(result) == {"routes-changed": RiskLevel.LOW, "files-changed": RiskLevel.LOW}
+    assert "0 added, 0 removed, 1 changed of 3" in result.findings[0].reason
+    # Three of eight: past the absolute minimum and over a quarter.
+    old = facts(tmp_path / "c", BASE.replace("%ROUTES%", routes(8)))
+    result = assess(old, facts(tmp_path / "d", BASE.replace("%ROUTES%", routes(11))))
+    assert rules(result)["routes-changed"] is RiskLevel.HIGH
+
+
+def tree_facts(root: Path, files: dict[str, str], digest: str = "sha256:x") -> Facts:
+    """Facts as the pipeline builds them: the manifest and structure of a real tree."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    manifest = scan(root)
+    return Facts(digest, manifest, validators.structure(manifest, validators.ParseCache(root)))
+
+
+KDL2_TLS = """
+listeners {
+    listener https {
+        address "0.0.0.0:443"
+        protocol https
+        tls { cert-file "certs/site.pem"; min-version "1.2"; session-tickets #false }
+    }
+}
+"""
+
+
+def test_kdl_2_tls_change_is_high(tmp_path: Path) -> None:
+    old = tree_facts(tmp_path / "a", {"zentinel.kdl": KDL2_TLS})
+    new = tree_facts(tmp_path / "b", {"zentinel.kdl": KDL2_TLS.replace('"1.2"', '"1.0"')})
+    result = assess(old, new)
+    assert result.level is RiskLevel.HIGH and rules(result)["tls-changed"] is RiskLevel.HIGH
+
+
+def test_an_unreadable_kdl_file_is_never_low_by_omission(tmp_path: Path) -> None:
+    broken = KDL2_TLS + "route / -> {\n"
+    first = tree_facts(tmp_path / "a", {"zentinel.kdl": broken})
+    result = assess(None, first)
+    assert result.level is RiskLevel.MEDIUM
+    assert rules(result) == {"first-bundle": RiskLevel.LOW, "structure-unknown": RiskLevel.MEDIUM}
+    # Changed and still unreadable: a TLS change inside cannot be ruled out.
+    changed = tree_facts(tmp_path / "b", {"zentinel.kdl": broken.replace('"1.2"', '"1.0"')})
+    result = assess(first, changed)
+    assert result.level is RiskLevel.HIGH and rules(result)["structure-unknown"] is RiskLevel.HIGH
+    reason = next(f.reason for f in result.findings if f.rule == "structure-unknown")
+    assert "'zentinel.kdl'" in reason and "zentinel.kdl:" in reason
+    # Readable before, unreadable now: named too (its listeners did not just vanish).
+    readable = tree_facts(tmp_path / "c", {"zentinel.kdl": KDL2_TLS})
+    assert rules(assess(readable, first))["structure-unknown"] is RiskLevel.HIGH
+    # Unchanged and unreadable before as well: nothing in it changed.
+    other = tree_facts(tmp_path / "d", {"zentinel.kdl": broken, "extra.yaml": "a: 1\n"})
+    assert "structure-unknown" not in rules(assess(first, other))

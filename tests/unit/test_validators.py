@@ -47,7 +47,7 @@ def run_parser(root: Path, check: ParserCheck, main: str = "") -> ValidationResu
     return validators.run_parser(check, main, scan(root), ParseCache(root))
 
 
-def test_syntax_errors_name_file_line_and_column(tmp_path: Path) -> None:
+def test_syntax_errors_name_file_and_line(tmp_path: Path) -> None:
     root = bundle_dir(
         tmp_path,
         {
@@ -60,7 +60,7 @@ def test_syntax_errors_name_file_line_and_column(tmp_path: Path) -> None:
     )
     kdl = run_parser(root, ParserCheck(ConfigFormat.KDL))
     assert not kdl.ok and kdl.validator == "kdl:*.kdl"
-    assert kdl.output.startswith("conf/bad.kdl:2:") and "EOF" in kdl.output
+    assert kdl.output.startswith("conf/bad.kdl:2: Unexpected end of data"), kdl.output
     js = run_parser(root, ParserCheck(ConfigFormat.JSON))
     assert not js.ok and js.output.startswith("bad.json:2:7: Expecting value")
     yml = run_parser(root, ParserCheck(ConfigFormat.YAML))
@@ -105,6 +105,86 @@ def test_zentinel_checks_the_structure(tmp_path: Path) -> None:
         "no file matches zentinel.kdl"
         in run_parser(none, ParserCheck(ConfigFormat.ZENTINEL), "zentinel.kdl").output
     )
+
+
+# The same configuration in KDL 2.0: bare-word strings, #true, a type annotation.
+GOOD_ZENTINEL_V2 = b"""
+listeners {
+    listener http {
+        address "0.0.0.0:8080"
+        protocol http
+        keepalive #true
+    }
+}
+upstreams {
+    upstream backend {
+        target "127.0.0.1:3000"
+        timeout (duration)"5s"
+    }
+}
+routes {
+    route api {
+        upstream backend
+    }
+}
+"""
+
+
+def test_kdl_2_and_kdl_1_both_parse_validate_and_give_the_same_structure(tmp_path: Path) -> None:
+    # `true` (not `#true`) is KDL 1.0 only.
+    v1_only = GOOD_ZENTINEL.replace(b'protocol "http"', b'protocol "http"\n        keepalive true')
+    v1 = bundle_dir(tmp_path / "v1", {"zentinel.kdl": v1_only})
+    v2 = bundle_dir(tmp_path / "v2", {"zentinel.kdl": GOOD_ZENTINEL_V2})
+    for root in (v1, v2):
+        for fmt in (ConfigFormat.KDL, ConfigFormat.ZENTINEL):
+            result = run_parser(root, ParserCheck(fmt), "zentinel.kdl")
+            assert result.ok, result.output
+    s1 = validators.structure(scan(v1), ParseCache(v1))
+    s2 = validators.structure(scan(v2), ParseCache(v2))
+    for s in (s1, s2):
+        assert s["unparsed"] == {}
+        assert s["listeners"]["http"]["address"] == "0.0.0.0:8080"
+        assert s["routes"]["api"]["upstream"] == "backend"
+        assert s["upstreams"]["backend"]["targets"] == ["127.0.0.1:3000"]
+    assert ParseCache(v2).get("zentinel.kdl", ConfigFormat.KDL).document.version == 2
+    assert ParseCache(v1).get("zentinel.kdl", ConfigFormat.KDL).document.version == 1
+
+
+def test_the_version_marker_picks_the_kdl_version(tmp_path: Path) -> None:
+    root = bundle_dir(
+        tmp_path,
+        {
+            "v1.kdl": b"/- kdl-version 1\nlistener http\n",  # a bare word is not KDL 1.0
+            "v2.kdl": b'/- kdl-version 2\nlistener "http" flag=true\n',  # `true` is not KDL 2.0
+            "ok.kdl": b"/- kdl-version 2\nlistener http flag=#true\n",
+            "v3.kdl": b"/- kdl-version 3\na 1\n",
+        },
+    )
+    result = run_parser(root, ParserCheck(ConfigFormat.KDL))
+    errors = dict(line.split(":", 1) for line in result.output.splitlines())
+    assert set(errors) == {"v1.kdl", "v2.kdl", "v3.kdl"}, result.output
+    assert errors["v1.kdl"].startswith("2: ") and "(as KDL 1.0)" in errors["v1.kdl"]
+    assert "KDL 2.0" not in errors["v1.kdl"]
+    assert errors["v2.kdl"].startswith("2: ") and "(as KDL 2.0)" in errors["v2.kdl"]
+    assert "KDL 1.0" not in errors["v2.kdl"]
+    assert "kdl-version 3 is not a KDL version" in errors["v3.kdl"]
+
+
+def test_a_kdl_error_names_its_line_in_each_version(tmp_path: Path) -> None:
+    text = b'a "x"\nb 1\nc }\nd 2\n'
+    root = bundle_dir(tmp_path, {"bad.kdl": text})
+    result = run_parser(root, ParserCheck(ConfigFormat.KDL))
+    assert result.output.startswith("bad.kdl:3: Unexpected '}' (as KDL 2.0); line 3: "), result.output
+    assert result.output.endswith("(as KDL 1.0)")
+
+
+def test_structure_lists_kdl_files_it_cannot_read(tmp_path: Path) -> None:
+    """Whatever the validators, an unreadable .kdl file is named, never just skipped."""
+    root = bundle_dir(tmp_path, {"zentinel.kdl": GOOD_ZENTINEL_V2, "conf/broken.kdl": b"route / -> x {\n"})
+    found = validators.structure(scan(root), ParseCache(root))
+    assert set(found["unparsed"]) == {"conf/broken.kdl"}
+    assert found["unparsed"]["conf/broken.kdl"].startswith("conf/broken.kdl:")
+    assert "http" in found["listeners"]
 
 
 async def run(

@@ -200,8 +200,40 @@ async def test_manual_rollback_restores_what_each_node_had(plane: Harness) -> No
         nodes = await rollouts.nodes(created.id)
         assert sorted(n.state for n in nodes) == [pb.NODE_STATE_PENDING] * 2 + [pb.NODE_STATE_ROLLED_BACK] * 2
         events = await rollouts.events(created.id)
-        assert any(e.kind == "write" and "rollback written: 2 of 2" in e.message for e in events)
+        assert any(
+            e.kind == "write" and "restore written: 2 of 2 node(s) put back" in e.message for e in events
+        )
         assert (await rollouts.get(created.id)).steps[1].revision == 0
+
+
+async def test_rollback_restores_the_selector_assignment_made_after_an_earlier_rollout(
+    plane: Harness,
+) -> None:
+    """Rollout A leaves the nodes' own keys on v0; a selector assignment then moves the
+    fleet to v1 (a higher revision than those keys). Rolling back rollout B (v2) must
+    bring the nodes to v1 — their effective desired state before B — not to v0, the value
+    their own keys still held."""
+    async with running(fleet(plane.address, plane.token, 3)) as sim:
+        rollouts = Rollouts(plane.channel)
+        v0 = await everyone_on(rollouts, await plane.upload(archive("v0")))
+        v1 = await plane.upload(archive("v1"))
+        await plane.assign(v1, selector="env=prod")
+        await settle(sim, v1)
+        v2 = await plane.upload(archive("v2"))
+        created = await rollouts.create(v2, rolling=pb.RollingParams(batch_size=2), bake_time=seconds(60))
+        await settle_some(sim, v2, 2)
+        nodes = {n.node_id: n for n in await rollouts.nodes(created.id)}
+        written = [n for n in nodes.values() if n.assigned_revision]
+        assert len(written) == 2 and {n.previous_digest for n in written} == {v1}
+        back = await rollouts.stub.RollbackRollout(
+            pb.RollbackRolloutRequest(project="default", rollout_id=created.id, reason="bad deploy")
+        )
+        assert back.rollout.state == pb.ROLLOUT_STATE_ROLLED_BACK
+        await settle(sim, v1)
+        for node in sim.nodes:
+            told = [o.digest for o in node.observed]
+            after = told[told.index(v2) :] if v2 in told else []
+            assert told[-1] == v1 and v0 not in after, (node.node_id, told)
 
 
 async def settle_some(sim: FleetSimulator, digest: str, count: int) -> None:

@@ -8,8 +8,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from controlplane.domain.desired import ChangeKind, DesiredRow, resolve
+from controlplane.domain.labels import node_key
 from controlplane.domain.records import Health, HeartbeatRecord, NodeMetrics
 from controlplane.domain.rollouts import machine
+from controlplane.domain.rollouts.commit import previous_state
 from controlplane.domain.rollouts.facts import NodeFacts, World
 from controlplane.domain.rollouts.model import (
     NodeState,
@@ -24,6 +27,8 @@ from controlplane.domain.rollouts.run import Run
 
 OLD = "sha256:" + "0" * 64
 NEW = "sha256:" + "1" * 64
+# A bundle an operator assigns to a selector meanwhile.
+MID = "sha256:" + "2" * 64
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 HEALTHY = NodeMetrics(Health.HEALTHY, error_rate=0.01, p99_latency_ms=20.0, cpu_percent=10, memory_percent=20)
 
@@ -42,14 +47,30 @@ def make_run(spec: RolloutSpec, nodes: list[str], created_by: str = "operator:al
     return Run(rollout, steps, {n.node_id: n for n in planned})
 
 
+def row(key: str, revision: int, digest: str | None, weight: int = 100) -> DesiredRow:
+    """A desired-state row: an assignment of `digest`, or a tombstone when it is None."""
+    if digest is None:
+        return DesiredRow(key, revision, "default", ChangeKind.UNASSIGN)
+    return DesiredRow(key, revision, "default", ChangeKind.ASSIGN, digest, traffic_weight=weight)
+
+
 @dataclass
 class FakeFleet:
-    """Nodes that run OLD at first; `desired` is what the rollout last wrote per node."""
+    """Nodes that run OLD at first. Desired state is kept the way the log keeps it — the
+    latest row of each node's own key and of a selector key — and resolved the way the
+    watch resolves it, so a restore that writes a key's old value where a selector had
+    decided shows up as the wrong effective state. At first each node's own key holds
+    OLD (written by an earlier rollout) and no selector is assigned."""
 
     node_ids: list[str]
     revision: int = 100
     facts: dict[str, NodeFacts] = field(default_factory=dict)
-    desired: dict[str, tuple[str | None, int, int]] = field(default_factory=dict)
+    # The latest row of each key, `node:<id>` and `sel:...`.
+    rows: dict[str, DesiredRow] = field(default_factory=dict)
+    # The selector keys each node matches.
+    selectors: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Every node a rollout wrote (a step or a restore).
+    touched: set[str] = field(default_factory=set)
     # Every (step, node) written, in order: a node is never written outside its step.
     written: list[tuple[int, str]] = field(default_factory=list)
     pins: set[str] = field(default_factory=set)
@@ -62,46 +83,88 @@ class FakeFleet:
     def __post_init__(self) -> None:
         for n in self.node_ids:
             self.facts[n] = NodeFacts(n, online=True, applied_digest=OLD, applied_revision=1)
+            self.rows.setdefault(node_key(n), row(node_key(n), 1, OLD))
+
+    # -- desired state -------------------------------------------------------------------
+
+    def effective(self, node_id: str) -> DesiredRow | None:
+        """What the node's watch resolves from the latest rows of its keys."""
+        keys = (node_key(node_id), *self.selectors.get(node_id, ()))
+        return resolve(self.rows.get(k) for k in keys)
+
+    @property
+    def desired(self) -> dict[str, tuple[str | None, int, int]]:
+        """(digest, weight, revision) each node a rollout wrote resolves to now."""
+        out: dict[str, tuple[str | None, int, int]] = {}
+        for node_id in sorted(self.touched):
+            eff = self.effective(node_id)
+            out[node_id] = (eff.digest, eff.traffic_weight, eff.revision) if eff else (None, 100, 0)
+        return out
+
+    def write(self, keys: list[str], digest: str | None, weight: int = 100) -> int:
+        """One assignment (or tombstone, digest None) of `keys` at a new revision."""
+        self.revision += 1
+        for key in keys:
+            self.rows[key] = row(key, self.revision, digest, weight)
+        return self.revision
+
+    def assign_selector(self, digest: str | None, node_ids: list[str], weight: int = 100) -> int:
+        """An operator's AssignBundle to a selector every one of `node_ids` matches."""
+        key = "sel:default:env=prod"
+        for node_id in node_ids:
+            if key not in self.selectors.get(node_id, ()):
+                self.selectors[node_id] = (*self.selectors.get(node_id, ()), key)
+        return self.write([key], digest, weight)
 
     def perform(self, run: Run, now: datetime) -> None:
         """What `commit` does with the run's effects, minus the database."""
         for write in run.writes:
-            self.revision += 1
             self.step_writes[write.step] = self.step_writes.get(write.step, 0) + 1
+            revision = self.revision + 1
             for node_id in (*write.targets, *write.live):
                 node = run.nodes[node_id]
                 if node_id in self.pins:
                     run.set_node(node, now, state=NodeState.SKIPPED, error="pinned")
                     continue
                 if not node.touched:
-                    node = run.set_node(
-                        node, now, previous_digest=OLD, previous_key_digest=OLD, previous_weight=100
-                    )
+                    node = run.set_node(node, now, **previous_state(node_id, self.effective(node_id)))
+                if node.role is Role.LIVE and not node.previous_digest:
+                    run.set_node(node, now, state=NodeState.SKIPPED, error="runs no bundle")
+                    continue
                 digest = NEW if node.role is Role.TARGET else node.previous_digest
                 weight = write.target_weight if node.role is Role.TARGET else write.live_weight
-                run.set_node(node, now, assigned_revision=self.revision)
-                self.desired[node_id] = (digest, weight, self.revision)
+                run.set_node(node, now, assigned_revision=revision)
+                self.rows[node_key(node_id)] = row(node_key(node_id), revision, digest, weight)
+                self.touched.add(node_id)
                 self.written.append((write.step, node_id))
+            self.revision = revision
             run.set_step(run.steps[write.step], revision=self.revision)
         if run.restore:
             self.revision += 1
             for node_id in run.restore:
                 node = run.nodes[node_id]
-                self.desired[node_id] = (node.previous_key_digest, node.previous_weight, self.revision)
+                if node_id in self.pins:
+                    continue
+                key = node_key(node_id)
+                self.rows[key] = row(key, self.revision, node.previous_key_digest, node.previous_weight)
+                run.set_node(node, now, assigned_revision=self.revision)
         run.writes.clear()
         run.restore.clear()
 
     # -- what nodes do -----------------------------------------------------------------
 
     def converge(self, node_id: str, now: datetime) -> None:
-        """The node applies its desired state and reports ACTIVE."""
-        digest, _, revision = self.desired[node_id]
+        """The node applies its desired state and reports ACTIVE (with nothing desired,
+        it keeps what it runs)."""
+        eff = self.effective(node_id)
+        if eff is None:
+            return
         self.facts[node_id] = replace(
-            self.facts[node_id], applied_digest=digest or OLD, applied_revision=revision, reported_at=now
+            self.facts[node_id], applied_digest=eff.digest, applied_revision=eff.revision, reported_at=now
         )
 
     def nack(self, node_id: str, now: datetime, error: str = "apply command exited with code 1") -> None:
-        digest, _, revision = self.desired[node_id]
+        digest, _, revision = self.desired.get(node_id, (None, 100, 0))
         self.facts[node_id] = replace(
             self.facts[node_id],
             failed_digest=digest or "",
@@ -120,7 +183,7 @@ class FakeFleet:
         self.facts[node_id] = replace(self.facts[node_id], online=False)
 
     def converge_all(self, now: datetime, metrics: NodeMetrics = HEALTHY) -> None:
-        for node_id in self.desired:
+        for node_id in self.node_ids:
             if self.facts[node_id].online:
                 self.converge(node_id, now)
         for node_id in self.node_ids:

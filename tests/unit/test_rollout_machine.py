@@ -25,6 +25,7 @@ from controlplane.domain.rollouts.plan import canary_sizes
 from controlplane.domain.rollouts.run import Run
 from tests.support.rollouts import (
     HEALTHY,
+    MID,
     NEW,
     OLD,
     T0,
@@ -172,6 +173,33 @@ def test_offline_nodes_count_against_max_unavailable() -> None:
     assert run.state is RolloutState.ROLLED_BACK
     assert "did not complete within 20s" in run.rollout.reason and ids[1] in run.rollout.reason
     assert set(steps_written(fleet)) == {0}
+
+
+def test_rollback_restores_each_node_s_effective_state_not_its_key_s_old_value() -> None:
+    """An earlier rollout left the nodes' own keys on OLD; a selector assignment then
+    moved them to MID (a higher revision). Rolling back a rollout of NEW must bring back
+    MID — what each node resolved to — not OLD, what its own key still held. A node whose
+    own key decided (written after the selector) gets its key's bundle back; a node with
+    nothing desired gets a tombstone."""
+    ids = nodes(3)
+    fleet = FakeFleet(ids)
+    fleet.assign_selector(MID, ids[:2])
+    # ids[1]: its own key written after the selector, so the key decides.
+    fleet.write([f"node:{ids[1]}"], OLD, weight=100)
+    # ids[2]: nothing desired at all.
+    fleet.write([f"node:{ids[2]}"], None)
+    assert [(e.digest if (e := fleet.effective(n)) else None) for n in ids] == [MID, OLD, None]
+    run = make_run(make_spec(Strategy.ALL_AT_ONCE, bake_time=60 * S), ids)
+    run, now = drive(run, fleet, T0, seconds=5)
+    assert {fleet.desired[n][0] for n in ids} == {NEW} and run.state is RolloutState.RUNNING
+    recorded = {n: (run.nodes[n].previous_digest, run.nodes[n].previous_key_digest) for n in ids}
+    assert recorded == {ids[0]: (MID, None), ids[1]: (OLD, OLD), ids[2]: ("", None)}
+    machine.roll_back(run, now, "bad deploy")
+    fleet.perform(run, now)
+    assert fleet.desired[ids[0]][0] == MID, "the selector's assignment governs again"
+    assert fleet.rows[f"node:{ids[0]}"].kind.value == "unassign"
+    assert fleet.desired[ids[1]][0] == OLD
+    assert fleet.desired[ids[2]][0] is None
 
 
 def test_pause_holds_everything_and_resume_does_not_count_the_pause() -> None:

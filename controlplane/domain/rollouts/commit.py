@@ -4,8 +4,11 @@ its audit entries — in the caller's transaction, so all of it lands or none do
 A step is one `write_assignment` for its new-bundle nodes (one revision); blue-green's
 live set, which keeps its bundle, adds one per bundle it runs. A node pinned since it was
 planned is skipped here, in the same transaction as the write, so a pin can never be
-overwritten. The first write of a node records what its `node:<id>` key held before:
-that is what a rollback restores.
+overwritten. The first write of a node records its effective desired state, resolved in
+this transaction over all its keys: that is what a rollback (or a cancel, for the nodes
+not yet on the bundle) restores — the bundle and weight again on its own key if that key
+decided it, a tombstone on its key if a selector did (or nothing did), so the selector
+governs again.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from controlplane.domain import validation
 from controlplane.domain.assignments import write_assignment, write_unassignment
-from controlplane.domain.desired import Assignment, DesiredRow
+from controlplane.domain.desired import Assignment, DesiredRow, resolve
 from controlplane.domain.errors import Aborted, DomainError
-from controlplane.domain.labels import node_key
+from controlplane.domain.labels import node_key, parse_selector_key
 from controlplane.domain.rollouts.bundles import assignable
 from controlplane.domain.rollouts.model import (
     TERMINAL_STATES,
@@ -31,7 +34,7 @@ from controlplane.domain.rollouts.model import (
 from controlplane.domain.rollouts.run import EventKind, Run, StepWrite
 
 if TYPE_CHECKING:
-    from controlplane.domain.ports import DesiredView, Tx
+    from controlplane.domain.ports import Tx
 
 # Keys per `IN (...)` query: far below either database's parameter limit.
 _CHUNK = 500
@@ -64,7 +67,43 @@ def is_pin(row: DesiredRow | None) -> bool:
     return row is not None and row.is_assignment and row.pinned
 
 
-async def commit(tx: Tx, run: Run, now: datetime, view: DesiredView) -> Committed:
+async def effective_rows(tx: Tx, project: str, node_ids: Sequence[str]) -> dict[str, DesiredRow | None]:
+    """Each node's effective desired row, resolved inside `tx` over all its keys — its own
+    `node:<id>` and every selector of the project its labels match — exactly as its watch
+    resolves them (`desired.resolve`), at this transaction's snapshot (the hub's image
+    may be a commit behind)."""
+    own = await latest_node_rows(tx, node_ids)
+    selectors = [
+        (key, parsed[1])
+        for key in await tx.desired.selector_keys(project)
+        if (parsed := parse_selector_key(key)) is not None
+    ]
+    baselines: dict[str, DesiredRow] = {}
+    for part in chunks([key for key, _ in selectors]):
+        baselines.update(await tx.desired.latest(part))
+    live = [(selector, baselines[key]) for key, selector in selectors if key in baselines]
+    out: dict[str, DesiredRow | None] = {}
+    for part in chunks(node_ids):
+        for node in await tx.nodes.get_many(part):
+            matching = (row for selector, row in live if selector.matches(node.labels))
+            out[node.id] = resolve([own.get(node.id), *matching])
+    return out
+
+
+def previous_state(node_id: str, effective: DesiredRow | None) -> dict[str, Any]:
+    """The `RolloutNode` fields recording `effective` (the node's desired row before the
+    rollout's first write) and how a restore brings it back."""
+    if effective is None:
+        return {"previous_digest": "", "previous_weight": 100, "previous_key_digest": None}
+    own = effective.key == node_key(node_id)
+    return {
+        "previous_digest": effective.digest,
+        "previous_weight": effective.traffic_weight,
+        "previous_key_digest": effective.digest if own else None,
+    }
+
+
+async def commit(tx: Tx, run: Run, now: datetime) -> Committed:
     if run.writes and not run.spec.freeze_override_reason:
         # The decision may rest on a freeze check a moment old: the write is what counts.
         window = await tx.freezes.covering(run.rollout.project, now)
@@ -72,7 +111,7 @@ async def commit(tx: Tx, run: Run, now: datetime, view: DesiredView) -> Committe
             raise Aborted(f"freeze window {window.name!r} began; the step waits for it to end")
     revisions: list[int] = []
     for write in run.writes:
-        revisions += await _write_step(tx, run, write, now, view)
+        revisions += await _write_step(tx, run, write, now)
     if run.restore:
         revisions += await _restore(tx, run, now)
     loaded = run.loaded_rollout
@@ -115,10 +154,12 @@ async def commit(tx: Tx, run: Run, now: datetime, view: DesiredView) -> Committe
     return Committed(saved, events, revisions)
 
 
-async def _write_step(tx: Tx, run: Run, write: StepWrite, now: datetime, view: DesiredView) -> list[int]:
+async def _write_step(tx: Tx, run: Run, write: StepWrite, now: datetime) -> list[int]:
     rollout, spec = run.rollout, run.spec
     ids = [*write.targets, *write.live]
     latest = await latest_node_rows(tx, ids)
+    first = [n for n in ids if not run.nodes[n].touched and not is_pin(latest.get(n))]
+    effective = await effective_rows(tx, rollout.project, first) if first else {}
     targets: list[str] = []
     live: dict[str, list[str]] = {}
     skipped: list[str] = []
@@ -136,14 +177,7 @@ async def _write_step(tx: Tx, run: Run, write: StepWrite, now: datetime, view: D
             skip(node_id, "pinned by an operator")
             continue
         if not node.touched:
-            effective = view.effective(node_id)
-            node = run.set_node(
-                node,
-                now,
-                previous_digest=effective.digest if effective is not None else "",
-                previous_key_digest=row.digest if row is not None and row.is_assignment else None,
-                previous_weight=row.traffic_weight if row is not None and row.is_assignment else 100,
-            )
+            node = run.set_node(node, now, **previous_state(node_id, effective.get(node_id)))
         if node.role is Role.TARGET:
             targets.append(node_id)
         elif node.previous_digest:
@@ -226,7 +260,8 @@ async def _write_step(tx: Tx, run: Run, write: StepWrite, now: datetime, view: D
 
 
 async def _restore(tx: Tx, run: Run, now: datetime) -> list[int]:
-    """Put every node the rollout touched back on what its own key held before."""
+    """Put every node of `run.restore` back on its effective desired state from before
+    the rollout's first write (`previous_state`)."""
     rollout = run.rollout
     latest = await latest_node_rows(tx, run.restore)
     groups: dict[tuple[str | None, int], list[str]] = {}
@@ -235,14 +270,15 @@ async def _restore(tx: Tx, run: Run, now: datetime) -> list[int]:
         if is_pin(latest.get(node_id)):
             run.set_node(node, now, error="pinned since the rollout wrote it: left as pinned")
             continue
-        groups.setdefault((node.previous_key_digest, node.previous_weight), []).append(node_id)
-    notes = validation.annotation_map({"rollout": rollout.id, "rollback": "true"})
+        digest = node.previous_key_digest
+        groups.setdefault((digest, node.previous_weight if digest else 100), []).append(node_id)
+    notes = validation.annotation_map({"rollout": rollout.id, "restore": "true"})
     revisions: list[int] = []
     restored = 0
     for (digest, weight), group in groups.items():
         keys = tuple(node_key(n) for n in group)
         if digest is None:
-            # The key held nothing: a tombstone hands the node back to its selectors.
+            # A selector decided (or nothing did): a tombstone hands the node back to it.
             revision = await write_unassignment(tx, rollout.project, keys, now.timestamp())
             revisions.append(revision)
             restored += len(group)
@@ -277,7 +313,7 @@ async def _restore(tx: Tx, run: Run, now: datetime) -> list[int]:
             run.set_node(run.nodes[node_id], now, assigned_revision=revision)
     run.event(
         EventKind.WRITE,
-        f"rollback written: {restored} of {len(run.restore)} node(s) restored"
+        f"restore written: {restored} of {len(run.restore)} node(s) put back"
         + (f" at revision(s) {', '.join(map(str, revisions))}" if revisions else ""),
         revisions=revisions,
         nodes=restored,

@@ -120,7 +120,7 @@ class RolloutController:
                         project=project,
                         after={"approvals": len(approvers) + 1, "comment": text},
                     )
-                    self._after_commit(tx, await commit(tx, run, now, self.view))
+                    self._after_commit(tx, await commit(tx, run, now))
                 break
             except Aborted:
                 if attempt == _ATTEMPTS - 1:
@@ -137,7 +137,7 @@ class RolloutController:
                     run = await self._load(tx, project, rollout_id)
                     now = self.clock()
                     action(run, now)
-                    committed = await commit(tx, run, now, self.view)
+                    committed = await commit(tx, run, now)
                     self._after_commit(tx, committed)
                 break
             except Aborted:
@@ -208,7 +208,7 @@ class RolloutController:
             async with self.store.write() as tx:
                 if lease is not None:
                     await Leases.fence(tx, lease)
-                committed = await commit(tx, run, now, self.view)
+                committed = await commit(tx, run, now)
                 self._after_commit(tx, committed)
         except Aborted:
             self._cache.pop(rollout_id, None)

@@ -28,7 +28,7 @@ from controlplane.domain.records import Node
 from controlplane.domain.rollouts import spec as specs
 from controlplane.domain.rollouts.bundles import assignable, by_version
 from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
-from controlplane.domain.rollouts.commit import is_pin, latest_node_rows
+from controlplane.domain.rollouts.commit import effective_rows, is_pin, latest_node_rows
 from controlplane.domain.rollouts.model import (
     FreezeWindow,
     NodeState,
@@ -38,6 +38,7 @@ from controlplane.domain.rollouts.model import (
     RolloutSpec,
     RolloutState,
     RolloutView,
+    Strategy,
 )
 from controlplane.domain.rollouts.plan import plan
 from controlplane.domain.rollouts.run import EventKind, Run
@@ -120,9 +121,10 @@ class RolloutDirectory:
                     "them); wait for it to end, or cancel it",
                     field="selector",
                 )
-            standby = [
-                n for n in targets if (row := self.view.effective(n)) is not None and row.traffic_weight == 0
-            ]
+            desired = (
+                await effective_rows(tx, project, targets) if spec.strategy is Strategy.BLUE_GREEN else {}
+            )
+            standby = [n for n in targets if (row := desired.get(n)) is not None and row.traffic_weight == 0]
             steps, nodes = plan(spec, targets, standby)
             nodes += [
                 RolloutNode(n, -1, state=NodeState.SKIPPED, error="pinned by an operator") for n in pinned

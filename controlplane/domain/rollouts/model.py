@@ -295,11 +295,16 @@ class RolloutNode:
     step: int
     role: Role = Role.TARGET
     state: NodeState = NodeState.PENDING
-    # The bundle the node was meant to run before the rollout touched it (display).
+    # The node's effective desired state when the rollout first wrote it — resolved over
+    # all its keys (its own `node:<id>` and every selector it matches), as its watch
+    # resolved it: the bundle ("" = none) and traffic weight. What cancel and rollback
+    # bring back.
     previous_digest: str = ""
-    # What the node's own `node:<id>` key held before: None = nothing (or a tombstone).
-    previous_key_digest: str | None = None
     previous_weight: int = 100
+    # How the restore writes it on the node's own key: `previous_digest` when that key
+    # decided the state (the key gets it back at a new revision); None when a selector
+    # did, or nothing did (the key gets a tombstone, and the selector governs again).
+    previous_key_digest: str | None = None
     # The latest revision this rollout wrote for the node (0: not yet written).
     assigned_revision: int = 0
     error: str = ""

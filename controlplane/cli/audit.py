@@ -86,17 +86,37 @@ def audit_list(
     call(lambda: stub.ListAuditEvents(request))
 
 
+def _checkpoint(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, str]:
+    if not value:
+        return 0, ""
+    seq, sep, mac = value.partition(":")
+    if not sep or not seq.isdigit():
+        raise click.BadParameter("expected SEQ:MAC, as an earlier verify printed it")
+    return int(seq), mac
+
+
 @audit.command("verify")
 @server_option
-def audit_verify(server: str) -> None:
-    """Recompute the chain; exits 1 naming the first bad entry if it does not verify."""
+@click.option(
+    "--checkpoint",
+    default="",
+    callback=_checkpoint,
+    metavar="SEQ:MAC",
+    help="A head an earlier verify printed; the chain must still hold it.",
+)
+def audit_verify(server: str, checkpoint: tuple[int, str]) -> None:
+    """Recompute the chain; exits 1 naming the first bad entry if it does not verify.
+    Prints the verified head as a checkpoint to keep outside the control plane (on
+    stderr; the answer itself goes to stdout as JSON)."""
+    request = pb.VerifyAuditChainRequest(checkpoint_seq=checkpoint[0], checkpoint_mac=checkpoint[1])
     try:
-        reply = _stub(server).VerifyAuditChain(pb.VerifyAuditChainRequest())
+        reply = _stub(server).VerifyAuditChain(request)
     except grpc.RpcError as e:
         raise click.ClickException(f"{e.code().name}: {e.details()}") from None
     print_message(reply)
     if not reply.ok:
         raise click.ClickException(f"the audit chain is broken: {reply.reason}")
+    click.echo(f"checkpoint: {reply.head_seq}:{reply.head_mac}", err=True)
 
 
 @audit.command("export")

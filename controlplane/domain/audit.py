@@ -13,9 +13,9 @@ import enum
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -74,8 +74,8 @@ def system(job: str) -> Actor:
 
 
 class AuditLog(Protocol):
-    async def head(self) -> tuple[int, str]:
-        """The chain head: last sequence number and MAC."""
+    async def head(self) -> AuditHead:
+        """The chain head: last sequence number, MAC and the head's seal."""
         ...
 
     def entries(self, batch: int = 1000) -> AsyncIterator[AuditEntry]: ...
@@ -96,7 +96,10 @@ class AuditLog(Protocol):
         before: Mapping[str, Any] | None = None,
         after: Mapping[str, Any] | None = None,
     ) -> None:
-        """Append an entry for the current actor and request, in the caller's transaction."""
+        """Add an entry for the current actor and request (both taken now, as is the time)
+        to the caller's transaction. The store chains the transaction's entries just before
+        it commits, so the chain's one lock is taken last and held briefly; an entry is
+        therefore not readable inside the transaction that recorded it."""
         ...
 
 
@@ -116,10 +119,19 @@ class AuditQuery:
 # -- the chain ------------------------------------------------------------------------
 #
 # Each entry's MAC is HMAC-SHA256(key, canonical(entry) || previous MAC). Editing an
-# entry breaks its MAC; deleting, inserting or reordering entries breaks the next one's;
-# cutting the tail breaks the match with the chain head kept beside the log.
+# entry breaks its MAC; deleting, inserting or reordering entries breaks the next one's.
+# The chain head kept beside the log (last seq and MAC) is sealed with the same key, so
+# cutting the tail and rewriting the head to match is detected too. What the key cannot
+# tell apart is an older copy of the whole store (older log, its older sealed head): a
+# checkpoint recorded outside (`VerifyAuditChain` answers one) catches that.
 
 GENESIS = "0" * 64
+# Domain separation: an entry's MAC input starts with "{", a head seal's with this.
+_HEAD_SEAL_CONTEXT = b"controlplane audit head v1\n"
+# The entry that records the head being sealed for the first time (a store made, or
+# upgraded from before seals existed). A second one means a seal was removed.
+SEAL_ACTION = "audit.seal"
+SEAL_ACTOR = "system:audit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,24 +169,97 @@ def chain_mac(key: bytes, entry: AuditEntry, previous_mac: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditHead:
+    seq: int
+    mac: str
+    # head_seal(key, seq, mac); "" while never sealed (see `extend`).
+    seal: str = ""
+
+
+def head_seal(key: bytes, seq: int, mac: str) -> str:
+    return hmac.new(key, _HEAD_SEAL_CONTEXT + f"{seq}\n{mac}".encode(), hashlib.sha256).hexdigest()
+
+
+def seal_matches(key: bytes, head: AuditHead) -> bool:
+    return bool(head.seal) and hmac.compare_digest(head_seal(key, head.seq, head.mac), head.seal)
+
+
+def extend(key: bytes, head: AuditHead, recorded: Sequence[AuditEntry]) -> tuple[list[AuditEntry], AuditHead]:
+    """Chain a transaction's `recorded` entries (in order; their seq and MAC unset) onto
+    `head`: the entries to store and the new head.
+
+    A head never sealed is sealed now, behind an entry saying so. A head whose seal does
+    not match (rewritten without the key) keeps its stale seal: the next verification
+    still fails, instead of the new entries making the cut look whole."""
+    if not recorded:
+        return [], head
+    todo = list(recorded)
+    if not head.seal:
+        first = todo[0]
+        todo.insert(
+            0,
+            AuditEntry(
+                seq=0,
+                at=first.at,
+                actor=SEAL_ACTOR,
+                action=SEAL_ACTION,
+                resource="audit/head",
+                project="",
+                before=None,
+                after={"unsealed_head_seq": head.seq},
+                request_id=first.request_id,
+            ),
+        )
+    sealed = not head.seal or seal_matches(key, head)
+    seq, mac = head.seq, head.mac
+    chained = []
+    for entry in todo:
+        seq += 1
+        numbered = replace(entry, seq=seq)
+        mac = chain_mac(key, numbered, mac)
+        chained.append(replace(numbered, mac=mac))
+    return chained, AuditHead(seq, mac, head_seal(key, seq, mac) if sealed else head.seal)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A chain head recorded outside the control plane (seq 0: none)."""
+
+    seq: int = 0
+    mac: str = ""
+
+
+NO_CHECKPOINT = Checkpoint()
+
+
+@dataclass(frozen=True, slots=True)
 class ChainReport:
     ok: bool
     entries: int
-    # The first entry that does not verify (0 when the fault is the tail), and why.
+    # The first entry that does not verify (0 when the fault is the tail or head), and why.
     first_bad_seq: int = 0
     reason: str = ""
+    # The head the verification read: record it outside as a checkpoint.
+    head_seq: int = 0
+    head_mac: str = ""
 
 
 class ChainVerifier:
     """Walks the log in stored order, one entry at a time (the log may be large), and
     names the first entry that breaks the chain."""
 
-    def __init__(self, key: bytes):
+    def __init__(self, key: bytes, checkpoint: Checkpoint = NO_CHECKPOINT):
         self._key = key
+        self._checkpoint = checkpoint
         self._previous = GENESIS
         self._expected = 1
+        self._seals = 0
         self.count = 0
         self.failure: ChainReport | None = None
+
+    def _fail(self, seq: int, reason: str) -> bool:
+        self.failure = ChainReport(False, self.count, seq, f"entry {seq}: {reason}")
+        return False
 
     def feed(self, entry: AuditEntry) -> bool:
         """Check one entry; False once the chain is broken (stop feeding)."""
@@ -183,34 +268,53 @@ class ChainVerifier:
         self.count += 1
         if entry.seq != self._expected:
             what = "missing before it" if entry.seq > self._expected else "out of order or duplicated"
-            reason = f"entry {entry.seq}: sequence broken ({self._expected} {what})"
-            self.failure = ChainReport(False, self.count, entry.seq, reason)
-            return False
+            return self._fail(entry.seq, f"sequence broken ({self._expected} {what})")
         if not hmac.compare_digest(chain_mac(self._key, entry, self._previous), entry.mac):
-            reason = f"entry {entry.seq}: MAC does not match its content and chain"
-            self.failure = ChainReport(False, self.count, entry.seq, reason)
-            return False
+            return self._fail(entry.seq, "MAC does not match its content and chain")
+        if entry.action == SEAL_ACTION and entry.actor == SEAL_ACTOR:
+            self._seals += 1
+            if self._seals > 1:
+                return self._fail(entry.seq, "the chain head was found unsealed again (its seal was removed)")
+        if entry.seq == self._checkpoint.seq and not hmac.compare_digest(entry.mac, self._checkpoint.mac):
+            return self._fail(entry.seq, "MAC differs from the checkpoint: the log was rewritten since")
         self._previous, self._expected = entry.mac, entry.seq + 1
         return True
 
-    def finish(self, head_seq: int, head_mac: str) -> ChainReport:
+    def finish(self, head: AuditHead) -> ChainReport:
         """The verdict, given the chain head stored beside the log."""
-        if self.failure is not None:
-            return self.failure
+        report = self.failure or self._tail(head)
+        return replace(report, head_seq=head.seq, head_mac=head.mac)
+
+    def _tail(self, head: AuditHead) -> ChainReport:
         last = self._expected - 1
-        if last != head_seq or not hmac.compare_digest(self._previous, head_mac):
+        if not head.seal:
+            return ChainReport(False, self.count, 0, "the chain head is not sealed")
+        if not seal_matches(self._key, head):
             return ChainReport(
-                False, self.count, 0, f"the log ends at entry {last} but the chain head is at {head_seq}"
+                False, self.count, 0, "the chain head's seal does not match it: the head was rewritten"
+            )
+        if last != head.seq or not hmac.compare_digest(self._previous, head.mac):
+            return ChainReport(
+                False, self.count, 0, f"the log ends at entry {last} but the chain head is at {head.seq}"
+            )
+        if self._checkpoint.seq > last:
+            return ChainReport(
+                False,
+                self.count,
+                0,
+                f"the log ends at entry {last}, before the checkpoint at {self._checkpoint.seq}: "
+                "it was cut or restored from an older copy",
             )
         return ChainReport(True, self.count)
 
 
-async def verify(store: Store, key: bytes) -> ChainReport:
-    """Verify the whole audit chain in one consistent read."""
-    async with store.read() as tx:
-        head_seq, head_mac = await tx.audit.head()
-        verifier = ChainVerifier(key)
+async def verify(store: Store, key: bytes, checkpoint: Checkpoint = NO_CHECKPOINT) -> ChainReport:
+    """Verify the whole audit chain against one snapshot: the head and every entry as of
+    one moment, so writers committing meanwhile are neither counted nor missed."""
+    async with store.snapshot() as tx:
+        head = await tx.audit.head()
+        verifier = ChainVerifier(key, checkpoint)
         async for entry in tx.audit.entries():
             if not verifier.feed(entry):
                 break
-    return verifier.finish(head_seq, head_mac)
+    return verifier.finish(head)

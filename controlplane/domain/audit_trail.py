@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from controlplane.domain import validation
-from controlplane.domain.audit import AuditEntry, AuditQuery, ChainReport, verify
+from controlplane.domain.audit import NO_CHECKPOINT, AuditEntry, AuditQuery, ChainReport, Checkpoint, verify
 from controlplane.domain.errors import InvalidArgument
 from controlplane.domain.ports import Store
 
+_MAC = re.compile(r"[0-9a-f]{64}")
 # Entries per read while exporting: bounded memory whatever the log's size.
 EXPORT_BATCH = 500
 
@@ -45,12 +47,10 @@ class AuditTrail:
                 return
             after = batch[-1].seq
 
-    async def verify(self) -> tuple[ChainReport, int]:
-        """The chain's verdict and the head seq stored beside it."""
-        report = await verify(self.store, self.key)
-        async with self.store.read() as tx:
-            head_seq, _ = await tx.audit.head()
-        return report, head_seq
+    async def verify(self, checkpoint: Checkpoint = NO_CHECKPOINT) -> ChainReport:
+        """The chain's verdict and the head it verified; it must also hold `checkpoint`,
+        a head recorded outside earlier, if one is given."""
+        return await verify(self.store, self.key, _check_checkpoint(checkpoint))
 
 
 def json_line(entry: AuditEntry) -> bytes:
@@ -77,6 +77,18 @@ def _check(where: AuditQuery) -> None:
     for name in ("actor", "action", "resource"):
         if len(getattr(where, name)) > 300:
             raise InvalidArgument("at most 300 characters", field=f"filter.{name}")
+
+
+def _check_checkpoint(checkpoint: Checkpoint) -> Checkpoint:
+    if checkpoint.seq < 0:
+        raise InvalidArgument("must be 0 (none) or an entry's sequence number", field="checkpoint_seq")
+    if checkpoint.seq == 0:
+        if checkpoint.mac:
+            raise InvalidArgument("given without checkpoint_seq", field="checkpoint_mac")
+        return checkpoint
+    if not _MAC.fullmatch(checkpoint.mac):
+        raise InvalidArgument("must be the entry's MAC: 64 lowercase hex digits", field="checkpoint_mac")
+    return checkpoint
 
 
 def _seq(position: str) -> int:

@@ -203,6 +203,9 @@ class Tx(Protocol):
 class Store(Protocol):
     def write(self) -> AbstractAsyncContextManager[Tx]: ...
     def read(self) -> AbstractAsyncContextManager[Tx]: ...
+    def snapshot(self) -> AbstractAsyncContextManager[Tx]:
+        """A read whose statements all see one moment (REPEATABLE READ on PostgreSQL)."""
+        ...
 
 
 class DesiredView(Protocol):

@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api.audit.v1 import audit_pb2 as pb
 from controlplane.api.audit.v1 import audit_pb2_grpc
-from controlplane.domain.audit import AuditEntry, AuditQuery
+from controlplane.domain.audit import AuditEntry, AuditQuery, Checkpoint
 from controlplane.domain.audit_trail import AuditTrail, json_line
 from controlplane.domain.errors import InvalidArgument
 
@@ -45,13 +45,14 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def VerifyAuditChain(
         self, request: pb.VerifyAuditChainRequest, context: grpc.aio.ServicerContext
     ) -> pb.VerifyAuditChainResponse:
-        report, head_seq = await self._trail.verify()
+        report = await self._trail.verify(Checkpoint(request.checkpoint_seq, request.checkpoint_mac))
         return pb.VerifyAuditChainResponse(
             ok=report.ok,
             entries=report.entries,
             first_bad_seq=report.first_bad_seq,
             reason=report.reason,
-            head_seq=head_seq,
+            head_seq=report.head_seq,
+            head_mac=report.head_mac,
         )
 
 

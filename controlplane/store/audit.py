@@ -1,4 +1,5 @@
-"""The audit log in SQL: appended in the caller's transaction, chained under one lock."""
+"""The audit log in SQL: recorded in the caller's transaction, chained under one lock
+taken just before commit."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controlplane.domain.audit import AuditEntry, AuditQuery, chain_mac, current_actor, current_request_id
+from controlplane.domain.audit import (
+    AuditEntry,
+    AuditHead,
+    AuditQuery,
+    current_actor,
+    current_request_id,
+    extend,
+)
 from controlplane.domain.ports import Clock
 from controlplane.store.schema import audit_head, audit_log
 
@@ -17,6 +25,25 @@ from controlplane.store.schema import audit_head, audit_log
 def _plain(value: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """What the database will give back: the MAC must cover exactly the stored form."""
     return None if value is None else json.loads(json.dumps(dict(value), default=str))
+
+
+def _head(row: Any) -> AuditHead:
+    return AuditHead(int(row.seq), str(row.mac), str(row.seal))
+
+
+def _row(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "seq": entry.seq,
+        "at": entry.at,
+        "actor": entry.actor,
+        "action": entry.action,
+        "resource": entry.resource,
+        "project": entry.project,
+        "before": entry.before,
+        "after": entry.after,
+        "request_id": entry.request_id,
+        "mac": entry.mac,
+    }
 
 
 def row_to_entry(row: Any) -> AuditEntry:
@@ -39,9 +66,8 @@ class SqlAuditLog:
         self._conn = conn
         self._key = key
         self._clock = clock
-        # The chain's head as this transaction left it. Once read FOR UPDATE it is ours
-        # until commit, so a transaction that records several entries reads it once.
-        self._head: tuple[int, str] | None = None
+        # Entries recorded in this transaction, not yet chained (seq and MAC unset).
+        self._recorded: list[AuditEntry] = []
 
     async def record(
         self,
@@ -52,48 +78,42 @@ class SqlAuditLog:
         before: Mapping[str, Any] | None = None,
         after: Mapping[str, Any] | None = None,
     ) -> None:
-        # FOR UPDATE: concurrent writers chain one after another, in commit order. On
-        # SQLite the write transaction is exclusive already.
-        if self._head is None:
-            row = (
-                await self._conn.execute(select(audit_head).where(audit_head.c.id == 1).with_for_update())
-            ).one()
-            self._head = (int(row.seq), str(row.mac))
-        head_seq, head_mac = self._head
-        entry = AuditEntry(
-            seq=head_seq + 1,
-            at=self._clock().isoformat(timespec="microseconds"),
-            actor=str(current_actor()),
-            action=action,
-            resource=resource,
-            project=project,
-            before=_plain(before),
-            after=_plain(after),
-            request_id=current_request_id(),
-        )
-        mac = chain_mac(self._key, entry, head_mac)
-        await self._conn.execute(
-            audit_log.insert().values(
-                seq=entry.seq,
-                at=entry.at,
-                actor=entry.actor,
-                action=entry.action,
-                resource=entry.resource,
-                project=entry.project,
-                before=entry.before,
-                after=entry.after,
-                request_id=entry.request_id,
-                mac=mac,
+        # Who, which request and when are taken now: a group commit records entries for
+        # several callers in one transaction (domain/group_commit.py).
+        self._recorded.append(
+            AuditEntry(
+                seq=0,
+                at=self._clock().isoformat(timespec="microseconds"),
+                actor=str(current_actor()),
+                action=action,
+                resource=resource,
+                project=project,
+                before=_plain(before),
+                after=_plain(after),
+                request_id=current_request_id(),
             )
         )
-        await self._conn.execute(
-            update(audit_head).where(audit_head.c.id == 1).values(seq=entry.seq, mac=mac)
-        )
-        self._head = (entry.seq, mac)
 
-    async def head(self) -> tuple[int, str]:
-        row = (await self._conn.execute(select(audit_head).where(audit_head.c.id == 1))).one()
-        return int(row.seq), str(row.mac)
+    async def flush(self) -> None:
+        """Chain this transaction's entries onto the head; the store calls it just before
+        commit. The head row is the one lock every writer shares, so it is taken last
+        (never held while waiting for another lock: no deadlock whatever order the rest
+        of the transaction locked in) and held only until commit. On SQLite the write
+        transaction is exclusive already. Three statements, whatever the entry count."""
+        if not self._recorded:
+            return
+        recorded, self._recorded = self._recorded, []
+        row = (
+            await self._conn.execute(select(audit_head).where(audit_head.c.id == 1).with_for_update())
+        ).one()
+        chained, head = extend(self._key, _head(row), recorded)
+        await self._conn.execute(audit_log.insert(), [_row(e) for e in chained])
+        await self._conn.execute(
+            update(audit_head).where(audit_head.c.id == 1).values(seq=head.seq, mac=head.mac, seal=head.seal)
+        )
+
+    async def head(self) -> AuditHead:
+        return _head((await self._conn.execute(select(audit_head).where(audit_head.c.id == 1))).one())
 
     async def entries(self, batch: int = 1000) -> AsyncIterator[AuditEntry]:
         """Every entry in stored order, read in batches (bounded memory)."""

@@ -70,6 +70,8 @@ class SqlStore:
             async with conn.begin():
                 tx = SqlTx(conn, self._audit_key, self._clock)
                 yield tx
+                # Last, so the audit head is the last lock the transaction takes.
+                await tx.audit.flush()
         for callback in tx._after_commit:
             callback()
 
@@ -77,3 +79,15 @@ class SqlStore:
     async def read(self) -> AsyncIterator[SqlTx]:
         async with translated(), self.engine.connect() as conn, conn.begin():
             yield SqlTx(conn, self._audit_key, self._clock)
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[SqlTx]:
+        """A read transaction whose statements all see one moment. PostgreSQL's default
+        READ COMMITTED gives each statement its own; SQLite's read transaction (WAL) is
+        one snapshot already."""
+        async with translated(), self.engine.connect() as plain:
+            conn = (
+                plain if self.is_sqlite else await plain.execution_options(isolation_level="REPEATABLE READ")
+            )
+            async with conn.begin():
+                yield SqlTx(conn, self._audit_key, self._clock)

@@ -4,8 +4,10 @@ reordering or cutting entries directly in the database is detected and named."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 
+import grpc
 import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -13,7 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from controlplane.api.audit.v1 import audit_pb2 as apb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.domain import audit
-from controlplane.store.schema import audit_log
+from controlplane.domain.errors import Aborted
+from controlplane.rpc.errors import status_of
+from controlplane.store.schema import audit_head, audit_log, nodes
+from tests.integration.test_auth_cli import run
 from tests.support.archives import bundle
 from tests.support.harness import Harness
 
@@ -116,10 +121,41 @@ async def _truncate(conn: AsyncConnection) -> None:
     await conn.execute(delete(audit_log).where(audit_log.c.seq >= 5))
 
 
+async def _truncate_and_rewrite_head(conn: AsyncConnection) -> None:
+    """Cut the tail and make the head match the new last entry, as anyone with the
+    database but not the key can."""
+    await _truncate(conn)
+    last = (await conn.execute(select(audit_log).where(audit_log.c.seq == 4))).one()
+    await conn.execute(update(audit_head).values(seq=last.seq, mac=last.mac))
+
+
+async def _truncate_and_unseal_head(conn: AsyncConnection) -> None:
+    await _truncate_and_rewrite_head(conn)
+    await conn.execute(update(audit_head).values(seal=""))
+
+
 @pytest.mark.parametrize(
     ("tamper", "first_bad"),
-    [(_edit, 3), (_edit_json, 4), (_delete, 4), (_insert, 4), (_swap, 3), (_truncate, 0)],
-    ids=["edit", "edit-json", "delete", "insert", "swap", "truncate"],
+    [
+        (_edit, 3),
+        (_edit_json, 4),
+        (_delete, 4),
+        (_insert, 4),
+        (_swap, 3),
+        (_truncate, 0),
+        (_truncate_and_rewrite_head, 0),
+        (_truncate_and_unseal_head, 0),
+    ],
+    ids=[
+        "edit",
+        "edit-json",
+        "delete",
+        "insert",
+        "swap",
+        "truncate",
+        "truncate-rewrite-head",
+        "truncate-unseal",
+    ],
 )
 async def test_tampering_is_detected_and_named(harness: Harness, tamper: Tamper, first_bad: int) -> None:
     await make_history(harness)
@@ -134,3 +170,165 @@ async def test_tampering_is_detected_and_named(harness: Harness, tamper: Tamper,
     reply = await harness.audit.VerifyAuditChain(apb.VerifyAuditChainRequest())
     assert not reply.ok
     assert reply.first_bad_seq == first_bad and reply.reason == report.reason
+
+
+async def test_registrations_and_relabels_together_never_deadlock(harness: Harness) -> None:
+    """A registration audits and writes labels; a relabel does the same in the other
+    order of tables. Both take the audit head last, so on PostgreSQL neither waits for
+    the other in a cycle: every call succeeds and the chain verifies."""
+    existing = [await harness.register(f"old{i}", {"round": "0"}) for i in range(40)]
+    started = len(await entries(harness))
+
+    async def relabel(i: int) -> None:
+        await harness.nodes.UpdateNodeLabels(
+            npb.UpdateNodeLabelsRequest(node_id=existing[i].node_id, labels={"round": "1"})
+        )
+
+    outcomes = await asyncio.gather(
+        *(harness.register(f"new{i}", {"i": str(i)}) for i in range(40)),
+        *(relabel(i) for i in range(40)),
+        return_exceptions=True,
+    )
+    failed = [repr(o) for o in outcomes if isinstance(o, BaseException)]
+    assert not failed, failed
+    report = await verify(harness)
+    assert report.ok, report.reason
+    assert report.entries == started + 80
+
+
+async def test_verify_is_consistent_while_writers_run(harness: Harness) -> None:
+    """Each verification reads one snapshot: entries committed after its head are not
+    counted, so concurrent writers never raise a false alarm."""
+    nodes = [await harness.register(f"n{i}") for i in range(10)]
+    done = asyncio.Event()
+
+    async def writer(i: int) -> None:
+        round_ = 0
+        while not done.is_set():
+            round_ += 1
+            await harness.nodes.UpdateNodeLabels(
+                npb.UpdateNodeLabelsRequest(node_id=nodes[i].node_id, labels={"round": str(round_)})
+            )
+
+    writers = [asyncio.create_task(writer(i)) for i in range(len(nodes))]
+    try:
+        counts = []
+        for _ in range(30):
+            reply = await harness.audit.VerifyAuditChain(apb.VerifyAuditChainRequest())
+            assert reply.ok, reply.reason
+            assert reply.entries == reply.head_seq
+            counts.append(reply.entries)
+    finally:
+        done.set()
+        await asyncio.gather(*writers)
+    assert counts[-1] > counts[0]  # the writers did run during the verifications
+
+
+async def test_a_rewritten_head_stays_detected_after_more_writes(harness: Harness) -> None:
+    """New entries chained onto a head rewritten without the key do not make the cut
+    look whole: the head keeps its stale seal."""
+    await make_history(harness)
+    async with harness.app.engine.begin() as conn:
+        await _truncate_and_rewrite_head(conn)
+    await harness.register("after-the-cut")
+    report = await verify(harness)
+    assert not report.ok and "seal does not match" in report.reason, report.reason
+
+
+async def test_a_removed_seal_is_named_once_the_head_is_sealed_again(harness: Harness) -> None:
+    """A head found unsealed is sealed by the next write behind an `audit.seal` entry;
+    a store has one such entry (its first), so another names the entry."""
+    await make_history(harness)
+    first = await entries(harness)
+    assert [e.seq for e in first if e.action == audit.SEAL_ACTION] == [1]
+    async with harness.app.engine.begin() as conn:
+        await _truncate_and_unseal_head(conn)
+    await harness.register("after-the-cut")
+    report = await verify(harness)
+    assert not report.ok and report.first_bad_seq == 5, report.reason
+    assert "unsealed again" in report.reason
+
+
+async def test_a_restored_older_store_is_caught_by_an_external_checkpoint(harness: Harness) -> None:
+    """An older copy of the whole store (older log, its older sealed head) verifies on
+    its own; a checkpoint recorded outside since then does not."""
+    await make_history(harness)
+    older = await verify(harness)
+    await harness.register("later")
+    checkpoint = await harness.audit.VerifyAuditChain(apb.VerifyAuditChainRequest())
+    assert checkpoint.ok and checkpoint.head_seq > older.head_seq and len(checkpoint.head_mac) == 64
+    # Restore: the log and the head as they were at `older` (the head sealed back then).
+    async with harness.app.engine.begin() as conn:
+        await conn.execute(delete(audit_log).where(audit_log.c.seq > older.head_seq))
+        await conn.execute(
+            update(audit_head).values(
+                seq=older.head_seq,
+                mac=older.head_mac,
+                seal=audit.head_seal(harness.app.store._audit_key, older.head_seq, older.head_mac),
+            )
+        )
+    assert (await harness.audit.VerifyAuditChain(apb.VerifyAuditChainRequest())).ok
+    held = apb.VerifyAuditChainRequest(checkpoint_seq=checkpoint.head_seq, checkpoint_mac=checkpoint.head_mac)
+    reply = await harness.audit.VerifyAuditChain(held)
+    assert not reply.ok and "before the checkpoint" in reply.reason
+    # A checkpoint the older copy does hold still verifies; a wrong MAC for it does not.
+    kept = apb.VerifyAuditChainRequest(checkpoint_seq=older.head_seq, checkpoint_mac=older.head_mac)
+    assert (await harness.audit.VerifyAuditChain(kept)).ok
+    forged = apb.VerifyAuditChainRequest(checkpoint_seq=older.head_seq, checkpoint_mac="0" * 64)
+    reply = await harness.audit.VerifyAuditChain(forged)
+    assert not reply.ok and reply.first_bad_seq == older.head_seq and "checkpoint" in reply.reason
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (apb.VerifyAuditChainRequest(checkpoint_seq=-1), "checkpoint_seq"),
+        (apb.VerifyAuditChainRequest(checkpoint_seq=3, checkpoint_mac="abc"), "checkpoint_mac"),
+        (apb.VerifyAuditChainRequest(checkpoint_mac="0" * 64), "checkpoint_mac"),
+    ],
+)
+async def test_bad_checkpoints_name_the_field(
+    harness: Harness, request_: apb.VerifyAuditChainRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await harness.audit.VerifyAuditChain(request_)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (e.value.details() or "").startswith(field)
+
+
+async def test_the_cli_prints_a_checkpoint_and_checks_it(harness: Harness) -> None:
+    admin = ["--api-key", harness.admin_key, "audit", "verify", "--server", harness.address]
+    first = await run(*admin)
+    assert first.exit_code == 0, first.output
+    body = json.loads(first.stdout)
+    printed = f"checkpoint: {body['head_seq']}:{body['head_mac']}"
+    assert printed in first.stderr
+    again = await run(*admin, "--checkpoint", printed.split(" ", 1)[1])
+    assert again.exit_code == 0, again.output
+    wrong = await run(*admin, "--checkpoint", f"{body['head_seq']}:{'0' * 64}")
+    assert wrong.exit_code == 1 and "checkpoint" in wrong.output
+    bad = await run(*admin, "--checkpoint", "nonsense")
+    assert bad.exit_code == 2 and "SEQ:MAC" in bad.output
+
+
+async def test_a_deadlock_the_database_still_reports_is_retryable(pg_harness: Harness) -> None:
+    """Two transactions locking two rows in opposite orders: PostgreSQL rolls one back,
+    and it answers ABORTED ("retry"), not INTERNAL."""
+    a, b = await pg_harness.register("a"), await pg_harness.register("b")
+    store = pg_harness.app.store
+    both_hold_one = asyncio.Barrier(2)
+
+    async def lock(first: str, second: str) -> None:
+        async with store.write() as tx:
+            for i, node_id in enumerate((first, second)):
+                await tx.conn.execute(select(nodes).where(nodes.c.id == node_id).with_for_update())
+                if i == 0:
+                    await both_hold_one.wait()
+
+    outcomes = await asyncio.gather(
+        lock(a.node_id, b.node_id), lock(b.node_id, a.node_id), return_exceptions=True
+    )
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(failed) == 1, outcomes
+    assert isinstance(failed[0], Aborted) and str(failed[0]) == "concurrent update, retry"
+    assert status_of(failed[0]) == grpc.StatusCode.ABORTED

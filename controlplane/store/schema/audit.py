@@ -26,14 +26,17 @@ audit_log = Table(
     Index(None, "at"),
 )
 
-# One row: the last sequence number and MAC. Locked by every writer, so entries chain in
-# commit order even with concurrent transactions, and a cut tail is detected.
+# One row: the last sequence number and MAC, sealed with the audit key. Locked by every
+# writer just before commit, so entries chain in commit order even with concurrent
+# transactions; the seal makes a cut tail with a rewritten head detectable.
 audit_head = Table(
     "audit_head",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("seq", BigInteger, nullable=False),
     Column("mac", String(64), nullable=False),
+    # HMAC of (seq, mac); "" until the first entry after migration 0006 seals it.
+    Column("seal", String(64), nullable=False, server_default=""),
 )
 
 __all__ = ["audit_head", "audit_log"]

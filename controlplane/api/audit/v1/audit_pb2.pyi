@@ -216,12 +216,23 @@ Global___ExportAuditEventsResponse: _TypeAlias = ExportAuditEventsResponse  # no
 class VerifyAuditChainRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    CHECKPOINT_SEQ_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_MAC_FIELD_NUMBER: _builtins.int
+    checkpoint_seq: _builtins.int
+    """Optional: a head an earlier verification answered (head_seq, head_mac), recorded
+    outside the control plane. The chain must still hold that entry with that MAC; this
+    catches a restore of an older copy of the whole store, which the key alone cannot.
+    """
+    checkpoint_mac: _builtins.str
     def __init__(
         self,
+        *,
+        checkpoint_seq: _builtins.int = ...,
+        checkpoint_mac: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_mac", b"checkpoint_mac", "checkpoint_seq", b"checkpoint_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -236,14 +247,20 @@ class VerifyAuditChainResponse(_message.Message):
     FIRST_BAD_SEQ_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    HEAD_MAC_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     entries: _builtins.int
     """Entries checked."""
     first_bad_seq: _builtins.int
-    """The first entry that does not verify; 0 when the fault is the tail (entries cut)."""
+    """The first entry that does not verify; 0 when the fault is the tail or the head
+    (entries cut, head rewritten).
+    """
     reason: _builtins.str
     head_seq: _builtins.int
-    """The chain head stored beside the log."""
+    """The chain head stored beside the log, as verified: record head_seq and head_mac
+    outside the control plane as a checkpoint.
+    """
+    head_mac: _builtins.str
     def __init__(
         self,
         *,
@@ -252,10 +269,11 @@ class VerifyAuditChainResponse(_message.Message):
         first_bad_seq: _builtins.int = ...,
         reason: _builtins.str = ...,
         head_seq: _builtins.int = ...,
+        head_mac: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "first_bad_seq", b"first_bad_seq", "head_seq", b"head_seq", "ok", b"ok", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "first_bad_seq", b"first_bad_seq", "head_mac", b"head_mac", "head_seq", b"head_seq", "ok", b"ok", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -74,8 +74,10 @@ class AuditServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def VerifyAuditChain(self, request, context):
-        """VerifyAuditChain recomputes the whole chain and names the first entry that breaks
-        it (modified, deleted, inserted or reordered).
+        """VerifyAuditChain recomputes the whole chain, as of one snapshot, and names the first
+        entry that breaks it (modified, deleted, inserted or reordered) or the fault at its
+        head (cut tail, rewritten head). It answers the head it verified: kept outside the
+        control plane, that is a checkpoint a later verification can be asked to find again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,8 +42,10 @@ class AuditServiceStub:
     MACs, so the chain can be checked and archived outside the control plane.
     """
     VerifyAuditChain: _grpc.UnaryUnaryMultiCallable[_audit_pb2.VerifyAuditChainRequest, _audit_pb2.VerifyAuditChainResponse]
-    """VerifyAuditChain recomputes the whole chain and names the first entry that breaks
-    it (modified, deleted, inserted or reordered).
+    """VerifyAuditChain recomputes the whole chain, as of one snapshot, and names the first
+    entry that breaks it (modified, deleted, inserted or reordered) or the fault at its
+    head (cut tail, rewritten head). It answers the head it verified: kept outside the
+    control plane, that is a checkpoint a later verification can be asked to find again.
     """
 
 @_typing.type_check_only
@@ -60,8 +62,10 @@ class AuditServiceAsyncStub(AuditServiceStub):
     MACs, so the chain can be checked and archived outside the control plane.
     """
     VerifyAuditChain: _aio.UnaryUnaryMultiCallable[_audit_pb2.VerifyAuditChainRequest, _audit_pb2.VerifyAuditChainResponse]  # type: ignore[assignment]
-    """VerifyAuditChain recomputes the whole chain and names the first entry that breaks
-    it (modified, deleted, inserted or reordered).
+    """VerifyAuditChain recomputes the whole chain, as of one snapshot, and names the first
+    entry that breaks it (modified, deleted, inserted or reordered) or the fault at its
+    head (cut tail, rewritten head). It answers the head it verified: kept outside the
+    control plane, that is a checkpoint a later verification can be asked to find again.
     """
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -93,8 +97,10 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _audit_pb2.VerifyAuditChainRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.VerifyAuditChainResponse, _abc.Awaitable[_audit_pb2.VerifyAuditChainResponse]]:
-        """VerifyAuditChain recomputes the whole chain and names the first entry that breaks
-        it (modified, deleted, inserted or reordered).
+        """VerifyAuditChain recomputes the whole chain, as of one snapshot, and names the first
+        entry that breaks it (modified, deleted, inserted or reordered) or the fault at its
+        head (cut tail, rewritten head). It answers the head it verified: kept outside the
+        control plane, that is a checkpoint a later verification can be asked to find again.
         """
 
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

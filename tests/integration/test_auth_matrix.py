@@ -1,136 +1,157 @@
-"""The whole authorization matrix: every RPC the server serves (found from the service
-descriptors, so RPCs added later are covered without editing this) called by every kind
-of caller, each answer checked.
+"""The whole authorization matrix: every RPC of every service, each with a valid request
+against resources made for it (`tests/support/matrix.py`), called by every kind of
+caller, and each answer checked exactly:
 
-- UNAUTHENTICATED: no credential, an expired token, a token signed by a key the server
-  does not know, a node credential anywhere but IssueNodeToken;
-- PERMISSION_DENIED: a node calling operator RPCs, an API key calling node RPCs, a role
-  below the rule's, a key of another project, a project key on a global operation;
-- admitted: anything else (the servicer's own answer: OK, NOT_FOUND, INVALID_ARGUMENT ...).
+- UNAUTHENTICATED: no credential, an expired or revoked API key, an expired node token, a
+  token signed by a key the server does not know, a node credential anywhere but
+  IssueNodeToken (and anything but a node credential there);
+- PERMISSION_DENIED: a node calling operator RPCs or acting for another node, an API key
+  calling node RPCs, a role below the rule's, a key of another project, a project key on
+  a global operation;
+- OK: everyone else — the call was served, not merely let through (a stream counts once
+  its first message is in hand).
+
+The expected answer of each cell is derived from `auth.POLICY`; a handful of critical
+cells are also written down here by hand, so that a wrong edit of the table fails too.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from controlplane.api.identity.v1 import identity_pb2 as ipb
-from controlplane.domain.roles import Role
 from controlplane.rpc.auth import POLICY, ROLE_FOR, Rule
-from tests.support.harness import Harness, auth
+from controlplane.rpc.ratelimit import RateLimit, RateLimits
+from tests.conftest import HarnessFactory
+from tests.support.harness import Harness
 from tests.support.identities import callers
-from tests.support.rpcs import Rpc, all_rpcs, invoke
+from tests.support.matrix import CASES, Caller, Case, Kind, Request, World, world
+from tests.support.rpcs import Rpc, all_rpcs, answer
 
+OK = grpc.StatusCode.OK
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
-# Codes that would mean the call was neither refused by authorization nor served.
-_BROKEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED}
-_REFUSED = {UNAUTHENTICATED, DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_OFF = RateLimit(0, 0)
+# The matrix is about authorization: rate limits (tested on their own) stay out of it.
+NO_LIMITS = RateLimits(operator=_OFF, node=_OFF, anonymous=_OFF, watch=_OFF)
 
-# Callers in the order they call (the admins last: their calls really revoke things).
-ORDER = [
-    "none",
-    "expired-token",
-    "unknown-key-token",
-    "node-credential",
-    "node",
-    "reader",
-    "operator",
-    "other-project-admin",
-    "admin",
-    "global-admin",
-]
-ROLE_IN_DEFAULT = {
-    "reader": Role.READER,
-    "operator": Role.OPERATOR,
-    "admin": Role.ADMIN,
-    "global-admin": Role.ADMIN,
+# Written down by hand, not derived from POLICY: (RPC, caller) -> answer.
+CRITICAL = {
+    ("CreateRollout", "reader"): DENIED,
+    ("CreateRollout", "operator"): OK,
+    ("CreateRollout", "other-project-admin"): DENIED,
+    ("ListNodes", "node"): DENIED,
+    ("ListNodes", "none"): UNAUTHENTICATED,
+    ("ListNodes", "expired-key"): UNAUTHENTICATED,
+    ("ListNodes", "revoked-key"): UNAUTHENTICATED,
+    ("ListNodes", "node-credential"): UNAUTHENTICATED,
+    ("GetNode", "reader"): OK,
+    ("GetNode", "other-project-admin"): DENIED,
+    ("CreateApiKey", "admin"): OK,
+    ("CreateApiKey[admin grant]", "operator"): DENIED,
+    ("CreateApiKey[admin grant]", "other-project-admin"): DENIED,
+    ("RevokeApiKey", "other-project-admin"): DENIED,
+    ("CreateProject", "admin"): DENIED,
+    ("CreateProject", "global-admin"): OK,
+    ("ListProjects", "reader"): DENIED,
+    ("VerifyAuditChain", "admin"): DENIED,
+    ("RetireSigningKey", "admin"): DENIED,
+    ("DeleteFreezeWindow", "operator"): DENIED,
+    ("SetValidationConfig", "operator"): DENIED,
+    ("CancelRollout", "operator"): OK,
+    ("ApproveRollout", "node"): DENIED,
+    ("RegisterNode", "none"): OK,
+    ("Heartbeat", "node"): OK,
+    ("Heartbeat", "other-node"): DENIED,
+    ("Heartbeat", "admin"): DENIED,
+    ("ReportStatus", "other-node"): DENIED,
+    ("WatchBundles", "node"): OK,
+    ("WatchBundles", "other-node"): DENIED,
+    ("WatchBundles", "global-admin"): DENIED,
+    ("WatchBundles", "expired-token"): UNAUTHENTICATED,
+    ("WatchBundles", "unknown-key-token"): UNAUTHENTICATED,
+    ("DownloadBundle", "node"): OK,
+    ("DownloadBundle", "other-project-reader"): DENIED,
+    ("IssueNodeToken", "node-credential"): OK,
+    ("IssueNodeToken", "node"): UNAUTHENTICATED,
+    ("IssueNodeToken", "global-admin"): UNAUTHENTICATED,
+    ("RevokeNode", "operator"): DENIED,
 }
 
 
-def expected(rule: Rule, caller: str, scoped: bool) -> str:
+def expected(rule: Rule, caller: Caller, case: Case, request: Request) -> grpc.StatusCode:
+    """The answer `auth.POLICY` implies for this cell."""
     if rule is Rule.PUBLIC:
-        return "admitted"
-    if caller in ("none", "expired-token", "unknown-key-token"):
-        return "UNAUTHENTICATED"
+        return OK
+    if caller.kind in (Kind.NONE, Kind.INVALID):
+        return UNAUTHENTICATED
     if rule is Rule.NODE_CREDENTIAL:
-        return "admitted" if caller == "node-credential" else "UNAUTHENTICATED"
-    if caller == "node-credential":
-        return "UNAUTHENTICATED"
-    if caller == "node":
-        return "admitted" if rule in (Rule.NODE, Rule.NODE_OR_READ) else "PERMISSION_DENIED"
+        # Only the credential is accepted here, and nowhere else.
+        return OK if caller.kind is Kind.NODE_CREDENTIAL else UNAUTHENTICATED
+    if caller.kind is Kind.NODE_CREDENTIAL:
+        return UNAUTHENTICATED
+    if caller.kind is Kind.NODE:
+        if rule not in (Rule.NODE, Rule.NODE_OR_READ):
+            return DENIED
+        named = getattr(request, "node_id", "") if not isinstance(request, list) else ""
+        return DENIED if named and named != caller.node_id else OK
     if rule is Rule.NODE:
-        return "PERMISSION_DENIED"
-    if not scoped:
-        return "admitted" if caller == "global-admin" else "PERMISSION_DENIED"
-    role = ROLE_IN_DEFAULT.get(caller)
-    return "admitted" if role is not None and role >= ROLE_FOR[rule] else "PERMISSION_DENIED"
+        return DENIED
+    role = caller.role_in(case.project)
+    return OK if role is not None and role >= ROLE_FOR[rule] else DENIED
 
 
-def outcome(code: grpc.StatusCode) -> str:
-    if code in _REFUSED:
-        return code.name
-    return "BROKEN:" + code.name if code in _BROKEN else "admitted"
+async def test_every_rpc_by_every_caller(make_harness: HarnessFactory) -> None:
+    h = await make_harness(rate_limits=NO_LIMITS, rollout_tick=timedelta(seconds=0.1))
+    w = await world(h)
+    try:
+        await check_matrix(h, w)
+    finally:
+        await w.close()
 
 
-def request_for(rpc: Rpc, h: Harness, node_id: str, victim_key: str) -> tuple[Message, bool]:
-    """A request naming project `default` (and its node, a spare key) wherever the message
-    has such a field; and whether it is scoped to a project at all."""
-    message = rpc.request_class()
-    scoped = False
-    for field in message.DESCRIPTOR.fields:
-        if field.is_repeated:
-            continue
-        if field.type == FieldDescriptor.TYPE_STRING:
-            value = {"project": "default", "node_id": node_id, "key_id": victim_key}.get(field.name)
-            if value is not None:
-                setattr(message, field.name, value)
-                scoped = True
-        elif (
-            field.type == FieldDescriptor.TYPE_MESSAGE
-            and field.message_type is not None
-            and "project" in field.message_type.fields_by_name
-        ):
-            getattr(message, field.name).project = "default"
-            scoped = True
-    if rpc.name == "GetProject":
-        message.name = "default"  # type: ignore[attr-defined]
-        scoped = True
-    if rpc.name == "CreateProject":
-        message.name = "made-by-matrix"  # type: ignore[attr-defined]
-    if rpc.name == "RegisterNode":
-        message.enrollment_token = h.token  # type: ignore[attr-defined]
-    return message, scoped
-
-
-async def test_every_rpc_by_every_caller(harness: Harness) -> None:
-    c = await callers(harness)
-    by_name = dict(c.by_name)
-    by_name["node-credential"] = auth(c.node.credential)
-    victim = await harness.api_key({"default": ipb.ROLE_READER}, name="revoked by the matrix")
-    rpcs = all_rpcs()
-    assert len(rpcs) >= 35
-    missing = [r.path for r in rpcs if r.path not in POLICY]
+async def check_matrix(h: Harness, w: World) -> None:
+    rpcs = {r.name: r for r in all_rpcs()}
+    unmatched = {c.rpc for c in CASES} ^ set(rpcs)
+    assert not unmatched, f"every RPC needs a case in tests/support/matrix.py, and only RPCs: {unmatched}"
+    missing = [r.path for r in rpcs.values() if r.path not in POLICY]
     assert not missing, f"RPCs without a rule: {missing}"
+    labels = {c.label for c in CASES}
+    assert {rpc for rpc, _ in CRITICAL} <= labels and {who for _, who in CRITICAL} <= set(w.callers)
+
     wrong: list[str] = []
-    seen: dict[str, int] = {}
-    # A bare channel: the harness's own would sign credential-less calls as its admin.
-    async with grpc.aio.insecure_channel(harness.address) as channel:
-        for caller in ORDER:
-            for rpc in rpcs:
-                request, scoped = request_for(rpc, harness, c.node.node_id, victim.split("_")[1])
-                code = await invoke(channel, rpc, request, metadata=by_name[caller])
-                want, got = expected(POLICY[rpc.path], caller, scoped), outcome(code)
-                seen[got] = seen.get(got, 0) + 1
-                if got != want:
-                    wrong.append(f"{rpc.path} by {caller}: want {want}, got {got}")
-    assert not wrong, "\n".join(wrong)
-    # Every caller was tried on every RPC, and each verdict really happened.
-    assert sum(seen.values()) == len(ORDER) * len(rpcs)
-    assert seen.keys() == {"admitted", "UNAUTHENTICATED", "PERMISSION_DENIED"}, seen
+    seen: dict[grpc.StatusCode, int] = {}
+    # A bare channel: the harness's own signs credential-less calls as its admin.
+    async with grpc.aio.insecure_channel(h.address) as channel:
+        for case in CASES:
+            rpc = rpcs[case.rpc]
+            # Denied cells share one request; a cell meant to succeed on a target it uses
+            # up gets a target of its own.
+            shared = await case.build(w)
+            for caller in w.callers.values():
+                want = expected(POLICY[rpc.path], caller, case, shared)
+                request = await case.build(w) if case.fresh and want is OK else shared
+                cell = f"{case.label} x {caller.name}"
+                written = CRITICAL.get((case.label, caller.name))
+                if written is not None and written != want:
+                    wrong.append(f"{cell}: POLICY implies {want.name}, but it must be {written.name}")
+                got = await answer(channel, rpc, request, metadata=caller.metadata)
+                seen[got.code] = seen.get(got.code, 0) + 1
+                if got.code is not want:
+                    wrong.append(f"{cell}: expected {want.name}, got {got.code.name} ({got.details})")
+                elif want is OK and got.reply is None:
+                    wrong.append(f"{cell}: OK, but no {describe(rpc)} arrived")
+    assert not wrong, f"{len(wrong)} wrong cell(s):\n" + "\n".join(wrong)
+    # Every caller was tried on every case, and each verdict really happened.
+    assert sum(seen.values()) == len(CASES) * len(w.callers)
+    assert seen.keys() == {OK, UNAUTHENTICATED, DENIED}, seen
+
+
+def describe(rpc: Rpc) -> str:
+    return "first message" if rpc.server_streaming else "response"
 
 
 async def test_health_and_reflection_stay_open(harness: Harness) -> None:

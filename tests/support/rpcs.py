@@ -4,7 +4,7 @@ authorization matrix and the fuzz test cover RPCs added later without being edit
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,45 @@ def all_rpcs() -> list[Rpc]:
     return found
 
 
+@dataclass(frozen=True)
+class Answer:
+    """How a call ended: its status, and what it returned (the response, or a stream's
+    first message; None when it failed or a stream ended without one)."""
+
+    code: grpc.StatusCode
+    details: str = ""
+    reply: Any = None
+    trailing: tuple[tuple[str, str], ...] = ()
+
+
+def _start(
+    channel: grpc.aio.Channel,
+    rpc: Rpc,
+    requests: Sequence[Any],
+    metadata: tuple[tuple[str, str], ...],
+    timeout: float,
+) -> Any:
+    """Start `rpc`: a client stream sends every message of `requests`, others the first."""
+
+    def serialize(message: Any) -> bytes:
+        return message.SerializeToString()
+
+    kind = (
+        ("stream" if rpc.client_streaming else "unary")
+        + "_"
+        + ("stream" if rpc.server_streaming else "unary")
+    )
+    multicallable = getattr(channel, kind)(rpc.path, serialize, rpc.response_class.FromString)
+    if not rpc.client_streaming:
+        return multicallable(requests[0], metadata=metadata, timeout=timeout)
+
+    async def each() -> AsyncIterator[Any]:
+        for request in requests:
+            yield request
+
+    return multicallable(each(), metadata=metadata, timeout=timeout)
+
+
 async def invoke(
     channel: grpc.aio.Channel,
     rpc: Rpc,
@@ -60,38 +99,39 @@ async def invoke(
     timeout: float = 5.0,
 ) -> grpc.StatusCode:
     """Call `rpc` once; the status it ends with (a stream that keeps going after its first
-    message counts as OK: the call was admitted)."""
-
-    def serialize(message: Any) -> bytes:
-        return message.SerializeToString()
-
-    deserialize = rpc.response_class.FromString
+    message, or sends none for a while, counts as OK: the call was admitted)."""
+    call = _start(channel, rpc, [request], metadata, timeout)
     try:
-        if rpc.client_streaming:
-
-            async def one() -> AsyncIterator[Message]:
-                yield request
-
-            if rpc.server_streaming:
-                call: Any = channel.stream_stream(rpc.path, serialize, deserialize)(
-                    one(), metadata=metadata, timeout=timeout
-                )
-                return await _first(call)
-            await channel.stream_unary(rpc.path, serialize, deserialize)(
-                one(), metadata=metadata, timeout=timeout
-            )
-        elif rpc.server_streaming:
-            call = channel.unary_stream(rpc.path, serialize, deserialize)(
-                request, metadata=metadata, timeout=timeout
-            )
+        if rpc.server_streaming:
             return await _first(call)
-        else:
-            await channel.unary_unary(rpc.path, serialize, deserialize)(
-                request, metadata=metadata, timeout=timeout
-            )
+        await call
     except grpc.aio.AioRpcError as e:
         return e.code()
     return grpc.StatusCode.OK
+
+
+async def answer(
+    channel: grpc.aio.Channel,
+    rpc: Rpc,
+    request: Any,
+    metadata: tuple[tuple[str, str], ...] = (),
+    timeout: float = 10.0,
+) -> Answer:
+    """Call `rpc` strictly: OK only with the response, or a stream's first message, in
+    hand. `request` is one message, or a list of them for a client stream."""
+    requests = list(request) if isinstance(request, list | tuple) else [request]
+    call = _start(channel, rpc, requests, metadata, timeout)
+    try:
+        if rpc.server_streaming:
+            reply = await call.read()
+            if reply is grpc.aio.EOF:
+                return Answer(await call.code(), await call.details() or "")
+            call.cancel()
+            return Answer(grpc.StatusCode.OK, reply=reply)
+        return Answer(grpc.StatusCode.OK, reply=await call)
+    except grpc.aio.AioRpcError as e:
+        trailing = tuple((k, str(v)) for k, v in (e.trailing_metadata() or ()))
+        return Answer(e.code(), e.details() or "", trailing=trailing)
 
 
 async def _first(call: Any) -> grpc.StatusCode:

@@ -286,7 +286,12 @@ def _simple(name: str, request_type: Any, method: str, helptext: str, **extra: A
 
 _simple("pause", pb.PauseRolloutRequest, "PauseRollout", "Pause a running rollout.")
 _simple("resume", pb.ResumeRolloutRequest, "ResumeRollout", "Resume a paused rollout.")
-_simple("cancel", pb.CancelRolloutRequest, "CancelRollout", "Cancel a rollout; nodes keep what they run.")
+_simple(
+    "cancel",
+    pb.CancelRolloutRequest,
+    "CancelRollout",
+    "Cancel a rollout: nodes on its bundle keep it, every other node it wrote goes back.",
+)
 _simple("rollback", pb.RollbackRolloutRequest, "RollbackRollout", "Put every node back on what it had.")
 _simple("approve", pb.ApproveRolloutRequest, "ApproveRollout", "Approve (the creator cannot).")
 _simple("reject", pb.RejectRolloutRequest, "RejectRollout", "Reject a rollout awaiting approval.")

@@ -236,6 +236,58 @@ async def test_rollback_restores_the_selector_assignment_made_after_an_earlier_r
             assert told[-1] == v1 and v0 not in after, (node.node_id, told)
 
 
+async def test_cancel_keeps_nodes_on_the_bundle_and_puts_back_the_others(plane: Harness) -> None:
+    """Cancelling a running rollout: a node that applied the bundle keeps it; a node it
+    wrote that has not applied it (offline here) goes back to what it had, and never
+    installs the bundle when it returns. Cancelling a FAILED rollout points its NACKing
+    nodes back at their previous bundle."""
+    async with running(fleet(plane.address, plane.token, 3)) as sim:
+        rollouts = Rollouts(plane.channel)
+        v1 = await everyone_on(rollouts, await plane.upload(archive("v1")))
+        await sim.stop_node(1)
+        away = sim.nodes[1]
+        v2 = await plane.upload(archive("v2"))
+        created = await rollouts.create(
+            v2, strategy=pb.STRATEGY_ALL_AT_ONCE, bake_time=seconds(60), max_unavailable=1
+        )
+        await settle_some(sim, v2, 2)
+        cancelled = await rollouts.stub.CancelRollout(
+            pb.CancelRolloutRequest(project="default", rollout_id=created.id, reason="wrong bundle")
+        )
+        assert cancelled.rollout.state == pb.ROLLOUT_STATE_CANCELLED
+        nodes = {n.node_id: n for n in await rollouts.nodes(created.id)}
+        assert nodes[away.node_id].state == pb.NODE_STATE_ROLLED_BACK
+        assert {nodes[n.node_id].state for n in sim.nodes if n is not away} == {pb.NODE_STATE_ACTIVE}
+        events = await rollouts.events(created.id)
+        assert any("2 node(s) keep the bundle they run, 1 put back" in e.message for e in events)
+        assert any(e.kind == "write" and "restore written: 1 of 1" in e.message for e in events)
+        sim.start_node(1)
+        for _ in range(150):
+            if away.running and away.observed and away.digest == v1:
+                break
+            await asyncio.sleep(0.1)
+        assert away.digest == v1 and v2 not in {o.digest for o in away.observed}, away.observed
+        await asyncio.sleep(0.5)
+        assert [n.digest for n in sim.nodes] == [v2, v1, v2]
+
+        # A FAILED rollout (auto-rollback off): cancelling it takes the NACKing node off v3.
+        v3 = await plane.upload(archive("v3"))
+        sim.nodes[0].rejects.add(v3)
+        failing = await rollouts.create(
+            v3, selector="*", strategy=pb.STRATEGY_ALL_AT_ONCE, auto_rollback=False, bake_time=seconds(0)
+        )
+        await rollouts.wait_state(failing.id, pb.ROLLOUT_STATE_FAILED)
+        await rollouts.stub.CancelRollout(pb.CancelRolloutRequest(project="default", rollout_id=failing.id))
+        await settle_some(sim, v3, 2)
+        nacking = sim.nodes[0]
+        for _ in range(100):
+            if nacking.observed[-1].digest == v2:
+                break
+            await asyncio.sleep(0.1)
+        assert nacking.observed[-1].digest == v2 and nacking.digest == v2
+        assert {n.digest for n in sim.nodes[1:]} == {v3}
+
+
 async def settle_some(sim: FleetSimulator, digest: str, count: int) -> None:
     for _ in range(150):
         if sum(1 for n in sim.nodes if n.digest == digest) >= count:

@@ -202,6 +202,37 @@ def test_rollback_restores_each_node_s_effective_state_not_its_key_s_old_value()
     assert fleet.desired[ids[2]][0] is None
 
 
+def test_cancel_keeps_nodes_on_the_bundle_and_puts_back_every_other_node_it_wrote() -> None:
+    ids = nodes(4)
+    spec = make_spec(batch_size=3, bake_time=60 * S, max_failures=1, max_unavailable=1)
+    run, fleet = make_run(spec, ids), FakeFleet(ids)
+    run = tick(run, fleet, T0)
+    fleet.converge(ids[0], T0 + S)  # applied
+    fleet.offline(ids[1])  # written, never applied: would install it on return
+    fleet.nack(ids[2], T0 + S)  # rejected it
+    run = tick(run, fleet, T0 + 2 * S)
+    machine.cancel(run, T0 + 3 * S, "wrong bundle", fleet.facts)
+    fleet.perform(run, T0 + 3 * S)
+    assert run.state is RolloutState.CANCELLED
+    assert fleet.desired[ids[0]][0] == NEW and run.nodes[ids[0]].state is NodeState.ACTIVE
+    assert {fleet.desired[n][0] for n in ids[1:3]} == {OLD}
+    assert {run.nodes[n].state for n in ids[1:3]} == {NodeState.ROLLED_BACK}
+    assert ids[3] not in fleet.desired  # never written, never touched
+    assert "1 node(s) keep the bundle they run, 2 put back" in run.events[-1].message
+
+    # A FAILED rollout (auto-rollback off): the NACKing node no longer points at the bundle.
+    failed = make_run(make_spec(Strategy.ALL_AT_ONCE, auto_rollback=False), ids[:2])
+    fleet = FakeFleet(ids[:2])
+    failed = tick(failed, fleet, T0)
+    fleet.converge(ids[0], T0 + S)
+    fleet.nack(ids[1], T0 + S)
+    failed = tick(failed, fleet, T0 + S)
+    assert failed.state is RolloutState.FAILED
+    machine.cancel(failed, T0 + 2 * S, "", fleet.facts)
+    fleet.perform(failed, T0 + 2 * S)
+    assert (fleet.desired[ids[0]][0], fleet.desired[ids[1]][0]) == (NEW, OLD)
+
+
 def test_pause_holds_everything_and_resume_does_not_count_the_pause() -> None:
     ids = nodes(4)
     run, fleet = make_run(make_spec(batch_size=2, progress_deadline=30 * S), ids), FakeFleet(ids)
@@ -405,9 +436,9 @@ def test_without_auto_rollback_a_failure_halts_and_holds_until_an_operator_acts(
 
 def test_terminal_rollouts_refuse_operator_actions() -> None:
     run, fleet = make_run(make_spec(Strategy.ALL_AT_ONCE), nodes(2)), FakeFleet(nodes(2))
-    machine.cancel(run, T0, "changed my mind")
+    machine.cancel(run, T0, "changed my mind", fleet.facts)
     actions: tuple[Callable[[], None], ...] = (
-        lambda: machine.cancel(run, T0, ""),
+        lambda: machine.cancel(run, T0, "", fleet.facts),
         lambda: machine.roll_back(run, T0, ""),
         lambda: machine.resume(run, T0),
         lambda: machine.pause(run, T0),

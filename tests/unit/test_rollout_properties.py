@@ -146,7 +146,7 @@ class RolloutMachine(RuleBasedStateMachine):
     @rule(roll=st.integers(0, 9))
     def cancel(self, roll: int) -> None:
         if roll == 0:
-            self._operator(lambda run: machine.cancel(run, self.now, "operator"))
+            self._operator(lambda run: machine.cancel(run, self.now, "operator", self.fleet.facts))
 
     @rule(roll=st.integers(0, 9))
     def roll_back(self, roll: int) -> None:

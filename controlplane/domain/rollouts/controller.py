@@ -10,7 +10,7 @@ makes the driver's write match nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -83,25 +83,27 @@ class RolloutController:
 
     async def pause(self, project: str, rollout_id: str, reason: str) -> RolloutView:
         text = _reason(reason)
-        return await self._act(project, rollout_id, lambda run, now: machine.pause(run, now, text))
+        return await self._act(project, rollout_id, lambda run, now, _: machine.pause(run, now, text))
 
     async def resume(self, project: str, rollout_id: str) -> RolloutView:
-        return await self._act(project, rollout_id, machine.resume)
+        return await self._act(project, rollout_id, lambda run, now, _: machine.resume(run, now))
 
     async def cancel(self, project: str, rollout_id: str, reason: str) -> RolloutView:
         text = _reason(reason)
-        return await self._act(project, rollout_id, lambda run, now: machine.cancel(run, now, text))
+        return await self._act(
+            project, rollout_id, lambda run, now, facts: machine.cancel(run, now, text, facts), facts=True
+        )
 
     async def roll_back(self, project: str, rollout_id: str, reason: str) -> RolloutView:
         text = _reason(reason)
-        return await self._act(project, rollout_id, lambda run, now: machine.roll_back(run, now, text))
+        return await self._act(project, rollout_id, lambda run, now, _: machine.roll_back(run, now, text))
 
     async def reject(self, project: str, rollout_id: str, reason: str) -> RolloutView:
         text = _reason(reason)
         if not text:
             raise InvalidArgument("say why the rollout is rejected", field="reason")
         actor = _operator("reject")
-        return await self._act(project, rollout_id, lambda run, now: machine.reject(run, now, actor, text))
+        return await self._act(project, rollout_id, lambda run, now, _: machine.reject(run, now, actor, text))
 
     async def approve(self, project: str, rollout_id: str, comment: str) -> RolloutView:
         text = _reason(comment, "comment")
@@ -128,15 +130,25 @@ class RolloutController:
         return await self.get(project, rollout_id)
 
     async def _act(
-        self, project: str, rollout_id: str, action: Callable[[Run, datetime], None]
+        self,
+        project: str,
+        rollout_id: str,
+        action: Callable[[Run, datetime, Mapping[str, NodeFacts]], None],
+        facts: bool = False,
     ) -> RolloutView:
+        """Load, decide and commit in one write transaction; with `facts`, the action also
+        sees what the nodes the rollout wrote report now (read in that transaction)."""
         committed: Committed | None = None
         for attempt in range(_ATTEMPTS):
             try:
                 async with self.store.write() as tx:
                     run = await self._load(tx, project, rollout_id)
+                    seen: dict[str, NodeFacts] = {}
+                    if facts:
+                        touched = [n.node_id for n in run.nodes.values() if n.touched]
+                        seen = {f.node_id: f for f in await tx.rollouts.node_facts(touched)}
                     now = self.clock()
-                    action(run, now)
+                    action(run, now, seen)
                     committed = await commit(tx, run, now)
                     self._after_commit(tx, committed)
                 break

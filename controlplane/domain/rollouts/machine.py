@@ -20,13 +20,13 @@ extension). A failure rolls back (auto-rollback) or halts the rollout as FAILED.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from datetime import datetime
 
 from controlplane.domain.errors import AlreadyExists, FailedPrecondition, PermissionDenied
 from controlplane.domain.records import HeartbeatRecord
 from controlplane.domain.rollouts import canary, gates
-from controlplane.domain.rollouts.facts import World
+from controlplane.domain.rollouts.facts import NodeFacts, World
 from controlplane.domain.rollouts.model import (
     NodeState,
     Role,
@@ -350,13 +350,18 @@ def _fail(run: Run, now: datetime, reason: str) -> None:
 
 def _roll_back(run: Run, now: datetime, reason: str) -> None:
     run.transition(RolloutState.ROLLED_BACK, now, reason)
-    for node in list(run.nodes.values()):
-        if node.touched and node.state is not NodeState.SKIPPED:
-            run.restore.append(node.node_id)
-            run.set_node(node, now, state=NodeState.ROLLED_BACK)
+    _put_back(run, now, [n for n in run.nodes.values() if n.touched and n.state is not NodeState.SKIPPED])
     step = run.current
     if step is not None and step.state in (StepState.APPLYING, StepState.BAKING):
         run.set_step(step, state=StepState.FAILED, finished_at=now, detail={**step.detail, "failure": reason})
+
+
+def _put_back(run: Run, now: datetime, nodes: list[RolloutNode]) -> None:
+    """Restore `nodes` to what they had before the rollout (written with the state
+    change, in one transaction: `commit`)."""
+    for node in nodes:
+        run.restore.append(node.node_id)
+        run.set_node(node, now, state=NodeState.ROLLED_BACK)
 
 
 # -- operator actions -----------------------------------------------------------------
@@ -389,10 +394,33 @@ def resume(run: Run, now: datetime) -> None:
     run.transition(RolloutState.RUNNING, now, "")
 
 
-def cancel(run: Run, now: datetime, reason: str) -> None:
+def cancel(run: Run, now: datetime, reason: str, facts: Mapping[str, NodeFacts]) -> None:
+    """End the rollout where it is. Nodes that already run its bundle (their latest
+    report, `facts`) keep it; every other node it wrote — waiting, offline, NACKing, or
+    a blue-green live node whose weight it moved — goes back to what it had, exactly as
+    a rollback restores it, so none installs the bundle later."""
     if not run.rollout.active:
         raise FailedPrecondition(f"rollout {run.rollout.id} already ended ({run.state.value})")
     run.transition(RolloutState.CANCELLED, now, reason or "cancelled by an operator")
+    kept: list[RolloutNode] = []
+    back: list[RolloutNode] = []
+    for node in run.nodes.values():
+        if not node.touched or node.state is NodeState.SKIPPED:
+            continue
+        f = facts.get(node.node_id)
+        on_bundle = node.role is Role.TARGET and f is not None and f.applied_digest == run.spec.bundle_digest
+        (kept if on_bundle else back).append(node)
+    for node in kept:
+        if node.state is not NodeState.ACTIVE:
+            run.set_node(node, now, state=NodeState.ACTIVE, error="")
+    _put_back(run, now, back)
+    if kept or back:
+        run.event(
+            EventKind.NODE,
+            f"cancelled: {len(kept)} node(s) keep the bundle they run, {len(back)} put back",
+            kept=len(kept),
+            restored=len(back),
+        )
 
 
 def roll_back(run: Run, now: datetime, reason: str) -> None:

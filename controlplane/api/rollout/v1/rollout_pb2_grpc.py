@@ -178,7 +178,9 @@ class RolloutServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelRollout(self, request, context):
-        """CancelRollout ends a rollout that has not ended; nodes keep what they run.
+        """CancelRollout ends a rollout that has not ended. Nodes that already run its
+        bundle keep it; every other node it wrote goes back to what it had (as a
+        rollback restores it), in the same transaction.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

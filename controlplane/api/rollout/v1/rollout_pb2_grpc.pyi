@@ -51,7 +51,10 @@ class RolloutServiceStub:
     ResumeRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.ResumeRolloutRequest, _rollout_pb2.ResumeRolloutResponse]
     """ResumeRollout continues a paused rollout; the current step bakes afresh."""
     CancelRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.CancelRolloutRequest, _rollout_pb2.CancelRolloutResponse]
-    """CancelRollout ends a rollout that has not ended; nodes keep what they run."""
+    """CancelRollout ends a rollout that has not ended. Nodes that already run its
+    bundle keep it; every other node it wrote goes back to what it had (as a
+    rollback restores it), in the same transaction.
+    """
     RollbackRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.RollbackRolloutRequest, _rollout_pb2.RollbackRolloutResponse]
     """RollbackRollout puts every node the rollout touched back on what it had."""
     ApproveRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.ApproveRolloutRequest, _rollout_pb2.ApproveRolloutResponse]
@@ -94,7 +97,10 @@ class RolloutServiceAsyncStub(RolloutServiceStub):
     ResumeRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.ResumeRolloutRequest, _rollout_pb2.ResumeRolloutResponse]  # type: ignore[assignment]
     """ResumeRollout continues a paused rollout; the current step bakes afresh."""
     CancelRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.CancelRolloutRequest, _rollout_pb2.CancelRolloutResponse]  # type: ignore[assignment]
-    """CancelRollout ends a rollout that has not ended; nodes keep what they run."""
+    """CancelRollout ends a rollout that has not ended. Nodes that already run its
+    bundle keep it; every other node it wrote goes back to what it had (as a
+    rollback restores it), in the same transaction.
+    """
     RollbackRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.RollbackRolloutRequest, _rollout_pb2.RollbackRolloutResponse]  # type: ignore[assignment]
     """RollbackRollout puts every node the rollout touched back on what it had."""
     ApproveRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.ApproveRolloutRequest, _rollout_pb2.ApproveRolloutResponse]  # type: ignore[assignment]
@@ -182,7 +188,10 @@ class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _rollout_pb2.CancelRolloutRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rollout_pb2.CancelRolloutResponse, _abc.Awaitable[_rollout_pb2.CancelRolloutResponse]]:
-        """CancelRollout ends a rollout that has not ended; nodes keep what they run."""
+        """CancelRollout ends a rollout that has not ended. Nodes that already run its
+        bundle keep it; every other node it wrote goes back to what it had (as a
+        rollback restores it), in the same transaction.
+        """
 
     @_abc_1.abstractmethod
     def RollbackRollout(

@@ -269,12 +269,11 @@ class App:
     async def _admin_key(self) -> str | None:
         """On a store that never had an API key, make a global admin key, keep it in the
         data directory (readable only by the owner) and return it to be printed once."""
+        path = self.settings.data_dir / ADMIN_KEY_FILE
         with acting_as(system("first-start")):
-            new = await self.api_keys.bootstrap()
-        if new is None:
-            return None
-        write_private(self.settings.data_dir / ADMIN_KEY_FILE, new.secret.encode() + b"\n")
-        return new.secret
+            # Kept before the key is committed: a crash cannot leave a key nobody holds.
+            new = await self.api_keys.bootstrap(lambda secret: write_private(path, secret.encode() + b"\n"))
+        return None if new is None else new.secret
 
     def _token_keyring(self) -> TokenKeyring:
         """The node token keys: configured (a file or the PEM itself), else a key made in

@@ -3,14 +3,20 @@ expiring and revocable, each carrying roles per project."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from controlplane.domain import validation
 from controlplane.domain.audit import current_actor
 from controlplane.domain.credentials import ApiKey
-from controlplane.domain.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from controlplane.domain.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from controlplane.domain.ports import Clock, Store, Tx
 from controlplane.domain.projects import require_project
 from controlplane.domain.roles import EVERY_PROJECT, Grant, Principal, Role, validate_grants
@@ -50,14 +56,27 @@ class ApiKeyRegistry:
                     await require_project(tx, grant.project, f"grants[{i}].project")
             return await self._insert(tx, name, wanted, expires_at, now)
 
-    async def bootstrap(self) -> NewKey | None:
+    async def bootstrap(self, keep: Callable[[str], None]) -> NewKey | None:
         """On a store that never had a key, make the first: a global admin key that does
-        not expire (rotate it by minting another and revoking this one). None otherwise."""
+        not expire (rotate it by minting another and revoking this one). None otherwise.
+
+        `keep` stores the secret durably (the data directory's key file) and runs before
+        the key is committed: a crash before it leaves no key and the next start makes
+        one; a crash after it leaves the file holding the key, or, had the commit not
+        happened, a dead key the next start replaces. If `keep` fails, nothing is made.
+        Two replicas starting at once make one key (`count_api_keys` locks)."""
         async with self.store.write() as tx:
             if await tx.identity.count_api_keys():
                 return None
             grants = (Grant(EVERY_PROJECT, Role.ADMIN),)
-            return await self._insert(tx, "first-start admin", grants, None, self.clock())
+            new = await self._insert(tx, "first-start admin", grants, None, self.clock())
+            try:
+                keep(new.secret)
+            except OSError as e:
+                raise FailedPrecondition(
+                    f"cannot keep the first admin key ({e}); no key was made: fix that and start again"
+                ) from e
+            return new
 
     async def _insert(
         self, tx: Tx, name: str, grants: tuple[Grant, ...], expires_at: datetime | None, now: datetime
@@ -78,15 +97,17 @@ class ApiKeyRegistry:
         return NewKey(key, secret)
 
     async def page(
-        self, project: str, include_revoked: bool, page_size: int, page_token: str
+        self, caller: Principal, project: str, include_revoked: bool, page_size: int, page_token: str
     ) -> tuple[list[ApiKey], str]:
-        """Keys with a grant in `project`, or every key (`project` empty: global admins)."""
+        """Keys with a grant in `project`, or every key (`project` empty: global admins),
+        each showing only the grants `caller` administers: an admin of one project does
+        not learn what a key may do elsewhere."""
         limit = validation.page_size(page_size)
         after = validation.decode_page_token(page_token)
         async with self.store.read() as tx:
             keys = await tx.identity.api_keys(project or None, include_revoked, limit + 1, after)
         next_token = validation.encode_page_token(keys[limit - 1].id) if len(keys) > limit else ""
-        return keys[:limit], next_token
+        return [_visible_to(caller, k) for k in keys[:limit]], next_token
 
     async def get(self, key_id: str) -> ApiKey:
         async with self.store.read() as tx:
@@ -133,6 +154,11 @@ class ApiKeyRegistry:
         if key.expires_at is not None and key.expires_at <= now:
             raise Unauthenticated(f"API key {key.id} expired at {key.expires_at.isoformat()}")
         return Principal(key.id, {g.project: g.role for g in key.grants}, key.expires_at)
+
+
+def _visible_to(caller: Principal, key: ApiKey) -> ApiKey:
+    shown = tuple(g for g in key.grants if caller.allows(Role.ADMIN, (g.project,)))
+    return key if shown == key.grants else replace(key, grants=shown)
 
 
 def _check_name(name: str) -> str:

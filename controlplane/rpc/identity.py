@@ -53,7 +53,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         self, request: pb.ListApiKeysRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListApiKeysResponse:
         keys, token = await self._keys.page(
-            request.project, request.include_revoked, request.page_size, request.page_token
+            _principal(), request.project, request.include_revoked, request.page_size, request.page_token
         )
         return pb.ListApiKeysResponse(keys=[key_out(k) for k in keys], next_page_token=token)
 

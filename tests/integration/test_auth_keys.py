@@ -3,8 +3,11 @@ minting key), listing, expiry, revocation, and project boundaries; on both datab
 
 from __future__ import annotations
 
+import asyncio
 import stat
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,8 +18,15 @@ from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.identity.v1 import identity_pb2 as ipb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.project.v1 import project_pb2 as ppb
+from controlplane.bootstrap import ADMIN_KEY_FILE, App
+from controlplane.domain.apikeys import ApiKeyRegistry
+from controlplane.domain.clock import utcnow
+from controlplane.domain.errors import FailedPrecondition
+from controlplane.domain.roles import Role
+from controlplane.store.engine import make_engine, upgrade
 from controlplane.store.schema import api_keys
-from tests.conftest import HarnessFactory
+from controlplane.store.sql import SqlStore
+from tests.conftest import HarnessFactory, fast_settings
 from tests.support.harness import Harness, auth
 
 READER, OPERATOR, ADMIN = ipb.ROLE_READER, ipb.ROLE_OPERATOR, ipb.ROLE_ADMIN
@@ -160,3 +170,80 @@ async def test_a_project_key_stays_in_its_project(harness: Harness) -> None:
 async def _token(h: Harness, project: str) -> str:
     reply = await h.identity.CreateEnrollmentToken(ipb.CreateEnrollmentTokenRequest(project=project))
     return reply.secret
+
+
+async def test_a_listing_shows_only_the_grants_the_caller_administers(harness: Harness) -> None:
+    for name in ("other", "third"):
+        await harness.projects.CreateProject(ppb.CreateProjectRequest(name=name))
+    spread = await harness.api_key({"default": READER, "other": OPERATOR, "third": READER}, name="spread")
+    default_admin = auth(await harness.api_key({"default": ADMIN}, name="default admin"))
+    two_admin = auth(await harness.api_key({"default": ADMIN, "other": ADMIN}, name="two admin"))
+
+    async def grants_seen(metadata: tuple[tuple[str, str], ...] | None) -> list[tuple[str, int]]:
+        listed = await harness.identity.ListApiKeys(
+            ipb.ListApiKeysRequest(project="default"), metadata=metadata
+        )
+        found = next(k for k in listed.keys if k.id == key_id(spread))
+        return [(g.project, g.role) for g in found.grants]
+
+    assert await grants_seen(default_admin) == [("default", READER)]
+    assert await grants_seen(two_admin) == [("default", READER), ("other", OPERATOR)]
+    # The global admin sees every grant.
+    assert await grants_seen(None) == [("default", READER), ("other", OPERATOR), ("third", READER)]
+
+
+async def test_replicas_starting_together_make_one_first_admin_key(database_url: str, tmp_path: Path) -> None:
+    """Several first starts at once on one database (replicas, each with its own data
+    directory): exactly one makes a key, and its file holds it."""
+    engines = [make_engine(database_url) for _ in range(4)]
+    try:
+        await upgrade(engines[0])
+        for engine in engines:  # connected beforehand, so the starts overlap
+            async with engine.connect() as conn:
+                await conn.execute(select(1))
+        kept: dict[int, str] = {}
+
+        def keeper(i: int) -> Callable[[str], None]:
+            return lambda secret: kept.__setitem__(i, secret)
+
+        made = await asyncio.gather(
+            *(
+                ApiKeyRegistry(SqlStore(e, b"k" * 32), utcnow).bootstrap(keeper(i))
+                for i, e in enumerate(engines)
+            )
+        )
+        winners = [i for i, new in enumerate(made) if new is not None]
+        assert len(winners) == 1, made
+        winner = made[winners[0]]
+        assert winner is not None and kept == {winners[0]: winner.secret}
+        async with engines[0].connect() as conn:
+            assert (await conn.execute(select(api_keys.c.id))).scalars().all() == [winner.key.id]
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+async def test_a_key_file_that_cannot_be_written_leaves_no_key(database_url: str, tmp_path: Path) -> None:
+    """The first admin key is kept before it is committed: if its file cannot be
+    written the start fails saying so and makes no key, and the next start makes it."""
+    settings = fast_settings(tmp_path, database_url)
+    settings.data_dir.mkdir(parents=True)
+    (settings.data_dir / ADMIN_KEY_FILE).mkdir()  # a directory where the file goes
+    app = App(settings)
+    with pytest.raises(FailedPrecondition, match="cannot keep the first admin key"):
+        await app.start()
+    engine = make_engine(settings.url)
+    try:
+        async with engine.connect() as conn:
+            assert (await conn.execute(select(api_keys.c.id))).all() == []
+    finally:
+        await engine.dispose()
+    (settings.data_dir / ADMIN_KEY_FILE).rmdir()
+    again = App(settings)
+    await again.start()
+    try:
+        secret = (settings.data_dir / ADMIN_KEY_FILE).read_text().strip()
+        principal = await again.api_keys.authenticate(secret)
+        assert principal.grants == {"*": Role.ADMIN}
+    finally:
+        await again.stop()

@@ -8,6 +8,7 @@ Nodes never talk to a backend: they download through the control plane.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -22,11 +23,34 @@ class BlobMissing(LookupError):
     """No blob is stored under that digest."""
 
 
+class BlobDigestMismatch(ValueError):
+    """The bytes to store do not hash to the digest they were to be stored under."""
+
+
+class DigestCheck:
+    """Hashes bytes on their way into a store; `verify` refuses them unless they hash
+    to the digest (so what is stored is exactly what was signed, whatever touched the
+    file in between)."""
+
+    def __init__(self, digest: str):
+        self.digest = digest
+        self._hash = hashlib.sha256()
+
+    def update(self, data: bytes) -> bytes:
+        self._hash.update(data)
+        return data
+
+    def verify(self) -> None:
+        actual = "sha256:" + self._hash.hexdigest()
+        if actual != self.digest:
+            raise BlobDigestMismatch(f"the bytes to store as {self.digest} hash to {actual}")
+
+
 class BlobStore(Protocol):
     async def put_file(self, digest: str, path: Path) -> None:
-        """Store the file at `path` under `digest` (idempotent). Storing an existing blob
-        again refreshes its age, so garbage collection cannot take it from under a new
-        bundle row."""
+        """Store the file at `path` under `digest` (idempotent). The bytes are hashed as
+        they are stored: BlobDigestMismatch, and nothing stored, unless they hash to
+        `digest`. Storing an existing blob again refreshes its age."""
         ...
 
     def read(self, digest: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator[bytes]:

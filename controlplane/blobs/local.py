@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from controlplane.blobs.base import CHUNK_BYTES, BlobMissing, blob_key
+from controlplane.blobs.base import CHUNK_BYTES, BlobMissing, DigestCheck, blob_key
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 # An `.incoming-` file older than this is the leftover of a crashed write.
 _STALE_INCOMING = 3600.0
+_COPY = 1024 * 1024
 
 
 class LocalBlobStore:
@@ -37,9 +37,12 @@ class LocalBlobStore:
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        check = DigestCheck(digest)
         try:
             with os.fdopen(fd, "wb") as out, path.open("rb") as src:
-                shutil.copyfileobj(src, out, 1024 * 1024)
+                while chunk := src.read(_COPY):
+                    out.write(check.update(chunk))
+                check.verify()
                 out.flush()
                 if self.fsync:
                     os.fsync(out.fileno())

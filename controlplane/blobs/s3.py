@@ -21,7 +21,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
-from controlplane.blobs.base import CHUNK_BYTES, BlobMissing, blob_key
+from controlplane.blobs.base import CHUNK_BYTES, BlobMissing, DigestCheck, blob_key
 
 # S3's minimum part size is 5 MiB; 16 MiB keeps a 1 GiB bundle under 64 parts while one
 # part in memory stays small.
@@ -81,8 +81,10 @@ class S3BlobStore:
         # Always written, even if present: it refreshes the object's age for GC.
         size = (await asyncio.to_thread(path.stat)).st_size
         bucket, key = self.settings.bucket, self.key(digest)
+        check = DigestCheck(digest)
         if size <= PART_BYTES:
-            body = await asyncio.to_thread(path.read_bytes)
+            body = check.update(await asyncio.to_thread(path.read_bytes))
+            check.verify()
             await self._client.put_object(Bucket=bucket, Key=key, Body=body)
             return
         upload = await self._client.create_multipart_upload(Bucket=bucket, Key=key)
@@ -93,10 +95,12 @@ class S3BlobStore:
                 number = 1
                 while data := await asyncio.to_thread(f.read, PART_BYTES):
                     part = await self._client.upload_part(
-                        Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+                        Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=check.update(data)
                     )
                     parts.append({"PartNumber": number, "ETag": part["ETag"]})
                     number += 1
+            # Completing is what makes the object appear: only for the right bytes.
+            check.verify()
             await self._client.complete_multipart_upload(
                 Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )

@@ -5,9 +5,12 @@ A blob is collected once it is older than the retention period and either
 - every row naming it, in every project, is FAILED or REVOKED since longer than the
   retention period, and no node runs it and no desired-state row names it.
 Rows are never deleted (the audit trail and operators still see them); a purged row is
-marked so downloads and assignments say the archive is gone. A blob stored again
-refreshes its age, and rows are checked just before each delete, so a bundle created
-while the collector runs keeps its archive.
+marked so downloads and assignments say the archive is gone.
+
+A bundle created while the collector runs keeps its archive: each delete happens in a
+write transaction holding the digest's lock (`lock_digest`), after the rows are read
+again in it, and the pipeline writes a bundle's row holding the same lock after checking
+that its archive is there (storing it again if this collector took it meanwhile).
 """
 
 from __future__ import annotations
@@ -67,15 +70,17 @@ class BlobCollector:
         return orphans, purged
 
     async def _delete_orphan(self, digest: str) -> bool:
-        async with self.store.read() as tx:
+        async with self.store.write() as tx:
+            await tx.bundles.lock_digest(digest)
             if (await tx.bundles.rows_for([digest]))[digest]:
                 return False
-        await self.blobs.delete(digest)
+            await self.blobs.delete(digest)
         log.info("bundle gc: deleted orphan archive %s", digest)
         return True
 
     async def _purge(self, digest: str, cutoff: datetime) -> bool:
         async with self.store.write() as tx:
+            await tx.bundles.lock_digest(digest)
             rows = (await tx.bundles.rows_for([digest]))[digest]
             if not rows or not all(_expired(b, cutoff) for b in rows) or await tx.bundles.in_use(digest):
                 return False

@@ -8,6 +8,14 @@ transaction writes the row, its details, its signature and the audit entry.
 Identical content (same manifest digest) gives back the existing bundle and writes
 nothing, except that a FAILED bundle pushed again is validated again.
 
+Disk and cores are bounded: at most MAX_INTAKES bundles are received (staged) at once
+and at most PIPELINE_SLOTS packed and validated; past that a push waits briefly, then is
+told RESOURCE_EXHAUSTED with a retry hint. The archive is packed into its own directory,
+away from the tree validators run in, and the blob store refuses bytes that do not hash
+to the digest. Garbage collection deletes a blob only under the digest's lock, and the
+pipeline writes its row under the same lock after checking the blob is still there
+(storing it again if the collector took it meanwhile).
+
 `require_assignable` is the one check every desired-state writer makes.
 """
 
@@ -15,20 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from controlplane.archives import sbom
 from controlplane.archives.limits import ArchiveLimits, InvalidArchive
 from controlplane.archives.manifest import Manifest, scan
 from controlplane.archives.pack import Packed, pack
 from controlplane.archives.tree import TreeBuilder
-from controlplane.blobs.base import BlobMissing, BlobStore
+from controlplane.blobs.base import BlobDigestMismatch, BlobMissing, BlobStore
 from controlplane.domain import validation, validators
 from controlplane.domain.bundle_intake import Part, receive_files, receive_tar
 from controlplane.domain.bundle_records import Bundle, BundleState, RiskAssessment, ValidationResult
@@ -38,6 +47,7 @@ from controlplane.domain.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from controlplane.domain.projects import require_project
 from controlplane.domain.risk import Facts, assess
@@ -47,8 +57,20 @@ if TYPE_CHECKING:
     # Only for annotations: ports imports the domain modules that import this one.
     from controlplane.domain.ports import Clock, Store, Tx
 
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
 # Packing and validating use a core each; more at once would only slow all of them.
 PIPELINE_SLOTS = 2
+# Bundles being received at once (each in its own scratch tree). One intake stages at
+# most --max-bundle-bytes of upload plus ArchiveLimits.max_total_bytes of files plus
+# its archive, so four bound the staging disk to a few GiB in the worst case while two
+# can be received as two others are packed. Others wait, then are told to retry.
+MAX_INTAKES = 4
+INTAKE_WAIT = 10.0
+# Times the pipeline stores the archive again when the collector took it between the
+# store and the row's commit; more than once in a row means something else deletes it.
+STORE_ATTEMPTS = 3
 # Downloads streaming at once: each holds about 2 MiB of transport buffers whatever the
 # bundle's size (bench/bundles.py), so 32 keep them under ~70 MiB; more would not be
 # faster on two cores. Others wait for a slot, then are told to retry: 30 s stays under
@@ -112,6 +134,8 @@ class BundleRegistry:
     max_bundle_bytes: int = 256 * 1024 * 1024
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)
     _slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PIPELINE_SLOTS))
+    intake_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_INTAKES))
+    intake_wait: float = INTAKE_WAIT
     download_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_DOWNLOADS))
     download_wait: float = DOWNLOAD_WAIT
 
@@ -121,29 +145,39 @@ class BundleRegistry:
         self, project: str, version: str, parts: AsyncIterator[Part]
     ) -> tuple[Bundle, bool]:
         await self._precheck(project, version)
-        with self._scratch() as scratch:
-            tree = TreeBuilder(scratch / "tree", self.limits)
-            await receive_files(tree, parts, self.max_bundle_bytes)
-            return await self._build(project, version, tree, scratch, "file")
+        async with self._intake():
+            with self._scratch() as scratch:
+                tree = TreeBuilder(scratch / "tree", self.limits)
+                await receive_files(tree, parts, self.max_bundle_bytes)
+                return await self._build(project, version, tree, "file")
 
     async def create_from_tar(
         self, project: str, version: str, chunks: AsyncIterator[bytes], field_name: str = "chunk"
     ) -> tuple[Bundle, bool]:
         await self._precheck(project, version)
-        with self._scratch() as scratch:
-            tree = TreeBuilder(scratch / "tree", self.limits)
-            await receive_tar(tree, chunks, scratch, self.max_bundle_bytes, field_name)
-            return await self._build(project, version, tree, scratch, field_name)
+        async with self._intake():
+            with self._scratch() as scratch:
+                tree = TreeBuilder(scratch / "tree", self.limits)
+                await receive_tar(tree, chunks, scratch, self.max_bundle_bytes, field_name)
+                return await self._build(project, version, tree, field_name)
 
     async def _precheck(self, project: str, version: str) -> None:
         validation.version_label(version)
         async with self.store.read() as tx:
             await require_project(tx, project)
 
+    def _intake(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return _slot(
+            self.intake_slots,
+            self.intake_wait,
+            f"{MAX_INTAKES} bundles are being received by this server; retry",
+            retry_after_ms=5000,
+        )
+
     @contextlib.contextmanager
-    def _scratch(self) -> Iterator[Path]:
+    def _scratch(self, prefix: str = "bundle-") -> Iterator[Path]:
         self.staging_dir.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(dir=self.staging_dir, prefix="bundle-"))
+        path = Path(tempfile.mkdtemp(dir=self.staging_dir, prefix=prefix))
         try:
             yield path
         finally:
@@ -159,39 +193,72 @@ class BundleRegistry:
                     entry.unlink(missing_ok=True)
 
     async def _build(
-        self, project: str, version: str, tree: TreeBuilder, scratch: Path, field_name: str
+        self, project: str, version: str, tree: TreeBuilder, field_name: str
     ) -> tuple[Bundle, bool]:
         try:
             info = await asyncio.to_thread(tree.finish)
         except InvalidArchive as e:
             raise InvalidArgument(str(e), field=field_name) from None
-        async with self._slots:
-            async with self.store.read() as tx:
-                config = await _config(tx, project)
-            cache = validators.ParseCache(tree.root)
-            manifest = await asyncio.to_thread(scan, tree.root)
-            content = manifest.digest()
-            async with self.store.read() as tx:
-                existing = await tx.bundles.get_by_content(project, content)
-                if existing is not None and existing.state is not BundleState.FAILED:
-                    return await with_signature(tx, existing), False
-                if version and existing is None:
-                    await _version_free(tx, project, version)
-                previous = await _facts(tx, await tx.bundles.latest_valid(project))
-            structure = await asyncio.to_thread(validators.structure, manifest, cache)
-            archive = scratch / "bundle.tar.zst"
-            packed = await asyncio.to_thread(
-                pack, tree.root, manifest, sbom.build(manifest, structure), archive
+        # The archive gets its own directory, not beside the tree validators run in.
+        with self._scratch("archive-") as packing:
+            archive = packing / "bundle.tar.zst"
+            async with self._slots:
+                async with self.store.read() as tx:
+                    config = await _config(tx, project)
+                cache = validators.ParseCache(tree.root)
+                manifest = await asyncio.to_thread(scan, tree.root)
+                content = manifest.digest()
+                async with self.store.read() as tx:
+                    existing = await tx.bundles.get_by_content(project, content)
+                    if existing is not None and existing.state is not BundleState.FAILED:
+                        return await with_signature(tx, existing), False
+                    if version and existing is None:
+                        await _version_free(tx, project, version)
+                    previous = await _facts(tx, await tx.bundles.latest_valid(project))
+                structure = await asyncio.to_thread(validators.structure, manifest, cache)
+                packed = await asyncio.to_thread(
+                    pack, tree.root, manifest, sbom.build(manifest, structure), archive
+                )
+                results = await self._validate(config, tree.root, manifest, cache)
+            risk = assess(previous, Facts(packed.digest, manifest, structure))
+            bundle = _record(project, version, packed, info.files, manifest, results, risk, self.clock())
+            await self._put(bundle.digest, archive)
+            if existing is not None:
+                again = replace(bundle, version=existing.version, created_at=existing.created_at)
+                return await self._commit(again, archive, lambda tx: self._revalidated(tx, again)), False
+            return await self._commit(
+                bundle, archive, lambda tx: self._insert(tx, bundle, manifest, structure)
             )
-            results = await self._validate(config, tree.root, manifest, cache)
-        risk = assess(previous, Facts(packed.digest, manifest, structure))
-        bundle = _record(project, version, packed, info.files, manifest, results, risk, self.clock())
-        await self.blobs.put_file(packed.digest, archive)
-        if existing is not None:
-            return await self._revalidated(
-                replace(bundle, version=existing.version, created_at=existing.created_at)
-            ), False
-        return await self._insert(bundle, manifest, structure)
+
+    async def _put(self, digest: str, archive: Path) -> None:
+        try:
+            await self.blobs.put_file(digest, archive)
+        except BlobDigestMismatch as e:
+            raise FailedPrecondition(
+                f"the packed archive changed on disk before it was stored (does a validator command "
+                f"write outside its tree?); nothing was stored: {e}",
+                field="config.commands",
+            ) from None
+
+    async def _commit(self, bundle: Bundle, archive: Path, write: Callable[[Tx], Awaitable[_T]]) -> _T:
+        """`write` in a transaction holding the digest's lock, once the archive is known
+        to be stored: the collector deletes only under that lock, so it cannot take the
+        archive from under the row being written; if it took it since `_put`, it is
+        stored again."""
+        for _ in range(STORE_ATTEMPTS):
+            async with self.store.write() as tx:
+                await tx.bundles.lock_digest(bundle.digest)
+                if await self.blobs.exists(bundle.digest):
+                    return await write(tx)
+            log.warning(
+                "bundle %s: its archive was collected before its row was written; storing it again",
+                bundle.digest,
+            )
+            await self._put(bundle.digest, archive)
+        raise Unavailable(
+            f"the archive of {bundle.digest} keeps disappearing from the blob store; retry",
+            retry_after_ms=5000,
+        )
 
     async def _validate(
         self,
@@ -210,7 +277,8 @@ class BundleRegistry:
                 await asyncio.to_thread(validators.run_parser, check, config.main, manifest, cache)
             )
         # Last: commands run on the received tree and may write to it; the archive is
-        # already packed, so nothing they do reaches it.
+        # already packed, in a directory of its own, and the blob store refuses it if
+        # its bytes no longer hash to the digest.
         for command in config.commands:
             results.append(
                 await validators.run_command(command, root, config.main, set(self.allowed_programs))
@@ -218,40 +286,38 @@ class BundleRegistry:
         return tuple(results)
 
     async def _insert(
-        self, bundle: Bundle, manifest: Manifest, structure: Mapping[str, Any]
+        self, tx: Tx, bundle: Bundle, manifest: Manifest, structure: Mapping[str, Any]
     ) -> tuple[Bundle, bool]:
-        async with self.store.write() as tx:
-            existing = await tx.bundles.get_by_content(bundle.project, bundle.manifest_digest)
-            if existing is None:
-                existing = await tx.bundles.get(bundle.project, bundle.digest)
-            if existing is not None:
-                return await with_signature(tx, existing), False
-            if bundle.version:
-                await _version_free(tx, bundle.project, bundle.version)
-            await tx.bundles.insert(bundle, manifest.to_json(), dict(structure))
-            if bundle.state is BundleState.VALID:
-                await self._sign(tx, bundle)
-            await tx.audit.record(
-                "bundle.create", f"bundle/{bundle.digest}", project=bundle.project, after=_summary(bundle)
-            )
-            return await with_signature(tx, bundle), True
+        existing = await tx.bundles.get_by_content(bundle.project, bundle.manifest_digest)
+        if existing is None:
+            existing = await tx.bundles.get(bundle.project, bundle.digest)
+        if existing is not None:
+            return await with_signature(tx, existing), False
+        if bundle.version:
+            await _version_free(tx, bundle.project, bundle.version)
+        await tx.bundles.insert(bundle, manifest.to_json(), dict(structure))
+        if bundle.state is BundleState.VALID:
+            await self._sign(tx, bundle)
+        await tx.audit.record(
+            "bundle.create", f"bundle/{bundle.digest}", project=bundle.project, after=_summary(bundle)
+        )
+        return await with_signature(tx, bundle), True
 
-    async def _revalidated(self, bundle: Bundle) -> Bundle:
-        async with self.store.write() as tx:
-            current = await tx.bundles.get(bundle.project, bundle.digest)
-            if current is None or current.state is not BundleState.FAILED:
-                return await with_signature(tx, current or bundle)
-            await tx.bundles.update_outcome(bundle)
-            if bundle.state is BundleState.VALID:
-                await self._sign(tx, bundle)
-            await tx.audit.record(
-                "bundle.revalidate",
-                f"bundle/{bundle.digest}",
-                project=bundle.project,
-                before={"state": current.state.value, "state_reason": current.state_reason[:500]},
-                after=_summary(bundle),
-            )
-            return await with_signature(tx, bundle)
+    async def _revalidated(self, tx: Tx, bundle: Bundle) -> Bundle:
+        current = await tx.bundles.get(bundle.project, bundle.digest)
+        if current is None or current.state is not BundleState.FAILED:
+            return await with_signature(tx, current or bundle)
+        await tx.bundles.update_outcome(bundle)
+        if bundle.state is BundleState.VALID:
+            await self._sign(tx, bundle)
+        await tx.audit.record(
+            "bundle.revalidate",
+            f"bundle/{bundle.digest}",
+            project=bundle.project,
+            before={"state": current.state.value, "state_reason": current.state_reason[:500]},
+            after=_summary(bundle),
+        )
+        return await with_signature(tx, bundle)
 
     async def _sign(self, tx: Tx, bundle: Bundle) -> None:
         if any(
@@ -313,22 +379,30 @@ class BundleRegistry:
 
     async def _stream(self, digest: str) -> AsyncIterator[bytes]:
         """The blob's chunks, holding one of the download slots while they flow."""
-        try:
-            async with asyncio.timeout(self.download_wait):
-                await self.download_slots.acquire()
-        except TimeoutError:
-            raise ResourceExhausted(
-                f"{MAX_DOWNLOADS} downloads are streaming from this server; retry", retry_after_ms=2000
-            ) from None
-        try:
-            async for chunk in self.blobs.read(digest):
-                yield chunk
-        except BlobMissing:
-            raise NotFound(
-                f"bundle {digest}'s archive is missing from the blob store", field="digest"
-            ) from None
-        finally:
-            self.download_slots.release()
+        busy = f"{MAX_DOWNLOADS} downloads are streaming from this server; retry"
+        async with _slot(self.download_slots, self.download_wait, busy, retry_after_ms=2000):
+            try:
+                async for chunk in self.blobs.read(digest):
+                    yield chunk
+            except BlobMissing:
+                raise NotFound(
+                    f"bundle {digest}'s archive is missing from the blob store", field="digest"
+                ) from None
+
+
+@contextlib.asynccontextmanager
+async def _slot(slots: asyncio.Semaphore, wait: float, busy: str, retry_after_ms: int) -> AsyncIterator[None]:
+    """One of `slots`, waiting up to `wait` seconds; RESOURCE_EXHAUSTED with a retry hint
+    when none frees up."""
+    try:
+        async with asyncio.timeout(wait):
+            await slots.acquire()
+    except TimeoutError:
+        raise ResourceExhausted(busy, retry_after_ms=retry_after_ms) from None
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def _record(

@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controlplane.domain.bundle_records import (
@@ -88,9 +88,22 @@ def _outcome(bundle: Bundle) -> dict[str, Any]:
     }
 
 
+# Advisory locks of one archive's digest live in this half of the bigint key space
+# (the top bits say "bundle archive"); other locks of ours use small fixed keys.
+_DIGEST_LOCK_BASE = 0x5B << 56
+
+
 class SqlBundles:
     def __init__(self, conn: AsyncConnection):
         self._conn = conn
+
+    async def lock_digest(self, digest: str) -> None:
+        """Hold the archive `digest` until commit: garbage collection deletes a blob and
+        the pipeline checks it is there under this lock. SQLite's write transactions
+        are one at a time already."""
+        if self._conn.dialect.name == "postgresql":
+            key = _DIGEST_LOCK_BASE | int(digest.removeprefix("sha256:")[:14] or "0", 16)
+            await self._conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
     async def _one(self, *where: Any) -> Bundle | None:
         row = (await self._conn.execute(select(bundles).where(*where))).first()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
-from controlplane.blobs.base import BlobMissing, BlobStore
+from controlplane.blobs.base import BlobDigestMismatch, BlobMissing, BlobStore
 from controlplane.blobs.local import LocalBlobStore
 from controlplane.blobs.s3 import PART_BYTES, S3BlobStore, S3Settings
 from tests.support.bundles import create
@@ -68,6 +68,17 @@ async def test_put_read_exists_delete(blobs: BlobStore, tmp_path: Path) -> None:
     assert listed == [digest]
     await blobs.delete(digest)
     await blobs.delete(digest)  # already gone: no error
+    assert not await blobs.exists(digest)
+    assert [d async for d, _ in blobs.list()] == []
+
+
+async def test_bytes_that_do_not_hash_to_the_digest_are_not_stored(blobs: BlobStore, tmp_path: Path) -> None:
+    src = tmp_path / "a"
+    src.write_bytes(b"what was signed")
+    digest = digest_of(b"what was signed")
+    src.write_bytes(b"what is on disk now")
+    with pytest.raises(BlobDigestMismatch, match=digest):
+        await blobs.put_file(digest, src)
     assert not await blobs.exists(digest)
     assert [d async for d, _ in blobs.list()] == []
 

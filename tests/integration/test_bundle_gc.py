@@ -3,6 +3,7 @@ a bundle or a node still needs stays. Run on the directory store and on S3."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from datetime import timedelta
 from pathlib import Path
@@ -101,3 +102,71 @@ async def test_retention_protects_young_archives(make_harness: Any, tmp_path: Pa
     report = await collect(h)
     assert (report.orphans, report.purged) == (0, 0)
     assert len(await stored(h)) == 2
+
+
+class PausedStore:
+    """Holds the pipeline right after it stored an archive, before it writes the row:
+    where the collector may run in between."""
+
+    def __init__(self, harness: Harness, monkeypatch: pytest.MonkeyPatch):
+        self.stored = asyncio.Event()
+        self.release = asyncio.Event()
+        real = harness.app.blobs.put_file
+
+        async def put_file(digest: str, path: Path) -> None:
+            await real(digest, path)
+            if not self.stored.is_set():
+                self.stored.set()
+                await self.release.wait()
+
+        monkeypatch.setattr(harness.app.blobs, "put_file", put_file)
+
+
+async def downloaded(h: Harness, digest: str) -> str:
+    chunks = [
+        m.chunk
+        async for m in h.bundles.DownloadBundle(bpb.DownloadBundleRequest(project="default", digest=digest))
+    ]
+    return "sha256:" + hashlib.sha256(b"".join(chunks)).hexdigest()
+
+
+async def test_a_failed_bundle_pushed_again_while_the_collector_purges_keeps_its_archive(
+    gc_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = gc_harness
+    kdl = bpb.ValidationConfig(parsers=[bpb.ParserCheck(format=bpb.CONFIG_FORMAT_KDL)])
+    await h.bundles.SetValidationConfig(bpb.SetValidationConfigRequest(project="default", config=kdl))
+    failed = (await create(h.bundles, {"main.kdl": b"failed {\n"})).bundle
+    assert failed.state == bpb.BUNDLE_STATE_FAILED
+    await h.bundles.SetValidationConfig(
+        bpb.SetValidationConfigRequest(project="default", config=bpb.ValidationConfig())
+    )
+    paused = PausedStore(h, monkeypatch)
+    push = asyncio.create_task(create(h.bundles, {"main.kdl": b"failed {\n"}))
+    await paused.stored.wait()
+    # The row is still FAILED and past retention: the collector purges it now.
+    report = await collect(h)
+    assert report.purged == 1 and failed.digest not in await stored(h)
+    paused.release.set()
+    back = (await push).bundle
+    assert back.digest == failed.digest and back.state == bpb.BUNDLE_STATE_VALID
+    assert not back.HasField("purged_at")
+    assert failed.digest in await stored(h)
+    assert await downloaded(h, back.digest) == back.digest
+
+
+async def test_a_new_bundle_whose_archive_the_collector_takes_as_an_orphan_gets_it_back(
+    gc_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = gc_harness
+    paused = PausedStore(h, monkeypatch)
+    push = asyncio.create_task(create(h.bundles, {"main.kdl": b"fresh 1\n"}))
+    await paused.stored.wait()
+    # Stored, no row yet: an orphan to the collector.
+    report = await collect(h)
+    assert report.orphans == 1 and await stored(h) == set()
+    paused.release.set()
+    bundle = (await push).bundle
+    assert bundle.state == bpb.BUNDLE_STATE_VALID and not bundle.HasField("purged_at")
+    assert await stored(h) == {bundle.digest}
+    assert await downloaded(h, bundle.digest) == bundle.digest

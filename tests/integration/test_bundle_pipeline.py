@@ -421,3 +421,87 @@ async def test_downloads_beyond_the_slots_are_told_to_retry(harness: Harness) ->
     from tests.support.eventually import eventually
 
     await eventually(slot_free, what="the slot of the cancelled download returned")
+
+
+async def test_receiving_beyond_the_intake_slots_is_told_to_retry(harness: Harness) -> None:
+    """Staging disk is bounded: a push that finds every intake slot busy is refused with a
+    retry hint instead of staging another tree."""
+    import asyncio
+
+    from tests.support.eventually import eventually
+
+    registry = harness.app.bundles
+    registry.intake_slots = asyncio.Semaphore(1)
+    registry.intake_wait = 0.0
+    finish = asyncio.Event()
+
+    async def slow_upload() -> Any:
+        async def requests() -> Any:
+            yield bpb.CreateBundleRequest(header=bpb.CreateBundleHeader(project="default"))
+            yield bpb.CreateBundleRequest(file=bpb.FileHeader(path="main.kdl", size_bytes=4))
+            yield bpb.CreateBundleRequest(chunk=b"a ")
+            await finish.wait()
+            yield bpb.CreateBundleRequest(chunk=b"1\n")
+
+        return await harness.bundles.CreateBundle(requests())
+
+    holding = asyncio.create_task(slow_upload())
+
+    async def slot_taken() -> None:
+        assert registry.intake_slots.locked(), "the slow upload has not started receiving"
+
+    await eventually(slot_taken, what="the first upload holds the intake slot")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await create(harness.bundles, {"other.kdl": b"b 2\n"})
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+    assert "being received" in str(e.value.details()) and "retry" in str(e.value.details())
+    assert any(k == "retry-after-ms" for k, _ in e.value.trailing_metadata() or ())
+    finish.set()
+    first = await holding
+    assert first.bundle.state == bpb.BUNDLE_STATE_VALID
+    # The slot is free again.
+    assert (await create(harness.bundles, {"other.kdl": b"b 2\n"})).created
+
+
+async def test_a_validator_cannot_alter_the_archive_that_is_stored(make_harness: Any) -> None:
+    """Commands run in the received tree. The archive is packed elsewhere, and the blob
+    store refuses bytes that do not hash to the digest."""
+    import hashlib
+
+    harness: Harness = await make_harness(validator_allow=(sys.executable,))
+    # Where the archive sat before: beside the tree, one level up from the command's cwd.
+    beside = (
+        "import os, pathlib; p = pathlib.Path(os.getcwd()).parent / 'bundle.tar.zst'\n"
+        "if p.exists(): p.write_bytes(b'tampered')\n"
+    )
+    # Searching the whole staging directory finds it anyway; the store must refuse it.
+    search = (
+        "import os, pathlib\n"
+        "for p in pathlib.Path(os.getcwd()).parent.parent.rglob('*.tar.zst'): p.write_bytes(b'tampered')\n"
+    )
+
+    async def push_with(script: str, files: dict[str, bytes]) -> Any:
+        command = bpb.CommandCheck(name="evil", argv=[sys.executable, "-c", script])
+        await harness.bundles.SetValidationConfig(
+            bpb.SetValidationConfigRequest(project="default", config=bpb.ValidationConfig(commands=[command]))
+        )
+        return create(harness.bundles, files)
+
+    bundle = (await (await push_with(beside, {"main.kdl": b"a 1\n"}))).bundle
+    assert bundle.state == bpb.BUNDLE_STATE_VALID, bundle.state_reason
+    chunks = [
+        m.chunk
+        async for m in harness.bundles.DownloadBundle(
+            bpb.DownloadBundleRequest(project="default", digest=bundle.digest)
+        )
+    ]
+    assert "sha256:" + hashlib.sha256(b"".join(chunks)).hexdigest() == bundle.digest
+
+    details = await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        await push_with(search, {"main.kdl": b"a 2\n"}),
+        "the packed archive changed on disk before it was stored",
+    )
+    assert details.startswith("config.commands: "), details
+    assert await count(harness) == 1
+    assert {d async for d, _ in harness.app.blobs.list()} == {bundle.digest}

@@ -296,6 +296,7 @@ def _target(selector: str | None, node_ids: tuple[str, ...]) -> bundle_pb2.Targe
 @click.option("--node", "node_ids", multiple=True, help="Node id (repeatable).")
 @click.option("--weight", type=click.IntRange(0, 100), default=0, help="Traffic weight 1-100.")
 @click.option("--pin", is_flag=True, help="Pin the listed nodes to this bundle.")
+@click.option("--override-freeze", default="", help="Assign during a freeze window, for this reason.")
 @click.argument("digest")
 def assign(
     server: str,
@@ -304,12 +305,18 @@ def assign(
     node_ids: tuple[str, ...],
     weight: int,
     pin: bool,
+    override_freeze: str,
     digest: str,
 ) -> None:
     """Set the desired bundle of a selector's nodes or of listed nodes."""
     stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
     request = bundle_pb2.AssignBundleRequest(
-        project=project, target=_target(selector, node_ids), digest=digest, traffic_weight=weight, pin=pin
+        project=project,
+        target=_target(selector, node_ids),
+        digest=digest,
+        traffic_weight=weight,
+        pin=pin,
+        freeze_override_reason=override_freeze,
     )
     call(lambda: stub.AssignBundle(request))
 
@@ -319,8 +326,13 @@ def assign(
 @project_option
 @click.option("--selector", default=None)
 @click.option("--node", "node_ids", multiple=True)
-def unassign(server: str, project: str, selector: str | None, node_ids: tuple[str, ...]) -> None:
+@click.option("--override-freeze", default="", help="Unassign during a freeze window, for this reason.")
+def unassign(
+    server: str, project: str, selector: str | None, node_ids: tuple[str, ...], override_freeze: str
+) -> None:
     """Remove an assignment."""
     stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
-    request = bundle_pb2.UnassignBundleRequest(project=project, target=_target(selector, node_ids))
+    request = bundle_pb2.UnassignBundleRequest(
+        project=project, target=_target(selector, node_ids), freeze_override_reason=override_freeze
+    )
     call(lambda: stub.UnassignBundle(request))

@@ -2,12 +2,18 @@
 
 `AssignBundle`, rollout steps, rollbacks and drift remediation all call `write_assignment`
 inside their own transaction, so each of them is one revision and one commit.
+
+An operator's `AssignBundle` / `UnassignBundle` keeps the rollouts' safety checks: it
+refuses to move a node an active rollout holds (that rollout would otherwise roll back
+over the operator, or report the operator's bundle as its own), and it is refused
+during a freeze window unless overridden with a reason.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from controlplane.domain import validation
 from controlplane.domain.bundles import require_assignable
@@ -20,6 +26,7 @@ from controlplane.domain.projects import require_project
 
 # One assignment may name at most this many nodes; larger sets should use a selector.
 MAX_NODE_TARGETS = 10_000
+MAX_OVERRIDE_REASON = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +51,17 @@ class Target:
             )
         return cls(node_ids=ids)
 
+    async def claimed(self, tx: Tx, project: str) -> list[str]:
+        """The nodes the target reaches that an active rollout holds. Claims are few next
+        to a fleet (none without a rollout), so this reads the claims, not the fleet."""
+        held = await tx.rollouts.claimed()
+        if not held:
+            return []
+        if self.selector is None:
+            return [n for n in self.node_ids if n in held]
+        nodes = await tx.nodes.get_many(held)
+        return sorted(n.id for n in nodes if n.project == project and self.selector.matches(n.labels))
+
     async def keys(self, tx: Tx, project: str) -> tuple[str, ...]:
         """The watch keys to write; NOT_FOUND naming the project, or the first node id
         that is not a node of it."""
@@ -56,6 +74,38 @@ class Target:
             await require_project(tx, project)
             raise NotFound(f"node {missing[0]!r} does not exist in project {project!r}", field="target")
         return tuple(node_key(n) for n in self.node_ids)
+
+
+async def require_unclaimed(tx: Tx, node_ids: Sequence[str], field: str) -> None:
+    """FAILED_PRECONDITION naming the active rollout holding any of `node_ids`."""
+    claims = await tx.rollouts.claims(node_ids)
+    if claims:
+        node_id, rollout = sorted(claims.items())[0]
+        raise FailedPrecondition(
+            f"{len(claims)} target node(s) belong to active rollout {rollout} (node {node_id} among "
+            "them); wait for it to end, or cancel it",
+            field=field,
+        )
+
+
+async def require_unfrozen(tx: Tx, project: str, at: datetime, override_reason: str) -> None:
+    """FAILED_PRECONDITION naming the freeze window covering `at`, unless overridden."""
+    if override_reason:
+        return
+    window = await tx.freezes.covering(project, at)
+    if window is not None:
+        raise FailedPrecondition(
+            f"freeze window {window.name!r} ({window.id}) covers {at.isoformat()} until "
+            f"{window.ends_at.isoformat()}: {window.reason}; give freeze_override_reason to go ahead",
+            field="freeze_override_reason",
+        )
+
+
+def override_reason(text: str) -> str:
+    text = text.strip()
+    if len(text) > MAX_OVERRIDE_REASON:
+        raise InvalidArgument(f"at most {MAX_OVERRIDE_REASON} characters", field="freeze_override_reason")
+    return text
 
 
 async def write_assignment(tx: Tx, assignment: Assignment, written_at: float) -> int:
@@ -87,6 +137,7 @@ class DesiredStateWriter:
         traffic_weight: int = 0,
         pin: bool = False,
         annotations: Mapping[str, str] | None = None,
+        freeze_override_reason: str = "",
     ) -> tuple[int, tuple[str, ...]]:
         validation.digest(digest)
         if not 0 <= traffic_weight <= 100:
@@ -94,8 +145,10 @@ class DesiredStateWriter:
         if pin and target.selector is not None:
             raise InvalidArgument("only node targets can be pinned", field="pin")
         notes = validation.annotation_map(annotations or {})
+        override = override_reason(freeze_override_reason)
         async with self.store.write() as tx:
             keys = await target.keys(tx, project)
+            await self._guard(tx, project, target, override)
             bundle = await require_assignable(tx, project, digest)
             assignment = Assignment(
                 project,
@@ -121,15 +174,20 @@ class DesiredStateWriter:
                     "pinned": pin,
                     "annotations": notes,
                     "key_id": bundle.key_id,
+                    **({"freeze_override_reason": override} if override else {}),
                 },
             )
             tx.after_commit(self.notify)
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         return revision, keys
 
-    async def unassign(self, project: str, target: Target) -> tuple[int, tuple[str, ...]]:
+    async def unassign(
+        self, project: str, target: Target, freeze_override_reason: str = ""
+    ) -> tuple[int, tuple[str, ...]]:
+        override = override_reason(freeze_override_reason)
         async with self.store.write() as tx:
             keys = await target.keys(tx, project)
+            await self._guard(tx, project, target, override)
             latest = await tx.desired.latest(keys)
             live = [k for k in keys if k in latest and latest[k].is_assignment]
             if not live:
@@ -140,11 +198,21 @@ class DesiredStateWriter:
                 _resource(live),
                 project=project,
                 before={"digests": {k: latest[k].digest for k in live}},
-                after={"keys": live, "revision": revision},
+                after={
+                    "keys": live,
+                    "revision": revision,
+                    **({"freeze_override_reason": override} if override else {}),
+                },
             )
             tx.after_commit(self.notify)
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         return revision, tuple(live)
+
+    async def _guard(self, tx: Tx, project: str, target: Target, override: str) -> None:
+        """No node an active rollout holds (whatever the override: the rollout owns its
+        nodes' desired state until it ends), and no change during a freeze window."""
+        await require_unclaimed(tx, await target.claimed(tx, project), "target")
+        await require_unfrozen(tx, project, self.clock(), override)
 
 
 def _resource(keys: Sequence[str]) -> str:

@@ -169,13 +169,16 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
             request.traffic_weight,
             request.pin,
             dict(request.annotations),
+            request.freeze_override_reason,
         )
         return bundle_pb2.AssignBundleResponse(revision=revision, keys=keys)
 
     async def UnassignBundle(
         self, request: bundle_pb2.UnassignBundleRequest, context: grpc.aio.ServicerContext
     ) -> bundle_pb2.UnassignBundleResponse:
-        revision, keys = await self._writer.unassign(request.project, _target(request.target))
+        revision, keys = await self._writer.unassign(
+            request.project, _target(request.target), request.freeze_override_reason
+        )
         return bundle_pb2.UnassignBundleResponse(revision=revision, keys=keys)
 
 

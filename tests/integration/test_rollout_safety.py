@@ -13,9 +13,11 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controlplane.api.audit.v1 import audit_pb2
 from controlplane.api.bundle.v1 import bundle_pb2
 from controlplane.api.identity.v1 import identity_pb2
 from tests.conftest import HarnessFactory
@@ -62,6 +64,76 @@ async def test_a_node_belongs_to_one_active_rollout(plane: Harness) -> None:
         # Its nodes are free again.
         second = await rollouts.create(v2, selector="*")
         assert (await rollouts.watch(second.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+
+
+async def test_assign_bundle_cannot_move_nodes_an_active_rollout_holds(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 3)) as sim:
+        outsider = await plane.register("outsider", {"env": "dev"})
+        v1, v2 = await plane.upload(archive("v1")), await plane.upload(archive("v2"))
+        rollouts = Rollouts(plane.channel)
+        created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(60))
+        held = sim.nodes[0].node_id
+        refused = grpc.StatusCode.FAILED_PRECONDITION
+        # Neither a selector reaching its nodes nor its nodes by id, pinned or not.
+        details = await expect(refused, plane.assign(v2, selector="env=prod"), created.id)
+        assert "target" in details
+        await expect(refused, plane.assign(v2, selector="*"), created.id)
+        await expect(refused, plane.assign(v2, nodes=[outsider.node_id, held]), created.id)
+        await expect(refused, plane.assign(v2, nodes=[held], pin=True), created.id)
+        unassign = bundle_pb2.UnassignBundleRequest(
+            project="default", target=bundle_pb2.Target(selector="env=prod")
+        )
+        await expect(refused, plane.bundles.UnassignBundle(unassign), created.id)
+        # Nodes it does not hold are free.
+        assert await plane.assign(v2, selector="env=dev")
+        assert await plane.assign(v2, nodes=[outsider.node_id])
+        nodes = await rollouts.nodes(created.id)
+        assert all(n.previous_digest == "" for n in nodes if n.assigned_revision)
+        await rollouts.stub.CancelRollout(pb.CancelRolloutRequest(project="default", rollout_id=created.id))
+        assert await plane.assign(v2, selector="env=prod")
+
+
+async def test_assign_bundle_respects_freeze_windows_unless_overridden(plane: Harness) -> None:
+    node = await plane.register("edge", {"env": "prod"})
+    v1 = await plane.upload(archive("v1"))
+    rollouts = Rollouts(plane.channel)
+    await rollouts.stub.CreateFreezeWindow(
+        pb.CreateFreezeWindowRequest(
+            project="default",
+            name="peak",
+            starts_at=at(-timedelta(minutes=1)),
+            ends_at=at(timedelta(hours=1)),
+            reason="sale",
+        )
+    )
+    frozen = grpc.StatusCode.FAILED_PRECONDITION
+    details = await expect(frozen, plane.assign(v1, selector="env=prod"), "'peak'")
+    assert "freeze_override_reason" in details
+    await expect(frozen, plane.assign(v1, nodes=[node.node_id]), "'peak'")
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        plane.assign(v1, selector="env=prod", freeze_override_reason="x" * 1001),
+        "freeze_override_reason",
+    )
+    revision = await plane.assign(v1, selector="env=prod", freeze_override_reason="hotfix for CVE")
+    assert revision > 0
+    target = bundle_pb2.Target(selector="env=prod")
+    await expect(
+        frozen,
+        plane.bundles.UnassignBundle(bundle_pb2.UnassignBundleRequest(project="default", target=target)),
+    )
+    await plane.bundles.UnassignBundle(
+        bundle_pb2.UnassignBundleRequest(project="default", target=target, freeze_override_reason="revert")
+    )
+    entries = await audit_entries(plane, "desired.assign")
+    assert entries and entries[-1]["after"]["freeze_override_reason"] == "hotfix for CVE"
+
+
+async def audit_entries(plane: Harness, action: str) -> list[dict[str, Any]]:
+    reply = await plane.audit.ListAuditEvents(
+        audit_pb2.ListAuditEventsRequest(project="default", filter=audit_pb2.AuditFilter(action=action))
+    )
+    return [json_format.MessageToDict(e) for e in reply.events]
 
 
 async def test_freeze_windows_block_create_and_hold_start_and_advance(plane: Harness) -> None:

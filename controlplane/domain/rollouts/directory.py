@@ -17,7 +17,12 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from controlplane.domain import validation
-from controlplane.domain.assignments import write_assignment, write_unassignment
+from controlplane.domain.assignments import (
+    require_unclaimed,
+    require_unfrozen,
+    write_assignment,
+    write_unassignment,
+)
 from controlplane.domain.audit import current_actor
 from controlplane.domain.desired import Assignment
 from controlplane.domain.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
@@ -88,16 +93,7 @@ class RolloutDirectory:
             if bundle_version:
                 spec = replace(spec, bundle_digest=await by_version(tx, project, bundle_version))
             bundle = await assignable(tx, project, spec.bundle_digest)
-            if not spec.freeze_override_reason:
-                start = spec.scheduled_at or now
-                window = await tx.freezes.covering(project, start)
-                if window is not None:
-                    raise FailedPrecondition(
-                        f"freeze window {window.name!r} ({window.id}) covers {start.isoformat()} until "
-                        f"{window.ends_at.isoformat()}: {window.reason}; give freeze_override_reason to "
-                        "start anyway",
-                        field="freeze_override_reason",
-                    )
+            await require_unfrozen(tx, project, spec.scheduled_at or now, spec.freeze_override_reason)
             selector = Selector.parse(spec.selector)
             matched = await tx.rollouts.target_nodes(project, selector.terms)
             if len(matched) > MAX_TARGETS:
@@ -113,14 +109,7 @@ class RolloutDirectory:
                     + (f" ({len(pinned)} pinned node(s) skipped)" if pinned else ""),
                     field="selector",
                 )
-            claims = await tx.rollouts.claims(targets)
-            if claims:
-                node_id, other = sorted(claims.items())[0]
-                raise FailedPrecondition(
-                    f"{len(claims)} target node(s) belong to active rollout {other} (node {node_id} among "
-                    "them); wait for it to end, or cancel it",
-                    field="selector",
-                )
+            await require_unclaimed(tx, targets, "selector")
             desired = (
                 await effective_rows(tx, project, targets) if spec.strategy is Strategy.BLUE_GREEN else {}
             )

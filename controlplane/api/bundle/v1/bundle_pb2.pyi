@@ -1106,12 +1106,17 @@ class AssignBundleRequest(_message.Message):
     TRAFFIC_WEIGHT_FIELD_NUMBER: _builtins.int
     PIN_FIELD_NUMBER: _builtins.int
     ANNOTATIONS_FIELD_NUMBER: _builtins.int
+    FREEZE_OVERRIDE_REASON_FIELD_NUMBER: _builtins.int
     project: _builtins.str
     digest: _builtins.str
     traffic_weight: _builtins.int
     """0-100; 0 means 100."""
     pin: _builtins.bool
     """Pin the listed nodes to this bundle (node targets only)."""
+    freeze_override_reason: _builtins.str
+    """Assign during a freeze window, for this reason (kept in the audit log).
+    Nodes an active rollout holds are refused whatever the reason.
+    """
     @_builtins.property
     def target(self) -> Global___Target: ...
     @_builtins.property
@@ -1125,10 +1130,11 @@ class AssignBundleRequest(_message.Message):
         traffic_weight: _builtins.int = ...,
         pin: _builtins.bool = ...,
         annotations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        freeze_override_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "digest", b"digest", "pin", b"pin", "project", b"project", "target", b"target", "traffic_weight", b"traffic_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "digest", b"digest", "freeze_override_reason", b"freeze_override_reason", "pin", b"pin", "project", b"project", "target", b"target", "traffic_weight", b"traffic_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1166,7 +1172,10 @@ class UnassignBundleRequest(_message.Message):
 
     PROJECT_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
+    FREEZE_OVERRIDE_REASON_FIELD_NUMBER: _builtins.int
     project: _builtins.str
+    freeze_override_reason: _builtins.str
+    """Unassign during a freeze window, for this reason (kept in the audit log)."""
     @_builtins.property
     def target(self) -> Global___Target: ...
     def __init__(
@@ -1174,10 +1183,11 @@ class UnassignBundleRequest(_message.Message):
         *,
         project: _builtins.str = ...,
         target: Global___Target | None = ...,
+        freeze_override_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freeze_override_reason", b"freeze_override_reason", "project", b"project", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

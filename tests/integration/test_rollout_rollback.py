@@ -145,7 +145,9 @@ async def test_offline_nodes_count_against_max_unavailable(plane: Harness) -> No
         )
         assert (await rollouts.watch(tolerant.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
         nodes = {n.node_id: n for n in await rollouts.nodes(tolerant.id)}
-        assert nodes[gone].state == pb.NODE_STATE_OFFLINE
+        assert nodes[gone].state == pb.NODE_STATE_OFFLINE and "unavailable" in nodes[gone].error
+        reason = (await rollouts.get(tolerant.id)).reason
+        assert f"1 node(s) not updated, unavailable while their step ran: {gone}" in reason
         # Back online, the node converges on what its step wrote for it.
         sim.start_node(1)
         await settle(sim, v2)

@@ -233,6 +233,28 @@ def test_cancel_keeps_nodes_on_the_bundle_and_puts_back_every_other_node_it_wrot
     assert (fleet.desired[ids[0]][0], fleet.desired[ids[1]][0]) == (NEW, OLD)
 
 
+def test_max_unavailable_counts_over_the_whole_rollout_and_skipped_nodes_are_reported() -> None:
+    ids = nodes(6)
+    # One node down in step 0 and another in step 1: two never updated, one allowed.
+    spec = make_spec(batch_size=2, max_unavailable=1, progress_deadline=20 * S)
+    run, fleet = make_run(spec, ids), FakeFleet(ids)
+    fleet.offline(ids[0])
+    fleet.offline(ids[2])
+    run, _ = drive(run, fleet, T0)
+    assert run.state is RolloutState.ROLLED_BACK
+    assert "step 1 did not complete" in run.rollout.reason and ids[2] in run.rollout.reason
+    assert set(steps_written(fleet)) == {0, 1}
+
+    # Within the allowance the rollout succeeds, and says which node it never updated.
+    run, fleet = make_run(spec, ids), FakeFleet(ids)
+    fleet.offline(ids[3])
+    run, _ = drive(run, fleet, T0)
+    assert run.state is RolloutState.SUCCEEDED
+    assert f"1 node(s) not updated, unavailable while their step ran: {ids[3]}" in run.rollout.reason
+    assert run.nodes[ids[3]].state is NodeState.OFFLINE and "unavailable" in run.nodes[ids[3]].error
+    assert sum(1 for n in run.nodes.values() if n.state is NodeState.ACTIVE) == 5
+
+
 def test_pause_holds_everything_and_resume_does_not_count_the_pause() -> None:
     ids = nodes(4)
     run, fleet = make_run(make_spec(batch_size=2, progress_deadline=30 * S), ids), FakeFleet(ids)

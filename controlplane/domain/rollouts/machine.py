@@ -7,7 +7,8 @@ One tick, for a RUNNING rollout, works through the current step:
 - APPLYING: classify each node of the step from its reports (ACTIVE with the bundle at
   or after the step's revision, FAILED = NACK, OFFLINE, pinned = SKIPPED). More NACKs
   than the failure budget fail the rollout. Once no online node is still waiting and at
-  most `max_unavailable` are offline, the step bakes.
+  most `max_unavailable` nodes are unavailable — counted over the whole rollout: nodes
+  of earlier steps that never became ACTIVE stay counted — the step bakes.
 - BAKING: the health gates must pass continuously for the bake time (a failure restarts
   the bake); failing longer than the gate window fails the rollout. A canary step then
   runs the analysis: promote, extend by one bake, or roll back.
@@ -102,11 +103,32 @@ def _held(run: Run, world: World) -> bool:
 def _advance(run: Run, world: World) -> None:
     nxt = run.rollout.current_step + 1
     if nxt >= len(run.steps):
-        run.transition(RolloutState.SUCCEEDED, world.now, f"all {len(run.steps)} step(s) done")
+        _succeed(run, world.now)
         return
     if _held(run, world):
         return
     _start_step(run, world, run.steps[nxt])
+
+
+def _succeed(run: Run, now: datetime) -> None:
+    """The last step is done. Nodes left unavailable (within `max_unavailable`) never got
+    the bundle gated: they are named in the reason and marked, not counted as updated.
+    Their desired state stays the bundle, so one that returns installs it (and drift
+    flags it if it does not)."""
+    left = [n for n in run.nodes.values() if n.state is NodeState.OFFLINE]
+    reason = f"all {len(run.steps)} step(s) done"
+    if left:
+        names = ", ".join(n.node_id for n in left[:5]) + (
+            f" (+{len(left) - 5} more)" if len(left) > 5 else ""
+        )
+        reason += f"; {len(left)} node(s) not updated, unavailable while their step ran: {names}"
+        for node in left:
+            run.set_node(node, now, error=_NOT_UPDATED)
+            run.event(EventKind.NODE, f"{node.node_id} not updated: {_NOT_UPDATED}", node_id=node.node_id)
+    run.transition(RolloutState.SUCCEEDED, now, reason)
+
+
+_NOT_UPDATED = "unavailable while its step ran; gets the bundle, ungated, if it returns"
 
 
 def _start_step(run: Run, world: World, step: Step) -> None:
@@ -178,22 +200,27 @@ def _work(run: Run, world: World, step: Step) -> None:
         )
         return
     members = run.members(step)
-    offline = [n for n in members if n.state is NodeState.OFFLINE]
+    # Every node of the rollout left unavailable — this step's offline nodes and those of
+    # earlier steps, which never got the bundle gated — counts against one allowance.
+    unavailable = run.count((NodeState.OFFLINE,))
     if step.state is StepState.APPLYING:
         if any(n.state is NodeState.ASSIGNED for n in members):
             return
-        if len(offline) > run.spec.max_unavailable:
+        if unavailable > run.spec.max_unavailable:
             return
         step = run.set_step(step, state=StepState.BAKING, applied_at=now)
         active = sum(1 for n in members if n.state is NodeState.ACTIVE)
+        offline = sum(1 for n in members if n.state is NodeState.OFFLINE)
         run.event(
             EventKind.STEP,
-            f"step {step.index} applied: {active} node(s) ACTIVE, {len(offline)} offline",
+            f"step {step.index} applied: {active} node(s) ACTIVE, {offline} offline"
+            + (f" ({unavailable} unavailable in the rollout)" if unavailable > offline else ""),
             step=step.index,
             active=active,
-            offline=len(offline),
+            offline=offline,
+            unavailable=unavailable,
         )
-    _bake(run, world, step, members, len(offline))
+    _bake(run, world, step, members, unavailable)
 
 
 def _classify(run: Run, world: World, node: RolloutNode) -> None:
@@ -230,11 +257,11 @@ def _classify(run: Run, world: World, node: RolloutNode) -> None:
         run.event(EventKind.NODE, f"{node.node_id} {new.value}", node_id=node.node_id, state=new.value)
 
 
-def _bake(run: Run, world: World, step: Step, members: list[RolloutNode], offline: int) -> None:
+def _bake(run: Run, world: World, step: Step, members: list[RolloutNode], unavailable: int) -> None:
     now, spec = world.now, run.spec
     gated = [n for n in members if n.state is NodeState.ACTIVE and n.role is Role.TARGET]
     gone = {n.node_id for n in gated if not (f := world.facts.get(n.node_id)) or not f.online}
-    if offline + len(gone) <= spec.max_unavailable:
+    if unavailable + len(gone) <= spec.max_unavailable:
         # Within the allowance an offline node is excused; beyond it, its stale data fails.
         gated = [n for n in gated if n.node_id not in gone]
     checked = [

@@ -255,6 +255,52 @@ def test_max_unavailable_counts_over_the_whole_rollout_and_skipped_nodes_are_rep
     assert sum(1 for n in run.nodes.values() if n.state is NodeState.ACTIVE) == 5
 
 
+def test_a_step_with_no_node_left_to_evaluate_fails_its_gates() -> None:
+    ids = nodes(4)
+    # Every node of step 0 NACKs, within the failure budget: nothing was shown healthy.
+    spec = make_spec(batch_size=2, max_failures=2, gate_failure_window=5 * S)
+    run, fleet = make_run(spec, ids), FakeFleet(ids)
+    run = tick(run, fleet, T0)
+    for n in ids[:2]:
+        fleet.nack(n, T0 + S)
+    run, _ = drive(run, fleet, T0 + S, seconds=30)
+    assert run.state is RolloutState.ROLLED_BACK
+    assert "health gates failing" in run.rollout.reason and "no node to evaluate" in run.rollout.reason
+    assert set(steps_written(fleet)) == {0}
+
+    # Every node of step 0 offline, within max_unavailable: the same.
+    spec = make_spec(batch_size=2, max_unavailable=2, gate_failure_window=5 * S)
+    run, fleet = make_run(spec, ids), FakeFleet(ids)
+    fleet.offline(ids[0])
+    fleet.offline(ids[1])
+    run, _ = drive(run, fleet, T0, seconds=30)
+    assert run.state is RolloutState.ROLLED_BACK and "no node to evaluate" in run.rollout.reason
+
+
+def test_a_node_missing_from_the_facts_fails_the_gates_instead_of_being_left_out() -> None:
+    ids = nodes(2)
+    spec = make_spec(Strategy.ALL_AT_ONCE, max_unavailable=1, gate_failure_window=5 * S, bake_time=60 * S)
+    run, fleet = make_run(spec, ids), FakeFleet(ids)
+    run, now = drive(run, fleet, T0, seconds=3)
+    assert run.steps[0].state is StepState.BAKING and run.steps[0].gate_failing_since is None
+    del fleet.facts[ids[1]]  # the registry no longer knows it
+    for _ in range(10):
+        now += S
+        fleet.beat(ids[0], now)
+        run = tick(run, fleet, now)
+    assert run.state is RolloutState.ROLLED_BACK
+    assert f"{ids[1]}: no heartbeat" in run.rollout.reason
+
+
+def test_a_step_whose_nodes_were_all_pinned_at_write_is_done_without_gates() -> None:
+    ids = nodes(4)
+    run, fleet = make_run(make_spec(batch_size=2), ids), FakeFleet(ids)
+    fleet.pins.update(ids[2:])
+    run, _ = drive(run, fleet, T0)
+    assert run.state is RolloutState.SUCCEEDED
+    assert {run.nodes[n].state for n in ids[2:]} == {NodeState.SKIPPED}
+
+
 def test_pause_holds_everything_and_resume_does_not_count_the_pause() -> None:
     ids = nodes(4)
     run, fleet = make_run(make_spec(batch_size=2, progress_deadline=30 * S), ids), FakeFleet(ids)

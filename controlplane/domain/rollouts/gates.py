@@ -78,7 +78,8 @@ def evaluate(
     stale: timedelta,
 ) -> GateResult:
     """Check (facts, expected digest, activation time) of every node the gates cover.
-    Without any gate nothing is checked: freshness only matters for a gate to judge."""
+    Without any gate nothing is checked: freshness only matters for a gate to judge.
+    With gates, no node at all fails: a gate passes only on a node shown healthy."""
     if gates.none:
         return GateResult(True, 0, summary_text="no gates")
     checked, failing = 0, 0
@@ -90,4 +91,6 @@ def evaluate(
             failing += 1
             if len(examples) < _MAX_EXAMPLES:
                 examples.append(f"{facts.node_id}: {problem}")
+    if not checked:
+        return GateResult(False, 0, summary_text="no node to evaluate: none is ACTIVE and online")
     return GateResult(failing == 0, checked, tuple(examples), failing)

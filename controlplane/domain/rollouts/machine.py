@@ -259,15 +259,23 @@ def _classify(run: Run, world: World, node: RolloutNode) -> None:
 
 def _bake(run: Run, world: World, step: Step, members: list[RolloutNode], unavailable: int) -> None:
     now, spec = world.now, run.spec
-    gated = [n for n in members if n.state is NodeState.ACTIVE and n.role is Role.TARGET]
-    gone = {n.node_id for n in gated if not (f := world.facts.get(n.node_id)) or not f.online}
+    targets = [n for n in members if n.role is Role.TARGET and n.state is not NodeState.SKIPPED]
+    gated = [n for n in targets if n.state is NodeState.ACTIVE]
+    gone = {n.node_id for n in gated if (f := world.facts.get(n.node_id)) is not None and not f.online}
     if unavailable + len(gone) <= spec.max_unavailable:
         # Within the allowance an offline node is excused; beyond it, its stale data fails.
         gated = [n for n in gated if n.node_id not in gone]
+    # A node the registry no longer knows is not excused: no data fails, like old data.
     checked = [
-        (world.facts[n.node_id], spec.bundle_digest, n.updated_at) for n in gated if n.node_id in world.facts
+        (world.facts.get(n.node_id) or NodeFacts(n.node_id, online=False), spec.bundle_digest, n.updated_at)
+        for n in gated
     ]
-    result = gates.evaluate(spec.gates, checked, now, world.stale_after)
+    if targets:
+        # With no node left to check (all NACKed or offline) the gates fail: nothing
+        # was shown to be healthy.
+        result = gates.evaluate(spec.gates, checked, now, world.stale_after)
+    else:
+        result = gates.GateResult(True, 0, summary_text="no node to check: every node of the step skipped")
     # Stored only when the counts move, not on every tick the wording changes.
     counts = [result.checked, result.failing]
     detail = {**step.detail, "gates": result.summary(), "gate_counts": counts}

@@ -29,7 +29,7 @@ from agent_stub.logs import EventLog, Listener
 from agent_stub.reporter import Reporter
 from agent_stub.rpc import open_channel
 from agent_stub.state import Cursor, FileStateStore, StateStore
-from agent_stub.verify import BundleVerifier, KeyRing, load_trusted_keys
+from agent_stub.verify import BundleVerifier, KeyRing
 from agent_stub.watcher import Watcher
 
 
@@ -99,9 +99,13 @@ class Agent:
         self._stop = asyncio.Event()
 
     def _verifier(self, config: AgentConfig) -> BundleVerifier:
-        """Signature and manifest checks: against the keys file, or the server's keys."""
-        pinned = config.trusted_keys is not None
-        ring = KeyRing(load_trusted_keys(config.trusted_keys) if config.trusted_keys else None, pinned)
+        """Signature and manifest checks: against the keys file, or the keys pinned at
+        first contact in the state dir (verify.py)."""
+        ring = (
+            KeyRing.from_file(config.trusted_keys)
+            if config.trusted_keys is not None
+            else KeyRing.pinned_in(self._dir(), config.fsync)
+        )
         lister = KeyLister(self.channel, lambda: config.project, self.metadata, config.rpc_timeout)
         return BundleVerifier(ring, lister)
 

@@ -16,6 +16,7 @@ from agent_stub.backoff import BackoffPolicy
 from agent_stub.config import MIB, AgentConfig, TlsFiles
 from agent_stub.state import CorruptState
 from agent_stub.unpack import UnpackLimits
+from agent_stub.verify import PIN_FILE
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -71,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trusted-keys",
         type=Path,
-        help="JSON file of the keys bundles must be signed with (`controlplane signing-keys list "
-        "--json`); default: the keys the control plane lists",
+        help="JSON file of the only keys bundles may be signed with (the server writes "
+        "<data-dir>/trusted-keys.json; `controlplane signing-keys list --json`), read again when it "
+        "changes; default: pin the keys the control plane lists at first contact in "
+        "<state-dir>/trusted-keys.json and trust no key it adds later",
     )
     p.add_argument("--backoff-base", type=positive_float, default=BackoffPolicy.base, help="seconds")
     p.add_argument("--backoff-cap", type=positive_float, default=BackoffPolicy.cap, help="seconds")
@@ -134,6 +137,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.log_level != "DEBUG":
         # grpc's own chatter is not ours to print at INFO.
         logging.getLogger("asyncio").setLevel(logging.WARNING)
+    if args.trusted_keys is None:
+        logging.getLogger("agent_stub").warning(
+            "trust.first-use no --trusted-keys: the control plane's signing keys are pinned at first "
+            "contact in %s; a key it lists later is not trusted",
+            args.state_dir / PIN_FILE,
+        )
     with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C while stopping
         asyncio.run(_run(config_from(args)))
     sys.exit(0)

@@ -52,8 +52,8 @@ class AgentConfig:
     max_bundle_bytes: int = 256 * MIB
     unpack: UnpackLimits = field(default_factory=UnpackLimits)
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
-    # Keys bundles must be signed with (a JSON file, see verify.py); None trusts the keys
-    # the control plane lists. Bundles are always verified by the built-in installer.
+    # Keys bundles must be signed with (a JSON file, see verify.py); None pins the keys the
+    # control plane lists at first contact. The built-in installer always verifies.
     trusted_keys: Path | None = None
     # Off only for in-process simulations against fake servers that sign nothing; the
     # command line has no flag for it.

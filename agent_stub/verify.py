@@ -11,19 +11,27 @@ Three checks, each refusing with a precise reason (a NACK; the running bundle st
    on disk, with their sizes, sha256 and executable bits. The manifest and SBOM are then
    removed, so the bundle directory holds only the operator's files.
 
-Trusted keys come from `--trusted-keys FILE` (the output of
-`controlplane signing-keys list --json`, or `{"keys": [{"key_id", "public_key" (base64),
-"state"}]}`): only those keys are ever trusted. Without the file the agent trusts the
-keys the control plane publishes (`ListSigningKeys`), which still refuses unsigned or
-tampered bundles but not a compromised control plane. Either way the control plane's
-list is read before each install and can only take trust away: a key it lists as
-retired is retired here too.
+Which keys are trusted is never the control plane's say alone:
+
+- `--trusted-keys FILE` (the server writes `<data-dir>/trusted-keys.json` at every start;
+  `controlplane signing-keys list --json` prints the same; or `{"keys": [{"key_id",
+  "public_key" (base64), "state"}]}`): only the keys in the file. The file is read again
+  when it changes, so a rotation needs no restart.
+- Without it, trust on first use: the keys the control plane lists at the first
+  successful contact are pinned in `<state-dir>/trusted-keys.json`, and from then on a
+  key it lists later is *not* trusted (a bundle signed by it is refused, naming the
+  file to add it to).
+
+Either way the control plane's list (`ListSigningKeys`) is read before each install and
+can only take trust away: a key it lists as retired is retired here too, and stays so
+(in the pin file, across restarts).
 
 This module is the agent's own: it imports nothing of the server (import-linter).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -39,6 +47,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from agent_stub.errors import ApplyFailed, TransientFailure
+from agent_stub.state import atomic_write
 
 CONTEXT = b"controlplane.bundle.v1\x00"
 META_DIR = ".bundle"
@@ -88,21 +97,97 @@ def load_trusted_keys(path: Path) -> dict[str, TrustedKey]:
     return {k.key_id: k for k in keys}
 
 
-class KeyRing:
-    """The keys this node trusts. `pinned` (from a file): the control plane can retire
-    them but never add one."""
+# The trust-on-first-use pins, in the state dir.
+PIN_FILE = "trusted-keys.json"
 
-    def __init__(self, keys: dict[str, TrustedKey] | None = None, pinned: bool = False):
+
+def _keys_json(keys: dict[str, TrustedKey]) -> bytes:
+    body = [
+        {
+            "key_id": k.key_id,
+            "public_key": base64.b64encode(k.public_key).decode(),
+            "state": "retired" if k.retired else "active",
+        }
+        for k in sorted(keys.values(), key=lambda k: k.key_id)
+    ]
+    return json.dumps({"keys": body}, indent=2).encode() + b"\n"
+
+
+class KeyRing:
+    """The keys this node trusts: from a file the operator gave (`file`), or pinned at
+    first contact in `pin_file`. The control plane's list can retire them, never add."""
+
+    def __init__(
+        self,
+        keys: dict[str, TrustedKey] | None = None,
+        *,
+        file: Path | None = None,
+        pin_file: Path | None = None,
+        fsync: bool = True,
+    ):
         self.keys = dict(keys or {})
-        self.pinned = pinned
-        # Retirements are never undone by a later listing.
+        self.file = file
+        self.pin_file = pin_file
+        self.fsync = fsync
+        self._file_stamp: tuple[int, int] | None = None
+        # Retirements are never undone by a later listing or a rewritten file.
         self._retired = {k.key_id for k in self.keys.values() if k.retired}
 
+    @classmethod
+    def from_file(cls, path: Path) -> KeyRing:
+        """The keys of an operator's trusted-keys file (ValueError if it is unusable)."""
+        ring = cls(file=path)
+        ring.reload()
+        return ring
+
+    @classmethod
+    def pinned_in(cls, state_dir: Path, fsync: bool = True) -> KeyRing:
+        """Trust on first use: what `state_dir` pinned, or nothing yet."""
+        pin = state_dir / PIN_FILE
+        keys = load_trusted_keys(pin) if pin.exists() else None
+        return cls(keys, pin_file=pin, fsync=fsync)
+
+    @property
+    def source(self) -> str:
+        if self.file is not None:
+            return f"from {self.file}"
+        if self.pin_file is not None:
+            return (
+                f"pinned at first contact in {self.pin_file}; to trust another key, add it there "
+                "or give the agent --trusted-keys"
+            )
+        return "given in-process"
+
+    def reload(self) -> None:
+        """Read the operator's file again if it changed since the last read."""
+        if self.file is None:
+            return
+        try:
+            st = self.file.stat()
+        except OSError as e:
+            raise ValueError(f"cannot read trusted keys from {self.file}: {e}") from None
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._file_stamp:
+            return
+        keys = load_trusted_keys(self.file)
+        self._file_stamp = stamp
+        self._retired.update(k.key_id for k in keys.values() if k.retired)
+        self.keys = self._marked(keys)
+
+    def _marked(self, keys: dict[str, TrustedKey]) -> dict[str, TrustedKey]:
+        return {i: TrustedKey(k.key_id, k.public_key, i in self._retired) for i, k in keys.items()}
+
     def merge_server(self, listed: list[TrustedKey]) -> None:
-        self._retired.update(k.key_id for k in listed if k.retired)
-        if not self.pinned:
+        """What the control plane lists: its retirements are honoured; its keys are
+        pinned only on first contact, and only without an operator's file."""
+        newly_retired = {k.key_id for k in listed if k.retired} - self._retired
+        self._retired |= newly_retired
+        first_contact = self.file is None and self.pin_file is not None and not self.keys
+        if first_contact:
             self.keys = {k.key_id: k for k in listed}
-        self.keys = {i: TrustedKey(k.key_id, k.public_key, i in self._retired) for i, k in self.keys.items()}
+        self.keys = self._marked(self.keys)
+        if self.pin_file is not None and (first_contact or newly_retired & set(self.keys)) and self.keys:
+            atomic_write(self.pin_file, _keys_json(self.keys), fsync=self.fsync)
 
     def check(self, digest: str, signature: bytes, key_id: str) -> None:
         if not signature or not key_id:
@@ -114,7 +199,7 @@ class KeyRing:
             trusted = ", ".join(sorted(self.keys)) or "none"
             raise ApplyFailed(
                 f"bundle {digest} is signed by unknown key {key_id}: not one of this node's trusted keys "
-                f"({trusted})"
+                f"({trusted}; {self.source})"
             )
         if key.retired:
             raise ApplyFailed(f"bundle {digest} is signed by retired key {key_id}: it is trusted no more")
@@ -136,15 +221,21 @@ class BundleVerifier:
         self._list_keys = list_keys
 
     async def refresh(self) -> None:
+        try:
+            self.ring.reload()
+        except ValueError as e:
+            # A half-written file during an edit: keep the keys read before, try again later.
+            if not self.ring.keys:
+                raise TransientFailure(str(e)) from None
         if self._list_keys is None:
             return
         try:
             listed = await self._list_keys()
         except TransientFailure:
-            if not self.ring.pinned and not self.ring.keys:
+            if not self.ring.keys:
                 raise
             return
-        self.ring.merge_server(listed)
+        await asyncio.to_thread(self.ring.merge_server, listed)
 
     async def check_signature(self, digest: str, signature: bytes, key_id: str) -> None:
         await self.refresh()

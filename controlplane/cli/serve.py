@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 import signal
 import sys
 from datetime import timedelta
@@ -14,6 +15,7 @@ from controlplane.bootstrap import App, agent_command
 from controlplane.cli.bundle_options import bundle_options, bundle_settings
 from controlplane.cli.rollout_options import rollout_options, rollout_settings
 from controlplane.cli.security_options import security_options, security_settings
+from controlplane.cli.signing_keys import TRUSTED_KEYS_FILE, write_trusted_keys
 from controlplane.config import Settings
 from controlplane.watch.hub import HubSettings
 
@@ -22,6 +24,9 @@ def _run(settings: Settings) -> None:
     async def main() -> None:
         app = App(settings)
         info = await app.start()
+        # The public keys bundles are signed with, for agents' --trusted-keys.
+        trusted_keys = settings.data_dir / TRUSTED_KEYS_FILE
+        write_trusted_keys(trusted_keys, await app.signing_keys.list(), app.signing_keys.signer.key_id)
         where = "SQLite in " + str(settings.data_dir) if settings.embedded else "PostgreSQL"
         click.echo(f"controlplane serving on {settings.listen} (port {info.port}), state in {where}")
         if info.metrics_port:
@@ -39,9 +44,8 @@ def _run(settings: Settings) -> None:
                     "created project 'default'; its enrollment token is in "
                     f"{settings.data_dir / 'enrollment-token'}"
                 )
-            click.echo(
-                "start an agent with:\n  " + agent_command(settings.listen, info.port, info.enrollment_token)
-            )
+            command = agent_command(settings.listen, info.port, info.enrollment_token)
+            click.echo(f"start an agent with:\n  {command} --trusted-keys {shlex.quote(str(trusted_keys))}")
         sys.stdout.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import click
@@ -12,8 +15,34 @@ from google.protobuf import json_format
 
 from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
 from controlplane.cli.client import call, channel, server_option
+from controlplane.domain.bundle_records import SigningKey
 from controlplane.domain.signing import Signer
 from controlplane.keyfiles import write_private
+from controlplane.rpc.bundle_convert import signing_key_out
+
+# Written into the data dir at every start of `serve`: what agents take as --trusted-keys.
+TRUSTED_KEYS_FILE = "trusted-keys.json"
+
+
+def keys_document(keys: Iterable[signing_pb2.SigningKey]) -> str:
+    """The trusted-keys file agents read: {"keys": [...]} with base64 public keys."""
+    body = [json_format.MessageToDict(k, preserving_proto_field_name=True) for k in keys]
+    return json.dumps({"keys": body}, indent=2)
+
+
+def write_trusted_keys(path: Path, keys: Iterable[SigningKey], signing_key_id: str) -> None:
+    """Replace `path` with the public keys (atomically: an agent reading it meanwhile sees
+    the old file or the new one). Public halves only, so readable by all."""
+    text = keys_document(signing_key_out(k, signing_key_id) for k in keys) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @click.group("signing-keys")
@@ -38,8 +67,7 @@ def list_keys(server: str, as_json: bool) -> None:
         reply = stub.ListSigningKeys(signing_pb2.ListSigningKeysRequest())
     except grpc.RpcError as e:
         raise click.ClickException(f"{e.code().name}: {e.details()}") from None
-    keys = [json_format.MessageToDict(k, preserving_proto_field_name=True) for k in reply.keys]
-    click.echo(json.dumps({"keys": keys}, indent=2))
+    click.echo(keys_document(reply.keys))
 
 
 @signing_keys.command("retire")

@@ -4,8 +4,8 @@ Rotation, without a node ever holding an unverifiable assignment:
 1. A server starts with a new key: `register` records its public half as ACTIVE and
    `sign_unsigned` gives every valid bundle a signature by it. Assignments written from
    now on carry the new signature (the newest by an active key).
-2. Agents trust both keys meanwhile (their trusted-keys file lists both, or they take
-   the control plane's list).
+2. Agents trust both keys meanwhile: their trusted-keys file lists both (a server
+   writes `<data-dir>/trusted-keys.json` with every key it knows at each start).
 3. `retire(old)`: the old key stops verifying. In the same transaction every current
    assignment still carrying an old signature is written again with the new one (one
    revision per distinct assignment), so a node that bootstraps later is never handed

@@ -23,9 +23,10 @@ import pytest
 import zstandard
 from sqlalchemy import create_engine, select, update
 
+from agent_stub.verify import load_trusted_keys
 from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
 from controlplane.domain.signing import Signer
-from controlplane.store.schema import bundles, desired_state_log, revision_counter
+from controlplane.store.schema import bundles, desired_state_log, revision_counter, signing_keys
 from tests.e2e.conftest import AgentFactory
 from tests.support.archives import member, tar_zst
 from tests.support.bundles import create
@@ -85,6 +86,23 @@ class Tamper:
                 )
             )
         return digest
+
+    def head(self) -> int:
+        with self.engine.begin() as conn:
+            return int(conn.execute(select(revision_counter.c.value)).scalar_one())
+
+    def add_signing_key(self, signer: Signer) -> None:
+        """A key row written behind the server's back: the server lists it as active."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                signing_keys.insert().values(
+                    key_id=signer.key_id,
+                    public_key=signer.public_key,
+                    state="active",
+                    created_at=datetime.now(UTC),
+                    retired_at=None,
+                )
+            )
 
     def assign(self, node_id: str, digest: str, signature: bytes | None, key_id: str) -> int:
         """An assignment written behind the server's back; its hub sweeps it up."""
@@ -218,23 +236,117 @@ async def test_a_key_the_node_holds_as_retired_is_refused(
     assert agent.current_digest() == ""
 
 
-async def test_without_a_keys_file_the_server_keys_still_refuse_forgeries(
-    server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory
+async def test_without_a_keys_file_a_key_added_to_the_database_later_is_not_trusted(
+    server: ServerProcess, control: ControlClient, tmp_path: Path
 ) -> None:
+    """Trust on first use: the keys listed at first contact are pinned in the state dir; a
+    key that anyone able to write the database adds afterwards is refused."""
+    agent = AgentProcess(
+        server.address,
+        server.token,
+        tmp_path / "agent-edge-1",
+        "edge-1",
+        {"env": "prod"},
+        trust_server_keys=False,
+    )
+    agent.start()
+    try:
+        assert "--trusted-keys" not in agent.args()
+        node_id = await agent.wait_registered()
+        good = await push(control, GOOD)
+        await control.assign(good.digest, nodes=[node_id])
+        await agent.wait_current(good.digest)
+        pins = json.loads((agent.state_dir / "trusted-keys.json").read_text())
+        assert [k["key_id"] for k in pins["keys"]] == [good.key_id]
+        tamper = Tamper(server)
+        try:
+            stranger = Signer.generate()
+            tamper.add_signing_key(stranger)
+            listed = await signing_pb2_grpc.SigningKeyServiceStub(control.channel).ListSigningKeys(
+                signing_pb2.ListSigningKeysRequest(), metadata=control.metadata, timeout=10
+            )
+            assert stranger.key_id in {k.key_id for k in listed.keys}, "the server lists the planted key"
+            other = await push(control, {"main.kdl": b'listen "1"\n'})
+            rev = tamper.assign(node_id, other.digest, stranger.sign(other.digest), stranger.key_id)
+            error = await refused(
+                control, agent, other.digest, rev, f"signed by unknown key {stranger.key_id}"
+            )
+            assert "pinned at first contact" in error and "trusted-keys.json" in error
+        finally:
+            tamper.close()
+        assert agent.current_digest() == good.digest
+    finally:
+        await agent.close()
+
+
+async def test_the_server_writes_its_keys_and_prints_an_agent_command_that_trusts_them(
+    server: ServerProcess, control: ControlClient
+) -> None:
+    listed = await signing_pb2_grpc.SigningKeyServiceStub(control.channel).ListSigningKeys(
+        signing_pb2.ListSigningKeysRequest(), metadata=control.metadata, timeout=10
+    )
+    written = load_trusted_keys(server.trusted_keys)
+    assert {k: v.public_key for k, v in written.items()} == {k.key_id: k.public_key for k in listed.keys}
+    command = next(line for line in server.log().splitlines() if "python -m agent_stub" in line)
+    assert command.strip().endswith(f"--trusted-keys {server.trusted_keys}"), command
+
+
+async def test_after_rotation_a_bundle_signed_by_the_retired_key_is_refused(
+    server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """Rotate to a new key, retire the old one: a real agent trusting the server's keys
+    file refuses anything signed by the old key, says why on GetNode, keeps its bundle,
+    and runs what the new key signs."""
     agent = spawn_agent("edge-1", {"env": "prod"})
     node_id = await agent.wait_registered()
-    good = await push(control, GOOD)
-    await control.assign(good.digest, nodes=[node_id])
-    await agent.wait_current(good.digest)
+    first = await push(control, GOOD)
+    await control.assign(first.digest, nodes=[node_id])
+    await agent.wait_current(first.digest)
+    tamper = Tamper(server)
+    old = tamper.signer()
+    tamper.close()
+    assert first.key_id == old.key_id
+
+    new = Signer.generate()
+    new_file = tmp_path / "new.key"
+    new_file.write_text(new.seed.hex() + "\n")
+    server.extra_args = (*server.extra_args, "--signing-key-file", str(new_file))
+    await server.restart()
+    assert set(load_trusted_keys(server.trusted_keys)) == {old.key_id, new.key_id}
+    stub = signing_pb2_grpc.SigningKeyServiceStub(control.channel)
+    await stub.RetireSigningKey(
+        signing_pb2.RetireSigningKeyRequest(signing_key_id=old.key_id),
+        metadata=control.metadata,
+        wait_for_ready=True,
+        timeout=30,
+    )
+    # Its assignment was written again with the new key's signature (the head revision
+    # now); the node, which read the new key from the rewritten file, acknowledges it.
+    tamper = Tamper(server)
+    resigned = tamper.head()
+    tamper.close()
+    await control.wait_node(
+        node_id,
+        lambda n: n.last_report.revision >= resigned and n.applied_digest == first.digest,
+        what="the node acknowledges the re-signed assignment",
+    )
+    assert not (await control.get_node(node_id)).failed_digest
+
+    second = await push(control, {"main.kdl": b'listen "9443"\n'})
+    assert second.key_id == new.key_id
     tamper = Tamper(server)
     try:
-        stranger = Signer.generate()
-        other = await push(control, {"main.kdl": b'listen "1"\n'})
-        rev = tamper.assign(node_id, other.digest, stranger.sign(other.digest), stranger.key_id)
-        await refused(control, agent, other.digest, rev, f"signed by unknown key {stranger.key_id}")
+        # A valid signature by the old key (an old assignment replayed, a leaked key).
+        rev = tamper.assign(node_id, second.digest, old.sign(second.digest), old.key_id)
+        error = await refused(control, agent, second.digest, rev, f"signed by retired key {old.key_id}")
+        assert "it is trusted no more" in error
     finally:
         tamper.close()
-    assert agent.current_digest() == good.digest
+    assert agent.current_digest() == first.digest
+    assert agent.current_files() == GOOD
+    # The same bundle with the new key's signature is run.
+    await control.assign(second.digest, nodes=[node_id])
+    await agent.wait_current(second.digest)
 
 
 HOSTILE = {

@@ -2,9 +2,11 @@
 
 `ServerProcess` runs `python -m controlplane serve` on a fixed port and data dir, so it can
 be stopped, SIGKILLed and started again where agents expect it. `AgentProcess` runs
-`python -m agent_stub` with its own state dir and log file. `ControlClient` is the
-operator side over gRPC (upload, assign, look at nodes). Every wait polls a condition
-against a deadline; nothing sleeps to synchronize.
+`python -m agent_stub` with its own state dir and log file; it trusts the signing keys
+file its server wrote into its data dir (`--trusted-keys`), as the command `serve`
+prints does, unless told otherwise. `ControlClient` is the operator side over gRPC
+(upload, assign, look at nodes). Every wait polls a condition against a deadline;
+nothing sleeps to synchronize.
 """
 
 from __future__ import annotations
@@ -147,6 +149,11 @@ class ServerProcess:
         return (self.data_dir / "enrollment-token").read_text().strip()
 
     @property
+    def trusted_keys(self) -> Path:
+        """The public signing keys file every start writes (what agents trust)."""
+        return self.data_dir / "trusted-keys.json"
+
+    @property
     def admin_key(self) -> str:
         """The global admin API key the first start wrote to the data dir."""
         path = self.data_dir / "admin-key"
@@ -192,6 +199,7 @@ class ServerProcess:
 
         await wait_until(ready, timeout, "server start")
         _ADMIN_KEYS[self.address] = self.admin_key
+        _TRUSTED_KEYS[self.address] = self.trusted_keys
 
     async def health(self) -> None:
         """Health/Check answers SERVING (AssertionError otherwise)."""
@@ -267,12 +275,23 @@ class AgentProcess:
     apply_command: str = "true"
     project: str = "default"
     extra_args: Sequence[str] = FAST_AGENT_ARGS
+    # The keys file to trust; None: the one its server (started here) wrote, unless
+    # `extra_args` give --trusted-keys or `trust_server_keys` is off (then the agent
+    # pins the control plane's keys at first contact).
+    trusted_keys: Path | None = None
+    trust_server_keys: bool = True
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
     @property
     def log_path(self) -> Path:
         return self.state_dir.parent / f"agent-{self.name}.log"
+
+    def _trust_args(self) -> list[str]:
+        keys = self.trusted_keys
+        if keys is None and self.trust_server_keys and "--trusted-keys" not in self.extra_args:
+            keys = _TRUSTED_KEYS.get(self.server)
+        return ["--trusted-keys", str(keys)] if keys is not None else []
 
     @property
     def running(self) -> bool:
@@ -298,6 +317,7 @@ class AgentProcess:
             self.name,
             "--apply-command",
             self.apply_command,
+            *self._trust_args(),
             *self.extra_args,
         ]
 
@@ -410,6 +430,8 @@ class AgentProcess:
 # The admin key of each server started here, by address: an operator client made with
 # just an address (the e2e `control` fixture) acts as that server's first admin.
 _ADMIN_KEYS: dict[str, str] = {}
+# And the trusted-keys file each wrote, by address: agents started against it trust it.
+_TRUSTED_KEYS: dict[str, Path] = {}
 
 
 class ControlClient:

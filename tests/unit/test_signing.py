@@ -11,7 +11,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from agent_stub.errors import ApplyFailed
-from agent_stub.verify import KeyRing, TrustedKey, load_trusted_keys
+from agent_stub.verify import PIN_FILE, KeyRing, TrustedKey, load_trusted_keys
 from controlplane.domain.signing import CONTEXT, Signer, key_id_of, parse_seed, signed_message, verify
 
 DIGEST = "sha256:" + "ab" * 32
@@ -43,9 +43,25 @@ def test_key_ids_and_seeds() -> None:
         parse_seed("ab" * 16)
 
 
-def ring_of(*signers: Signer, retired: tuple[Signer, ...] = (), pinned: bool = True) -> KeyRing:
-    keys = {s.key_id: TrustedKey(s.key_id, s.public_key, s in retired) for s in signers}
-    return KeyRing(keys, pinned)
+def trusted(*signers: Signer, retired: tuple[Signer, ...] = ()) -> dict[str, TrustedKey]:
+    return {s.key_id: TrustedKey(s.key_id, s.public_key, s in retired) for s in signers}
+
+
+def ring_of(*signers: Signer, retired: tuple[Signer, ...] = ()) -> KeyRing:
+    return KeyRing(trusted(*signers, retired=retired))
+
+
+def keys_file(path: Path, *signers: Signer, retired: tuple[Signer, ...] = ()) -> Path:
+    body = [
+        {
+            "key_id": s.key_id,
+            "public_key": base64.b64encode(s.public_key).decode(),
+            "state": "RETIRED" if s in retired else "ACTIVE",
+        }
+        for s in signers
+    ]
+    path.write_text(json.dumps({"keys": body}))
+    return path
 
 
 def test_the_ring_refuses_every_kind_of_bad_signature() -> None:
@@ -78,10 +94,46 @@ def test_the_server_can_retire_keys_but_not_add_them_to_a_pinned_ring() -> None:
     # A later listing cannot bring a retired key back.
     ring.merge_server([TrustedKey(mine.key_id, mine.public_key, False)])
     assert ring.keys[mine.key_id].retired
-    # Without a file, the server's list is the ring (retirements still stick).
-    open_ring = KeyRing()
-    open_ring.merge_server([TrustedKey(theirs.key_id, theirs.public_key)])
-    open_ring.check(DIGEST, theirs.sign(DIGEST), theirs.key_id)
+
+
+def test_without_a_file_the_first_listing_is_pinned_and_later_keys_are_not_trusted(tmp_path: Path) -> None:
+    first, second, added = Signer.generate(), Signer.generate(), Signer.generate()
+    ring = KeyRing.pinned_in(tmp_path, fsync=False)
+    assert ring.keys == {}
+    ring.merge_server(list(trusted(first, second).values()))
+    ring.check(DIGEST, first.sign(DIGEST), first.key_id)
+    assert set(load_trusted_keys(tmp_path / PIN_FILE)) == {first.key_id, second.key_id}
+    # A key the control plane lists later (a database writer added it) is not trusted.
+    ring.merge_server(list(trusted(first, second, added).values()))
+    with pytest.raises(ApplyFailed, match=f"signed by unknown key {added.key_id}") as e:
+        ring.check(DIGEST, added.sign(DIGEST), added.key_id)
+    assert f"pinned at first contact in {tmp_path / PIN_FILE}" in str(e.value)
+    # A retirement is honoured, written down, and survives a restart.
+    ring.merge_server(list(trusted(first, second, retired=(first,)).values()))
+    with pytest.raises(ApplyFailed, match="retired"):
+        ring.check(DIGEST, first.sign(DIGEST), first.key_id)
+    again = KeyRing.pinned_in(tmp_path, fsync=False)
+    again.merge_server(list(trusted(first, second, added).values()))
+    assert set(again.keys) == {first.key_id, second.key_id} and again.keys[first.key_id].retired
+    again.check(DIGEST, second.sign(DIGEST), second.key_id)
+
+
+def test_the_operators_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
+    old, new = Signer.generate(), Signer.generate()
+    path = keys_file(tmp_path / "keys.json", old)
+    ring = KeyRing.from_file(path)
+    with pytest.raises(ApplyFailed, match=f"unknown key {new.key_id}"):
+        ring.check(DIGEST, new.sign(DIGEST), new.key_id)
+    # Rotation: the operator adds the new key to the file; no restart.
+    keys_file(path, old, new)
+    ring.reload()
+    ring.check(DIGEST, new.sign(DIGEST), new.key_id)
+    # The server lists `new` as retired: a file that still says active does not undo it.
+    ring.merge_server(list(trusted(old, new, retired=(new,)).values()))
+    keys_file(path, old, new, Signer.generate())
+    ring.reload()
+    with pytest.raises(ApplyFailed, match="retired"):
+        ring.check(DIGEST, new.sign(DIGEST), new.key_id)
 
 
 def test_trusted_keys_file(tmp_path: Path) -> None:

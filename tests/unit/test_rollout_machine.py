@@ -408,6 +408,24 @@ def test_blue_green_completes_with_the_old_set_as_standby() -> None:
     assert {fleet.desired[n][:2] for n in ids[2:]} == {(OLD, 0)}
 
 
+def test_blue_green_on_one_node_keeps_it_serving() -> None:
+    ids = nodes(1)
+    run, fleet = make_run(make_spec(Strategy.BLUE_GREEN, traffic_steps=(10, 50)), ids), FakeFleet(ids)
+    assert [(s.kind, s.traffic_weight) for s in run.steps] == [(StepKind.DEPLOY, 100)]
+    weights = []
+    now = T0
+    for _ in range(10):
+        run = tick(run, fleet, now)
+        weights.append(fleet.desired.get(ids[0], (None, 100, 0))[1])
+        if not run.rollout.active:
+            break
+        now += S
+        fleet.converge_all(now)
+    assert run.state is RolloutState.SUCCEEDED
+    assert fleet.desired[ids[0]][:2] == (NEW, 100)
+    assert set(weights) == {100}, "the only node never stood by at weight 0"
+
+
 def test_approvals_need_distinct_approvers_other_than_the_creator() -> None:
     run = make_run(make_spec(approvals_required=2), nodes(3), created_by="operator:alice")
     assert run.state is RolloutState.PENDING_APPROVAL

@@ -59,6 +59,10 @@ def _canary_batches(percents: Sequence[int], targets: Sequence[str]) -> list[lis
 def _blue_green(
     spec: RolloutSpec, targets: Sequence[str], standby_hint: Collection[str]
 ) -> tuple[list[Step], list[RolloutNode]]:
+    if len(targets) == 1:
+        # One node is both sets: no live set could carry the traffic while it stood by
+        # at weight 0, so it is updated in place and keeps serving (weight 100).
+        return [Step(0, StepKind.DEPLOY, traffic_weight=100, node_count=1)], [RolloutNode(targets[0], 0)]
     hinted = [n for n in targets if n in standby_hint]
     # The standby of an earlier blue-green rollout if there is one, else the first half.
     standby = hinted if 0 < len(hinted) < len(targets) else list(targets[: max(1, len(targets) // 2)])

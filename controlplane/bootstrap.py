@@ -80,6 +80,8 @@ AUDIT_KEY_FILE = "audit-key"
 ADMIN_KEY_FILE = "admin-key"
 TOKEN_KEY_FILE = "token-signing-key.pem"
 SIGNING_KEY_FILE = "signing-key"
+# The lease under which one replica at a time prunes the desired-state log.
+RETENTION_LEASE = "retention"
 
 
 @dataclass
@@ -375,11 +377,16 @@ class App:
         floor = await self.feed.floor_candidate(
             s.retain_revisions, time.time() - s.retain_for.total_seconds()
         )
-        if floor > self.hub.floor:
-            with acting_as(system("retention")):
-                deleted = await retention.prune(self.store, floor)
-            log.info("retention: floor is now %d, %d rows pruned", floor, deleted)
-            self.hub.wake()
+        if floor <= self.hub.floor:
+            return
+        # One replica prunes at a time: the others would only repeat its deletes. The
+        # lease is left to expire, so whoever runs next after that takes it.
+        if await self.leases.acquire(RETENTION_LEASE) is None:
+            return
+        with acting_as(system("retention")):
+            deleted = await retention.prune(self.store, floor)
+        log.info("retention: floor is now %d, %d rows pruned", floor, deleted)
+        self.hub.wake()
 
 
 async def _blob_store(s: Settings) -> BlobStore:

@@ -27,12 +27,20 @@ def retry_metadata(error: DomainError) -> tuple[tuple[str, str], ...]:
     return (("retry-after-ms", str(hint)), ("grpc-retry-pushback-ms", str(hint)))
 
 
+def set_status(context: grpc.aio.ServicerContext, error: DomainError) -> None:
+    """Give the call `error`'s status and retry hint without raising: a handler that
+    then returns ends the call with it."""
+    metadata = retry_metadata(error)
+    if metadata:
+        context.set_trailing_metadata(metadata)
+    context.set_code(status_of(error))
+    context.set_details(str(error))
+
+
 async def abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
     """Turn `error` into the call's status. Unknown errors become INTERNAL, logged, not leaked."""
     if isinstance(error, DomainError):
-        metadata = retry_metadata(error)
-        if metadata:
-            context.set_trailing_metadata(metadata)
+        set_status(context, error)
         await context.abort(status_of(error), str(error))
     log.exception("unhandled error in %s", method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")

@@ -12,6 +12,7 @@ import grpc
 from controlplane.api.watch.v1 import watch_pb2 as pb
 from controlplane.domain.errors import InvalidArgument, ResourceExhausted, Unavailable
 from controlplane.rpc import auth
+from controlplane.rpc.errors import set_status
 from controlplane.watch import metrics
 from controlplane.watch.hub import ChangeFeed, WatchHub
 
@@ -38,6 +39,8 @@ class WatchServicer:
         since = request.since_revision
         if since < 0:
             raise InvalidArgument(f"{since} is negative; use 0 to bootstrap", field="since_revision")
+        # Shutting down or cut off from the database: refuse before any work for it.
+        self._hub.check_accepting()
         if self._opening >= self._max_opening:
             metrics.REJECTED.labels("admission").inc()
             raise ResourceExhausted("too many streams are opening; retry later", retry_after_ms=2000)
@@ -48,9 +51,14 @@ class WatchServicer:
         finally:
             self._opening -= 1
         try:
-            await stream.done
+            end = await stream.done
         finally:
             self._hub.close(stream)
+        if end is not None:
+            # Set, not raised: a raised error would carry a traceback through this frame
+            # (and grpc keeps it on the call), a cycle with the stream that gc.freeze()
+            # would keep forever (see WatchStream.done).
+            set_status(context, end)
 
     async def _wait_for_hub(self, node_id: str, since: int) -> None:
         """Make sure the hub knows the node and has read what the node has seen.

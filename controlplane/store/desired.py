@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, exists, func, select, text, update
+from sqlalchemy import BigInteger, Select, and_, cast, delete, exists, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import aliased
 
@@ -119,17 +119,19 @@ class SqlDesiredLog:
         return [r.key for r in (await self._conn.execute(query)).all()]
 
     async def raise_floor(self, floor: int) -> bool:
-        """Move the retention floor up to `floor`; False if it is already there."""
-        current = int(
-            await self._conn.scalar(select(server_meta.c.value).where(server_meta.c.key == "floor_revision"))
-            or 0
+        """Move the retention floor up to `floor`; False if it is already there.
+
+        One conditional UPDATE, so the floor only ever rises: two replicas pruning at
+        once cannot move it back (a read, then a write, could)."""
+        result = await self._conn.execute(
+            update(server_meta)
+            .where(
+                server_meta.c.key == "floor_revision",
+                func.coalesce(cast(server_meta.c.value, BigInteger), 0) < floor,
+            )
+            .values(value=str(floor))
         )
-        if floor <= current:
-            return False
-        await self._conn.execute(
-            update(server_meta).where(server_meta.c.key == "floor_revision").values(value=str(floor))
-        )
-        return True
+        return bool(result.rowcount)
 
     async def prune_below(self, floor: int, limit: int) -> int:
         """Delete up to `limit` rows of history below `floor`, oldest first.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Select, cast, literal_column, select
+from sqlalchemy import BigInteger, Select, cast, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from controlplane.domain.desired import DesiredRow, FeedPosition, FeedSnapshot
@@ -35,10 +35,19 @@ class SqlChangeFeed:
 
     async def changes(self, after: int, upto: int) -> list[DesiredRow]:
         """Rows with after < revision <= upto, in revision order. Every revision up to a
-        head read earlier is committed, so this never sees a gap."""
+        head read earlier is committed, so this never sees a gap.
+
+        Nothing at all once the retention floor has passed `after`: retention may have
+        deleted rows of the range since the caller read the floor. The floor is checked
+        in the same statement, so in the same snapshot as the rows: a floor still at or
+        below `after` there means nothing above `after` was pruned."""
         query = (
             select(desired_state_log)
-            .where(desired_state_log.c.revision > after, desired_state_log.c.revision <= upto)
+            .where(
+                desired_state_log.c.revision > after,
+                desired_state_log.c.revision <= upto,
+                func.coalesce(_meta("floor_revision"), 0) <= after,
+            )
             .order_by(desired_state_log.c.revision, desired_state_log.c.key)
         )
         async with translated(), self.engine.connect() as conn:
@@ -75,16 +84,18 @@ class SqlChangeFeed:
         return int(value or 0)
 
 
+def _meta(key: str, as_int: bool = True) -> Any:
+    """A `server_meta` value as a scalar subquery."""
+    value = select(server_meta.c.value).where(server_meta.c.key == key).scalar_subquery()
+    return cast(value, BigInteger) if as_int else value
+
+
 def _position_query(with_timeline: bool) -> Select[Any]:
     """Head, floor and epoch in one statement: the hub runs it on every wake-up."""
-
-    def meta(key: str) -> Any:
-        return select(server_meta.c.value).where(server_meta.c.key == key).scalar_subquery()
-
     columns: list[Any] = [
         revision_counter.c.value.label("head"),
-        cast(meta("floor_revision"), BigInteger).label("floor"),
-        meta("epoch").label("epoch"),
+        _meta("floor_revision").label("floor"),
+        _meta("epoch", as_int=False).label("epoch"),
     ]
     if with_timeline:
         columns.append(literal_column("(SELECT timeline_id FROM pg_control_checkpoint())").label("timeline"))

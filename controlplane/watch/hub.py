@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import random
 import secrets
@@ -30,6 +29,7 @@ from controlplane.domain.desired import ChangeKind, DesiredRow, Effective, FeedP
 from controlplane.domain.errors import Unauthenticated, Unavailable
 from controlplane.domain.labels import Selector, meta_key, node_key, parse_selector_key
 from controlplane.watch import encoding, metrics
+from controlplane.watch.heap import HeapSettler
 from controlplane.watch.index import StreamIndex
 from controlplane.watch.stream import Sink, WatchStream
 from controlplane.watch.wheel import SLOT, BookmarkWheel
@@ -39,7 +39,12 @@ log = logging.getLogger(__name__)
 
 class ChangeFeed(Protocol):
     async def position(self) -> FeedPosition: ...
-    async def changes(self, after: int, upto: int) -> list[DesiredRow]: ...
+    async def changes(self, after: int, upto: int) -> list[DesiredRow]:
+        """Rows with after < revision <= upto, read in one snapshot; none at all if the
+        retention floor has passed `after` in it (rows may be gone: never a history
+        with holes)."""
+        ...
+
     async def snapshot(self) -> FeedSnapshot: ...
 
 
@@ -62,9 +67,12 @@ class HubSettings:
     degraded_after: float = 30.0
     # A closing stream whose last write does not finish in this time is cut.
     close_grace: float = 10.0
-    # After a burst of opens settles for this long, freeze the heap so the collector
-    # stops rescanning thousands of long-lived stream objects.
+    # After a burst of opens and closes settles for this long, freeze the heap so the
+    # collector stops rescanning thousands of long-lived stream objects.
     gc_settle: float = 5.0
+    # Under churn that never settles, thaw, collect and freeze again at least this
+    # often: a full collection every few minutes costs little next to what freezing saves.
+    gc_refreeze_after: float = 300.0
 
 
 class WatchHub:
@@ -91,8 +99,13 @@ class WatchHub:
         self._tasks: list[asyncio.Task[None]] = []
         self._failing_since: float | None = None
         self.degraded = False
-        self._opened_since_freeze = 0
-        self._last_open = 0.0
+        # Set when stop() begins: from then on opens are refused.
+        self.stopping = False
+        s = self.settings
+        self._heap = HeapSettler(s.gc_settle, s.gc_refreeze_after, clock())
+        # One reader at a time (the background task, a caller's catch_up()): the image
+        # and the position advance together, in revision order.
+        self._reading = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -112,7 +125,12 @@ class WatchHub:
         await self._read()
 
     async def stop(self, grace: float = 5.0) -> None:
-        """End every stream with a closing bookmark, then stop reading."""
+        """Refuse new streams, end every open one with a closing bookmark, stop reading.
+
+        The refusal comes first: an agent told "closing" reconnects at once, often on
+        the same connection, and must be sent elsewhere rather than accepted here and
+        cut a moment later."""
+        self.stopping = True
         for stream in self._streams:
             stream.close(encoding.bookmark(self.position, closing=True))
         pending = [s.done for s in self._streams if not s.done.done()]
@@ -141,10 +159,21 @@ class WatchHub:
         return resolve(self._latest.get(k) for k in self._keys_for(info[0], node_id, info[1]))
 
     def was_sent(self, stream_id: str, node_id: str, revision: int, digest: str) -> bool | None:
+        """True/False from the stream's own ledger; None (check the log) when the stream
+        is not ours or the delivery is older than the ledger remembers."""
         stream = self._streams.by_id.get(stream_id)
         if stream is None:
             return None
-        return stream.node_id == node_id and (revision, digest) in stream.ledger
+        if stream.node_id != node_id:
+            return False
+        ledger = stream.ledger
+        if (revision, digest) in ledger:
+            return True
+        # Revisions enter the ledger in rising order, so a full ledger has forgotten
+        # exactly the deliveries at or below its oldest entry.
+        if len(ledger) == ledger.maxlen and revision <= ledger[0][0]:
+            return None
+        return False
 
     def knows_node(self, node_id: str) -> bool:
         return node_id in self._nodes
@@ -170,14 +199,24 @@ class WatchHub:
 
     # -- streams ---------------------------------------------------------------------
 
+    def check_accepting(self) -> None:
+        """Raise Unavailable unless this hub takes new streams."""
+        if self.stopping:
+            metrics.REJECTED.labels("stopping").inc()
+            raise Unavailable(
+                "this server is shutting down; reconnect to another replica or retry", retry_after_ms=1000
+            )
+        if self.degraded:
+            metrics.REJECTED.labels("degraded").inc()
+            raise Unavailable("the control plane cannot read its database; try another replica")
+
     def open(self, node_id: str, since: int, epoch: str, sink: Sink) -> WatchStream:
         """Register a stream at the hub's position and queue its first message.
 
         The caller has made sure the hub knows the node and has read `since` (or
         decided `since` is ahead of the database head).
         """
-        if self.degraded:
-            raise Unavailable("the control plane cannot read its database; try another replica")
+        self.check_accepting()
         project, labels = self._nodes[node_id]
         stream = WatchStream(secrets.token_hex(8), node_id, project, labels, sink, self._catch_up)
         stream.keys = self._keys_for(project, node_id, labels)
@@ -216,6 +255,7 @@ class WatchHub:
             return
         self._expires.pop(stream, None)
         self._wheel.remove(stream)
+        self._heap.churned(self._clock())
         metrics.STREAMS_OPEN.dec()
 
     def _reset_reason(self, since: int, epoch: str) -> pb.ResetReason.ValueType | None:
@@ -235,8 +275,7 @@ class WatchHub:
         s = self.settings
         self._expires[stream] = now + random.uniform(s.lifetime_min, s.lifetime_max)
         self._schedule(stream, now)
-        self._opened_since_freeze += 1
-        self._last_open = now
+        self._heap.churned(now)
         metrics.STREAMS_OPEN.inc()
 
     def _schedule(self, stream: WatchStream, now: float) -> None:
@@ -290,24 +329,51 @@ class WatchHub:
             self.degraded = False
 
     async def _read(self) -> None:
-        pos = await self.feed.position()
+        async with self._reading:
+            pos = await self.feed.position()
+            if await self._reloaded(pos):
+                return
+            while self.position < pos.head:
+                upto = min(pos.head, self.position + self.settings.batch_revisions)
+                rows = await self.feed.changes(self.position, upto)
+                if not rows:
+                    # Revisions that wrote nothing, or the floor passed our position
+                    # while we read (the feed then returns nothing rather than a history
+                    # with holes in it): look again before moving on.
+                    pos = await self.feed.position()
+                    if await self._reloaded(pos):
+                        return
+                self._apply(rows, upto)
+
+    async def _reloaded(self, pos: FeedPosition) -> bool:
+        """Rebuild from a snapshot if `pos` says the log cannot be followed from our
+        position (another epoch, or rows we have not read were pruned)."""
         if pos.epoch != self.epoch or pos.head < self.position:
             log.warning("history epoch changed (%s -> %s): ending every stream", self.epoch, pos.epoch)
             self._load(await self.feed.snapshot())
             for stream in self._streams:
                 stream.abort(Unavailable("the server's history epoch changed; reconnect"))
-            return
+            return True
         if pos.floor > self.position:
             # Rows we have not read were pruned: rebuild from the latest state instead.
             self._load(await self.feed.snapshot())
             self._resolve_all()
-            return
+            return True
+        if pos.floor > self.floor:
+            self._forget_below(pos.floor)
         self.floor = pos.floor
         metrics.FLOOR.set(pos.floor)
-        while self.position < pos.head:
-            upto = min(pos.head, self.position + self.settings.batch_revisions)
-            rows = await self.feed.changes(self.position, upto)
-            self._apply(rows, upto)
+        return False
+
+    def _forget_below(self, floor: int) -> None:
+        """Drop tombstones the floor has passed: retention deletes them, and every
+        cursor that could still need one is below the floor and gets a bootstrap."""
+        for key, row in list(self._latest.items()):
+            if row.kind is ChangeKind.UNASSIGN and row.revision < floor:
+                del self._latest[key]
+                parsed = parse_selector_key(key)
+                if parsed is not None:
+                    self._selectors.get(parsed[0], {}).pop(key, None)
 
     def _load(self, snapshot: FeedSnapshot) -> None:
         self._latest = {}
@@ -319,22 +385,25 @@ class WatchHub:
         self.floor = snapshot.position.floor
         self._advance(snapshot.position.head)
 
-    def _remember(self, row: DesiredRow) -> str | None:
-        """Update the image with one row; returns the node id for a node row."""
+    def _remember(self, row: DesiredRow) -> bool:
+        """Update the image with one row; False (and no change) if the image already
+        holds a newer row of its key: the image never moves backwards."""
+        current = self._latest.get(row.key)
+        if current is not None and current.revision > row.revision:
+            return False
         self._latest[row.key] = row
         if row.kind is ChangeKind.NODE:
-            node_id = row.key.split(":", 1)[1]
-            self._nodes[node_id] = (row.project, dict(row.labels or {}))
-            return node_id
-        if row.kind is ChangeKind.REVOKED:
+            self._nodes[row.key.split(":", 1)[1]] = (row.project, dict(row.labels or {}))
+        elif row.kind is ChangeKind.REVOKED:
             self._nodes.pop(row.key.split(":", 1)[1], None)
-            return None
-        parsed = parse_selector_key(row.key)
-        if parsed is not None and row.key not in self._selectors.get(parsed[0], {}):
+        elif (parsed := parse_selector_key(row.key)) is not None and row.key not in self._selectors.get(
+            parsed[0], {}
+        ):
             self._selectors.setdefault(parsed[0], {})[row.key] = parsed[1]
-        return None
+        return True
 
     def _advance(self, position: int) -> None:
+        # Only a reload (_load) may set a lower position: a new epoch's history.
         self.position = position
         metrics.HEAD.set(position)
         self._progress.set()
@@ -345,12 +414,14 @@ class WatchHub:
         affected: dict[WatchStream, int] = {}
         selectors: dict[str, int] = {}
         for row in rows:
-            node_id = self._remember(row)
+            if not self._remember(row):
+                continue
             if row.kind is ChangeKind.REVOKED:
                 for stream in self._streams.of_node(row.key.split(":", 1)[1]):
                     stream.abort(Unauthenticated("this node's identity was revoked"))
                 continue
-            if node_id is not None:
+            if row.kind is ChangeKind.NODE:
+                node_id = row.key.split(":", 1)[1]
                 for stream in self._streams.of_node(node_id):
                     self._relabel(stream, self._nodes[node_id][1])
                     affected[stream] = row.revision
@@ -422,7 +493,7 @@ class WatchHub:
         for stream in self._streams:
             stream.abort(Unavailable("the control plane cannot read its database; reconnect"))
 
-    # -- bookmarks, lifetimes, GC ------------------------------------------------------
+    # -- bookmarks, lifetimes, the heap --------------------------------------------------
 
     async def _tick(self) -> None:
         while True:
@@ -458,9 +529,4 @@ class WatchHub:
             self._schedule(stream, now)
         if sent:
             metrics.BOOKMARKS.inc(sent)
-        if self._opened_since_freeze and now - self._last_open > self.settings.gc_settle:
-            # The streams opened in the last burst are long-lived: move them out of the
-            # collector's way (grpc-aio-limits.md §3: the larger half of the send cost).
-            gc.collect()
-            gc.freeze()
-            self._opened_since_freeze = 0
+        self._heap.tick(now)

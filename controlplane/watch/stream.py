@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from controlplane.domain.desired import Effective
+from controlplane.domain.errors import DomainError
 from controlplane.watch import metrics
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class Sink(Protocol):
 
 class WatchStream:
     __slots__ = (
+        # Tests check with a weak reference that an ended stream is freed.
+        "__weakref__",
         "_catch_up",
         "_loop",
         "closing",
@@ -81,7 +84,12 @@ class WatchStream:
         self.wheel_slot = 0
         self.ledger: collections.deque[tuple[int, str]] = collections.deque(maxlen=LEDGER_SIZE)
         self._loop = asyncio.get_running_loop()
-        self.done: asyncio.Future[None] = self._loop.create_future()
+        # Resolves when the call should end: to None for a clean end, or to the error to
+        # end it with. Never to an exception: a raised error's traceback would tie the
+        # handler's frame (holding this stream and the grpc call) into a cycle with this
+        # future, and once gc.freeze() has moved the stream out of the collector's sight
+        # that cycle is never freed.
+        self.done: asyncio.Future[DomainError | None] = self._loop.create_future()
 
     @property
     def idle(self) -> bool:
@@ -127,10 +135,10 @@ class WatchStream:
         else:
             self._finish()
 
-    def abort(self, error: BaseException) -> None:
+    def abort(self, error: DomainError) -> None:
         """End the call at once with `error` (the servicer turns it into a status)."""
         if not self.done.done():
-            self.done.set_exception(error)
+            self.done.set_result(error)
 
     def _finish(self) -> None:
         if not self.done.done():

@@ -7,12 +7,15 @@ import asyncio
 import socket
 from pathlib import Path
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.pool import QueuePool
 
 from controlplane.bootstrap import App
 from tests.conftest import HarnessFactory, fast_settings
+from tests.support.eventually import eventually
+from tests.support.sinks import RecordingSink
 
 
 async def test_shutdown_order(make_harness: HarnessFactory) -> None:
@@ -32,6 +35,33 @@ async def test_shutdown_order(make_harness: HarnessFactory) -> None:
     last = rec.of("bookmark")[-1]
     assert last.closing
     assert last.revision == rec.last_revision()
+
+
+async def test_opens_during_shutdown_are_refused_not_accepted_and_cut(make_harness: HarnessFactory) -> None:
+    """After the closing bookmark an agent reconnects at once, often on the same
+    connection: it must be told to go elsewhere, not get a stream that dies a moment later."""
+    h = await make_harness(shutdown_grace=30.0)
+    node = await h.register("n1")
+    slow = await h.register("slow")
+    # A consumer whose write is stuck: shutdown waits for it to drain, so the window in
+    # which streams are closing but the server still answers stays open.
+    stuck = RecordingSink()
+    stuck.block()
+    h.app.hub.open(slow.node_id, 0, h.app.hub.epoch, stuck)
+    stopping = asyncio.create_task(h.app.stop())
+
+    async def closing() -> None:
+        assert h.app.hub.stopping
+
+    await eventually(closing, what="shutdown under way")
+    rec = h.open_watch(node)
+    await asyncio.wait_for(rec.ended.wait(), 10)
+    assert rec.events == [], rec.kinds
+    assert rec.error is not None and rec.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (rec.error.details() or "")
+    assert "retry-after-ms" in dict(await rec.call.trailing_metadata())
+    stuck.unblock()
+    await stopping
 
 
 async def test_a_failed_start_releases_what_it_opened(tmp_path: Path, database_url: str) -> None:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import grpc
 import pytest
+from sqlalchemy import update
 
+from controlplane.api.identity.v1 import identity_pb2 as ipb
+from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.watch.v1 import watch_pb2 as pb
+from controlplane.store.schema import server_meta
+from controlplane.watch.stream import LEDGER_SIZE
 from tests.support.archives import bundle
+from tests.support.eventually import eventually
 from tests.support.harness import Harness
 
 
@@ -96,3 +105,64 @@ async def test_negative_since_revision_is_invalid(harness: Harness) -> None:
     assert rec.error is not None
     assert rec.error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "since_revision" in (rec.error.details() or "")
+
+
+@pytest.mark.parametrize("end", ["revoked", "epoch changed"])
+async def test_an_aborted_stream_is_freed_though_the_heap_was_frozen(harness: Harness, end: str) -> None:
+    """The hub freezes the heap once opens settle. A stream the server ends with an error
+    afterwards must still be freed: nothing may tie it into a cycle with the call."""
+    node = await harness.register("n1")
+    rec = harness.open_watch(node)
+    await rec.wait_for(lambda r: "snapshot_end" in r.kinds)
+    freed = weakref.ref(harness.app.hub._streams.by_id[rec.stream_id])
+    gc.collect()
+    gc.freeze()
+    try:
+        if end == "revoked":
+            await harness.identity.RevokeNode(ipb.RevokeNodeRequest(node_id=node.node_id))
+            code = grpc.StatusCode.UNAUTHENTICATED
+        else:  # restored from a backup, say
+            async with harness.app.engine.begin() as conn:
+                await conn.execute(
+                    update(server_meta).where(server_meta.c.key == "epoch").values(value="restored")
+                )
+            harness.app.hub.wake()
+            code = grpc.StatusCode.UNAVAILABLE
+        await rec.ended.wait()
+        assert rec.error is not None and rec.error.code() == code, rec.error
+
+        async def stream_freed() -> None:
+            # grpc's accept loop holds the last call it took until it takes another.
+            await harness.nodes.ListNodes(npb.ListNodesRequest(project="default"))
+            gc.collect()
+            assert freed() is None, "the ended stream is still referenced"
+
+        await eventually(stream_freed, timeout=5.0, what="the aborted stream freed while frozen")
+    finally:
+        gc.unfreeze()
+
+
+async def test_an_acknowledgement_of_an_early_delivery_is_accepted(harness: Harness) -> None:
+    """A stream remembers only its latest deliveries; an ACK for one before those is
+    checked against the log, not refused."""
+    first, other = await harness.upload(bundle({"a": b"1"})), await harness.upload(bundle({"a": b"2"}))
+    node = await harness.register("n1")
+    rec = harness.open_watch(node)
+    early = await harness.assign(first, nodes=[node.node_id])
+    await rec.wait_digest(first)
+    for i in range(LEDGER_SIZE + 2):
+        last = await harness.assign(other if i % 2 == 0 else first, nodes=[node.node_id])
+    await rec.wait_for(lambda r: any(d.revision == last for d in r.of("desired")), what="the last delivery")
+    await harness.nodes.ReportStatus(
+        npb.ReportStatusRequest(
+            node_id=node.node_id,
+            stream_id=rec.stream_id,
+            revision=early,
+            digest=first,
+            phase=npb.REPORT_PHASE_ACTIVE,
+        ),
+        metadata=node.metadata,
+    )
+    got = await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))
+    assert got.node.last_report.revision == early and got.node.applied_digest == first
+    await rec.cancel()

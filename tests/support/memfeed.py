@@ -32,6 +32,8 @@ class MemoryFeed:
 
     async def changes(self, after: int, upto: int) -> list[DesiredRow]:
         self._check()
+        if self.floor > after:
+            return []  # like the SQL feed: never a range retention may have holed
         return sorted((r for r in self.rows if after < r.revision <= upto), key=lambda r: (r.revision, r.key))
 
     async def snapshot(self) -> FeedSnapshot:

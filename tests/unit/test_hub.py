@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
-from collections.abc import AsyncIterator, Callable
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
+from controlplane.domain.desired import DesiredRow
 from controlplane.domain.errors import Unauthenticated, Unavailable
 from controlplane.domain.labels import Selector, node_key, selector_key
 from controlplane.watch import encoding
 from controlplane.watch.hub import HubSettings, WatchHub
-from controlplane.watch.stream import MAX_PENDING, WatchStream
+from controlplane.watch.stream import LEDGER_SIZE, MAX_PENDING, WatchStream
 from tests.support.memfeed import MemoryFeed
 from tests.support.sinks import RecordingSink
 
@@ -25,6 +28,13 @@ async def settle() -> None:
     """Let every drain task that can run, run."""
     for _ in range(20):
         await asyncio.sleep(0)
+
+
+@pytest.fixture(autouse=True)
+def thaw() -> Iterator[None]:
+    """The hub freezes the heap when it settles; never leave the test process frozen."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture
@@ -258,7 +268,7 @@ async def test_lifetime_ends_stream_with_closing_bookmark(feed: MemoryFeed, open
     for second in range(int(start), int(start) + 4):
         hub.tick(second + 0.999)
     await settle()
-    assert stream.done.done() and stream.done.exception() is None
+    assert stream.done.done() and stream.done.result() is None
     last = sink.of("bookmark")[-1]
     assert last.closing and last.revision == hub.position
     await hub.stop(grace=0.1)
@@ -272,7 +282,7 @@ async def test_epoch_change_ends_streams_unavailable(
     stream, _ = open_stream("a")
     feed.epoch = "restored"
     await hub.catch_up()
-    assert isinstance(stream.done.exception(), Unavailable)
+    assert isinstance(stream.done.result(), Unavailable)
     assert hub.epoch == "restored"
 
 
@@ -298,7 +308,7 @@ async def test_feed_outage_degrades_and_ends_streams(feed: MemoryFeed) -> None:
     stream = hub.open("a", 0, hub.epoch, sink)
     feed.fail = True
     await asyncio.wait([stream.done], timeout=5)
-    assert isinstance(stream.done.exception(), Unavailable)
+    assert isinstance(stream.done.result(), Unavailable)
     assert hub.degraded
     feed.fail = False
     for _ in range(100):
@@ -353,6 +363,183 @@ async def test_revoked_node_streams_end(feed: MemoryFeed, hub: WatchHub, open_st
     (stream_a, _), (stream_b, _) = open_stream("a"), open_stream("b")
     feed.revoke("a")
     await hub.catch_up()
-    assert isinstance(stream_a.done.exception(), Unauthenticated)
+    assert isinstance(stream_a.done.result(), Unauthenticated)
     assert not stream_b.done.done()
     assert not hub.knows_node("a")
+
+
+async def test_an_acknowledgement_older_than_the_ledger_is_left_to_the_log(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    """The ledger holds the last LEDGER_SIZE deliveries; an ACK for an older one is
+    "unknown, check the log", never "not sent"."""
+    feed.node("a", {})
+    await hub.catch_up()
+    stream, sink = open_stream("a")
+    sent = []
+    for i in range(LEDGER_SIZE + 8):
+        digest = f"d{i % 2}"
+        sent.append((feed.assign((node_key("a"),), digest), digest))
+        await hub.catch_up()
+        await settle()
+    assert [(d.revision, d.digest) for d in sink.of("desired")][1:] == sent
+    (first, first_digest), (last, last_digest) = sent[0], sent[-1]
+    assert hub.was_sent(stream.stream_id, "a", first, first_digest) is None
+    assert hub.was_sent(stream.stream_id, "a", last, last_digest) is True
+    # Within what the ledger still remembers, a delivery it does not hold was not made.
+    assert hub.was_sent(stream.stream_id, "a", last, "forged") is False
+    assert hub.was_sent(stream.stream_id, "a", sent[-5][0], "forged") is False
+    assert hub.was_sent(stream.stream_id, "b", first, first_digest) is False
+
+
+async def test_opens_are_refused_once_stopping_begins(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    feed.node("a", {})
+    feed.node("b", {})
+    await hub.catch_up()
+    _, slow = open_stream("a")
+    await settle()
+    slow.block()
+    feed.assign((node_key("a"),), "d1")  # a write stuck in flight: stop() waits for it
+    await hub.catch_up()
+    await settle()
+    stopping = asyncio.create_task(hub.stop(grace=10.0))
+    await settle()
+    assert not stopping.done()
+    with pytest.raises(Unavailable, match="shutting down") as refused:
+        open_stream("b")
+    assert refused.value.retry_after_ms
+    assert hub.stream_count == 1
+    slow.unblock()
+    await stopping
+
+
+class GatedFeed(MemoryFeed):
+    """Holds the next changes() read, with its rows, until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def changes(self, after: int, upto: int) -> list[DesiredRow]:
+        rows = await super().changes(after, upto)
+        if self.hold:
+            self.hold = False
+            self.holding.set()
+            await self.release.wait()
+        return rows
+
+
+async def test_concurrent_readers_never_move_the_hub_backwards() -> None:
+    feed = GatedFeed()
+    hub = WatchHub(feed, HubSettings(lifetime_min=100.0, lifetime_max=100.0))
+    await hub.start(background=False)
+    feed.node("a", {})
+    await hub.catch_up()
+    sink = RecordingSink()
+    hub.open("a", 0, hub.epoch, sink)
+    feed.assign((node_key("a"),), "d1")
+    feed.hold = True
+    first = asyncio.create_task(hub.catch_up())  # the background reader, say
+    await feed.holding.wait()  # ... stuck with the rows of d1 in hand
+    feed.assign((node_key("a"),), "d2")
+    second = asyncio.create_task(hub.catch_up())  # a caller's catch_up()
+    await settle()
+    feed.release.set()
+    await asyncio.gather(first, second)
+    await settle()
+    assert hub.position == feed.head
+    effective = hub.effective("a")
+    assert effective is not None and effective.digest == "d2"
+    desired = [(d.revision, d.digest) for d in sink.of("desired")]
+    assert desired[-1] == (feed.head, "d2")
+    assert [r for r, _ in desired] == sorted({r for r, _ in desired}), desired
+    await hub.stop(grace=0.1)
+
+
+class PruningFeed(MemoryFeed):
+    """Retention runs between the hub's position() and its changes() read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prune_before_read: int | None = None
+
+    async def changes(self, after: int, upto: int) -> list[DesiredRow]:
+        if self.prune_before_read is not None:
+            self.prune(self.prune_before_read)
+            self.prune_before_read = None
+        return await super().changes(after, upto)
+
+
+async def test_history_pruned_during_a_read_is_not_read_with_holes() -> None:
+    """The tombstone and the assignment it buried are pruned while the hub reads the
+    range holding the tombstone: the hub must not miss the unassignment."""
+    feed = PruningFeed()
+    hub = WatchHub(feed, HubSettings(lifetime_min=100.0, lifetime_max=100.0))
+    await hub.start(background=False)
+    feed.node("a", {})
+    feed.assign((node_key("a"),), "d1")
+    await hub.catch_up()
+    sink = RecordingSink()
+    hub.open("a", 0, hub.epoch, sink)
+    await settle()
+    feed.unassign((node_key("a"),))
+    feed.assign((SEL_PROD,), "elsewhere")
+    feed.assign((SEL_PROD,), "elsewhere-2")
+    feed.prune_before_read = feed.head
+    await hub.catch_up()
+    await settle()
+    assert hub.effective("a") is None
+    assert [d.digest for d in sink.of("desired")] == ["d1", ""]
+    assert hub.floor == feed.head
+    await hub.stop(grace=0.1)
+
+
+async def test_settling_the_heap_frees_garbage_that_was_frozen(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    """An ended stream frozen by an earlier settle and caught in a cycle is freed by the
+    next one: it thaws before it collects."""
+
+    class Ended:
+        pass
+
+    ended = Ended()
+    ended.cycle = ended  # type: ignore[attr-defined]
+    freed = weakref.ref(ended)
+    gc.collect()
+    gc.freeze()
+    del ended
+    gc.collect()
+    assert freed() is not None  # frozen: the collector does not look at it
+    feed.node("a", {})
+    await hub.catch_up()
+    stream, _ = open_stream("a")
+    hub.close(stream)
+    hub.tick(time.monotonic() + hub.settings.gc_settle + 1)
+    assert freed() is None
+    assert gc.get_freeze_count() > 0  # and the heap is frozen again
+
+
+async def test_selectors_the_floor_has_buried_are_forgotten(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    feed.node("a", {"env": "prod"})
+    feed.assign((SEL_PROD,), "d1")
+    feed.unassign((SEL_PROD,))
+    await hub.catch_up()
+    assert SEL_PROD in hub._selectors["p"]
+    feed.node("b", {"env": "dev"})
+    await hub.catch_up()
+    feed.prune(feed.head)  # the tombstone is below the floor now, and gone from the log
+    await hub.catch_up()
+    assert hub.floor == hub.position  # followed, not rebuilt from a snapshot
+    assert SEL_PROD not in hub._selectors.get("p", {}) and SEL_PROD not in hub._latest
+    _, sink = open_stream("a")
+    feed.assign((SEL_PROD,), "d2")  # the selector comes back: routed as before
+    await hub.catch_up()
+    await settle()
+    assert [d.digest for d in sink.of("desired")] == ["", "d2"]

@@ -69,6 +69,10 @@ def _add(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: TreeBuilder) -> No
     # Our own rules first (clearer messages), then the standard filter as a second line.
     if raw.startswith("/") or ".." in raw.split("/"):
         tree.check_name(raw, "member")
+    if member.issym():
+        tree.check_symlink(raw, member.linkname)
+    elif member.islnk():
+        tree.check_hardlink(raw, member.linkname)
     tarfile.data_filter(member, _ROOT)
     if member.isdir():
         tree.add_dir(raw)

@@ -156,17 +156,26 @@ class TreeBuilder:
         finally:
             sink.close()
 
+    def check_symlink(self, raw: str, target: str) -> None:
+        """InvalidArchive unless a symlink `raw` -> `target` stays inside the tree (as far
+        as names tell; `finish` resolves chains of links on disk)."""
+        self._check_link_target(raw, self.check_name(raw), target)
+
     def add_symlink(self, raw: str, target: str) -> None:
-        name = self.check_name(raw)
-        self._check_link_target(raw, name, target)
+        self.check_symlink(raw, target)
         _, path = self._claim(raw, "symlink")
         os.symlink(target, path)
 
-    def add_hardlink(self, raw: str, target: str) -> None:
-        """Stored as a copy of the regular file it names (already received)."""
+    def check_hardlink(self, raw: str, target: str) -> str:
+        """The name of the file a hardlink `raw` copies; InvalidArchive if it leaves the tree."""
+        self.check_name(raw)
         if not target or target.startswith("/") or ".." in target.split("/"):
             raise InvalidArchive(f"member {raw!r} is refused: hardlink to {target[:80]!r} leaves the bundle")
-        source = posixpath.normpath(target)
+        return posixpath.normpath(target)
+
+    def add_hardlink(self, raw: str, target: str) -> None:
+        """Stored as a copy of the regular file it names (already received)."""
+        source = self.check_hardlink(raw, target)
         if self.kinds.get(source) != "file":
             raise InvalidArchive(
                 f"member {raw!r} is refused: hardlink target {target[:80]!r} is not a regular file "

@@ -181,37 +181,89 @@ async def test_reports_for_what_was_never_sent(harness: Harness, bystander: obje
     await rec.cancel()
 
 
+# Each hostile archive, and the reason the refusal must give (after "chunk: member ...").
 HOSTILE = {
-    "absolute path": [(member("/etc/passwd", b"x"), b"x")],
-    "dot-dot": [(member("../../escape", b"x"), b"x")],
-    "symlink escaping": [(member("link", kind=tarfile.SYMTYPE, linkname="../../etc/shadow"), b"")],
-    "absolute symlink": [(member("link", kind=tarfile.SYMTYPE, linkname="/etc/shadow"), b"")],
-    "hardlink escaping": [(member("hard", kind=tarfile.LNKTYPE, linkname="../outside"), b"")],
-    "device file": [(member("dev", kind=tarfile.CHRTYPE), b"")],
-    "fifo": [(member("pipe", kind=tarfile.FIFOTYPE), b"")],
-    "duplicate member": [(member("a", b"1"), b"1"), (member("a", b"2"), b"2")],
+    "absolute path": ([(member("/etc/passwd", b"x"), b"x")], "'/etc/passwd' is refused: absolute path"),
+    "dot-dot": (
+        [(member("../../escape", b"x"), b"x")],
+        "'../../escape' is refused: '..' climbs out of the bundle",
+    ),
+    "symlink escaping": (
+        [(member("link", kind=tarfile.SYMTYPE, linkname="../../etc/shadow"), b"")],
+        "'link' is refused: symlink '../../etc/shadow' points outside the bundle",
+    ),
+    "absolute symlink": (
+        [(member("link", kind=tarfile.SYMTYPE, linkname="/etc/shadow"), b"")],
+        "'link' is refused: symlink to absolute path '/etc/shadow'",
+    ),
+    # Each link stays inside by its name; followed on disk, `out` is the bundle's parent.
+    "symlink chain escaping": (
+        [
+            (member("up", kind=tarfile.SYMTYPE, linkname="."), b""),
+            (member("out", kind=tarfile.SYMTYPE, linkname="up/.."), b""),
+        ],
+        "'out' is refused: symlink resolves outside the bundle",
+    ),
+    "hardlink escaping": (
+        [(member("hard", kind=tarfile.LNKTYPE, linkname="../outside"), b"")],
+        "'hard' is refused: hardlink to '../outside' leaves the bundle",
+    ),
+    "device file": (
+        [(member("dev", kind=tarfile.CHRTYPE), b"")],
+        "'dev' is refused: device file, not a regular file",
+    ),
+    "fifo": ([(member("pipe", kind=tarfile.FIFOTYPE), b"")], "'pipe' is refused: fifo, not a regular file"),
+    "duplicate member": ([(member("a", b"1"), b"1"), (member("a", b"2"), b"2")], "'a' appears twice"),
+    "too big": (
+        [(member("huge", b"x" * 2048), b"x" * 2048)],
+        "'huge': larger than the limit of 1024 bytes",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 async def test_hostile_archives_are_refused_whole(harness: Harness, case: str, bystander: object) -> None:
-    archive = tar_zst([(member("main.conf", b"ok"), b"ok"), *HOSTILE[case]])
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(archive), "chunk")
+    entries, reason = HOSTILE[case]
+    harness.app.bundles.limits = type(harness.app.bundles.limits)(max_file_bytes=1024)
+    archive = tar_zst([(member("main.conf", b"ok"), b"ok"), *entries])
+    details = await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(archive), reason)
+    assert details.startswith("chunk: "), details
     listed = await harness.bundles.ListBundles(bpb.ListBundlesRequest(project="default"))
     assert list(listed.bundles) == []
     blobs = harness.app.settings.data_dir / "blobs"
     assert not any(p.is_file() for p in blobs.rglob("*"))
 
 
+def _padded(name: str, padding: int) -> tarfile.TarInfo:
+    """An empty file whose pax header carries `padding` bytes no size check counts."""
+    info = member(name)
+    info.pax_headers = {"comment": "x" * padding}
+    return info
+
+
 async def test_garbage_and_bombs_are_refused(harness: Harness, bystander: object) -> None:
     await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(b"not an archive at all"), "not a valid")
     await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(b""), "chunk")
-    harness.app.bundles.limits = type(harness.app.bundles.limits)(max_total_bytes=1024 * 1024)
+    limits = type(harness.app.bundles.limits)
+    harness.app.bundles.limits = limits(max_total_bytes=1024 * 1024)
     zeros = b"\0" * (8 * 1024 * 1024)
     bomb = tar_zst([(member("zeros", zeros), zeros)])
     assert len(bomb) < 4096
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(bomb), "limit")
-    harness.app.bundles.limits = type(harness.app.bundles.limits)(max_members=100)
+    # Its header announces the size: refused before a byte of it is written.
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT, harness.upload(bomb), "files exceed the limit of 1048576 bytes"
+    )
+    # Headers that announce nothing: the stream itself is counted as it decompresses and
+    # cut at the limit (the files plus headers and padding).
+    harness.app.bundles.limits = limits(max_total_bytes=1024 * 1024, max_members=10)
+    sneaky = tar_zst((_padded(f"f{i}", 1000 * 1000), b"") for i in range(4))
+    assert len(sneaky) < 16 * 1024
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        harness.upload(sneaky),
+        f"archive decompresses past the limit of {1024 * 1024 + 26 * 4096} bytes",
+    )
+    harness.app.bundles.limits = limits(max_members=100)
     many = tar_zst((member(f"f{i}", b""), b"") for i in range(101))
     await expect(grpc.StatusCode.INVALID_ARGUMENT, harness.upload(many), "more than 100 members")
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiobotocore.session import get_session
+from botocore.exceptions import NoCredentialsError
 
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.blobs.base import BlobDigestMismatch, BlobMissing, BlobStore
@@ -164,3 +166,56 @@ async def test_nodes_download_through_the_control_plane_from_s3(
     assert [d async for d, _ in harness.app.blobs.list()] == [bundle.digest]
     local = harness.app.settings.data_dir / "blobs"
     assert not local.exists() or not any(p.is_file() for p in local.rglob("*"))
+
+
+async def test_s3_credentials_from_the_standard_environment_and_the_key_layout(
+    moto_s3: S3Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No credentials or region in the settings: botocore's chain reads AWS_*; objects land
+    under `<prefix>sha256/<first two hex>/<hex>`."""
+    endpoint = await new_bucket(moto_s3)
+    for name, value in endpoint.env().items():
+        monkeypatch.setenv(name, value)
+    for name in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    # Never the instance metadata service: this machine talks to nothing but loopback.
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    settings = S3Settings.from_url(f"s3://{endpoint.bucket}/fleet/bundles/", endpoint_url=endpoint.url)
+    assert (settings.access_key_id, settings.region) == ("", "")
+    store = S3BlobStore(settings)
+    await store.start()
+    try:
+        data = b"an archive"
+        digest = digest_of(data)
+        (tmp_path / "a").write_bytes(data)
+        await store.put_file(digest, tmp_path / "a")
+        assert await read_all(store, digest) == data
+    finally:
+        await store.close()
+    hexdigest = digest.removeprefix("sha256:")
+    async with get_session().create_client(
+        "s3",
+        endpoint_url=endpoint.url,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+    ) as client:
+        listed = await client.list_objects_v2(Bucket=endpoint.bucket)
+    assert [o["Key"] for o in listed["Contents"]] == [f"fleet/bundles/sha256/{hexdigest[:2]}/{hexdigest}"]
+    # Without them in the environment there are none: it was the environment that served.
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    store = S3BlobStore(settings)
+    await store.start()
+    try:
+        with pytest.raises(NoCredentialsError):
+            await store.exists(digest)
+    finally:
+        await store.close()

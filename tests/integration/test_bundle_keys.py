@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -103,3 +104,48 @@ async def test_rotation_signs_with_the_new_key_and_retiring_the_old_resigns_assi
     stale = KeyDirectory(harness.app.store, utcnow, Signer.from_seed(bytes.fromhex(old_seed)), lambda: None)
     with pytest.raises(FailedPrecondition, match=f"signing key {old_id} was retired"):
         await stale.register()
+
+
+async def test_the_signing_key_comes_from_a_flag_a_file_or_the_environment(
+    make_harness: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--signing-key-file, CONTROLPLANE_SIGNING_KEY and CONTROLPLANE_SIGNING_KEY_FILE, as
+    `serve` parses them, each make the server sign with that key (and none is generated)."""
+    from controlplane.cli.bundle_options import bundle_settings
+    from controlplane.cli.serve import serve
+
+    by_flag, by_env, by_env_file = Signer.generate(), Signer.generate(), Signer.generate()
+    flag_file, env_file = tmp_path / "flag.key", tmp_path / "env.key"
+    flag_file.write_text(by_flag.seed.hex() + "\n")
+    env_file.write_text(by_env_file.seed.hex() + "\n")
+    for name in ("CONTROLPLANE_SIGNING_KEY", "CONTROLPLANE_SIGNING_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def parsed(*argv: str) -> dict[str, Any]:
+        options = bundle_settings(dict(serve.make_context("serve", list(argv)).params))
+        return {k: v for k, v in options.items() if k in ("signing_key", "signing_key_file")}
+
+    cases = [(parsed("--signing-key-file", str(flag_file)), by_flag)]
+    monkeypatch.setenv("CONTROLPLANE_SIGNING_KEY", by_env.seed.hex())
+    cases.append((parsed(), by_env))
+    monkeypatch.delenv("CONTROLPLANE_SIGNING_KEY")
+    monkeypatch.setenv("CONTROLPLANE_SIGNING_KEY_FILE", str(env_file))
+    cases.append((parsed(), by_env_file))
+    assert cases[0][0] == {"signing_key": "", "signing_key_file": flag_file}
+    assert cases[1][0] == {"signing_key": by_env.seed.hex(), "signing_key_file": None}
+    assert cases[2][0] == {"signing_key": "", "signing_key_file": env_file}
+
+    harness: Harness | None = None
+    for i, (settings, expected) in enumerate(cases):
+        if harness is None:
+            harness = await make_harness(**settings)
+        else:
+            harness = await restart(harness, make_harness, **settings)
+        keys = await list_keys(harness)
+        assert [k for k, v in keys.items() if v.signing] == [expected.key_id]
+        assert keys[expected.key_id].public_key == expected.public_key
+        bundle = (await create(harness.bundles, {"main.kdl": f"v {i}\n".encode()})).bundle
+        assert bundle.key_id == expected.key_id and verify(
+            expected.public_key, bundle.digest, bundle.signature
+        )
+    assert not (tmp_path / "data" / "signing-key").exists(), "a configured key means none is generated"

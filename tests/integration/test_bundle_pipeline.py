@@ -347,6 +347,15 @@ HOSTILE_FILES = {
         "file",
         "outside",
     ),
+    "symlink chain escaping": (
+        [
+            *file_messages({"main.kdl": b"a 1\n"}),
+            bpb.CreateBundleRequest(file=bpb.FileHeader(path="up", symlink_target=".")),
+            bpb.CreateBundleRequest(file=bpb.FileHeader(path="out", symlink_target="up/..")),
+        ],
+        "file",
+        "member 'out' is refused: symlink resolves outside the bundle",
+    ),
     "more bytes than announced": (
         [
             bpb.CreateBundleRequest(file=bpb.FileHeader(path="a", size_bytes=2)),

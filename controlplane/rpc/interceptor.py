@@ -14,6 +14,10 @@ In order, before any servicer code runs:
    cannot act as a node): PERMISSION_DENIED;
 6. the request's scope (`scope.ScopeFinder`): a node only for itself and its project,
    an operator key only with the needed role in every project the request touches.
+
+A request whose bytes do not parse, or that carries a NUL character in any string (no
+database stores one: PostgreSQL's text cannot), is INVALID_ARGUMENT naming the field,
+once the caller is authenticated (step 5) and before its scope is looked up.
 """
 
 from __future__ import annotations
@@ -126,8 +130,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             _enter(auth.ANONYMOUS, request_id)
             if streams_in:
                 return _well_formed(request)
-            if request is MALFORMED:
-                raise _malformed()
+            if isinstance(request, _Refused):
+                raise request.error
             return request
         identity = await self._authenticate(method, rule, context, metadata)
         self._charge(_bucket(method, identity), identity.subject)
@@ -137,8 +141,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request = _well_formed(request)
             first = await anext(aiter(request), None)
             request = _prepend(first, request)
-        elif request is MALFORMED:
-            raise _malformed()
+        elif isinstance(request, _Refused):
+            raise request.error
         await self._check_scope(method, rule, identity, first)
         _enter(identity, request_id)
         return request
@@ -235,11 +239,13 @@ def _enter(identity: auth.Identity, request_id: str) -> None:
     audit.set_context(identity.actor(), request_id)
 
 
-class _Malformed:
-    """Stands in for a request whose bytes do not parse as its message type."""
+class _Refused:
+    """Stands in for a request refused as it was parsed: bytes that do not parse as its
+    message type, or a string no database can store (a NUL character: PostgreSQL's text
+    cannot hold one, so no valid request carries it)."""
 
-
-MALFORMED = _Malformed()
+    def __init__(self, error: InvalidArgument):
+        self.error = error
 
 
 def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -250,21 +256,54 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
     def parse(data: bytes) -> Any:
         try:
-            return deserializer(data)
+            message = deserializer(data)
         except Exception:
-            return MALFORMED
+            return _Refused(InvalidArgument("the request is not a valid message of its type"))
+        # Only bytes holding a zero byte can carry a NUL: most requests skip the walk.
+        if b"\x00" in data and isinstance(message, Message):
+            where = _nul_field(message)
+            if where is not None:
+                return _Refused(InvalidArgument("must not contain a NUL character", field=where))
+        return message
 
     return parse
 
 
-def _malformed() -> InvalidArgument:
-    return InvalidArgument("the request is not a valid message of its type")
+def _nul_field(message: Message, prefix: str = "") -> str | None:
+    """The first string field (or map key or value), at any depth, holding a NUL."""
+    for field, value in message.ListFields():
+        name = prefix + field.name
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            for key, item in value.items():
+                if isinstance(key, str) and "\x00" in key:
+                    return f"{name}[{key!r}]"
+                found = _nul_in(item, f"{name}[{key!r}]")
+                if found is not None:
+                    return found
+        elif field.is_repeated:
+            for i, item in enumerate(value):
+                found = _nul_in(item, f"{name}[{i}]")
+                if found is not None:
+                    return found
+        else:
+            found = _nul_in(value, name)
+            if found is not None:
+                return found
+    return None
+
+
+def _nul_in(value: Any, name: str) -> str | None:
+    if isinstance(value, str):
+        return name if "\x00" in value else None
+    if isinstance(value, Message):
+        return _nul_field(value, name + ".")
+    return None
 
 
 async def _well_formed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for item in requests:
-        if item is MALFORMED:
-            raise _malformed()
+        if isinstance(item, _Refused):
+            raise item.error
         yield item
 
 

@@ -316,7 +316,8 @@ async def revoke_node(w: World) -> Request:
 async def create_rollout(w: World) -> Request:
     slot = w.unique("c")
     await w.enroll(slot)
-    return create_rollout_request(w.main, f"slot={slot}")
+    # Awaiting approvals, the rollout stays as created: the driver writes nothing for it.
+    return create_rollout_request(w.main, f"slot={slot}", approvals_required=2)
 
 
 def on_rollout(message: type[Message], state: int, **fields: str) -> Builder:

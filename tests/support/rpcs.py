@@ -99,8 +99,9 @@ async def invoke(
     timeout: float = 5.0,
 ) -> grpc.StatusCode:
     """Call `rpc` once; the status it ends with (a stream that keeps going after its first
-    message, or sends none for a while, counts as OK: the call was admitted)."""
-    call = _start(channel, rpc, [request], metadata, timeout)
+    message, or sends none for a while, counts as OK: the call was admitted). `request`
+    is one message, or a list of them for a client stream."""
+    call = _start(channel, rpc, _messages(request), metadata, timeout)
     try:
         if rpc.server_streaming:
             return await _first(call)
@@ -119,8 +120,7 @@ async def answer(
 ) -> Answer:
     """Call `rpc` strictly: OK only with the response, or a stream's first message, in
     hand. `request` is one message, or a list of them for a client stream."""
-    requests = list(request) if isinstance(request, list | tuple) else [request]
-    call = _start(channel, rpc, requests, metadata, timeout)
+    call = _start(channel, rpc, _messages(request), metadata, timeout)
     try:
         if rpc.server_streaming:
             reply = await call.read()
@@ -132,6 +132,10 @@ async def answer(
     except grpc.aio.AioRpcError as e:
         trailing = tuple((k, str(v)) for k, v in (e.trailing_metadata() or ()))
         return Answer(e.code(), e.details() or "", trailing=trailing)
+
+
+def _messages(request: Any) -> list[Any]:
+    return list(request) if isinstance(request, list | tuple) else [request]
 
 
 async def _first(call: Any) -> grpc.StatusCode:

@@ -3,16 +3,23 @@ whose cursor fell below the floor is told so and bootstrapped."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.watch.v1 import watch_pb2 as wpb
+from controlplane.bootstrap import RETENTION_LEASE
+from controlplane.domain import retention
+from controlplane.domain.audit import acting_as, system
+from controlplane.domain.clock import utcnow
+from controlplane.domain.leases import Leases
 from controlplane.store.schema import desired_state_log
 from tests.conftest import HarnessFactory
 from tests.support.archives import bundle
 from tests.support.eventually import eventually
+from tests.support.harness import Harness
 
 
 async def count_rows(harness_app: object, key_prefix: str = "") -> int:
@@ -95,3 +102,64 @@ async def test_restart_serves_resumes_from_the_table(make_harness: HarnessFactor
     assert resumed.of("started")[0].mode == wpb.STREAM_MODE_RESUME
     assert resumed.of("desired") == []
     await resumed.cancel()
+
+
+async def test_a_read_the_floor_has_passed_returns_nothing_rather_than_holes(
+    make_harness: HarnessFactory,
+) -> None:
+    """Retention may prune between the hub's read of the floor and its read of the rows:
+    the rows then come back all or nothing, never with the pruned ones missing."""
+    h = await make_harness(prune_interval=timedelta(hours=1))
+    digests = [await h.upload(bundle({"v": str(i).encode()})) for i in range(3)]
+    node = await h.register("n1")
+    after = (await h.app.feed.position()).head
+    for digest in digests:
+        head = await h.assign(digest, nodes=[node.node_id])
+    assert [r.revision for r in await h.app.feed.changes(after, head)] == [head - 2, head - 1, head]
+    with acting_as(system("retention")):
+        assert await retention.prune(h.app.store, head) > 0
+    assert await h.app.feed.changes(after, head) == []
+    assert await h.app.feed.changes(head - 1, head) == []  # the floor passed `after` = head - 1
+
+
+async def test_one_replica_prunes_at_a_time(make_harness: HarnessFactory) -> None:
+    h = await make_harness(retain_revisions=1, retain_for=timedelta(0), prune_interval=timedelta(hours=1))
+    digest = await h.upload(bundle({"a": b"1"}))
+    node = await h.register("n1")
+    for _ in range(3):
+        await h.assign(digest, nodes=[node.node_id])
+    other = Leases(h.app.store, utcnow, holder="another-replica")
+    held = await other.acquire(RETENTION_LEASE)
+    assert held is not None
+    await h.app._prune()  # the retention job's run on this replica
+    assert (await h.app.feed.position()).floor == 0, "pruned while another replica held the lease"
+    await other.release(held)
+    await h.app._prune()
+    assert (await h.app.feed.position()).floor == h.app.hub.position - 1
+
+
+async def test_the_floor_never_moves_back_when_replicas_raise_it_at_once(pg_harness: Harness) -> None:
+    """Two replicas prune at once: the one with the lower floor commits last. A read of
+    the floor followed by a write would move it back; the conditional UPDATE does not."""
+    h = pg_harness
+
+    async def raise_floor(floor: int) -> bool:
+        async with h.app.store.write() as tx:
+            return await tx.desired.raise_floor(floor)
+
+    async def blocked_on_the_floor_row() -> None:
+        async with h.app.engine.connect() as conn:
+            waiting = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+        assert waiting == 1
+
+    async with h.app.store.write() as first:
+        assert await first.desired.raise_floor(8)
+        lower = asyncio.create_task(raise_floor(4))
+        await eventually(blocked_on_the_floor_row, what="the second replica waiting for the floor row")
+    assert await lower is False
+    assert (await h.app.feed.position()).floor == 8

@@ -12,7 +12,10 @@
    server's peak RSS above its resident size before the push.
 3. Downloads: `--agents` nodes, each with its node token, download at once through
    DownloadBundle (hashing as agents do), first the realistic bundle, then the 100 MiB one:
-   wall time, aggregate MiB/s, per-download p50/p99, server CPU and peak RSS growth.
+   wall time, aggregate MiB/s, per-download p50/p99, server CPU and peak RSS growth. The
+   nodes are download clients in this one process (asyncio tasks over one channel per
+   ten nodes), not agent processes: on two cores, a hundred Python processes would
+   measure the scheduler; the server's side (one stream per node) is the same.
 
 The server runs on CPU 0, this process on CPU 1 (when there are two), on a fresh data
 directory under .bench-out/bundles/. Results go to .bench-out/bundles.json.
@@ -372,7 +375,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=10, help="realistic pushes (each a new bundle)")
     p.add_argument("--big-mib", type=int, default=100)
-    p.add_argument("--agents", type=int, default=100, help="nodes downloading at once")
+    p.add_argument(
+        "--agents", type=int, default=100, help="nodes downloading at once (in-process download clients)"
+    )
     p.add_argument(
         "--big-downloads", type=int, default=100, help="of them, how many fetch the big bundle too"
     )

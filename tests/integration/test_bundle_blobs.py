@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiobotocore.session import get_session
 from botocore.exceptions import NoCredentialsError
 
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
@@ -20,6 +19,7 @@ from controlplane.blobs.s3 import PART_BYTES, S3BlobStore, S3Settings
 from tests.support.bundles import create
 from tests.support.harness import Harness
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint, moto_s3, new_bucket
+from tests.support.s3 import client as s3_client
 
 __all__ = ["moto_s3"]
 
@@ -200,14 +200,8 @@ async def test_s3_credentials_from_the_standard_environment_and_the_key_layout(
     finally:
         await store.close()
     hexdigest = digest.removeprefix("sha256:")
-    async with get_session().create_client(
-        "s3",
-        endpoint_url=endpoint.url,
-        region_name=REGION,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-    ) as client:
-        listed = await client.list_objects_v2(Bucket=endpoint.bucket)
+    async with s3_client(endpoint) as s3:
+        listed = await s3.list_objects_v2(Bucket=endpoint.bucket)
     assert [o["Key"] for o in listed["Contents"]] == [f"fleet/bundles/sha256/{hexdigest[:2]}/{hexdigest}"]
     # Without them in the environment there are none: it was the environment that served.
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")

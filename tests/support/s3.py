@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiobotocore.session import get_session
@@ -91,17 +92,22 @@ def moto_s3() -> Iterator[S3Endpoint]:
             proc.wait()
 
 
-async def new_bucket(endpoint: S3Endpoint) -> S3Endpoint:
-    """A fresh, empty bucket on the endpoint."""
-    bucket = f"bundles-{uuid.uuid4().hex[:12]}"
-    async with get_session().create_client(
+def client(endpoint: S3Endpoint) -> Any:
+    """An aiobotocore S3 client of the endpoint with the test credentials (async with)."""
+    return get_session().create_client(
         "s3",
         endpoint_url=endpoint.url,
         region_name=REGION,
         aws_access_key_id=ACCESS_KEY,
         aws_secret_access_key=SECRET_KEY,
-    ) as client:
-        await client.create_bucket(Bucket=bucket)
+    )
+
+
+async def new_bucket(endpoint: S3Endpoint) -> S3Endpoint:
+    """A fresh, empty bucket on the endpoint."""
+    bucket = f"bundles-{uuid.uuid4().hex[:12]}"
+    async with client(endpoint) as s3:
+        await s3.create_bucket(Bucket=bucket)
     return S3Endpoint(endpoint.url, bucket)
 
 

@@ -370,7 +370,7 @@ async def matrix_world(make_harness: HarnessFactory) -> AsyncIterator[MatrixWorl
     await w.close()
 
 
-@settings(SETTINGS, max_examples=300)
+@settings(SETTINGS, max_examples=200)
 @given(data=st.data())
 async def test_near_valid_requests_to_every_rpc(matrix_world: MatrixWorld, data: st.DataObject) -> None:
     w = matrix_world

@@ -198,14 +198,16 @@ class BundleServiceServicer:
     def AssignBundle(self, request, context):
         """AssignBundle sets the desired bundle of a selector's nodes or of listed
         nodes, in one transaction and one revision. Only VALID bundles can be
-        assigned (FAILED_PRECONDITION otherwise).
+        assigned, never to a node an active rollout holds, and not during a freeze
+        window without `freeze_override_reason` (FAILED_PRECONDITION otherwise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnassignBundle(self, request, context):
-        """UnassignBundle removes an assignment (a tombstone on the watch).
+        """UnassignBundle removes an assignment (a tombstone on the watch); the same
+        rollout and freeze checks as AssignBundle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

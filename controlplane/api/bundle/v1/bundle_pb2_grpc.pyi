@@ -83,10 +83,13 @@ class BundleServiceStub:
     AssignBundle: _grpc.UnaryUnaryMultiCallable[_bundle_pb2.AssignBundleRequest, _bundle_pb2.AssignBundleResponse]
     """AssignBundle sets the desired bundle of a selector's nodes or of listed
     nodes, in one transaction and one revision. Only VALID bundles can be
-    assigned (FAILED_PRECONDITION otherwise).
+    assigned, never to a node an active rollout holds, and not during a freeze
+    window without `freeze_override_reason` (FAILED_PRECONDITION otherwise).
     """
     UnassignBundle: _grpc.UnaryUnaryMultiCallable[_bundle_pb2.UnassignBundleRequest, _bundle_pb2.UnassignBundleResponse]
-    """UnassignBundle removes an assignment (a tombstone on the watch)."""
+    """UnassignBundle removes an assignment (a tombstone on the watch); the same
+    rollout and freeze checks as AssignBundle.
+    """
 
 @_typing.type_check_only
 class BundleServiceAsyncStub(BundleServiceStub):
@@ -143,10 +146,13 @@ class BundleServiceAsyncStub(BundleServiceStub):
     AssignBundle: _aio.UnaryUnaryMultiCallable[_bundle_pb2.AssignBundleRequest, _bundle_pb2.AssignBundleResponse]  # type: ignore[assignment]
     """AssignBundle sets the desired bundle of a selector's nodes or of listed
     nodes, in one transaction and one revision. Only VALID bundles can be
-    assigned (FAILED_PRECONDITION otherwise).
+    assigned, never to a node an active rollout holds, and not during a freeze
+    window without `freeze_override_reason` (FAILED_PRECONDITION otherwise).
     """
     UnassignBundle: _aio.UnaryUnaryMultiCallable[_bundle_pb2.UnassignBundleRequest, _bundle_pb2.UnassignBundleResponse]  # type: ignore[assignment]
-    """UnassignBundle removes an assignment (a tombstone on the watch)."""
+    """UnassignBundle removes an assignment (a tombstone on the watch); the same
+    rollout and freeze checks as AssignBundle.
+    """
 
 class BundleServiceServicer(metaclass=_abc_1.ABCMeta):
     """BundleService builds, stores and serves bundles and assigns them to nodes.
@@ -266,7 +272,8 @@ class BundleServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_bundle_pb2.AssignBundleResponse, _abc.Awaitable[_bundle_pb2.AssignBundleResponse]]:
         """AssignBundle sets the desired bundle of a selector's nodes or of listed
         nodes, in one transaction and one revision. Only VALID bundles can be
-        assigned (FAILED_PRECONDITION otherwise).
+        assigned, never to a node an active rollout holds, and not during a freeze
+        window without `freeze_override_reason` (FAILED_PRECONDITION otherwise).
         """
 
     @_abc_1.abstractmethod
@@ -275,6 +282,8 @@ class BundleServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bundle_pb2.UnassignBundleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bundle_pb2.UnassignBundleResponse, _abc.Awaitable[_bundle_pb2.UnassignBundleResponse]]:
-        """UnassignBundle removes an assignment (a tombstone on the watch)."""
+        """UnassignBundle removes an assignment (a tombstone on the watch); the same
+        rollout and freeze checks as AssignBundle.
+        """
 
 def add_BundleServiceServicer_to_server(servicer: BundleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -6,6 +6,7 @@ checking what every node ends up running. SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 
@@ -64,7 +65,10 @@ async def test_canary_rolls_back_on_bad_metrics_from_the_simulator(plane: Harnes
         assert len(told) == 1
 
 
-async def test_gates_fail_on_stale_metrics(plane: Harness) -> None:
+async def test_gates_fail_on_stale_metrics_while_the_node_stays_online(make_harness: HarnessFactory) -> None:
+    # The offline sweep never runs here: a node that goes silent keeps status ONLINE, and
+    # only the age of its last heartbeat (stale after `offline_after`, 3 s) can fail it.
+    plane = await make_harness(**{**FAST, "offline_sweep_interval": timedelta(minutes=10)})
     async with running(fleet(plane.address, plane.token, 3)) as sim:
         rollouts = Rollouts(plane.channel)
         v1 = await everyone_on(rollouts, await plane.upload(archive("v1")))
@@ -75,15 +79,22 @@ async def test_gates_fail_on_stale_metrics(plane: Harness) -> None:
         await rollouts.watch(created.id, until=[pb.ROLLOUT_STATE_RUNNING])
         for _ in range(100):
             rollout = await rollouts.get(created.id)
-            if rollout.steps[0].state == pb.STEP_STATE_BAKING:
+            if (
+                rollout.steps[0].state == pb.STEP_STATE_BAKING
+                and "3 node(s) healthy" in rollout.steps[0].gates
+            ):
                 break
             await asyncio.sleep(0.1)
-        # A node goes silent while the step bakes: its last heartbeat goes stale.
+        assert "3 node(s) healthy" in rollout.steps[0].gates, rollout.steps[0].gates
+        # A node goes silent while the step bakes: no more heartbeats, no more metrics.
+        silent = sim.nodes[0].node_id
         await sim.stop_node(0)
         seen = await rollouts.watch(created.id)
         assert seen.last_state == pb.ROLLOUT_STATE_ROLLED_BACK
         reason = (await rollouts.get(created.id)).reason
-        assert "health gates failing" in reason and sim.nodes[0].node_id in reason, reason
+        assert "health gates failing" in reason and f"{silent}: last heartbeat" in reason, reason
+        status = (await plane.nodes.GetNode(node_pb2.GetNodeRequest(node_id=silent))).node.status
+        assert status == node_pb2.NODE_STATUS_ONLINE, "stale metrics, not an offline node, failed the gate"
         history = await rollouts.events(created.id)
         assert any(e.kind == "gates" and "gates failing" in e.message for e in history)
         await settle(sim, v1)
@@ -318,3 +329,23 @@ async def test_rollback_never_restores_a_revoked_bundle(plane: Harness) -> None:
         assert all("not restored" in n.error and "revoked" in n.error for n in nodes), nodes
         await asyncio.sleep(1.0)
         assert {n.digest for n in sim.nodes} == {v2}
+
+
+async def test_revoking_the_bundle_mid_rollout_rolls_it_back_with_the_reason(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 4)) as sim:
+        rollouts = Rollouts(plane.channel)
+        v1 = await everyone_on(rollouts, await plane.upload(archive("v1")))
+        v2 = await plane.upload(archive("v2"))
+        created = await rollouts.create(v2, rolling=pb.RollingParams(batch_size=2), bake_time=seconds(60))
+        await settle_some(sim, v2, 2)
+        await plane.bundles.RevokeBundle(
+            bundle_pb2.RevokeBundleRequest(project="default", digest=v2, reason="leaked secret in config")
+        )
+        seen = await rollouts.watch(created.id)
+        assert seen.last_state == pb.ROLLOUT_STATE_ROLLED_BACK
+        done = await rollouts.get(created.id)
+        assert done.reason.startswith("automatic rollback:") and "revoked" in done.reason, done.reason
+        assert "leaked secret in config" in done.reason, done.reason
+        assert done.steps[0].state == pb.STEP_STATE_FAILED and done.steps[1].revision == 0
+        await settle(sim, v1)
+        assert not [n for n in sim.nodes if n.observed[-1].digest == v2]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import HarnessFactory
+from tests.support.eventually import eventually
 from tests.support.harness import Harness
 from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running, seconds
 
@@ -108,3 +109,69 @@ async def test_blue_green_shifts_weight_on_the_watch_then_swaps(plane: Harness) 
             weights = [o.traffic_weight for o in node.observed if o.digest == v1]
             assert weights[-3:] == [75, 50, 0], weights
             assert node.digest == v1  # the old set stays as the standby
+
+
+async def test_blue_green_instant_rollback_puts_all_weight_back_on_the_old_set(plane: Harness) -> None:
+    """Rolled back mid traffic shift, every node is told — on its watch, in one revision —
+    to run the old bundle at full weight: the live set gets its weight back, the new set
+    goes back to the old bundle."""
+    async with running(fleet(plane.address, plane.token, 4)) as sim:
+        v1 = await plane.upload(archive("v1"))
+        rollouts = Rollouts(plane.channel)
+        first = await rollouts.create(v1, strategy=pb.STRATEGY_ALL_AT_ONCE)
+        assert (await rollouts.watch(first.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        v2 = await plane.upload(archive("v2"))
+        created = await rollouts.create(
+            v2,
+            strategy=pb.STRATEGY_BLUE_GREEN,
+            blue_green=pb.BlueGreenParams(traffic_steps_percent=[25, 50]),
+            bake_time=seconds(1),
+        )
+
+        async def shifting() -> None:
+            assert (await rollouts.get(created.id)).progress.current_step >= 1
+
+        # Hold it mid shift: paused once traffic has started to move.
+        await eventually(shifting, timeout=30, what="traffic moving to the new set")
+        paused = (
+            await rollouts.stub.PauseRollout(pb.PauseRolloutRequest(project="default", rollout_id=created.id))
+        ).rollout
+        weight = paused.steps[paused.progress.current_step].traffic_weight
+        assert weight in (25, 50), paused.progress
+        roles = {n.node_id: n.role for n in await rollouts.nodes(created.id)}
+        green = [n for n in sim.nodes if roles[n.node_id] == "target"]
+        blue = [n for n in sim.nodes if roles[n.node_id] == "live"]
+        assert len(green) == len(blue) == 2
+
+        async def split() -> None:
+            assert {(n.digest, n.traffic_weight) for n in green} == {(v2, weight)}
+            assert {(n.digest, n.traffic_weight) for n in blue} == {(v1, 100 - weight)}
+
+        await eventually(split, timeout=15, what=f"the new set at {weight} %")
+
+        back = await rollouts.stub.RollbackRollout(
+            pb.RollbackRolloutRequest(project="default", rollout_id=created.id, reason="instant rollback")
+        )
+        assert back.rollout.state == pb.ROLLOUT_STATE_ROLLED_BACK
+
+        async def restored() -> None:
+            last = {n.node_id: n.observed[-1] for n in sim.nodes}
+            assert {(o.digest, o.traffic_weight) for o in last.values()} == {(v1, 100)}, last
+            assert {n.digest for n in sim.nodes} == {v1}
+
+        await eventually(restored, timeout=15, what="all weight back on the old set")
+        # One revision told every node at once.
+        assert len({n.observed[-1].revision for n in sim.nodes}) == 1
+
+
+async def test_blue_green_on_one_node_keeps_it_serving(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 1)) as sim:
+        v1 = await plane.upload(archive("v1"))
+        rollouts = Rollouts(plane.channel)
+        created = await rollouts.create(
+            v1, strategy=pb.STRATEGY_BLUE_GREEN, blue_green=pb.BlueGreenParams(traffic_steps_percent=[10, 50])
+        )
+        assert [(s.kind, s.traffic_weight) for s in created.steps] == [(pb.STEP_KIND_DEPLOY, 100)]
+        assert (await rollouts.watch(created.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        node = sim.nodes[0]
+        assert node.digest == v1 and [o.traffic_weight for o in node.observed if o.digest == v1] == [100]

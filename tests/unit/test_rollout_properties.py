@@ -15,8 +15,16 @@ one named check:
   at most one step is applying or baking.
 - BUDGET: a rollout that is still running or succeeded has no more NACKs than allowed.
 - DONE-MEANS-DONE: a succeeded rollout finished every step.
-- ROLLED-BACK: after a rollback every node the rollout touched is back on what its own
-  key held before.
+- ROLLED-BACK: after a rollback every node runs what it was meant to run before the
+  rollout (cancel: every node not on the bundle when it was cancelled).
+- SUCCEEDED: after success every target node that was not skipped is meant to run the
+  bundle.
+
+"Before" is an independent model: each node's effective desired state as the fake log
+resolved it when the history began, not what the rollout recorded. The fleet starts in
+every shape the log allows — a node's own key deciding, a selector assignment newer than
+the node's key, a node key newer than the selector, a selector alone, nothing at all — so
+a restore that writes back the wrong key's value is caught.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from datetime import timedelta
 
 from hypothesis import event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from controlplane.domain.errors import DomainError
 from controlplane.domain.records import Health, NodeMetrics
@@ -37,17 +45,21 @@ from controlplane.domain.rollouts.model import (
     FreezeWindow,
     Gates,
     NodeState,
+    Role,
     RolloutState,
     StepKind,
     StepState,
     Strategy,
 )
 from controlplane.domain.rollouts.run import IllegalTransition, Run
-from tests.support.rollouts import T0, FakeFleet, fresh, make_run, make_spec, nodes, tick
+from tests.support.rollouts import MID, NEW, OLD, T0, FakeFleet, fresh, make_run, make_spec, nodes, tick
 
 BAD = NodeMetrics(Health.UNHEALTHY, error_rate=0.5, p99_latency_ms=900)
 GOOD = NodeMetrics(Health.HEALTHY, error_rate=0.01, p99_latency_ms=20)
 ACTORS = ("operator:alice", "operator:bob", "operator:carol")
+# How a node's desired state stands before the rollout (see the module docstring).
+SHAPES = ("own key", "selector over key", "key over selector", "selector alone", "nothing")
+LIVE_STATES = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.FAILED)
 
 
 @st.composite
@@ -70,18 +82,33 @@ def specs(draw: st.DrawFn):  # type: ignore[no-untyped-def]
         max_unavailable=draw(st.integers(0, 2)),
         max_failures=draw(st.integers(0, 2)),
         auto_rollback=draw(st.booleans()),
-        approvals_required=draw(st.integers(0, 2)),
+        # Most histories start without approvals, so they get far.
+        approvals_required=draw(st.sampled_from([0, 0, 0, 1, 2])),
         gates=Gates(require_healthy=True, max_error_rate=draw(st.sampled_from([None, 0.1]))),
         **extra,
     )
 
 
 class RolloutMachine(RuleBasedStateMachine):
-    @initialize(spec=specs(), size=st.integers(1, 9), creator=st.sampled_from(ACTORS))
-    def setup(self, spec, size, creator):  # type: ignore[no-untyped-def]
+    @initialize(spec=specs(), size=st.integers(1, 9), creator=st.sampled_from(ACTORS), data=st.data())
+    def setup(self, spec, size, creator, data):  # type: ignore[no-untyped-def]
         self.ids = nodes(size)
         self.run: Run = make_run(spec, self.ids, created_by=creator)
-        self.fleet = FakeFleet(self.ids)
+        self.fleet = fleet = FakeFleet(self.ids)
+        shapes = {n: data.draw(st.sampled_from(SHAPES), label=n) for n in self.ids}
+        with_selector = [n for n in self.ids if "selector" in shapes[n]]
+        for n in self.ids:
+            if shapes[n] in ("selector alone", "nothing"):
+                fleet.write([f"node:{n}"], None)
+        if with_selector:
+            fleet.assign_selector(MID, with_selector)
+        for n in self.ids:
+            if shapes[n] == "key over selector":
+                fleet.write([f"node:{n}"], OLD)
+        # The independent model: what each node was meant to run before the rollout.
+        self.before = {n: self._desired(n) for n in self.ids}
+        # At an operator's cancel: the nodes that ran the bundle then (they keep it).
+        self.kept: set[str] | None = None
         self.now = T0
         self.approvers: set[str] = set()
         self.freeze: FreezeWindow | None = None
@@ -133,9 +160,28 @@ class RolloutMachine(RuleBasedStateMachine):
         self.fleet.perform(run, self.now)
         self.run = fresh(run)
 
+    def _desired(self, node_id: str) -> tuple[str, int] | None:
+        row = self.fleet.effective(node_id)
+        return (row.digest, row.traffic_weight) if row is not None else None
+
     @rule()
     def pause(self) -> None:
         self._operator(lambda run: machine.pause(run, self.now, "operator"))
+
+    # Targeted actions, so that many histories pause a live rollout or roll it back.
+
+    @precondition(lambda self: self.run.state is RolloutState.RUNNING)
+    @rule(ticks=st.integers(0, 3))
+    def pause_running(self, ticks: int) -> None:
+        self.pause()
+        for _ in range(ticks):
+            self.fleet_behaves(1)
+
+    @precondition(lambda self: self.run.state in LIVE_STATES)
+    @rule(roll=st.integers(0, 3))
+    def roll_back_live(self, roll: int) -> None:
+        if roll == 0:
+            self.roll_back(0)
 
     @rule()
     def resume(self) -> None:
@@ -146,7 +192,11 @@ class RolloutMachine(RuleBasedStateMachine):
     @rule(roll=st.integers(0, 9))
     def cancel(self, roll: int) -> None:
         if roll == 0:
+            if self.run.rollout.active:
+                on_bundle = {n for n, f in self.fleet.facts.items() if f.applied_digest == NEW}
             self._operator(lambda run: machine.cancel(run, self.now, "operator", self.fleet.facts))
+            if self.run.state is RolloutState.CANCELLED and self.kept is None:
+                self.kept = on_bundle
 
     @rule(roll=st.integers(0, 9))
     def roll_back(self, roll: int) -> None:
@@ -166,7 +216,8 @@ class RolloutMachine(RuleBasedStateMachine):
         if roll == 0:
             self._operator(lambda run: machine.reject(run, self.now, "operator:carol", "no"))
 
-    @rule(on=st.booleans())
+    # A window holds everything: on less often than off, so histories also get far.
+    @rule(on=st.sampled_from([False, False, True]))
     def toggle_freeze(self, on: bool) -> None:
         self.freeze = (
             FreezeWindow("f", "default", "freeze", T0, T0 + timedelta(days=1), "why", "operator:x", T0)
@@ -266,14 +317,37 @@ class RolloutMachine(RuleBasedStateMachine):
     @invariant()
     def rolled_back(self) -> None:
         run = self.run
-        if run.state is not RolloutState.ROLLED_BACK:
+        event(f"reached {run.state.value}")
+        if run.state is RolloutState.ROLLED_BACK:
+            kept: set[str] = set()
+        elif run.state is RolloutState.CANCELLED:
+            kept = self.kept or set()
+        else:
+            return
+        for node_id in self.ids:
+            if node_id in self.fleet.pins:
+                continue  # pinned: left alone by the rollout and its restore
+            node = run.nodes[node_id]
+            now = self._desired(node_id)
+            if node_id in kept and node.touched and node.role is Role.TARGET:
+                assert now is not None and now[0] == NEW, f"ROLLED-BACK: {node_id} lost the bundle it ran"
+                continue
+            assert now == self.before[node_id], (
+                f"ROLLED-BACK: {node_id} is meant to run {now}, had {self.before[node_id]} "
+                f"before the rollout ({run.state.value})"
+            )
+
+    @invariant()
+    def succeeded(self) -> None:
+        run = self.run
+        if run.state is not RolloutState.SUCCEEDED:
             return
         for node in run.nodes.values():
-            if node.touched and node.state is not NodeState.SKIPPED:
-                digest, weight, _ = self.fleet.desired[node.node_id]
-                assert (digest, weight) == (node.previous_key_digest, node.previous_weight), (
-                    f"ROLLED-BACK: {node.node_id} left on {digest}"
-                )
+            if node.role is Role.TARGET and node.state is not NodeState.SKIPPED:
+                if node.node_id in self.fleet.pins:
+                    continue
+                now = self._desired(node.node_id)
+                assert now is not None and now[0] == NEW, f"SUCCEEDED: {node.node_id} is meant to run {now}"
 
 
 RolloutMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=80, deadline=None)

@@ -192,10 +192,10 @@ class RolloutMachine(RuleBasedStateMachine):
     @rule(roll=st.integers(0, 9))
     def cancel(self, roll: int) -> None:
         if roll == 0:
-            if self.run.rollout.active:
-                on_bundle = {n for n, f in self.fleet.facts.items() if f.applied_digest == NEW}
+            was_active = self.run.rollout.active
+            on_bundle = {n for n, f in self.fleet.facts.items() if f.applied_digest == NEW}
             self._operator(lambda run: machine.cancel(run, self.now, "operator", self.fleet.facts))
-            if self.run.state is RolloutState.CANCELLED and self.kept is None:
+            if was_active and self.run.state is RolloutState.CANCELLED:
                 self.kept = on_bundle
 
     @rule(roll=st.integers(0, 9))

@@ -20,14 +20,10 @@ SERVICE = "controlplane.watch.v1.WatchService"
 
 
 class WatchServicer:
-    def __init__(
-        self, hub: WatchHub, feed: ChangeFeed, max_opening: int = 1024, visibility_timeout: float = 3.0
-    ):
+    def __init__(self, hub: WatchHub, feed: ChangeFeed, visibility_timeout: float = 3.0):
         self._hub = hub
         self._feed = feed
-        # Streams being set up at once. Opening is cheap (no database read on the common
-        # path), so this only bites in a storm far beyond what the accept loop can take.
-        self._max_opening = max_opening
+        self._max_opening = hub.settings.max_opening
         self._visibility_timeout = visibility_timeout
         self._opening = 0
 

@@ -65,6 +65,10 @@ class HubSettings:
     # After this long without a successful read, streams end with UNAVAILABLE so agents
     # can find a replica that reaches the database.
     degraded_after: float = 30.0
+    # Streams being set up at once (past it: RESOURCE_EXHAUSTED with a retry hint).
+    # Opening is cheap (no database read on the common path), so this only bites in a
+    # storm far beyond what the accept loop can take.
+    max_opening: int = 1024
     # A closing stream whose last write does not finish in this time is cut.
     close_grace: float = 10.0
     # After a burst of opens and closes settles for this long, freeze the heap so the

@@ -7,13 +7,15 @@ import weakref
 
 import grpc
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from controlplane.api.identity.v1 import identity_pb2 as ipb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.watch.v1 import watch_pb2 as pb
-from controlplane.store.schema import server_meta
+from controlplane.store.schema import revision_counter, server_meta
+from controlplane.watch.hub import HubSettings
 from controlplane.watch.stream import LEDGER_SIZE
+from tests.conftest import HarnessFactory
 from tests.support.archives import bundle
 from tests.support.eventually import eventually
 from tests.support.harness import Harness
@@ -166,3 +168,41 @@ async def test_an_acknowledgement_of_an_early_delivery_is_accepted(harness: Harn
     got = await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))
     assert got.node.last_report.revision == early and got.node.applied_digest == first
     await rec.cancel()
+
+
+async def test_too_many_opening_at_once_is_resource_exhausted_with_a_retry_hint(
+    make_harness: HarnessFactory,
+) -> None:
+    # One open at a time; no sweep, so the hub reads only when woken.
+    h = await make_harness(hub=HubSettings(bookmark_interval=1.0, sweep_interval=600.0, max_opening=1))
+    node, other = await h.register("n1"), await h.register("n2")
+    first = h.open_watch(node)
+    await first.wait_for(lambda r: "snapshot_end" in r.kinds)
+    epoch = first.epoch
+    await first.cancel()
+    # A revision committed behind the hub's back (another replica's, say): a node that has
+    # seen it waits for this hub to read it, holding its place among the opening streams.
+    async with h.app.engine.begin() as conn:
+        await conn.execute(update(revision_counter).values(value=revision_counter.c.value + 1))
+        seen = int(await conn.scalar(select(revision_counter.c.value)) or 0)
+    waiting = h.open_watch(node, since=seen, epoch=epoch)
+    try:
+
+        async def refused() -> str:
+            rec = h.open_watch(other)
+            await rec.wait_for(lambda r: r.ended.is_set() or bool(r.events), what="an answer")
+            if not rec.ended.is_set():
+                await rec.cancel()
+                raise AssertionError("opened while the other one waited")
+            assert rec.error is not None and rec.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, rec.error
+            assert int(dict(await rec.call.trailing_metadata()).get("retry-after-ms", 0)) > 0, "no retry hint"
+            return rec.error.details() or ""
+
+        details = await eventually(refused, what="an open refused while another is opening")
+        assert "too many streams are opening" in details
+        assert waiting.events == []
+        h.app.hub.wake()
+        await waiting.wait_for(lambda r: "bookmark" in r.kinds, what="the waiting open resumed")
+        assert waiting.of("started")[0].mode == pb.STREAM_MODE_RESUME
+    finally:
+        await waiting.cancel()

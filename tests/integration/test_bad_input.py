@@ -13,6 +13,9 @@ import pytest
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.watch.v1 import watch_pb2 as wpb
+from controlplane.domain import retention
+from controlplane.domain.audit import acting_as, system
+from controlplane.rpc.server import MAX_RECEIVE_BYTES
 from tests.support.archives import bundle, member, tar_zst
 from tests.support.harness import Harness, Recorder, Registered
 
@@ -120,10 +123,38 @@ async def test_absurd_since_revision(harness: Harness, bystander: object) -> Non
     await negative.ended.wait()
     assert negative.error is not None and negative.error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "since_revision" in (negative.error.details() or "")
-    huge = harness.open_watch(node, since=2**62, epoch=negative.epoch if negative.events else "")
-    await huge.wait_for(lambda r: "snapshot_end" in r.kinds, what="bootstrap after reset")
-    assert huge.of("reset")[0].reason in (wpb.RESET_REASON_AHEAD_OF_HEAD, wpb.RESET_REASON_EPOCH_CHANGED)
-    await huge.cancel()
+    first = harness.open_watch(node)
+    await first.wait_for(lambda r: "snapshot_end" in r.kinds)
+    epoch = first.epoch
+    await first.cancel()
+
+    async def reset(since: int, sent_epoch: str) -> wpb.Reset:
+        rec = harness.open_watch(node, since=since, epoch=sent_epoch)
+        await rec.wait_for(lambda r: "snapshot_end" in r.kinds, what="bootstrap after reset")
+        await rec.cancel()
+        assert rec.kinds[:4] == ["started", "reset", "desired", "snapshot_end"], rec.kinds
+        (started,) = rec.of("started")
+        assert started.mode == wpb.STREAM_MODE_BOOTSTRAP
+        result: wpb.Reset = rec.of("reset")[0]
+        assert (result.floor_revision, result.head_revision, result.epoch) == (
+            started.floor_revision,
+            started.head_revision,
+            epoch,
+        )
+        return result
+
+    assert (await reset(2**62, epoch)).reason == wpb.RESET_REASON_AHEAD_OF_HEAD
+    assert (await reset(2**62, "")).reason == wpb.RESET_REASON_EPOCH_CHANGED
+    assert (await reset(1, "not-the-epoch")).reason == wpb.RESET_REASON_EPOCH_CHANGED
+    # Raise the floor past revision 1 (retention, run now): a cursor below it is too old.
+    digest = await harness.upload(bundle({"a": b"1"}))
+    for _ in range(2):
+        head = await harness.assign(digest, nodes=[node.node_id])
+    with acting_as(system("retention")):
+        await retention.prune(harness.app.store, head)
+    await harness.app.hub.catch_up()
+    too_old = await reset(1, epoch)
+    assert too_old.reason == wpb.RESET_REASON_TOO_OLD and too_old.floor_revision == head
 
 
 async def test_bad_heartbeats(harness: Harness, bystander: object) -> None:
@@ -274,7 +305,11 @@ async def test_oversized_message_is_refused_by_the_transport(harness: Harness, b
             header=bpb.UploadBundleHeader(project="default"), chunk=b"x" * (5 * 1024 * 1024)
         )
 
-    await expect(grpc.StatusCode.RESOURCE_EXHAUSTED, harness.bundles.UploadBundle(requests()))
+    details = await expect(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, harness.bundles.UploadBundle(requests()), "larger than max"
+    )
+    # The transport names what is wrong: the message's size against the limit.
+    assert str(MAX_RECEIVE_BYTES) in details, details
 
 
 async def test_upload_stream_shape(harness: Harness, bystander: object) -> None:

@@ -1,13 +1,19 @@
-"""The `controlplane` command line: db upgrade and the operator commands' errors."""
+"""The `controlplane` command line: serve, db upgrade and the operator commands' errors."""
 
 from __future__ import annotations
 
+import asyncio
+import re
+import shlex
+import signal
 import sqlite3
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner
 
 from controlplane.cli.main import cli
+from tests.support.processes import ServerProcess, free_port, wait_until
 
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
@@ -39,3 +45,42 @@ def test_assign_needs_exactly_one_target() -> None:
     result = CliRunner().invoke(cli, ["assign", "sha256:" + "0" * 64])
     assert result.exit_code != 0
     assert "exactly one of --selector or --node" in result.output
+
+
+async def test_serve_reads_the_environment_and_prints_a_working_agent_command(tmp_path: Path) -> None:
+    """`controlplane serve` with CONTROLPLANE_DATA_DIR, _LISTEN, _METRICS_LISTEN, ... and no
+    flags; the agent command line it prints is run as printed and connects."""
+    server = ServerProcess(tmp_path / "from-env", metrics_port=free_port(), via_environment=True)
+    agent: asyncio.subprocess.Process | None = None
+    try:
+        await server.start()  # ready once it says so and Health answers on the address from the environment
+        assert "--listen" not in server.log() and "--data-dir" not in server.log()
+        assert f"controlplane serving on {server.address}" in server.log()
+        assert (server.data_dir / "controlplane.db").is_file()
+        assert "controlplane_watch_streams_open" in await server.metrics()
+        printed = re.search(r"start an agent with:\n  (.+)", server.log())
+        assert printed is not None, server.log()
+        command = shlex.split(printed.group(1))
+        assert command[:3] == ["python", "-m", "agent_stub"]
+        assert f"--server {server.address}" in printed.group(1)
+        assert f"--token {server.token}" in printed.group(1)
+
+        workdir = tmp_path / "agent"
+        workdir.mkdir()
+        with (tmp_path / "agent.log").open("wb") as out:
+            agent = await asyncio.create_subprocess_exec(
+                sys.executable, *command[1:], cwd=workdir, stdout=out, stderr=asyncio.subprocess.STDOUT
+            )
+
+        async def watching() -> None:
+            assert agent is not None and agent.returncode is None, (tmp_path / "agent.log").read_text()
+            metrics = await server.metrics()
+            assert metrics["controlplane_watch_streams_open"] == 1, (tmp_path / "agent.log").read_text()
+
+        await wait_until(watching, what="the printed agent command watching")
+        assert (workdir / "agent-state").is_dir()
+    finally:
+        if agent is not None and agent.returncode is None:
+            agent.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(agent.wait(), 15)
+        await server.close()

@@ -104,12 +104,14 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _spawn(args: list[str], log_path: Path, banner: str) -> subprocess.Popen[bytes]:
+def _spawn(
+    args: list[str], log_path: Path, banner: str, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start `args` with stdout and stderr appended to `log_path` after a banner line."""
     with log_path.open("ab") as out:
         out.write(f"=== {banner}\n".encode())
         out.flush()
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=_env())
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**_env(), **(env or {})})
 
 
 async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -129,6 +131,8 @@ class ServerProcess:
     extra_args: Sequence[str] = ()
     # For a server started with --tls-cert: how the test's own clients reach it.
     tls: ClientTls | None = None
+    # Pass the options above as CONTROLPLANE_* environment variables instead of flags.
+    via_environment: bool = False
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -169,25 +173,21 @@ class ServerProcess:
     async def start(self, timeout: float = 20.0) -> None:
         assert not self.running, "server already running"
         metrics = f"127.0.0.1:{self.metrics_port}" if self.metrics_port else ""
-        args = [
-            sys.executable,
-            "-m",
-            "controlplane",
-            "serve",
-            "--data-dir",
-            str(self.data_dir),
-            "--listen",
-            self.address,
-            "--metrics-listen",
-            metrics,
-            "--bookmark-interval",
-            str(self.bookmark_interval),
-            "--heartbeat-interval",
-            str(self.heartbeat_interval),
-            *self.extra_args,
-        ]
+        options = {
+            "data-dir": str(self.data_dir),
+            "listen": self.address,
+            "metrics-listen": metrics,
+            "bookmark-interval": str(self.bookmark_interval),
+            "heartbeat-interval": str(self.heartbeat_interval),
+        }
+        env = {f"CONTROLPLANE_{k.upper().replace('-', '_')}": v for k, v in options.items()}
+        flags = [] if self.via_environment else [a for k, v in options.items() for a in (f"--{k}", v)]
+        args = [sys.executable, "-m", "controlplane", "serve", *flags, *self.extra_args]
         mark = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self.proc = _spawn(args, self.log_path, f"start #{self.starts + 1}: {' '.join(args)}")
+        banner = f"start #{self.starts + 1}: {' '.join(args)}"
+        if self.via_environment:
+            banner += f" with {env}"
+        self.proc = _spawn(args, self.log_path, banner, env if self.via_environment else None)
         self.starts += 1
 
         async def ready() -> None:

@@ -14,10 +14,9 @@ import pytest
 from tests.e2e.conftest import AgentFactory
 from tests.support.archives import bundle
 from tests.support.processes import FAST_AGENT_ARGS, AgentProcess, ControlClient, ServerProcess
-from tests.support.rollout_fleet import Rollouts, archive, pb, seconds
+from tests.support.rollout_fleet import SERVER_ARGS, Rollouts, archive, pb, seconds
 
 pytestmark = pytest.mark.e2e
-FAST_ROLLOUTS = ("--rollout-tick", "0.1", "--lease-ttl", "3", "--offline-after", "3")
 
 # The proxy's reload: report errors when the new bundle carries a bad.flag, refuse it
 # outright when it carries reject.flag.
@@ -45,7 +44,7 @@ def flagged(tag: str, flag: str) -> bytes:
     )
 
 
-@pytest.mark.server_args(*FAST_ROLLOUTS)
+@pytest.mark.server_args(*SERVER_ARGS)
 async def test_real_agents_canary_rolls_back_on_bad_metrics_and_nack(
     server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory, tmp_path: Path
 ) -> None:
@@ -80,7 +79,7 @@ async def test_real_agents_canary_rolls_back_on_bad_metrics_and_nack(
         await agent.wait_current(v1)
 
 
-@pytest.mark.server_args(*FAST_ROLLOUTS)
+@pytest.mark.server_args(*SERVER_ARGS)
 async def test_cli_creates_and_watches_a_rollout_to_real_agents(
     server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory
 ) -> None:

@@ -17,10 +17,9 @@ from controlplane.api.identity.v1 import identity_pb2, identity_pb2_grpc
 from tests.e2e.conftest import AgentFactory
 from tests.support.eventually import eventually
 from tests.support.processes import AgentProcess, ControlClient, ServerProcess
-from tests.support.rollout_fleet import Rollouts, archive, pb, seconds
+from tests.support.rollout_fleet import SERVER_ARGS, Rollouts, archive, pb, seconds
 
 pytestmark = pytest.mark.e2e
-FAST_ROLLOUTS = ("--rollout-tick", "0.1", "--lease-ttl", "3", "--offline-after", "3")
 
 
 async def cli(server: ServerProcess, key: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -43,7 +42,7 @@ async def on(agents: list[AgentProcess], digest: str) -> None:
         await agent.wait_current(digest)
 
 
-@pytest.mark.server_args(*FAST_ROLLOUTS)
+@pytest.mark.server_args(*SERVER_ARGS)
 async def test_rollout_commands_show_and_act_on_rollouts(
     server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory
 ) -> None:

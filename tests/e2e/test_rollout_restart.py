@@ -13,10 +13,9 @@ import pytest
 from tests.e2e.conftest import AgentFactory
 from tests.support.eventually import eventually
 from tests.support.processes import ControlClient, ServerProcess
-from tests.support.rollout_fleet import Rollouts, archive, pb, seconds
+from tests.support.rollout_fleet import SERVER_ARGS, Rollouts, archive, pb, seconds
 
 pytestmark = pytest.mark.e2e
-FAST_ROLLOUTS = ("--rollout-tick", "0.1", "--lease-ttl", "3", "--offline-after", "3")
 
 
 def desired_rows(server: ServerProcess, rollout_id: str) -> dict[int, dict[int, set[str]]]:
@@ -34,7 +33,7 @@ def desired_rows(server: ServerProcess, rollout_id: str) -> dict[int, dict[int, 
     return out
 
 
-@pytest.mark.server_args(*FAST_ROLLOUTS)
+@pytest.mark.server_args(*SERVER_ARGS)
 async def test_sigkill_mid_rolling_rollout_resumes_at_its_step(
     server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory
 ) -> None:

@@ -45,6 +45,15 @@ def at(delta: timedelta) -> Timestamp:
     return ts
 
 
+async def freeze(
+    rollouts: Rollouts, name: str, starts: Timestamp, ends: Timestamp, reason: str
+) -> pb.FreezeWindow:
+    request = pb.CreateFreezeWindowRequest(
+        project="default", name=name, starts_at=starts, ends_at=ends, reason=reason
+    )
+    return (await rollouts.stub.CreateFreezeWindow(request)).window
+
+
 def key(secret: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {secret}"),)
 
@@ -97,15 +106,7 @@ async def test_assign_bundle_respects_freeze_windows_unless_overridden(plane: Ha
     node = await plane.register("edge", {"env": "prod"})
     v1 = await plane.upload(archive("v1"))
     rollouts = Rollouts(plane.channel)
-    await rollouts.stub.CreateFreezeWindow(
-        pb.CreateFreezeWindowRequest(
-            project="default",
-            name="peak",
-            starts_at=at(-timedelta(minutes=1)),
-            ends_at=at(timedelta(hours=1)),
-            reason="sale",
-        )
-    )
+    await freeze(rollouts, "peak", at(-timedelta(minutes=1)), at(timedelta(hours=1)), "sale")
     frozen = grpc.StatusCode.FAILED_PRECONDITION
     details = await expect(frozen, plane.assign(v1, selector="env=prod"), "'peak'")
     assert "freeze_override_reason" in details
@@ -140,17 +141,7 @@ async def test_freeze_windows_block_create_and_hold_start_and_advance(plane: Har
     async with running(fleet(plane.address, plane.token, 2)) as sim:
         v1 = await plane.upload(archive("v1"))
         rollouts = Rollouts(plane.channel)
-        window = (
-            await rollouts.stub.CreateFreezeWindow(
-                pb.CreateFreezeWindowRequest(
-                    project="default",
-                    name="sale",
-                    starts_at=at(-timedelta(minutes=1)),
-                    ends_at=at(timedelta(hours=1)),
-                    reason="peak",
-                )
-            )
-        ).window
+        window = await freeze(rollouts, "sale", at(-timedelta(minutes=1)), at(timedelta(hours=1)), "peak")
         # Create: refused during the window, naming it; allowed with a reason.
         await expect(grpc.StatusCode.FAILED_PRECONDITION, rollouts.create(v1), "'sale'")
         forced = await rollouts.create(v1, strategy=pb.STRATEGY_ALL_AT_ONCE, freeze_override_reason="CVE fix")
@@ -162,17 +153,7 @@ async def test_freeze_windows_block_create_and_hold_start_and_advance(plane: Har
         scheduled = await rollouts.create(
             v2, scheduled_at=at(timedelta(seconds=2)), rolling=pb.RollingParams(batch_size=1)
         )
-        window = (
-            await rollouts.stub.CreateFreezeWindow(
-                pb.CreateFreezeWindowRequest(
-                    project="default",
-                    name="late",
-                    starts_at=at(timedelta(seconds=1)),
-                    ends_at=at(timedelta(hours=1)),
-                    reason="x",
-                )
-            )
-        ).window
+        window = await freeze(rollouts, "late", at(timedelta(seconds=1)), at(timedelta(hours=1)), "x")
         held = await rollouts.wait_state(scheduled.id, pb.ROLLOUT_STATE_PENDING)
         for _ in range(50):
             held = await rollouts.get(scheduled.id)
@@ -185,17 +166,7 @@ async def test_freeze_windows_block_create_and_hold_start_and_advance(plane: Har
 
         # Advance: once step 0 bakes, a new window holds step 1 until it is gone.
         await rollouts.wait_state(scheduled.id, pb.ROLLOUT_STATE_RUNNING)
-        window = (
-            await rollouts.stub.CreateFreezeWindow(
-                pb.CreateFreezeWindowRequest(
-                    project="default",
-                    name="again",
-                    starts_at=at(-timedelta(seconds=1)),
-                    ends_at=at(timedelta(hours=1)),
-                    reason="y",
-                )
-            )
-        ).window
+        window = await freeze(rollouts, "again", at(-timedelta(seconds=1)), at(timedelta(hours=1)), "y")
         for _ in range(100):
             mid = await rollouts.get(scheduled.id)
             if mid.reason.startswith("held:"):

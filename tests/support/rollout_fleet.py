@@ -37,6 +37,9 @@ FAST = {
     "lease_ttl": timedelta(seconds=3),
 }
 
+# The same for a server process (e2e): `@pytest.mark.server_args(*SERVER_ARGS)`.
+SERVER_ARGS = ("--rollout-tick", "0.1", "--lease-ttl", "3", "--offline-after", "3")
+
 
 def seconds(value: float) -> Duration:
     d = Duration()

@@ -1,8 +1,9 @@
 """The watch guarantees, checked by hypothesis over random histories.
 
-Random sequences of assignments, unassignments, relabels, pruning, connects, resumes,
-disconnects, slow (blocked) consumers and bookmark ticks, against a model that keeps the
-whole history. Each guarantee is one named check:
+Random sequences of assignments, unassignments, relabels, pruning, connects, resumes
+(from the node's cursor, from ahead of the head, from another epoch), disconnects, slow
+(blocked) consumers, consumers so stuck their queue overflows, epoch changes and bookmark
+ticks, against a model that keeps the whole history. Each guarantee is one named check:
 
 - ORDERED: revisions on a stream never go backwards; DesiredState revisions strictly rise.
 - STARTED: every stream begins with exactly one StreamStarted.
@@ -11,8 +12,14 @@ whole history. Each guarantee is one named check:
   bundle at R — so no change at or below R can still be on its way.
 - CONVERGENT (latest-state-wins): once the hub has read everything and a connected
   consumer has drained, the node holds the model's current desired bundle.
-- RESUMABLE: a consumer that resumes from its cursor is not bootstrapped unless the
-  cursor is below the floor (and then it is told so with a reset).
+- RESUMABLE: a consumer that resumes from a usable cursor (inside retained history, same
+  epoch) is not bootstrapped; any other cursor gets a reset with the right reason, floor,
+  head and epoch, then a bootstrap.
+- EPOCH: when the history's epoch changes, every open stream ends (UNAVAILABLE).
+
+Which paths a run reached is counted with hypothesis `event()` (see them with
+`--hypothesis-show-statistics`), and the test fails if a run never overflowed a queue,
+never caught a lagging stream up, or never produced each reset reason.
 """
 
 from __future__ import annotations
@@ -22,15 +29,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
 from controlplane.domain.desired import ChangeKind, DesiredRow
+from controlplane.domain.errors import Unavailable
 from controlplane.domain.labels import Selector, meta_key, node_key, selector_key
 from controlplane.watch.hub import HubSettings, WatchHub
-from controlplane.watch.stream import WatchStream
+from controlplane.watch.stream import MAX_PENDING, WatchStream
 from tests.support.memfeed import MemoryFeed
 from tests.support.sinks import RecordingSink
 
@@ -41,6 +56,39 @@ SELECTORS = ("*", "env=prod", "env=prod,zone=1")
 DIGESTS = ("d1", "d2")
 PROJECT = "p"
 T = TypeVar("T")
+# How a consumer picks the cursor it connects with.
+CURSORS = ("own", "zero", "stale", "ahead", "other epoch")
+# Paths every run must reach, or it proves nothing about them.
+MUST_REACH = frozenset(
+    {
+        "queue overflowed: lagging",
+        "lagging stream caught up",
+        "reset: RESET_REASON_TOO_OLD",
+        "reset: RESET_REASON_AHEAD_OF_HEAD",
+        "reset: RESET_REASON_EPOCH_CHANGED",
+        "start: STREAM_MODE_RESUME",
+        "epoch changed: streams ended",
+    }
+)
+REACHED: set[str] = set()
+
+
+def reached(what: str) -> None:
+    event(what)
+    REACHED.add(what)
+
+
+def expected_reset(since: int, epoch: str, hub: WatchHub) -> int | None:
+    """DESIGN §4.3: which reset a cursor deserves (None: a usable cursor, or none)."""
+    if since <= 0:
+        return None
+    if epoch != hub.epoch:
+        return pb.RESET_REASON_EPOCH_CHANGED
+    if since < hub.floor:
+        return pb.RESET_REASON_TOO_OLD
+    if since > hub.position:
+        return pb.RESET_REASON_AHEAD_OF_HEAD
+    return None
 
 
 def model_desired(history: list[DesiredRow], node: str, revision: int) -> str:
@@ -75,6 +123,7 @@ class Client:
     seen: int = 0
     streams_opened: int = 0
     bootstraps: int = 0
+    lagged: bool = False
     events: list[str] = field(default_factory=list)
 
 
@@ -98,6 +147,7 @@ class HubMachine(RuleBasedStateMachine):
         )
         self.loop.run_until_complete(self.hub.start(background=False))
         self.clients = {n: Client() for n in NODES}
+        self.epochs = 1
 
     def teardown(self) -> None:
         for client in self.clients.values():
@@ -116,6 +166,11 @@ class HubMachine(RuleBasedStateMachine):
         self.loop.run_until_complete(coro)  # type: ignore[arg-type]
         self.loop.run_until_complete(_settle())
         self.consume()
+        for client in self.clients.values():
+            stream = client.stream
+            if stream is not None and client.lagged and not stream.lagging:
+                reached("lagging stream caught up")
+            client.lagged = stream is not None and stream.lagging
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run synchronous hub code inside the loop (it starts tasks)."""
@@ -162,9 +217,26 @@ class HubMachine(RuleBasedStateMachine):
         if now:
             self.read()
 
-    @rule(behind=st.integers(0, 5))
-    def prune(self, behind: int) -> None:
+    @rule(behind=st.integers(0, 5), now=st.booleans())
+    def prune(self, behind: int, now: bool) -> None:
         self.feed.prune(max(0, self.feed.head - behind))
+        self._maybe_read(now)
+
+    @rule()
+    def change_epoch(self) -> None:
+        """History rebuilt (a restore): the hub must end every stream."""
+        self.epochs += 1
+        self.feed.epoch = f"epoch-{self.epochs}"
+        self.read()
+        for node, client in self.clients.items():
+            if client.stream is None:
+                continue
+            done = client.stream.done
+            assert done.done() and isinstance(done.result(), Unavailable), (
+                f"EPOCH: {node}'s stream outlived an epoch change"
+            )
+            reached("epoch changed: streams ended")
+            self.disconnect(node)
 
     # -- the hub -----------------------------------------------------------------
 
@@ -181,24 +253,56 @@ class HubMachine(RuleBasedStateMachine):
 
     # -- consumers ---------------------------------------------------------------
 
-    @rule(node=st.sampled_from(NODES))
-    def connect(self, node: str) -> None:
+    @initialize()
+    def connect_all(self) -> None:
+        for node in NODES:
+            self.connect(node, "own")
+
+    @rule(node=st.sampled_from(NODES), cursor=st.sampled_from(CURSORS))
+    def reconnect(self, node: str, cursor: str) -> None:
+        """The stream drops and the agent comes back at once."""
+        self.disconnect(node)
+        self.connect(node, cursor)
+
+    @rule(node=st.sampled_from(NODES), cursor=st.sampled_from(CURSORS))
+    def connect(self, node: str, cursor: str) -> None:
         client = self.clients[node]
         if client.stream is not None:
             return
         sink = RecordingSink()
-        since = client.cursor
-        epoch = client.epoch or self.hub.epoch
+        since, epoch = client.cursor, client.epoch or self.hub.epoch
+        if cursor == "zero":
+            since = 0
+        elif cursor == "stale" and self.hub.floor > 1:  # an agent back after a long time
+            since = self.hub.floor - 1
+        elif cursor == "ahead":  # seen on a replica whose history this one lacks, say
+            since = self.hub.position + 1 + since
+        elif cursor == "other epoch":
+            since, epoch = max(since, 1), "an epoch from elsewhere"
+        client.cursor = since  # what the agent believes it has (it lost its state, say)
+        expected = expected_reset(since, epoch, self.hub)
+        floor, head = self.hub.floor, self.hub.position
         client.stream = self.call(lambda: self.hub.open(node, since, epoch, sink))
         client.sink, client.seen = sink, 0
         client.streams_opened += 1
         self.run(_settle())
         started = sink.events[0].started
+        reached(f"start: {pb.StreamMode.Name(started.mode)}")
         reset = sink.events[1].reset if sink.kinds()[1:2] == ["reset"] else None
-        if since > 0 and since >= self.hub.floor and since <= self.hub.position:
+        if since > 0 and expected is None:
             assert started.mode == pb.STREAM_MODE_RESUME, "RESUMABLE: a usable cursor was bootstrapped"
-        if started.mode == pb.STREAM_MODE_BOOTSTRAP and since > 0:
-            assert reset is not None, "RESUMABLE: bootstrap of a cursor without a reset"
+            assert reset is None, "RESUMABLE: a usable cursor was reset"
+            return
+        assert started.mode == pb.STREAM_MODE_BOOTSTRAP, f"RESUMABLE: cursor {since} ({cursor}) resumed"
+        if expected is None:
+            assert reset is None, "RESUMABLE: a bootstrap asked for was reset"
+            return
+        assert reset is not None, f"RESUMABLE: cursor {since} ({cursor}) bootstrapped without a reset"
+        reached(f"reset: {pb.ResetReason.Name(reset.reason)}")
+        assert reset.reason == expected, f"RESUMABLE: {cursor} cursor {since}: {reset}"
+        assert (reset.floor_revision, reset.head_revision, reset.epoch) == (floor, head, self.hub.epoch), (
+            f"RESUMABLE: reset {reset} does not say where history is"
+        )
 
     @rule(node=st.sampled_from(NODES))
     def disconnect(self, node: str) -> None:
@@ -216,6 +320,20 @@ class HubMachine(RuleBasedStateMachine):
     def block(self, node: str) -> None:
         if (sink := self.clients[node].sink) is not None:
             sink.block()
+
+    @rule(node=st.sampled_from(NODES), digest=st.sampled_from(DIGESTS))
+    def flood(self, node: str, digest: str) -> None:
+        """A consumer that stopped reading while its node's state keeps changing: more
+        changes than its queue holds, each read by the hub on its own."""
+        client = self.clients[node]
+        if client.stream is None or client.sink is None:
+            return
+        client.sink.block()
+        for i in range(MAX_PENDING + 2):
+            self.feed.assign((node_key(node),), DIGESTS[(DIGESTS.index(digest) + i) % len(DIGESTS)], PROJECT)
+            self.read()
+        assert client.stream.lagging, "the stuck stream's queue never overflowed"
+        reached("queue overflowed: lagging")
 
     @rule(node=st.sampled_from(NODES))
     def unblock(self, node: str) -> None:
@@ -278,5 +396,10 @@ class HubMachine(RuleBasedStateMachine):
         assert self.hub.stream_count == len(open_ids)
 
 
-HubMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
-TestHubGuarantees = HubMachine.TestCase
+def test_hub_guarantees() -> None:
+    REACHED.clear()
+    run_state_machine_as_test(
+        HubMachine, settings=settings(max_examples=300, stateful_step_count=40, deadline=None)
+    )
+    missing = MUST_REACH - REACHED
+    assert not missing, f"the state machine never reached: {sorted(missing)}"

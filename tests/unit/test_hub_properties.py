@@ -79,16 +79,14 @@ def reached(what: str) -> None:
 
 
 def expected_reset(since: int, epoch: str, hub: WatchHub) -> int | None:
-    """DESIGN §4.3: which reset a cursor deserves (None: a usable cursor, or none)."""
-    if since <= 0:
-        return None
-    if epoch != hub.epoch:
-        return pb.RESET_REASON_EPOCH_CHANGED
-    if since < hub.floor:
-        return pb.RESET_REASON_TOO_OLD
-    if since > hub.position:
-        return pb.RESET_REASON_AHEAD_OF_HEAD
-    return None
+    """DESIGN §4.3: which reset a cursor deserves (None: a usable cursor, or a bootstrap
+    asked for). The model's own statement of the rule, not the hub's code."""
+    broken = (
+        (epoch != hub.epoch, pb.RESET_REASON_EPOCH_CHANGED),  # another history entirely
+        (since < hub.floor, pb.RESET_REASON_TOO_OLD),
+        (since > hub.position, pb.RESET_REASON_AHEAD_OF_HEAD),
+    )
+    return next((reason for rule_broken, reason in broken if rule_broken), None) if since > 0 else None
 
 
 def model_desired(history: list[DesiredRow], node: str, revision: int) -> str:

@@ -65,7 +65,8 @@ class Downloader:
             with dest.open("wb") as out:
                 while True:
                     try:
-                        message = await asyncio.wait_for(call.read(), self.read_timeout)
+                        async with asyncio.timeout(self.read_timeout):
+                            message = await call.read()
                     except TimeoutError:
                         raise TransientFailure(
                             f"download of {digest} stalled: nothing for {self.read_timeout:g}s"

@@ -142,7 +142,8 @@ class Watcher:
         """Read and handle messages until the stream ends, goes quiet or closes."""
         while True:
             try:
-                response = await asyncio.wait_for(call.read(), self.liveness_timeout)
+                async with asyncio.timeout(self.liveness_timeout):
+                    response = await call.read()
             except TimeoutError:
                 run.why = f"no message for {self.liveness_timeout:g}s (liveness deadline)"
                 run.code = grpc.StatusCode.DEADLINE_EXCEEDED

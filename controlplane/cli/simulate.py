@@ -139,7 +139,8 @@ async def _run(sim: FleetSimulator, every: float, limit: float) -> None:
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every)
+                async with asyncio.timeout(every):
+                    await stop.wait()
             elapsed = time.monotonic() - started
             click.echo(f"{elapsed:7.1f}s  {sim.summary().line()}")
             sys.stdout.flush()

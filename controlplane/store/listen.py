@@ -68,7 +68,8 @@ class PgListener:
                 self._reported()
                 while not lost.is_set():
                     try:
-                        await asyncio.wait_for(lost.wait(), 30)
+                        async with asyncio.timeout(30):
+                            await lost.wait()
                     except TimeoutError:
                         await conn.execute("SELECT 1")  # notice a silently dead socket
             except asyncio.CancelledError:

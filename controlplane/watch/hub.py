@@ -196,7 +196,8 @@ class WatchHub:
             self.wake()
             progress = self._progress
             try:
-                await asyncio.wait_for(progress.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await progress.wait()
             except TimeoutError:
                 return False
         return True
@@ -311,7 +312,8 @@ class WatchHub:
         backoff = 0.1
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self.settings.sweep_interval)
+                async with asyncio.timeout(self.settings.sweep_interval):
+                    await self._wakeup.wait()
             self._wakeup.clear()
             try:
                 await self._read()

@@ -543,3 +543,20 @@ async def test_selectors_the_floor_has_buried_are_forgotten(
     await hub.catch_up()
     await settle()
     assert [d.digest for d in sink.of("desired")] == ["", "d2"]
+
+
+@pytest.mark.parametrize("turns", range(8))
+async def test_stop_ends_the_reader_even_when_a_wakeup_lands_with_the_cancel(
+    feed: MemoryFeed, turns: int
+) -> None:
+    """Python 3.11's asyncio.wait_for drops a cancellation that arrives as the awaited
+    event fires; the reader then loops on and stop() never returns. Every offset between
+    a wake-up and the cancel must still end the reader."""
+    hub = WatchHub(feed, HubSettings(sweep_interval=0.05))
+    await hub.start(background=True)
+    await settle()
+    hub.wake()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await hub.stop(grace=0)

@@ -45,7 +45,8 @@ class Subscription:
 
     async def next(self, wait: float) -> RolloutUpdate | None:
         with contextlib.suppress(TimeoutError):
-            return await asyncio.wait_for(self._queue.get(), wait)
+            async with asyncio.timeout(wait):
+                return await self._queue.get()
         return None
 
     def close(self) -> None:

@@ -67,7 +67,8 @@ class RolloutDriver:
     async def run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self.interval)
+                async with asyncio.timeout(self.interval):
+                    await self._wakeup.wait()
                 # Reports come in bursts while a step converges: one pass per burst.
                 await asyncio.sleep(DEBOUNCE)
             self._wakeup.clear()

@@ -148,9 +148,9 @@ class AuditEntry:
     mac: str = ""
 
 
-def canonical(entry: AuditEntry) -> bytes:
-    """The bytes a MAC covers: every field but the MAC, in a fixed JSON form."""
-    body = {
+def chained_fields(entry: AuditEntry) -> dict[str, Any]:
+    """Every field a MAC covers, by name: all of an entry but its MAC."""
+    return {
         "seq": entry.seq,
         "at": entry.at,
         "actor": entry.actor,
@@ -161,7 +161,18 @@ def canonical(entry: AuditEntry) -> bytes:
         "after": entry.after,
         "request_id": entry.request_id,
     }
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str).encode()
+
+
+def stored_fields(entry: AuditEntry) -> dict[str, Any]:
+    """The entry as stored and exported: the chained fields and the MAC."""
+    return {**chained_fields(entry), "mac": entry.mac}
+
+
+def canonical(entry: AuditEntry) -> bytes:
+    """The bytes a MAC covers: every field but the MAC, in a fixed JSON form."""
+    return json.dumps(
+        chained_fields(entry), sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str
+    ).encode()
 
 
 def chain_mac(key: bytes, entry: AuditEntry, previous_mac: str) -> str:

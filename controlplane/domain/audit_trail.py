@@ -8,7 +8,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from controlplane.domain import validation
-from controlplane.domain.audit import NO_CHECKPOINT, AuditEntry, AuditQuery, ChainReport, Checkpoint, verify
+from controlplane.domain.audit import (
+    NO_CHECKPOINT,
+    AuditEntry,
+    AuditQuery,
+    ChainReport,
+    Checkpoint,
+    stored_fields,
+    verify,
+)
 from controlplane.domain.errors import InvalidArgument
 from controlplane.domain.ports import Store
 
@@ -56,19 +64,9 @@ class AuditTrail:
 def json_line(entry: AuditEntry) -> bytes:
     """One entry as a JSON line: exactly the chained fields plus the MAC, so anyone with
     the key can recompute the chain from an export."""
-    body = {
-        "seq": entry.seq,
-        "at": entry.at,
-        "actor": entry.actor,
-        "action": entry.action,
-        "resource": entry.resource,
-        "project": entry.project,
-        "before": entry.before,
-        "after": entry.after,
-        "request_id": entry.request_id,
-        "mac": entry.mac,
-    }
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode() + b"\n"
+    return (
+        json.dumps(stored_fields(entry), sort_keys=True, separators=(",", ":"), default=str).encode() + b"\n"
+    )
 
 
 def _check(where: AuditQuery) -> None:

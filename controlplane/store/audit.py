@@ -17,6 +17,7 @@ from controlplane.domain.audit import (
     current_actor,
     current_request_id,
     extend,
+    stored_fields,
 )
 from controlplane.domain.ports import Clock
 from controlplane.store.schema import audit_head, audit_log
@@ -29,21 +30,6 @@ def _plain(value: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def _head(row: Any) -> AuditHead:
     return AuditHead(int(row.seq), str(row.mac), str(row.seal))
-
-
-def _row(entry: AuditEntry) -> dict[str, Any]:
-    return {
-        "seq": entry.seq,
-        "at": entry.at,
-        "actor": entry.actor,
-        "action": entry.action,
-        "resource": entry.resource,
-        "project": entry.project,
-        "before": entry.before,
-        "after": entry.after,
-        "request_id": entry.request_id,
-        "mac": entry.mac,
-    }
 
 
 def row_to_entry(row: Any) -> AuditEntry:
@@ -107,7 +93,7 @@ class SqlAuditLog:
             await self._conn.execute(select(audit_head).where(audit_head.c.id == 1).with_for_update())
         ).one()
         chained, head = extend(self._key, _head(row), recorded)
-        await self._conn.execute(audit_log.insert(), [_row(e) for e in chained])
+        await self._conn.execute(audit_log.insert(), [stored_fields(e) for e in chained])
         await self._conn.execute(
             update(audit_head).where(audit_head.c.id == 1).values(seq=head.seq, mac=head.mac, seal=head.seal)
         )

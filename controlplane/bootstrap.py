@@ -165,7 +165,7 @@ class App:
         self.api_keys = ApiKeyRegistry(self.store, utcnow)
         admin_key = await self._admin_key()
         self.enrollment = EnrollmentTokens(self.store, utcnow)
-        self.credentials = NodeCredentials(self.store, utcnow, self.hub, self.hub.wake)
+        self.credentials = NodeCredentials(self.store, utcnow, self.hub, self.hub.wake, self.revocations)
         self.tokens = NodeTokens(self._token_keyring(), self.revocations, s.node_token_ttl)
         self.authenticator = Authenticator(self.api_keys, self.tokens, self.credentials)
         scopes = ScopeFinder({"node_id": CachedResolver(self._node_project), "key_id": self._key_projects})

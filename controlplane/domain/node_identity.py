@@ -2,24 +2,31 @@
 
 Revoking clears the credential and appends a REVOKED row to the node's `meta:` key in
 one transaction: every replica's hub ends the node's streams when it reads the row, and
-`NodeRevocations` refuses every token issued before it (see `node_tokens`).
+`NodeRevocations` refuses every token issued before it (see `node_tokens`). The replica
+that revoked also refuses the tokens at once on commit, whatever its hub's pace.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from controlplane.domain.desired import ChangeKind, DesiredRow
 from controlplane.domain.errors import NotFound, Unauthenticated
 from controlplane.domain.labels import meta_key
+from controlplane.domain.node_tokens import NodeRevocations
 from controlplane.domain.ports import Clock, DesiredView, Store, Tx
 from controlplane.domain.records import Node
 from controlplane.domain.secrets import BARRED, secret_matches
 
-# How long a revocation waits for this process's hub to act on it before answering, so
-# that when RevokeNode returns the node's streams here are gone and its tokens refused.
+# How long a revocation waits for this process's hub to end the node's streams here
+# before answering. Not longer: the revocation is committed and its tokens are refused
+# here already; a hub that is slower ends the streams when it reads the row, as every
+# other replica's does, and an operator's call should not hang on a stalled hub.
 ROUTED_WITHIN = 2.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +35,8 @@ class NodeCredentials:
     clock: Clock
     view: DesiredView
     notify: Callable[[], None]
+    # This process's token revocations (also fed by its hub's reads).
+    revocations: NodeRevocations
 
     async def verify(self, node_id: str, credential: str) -> tuple[Node, int]:
         """The node whose current credential this is, and the log's head read *before*
@@ -58,7 +67,15 @@ class NodeCredentials:
                 before={"credential": _state(previous)},
                 after={"credential": "revoked", "reenroll": allow_reenroll, "revision": revision},
             )
-        await self.view.wait_until(None, revision, ROUTED_WITHIN)
+        # Committed: refuse its tokens here now rather than when the hub reads the row.
+        self.revocations.merge({node_id: revision})
+        if not await self.view.wait_until(None, revision, ROUTED_WITHIN):
+            log.warning(
+                "node %s revoked at revision %d; this replica's hub has not read it yet, so its "
+                "streams here end when it does (its tokens are refused already)",
+                node_id,
+                revision,
+            )
         return revision
 
 

@@ -4,7 +4,7 @@ nothing half-written, and an open stream beside it is not disturbed."""
 from __future__ import annotations
 
 import tarfile
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -18,17 +18,9 @@ from controlplane.domain.audit import acting_as, system
 from controlplane.rpc.server import MAX_RECEIVE_BYTES
 from tests.support.archives import bundle, member, tar_zst
 from tests.support.harness import Harness, Recorder, Registered
+from tests.support.refusals import expect
 
 SHA_UNKNOWN = "sha256:" + "0" * 64
-
-
-async def expect(code: grpc.StatusCode, call: Awaitable[Any], mentions: str = "") -> str:
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await call
-    assert e.value.code() == code, f"{e.value.code()}: {e.value.details()}"
-    details = e.value.details() or ""
-    assert mentions in details, details
-    return details
 
 
 @pytest.fixture

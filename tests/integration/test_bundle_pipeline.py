@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -17,6 +16,7 @@ from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.domain.signing import CONTEXT
 from tests.support.bundles import create, file_messages, tar_messages, tar_of
 from tests.support.harness import Harness
+from tests.support.refusals import expect
 
 CONFIG = {
     "zentinel.kdl": b'listeners {\n    listener "http" {\n        address "0.0.0.0:8080"\n    }\n}\n',
@@ -24,15 +24,6 @@ CONFIG = {
     "conf/upstreams.json": b'{"backend": ["10.0.0.1:80"]}',
     "certs/site.pem": b"-----BEGIN CERTIFICATE-----\n",
 }
-
-
-async def expect(code: grpc.StatusCode, call: Awaitable[Any], mentions: str = "") -> str:
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await call
-    assert e.value.code() == code, f"{e.value.code()}: {e.value.details()}"
-    details = e.value.details() or ""
-    assert mentions in details, details
-    return details
 
 
 async def check_kdl(harness: Harness) -> None:

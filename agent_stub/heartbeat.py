@@ -1,7 +1,11 @@
 """Heartbeats: health and load metrics, and the digest the node runs.
 
-Metrics come from `--metrics-file` (JSON, re-read on every beat so a test or simulator can
-change them while the agent runs) or default to healthy and idle. The next beat is due
+Metrics come from a metrics source (the simulator's), or from `--metrics-file` (JSON,
+re-read on every beat so a test or simulator can change them while the agent runs). The
+agent never makes a value up: with neither, or with a file it cannot read or parse, the
+beat carries health UNSPECIFIED and no metric at all (and a warning for the file), and a
+field the file leaves out is absent from the beat. The server stores absence as absence,
+and a health gate on a metric the node did not report fails. The next beat is due
 `interval_seconds` after the server's last reply. A failed beat is logged and retried at
 the next interval; it never stops the agent.
 """
@@ -33,30 +37,36 @@ class MetricsError(ValueError):
 
 
 def parse_metrics(data: Any) -> node_pb2.NodeMetrics:
-    """NodeMetrics from a JSON object such as {"health": "healthy", "error_rate": 0.01}."""
+    """NodeMetrics from a JSON object such as {"health": "healthy", "error_rate": 0.01}.
+    What the object leaves out (or sets to null) stays absent: no health is UNSPECIFIED,
+    no error_rate is no error_rate."""
     if not isinstance(data, dict):
         raise MetricsError("metrics must be a JSON object")
-    health = data.get("health", "healthy")
-    health_value: node_pb2.HealthStatus.ValueType
+    health = data.get("health")
+    health_value: node_pb2.HealthStatus.ValueType = node_pb2.HEALTH_STATUS_UNSPECIFIED
     if isinstance(health, str):
         if health.lower() not in HEALTH:
             raise MetricsError(f"health {health!r} is not one of {', '.join(HEALTH)}")
         health_value = HEALTH[health.lower()]
-    elif isinstance(health, int) and health in HEALTH.values():
+    elif isinstance(health, int) and not isinstance(health, bool) and health in HEALTH.values():
         health_value = node_pb2.HealthStatus.ValueType(health)
-    else:
+    elif health is not None:
         raise MetricsError(f"health {health!r} is not valid")
     values: dict[str, float] = {}
     for name in _FIELDS:
-        value = data.get(name, 0.0)
+        value = data.get(name)
+        if value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MetricsError(f"{name} must be a number, not {value!r}")
         values[name] = float(value)
     return node_pb2.NodeMetrics(health=health_value, **values)
 
 
-def default_metrics() -> node_pb2.NodeMetrics:
-    return node_pb2.NodeMetrics(health=node_pb2.HEALTH_STATUS_HEALTHY)
+def unknown_metrics() -> node_pb2.NodeMetrics:
+    """What a node without a (readable) metrics source knows: nothing. Health
+    UNSPECIFIED and no values, so no gate mistakes it for a healthy, idle node."""
+    return node_pb2.NodeMetrics(health=node_pb2.HEALTH_STATUS_UNSPECIFIED)
 
 
 def read_metrics_file(path: Path) -> node_pb2.NodeMetrics:
@@ -99,12 +109,14 @@ class Heartbeater:
         if self._metrics is not None:
             return await self._metrics()
         if self.metrics_file is None:
-            return default_metrics()
+            return unknown_metrics()
         try:
             return read_metrics_file(self.metrics_file)
         except MetricsError as e:
-            self._log.warning("heartbeat.metrics_unreadable", error=str(e), detail="sending defaults")
-            return default_metrics()
+            self._log.warning(
+                "heartbeat.metrics_unreadable", error=str(e), detail="sending no metrics (health unknown)"
+            )
+            return unknown_metrics()
 
     async def beat(self) -> bool:
         node_id = self._node_id()

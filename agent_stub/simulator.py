@@ -39,6 +39,7 @@ from agent_stub.applier import Downloaded, Target
 from agent_stub.backoff import BackoffPolicy
 from agent_stub.config import AgentConfig
 from agent_stub.errors import ApplyFailed, TransientFailure
+from agent_stub.heartbeat import HEALTH
 from agent_stub.rpc import CHANNEL_OPTIONS
 from agent_stub.state import MemoryStateStore
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
@@ -53,19 +54,27 @@ NODES_PER_CHANNEL = 50
 
 @dataclass(frozen=True)
 class MetricsProfile:
-    """Synthetic heartbeat metrics; `noise` is the relative jitter of each value."""
+    """Synthetic heartbeat metrics; `noise` is the relative jitter of each value. A value
+    of None is not reported at all (health None: UNSPECIFIED), as from a node whose
+    metrics are broken: `MetricsProfile.silent()` reports nothing, so gates fail on it."""
 
-    health: str = "healthy"
-    error_rate: float = 0.005
-    p99_latency_ms: float = 40.0
-    cpu_percent: float = 20.0
-    memory_percent: float = 40.0
-    requests_per_second: float = 100.0
+    health: str | None = "healthy"
+    error_rate: float | None = 0.005
+    p99_latency_ms: float | None = 40.0
+    cpu_percent: float | None = 20.0
+    memory_percent: float | None = 40.0
+    requests_per_second: float | None = 100.0
     noise: float = 0.1
 
     @classmethod
+    def silent(cls) -> MetricsProfile:
+        """No health and no metric: what an agent without a metrics source sends."""
+        return cls(None, None, None, None, None, None)
+
+    @classmethod
     def parse(cls, text: str, base: MetricsProfile | None = None) -> MetricsProfile:
-        """`error_rate=0.3,p99_latency_ms=900,health=degraded` on top of `base`."""
+        """`error_rate=0.3,p99_latency_ms=900,health=degraded` on top of `base`; a value
+        of `none` omits that metric (or health) from the heartbeats."""
         values: dict[str, Any] = {}
         for item in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = item.partition("=")
@@ -79,26 +88,35 @@ class MetricsProfile:
                 raise ValueError(
                     f"{item!r}: expected one of {', '.join(cls.__dataclass_fields__)} as name=value"
                 )
-            values[key] = value.strip() if key == "health" else float(value)
+            value = value.strip()
+            if value.lower() == "none" and key != "noise":
+                values[key] = None
+            elif key == "health":
+                if value not in HEALTH:
+                    raise ValueError(f"{item!r}: health is one of {', '.join(HEALTH)} or none")
+                values[key] = value
+            else:
+                values[key] = float(value)
         return replace(base or cls(), **values)
 
     def sample(self, rng: random.Random) -> node_pb2.NodeMetrics:
         def jitter(value: float, high: float) -> float:
             return min(high, max(0.0, value * (1 + rng.uniform(-self.noise, self.noise))))
 
-        health = {
-            "healthy": node_pb2.HEALTH_STATUS_HEALTHY,
-            "degraded": node_pb2.HEALTH_STATUS_DEGRADED,
-            "unhealthy": node_pb2.HEALTH_STATUS_UNHEALTHY,
-        }[self.health]
-        return node_pb2.NodeMetrics(
-            health=health,
-            error_rate=jitter(self.error_rate, 1.0),
-            p99_latency_ms=jitter(self.p99_latency_ms, 3.6e6),
-            cpu_percent=jitter(self.cpu_percent, 100.0),
-            memory_percent=jitter(self.memory_percent, 100.0),
-            requests_per_second=jitter(self.requests_per_second, 1e9),
-        )
+        limits = {
+            "error_rate": 1.0,
+            "p99_latency_ms": 3.6e6,
+            "cpu_percent": 100.0,
+            "memory_percent": 100.0,
+            "requests_per_second": 1e9,
+        }
+        values = {
+            name: jitter(value, high)
+            for name, high in limits.items()
+            if (value := getattr(self, name)) is not None
+        }
+        health = node_pb2.HEALTH_STATUS_UNSPECIFIED if self.health is None else HEALTH[self.health]
+        return node_pb2.NodeMetrics(health=health, **values)
 
 
 @dataclass

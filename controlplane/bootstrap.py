@@ -340,9 +340,10 @@ class App:
         s = self.settings
         self.rollout_bus = RolloutBus()
         self.leases = Leases(self.store, utcnow, ttl=s.lease_ttl)
-        # Gates call a heartbeat stale once the node would be marked offline.
+        # Gates call a heartbeat stale past --gate-stale-after (default: once the node
+        # would be marked offline).
         self.rollouts = RolloutController(
-            self.store, utcnow, self.hub, self.hub.wake, self.rollout_bus, stale_after=s.offline_after
+            self.store, utcnow, self.hub, self.hub.wake, self.rollout_bus, stale_after=s.gate_staleness
         )
         self.rollout_directory = RolloutDirectory(
             self.store, utcnow, self.hub, self.hub.wake, self.rollout_bus

@@ -40,6 +40,9 @@ class Settings:
     # A node must stay off its desired bundle this long before it counts as drifted:
     # longer than any apply, so a rollout in flight is never drift.
     drift_grace: timedelta = timedelta(seconds=60)
+    # Health gates call a heartbeat stale past this age (and fail on it). None: once the
+    # node would be marked offline (`offline_after`).
+    gate_stale_after: timedelta | None = None
     # The audit chain's HMAC key (hex). Replicas must share it; when unset, the key in
     # `<data_dir>/audit-key` is used, generated on first start.
     audit_key: str = ""
@@ -76,6 +79,10 @@ class Settings:
     # PostgreSQL: a promoted standby (new timeline) changes the epoch; see store/feed.py.
     epoch_follows_timeline: bool = True
     shutdown_grace: float = 5.0
+
+    @property
+    def gate_staleness(self) -> timedelta:
+        return self.gate_stale_after if self.gate_stale_after is not None else self.offline_after
 
     @property
     def url(self) -> str:

@@ -124,6 +124,14 @@ def _run(settings: Settings) -> None:
     help="Seconds without a heartbeat before a node is marked offline.",
 )
 @click.option(
+    "--gate-stale-after",
+    type=click.FloatRange(0.1, 86400),
+    default=None,
+    envvar="CONTROLPLANE_GATE_STALE_AFTER",
+    show_envvar=True,
+    help="Seconds after which a heartbeat is too old for a health gate (default: --offline-after).",
+)
+@click.option(
     "--heartbeat-interval",
     type=float,
     default=10.0,
@@ -189,6 +197,7 @@ def serve(
     bookmark_interval: float,
     stream_lifetime: tuple[float, float],
     offline_after: float,
+    gate_stale_after: float | None,
     heartbeat_interval: float,
     retain_revisions: int,
     retain_seconds: float,
@@ -210,6 +219,7 @@ def serve(
         heartbeat_interval=timedelta(seconds=heartbeat_interval),
         offline_after=timedelta(seconds=offline_after),
         offline_sweep_interval=timedelta(seconds=min(5.0, max(0.5, offline_after / 4))),
+        gate_stale_after=None if gate_stale_after is None else timedelta(seconds=gate_stale_after),
         retain_revisions=retain_revisions,
         retain_for=timedelta(seconds=retain_seconds),
         prune_interval=timedelta(seconds=prune_interval),

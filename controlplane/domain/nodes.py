@@ -398,12 +398,20 @@ def _is_stale(last: StatusReport, new: StatusReport) -> bool:
     return (new.revision, _PHASE_ORDER[new.phase]) <= (last.revision, _PHASE_ORDER[last.phase])
 
 
+_METRIC_BOUNDS = {
+    "error_rate": (0.0, 1.0),
+    "p99_latency_ms": (0.0, 3.6e6),
+    "cpu_percent": (0.0, 100.0),
+    "memory_percent": (0.0, 100.0),
+    "requests_per_second": (0.0, 1e9),
+}
+
+
 def _check_metrics(m: NodeMetrics) -> None:
-    validation.bounded(m.error_rate, 0.0, 1.0, "metrics.error_rate")
-    validation.bounded(m.p99_latency_ms, 0.0, 3.6e6, "metrics.p99_latency_ms")
-    validation.bounded(m.cpu_percent, 0.0, 100.0, "metrics.cpu_percent")
-    validation.bounded(m.memory_percent, 0.0, 100.0, "metrics.memory_percent")
-    validation.bounded(m.requests_per_second, 0.0, 1e9, "metrics.requests_per_second")
+    """Reported values must be in range; an absent one (None) is simply not reported."""
+    for name, (low, high) in _METRIC_BOUNDS.items():
+        if (value := getattr(m, name)) is not None:
+            validation.bounded(value, low, high, f"metrics.{name}")
 
 
 def _unclaimed(node: Node, now: datetime) -> bool:

@@ -6,6 +6,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal, get_args
 
 
 class NodeStatus(enum.StrEnum):
@@ -35,12 +36,21 @@ class Project:
 
 @dataclass(frozen=True, slots=True)
 class NodeMetrics:
+    """What a heartbeat reported. None is a metric the node did not send: it is stored
+    and shown as absent, and a gate or canary analysis that needs it fails on it (a
+    missing value is never read as 0.0)."""
+
     health: Health = Health.UNKNOWN
-    error_rate: float = 0.0
-    p99_latency_ms: float = 0.0
-    cpu_percent: float = 0.0
-    memory_percent: float = 0.0
-    requests_per_second: float = 0.0
+    error_rate: float | None = None
+    p99_latency_ms: float | None = None
+    cpu_percent: float | None = None
+    memory_percent: float | None = None
+    requests_per_second: float | None = None
+
+
+MetricName = Literal["error_rate", "p99_latency_ms", "cpu_percent", "memory_percent", "requests_per_second"]
+# The numeric fields of NodeMetrics, in declaration order (the store's columns too).
+METRIC_NAMES: tuple[MetricName, ...] = get_args(MetricName)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from controlplane.api.node.v1 import node_pb2
 from controlplane.api.project.v1 import project_pb2
 from controlplane.domain.desired import DesiredRow
 from controlplane.domain.records import (
+    METRIC_NAMES,
     Health,
     HeartbeatRecord,
     Node,
@@ -45,25 +46,16 @@ def timestamp(value: datetime | None) -> Timestamp | None:
 
 
 def metrics_in(m: node_pb2.NodeMetrics) -> NodeMetrics:
+    """A field the node did not set stays absent (None), never 0.0."""
     return NodeMetrics(
-        health=_HEALTH_IN.get(m.health, Health.UNKNOWN),
-        error_rate=m.error_rate,
-        p99_latency_ms=m.p99_latency_ms,
-        cpu_percent=m.cpu_percent,
-        memory_percent=m.memory_percent,
-        requests_per_second=m.requests_per_second,
+        _HEALTH_IN.get(m.health, Health.UNKNOWN),
+        *(getattr(m, name) if m.HasField(name) else None for name in METRIC_NAMES),
     )
 
 
 def metrics_out(m: NodeMetrics) -> node_pb2.NodeMetrics:
-    return node_pb2.NodeMetrics(
-        health=_HEALTH[m.health],
-        error_rate=m.error_rate,
-        p99_latency_ms=m.p99_latency_ms,
-        cpu_percent=m.cpu_percent,
-        memory_percent=m.memory_percent,
-        requests_per_second=m.requests_per_second,
-    )
+    present = {name: value for name in METRIC_NAMES if (value := getattr(m, name)) is not None}
+    return node_pb2.NodeMetrics(health=_HEALTH[m.health], **present)
 
 
 def status_in(value: int) -> NodeStatus | None:

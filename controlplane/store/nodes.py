@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controlplane.domain.labels import Selector
 from controlplane.domain.records import (
+    METRIC_NAMES,
     Health,
     HeartbeatRecord,
     Node,
@@ -21,15 +22,14 @@ from controlplane.domain.records import (
 )
 from controlplane.store.schema import node_heartbeats, node_labels, nodes
 
-_METRICS = ("error_rate", "p99_latency_ms", "cpu_percent", "memory_percent", "requests_per_second")
 
-
+# A metric the node did not report is NULL, never 0.0 (records.NodeMetrics).
 def _metrics(row: Any) -> NodeMetrics:
-    return NodeMetrics(Health(row.health), *(getattr(row, m) for m in _METRICS))
+    return NodeMetrics(Health(row.health), *(getattr(row, m) for m in METRIC_NAMES))
 
 
 def _metric_values(m: NodeMetrics) -> dict[str, Any]:
-    return {"health": m.health.value, **{name: getattr(m, name) for name in _METRICS}}
+    return {"health": m.health.value, **{name: getattr(m, name) for name in METRIC_NAMES}}
 
 
 def _node(row: Any) -> Node:

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.api.node.v1 import node_pb2
 from tests.e2e.conftest import AgentFactory
 from tests.support.archives import bundle
-from tests.support.processes import FAST_AGENT_ARGS, AgentProcess, ControlClient, ServerProcess
-from tests.support.rollout_fleet import SERVER_ARGS, Rollouts, archive, pb, seconds
+from tests.support.eventually import eventually
+from tests.support.processes import AgentProcess, ControlClient, ServerProcess
+from tests.support.rollout_fleet import SERVER_ARGS, Rollouts, archive, metrics_file_args, pb, seconds
 
 pytestmark = pytest.mark.e2e
 
@@ -29,12 +31,11 @@ APPLY = (
 
 def spawn(spawn_agent: AgentFactory, tmp_path: Path, name: str) -> AgentProcess:
     metrics = tmp_path / f"{name}-metrics.json"
-    metrics.write_text('{"health": "healthy", "error_rate": 0.001}')
     return spawn_agent(
         name,
         {"env": "prod"},
         apply_command=f'METRICS="{metrics}"; {APPLY}',
-        extra_args=(*FAST_AGENT_ARGS, "--metrics-file", str(metrics)),
+        extra_args=metrics_file_args(metrics),
     )
 
 
@@ -81,9 +82,12 @@ async def test_real_agents_canary_rolls_back_on_bad_metrics_and_nack(
 
 @pytest.mark.server_args(*SERVER_ARGS)
 async def test_cli_creates_and_watches_a_rollout_to_real_agents(
-    server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory
+    server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory, tmp_path: Path
 ) -> None:
-    agents = [spawn_agent(f"edge-{i}", {"env": "prod"}) for i in range(3)]
+    agents = [
+        spawn_agent(f"edge-{i}", {"env": "prod"}, extra_args=metrics_file_args(tmp_path / f"m{i}.json"))
+        for i in range(3)
+    ]
     for agent in agents:
         await agent.wait_registered()
     v1 = await control.upload(archive("v1"))
@@ -124,3 +128,42 @@ async def test_cli_creates_and_watches_a_rollout_to_real_agents(
         check=True,
     )
     assert "succeeded" in listed.stdout
+
+
+@pytest.mark.both_backends
+@pytest.mark.server_args(*SERVER_ARGS)
+async def test_a_real_agent_without_a_metrics_file_reports_nothing_and_fails_the_gates(
+    server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """An agent with no metrics file does not claim to be healthy: its heartbeats carry
+    health UNSPECIFIED and no metric, GetNode shows them absent, and a gated rollout
+    fails naming what is missing — while a node with a metrics file passes the same gates."""
+    silent = spawn_agent("edge-silent", {"env": "prod"})
+    fine = spawn_agent("edge-fine", {"env": "prod"}, extra_args=metrics_file_args(tmp_path / "m.json"))
+    node_id = await silent.wait_registered()
+    await fine.wait_registered()
+
+    async def beating() -> node_pb2.Node:
+        node = (
+            await control.nodes.GetNode(node_pb2.GetNodeRequest(node_id=node_id), metadata=control.metadata)
+        ).node
+        assert node.HasField("last_heartbeat"), "no heartbeat yet"
+        return node
+
+    node = await eventually(beating, timeout=30, what="a heartbeat from the agent")
+    metrics = node.last_heartbeat.metrics
+    assert metrics.health == node_pb2.HEALTH_STATUS_UNSPECIFIED
+    assert [f.name for f, _ in metrics.ListFields()] == []
+
+    rollouts = Rollouts(control.channel, metadata=control.metadata)
+    v1 = await control.upload(archive("v1"))
+    gated = await rollouts.create(
+        v1,
+        strategy=pb.STRATEGY_ALL_AT_ONCE,
+        gates=pb.HealthGates(require_healthy=False, max_error_rate=0.05),
+        bake_time=seconds(30),
+        gate_failure_window=seconds(2),
+    )
+    assert (await rollouts.watch(gated.id, timeout=60)).last_state == pb.ROLLOUT_STATE_ROLLED_BACK
+    reason = (await rollouts.get(gated.id)).reason
+    assert f"{node_id}: no error_rate reported" in reason and fine.node_id not in reason, reason

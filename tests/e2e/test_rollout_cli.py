@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ from controlplane.api.identity.v1 import identity_pb2, identity_pb2_grpc
 from tests.e2e.conftest import AgentFactory
 from tests.support.eventually import eventually
 from tests.support.processes import AgentProcess, ControlClient, ServerProcess
-from tests.support.rollout_fleet import SERVER_ARGS, Rollouts, archive, pb, seconds
+from tests.support.rollout_fleet import SERVER_ARGS, Rollouts, archive, metrics_file_args, pb, seconds
 
 pytestmark = pytest.mark.e2e
 
@@ -44,21 +45,30 @@ async def on(agents: list[AgentProcess], digest: str) -> None:
 
 @pytest.mark.server_args(*SERVER_ARGS)
 async def test_rollout_commands_show_and_act_on_rollouts(
-    server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory
+    server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory, tmp_path: Path
 ) -> None:
-    agents = [spawn_agent(f"edge-{i}", {"env": "prod"}) for i in range(2)]
+    # Gated rollouts (a healthy heartbeat, the default) need agents that report health.
+    agents = [
+        spawn_agent(f"edge-{i}", {"env": "prod"}, extra_args=metrics_file_args(tmp_path / f"m{i}.json"))
+        for i in range(2)
+    ]
     for agent in agents:
         await agent.wait_registered()
     admin = server.admin_key
     identity = identity_pb2_grpc.IdentityServiceStub(control.channel)
-    bob = (
-        await identity.CreateApiKey(
+
+    async def operator(name: str) -> str:
+        made = await identity.CreateApiKey(
             identity_pb2.CreateApiKeyRequest(
-                name="bob", grants=[identity_pb2.Grant(project="default", role=identity_pb2.ROLE_OPERATOR)]
+                name=name, grants=[identity_pb2.Grant(project="default", role=identity_pb2.ROLE_OPERATOR)]
             ),
             metadata=control.metadata,
         )
-    ).secret
+        return str(made.secret)
+
+    # Siblings, both minted by the admin key: neither minted the other, so one may approve
+    # what the other created (the admin key, their minter, may not).
+    bob, carol = await operator("bob"), await operator("carol")
     rollouts = Rollouts(control.channel, metadata=control.metadata)
     v1, v2, v3 = [await control.upload(archive(tag)) for tag in ("v1", "v2", "v3")]
     first = await rollouts.create(v1, strategy=pb.STRATEGY_ALL_AT_ONCE)
@@ -66,10 +76,10 @@ async def test_rollout_commands_show_and_act_on_rollouts(
     await on(agents, v1)
 
     # approve: not by its creator; by another operator it starts.
-    gated = await rollouts.create(
+    gated = await Rollouts(control.channel, metadata=(("authorization", f"Bearer {carol}"),)).create(
         v2, approvals_required=1, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(2)
     )
-    refused = await cli(server, admin, "approve", gated.id, "--reason", "mine")
+    refused = await cli(server, carol, "approve", gated.id, "--reason", "mine")
     assert refused.returncode != 0 and "PERMISSION_DENIED" in refused.stderr, refused.stderr
     out = await ok(server, bob, "approve", gated.id, "--reason", "lgtm")
     assert out.startswith(f"rollout {gated.id}: ") and "pending_approval" not in out, out

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import AgentFactory
 from tests.support.eventually import eventually
 from tests.support.processes import ControlClient, ServerProcess
-from tests.support.rollout_fleet import SERVER_ARGS, Rollouts, archive, pb, seconds
+from tests.support.rollout_fleet import SERVER_ARGS, Rollouts, archive, metrics_file_args, pb, seconds
 
 pytestmark = pytest.mark.e2e
 
@@ -35,9 +36,13 @@ def desired_rows(server: ServerProcess, rollout_id: str) -> dict[int, dict[int, 
 
 @pytest.mark.server_args(*SERVER_ARGS)
 async def test_sigkill_mid_rolling_rollout_resumes_at_its_step(
-    server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory
+    server: ServerProcess, control: ControlClient, spawn_agent: AgentFactory, tmp_path: Path
 ) -> None:
-    agents = [spawn_agent(f"edge-{i}", {"env": "prod"}) for i in range(4)]
+    # The steps are gated (a healthy heartbeat): the agents report health from a file.
+    agents = [
+        spawn_agent(f"edge-{i}", {"env": "prod"}, extra_args=metrics_file_args(tmp_path / f"m{i}.json"))
+        for i in range(4)
+    ]
     for agent in agents:
         await agent.wait_registered()
     rollouts = Rollouts(control.channel, metadata=control.metadata)

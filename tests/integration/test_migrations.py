@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
@@ -9,8 +10,10 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
 
 from controlplane.domain import audit
+from controlplane.domain.labels import Selector
+from controlplane.domain.records import Health, HeartbeatRecord, NodeMetrics
 from controlplane.store.engine import make_engine, upgrade
-from controlplane.store.schema import audit_log, metadata
+from controlplane.store.schema import audit_log, metadata, node_heartbeats, node_labels, nodes, projects
 from controlplane.store.sql import SqlStore
 
 
@@ -89,5 +92,78 @@ async def test_a_chain_from_before_head_seals_is_sealed_by_its_next_entry(databa
         async with store.read() as tx:
             found = [(e.seq, e.action, e.after) async for e in tx.audit.entries()]
         assert found[3:] == [(4, audit.SEAL_ACTION, {"unsealed_head_seq": 3}), (5, "test.new", None)]
+    finally:
+        await engine.dispose()
+
+
+async def test_metric_presence_keeps_the_rows_it_migrates(database_url: str) -> None:
+    """0007 makes heartbeat metrics nullable. Nodes, their labels and their heartbeat
+    history written before it keep every value (on SQLite the table is recreated, and a
+    careless recreate cascades the node's labels and history away), and afterwards a
+    beat without metrics is stored as absent, not 0.0."""
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    metrics = {
+        "health": "healthy",
+        "error_rate": 0.02,
+        "p99_latency_ms": 35.0,
+        "cpu_percent": 0.0,
+        "memory_percent": 61.5,
+        "requests_per_second": 120.0,
+    }
+    engine = make_engine(database_url)
+    try:
+        await upgrade(engine, "0006")
+        async with engine.begin() as conn:
+            await conn.execute(projects.insert().values(name="default", created_at=at))
+            await conn.execute(
+                nodes.insert().values(
+                    id="n-1",
+                    project="default",
+                    name="edge-1",
+                    labels={"env": "prod"},
+                    credential_hash="h" * 64,
+                    status="online",
+                    registered_at=at,
+                    agent_version="",
+                    hostname="",
+                    last_heartbeat_at=at,
+                    heartbeat_digest="",
+                    heartbeat_seq=2,
+                    applied_digest="",
+                    applied_revision=0,
+                    failed_digest="",
+                    failed_revision=0,
+                    failed_error="",
+                    **metrics,
+                )
+            )
+            await conn.execute(node_labels.insert().values(node_id="n-1", key="env", value="prod"))
+            for seq in (1, 2):
+                await conn.execute(
+                    node_heartbeats.insert().values(
+                        node_id="n-1", slot=seq, seq=seq, received_at=at, applied_digest="", **metrics
+                    )
+                )
+        await upgrade(engine)
+        store = SqlStore(engine, b"k" * 32)
+        kept = NodeMetrics(Health.HEALTHY, 0.02, 35.0, 0.0, 61.5, 120.0)
+        async with store.read() as tx:
+            node = await tx.nodes.get("n-1")
+            history = await tx.nodes.heartbeats("n-1")
+            labelled = await tx.nodes.page("default", Selector.parse("env=prod"), None, 10, "")
+        assert node is not None and node.last_heartbeat is not None
+        assert node.last_heartbeat.metrics == kept and dict(node.labels) == {"env": "prod"}
+        assert [b.metrics for b in history] == [kept, kept]
+        assert [n.id for n in labelled] == ["n-1"]
+
+        async with store.write() as tx:
+            await tx.nodes.record_heartbeats([("n-1", HeartbeatRecord(at, NodeMetrics(), ""))], 60)
+        async with store.read() as tx:
+            node = await tx.nodes.get("n-1")
+            history = await tx.nodes.heartbeats("n-1")
+        assert node is not None and node.last_heartbeat is not None
+        assert node.last_heartbeat.metrics == NodeMetrics()
+        assert history[0].metrics == NodeMetrics() and history[0].metrics.error_rate is None
+        assert [b.metrics for b in history[1:]] == [kept, kept]
     finally:
         await engine.dispose()

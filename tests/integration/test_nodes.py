@@ -55,6 +55,34 @@ async def test_heartbeats_store_latest_and_bounded_history(harness: Harness) -> 
     assert latencies == [float(i) for i in range(HEARTBEAT_HISTORY + 9, 9, -1)]
 
 
+async def test_metrics_a_node_did_not_report_stay_absent(harness: Harness) -> None:
+    """Absent is stored and shown as absent, and an explicit 0.0 as 0.0: GetNode,
+    ListNodes and ListHeartbeats never turn a missing metric into a zero."""
+    node = await harness.register("n1")
+
+    async def beat(metrics: npb.NodeMetrics | None) -> None:
+        await harness.nodes.Heartbeat(
+            npb.HeartbeatRequest(node_id=node.node_id, metrics=metrics), metadata=node.metadata
+        )
+
+    def reported(m: npb.NodeMetrics) -> dict[str, float]:
+        return {f.name: v for f, v in m.ListFields() if f.name != "health"}
+
+    await beat(None)
+    got = (await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))).node
+    assert got.HasField("last_heartbeat") and got.status == npb.NODE_STATUS_ONLINE
+    assert got.last_heartbeat.metrics.health == npb.HEALTH_STATUS_UNSPECIFIED
+    assert reported(got.last_heartbeat.metrics) == {}
+    await beat(npb.NodeMetrics(health=npb.HEALTH_STATUS_HEALTHY, error_rate=0.0, cpu_percent=12.5))
+    got = (await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))).node
+    assert reported(got.last_heartbeat.metrics) == {"error_rate": 0.0, "cpu_percent": 12.5}
+    assert got.last_heartbeat.metrics.HasField("error_rate")
+    listed = (await harness.nodes.ListNodes(npb.ListNodesRequest(project="default"))).nodes
+    assert [reported(n.last_heartbeat.metrics) for n in listed] == [{"error_rate": 0.0, "cpu_percent": 12.5}]
+    history = await harness.nodes.ListHeartbeats(npb.ListHeartbeatsRequest(node_id=node.node_id))
+    assert [reported(h.metrics) for h in history.heartbeats] == [{"error_rate": 0.0, "cpu_percent": 12.5}, {}]
+
+
 async def test_concurrent_heartbeats_are_each_stored_and_audited_once(harness: Harness) -> None:
     """Many nodes beating at once share transactions (group commit): every beat still
     lands in its node's history in order, and each node's return to ONLINE is one entry."""

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 
-from agent_stub.simulator import FleetSimulator
+from agent_stub.simulator import FleetSimulator, MetricsProfile
 from controlplane.api.bundle.v1 import bundle_pb2
 from controlplane.api.node.v1 import node_pb2
 from tests.conftest import HarnessFactory
@@ -65,10 +65,23 @@ async def test_canary_rolls_back_on_bad_metrics_from_the_simulator(plane: Harnes
         assert len(told) == 1
 
 
-async def test_gates_fail_on_stale_metrics_while_the_node_stays_online(make_harness: HarnessFactory) -> None:
-    # The offline sweep never runs here: a node that goes silent keeps status ONLINE, and
-    # only the age of its last heartbeat (stale after `offline_after`, 3 s) can fail it.
-    plane = await make_harness(**{**FAST, "offline_sweep_interval": timedelta(minutes=10)})
+@pytest.mark.parametrize(
+    "staleness",
+    [
+        # Stale once the node would be marked offline (the default), 3 s here; the
+        # offline sweep never runs, so the silent node stays ONLINE.
+        {"offline_sweep_interval": timedelta(minutes=10)},
+        # A gate window of its own (--gate-stale-after), far shorter than offline_after.
+        {"offline_after": timedelta(minutes=10), "gate_stale_after": timedelta(seconds=3)},
+    ],
+    ids=["offline-after", "gate-stale-after"],
+)
+async def test_gates_fail_on_stale_metrics_while_the_node_stays_online(
+    make_harness: HarnessFactory, staleness: dict[str, timedelta]
+) -> None:
+    # A node that goes silent keeps status ONLINE: only the age of its last heartbeat
+    # (past the gates' staleness) can fail it.
+    plane = await make_harness(**{**FAST, **staleness})
     async with running(fleet(plane.address, plane.token, 3)) as sim:
         rollouts = Rollouts(plane.channel)
         v1 = await everyone_on(rollouts, await plane.upload(archive("v1")))
@@ -97,6 +110,38 @@ async def test_gates_fail_on_stale_metrics_while_the_node_stays_online(make_harn
         assert status == node_pb2.NODE_STATUS_ONLINE, "stale metrics, not an offline node, failed the gate"
         history = await rollouts.events(created.id)
         assert any(e.kind == "gates" and "gates failing" in e.message for e in history)
+        await settle(sim, v1)
+
+
+async def test_gates_fail_on_metrics_the_nodes_do_not_report(plane: Harness) -> None:
+    """Healthy nodes that send no error rate (a broken metrics source) do not pass a
+    max_error_rate gate: the rollout fails its gates naming the metric and rolls back.
+    The node shows the metric absent, not 0.0."""
+    no_errors = MetricsProfile(error_rate=None)
+    async with running(fleet(plane.address, plane.token, 3, metrics=no_errors)) as sim:
+        rollouts = Rollouts(plane.channel)
+        # The default gate (a healthy heartbeat) needs only the health they do report.
+        v1 = await everyone_on(rollouts, await plane.upload(archive("v1")))
+        v2 = await plane.upload(archive("v2"))
+        created = await rollouts.create(
+            v2,
+            strategy=pb.STRATEGY_ALL_AT_ONCE,
+            gates=pb.HealthGates(require_healthy=True, max_error_rate=0.05),
+            bake_time=seconds(30),
+            gate_failure_window=seconds(2),
+        )
+        seen = await rollouts.watch(created.id)
+        assert seen.last_state == pb.ROLLOUT_STATE_ROLLED_BACK
+        reason = (await rollouts.get(created.id)).reason
+        assert "health gates failing" in reason and "no error_rate reported" in reason, reason
+        node = (await plane.nodes.GetNode(node_pb2.GetNodeRequest(node_id=sim.nodes[0].node_id))).node
+        metrics = node.last_heartbeat.metrics
+        assert metrics.health == node_pb2.HEALTH_STATUS_HEALTHY
+        assert not metrics.HasField("error_rate") and metrics.HasField("p99_latency_ms")
+        history = await plane.nodes.ListHeartbeats(node_pb2.ListHeartbeatsRequest(node_id=node.id))
+        assert history.heartbeats and not any(h.metrics.HasField("error_rate") for h in history.heartbeats)
+        listed = await plane.nodes.ListNodes(node_pb2.ListNodesRequest(project="default"))
+        assert listed.nodes and not any(n.last_heartbeat.metrics.HasField("error_rate") for n in listed.nodes)
         await settle(sim, v1)
 
 

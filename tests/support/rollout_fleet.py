@@ -4,10 +4,12 @@ simulated fleet of real agents, and a RolloutService client that follows WatchRo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,6 +19,7 @@ from agent_stub.backoff import BackoffPolicy
 from agent_stub.simulator import FleetConfig, FleetSimulator, MetricsProfile
 from controlplane.api.rollout.v1 import drift_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from tests.support.archives import bundle
+from tests.support.processes import FAST_AGENT_ARGS
 
 pb = rollout_pb2
 TERMINAL = {
@@ -39,6 +42,18 @@ FAST = {
 
 # The same for a server process (e2e): `@pytest.mark.server_args(*SERVER_ARGS)`.
 SERVER_ARGS = ("--rollout-tick", "0.1", "--lease-ttl", "3", "--offline-after", "3")
+
+
+# What a healthy proxy reports through an agent's --metrics-file.
+HEALTHY_METRICS = {"health": "healthy", "error_rate": 0.001, "p99_latency_ms": 30.0}
+
+
+def metrics_file_args(path: Path, metrics: Mapping[str, Any] = HEALTHY_METRICS) -> tuple[str, ...]:
+    """Agent flags (the fast ones plus `--metrics-file`) with `metrics` written to `path`.
+    A real agent under gated rollouts needs a metrics source: without one it reports no
+    health and no metric, and every gate fails on it (docs/agent.md)."""
+    path.write_text(json.dumps(metrics))
+    return (*FAST_AGENT_ARGS, "--metrics-file", str(path))
 
 
 def seconds(value: float) -> Duration:

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from agent_stub.backoff import BackoffPolicy
 from agent_stub.config import AgentConfig
 from agent_stub.download import Downloader
 from agent_stub.errors import ApplyFailed, TransientFailure
+from agent_stub.heartbeat import MetricsError, parse_metrics
+from agent_stub.simulator import MetricsProfile
 from agent_stub.state import Cursor, Identity, MemoryStateStore
 from controlplane.api.bundle.v1 import bundle_pb2
 from controlplane.api.node.v1 import node_pb2
@@ -451,6 +454,8 @@ async def test_heartbeats_carry_metrics_file_and_applied_digest(
     assert request.applied_digest == A
     assert request.metrics.health == node_pb2.HEALTH_STATUS_DEGRADED
     assert request.metrics.error_rate == 0.25
+    # What the file leaves out is absent from the beat, not 0.0.
+    assert reported(request.metrics) == {"error_rate": 0.25, "p99_latency_ms": 80.0}
     # The file is read again on every beat.
     metrics.write_text(json.dumps({"health": "unhealthy", "cpu_percent": 99}))
     seen = len(plane.heartbeats)
@@ -459,7 +464,75 @@ async def test_heartbeats_carry_metrics_file_and_applied_digest(
         assert any(h.metrics.health == node_pb2.HEALTH_STATUS_UNHEALTHY for h, _ in plane.heartbeats[seen:])
 
     await eventually(updated, what="heartbeat with new metrics")
+    last = plane.heartbeats[-1][0].metrics
+    assert reported(last) == {"cpu_percent": 99.0}
     await run.stop()
+
+
+def reported(m: node_pb2.NodeMetrics) -> dict[str, float]:
+    """The metric values a beat carries (fields with presence that are set)."""
+    return {f.name: v for f, v in m.ListFields() if f.name != "health"}
+
+
+async def test_without_a_metrics_source_heartbeats_claim_nothing(
+    plane: FakeControlPlane, start_agent: Callable[..., Running]
+) -> None:
+    """No metrics file and no metrics source: the node does not know its health, so it
+    says UNSPECIFIED and reports no metric, rather than a healthy node with zero errors."""
+    plane.watch_script = [bootstrap(1)]
+    run = start_agent()
+
+    async def beat() -> None:
+        assert plane.heartbeats
+
+    await eventually(beat, what="a heartbeat")
+    sent = plane.heartbeats[0][0]
+    assert sent.HasField("metrics")
+    assert sent.metrics.health == node_pb2.HEALTH_STATUS_UNSPECIFIED
+    assert reported(sent.metrics) == {} and not sent.metrics.HasField("error_rate")
+    await run.stop()
+
+
+def test_simulated_metrics_are_full_by_default_and_can_omit_values() -> None:
+    rng = random.Random(1)
+    full = MetricsProfile().sample(rng)
+    assert full.health == node_pb2.HEALTH_STATUS_HEALTHY
+    assert set(reported(full)) == {
+        "error_rate",
+        "p99_latency_ms",
+        "cpu_percent",
+        "memory_percent",
+        "requests_per_second",
+    }
+    partial = MetricsProfile.parse("error_rate=none,health=degraded,p99=900").sample(rng)
+    assert partial.health == node_pb2.HEALTH_STATUS_DEGRADED and not partial.HasField("error_rate")
+    assert 800 < partial.p99_latency_ms < 1000
+    silent = MetricsProfile.silent().sample(rng)
+    assert silent.health == node_pb2.HEALTH_STATUS_UNSPECIFIED and reported(silent) == {}
+    assert MetricsProfile.parse("health=none").sample(rng).health == node_pb2.HEALTH_STATUS_UNSPECIFIED
+    with pytest.raises(ValueError, match="health"):
+        MetricsProfile.parse("health=fine")
+
+
+def test_metrics_file_contents() -> None:
+    """Fields left out or null are absent; health left out is UNSPECIFIED; bad values
+    are refused (the agent then sends no metrics, with a warning)."""
+    m = parse_metrics({"health": "healthy", "error_rate": 0, "p99_latency_ms": None})
+    assert m.health == node_pb2.HEALTH_STATUS_HEALTHY
+    assert reported(m) == {"error_rate": 0.0} and m.HasField("error_rate")
+    assert not m.HasField("p99_latency_ms") and not m.HasField("requests_per_second")
+    bare = parse_metrics({"cpu_percent": 12.5})
+    assert bare.health == node_pb2.HEALTH_STATUS_UNSPECIFIED and reported(bare) == {"cpu_percent": 12.5}
+    refused: list[Any] = [
+        [],
+        {"health": "fine"},
+        {"health": True},
+        {"error_rate": "low"},
+        {"cpu_percent": False},
+    ]
+    for bad in refused:
+        with pytest.raises(MetricsError):
+            parse_metrics(bad)
 
 
 async def test_heartbeat_failure_is_not_fatal(
@@ -474,8 +547,10 @@ async def test_heartbeat_failure_is_not_fatal(
     async def beat() -> None:
         assert plane.heartbeats
 
-    await eventually(beat, what="heartbeat with default metrics")
-    assert plane.heartbeats[0][0].metrics.health == node_pb2.HEALTH_STATUS_HEALTHY
+    await eventually(beat, what="heartbeat without metrics")
+    # An unreadable file is no data: health unknown and no value, never made-up zeros.
+    sent = plane.heartbeats[0][0].metrics
+    assert sent.health == node_pb2.HEALTH_STATUS_UNSPECIFIED and reported(sent) == {}
     await run.stop()
 
 

@@ -137,6 +137,32 @@ def test_unhealthy_metrics_fail_the_gates() -> None:
     assert "error_rate 0.2 > 0.05" in run.rollout.reason
 
 
+def test_missing_metrics_fail_the_gates_naming_the_metric() -> None:
+    """Healthy nodes that report no error rate do not pass a max_error_rate gate."""
+    ids = nodes(2)
+    gates = Gates(max_error_rate=0.05)
+    spec = make_spec(Strategy.ALL_AT_ONCE, gates=gates, gate_failure_window=5 * S)
+    run, fleet = make_run(spec, ids), FakeFleet(ids)
+    run, _ = drive(run, fleet, T0, metrics=NodeMetrics(Health.HEALTHY, p99_latency_ms=20))
+    assert run.state is RolloutState.ROLLED_BACK
+    assert "health gates failing" in run.rollout.reason and "no error_rate reported" in run.rollout.reason
+
+
+def test_a_canary_reporting_no_metrics_extends_then_rolls_back() -> None:
+    ids = nodes(20)
+    spec = make_spec(
+        Strategy.CANARY,
+        bake_time=2 * S,
+        gates=Gates(require_healthy=False),
+        canary=CanaryAnalysis(min_sample=2, max_extensions=2),
+    )
+    run, fleet = make_run(spec, ids), FakeFleet(ids)
+    run, _ = drive(run, fleet, T0, seconds=60, metrics=NodeMetrics())
+    assert run.state is RolloutState.ROLLED_BACK
+    assert "still canary has 0 sample(s) reporting error_rate" in run.rollout.reason
+    assert [a["decision"] for a in run.steps[0].detail["analyses"]] == ["extend"] * 3
+
+
 def test_nacks_within_the_budget_are_excused_beyond_it_roll_back() -> None:
     ids = nodes(6)
     run, fleet = make_run(make_spec(batch_size=3, max_failures=1), ids), FakeFleet(ids)

@@ -2,7 +2,9 @@
 
 A node passes only on a heartbeat that arrived after it activated the bundle, reports
 that bundle, and is not stale. Missing, old or foreign data fails: a silent node never
-counts as a healthy one.
+counts as a healthy one, a node that reports no health is not healthy, and a limit on a
+metric the heartbeat does not carry fails ("no error_rate reported") instead of reading
+it as 0.0.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def node_problem(
         return f"heartbeat reports {beat.applied_digest or 'no bundle'}"
     m = beat.metrics
     if gates.require_healthy and m.health is not Health.HEALTHY:
-        return f"health {m.health.value}"
+        return "no health reported" if m.health is Health.UNKNOWN else f"health {m.health.value}"
     checks = (
         ("error_rate", m.error_rate, gates.max_error_rate),
         ("p99_latency_ms", m.p99_latency_ms, gates.max_p99_latency_ms),
@@ -66,7 +68,11 @@ def node_problem(
         ("memory_percent", m.memory_percent, gates.max_memory_percent),
     )
     for name, value, limit in checks:
-        if limit is not None and value > limit:
+        if limit is None:
+            continue
+        if value is None:
+            return f"no {name} reported"
+        if value > limit:
             return f"{name} {value:g} > {limit:g}"
     return ""
 

@@ -42,6 +42,8 @@ projects = Table(
     metadata,
     Column("name", String(63), primary_key=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # The rollout policy (domain/project_policy.py); migration 0008.
+    Column("min_approvals", Integer, nullable=False, server_default="0"),
 )
 
 enrollment_tokens = Table(
@@ -67,14 +69,15 @@ nodes = Table(
     Column("registered_at", UTCDateTime, nullable=False),
     Column("agent_version", String(64), nullable=False, default=""),
     Column("hostname", String(255), nullable=False, default=""),
-    # Latest heartbeat, denormalized for gates and listings.
+    # Latest heartbeat, denormalized for gates and listings. A metric the node did not
+    # report is NULL (migration 0007), so a gate on it fails instead of reading 0.0.
     Column("last_heartbeat_at", UTCDateTime, nullable=True),
     Column("health", String(16), nullable=False, default="unknown"),
-    Column("error_rate", Float, nullable=False, default=0.0),
-    Column("p99_latency_ms", Float, nullable=False, default=0.0),
-    Column("cpu_percent", Float, nullable=False, default=0.0),
-    Column("memory_percent", Float, nullable=False, default=0.0),
-    Column("requests_per_second", Float, nullable=False, default=0.0),
+    Column("error_rate", Float, nullable=True),
+    Column("p99_latency_ms", Float, nullable=True),
+    Column("cpu_percent", Float, nullable=True),
+    Column("memory_percent", Float, nullable=True),
+    Column("requests_per_second", Float, nullable=True),
     Column("heartbeat_digest", String(80), nullable=False, default=""),
     Column("heartbeat_seq", BigInteger, nullable=False, default=0),
     # Acknowledged state (ReportStatus).
@@ -114,11 +117,12 @@ node_heartbeats = Table(
     Column("seq", BigInteger, nullable=False),
     Column("received_at", UTCDateTime, nullable=False),
     Column("health", String(16), nullable=False),
-    Column("error_rate", Float, nullable=False),
-    Column("p99_latency_ms", Float, nullable=False),
-    Column("cpu_percent", Float, nullable=False),
-    Column("memory_percent", Float, nullable=False),
-    Column("requests_per_second", Float, nullable=False),
+    # NULL: not reported by that beat (as on `nodes`).
+    Column("error_rate", Float, nullable=True),
+    Column("p99_latency_ms", Float, nullable=True),
+    Column("cpu_percent", Float, nullable=True),
+    Column("memory_percent", Float, nullable=True),
+    Column("requests_per_second", Float, nullable=True),
     Column("applied_digest", String(80), nullable=False),
     PrimaryKeyConstraint("node_id", "slot"),
 )

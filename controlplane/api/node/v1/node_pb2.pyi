@@ -83,7 +83,11 @@ Global___ReportPhase: _TypeAlias = ReportPhase  # noqa: Y015
 
 @_typing.final
 class NodeMetrics(_message.Message):
-    """Health and load a node reports on each heartbeat."""
+    """Health and load a node reports on each heartbeat. Every value has explicit presence:
+    a field the node did not send is absent (not 0.0), and a health gate or canary
+    analysis on a metric the node did not report fails rather than passes. Health
+    HEALTH_STATUS_UNSPECIFIED means the node does not know (no metrics source).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -106,17 +110,36 @@ class NodeMetrics(_message.Message):
         self,
         *,
         health: Global___HealthStatus.ValueType = ...,
-        error_rate: _builtins.float = ...,
-        p99_latency_ms: _builtins.float = ...,
-        cpu_percent: _builtins.float = ...,
-        memory_percent: _builtins.float = ...,
-        requests_per_second: _builtins.float = ...,
+        error_rate: _builtins.float | None = ...,
+        p99_latency_ms: _builtins.float | None = ...,
+        cpu_percent: _builtins.float | None = ...,
+        memory_percent: _builtins.float | None = ...,
+        requests_per_second: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cpu_percent", b"_cpu_percent", "_error_rate", b"_error_rate", "_memory_percent", b"_memory_percent", "_p99_latency_ms", b"_p99_latency_ms", "_requests_per_second", b"_requests_per_second", "cpu_percent", b"cpu_percent", "error_rate", b"error_rate", "memory_percent", b"memory_percent", "p99_latency_ms", b"p99_latency_ms", "requests_per_second", b"requests_per_second"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_percent", b"cpu_percent", "error_rate", b"error_rate", "health", b"health", "memory_percent", b"memory_percent", "p99_latency_ms", b"p99_latency_ms", "requests_per_second", b"requests_per_second"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cpu_percent", b"_cpu_percent", "_error_rate", b"_error_rate", "_memory_percent", b"_memory_percent", "_p99_latency_ms", b"_p99_latency_ms", "_requests_per_second", b"_requests_per_second", "cpu_percent", b"cpu_percent", "error_rate", b"error_rate", "health", b"health", "memory_percent", b"memory_percent", "p99_latency_ms", b"p99_latency_ms", "requests_per_second", b"requests_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__cpu_percent: _TypeAlias = _typing.Literal["cpu_percent"]  # noqa: Y015
+    _WhichOneofArgType__cpu_percent: _TypeAlias = _typing.Literal["_cpu_percent", b"_cpu_percent"]  # noqa: Y015
+    _WhichOneofReturnType__error_rate: _TypeAlias = _typing.Literal["error_rate"]  # noqa: Y015
+    _WhichOneofArgType__error_rate: _TypeAlias = _typing.Literal["_error_rate", b"_error_rate"]  # noqa: Y015
+    _WhichOneofReturnType__memory_percent: _TypeAlias = _typing.Literal["memory_percent"]  # noqa: Y015
+    _WhichOneofArgType__memory_percent: _TypeAlias = _typing.Literal["_memory_percent", b"_memory_percent"]  # noqa: Y015
+    _WhichOneofReturnType__p99_latency_ms: _TypeAlias = _typing.Literal["p99_latency_ms"]  # noqa: Y015
+    _WhichOneofArgType__p99_latency_ms: _TypeAlias = _typing.Literal["_p99_latency_ms", b"_p99_latency_ms"]  # noqa: Y015
+    _WhichOneofReturnType__requests_per_second: _TypeAlias = _typing.Literal["requests_per_second"]  # noqa: Y015
+    _WhichOneofArgType__requests_per_second: _TypeAlias = _typing.Literal["_requests_per_second", b"_requests_per_second"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_percent) -> _WhichOneofReturnType__cpu_percent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__error_rate) -> _WhichOneofReturnType__error_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_percent) -> _WhichOneofReturnType__memory_percent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p99_latency_ms) -> _WhichOneofReturnType__p99_latency_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__requests_per_second) -> _WhichOneofReturnType__requests_per_second | None: ...
 
 Global___NodeMetrics: _TypeAlias = NodeMetrics  # noqa: Y015
 

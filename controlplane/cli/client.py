@@ -155,14 +155,22 @@ class _Details(
     pass
 
 
-def print_message(message: Message) -> None:
-    click.echo(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
+def print_message(message: Message, show_defaults: bool = False) -> None:
+    """`show_defaults` also prints fields at their default (a `0` that is an answer)."""
+    click.echo(
+        json_format.MessageToJson(
+            message,
+            preserving_proto_field_name=True,
+            indent=2,
+            always_print_fields_with_no_presence=show_defaults,
+        )
+    )
 
 
-def call(fn: Callable[[], Message]) -> None:
+def call(fn: Callable[[], Message], show_defaults: bool = False) -> None:
     """Make one call and print its answer as JSON; a failed call becomes a clean error."""
     try:
-        print_message(fn())
+        print_message(fn(), show_defaults)
     except grpc.RpcError as e:
         raise click.ClickException(f"{e.code().name}: {e.details()}") from None
 

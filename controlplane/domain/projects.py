@@ -1,4 +1,5 @@
-"""Projects: a tenant's fleet, and the enrollment tokens its nodes join with."""
+"""Projects: a tenant's fleet, the enrollment tokens its nodes join with, and its
+rollout policy (`project_policy.py`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from controlplane.domain.errors import AlreadyExists, NotFound
 from controlplane.domain.labels import validate_name
 from controlplane.domain.ports import Clock, Store, Tx
+from controlplane.domain.project_policy import ProjectPolicy
 from controlplane.domain.records import Project
 from controlplane.domain.secrets import hash_secret, new_secret
 
@@ -17,6 +19,16 @@ async def require_project(tx: Tx, project: str, field: str = "project") -> None:
     """NOT_FOUND naming `field` unless `project` exists."""
     if not await tx.projects.exists(project):
         raise NotFound(f"project {project!r} does not exist", field=field)
+
+
+async def require_policy(
+    tx: Tx, project: str, field: str = "project", for_update: bool = False
+) -> ProjectPolicy:
+    """The project's rollout policy; NOT_FOUND naming `field` if there is no such project."""
+    policy = await tx.projects.policy(project, for_update)
+    if policy is None:
+        raise NotFound(f"project {project!r} does not exist", field=field)
+    return policy
 
 
 @dataclass
@@ -48,13 +60,33 @@ class ProjectDirectory:
         except AlreadyExists:
             return None
 
-    async def get(self, name: str) -> Project:
+    async def get(self, name: str) -> tuple[Project, ProjectPolicy]:
         async with self.store.read() as tx:
             project = await tx.projects.get(name)
-        if project is None:
+            policy = await tx.projects.policy(name)
+        if project is None or policy is None:
             raise NotFound(f"project {name!r} does not exist", field="name")
-        return project
+        return project, policy
 
-    async def all(self) -> list[Project]:
+    async def all(self) -> list[tuple[Project, ProjectPolicy]]:
         async with self.store.read() as tx:
-            return await tx.projects.all()
+            found = await tx.projects.all()
+            policies = await tx.projects.policies()
+        return [(p, policies.get(p.name, ProjectPolicy())) for p in found]
+
+    async def set_policy(self, project: str, policy: ProjectPolicy) -> ProjectPolicy:
+        """Replace the project's rollout policy (the caller checked the admin role);
+        a change is audited with the policy before and after."""
+        policy = policy.validated()
+        async with self.store.write() as tx:
+            before = await require_policy(tx, project, for_update=True)
+            if before != policy:
+                await tx.projects.set_policy(project, policy)
+                await tx.audit.record(
+                    "project.policy",
+                    f"project/{project}",
+                    project=project,
+                    before=before.to_json(),
+                    after=policy.to_json(),
+                )
+        return policy

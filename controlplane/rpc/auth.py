@@ -70,6 +70,7 @@ POLICY: dict[str, Rule] = {
     "/controlplane.project.v1.ProjectService/CreateProject": Rule.ADMIN,
     "/controlplane.project.v1.ProjectService/GetProject": Rule.READ,
     "/controlplane.project.v1.ProjectService/ListProjects": Rule.READ,
+    "/controlplane.project.v1.ProjectService/UpdateProjectPolicy": Rule.ADMIN,
     "/controlplane.bundle.v1.BundleService/UploadBundle": Rule.WRITE,
     "/controlplane.bundle.v1.BundleService/DownloadBundle": Rule.NODE_OR_READ,
     "/controlplane.bundle.v1.BundleService/GetBundle": Rule.READ,

@@ -5,6 +5,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from controlplane.domain.project_policy import ProjectPolicy
 from controlplane.domain.records import Project
 from controlplane.store.schema import enrollment_tokens, nodes, projects
 
@@ -16,7 +17,7 @@ class SqlProjects:
     async def insert(self, name: str, created_at: datetime) -> bool:
         if await self.get(name) is not None:
             return False
-        await self._conn.execute(projects.insert().values(name=name, created_at=created_at))
+        await self._conn.execute(projects.insert().values(name=name, created_at=created_at, min_approvals=0))
         return True
 
     async def get(self, name: str) -> Project | None:
@@ -46,4 +47,18 @@ class SqlProjects:
     async def add_enrollment_token(self, project: str, token_hash: str, created_at: datetime) -> None:
         await self._conn.execute(
             enrollment_tokens.insert().values(token_hash=token_hash, project=project, created_at=created_at)
+        )
+
+    async def policy(self, name: str, for_update: bool = False) -> ProjectPolicy | None:
+        query = select(projects.c.min_approvals).where(projects.c.name == name)
+        row = (await self._conn.execute(query.with_for_update() if for_update else query)).first()
+        return None if row is None else ProjectPolicy(min_approvals=row.min_approvals)
+
+    async def policies(self) -> dict[str, ProjectPolicy]:
+        rows = (await self._conn.execute(select(projects.c.name, projects.c.min_approvals))).all()
+        return {r.name: ProjectPolicy(min_approvals=r.min_approvals) for r in rows}
+
+    async def set_policy(self, name: str, policy: ProjectPolicy) -> None:
+        await self._conn.execute(
+            projects.update().where(projects.c.name == name).values(min_approvals=policy.min_approvals)
         )

@@ -7,7 +7,6 @@ fleet) over real gRPC, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,21 +21,13 @@ from controlplane.api.bundle.v1 import bundle_pb2
 from controlplane.api.identity.v1 import identity_pb2
 from tests.conftest import HarnessFactory
 from tests.support.harness import Harness
+from tests.support.refusals import expect
 from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running, seconds
 
 
 @pytest.fixture
 async def plane(make_harness: HarnessFactory) -> Harness:
     return await make_harness(**FAST)
-
-
-async def expect(code: grpc.StatusCode, call: Awaitable[Any], mentions: str = "") -> str:
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await call
-    assert e.value.code() == code, f"{e.value.code()}: {e.value.details()}"
-    details = e.value.details() or ""
-    assert mentions in details, details
-    return details
 
 
 def at(delta: timedelta) -> Timestamp:
@@ -181,11 +172,33 @@ async def test_freeze_windows_block_create_and_hold_start_and_advance(plane: Har
         assert len(holds) == 4, holds  # held, released, held, released: once each, not per tick
 
 
+async def mint(plane: Harness, by: str, name: str, role: identity_pb2.Role.ValueType, days: int) -> str:
+    """A key of project `default` minted by the key `by` (so `created_by` names it)."""
+    made = await plane.identity.CreateApiKey(
+        identity_pb2.CreateApiKeyRequest(
+            name=name,
+            grants=[identity_pb2.Grant(project="default", role=role)],
+            ttl=Duration(seconds=days * 86400),  # a minted key may not outlive its minter
+        ),
+        metadata=key(by),
+    )
+    return str(made.secret)
+
+
 async def test_approvals_need_distinct_operators_other_than_the_creator(plane: Harness) -> None:
-    operator = identity_pb2.ROLE_OPERATOR
-    alice, bob, carol = [
-        await plane.api_key({"default": operator}, name=n) for n in ("alice", "bob", "carol")
-    ]
+    """Distinct means more than distinct key ids: keys form minting lines (the key that
+    minted a key, the key that minted that one, ...). The creator's line may not approve
+    — keys it minted, directly or through others, nor the keys that minted it — and two
+    approvals from one line count once."""
+    operator, admin = identity_pb2.ROLE_OPERATOR, identity_pb2.ROLE_ADMIN
+    root = plane.admin_key  # the first-start key: it minted every other key
+    mentor = await mint(plane, root, "mentor", admin, 30)
+    alice = await mint(plane, mentor, "alice", admin, 20)  # the creator
+    intern = await mint(plane, alice, "intern", admin, 10)
+    trainee = await mint(plane, intern, "trainee", operator, 5)
+    bob = await mint(plane, root, "bob", admin, 30)
+    bobs_alias = await mint(plane, bob, "bob again", operator, 20)
+    carol = await mint(plane, root, "carol", operator, 30)
     reader = await plane.api_key({"default": identity_pb2.ROLE_READER}, name="dave")
     async with running(fleet(plane.address, plane.token, 2)) as sim:
         v1 = await plane.upload(archive("v1"))
@@ -214,11 +227,27 @@ async def test_approvals_need_distinct_operators_other_than_the_creator(plane: H
                 metadata=key(secret),
             )
 
-        await expect(grpc.StatusCode.PERMISSION_DENIED, approve(alice), "cannot approve")
-        await expect(grpc.StatusCode.PERMISSION_DENIED, approve(reader))
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        await expect(denied, approve(alice), "cannot approve")
+        await expect(denied, approve(reader))
+        # The creator's line: what it minted, directly or not, and what minted it.
+        await expect(
+            denied, approve(intern), f"was minted (directly or through other keys) by {created.created_by}"
+        )
+        await expect(
+            denied, approve(trainee), f"was minted (directly or through other keys) by {created.created_by}"
+        )
+        await expect(denied, approve(mentor), f"minted (directly or through other keys) {created.created_by}")
+        await expect(denied, approve(root), f"minted (directly or through other keys) {created.created_by}")
+        assert not (await rollouts.get(created.id)).approvals, "a refused approval leaves nothing"
         one = (await approve(bob)).rollout
         assert one.state == pb.ROLLOUT_STATE_PENDING_APPROVAL and len(one.approvals) == 1
         await expect(grpc.StatusCode.ALREADY_EXISTS, approve(bob), "already approved")
+        # A key bob minted is bob again: one line, one approval.
+        await expect(
+            grpc.StatusCode.ALREADY_EXISTS, approve(bobs_alias), "approvals from one line count once"
+        )
+        assert len((await rollouts.get(created.id)).approvals) == 1
         await asyncio.sleep(0.5)
         assert {n.digest for n in sim.nodes} == {""}, "nothing may start before approval"
         two = (await approve(carol)).rollout

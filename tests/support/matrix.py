@@ -106,7 +106,8 @@ class World:
     report: npb.ReportStatusRequest
     validation: bpb.ValidationConfig
     # Calls preparing the world go through this channel, signed by a global admin key of
-    # their own: the creator of a rollout may not approve it, and the callers must be able to.
+    # their own: the creator of a rollout may not approve it, nor may a key in its minting
+    # line (the callers are its siblings, minted by the first-start key, and can).
     channel: grpc.aio.Channel
     stream: Recorder
     _counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -217,10 +218,13 @@ async def _callers(h: Harness, by_name: dict[str, Any], node: Registered) -> dic
     """Every kind of caller; the invalid API keys would be global admins if they worked."""
     reader, operator, admin = Role.READER, Role.OPERATOR, Role.ADMIN
     # identities.callers made the other project's admin; its reader and operator here.
+    # The global admin is a key of its own, not the first-start key: that one minted the
+    # key creating the world's rollouts, so it may not approve them (a minting line).
     by_name = {
         **by_name,
         "other-project-reader": auth(await h.api_key({OTHER_PROJECT: ipb.ROLE_READER})),
         "other-project-operator": auth(await h.api_key({OTHER_PROJECT: ipb.ROLE_OPERATOR})),
+        "global-admin": auth(await h.api_key({EVERY_PROJECT: ipb.ROLE_ADMIN}, name="global admin")),
     }
     expired = await h.api_key({EVERY_PROJECT: ipb.ROLE_ADMIN}, name="expired", ttl=Duration(seconds=3600))
     async with h.app.engine.begin() as conn:
@@ -422,6 +426,11 @@ CASES: list[Case] = [
     Case("CreateProject", create_project, fresh=True, project=None),
     Case("GetProject", same(lambda w: ppb.GetProjectRequest(name=P))),
     Case("ListProjects", same(lambda w: ppb.ListProjectsRequest()), project=None),
+    # The default policy: the rollouts made for later cases start without approvals.
+    Case(
+        "UpdateProjectPolicy",
+        same(lambda w: ppb.UpdateProjectPolicyRequest(project=P, policy=ppb.ProjectPolicy(min_approvals=0))),
+    ),
     # IdentityService
     Case("CreateApiKey", create_api_key(ipb.ROLE_READER)),
     Case("CreateApiKey", create_api_key(ipb.ROLE_ADMIN), variant="admin grant"),

@@ -20,6 +20,7 @@ from controlplane.domain.errors import Aborted, DomainError, InvalidArgument, No
 from controlplane.domain.leases import Lease, Leases
 from controlplane.domain.nodes import READ_YOUR_WRITES
 from controlplane.domain.records import HeartbeatRecord
+from controlplane.domain.rollouts import approvers as approver_rules
 from controlplane.domain.rollouts import machine
 from controlplane.domain.rollouts.bundles import assignable
 from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
@@ -113,6 +114,11 @@ class RolloutController:
                 async with self.store.write() as tx:
                     run = await self._load(tx, project, rollout_id)
                     approvers = {a.actor for a in await tx.rollouts.approvals(rollout_id)}
+                    if run.state is RolloutState.PENDING_APPROVAL:
+                        # Not the creator's minting line, one approval per line.
+                        await approver_rules.check_approver(
+                            tx, rollout_id, actor, run.rollout.created_by, approvers
+                        )
                     now = self.clock()
                     machine.approve(run, now, actor, approvers)
                     await tx.rollouts.add_approval(rollout_id, Approval(actor, now, text))

@@ -6,7 +6,8 @@ not failed), no freeze window covers its start (unless overridden with a reason)
 selector matches at least one node that is not pinned, and none of those nodes belongs
 to another active rollout (FAILED_PRECONDITION naming it). The nodes are then claimed —
 a primary key per node, so two replicas creating overlapping rollouts at once cannot
-both succeed.
+both succeed. The project's policy is read in the same transaction: a rollout asking for
+fewer approvals than its `min_approvals` is raised to it, and its creation event says so.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from controlplane.domain.desired import Assignment
 from controlplane.domain.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from controlplane.domain.labels import Selector, node_key
 from controlplane.domain.nodes import READ_YOUR_WRITES
-from controlplane.domain.projects import require_project
+from controlplane.domain.projects import require_policy, require_project
 from controlplane.domain.records import Node
 from controlplane.domain.rollouts import spec as specs
 from controlplane.domain.rollouts.bundles import assignable, by_version
@@ -89,7 +90,9 @@ class RolloutDirectory:
         self, project: str, spec: RolloutSpec, bundle_version: str, creator: str, now: datetime
     ) -> RolloutView:
         async with self.store.write() as tx:
-            await require_project(tx, project)
+            policy = await require_policy(tx, project)
+            requested = spec.approvals_required
+            spec = replace(spec, approvals_required=policy.approvals_for(requested))
             if bundle_version:
                 spec = replace(spec, bundle_digest=await by_version(tx, project, bundle_version))
             bundle = await assignable(tx, project, spec.bundle_digest)
@@ -134,7 +137,13 @@ class RolloutDirectory:
                 EventKind.STATE,
                 f"created by {creator}: {spec.strategy.value} of {bundle.version or bundle.digest} to "
                 f"{len(targets)} node(s) in {len(steps)} step(s)"
-                + (f", {len(pinned)} pinned node(s) skipped" if pinned else ""),
+                + (f", {len(pinned)} pinned node(s) skipped" if pinned else "")
+                + (
+                    f"; approvals_required raised from {requested} to {spec.approvals_required} "
+                    "by the project's policy (min_approvals)"
+                    if spec.approvals_required != requested
+                    else ""
+                ),
                 targets=len(targets),
                 pinned=pinned[:50],
             )
@@ -152,6 +161,7 @@ class RolloutDirectory:
                 project=project,
                 after={
                     **spec.to_json(),
+                    "approvals_requested": requested,
                     "targets": len(targets),
                     "pinned": pinned[:50],
                     "state": state.value,

@@ -25,27 +25,33 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%controlplane/project/v1/project.proto\x12\x17\x63ontrolplane.project.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n\x07Project\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nnode_count\x18\x03 \x01(\x03\"$\n\x14\x43reateProjectRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"d\n\x15\x43reateProjectResponse\x12\x31\n\x07project\x18\x01 \x01(\x0b\x32 .controlplane.project.v1.Project\x12\x18\n\x10\x65nrollment_token\x18\x02 \x01(\t\"!\n\x11GetProjectRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x12GetProjectResponse\x12\x31\n\x07project\x18\x01 \x01(\x0b\x32 .controlplane.project.v1.Project\"\x15\n\x13ListProjectsRequest\"J\n\x14ListProjectsResponse\x12\x32\n\x08projects\x18\x01 \x03(\x0b\x32 .controlplane.project.v1.Project2\xd4\x02\n\x0eProjectService\x12n\n\rCreateProject\x12-.controlplane.project.v1.CreateProjectRequest\x1a..controlplane.project.v1.CreateProjectResponse\x12\x65\n\nGetProject\x12*.controlplane.project.v1.GetProjectRequest\x1a+.controlplane.project.v1.GetProjectResponse\x12k\n\x0cListProjects\x12,.controlplane.project.v1.ListProjectsRequest\x1a-.controlplane.project.v1.ListProjectsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%controlplane/project/v1/project.proto\x12\x17\x63ontrolplane.project.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"&\n\rProjectPolicy\x12\x15\n\rmin_approvals\x18\x01 \x01(\r\"\x93\x01\n\x07Project\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nnode_count\x18\x03 \x01(\x03\x12\x36\n\x06policy\x18\x04 \x01(\x0b\x32&.controlplane.project.v1.ProjectPolicy\"$\n\x14\x43reateProjectRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"d\n\x15\x43reateProjectResponse\x12\x31\n\x07project\x18\x01 \x01(\x0b\x32 .controlplane.project.v1.Project\x12\x18\n\x10\x65nrollment_token\x18\x02 \x01(\t\"!\n\x11GetProjectRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x12GetProjectResponse\x12\x31\n\x07project\x18\x01 \x01(\x0b\x32 .controlplane.project.v1.Project\"\x15\n\x13ListProjectsRequest\"J\n\x14ListProjectsResponse\x12\x32\n\x08projects\x18\x01 \x03(\x0b\x32 .controlplane.project.v1.Project\"e\n\x1aUpdateProjectPolicyRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x36\n\x06policy\x18\x02 \x01(\x0b\x32&.controlplane.project.v1.ProjectPolicy\"U\n\x1bUpdateProjectPolicyResponse\x12\x36\n\x06policy\x18\x01 \x01(\x0b\x32&.controlplane.project.v1.ProjectPolicy2\xd7\x03\n\x0eProjectService\x12n\n\rCreateProject\x12-.controlplane.project.v1.CreateProjectRequest\x1a..controlplane.project.v1.CreateProjectResponse\x12\x65\n\nGetProject\x12*.controlplane.project.v1.GetProjectRequest\x1a+.controlplane.project.v1.GetProjectResponse\x12k\n\x0cListProjects\x12,.controlplane.project.v1.ListProjectsRequest\x1a-.controlplane.project.v1.ListProjectsResponse\x12\x80\x01\n\x13UpdateProjectPolicy\x12\x33.controlplane.project.v1.UpdateProjectPolicyRequest\x1a\x34.controlplane.project.v1.UpdateProjectPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'controlplane.project.v1.project_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROJECT']._serialized_start=99
-  _globals['_PROJECT']._serialized_end=190
-  _globals['_CREATEPROJECTREQUEST']._serialized_start=192
-  _globals['_CREATEPROJECTREQUEST']._serialized_end=228
-  _globals['_CREATEPROJECTRESPONSE']._serialized_start=230
-  _globals['_CREATEPROJECTRESPONSE']._serialized_end=330
-  _globals['_GETPROJECTREQUEST']._serialized_start=332
-  _globals['_GETPROJECTREQUEST']._serialized_end=365
-  _globals['_GETPROJECTRESPONSE']._serialized_start=367
-  _globals['_GETPROJECTRESPONSE']._serialized_end=438
-  _globals['_LISTPROJECTSREQUEST']._serialized_start=440
-  _globals['_LISTPROJECTSREQUEST']._serialized_end=461
-  _globals['_LISTPROJECTSRESPONSE']._serialized_start=463
-  _globals['_LISTPROJECTSRESPONSE']._serialized_end=537
-  _globals['_PROJECTSERVICE']._serialized_start=540
-  _globals['_PROJECTSERVICE']._serialized_end=880
+  _globals['_PROJECTPOLICY']._serialized_start=99
+  _globals['_PROJECTPOLICY']._serialized_end=137
+  _globals['_PROJECT']._serialized_start=140
+  _globals['_PROJECT']._serialized_end=287
+  _globals['_CREATEPROJECTREQUEST']._serialized_start=289
+  _globals['_CREATEPROJECTREQUEST']._serialized_end=325
+  _globals['_CREATEPROJECTRESPONSE']._serialized_start=327
+  _globals['_CREATEPROJECTRESPONSE']._serialized_end=427
+  _globals['_GETPROJECTREQUEST']._serialized_start=429
+  _globals['_GETPROJECTREQUEST']._serialized_end=462
+  _globals['_GETPROJECTRESPONSE']._serialized_start=464
+  _globals['_GETPROJECTRESPONSE']._serialized_end=535
+  _globals['_LISTPROJECTSREQUEST']._serialized_start=537
+  _globals['_LISTPROJECTSREQUEST']._serialized_end=558
+  _globals['_LISTPROJECTSRESPONSE']._serialized_start=560
+  _globals['_LISTPROJECTSRESPONSE']._serialized_end=634
+  _globals['_UPDATEPROJECTPOLICYREQUEST']._serialized_start=636
+  _globals['_UPDATEPROJECTPOLICYREQUEST']._serialized_end=737
+  _globals['_UPDATEPROJECTPOLICYRESPONSE']._serialized_start=739
+  _globals['_UPDATEPROJECTPOLICYRESPONSE']._serialized_end=824
+  _globals['_PROJECTSERVICE']._serialized_start=827
+  _globals['_PROJECTSERVICE']._serialized_end=1298
 # @@protoc_insertion_point(module_scope)

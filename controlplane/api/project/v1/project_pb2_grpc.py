@@ -50,6 +50,11 @@ class ProjectServiceStub:
                 request_serializer=controlplane_dot_project_dot_v1_dot_project__pb2.ListProjectsRequest.SerializeToString,
                 response_deserializer=controlplane_dot_project_dot_v1_dot_project__pb2.ListProjectsResponse.FromString,
                 _registered_method=True)
+        self.UpdateProjectPolicy = channel.unary_unary(
+                '/controlplane.project.v1.ProjectService/UpdateProjectPolicy',
+                request_serializer=controlplane_dot_project_dot_v1_dot_project__pb2.UpdateProjectPolicyRequest.SerializeToString,
+                response_deserializer=controlplane_dot_project_dot_v1_dot_project__pb2.UpdateProjectPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class ProjectServiceServicer:
@@ -75,6 +80,14 @@ class ProjectServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateProjectPolicy(self, request, context):
+        """UpdateProjectPolicy replaces a project's rollout policy. Admins of the project only;
+        audited with the policy before and after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProjectServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_ProjectServiceServicer_to_server(servicer, server):
                     servicer.ListProjects,
                     request_deserializer=controlplane_dot_project_dot_v1_dot_project__pb2.ListProjectsRequest.FromString,
                     response_serializer=controlplane_dot_project_dot_v1_dot_project__pb2.ListProjectsResponse.SerializeToString,
+            ),
+            'UpdateProjectPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateProjectPolicy,
+                    request_deserializer=controlplane_dot_project_dot_v1_dot_project__pb2.UpdateProjectPolicyRequest.FromString,
+                    response_serializer=controlplane_dot_project_dot_v1_dot_project__pb2.UpdateProjectPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +194,33 @@ class ProjectService:
             '/controlplane.project.v1.ProjectService/ListProjects',
             controlplane_dot_project_dot_v1_dot_project__pb2.ListProjectsRequest.SerializeToString,
             controlplane_dot_project_dot_v1_dot_project__pb2.ListProjectsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateProjectPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.project.v1.ProjectService/UpdateProjectPolicy',
+            controlplane_dot_project_dot_v1_dot_project__pb2.UpdateProjectPolicyRequest.SerializeToString,
+            controlplane_dot_project_dot_v1_dot_project__pb2.UpdateProjectPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

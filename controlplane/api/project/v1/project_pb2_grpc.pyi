@@ -37,6 +37,10 @@ class ProjectServiceStub:
     """CreateProject creates a project and its first enrollment token."""
     GetProject: _grpc.UnaryUnaryMultiCallable[_project_pb2.GetProjectRequest, _project_pb2.GetProjectResponse]
     ListProjects: _grpc.UnaryUnaryMultiCallable[_project_pb2.ListProjectsRequest, _project_pb2.ListProjectsResponse]
+    UpdateProjectPolicy: _grpc.UnaryUnaryMultiCallable[_project_pb2.UpdateProjectPolicyRequest, _project_pb2.UpdateProjectPolicyResponse]
+    """UpdateProjectPolicy replaces a project's rollout policy. Admins of the project only;
+    audited with the policy before and after.
+    """
 
 @_typing.type_check_only
 class ProjectServiceAsyncStub(ProjectServiceStub):
@@ -47,6 +51,10 @@ class ProjectServiceAsyncStub(ProjectServiceStub):
     """CreateProject creates a project and its first enrollment token."""
     GetProject: _aio.UnaryUnaryMultiCallable[_project_pb2.GetProjectRequest, _project_pb2.GetProjectResponse]  # type: ignore[assignment]
     ListProjects: _aio.UnaryUnaryMultiCallable[_project_pb2.ListProjectsRequest, _project_pb2.ListProjectsResponse]  # type: ignore[assignment]
+    UpdateProjectPolicy: _aio.UnaryUnaryMultiCallable[_project_pb2.UpdateProjectPolicyRequest, _project_pb2.UpdateProjectPolicyResponse]  # type: ignore[assignment]
+    """UpdateProjectPolicy replaces a project's rollout policy. Admins of the project only;
+    audited with the policy before and after.
+    """
 
 class ProjectServiceServicer(metaclass=_abc_1.ABCMeta):
     """ProjectService manages projects: one tenant's fleet, bundles and rollouts."""
@@ -72,5 +80,15 @@ class ProjectServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _project_pb2.ListProjectsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_project_pb2.ListProjectsResponse, _abc.Awaitable[_project_pb2.ListProjectsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateProjectPolicy(
+        self,
+        request: _project_pb2.UpdateProjectPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_project_pb2.UpdateProjectPolicyResponse, _abc.Awaitable[_project_pb2.UpdateProjectPolicyResponse]]:
+        """UpdateProjectPolicy replaces a project's rollout policy. Admins of the project only;
+        audited with the policy before and after.
+        """
 
 def add_ProjectServiceServicer_to_server(servicer: ProjectServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,7 +24,7 @@ from controlplane.store.schema import node_heartbeats, node_labels, nodes
 
 
 # A metric the node did not report is NULL, never 0.0 (records.NodeMetrics).
-def _metrics(row: Any) -> NodeMetrics:
+def row_metrics(row: Any) -> NodeMetrics:
     return NodeMetrics(Health(row.health), *(getattr(row, m) for m in METRIC_NAMES))
 
 
@@ -34,7 +34,7 @@ def _metric_values(m: NodeMetrics) -> dict[str, Any]:
 
 def _node(row: Any) -> Node:
     beat = (
-        HeartbeatRecord(row.last_heartbeat_at, _metrics(row), row.heartbeat_digest)
+        HeartbeatRecord(row.last_heartbeat_at, row_metrics(row), row.heartbeat_digest)
         if row.last_heartbeat_at is not None
         else None
     )
@@ -267,7 +267,7 @@ class SqlNodes:
             .order_by(node_heartbeats.c.seq.desc())
         )
         rows = (await self._conn.execute(query)).all()
-        return [HeartbeatRecord(r.received_at, _metrics(r), r.applied_digest) for r in rows]
+        return [HeartbeatRecord(r.received_at, row_metrics(r), r.applied_digest) for r in rows]
 
     async def mark_offline(self, cutoff: datetime) -> list[tuple[str, str]]:
         stale = and_(

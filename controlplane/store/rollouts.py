@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controlplane.domain.records import Health, HeartbeatRecord, NodeMetrics, NodeStatus
+from controlplane.domain.records import HeartbeatRecord, NodeStatus
 from controlplane.domain.rollouts.facts import NodeFacts
 from controlplane.domain.rollouts.model import (
     ACTIVE_STATES,
@@ -26,6 +26,7 @@ from controlplane.domain.rollouts.model import (
     StepKind,
     StepState,
 )
+from controlplane.store.nodes import row_metrics
 from controlplane.store.schema import (
     node_heartbeats,
     node_labels,
@@ -40,7 +41,6 @@ from controlplane.store.schema import (
 
 # Ids per `IN (...)`: far below either database's parameter limit.
 _CHUNK = 500
-_METRICS = ("error_rate", "p99_latency_ms", "cpu_percent", "memory_percent", "requests_per_second")
 
 
 def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
@@ -369,7 +369,7 @@ class SqlRollouts:
             for r in (await self._conn.execute(query)).all():
                 beat = None
                 if r.last_heartbeat_at is not None:
-                    metrics = NodeMetrics(Health(r.health), *(getattr(r, m) for m in _METRICS))
+                    metrics = row_metrics(r)
                     beat = HeartbeatRecord(r.last_heartbeat_at, metrics, r.heartbeat_digest)
                 out.append(
                     NodeFacts(
@@ -395,7 +395,7 @@ class SqlRollouts:
                 node_heartbeats.c.node_id.in_(part), node_heartbeats.c.received_at > since
             )
             for r in (await self._conn.execute(query.order_by(node_heartbeats.c.seq))).all():
-                metrics = NodeMetrics(Health(r.health), *(getattr(r, m) for m in _METRICS))
+                metrics = row_metrics(r)
                 out.setdefault(r.node_id, []).append(
                     HeartbeatRecord(r.received_at, metrics, r.applied_digest)
                 )

@@ -100,9 +100,9 @@ class Agent:
 
     def _verifier(self, config: AgentConfig) -> BundleVerifier:
         """Signature and manifest checks: against the keys file, or the keys pinned at
-        first contact in the state dir (verify.py)."""
+        first contact in the state dir, less the retirements recorded there (verify.py)."""
         ring = (
-            KeyRing.from_file(config.trusted_keys)
+            KeyRing.from_file(config.trusted_keys, self._dir(), config.fsync)
             if config.trusted_keys is not None
             else KeyRing.pinned_in(self._dir(), config.fsync)
         )

@@ -23,8 +23,13 @@ Which keys are trusted is never the control plane's say alone:
   file to add it to).
 
 Either way the control plane's list (`ListSigningKeys`) is read before each install and
-can only take trust away: a key it lists as retired is retired here too, and stays so
-(in the pin file, across restarts).
+can only take trust away: a key it lists as retired is retired here too, and stays so.
+Every retirement the agent learns (from the listing, the operator's file or the pin
+file) is written to `<state-dir>/retired-keys.json` before the check that needed it and
+read back at start, so neither a restart, a listing that fails, a trusted-keys file that
+still says "active" (the server rewrites its file only at `serve` start) nor a database
+writer flipping the key back can un-retire it. A file can add keys, never revive one;
+only an operator editing `retired-keys.json` by hand can.
 
 This module is the agent's own: it imports nothing of the server (import-linter).
 """
@@ -47,7 +52,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from agent_stub.errors import ApplyFailed, TransientFailure
-from agent_stub.state import atomic_write
+from agent_stub.state import CorruptState, atomic_write
 
 CONTEXT = b"controlplane.bundle.v1\x00"
 META_DIR = ".bundle"
@@ -99,23 +104,45 @@ def load_trusted_keys(path: Path) -> dict[str, TrustedKey]:
 
 # The trust-on-first-use pins, in the state dir.
 PIN_FILE = "trusted-keys.json"
+# Every retirement this agent ever learned, in the state dir (both modes).
+RETIRED_FILE = "retired-keys.json"
 
 
-def _keys_json(keys: dict[str, TrustedKey]) -> bytes:
+def _keys_json(keys: dict[str, TrustedKey], retired: bool = False) -> bytes:
     body = [
         {
             "key_id": k.key_id,
             "public_key": base64.b64encode(k.public_key).decode(),
-            "state": "retired" if k.retired else "active",
+            "state": "retired" if retired or k.retired else "active",
         }
         for k in sorted(keys.values(), key=lambda k: k.key_id)
     ]
     return json.dumps({"keys": body}, indent=2).encode() + b"\n"
 
 
+def _retired_in(state_dir: Path | None) -> Path | None:
+    return state_dir / RETIRED_FILE if state_dir is not None else None
+
+
+def _load_retired(path: Path | None) -> dict[str, TrustedKey]:
+    """The retirements recorded in `path`: every key in it is retired, whatever it says.
+    An unreadable record is not guessed around (it would revive keys): CorruptState."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        keys = load_trusted_keys(path)
+    except ValueError as e:
+        raise CorruptState(
+            f"{e}; it records the signing keys this agent saw retired: fix it (removing it "
+            "forgets those retirements)"
+        ) from None
+    return {i: TrustedKey(k.key_id, k.public_key, True) for i, k in keys.items()}
+
+
 class KeyRing:
     """The keys this node trusts: from a file the operator gave (`file`), or pinned at
-    first contact in `pin_file`. The control plane's list can retire them, never add."""
+    first contact in `pin_file`. The control plane's list can retire them, never add.
+    Retirements are kept in `retired_file` (when given) and never undone."""
 
     def __init__(
         self,
@@ -123,20 +150,23 @@ class KeyRing:
         *,
         file: Path | None = None,
         pin_file: Path | None = None,
+        retired_file: Path | None = None,
         fsync: bool = True,
     ):
-        self.keys = dict(keys or {})
         self.file = file
         self.pin_file = pin_file
+        self.retired_file = retired_file
         self.fsync = fsync
         self._file_stamp: tuple[int, int] | None = None
-        # Retirements are never undone by a later listing or a rewritten file.
-        self._retired = {k.key_id for k in self.keys.values() if k.retired}
+        self._retired: dict[str, TrustedKey] = _load_retired(retired_file)
+        self.keys: dict[str, TrustedKey] = {}
+        self._learn(dict(keys or {}))
 
     @classmethod
-    def from_file(cls, path: Path) -> KeyRing:
-        """The keys of an operator's trusted-keys file (ValueError if it is unusable)."""
-        ring = cls(file=path)
+    def from_file(cls, path: Path, state_dir: Path | None = None, fsync: bool = True) -> KeyRing:
+        """The keys of an operator's trusted-keys file (ValueError if it is unusable),
+        minus those `state_dir` recorded as retired."""
+        ring = cls(file=path, retired_file=_retired_in(state_dir), fsync=fsync)
         ring.reload()
         return ring
 
@@ -145,7 +175,7 @@ class KeyRing:
         """Trust on first use: what `state_dir` pinned, or nothing yet."""
         pin = state_dir / PIN_FILE
         keys = load_trusted_keys(pin) if pin.exists() else None
-        return cls(keys, pin_file=pin, fsync=fsync)
+        return cls(keys, pin_file=pin, retired_file=_retired_in(state_dir), fsync=fsync)
 
     @property
     def source(self) -> str:
@@ -171,8 +201,21 @@ class KeyRing:
             return
         keys = load_trusted_keys(self.file)
         self._file_stamp = stamp
-        self._retired.update(k.key_id for k in keys.values() if k.retired)
+        self._learn(keys)
+
+    def _learn(self, keys: dict[str, TrustedKey]) -> None:
+        """Trust `keys`, less every key retired here before or marked retired in them."""
+        self._retire([k for k in keys.values() if k.retired])
         self.keys = self._marked(keys)
+
+    def _retire(self, keys: list[TrustedKey]) -> set[str]:
+        """Record retirements durably (before any check relies on them); the new ids."""
+        new = {k.key_id: k for k in keys if k.key_id not in self._retired}
+        if new:
+            self._retired.update(new)
+            if self.retired_file is not None:
+                atomic_write(self.retired_file, _keys_json(self._retired, retired=True), fsync=self.fsync)
+        return set(new)
 
     def _marked(self, keys: dict[str, TrustedKey]) -> dict[str, TrustedKey]:
         return {i: TrustedKey(k.key_id, k.public_key, i in self._retired) for i, k in keys.items()}
@@ -180,8 +223,7 @@ class KeyRing:
     def merge_server(self, listed: list[TrustedKey]) -> None:
         """What the control plane lists: its retirements are honoured; its keys are
         pinned only on first contact, and only without an operator's file."""
-        newly_retired = {k.key_id for k in listed if k.retired} - self._retired
-        self._retired |= newly_retired
+        newly_retired = self._retire([k for k in listed if k.retired])
         first_contact = self.file is None and self.pin_file is not None and not self.keys
         if first_contact:
             self.keys = {k.key_id: k for k in listed}
@@ -221,8 +263,11 @@ class BundleVerifier:
         self._list_keys = list_keys
 
     async def refresh(self) -> None:
+        """Re-read the keys file and the control plane's list. A listing that fails is
+        no reason to stop (with keys to check against): the ring still refuses every
+        key it has recorded as retired, whatever the file says."""
         try:
-            self.ring.reload()
+            await asyncio.to_thread(self.ring.reload)
         except ValueError as e:
             # A half-written file during an edit: keep the keys read before, try again later.
             if not self.ring.keys:

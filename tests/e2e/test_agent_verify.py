@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import zstandard
 from sqlalchemy import create_engine, select, update
@@ -99,6 +100,19 @@ class Tamper:
                     key_id=signer.key_id,
                     public_key=signer.public_key,
                     state="active",
+                    created_at=datetime.now(UTC),
+                    retired_at=None,
+                )
+            )
+
+    def break_key_listing(self) -> None:
+        """A key row in a state the server cannot read: ListSigningKeys fails (INTERNAL)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                signing_keys.insert().values(
+                    key_id="f" * 16,
+                    public_key=Signer.generate().public_key,
+                    state="unreadable",
                     created_at=datetime.now(UTC),
                     retired_at=None,
                 )
@@ -296,7 +310,8 @@ async def test_after_rotation_a_bundle_signed_by_the_retired_key_is_refused(
 ) -> None:
     """Rotate to a new key, retire the old one: a real agent trusting the server's keys
     file refuses anything signed by the old key, says why on GetNode, keeps its bundle,
-    and runs what the new key signs."""
+    and runs what the new key signs. Restarted while ListSigningKeys fails, and with the
+    server's file still listing the old key as active, it still refuses the old key."""
     agent = spawn_agent("edge-1", {"env": "prod"})
     node_id = await agent.wait_registered()
     first = await push(control, GOOD)
@@ -347,6 +362,26 @@ async def test_after_rotation_a_bundle_signed_by_the_retired_key_is_refused(
     # The same bundle with the new key's signature is run.
     await control.assign(second.digest, nodes=[node_id])
     await agent.wait_current(second.digest)
+
+    # The server rewrites its trusted-keys file only at `serve` start: it still says the
+    # old key is active. Restart the agent while the listing fails.
+    assert not load_trusted_keys(server.trusted_keys)[old.key_id].retired
+    third = await push(control, {"main.kdl": b'listen "9444"\n'})
+    await agent.stop()
+    tamper = Tamper(server)
+    try:
+        tamper.break_key_listing()
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            request = signing_pb2.ListSigningKeysRequest()
+            await stub.ListSigningKeys(request, metadata=control.metadata, timeout=10)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        agent.start()
+        rev = tamper.assign(node_id, third.digest, old.sign(third.digest), old.key_id)
+        await refused(control, agent, third.digest, rev, f"signed by retired key {old.key_id}")
+    finally:
+        tamper.close()
+    assert agent.current_digest() == second.digest
+    assert "retired-keys.json" in {p.name for p in agent.state_dir.iterdir()}
 
 
 HOSTILE = {

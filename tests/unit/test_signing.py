@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from agent_stub.errors import ApplyFailed
-from agent_stub.verify import PIN_FILE, KeyRing, TrustedKey, load_trusted_keys
+from agent_stub.errors import ApplyFailed, TransientFailure
+from agent_stub.state import CorruptState
+from agent_stub.verify import PIN_FILE, RETIRED_FILE, BundleVerifier, KeyRing, TrustedKey, load_trusted_keys
 from controlplane.domain.signing import CONTEXT, Signer, key_id_of, parse_seed, signed_message, verify
 
 DIGEST = "sha256:" + "ab" * 32
@@ -134,6 +135,59 @@ def test_the_operators_file_is_read_again_when_it_changes(tmp_path: Path) -> Non
     ring.reload()
     with pytest.raises(ApplyFailed, match="retired"):
         ring.check(DIGEST, new.sign(DIGEST), new.key_id)
+
+
+async def test_a_retirement_survives_a_restart_in_file_mode_when_the_listing_fails(tmp_path: Path) -> None:
+    """The server rewrites its trusted-keys file only at `serve` start, so after
+    RetireSigningKey the file still says "active". The agent records the retirement it
+    listed in its state dir; restarted, with ListSigningKeys failing, it still refuses."""
+    old, new, added = Signer.generate(), Signer.generate(), Signer.generate()
+    path = keys_file(tmp_path / "keys.json", old, new)
+    state = tmp_path / "state"
+    state.mkdir()
+
+    async def listing() -> list[TrustedKey]:
+        return list(trusted(old, new, retired=(old,)).values())
+
+    async def unreachable() -> list[TrustedKey]:
+        raise TransientFailure("cannot list the control plane's signing keys: UNAVAILABLE")
+
+    first = BundleVerifier(KeyRing.from_file(path, state, fsync=False), listing)
+    await first.check_signature(DIGEST, new.sign(DIGEST), new.key_id)
+    with pytest.raises(ApplyFailed, match=f"signed by retired key {old.key_id}"):
+        await first.check_signature(DIGEST, old.sign(DIGEST), old.key_id)
+    assert set(load_trusted_keys(state / RETIRED_FILE)) == {old.key_id}
+
+    # Restarted; the file still lists `old` as active and the listing fails.
+    again = BundleVerifier(KeyRing.from_file(path, state, fsync=False), unreachable)
+    with pytest.raises(ApplyFailed, match=f"signed by retired key {old.key_id}"):
+        await again.check_signature(DIGEST, old.sign(DIGEST), old.key_id)
+    await again.check_signature(DIGEST, new.sign(DIGEST), new.key_id)
+    # The file can add keys but cannot revive a retired one, even rewritten.
+    keys_file(path, old, new, added)
+    await again.check_signature(DIGEST, added.sign(DIGEST), added.key_id)
+    with pytest.raises(ApplyFailed, match="retired"):
+        await again.check_signature(DIGEST, old.sign(DIGEST), old.key_id)
+    # A retirement the file itself states is recorded too.
+    keys_file(path, old, new, added, retired=(added,))
+    await again.refresh()
+    keys_file(path, old, new, added)
+    ring = KeyRing.from_file(path, state, fsync=False)
+    assert {k for k, v in ring.keys.items() if v.retired} == {old.key_id, added.key_id}
+
+
+def test_pinned_retirements_are_recorded_and_an_unreadable_record_is_refused(tmp_path: Path) -> None:
+    first, second = Signer.generate(), Signer.generate()
+    ring = KeyRing.pinned_in(tmp_path, fsync=False)
+    ring.merge_server(list(trusted(first, second).values()))
+    ring.merge_server(list(trusted(first, second, retired=(first,)).values()))
+    assert set(load_trusted_keys(tmp_path / RETIRED_FILE)) == {first.key_id}
+    # Even if the pin file is rewritten with the key active, the record holds.
+    keys_file(tmp_path / PIN_FILE, first, second)
+    assert KeyRing.pinned_in(tmp_path, fsync=False).keys[first.key_id].retired
+    (tmp_path / RETIRED_FILE).write_text("{")
+    with pytest.raises(CorruptState, match=f"{RETIRED_FILE}.*saw retired"):
+        KeyRing.pinned_in(tmp_path, fsync=False)
 
 
 def test_trusted_keys_file(tmp_path: Path) -> None:

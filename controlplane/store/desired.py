@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, Select, and_, cast, delete, exists, func, select, text, update
+from sqlalchemy import BigInteger, Select, and_, case, cast, delete, exists, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import aliased
 
@@ -122,14 +122,17 @@ class SqlDesiredLog:
         """Move the retention floor up to `floor`; False if it is already there.
 
         One conditional UPDATE, so the floor only ever rises: two replicas pruning at
-        once cannot move it back (a read, then a write, could)."""
+        once cannot move it back (a read, then a write, could).
+
+        `server_meta.value` is text shared by every key, and the epoch is not a number.
+        SQL does not order the terms of a WHERE: PostgreSQL may cast a row's value before
+        it checks the key (it does, given a sequential scan and a key comparison it
+        prices higher), and fail on the epoch. Inside CASE the cast is reached only for
+        the floor's own row: CASE is the construct whose order PostgreSQL promises."""
+        is_floor = server_meta.c.key == "floor_revision"
+        current = case((is_floor, cast(server_meta.c.value, BigInteger)))
         result = await self._conn.execute(
-            update(server_meta)
-            .where(
-                server_meta.c.key == "floor_revision",
-                func.coalesce(cast(server_meta.c.value, BigInteger), 0) < floor,
-            )
-            .values(value=str(floor))
+            update(server_meta).where(is_floor, func.coalesce(current, 0) < floor).values(value=str(floor))
         )
         return bool(result.rowcount)
 

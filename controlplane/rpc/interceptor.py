@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from prometheus_client import Counter
 
@@ -270,23 +271,31 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 
 def _nul_field(message: Message, prefix: str = "") -> str | None:
-    """The first string field (or map key or value), at any depth, holding a NUL."""
-    for field, value in message.ListFields():
-        name = prefix + field.name
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            for key, item in value.items():
+    """The first string field (or map key or value), at any depth, holding a NUL.
+
+    Only the fields that can lead to a string are looked at (`_string_fields`): a
+    heartbeat's bytes nearly always hold a zero byte (its doubles, a present 0), so it
+    comes here, and its metrics, numbers only, are skipped without being read."""
+    for field, shape in _string_fields(message.DESCRIPTOR):
+        if shape == _STRING:
+            if "\x00" in getattr(message, field):
+                return prefix + field
+            continue
+        name = prefix + field
+        if shape == _MAP:
+            for key, item in getattr(message, field).items():
                 if isinstance(key, str) and "\x00" in key:
                     return f"{name}[{key!r}]"
                 found = _nul_in(item, f"{name}[{key!r}]")
                 if found is not None:
                     return found
-        elif field.is_repeated:
-            for i, item in enumerate(value):
+        elif shape == _REPEATED:
+            for i, item in enumerate(getattr(message, field)):
                 found = _nul_in(item, f"{name}[{i}]")
                 if found is not None:
                     return found
-        else:
-            found = _nul_in(value, name)
+        elif message.HasField(field):
+            found = _nul_field(getattr(message, field), name + ".")
             if found is not None:
                 return found
     return None
@@ -298,6 +307,54 @@ def _nul_in(value: Any, name: str) -> str | None:
     if isinstance(value, Message):
         return _nul_field(value, name + ".")
     return None
+
+
+# A field's shape, as plain ints (compared per field per request: cheaper than an enum).
+_STRING, _MESSAGE, _REPEATED, _MAP = range(4)  # _MESSAGE: singular, read only when present
+
+
+# By message type, its fields that hold a string or a message that can, with their
+# shape, in number order (the order the full walk reported in). Types are few and
+# fixed: each is worked out once.
+_STRING_FIELDS: dict[Any, tuple[tuple[str, int], ...]] = {}
+
+
+def _string_fields(descriptor: Any) -> tuple[tuple[str, int], ...]:
+    """`descriptor`: a message's DESCRIPTOR (the C implementation's type or the Python
+    one, depending on the protobuf backend)."""
+    fields = _STRING_FIELDS.get(descriptor)
+    if fields is None:
+        fields = _STRING_FIELDS[descriptor] = tuple(
+            (f.name, _shape(f))
+            for f in sorted(descriptor.fields, key=lambda f: f.number)
+            if _leads_to_string(f, set())
+        )
+    return fields
+
+
+def _shape(field: FieldDescriptor) -> int:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return _MAP
+    if field.is_repeated:
+        return _REPEATED
+    return _STRING if field.message_type is None else _MESSAGE
+
+
+def _leads_to_string(field: FieldDescriptor, seen: set[Descriptor]) -> bool:
+    if field.type == FieldDescriptor.TYPE_STRING:
+        return True
+    target = field.message_type
+    if target is None:
+        return False
+    if target in seen:
+        # A type met again on this path (a recursive message): whatever strings it has
+        # are found where it was first met.
+        return False
+    seen.add(target)
+    try:
+        return any(_leads_to_string(f, seen) for f in target.fields)
+    finally:
+        seen.discard(target)
 
 
 async def _well_formed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:

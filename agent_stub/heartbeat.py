@@ -8,15 +8,23 @@ field the file leaves out is absent from the beat. The server stores absence as 
 and a health gate on a metric the node did not report fails. The next beat is due
 `interval_seconds` after the server's last reply. A failed beat is logged and retried at
 the next interval; it never stops the agent.
+
+One bad value costs that value, never the beat. The server refuses a whole heartbeat
+over one metric outside its bounds (INVALID_ARGUMENT), and a node whose beats are all
+refused goes OFFLINE although it is alive — so the agent checks every field against the
+same bounds first and leaves a bad one out (absent, which a gate treats as unreported),
+keeping the rest. Each problem is logged once when it appears and once when it clears,
+not on every beat: a broken exporter must not flood the log at the heartbeat rate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import grpc
 
@@ -29,38 +37,115 @@ HEALTH = {
     "degraded": node_pb2.HEALTH_STATUS_DEGRADED,
     "unhealthy": node_pb2.HEALTH_STATUS_UNHEALTHY,
 }
-_FIELDS = ("error_rate", "p99_latency_ms", "cpu_percent", "memory_percent", "requests_per_second")
+# The server's bounds, inclusive (controlplane.domain.nodes.METRIC_BOUNDS), copied because
+# the agent may not import the domain (import-linter); tests/unit/test_metric_bounds.py
+# fails when the two differ. A value outside them would get the whole beat refused.
+MetricName = Literal["error_rate", "p99_latency_ms", "cpu_percent", "memory_percent", "requests_per_second"]
+METRIC_BOUNDS: dict[MetricName, tuple[float, float]] = {
+    "error_rate": (0.0, 1.0),
+    "p99_latency_ms": (0.0, 3.6e6),
+    "cpu_percent": (0.0, 100.0),
+    "memory_percent": (0.0, 100.0),
+    "requests_per_second": (0.0, 1e9),
+}
 
 
 class MetricsError(ValueError):
-    pass
+    """No metrics at all could be read; `problem` names the kind (for the once-only warning)."""
+
+    def __init__(self, message: str, problem: str):
+        super().__init__(message)
+        self.problem = problem
 
 
-def parse_metrics(data: Any) -> node_pb2.NodeMetrics:
-    """NodeMetrics from a JSON object such as {"health": "healthy", "error_rate": 0.01}.
-    What the object leaves out (or sets to null) stays absent: no health is UNSPECIFIED,
-    no error_rate is no error_rate."""
+class Dropped(NamedTuple):
+    """A field left out of the beat. (`field`, `problem`) identifies the problem for the
+    once-only warning; `detail` says what the value was."""
+
+    field: str
+    problem: str
+    detail: str
+
+
+class Reading(NamedTuple):
+    metrics: node_pb2.NodeMetrics
+    dropped: list[Dropped]
+
+
+def parse_metrics(data: Any) -> Reading:
+    """NodeMetrics from a JSON object such as {"health": "healthy", "error_rate": 0.01},
+    and what had to be dropped from it. What the object leaves out (or sets to null)
+    stays absent: no health is UNSPECIFIED, no error_rate is no error_rate. A field that
+    is not valid — an unknown health, a value that is not a number, not finite or outside
+    METRIC_BOUNDS — is dropped the same way and listed, and the other fields are kept.
+    Only something that is not a JSON object at all is an error."""
     if not isinstance(data, dict):
-        raise MetricsError("metrics must be a JSON object")
+        raise MetricsError(f"metrics must be a JSON object, not {type(data).__name__}", "not an object")
+    dropped: list[Dropped] = []
     health = data.get("health")
     health_value: node_pb2.HealthStatus.ValueType = node_pb2.HEALTH_STATUS_UNSPECIFIED
-    if isinstance(health, str):
-        if health.lower() not in HEALTH:
-            raise MetricsError(f"health {health!r} is not one of {', '.join(HEALTH)}")
+    if isinstance(health, str) and health.lower() in HEALTH:
         health_value = HEALTH[health.lower()]
     elif isinstance(health, int) and not isinstance(health, bool) and health in HEALTH.values():
         health_value = node_pb2.HealthStatus.ValueType(health)
     elif health is not None:
-        raise MetricsError(f"health {health!r} is not valid")
+        detail = f"{_show(health)} is not one of {', '.join(HEALTH)}"
+        dropped.append(Dropped("health", "unknown health", detail))
     values: dict[str, float] = {}
-    for name in _FIELDS:
+    for name, (low, high) in METRIC_BOUNDS.items():
         value = data.get(name)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MetricsError(f"{name} must be a number, not {value!r}")
-        values[name] = float(value)
-    return node_pb2.NodeMetrics(health=health_value, **values)
+            dropped.append(Dropped(name, "not a number", f"{_show(value)} is not a number"))
+            continue
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past the largest float: certainly out of range
+            digits = int(int(value).bit_length() * math.log10(2))
+            dropped.append(
+                Dropped(name, "out of range", f"an integer of ~{digits} digits is outside [{low}, {high}]")
+            )
+            continue
+        if problem := _out_of_bounds(number, low, high):
+            dropped.append(Dropped(name, problem, f"{number} is outside [{low}, {high}]"))
+            continue
+        values[name] = number
+    return Reading(node_pb2.NodeMetrics(health=health_value, **values), dropped)
+
+
+def check_metrics(m: node_pb2.NodeMetrics) -> Reading:
+    """`m` without the values the server would refuse (for a metrics source, which
+    builds NodeMetrics itself and can get a value wrong as easily as a file)."""
+    kept = node_pb2.NodeMetrics()
+    kept.CopyFrom(m)
+    dropped: list[Dropped] = []
+    for name, (low, high) in METRIC_BOUNDS.items():
+        if m.HasField(name) and (problem := _out_of_bounds(value := getattr(m, name), low, high)):
+            kept.ClearField(name)
+            dropped.append(Dropped(name, problem, f"{value} is outside [{low}, {high}]"))
+    return Reading(kept, dropped)
+
+
+def _out_of_bounds(value: float, low: float, high: float) -> str:
+    """Why the server would refuse `value` ("" if it would not); the same test as its
+    validation.bounded."""
+    if not math.isfinite(value):
+        return "not finite"
+    return "" if low <= value <= high else "out of range"
+
+
+def _show(value: Any) -> str:
+    """`value` for a log line, cut short: the file may hold anything, of any size."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_int(text: str) -> int | float:
+    """A JSON integer; one too long for any metric becomes a float (inf past 1e308) so it
+    is dropped as one bad field. As an int, past 4300 digits, it would fail the whole
+    parse (Python's int-from-string limit) and cost every metric."""
+    return int(text) if len(text) <= 32 else float(text)
 
 
 def unknown_metrics() -> node_pb2.NodeMetrics:
@@ -69,12 +154,15 @@ def unknown_metrics() -> node_pb2.NodeMetrics:
     return node_pb2.NodeMetrics(health=node_pb2.HEALTH_STATUS_UNSPECIFIED)
 
 
-def read_metrics_file(path: Path) -> node_pb2.NodeMetrics:
+def read_metrics_file(path: Path) -> Reading:
     try:
-        return parse_metrics(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as e:
-        raise MetricsError(f"cannot read {path}: {e}") from None
+        return parse_metrics(json.loads(path.read_text(), parse_int=_json_int))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON
+        raise MetricsError(f"cannot read {path}: {e}", type(e).__name__) from None
 
+
+# The "field" of a problem that cost every metric (no NodeMetrics field is named so).
+_WHOLE = "metrics"
 
 MetricsSource = Callable[[], Awaitable[node_pb2.NodeMetrics]]
 
@@ -104,19 +192,50 @@ class Heartbeater:
         self.timeout = timeout
         self.sent = 0
         self.failures = 0
+        # The metrics problems of the last beat, each warned about once when it appeared.
+        self._warned: set[tuple[str, str]] = set()
 
     async def metrics(self) -> node_pb2.NodeMetrics:
-        if self._metrics is not None:
-            return await self._metrics()
-        if self.metrics_file is None:
+        """What this beat reports: the source's or the file's metrics without the values
+        the server would refuse, or nothing known. Never raises: a beat goes out whatever
+        the metrics, since it is also the node's liveness."""
+        if self._metrics is None and self.metrics_file is None:
             return unknown_metrics()
         try:
-            return read_metrics_file(self.metrics_file)
-        except MetricsError as e:
-            self._log.warning(
-                "heartbeat.metrics_unreadable", error=str(e), detail="sending no metrics (health unknown)"
-            )
+            if self._metrics is not None:
+                reading = check_metrics(await self._metrics())
+            else:
+                assert self.metrics_file is not None
+                reading = read_metrics_file(self.metrics_file)
+        except Exception as e:  # MetricsError for the file, or a source's bug
+            problem = e.problem if isinstance(e, MetricsError) else type(e).__name__
+            self._problems({(_WHOLE, problem): str(e) or repr(e)})
             return unknown_metrics()
+        self._problems({(d.field, d.problem): d.detail for d in reading.dropped})
+        return reading.metrics
+
+    def _problems(self, current: dict[tuple[str, str], str]) -> None:
+        """Warn about each problem in `current` the previous beat did not have, and say
+        when one is gone: one line per problem while it lasts, not one per beat."""
+        for key in current.keys() - self._warned:
+            field, problem = key
+            if field == _WHOLE:
+                self._log.warning(
+                    "heartbeat.metrics_unreadable",
+                    error=current[key],
+                    detail="sending no metrics (health unknown) until they can be read",
+                )
+            else:
+                self._log.warning(
+                    "heartbeat.metric_dropped",
+                    field=field,
+                    problem=problem,
+                    error=current[key],
+                    detail=f"{field} is left out of heartbeats (not reported) until it is valid",
+                )
+        for field, problem in sorted(self._warned - current.keys()):
+            self._log.info("heartbeat.metrics_problem_cleared", field=field, problem=problem)
+        self._warned = set(current)
 
     async def beat(self) -> bool:
         node_id = self._node_id()

@@ -398,7 +398,11 @@ def _is_stale(last: StatusReport, new: StatusReport) -> bool:
     return (new.revision, _PHASE_ORDER[new.phase]) <= (last.revision, _PHASE_ORDER[last.phase])
 
 
-_METRIC_BOUNDS = {
+# What a heartbeat's metrics may hold, inclusive; a value outside (or NaN, or infinite)
+# refuses the beat. The reference agent keeps a copy (agent_stub.heartbeat.METRIC_BOUNDS:
+# it may not import the domain) to drop a bad value instead of losing the beat, and
+# tests/unit/test_metric_bounds.py fails when the two differ: change both together.
+METRIC_BOUNDS = {
     "error_rate": (0.0, 1.0),
     "p99_latency_ms": (0.0, 3.6e6),
     "cpu_percent": (0.0, 100.0),
@@ -408,8 +412,10 @@ _METRIC_BOUNDS = {
 
 
 def _check_metrics(m: NodeMetrics) -> None:
-    """Reported values must be in range; an absent one (None) is simply not reported."""
-    for name, (low, high) in _METRIC_BOUNDS.items():
+    """Reported values must be in range; an absent one (None) is simply not reported.
+    The refusal names the field (`metrics.error_rate: nan is outside [0.0, 1.0]`) so an
+    agent's operator can tell which of its metrics is wrong."""
+    for name, (low, high) in METRIC_BOUNDS.items():
         if (value := getattr(m, name)) is not None:
             validation.bounded(value, low, high, f"metrics.{name}")
 

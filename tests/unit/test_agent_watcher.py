@@ -515,23 +515,21 @@ def test_simulated_metrics_are_full_by_default_and_can_omit_values() -> None:
 
 
 def test_metrics_file_contents() -> None:
-    """Fields left out or null are absent; health left out is UNSPECIFIED; bad values
-    are refused (the agent then sends no metrics, with a warning)."""
-    m = parse_metrics({"health": "healthy", "error_rate": 0, "p99_latency_ms": None})
-    assert m.health == node_pb2.HEALTH_STATUS_HEALTHY
+    """Fields left out or null are absent; health left out is UNSPECIFIED; a bad field is
+    dropped alone (tests/unit/test_agent_metrics.py); only a non-object is refused (the
+    agent then sends no metrics, with a warning)."""
+    m, dropped = parse_metrics({"health": "healthy", "error_rate": 0, "p99_latency_ms": None})
+    assert m.health == node_pb2.HEALTH_STATUS_HEALTHY and dropped == []
     assert reported(m) == {"error_rate": 0.0} and m.HasField("error_rate")
     assert not m.HasField("p99_latency_ms") and not m.HasField("requests_per_second")
-    bare = parse_metrics({"cpu_percent": 12.5})
+    bare, _ = parse_metrics({"cpu_percent": 12.5})
     assert bare.health == node_pb2.HEALTH_STATUS_UNSPECIFIED and reported(bare) == {"cpu_percent": 12.5}
-    refused: list[Any] = [
-        [],
-        {"health": "fine"},
-        {"health": True},
-        {"error_rate": "low"},
-        {"cpu_percent": False},
-    ]
+    partly, dropped = parse_metrics({"health": "fine", "error_rate": "low", "cpu_percent": 3})
+    assert partly.health == node_pb2.HEALTH_STATUS_UNSPECIFIED and reported(partly) == {"cpu_percent": 3.0}
+    assert [d.field for d in dropped] == ["health", "error_rate"]
+    refused: list[Any] = [[], "healthy", 0.5, None]
     for bad in refused:
-        with pytest.raises(MetricsError):
+        with pytest.raises(MetricsError, match="JSON object"):
             parse_metrics(bad)
 
 
@@ -709,6 +707,15 @@ async def test_local_errors_never_end_the_agent(
     errors = await run.wait_event("watch.error", 2)
     assert "No space left" in str(errors[0]["error"])
     await run.wait_event("snapshot.end")
-    await run.wait_event("heartbeat.error")
+    [warned] = await run.wait_event("heartbeat.metrics_unreadable")
+    assert "sensor unplugged" in str(warned["error"])
+
+    # A failing metrics source costs the metrics, not the beat (the node's liveness).
+    async def beat() -> None:
+        assert plane.heartbeats
+
+    await eventually(beat, what="a heartbeat without metrics")
+    sent = plane.heartbeats[0][0].metrics
+    assert sent.health == node_pb2.HEALTH_STATUS_UNSPECIFIED and reported(sent) == {}
     assert not run.task.done()
     await run.stop()

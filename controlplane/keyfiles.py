@@ -3,20 +3,45 @@ embedded mode, supplied by configuration in production."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` with mode 0600, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `data` to `path` with mode 0600, atomically and durably.
+
+    The bytes go to a new temporary file beside `path` (made with O_EXCL and mode 0600,
+    so a leftover or planted file of that name can neither widen its mode nor redirect
+    it), which is fsynced, renamed over `path`, and then the directory is fsynced: after
+    a crash `path` holds either nothing new or all of `data`, never an empty or partial
+    key — a lost audit or signing key cannot be made again. A failed write leaves no
+    temporary file behind."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` survive a crash (the entry lives in the directory)."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_or_create_hex(path: Path, nbytes: int = 32) -> tuple[bytes, bool]:

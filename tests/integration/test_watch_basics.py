@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 
@@ -12,8 +13,9 @@ from sqlalchemy import select, update
 from controlplane.api.identity.v1 import identity_pb2 as ipb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.watch.v1 import watch_pb2 as pb
+from controlplane.domain.desired import DesiredRow, FeedPosition, FeedSnapshot
 from controlplane.store.schema import revision_counter, server_meta
-from controlplane.watch.hub import HubSettings
+from controlplane.watch.hub import HubSettings, WatchHub
 from controlplane.watch.stream import LEDGER_SIZE
 from tests.conftest import HarnessFactory
 from tests.support.archives import bundle
@@ -170,39 +172,69 @@ async def test_an_acknowledgement_of_an_early_delivery_is_accepted(harness: Harn
     await rec.cancel()
 
 
+class HeldHub:
+    """Stands in the hub's feed and its `wait_until` until released: the hub cannot read,
+    so whoever waits for it to read is held too, and says so. An open that needs the
+    hub to catch up then holds its place among the opening streams for exactly as long
+    as the test says (and its visibility timeout starts only when released)."""
+
+    def __init__(self, hub: WatchHub):
+        self._feed, self._wait_until = hub.feed, hub.wait_until
+        self.waiting = asyncio.Event()
+        self.released = asyncio.Event()
+
+    async def position(self) -> FeedPosition:
+        await self.released.wait()
+        return await self._feed.position()
+
+    async def changes(self, after: int, upto: int) -> list[DesiredRow]:
+        return await self._feed.changes(after, upto)
+
+    async def snapshot(self) -> FeedSnapshot:
+        return await self._feed.snapshot()
+
+    async def wait_until(self, node_id: str | None, revision: int, within: float) -> bool:
+        self.waiting.set()
+        await self.released.wait()
+        return await self._wait_until(node_id, revision, within)
+
+
 async def test_too_many_opening_at_once_is_resource_exhausted_with_a_retry_hint(
-    make_harness: HarnessFactory,
+    make_harness: HarnessFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # One open at a time; no sweep, so the hub reads only when woken.
-    h = await make_harness(hub=HubSettings(bookmark_interval=1.0, sweep_interval=600.0, max_opening=1))
+    h = await make_harness(hub=HubSettings(bookmark_interval=1.0, max_opening=1))
     node, other = await h.register("n1"), await h.register("n2")
     first = h.open_watch(node)
     await first.wait_for(lambda r: "snapshot_end" in r.kinds)
     epoch = first.epoch
     await first.cancel()
-    # A revision committed behind the hub's back (another replica's, say): a node that has
-    # seen it waits for this hub to read it, holding its place among the opening streams.
+    held = HeldHub(h.app.hub)
+    await h.app.hub.catch_up()  # no read in progress: the next one goes through `held`
+    monkeypatch.setattr(h.app.hub, "feed", held)
+    monkeypatch.setattr(h.app.hub, "wait_until", held.wait_until)
+    # A revision the hub has not read (another replica's, say): a node that has seen it
+    # waits for this hub to read it, holding the one place among opening streams.
     async with h.app.engine.begin() as conn:
         await conn.execute(update(revision_counter).values(value=revision_counter.c.value + 1))
         seen = int(await conn.scalar(select(revision_counter.c.value)) or 0)
     waiting = h.open_watch(node, since=seen, epoch=epoch)
     try:
-
-        async def refused() -> str:
-            rec = h.open_watch(other)
-            await rec.wait_for(lambda r: r.ended.is_set() or bool(r.events), what="an answer")
-            if not rec.ended.is_set():
-                await rec.cancel()
-                raise AssertionError("opened while the other one waited")
-            assert rec.error is not None and rec.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, rec.error
-            assert int(dict(await rec.call.trailing_metadata()).get("retry-after-ms", 0)) > 0, "no retry hint"
-            return rec.error.details() or ""
-
-        details = await eventually(refused, what="an open refused while another is opening")
-        assert "too many streams are opening" in details
-        assert waiting.events == []
-        h.app.hub.wake()
+        async with asyncio.timeout(10):
+            await held.waiting.wait()  # admitted, and waiting for the hub
+        refused = h.open_watch(other)
+        await refused.wait_for(lambda r: r.ended.is_set() or bool(r.events), what="an answer")
+        assert refused.ended.is_set() and not refused.events, "opened while another open held the only place"
+        assert refused.error is not None and refused.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too many streams are opening" in (refused.error.details() or "")
+        assert int(dict(await refused.call.trailing_metadata()).get("retry-after-ms", 0)) > 0, "no retry hint"
+        assert waiting.events == [] and not waiting.ended.is_set()
+        held.released.set()
         await waiting.wait_for(lambda r: "bookmark" in r.kinds, what="the waiting open resumed")
         assert waiting.of("started")[0].mode == pb.STREAM_MODE_RESUME
+        # Its place is free again: the refused node gets in now.
+        again = h.open_watch(other)
+        await again.wait_for(lambda r: "snapshot_end" in r.kinds, what="the refused node let in")
+        await again.cancel()
     finally:
+        held.released.set()
         await waiting.cancel()

@@ -12,8 +12,11 @@ re-asserted: a new assignment of the same bundle (pin and weight kept) on its
 `node:<id>` key, which the agent treats as a fresh reason to try once more. At most
 `MAX_REMEDIATIONS` per episode, one per grace period, never for a node an active
 rollout holds, never during a freeze window, never for a bundle that is no longer
-assignable. Each attempt is a conditional update of the episode, so two sweepers can
-never remediate the same attempt twice.
+assignable, and only if the row the image showed still decides the node's desired state
+when read in the remediating transaction (the image may be a commit behind a rollback's
+restore, an assignment or a pin, which a re-assertion would otherwise bury). Each
+attempt is a conditional update of the episode, so two sweepers can never remediate the
+same attempt twice.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from controlplane.domain.errors import DomainError
 from controlplane.domain.labels import node_key
 from controlplane.domain.projects import require_project
 from controlplane.domain.rollouts.bundles import assignable
+from controlplane.domain.rollouts.commit import effective_rows
 from controlplane.domain.rollouts.ports import DriftEpisode, NodeApplied
 from controlplane.domain.secrets import new_id
 
@@ -159,6 +163,14 @@ class DriftDetector:
                 return 0
             if await tx.rollouts.claims([episode.node_id]):
                 return 0  # an active rollout owns this node's desired state
+            # `desired` is the hub's image, which may be a commit behind (this process's
+            # hub reading the log, another replica's NOTIFY): what was written since — a
+            # rollback's restore, an operator's assignment or pin — must not be buried
+            # under a re-assertion of what it replaced. Only the row that decides now, read
+            # in this transaction, is re-asserted.
+            current = (await effective_rows(tx, episode.project, [episode.node_id])).get(episode.node_id)
+            if current is None or current.revision != desired.revision:
+                return 0
             bundle = await assignable(tx, episode.project, desired.digest)
             if not await tx.drift.count_remediation(episode.id, episode.remediations, now):
                 return 0

@@ -1,0 +1,161 @@
+"""Drift remediation decides on the watch hub's image of the desired state, and that
+image can be a commit behind (this process's hub still reading the log, another
+replica's NOTIFY not yet heard). A re-assertion must never bury what was written since:
+the rolled-back bundle must not come back over a rollback's restore, and an operator's
+pin must not be replaced by the assignment it overrode. Remediation also waits out
+freeze windows. Real agents (the simulator) over real gRPC; SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import timedelta
+
+import pytest
+
+from controlplane.api.rollout.v1 import drift_pb2
+from controlplane.domain.audit import acting_as, system
+from controlplane.domain.clock import utcnow
+from controlplane.domain.desired import DesiredRow
+from controlplane.domain.drift import DriftDetector
+from controlplane.domain.labels import node_key
+from tests.conftest import HarnessFactory
+from tests.integration.test_rollout_safety import at, freeze
+from tests.support.eventually import eventually
+from tests.support.harness import Harness
+from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running
+
+
+class LaggingView:
+    """The hub's image, except that the nodes `hold` names keep the rows it saw then:
+    a view a commit (or a few) behind the log, as a lagging replica's hub is."""
+
+    def __init__(self, plane: Harness):
+        self._hub = plane.app.hub
+        self._held: dict[str, DesiredRow | None] = {}
+
+    def hold(self, node_ids: Iterable[str]) -> None:
+        self._held = {n: self._hub.effective(n) for n in node_ids}
+
+    def release(self) -> None:
+        self._held = {}
+
+    def effective(self, node_id: str) -> DesiredRow | None:
+        if node_id in self._held:
+            return self._held[node_id]
+        return self._hub.effective(node_id)
+
+    def head(self) -> int:
+        return self._hub.head()
+
+    async def wait_until(self, node_id: str | None, revision: int, within: float) -> bool:
+        return await self._hub.wait_until(node_id, revision, within)
+
+
+@pytest.fixture
+async def plane(make_harness: HarnessFactory) -> Harness:
+    plane = await make_harness(**FAST)
+    # The test sweeps itself, with its own view; no driver either (it advances by hand).
+    await plane.app.rollout_tasks.stop()
+    return plane
+
+
+async def remediation_on(rollouts: Rollouts) -> None:
+    await rollouts.drift.UpdateDriftSettings(
+        drift_pb2.UpdateDriftSettingsRequest(project="default", remediate=True)
+    )
+
+
+async def latest_own_row(plane: Harness, node_id: str) -> DesiredRow:
+    async with plane.app.store.read() as tx:
+        return (await tx.desired.latest([node_key(node_id)]))[node_key(node_id)]
+
+
+def detector(plane: Harness, view: LaggingView) -> DriftDetector:
+    # No grace: the lagging image is the only thing between a sweep and a re-assertion.
+    return DriftDetector(plane.app.store, utcnow, view, plane.app.hub.wake, grace=timedelta(0))
+
+
+async def test_remediation_never_brings_a_rolled_back_bundle_back(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 1)) as sim:
+        rollouts = Rollouts(plane.channel)
+        node = sim.nodes[0]
+        v0 = await plane.upload(archive("v0"))
+        v1 = await plane.upload(archive("v1"))
+        await plane.assign(v0, nodes=[node.node_id])
+
+        async def on_v0() -> None:
+            assert node.digest == v0
+
+        await eventually(on_v0, what="the node on v0")
+        node.rejects.add(v1)
+        created = await rollouts.create(v1, strategy=pb.STRATEGY_ALL_AT_ONCE, gates=pb.HealthGates())
+        with acting_as(system("test-driver")):
+            await plane.app.rollouts.advance(created.id)  # start: step 0 writes v1
+        assert (await latest_own_row(plane, node.node_id)).digest == v1
+        await plane.app.hub.wait_until(None, (await rollouts.get(created.id)).steps[0].revision, 5.0)
+
+        # The sweeper's image still shows the rollout's v1 when the rollback lands.
+        view = LaggingView(plane)
+        view.hold([node.node_id])
+        assert view.effective(node.node_id) is not None
+        await rollouts.stub.RollbackRollout(
+            pb.RollbackRolloutRequest(project="default", rollout_id=created.id, reason="bad")
+        )
+        restored = await latest_own_row(plane, node.node_id)
+        assert restored.digest == v0
+        await remediation_on(rollouts)
+        sweeper = detector(plane, view)
+        with acting_as(system("drift-sweep")):
+            result = await sweeper.sweep()
+        # The image says the node (on v0) drifted from v1; the log says v0 decides.
+        assert result.opened == 1
+        assert result.remediated == 0
+        assert await latest_own_row(plane, node.node_id) == restored
+
+        # Once the image catches up the node is simply converged.
+        view.release()
+        with acting_as(system("drift-sweep")):
+            result = await sweeper.sweep()
+        assert result.resolved == 1 and result.open == 0
+        assert await latest_own_row(plane, node.node_id) == restored
+        assert node.digest == v0
+
+
+async def test_remediation_never_replaces_a_newer_pin_and_waits_out_freezes(plane: Harness) -> None:
+    async with running(fleet(plane.address, plane.token, 1)) as sim:
+        rollouts = Rollouts(plane.channel)
+        node = sim.nodes[0]
+        v1 = await plane.upload(archive("v1"))
+        v2 = await plane.upload(archive("v2"))
+        node.rejects.update({v1, v2})
+        await plane.assign(v1, selector="env=prod")
+        await remediation_on(rollouts)
+        view = LaggingView(plane)
+        view.hold([node.node_id])
+        pinned = await rollouts.stub.PinNode(
+            pb.PinNodeRequest(project="default", node_id=node.node_id, digest=v2, reason="hotfix")
+        )
+        sweeper = detector(plane, view)
+        with acting_as(system("drift-sweep")):
+            result = await sweeper.sweep()
+        assert result.opened == 1 and result.remediated == 0
+        row = await latest_own_row(plane, node.node_id)
+        assert (row.digest, row.pinned, row.revision) == (v2, True, pinned.revision)
+
+        # Caught up, but frozen: nothing is re-asserted until the window goes.
+        view.release()
+        window = await freeze(
+            rollouts, "change freeze", at(-timedelta(minutes=1)), at(timedelta(hours=1)), "holiday"
+        )
+        with acting_as(system("drift-sweep")):
+            result = await sweeper.sweep()
+        assert result.remediated == 0
+        assert (await latest_own_row(plane, node.node_id)).revision == pinned.revision
+        await rollouts.stub.DeleteFreezeWindow(pb.DeleteFreezeWindowRequest(project="default", id=window.id))
+
+        # Then the pin itself is re-asserted, still a pin.
+        with acting_as(system("drift-sweep")):
+            result = await sweeper.sweep()
+        assert result.remediated == 1
+        row = await latest_own_row(plane, node.node_id)
+        assert (row.digest, row.pinned) == (v2, True) and row.revision > pinned.revision

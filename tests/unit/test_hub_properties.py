@@ -16,6 +16,13 @@ ticks, against a model that keeps the whole history. Each guarantee is one named
   epoch) is not bootstrapped; any other cursor gets a reset with the right reason, floor,
   head and epoch, then a bootstrap.
 - EPOCH: when the history's epoch changes, every open stream ends (UNAVAILABLE).
+- WHERE: the hub's head, floor and epoch (and what StreamStarted says of them) are where
+  history was when the hub last read it.
+
+The model keeps its own account of where history is (`Where`): every write moves its head,
+every prune its floor, every restore its epoch, and each read of the hub copies it. Resets
+are judged against that account, never against the hub's own state: an oracle that reads
+the system under test cannot catch the system's mistakes.
 
 Which paths a run reached is counted with hypothesis `event()` (see them with
 `--hypothesis-show-statistics`), and the test fails if a run never overflowed a queue,
@@ -26,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from hypothesis import event, settings
@@ -78,13 +85,24 @@ def reached(what: str) -> None:
     REACHED.add(what)
 
 
-def expected_reset(since: int, epoch: str, hub: WatchHub) -> int | None:
-    """DESIGN §4.3: which reset a cursor deserves (None: a usable cursor, or a bootstrap
-    asked for). The model's own statement of the rule, not the hub's code."""
+@dataclass
+class Where:
+    """Where history is, in the model's own account: the newest revision written, the
+    retention floor, and the epoch."""
+
+    head: int
+    floor: int
+    epoch: str
+
+
+def expected_reset(since: int, epoch: str, read: Where) -> int | None:
+    """DESIGN §4.3: which reset a cursor deserves from a hub that last read history at
+    `read` (None: a usable cursor, or a bootstrap asked for). The model's own statement
+    of the rule, not the hub's code."""
     broken = (
-        (epoch != hub.epoch, pb.RESET_REASON_EPOCH_CHANGED),  # another history entirely
-        (since < hub.floor, pb.RESET_REASON_TOO_OLD),
-        (since > hub.position, pb.RESET_REASON_AHEAD_OF_HEAD),
+        (epoch != read.epoch, pb.RESET_REASON_EPOCH_CHANGED),  # another history entirely
+        (since < read.floor, pb.RESET_REASON_TOO_OLD),
+        (since > read.head, pb.RESET_REASON_AHEAD_OF_HEAD),
     )
     return next((reason for rule_broken, reason in broken if rule_broken), None) if since > 0 else None
 
@@ -135,15 +153,18 @@ class HubMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.clock = 10_000.0
-        self.feed = MemoryFeed()
+        self.feed = MemoryFeed(epoch="epoch-1")
+        # The model's account of the database, and of what the hub read of it.
+        self.db = Where(head=0, floor=0, epoch="epoch-1")
         for node in NODES:
-            self.feed.node(node, {}, PROJECT)
+            self.wrote(self.feed.node(node, {}, PROJECT))
         self.hub = WatchHub(
             self.feed,
             HubSettings(bookmark_interval=1.0, bookmark_jitter=0.0, lifetime_min=1e9, lifetime_max=1e9),
             clock=lambda: self.clock,
         )
         self.loop.run_until_complete(self.hub.start(background=False))
+        self.read_at = replace(self.db)  # start() reads everything
         self.clients = {n: Client() for n in NODES}
         self.epochs = 1
 
@@ -159,6 +180,11 @@ class HubMachine(RuleBasedStateMachine):
     @property
     def history(self) -> list[DesiredRow]:
         return self.feed.history
+
+    def wrote(self, revision: int) -> None:
+        """A write committed: one revision, the next one."""
+        self.db.head += 1
+        assert revision == self.db.head, f"model: the feed wrote {revision}, expected {self.db.head}"
 
     def run(self, coro: object) -> None:
         self.loop.run_until_complete(coro)  # type: ignore[arg-type]
@@ -184,31 +210,31 @@ class HubMachine(RuleBasedStateMachine):
 
     @rule(selector=st.sampled_from(SELECTORS), digest=st.sampled_from(DIGESTS), now=st.booleans())
     def assign_selector(self, selector: str, digest: str, now: bool) -> None:
-        self.feed.assign((selector_key(PROJECT, Selector.parse(selector)),), digest, PROJECT)
+        self.wrote(self.feed.assign((selector_key(PROJECT, Selector.parse(selector)),), digest, PROJECT))
         self._maybe_read(now)
 
     @rule(
         node=st.sampled_from(NODES), digest=st.sampled_from(DIGESTS), pinned=st.booleans(), now=st.booleans()
     )
     def assign_node(self, node: str, digest: str, pinned: bool, now: bool) -> None:
-        self.feed.assign((node_key(node),), digest, PROJECT, pinned=pinned)
+        self.wrote(self.feed.assign((node_key(node),), digest, PROJECT, pinned=pinned))
         self._maybe_read(now)
 
     @rule(digest=st.sampled_from(DIGESTS), now=st.booleans())
     def assign_step(self, digest: str, now: bool) -> None:
         """A rollout step: several node keys in one revision."""
-        self.feed.assign(tuple(node_key(n) for n in NODES), digest, PROJECT)
+        self.wrote(self.feed.assign(tuple(node_key(n) for n in NODES), digest, PROJECT))
         self._maybe_read(now)
 
     @rule(key=st.sampled_from([*(f"node:{n}" for n in NODES), *SELECTORS]), now=st.booleans())
     def unassign(self, key: str, now: bool) -> None:
         full = key if key.startswith("node:") else selector_key(PROJECT, Selector.parse(key))
-        self.feed.unassign((full,), PROJECT)
+        self.wrote(self.feed.unassign((full,), PROJECT))
         self._maybe_read(now)
 
     @rule(node=st.sampled_from(NODES), labels=st.sampled_from(LABELS), now=st.booleans())
     def relabel(self, node: str, labels: dict[str, str], now: bool) -> None:
-        self.feed.node(node, labels, PROJECT)
+        self.wrote(self.feed.node(node, labels, PROJECT))
         self._maybe_read(now)
 
     def _maybe_read(self, now: bool) -> None:
@@ -217,14 +243,16 @@ class HubMachine(RuleBasedStateMachine):
 
     @rule(behind=st.integers(0, 5), now=st.booleans())
     def prune(self, behind: int, now: bool) -> None:
-        self.feed.prune(max(0, self.feed.head - behind))
+        floor = max(0, self.db.head - behind)
+        self.feed.prune(floor)
+        self.db.floor = max(self.db.floor, floor)  # the floor never moves back
         self._maybe_read(now)
 
     @rule()
     def change_epoch(self) -> None:
         """History rebuilt (a restore): the hub must end every stream."""
         self.epochs += 1
-        self.feed.epoch = f"epoch-{self.epochs}"
+        self.feed.epoch = self.db.epoch = f"epoch-{self.epochs}"
         self.read()
         for node, client in self.clients.items():
             if client.stream is None:
@@ -241,6 +269,7 @@ class HubMachine(RuleBasedStateMachine):
     @rule()
     def read(self) -> None:
         self.run(self.hub.catch_up())
+        self.read_at = replace(self.db)
 
     @rule()
     def tick(self) -> None:
@@ -268,23 +297,28 @@ class HubMachine(RuleBasedStateMachine):
         if client.stream is not None:
             return
         sink = RecordingSink()
-        since, epoch = client.cursor, client.epoch or self.hub.epoch
+        read = self.read_at
+        since, epoch = client.cursor, client.epoch or read.epoch
         if cursor == "zero":
             since = 0
-        elif cursor == "stale" and self.hub.floor > 1:  # an agent back after a long time
-            since = self.hub.floor - 1
+        elif cursor == "stale" and read.floor > 1:  # an agent back after a long time
+            since = read.floor - 1
         elif cursor == "ahead":  # seen on a replica whose history this one lacks, say
-            since = self.hub.position + 1 + since
+            since = read.head + 1 + since
         elif cursor == "other epoch":
             since, epoch = max(since, 1), "an epoch from elsewhere"
         client.cursor = since  # what the agent believes it has (it lost its state, say)
-        expected = expected_reset(since, epoch, self.hub)
-        floor, head = self.hub.floor, self.hub.position
+        expected = expected_reset(since, epoch, read)
         client.stream = self.call(lambda: self.hub.open(node, since, epoch, sink))
         client.sink, client.seen = sink, 0
         client.streams_opened += 1
         self.run(_settle())
         started = sink.events[0].started
+        assert (started.head_revision, started.floor_revision, started.epoch) == (
+            read.head,
+            read.floor,
+            read.epoch,
+        ), f"WHERE: {started} does not say where history was when the hub last read it ({read})"
         reached(f"start: {pb.StreamMode.Name(started.mode)}")
         reset = sink.events[1].reset if sink.kinds()[1:2] == ["reset"] else None
         if since > 0 and expected is None:
@@ -298,9 +332,11 @@ class HubMachine(RuleBasedStateMachine):
         assert reset is not None, f"RESUMABLE: cursor {since} ({cursor}) bootstrapped without a reset"
         reached(f"reset: {pb.ResetReason.Name(reset.reason)}")
         assert reset.reason == expected, f"RESUMABLE: {cursor} cursor {since}: {reset}"
-        assert (reset.floor_revision, reset.head_revision, reset.epoch) == (floor, head, self.hub.epoch), (
-            f"RESUMABLE: reset {reset} does not say where history is"
-        )
+        assert (reset.head_revision, reset.floor_revision, reset.epoch) == (
+            read.head,
+            read.floor,
+            read.epoch,
+        ), f"RESUMABLE: reset {reset} does not say where history is ({read})"
 
     @rule(node=st.sampled_from(NODES))
     def disconnect(self, node: str) -> None:
@@ -328,7 +364,8 @@ class HubMachine(RuleBasedStateMachine):
             return
         client.sink.block()
         for i in range(MAX_PENDING + 2):
-            self.feed.assign((node_key(node),), DIGESTS[(DIGESTS.index(digest) + i) % len(DIGESTS)], PROJECT)
+            next_digest = DIGESTS[(DIGESTS.index(digest) + i) % len(DIGESTS)]
+            self.wrote(self.feed.assign((node_key(node),), next_digest, PROJECT))
             self.read()
         assert client.stream.lagging, "the stuck stream's queue never overflowed"
         reached("queue overflowed: lagging")
@@ -375,17 +412,25 @@ class HubMachine(RuleBasedStateMachine):
 
     @invariant()
     def convergent(self) -> None:
-        if self.hub.position != self.feed.head:
+        if self.read_at.head != self.db.head:
             return
         for node, client in self.clients.items():
             if client.sink is None or not client.sink.gate.is_set() or client.stream is None:
                 continue
             if client.stream.in_flight or client.stream.pending:
                 continue
-            expected = model_desired(self.history, node, self.hub.position)
+            expected = model_desired(self.history, node, self.db.head)
             assert client.digest == expected, (
                 f"CONVERGENT: {node} holds {client.digest!r}, model {expected!r}"
             )
+
+    @invariant()
+    def where_the_hub_read(self) -> None:
+        read = self.read_at
+        assert (self.hub.position, self.hub.floor, self.hub.epoch) == (read.head, read.floor, read.epoch), (
+            f"WHERE: the hub is at head {self.hub.position}, floor {self.hub.floor}, epoch "
+            f"{self.hub.epoch!r}; it last read history at {read}"
+        )
 
     @precondition(lambda self: True)
     @invariant()

@@ -68,6 +68,18 @@ class Unavailable(DomainError):
     code = "UNAVAILABLE"
 
 
+class BlobStoreUnavailable(Unavailable):
+    """The blob store failed (disk full, permission denied, endpoint unreachable): said
+    apart from the database so an operator looks at the right dependency."""
+
+
+class DeadlineExceeded(DomainError):
+    """The server stopped waiting for the caller (an upload that stalled or trickled);
+    the message says how long it waited and for what."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
 class Aborted(DomainError):
     """A concurrent change conflicted with this one; retrying is safe."""
 

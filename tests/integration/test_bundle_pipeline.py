@@ -463,6 +463,62 @@ async def test_receiving_beyond_the_intake_slots_is_told_to_retry(harness: Harne
     assert (await create(harness.bundles, {"other.kdl": b"b 2\n"})).created
 
 
+STALLS = {
+    "files": (
+        [
+            bpb.CreateBundleRequest(file=bpb.FileHeader(path="main.kdl", size_bytes=4)),
+            bpb.CreateBundleRequest(chunk=b"a "),
+        ],
+        "chunk: nothing arrived for 0.3 s while waiting for the rest of file 'main.kdl' "
+        "(2 of 4 bytes received)",
+    ),
+    "tar": (
+        [bpb.CreateBundleRequest(tar_chunk=tar_of({"main.kdl": b"a 1\n"})[:700])],
+        "tar_chunk: nothing arrived for 0.3 s while waiting for the next tar_chunk (700 bytes received)",
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(STALLS))
+async def test_an_upload_that_stops_sending_gives_its_intake_slot_back(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, shape: str
+) -> None:
+    """A client that opens a push and goes quiet is cut off after the idle timeout with
+    DEADLINE_EXCEEDED naming what the server waited for: nothing is recorded or left
+    staged, and the slot it held takes the next push."""
+    import asyncio
+
+    from controlplane.domain import bundle_intake
+
+    monkeypatch.setattr(bundle_intake, "DEFAULT_DEADLINES", bundle_intake.IntakeDeadlines(idle_seconds=0.3))
+    registry = harness.app.bundles
+    registry.intake_slots = asyncio.Semaphore(1)
+    registry.intake_wait = 0.0
+    sent, why = STALLS[shape]
+    never = asyncio.Event()
+
+    async def requests() -> Any:
+        yield bpb.CreateBundleRequest(header=bpb.CreateBundleHeader(project="default"))
+        for message in sent:
+            yield message
+        # The client stalls with the stream open (its own 60 s deadline only bounds a
+        # regression: that status would carry another message).
+        await never.wait()
+
+    try:
+        details = await expect(
+            grpc.StatusCode.DEADLINE_EXCEEDED, harness.bundles.CreateBundle(requests(), timeout=60), why
+        )
+    finally:
+        never.set()
+    assert details.endswith("the upload was abandoned and nothing was kept"), details
+    assert await count(harness) == 0
+    staging = harness.app.settings.data_dir / "staging"
+    assert not any(staging.iterdir()), "scratch trees are removed"
+    # The only slot is free: the next push is received at once (intake_wait is 0).
+    assert (await create(harness.bundles, {"other.kdl": b"b 2\n"})).created
+
+
 async def test_a_validator_cannot_alter_the_archive_that_is_stored(make_harness: Any) -> None:
     """Commands run in the received tree. The archive is packed elsewhere, and the blob
     store refuses bytes that do not hash to the digest."""

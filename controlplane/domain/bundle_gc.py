@@ -11,6 +11,13 @@ A bundle created while the collector runs keeps its archive: each delete happens
 write transaction holding the digest's lock (`lock_digest`), after the rows are read
 again in it, and the pipeline writes a bundle's row holding the same lock after checking
 that its archive is there (storing it again if this collector took it meanwhile).
+
+A purge is two transactions, so the rows never say an archive is stored that is gone:
+the first marks the rows purged (and audits it) and commits; only then does a second,
+under the lock again, delete the blob if every row naming it is still purged (a push
+of the same content in between un-purges its row and keeps the archive). A commit that
+fails leaves the rows unpurged and the blob in place; a crash between the two leaves
+a blob only purged rows name, which the next pass deletes (`leftovers`).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ BATCH = 500
 class GcReport:
     orphans: int = 0
     purged: int = 0
+    # Archives of rows purged by an earlier pass that stopped before deleting them.
+    leftovers: int = 0
 
 
 @dataclass
@@ -45,59 +54,84 @@ class BlobCollector:
     async def collect(self) -> GcReport:
         cutoff = self.clock() - self.retention
         old: list[str] = []
-        orphans = purged = 0
+        total = GcReport()
         async for digest, stored_at in self.blobs.list():
             if stored_at < cutoff:
                 old.append(digest)
             if len(old) >= BATCH:
-                o, p = await self._batch(old, cutoff)
-                orphans, purged, old = orphans + o, purged + p, []
+                total, old = _add(total, await self._batch(old, cutoff)), []
         if old:
-            o, p = await self._batch(old, cutoff)
-            orphans, purged = orphans + o, purged + p
-        return GcReport(orphans, purged)
+            total = _add(total, await self._batch(old, cutoff))
+        return total
 
-    async def _batch(self, digests: list[str], cutoff: datetime) -> tuple[int, int]:
-        orphans = purged = 0
+    async def _batch(self, digests: list[str], cutoff: datetime) -> GcReport:
+        orphans = purged = leftovers = 0
         async with self.store.read() as tx:
             rows = await tx.bundles.rows_for(digests)
         for digest in digests:
             if not rows[digest]:
                 if await self._delete_orphan(digest):
                     orphans += 1
-            elif all(_expired(b, cutoff) for b in rows[digest]) and await self._purge(digest, cutoff):
-                purged += 1
-        return orphans, purged
+            elif all(_expired(b, cutoff) for b in rows[digest]):
+                outcome = await self._purge(digest, cutoff)
+                purged += outcome == _PURGED
+                leftovers += outcome == _LEFTOVER
+        return GcReport(orphans, purged, leftovers)
 
     async def _delete_orphan(self, digest: str) -> bool:
         async with self.store.write() as tx:
             await tx.bundles.lock_digest(digest)
             if (await tx.bundles.rows_for([digest]))[digest]:
                 return False
+            # Nothing is written: a commit that fails after this changes no row.
             await self.blobs.delete(digest)
         log.info("bundle gc: deleted orphan archive %s", digest)
         return True
 
-    async def _purge(self, digest: str, cutoff: datetime) -> bool:
+    async def _purge(self, digest: str, cutoff: datetime) -> str:
         async with self.store.write() as tx:
             await tx.bundles.lock_digest(digest)
             rows = (await tx.bundles.rows_for([digest]))[digest]
             if not rows or not all(_expired(b, cutoff) for b in rows) or await tx.bundles.in_use(digest):
+                return _KEPT
+            fresh = [b for b in rows if b.purged_at is None]
+            if fresh:
+                await tx.bundles.mark_purged(digest, self.clock())
+            for bundle in fresh:
+                await tx.audit.record(
+                    "bundle.purge",
+                    f"bundle/{digest}",
+                    project=bundle.project,
+                    before={"state": bundle.state.value},
+                    after={"purged": True},
+                )
+        # Committed: the rows say purged and the archive is still there.
+        if not await self._delete_purged(digest):
+            return _KEPT
+        if fresh:
+            log.info("bundle gc: purged the archive of %s", digest)
+            return _PURGED
+        log.info("bundle gc: deleted the archive of %s, purged by an earlier pass", digest)
+        return _LEFTOVER
+
+    async def _delete_purged(self, digest: str) -> bool:
+        """Delete the blob if every row naming it is still purged."""
+        async with self.store.write() as tx:
+            await tx.bundles.lock_digest(digest)
+            rows = (await tx.bundles.rows_for([digest]))[digest]
+            if not rows or any(b.purged_at is None for b in rows):
                 return False
+            # Nothing is written: a commit that fails after this leaves purged rows
+            # and no blob, as they say.
             await self.blobs.delete(digest)
-            now = self.clock()
-            await tx.bundles.mark_purged(digest, now)
-            for bundle in rows:
-                if bundle.purged_at is None:
-                    await tx.audit.record(
-                        "bundle.purge",
-                        f"bundle/{digest}",
-                        project=bundle.project,
-                        before={"state": bundle.state.value},
-                        after={"purged": True},
-                    )
-        log.info("bundle gc: purged the archive of %s", digest)
         return True
+
+
+_KEPT, _PURGED, _LEFTOVER = "kept", "purged", "leftover"
+
+
+def _add(a: GcReport, b: GcReport) -> GcReport:
+    return GcReport(a.orphans + b.orphans, a.purged + b.purged, a.leftovers + b.leftovers)
 
 
 def _expired(bundle: Bundle, cutoff: datetime) -> bool:

@@ -170,3 +170,76 @@ async def test_a_new_bundle_whose_archive_the_collector_takes_as_an_orphan_gets_
     assert bundle.state == bpb.BUNDLE_STATE_VALID and not bundle.HasField("purged_at")
     assert await stored(h) == {bundle.digest}
     assert await downloaded(h, bundle.digest) == bundle.digest
+
+
+async def purge_entries(h: Harness, digest: str) -> int:
+    from controlplane.api.audit.v1 import audit_pb2 as apb
+
+    events = await h.audit.ListAuditEvents(
+        apb.ListAuditEventsRequest(filter=apb.AuditFilter(action="bundle.purge"), page_size=100)
+    )
+    return sum(1 for e in events.events if e.resource == f"bundle/{digest}")
+
+
+async def revoked_bundle(h: Harness, content: bytes) -> str:
+    digest = (await create(h.bundles, {"main.kdl": content})).bundle.digest
+    await h.bundles.RevokeBundle(bpb.RevokeBundleRequest(project="default", digest=digest, reason="bad"))
+    return digest
+
+
+async def purged_at(h: Harness, digest: str) -> bool:
+    got = await h.bundles.GetBundle(bpb.GetBundleRequest(project="default", digest=digest))
+    return got.bundle.HasField("purged_at")
+
+
+async def test_a_purge_whose_transaction_fails_keeps_the_archive(
+    gc_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows and the blob agree whatever fails: the archive goes only once the rows
+    saying so are committed."""
+    from controlplane.domain.errors import Unavailable
+    from controlplane.store.audit import SqlAuditLog
+
+    h = gc_harness
+    digest = await revoked_bundle(h, b"r 1\n")
+    real = SqlAuditLog.record
+
+    async def record(self: SqlAuditLog, action: str, resource: str, **kw: Any) -> None:
+        if action == "bundle.purge":
+            raise Unavailable("the database is unavailable; retry")  # the purge never commits
+        await real(self, action, resource, **kw)
+
+    monkeypatch.setattr(SqlAuditLog, "record", record)
+    with pytest.raises(Unavailable):
+        await collect(h)
+    assert digest in await stored(h) and not await purged_at(h, digest)
+    assert await downloaded(h, digest) == digest
+    monkeypatch.setattr(SqlAuditLog, "record", real)
+    report = await collect(h)
+    assert (report.purged, report.leftovers) == (1, 0)
+    assert digest not in await stored(h) and await purged_at(h, digest)
+    assert await purge_entries(h, digest) == 1
+
+
+async def test_an_archive_left_by_a_purge_cut_short_goes_on_the_next_pass(
+    gc_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collector that dies between committing the purge and deleting the blob leaves
+    an archive only purged rows name: the next pass deletes it, auditing nothing twice."""
+    h = gc_harness
+    digest = await revoked_bundle(h, b"r 2\n")
+
+    async def crash(digest: str) -> None:
+        raise RuntimeError("the collector's process died here")
+
+    monkeypatch.setattr(h.app.blobs, "delete", crash)
+    with pytest.raises(RuntimeError, match="died here"):
+        await collect(h)
+    monkeypatch.undo()
+    assert digest in await stored(h) and await purged_at(h, digest)
+    report = await collect(h)
+    assert (report.orphans, report.purged, report.leftovers) == (0, 0, 1)
+    assert digest not in await stored(h)
+    assert await purge_entries(h, digest) == 1
+    again = await collect(h)
+    assert (again.orphans, again.purged, again.leftovers) == (0, 0, 0)

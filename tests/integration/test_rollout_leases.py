@@ -4,13 +4,14 @@ backends), the lease in the database, and its epoch fencing a stalled holder's w
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from controlplane.domain.audit import acting_as, system
 from controlplane.domain.clock import utcnow
 from controlplane.domain.leases import LeaseLost, Leases
 from controlplane.domain.rollouts.controller import RolloutController
-from controlplane.domain.rollouts.driver import lease_name
+from controlplane.domain.rollouts.driver import RolloutDriver, lease_name
 from tests.conftest import HarnessFactory
 from tests.support.eventually import eventually
 from tests.support.harness import Harness
@@ -137,3 +138,50 @@ async def test_a_stalled_holders_late_writes_match_nothing(make_harness: Harness
                 await ctrl_b.advance(created.id, lease_b)
                 await asyncio.sleep(0.1)
         assert await writes_per_step(rollouts, created.id) == [0, 1]
+
+
+async def test_a_new_leader_restarts_the_bake_nobody_watched(make_harness: HarnessFactory) -> None:
+    """The leader dies in the middle of a bake; its replacement takes over when the bake
+    would long be over (its clock is two hours on). It restarts the bake instead of
+    ending the step on its first tick: nobody watched the gates in between."""
+    plane: Harness = await make_harness(**FAST)
+    app = plane.app
+    await app.rollout_tasks.stop()  # this test plays both replicas itself
+
+    def later() -> datetime:
+        return utcnow() + timedelta(hours=2)
+
+    def replica(holder: str, clock: Callable[[], datetime]) -> RolloutDriver:
+        leases = Leases(app.store, clock, ttl=timedelta(seconds=1), holder=holder)
+        controller = RolloutController(app.store, clock, app.hub, app.hub.wake, app.rollout_bus)
+        return RolloutDriver(controller, leases)
+
+    first, second = replica("replica-a", utcnow), replica("replica-b", later)
+    async with running(fleet(plane.address, plane.token, 2)):
+        v1 = await plane.upload(archive("v1"))
+        rollouts = Rollouts(plane.channel)
+        # No gates (the replacement's clock would make every heartbeat stale): the bake alone.
+        created = await rollouts.create(
+            v1,
+            strategy=pb.STRATEGY_ALL_AT_ONCE,
+            gates=pb.HealthGates(),
+            bake_time=seconds(3600),
+            progress_deadline=seconds(4 * 3600),
+        )
+
+        async def baking() -> None:
+            await first.run_once()
+            assert (await rollouts.get(created.id)).steps[0].state == pb.STEP_STATE_BAKING
+
+        await eventually(baking, what="step 0 baking under the first leader")
+        # The first leader stops dead (no release); the second finds its lease expired.
+        await second.run_once()
+        assert created.id in second.held
+        got = await rollouts.get(created.id)
+        assert got.state == pb.ROLLOUT_STATE_RUNNING, got.reason
+        assert got.steps[0].state == pb.STEP_STATE_BAKING
+        restarted = [e.message for e in await rollouts.events(created.id) if "bake starts over" in e.message]
+        assert len(restarted) == 1 and "lease epoch 2" in restarted[0]
+        # Later passes of the same leader do not restart it again.
+        await second.run_once()
+        assert len([e for e in await rollouts.events(created.id) if "bake starts over" in e.message]) == 1

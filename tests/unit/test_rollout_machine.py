@@ -345,6 +345,48 @@ def test_pause_holds_everything_and_resume_does_not_count_the_pause() -> None:
     assert run.state is RolloutState.SUCCEEDED
 
 
+def test_a_new_driver_restarts_the_bake_it_did_not_watch() -> None:
+    ids = nodes(2)
+    spec = make_spec(Strategy.ALL_AT_ONCE, bake_time=60 * S, progress_deadline=3600 * S)
+    run, fleet = make_run(spec, ids), FakeFleet(ids)
+    run = tick(run, fleet, T0)
+    fleet.converge_all(T0 + S)
+    run = tick(run, fleet, T0 + 2 * S)
+    assert run.steps[0].state is StepState.BAKING and run.steps[0].bake_started_at == T0 + 2 * S
+    # The leader dies; a replacement leads 10 minutes later and sees healthy nodes. Without
+    # the restart the bake (60 s) would be long over: the step would end on this tick.
+    later = T0 + 600 * S
+    fleet.converge_all(later)
+    assert machine.took_over(run, later, "a new driver leads the rollout (lease epoch 2)")
+    assert "bake starts over" in run.events[-1].message
+    run = tick(run, fleet, later + S)
+    assert run.steps[0].state is StepState.BAKING and run.steps[0].bake_started_at == later + S
+    fleet.converge_all(later + 60 * S)
+    run = tick(run, fleet, later + 61 * S)
+    assert run.state is RolloutState.SUCCEEDED
+    # Nothing to restart: a rollout not baking is left as it is.
+    assert not machine.took_over(run, later + 62 * S, "again")
+
+
+def test_a_new_driver_gives_failing_gates_a_whole_window_again() -> None:
+    ids = nodes(2)
+    spec = make_spec(Strategy.ALL_AT_ONCE, bake_time=5 * S, gate_failure_window=30 * S)
+    run, fleet = make_run(spec, ids), FakeFleet(ids)
+    run = tick(run, fleet, T0)
+    fleet.converge_all(T0 + S, NodeMetrics(Health.UNHEALTHY))
+    run = tick(run, fleet, T0 + 2 * S)
+    assert run.steps[0].gate_failing_since == T0 + 2 * S
+    # After a restart the heartbeats are stale only because no server received them:
+    # the failing spell seen before is not carried over the gap into a rollback.
+    later = T0 + 120 * S
+    assert machine.took_over(run, later, "a new driver leads the rollout (lease epoch 2)")
+    run = tick(run, fleet, later)
+    assert run.state is RolloutState.RUNNING and run.steps[0].gate_failing_since == later
+    fleet.converge_all(later + S)
+    run, _ = drive(run, fleet, later + 2 * S)
+    assert run.state is RolloutState.SUCCEEDED
+
+
 def test_canary_promotes_on_good_metrics_through_cumulative_steps() -> None:
     ids = nodes(20)
     spec = make_spec(Strategy.CANARY, bake_time=3 * S)

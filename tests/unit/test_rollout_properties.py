@@ -3,8 +3,8 @@
 Hypothesis drives a rollout of random strategy and parameters over a small fake fleet
 (`tests/support/rollouts.py`), interleaving ticks of random length with pauses,
 resumes, cancels, rollbacks, approvals, rejections, ACTIVE reports, NACKs, outages,
-heartbeats good and bad, pins, freeze windows and a revoked bundle. Each guarantee is
-one named check:
+heartbeats good and bad, pins, freeze windows, a revoked bundle and drivers taking over.
+Each guarantee is one named check:
 
 - LEGAL: every state change the machine makes is in the transition table, and a
   terminal rollout never changes again (operator actions on it are refused cleanly).
@@ -19,6 +19,8 @@ one named check:
   rollout (cancel: every node not on the bundle when it was cancelled).
 - SUCCEEDED: after success every target node that was not skipped is meant to run the
   bundle.
+- TAKE-OVER: a new driver taking the lease over restarts at most the current step's bake;
+  it writes nothing, moves no state and touches no node.
 
 "Before" is an independent model: each node's effective desired state as the fake log
 resolved it when the history began, not what the rollout recorded. The fleet starts in
@@ -224,6 +226,19 @@ class RolloutMachine(RuleBasedStateMachine):
             if on
             else None
         )
+
+    @rule(roll=st.integers(0, 9))
+    def a_new_driver_leads(self, roll: int) -> None:
+        """A replica takes the lease over (the leader died): it may restart the bake and
+        nothing else."""
+        if roll == 0:
+            run = self.run
+            was = (run.rollout, [(s.index, s.state, s.revision) for s in run.steps], dict(run.nodes))
+            machine.took_over(run, self.now, "a new driver leads the rollout")
+            assert not (run.writes or run.restore or run.transitions), "TAKE-OVER: it decided something"
+            now = (run.rollout, [(s.index, s.state, s.revision) for s in run.steps], dict(run.nodes))
+            assert now == was, "TAKE-OVER: it changed more than the bake"
+            self.run = fresh(run)
 
     @rule(roll=st.integers(0, 19))
     def revoke_bundle(self, roll: int) -> None:

@@ -79,6 +79,9 @@ class RolloutController:
     # Per rollout: when the freeze windows and the bundle were last looked at, and what
     # was found (a write re-checks both in its own transaction).
     _checked: dict[str, tuple[float, FreezeWindow | None, str]] = field(default_factory=dict)
+    # Rollouts this process has just begun to lead, with the lease epoch: their current
+    # step's bake starts over on the first tick (`machine.took_over`).
+    _taken: dict[str, int] = field(default_factory=dict)
 
     # -- operator actions ------------------------------------------------------------
 
@@ -193,14 +196,22 @@ class RolloutController:
         async with self.store.read() as tx:
             rows = await tx.rollouts.active()
         live = {rid for rid, _ in rows}
-        for rid in [r for r in {*self._cache, *self._flushed, *self._checked} if r not in live]:
+        for rid in [r for r in {*self._cache, *self._flushed, *self._checked, *self._taken} if r not in live]:
             self.forget(rid)
+            self._taken.pop(rid, None)
         return sorted(live)
 
     def forget(self, rollout_id: str) -> None:
         self._cache.pop(rollout_id, None)
         self._flushed.pop(rollout_id, None)
         self._checked.pop(rollout_id, None)
+
+    def lead(self, rollout_id: str, epoch: int) -> None:
+        """This process has just taken the rollout's lease (at `epoch`): start from what
+        the database says, and restart the current step's bake on the next tick — the
+        gates were not watched while nobody led (`machine.took_over`)."""
+        self.forget(rollout_id)
+        self._taken[rollout_id] = epoch
 
     async def advance(self, rollout_id: str, lease: Lease | None = None) -> bool:
         """One tick of the driver for one rollout; True if it changed anything."""
@@ -209,12 +220,20 @@ class RolloutController:
         if loaded is None:
             return False
         base, world = loaded
-        run = base.run()
-        machine.tick(run, world)
-        if run.needs_samples:
-            world = await self._with_samples(base, world)
+        taken = self._taken.get(rollout_id)
+
+        def decide(world: World) -> Run:
             run = base.run()
+            if taken is not None and not machine.took_over(
+                run, world.now, f"a new driver leads the rollout (lease epoch {taken})"
+            ):
+                self._taken.pop(rollout_id, None)  # nothing to restart: a fresh bake anyway
             machine.tick(run, world)
+            return run
+
+        run = decide(world)
+        if run.needs_samples:
+            run = decide(await self._with_samples(base, world))
         if not run.changed:
             return False
         if (
@@ -233,6 +252,7 @@ class RolloutController:
             raise
         self._cache[rollout_id] = Loaded(committed.rollout, tuple(run.steps), run.nodes)
         self._flushed[rollout_id] = time.monotonic()
+        self._taken.pop(rollout_id, None)
         return True
 
     async def _observe(self, rollout_id: str) -> tuple[Loaded, World] | None:

@@ -7,7 +7,9 @@ by exactly one replica at a time, and a replica that dies hands its rollouts ove
 their leases expire. Nothing about the progress lives in memory: the next holder reads
 the rollout, its steps and nodes from the database and continues from the recorded
 step — a written step is never written again (its state says APPLYING or later) and
-a step is only written once the one before it is DONE.
+a step is only written once the one before it is DONE. What it cannot read back is
+whether the gates held while nobody led: so a replica that begins to lead a rollout
+restarts the current step's bake (`machine.took_over`) instead of counting the gap.
 
 A pass runs when something happened (a NACK, an operator action, a creation: `wake`)
 and otherwise every `interval` as a safety net, which is also how reports and
@@ -139,6 +141,7 @@ class RolloutDriver:
             return None
         if lease is None:
             log.info("leading rollout %s (lease epoch %d)", rollout_id, renewed.epoch)
-            self.controller.forget(rollout_id)  # start from what the database says
+            # Start from what the database says; the current step's bake starts over.
+            self.controller.lead(rollout_id, renewed.epoch)
         self._held[rollout_id] = renewed
         return renewed

@@ -399,6 +399,33 @@ def _put_back(run: Run, now: datetime, nodes: list[RolloutNode]) -> None:
         run.set_node(node, now, state=NodeState.ROLLED_BACK)
 
 
+# -- a new driver ---------------------------------------------------------------------
+
+
+def took_over(run: Run, now: datetime, who: str) -> bool:
+    """A driver that has just begun to lead the rollout (`who`) restarts the current
+    step's bake, as a resume does. The bake means the gates held for all of it, and
+    nobody watched them between the last tick of the former leader (dead, stalled or
+    cut off from the database) and now: counting that gap would let the first passing
+    tick after a crash end a bake the gates were never held for. The failure window
+    starts over too: failing gates seen before the gap and again after it were not seen
+    failing throughout, and right after a restart the nodes' heartbeats are stale only
+    because no server received them. The step deadline keeps counting (wall clock).
+    Returns whether anything was reset."""
+    step = run.current
+    if run.state is not RolloutState.RUNNING or step is None or step.state is not StepState.BAKING:
+        return False
+    if step.bake_started_at is None and step.gate_failing_since is None:
+        return False
+    run.set_step(step, bake_started_at=None, gate_failing_since=None)
+    run.event(
+        EventKind.GATES,
+        f"step {step.index}: {who}; the gates were not watched before it, so the bake starts over",
+        step=step.index,
+    )
+    return True
+
+
 # -- operator actions -----------------------------------------------------------------
 
 

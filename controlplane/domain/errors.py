@@ -6,6 +6,9 @@ grpc). `rpc/errors.py` is the one place that turns these into a status and messa
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class DomainError(Exception):
     """Base of every error the control plane reports to a caller."""
@@ -71,6 +74,16 @@ class Unavailable(DomainError):
 class BlobStoreUnavailable(Unavailable):
     """The blob store failed (disk full, permission denied, endpoint unreachable): said
     apart from the database so an operator looks at the right dependency."""
+
+    @classmethod
+    def of(cls, error: OSError) -> BlobStoreUnavailable:
+        """Naming the failure by its errno (not its text, which may carry a path or an
+        endpoint), or by its type when it has none."""
+        if error.errno and error.errno in errno.errorcode:
+            reason = f"{errno.errorcode[error.errno]}: {os.strerror(error.errno)}"
+        else:
+            reason = type(error).__name__
+        return cls(f"the blob store failed ({reason}); retry")
 
 
 class DeadlineExceeded(DomainError):

@@ -13,6 +13,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
+from controlplane.archives.kdl_pool import KdlParsers
 from controlplane.blobs.base import BlobStore
 from controlplane.blobs.local import LocalBlobStore
 from controlplane.blobs.s3 import S3BlobStore, S3Settings
@@ -21,6 +22,7 @@ from controlplane.domain import retention
 from controlplane.domain.apikeys import ApiKeyRegistry
 from controlplane.domain.assignments import DesiredStateWriter
 from controlplane.domain.audit import acting_as, system
+from controlplane.domain.audit import seal as seal_audit_head
 from controlplane.domain.audit_trail import AuditTrail
 from controlplane.domain.bundle_gc import BlobCollector
 from controlplane.domain.bundle_lifecycle import BundleLifecycle
@@ -122,6 +124,8 @@ class App:
         await upgrade(self.engine)
         audit_key = self._audit_key()
         self.store = SqlStore(self.engine, audit_key)
+        # Before anything reads or writes: verification passes from the first moment.
+        await seal_audit_head(self.store)
         self.feed = SqlChangeFeed(self.engine, s.epoch_follows_timeline)
         # The hub's one read of the log also feeds node token revocation.
         self.revocations = NodeRevocations()
@@ -146,6 +150,9 @@ class App:
         signer = self._signer()
         self.signing_keys = KeyDirectory(self.store, utcnow, signer, self.hub.wake)
         allowed = frozenset(s.validator_allow)
+        # KDL is parsed in worker processes (ckdl holds the GIL), started on first use.
+        self.kdl = KdlParsers()
+        undo.callback(self.kdl.close)
         self.bundles = BundleRegistry(
             self.store,
             self.blobs,
@@ -154,6 +161,7 @@ class App:
             signer=signer,
             allowed_programs=allowed,
             max_bundle_bytes=s.max_bundle_bytes,
+            kdl=self.kdl,
         )
         self.bundles.clean_staging()
         self.lifecycle = BundleLifecycle(
@@ -230,6 +238,7 @@ class App:
         await self.grpc.drain()
         await self.hub.stop(self.settings.shutdown_grace)
         await self.grpc.stop(self.settings.shutdown_grace)
+        self.kdl.close()  # after the server: pushes within the grace finish their parses
         await self.rollout_tasks.stop()
         for job in self._periodic:
             await job.stop()

@@ -31,9 +31,12 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_PARSE_BYTES = 8 * 1024 * 1024
 # Real configurations nest a handful of levels; what reads the structure recurses.
 MAX_KDL_DEPTH = 100
-# Finding the line of a KDL error re-parses prefixes (about log2(lines) times): only
-# for files up to this size; larger ones get the message without a line.
-_LOCATE_BYTES = 1024 * 1024
+# Finding the line of a KDL error re-parses prefixes (binary search, about log2(lines)
+# parses), once every version has failed: only in files up to _LOCATE_BYTES, and at most
+# _LOCATE_BUDGET bytes re-parsed per file whatever its versions, so a hostile file costs
+# a bounded ~0.5 s more; past that the message comes without a line.
+_LOCATE_BYTES = 256 * 1024
+_LOCATE_BUDGET = 4 * 1024 * 1024
 
 
 class ConfigFormat(enum.StrEnum):
@@ -133,26 +136,58 @@ def _convert(doc: Any) -> list[KdlNode]:
     return root
 
 
-def _error_line(text: str, version: int, message: str) -> int | None:
-    """The line where parsing as `version` first fails with `message`."""
+@dataclass(frozen=True)
+class _Failure:
+    message: str
+
+
+class _Budget:
+    """Bytes the line search may still re-parse."""
+
+    def __init__(self, total: int):
+        self.left = total
+
+
+def _attempt(text: str, version: int) -> Any:
+    """ckdl's document, or the message of why it is not one. Any exception of the
+    library counts as "not this version" (a lone surrogate escape raises
+    UnicodeDecodeError from inside ckdl, not ParseError); RecursionError and
+    MemoryError are left to the caller."""
+    try:
+        return ckdl.parse(text, version=version)
+    except ckdl.ParseError as e:
+        return _Failure(str(e))
+    except UnicodeError:
+        return _Failure("a string escape is not a Unicode character (a lone surrogate?)")
+    except (RecursionError, MemoryError):
+        raise
+    except Exception as e:
+        return _Failure(f"the KDL parser failed ({type(e).__name__}: {e})")
+
+
+def _error_line(text: str, version: int, message: str, budget: _Budget) -> int | None:
+    """The line where parsing as `version` first fails with `message`: a binary search
+    over prefixes, within `budget` (None when it would run out)."""
     lines = text.splitlines(keepends=True)
     if message.startswith(_KDL_EOF):
         return len(lines) or 1
-    if len(text) > _LOCATE_BYTES:
+    if len(text) > _LOCATE_BYTES or not lines:
         return None
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
 
     def fails_here(k: int) -> bool:
-        try:
-            ckdl.parse("".join(lines[:k]), version=version)
-        except ckdl.ParseError as e:
-            return str(e) == message
-        return False
+        budget.left -= starts[k]
+        failure = _attempt(text[: starts[k]], version)
+        return isinstance(failure, _Failure) and failure.message == message
 
+    # The whole text fails with `message` (that is how we got here): search below it.
     lo, hi = 1, len(lines)
-    if not lines or not fails_here(hi):
-        return None
     while lo < hi:
         mid = (lo + hi) // 2
+        if budget.left < starts[mid]:
+            return None
         if fails_here(mid):
             hi = mid
         else:
@@ -166,13 +201,16 @@ def parse_kdl(text: str) -> KdlDocument:
     if marked and marked.group(1) not in ("1", "2"):
         raise KdlError(f"kdl-version {marked.group(1)} is not a KDL version this server reads (1, 2)", 1)
     versions = (int(marked.group(1)),) if marked else (2, 1)
-    failures: list[tuple[int | None, str]] = []
+    failures: list[tuple[int, str]] = []
     for version in versions:
-        try:
-            return KdlDocument(_convert(ckdl.parse(text, version=version)), version)
-        except ckdl.ParseError as e:
-            failures.append((_error_line(text, version, str(e)), f"{e} (as KDL {version}.0)"))
-    (line, message), *others = failures
+        doc = _attempt(text, version)
+        if not isinstance(doc, _Failure):
+            return KdlDocument(_convert(doc), version)
+        failures.append((version, doc.message))
+    # Every version failed: only now look for the lines, within one budget.
+    budget = _Budget(_LOCATE_BUDGET)
+    located = [(_error_line(text, v, m, budget), f"{m} (as KDL {v}.0)") for v, m in failures]
+    (line, message), *others = located
     for other_line, other in others:
         message += f"; {f'line {other_line}: ' if other_line else ''}{other}"
     raise KdlError(message, line)

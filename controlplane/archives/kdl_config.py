@@ -9,17 +9,25 @@ The structure feeds the SBOM and the risk score; it is plain JSON so it can be s
 and compared with the next bundle's. Blocks are compared by fingerprint (a hash of
 the block's canonical text), so any change inside one is seen without knowing every
 option a proxy has.
+
+A file is read into `FileFacts` (`read`): its share of the structure and what the
+Zentinel checks need, small and plain, so a worker process can parse the file and send
+back only this (see `kdl_pool`). A string the database could not store (holding
+U+0000 or a lone surrogate) makes the file an error naming it, never a stored value.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from controlplane.archives.formats import ConfigFormat, Parsed, Tagged, parse, plain
 from controlplane.archives.formats import KdlDocument as Document
 from controlplane.archives.formats import KdlNode as Node
-from controlplane.archives.formats import plain
 
 SECTIONS = {"listeners": "listener", "upstreams": "upstream", "routes": "route"}
 TLS = frozenset({"tls", "ssl", "mtls"})
@@ -129,32 +137,123 @@ def _entities(nodes: Iterable[Node]) -> Iterator[tuple[str, Node]]:
             yield node.name + "s", node
 
 
-def extract(documents: Iterable[tuple[str, Document]]) -> Structure:
-    """The structure declared by several KDL files (a later id wins)."""
+@dataclass(frozen=True)
+class FileFacts:
+    """What one KDL file declares: its share of the structure (`structure`, without
+    `unparsed`) and, for the Zentinel checks, its entities in order as (section, id),
+    the errors found in them alone, and its routes' (id, upstream)."""
+
+    path: str
+    version: int
+    structure: Structure
+    entities: tuple[tuple[str, str], ...] = ()
+    errors: tuple[str, ...] = ()
+    routes: tuple[tuple[str, str], ...] = ()
+
+
+def facts(path: str, doc: Document) -> FileFacts:
     out = empty()
-    for path, doc in documents:
-        for index, (section, node) in enumerate(_entities(doc.nodes)):
-            ident = _ident(node, index)
-            if section == "listeners":
-                tls = next((c for c in node.nodes if c.name in TLS), None)
-                out["listeners"][ident] = {
-                    "address": _first(node, "address"),
-                    "protocol": _first(node, "protocol"),
-                    "tls": fingerprint(tls) if tls is not None else "",
-                    "fingerprint": fingerprint(node),
-                }
-            elif section == "upstreams":
-                out["upstreams"][ident] = {
-                    "targets": sorted(_child_values(node, "target")),
-                    "fingerprint": fingerprint(node),
-                }
-            else:
-                out["routes"][ident] = {
-                    "upstream": _first(node, "upstream"),
-                    "fingerprint": fingerprint(node),
-                }
-        _blocks(doc.nodes, path, out)
+    del out["unparsed"]
+    entities: list[tuple[str, str]] = []
+    errors: list[str] = []
+    routes: list[tuple[str, str]] = []
+    for index, (section, node) in enumerate(_entities(doc.nodes)):
+        ident = _ident(node, index)
+        entities.append((section, ident))
+        if section == "listeners":
+            tls = next((c for c in node.nodes if c.name in TLS), None)
+            out["listeners"][ident] = {
+                "address": _first(node, "address"),
+                "protocol": _first(node, "protocol"),
+                "tls": fingerprint(tls) if tls is not None else "",
+                "fingerprint": fingerprint(node),
+            }
+            errors.extend(_listener_errors(path, ident, node))
+        elif section == "upstreams":
+            targets = _child_values(node, "target")
+            out["upstreams"][ident] = {"targets": sorted(targets), "fingerprint": fingerprint(node)}
+            if not targets:
+                errors.append(f"{path}: upstream {ident!r} has no target")
+        else:
+            upstream = _first(node, "upstream")
+            out["routes"][ident] = {"upstream": upstream, "fingerprint": fingerprint(node)}
+            routes.append((ident, upstream))
+    _blocks(doc.nodes, path, out)
+    return FileFacts(path, doc.version, out, tuple(entities), tuple(errors), tuple(routes))
+
+
+# What PostgreSQL cannot store in text or JSONB: NUL, and UTF-16 surrogates on their own
+# (a strict UTF-8 decode leaves none, but a parser's escapes might make one).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_SHOWN = 60
+# A node's path as (parent's scope, name): built into text only for a message, so a long
+# name above many nodes is not copied into each of them.
+_Scope = tuple[Any, str] | None
+
+
+def _unstorable(doc: Document) -> str | None:
+    """Where the document holds a string the database could not store: anywhere, not
+    only in what the structure keeps today, so no later field can meet one."""
+    stack: list[tuple[_Scope, Node]] = [(None, n) for n in reversed(doc.nodes)]
+    while stack:
+        parent, node = stack.pop()
+        scope: _Scope = (parent, node.name)
+        strings = [("name", node.name)]
+        strings += [("argument", plain(a)) for a in node.args]
+        for key, value in node.props.items():
+            strings += [("property name", key), (f"property {_cut(key)}", plain(value))]
+        strings += [
+            ("type annotation", v.tag) for v in (*node.args, *node.props.values()) if isinstance(v, Tagged)
+        ]
+        for what, value in strings:
+            if isinstance(value, str) and _UNSTORABLE.search(value):
+                return f"the {what} {_cut(value)} of node {_cut(_path(scope))}"
+        stack.extend((scope, c) for c in reversed(node.nodes))
+    return None
+
+
+def _path(scope: _Scope) -> str:
+    names: list[str] = []
+    while scope is not None:
+        scope, name = scope
+        names.append(name)
+    return "/".join(reversed(names))
+
+
+def _cut(value: str) -> str:
+    """`value` quoted and escaped (NUL shows as \\x00), at most _SHOWN characters of it."""
+    return repr(value if len(value) <= _SHOWN else value[:_SHOWN] + "…")
+
+
+def read(root: Path, path: str) -> Parsed:
+    """`root/path` parsed as KDL into its FileFacts (the `document`), or the error. A
+    string holding U+0000 or a lone surrogate anywhere in it is an error naming the
+    file: PostgreSQL cannot store either, and a name goes into the stored structure."""
+    parsed = parse(root, path, ConfigFormat.KDL)
+    if not parsed.ok:
+        return parsed
+    bad = _unstorable(parsed.document)
+    if bad is not None:
+        return Parsed(
+            path,
+            error=f"{path}: {bad} holds U+0000 (NUL) or a lone surrogate, which the control plane "
+            "does not store",
+        )
+    return Parsed(path, facts(path, parsed.document))
+
+
+def merge(files: Iterable[FileFacts]) -> Structure:
+    """The structure declared by several files (a later id wins)."""
+    out = empty()
+    for file in files:
+        for kind, items in file.structure.items():
+            out[kind].update(items)
     return out
+
+
+def extract(documents: Iterable[tuple[str, Document]]) -> Structure:
+    """The structure declared by several parsed KDL documents (a later id wins)."""
+    return merge(facts(path, doc) for path, doc in documents)
 
 
 def _blocks(nodes: Iterable[Node], scope: str, out: Structure) -> None:
@@ -169,24 +268,21 @@ def _blocks(nodes: Iterable[Node], scope: str, out: Structure) -> None:
         _blocks(node.nodes, here, out)
 
 
-def zentinel_errors(documents: Iterable[tuple[str, Document]]) -> list[str]:
+def zentinel_errors(files: Iterable[FileFacts]) -> list[str]:
     """What Zentinel would refuse in these files, as far as the structure shows."""
     errors: list[str] = []
     seen: dict[str, dict[str, str]] = {"listeners": {}, "upstreams": {}, "routes": {}}
     routes: list[tuple[str, str, str]] = []
-    for path, doc in documents:
-        for index, (section, node) in enumerate(_entities(doc.nodes)):
-            ident = _ident(node, index)
-            noun = SECTIONS[section]
+    for file in files:
+        for section, ident in file.entities:
             if ident in seen[section]:
-                errors.append(f"{path}: {noun} {ident!r} is declared twice (also in {seen[section][ident]})")
-            seen[section][ident] = path
-            if section == "listeners":
-                errors.extend(_listener_errors(path, ident, node))
-            elif section == "upstreams" and not _child_values(node, "target"):
-                errors.append(f"{path}: upstream {ident!r} has no target")
-            elif section == "routes":
-                routes.append((path, ident, _first(node, "upstream")))
+                errors.append(
+                    f"{file.path}: {SECTIONS[section]} {ident!r} is declared twice "
+                    f"(also in {seen[section][ident]})"
+                )
+            seen[section][ident] = file.path
+        errors.extend(file.errors)
+        routes.extend((file.path, ident, upstream) for ident, upstream in file.routes)
     if not seen["listeners"]:
         errors.append('no listener is declared (listeners { listener "name" { address ... } })')
     for path, ident, upstream in routes:

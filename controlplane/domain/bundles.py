@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from controlplane.archives import sbom
+from controlplane.archives.kdl_pool import KdlParsers
 from controlplane.archives.limits import ArchiveLimits, InvalidArchive
 from controlplane.archives.manifest import Manifest, scan
 from controlplane.archives.pack import Packed, pack
@@ -133,6 +134,9 @@ class BundleRegistry:
     allowed_programs: frozenset[str] = frozenset()
     max_bundle_bytes: int = 256 * 1024 * 1024
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)
+    # The worker processes KDL files are parsed in: one set per server (bootstrap
+    # passes it and closes it at shutdown); the default starts its workers on first use.
+    kdl: KdlParsers = field(default_factory=KdlParsers)
     _slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PIPELINE_SLOTS))
     intake_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_INTAKES))
     intake_wait: float = INTAKE_WAIT
@@ -205,7 +209,7 @@ class BundleRegistry:
             async with self._slots:
                 async with self.store.read() as tx:
                     config = await _config(tx, project)
-                cache = validators.ParseCache(tree.root)
+                cache = validators.ParseCache(tree.root, self.kdl)
                 manifest = await asyncio.to_thread(scan, tree.root)
                 content = manifest.digest()
                 async with self.store.read() as tx:

@@ -27,9 +27,10 @@ from typing import Any
 
 from controlplane.archives import kdl_config
 from controlplane.archives.formats import EXTENSIONS, ConfigFormat, Parsed, parse
+from controlplane.archives.kdl_pool import KdlParsers, KdlParsersClosed
 from controlplane.archives.manifest import Manifest
 from controlplane.domain.bundle_records import ValidationResult
-from controlplane.domain.errors import InvalidArgument
+from controlplane.domain.errors import InvalidArgument, Unavailable
 
 DEFAULT_TIMEOUT = timedelta(seconds=30)
 # A validator that needs more than ten minutes is not a validator; it also holds a
@@ -155,16 +156,33 @@ def matches(path: str, patterns: Sequence[str]) -> bool:
 
 @dataclass
 class ParseCache:
-    """Each file parsed at most once per format, shared by validators and the structure."""
+    """Each file parsed at most once per format, shared by validators and the structure.
+
+    A KDL file's result is its `kdl_config.FileFacts` (the `document`), read by `kdl`'s
+    worker processes (the server's: ckdl holds the GIL, see `kdl_pool`), or in this
+    process when there is none (unit tests, the benchmark). `get` blocks: call it from a
+    thread, as the pipeline does."""
 
     root: Path
+    kdl: KdlParsers | None = None
     results: dict[tuple[str, ConfigFormat], Parsed] = field(default_factory=dict)
 
     def get(self, path: str, fmt: ConfigFormat) -> Parsed:
         key = (path, ConfigFormat.KDL if fmt is ConfigFormat.ZENTINEL else fmt)
         if key not in self.results:
-            self.results[key] = parse(self.root, path, key[1])
+            self.results[key] = self._parse(path, key[1])
         return self.results[key]
+
+    def _parse(self, path: str, fmt: ConfigFormat) -> Parsed:
+        if fmt is not ConfigFormat.KDL:
+            return parse(self.root, path, fmt)
+        if self.kdl is None:
+            return kdl_config.read(self.root, path)
+        try:
+            return self.kdl.parse(self.root, path)
+        except KdlParsersClosed:
+            # Not the file's fault: the push is refused, not stored as FAILED.
+            raise Unavailable("the server is shutting down; retry", retry_after_ms=5000) from None
 
 
 def run_parser(check: ParserCheck, main: str, manifest: Manifest, cache: ParseCache) -> ValidationResult:
@@ -177,7 +195,7 @@ def run_parser(check: ParserCheck, main: str, manifest: Manifest, cache: ParseCa
         if not paths:
             errors.append(f"no file matches {', '.join(patterns)}")
         else:
-            errors.extend(kdl_config.zentinel_errors((r.path, r.document) for r in results))
+            errors.extend(kdl_config.zentinel_errors(r.document for r in results))
     output = "\n".join(errors) if errors else f"{len(paths)} file(s) parsed"
     return ValidationResult(
         check.label(main), not errors, _cap(output), timedelta(seconds=time.monotonic() - started)
@@ -188,16 +206,16 @@ def structure(manifest: Manifest, cache: ParseCache) -> kdl_config.Structure:
     """What every KDL file of the bundle declares. A file that does not parse is listed
     under `unparsed` with why, never silently left out: risk then says it cannot judge
     it (whether or not the project validates KDL)."""
-    docs = []
+    files: list[kdl_config.FileFacts] = []
     unparsed: dict[str, str] = {}
     for entry in manifest.files:
         if entry.path.endswith(".kdl"):
             parsed = cache.get(entry.path, ConfigFormat.KDL)
             if parsed.ok:
-                docs.append((entry.path, parsed.document))
+                files.append(parsed.document)
             else:
                 unparsed[entry.path] = parsed.error[:500]
-    out = kdl_config.extract(docs)
+    out = kdl_config.merge(files)
     out["unparsed"] = unparsed
     return out
 

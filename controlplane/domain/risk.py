@@ -10,6 +10,7 @@ in one finding. The bundle's level is the highest of its findings' levels.
 | auth-changed (an auth/JWT/WAF block added, removed or changed) | high |
 | upstream-removed | high |
 | listener-removed | high |
+| all-routes-removed, all-upstreams-removed, all-listeners-removed (none left) | high |
 | structure-unknown (a .kdl file added or changed that could not be parsed) | high |
 | routes-changed, many (more than 10, or at least 3 and more than a quarter) | high |
 | routes-changed, a few | low |
@@ -130,6 +131,7 @@ def assess(previous: Facts | None, current: Facts) -> RiskAssessment:
             )
         )
 
+    findings += _all_removed(old, new)
     old_routes = old.get("routes", {})
     added, removed, changed = _delta(old_routes, new.get("routes", {}))
     touched = len(added) + len(removed) + len(changed)
@@ -143,6 +145,26 @@ def assess(previous: Facts | None, current: Facts) -> RiskAssessment:
     findings += _file_findings(previous.manifest, current.manifest)
     level = max((f.level for f in findings), key=lambda lv: lv.rank, default=LOW)
     return RiskAssessment(level, previous.digest, tuple(findings))
+
+
+def _all_removed(old: Structure, new: Structure) -> list[RiskFinding]:
+    """A bundle that declares no route (upstream, listener) where the last one had some
+    serves nothing: HIGH however few there were, which the share rules alone miss (two
+    routes removed are "a few")."""
+    findings = []
+    unreadable = " in the files that could be read" if new.get("unparsed") else ""
+    for kind, noun in (("routes", "route"), ("upstreams", "upstream"), ("listeners", "listener")):
+        before = list(old.get(kind, {}))
+        if before and not new.get(kind):
+            findings.append(
+                RiskFinding(
+                    HIGH,
+                    f"all-{kind}-removed",
+                    f"no {noun} is declared any more{unreadable}; the previous bundle had "
+                    f"{len(before)}: {_names(before)}",
+                )
+            )
+    return findings
 
 
 def _file_findings(old: Manifest, new: Manifest) -> list[RiskFinding]:

@@ -175,6 +175,46 @@ def test_one_route_of_a_few_is_not_many(tmp_path: Path) -> None:
     assert rules(result)["routes-changed"] is RiskLevel.HIGH
 
 
+def test_removing_every_route_upstream_or_listener_is_high_however_few(tmp_path: Path) -> None:
+    """Two routes removed are "a few" to the share rules; none left means nothing served."""
+    old = facts(tmp_path / "a", BASE.replace("%ROUTES%", routes(2)), digest="sha256:old")
+    result = assess(old, facts(tmp_path / "b", BASE.replace("%ROUTES%", "")))
+    assert result.level is RiskLevel.HIGH
+    assert rules(result) == {
+        "all-routes-removed": RiskLevel.HIGH,
+        "routes-changed": RiskLevel.LOW,
+        "files-changed": RiskLevel.LOW,
+    }
+    (gone,) = [f for f in result.findings if f.rule == "all-routes-removed"]
+    assert gone.reason == "no route is declared any more; the previous bundle had 2: 'r0', 'r1'"
+    # Every upstream and listener too (the routes stay).
+    bare = "routes {\n" + routes(2) + "\n}\n"
+    result = assess(old, facts(tmp_path / "c", bare))
+    assert result.level is RiskLevel.HIGH
+    found = rules(result)
+    assert (
+        found["all-upstreams-removed"] is RiskLevel.HIGH and found["all-listeners-removed"] is RiskLevel.HIGH
+    )
+    reasons = {f.rule: f.reason for f in result.findings}
+    assert reasons["all-upstreams-removed"].endswith("had 2: 'backend', 'legacy'")
+    assert reasons["all-listeners-removed"].endswith("had 1: 'https'")
+    # One route left: not "all removed".
+    assert "all-routes-removed" not in rules(
+        assess(old, facts(tmp_path / "d", BASE.replace("%ROUTES%", routes(1))))
+    )
+
+
+def test_routes_gone_with_an_unreadable_file_say_so(tmp_path: Path) -> None:
+    old = tree_facts(tmp_path / "a", {"zentinel.kdl": BASE.replace("%ROUTES%", routes(2))})
+    new = tree_facts(tmp_path / "b", {"zentinel.kdl": BASE.replace("%ROUTES%", routes(2)) + "route } {\n"})
+    result = assess(old, new)
+    reasons = {f.rule: f.reason for f in result.findings}
+    assert result.level is RiskLevel.HIGH and "structure-unknown" in reasons
+    assert reasons["all-routes-removed"].startswith(
+        "no route is declared any more in the files that could be read;"
+    )
+
+
 def tree_facts(root: Path, files: dict[str, str], digest: str = "sha256:x") -> Facts:
     """Facts as the pipeline builds them: the manifest and structure of a real tree."""
     for name, text in files.items():

@@ -96,10 +96,17 @@ class AuditLog(Protocol):
         before: Mapping[str, Any] | None = None,
         after: Mapping[str, Any] | None = None,
     ) -> None:
-        """Add an entry for the current actor and request (both taken now, as is the time)
-        to the caller's transaction. The store chains the transaction's entries just before
-        it commits, so the chain's one lock is taken last and held briefly; an entry is
-        therefore not readable inside the transaction that recorded it."""
+        """Add an entry for the current actor and request (both taken now) to the caller's
+        transaction. The store chains the transaction's entries just before it commits,
+        so the chain's one lock is taken last and held briefly; an entry is therefore not
+        readable inside the transaction that recorded it. Its time is taken then too,
+        under that lock (`chain_time`), so time order is chain order."""
+        ...
+
+    async def seal(self) -> None:
+        """Seal the head if it is not sealed (a new store, or one upgraded to migration
+        0006), in the caller's transaction: the start does it, so verification passes
+        before any write (`reseal`, `extend`)."""
         ...
 
 
@@ -129,7 +136,9 @@ GENESIS = "0" * 64
 # Domain separation: an entry's MAC input starts with "{", a head seal's with this.
 _HEAD_SEAL_CONTEXT = b"controlplane audit head v1\n"
 # The entry that records the head being sealed for the first time (a store made, or
-# upgraded from before seals existed). A second one means a seal was removed.
+# upgraded from before seals existed; the start seals it). A second one means a seal was
+# removed (a 0006 downgrade keeps the seal aside, and the next upgrade restores it
+# without an entry: `reseal`).
 SEAL_ACTION = "audit.seal"
 SEAL_ACTOR = "system:audit"
 
@@ -137,7 +146,8 @@ SEAL_ACTOR = "system:audit"
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
     seq: int
-    at: str  # ISO-8601 UTC, as stored
+    # ISO-8601 UTC, as stored: when the entry was chained (`chain_time`); "" until then.
+    at: str
     actor: str
     action: str
     resource: str
@@ -183,7 +193,7 @@ def chain_mac(key: bytes, entry: AuditEntry, previous_mac: str) -> str:
 class AuditHead:
     seq: int
     mac: str
-    # head_seal(key, seq, mac); "" while never sealed (see `extend`).
+    # head_seal(key, seq, mac); "" while not sealed (see `extend` and `reseal`).
     seal: str = ""
 
 
@@ -195,30 +205,42 @@ def seal_matches(key: bytes, head: AuditHead) -> bool:
     return bool(head.seal) and hmac.compare_digest(head_seal(key, head.seq, head.mac), head.seal)
 
 
-def extend(key: bytes, head: AuditHead, recorded: Sequence[AuditEntry]) -> tuple[list[AuditEntry], AuditHead]:
-    """Chain a transaction's `recorded` entries (in order; their seq and MAC unset) onto
-    `head`: the entries to store and the new head.
+def chain_time(now: str, previous: str) -> str:
+    """The time of entries chained after one stamped `previous`: the writer's clock
+    `now`, but never earlier than `previous` — a replica whose clock is behind
+    another's, or a clock stepped back, would otherwise put a later entry at an earlier
+    time. Both are in the one stored ISO form (UTC, microseconds), whose text order is
+    time order."""
+    return max(now, previous)
 
-    A head never sealed is sealed now, behind an entry saying so. A head whose seal does
-    not match (rewritten without the key) keeps its stale seal: the next verification
-    still fails, instead of the new entries making the cut look whole."""
-    if not recorded:
+
+def extend(
+    key: bytes, head: AuditHead, recorded: Sequence[AuditEntry], at: str
+) -> tuple[list[AuditEntry], AuditHead]:
+    """Chain a transaction's `recorded` entries (in order; their seq, time and MAC unset)
+    onto `head`, all at time `at` (`chain_time`, read under the head's lock): the entries
+    to store and the new head.
+
+    A head never sealed is sealed now, behind an entry saying so — even with nothing
+    recorded (`AuditLog.seal`). A head whose seal does not match (rewritten without the
+    key) keeps its stale seal: the next verification still fails, instead of the new
+    entries making the cut look whole."""
+    if not recorded and head.seal:
         return [], head
     todo = list(recorded)
     if not head.seal:
-        first = todo[0]
         todo.insert(
             0,
             AuditEntry(
                 seq=0,
-                at=first.at,
+                at=at,
                 actor=SEAL_ACTOR,
                 action=SEAL_ACTION,
                 resource="audit/head",
                 project="",
                 before=None,
                 after={"unsealed_head_seq": head.seq},
-                request_id=first.request_id,
+                request_id=todo[0].request_id if todo else "",
             ),
         )
     sealed = not head.seal or seal_matches(key, head)
@@ -226,10 +248,38 @@ def extend(key: bytes, head: AuditHead, recorded: Sequence[AuditEntry]) -> tuple
     chained = []
     for entry in todo:
         seq += 1
-        numbered = replace(entry, seq=seq)
+        numbered = replace(entry, seq=seq, at=at)
         mac = chain_mac(key, numbered, mac)
         chained.append(replace(numbered, mac=mac))
     return chained, AuditHead(seq, mac, head_seal(key, seq, mac) if sealed else head.seal)
+
+
+@dataclass(frozen=True, slots=True)
+class KeptSeal:
+    """The seal a head had when migration 0006 was undone, kept beside it while the
+    seal's column did not exist (the head's seq then, and its seal)."""
+
+    seq: int
+    seal: str
+
+
+def reseal(key: bytes, head: AuditHead, kept: KeptSeal, kept_mac: str) -> AuditHead | None:
+    """`head` sealed again without an entry, if it was sealed before 0006 was undone and
+    the chain still runs through the head it had then: `kept` must be the seal of that
+    head — entry `kept.seq`, whose MAC in the log is now `kept_mac` (GENESIS for 0) — and
+    the head at or after it. Entries written meanwhile (by code from before seals)
+    chain onto it and are verified as any others. None when `kept` does not prove that:
+    the head is then sealed behind an entry (`extend`), as a head whose seal was removed.
+
+    Without the key, a kept seal that passes can only be a head's real seal from the
+    past: whoever holds one can already cut the log back to that head and restore it
+    with its seal (the older-copy case); kept, it lets them cut back to any entry after
+    it as well. A checkpoint recorded outside catches both (`ChainVerifier`)."""
+    if head.seal or kept.seq > head.seq:
+        return None
+    if not hmac.compare_digest(head_seal(key, kept.seq, kept_mac), kept.seal):
+        return None
+    return AuditHead(head.seq, head.mac, head_seal(key, head.seq, head.mac))
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +367,12 @@ class ChainVerifier:
                 "it was cut or restored from an older copy",
             )
         return ChainReport(True, self.count)
+
+
+async def seal(store: Store) -> None:
+    """Seal the chain head if it is not (`AuditLog.seal`): run by every start."""
+    async with store.write() as tx:
+        await tx.audit.seal()
 
 
 async def verify(store: Store, key: bytes, checkpoint: Checkpoint = NO_CHECKPOINT) -> ChainReport:

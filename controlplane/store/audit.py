@@ -1,5 +1,5 @@
-"""The audit log in SQL: recorded in the caller's transaction, chained under one lock
-taken just before commit."""
+"""The audit log in SQL: recorded in the caller's transaction, chained — numbered, timed
+and MACed — under one lock taken just before commit."""
 
 from __future__ import annotations
 
@@ -7,20 +7,24 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controlplane.domain.audit import (
+    GENESIS,
     AuditEntry,
     AuditHead,
     AuditQuery,
+    KeptSeal,
+    chain_time,
     current_actor,
     current_request_id,
     extend,
+    reseal,
     stored_fields,
 )
 from controlplane.domain.ports import Clock
-from controlplane.store.schema import audit_head, audit_log
+from controlplane.store.schema.audit import HEAD_ROW, KEPT_SEAL_ROW, audit_head, audit_log
 
 
 def _plain(value: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -64,12 +68,13 @@ class SqlAuditLog:
         before: Mapping[str, Any] | None = None,
         after: Mapping[str, Any] | None = None,
     ) -> None:
-        # Who, which request and when are taken now: a group commit records entries for
-        # several callers in one transaction (domain/group_commit.py).
+        # Who and which request are taken now: a group commit records entries for
+        # several callers in one transaction (domain/group_commit.py). The time is taken
+        # when the entries are chained (`flush`).
         self._recorded.append(
             AuditEntry(
                 seq=0,
-                at=self._clock().isoformat(timespec="microseconds"),
+                at="",
                 actor=str(current_actor()),
                 action=action,
                 resource=resource,
@@ -85,21 +90,70 @@ class SqlAuditLog:
         commit. The head row is the one lock every writer shares, so it is taken last
         (never held while waiting for another lock: no deadlock whatever order the rest
         of the transaction locked in) and held only until commit. On SQLite the write
-        transaction is exclusive already. Three statements, whatever the entry count."""
+        transaction is exclusive already. Four statements, whatever the entry count."""
         if not self._recorded:
             return
         recorded, self._recorded = self._recorded, []
-        row = (
-            await self._conn.execute(select(audit_head).where(audit_head.c.id == 1).with_for_update())
-        ).one()
-        chained, head = extend(self._key, _head(row), recorded)
-        await self._conn.execute(audit_log.insert(), [stored_fields(e) for e in chained])
-        await self._conn.execute(
-            update(audit_head).where(audit_head.c.id == 1).values(seq=head.seq, mac=head.mac, seal=head.seal)
-        )
+        await self._chain(recorded)
+
+    async def seal(self) -> None:
+        """Seal an unsealed head now (the start calls it): restored from a kept seal if
+        one proves it, else behind an `audit.seal` entry (domain/audit.py)."""
+        await self._chain([])
+
+    async def _chain(self, recorded: list[AuditEntry]) -> None:
+        locked = head = await self._locked_head()
+        if not head.seal:
+            head = await self._restore_kept_seal(head)
+        chained: list[AuditEntry] = []
+        new = head
+        if recorded or not head.seal:
+            # Read under the lock, after the previous writer committed: each entry's time
+            # is at or after its predecessor's, whichever replica or clock wrote that.
+            now = self._clock().isoformat(timespec="microseconds")
+            at = chain_time(now, await self._time_of(head.seq))
+            chained, new = extend(self._key, head, recorded, at)
+        if chained:
+            await self._conn.execute(audit_log.insert(), [stored_fields(e) for e in chained])
+        if new != locked:
+            await self._conn.execute(
+                update(audit_head)
+                .where(audit_head.c.id == HEAD_ROW)
+                .values(seq=new.seq, mac=new.mac, seal=new.seal)
+            )
+
+    async def _locked_head(self) -> AuditHead:
+        query = select(audit_head).where(audit_head.c.id == HEAD_ROW).with_for_update()
+        return _head((await self._conn.execute(query)).one())
+
+    async def _time_of(self, seq: int) -> str:
+        """The stored time of entry `seq` ("" for none: the start of the chain)."""
+        if seq == 0:
+            return ""
+        found = await self._conn.scalar(select(audit_log.c.at).where(audit_log.c.seq == seq))
+        return "" if found is None else str(found)
+
+    async def _restore_kept_seal(self, head: AuditHead) -> AuditHead:
+        """`head`, sealed again from the seal a 0006 downgrade kept aside if that proves
+        it (`reseal`); the kept row is used up either way. Only an unsealed head, so
+        only after an upgrade or a removed seal, pays for this."""
+        kept_row = (
+            await self._conn.execute(select(audit_head).where(audit_head.c.id == KEPT_SEAL_ROW))
+        ).one_or_none()
+        if kept_row is None:
+            return head
+        await self._conn.execute(delete(audit_head).where(audit_head.c.id == KEPT_SEAL_ROW))
+        kept = KeptSeal(int(kept_row.seq), str(kept_row.mac))
+        if kept.seq == 0:
+            kept_mac: str | None = GENESIS
+        else:
+            kept_mac = await self._conn.scalar(select(audit_log.c.mac).where(audit_log.c.seq == kept.seq))
+        if kept_mac is None:
+            return head
+        return reseal(self._key, head, kept, str(kept_mac)) or head
 
     async def head(self) -> AuditHead:
-        return _head((await self._conn.execute(select(audit_head).where(audit_head.c.id == 1))).one())
+        return _head((await self._conn.execute(select(audit_head).where(audit_head.c.id == HEAD_ROW))).one())
 
     async def entries(self, batch: int = 1000) -> AsyncIterator[AuditEntry]:
         """Every entry in stored order, read in batches (bounded memory)."""

@@ -26,17 +26,23 @@ audit_log = Table(
     Index(None, "at"),
 )
 
-# One row: the last sequence number and MAC, sealed with the audit key. Locked by every
-# writer just before commit, so entries chain in commit order even with concurrent
+# Row HEAD_ROW: the last sequence number and MAC, sealed with the audit key. Locked by
+# every writer just before commit, so entries chain in commit order even with concurrent
 # transactions; the seal makes a cut tail with a rewritten head detectable.
+# Row KEPT_SEAL_ROW, rarely: the seal a downgrade below migration 0006 kept aside (`mac`
+# holds the seal, `seq` the head's seq then), until an upgrade or the start restores it
+# (domain/audit.py, `reseal`).
 audit_head = Table(
     "audit_head",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("seq", BigInteger, nullable=False),
     Column("mac", String(64), nullable=False),
-    # HMAC of (seq, mac); "" until the first entry after migration 0006 seals it.
+    # HMAC of (seq, mac); "" until the start (or a write) after migration 0006 seals it.
     Column("seal", String(64), nullable=False, server_default=""),
 )
 
-__all__ = ["audit_head", "audit_log"]
+HEAD_ROW = 1
+KEPT_SEAL_ROW = 2
+
+__all__ = ["HEAD_ROW", "KEPT_SEAL_ROW", "audit_head", "audit_log"]

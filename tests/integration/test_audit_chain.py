@@ -4,6 +4,7 @@ reordering or cutting entries directly in the database is detected and named."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Awaitable, Callable
 
@@ -20,7 +21,7 @@ from controlplane.rpc.errors import status_of
 from controlplane.store.schema import audit_head, audit_log, nodes
 from tests.integration.test_auth_cli import run
 from tests.support.archives import bundle
-from tests.support.harness import Harness
+from tests.support.harness import Harness, Registered
 
 
 async def make_history(h: Harness) -> None:
@@ -73,12 +74,34 @@ async def test_mutations_are_recorded_with_actor_and_request(harness: Harness) -
     assert report.ok and report.entries == len(everything)
 
 
+def assert_chain_order(chain: list[audit.AuditEntry]) -> None:
+    """Numbered 1, 2, … with no gap, and timed in that order (an entry's time is when it
+    was chained: docs/security.md, Audit)."""
+    assert [e.seq for e in chain] == list(range(1, len(chain) + 1))
+    back = [(a.seq, a.at, b.seq, b.at) for a, b in itertools.pairwise(chain) if b.at < a.at]
+    assert not back, f"time goes back along the chain: {back[:3]}"
+
+
 async def test_concurrent_writers_keep_a_valid_chain(harness: Harness) -> None:
+    """Thirty registrations at once: each is one entry, by the node itself, naming it
+    and its labels — none lost, doubled or mixed with another's — in a chain that
+    verifies and whose times follow its order."""
     started = len(await entries(harness))
-    await asyncio.gather(*(harness.register(f"n{i}", {"i": str(i)}) for i in range(30)))
+    registered = await asyncio.gather(*(harness.register(f"n{i}", {"i": str(i)}) for i in range(30)))
     report = await verify(harness)
     assert report.ok, report.reason
-    assert report.entries == started + 30
+    chain = await entries(harness)
+    assert report.entries == len(chain) and report.head_mac == chain[-1].mac
+    assert_chain_order(chain)
+    new = chain[started:]
+    assert [e.action for e in new] == ["node.register"] * 30
+    by_node = {e.resource: e for e in new}
+    assert sorted(by_node) == sorted(f"node/{r.node_id}" for r in registered)
+    for i, r in enumerate(registered):
+        e = by_node[f"node/{r.node_id}"]
+        assert e.actor == f"node:{r.node_id}" and e.project == "default"
+        assert e.after is not None and (e.after["name"], e.after["labels"]) == (f"n{i}", {"i": str(i)})
+    assert len({e.request_id for e in new}) == 30
 
 
 Tamper = Callable[[AsyncConnection], Awaitable[None]]
@@ -193,7 +216,26 @@ async def test_registrations_and_relabels_together_never_deadlock(harness: Harne
     assert not failed, failed
     report = await verify(harness)
     assert report.ok, report.reason
-    assert report.entries == started + 80
+    chain = await entries(harness)
+    assert_chain_order(chain)
+    new = chain[started:]
+    registered = sorted(
+        (e.actor, e.after["name"], e.after["labels"]["i"])
+        for e in new
+        if e.action == "node.register" and e.after is not None
+    )
+    assert registered == sorted(
+        (f"node:{o.node_id}", f"new{i}", str(i))
+        for i, o in enumerate(outcomes[:40])
+        if isinstance(o, Registered)
+    )
+    relabels = sorted(
+        (e.resource, e.before, (e.after or {}).get("labels")) for e in new if e.action == "node.relabel"
+    )
+    assert relabels == sorted(
+        (f"node/{n.node_id}", {"labels": {"round": "0"}}, {"round": "1"}) for n in existing
+    )
+    assert len(new) == 80
 
 
 async def test_verify_is_consistent_while_writers_run(harness: Harness) -> None:
@@ -212,16 +254,20 @@ async def test_verify_is_consistent_while_writers_run(harness: Harness) -> None:
 
     writers = [asyncio.create_task(writer(i)) for i in range(len(nodes))]
     try:
-        counts = []
+        heads = []
         for _ in range(30):
             reply = await harness.audit.VerifyAuditChain(apb.VerifyAuditChainRequest())
             assert reply.ok, reply.reason
-            assert reply.entries == reply.head_seq
-            counts.append(reply.entries)
+            heads.append((reply.head_seq, reply.head_mac))
     finally:
         done.set()
         await asyncio.gather(*writers)
-    assert counts[-1] > counts[0]  # the writers did run during the verifications
+    # Each verification saw a head that was really committed — the entry of that number
+    # in the final log has that MAC — and later ones never saw an earlier head.
+    chain = {e.seq: e.mac for e in await entries(harness)}
+    assert [(seq, chain.get(seq)) for seq, _ in heads] == heads
+    assert [seq for seq, _ in heads] == sorted(seq for seq, _ in heads)
+    assert heads[-1][0] > heads[0][0]  # the writers did run during the verifications
 
 
 async def test_a_rewritten_head_stays_detected_after_more_writes(harness: Harness) -> None:

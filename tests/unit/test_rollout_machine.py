@@ -157,7 +157,7 @@ def test_a_canary_reporting_no_metrics_extends_then_rolls_back() -> None:
         canary=CanaryAnalysis(min_sample=2, max_extensions=2),
     )
     run, fleet = make_run(spec, ids), FakeFleet(ids)
-    run, _ = drive(run, fleet, T0, seconds=60, metrics=NodeMetrics())
+    run, _ = drive(run, fleet, T0, seconds=60, metrics=NodeMetrics(), stale_after=3 * S)
     assert run.state is RolloutState.ROLLED_BACK
     assert "still canary has 0 sample(s) reporting error_rate" in run.rollout.reason
     assert [a["decision"] for a in run.steps[0].detail["analyses"]] == ["extend"] * 3
@@ -433,10 +433,33 @@ def test_canary_extends_without_data_then_gives_up() -> None:
         canary=CanaryAnalysis(min_sample=1000, max_extensions=2),
     )
     run, fleet = make_run(spec, ids), FakeFleet(ids)
-    run, _ = drive(run, fleet, T0, seconds=60)
+    run, _ = drive(run, fleet, T0, seconds=60, stale_after=3 * S)
     assert run.state is RolloutState.ROLLED_BACK
     assert "after 2 extension(s)" in run.rollout.reason
     assert [a["decision"] for a in run.steps[0].detail["analyses"]] == ["extend", "extend", "extend"]
+
+
+def test_a_canary_without_bake_time_extends_long_enough_for_new_samples() -> None:
+    """Bake zero, heartbeats every 5 s: the first analysis (on the tick the step baked)
+    has no sample since the step converged. Each extension then waits for heartbeats
+    (`stale_after`, 15 s) instead of ending on the next tick with none arrived."""
+    ids = nodes(20)
+    spec = make_spec(Strategy.CANARY, bake_time=0 * S, gates=Gates(require_healthy=False))
+    run, fleet = make_run(spec, ids), FakeFleet(ids)
+    now, half = T0, timedelta(milliseconds=500)
+    for i in range(2400):  # 20 minutes of ticks every 0.5 s
+        run = tick(run, fleet, now, stale_after=15 * S)
+        if not run.rollout.active:
+            break
+        now += half
+        for n in fleet.desired:
+            fleet.converge(n, now)
+        if i % 10 == 0:
+            for n in ids:
+                fleet.beat(n, now + timedelta(milliseconds=1))
+    assert run.state is RolloutState.SUCCEEDED, run.rollout.reason
+    first = [a["decision"] for a in run.steps[0].detail["analyses"]]
+    assert first[0] == "extend" and first[-1] == "promote" and len(first) <= 1 + spec.canary.max_extensions
 
 
 def test_blue_green_moves_weight_then_swaps_and_rolls_back_to_the_old_set() -> None:

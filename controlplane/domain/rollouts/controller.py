@@ -233,7 +233,9 @@ class RolloutController:
 
         run = decide(world)
         if run.needs_samples:
-            run = decide(await self._with_samples(base, world))
+            # The nodes to sample are those of the decided run: a node classified ACTIVE
+            # on this very tick is a canary node already, though `base` has it waiting.
+            run = decide(await self._with_samples(run, world))
         if not run.changed:
             return False
         if (
@@ -288,8 +290,7 @@ class RolloutController:
             return replace(facts, pinned=True)
         return facts
 
-    async def _with_samples(self, base: Loaded, world: World) -> World:
-        run = base.run()
+    async def _with_samples(self, run: Run, world: World) -> World:
         canary_ids, baseline_ids = machine.analysis_nodes(run)
         step = run.current
         since = step.started_at if step is not None and step.started_at else world.now

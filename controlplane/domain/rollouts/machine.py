@@ -15,14 +15,15 @@ One tick, for a RUNNING rollout, works through the current step:
 - DONE: the next step is written — unless a freeze window holds it — or the rollout
   succeeds after the last one.
 
-The step deadline covers the whole step (minus time paused, plus one bake per canary
-extension). A failure rolls back (auto-rollback) or halts the rollout as FAILED.
+The step deadline covers the whole step (minus time paused, plus the length of each
+canary extension: a bake, at least `stale_after`). A failure rolls back (auto-rollback)
+or halts the rollout as FAILED.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from controlplane.domain.errors import AlreadyExists, FailedPrecondition, PermissionDenied
 from controlplane.domain.records import HeartbeatRecord
@@ -183,7 +184,7 @@ def _work(run: Run, world: World, step: Step) -> None:
         )
         return
     step = run.steps[step.index]
-    limit = run.spec.progress_deadline + step.extensions * run.spec.bake_time
+    limit = run.spec.progress_deadline + step.extensions * _extension(run, world)
     assert step.started_at is not None
     elapsed = (now - step.started_at).total_seconds() - step.paused_seconds
     if elapsed > limit.total_seconds():
@@ -299,7 +300,7 @@ def _bake(run: Run, world: World, step: Step, members: list[RolloutNode], unavai
             step, gate_failing_since=None, bake_started_at=step.bake_started_at or now, detail=detail
         )
     assert step.bake_started_at is not None
-    if now - step.bake_started_at < spec.bake_time:
+    if now - step.bake_started_at < (_extension(run, world) if step.extensions else spec.bake_time):
         return
     is_canary_step = spec.strategy is Strategy.CANARY and step.index < len(run.steps) - 1
     if is_canary_step and not _analysis_promotes(run, world, step):
@@ -307,6 +308,15 @@ def _bake(run: Run, world: World, step: Step, members: list[RolloutNode], unavai
     run.set_step(run.steps[step.index], state=StepState.DONE, finished_at=now)
     run.event(EventKind.STEP, f"step {step.index} done", step=step.index)
     _advance(run, world)
+
+
+def _extension(run: Run, world: World) -> timedelta:
+    """How long a canary extension waits for more samples: one bake, but at least the
+    time within which every live node sends a heartbeat (a heartbeat older than
+    `stale_after` is stale). A bake shorter than the heartbeat interval — zero, say —
+    would otherwise spend every extension before a single new sample could arrive, and
+    roll a healthy canary back for want of data."""
+    return max(run.spec.bake_time, world.stale_after)
 
 
 def analysis_nodes(run: Run) -> tuple[list[str], list[str]]:

@@ -498,30 +498,65 @@ async def test_history_pruned_during_a_read_is_not_read_with_holes() -> None:
     await hub.stop(grace=0.1)
 
 
-async def test_settling_the_heap_frees_garbage_that_was_frozen(
+class Garbage:
+    """Unreachable once dropped, but only a collection that looks at it can free it."""
+
+    def __init__(self) -> None:
+        self.cycle = self
+
+
+async def test_an_ended_stream_caught_in_a_cycle_while_frozen_is_freed(
     feed: MemoryFeed, hub: WatchHub, open_stream: Opener
 ) -> None:
-    """An ended stream frozen by an earlier settle and caught in a cycle is freed by the
-    next one: it thaws before it collects."""
-
-    class Ended:
-        pass
-
-    ended = Ended()
-    ended.cycle = ended  # type: ignore[attr-defined]
-    freed = weakref.ref(ended)
-    gc.collect()
-    gc.freeze()
-    del ended
-    gc.collect()
-    assert freed() is not None  # frozen: the collector does not look at it
+    """Frozen, then ended in a reference cycle: the collector cannot see it. The settle
+    after the one that followed its end finds it alive, thaws and collects it."""
     feed.node("a", {})
     await hub.catch_up()
+    stream, sink = open_stream("a")
+    await settle()  # its first write goes out
+    now = time.monotonic()
+    hub.tick(now := now + hub.settings.gc_settle + 1)  # settles: the stream is frozen
+    await settle()  # and the bookmark that tick sent goes out
+    assert gc.get_freeze_count() > 0
+    sink.cycle = stream  # type: ignore[attr-defined]  # stream -> sink -> stream
+    freed = weakref.ref(stream)
+    hub.close(stream)
+    del stream, sink
+    gc.collect()
+    assert freed() is not None  # frozen: the collector does not look at it
+    hub.tick(now := now + hub.settings.gc_settle + 1)  # the settle after its end
+    assert freed() is not None, "thawed though the stream had only just ended"
+    hub.tick(now := now + hub.settings.gc_settle + 1)  # nothing opened or ended since
+    assert freed() is None, "an ended stream stayed frozen in its cycle"
+    assert gc.get_freeze_count() > 0  # and the heap is frozen again
+
+
+async def test_settling_under_churn_thaws_only_when_the_backstop_is_due(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    """While every ended stream is freed, a settle collects only what is not frozen: the
+    full collection (seconds at a large fleet's heap) waits for `gc_thaw_after`."""
+    s = hub.settings
+    feed.node("a", {})
+    await hub.catch_up()
+    garbage = Garbage()
+    freed = weakref.ref(garbage)
+    gc.collect()
+    gc.freeze()
+    del garbage
+    now = time.monotonic()
+    # Churn that never quiets down, settled every gc_refreeze_after, short of the backstop.
+    while now + s.gc_refreeze_after < hub._heap._thawed_at + s.gc_thaw_after:
+        stream, _ = open_stream("a")
+        hub.close(stream)
+        await settle()  # its first write's task ends
+        hub.tick(now := now + s.gc_refreeze_after + 1)
+        assert gc.get_freeze_count() > 0
+        assert freed() is not None, "a settle thawed though every ended stream was freed"
     stream, _ = open_stream("a")
     hub.close(stream)
-    hub.tick(time.monotonic() + hub.settings.gc_settle + 1)
-    assert freed() is None
-    assert gc.get_freeze_count() > 0  # and the heap is frozen again
+    hub.tick(now + s.gc_thaw_after)
+    assert freed() is None, "the backstop never thawed the heap"
 
 
 async def test_selectors_the_floor_has_buried_are_forgotten(

@@ -8,7 +8,7 @@ the stored history. The stream ends after the event that made the rollout termin
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,7 +36,7 @@ History = Callable[[int], Awaitable[tuple[Rollout, list[RolloutEvent]]]]
 
 async def watch(
     bus: RolloutBus, rollout_id: str, snapshot: Snapshot, history: History
-) -> AsyncIterator[RolloutView | WatchBatch]:
+) -> AsyncGenerator[RolloutView | WatchBatch, None]:
     sub = bus.subscribe(rollout_id)
     try:
         view = await snapshot()
@@ -44,7 +44,9 @@ async def watch(
         rollout, last = view.rollout, view.rollout.event_seq
         behind = False
         while rollout.active or last < rollout.event_seq:
-            update = None if behind else await sub.next(IDLE_CHECK)
+            # Lagging: the bus emptied the queue when it overflowed, so no update may come
+            # for a while (the rollout's last burst): go to the history at once.
+            update = None if behind or sub.lagging else await sub.next(IDLE_CHECK)
             events: list[RolloutEvent] = []
             if update is not None and not sub.lagging:
                 if update.rollout.version >= rollout.version:

@@ -3,8 +3,9 @@
 A sweep compares every online node's applied digest with its effective desired digest
 (from the watch hub's image). A mismatch that has lasted the grace period — since the
 assignment was written and since this sweeper first saw it — opens one drift episode
-per node (the database allows only one open episode per node); later sweeps of the
-same mismatch change nothing. When the node converges, or has nothing desired any
+per node (the database allows only one open episode per node) — if the row the hub's
+image showed still decides the node's desired state in the opening transaction; later
+sweeps of the same mismatch change nothing. When the node converges, or has nothing desired any
 more, the episode is resolved.
 
 With remediation enabled for the project, an open episode gets the node's desired state
@@ -39,7 +40,7 @@ from controlplane.domain.rollouts.ports import DriftEpisode, NodeApplied
 from controlplane.domain.secrets import new_id
 
 if TYPE_CHECKING:
-    from controlplane.domain.ports import Clock, DesiredView, Store
+    from controlplane.domain.ports import Clock, DesiredView, Store, Tx
 
 # Re-asserting more often than this is a loop, not a remedy: after three tries the
 # episode stays open for an operator.
@@ -101,8 +102,10 @@ class DriftDetector:
             if now - since < self.grace or now - written < self.grace:
                 continue
             if episode is None:
-                episodes[node.node_id] = await self._open(node, want, now)
-                opened += 1
+                found = await self._open(node, desired, now)
+                if found is not None:
+                    episodes[node.node_id] = found
+                    opened += 1
             elif (episode.desired_digest, episode.applied_digest) != (want, node.applied_digest):
                 async with self.store.write() as tx:
                     await tx.drift.update_digests(episode.id, want, node.applied_digest)
@@ -117,9 +120,15 @@ class DriftDetector:
                 remediated += await self._remediate(episode, now)
         return SweepResult(len(episodes), opened, resolved, remediated)
 
-    async def _open(self, node: NodeApplied, want: str, now: datetime) -> DriftEpisode:
+    async def _open(self, node: NodeApplied, desired: DesiredRow, now: datetime) -> DriftEpisode | None:
+        """Open an episode, unless the image was behind: the row it showed no longer
+        decides the node's desired state (a restore or an assignment just written). The
+        next sweep judges the node on the row that does."""
+        want = desired.digest
         episode = DriftEpisode(new_id("d"), node.project, node.node_id, want, node.applied_digest, now)
         async with self.store.write() as tx:
+            if not await _still_decides(tx, node.project, node.node_id, desired):
+                return None
             await tx.drift.insert(episode)
             await tx.audit.record(
                 "drift.detect",
@@ -168,8 +177,7 @@ class DriftDetector:
             # rollback's restore, an operator's assignment or pin — must not be buried
             # under a re-assertion of what it replaced. Only the row that decides now, read
             # in this transaction, is re-asserted.
-            current = (await effective_rows(tx, episode.project, [episode.node_id])).get(episode.node_id)
-            if current is None or current.revision != desired.revision:
+            if not await _still_decides(tx, episode.project, episode.node_id, desired):
                 return 0
             bundle = await assignable(tx, episode.project, desired.digest)
             if not await tx.drift.count_remediation(episode.id, episode.remediations, now):
@@ -231,3 +239,10 @@ class DriftDetector:
                     after={"remediate": enabled},
                 )
         return enabled
+
+
+async def _still_decides(tx: Tx, project: str, node_id: str, desired: DesiredRow) -> bool:
+    """Whether `desired` (from the hub's image) is still the row deciding the node's
+    desired state, resolved over all its keys in `tx`."""
+    current = (await effective_rows(tx, project, [node_id])).get(node_id)
+    return current is not None and current.revision == desired.revision

@@ -2,7 +2,8 @@
 image can be a commit behind (this process's hub still reading the log, another
 replica's NOTIFY not yet heard). A re-assertion must never bury what was written since:
 the rolled-back bundle must not come back over a rollback's restore, and an operator's
-pin must not be replaced by the assignment it overrode. Remediation also waits out
+pin must not be replaced by the assignment it overrode; nor does the stale row open an
+episode. Remediation also waits out
 freeze windows. Real agents (the simulator) over real gRPC; SQLite and PostgreSQL."""
 
 from __future__ import annotations
@@ -107,16 +108,16 @@ async def test_remediation_never_brings_a_rolled_back_bundle_back(plane: Harness
         sweeper = detector(plane, view)
         with acting_as(system("drift-sweep")):
             result = await sweeper.sweep()
-        # The image says the node (on v0) drifted from v1; the log says v0 decides.
-        assert result.opened == 1
-        assert result.remediated == 0
+        # The image says the node (on v0) drifted from v1; the log says v0 decides: no
+        # episode, no re-assertion.
+        assert (result.opened, result.remediated) == (0, 0)
         assert await latest_own_row(plane, node.node_id) == restored
 
         # Once the image catches up the node is simply converged.
         view.release()
         with acting_as(system("drift-sweep")):
             result = await sweeper.sweep()
-        assert result.resolved == 1 and result.open == 0
+        assert (result.opened, result.open, result.remediated) == (0, 0, 0)
         assert await latest_own_row(plane, node.node_id) == restored
         assert node.digest == v0
 
@@ -138,7 +139,7 @@ async def test_remediation_never_replaces_a_newer_pin_and_waits_out_freezes(plan
         sweeper = detector(plane, view)
         with acting_as(system("drift-sweep")):
             result = await sweeper.sweep()
-        assert result.opened == 1 and result.remediated == 0
+        assert (result.opened, result.remediated) == (0, 0)
         row = await latest_own_row(plane, node.node_id)
         assert (row.digest, row.pinned, row.revision) == (v2, True, pinned.revision)
 
@@ -149,8 +150,10 @@ async def test_remediation_never_replaces_a_newer_pin_and_waits_out_freezes(plan
         )
         with acting_as(system("drift-sweep")):
             result = await sweeper.sweep()
-        assert result.remediated == 0
+        assert (result.opened, result.remediated) == (1, 0)  # drifted from the pin, frozen
         assert (await latest_own_row(plane, node.node_id)).revision == pinned.revision
+        found = await rollouts.drift.ListDriftEvents(drift_pb2.ListDriftEventsRequest(project="default"))
+        assert [(e.desired_digest, e.remediations) for e in found.events] == [(v2, 0)]
         await rollouts.stub.DeleteFreezeWindow(pb.DeleteFreezeWindowRequest(project="default", id=window.id))
 
         # Then the pin itself is re-asserted, still a pin.

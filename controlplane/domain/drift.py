@@ -3,10 +3,10 @@
 A sweep compares every online node's applied digest with its effective desired digest
 (from the watch hub's image). A mismatch that has lasted the grace period — since the
 assignment was written and since this sweeper first saw it — opens one drift episode
-per node (the database allows only one open episode per node) — if the row the hub's
+per node (the database allows only one open episode per node), if the row the hub's
 image showed still decides the node's desired state in the opening transaction; later
-sweeps of the same mismatch change nothing. When the node converges, or has nothing desired any
-more, the episode is resolved.
+sweeps of the same mismatch change nothing. When the node converges, or has nothing
+desired any more, the episode is resolved.
 
 With remediation enabled for the project, an open episode gets the node's desired state
 re-asserted: a new assignment of the same bundle (pin and weight kept) on its

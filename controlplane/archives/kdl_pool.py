@@ -112,8 +112,10 @@ def serve(fd: int, memory_bytes: int) -> None:
 
 
 class _Worker:
-    """One worker: a fresh interpreter (not multiprocessing's spawn or forkserver, which
-    import the server's `__main__` in every child) talking over a socket pair."""
+    """One worker: a fresh interpreter talking over a socket pair. Not multiprocessing's
+    spawn or forkserver: they run the parent's main script again in every child (as
+    `__mp_main__`, so a script without a `__main__` guard runs twice) and pass it the
+    parent's whole environment."""
 
     def __init__(self, memory_bytes: int):
         ours, theirs = socket.socketpair()

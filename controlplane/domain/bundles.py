@@ -8,11 +8,13 @@ transaction writes the row, its details, its signature and the audit entry.
 Identical content (same manifest digest) gives back the existing bundle and writes
 nothing, except that a FAILED bundle pushed again is validated again.
 
-Disk and cores are bounded: at most MAX_INTAKES bundles are received (staged) at once
-and at most PIPELINE_SLOTS packed and validated; past that a push waits briefly, then is
-told RESOURCE_EXHAUSTED with a retry hint. The archive is packed into its own directory,
-away from the tree validators run in, and the blob store refuses bytes that do not hash
-to the digest. Garbage collection deletes a blob only under the digest's lock, and the
+Disk and cores are bounded: at most MAX_INTAKES bundles are received (staged) at once,
+at most PER_OWNER of them for one caller (`intake_slots.py`), and at most PIPELINE_SLOTS
+packed and validated; past that a push waits briefly, then is told RESOURCE_EXHAUSTED
+with a retry hint; an upload that stalls or trickles loses its slot with
+DEADLINE_EXCEEDED (`bundle_intake.IntakeDeadlines`). The archive is packed into its own
+directory, away from the tree validators run in, and the blob store refuses bytes that
+do not hash to the digest. Garbage collection deletes a blob only under the digest's lock, and the
 pipeline writes its row under the same lock after checking the blob is still there
 (storing it again if the collector took it meanwhile).
 
@@ -40,16 +42,18 @@ from controlplane.archives.pack import Packed, pack
 from controlplane.archives.tree import TreeBuilder
 from controlplane.blobs.base import BlobDigestMismatch, BlobMissing, BlobStore
 from controlplane.domain import validation, validators
-from controlplane.domain.bundle_intake import Part, receive_files, receive_tar
+from controlplane.domain.bundle_intake import IntakeDeadlines, Part, receive_files, receive_tar
 from controlplane.domain.bundle_records import Bundle, BundleState, RiskAssessment, ValidationResult
 from controlplane.domain.errors import (
     AlreadyExists,
+    BlobStoreUnavailable,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
+from controlplane.domain.intake_slots import IntakeSlots
 from controlplane.domain.projects import require_project
 from controlplane.domain.risk import Facts, assess
 from controlplane.domain.signing import Signer
@@ -63,12 +67,6 @@ _T = TypeVar("_T")
 
 # Packing and validating use a core each; more at once would only slow all of them.
 PIPELINE_SLOTS = 2
-# Bundles being received at once (each in its own scratch tree). One intake stages at
-# most --max-bundle-bytes of upload plus ArchiveLimits.max_total_bytes of files plus
-# its archive, so four bound the staging disk to a few GiB in the worst case while two
-# can be received as two others are packed. Others wait, then are told to retry.
-MAX_INTAKES = 4
-INTAKE_WAIT = 10.0
 # Times the pipeline stores the archive again when the collector took it between the
 # store and the row's commit; more than once in a row means something else deletes it.
 STORE_ATTEMPTS = 3
@@ -138,45 +136,46 @@ class BundleRegistry:
     # passes it and closes it at shutdown); the default starts its workers on first use.
     kdl: KdlParsers = field(default_factory=KdlParsers)
     _slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PIPELINE_SLOTS))
-    intake_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_INTAKES))
-    intake_wait: float = INTAKE_WAIT
+    # Uploads being received, in all and per caller; how long each may keep us waiting.
+    intake: IntakeSlots = field(default_factory=IntakeSlots)
+    intake_deadlines: IntakeDeadlines = field(default_factory=IntakeDeadlines)
     download_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_DOWNLOADS))
     download_wait: float = DOWNLOAD_WAIT
 
     # -- create ------------------------------------------------------------------------
 
     async def create_from_files(
-        self, project: str, version: str, parts: AsyncIterator[Part]
+        self, project: str, version: str, parts: AsyncIterator[Part], owner: str
     ) -> tuple[Bundle, bool]:
+        """`owner` names the caller (an API key) for its share of the intake slots."""
         await self._precheck(project, version)
-        async with self._intake():
+        async with self.intake.hold(owner):
             with self._scratch() as scratch:
                 tree = TreeBuilder(scratch / "tree", self.limits)
-                await receive_files(tree, parts, self.max_bundle_bytes)
+                await receive_files(tree, parts, self.max_bundle_bytes, self.intake_deadlines)
                 return await self._build(project, version, tree, "file")
 
     async def create_from_tar(
-        self, project: str, version: str, chunks: AsyncIterator[bytes], field_name: str = "chunk"
+        self,
+        project: str,
+        version: str,
+        chunks: AsyncIterator[bytes],
+        owner: str,
+        field_name: str = "chunk",
     ) -> tuple[Bundle, bool]:
         await self._precheck(project, version)
-        async with self._intake():
+        async with self.intake.hold(owner):
             with self._scratch() as scratch:
                 tree = TreeBuilder(scratch / "tree", self.limits)
-                await receive_tar(tree, chunks, scratch, self.max_bundle_bytes, field_name)
+                await receive_tar(
+                    tree, chunks, scratch, self.max_bundle_bytes, field_name, self.intake_deadlines
+                )
                 return await self._build(project, version, tree, field_name)
 
     async def _precheck(self, project: str, version: str) -> None:
         validation.version_label(version)
         async with self.store.read() as tx:
             await require_project(tx, project)
-
-    def _intake(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return _slot(
-            self.intake_slots,
-            self.intake_wait,
-            f"{MAX_INTAKES} bundles are being received by this server; retry",
-            retry_after_ms=5000,
-        )
 
     @contextlib.contextmanager
     def _scratch(self, prefix: str = "bundle-") -> Iterator[Path]:
@@ -243,6 +242,8 @@ class BundleRegistry:
                 f"write outside its tree?); nothing was stored: {e}",
                 field="config.commands",
             ) from None
+        except OSError as e:  # disk full, permission denied, S3 unreachable
+            raise BlobStoreUnavailable.of(e) from e
 
     async def _commit(self, bundle: Bundle, archive: Path, write: Callable[[Tx], Awaitable[_T]]) -> _T:
         """`write` in a transaction holding the digest's lock, once the archive is known

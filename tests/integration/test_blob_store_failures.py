@@ -43,6 +43,25 @@ async def test_a_push_whose_blob_store_fails_in_the_transaction_says_so(
     assert (await create(harness.bundles, {"main.kdl": b"a 1\n"})).created
 
 
+async def test_a_push_whose_blob_store_refuses_the_archive_says_so(harness: Harness) -> None:
+    """Storing the archive itself fails (outside any transaction): UNAVAILABLE naming the
+    blob store, no row written, and the same push succeeds once the store works again."""
+    blobs = harness.app.blobs
+    assert isinstance(blobs, LocalBlobStore)
+    real_root = blobs.root
+    blobs.root = Path("/" + "y" * 300)
+    try:
+        details = await expect(
+            grpc.StatusCode.UNAVAILABLE,
+            create(harness.bundles, {"main.kdl": b"b 2\n"}),
+            "the blob store failed (ENAMETOOLONG: File name too long); retry",
+        )
+    finally:
+        blobs.root = real_root
+    assert "database" not in details and "yyy" not in details
+    assert (await create(harness.bundles, {"main.kdl": b"b 2\n"})).created
+
+
 async def test_the_collector_reports_a_blob_it_cannot_delete_as_the_blob_store_failing(
     make_harness: Any,
 ) -> None:

@@ -13,6 +13,8 @@ from nacl.signing import VerifyKey
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
 from controlplane.api.node.v1 import node_pb2 as npb
+from controlplane.domain.bundle_intake import IntakeDeadlines
+from controlplane.domain.intake_slots import IntakeSlots
 from controlplane.domain.signing import CONTEXT
 from tests.support.bundles import create, file_messages, tar_messages, tar_of
 from tests.support.harness import Harness
@@ -431,8 +433,7 @@ async def test_receiving_beyond_the_intake_slots_is_told_to_retry(harness: Harne
     from tests.support.eventually import eventually
 
     registry = harness.app.bundles
-    registry.intake_slots = asyncio.Semaphore(1)
-    registry.intake_wait = 0.0
+    registry.intake = IntakeSlots(total=1, per_owner=1, wait=0.0)
     finish = asyncio.Event()
 
     async def slow_upload() -> Any:
@@ -448,7 +449,7 @@ async def test_receiving_beyond_the_intake_slots_is_told_to_retry(harness: Harne
     holding = asyncio.create_task(slow_upload())
 
     async def slot_taken() -> None:
-        assert registry.intake_slots.locked(), "the slow upload has not started receiving"
+        assert registry.intake.in_use == 1, "the slow upload has not started receiving"
 
     await eventually(slot_taken, what="the first upload holds the intake slot")
     with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -480,20 +481,15 @@ STALLS = {
 
 
 @pytest.mark.parametrize("shape", sorted(STALLS))
-async def test_an_upload_that_stops_sending_gives_its_intake_slot_back(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch, shape: str
-) -> None:
+async def test_an_upload_that_stops_sending_gives_its_intake_slot_back(harness: Harness, shape: str) -> None:
     """A client that opens a push and goes quiet is cut off after the idle timeout with
     DEADLINE_EXCEEDED naming what the server waited for: nothing is recorded or left
     staged, and the slot it held takes the next push."""
     import asyncio
 
-    from controlplane.domain import bundle_intake
-
-    monkeypatch.setattr(bundle_intake, "DEFAULT_DEADLINES", bundle_intake.IntakeDeadlines(idle_seconds=0.3))
     registry = harness.app.bundles
-    registry.intake_slots = asyncio.Semaphore(1)
-    registry.intake_wait = 0.0
+    registry.intake_deadlines = IntakeDeadlines(idle_seconds=0.3)
+    registry.intake = IntakeSlots(total=1, per_owner=1, wait=0.0)
     sent, why = STALLS[shape]
     never = asyncio.Event()
 
@@ -517,6 +513,52 @@ async def test_an_upload_that_stops_sending_gives_its_intake_slot_back(
     assert not any(staging.iterdir()), "scratch trees are removed"
     # The only slot is free: the next push is received at once (intake_wait is 0).
     assert (await create(harness.bundles, {"other.kdl": b"b 2\n"})).created
+
+
+async def test_one_caller_cannot_take_the_intake_slots_another_needs(harness: Harness) -> None:
+    """Key A opens as many uploads as it may and goes quiet: a third from A is told to
+    retry, naming its cap, while key B's pushes are received in the slots A cannot take."""
+    import asyncio
+
+    from controlplane.api.identity.v1 import identity_pb2 as ipb
+    from tests.support.eventually import eventually
+    from tests.support.harness import auth
+
+    registry = harness.app.bundles
+    registry.intake = IntakeSlots(total=4, per_owner=2, wait=0.0)
+    key_a = await harness.api_key({"default": ipb.ROLE_OPERATOR})
+    key_b = await harness.api_key({"default": ipb.ROLE_OPERATOR})
+    finish = asyncio.Event()
+
+    async def held_upload(n: int) -> Any:
+        async def requests() -> Any:
+            yield bpb.CreateBundleRequest(header=bpb.CreateBundleHeader(project="default"))
+            yield bpb.CreateBundleRequest(file=bpb.FileHeader(path="main.kdl", size_bytes=4))
+            yield bpb.CreateBundleRequest(chunk=b"a ")
+            await finish.wait()
+            yield bpb.CreateBundleRequest(chunk=f"{n}\n".encode())
+
+        return await harness.bundles.CreateBundle(requests(), metadata=auth(key_a))
+
+    holding = [asyncio.create_task(held_upload(n)) for n in (1, 2)]
+
+    async def both_receiving() -> None:
+        assert registry.intake.in_use == 2, "A's uploads have not started receiving"
+
+    await eventually(both_receiving, what="A's two uploads hold their slots")
+    try:
+        details = await expect(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            create(harness.bundles, {"a3.kdl": b"a 3\n"}, metadata=auth(key_a)),
+            "bundles being received, the most one caller may have at once (2 of this server's 4)",
+        )
+        assert details.startswith("operator:"), details
+        for n in (1, 2):
+            assert (await create(harness.bundles, {f"b{n}.kdl": b"b 1\n"}, metadata=auth(key_b))).created
+    finally:
+        finish.set()
+    assert all(r.created for r in await asyncio.gather(*holding))
+    assert registry.intake.in_use == 0
 
 
 async def test_a_validator_cannot_alter_the_archive_that_is_stored(make_harness: Any) -> None:

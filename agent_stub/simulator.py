@@ -39,7 +39,7 @@ from agent_stub.applier import Downloaded, Target
 from agent_stub.backoff import BackoffPolicy
 from agent_stub.config import AgentConfig
 from agent_stub.errors import ApplyFailed, TransientFailure
-from agent_stub.heartbeat import HEALTH
+from agent_stub.heartbeat import HEALTH, METRIC_BOUNDS
 from agent_stub.rpc import CHANNEL_OPTIONS
 from agent_stub.state import MemoryStateStore
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
@@ -100,19 +100,13 @@ class MetricsProfile:
         return replace(base or cls(), **values)
 
     def sample(self, rng: random.Random) -> node_pb2.NodeMetrics:
-        def jitter(value: float, high: float) -> float:
-            return min(high, max(0.0, value * (1 + rng.uniform(-self.noise, self.noise))))
+        def jitter(value: float, low: float, high: float) -> float:
+            return min(high, max(low, value * (1 + rng.uniform(-self.noise, self.noise))))
 
-        limits = {
-            "error_rate": 1.0,
-            "p99_latency_ms": 3.6e6,
-            "cpu_percent": 100.0,
-            "memory_percent": 100.0,
-            "requests_per_second": 1e9,
-        }
+        # Within the bounds the server accepts, so noise never gets a beat refused.
         values = {
-            name: jitter(value, high)
-            for name, high in limits.items()
+            name: jitter(value, low, high)
+            for name, (low, high) in METRIC_BOUNDS.items()
             if (value := getattr(self, name)) is not None
         }
         health = node_pb2.HEALTH_STATUS_UNSPECIFIED if self.health is None else HEALTH[self.health]

@@ -26,6 +26,7 @@ from sqlalchemy import create_engine, select, update
 
 from agent_stub.verify import load_trusted_keys
 from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
+from controlplane.api.node.v1 import node_pb2
 from controlplane.domain.signing import Signer
 from controlplane.store.schema import bundles, desired_state_log, revision_counter, signing_keys
 from tests.e2e.conftest import AgentFactory
@@ -166,11 +167,24 @@ async def push(control: ControlClient, files: dict[str, bytes]) -> Any:
 
 
 async def refused(control: ControlClient, agent: AgentProcess, digest: str, revision: int, why: str) -> str:
+    """Wait for the node's FAILED report of `digest` at `revision` (or a later revision
+    delivering it), then check that GetNode shows that report's reason.
+
+    Only that report will do: `failed_*` name the last bundle the node rejected, so while
+    the node works on the next revision of a bundle it refused just before (DOWNLOADED
+    first, FAILED after the manifest check) they still hold the earlier reason. An agent
+    that accepts the bundle reports ACTIVE instead, and this times out."""
     node = await control.wait_node(
         agent.node_id,
-        lambda n: n.failed_digest == digest and n.last_report.revision >= revision,
+        lambda n: (
+            n.last_report.phase == node_pb2.REPORT_PHASE_FAILED
+            and n.last_report.digest == digest
+            and n.last_report.revision >= revision
+        ),
         what=f"NACK of {digest} at {revision}",
     )
+    assert node.failed_digest == digest, node
+    assert node.failed_error == node.last_report.error, node
     assert why in node.failed_error, node.failed_error
     return str(node.failed_error)
 
@@ -209,8 +223,8 @@ async def test_agent_refuses_every_tampering_and_keeps_its_bundle(
         # A flipped byte in the stored archive: correctly signed digest, wrong bytes.
         victim = await push(control, {"main.kdl": b'listen "7070"\n'})
         tamper.flip_blob_byte(victim.digest)
-        await control.assign(victim.digest, nodes=[node_id])
-        await refused(control, agent, victim.digest, 0, "digest mismatch")
+        rev = await control.assign(victim.digest, nodes=[node_id])
+        await refused(control, agent, victim.digest, rev, "digest mismatch")
 
         # A flipped byte in the manifest. Repacked, the archive has a new digest, and the
         # old signature does not cover it...
@@ -245,8 +259,8 @@ async def test_a_key_the_node_holds_as_retired_is_refused(
     agent = spawn_agent("edge-1", {"env": "prod"}, extra_args=(*FAST_AGENT_ARGS, "--trusted-keys", str(keys)))
     node_id = await agent.wait_registered()
     bundle = await push(control, GOOD)
-    await control.assign(bundle.digest, nodes=[node_id])
-    await refused(control, agent, bundle.digest, 0, f"signed by retired key {key_id}")
+    rev = await control.assign(bundle.digest, nodes=[node_id])
+    await refused(control, agent, bundle.digest, rev, f"signed by retired key {key_id}")
     assert agent.current_digest() == ""
 
 

@@ -6,11 +6,21 @@ from __future__ import annotations
 import io
 import tarfile
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
 
 CHUNK = 64 * 1024
+
+
+def bundle_dir(parent: Path, files: Mapping[str, bytes | str]) -> Path:
+    """`parent/tree` holding `files` (path → content), for the pipeline's in-process parts."""
+    root = parent / "tree"
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    return root
 
 
 def file_messages(

@@ -13,16 +13,9 @@ from controlplane.archives.formats import ConfigFormat
 from controlplane.archives.manifest import scan
 from controlplane.domain import validators
 from controlplane.domain.validators import ParseCache, ParserCheck
+from tests.support.bundles import bundle_dir
 
 LISTENER = 'listeners {\n    listener "http" {\n        address "0.0.0.0:8080"\n    }\n}\n'
-
-
-def tree(tmp_path: Path, files: dict[str, str]) -> Path:
-    root = tmp_path / "tree"
-    for name, text in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
-    return root
 
 
 @pytest.mark.parametrize(
@@ -37,7 +30,7 @@ def tree(tmp_path: Path, files: dict[str, str]) -> Path:
     ],
 )
 def test_nul_anywhere_fails_the_file_naming_it(tmp_path: Path, text: str, where: str) -> None:
-    root = tree(tmp_path, {"zentinel.kdl": LISTENER, "conf/nul.kdl": text})
+    root = bundle_dir(tmp_path, {"zentinel.kdl": LISTENER, "conf/nul.kdl": text})
     result = validators.run_parser(ParserCheck(ConfigFormat.KDL), "", scan(root), ParseCache(root))
     assert not result.ok
     assert result.output == (
@@ -50,7 +43,7 @@ def test_nul_anywhere_fails_the_file_naming_it(tmp_path: Path, text: str, where:
 
 
 def test_a_listener_named_with_nul_fails_zentinel_before_its_checks(tmp_path: Path) -> None:
-    root = tree(tmp_path, {"zentinel.kdl": LISTENER.replace('"http"', '"ht\\u{0}tp"')})
+    root = bundle_dir(tmp_path, {"zentinel.kdl": LISTENER.replace('"http"', '"ht\\u{0}tp"')})
     check = ParserCheck(ConfigFormat.ZENTINEL)
     result = validators.run_parser(check, "zentinel.kdl", scan(root), ParseCache(root))
     assert not result.ok
@@ -59,7 +52,7 @@ def test_a_listener_named_with_nul_fails_zentinel_before_its_checks(tmp_path: Pa
 
 @pytest.mark.parametrize("escape", ["\\u{D800}", "\\u{DFFF}", "\\u{dbff}"])
 def test_a_lone_surrogate_escape_fails_the_file_in_both_versions(tmp_path: Path, escape: str) -> None:
-    root = tree(tmp_path, {"zentinel.kdl": LISTENER, "s.kdl": f'a 1\nnode "x{escape}"\n'})
+    root = bundle_dir(tmp_path, {"zentinel.kdl": LISTENER, "s.kdl": f'a 1\nnode "x{escape}"\n'})
     result = validators.run_parser(ParserCheck(ConfigFormat.KDL), "", scan(root), ParseCache(root))
     assert not result.ok and result.output.startswith("s.kdl:2: "), result.output
     assert "(as KDL 2.0)" in result.output
@@ -73,7 +66,7 @@ def test_the_error_line_is_found_in_a_long_file_and_left_out_past_the_budget(
 ) -> None:
     lines = [f'route "r{i}" {{ upstream "u" }}\n' for i in range(3000)]
     lines[2499] = "route } {\n"
-    root = tree(tmp_path, {"long.kdl": "".join(lines)})
+    root = bundle_dir(tmp_path, {"long.kdl": "".join(lines)})
     parsed = formats.parse(root, "long.kdl", ConfigFormat.KDL)
     assert parsed.error.startswith("long.kdl:2500: ") and "; line 2500: " in parsed.error, parsed.error
     # Within a budget too small for even one prefix: the message, without a line.

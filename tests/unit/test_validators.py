@@ -14,6 +14,7 @@ from controlplane.domain import validators
 from controlplane.domain.bundle_records import ValidationResult
 from controlplane.domain.errors import InvalidArgument
 from controlplane.domain.validators import CommandCheck, ParseCache, ParserCheck, ValidationConfig
+from tests.support.bundles import bundle_dir
 
 GOOD_ZENTINEL = b"""
 listeners {
@@ -33,14 +34,6 @@ routes {
     }
 }
 """
-
-
-def bundle_dir(tmp_path: Path, files: dict[str, bytes]) -> Path:
-    root = tmp_path / "tree"
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    return root
 
 
 def run_parser(root: Path, check: ParserCheck, main: str = "") -> ValidationResult:

@@ -127,7 +127,13 @@ class SqlAuditLog:
         return _head((await self._conn.execute(query)).one())
 
     async def _time_of(self, seq: int) -> str:
-        """The stored time of entry `seq` ("" for none: the start of the chain)."""
+        """The stored time of entry `seq` ("" for none: the start of the chain).
+
+        A statement of its own, after the lock: joined into the locking SELECT, PostgreSQL
+        would re-check the head row it waited for but read the entry from the snapshot
+        taken before the wait, missing the entry the previous writer just committed
+        (READ COMMITTED's re-check covers the locked table only; tests/integration/
+        test_audit_time.py fails that way)."""
         if seq == 0:
             return ""
         found = await self._conn.scalar(select(audit_log.c.at).where(audit_log.c.seq == seq))

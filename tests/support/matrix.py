@@ -324,7 +324,7 @@ async def create_rollout(w: World) -> Request:
     return create_rollout_request(w.main, f"slot={slot}", approvals_required=2)
 
 
-def on_rollout(message: type[Message], state: int, **fields: str) -> Builder:
+def on_rollout(message: Callable[..., Message], state: int, **fields: str) -> Builder:
     """A request acting on a new rollout in `state`."""
 
     async def build(w: World) -> Request:

@@ -38,7 +38,7 @@ HEALTH = {
     "unhealthy": node_pb2.HEALTH_STATUS_UNHEALTHY,
 }
 # The server's bounds, inclusive (controlplane.domain.nodes.METRIC_BOUNDS), copied because
-# the agent may not import the domain (import-linter); tests/unit/test_metric_bounds.py
+# the agent may not import the domain (import-linter); tests/unit/test_agent_metrics.py
 # fails when the two differ. A value outside them would get the whole beat refused.
 MetricName = Literal["error_rate", "p99_latency_ms", "cpu_percent", "memory_percent", "requests_per_second"]
 METRIC_BOUNDS: dict[MetricName, tuple[float, float]] = {

@@ -181,13 +181,14 @@ class FileStateStore:
         self.remove_leftovers()
 
     def remove_leftovers(self) -> list[Path]:
-        """Temporary files of writes a crash interrupted; they never hold the truth."""
+        """Temporary files of writes a crash interrupted (`atomic_write` of any of the
+        state dir's JSON files: identity, cursor, pinned and retired keys); they never
+        hold the truth."""
         removed = []
-        for name in (IDENTITY_FILE, CURSOR_FILE):
-            for tmp in self.directory.glob(f"{name}.tmp-*"):
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                    removed.append(tmp)
+        for tmp in self.directory.glob("*.json.tmp-*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
         return removed
 
     def _read(self, name: str) -> dict[str, Any] | None:

@@ -108,12 +108,12 @@ PIN_FILE = "trusted-keys.json"
 RETIRED_FILE = "retired-keys.json"
 
 
-def _keys_json(keys: dict[str, TrustedKey], retired: bool = False) -> bytes:
+def _keys_json(keys: dict[str, TrustedKey]) -> bytes:
     body = [
         {
             "key_id": k.key_id,
             "public_key": base64.b64encode(k.public_key).decode(),
-            "state": "retired" if retired or k.retired else "active",
+            "state": "retired" if k.retired else "active",
         }
         for k in sorted(keys.values(), key=lambda k: k.key_id)
     ]
@@ -214,7 +214,7 @@ class KeyRing:
         if new:
             self._retired.update(new)
             if self.retired_file is not None:
-                atomic_write(self.retired_file, _keys_json(self._retired, retired=True), fsync=self.fsync)
+                atomic_write(self.retired_file, _keys_json(self._retired), fsync=self.fsync)
         return set(new)
 
     def _marked(self, keys: dict[str, TrustedKey]) -> dict[str, TrustedKey]:

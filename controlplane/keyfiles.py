@@ -11,19 +11,29 @@ from pathlib import Path
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` with mode 0600, atomically and durably.
+    """Write a secret to `path` with mode 0600, atomically and durably (`write_atomic`):
+    after a crash `path` holds the old key or all of the new one, never an empty or
+    partial key — a lost audit or signing key cannot be made again."""
+    write_atomic(path, data, 0o600)
 
-    The bytes go to a new temporary file beside `path` (made with O_EXCL and mode 0600,
-    so a leftover or planted file of that name can neither widen its mode nor redirect
-    it), which is fsynced, renamed over `path`, and then the directory is fsynced: after
-    a crash `path` holds either nothing new or all of `data`, never an empty or partial
-    key — a lost audit or signing key cannot be made again. A failed write leaves no
-    temporary file behind."""
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` with `data` (mode `mode`), atomically and durably.
+
+    The bytes go to a new temporary file beside `path`, made with O_EXCL and mode 0600
+    (so a leftover or planted file can neither widen its mode nor redirect it), widened
+    to `mode` if asked, fsynced, renamed over `path`, and then the directory is fsynced.
+    A failed write leaves no temporary file behind; those a crash left (they may hold a
+    key) are removed first."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
+            if mode != 0o600:
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
 from controlplane.cli.client import call, channel, server_option
 from controlplane.domain.bundle_records import SigningKey
 from controlplane.domain.signing import Signer
-from controlplane.keyfiles import write_private
+from controlplane.keyfiles import write_atomic, write_private
 from controlplane.rpc.bundle_convert import signing_key_out
 
 # Written into the data dir at every start of `serve`: what agents take as --trusted-keys.
@@ -34,15 +32,7 @@ def write_trusted_keys(path: Path, keys: Iterable[SigningKey], signing_key_id: s
     """Replace `path` with the public keys (atomically: an agent reading it meanwhile sees
     the old file or the new one). Public halves only, so readable by all."""
     text = keys_document(signing_key_out(k, signing_key_id) for k in keys) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text.encode(), 0o644)
 
 
 @click.group("signing-keys")

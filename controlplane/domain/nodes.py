@@ -401,7 +401,7 @@ def _is_stale(last: StatusReport, new: StatusReport) -> bool:
 # What a heartbeat's metrics may hold, inclusive; a value outside (or NaN, or infinite)
 # refuses the beat. The reference agent keeps a copy (agent_stub.heartbeat.METRIC_BOUNDS:
 # it may not import the domain) to drop a bad value instead of losing the beat, and
-# tests/unit/test_metric_bounds.py fails when the two differ: change both together.
+# tests/unit/test_agent_metrics.py fails when the two differ: change both together.
 METRIC_BOUNDS = {
     "error_rate": (0.0, 1.0),
     "p99_latency_ms": (0.0, 3.6e6),

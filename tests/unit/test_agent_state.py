@@ -86,9 +86,13 @@ def test_torn_temp_file_from_a_hard_crash_is_ignored_and_removed(tmp_path: Path)
     # What a kill -9 in the middle of `atomic_write` leaves: half a JSON document.
     torn = tmp_path / "cursor.json.tmp-deadbeef"
     torn.write_text('{"revision": 9, "epo')
+    # The key files' writes leave the same kind of leftover.
+    pins = [tmp_path / f"{name}.tmp-0badf00d" for name in ("trusted-keys.json", "retired-keys.json")]
+    for pin in pins:
+        pin.write_text('{"keys": [')
     restarted = FileStateStore(tmp_path)
     assert restarted.load_cursor().revision == 4
-    assert not torn.exists()
+    assert not torn.exists() and not any(p.exists() for p in pins)
 
 
 def test_atomic_write_never_exposes_a_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.keyfiles import load_or_create_hex, write_private
+from controlplane.keyfiles import load_or_create_hex, write_atomic, write_private
 
 
 @pytest.fixture(autouse=True)
@@ -97,3 +97,22 @@ def test_a_generated_hex_key_reads_back_the_same(tmp_path: Path) -> None:
     key, created = load_or_create_hex(path)
     assert created and len(key) == 32 and mode(path) == 0o600
     assert load_or_create_hex(path) == (key, False)
+
+
+def test_temporary_files_a_crash_left_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    """They may hold a key: the next write of that file removes them."""
+    path = tmp_path / "signing-key"
+    left = tmp_path / ".signing-key.abc123.tmp"
+    left.write_bytes(b"half a key")
+    other = tmp_path / ".admin-key.abc123.tmp"
+    other.write_bytes(b"another file's")
+    write_private(path, b"whole\n")
+    assert not left.exists() and other.exists()
+    assert path.read_bytes() == b"whole\n"
+
+
+def test_a_public_file_gets_the_mode_asked_for(tmp_path: Path) -> None:
+    path = tmp_path / "trusted-keys.json"
+    write_atomic(path, b"{}\n", 0o644)
+    assert mode(path) == 0o644 and path.read_bytes() == b"{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trusted-keys.json"]

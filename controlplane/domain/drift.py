@@ -176,7 +176,9 @@ class DriftDetector:
             # hub reading the log, another replica's NOTIFY): what was written since — a
             # rollback's restore, an operator's assignment or pin — must not be buried
             # under a re-assertion of what it replaced. Only the row that decides now, read
-            # in this transaction, is re-asserted.
+            # in this transaction after the revision lock (so nothing commits between the
+            # check and the write), is re-asserted.
+            await tx.desired.lock()
             if not await _still_decides(tx, episode.project, episode.node_id, desired):
                 return 0
             bundle = await assignable(tx, episode.project, desired.digest)

@@ -65,6 +65,14 @@ class SqlDesiredLog:
             await self._conn.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
         return int(revision)
 
+    async def lock(self) -> None:
+        if self._conn.dialect.name == "postgresql":
+            # READ COMMITTED: each later statement sees what the lock's previous holders
+            # committed. SQLite's writers are one at a time from their first statement.
+            await self._conn.execute(
+                select(revision_counter.c.value).where(revision_counter.c.id == 1).with_for_update()
+            )
+
     async def append(self, rows: Sequence[DesiredRow]) -> None:
         if not rows:
             return

@@ -8,22 +8,29 @@ freeze windows. Real agents (the simulator) over real gRPC; SQLite and PostgreSQ
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import Awaitable, Iterable
 from datetime import timedelta
+from typing import TypeVar
 
 import pytest
+from sqlalchemy import text
 
 from controlplane.api.rollout.v1 import drift_pb2
+from controlplane.domain.assignments import write_assignment
 from controlplane.domain.audit import acting_as, system
 from controlplane.domain.clock import utcnow
-from controlplane.domain.desired import DesiredRow
+from controlplane.domain.desired import Assignment, DesiredRow
 from controlplane.domain.drift import DriftDetector
 from controlplane.domain.labels import node_key
+from controlplane.domain.rollouts.bundles import assignable
 from tests.conftest import HarnessFactory
 from tests.integration.test_rollout_safety import at, freeze
 from tests.support.eventually import eventually
 from tests.support.harness import Harness
 from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running
+
+T = TypeVar("T")
 
 
 class LaggingView:
@@ -162,3 +169,130 @@ async def test_remediation_never_replaces_a_newer_pin_and_waits_out_freezes(plan
         assert result.remediated == 1
         row = await latest_own_row(plane, node.node_id)
         assert (row.digest, row.pinned) == (v2, True) and row.revision > pinned.revision
+
+
+async def test_an_open_episode_is_not_re_asserted_over_a_newer_pin(plane: Harness) -> None:
+    """The episode is already open when the image falls behind: the check in the
+    remediating transaction, not the one that opens episodes, is what keeps the pin."""
+    async with running(fleet(plane.address, plane.token, 1)) as sim:
+        rollouts = Rollouts(plane.channel)
+        node = sim.nodes[0]
+        v1 = await plane.upload(archive("v1"))
+        v2 = await plane.upload(archive("v2"))
+        node.rejects.update({v1, v2})
+        await plane.assign(v1, selector="env=prod")
+        view = LaggingView(plane)
+        sweeper = detector(plane, view)
+        with acting_as(system("drift-sweep")):
+            result = await sweeper.sweep()  # remediation still off: the episode opens, nothing else
+        assert (result.opened, result.remediated) == (1, 0)
+
+        view.hold([node.node_id])  # the image keeps showing v1 from here on
+        pinned = await rollouts.stub.PinNode(
+            pb.PinNodeRequest(project="default", node_id=node.node_id, digest=v2, reason="hotfix")
+        )
+        await remediation_on(rollouts)
+        with acting_as(system("drift-sweep")):
+            result = await sweeper.sweep()
+        assert (result.open, result.remediated) == (1, 0)
+        row = await latest_own_row(plane, node.node_id)
+        assert (row.digest, row.pinned, row.revision) == (v2, True, pinned.revision)
+        found = await rollouts.drift.ListDriftEvents(drift_pb2.ListDriftEventsRequest(project="default"))
+        assert [(e.desired_digest, e.remediations) for e in found.events] == [(v1, 0)]
+
+        # Caught up, the episode follows the pin and the pin is what gets re-asserted.
+        view.release()
+        with acting_as(system("drift-sweep")):
+            result = await sweeper.sweep()
+        assert result.remediated == 1
+        row = await latest_own_row(plane, node.node_id)
+        assert (row.digest, row.pinned) == (v2, True) and row.revision > pinned.revision
+
+
+class HeldPin:
+    """An operator's pin whose transaction has written it, holding the revision lock, and
+    waits to commit: what a PostgreSQL writer deciding at the same moment can miss."""
+
+    def __init__(self, plane: Harness, node_id: str, digest: str):
+        self._plane, self._node_id, self._digest = plane, node_id, digest
+        self._written, self._commit = asyncio.Event(), asyncio.Event()
+        self.revision = 0
+
+    async def _hold(self) -> None:
+        async with self._plane.app.store.write() as tx:
+            bundle = await assignable(tx, "default", self._digest)
+            pin = Assignment(
+                "default",
+                (node_key(self._node_id),),
+                bundle.digest,
+                bundle.size_bytes,
+                100,
+                True,
+                {"pin": "held"},
+                bundle.signature,
+                bundle.key_id,
+            )
+            self.revision = await write_assignment(tx, pin, utcnow().timestamp())
+            self._written.set()
+            await self._commit.wait()
+
+    async def around(self, decide: Awaitable[T]) -> T:
+        """Run `decide` while the pin is held; commit the pin once `decide` waits on a
+        lock (whether before or after its reads is what the test tells apart)."""
+        holder = asyncio.create_task(self._hold())
+        await self._written.wait()
+        deciding = asyncio.ensure_future(decide)
+
+        async def waiting() -> None:
+            async with self._plane.app.store.engine.connect() as conn:
+                assert await conn.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
+
+        await eventually(waiting, what="the other writer waiting on a lock")
+        self._commit.set()
+        await holder
+        return await deciding
+
+
+@pytest.fixture
+async def pg_plane(make_pg_harness: HarnessFactory) -> Harness:
+    plane = await make_pg_harness(**FAST)
+    await plane.app.rollout_tasks.stop()
+    return plane
+
+
+async def test_a_pin_committed_while_remediation_waits_is_not_buried(pg_plane: Harness) -> None:
+    plane = pg_plane
+    async with running(fleet(plane.address, plane.token, 1)) as sim:
+        rollouts = Rollouts(plane.channel)
+        node = sim.nodes[0]
+        v1 = await plane.upload(archive("v1"))
+        v2 = await plane.upload(archive("v2"))
+        node.rejects.update({v1, v2})
+        await plane.assign(v1, selector="env=prod")
+        sweeper = detector(plane, LaggingView(plane))
+        with acting_as(system("drift-sweep")):
+            assert (await sweeper.sweep()).opened == 1
+        await remediation_on(rollouts)
+        held = HeldPin(plane, node.node_id, v2)
+        with acting_as(system("drift-sweep")):
+            result = await held.around(sweeper.sweep())
+        assert result.remediated == 0
+        row = await latest_own_row(plane, node.node_id)
+        assert (row.digest, row.pinned, row.revision) == (v2, True, held.revision)
+
+
+async def test_a_pin_committed_while_a_step_waits_is_skipped(pg_plane: Harness) -> None:
+    plane = pg_plane
+    async with running(fleet(plane.address, plane.token, 1)) as sim:
+        rollouts = Rollouts(plane.channel)
+        node = sim.nodes[0]
+        v1 = await plane.upload(archive("v1"))
+        v2 = await plane.upload(archive("v2"))
+        created = await rollouts.create(v1, strategy=pb.STRATEGY_ALL_AT_ONCE, gates=pb.HealthGates())
+        held = HeldPin(plane, node.node_id, v2)
+        with acting_as(system("test-driver")):
+            assert await held.around(plane.app.rollouts.advance(created.id))  # step 0
+        row = await latest_own_row(plane, node.node_id)
+        assert (row.digest, row.pinned, row.revision) == (v2, True, held.revision)
+        [recorded] = await rollouts.nodes(created.id)
+        assert recorded.state == pb.NODE_STATE_SKIPPED and "pinned" in recorded.error

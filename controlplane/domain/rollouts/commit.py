@@ -109,6 +109,10 @@ async def commit(tx: Tx, run: Run, now: datetime) -> Committed:
         window = await tx.freezes.covering(run.rollout.project, now)
         if window is not None:
             raise Aborted(f"freeze window {window.name!r} began; the step waits for it to end")
+    if run.writes or run.restore:
+        # Before the pins and previous states are read: one committed between that read
+        # and the step's own write would be buried under it.
+        await tx.desired.lock()
     revisions: list[int] = []
     for write in run.writes:
         revisions += await _write_step(tx, run, write, now)

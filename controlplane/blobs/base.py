@@ -8,11 +8,17 @@ Nodes never talk to a backend: they download through the control plane.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
+
+from controlplane.domain.errors import BlobStoreUnavailable
+
+log = logging.getLogger(__name__)
 
 # Chunks streamed to nodes: large enough to amortize per-message cost, well under the
 # 4 MiB default message limit.
@@ -25,6 +31,22 @@ class BlobMissing(LookupError):
 
 class BlobDigestMismatch(ValueError):
     """The bytes to store do not hash to the digest they were to be stored under."""
+
+
+@contextlib.contextmanager
+def reported(
+    failures: tuple[type[BaseException], ...], reason: Callable[[BaseException], str] = lambda _: ""
+) -> Iterator[None]:
+    """A backend's own failures (`failures`: a full disk, a refused bucket, an endpoint
+    that does not answer) leave the store as BlobStoreUnavailable, in or out of a
+    transaction, so they never pass for the database failing or reach a caller as
+    INTERNAL. The caller's message names `reason(error)` or the errno; the log keeps the
+    detail (paths, endpoints) that the message leaves out."""
+    try:
+        yield
+    except failures as e:
+        log.warning("the blob store failed", exc_info=e)
+        raise BlobStoreUnavailable.of(e, reason(e)) from e
 
 
 class DigestCheck:
@@ -47,13 +69,16 @@ class DigestCheck:
 
 
 class BlobStore(Protocol):
+    """Every method but `close` raises BlobStoreUnavailable when the backend fails
+    (`reported`)."""
+
     async def put_file(self, digest: str, path: Path) -> None:
         """Store the file at `path` under `digest` (idempotent). The bytes are hashed as
         they are stored: BlobDigestMismatch, and nothing stored, unless they hash to
         `digest`. Storing an existing blob again refreshes its age."""
         ...
 
-    def read(self, digest: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator[bytes]:
+    def read(self, digest: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncGenerator[bytes]:
         """The blob's bytes, one chunk in memory at a time; BlobMissing if absent."""
         ...
 

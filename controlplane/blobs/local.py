@@ -6,16 +6,18 @@ import asyncio
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from controlplane.blobs.base import CHUNK_BYTES, BlobMissing, DigestCheck, blob_key
+from controlplane.blobs.base import CHUNK_BYTES, BlobMissing, DigestCheck, blob_key, reported
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 # An `.incoming-` file older than this is the leftover of a crashed write.
 _STALE_INCOMING = 3600.0
 _COPY = 1024 * 1024
+# The filesystem's failures: ENOSPC, EACCES, EIO, ... (a missing blob is BlobMissing).
+_FAILURES = (OSError,)
 
 
 class LocalBlobStore:
@@ -28,7 +30,8 @@ class LocalBlobStore:
         return self.root / blob_key(digest)
 
     async def put_file(self, digest: str, path: Path) -> None:
-        await asyncio.to_thread(self._put, digest, path)
+        with reported(_FAILURES):
+            await asyncio.to_thread(self._put, digest, path)
 
     def _put(self, digest: str, path: Path) -> None:
         target = self.path(digest)
@@ -51,38 +54,37 @@ class LocalBlobStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    async def read(self, digest: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator[bytes]:
-        try:
-            handle = await asyncio.to_thread(self.path(digest).open, "rb")
-        except FileNotFoundError:
-            raise BlobMissing(digest) from None
-        try:
-            while chunk := await asyncio.to_thread(handle.read, chunk_bytes):
-                yield chunk
-        finally:
-            handle.close()
+    async def read(self, digest: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncGenerator[bytes]:
+        with reported(_FAILURES):
+            try:
+                # Opened on the loop (microseconds for a local file): a handle opened in
+                # a worker thread is lost, never closed, when the download is cancelled
+                # while the thread runs.
+                handle = self.path(digest).open("rb")
+            except FileNotFoundError:
+                raise BlobMissing(digest) from None
+            try:
+                while chunk := await asyncio.to_thread(handle.read, chunk_bytes):
+                    yield chunk
+            finally:
+                handle.close()
 
     async def exists(self, digest: str) -> bool:
-        return self.path(digest).exists()
+        with reported(_FAILURES):
+            return self.path(digest).exists()
 
     async def delete(self, digest: str) -> None:
-        self.path(digest).unlink(missing_ok=True)
+        with reported(_FAILURES):
+            self.path(digest).unlink(missing_ok=True)
 
     async def list(self) -> AsyncIterator[tuple[str, datetime]]:
-        for algo_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            for shard in sorted(p for p in algo_dir.iterdir() if p.is_dir()):
-                entries = await asyncio.to_thread(_sorted_entries, shard)
-                for entry in entries:
-                    try:
-                        mtime = entry.stat().st_mtime
-                    except FileNotFoundError:
-                        continue
-                    if entry.name.startswith(".incoming-"):
-                        if datetime.now(UTC).timestamp() - mtime > _STALE_INCOMING:
-                            entry.unlink(missing_ok=True)
-                        continue
-                    if _HEX.match(entry.name):
-                        yield f"{algo_dir.name}:{entry.name}", datetime.fromtimestamp(mtime, UTC)
+        with reported(_FAILURES):
+            for algo_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+                for shard in sorted(p for p in algo_dir.iterdir() if p.is_dir()):
+                    for entry in await asyncio.to_thread(_sorted_entries, shard):
+                        found = _entry(algo_dir.name, entry)
+                        if found is not None:
+                            yield found
 
     async def close(self) -> None:
         return None
@@ -90,3 +92,19 @@ class LocalBlobStore:
 
 def _sorted_entries(directory: Path) -> list[Path]:
     return sorted(directory.iterdir())
+
+
+def _entry(algo: str, entry: Path) -> tuple[str, datetime] | None:
+    """A listed file as (digest, last stored), or None: not a blob, gone meanwhile, or an
+    `.incoming-` file (removed when a crash left it long ago)."""
+    try:
+        mtime = entry.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if entry.name.startswith(".incoming-"):
+        if datetime.now(UTC).timestamp() - mtime > _STALE_INCOMING:
+            entry.unlink(missing_ok=True)
+        return None
+    if _HEX.match(entry.name):
+        return f"{algo}:{entry.name}", datetime.fromtimestamp(mtime, UTC)
+    return None

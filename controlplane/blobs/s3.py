@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,14 +19,18 @@ from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from controlplane.blobs.base import CHUNK_BYTES, BlobMissing, DigestCheck, blob_key
+from controlplane.blobs.base import CHUNK_BYTES, BlobMissing, DigestCheck, blob_key, reported
 
 # S3's minimum part size is 5 MiB; 16 MiB keeps a 1 GiB bundle under 64 parts while one
 # part in memory stays small.
 PART_BYTES = 16 * 1024 * 1024
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+# What botocore raises for S3's refusals (AccessDenied, NoSuchBucket, 5xx after its
+# retries) and for an endpoint it cannot reach or that stops answering; OSError for the
+# staged file.
+_FAILURES = (ClientError, BotoCoreError, OSError)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,10 @@ class S3BlobStore:
         return self.settings.prefix + blob_key(digest)
 
     async def put_file(self, digest: str, path: Path) -> None:
+        with reported(_FAILURES, _reason):
+            await self._put(digest, path)
+
+    async def _put(self, digest: str, path: Path) -> None:
         # Always written, even if present: it refreshes the object's age for GC.
         size = (await asyncio.to_thread(path.stat)).st_size
         bucket, key = self.settings.bucket, self.key(digest)
@@ -109,41 +117,51 @@ class S3BlobStore:
                 await self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
             raise
 
-    async def read(self, digest: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator[bytes]:
-        try:
-            response = await self._client.get_object(Bucket=self.settings.bucket, Key=self.key(digest))
-        except ClientError as e:
-            if _code(e) in _MISSING:
-                raise BlobMissing(digest) from None
-            raise
-        async with response["Body"] as body:
-            while chunk := await body.read(chunk_bytes):
-                yield chunk
+    async def read(self, digest: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncGenerator[bytes]:
+        with reported(_FAILURES, _reason):
+            try:
+                response = await self._client.get_object(Bucket=self.settings.bucket, Key=self.key(digest))
+            except ClientError as e:
+                if _code(e) in _MISSING:
+                    raise BlobMissing(digest) from None
+                raise
+            async with response["Body"] as body:
+                while chunk := await body.read(chunk_bytes):
+                    yield chunk
 
     async def exists(self, digest: str) -> bool:
-        try:
-            await self._client.head_object(Bucket=self.settings.bucket, Key=self.key(digest))
-        except ClientError as e:
-            if _code(e) in _MISSING:
-                return False
-            raise
-        return True
+        with reported(_FAILURES, _reason):
+            try:
+                await self._client.head_object(Bucket=self.settings.bucket, Key=self.key(digest))
+            except ClientError as e:
+                if _code(e) in _MISSING:
+                    return False
+                raise
+            return True
 
     async def delete(self, digest: str) -> None:
-        await self._client.delete_object(Bucket=self.settings.bucket, Key=self.key(digest))
+        with reported(_FAILURES, _reason):
+            await self._client.delete_object(Bucket=self.settings.bucket, Key=self.key(digest))
 
     async def list(self) -> AsyncIterator[tuple[str, datetime]]:
         root = self.settings.prefix
-        paginator = self._client.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=self.settings.bucket, Prefix=root):
-            for item in page.get("Contents", ()):
-                parts = item["Key"].removeprefix(root).split("/")
-                if len(parts) == 3 and len(parts[2]) == 64:
-                    modified = item["LastModified"]
-                    if modified.tzinfo is None:
-                        modified = modified.replace(tzinfo=UTC)
-                    yield f"{parts[0]}:{parts[2]}", modified
+        with reported(_FAILURES, _reason):
+            paginator = self._client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=self.settings.bucket, Prefix=root):
+                for item in page.get("Contents", ()):
+                    parts = item["Key"].removeprefix(root).split("/")
+                    if len(parts) == 3 and len(parts[2]) == 64:
+                        modified = item["LastModified"]
+                        if modified.tzinfo is None:
+                            modified = modified.replace(tzinfo=UTC)
+                        yield f"{parts[0]}:{parts[2]}", modified
 
 
 def _code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _reason(error: BaseException) -> str:
+    """S3's error code (AccessDenied, NoSuchBucket, SlowDown, ...); botocore's own
+    errors (EndpointConnectionError, ReadTimeoutError) are named by their type."""
+    return _code(error) if isinstance(error, ClientError) else ""

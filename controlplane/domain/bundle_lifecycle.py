@@ -64,8 +64,9 @@ class BundleLifecycle:
             return {}
         try:
             with dest.open("wb") as out:
-                async for chunk in self.blobs.read(digest):
-                    await asyncio.to_thread(out.write, chunk)
+                async with contextlib.aclosing(self.blobs.read(digest)) as chunks:
+                    async for chunk in chunks:
+                        await asyncio.to_thread(out.write, chunk)
         except BlobMissing:
             raise FailedPrecondition(
                 f"bundle {digest}'s archive was garbage-collected", field="digest"

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -46,7 +46,6 @@ from controlplane.domain.bundle_intake import IntakeDeadlines, Part, receive_fil
 from controlplane.domain.bundle_records import Bundle, BundleState, RiskAssessment, ValidationResult
 from controlplane.domain.errors import (
     AlreadyExists,
-    BlobStoreUnavailable,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -213,7 +212,11 @@ class BundleRegistry:
                 content = manifest.digest()
                 async with self.store.read() as tx:
                     existing = await tx.bundles.get_by_content(project, content)
-                    if existing is not None and existing.state is not BundleState.FAILED:
+                    if (
+                        existing is not None
+                        and existing.state is not BundleState.FAILED
+                        and await self._archive_kept(existing)
+                    ):
                         return await with_signature(tx, existing), False
                     if version and existing is None:
                         await _version_free(tx, project, version)
@@ -233,6 +236,16 @@ class BundleRegistry:
                 bundle, archive, lambda tx: self._insert(tx, bundle, manifest, structure)
             )
 
+    async def _archive_kept(self, bundle: Bundle) -> bool:
+        """Whether the same content pushed again has nothing to do. A valid bundle whose
+        archive the blob store lost (a bucket restored from an older copy, a wiped
+        directory) is packed and stored again: the archive is reproducible, so it is the
+        same bytes under the same digest and signature."""
+        if bundle.state is BundleState.REVOKED or await self.blobs.exists(bundle.digest):
+            return True
+        log.warning("bundle %s: its archive is missing from the blob store; storing it again", bundle.digest)
+        return False
+
     async def _put(self, digest: str, archive: Path) -> None:
         try:
             await self.blobs.put_file(digest, archive)
@@ -242,8 +255,6 @@ class BundleRegistry:
                 f"write outside its tree?); nothing was stored: {e}",
                 field="config.commands",
             ) from None
-        except OSError as e:  # disk full, permission denied, S3 unreachable
-            raise BlobStoreUnavailable.of(e) from e
 
     async def _commit(self, bundle: Bundle, archive: Path, write: Callable[[Tx], Awaitable[_T]]) -> _T:
         """`write` in a transaction holding the digest's lock, once the archive is known
@@ -372,7 +383,7 @@ class BundleRegistry:
         token = _encode_token(page[-1].created_at, page[-1].digest) if len(rows) > limit else ""
         return page, token
 
-    async def open(self, project: str, digest: str, for_node: bool) -> tuple[Bundle, AsyncIterator[bytes]]:
+    async def open(self, project: str, digest: str, for_node: bool) -> tuple[Bundle, AsyncGenerator[bytes]]:
         """The archive's bytes. Nodes get only bundles they may run."""
         bundle = await self.get(project, digest)
         if for_node and bundle.state is not BundleState.VALID:
@@ -382,13 +393,14 @@ class BundleRegistry:
             raise NotFound(f"bundle {digest}'s archive was garbage-collected", field="digest")
         return bundle, self._stream(digest)
 
-    async def _stream(self, digest: str) -> AsyncIterator[bytes]:
+    async def _stream(self, digest: str) -> AsyncGenerator[bytes]:
         """The blob's chunks, holding one of the download slots while they flow."""
         busy = f"{MAX_DOWNLOADS} downloads are streaming from this server; retry"
         async with _slot(self.download_slots, self.download_wait, busy, retry_after_ms=2000):
             try:
-                async for chunk in self.blobs.read(digest):
-                    yield chunk
+                async with contextlib.aclosing(self.blobs.read(digest)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
             except BlobMissing:
                 raise NotFound(
                     f"bundle {digest}'s archive is missing from the blob store", field="digest"

@@ -76,13 +76,15 @@ class BlobStoreUnavailable(Unavailable):
     apart from the database so an operator looks at the right dependency."""
 
     @classmethod
-    def of(cls, error: OSError) -> BlobStoreUnavailable:
-        """Naming the failure by its errno (not its text, which may carry a path or an
-        endpoint), or by its type when it has none."""
-        if error.errno and error.errno in errno.errorcode:
-            reason = f"{errno.errorcode[error.errno]}: {os.strerror(error.errno)}"
-        else:
-            reason = type(error).__name__
+    def of(cls, error: BaseException, reason: str = "") -> BlobStoreUnavailable:
+        """Naming the failure by `reason` (a backend's error code), an OSError's errno
+        (not its text, which may carry a path or an endpoint), or else its type."""
+        if not reason:
+            number = error.errno if isinstance(error, OSError) else None
+            if number and number in errno.errorcode:
+                reason = f"{errno.errorcode[number]}: {os.strerror(number)}"
+            else:
+                reason = type(error).__name__
         return cls(f"the blob store failed ({reason}); retry")
 
 

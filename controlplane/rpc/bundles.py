@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -105,9 +106,14 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
         for_node = identity.kind is auth.Kind.NODE
         bundle, chunks = await self._bundles.open(request.project, request.digest, for_node)
         first = True
-        async for chunk in chunks:
-            yield bundle_pb2.DownloadBundleResponse(chunk=chunk, size_bytes=bundle.size_bytes if first else 0)
-            first = False
+        # Closed when the call ends, however it ends: the chunks hold a download slot and
+        # an open file.
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield bundle_pb2.DownloadBundleResponse(
+                    chunk=chunk, size_bytes=bundle.size_bytes if first else 0
+                )
+                first = False
 
     async def GetBundle(
         self, request: bundle_pb2.GetBundleRequest, context: grpc.aio.ServicerContext

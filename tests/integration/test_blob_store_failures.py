@@ -1,5 +1,6 @@
-"""A blob store that fails (here: a path the filesystem refuses) is reported as the blob
-store's failure, to the client and to the collector, not as the database being down."""
+"""A blob store that fails (a path the filesystem refuses, a bucket S3 refuses) is
+reported as the blob store's failure, to the client and to the collector, not as the
+database being down nor as INTERNAL."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from typing import Any
 import grpc
 import pytest
 
+from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.blobs.local import LocalBlobStore
 from controlplane.domain.audit import acting_as, system
 from controlplane.domain.errors import BlobStoreUnavailable
 from tests.support.bundles import create
 from tests.support.harness import Harness
 from tests.support.refusals import expect
+from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint, client, moto_s3, new_bucket
+
+__all__ = ["moto_s3"]
 
 
 async def test_a_push_whose_blob_store_fails_in_the_transaction_says_so(
@@ -72,3 +77,40 @@ async def test_the_collector_reports_a_blob_it_cannot_delete_as_the_blob_store_f
     with acting_as(system("test")), pytest.raises(BlobStoreUnavailable) as e:
         await h.app.blob_collector.collect()
     assert e.value.message == "the blob store failed (EISDIR: Is a directory); retry"
+
+
+async def test_a_bucket_s3_refuses_is_the_blob_store_failing(make_harness: Any, moto_s3: S3Endpoint) -> None:
+    """The bucket is gone (S3 answers NoSuchBucket): a push and a node's download are
+    UNAVAILABLE naming S3's code, nothing is written, and both work once it is back."""
+    endpoint = await new_bucket(moto_s3)
+    harness: Harness = await make_harness(
+        blob_store=f"s3://{endpoint.bucket}/bundles",
+        s3_endpoint_url=endpoint.url,
+        s3_region=REGION,
+        s3_access_key_id=ACCESS_KEY,
+        s3_secret_access_key=SECRET_KEY,
+    )
+    stored = (await create(harness.bundles, {"main.kdl": b"a 1\n"})).bundle
+    node = await harness.register("edge-1")
+    async with client(endpoint) as s3:
+        listed = await s3.list_objects_v2(Bucket=endpoint.bucket)
+        for item in listed["Contents"]:
+            await s3.delete_object(Bucket=endpoint.bucket, Key=item["Key"])
+        await s3.delete_bucket(Bucket=endpoint.bucket)
+    refused = "the blob store failed (NoSuchBucket); retry"
+    await expect(grpc.StatusCode.UNAVAILABLE, create(harness.bundles, {"main.kdl": b"b 2\n"}), refused)
+
+    async def download() -> bytes:
+        request = bpb.DownloadBundleRequest(project="default", digest=stored.digest)
+        stream = harness.bundles.DownloadBundle(request, metadata=node.metadata)
+        return b"".join([m.chunk async for m in stream])
+
+    await expect(grpc.StatusCode.UNAVAILABLE, download(), refused)
+    listed_bundles = await harness.bundles.ListBundles(bpb.ListBundlesRequest(project="default"))
+    assert [b.digest for b in listed_bundles.bundles] == [stored.digest]
+
+    async with client(endpoint) as s3:
+        await s3.create_bucket(Bucket=endpoint.bucket)
+    assert (await create(harness.bundles, {"main.kdl": b"b 2\n"})).created
+    assert (await create(harness.bundles, {"main.kdl": b"a 1\n"})).bundle.digest == stored.digest
+    assert len(await download()) == stored.size_bytes

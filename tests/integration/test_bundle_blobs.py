@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botocore.exceptions import NoCredentialsError
 
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.blobs.base import BlobDigestMismatch, BlobMissing, BlobStore
 from controlplane.blobs.local import LocalBlobStore
 from controlplane.blobs.s3 import PART_BYTES, S3BlobStore, S3Settings
+from controlplane.domain.errors import BlobStoreUnavailable
 from tests.support.bundles import create
 from tests.support.harness import Harness
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint, moto_s3, new_bucket
@@ -209,7 +209,8 @@ async def test_s3_credentials_from_the_standard_environment_and_the_key_layout(
     store = S3BlobStore(settings)
     await store.start()
     try:
-        with pytest.raises(NoCredentialsError):
+        with pytest.raises(BlobStoreUnavailable) as e:
             await store.exists(digest)
+        assert e.value.message == "the blob store failed (NoCredentialsError); retry"
     finally:
         await store.close()

@@ -18,7 +18,7 @@ from controlplane.domain.errors import BlobStoreUnavailable
 from tests.support.bundles import create
 from tests.support.harness import Harness
 from tests.support.refusals import expect
-from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint, client, moto_s3, new_bucket
+from tests.support.s3 import S3Endpoint, client, moto_s3, new_bucket
 
 __all__ = ["moto_s3"]
 
@@ -83,13 +83,7 @@ async def test_a_bucket_s3_refuses_is_the_blob_store_failing(make_harness: Any, 
     """The bucket is gone (S3 answers NoSuchBucket): a push and a node's download are
     UNAVAILABLE naming S3's code, nothing is written, and both work once it is back."""
     endpoint = await new_bucket(moto_s3)
-    harness: Harness = await make_harness(
-        blob_store=f"s3://{endpoint.bucket}/bundles",
-        s3_endpoint_url=endpoint.url,
-        s3_region=REGION,
-        s3_access_key_id=ACCESS_KEY,
-        s3_secret_access_key=SECRET_KEY,
-    )
+    harness: Harness = await make_harness(**endpoint.settings("bundles"))
     stored = (await create(harness.bundles, {"main.kdl": b"a 1\n"})).bundle
     node = await harness.register("edge-1")
     async with client(endpoint) as s3:

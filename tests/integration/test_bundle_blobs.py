@@ -144,13 +144,7 @@ async def test_nodes_download_through_the_control_plane_from_s3(
 ) -> None:
     """With S3 behind it, the server streams archives to nodes itself; nothing is on disk."""
     endpoint = await new_bucket(moto_s3)
-    harness: Harness = await make_harness(
-        blob_store=f"s3://{endpoint.bucket}/bundles",
-        s3_endpoint_url=endpoint.url,
-        s3_region=REGION,
-        s3_access_key_id=ACCESS_KEY,
-        s3_secret_access_key=SECRET_KEY,
-    )
+    harness: Harness = await make_harness(**endpoint.settings("bundles"))
     files = {"main.kdl": b"a 1\n", "data.bin": os.urandom(3 * 1024 * 1024)}
     bundle = (await create(harness.bundles, files)).bundle
     node = await harness.register("edge-1")

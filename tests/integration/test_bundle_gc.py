@@ -16,7 +16,7 @@ from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.domain.audit import acting_as, system
 from tests.support.bundles import create
 from tests.support.harness import Harness
-from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, moto_s3, new_bucket
+from tests.support.s3 import moto_s3, new_bucket
 
 __all__ = ["moto_s3"]
 
@@ -26,13 +26,7 @@ async def gc_harness(request: pytest.FixtureRequest, make_harness: Any) -> Harne
     overrides: dict[str, Any] = {"bundle_retention": timedelta(0)}
     if request.param == "s3":
         endpoint = await new_bucket(request.getfixturevalue("moto_s3"))
-        overrides |= {
-            "blob_store": f"s3://{endpoint.bucket}/gc",
-            "s3_endpoint_url": endpoint.url,
-            "s3_region": REGION,
-            "s3_access_key_id": ACCESS_KEY,
-            "s3_secret_access_key": SECRET_KEY,
-        }
+        overrides |= endpoint.settings("gc")
     harness: Harness = await make_harness(**overrides)
     return harness
 

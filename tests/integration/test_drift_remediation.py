@@ -16,12 +16,13 @@ from typing import TypeVar
 import pytest
 from sqlalchemy import text
 
+from agent_stub.simulator import SimNode
 from controlplane.api.rollout.v1 import drift_pb2
 from controlplane.domain.assignments import write_assignment
 from controlplane.domain.audit import acting_as, system
 from controlplane.domain.clock import utcnow
 from controlplane.domain.desired import Assignment, DesiredRow
-from controlplane.domain.drift import DriftDetector
+from controlplane.domain.drift import DriftDetector, SweepResult
 from controlplane.domain.labels import node_key
 from controlplane.domain.rollouts.bundles import assignable
 from tests.conftest import HarnessFactory
@@ -59,12 +60,35 @@ class LaggingView:
         return await self._hub.wait_until(node_id, revision, within)
 
 
-@pytest.fixture
-async def plane(make_harness: HarnessFactory) -> Harness:
-    plane = await make_harness(**FAST)
+async def without_driver(plane: Harness) -> Harness:
     # The test sweeps itself, with its own view; no driver either (it advances by hand).
     await plane.app.rollout_tasks.stop()
     return plane
+
+
+@pytest.fixture
+async def plane(make_harness: HarnessFactory) -> Harness:
+    return await without_driver(await make_harness(**FAST))
+
+
+@pytest.fixture
+async def pg_plane(make_pg_harness: HarnessFactory) -> Harness:
+    return await without_driver(await make_pg_harness(**FAST))
+
+
+async def drifting(plane: Harness, node: SimNode) -> tuple[str, str]:
+    """v1 assigned by selector and v2 uploaded, the node refusing both: it stays drifted."""
+    v1 = await plane.upload(archive("v1"))
+    v2 = await plane.upload(archive("v2"))
+    node.rejects.update({v1, v2})
+    await plane.assign(v1, selector="env=prod")
+    return v1, v2
+
+
+async def sweep(sweeper: DriftDetector) -> SweepResult:
+    """One sweep, made as the system's drift sweeper makes it."""
+    with acting_as(system("drift-sweep")):
+        return await sweeper.sweep()
 
 
 async def remediation_on(rollouts: Rollouts) -> None:
@@ -113,8 +137,7 @@ async def test_remediation_never_brings_a_rolled_back_bundle_back(plane: Harness
         assert restored.digest == v0
         await remediation_on(rollouts)
         sweeper = detector(plane, view)
-        with acting_as(system("drift-sweep")):
-            result = await sweeper.sweep()
+        result = await sweep(sweeper)
         # The image says the node (on v0) drifted from v1; the log says v0 decides: no
         # episode, no re-assertion.
         assert (result.opened, result.remediated) == (0, 0)
@@ -122,8 +145,7 @@ async def test_remediation_never_brings_a_rolled_back_bundle_back(plane: Harness
 
         # Once the image catches up the node is simply converged.
         view.release()
-        with acting_as(system("drift-sweep")):
-            result = await sweeper.sweep()
+        result = await sweep(sweeper)
         assert (result.opened, result.open, result.remediated) == (0, 0, 0)
         assert await latest_own_row(plane, node.node_id) == restored
         assert node.digest == v0
@@ -133,10 +155,7 @@ async def test_remediation_never_replaces_a_newer_pin_and_waits_out_freezes(plan
     async with running(fleet(plane.address, plane.token, 1)) as sim:
         rollouts = Rollouts(plane.channel)
         node = sim.nodes[0]
-        v1 = await plane.upload(archive("v1"))
-        v2 = await plane.upload(archive("v2"))
-        node.rejects.update({v1, v2})
-        await plane.assign(v1, selector="env=prod")
+        _, v2 = await drifting(plane, node)
         await remediation_on(rollouts)
         view = LaggingView(plane)
         view.hold([node.node_id])
@@ -144,8 +163,7 @@ async def test_remediation_never_replaces_a_newer_pin_and_waits_out_freezes(plan
             pb.PinNodeRequest(project="default", node_id=node.node_id, digest=v2, reason="hotfix")
         )
         sweeper = detector(plane, view)
-        with acting_as(system("drift-sweep")):
-            result = await sweeper.sweep()
+        result = await sweep(sweeper)
         assert (result.opened, result.remediated) == (0, 0)
         row = await latest_own_row(plane, node.node_id)
         assert (row.digest, row.pinned, row.revision) == (v2, True, pinned.revision)
@@ -155,8 +173,7 @@ async def test_remediation_never_replaces_a_newer_pin_and_waits_out_freezes(plan
         window = await freeze(
             rollouts, "change freeze", at(-timedelta(minutes=1)), at(timedelta(hours=1)), "holiday"
         )
-        with acting_as(system("drift-sweep")):
-            result = await sweeper.sweep()
+        result = await sweep(sweeper)
         assert (result.opened, result.remediated) == (1, 0)  # drifted from the pin, frozen
         assert (await latest_own_row(plane, node.node_id)).revision == pinned.revision
         found = await rollouts.drift.ListDriftEvents(drift_pb2.ListDriftEventsRequest(project="default"))
@@ -164,8 +181,7 @@ async def test_remediation_never_replaces_a_newer_pin_and_waits_out_freezes(plan
         await rollouts.stub.DeleteFreezeWindow(pb.DeleteFreezeWindowRequest(project="default", id=window.id))
 
         # Then the pin itself is re-asserted, still a pin.
-        with acting_as(system("drift-sweep")):
-            result = await sweeper.sweep()
+        result = await sweep(sweeper)
         assert result.remediated == 1
         row = await latest_own_row(plane, node.node_id)
         assert (row.digest, row.pinned) == (v2, True) and row.revision > pinned.revision
@@ -177,14 +193,10 @@ async def test_an_open_episode_is_not_re_asserted_over_a_newer_pin(plane: Harnes
     async with running(fleet(plane.address, plane.token, 1)) as sim:
         rollouts = Rollouts(plane.channel)
         node = sim.nodes[0]
-        v1 = await plane.upload(archive("v1"))
-        v2 = await plane.upload(archive("v2"))
-        node.rejects.update({v1, v2})
-        await plane.assign(v1, selector="env=prod")
+        v1, v2 = await drifting(plane, node)
         view = LaggingView(plane)
         sweeper = detector(plane, view)
-        with acting_as(system("drift-sweep")):
-            result = await sweeper.sweep()  # remediation still off: the episode opens, nothing else
+        result = await sweep(sweeper)  # remediation still off: the episode opens, nothing else
         assert (result.opened, result.remediated) == (1, 0)
 
         view.hold([node.node_id])  # the image keeps showing v1 from here on
@@ -192,8 +204,7 @@ async def test_an_open_episode_is_not_re_asserted_over_a_newer_pin(plane: Harnes
             pb.PinNodeRequest(project="default", node_id=node.node_id, digest=v2, reason="hotfix")
         )
         await remediation_on(rollouts)
-        with acting_as(system("drift-sweep")):
-            result = await sweeper.sweep()
+        result = await sweep(sweeper)
         assert (result.open, result.remediated) == (1, 0)
         row = await latest_own_row(plane, node.node_id)
         assert (row.digest, row.pinned, row.revision) == (v2, True, pinned.revision)
@@ -202,8 +213,7 @@ async def test_an_open_episode_is_not_re_asserted_over_a_newer_pin(plane: Harnes
 
         # Caught up, the episode follows the pin and the pin is what gets re-asserted.
         view.release()
-        with acting_as(system("drift-sweep")):
-            result = await sweeper.sweep()
+        result = await sweep(sweeper)
         assert result.remediated == 1
         row = await latest_own_row(plane, node.node_id)
         assert (row.digest, row.pinned) == (v2, True) and row.revision > pinned.revision
@@ -253,29 +263,17 @@ class HeldPin:
         return await deciding
 
 
-@pytest.fixture
-async def pg_plane(make_pg_harness: HarnessFactory) -> Harness:
-    plane = await make_pg_harness(**FAST)
-    await plane.app.rollout_tasks.stop()
-    return plane
-
-
 async def test_a_pin_committed_while_remediation_waits_is_not_buried(pg_plane: Harness) -> None:
     plane = pg_plane
     async with running(fleet(plane.address, plane.token, 1)) as sim:
         rollouts = Rollouts(plane.channel)
         node = sim.nodes[0]
-        v1 = await plane.upload(archive("v1"))
-        v2 = await plane.upload(archive("v2"))
-        node.rejects.update({v1, v2})
-        await plane.assign(v1, selector="env=prod")
+        _, v2 = await drifting(plane, node)
         sweeper = detector(plane, LaggingView(plane))
-        with acting_as(system("drift-sweep")):
-            assert (await sweeper.sweep()).opened == 1
+        assert (await sweep(sweeper)).opened == 1
         await remediation_on(rollouts)
         held = HeldPin(plane, node.node_id, v2)
-        with acting_as(system("drift-sweep")):
-            result = await held.around(sweeper.sweep())
+        result = await held.around(sweep(sweeper))
         assert result.remediated == 0
         row = await latest_own_row(plane, node.node_id)
         assert (row.digest, row.pinned, row.revision) == (v2, True, held.revision)

@@ -41,6 +41,16 @@ class S3Endpoint:
     url: str
     bucket: str = ""
 
+    def settings(self, prefix: str) -> dict[str, str]:
+        """The server's settings for a blob store under `prefix` in this bucket."""
+        return {
+            "blob_store": f"s3://{self.bucket}/{prefix}",
+            "s3_endpoint_url": self.url,
+            "s3_region": REGION,
+            "s3_access_key_id": ACCESS_KEY,
+            "s3_secret_access_key": SECRET_KEY,
+        }
+
     def env(self) -> dict[str, str]:
         """The standard AWS environment for a process using this endpoint."""
         return {

@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from controlplane.archives.kdl_pool import KdlParsers
+from controlplane.archives.kdl_pool import KdlLimits, KdlParsers
 from controlplane.blobs.base import BlobStore
 from controlplane.blobs.local import LocalBlobStore
 from controlplane.blobs.s3 import S3BlobStore, S3Settings
@@ -26,7 +26,7 @@ from controlplane.domain.audit import seal as seal_audit_head
 from controlplane.domain.audit_trail import AuditTrail
 from controlplane.domain.bundle_gc import BlobCollector
 from controlplane.domain.bundle_lifecycle import BundleLifecycle
-from controlplane.domain.bundles import BundleRegistry
+from controlplane.domain.bundles import PIPELINE_SLOTS, BundleRegistry
 from controlplane.domain.clock import utcnow
 from controlplane.domain.drift import DriftDetector
 from controlplane.domain.enrollment import EnrollmentTokens
@@ -150,8 +150,9 @@ class App:
         signer = self._signer()
         self.signing_keys = KeyDirectory(self.store, utcnow, signer, self.hub.wake)
         allowed = frozenset(s.validator_allow)
-        # KDL is parsed in worker processes (ckdl holds the GIL), started on first use.
-        self.kdl = KdlParsers()
+        # KDL is parsed in worker processes (ckdl holds the GIL), started on first use:
+        # one per pipeline slot, so every bundle being validated has its own.
+        self.kdl = KdlParsers(KdlLimits(workers=PIPELINE_SLOTS))
         undo.callback(self.kdl.close)
         self.bundles = BundleRegistry(
             self.store,

@@ -52,7 +52,7 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class KdlLimits:
-    # Two: the pipeline runs at most two bundles at once (PIPELINE_SLOTS), one core each.
+    # The server gives one per pipeline slot (bundles validated at once, one core each).
     workers: int = 2
     # A dense 6.4 MB file (100,000 routes) took 13-15 s in a worker on a shared, loaded
     # core (ckdl 1.3 s, the rest our tree and its facts), so an 8 MiB one (the parse

@@ -65,11 +65,6 @@ class IntakeDeadlines:
             raise ValueError(f"min_bytes_per_second must be positive, not {self.min_bytes_per_second}")
 
 
-# What `receive_files` and `receive_tar` apply when not given deadlines; read at each
-# call, so the server's setting applies to every upload.
-DEFAULT_DEADLINES = IntakeDeadlines()
-
-
 class _Pace:
     """Reads an upload's parts, failing it when the client stalls or trickles."""
 
@@ -132,9 +127,9 @@ async def receive_files(
     tree: TreeBuilder,
     parts: AsyncIterator[Part],
     max_bytes: int,
-    deadlines: IntakeDeadlines | None = None,
+    deadlines: IntakeDeadlines,
 ) -> None:
-    pace = _Pace(deadlines if deadlines is not None else DEFAULT_DEADLINES)
+    pace = _Pace(deadlines)
     current: FileSink | None = None
     current_path, current_size = "", 0
     field = "file"
@@ -189,10 +184,10 @@ async def receive_tar(
     scratch: Path,
     max_bytes: int,
     field: str,
-    deadlines: IntakeDeadlines | None = None,
+    deadlines: IntakeDeadlines,
 ) -> None:
     """Stage the tar stream to disk (counting it), then read it into `tree`."""
-    pace = _Pace(deadlines if deadlines is not None else DEFAULT_DEADLINES)
+    pace = _Pace(deadlines)
     with StagedUpload(scratch, max_bytes) as staged:
         try:
             while (

@@ -42,6 +42,7 @@ from controlplane.archives.pack import Packed, pack
 from controlplane.archives.tree import TreeBuilder
 from controlplane.blobs.base import BlobDigestMismatch, BlobMissing, BlobStore
 from controlplane.domain import validation, validators
+from controlplane.domain.audit import current_actor
 from controlplane.domain.bundle_intake import IntakeDeadlines, Part, receive_files, receive_tar
 from controlplane.domain.bundle_records import Bundle, BundleState, RiskAssessment, ValidationResult
 from controlplane.domain.errors import (
@@ -131,9 +132,9 @@ class BundleRegistry:
     allowed_programs: frozenset[str] = frozenset()
     max_bundle_bytes: int = 256 * 1024 * 1024
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)
-    # The worker processes KDL files are parsed in: one set per server (bootstrap
-    # passes it and closes it at shutdown); the default starts its workers on first use.
-    kdl: KdlParsers = field(default_factory=KdlParsers)
+    # The worker processes KDL files are parsed in: one set per server, which bootstrap
+    # passes and closes at shutdown. None parses in this process (unit tests, benchmarks).
+    kdl: KdlParsers | None = None
     _slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PIPELINE_SLOTS))
     # Uploads being received, in all and per caller; how long each may keep us waiting.
     intake: IntakeSlots = field(default_factory=IntakeSlots)
@@ -144,11 +145,10 @@ class BundleRegistry:
     # -- create ------------------------------------------------------------------------
 
     async def create_from_files(
-        self, project: str, version: str, parts: AsyncIterator[Part], owner: str
+        self, project: str, version: str, parts: AsyncIterator[Part]
     ) -> tuple[Bundle, bool]:
-        """`owner` names the caller (an API key) for its share of the intake slots."""
         await self._precheck(project, version)
-        async with self.intake.hold(owner):
+        async with self._receiving():
             with self._scratch() as scratch:
                 tree = TreeBuilder(scratch / "tree", self.limits)
                 await receive_files(tree, parts, self.max_bundle_bytes, self.intake_deadlines)
@@ -159,17 +159,20 @@ class BundleRegistry:
         project: str,
         version: str,
         chunks: AsyncIterator[bytes],
-        owner: str,
         field_name: str = "chunk",
     ) -> tuple[Bundle, bool]:
         await self._precheck(project, version)
-        async with self.intake.hold(owner):
+        async with self._receiving():
             with self._scratch() as scratch:
                 tree = TreeBuilder(scratch / "tree", self.limits)
                 await receive_tar(
                     tree, chunks, scratch, self.max_bundle_bytes, field_name, self.intake_deadlines
                 )
                 return await self._build(project, version, tree, field_name)
+
+    def _receiving(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """One of the intake slots, counted against the caller (its API key or node)."""
+        return self.intake.hold(str(current_actor()))
 
     async def _precheck(self, project: str, version: str) -> None:
         validation.version_label(version)

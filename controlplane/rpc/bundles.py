@@ -38,8 +38,6 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("the first message must carry the header", field="header")
         header = first.header
-        # The caller's share of the intake slots is counted per API key.
-        owner = str(auth.current().actor())
         second = await anext(aiter(request_iterator), None)
         kind = second.WhichOneof("part") if second is not None else None
         if kind == "tar_chunk" and second is not None:
@@ -53,7 +51,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                     yield message.tar_chunk
 
             bundle, created = await self._bundles.create_from_tar(
-                header.project, header.version, tar(), owner, "tar_chunk"
+                header.project, header.version, tar(), "tar_chunk"
             )
         else:
 
@@ -72,9 +70,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                             field=which or "part",
                         )
 
-            bundle, created = await self._bundles.create_from_files(
-                header.project, header.version, parts(), owner
-            )
+            bundle, created = await self._bundles.create_from_files(header.project, header.version, parts())
         return bundle_pb2.CreateBundleResponse(bundle=bundle_out(bundle), created=created)
 
     async def UploadBundle(
@@ -94,9 +90,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
                     raise InvalidArgument("only the first message may carry a header", field="header")
                 yield message.chunk
 
-        bundle, created = await self._bundles.create_from_tar(
-            header.project, header.version, chunks(), str(auth.current().actor())
-        )
+        bundle, created = await self._bundles.create_from_tar(header.project, header.version, chunks())
         return bundle_pb2.UploadBundleResponse(bundle=bundle_out(bundle), created=created)
 
     async def DownloadBundle(

@@ -5,6 +5,7 @@ server waited for; nothing staged is left behind."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -12,7 +13,7 @@ from typing import TypeVar
 import pytest
 
 from controlplane.archives.limits import ArchiveLimits
-from controlplane.archives.tree import TreeBuilder
+from controlplane.archives.tree import FileSink, TreeBuilder
 from controlplane.domain.bundle_intake import (
     FileStart,
     IntakeDeadlines,
@@ -31,22 +32,17 @@ def tree(tmp_path: Path) -> TreeBuilder:
     return TreeBuilder(tmp_path / "tree", ArchiveLimits())
 
 
-async def then_stall(parts: Iterable[Part]) -> AsyncIterator[Part]:
+async def then_stall(parts: Iterable[T]) -> AsyncIterator[T]:
     """`parts`, then nothing ever again (a client that stopped sending)."""
     for part in parts:
         yield part
     await asyncio.Event().wait()
 
 
-async def stalled_tar(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk
-    await asyncio.Event().wait()
-
-
 async def test_a_stream_that_stops_inside_a_file_fails_naming_the_file(tmp_path: Path) -> None:
     t = tree(tmp_path)
-    parts = then_stall([FileStart("main.kdl", 4), b"a "])
+    sent: list[Part] = [FileStart("main.kdl", 4), b"a "]
+    parts = then_stall(sent)
     with pytest.raises(DeadlineExceeded) as e:
         await receive_files(t, parts, 1 << 20, IDLE)
     assert e.value.code == "DEADLINE_EXCEEDED" and e.value.field == "chunk"
@@ -57,7 +53,8 @@ async def test_a_stream_that_stops_inside_a_file_fails_naming_the_file(tmp_path:
 
 
 async def test_a_stream_that_stops_between_files_fails_naming_the_header(tmp_path: Path) -> None:
-    parts = then_stall([FileStart("a.kdl", 2), b"a\n", FileStart("empty", 0)])
+    sent: list[Part] = [FileStart("a.kdl", 2), b"a\n", FileStart("empty", 0)]
+    parts = then_stall(sent)
     with pytest.raises(DeadlineExceeded) as e:
         await receive_files(tree(tmp_path), parts, 1 << 20, IDLE)
     assert e.value.field == "file"
@@ -68,7 +65,7 @@ async def test_a_stalled_tar_stream_fails_and_leaves_no_staged_upload(tmp_path: 
     scratch = tmp_path / "scratch"
     data = tar_of({"main.kdl": b"a 1\n"})
     with pytest.raises(DeadlineExceeded) as e:
-        await receive_tar(tree(tmp_path), stalled_tar([data[:700]]), scratch, 1 << 20, "tar_chunk", IDLE)
+        await receive_tar(tree(tmp_path), then_stall([data[:700]]), scratch, 1 << 20, "tar_chunk", IDLE)
     assert e.value.field == "tar_chunk"
     assert "for 0.05 s while waiting for the next tar_chunk (700 bytes received)" in e.value.message
     assert list(scratch.iterdir()) == [], "the staged upload is removed"
@@ -104,13 +101,21 @@ async def test_a_trickling_tar_stream_fails_below_the_minimum_rate(tmp_path: Pat
     assert list(scratch.iterdir()) == []
 
 
-async def test_an_upload_that_keeps_up_is_received(tmp_path: Path) -> None:
+async def test_an_upload_that_keeps_up_is_received(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The deadlines count only the time spent waiting for the client: a stream whose
-    parts are ready is received whole however small the grace."""
-    tight = IntakeDeadlines(idle_seconds=5.0, grace_seconds=5.0, min_bytes_per_second=1)
+    parts are ready is received whole, however small the grace and however slow the
+    server's own disk (here 4 writes of 30 ms against 50 ms of grace)."""
+    tight = IntakeDeadlines(idle_seconds=5.0, grace_seconds=0.05, min_bytes_per_second=10**9)
+    write = FileSink.write
+
+    def slow_disk(sink: FileSink, data: bytes) -> None:
+        time.sleep(0.03)
+        write(sink, data)
+
+    monkeypatch.setattr(FileSink, "write", slow_disk)
 
     async def ready() -> AsyncIterator[Part]:
-        parts: list[Part] = [FileStart("main.kdl", 4), b"a ", b"1\n", FileStart("b.kdl", 0)]
+        parts: list[Part] = [FileStart("main.kdl", 4), b"a", b" ", b"1", b"\n", FileStart("b.kdl", 0)]
         for part in parts:
             yield part
 

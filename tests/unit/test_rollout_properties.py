@@ -234,7 +234,7 @@ class RolloutMachine(RuleBasedStateMachine):
         if roll == 0:
             run = self.run
             was = (run.rollout, [(s.index, s.state, s.revision) for s in run.steps], dict(run.nodes))
-            machine.took_over(run, self.now, "a new driver leads the rollout")
+            machine.took_over(run, "a new driver leads the rollout")
             assert not (run.writes or run.restore or run.transitions), "TAKE-OVER: it decided something"
             now = (run.rollout, [(s.index, s.state, s.revision) for s in run.steps], dict(run.nodes))
             assert now == was, "TAKE-OVER: it changed more than the bake"

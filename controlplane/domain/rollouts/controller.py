@@ -225,7 +225,7 @@ class RolloutController:
         def decide(world: World) -> Run:
             run = base.run()
             if taken is not None and not machine.took_over(
-                run, world.now, f"a new driver leads the rollout (lease epoch {taken})"
+                run, f"a new driver leads the rollout (lease epoch {taken})"
             ):
                 self._taken.pop(rollout_id, None)  # nothing to restart: a fresh bake anyway
             machine.tick(run, world)

@@ -412,7 +412,7 @@ def _put_back(run: Run, now: datetime, nodes: list[RolloutNode]) -> None:
 # -- a new driver ---------------------------------------------------------------------
 
 
-def took_over(run: Run, now: datetime, who: str) -> bool:
+def took_over(run: Run, who: str) -> bool:
     """A driver that has just begun to lead the rollout (`who`) restarts the current
     step's bake, as a resume does. The bake means the gates held for all of it, and
     nobody watched them between the last tick of the former leader (dead, stalled or

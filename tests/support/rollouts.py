@@ -201,8 +201,10 @@ def tick(run: Run, fleet: FakeFleet, now: datetime, **world: Any) -> Run:
     base = fresh(run)
     machine.tick(run, fleet.world(now, **world))
     if run.needs_samples:
+        node_ids, since = machine.samples_wanted(run, now)
+        samples = {n: [b for b in fleet.history.get(n, []) if b.received_at > since] for n in node_ids}
         run = base
-        machine.tick(run, fleet.world(now, samples=dict(fleet.history), **world))
+        machine.tick(run, fleet.world(now, samples=samples, **world))
     fleet.transitions += run.transitions
     fleet.perform(run, now)
     return fresh(run)

@@ -233,8 +233,6 @@ class RolloutController:
 
         run = decide(world)
         if run.needs_samples:
-            # The nodes to sample are those of the decided run: a node classified ACTIVE
-            # on this very tick is a canary node already, though `base` has it waiting.
             run = decide(await self._with_samples(run, world))
         if not run.changed:
             return False
@@ -291,14 +289,10 @@ class RolloutController:
         return facts
 
     async def _with_samples(self, run: Run, world: World) -> World:
-        canary_ids, baseline_ids = machine.analysis_nodes(run)
-        step = run.current
-        since = step.started_at if step is not None and step.started_at else world.now
+        node_ids, since = machine.samples_wanted(run, world.now)
         async with self.store.read() as tx:
-            samples: dict[str, list[HeartbeatRecord]] = await tx.rollouts.heartbeat_samples(
-                [*canary_ids, *baseline_ids], since
-            )
-        return World(world.now, world.facts, world.freeze, world.bundle_problem, world.stale_after, samples)
+            samples: dict[str, list[HeartbeatRecord]] = await tx.rollouts.heartbeat_samples(node_ids, since)
+        return replace(world, samples=samples)
 
 
 def _watched_nodes(base: Loaded) -> list[str]:

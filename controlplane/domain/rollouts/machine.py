@@ -319,6 +319,17 @@ def _extension(run: Run, world: World) -> timedelta:
     return max(run.spec.bake_time, world.stale_after)
 
 
+def samples_wanted(run: Run, now: datetime) -> tuple[list[str], datetime]:
+    """The heartbeats a tick asking for samples (`run.needs_samples`) is given: those
+    of its analysis nodes received after the current step started. `run` is the tick's
+    decided run, not the one it started from: a node it has just found ACTIVE is a canary
+    node already."""
+    canary_ids, baseline_ids = analysis_nodes(run)
+    step = run.current
+    since = step.started_at if step is not None and step.started_at else now
+    return [*canary_ids, *baseline_ids], since
+
+
 def analysis_nodes(run: Run) -> tuple[list[str], list[str]]:
     """Canary analysis inputs: (updated target nodes so far, not-yet-updated ones)."""
     step = run.rollout.current_step

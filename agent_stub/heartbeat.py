@@ -107,11 +107,9 @@ def parse_metrics(data: Any) -> Reading:
                 Dropped(name, "out of range", f"an integer of ~{digits} digits is outside [{low}, {high}]")
             )
             continue
-        if problem := _out_of_bounds(number, low, high):
-            dropped.append(Dropped(name, problem, f"{number} is outside [{low}, {high}]"))
-            continue
         values[name] = number
-    return Reading(node_pb2.NodeMetrics(health=health_value, **values), dropped)
+    checked = check_metrics(node_pb2.NodeMetrics(health=health_value, **values))
+    return Reading(checked.metrics, dropped + checked.dropped)
 
 
 def check_metrics(m: node_pb2.NodeMetrics) -> Reading:

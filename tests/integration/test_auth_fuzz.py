@@ -43,8 +43,7 @@ from tests.support.harness import Harness, auth
 from tests.support.matrix import CASES, Case
 from tests.support.matrix import World as MatrixWorld
 from tests.support.matrix import world as matrix_world_of
-from tests.support.refusals import lost_by_the_client
-from tests.support.rpcs import Answer, Rpc, all_rpcs, answer
+from tests.support.rpcs import Answer, Rpc, all_rpcs, answer, unless_lost
 
 RPCS = all_rpcs()
 BROKEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
@@ -245,13 +244,6 @@ async def snapshot(h: Harness) -> Snapshot:
 
 
 _request_ids = itertools.count(1)
-# A client stream the server refuses early (a bad header, a rate limit) can come back with
-# the status grpcio's asyncio client makes up when a write fails after the server answered
-# (refusals.lost_by_the_client), about 1 call in 100 to 400 on two busy cores. That attempt
-# is checked as the refusal it was (it changed nothing, audited nothing) and the call is
-# made again, so that what a test judges is the server's own answer. Three in a row is a
-# failure like any other.
-ATTEMPTS_FOR_A_LOST_STATUS = 3
 
 
 async def call_explained(
@@ -264,12 +256,11 @@ async def call_explained(
 ) -> Answer:
     """Call `rpc` and check every change it made is explained by its answer. Tables in
     `background` are written by background work and not compared. A unary call is made
-    once; a client stream again while its status was lost by the client."""
-    for _ in range(ATTEMPTS_FOR_A_LOST_STATUS - 1):
-        got = await _call_once_explained(h, rpc, request, caller, credentials, background)
-        if not (rpc.client_streaming and lost_by_the_client(got.code, got.details, got.trailing)):
-            return got
-    return await _call_once_explained(h, rpc, request, caller, credentials, background)
+    once; a client stream again while its status was lost by the client (`unless_lost`),
+    each attempt checked as the refusal it was: it changed nothing, audited nothing."""
+    return await unless_lost(
+        rpc, lambda: _call_once_explained(h, rpc, request, caller, credentials, background)
+    )
 
 
 async def _call_once_explained(

@@ -14,6 +14,7 @@ from agent_stub.simulator import FleetSimulator, MetricsProfile
 from controlplane.api.bundle.v1 import bundle_pb2
 from controlplane.api.node.v1 import node_pb2
 from tests.conftest import HarnessFactory
+from tests.support.eventually import eventually
 from tests.support.harness import Harness
 from tests.support.rollout_fleet import FAST, Rollouts, archive, bad, fleet, pb, running, seconds
 
@@ -309,6 +310,7 @@ async def test_cancel_keeps_nodes_on_the_bundle_and_puts_back_the_others(plane: 
             v2, strategy=pb.STRATEGY_ALL_AT_ONCE, bake_time=seconds(60), max_unavailable=1
         )
         await settle_some(sim, v2, 2)
+        await recorded_active(rollouts, created.id, 2)  # what "runs the bundle" means to cancel
         cancelled = await rollouts.stub.CancelRollout(
             pb.CancelRolloutRequest(project="default", rollout_id=created.id, reason="wrong bundle")
         )
@@ -344,6 +346,17 @@ async def test_cancel_keeps_nodes_on_the_bundle_and_puts_back_the_others(plane: 
             await asyncio.sleep(0.1)
         assert nacking.observed[-1].digest == v2 and nacking.digest == v2
         assert {n.digest for n in sim.nodes[1:]} == {v3}
+
+
+async def recorded_active(rollouts: Rollouts, rollout_id: str, count: int) -> None:
+    """The server has `count` of the rollout's nodes ACTIVE: their reports recorded, not
+    only applied by the agents."""
+
+    async def active() -> None:
+        states = [n.state for n in await rollouts.nodes(rollout_id)]
+        assert states.count(pb.NODE_STATE_ACTIVE) >= count, states
+
+    await eventually(active, what=f"{count} node(s) recorded ACTIVE")
 
 
 async def settle_some(sim: FleetSimulator, digest: str, count: int) -> None:

@@ -43,6 +43,11 @@ class GcReport:
     # Archives of rows purged by an earlier pass that stopped before deleting them.
     leftovers: int = 0
 
+    def __add__(self, other: GcReport) -> GcReport:
+        return GcReport(
+            self.orphans + other.orphans, self.purged + other.purged, self.leftovers + other.leftovers
+        )
+
 
 @dataclass
 class BlobCollector:
@@ -59,9 +64,9 @@ class BlobCollector:
             if stored_at < cutoff:
                 old.append(digest)
             if len(old) >= BATCH:
-                total, old = _add(total, await self._batch(old, cutoff)), []
+                total, old = total + await self._batch(old, cutoff), []
         if old:
-            total = _add(total, await self._batch(old, cutoff))
+            total += await self._batch(old, cutoff)
         return total
 
     async def _batch(self, digests: list[str], cutoff: datetime) -> GcReport:
@@ -128,10 +133,6 @@ class BlobCollector:
 
 
 _KEPT, _PURGED, _LEFTOVER = "kept", "purged", "leftover"
-
-
-def _add(a: GcReport, b: GcReport) -> GcReport:
-    return GcReport(a.orphans + b.orphans, a.purged + b.purged, a.leftovers + b.leftovers)
 
 
 def _expired(bundle: Bundle, cutoff: datetime) -> bool:

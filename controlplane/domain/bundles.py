@@ -215,15 +215,15 @@ class BundleRegistry:
                 content = manifest.digest()
                 async with self.store.read() as tx:
                     existing = await tx.bundles.get_by_content(project, content)
-                    if (
-                        existing is not None
-                        and existing.state is not BundleState.FAILED
-                        and await self._archive_kept(existing)
-                    ):
-                        return await with_signature(tx, existing), False
+                    same = None
+                    if existing is not None and existing.state is not BundleState.FAILED:
+                        same = await with_signature(tx, existing)
                     if version and existing is None:
                         await _version_free(tx, project, version)
                     previous = await _facts(tx, await tx.bundles.latest_valid(project))
+                # Asked of the blob store after the read, not while holding it.
+                if same is not None and await self._archive_kept(same):
+                    return same, False
                 structure = await asyncio.to_thread(validators.structure, manifest, cache)
                 packed = await asyncio.to_thread(
                     pack, tree.root, manifest, sbom.build(manifest, structure), archive

@@ -239,6 +239,7 @@ class App:
         await self.grpc.drain()
         await self.hub.stop(self.settings.shutdown_grace)
         await self.grpc.stop(self.settings.shutdown_grace)
+        await self.nodes.settle()  # batches whose callers were cancelled still commit
         self.kdl.close()  # after the server: pushes within the grace finish their parses
         await self.rollout_tasks.stop()
         for job in self._periodic:

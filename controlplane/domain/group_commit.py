@@ -56,6 +56,13 @@ class GroupCommit(Generic[T, R]):
             self._writer = loop.create_task(self._drain(), name=self._name)
         return await done
 
+    async def settle(self) -> None:
+        """Return once no batch is being written. A caller that went away (cancelled)
+        leaves its batch committing; a shutdown waits here, after the calls have ended,
+        before the database goes."""
+        while self._writer is not None:
+            await asyncio.wait({self._writer})
+
     async def _drain(self) -> None:
         batch: list[tuple[Submitted[T], asyncio.Future[R]]] = []
         try:

@@ -27,6 +27,9 @@ class HeartbeatWriter:
         """Store `beat`; returns once it is committed. NOT_FOUND for an unknown node."""
         await self._group.submit((node_id, beat))
 
+    async def settle(self) -> None:
+        await self._group.settle()
+
     async def _commit(self, batch: list[Submitted[Beat]]) -> list[Exception | None]:
         async with self._store.write() as tx:
             before = await tx.nodes.record_heartbeats([s.item for s in batch], self._history_size)

@@ -70,6 +70,11 @@ class NodeRegistry:
         self._heartbeats = HeartbeatWriter(self.store, HEARTBEAT_HISTORY)
         self._reports: GroupCommit[_Report, Node | None] = GroupCommit(self._commit_reports, "reports")
 
+    async def settle(self) -> None:
+        """Return once no heartbeat or report batch is still being written."""
+        await self._heartbeats.settle()
+        await self._reports.settle()
+
     async def register(
         self,
         project: str,

@@ -38,6 +38,7 @@ from controlplane.domain.errors import InvalidArgument, PermissionDenied, Resour
 from controlplane.rpc import auth
 from controlplane.rpc.authn import Authenticator
 from controlplane.rpc.errors import abort
+from controlplane.rpc.inflight import InFlight
 from controlplane.rpc.ratelimit import RateLimiter
 from controlplane.rpc.scope import ScopeFinder
 
@@ -59,6 +60,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._authn = authenticator
         self._scopes = scopes
         self._limiter = limiter
+        # Every call from admission until its handler has unwound, cancelled or not.
+        self.inflight = InFlight()
         # Wrapped handlers by method: a service's handler for a method never changes, so
         # it is wrapped once instead of on every call (a reconnect storm is 10,000 calls).
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -92,25 +95,27 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    request = await self._admit(method, context, request, streams_in)
-                    async for item in behavior(request, context):
-                        yield item
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as e:
-                    await abort(context, e, method)
+                with self.inflight.track():
+                    try:
+                        request = await self._admit(method, context, request, streams_in)
+                        async for item in behavior(request, context):
+                            yield item
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as e:
+                        await abort(context, e, method)
 
             return stream
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                request = await self._admit(method, context, request, streams_in)
-                return await behavior(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as e:
-                await abort(context, e, method)
+            with self.inflight.track():
+                try:
+                    request = await self._admit(method, context, request, streams_in)
+                    return await behavior(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:
+                    await abort(context, e, method)
 
         return call
 

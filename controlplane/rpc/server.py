@@ -37,6 +37,10 @@ SERVICES = (
     drift_pb2.DESCRIPTOR.services_by_name["DriftService"].full_name,
 )
 
+# How long a stop waits for cancelled handlers to unwind: a rollback and a connection
+# given back take milliseconds; only a wedged database takes longer.
+UNWIND_SECONDS = 10.0
+
 # Upload chunks are at most 1 MiB; anything near the limit is hostile or a bug.
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 
@@ -77,6 +81,7 @@ class GrpcServer:
         rollouts: RolloutServicer,
         drift: DriftServicer,
     ):
+        self._inflight = guard.inflight
         self.server = grpc.aio.server(
             interceptors=[guard], options=server_options(max_pending, min_ping_interval_ms)
         )
@@ -130,7 +135,11 @@ class GrpcServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace: float) -> None:
+        """Stop serving: calls still open after `grace` are cancelled, and this returns
+        once their handlers have unwound (bounded by UNWIND_SECONDS), so nothing they
+        hold, a database connection above all, outlives the server."""
         await self.server.stop(grace)
+        await self._inflight.settle(UNWIND_SECONDS)
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *SERVICES):

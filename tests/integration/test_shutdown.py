@@ -1,18 +1,24 @@
 """Graceful shutdown: health goes NOT_SERVING first, open streams end with a closing
-bookmark and a clean status."""
+bookmark and a clean status, and the database goes last, with nothing still using it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.pool import QueuePool
 
+from controlplane.api.node.v1 import node_pb2 as npb
+from controlplane.api.project.v1 import project_pb2 as ppb
 from controlplane.bootstrap import App
+from controlplane.store.sql import SqlTx
 from tests.conftest import HarnessFactory, fast_settings
 from tests.support.eventually import eventually
 from tests.support.sinks import RecordingSink
@@ -82,3 +88,93 @@ async def test_a_failed_start_releases_what_it_opened(tmp_path: Path, database_u
     again = App(fast_settings(tmp_path, database_url))
     await again.start()
     await again.stop()
+
+
+def _holding_a_write(
+    app: App, hold: Callable[[], Any], holding: asyncio.Event
+) -> Callable[[], contextlib.AbstractAsyncContextManager[SqlTx]]:
+    """The store's next write transaction, once open, runs `hold()` before it goes on:
+    the call that asked for it keeps a pooled connection meanwhile."""
+    original = app.store.write
+    armed = [True]
+
+    @contextlib.asynccontextmanager
+    async def write() -> AsyncIterator[SqlTx]:
+        async with original() as tx:
+            if armed[0]:
+                armed[0] = False
+                holding.set()
+                await hold()
+            yield tx
+
+    return write
+
+
+def _checked_out_at_dispose(app: App, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many connections were still checked out when the pool was disposed of (one
+    given back to a disposed pool is never closed: the aiosqlite or asyncpg connection
+    leaks)."""
+    seen: list[int] = []
+    pool = app.engine.pool
+    assert isinstance(pool, QueuePool)
+    dispose = pool.dispose
+
+    def counted() -> None:
+        seen.append(pool.checkedout())
+        dispose()
+
+    monkeypatch.setattr(pool, "dispose", counted)
+    return seen
+
+
+async def test_stop_waits_for_a_cancelled_call_to_give_its_connection_back(
+    make_harness: HarnessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grpc.aio's stop cancels calls open past the grace and returns before their
+    handlers unwind; the pool is disposed of only after they have (a connection given
+    back to a disposed pool is never closed)."""
+    h = await make_harness(shutdown_grace=0.1)
+    holding = asyncio.Event()
+
+    async def hold() -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:  # a cancelled handler still needs a moment to roll back and give it back
+            await asyncio.sleep(0.3)
+
+    monkeypatch.setattr(h.app.store, "write", _holding_a_write(h.app, hold, holding))
+    disposed = _checked_out_at_dispose(h.app, monkeypatch)
+    call = h.projects.CreateProject(ppb.CreateProjectRequest(name="stuck"))
+    await asyncio.wait_for(holding.wait(), 10)
+    await h.app.stop()
+    assert disposed == [0]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call
+    assert refused.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+
+async def test_stop_waits_for_a_heartbeat_batch_whose_caller_was_cancelled(
+    make_harness: HarnessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heartbeat commits in a batch another task writes; cancelling the call does not
+    stop the batch, so the stop waits for it before the pool goes, and the beat is kept."""
+    h = await make_harness(shutdown_grace=0.1)
+    node = await h.register("n1")
+    holding = asyncio.Event()
+    monkeypatch.setattr(h.app.store, "write", _holding_a_write(h.app, lambda: asyncio.sleep(0.5), holding))
+    disposed = _checked_out_at_dispose(h.app, monkeypatch)
+    metrics = npb.NodeMetrics(health=npb.HEALTH_STATUS_HEALTHY, p99_latency_ms=12.5)
+    call = h.nodes.Heartbeat(
+        npb.HeartbeatRequest(node_id=node.node_id, metrics=metrics), metadata=node.metadata
+    )
+    await asyncio.wait_for(holding.wait(), 10)
+    await h.app.stop()
+    assert disposed == [0]
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await call
+    monkeypatch.undo()
+    async with h.app.store.read() as tx:
+        stored = await tx.nodes.get(node.node_id)
+    await h.app.engine.dispose()
+    assert stored is not None and stored.last_heartbeat is not None
+    assert stored.last_heartbeat.metrics.p99_latency_ms == 12.5

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import warnings
 import weakref
 
 import grpc
@@ -112,16 +111,6 @@ async def test_negative_since_revision_is_invalid(harness: Harness) -> None:
     assert "since_revision" in (rec.error.details() or "")
 
 
-def collect() -> None:
-    """A full collection, deaf to ResourceWarnings of what it frees: an aiosqlite
-    connection left unclosed (seen twice in CI on the epoch-changed path, cause not yet
-    found; see the closing note of 2026-12-03) is not what this test is about, and with
-    warnings as errors its __del__ failed whichever test collected it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
-
-
 @pytest.mark.parametrize("end", ["revoked", "epoch changed"])
 async def test_an_aborted_stream_is_freed_though_the_heap_was_frozen(harness: Harness, end: str) -> None:
     """The hub freezes the heap once opens settle. A stream the server ends with an error
@@ -130,7 +119,7 @@ async def test_an_aborted_stream_is_freed_though_the_heap_was_frozen(harness: Ha
     rec = harness.open_watch(node)
     await rec.wait_for(lambda r: "snapshot_end" in r.kinds)
     freed = weakref.ref(harness.app.hub._streams.by_id[rec.stream_id])
-    collect()
+    gc.collect()
     gc.freeze()
     try:
         if end == "revoked":
@@ -149,7 +138,7 @@ async def test_an_aborted_stream_is_freed_though_the_heap_was_frozen(harness: Ha
         async def stream_freed() -> None:
             # grpc's accept loop holds the last call it took until it takes another.
             await harness.nodes.ListNodes(npb.ListNodesRequest(project="default"))
-            collect()
+            gc.collect()
             assert freed() is None, "the ended stream is still referenced"
 
         await eventually(stream_freed, timeout=5.0, what="the aborted stream freed while frozen")

@@ -27,6 +27,13 @@ from controlplane.blobs.base import CHUNK_BYTES, BlobMissing, DigestCheck, blob_
 # part in memory stays small.
 PART_BYTES = 16 * 1024 * 1024
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+# An endpoint that is down is a push or download refused UNAVAILABLE within seconds, not
+# minutes: botocore's defaults (60 s to connect, 60 s per read) times its attempts would
+# hold a caller for up to 5 minutes before saying so. Standard-mode retries back off
+# 0-1, 0-2, 0-4 s between the 4 attempts, riding out a throttle or a blip.
+RETRY_ATTEMPTS = 4
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
 # What botocore raises for S3's refusals (AccessDenied, NoSuchBucket, 5xx after its
 # retries) and for an endpoint it cannot reach or that stops answering; OSError for the
 # staged file.
@@ -63,7 +70,12 @@ class S3BlobStore:
     async def start(self) -> None:
         s = self.settings
         options: dict[str, Any] = {
-            "config": AioConfig(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32)
+            "config": AioConfig(
+                retries={"max_attempts": RETRY_ATTEMPTS, "mode": "standard"},
+                connect_timeout=CONNECT_TIMEOUT,
+                read_timeout=READ_TIMEOUT,
+                max_pool_connections=32,
+            )
         }
         if s.endpoint_url:
             options["endpoint_url"] = s.endpoint_url

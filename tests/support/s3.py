@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,11 @@ from typing import Any
 import pytest
 from aiobotocore.session import get_session
 
+from tests.support.processes import free_port
+
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -81,7 +76,7 @@ def moto_s3() -> Iterator[S3Endpoint]:
     binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
     if binary is None:
         pytest.fail("moto_server is not installed (pip install 'moto[server]')")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     proc = subprocess.Popen(
         [binary, "-H", "127.0.0.1", "-p", str(port)],

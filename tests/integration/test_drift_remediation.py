@@ -3,8 +3,10 @@ image can be a commit behind (this process's hub still reading the log, another
 replica's NOTIFY not yet heard). A re-assertion must never bury what was written since:
 the rolled-back bundle must not come back over a rollback's restore, and an operator's
 pin must not be replaced by the assignment it overrode; nor does the stale row open an
-episode. Remediation also waits out
-freeze windows. Real agents (the simulator) over real gRPC; SQLite and PostgreSQL."""
+episode. Remediation also waits out freeze windows. The revision lock that orders these
+decisions also keeps a rollout's step and a rollback's restore from burying a pin
+committed while they decide (PostgreSQL). Real agents (the simulator) over real gRPC;
+SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -294,3 +296,25 @@ async def test_a_pin_committed_while_a_step_waits_is_skipped(pg_plane: Harness) 
         assert (row.digest, row.pinned, row.revision) == (v2, True, held.revision)
         [recorded] = await rollouts.nodes(created.id)
         assert recorded.state == pb.NODE_STATE_SKIPPED and "pinned" in recorded.error
+
+
+async def test_a_pin_committed_while_a_rollback_waits_is_left_pinned(pg_plane: Harness) -> None:
+    """The restore reads each node's latest row to leave pins alone: under the revision
+    lock, so a pin committing meanwhile is seen, not buried under the restore's write."""
+    plane = pg_plane
+    async with running(fleet(plane.address, plane.token, 1)) as sim:
+        rollouts = Rollouts(plane.channel)
+        node = sim.nodes[0]
+        v1 = await plane.upload(archive("v1"))
+        v2 = await plane.upload(archive("v2"))
+        created = await rollouts.create(v1, strategy=pb.STRATEGY_ALL_AT_ONCE, gates=pb.HealthGates())
+        with acting_as(system("test-driver")):
+            assert await plane.app.rollouts.advance(created.id)  # step 0: v1 on the node's key
+        held = HeldPin(plane, node.node_id, v2)
+        with acting_as(system("test-operator")):
+            rolled_back = await held.around(plane.app.rollouts.roll_back("default", created.id, "test"))
+        assert rolled_back.rollout.state.value == "rolled_back"
+        row = await latest_own_row(plane, node.node_id)
+        assert (row.digest, row.pinned, row.revision) == (v2, True, held.revision)
+        [recorded] = await rollouts.nodes(created.id)
+        assert "pinned since the rollout wrote it" in recorded.error

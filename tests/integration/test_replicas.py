@@ -25,7 +25,12 @@ from controlplane.api.identity.v1 import identity_pb2 as ipb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.watch.v1 import watch_pb2 as wpb
 from controlplane.domain import retention
+from controlplane.domain.audit import acting_as, system
+from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.driver import lease_name
+from controlplane.domain.rollouts.model import Rollout, RolloutEvent, RolloutState
+from controlplane.domain.rollouts.watch import feed_bus
+from controlplane.store.rollouts import SqlRollouts
 from controlplane.watch.hub import HubSettings
 from tests.conftest import HarnessFactory
 from tests.integration.test_auth_nodes import code_of, heartbeat
@@ -287,7 +292,8 @@ async def test_a_rollout_created_on_one_replica_is_driven_once_by_reports_to_ano
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
         if seen.last_state != pb.ROLLOUT_STATE_SUCCEEDED:
-            # Seen once in CI and not reproduced since: say where the time went.
+            # Once in CI: B's feed paired a RUNNING rollout with its last events (fixed,
+            # see the test above); should it end early again, say what each side read.
             on_a = await rollouts.get(created.id)
             told = [(n.node_id, [o.digest[:15] for o in n.observed], n.digest[:15]) for n in sim.nodes]
             raise AssertionError(
@@ -304,6 +310,43 @@ async def test_a_rollout_created_on_one_replica_is_driven_once_by_reports_to_ano
         events = await rollouts.events(created.id)
         assert [e.step for e in events if e.kind == "write"] == [0, 1, 2]
         assert {n.digest for n in sim.nodes} == {v1}
+
+
+async def test_the_feed_from_the_database_pairs_a_rollout_with_events_of_the_same_moment(
+    make_pg_harness: HarnessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that does not drive a rollout learns of it by reading the rollout and
+    its new events (`feed_bus`). Another replica commits between those two reads: the
+    update must still pair a rollout with events of one moment. Read under READ
+    COMMITTED it paired the RUNNING rollout with the events that ended it, and B's watch
+    ended on RUNNING (the CI failure of test_a_rollout_created_on_one_replica_...)."""
+    h = await make_pg_harness(**FAST)
+    await h.app.rollout_tasks.stop()  # nothing feeds or drives but the test
+    await h.register("n1", {"env": "prod"})
+    created = await Rollouts(h.channel).create(
+        await h.upload(archive("v1")), strategy=pb.STRATEGY_ALL_AT_ONCE, gates=pb.HealthGates()
+    )
+    bus = RolloutBus()
+    sub = bus.subscribe(created.id)
+    events = SqlRollouts.events
+    moved: list[Rollout] = []
+
+    async def another_replica_commits_first(
+        self: SqlRollouts, rollout_id: str, after_seq: int, limit: int
+    ) -> list[RolloutEvent]:
+        if not moved:
+            with acting_as(system("another-replica")):
+                moved.append((await h.app.rollouts.cancel("default", rollout_id, "meanwhile")).rollout)
+        return await events(self, rollout_id, after_seq, limit)
+
+    monkeypatch.setattr(SqlRollouts, "events", another_replica_commits_first)
+    assert await feed_bus(h.app.store, bus) == 1
+    update = await sub.next(1.0)
+    assert update is not None and moved and moved[0].state is RolloutState.CANCELLED
+    assert update.rollout.event_seq == update.events[-1].seq, (
+        f"the rollout as of event {update.rollout.event_seq} ({update.rollout.state}) "
+        f"came with events up to {update.events[-1].seq}"
+    )
 
 
 # -- 6. retention with two replicas running --------------------------------------------------

@@ -7,9 +7,12 @@ import asyncio
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+import pytest
+
 from controlplane.domain.audit import acting_as, system
 from controlplane.domain.clock import utcnow
-from controlplane.domain.leases import LeaseLost, Leases
+from controlplane.domain.errors import Aborted
+from controlplane.domain.leases import Lease, LeaseLost, Leases
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.driver import RolloutDriver, lease_name
 from tests.conftest import HarnessFactory
@@ -90,6 +93,30 @@ async def test_a_report_to_another_replica_wakes_the_leader(make_pg_harness: Har
         seen = await rollouts.watch(created.id, timeout=20)
         assert seen.last_state == pb.ROLLOUT_STATE_SUCCEEDED
         assert await writes_per_step(rollouts, created.id) == [0, 1, 2]
+
+
+async def test_a_pass_an_operator_raced_is_run_again_at_once(
+    make_harness: HarnessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver's write that conflicts with an operator's (Aborted) is retried on a pass
+    right after, not on the next tick (a minute here)."""
+    h = await make_harness(**{**FAST, "rollout_tick": timedelta(seconds=60)})
+    advance = h.app.rollouts.advance
+    raced: list[str] = []
+
+    async def raced_once(rollout_id: str, lease: Lease | None = None) -> bool:
+        if not raced:
+            raced.append(rollout_id)
+            raise Aborted("an operator changed the rollout meanwhile")
+        return await advance(rollout_id, lease)
+
+    monkeypatch.setattr(h.app.rollouts, "advance", raced_once)
+    async with running(fleet(h.address, h.token, 1)):
+        rollouts = Rollouts(h.channel)
+        created = await rollouts.create(await h.upload(archive("v1")), gates=pb.HealthGates())
+        seen = await rollouts.watch(created.id, timeout=20)
+        assert raced == [created.id]
+        assert seen.last_state == pb.ROLLOUT_STATE_SUCCEEDED
 
 
 async def test_a_stalled_holders_late_writes_match_nothing(make_harness: HarnessFactory) -> None:

@@ -169,7 +169,7 @@ class RolloutController:
         return await self.get(project, rollout_id)
 
     async def get(self, project: str, rollout_id: str) -> RolloutView:
-        async with self.store.read() as tx:
+        async with self.store.snapshot() as tx:  # the rollout, its steps and approvals at one moment
             rollout = await _require(tx, project, rollout_id)
             steps = await tx.rollouts.steps(rollout_id)
             approvals = await tx.rollouts.approvals(rollout_id)

@@ -203,7 +203,7 @@ class RolloutDirectory:
     ) -> tuple[Rollout, list[RolloutEvent]]:
         if after_seq < 0:
             raise InvalidArgument("must not be negative", field="after_seq")
-        async with self.store.read() as tx:
+        async with self.store.snapshot() as tx:  # the rollout as of its last event read
             rollout = await _require_rollout(tx, project, rollout_id)
             events = await tx.rollouts.events(rollout_id, after_seq, validation.page_size(limit))
         return rollout, events

@@ -111,7 +111,10 @@ class RolloutDriver:
                     self._held.pop(rollout_id, None)
                     self.controller.forget(rollout_id)
                 except Aborted:
-                    self.controller.forget(rollout_id)  # an operator acted meanwhile: next pass
+                    # An operator acted meanwhile: look again on the next pass, at once
+                    # (waiting for the tick could hold a step as long as the interval).
+                    self.controller.forget(rollout_id)
+                    self.wake()
                 except DomainError as e:
                     log.warning("rollout %s: %s", rollout_id, e)
             for rollout_id in [r for r in self._held if r not in set(active)]:

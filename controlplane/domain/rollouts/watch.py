@@ -74,7 +74,10 @@ async def feed_bus(store: Store, bus: RolloutBus) -> int:
     watched = bus.watched()
     if not watched:
         return 0
-    async with store.read() as tx:
+    # One snapshot: a rollout read before another replica's commit and its events read
+    # after it would pair the old state with the new events, and a watch would end on
+    # that old state (RUNNING) once the events show it finished.
+    async with store.snapshot() as tx:
         seqs = await tx.rollouts.event_seqs(list(watched))
         fed = 0
         for rollout_id, seq in seqs.items():

@@ -226,13 +226,13 @@ class HeldPin:
     waits to commit: what a PostgreSQL writer deciding at the same moment can miss."""
 
     def __init__(self, plane: Harness, node_id: str, digest: str):
-        self._plane, self._node_id, self._digest = plane, node_id, digest
+        self._plane, self._node_id, self.digest = plane, node_id, digest
         self._written, self._commit = asyncio.Event(), asyncio.Event()
         self.revision = 0
 
     async def _hold(self) -> None:
         async with self._plane.app.store.write() as tx:
-            bundle = await assignable(tx, "default", self._digest)
+            bundle = await assignable(tx, "default", self.digest)
             pin = Assignment(
                 "default",
                 (node_key(self._node_id),),
@@ -281,19 +281,28 @@ async def test_a_pin_committed_while_remediation_waits_is_not_buried(pg_plane: H
         assert (row.digest, row.pinned, row.revision) == (v2, True, held.revision)
 
 
+async def all_at_once_and_a_pin(plane: Harness, node: SimNode) -> tuple[Rollouts, pb.Rollout, HeldPin]:
+    """An all-at-once rollout of v1 over the node, and an operator's pin of v2 on it, to hold."""
+    rollouts = Rollouts(plane.channel)
+    v1 = await plane.upload(archive("v1"))
+    v2 = await plane.upload(archive("v2"))
+    created = await rollouts.create(v1, strategy=pb.STRATEGY_ALL_AT_ONCE, gates=pb.HealthGates())
+    return rollouts, created, HeldPin(plane, node.node_id, v2)
+
+
+async def still_pinned(plane: Harness, node: SimNode, held: HeldPin) -> None:
+    row = await latest_own_row(plane, node.node_id)
+    assert (row.digest, row.pinned, row.revision) == (held.digest, True, held.revision)
+
+
 async def test_a_pin_committed_while_a_step_waits_is_skipped(pg_plane: Harness) -> None:
     plane = pg_plane
     async with running(fleet(plane.address, plane.token, 1)) as sim:
-        rollouts = Rollouts(plane.channel)
         node = sim.nodes[0]
-        v1 = await plane.upload(archive("v1"))
-        v2 = await plane.upload(archive("v2"))
-        created = await rollouts.create(v1, strategy=pb.STRATEGY_ALL_AT_ONCE, gates=pb.HealthGates())
-        held = HeldPin(plane, node.node_id, v2)
+        rollouts, created, held = await all_at_once_and_a_pin(plane, node)
         with acting_as(system("test-driver")):
             assert await held.around(plane.app.rollouts.advance(created.id))  # step 0
-        row = await latest_own_row(plane, node.node_id)
-        assert (row.digest, row.pinned, row.revision) == (v2, True, held.revision)
+        await still_pinned(plane, node, held)
         [recorded] = await rollouts.nodes(created.id)
         assert recorded.state == pb.NODE_STATE_SKIPPED and "pinned" in recorded.error
 
@@ -303,18 +312,13 @@ async def test_a_pin_committed_while_a_rollback_waits_is_left_pinned(pg_plane: H
     lock, so a pin committing meanwhile is seen, not buried under the restore's write."""
     plane = pg_plane
     async with running(fleet(plane.address, plane.token, 1)) as sim:
-        rollouts = Rollouts(plane.channel)
         node = sim.nodes[0]
-        v1 = await plane.upload(archive("v1"))
-        v2 = await plane.upload(archive("v2"))
-        created = await rollouts.create(v1, strategy=pb.STRATEGY_ALL_AT_ONCE, gates=pb.HealthGates())
+        rollouts, created, held = await all_at_once_and_a_pin(plane, node)
         with acting_as(system("test-driver")):
             assert await plane.app.rollouts.advance(created.id)  # step 0: v1 on the node's key
-        held = HeldPin(plane, node.node_id, v2)
         with acting_as(system("test-operator")):
             rolled_back = await held.around(plane.app.rollouts.roll_back("default", created.id, "test"))
         assert rolled_back.rollout.state.value == "rolled_back"
-        row = await latest_own_row(plane, node.node_id)
-        assert (row.digest, row.pinned, row.revision) == (v2, True, held.revision)
+        await still_pinned(plane, node, held)
         [recorded] = await rollouts.nodes(created.id)
         assert "pinned since the rollout wrote it" in recorded.error

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,6 +15,7 @@ from nacl.signing import VerifyKey
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
 from controlplane.api.node.v1 import node_pb2 as npb
+from controlplane.blobs.local import LocalBlobStore
 from controlplane.domain.bundle_intake import IntakeDeadlines
 from controlplane.domain.intake_slots import IntakeSlots
 from controlplane.domain.signing import CONTEXT
@@ -414,15 +417,30 @@ async def test_downloads_beyond_the_slots_are_told_to_retry(harness: Harness) ->
         await refused.read()
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in str(e.value.details())
     assert any(k == "retry-after-ms" for k, _ in e.value.trailing_metadata() or ())
-    holding.cancel()  # a node that goes away gives its slot back
+    assert isinstance(harness.app.blobs, LocalBlobStore)
+    blob = harness.app.blobs.path(digest)
 
-    async def slot_free() -> None:
-        chunks = [m.chunk async for m in harness.bundles.DownloadBundle(request)]
-        assert sum(len(c) for c in chunks) > 0
+    def blob_open() -> bool:
+        fds = Path("/proc/self/fd")
+        return any(os.path.realpath(fd) == str(blob.resolve()) for fd in fds.iterdir() if fd.is_symlink())
 
-    from tests.support.eventually import eventually
+    assert blob_open()
+    # A node that goes away gives its slot and the open file back when its call ends,
+    # not when a garbage collection happens to find the abandoned generators: none runs.
+    gc.disable()
+    try:
+        holding.cancel()
 
-    await eventually(slot_free, what="the slot of the cancelled download returned")
+        async def slot_free() -> None:
+            assert not blob_open()
+            chunks = [m.chunk async for m in harness.bundles.DownloadBundle(request)]
+            assert sum(len(c) for c in chunks) > 0
+
+        from tests.support.eventually import eventually
+
+        await eventually(slot_free, what="the slot and file of the cancelled download returned")
+    finally:
+        gc.enable()
 
 
 async def test_receiving_beyond_the_intake_slots_is_told_to_retry(harness: Harness) -> None:

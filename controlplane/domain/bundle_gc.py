@@ -96,6 +96,9 @@ class BlobCollector:
     async def _purge(self, digest: str, cutoff: datetime) -> str:
         async with self.store.write() as tx:
             await tx.bundles.lock_digest(digest)
+            # An assignment of it that read the bundle unpurged has committed (and is in
+            # use) or waits, and then reads it purged.
+            await tx.desired.lock()
             rows = (await tx.bundles.rows_for([digest]))[digest]
             if not rows or not all(_expired(b, cutoff) for b in rows) or await tx.bundles.in_use(digest):
                 return _KEPT

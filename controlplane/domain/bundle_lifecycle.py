@@ -93,6 +93,7 @@ class BundleLifecycle:
         if not reason or len(reason) > MAX_REASON:
             raise InvalidArgument(f"say why, in 1-{MAX_REASON} characters", field="reason")
         async with self.store.write() as tx:
+            await tx.desired.lock()  # no assignment of it is between its check and its write
             bundle = await _bundle(tx, project, digest, "digest")
             if bundle.state is BundleState.REVOKED:
                 return await with_signature(tx, bundle), await self._on(tx, project, [bundle])

@@ -94,7 +94,12 @@ async def require_assignable(tx: Tx, project: str, digest: str, field: str = "di
     NOT_FOUND when it does not exist; FAILED_PRECONDITION, naming the bundle and why,
     when it failed validation, was revoked, lost its archive, or has no signature by an
     active key. Every path that writes desired state (assignments, rollouts,
-    rollbacks, remediation) calls this inside its transaction.
+    rollbacks, pins, remediation) calls this inside its transaction, after taking the
+    revision lock (`tx.desired.lock()`), as retiring a key, revoking a bundle and purging
+    an archive do before they change what this reads: on PostgreSQL a writer that read
+    the bundle before such a change committed would otherwise write a retired key's
+    signature (that the retirement's re-signing could not see) or a revoked or purged
+    bundle. SQLite's writers are one at a time anyway.
     """
     bundle = await tx.bundles.get(project, digest)
     if bundle is None:

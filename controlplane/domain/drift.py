@@ -71,7 +71,7 @@ class DriftDetector:
 
     async def sweep(self) -> SweepResult:
         now = self.clock()
-        async with self.store.read() as tx:
+        async with self.store.snapshot() as tx:  # nodes and episodes of one moment
             nodes = await tx.drift.nodes()
             episodes = {e.node_id: e for e in await tx.drift.open_episodes()}
             remediating = await tx.drift.remediating_projects()

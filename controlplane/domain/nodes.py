@@ -210,7 +210,10 @@ class NodeRegistry:
         outcomes: list[Node | Exception | None] = []
         async with self.store.write() as tx:
             head = await tx.desired.head()
-            nodes = {n.id: n for n in await tx.nodes.get_many({s.item[0] for s in batch})}
+            # Locked (PostgreSQL): a report another replica records for the same node
+            # meanwhile waits, then is checked against this one, never overwritten by it.
+            batch_ids = {s.item[0] for s in batch}
+            nodes = {n.id: n for n in await tx.nodes.get_many(batch_ids, for_update=True)}
             for s in batch:
                 node_id, report = s.item
                 try:

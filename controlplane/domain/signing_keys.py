@@ -92,6 +92,9 @@ class KeyDirectory:
                 field="signing_key_id",
             )
         async with self.store.write() as tx:
+            # Before the key changes: an assignment that read it as active has committed
+            # (and is re-signed below) or waits, and then reads it retired.
+            await tx.desired.lock()
             key = await tx.signing_keys.get(key_id)
             if key is None:
                 raise NotFound(f"signing key {key_id} does not exist", field="signing_key_id")

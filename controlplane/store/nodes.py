@@ -94,11 +94,15 @@ class SqlNodes:
         row = (await self._conn.execute(select(nodes).where(nodes.c.id == node_id))).first()
         return _node(row) if row else None
 
-    async def get_many(self, node_ids: Collection[str]) -> list[Node]:
+    async def get_many(self, node_ids: Collection[str], for_update: bool = False) -> list[Node]:
+        """`for_update`: lock the rows (PostgreSQL), in id order like heartbeats, so the
+        two never deadlock."""
         ids = sorted(set(node_ids))
         found: list[Node] = []
         for start in range(0, len(ids), 500):
-            query = select(nodes).where(nodes.c.id.in_(ids[start : start + 500]))
+            query = select(nodes).where(nodes.c.id.in_(ids[start : start + 500])).order_by(nodes.c.id)
+            if for_update:
+                query = query.with_for_update(of=nodes)
             found.extend(_node(r) for r in (await self._conn.execute(query)).all())
         return found
 

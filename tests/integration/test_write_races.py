@@ -1,0 +1,160 @@
+"""Writers that check and then write, racing on PostgreSQL (READ COMMITTED), each with
+the interleaving forced: a key retired while an assignment is between reading the
+bundle's signature and writing it, and a status report recorded by another replica
+while a stalled batch holds an older one. SQLite's writers are one at a time, so only
+PostgreSQL can interleave them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from controlplane.api.audit.v1 import audit_pb2 as apb
+from controlplane.domain import assignments
+from controlplane.domain.audit import acting_as, system
+from controlplane.domain.bundle_records import Bundle
+from controlplane.domain.bundles import require_assignable
+from controlplane.domain.clock import utcnow
+from controlplane.domain.labels import node_key
+from controlplane.domain.ports import Tx
+from controlplane.domain.records import Node, ReportPhase
+from controlplane.domain.signing import Signer
+from controlplane.domain.signing_keys import KeyDirectory
+from controlplane.store.nodes import SqlNodes
+from tests.conftest import HarnessFactory
+from tests.support.eventually import eventually
+from tests.support.harness import Harness
+from tests.support.rollout_fleet import archive
+
+pytestmark = pytest.mark.postgres
+
+
+async def waiting_on_a_lock(h: Harness) -> bool:
+    async with h.app.store.engine.connect() as conn:
+        return bool(await conn.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
+
+
+async def settled(task: asyncio.Task[Any], h: Harness) -> None:
+    """`task` either finished (nothing made it wait) or waits on a lock."""
+
+    async def check() -> None:
+        assert task.done() or await waiting_on_a_lock(h)
+
+    await eventually(check, what="the other writer done or waiting on a lock")
+
+
+async def test_a_key_retired_while_an_assignment_is_signing_is_not_left_on_it(
+    make_pg_harness: HarnessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The assignment has read the bundle's newest signature (by K1) when K1 is retired.
+    Retirement re-signs every assignment signed by K1: it must either see this one or
+    make it read K1 as retired; a K1-signed row left behind is refused by every agent."""
+    h = await make_pg_harness()
+    node = await h.register("n1")
+    digest = await h.upload(archive("v1"))  # signed by the server's key, K1
+    k1 = h.app.signing_keys.signer.key_id
+    # K2 signs too, an hour "earlier", so K1's stays the newest signature.
+    k2 = KeyDirectory(h.app.store, lambda: utcnow() - timedelta(hours=1), Signer.generate(), h.app.hub.wake)
+    await k2.register()
+    assert await k2.sign_unsigned() == 1
+    read, go_on = asyncio.Event(), asyncio.Event()
+
+    async def read_then_stall(tx: Tx, project: str, digest: str, field: str = "digest") -> Bundle:
+        bundle = await require_assignable(tx, project, digest, field)
+        read.set()
+        await go_on.wait()
+        return bundle
+
+    monkeypatch.setattr(assignments, "require_assignable", read_then_stall)
+    assigning = asyncio.create_task(h.assign(digest, nodes=[node.node_id]))
+    await asyncio.wait_for(read.wait(), 10)
+    with acting_as(system("test-operator")):
+        retiring = asyncio.create_task(k2.retire(k1))
+        await settled(retiring, h)
+    go_on.set()
+    await assigning
+    _, resigned = await retiring
+    async with h.app.store.read() as tx:
+        row = (await tx.desired.latest([node_key(node.node_id)]))[node_key(node.node_id)]
+    assert row.key_id == k2.signer.key_id, f"the node's desired state is signed by retired {row.key_id}"
+    assert resigned == 1
+
+
+async def test_a_stalled_older_report_does_not_overwrite_a_newer_one(
+    make_pg_harness: HarnessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica A's batch holding the node's ACTIVE for revision r1 stalls after reading
+    the node (its caller timed out; the batch goes on); meanwhile the node reports ACTIVE
+    for r2 to replica B. The node must end on r2: B's report waits for A's and is checked
+    against it, never overwritten by the older one."""
+    a = await make_pg_harness()
+    b = await make_pg_harness()
+    node = await a.register("n1")
+    v1 = await a.upload(archive("v1"))
+    r1 = await a.assign(v1, nodes=[node.node_id])
+    v2 = await a.upload(archive("v2"))
+    r2 = await a.assign(v2, nodes=[node.node_id])
+    read, go_on = asyncio.Event(), asyncio.Event()
+    get_many = SqlNodes.get_many
+
+    async def read_then_stall(
+        self: SqlNodes, node_ids: Collection[str], for_update: bool = False
+    ) -> list[Node]:
+        found = await get_many(self, node_ids, for_update)
+        if not read.is_set():
+            read.set()
+            await go_on.wait()
+        return found
+
+    monkeypatch.setattr(SqlNodes, "get_many", read_then_stall)
+    with acting_as(system("test-agent")):
+        older = asyncio.create_task(
+            a.app.nodes.report_status(node.node_id, "stream-a", r1, v1, ReportPhase.ACTIVE, "")
+        )
+        await asyncio.wait_for(read.wait(), 10)
+        newer = asyncio.create_task(
+            b.app.nodes.report_status(node.node_id, "stream-b", r2, v2, ReportPhase.ACTIVE, "")
+        )
+        await settled(newer, a)
+        go_on.set()
+        await older
+        await newer
+    stored = await a.app.nodes.get(node.node_id)
+    assert stored.last_report is not None
+    assert (stored.last_report.revision, stored.applied_digest) == (r2, v2)
+
+
+async def test_a_bundle_revoked_while_an_assignment_is_writing_it_is_revoked_after_it(
+    make_pg_harness: HarnessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The assignment has found the bundle valid when an operator revokes it. The
+    history must read as one order: the assignment then the revocation (which waited),
+    never a revocation followed by an assignment of the revoked bundle."""
+    h = await make_pg_harness()
+    node = await h.register("n1")
+    digest = await h.upload(archive("v1"))
+    read, go_on = asyncio.Event(), asyncio.Event()
+
+    async def read_then_stall(tx: Tx, project: str, digest: str, field: str = "digest") -> Bundle:
+        bundle = await require_assignable(tx, project, digest, field)
+        read.set()
+        await go_on.wait()
+        return bundle
+
+    monkeypatch.setattr(assignments, "require_assignable", read_then_stall)
+    assigning = asyncio.create_task(h.assign(digest, nodes=[node.node_id]))
+    await asyncio.wait_for(read.wait(), 10)
+    with acting_as(system("test-operator")):
+        revoking = asyncio.create_task(h.app.lifecycle.revoke("default", digest, "leaked a secret"))
+        await settled(revoking, h)
+    go_on.set()
+    await assigning
+    await revoking
+    listed = await h.audit.ListAuditEvents(apb.ListAuditEventsRequest(project="default", page_size=1000))
+    order = [e.action for e in listed.events if e.action in ("desired.assign", "bundle.revoke")]
+    assert order == ["desired.assign", "bundle.revoke"]

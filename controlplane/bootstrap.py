@@ -65,7 +65,7 @@ from controlplane.rpc.scope import CachedResolver, ScopeFinder
 from controlplane.rpc.server import GrpcServer
 from controlplane.rpc.signing import SigningKeyServicer
 from controlplane.rpc.watch import WatchServicer
-from controlplane.store.engine import make_engine, upgrade
+from controlplane.store.engine import connections_in_use, make_engine, upgrade
 from controlplane.store.feed import SqlChangeFeed
 from controlplane.store.listen import PgListener
 from controlplane.store.sql import SqlStore
@@ -248,6 +248,8 @@ class App:
             await self._listener.stop()
         self._stop_metrics()
         await self.blobs.close()
+        if busy := connections_in_use(self.engine):
+            log.warning("%d database connection(s) still in use at shutdown: they will not be closed", busy)
         await self.engine.dispose()
 
     def _audit_key(self) -> bytes:

@@ -9,6 +9,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import QueuePool
 
 import migrations
 
@@ -50,6 +51,13 @@ def _sqlite_transactions(engine: AsyncEngine) -> None:
     def _begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get("sqlite_immediate", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def connections_in_use(engine: AsyncEngine) -> int:
+    """Connections checked out of the engine's pool now. Disposing of the pool closes only
+    those checked in; one given back afterwards is never closed."""
+    pool = engine.pool
+    return pool.checkedout() if isinstance(pool, QueuePool) else 0
 
 
 def alembic_config() -> Config:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -70,9 +71,28 @@ async def _harnesses(tmp_path: Path, url: str) -> AsyncIterator[HarnessFactory]:
         return harness
 
     yield make
-    for harness in started:
-        await harness.close()
-        await harness.app.stop()
+    # A connection still checked out when a stop disposes of the pool is never closed:
+    # its ResourceWarning would fail whichever later test's GC found it. Fail here instead.
+    shutdown_log = logging.getLogger("controlplane.bootstrap")
+    warned = _Warnings()
+    shutdown_log.addHandler(warned)
+    try:
+        for harness in started:
+            await harness.close()
+            await harness.app.stop()
+    finally:
+        shutdown_log.removeHandler(warned)
+    leaked = [m for m in warned.messages if "still in use at shutdown" in m]
+    assert not leaked, f"the stop left database connections open: {leaked}"
+
+
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 @pytest.fixture

@@ -52,6 +52,7 @@ class FileSink:
                 f"file {self._name!r}: larger than the limit of {limits.max_file_bytes} bytes"
             )
         self._tree.total_bytes += len(data)
+        self._tree.check_wanted()
         if self._tree.total_bytes > limits.max_total_bytes:
             raise InvalidArchive(f"files exceed the limit of {limits.max_total_bytes} bytes in total")
         self._handle.write(data)
@@ -78,6 +79,15 @@ class TreeBuilder:
         self.entries = 0
         self.files = 0
         self.total_bytes = 0
+        self._abandoned = False
+
+    def abandon(self) -> None:
+        """The request went away: the next entry or chunk (from another thread) stops."""
+        self._abandoned = True
+
+    def check_wanted(self) -> None:
+        if self._abandoned:
+            raise InvalidArchive("the upload was abandoned")
 
     # -- names -----------------------------------------------------------------------
 
@@ -102,6 +112,7 @@ class TreeBuilder:
 
     def _claim(self, raw: str, kind: str) -> tuple[str, Path]:
         """Check a new entry's name and place; returns its name and its path on disk."""
+        self.check_wanted()
         self.entries += 1
         if self.entries > self.limits.max_members:
             raise InvalidArchive(f"more than {self.limits.max_members} members")

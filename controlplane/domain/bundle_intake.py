@@ -25,6 +25,7 @@ from controlplane.archives.tar_intake import read_tar
 from controlplane.archives.tree import FileSink, TreeBuilder
 from controlplane.blobs.staging import StagedUpload, UploadTooLarge
 from controlplane.domain.errors import DeadlineExceeded, InvalidArgument
+from controlplane.domain.threads import in_thread
 
 _T = TypeVar("_T")
 
@@ -202,6 +203,6 @@ async def receive_tar(
         if staged.size == 0:
             raise InvalidArgument("the upload is empty", field=field)
         try:
-            await asyncio.to_thread(read_tar, staged.path, tree)
+            await in_thread(read_tar, staged.path, tree, stop=tree.abandon)
         except InvalidArchive as e:
             raise InvalidArgument(str(e), field=field) from None

@@ -57,6 +57,7 @@ from controlplane.domain.intake_slots import IntakeSlots
 from controlplane.domain.projects import require_project
 from controlplane.domain.risk import Facts, assess
 from controlplane.domain.signing import Signer
+from controlplane.domain.threads import in_thread
 
 if TYPE_CHECKING:
     # Only for annotations: ports imports the domain modules that import this one.
@@ -206,7 +207,7 @@ class BundleRegistry:
         self, project: str, version: str, tree: TreeBuilder, field_name: str
     ) -> tuple[Bundle, bool]:
         try:
-            info = await asyncio.to_thread(tree.finish)
+            info = await in_thread(tree.finish)
         except InvalidArchive as e:
             raise InvalidArgument(str(e), field=field_name) from None
         # The archive gets its own directory, not beside the tree validators run in.
@@ -216,7 +217,7 @@ class BundleRegistry:
                 async with self.store.read() as tx:
                     config = await _config(tx, project)
                 cache = validators.ParseCache(tree.root, self.kdl)
-                manifest = await asyncio.to_thread(scan, tree.root)
+                manifest = await in_thread(scan, tree.root)
                 content = manifest.digest()
                 async with self.store.read() as tx:
                     existing = await tx.bundles.get_by_content(project, content)
@@ -229,10 +230,8 @@ class BundleRegistry:
                 # Asked of the blob store after the read, not while holding it.
                 if same is not None and await self._archive_kept(same):
                     return same, False
-                structure = await asyncio.to_thread(validators.structure, manifest, cache)
-                packed = await asyncio.to_thread(
-                    pack, tree.root, manifest, sbom.build(manifest, structure), archive
-                )
+                structure = await in_thread(validators.structure, manifest, cache)
+                packed = await in_thread(pack, tree.root, manifest, sbom.build(manifest, structure), archive)
                 results = await self._validate(config, tree.root, manifest, cache)
             risk = assess(previous, Facts(packed.digest, manifest, structure))
             bundle = _record(project, version, packed, info.files, manifest, results, risk, self.clock())
@@ -297,9 +296,7 @@ class BundleRegistry:
                 ValidationResult("main", False, f"the main file {config.main!r} is not in the bundle")
             )
         for check in config.parsers:
-            results.append(
-                await asyncio.to_thread(validators.run_parser, check, config.main, manifest, cache)
-            )
+            results.append(await in_thread(validators.run_parser, check, config.main, manifest, cache))
         # Last: commands run on the received tree and may write to it; the archive is
         # already packed, in a directory of its own, and the blob store refuses it if
         # its bytes no longer hash to the digest.

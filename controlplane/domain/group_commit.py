@@ -81,8 +81,12 @@ class GroupCommit(Generic[T, R]):
                         done.set_exception(outcome)
                     else:
                         done.set_result(outcome)
-        except asyncio.CancelledError:  # only at shutdown
-            _fail([*batch, *self._pending], Unavailable("the server is shutting down"))
+        except BaseException as exc:
+            # Cancelled (only at shutdown), or something no caller's item earned (a commit
+            # answering the wrong number of outcomes): nobody may be left waiting.
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            why = "the server is shutting down" if cancelled else f"the batch failed: {type(exc).__name__}"
+            _fail([*batch, *self._pending], Unavailable(why))
             self._pending.clear()
             raise
         finally:

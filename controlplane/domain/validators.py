@@ -276,8 +276,9 @@ async def run_command(check: CommandCheck, root: Path, main: str, allowed: set[s
             f"timed out after {check.timeout.total_seconds():g}s and was killed; output:\n{_text(output)}",
         )
     finally:
-        if proc.returncode is None:
+        if proc.returncode is None:  # cancelled (the push went away): nothing is reported
             _kill_group(proc.pid)
+            reader.cancel()  # a process outside the group may hold the pipe open
             with contextlib.suppress(ProcessLookupError):
                 await proc.wait()
     _kill_group(proc.pid)  # anything it left running in its group

@@ -621,3 +621,50 @@ async def test_a_validator_cannot_alter_the_archive_that_is_stored(make_harness:
     assert details.startswith("config.commands: "), details
     assert await count(harness) == 1
     assert {d async for d, _ in harness.app.blobs.list()} == {bundle.digest}
+
+
+async def test_a_tar_push_abandoned_mid_extraction_leaves_no_scratch_behind(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller goes away while its tar is being extracted in a worker thread: by the
+    time its call has unwound, the extraction has stopped and its scratch tree is gone
+    (a thread left running re-created the tree member by member and wrote the rest of
+    the archive, up to the size limit, until the next restart)."""
+    import asyncio
+    import threading
+    import time
+
+    from controlplane.archives import tar_intake
+    from controlplane.archives import tree as tree_module
+    from controlplane.domain import bundle_intake
+    from controlplane.domain.audit import acting_as, system
+
+    extracting, ended = threading.Event(), threading.Event()
+    read_tar, write = tar_intake.read_tar, tree_module.FileSink.write
+
+    def tracked_read_tar(archive: Path, tree: tree_module.TreeBuilder) -> None:
+        try:
+            read_tar(archive, tree)
+        finally:
+            ended.set()
+
+    def slow_write(self: tree_module.FileSink, data: bytes) -> None:
+        extracting.set()
+        time.sleep(0.01)
+        write(self, data)
+
+    monkeypatch.setattr(bundle_intake, "read_tar", tracked_read_tar)
+    monkeypatch.setattr(tree_module.FileSink, "write", slow_write)
+    members = {f"d{i % 4}/f{i}.txt": b"a" * 256 * 1024 for i in range(80)}
+
+    async def chunks() -> Any:
+        yield tar_of(members)
+
+    with acting_as(system("test-operator")):
+        pushing = asyncio.create_task(harness.app.bundles.create_from_tar("default", "v1", chunks()))
+        assert await asyncio.to_thread(extracting.wait, 10)
+        pushing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pushing
+    assert ended.is_set(), "the extraction was still running when the call had unwound"
+    assert list(harness.app.bundles.staging_dir.iterdir()) == []

@@ -7,9 +7,9 @@ PostgreSQL can interleave them."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Coroutine
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import text
@@ -33,6 +33,8 @@ from tests.support.rollout_fleet import archive
 
 pytestmark = pytest.mark.postgres
 
+T = TypeVar("T")
+
 
 async def waiting_on_a_lock(h: Harness) -> bool:
     async with h.app.store.engine.connect() as conn:
@@ -46,6 +48,35 @@ async def settled(task: asyncio.Task[Any], h: Harness) -> None:
         assert task.done() or await waiting_on_a_lock(h)
 
     await eventually(check, what="the other writer done or waiting on a lock")
+
+
+async def while_assigning(
+    h: Harness,
+    monkeypatch: pytest.MonkeyPatch,
+    node_id: str,
+    digest: str,
+    other: Callable[[], Coroutine[Any, Any, T]],
+) -> T:
+    """Assign `digest` to the node and, once the assignment has read the bundle (and its
+    signature) but before it writes, run `other` as an operator; let the assignment go
+    on once `other` has finished or waits on a lock. Returns what `other` returned."""
+    read, go_on = asyncio.Event(), asyncio.Event()
+
+    async def read_then_stall(tx: Tx, project: str, digest: str, field: str = "digest") -> Bundle:
+        bundle = await require_assignable(tx, project, digest, field)
+        read.set()
+        await go_on.wait()
+        return bundle
+
+    monkeypatch.setattr(assignments, "require_assignable", read_then_stall)
+    assigning = asyncio.create_task(h.assign(digest, nodes=[node_id]))
+    await asyncio.wait_for(read.wait(), 10)
+    with acting_as(system("test-operator")):
+        racing = asyncio.create_task(other())
+        await settled(racing, h)
+    go_on.set()
+    await assigning
+    return await racing
 
 
 async def test_a_key_retired_while_an_assignment_is_signing_is_not_left_on_it(
@@ -62,23 +93,7 @@ async def test_a_key_retired_while_an_assignment_is_signing_is_not_left_on_it(
     k2 = KeyDirectory(h.app.store, lambda: utcnow() - timedelta(hours=1), Signer.generate(), h.app.hub.wake)
     await k2.register()
     assert await k2.sign_unsigned() == 1
-    read, go_on = asyncio.Event(), asyncio.Event()
-
-    async def read_then_stall(tx: Tx, project: str, digest: str, field: str = "digest") -> Bundle:
-        bundle = await require_assignable(tx, project, digest, field)
-        read.set()
-        await go_on.wait()
-        return bundle
-
-    monkeypatch.setattr(assignments, "require_assignable", read_then_stall)
-    assigning = asyncio.create_task(h.assign(digest, nodes=[node.node_id]))
-    await asyncio.wait_for(read.wait(), 10)
-    with acting_as(system("test-operator")):
-        retiring = asyncio.create_task(k2.retire(k1))
-        await settled(retiring, h)
-    go_on.set()
-    await assigning
-    _, resigned = await retiring
+    _, resigned = await while_assigning(h, monkeypatch, node.node_id, digest, lambda: k2.retire(k1))
     async with h.app.store.read() as tx:
         row = (await tx.desired.latest([node_key(node.node_id)]))[node_key(node.node_id)]
     assert row.key_id == k2.signer.key_id, f"the node's desired state is signed by retired {row.key_id}"
@@ -138,23 +153,13 @@ async def test_a_bundle_revoked_while_an_assignment_is_writing_it_is_revoked_aft
     h = await make_pg_harness()
     node = await h.register("n1")
     digest = await h.upload(archive("v1"))
-    read, go_on = asyncio.Event(), asyncio.Event()
-
-    async def read_then_stall(tx: Tx, project: str, digest: str, field: str = "digest") -> Bundle:
-        bundle = await require_assignable(tx, project, digest, field)
-        read.set()
-        await go_on.wait()
-        return bundle
-
-    monkeypatch.setattr(assignments, "require_assignable", read_then_stall)
-    assigning = asyncio.create_task(h.assign(digest, nodes=[node.node_id]))
-    await asyncio.wait_for(read.wait(), 10)
-    with acting_as(system("test-operator")):
-        revoking = asyncio.create_task(h.app.lifecycle.revoke("default", digest, "leaked a secret"))
-        await settled(revoking, h)
-    go_on.set()
-    await assigning
-    await revoking
+    await while_assigning(
+        h,
+        monkeypatch,
+        node.node_id,
+        digest,
+        lambda: h.app.lifecycle.revoke("default", digest, "leaked a secret"),
+    )
     listed = await h.audit.ListAuditEvents(apb.ListAuditEventsRequest(project="default", page_size=1000))
     order = [e.action for e in listed.events if e.action in ("desired.assign", "bundle.revoke")]
     assert order == ["desired.assign", "bundle.revoke"]

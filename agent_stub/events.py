@@ -185,6 +185,11 @@ class EventHandler:
                 "desired.parked", detail="this bundle was rejected before", failed_revision=failed.revision
             )
             self._advance(target.revision)
+            # Said again: the agent may have stopped between recording the failure and
+            # reporting it. A report the server already holds is a replay it ignores.
+            await self.reporter.report(
+                self.stream.stream_id, failed.revision, failed.digest, "FAILED", failed.error
+            )
             return
         log.info("apply.start", source=target.source, weight=target.traffic_weight, previous=active or None)
 

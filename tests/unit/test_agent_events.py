@@ -163,6 +163,34 @@ async def test_nack_is_recorded_reported_and_parked() -> None:
     assert handler.cursor.failed is not None and handler.cursor.failed.revision == 10
 
 
+async def test_a_failure_recorded_but_not_reported_is_reported_after_a_restart() -> None:
+    """The agent is stopped after parking on a failure and before its FAILED report went
+    out: the next time the same desired state comes, the report is sent (the server
+    treats one it already holds as a replay)."""
+    state = MemoryStateStore()
+    handler, installer, reporter = make(state)
+    await handler.handle(message(started(), desired(3, A), snapshot_end(3)))
+    installer.fail[B] = ApplyFailed("apply command exited with code 1")
+
+    report = reporter.report
+
+    async def killed_before_failed(
+        stream_id: str, revision: int, digest: str, phase: str, error: str = ""
+    ) -> bool:
+        if phase == "FAILED":
+            raise asyncio.CancelledError  # SIGTERM lands on the send
+        return await report(stream_id, revision, digest, phase, error)
+
+    reporter.report = killed_before_failed  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await handler.handle(message(desired(6, B)))
+    again, reinstaller, rereporter = make(state)
+    reinstaller.active = A
+    await again.handle(message(started("s2"), desired(7, B, assigned=6), snapshot_end(7)))
+    assert reinstaller.installs == []
+    assert rereporter.reports == [("s2", 6, B, "FAILED", "apply command exited with code 1")]
+
+
 async def test_success_clears_the_failure() -> None:
     handler, installer, _ = make()
     await handler.handle(message(started(), desired(3, A), snapshot_end(3)))

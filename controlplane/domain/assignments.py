@@ -147,9 +147,6 @@ class DesiredStateWriter:
         notes = validation.annotation_map(annotations or {})
         override = override_reason(freeze_override_reason)
         async with self.store.write() as tx:
-            # First: a key retired or the bundle revoked meanwhile is then seen here, and
-            # a retirement's re-signing sees this write (`require_assignable`).
-            await tx.desired.lock()
             keys = await target.keys(tx, project)
             await self._guard(tx, project, target, override)
             bundle = await require_assignable(tx, project, digest)

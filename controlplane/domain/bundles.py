@@ -92,15 +92,24 @@ async def with_signature(tx: Tx, bundle: Bundle) -> Bundle:
 async def require_assignable(tx: Tx, project: str, digest: str, field: str = "digest") -> Bundle:
     """The bundle, with the signature to deliver, if it may become desired state.
 
+    Every path that writes desired state (assignments, rollouts, rollbacks, pins,
+    remediation) calls this inside its transaction. It takes the revision lock first,
+    as retiring a key, revoking a bundle and purging an archive do before they change
+    what it reads: on PostgreSQL a writer that read the bundle before such a change
+    committed would otherwise write a retired key's signature (that the retirement's
+    re-signing could not see) or a revoked or purged bundle. SQLite's writers are one at
+    a time anyway. Errors as `check_assignable`.
+    """
+    await tx.desired.lock()
+    return await check_assignable(tx, project, digest, field)
+
+
+async def check_assignable(tx: Tx, project: str, digest: str, field: str = "digest") -> Bundle:
+    """`require_assignable` without the lock, for a reader that only reports the answer.
+
     NOT_FOUND when it does not exist; FAILED_PRECONDITION, naming the bundle and why,
     when it failed validation, was revoked, lost its archive, or has no signature by an
-    active key. Every path that writes desired state (assignments, rollouts,
-    rollbacks, pins, remediation) calls this inside its transaction, after taking the
-    revision lock (`tx.desired.lock()`), as retiring a key, revoking a bundle and purging
-    an archive do before they change what this reads: on PostgreSQL a writer that read
-    the bundle before such a change committed would otherwise write a retired key's
-    signature (that the retirement's re-signing could not see) or a revoked or purged
-    bundle. SQLite's writers are one at a time anyway.
+    active key.
     """
     bundle = await tx.bundles.get(project, digest)
     if bundle is None:

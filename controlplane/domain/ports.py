@@ -127,7 +127,8 @@ class DesiredLog(Protocol):
     async def lock(self) -> None:
         """Take the revision lock now, before reading what a write will be decided on:
         every desired-state writer holds it until commit, so the reads after this see
-        every write committed before and none can commit in between."""
+        every write committed before and none can commit in between. Once per
+        transaction: again, it costs nothing."""
         ...
 
     async def append(self, rows: Sequence[DesiredRow]) -> None: ...

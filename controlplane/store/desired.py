@@ -51,6 +51,8 @@ def latest_rows_query(keys: Collection[str] | None = None) -> Select[Any]:
 class SqlDesiredLog:
     def __init__(self, conn: AsyncConnection):
         self._conn = conn
+        # This transaction holds the revision row (lock() or a revision allocated).
+        self._locked = False
 
     async def allocate_revision(self) -> int:
         revision = await self._conn.scalar(
@@ -60,12 +62,16 @@ class SqlDesiredLog:
             .returning(revision_counter.c.value)
         )
         assert revision is not None
+        self._locked = True
         if self._conn.dialect.name == "postgresql":
             # Delivered at commit, to every replica's hub; only a wake-up, never the data.
             await self._conn.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
         return int(revision)
 
     async def lock(self) -> None:
+        if self._locked:
+            return
+        self._locked = True
         if self._conn.dialect.name == "postgresql":
             # READ COMMITTED: each later statement sees what the lock's previous holders
             # committed. SQLite's writers are one at a time from their first statement.

@@ -16,13 +16,13 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from controlplane.domain.audit import ActorKind, current_actor
+from controlplane.domain.bundles import check_assignable
 from controlplane.domain.errors import Aborted, DomainError, InvalidArgument, NotFound, PermissionDenied
 from controlplane.domain.leases import Lease, Leases
 from controlplane.domain.nodes import READ_YOUR_WRITES
 from controlplane.domain.records import HeartbeatRecord
 from controlplane.domain.rollouts import approvers as approver_rules
 from controlplane.domain.rollouts import machine
-from controlplane.domain.rollouts.bundles import assignable
 from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
 from controlplane.domain.rollouts.commit import Committed, commit
 from controlplane.domain.rollouts.facts import NodeFacts, World
@@ -275,7 +275,8 @@ class RolloutController:
                 freeze = await tx.freezes.covering(rollout.project, now)
                 problem = ""
                 try:
-                    await assignable(tx, rollout.project, rollout.spec.bundle_digest)
+                    # A read: no lock (this is no writer), only the answer.
+                    await check_assignable(tx, rollout.project, rollout.spec.bundle_digest, "bundle_digest")
                 except DomainError as e:
                     problem = e.message
                 checked = self._checked[rollout_id] = (time.monotonic(), freeze, problem)

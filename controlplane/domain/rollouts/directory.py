@@ -280,7 +280,6 @@ class RolloutDirectory:
         if not reason or len(reason) > 256:
             raise InvalidArgument("say why the node is pinned (1-256 characters)", field="reason")
         async with self.store.write() as tx:
-            await tx.desired.lock()  # before the bundle is read (`require_assignable`)
             node = await _require_node(tx, project, node_id)
             if bundle_version:
                 digest = await by_version(tx, project, bundle_version)

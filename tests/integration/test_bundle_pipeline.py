@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +18,15 @@ from nacl.signing import VerifyKey
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
 from controlplane.api.node.v1 import node_pb2 as npb
+from controlplane.archives import tar_intake
+from controlplane.archives import tree as tree_module
 from controlplane.blobs.local import LocalBlobStore
+from controlplane.domain import bundle_intake
 from controlplane.domain.bundle_intake import IntakeDeadlines
 from controlplane.domain.intake_slots import IntakeSlots
 from controlplane.domain.signing import CONTEXT
 from tests.support.bundles import create, file_messages, tar_messages, tar_of
+from tests.support.eventually import eventually
 from tests.support.harness import Harness
 from tests.support.refusals import expect
 
@@ -401,7 +408,6 @@ async def test_too_many_files_are_refused(harness: Harness) -> None:
 
 
 async def test_downloads_beyond_the_slots_are_told_to_retry(harness: Harness) -> None:
-    import asyncio
 
     # Incompressible and larger than what the transport buffers: the stream stays open.
     data = {"main.kdl": b"a 1\n", "blob.bin": os.urandom(24 * 1024 * 1024)}
@@ -436,8 +442,6 @@ async def test_downloads_beyond_the_slots_are_told_to_retry(harness: Harness) ->
             chunks = [m.chunk async for m in harness.bundles.DownloadBundle(request)]
             assert sum(len(c) for c in chunks) > 0
 
-        from tests.support.eventually import eventually
-
         await eventually(slot_free, what="the slot and file of the cancelled download returned")
     finally:
         gc.enable()
@@ -446,9 +450,6 @@ async def test_downloads_beyond_the_slots_are_told_to_retry(harness: Harness) ->
 async def test_receiving_beyond_the_intake_slots_is_told_to_retry(harness: Harness) -> None:
     """Staging disk is bounded: a push that finds every intake slot busy is refused with a
     retry hint instead of staging another tree."""
-    import asyncio
-
-    from tests.support.eventually import eventually
 
     registry = harness.app.bundles
     registry.intake = IntakeSlots(total=1, per_owner=1, wait=0.0)
@@ -503,7 +504,6 @@ async def test_an_upload_that_stops_sending_gives_its_intake_slot_back(harness: 
     """A client that opens a push and goes quiet is cut off after the idle timeout with
     DEADLINE_EXCEEDED naming what the server waited for: nothing is recorded or left
     staged, and the slot it held takes the next push."""
-    import asyncio
 
     registry = harness.app.bundles
     registry.intake_deadlines = IntakeDeadlines(idle_seconds=0.3)
@@ -536,10 +536,8 @@ async def test_an_upload_that_stops_sending_gives_its_intake_slot_back(harness: 
 async def test_one_caller_cannot_take_the_intake_slots_another_needs(harness: Harness) -> None:
     """Key A opens as many uploads as it may and goes quiet: a third from A is told to
     retry, naming its cap, while key B's pushes are received in the slots A cannot take."""
-    import asyncio
 
     from controlplane.api.identity.v1 import identity_pb2 as ipb
-    from tests.support.eventually import eventually
     from tests.support.harness import auth
 
     registry = harness.app.bundles
@@ -626,19 +624,11 @@ async def test_a_validator_cannot_alter_the_archive_that_is_stored(make_harness:
 async def test_a_tar_push_abandoned_mid_extraction_leaves_no_scratch_behind(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The caller goes away while its tar is being extracted in a worker thread: by the
-    time its call has unwound, the extraction has stopped and its scratch tree is gone
-    (a thread left running re-created the tree member by member and wrote the rest of
-    the archive, up to the size limit, until the next restart)."""
-    import asyncio
-    import threading
-    import time
-
-    from controlplane.archives import tar_intake
-    from controlplane.archives import tree as tree_module
-    from controlplane.domain import bundle_intake
-    from controlplane.domain.audit import acting_as, system
-
+    """The client cancels its CreateBundle while the server extracts its tar in a worker
+    thread: by the time the push has given its intake slot back, the extraction has
+    stopped and its scratch tree is gone (a thread left running re-created the tree
+    member by member and wrote the rest of the archive, up to the size limit, until the
+    next restart)."""
     extracting, ended = threading.Event(), threading.Event()
     read_tar, write = tar_intake.read_tar, tree_module.FileSink.write
 
@@ -656,15 +646,16 @@ async def test_a_tar_push_abandoned_mid_extraction_leaves_no_scratch_behind(
     monkeypatch.setattr(bundle_intake, "read_tar", tracked_read_tar)
     monkeypatch.setattr(tree_module.FileSink, "write", slow_write)
     members = {f"d{i % 4}/f{i}.txt": b"a" * 256 * 1024 for i in range(80)}
+    pushing = asyncio.create_task(create(harness.bundles, messages=tar_messages(tar_of(members))))
+    assert await asyncio.to_thread(extracting.wait, 10)
+    pushing.cancel()  # the client goes away: its call is cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await pushing
+    intake = harness.app.bundles.intake
 
-    async def chunks() -> Any:
-        yield tar_of(members)
+    async def slot_returned() -> None:
+        assert intake.in_use == 0
 
-    with acting_as(system("test-operator")):
-        pushing = asyncio.create_task(harness.app.bundles.create_from_tar("default", "v1", chunks()))
-        assert await asyncio.to_thread(extracting.wait, 10)
-        pushing.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await pushing
-    assert ended.is_set(), "the extraction was still running when the call had unwound"
+    await eventually(slot_returned, what="the cancelled push's intake slot returned")
+    assert ended.is_set(), "the extraction was still running when the push had given its slot back"
     assert list(harness.app.bundles.staging_dir.iterdir()) == []

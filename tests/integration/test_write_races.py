@@ -15,6 +15,8 @@ import pytest
 from sqlalchemy import text
 
 from controlplane.api.audit.v1 import audit_pb2 as apb
+from controlplane.api.bundle.v1 import bundle_pb2 as bpb
+from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.domain import assignments
 from controlplane.domain.audit import acting_as, system
 from controlplane.domain.bundle_records import Bundle
@@ -22,7 +24,7 @@ from controlplane.domain.bundles import require_assignable
 from controlplane.domain.clock import utcnow
 from controlplane.domain.labels import node_key
 from controlplane.domain.ports import Tx
-from controlplane.domain.records import Node, ReportPhase
+from controlplane.domain.records import Node
 from controlplane.domain.signing import Signer
 from controlplane.domain.signing_keys import KeyDirectory
 from controlplane.store.nodes import SqlNodes
@@ -127,18 +129,24 @@ async def test_a_stalled_older_report_does_not_overwrite_a_newer_one(
         return found
 
     monkeypatch.setattr(SqlNodes, "get_many", read_then_stall)
-    with acting_as(system("test-agent")):
-        older = asyncio.create_task(
-            a.app.nodes.report_status(node.node_id, "stream-a", r1, v1, ReportPhase.ACTIVE, "")
+
+    async def active(replica: Harness, stream_id: str, revision: int, digest: str) -> None:
+        request = npb.ReportStatusRequest(
+            node_id=node.node_id,
+            stream_id=stream_id,
+            revision=revision,
+            digest=digest,
+            phase=npb.REPORT_PHASE_ACTIVE,
         )
-        await asyncio.wait_for(read.wait(), 10)
-        newer = asyncio.create_task(
-            b.app.nodes.report_status(node.node_id, "stream-b", r2, v2, ReportPhase.ACTIVE, "")
-        )
-        await settled(newer, a)
-        go_on.set()
-        await older
-        await newer
+        await replica.nodes.ReportStatus(request, metadata=node.metadata)
+
+    older = asyncio.create_task(active(a, "stream-a", r1, v1))
+    await asyncio.wait_for(read.wait(), 10)
+    newer = asyncio.create_task(active(b, "stream-b", r2, v2))
+    await settled(newer, a)
+    go_on.set()
+    await older
+    await newer
     stored = await a.app.nodes.get(node.node_id)
     assert stored.last_report is not None
     assert (stored.last_report.revision, stored.applied_digest) == (r2, v2)
@@ -153,13 +161,13 @@ async def test_a_bundle_revoked_while_an_assignment_is_writing_it_is_revoked_aft
     h = await make_pg_harness()
     node = await h.register("n1")
     digest = await h.upload(archive("v1"))
-    await while_assigning(
-        h,
-        monkeypatch,
-        node.node_id,
-        digest,
-        lambda: h.app.lifecycle.revoke("default", digest, "leaked a secret"),
-    )
+
+    async def revoke() -> None:
+        await h.bundles.RevokeBundle(
+            bpb.RevokeBundleRequest(project="default", digest=digest, reason="leaked")
+        )
+
+    await while_assigning(h, monkeypatch, node.node_id, digest, revoke)
     listed = await h.audit.ListAuditEvents(apb.ListAuditEventsRequest(project="default", page_size=1000))
     order = [e.action for e in listed.events if e.action in ("desired.assign", "bundle.revoke")]
     assert order == ["desired.assign", "bundle.revoke"]

@@ -155,8 +155,8 @@ async def push(
 
 
 def _zentinel_validation() -> Any:
-    from controlplane.archives.formats import ConfigFormat
-    from controlplane.domain import validators
+    from controlplane.domain.bundles import validators
+    from controlplane.domain.bundles.archive.formats import ConfigFormat
 
     return validators.ValidationConfig(
         main="zentinel.kdl",
@@ -209,14 +209,14 @@ async def realistic(op: Operator, work: Path, runs: int) -> dict[str, Any]:
 
 def stages(root: Path) -> dict[str, float]:
     """The pipeline's steps on the realistic config, in-process, one after the other."""
-    from controlplane.archives import sbom
-    from controlplane.archives.limits import ArchiveLimits
-    from controlplane.archives.manifest import scan
-    from controlplane.archives.pack import pack
-    from controlplane.archives.tree import TreeBuilder
     from controlplane.blobs.local import LocalBlobStore
-    from controlplane.domain import validators
-    from controlplane.domain.signing import Signer
+    from controlplane.domain.bundles import validators
+    from controlplane.domain.bundles.archive import sbom
+    from controlplane.domain.bundles.archive.limits import ArchiveLimits
+    from controlplane.domain.bundles.archive.manifest import scan
+    from controlplane.domain.bundles.archive.pack import pack
+    from controlplane.domain.bundles.archive.tree import TreeBuilder
+    from controlplane.domain.bundles.signing import Signer
 
     zentinel_validation = _zentinel_validation()
 

@@ -34,8 +34,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.common import machine, write_json
-from controlplane.domain.desired import ChangeKind, DesiredRow, FeedPosition, FeedSnapshot
-from controlplane.domain.labels import meta_key
+from controlplane.domain.kernel.labels import meta_key
+from controlplane.domain.model.desired import ChangeKind, DesiredRow, FeedPosition, FeedSnapshot
 from controlplane.watch.heap import HeapSettler
 from controlplane.watch.hub import HubSettings, WatchHub
 from controlplane.watch.stream import WatchStream

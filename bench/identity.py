@@ -20,7 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controlplane.api.watch.v1 import watch_pb2
-from controlplane.domain.node_tokens import NodeRevocations, NodeTokens, TokenKeyring
+from controlplane.domain.identity.node_tokens import NodeRevocations, NodeTokens, TokenKeyring
 from controlplane.rpc.authn import Authenticator
 from controlplane.rpc.interceptor import GuardInterceptor
 from controlplane.rpc.ratelimit import RateLimiter, RateLimits

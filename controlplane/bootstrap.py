@@ -6,52 +6,44 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
 
-from controlplane.archives.kdl_pool import KdlLimits, KdlParsers
-from controlplane.blobs.base import BlobStore
+from controlplane import firststart
 from controlplane.blobs.local import LocalBlobStore
 from controlplane.blobs.s3 import S3BlobStore, S3Settings
 from controlplane.config import Settings
-from controlplane.domain import retention
-from controlplane.domain.apikeys import ApiKeyRegistry
-from controlplane.domain.assignments import DesiredStateWriter
-from controlplane.domain.audit import acting_as, system
-from controlplane.domain.audit import seal as seal_audit_head
-from controlplane.domain.audit_trail import AuditTrail
-from controlplane.domain.bundle_gc import BlobCollector
-from controlplane.domain.bundle_lifecycle import BundleLifecycle
-from controlplane.domain.bundles import PIPELINE_SLOTS, BundleRegistry
-from controlplane.domain.clock import utcnow
+from controlplane.domain.audit.context import acting_as, system
+from controlplane.domain.audit.trail import AuditTrail
+from controlplane.domain.audit.trail import seal as seal_audit_head
+from controlplane.domain.bundles.archive.kdl_pool import KdlLimits, KdlParsers
+from controlplane.domain.bundles.gc import BlobCollector
+from controlplane.domain.bundles.keys import KeyDirectory
+from controlplane.domain.bundles.lifecycle import BundleLifecycle
+from controlplane.domain.bundles.registry import PIPELINE_SLOTS, BundleRegistry
 from controlplane.domain.drift import DriftDetector
-from controlplane.domain.enrollment import EnrollmentTokens
-from controlplane.domain.errors import NotFound
-from controlplane.domain.leases import Leases
-from controlplane.domain.node_identity import NodeCredentials, load_revocations
-from controlplane.domain.node_tokens import (
+from controlplane.domain.fleet.assignments import DesiredStateWriter
+from controlplane.domain.fleet.nodes import NodeRegistry
+from controlplane.domain.identity.api_keys import ApiKeyRegistry
+from controlplane.domain.identity.enrollment import EnrollmentTokens
+from controlplane.domain.identity.node_credentials import NodeCredentials, load_revocations
+from controlplane.domain.identity.node_tokens import (
     NodeRevocations,
     NodeTokens,
     RevocationTap,
-    TokenKeyring,
-    generate_private_pem,
-    load_private,
-    load_public,
 )
-from controlplane.domain.nodes import NodeRegistry
-from controlplane.domain.projects import DEFAULT_PROJECT, ProjectDirectory
-from controlplane.domain.records import Node, StatusReport
+from controlplane.domain.kernel.clock import utcnow
+from controlplane.domain.kernel.errors import NotFound
+from controlplane.domain.kernel.wakeup import Wakeup
+from controlplane.domain.leases import Leases
+from controlplane.domain.ports import BlobStore
+from controlplane.domain.projects import ProjectDirectory
 from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.directory import RolloutDirectory
 from controlplane.domain.rollouts.driver import RolloutDriver
-from controlplane.domain.signing import Signer, parse_seed
-from controlplane.domain.signing_keys import KeyDirectory
-from controlplane.keyfiles import load_or_create_hex, write_private
 from controlplane.rpc.audit import AuditServicer
 from controlplane.rpc.authn import Authenticator
 from controlplane.rpc.bundles import BundleServicer
@@ -70,20 +62,14 @@ from controlplane.store.feed import SqlChangeFeed
 from controlplane.store.listen import PgListener
 from controlplane.store.sql import SqlStore
 from controlplane.tasks.bundle_gc import collect_bundles
+from controlplane.tasks.fleet import sweep_offline
 from controlplane.tasks.periodic import Periodic
+from controlplane.tasks.retention import Retention
 from controlplane.tasks.rollouts import RolloutTasks, record_pass
 from controlplane.watch import metrics as watch_metrics
 from controlplane.watch.hub import WatchHub
 
 log = logging.getLogger(__name__)
-
-TOKEN_FILE = "enrollment-token"
-AUDIT_KEY_FILE = "audit-key"
-ADMIN_KEY_FILE = "admin-key"
-TOKEN_KEY_FILE = "token-signing-key.pem"
-SIGNING_KEY_FILE = "signing-key"
-# The lease under which one replica at a time prunes the desired-state log.
-RETENTION_LEASE = "retention"
 
 
 @dataclass
@@ -122,7 +108,7 @@ class App:
         self.engine = make_engine(s.url)
         undo.push_async_callback(self.engine.dispose)
         await upgrade(self.engine)
-        audit_key = self._audit_key()
+        audit_key = firststart.audit_key(s)
         self.store = SqlStore(self.engine, audit_key)
         # Before anything reads or writes: verification passes from the first moment.
         await seal_audit_head(self.store)
@@ -134,6 +120,9 @@ class App:
         undo.push_async_callback(self.hub.stop, 0.0)
         self.revocations.merge(await load_revocations(self.store))
 
+        # Rung by whatever should make the rollout driver look now: a status report
+        # (a step may be complete), an operator's change, another replica's NOTIFY.
+        rollouts_due = Wakeup()
         self.projects = ProjectDirectory(self.store, utcnow)
         self.nodes = NodeRegistry(
             self.store,
@@ -142,12 +131,13 @@ class App:
             ledger=self.hub,
             notify=self.hub.wake,
             heartbeat_interval=s.heartbeat_interval,
-            on_nack=self._on_nack,
+            on_nack=watch_metrics.count_nack,
+            on_report=rollouts_due,
         )
         self.writer = DesiredStateWriter(self.store, utcnow, self.hub.wake, self.hub)
         self.blobs = await _blob_store(s)
         undo.push_async_callback(self.blobs.close)
-        signer = self._signer()
+        signer = firststart.signer(s)
         self.signing_keys = KeyDirectory(self.store, utcnow, signer, self.hub.wake)
         allowed = frozenset(s.validator_allow)
         # KDL is parsed in worker processes (ckdl holds the GIL), started on first use:
@@ -169,13 +159,13 @@ class App:
             self.store, self.blobs, utcnow, self.hub, s.data_dir / "staging", allowed
         )
         self.blob_collector = BlobCollector(self.store, self.blobs, utcnow, s.bundle_retention)
-        self._build_rollouts()
-        token, created = await self._enrollment_token()
+        self._build_rollouts(rollouts_due)
+        token, created = await firststart.enrollment_token(self.projects, s.data_dir)
         self.api_keys = ApiKeyRegistry(self.store, utcnow)
-        admin_key = await self._admin_key()
+        admin_key = await firststart.admin_key(self.api_keys, s.data_dir)
         self.enrollment = EnrollmentTokens(self.store, utcnow)
         self.credentials = NodeCredentials(self.store, utcnow, self.hub, self.hub.wake, self.revocations)
-        self.tokens = NodeTokens(self._token_keyring(), self.revocations, s.node_token_ttl)
+        self.tokens = NodeTokens(firststart.token_keyring(s), self.revocations, s.node_token_ttl)
         self.authenticator = Authenticator(self.api_keys, self.tokens, self.credentials)
         scopes = ScopeFinder({"node_id": CachedResolver(self._node_project), "key_id": self._key_projects})
         self.limiter = RateLimiter(s.rate_limits)
@@ -212,12 +202,16 @@ class App:
         s = self.settings
         if not s.embedded:
             # A report may reach this replica for a rollout another one leads.
-            self._listener = PgListener(s.url, self.hub.wake, on_reports=self.driver.wake)
+            self._listener = PgListener(s.url, self.hub.wake, on_reports=self.driver.wakeup)
             self._listener.start()
             undo.push_async_callback(self._listener.stop)
         self._periodic = [
-            Periodic("offline-sweep", s.offline_sweep_interval.total_seconds(), self._sweep_offline),
-            Periodic("retention", s.prune_interval.total_seconds(), self._prune),
+            Periodic(
+                "offline-sweep",
+                s.offline_sweep_interval.total_seconds(),
+                lambda: sweep_offline(self.nodes, s.offline_after),
+            ),
+            Periodic("retention", s.prune_interval.total_seconds(), self.retention.run),
             Periodic(
                 "bundle-gc",
                 s.bundle_gc_interval.total_seconds(),
@@ -252,64 +246,6 @@ class App:
             log.warning("%d database connection(s) still in use at shutdown: they will not be closed", busy)
         await self.engine.dispose()
 
-    def _audit_key(self) -> bytes:
-        if self.settings.audit_key:
-            return bytes.fromhex(self.settings.audit_key)
-        key, created = load_or_create_hex(self.settings.data_dir / AUDIT_KEY_FILE)
-        if created and not self.settings.embedded:
-            log.warning(
-                "generated an audit key in %s: every replica must use the same key "
-                "(set CONTROLPLANE_AUDIT_KEY)",
-                self.settings.data_dir / AUDIT_KEY_FILE,
-            )
-        return key
-
-    def _signer(self) -> Signer:
-        """The bundle signing key: configured (hex, or a file of it), else a key made in
-        the data directory on first start."""
-        s = self.settings
-        if s.signing_key:
-            return Signer.from_seed(parse_seed(s.signing_key))
-        if s.signing_key_file is not None:
-            return Signer.from_seed(parse_seed(s.signing_key_file.read_text()))
-        seed, created = load_or_create_hex(s.data_dir / SIGNING_KEY_FILE)
-        if created and not s.embedded:
-            log.warning(
-                "generated a bundle signing key in %s: give every replica the same key "
-                "(CONTROLPLANE_SIGNING_KEY_FILE) or agents must trust each replica's",
-                s.data_dir / SIGNING_KEY_FILE,
-            )
-        return Signer.from_seed(seed)
-
-    async def _admin_key(self) -> str | None:
-        """On a store that never had an API key, make a global admin key, keep it in the
-        data directory (readable only by the owner) and return it to be printed once."""
-        path = self.settings.data_dir / ADMIN_KEY_FILE
-        with acting_as(system("first-start")):
-            # Kept before the key is committed: a crash cannot leave a key nobody holds.
-            new = await self.api_keys.bootstrap(lambda secret: write_private(path, secret.encode() + b"\n"))
-        return None if new is None else new.secret
-
-    def _token_keyring(self) -> TokenKeyring:
-        """The node token keys: configured (a file or the PEM itself), else a key made in
-        the data directory on first start."""
-        s = self.settings
-        if s.token_signing_key:
-            pem, source = _pem(s.token_signing_key)
-        else:
-            path = s.data_dir / TOKEN_KEY_FILE
-            if not path.exists():
-                write_private(path, generate_private_pem())
-                if not s.embedded:
-                    log.warning(
-                        "generated a node token signing key in %s: every replica must use the same "
-                        "key (set CONTROLPLANE_TOKEN_SIGNING_KEY)",
-                        path,
-                    )
-            pem, source = path.read_bytes(), str(path)
-        verifying = [load_public(*_pem(item)) for item in s.token_verify_keys]
-        return TokenKeyring(load_private(pem, source), verifying)
-
     async def _node_project(self, node_id: str) -> list[str] | None:
         try:
             return [(await self.nodes.get(node_id)).project]
@@ -321,19 +257,6 @@ class App:
             return (await self.api_keys.get(key_id)).projects()
         except NotFound:
             return None
-
-    async def _enrollment_token(self) -> tuple[str | None, bool]:
-        """On a fresh store, create the default project and keep its token in the data
-        directory, readable only by the owner, so the agent command can be printed."""
-        path = self.settings.data_dir / TOKEN_FILE
-        with acting_as(system("first-start")):
-            token = await self.projects.ensure_default()
-        if token is not None:
-            write_private(path, token.encode() + b"\n")
-            return token, True
-        if path.exists():
-            return path.read_text().strip(), False
-        return None, False
 
     def _stop_metrics(self) -> None:
         if self._metrics_server is not None:
@@ -349,22 +272,27 @@ class App:
         self._metrics_server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
         return int(self._metrics_server.server_port)
 
-    def _build_rollouts(self) -> None:
+    def _build_rollouts(self, rollouts_due: Wakeup) -> None:
         s = self.settings
         self.rollout_bus = RolloutBus()
         self.leases = Leases(self.store, utcnow, ttl=s.lease_ttl)
         # Gates call a heartbeat stale past --gate-stale-after (default: once the node
         # would be marked offline).
         self.rollouts = RolloutController(
-            self.store, utcnow, self.hub, self.hub.wake, self.rollout_bus, stale_after=s.gate_staleness
+            self.store,
+            utcnow,
+            self.hub,
+            self.hub.wake,
+            self.rollout_bus,
+            rollouts_due,
+            stale_after=s.gate_staleness,
         )
         self.rollout_directory = RolloutDirectory(
-            self.store, utcnow, self.hub, self.hub.wake, self.rollout_bus
+            self.store, utcnow, self.hub, self.hub.wake, self.rollout_bus, rollouts_due
         )
-        self.driver = RolloutDriver(self.rollouts, self.leases, s.rollout_tick.total_seconds(), record_pass)
-        self.rollouts.wake = self.rollout_directory.wake = self.driver.wake
-        # A step completes as soon as its nodes report, not on the next tick.
-        self.nodes.on_report = self.driver.wake
+        self.driver = RolloutDriver(
+            self.rollouts, self.leases, s.rollout_tick.total_seconds(), record_pass, wakeup=rollouts_due
+        )
         self.drift = DriftDetector(self.store, utcnow, self.hub, self.hub.wake, grace=s.drift_grace)
         self.rollout_tasks = RolloutTasks(
             self.driver,
@@ -374,33 +302,9 @@ class App:
             self.leases,
             s.drift_interval.total_seconds(),
         )
-
-    def _on_nack(self, node: Node, report: StatusReport) -> None:
-        _count_nack(node, report)
-        # A NACK can decide a rollout step (its failure budget): let the driver look now.
-        self.driver.wake()
-
-    async def _sweep_offline(self) -> None:
-        with acting_as(system("offline-sweep")):
-            marked = await self.nodes.mark_offline(self.settings.offline_after)
-        if marked:
-            log.info("marked %d node(s) offline: %s", len(marked), ", ".join(marked[:20]))
-
-    async def _prune(self) -> None:
-        s = self.settings
-        floor = await self.feed.floor_candidate(
-            s.retain_revisions, time.time() - s.retain_for.total_seconds()
+        self.retention = Retention(
+            self.store, self.feed, self.leases, self.hub, s.retain_revisions, s.retain_for
         )
-        if floor <= self.hub.floor:
-            return
-        # One replica prunes at a time: the others would only repeat its deletes. The
-        # lease is left to expire, so whoever runs next after that takes it.
-        if await self.leases.acquire(RETENTION_LEASE) is None:
-            return
-        with acting_as(system("retention")):
-            deleted = await retention.prune(self.store, floor)
-        log.info("retention: floor is now %d, %d rows pruned", floor, deleted)
-        self.hub.wake()
 
 
 async def _blob_store(s: Settings) -> BlobStore:
@@ -417,27 +321,3 @@ async def _blob_store(s: Settings) -> BlobStore:
     )
     await store.start()
     return store
-
-
-def _pem(value: str) -> tuple[bytes, str]:
-    """A PEM given inline (an environment variable) or as a file path."""
-    if value.lstrip().startswith("-----BEGIN"):
-        return value.encode(), "the configured PEM"
-    return Path(value).read_bytes(), value
-
-
-def _count_nack(node: Node, report: StatusReport) -> None:
-    watch_metrics.NACKS.inc()
-    log.warning(
-        "node %s rejected %s at revision %d: %s", node.id, report.digest, report.revision, report.error
-    )
-
-
-def agent_command(listen: str, port: int, token: str, project: str = DEFAULT_PROJECT) -> str:
-    host = listen.rpartition(":")[0] or "127.0.0.1"
-    if host in ("0.0.0.0", "[::]", "::"):
-        host = "127.0.0.1"
-    return (
-        f"python -m agent_stub --server {host}:{port} --project {project} --token {token} "
-        "--labels env=dev --state-dir ./agent-state --apply-command 'true'"
-    )

@@ -11,26 +11,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from datetime import datetime
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Callable, Iterator
 
-from controlplane.domain.errors import BlobStoreUnavailable
+from controlplane.domain.kernel.errors import BlobStoreUnavailable
+from controlplane.domain.ports import BlobDigestMismatch
 
 log = logging.getLogger(__name__)
-
-# Chunks streamed to nodes: large enough to amortize per-message cost, well under the
-# 4 MiB default message limit.
-CHUNK_BYTES = 256 * 1024
-
-
-class BlobMissing(LookupError):
-    """No blob is stored under that digest."""
-
-
-class BlobDigestMismatch(ValueError):
-    """The bytes to store do not hash to the digest they were to be stored under."""
 
 
 @contextlib.contextmanager
@@ -66,32 +52,6 @@ class DigestCheck:
         actual = "sha256:" + self._hash.hexdigest()
         if actual != self.digest:
             raise BlobDigestMismatch(f"the bytes to store as {self.digest} hash to {actual}")
-
-
-class BlobStore(Protocol):
-    """Every method but `close` raises BlobStoreUnavailable when the backend fails
-    (`reported`)."""
-
-    async def put_file(self, digest: str, path: Path) -> None:
-        """Store the file at `path` under `digest` (idempotent). The bytes are hashed as
-        they are stored: BlobDigestMismatch, and nothing stored, unless they hash to
-        `digest`. Storing an existing blob again refreshes its age."""
-        ...
-
-    def read(self, digest: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncGenerator[bytes]:
-        """The blob's bytes, one chunk in memory at a time; BlobMissing if absent."""
-        ...
-
-    async def exists(self, digest: str) -> bool: ...
-    async def delete(self, digest: str) -> None:
-        """Remove the blob (no error when it is already gone)."""
-        ...
-
-    def list(self) -> AsyncIterator[tuple[str, datetime]]:
-        """Every stored digest and when it was last stored."""
-        ...
-
-    async def close(self) -> None: ...
 
 
 def blob_key(digest: str) -> str:

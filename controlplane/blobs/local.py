@@ -10,7 +10,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from controlplane.blobs.base import CHUNK_BYTES, BlobMissing, DigestCheck, blob_key, reported
+from controlplane.blobs.base import DigestCheck, blob_key, reported
+from controlplane.domain.ports import CHUNK_BYTES, BlobMissing
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 # An `.incoming-` file older than this is the leftover of a crashed write.

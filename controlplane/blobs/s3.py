@@ -21,7 +21,8 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from controlplane.blobs.base import CHUNK_BYTES, BlobMissing, DigestCheck, blob_key, reported
+from controlplane.blobs.base import DigestCheck, blob_key, reported
+from controlplane.domain.ports import CHUNK_BYTES, BlobMissing
 
 # S3's minimum part size is 5 MiB; 16 MiB keeps a 1 GiB bundle under 64 parts while one
 # part in memory stays small.

@@ -14,9 +14,6 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from controlplane.domain.errors import InvalidArgument
-from controlplane.domain.labels import parse_label_pairs
-
 server_option = click.option(
     "--server", default="127.0.0.1:50051", show_default=True, envvar="CONTROLPLANE_SERVER", show_envvar=True
 )
@@ -176,7 +173,15 @@ def call(fn: Callable[[], Message], show_defaults: bool = False) -> None:
 
 
 def labels(pairs: tuple[str, ...]) -> dict[str, str]:
-    try:
-        return parse_label_pairs(pairs)
-    except InvalidArgument as e:
-        raise click.BadParameter(str(e)) from None
+    """`key=value` pairs (each may hold several, comma-separated) as a map; the server
+    checks keys and values and names the one it refuses."""
+    found: dict[str, str] = {}
+    for pair in pairs:
+        for item in filter(None, (p.strip() for p in pair.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise click.BadParameter(f"{item!r} is not of the form key=value")
+            if key in found:
+                raise click.BadParameter(f"label {key!r} given twice")
+            found[key] = value
+    return found

@@ -1,3 +1,5 @@
+"""`controlplane`: every subcommand is imported only when it runs (`LazyGroup`)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -5,33 +7,44 @@ from typing import Any
 import click
 
 from controlplane import __version__
-from controlplane.cli import audit, bundles, client, db, keys, nodes, projects, serve, signing_keys
-from controlplane.cli.rollouts import drift, rollout
-from controlplane.cli.simulate import simulate
+from controlplane.cli import client
+from controlplane.cli.lazy import LazyGroup
+
+# name: (where the command lives, its line in --help)
+COMMANDS = {
+    "serve": ("controlplane.cli.serve:serve", "Run the control plane."),
+    "db": ("controlplane.cli.db:db", "Database schema."),
+    "projects": ("controlplane.cli.projects:projects", "Projects."),
+    "nodes": ("controlplane.cli.nodes:nodes", "Nodes."),
+    "bundle": ("controlplane.cli.bundles:bundle", "Bundles: push, inspect, compare, revoke; validators."),
+    "assign": ("controlplane.cli.bundles:assign", "Set the desired bundle of a selector's or listed nodes."),
+    "unassign": ("controlplane.cli.bundles:unassign", "Remove an assignment."),
+    "signing-keys": ("controlplane.cli.signing_keys:signing_keys", "Bundle signing keys."),
+    "rollout": (
+        "controlplane.cli.rollouts:rollout",
+        "Rollouts: move nodes to a bundle, safely.",
+    ),
+    "drift": (
+        "controlplane.cli.rollouts:drift",
+        "Nodes off their desired bundle.",
+    ),
+    "simulate": ("controlplane.cli.simulate:simulate", "Run a simulated fleet of agents."),
+    "keys": ("controlplane.cli.keys:keys", "API keys of operators and services."),
+    "enrollment": ("controlplane.cli.keys:enrollment", "Enrollment tokens and node identities."),
+    "audit": ("controlplane.cli.audit:audit", "The tamper-evident audit log."),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=LazyGroup,
+    lazy=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__)
 @client.connection_options
 def cli(**connection: Any) -> None:
     """Fleet control plane for reverse proxies."""
     client.configure(**connection)
-
-
-cli.add_command(serve.serve)
-cli.add_command(db.db)
-cli.add_command(projects.projects)
-cli.add_command(nodes.nodes)
-cli.add_command(bundles.bundle)
-cli.add_command(bundles.assign)
-cli.add_command(bundles.unassign)
-cli.add_command(signing_keys.signing_keys)
-cli.add_command(rollout)
-cli.add_command(drift)
-cli.add_command(simulate)
-cli.add_command(keys.keys)
-cli.add_command(keys.enrollment)
-cli.add_command(audit.audit)
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ import click
 
 from controlplane.api.project.v1 import project_pb2, project_pb2_grpc
 from controlplane.cli.client import call, channel, project_option, server_option
-from controlplane.domain.rollouts.spec import MAX_APPROVALS
 
 
 @click.group()
@@ -49,7 +48,7 @@ def policy() -> None:
 @project_option
 @click.option(
     "--min-approvals",
-    type=click.IntRange(0, MAX_APPROVALS),
+    type=click.IntRange(min=0),
     required=True,
     help="Approvals every rollout of the project waits for, at least (0: the creator decides).",
 )

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from controlplane.domain.errors import InvalidArgument
+from controlplane.domain.kernel.errors import InvalidArgument
 from controlplane.rpc.ratelimit import RateLimit, RateLimits
 
 F = TypeVar("F", bound=Callable[..., Any])

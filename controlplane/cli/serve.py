@@ -11,12 +11,12 @@ from typing import Any
 
 import click
 
-from controlplane.bootstrap import App, agent_command
+from controlplane.bootstrap import App
 from controlplane.cli.bundle_options import bundle_options, bundle_settings
 from controlplane.cli.rollout_options import rollout_options, rollout_settings
 from controlplane.cli.security_options import security_options, security_settings
-from controlplane.cli.signing_keys import TRUSTED_KEYS_FILE, write_trusted_keys
 from controlplane.config import Settings
+from controlplane.firststart import TRUSTED_KEYS_FILE, agent_command, write_trusted_keys
 from controlplane.watch.hub import HubSettings
 
 

@@ -26,21 +26,18 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
-from controlplane.domain import validation
-from controlplane.domain.assignments import write_assignment
-from controlplane.domain.desired import Assignment, DesiredRow
-from controlplane.domain.errors import DomainError
-from controlplane.domain.labels import node_key
+from controlplane.domain.desired import write_assignment
+from controlplane.domain.kernel import validation
+from controlplane.domain.kernel.errors import DomainError
+from controlplane.domain.kernel.labels import node_key
+from controlplane.domain.kernel.secrets import new_id
+from controlplane.domain.model.desired import Assignment, DesiredRow
+from controlplane.domain.model.drift import DriftEpisode, NodeApplied
+from controlplane.domain.ports import Clock, DesiredView, Store, Tx
 from controlplane.domain.projects import require_project
 from controlplane.domain.rollouts.bundles import assignable
 from controlplane.domain.rollouts.commit import effective_rows
-from controlplane.domain.rollouts.ports import DriftEpisode, NodeApplied
-from controlplane.domain.secrets import new_id
-
-if TYPE_CHECKING:
-    from controlplane.domain.ports import Clock, DesiredView, Store, Tx
 
 # Re-asserting more often than this is a loop, not a remedy: after three tries the
 # episode stays open for an operator.

@@ -17,45 +17,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Protocol
+from datetime import timedelta
 
-from controlplane.domain.errors import Aborted
-from controlplane.domain.secrets import new_id
-
-if TYPE_CHECKING:  # ports.py names LeaseRepo for `Tx.leases`
-    from controlplane.domain.ports import Clock, Store, Tx
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    name: str
-    holder: str
-    epoch: int
-    expires_at: datetime
-    # Our own monotonic deadline: past it we act as if the lease were lost.
-    local_deadline: float = 0.0
-
-
-class LeaseLost(Aborted):
-    """The lease changed hands (or expired and was taken): the transaction is void."""
-
-
-class LeaseRepo(Protocol):
-    async def take(
-        self, name: str, holder: str, now: datetime, expires_at: datetime
-    ) -> tuple[int, str] | None:
-        """Take or renew the lease: free, expired, or already ours. Returns its (epoch,
-        holder) after the call, or None when another holder has it."""
-        ...
-
-    async def release(self, name: str, holder: str, epoch: int) -> None: ...
-    async def holds(self, name: str, holder: str, epoch: int) -> bool:
-        """Whether the lease is still (holder, epoch); blocks a concurrent takeover
-        until this transaction ends."""
-        ...
-
-    async def get(self, name: str) -> tuple[str, int, datetime] | None: ...
+from controlplane.domain.kernel.errors import Aborted
+from controlplane.domain.kernel.secrets import new_id
+from controlplane.domain.model.leases import Lease, LeaseLost
+from controlplane.domain.ports import Clock, Store, Tx
 
 
 @dataclass

@@ -6,26 +6,30 @@ implements `DesiredView`; the composition root wires them together.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol
 
-from controlplane.domain.audit import AuditLog
-from controlplane.domain.bundle_records import Bundle, BundleSignature, BundleState, SigningKey
-from controlplane.domain.credentials import ApiKey, EnrollmentToken
-from controlplane.domain.desired import DesiredRow
-from controlplane.domain.labels import Selector
-from controlplane.domain.leases import LeaseRepo
-from controlplane.domain.project_policy import ProjectPolicy
-from controlplane.domain.records import (
-    HeartbeatRecord,
-    Node,
-    NodeStatus,
-    Project,
-    StatusReport,
+from controlplane.domain.kernel.labels import Selector
+from controlplane.domain.model.audit import AuditEntry, AuditHead, AuditQuery
+from controlplane.domain.model.bundles import Bundle, BundleSignature, BundleState, SigningKey
+from controlplane.domain.model.desired import DesiredRow, FeedPosition, FeedSnapshot
+from controlplane.domain.model.drift import DriftEpisode, NodeApplied
+from controlplane.domain.model.facts import NodeFacts
+from controlplane.domain.model.fleet import HeartbeatRecord, Node, NodeStatus, Project, StatusReport
+from controlplane.domain.model.identity import ApiKey, EnrollmentToken
+from controlplane.domain.model.policy import ProjectPolicy
+from controlplane.domain.model.rollouts import (
+    Approval,
+    FreezeWindow,
+    Rollout,
+    RolloutEvent,
+    RolloutNode,
+    RolloutState,
+    Step,
 )
-from controlplane.domain.rollouts.ports import DriftRepo, FreezeRepo, RolloutRepo
 
 
 class ProjectRepo(Protocol):
@@ -251,3 +255,178 @@ class DeliveryLedger(Protocol):
     def was_sent(self, stream_id: str, node_id: str, revision: int, digest: str) -> bool | None:
         """True/False if this process owns the stream; None if it does not know it."""
         ...
+
+
+class AuditLog(Protocol):
+    async def head(self) -> AuditHead:
+        """The chain head: last sequence number, MAC and the head's seal."""
+        ...
+
+    def entries(self, batch: int = 1000) -> AsyncIterator[AuditEntry]: ...
+
+    async def query(
+        self, where: AuditQuery, limit: int, after_seq: int, newest_first: bool
+    ) -> list[AuditEntry]:
+        """Entries matching `where`, in sequence order, after (or, newest first, before)
+        `after_seq` (0: from the start)."""
+        ...
+
+    async def record(
+        self,
+        action: str,
+        resource: str,
+        *,
+        project: str = "",
+        before: Mapping[str, Any] | None = None,
+        after: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Add an entry for the current actor and request (both taken now) to the caller's
+        transaction. The store chains the transaction's entries just before it commits,
+        so the chain's one lock is taken last and held briefly; an entry is therefore not
+        readable inside the transaction that recorded it. Its time is taken then too,
+        under that lock (`chain_time`), so time order is chain order."""
+        ...
+
+    async def seal(self) -> None:
+        """Seal the head if it is not sealed (a new store, or one upgraded to migration
+        0006), in the caller's transaction: the start does it, so verification passes
+        before any write (`reseal`, `extend`)."""
+        ...
+
+
+class LeaseRepo(Protocol):
+    async def take(
+        self, name: str, holder: str, now: datetime, expires_at: datetime
+    ) -> tuple[int, str] | None:
+        """Take or renew the lease: free, expired, or already ours. Returns its (epoch,
+        holder) after the call, or None when another holder has it."""
+        ...
+
+    async def release(self, name: str, holder: str, epoch: int) -> None: ...
+    async def holds(self, name: str, holder: str, epoch: int) -> bool:
+        """Whether the lease is still (holder, epoch); blocks a concurrent takeover
+        until this transaction ends."""
+        ...
+
+    async def get(self, name: str) -> tuple[str, int, datetime] | None: ...
+
+
+class RolloutRepo(Protocol):
+    async def insert(self, rollout: Rollout, steps: Sequence[Step], nodes: Sequence[RolloutNode]) -> None: ...
+    async def get(self, rollout_id: str) -> Rollout | None: ...
+    async def steps(self, rollout_id: str) -> list[Step]: ...
+    async def nodes(self, rollout_id: str) -> list[RolloutNode]: ...
+    async def node_page(
+        self, rollout_id: str, step: int | None, limit: int, after_node_id: str
+    ) -> list[RolloutNode]: ...
+    async def page(
+        self, project: str, states: Collection[RolloutState], limit: int, before_id: str
+    ) -> list[Rollout]: ...
+    async def active(self) -> list[tuple[str, int]]:
+        """(id, version) of every rollout in an active state."""
+        ...
+
+    async def save(self, rollout: Rollout, expected_version: int) -> bool:
+        """Store `rollout` if its stored version is still `expected_version`."""
+        ...
+
+    async def save_steps(self, rollout_id: str, steps: Sequence[Step]) -> None: ...
+    async def save_nodes(self, rollout_id: str, nodes: Sequence[RolloutNode]) -> None: ...
+    async def add_events(self, events: Sequence[RolloutEvent]) -> None: ...
+    async def events(self, rollout_id: str, after_seq: int, limit: int) -> list[RolloutEvent]: ...
+    async def event_seqs(self, rollout_ids: Collection[str]) -> dict[str, int]: ...
+    async def claims(self, node_ids: Collection[str]) -> dict[str, str]:
+        """node id -> the active rollout holding it, for those of `node_ids` held."""
+        ...
+
+    async def claim(self, rollout_id: str, node_ids: Collection[str]) -> None: ...
+    async def release(self, rollout_id: str) -> None: ...
+    async def claimed(self, node_ids: Collection[str] | None = None) -> set[str]: ...
+    async def approvals(self, rollout_id: str) -> list[Approval]: ...
+    async def add_approval(self, rollout_id: str, approval: Approval) -> None: ...
+    async def node_facts(self, node_ids: Collection[str]) -> list[NodeFacts]:
+        """What the nodes table says of these nodes (pins come from the desired state)."""
+        ...
+
+    async def heartbeat_samples(
+        self, node_ids: Collection[str], since: datetime
+    ) -> dict[str, list[HeartbeatRecord]]: ...
+    async def target_nodes(self, project: str, selector_terms: Sequence[tuple[str, str]]) -> list[str]:
+        """Ids of the project's nodes whose labels match every term, sorted."""
+        ...
+
+
+class FreezeRepo(Protocol):
+    async def insert(self, window: FreezeWindow) -> None: ...
+    async def get(self, window_id: str) -> FreezeWindow | None: ...
+    async def delete(self, window_id: str) -> None: ...
+    async def page(self, project: str, ending_after: datetime, limit: int) -> list[FreezeWindow]: ...
+    async def covering(self, project: str, at: datetime) -> FreezeWindow | None:
+        """A window of `project` in force at `at` (the one ending last), if any."""
+        ...
+
+
+class DriftRepo(Protocol):
+    async def nodes(self) -> list[NodeApplied]: ...
+    async def open_episodes(self) -> list[DriftEpisode]: ...
+    async def insert(self, episode: DriftEpisode) -> None: ...
+    async def resolve(self, episode_id: str, at: datetime, resolution: str) -> bool: ...
+    async def update_digests(self, episode_id: str, desired: str, applied: str) -> None: ...
+    async def count_remediation(self, episode_id: str, expected: int, at: datetime) -> bool:
+        """remediations += 1 if it is still `expected` and the episode is open."""
+        ...
+
+    async def page(self, project: str, open_only: bool, limit: int, before_id: str) -> list[DriftEpisode]: ...
+    async def remediating(self, project: str) -> bool: ...
+    async def remediating_projects(self) -> set[str]: ...
+    async def set_remediating(self, project: str, enabled: bool, at: datetime) -> None: ...
+
+
+# Chunks streamed to nodes: large enough to amortize per-message cost, well under the
+# 4 MiB default message limit.
+CHUNK_BYTES = 256 * 1024
+
+
+class BlobMissing(LookupError):
+    """No blob is stored under that digest."""
+
+
+class BlobDigestMismatch(ValueError):
+    """The bytes to store do not hash to the digest they were to be stored under."""
+
+
+class BlobStore(Protocol):
+    """Every method but `close` raises BlobStoreUnavailable when the backend fails
+    (`reported`)."""
+
+    async def put_file(self, digest: str, path: Path) -> None:
+        """Store the file at `path` under `digest` (idempotent). The bytes are hashed as
+        they are stored: BlobDigestMismatch, and nothing stored, unless they hash to
+        `digest`. Storing an existing blob again refreshes its age."""
+        ...
+
+    def read(self, digest: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncGenerator[bytes]:
+        """The blob's bytes, one chunk in memory at a time; BlobMissing if absent."""
+        ...
+
+    async def exists(self, digest: str) -> bool: ...
+    async def delete(self, digest: str) -> None:
+        """Remove the blob (no error when it is already gone)."""
+        ...
+
+    def list(self) -> AsyncIterator[tuple[str, datetime]]:
+        """Every stored digest and when it was last stored."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ChangeFeed(Protocol):
+    async def position(self) -> FeedPosition: ...
+    async def changes(self, after: int, upto: int) -> list[DesiredRow]:
+        """Rows with after < revision <= upto, read in one snapshot; none at all if the
+        retention floor has passed `after` in it (rows may be gone: never a history
+        with holes)."""
+        ...
+
+    async def snapshot(self) -> FeedSnapshot: ...

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from controlplane.domain.errors import AlreadyExists, NotFound
-from controlplane.domain.labels import validate_name
+from controlplane.domain.kernel.errors import AlreadyExists, NotFound
+from controlplane.domain.kernel.labels import validate_name
+from controlplane.domain.kernel.secrets import hash_secret, new_secret
+from controlplane.domain.model.fleet import Project
+from controlplane.domain.model.policy import ProjectPolicy
 from controlplane.domain.ports import Clock, Store, Tx
-from controlplane.domain.project_policy import ProjectPolicy
-from controlplane.domain.records import Project
-from controlplane.domain.secrets import hash_secret, new_secret
 
 DEFAULT_PROJECT = "default"
 

@@ -11,9 +11,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api.audit.v1 import audit_pb2 as pb
 from controlplane.api.audit.v1 import audit_pb2_grpc
-from controlplane.domain.audit import AuditEntry, AuditQuery, Checkpoint
-from controlplane.domain.audit_trail import AuditTrail, json_line
-from controlplane.domain.errors import InvalidArgument
+from controlplane.domain.audit.chain import Checkpoint
+from controlplane.domain.audit.trail import AuditTrail, json_line
+from controlplane.domain.kernel.errors import InvalidArgument
+from controlplane.domain.model.audit import AuditEntry, AuditQuery
 
 # Lines per streamed message: well under the message size limit for any entry we write.
 _LINES_PER_MESSAGE = 100

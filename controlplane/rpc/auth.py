@@ -12,10 +12,10 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from controlplane.domain.audit import ANONYMOUS as ANONYMOUS_ACTOR
-from controlplane.domain.audit import Actor, ActorKind
-from controlplane.domain.errors import PermissionDenied
-from controlplane.domain.roles import Principal, Role
+from controlplane.domain.audit.context import ANONYMOUS as ANONYMOUS_ACTOR
+from controlplane.domain.audit.context import Actor, ActorKind
+from controlplane.domain.kernel.errors import PermissionDenied
+from controlplane.domain.model.roles import Principal, Role
 
 
 class Rule(enum.Enum):

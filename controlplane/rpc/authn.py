@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from controlplane.domain.apikeys import ApiKeyRegistry
-from controlplane.domain.errors import Unauthenticated
-from controlplane.domain.node_identity import NodeCredentials
-from controlplane.domain.node_tokens import NodeTokens
-from controlplane.domain.secrets import API_KEY_PREFIX, hash_secret
+from controlplane.domain.identity.api_keys import ApiKeyRegistry
+from controlplane.domain.identity.node_credentials import NodeCredentials
+from controlplane.domain.identity.node_tokens import NodeTokens
+from controlplane.domain.kernel.errors import Unauthenticated
+from controlplane.domain.kernel.secrets import API_KEY_PREFIX, hash_secret
 from controlplane.rpc.auth import ANONYMOUS, Identity, Kind, Rule
 
 # Longest accepted bearer: far above any token we issue, small enough to bound the work

@@ -7,10 +7,12 @@ from datetime import timedelta
 from google.protobuf.duration_pb2 import Duration
 
 from controlplane.api.bundle.v1 import bundle_pb2, signing_pb2
-from controlplane.archives.formats import ConfigFormat
-from controlplane.domain import validators
-from controlplane.domain.bundle_diff import ChangeKind, FileChange
-from controlplane.domain.bundle_records import (
+from controlplane.domain.bundles import validators
+from controlplane.domain.bundles.archive.formats import ConfigFormat
+from controlplane.domain.bundles.diff import ChangeKind, FileChange
+from controlplane.domain.bundles.signing import ALGORITHM
+from controlplane.domain.kernel.errors import InvalidArgument
+from controlplane.domain.model.bundles import (
     Bundle,
     BundleState,
     KeyState,
@@ -19,8 +21,6 @@ from controlplane.domain.bundle_records import (
     RiskLevel,
     SigningKey,
 )
-from controlplane.domain.errors import InvalidArgument
-from controlplane.domain.signing import ALGORITHM
 from controlplane.rpc.convert import timestamp
 
 STATE = {

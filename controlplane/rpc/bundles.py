@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
-from controlplane.domain.assignments import DesiredStateWriter, Target
-from controlplane.domain.bundle_intake import FileStart, Part
-from controlplane.domain.bundle_lifecycle import BundleLifecycle
-from controlplane.domain.bundles import BundleRegistry
-from controlplane.domain.errors import InvalidArgument
+from controlplane.domain.bundles.intake import FileStart, Part
+from controlplane.domain.bundles.lifecycle import BundleLifecycle
+from controlplane.domain.bundles.registry import BundleRegistry
+from controlplane.domain.fleet.assignments import DesiredStateWriter, Target
+from controlplane.domain.kernel.errors import InvalidArgument
 from controlplane.rpc import auth
 from controlplane.rpc.bundle_convert import (
     STATE_IN,

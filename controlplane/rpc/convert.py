@@ -8,8 +8,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api.node.v1 import node_pb2
 from controlplane.api.project.v1 import project_pb2
-from controlplane.domain.desired import DesiredRow
-from controlplane.domain.records import (
+from controlplane.domain.model.desired import DesiredRow
+from controlplane.domain.model.fleet import (
     METRIC_NAMES,
     Health,
     HeartbeatRecord,

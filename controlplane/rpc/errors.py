@@ -7,7 +7,7 @@ import random
 
 import grpc
 
-from controlplane.domain.errors import DomainError
+from controlplane.domain.kernel.errors import DomainError
 
 log = logging.getLogger(__name__)
 

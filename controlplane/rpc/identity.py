@@ -9,13 +9,13 @@ from google.protobuf.duration_pb2 import Duration
 
 from controlplane.api.identity.v1 import identity_pb2 as pb
 from controlplane.api.identity.v1 import identity_pb2_grpc
-from controlplane.domain.apikeys import ApiKeyRegistry
-from controlplane.domain.credentials import ApiKey, EnrollmentToken
-from controlplane.domain.enrollment import EnrollmentTokens
-from controlplane.domain.errors import InvalidArgument
-from controlplane.domain.node_identity import NodeCredentials
-from controlplane.domain.node_tokens import NodeTokens
-from controlplane.domain.roles import Grant, Principal, Role
+from controlplane.domain.identity.api_keys import ApiKeyRegistry
+from controlplane.domain.identity.enrollment import EnrollmentTokens
+from controlplane.domain.identity.node_credentials import NodeCredentials
+from controlplane.domain.identity.node_tokens import NodeTokens
+from controlplane.domain.kernel.errors import InvalidArgument
+from controlplane.domain.model.identity import ApiKey, EnrollmentToken
+from controlplane.domain.model.roles import Grant, Principal, Role
 from controlplane.rpc import auth
 from controlplane.rpc.authn import Authenticator
 from controlplane.rpc.convert import timestamp

@@ -33,8 +33,13 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from prometheus_client import Counter
 
-from controlplane.domain import audit
-from controlplane.domain.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
+from controlplane.domain.audit import context as audit
+from controlplane.domain.kernel.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from controlplane.rpc import auth
 from controlplane.rpc.authn import Authenticator
 from controlplane.rpc.errors import abort

@@ -5,8 +5,8 @@ import math
 import grpc
 
 from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
-from controlplane.domain.errors import InvalidArgument
-from controlplane.domain.nodes import NodeRegistry
+from controlplane.domain.fleet.nodes import NodeRegistry
+from controlplane.domain.kernel.errors import InvalidArgument
 from controlplane.rpc import auth, convert
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 import grpc
 
 from controlplane.api.project.v1 import project_pb2, project_pb2_grpc
-from controlplane.domain.errors import InvalidArgument
-from controlplane.domain.project_policy import ProjectPolicy
+from controlplane.domain.kernel.errors import InvalidArgument
+from controlplane.domain.model.fleet import Project
+from controlplane.domain.model.policy import ProjectPolicy
 from controlplane.domain.projects import ProjectDirectory
-from controlplane.domain.records import Project
 from controlplane.rpc import convert
 
 

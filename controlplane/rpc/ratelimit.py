@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from controlplane.domain.errors import InvalidArgument
+from controlplane.domain.kernel.errors import InvalidArgument
 
 
 @dataclass(frozen=True, slots=True)

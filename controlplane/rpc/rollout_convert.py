@@ -12,8 +12,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api.rollout.v1 import drift_pb2 as dpb
 from controlplane.api.rollout.v1 import rollout_pb2 as pb
-from controlplane.domain.errors import InvalidArgument
-from controlplane.domain.rollouts.model import (
+from controlplane.domain.kernel.errors import InvalidArgument
+from controlplane.domain.model.drift import DriftEpisode
+from controlplane.domain.model.rollouts import (
     CanaryAnalysis,
     FreezeWindow,
     Gates,
@@ -29,7 +30,6 @@ from controlplane.domain.rollouts.model import (
     StepState,
     Strategy,
 )
-from controlplane.domain.rollouts.ports import DriftEpisode
 from controlplane.rpc.convert import timestamp
 
 STRATEGY = {

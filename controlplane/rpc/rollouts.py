@@ -11,11 +11,11 @@ from controlplane.api.rollout.v1 import drift_pb2 as dpb
 from controlplane.api.rollout.v1 import drift_pb2_grpc, rollout_pb2_grpc
 from controlplane.api.rollout.v1 import rollout_pb2 as pb
 from controlplane.domain.drift import DriftDetector
-from controlplane.domain.errors import InvalidArgument
+from controlplane.domain.kernel.errors import InvalidArgument
+from controlplane.domain.model.rollouts import Rollout, RolloutEvent, RolloutView
 from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.directory import RolloutDirectory
-from controlplane.domain.rollouts.model import Rollout, RolloutEvent, RolloutView
 from controlplane.domain.rollouts.watch import HISTORY_BATCH, WatchBatch, watch
 from controlplane.rpc import rollout_convert as convert
 

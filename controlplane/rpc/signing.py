@@ -3,7 +3,7 @@ from __future__ import annotations
 import grpc
 
 from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
-from controlplane.domain.signing_keys import KeyDirectory
+from controlplane.domain.bundles.keys import KeyDirectory
 from controlplane.rpc import auth
 from controlplane.rpc.bundle_convert import signing_key_out
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import grpc
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
-from controlplane.domain.errors import InvalidArgument, ResourceExhausted, Unavailable
+from controlplane.domain.kernel.errors import InvalidArgument, ResourceExhausted, Unavailable
+from controlplane.domain.ports import ChangeFeed
 from controlplane.rpc import auth
 from controlplane.rpc.errors import set_status
 from controlplane.watch import metrics
-from controlplane.watch.hub import ChangeFeed, WatchHub
+from controlplane.watch.hub import WatchHub
 
 SERVICE = "controlplane.watch.v1.WatchService"
 

@@ -10,19 +10,9 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controlplane.domain.audit import (
-    GENESIS,
-    AuditEntry,
-    AuditHead,
-    AuditQuery,
-    KeptSeal,
-    chain_time,
-    current_actor,
-    current_request_id,
-    extend,
-    reseal,
-    stored_fields,
-)
+from controlplane.domain.audit.chain import GENESIS, KeptSeal, chain_time, extend, reseal, stored_fields
+from controlplane.domain.audit.context import current_actor, current_request_id
+from controlplane.domain.model.audit import AuditEntry, AuditHead, AuditQuery
 from controlplane.domain.ports import Clock
 from controlplane.store.schema.audit import HEAD_ROW, KEPT_SEAL_ROW, audit_head, audit_log
 

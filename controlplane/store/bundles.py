@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import and_, exists, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controlplane.domain.bundle_records import (
+from controlplane.domain.model.bundles import (
     Bundle,
     BundleSignature,
     BundleState,
@@ -21,7 +21,7 @@ from controlplane.domain.bundle_records import (
     SigningKey,
     ValidationResult,
 )
-from controlplane.domain.desired import ChangeKind, DesiredRow
+from controlplane.domain.model.desired import ChangeKind, DesiredRow
 from controlplane.store.desired import latest_rows_query, row_to_desired
 from controlplane.store.schema import (
     bundle_details,

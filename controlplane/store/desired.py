@@ -9,7 +9,7 @@ from sqlalchemy import BigInteger, Select, and_, case, cast, delete, exists, fun
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import aliased
 
-from controlplane.domain.desired import ChangeKind, DesiredRow
+from controlplane.domain.model.desired import ChangeKind, DesiredRow
 from controlplane.store.schema import desired_state_log, revision_counter, server_meta
 
 NOTIFY_CHANNEL = "controlplane_revisions"

@@ -8,8 +8,8 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controlplane.domain.records import NodeStatus
-from controlplane.domain.rollouts.ports import DriftEpisode, NodeApplied
+from controlplane.domain.model.drift import DriftEpisode, NodeApplied
+from controlplane.domain.model.fleet import NodeStatus
 from controlplane.store.schema import drift_events, drift_settings, nodes
 
 

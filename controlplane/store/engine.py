@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,6 @@ from alembic.config import Config
 from sqlalchemy import Connection, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
-
-import migrations
 
 # An advisory lock id only our migrations take, so replicas starting together migrate once.
 _MIGRATION_LOCK = 0x636F6E74726F6C
@@ -61,8 +60,11 @@ def connections_in_use(engine: AsyncEngine) -> int:
 
 
 def alembic_config() -> Config:
-    cfg = Config(str(Path(migrations.__file__).parent / "alembic.ini"))
-    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    # The repository's migrations/ ships as `controlplane.migrations` (pyproject.toml):
+    # found by name, not imported, since its env.py imports the store's schema.
+    where = Path(str(importlib.resources.files("controlplane.migrations")))
+    cfg = Config(str(where / "alembic.ini"))
+    cfg.set_main_option("script_location", str(where))
     return cfg
 
 

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from sqlalchemy import exc
 
-from controlplane.domain.errors import Aborted, Unavailable
+from controlplane.domain.kernel.errors import Aborted, Unavailable
 
 # PostgreSQL's serialization_failure and deadlock_detected: it rolled this transaction
 # back so another could proceed; running it again is the documented remedy.

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Select, cast, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from controlplane.domain.desired import DesiredRow, FeedPosition, FeedSnapshot
+from controlplane.domain.model.desired import DesiredRow, FeedPosition, FeedSnapshot
 from controlplane.store.desired import latest_rows_query, row_to_desired
 from controlplane.store.errors import translated
 from controlplane.store.schema import desired_state_log, revision_counter, server_meta

@@ -9,10 +9,10 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controlplane.domain.credentials import ApiKey, EnrollmentToken
-from controlplane.domain.desired import ChangeKind
-from controlplane.domain.roles import Grant, Role
-from controlplane.domain.secrets import BARRED, token_id
+from controlplane.domain.kernel.secrets import BARRED, token_id
+from controlplane.domain.model.desired import ChangeKind
+from controlplane.domain.model.identity import ApiKey, EnrollmentToken
+from controlplane.domain.model.roles import Grant, Role
 from controlplane.store.schema import api_key_grants, api_keys, desired_state_log, enrollment_tokens, nodes
 
 # Any constant works: it names the lock two first starts on one PostgreSQL take.

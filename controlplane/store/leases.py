@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controlplane.domain.rollouts.model import FreezeWindow
+from controlplane.domain.model.rollouts import FreezeWindow
 from controlplane.store.schema import freeze_windows, leases
 
 

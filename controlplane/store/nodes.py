@@ -9,8 +9,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controlplane.domain.labels import Selector
-from controlplane.domain.records import (
+from controlplane.domain.kernel.labels import Selector
+from controlplane.domain.model.fleet import (
     METRIC_NAMES,
     Health,
     HeartbeatRecord,

@@ -5,8 +5,8 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controlplane.domain.project_policy import ProjectPolicy
-from controlplane.domain.records import Project
+from controlplane.domain.model.fleet import Project
+from controlplane.domain.model.policy import ProjectPolicy
 from controlplane.store.schema import enrollment_tokens, nodes, projects
 
 

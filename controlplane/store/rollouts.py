@@ -10,9 +10,9 @@ from typing import Any
 from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controlplane.domain.records import HeartbeatRecord, NodeStatus
-from controlplane.domain.rollouts.facts import NodeFacts
-from controlplane.domain.rollouts.model import (
+from controlplane.domain.model.facts import NodeFacts
+from controlplane.domain.model.fleet import HeartbeatRecord, NodeStatus
+from controlplane.domain.model.rollouts import (
     ACTIVE_STATES,
     Approval,
     NodeState,

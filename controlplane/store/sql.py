@@ -8,7 +8,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from controlplane.domain.clock import utcnow
+from controlplane.domain.kernel.clock import utcnow
 from controlplane.domain.ports import Clock
 from controlplane.store.audit import SqlAuditLog
 from controlplane.store.bundles import SqlBundles, SqlSigningKeys, SqlValidationConfigs

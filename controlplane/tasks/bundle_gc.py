@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from controlplane.domain.audit import acting_as, system
-from controlplane.domain.bundle_gc import BlobCollector
+from controlplane.domain.audit.context import acting_as, system
+from controlplane.domain.bundles.gc import BlobCollector
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,10 @@ import logging
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from controlplane.domain.audit import acting_as, system
+from controlplane.domain.audit.context import acting_as, system
 from controlplane.domain.drift import DriftDetector
-from controlplane.domain.leases import Lease, Leases
+from controlplane.domain.leases import Leases
+from controlplane.domain.model.leases import Lease
 from controlplane.domain.ports import Store
 from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.driver import PassResult, RolloutDriver

@@ -10,8 +10,8 @@ sends them as one message.
 from __future__ import annotations
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
-from controlplane.domain.desired import DesiredRow
-from controlplane.domain.labels import source_name
+from controlplane.domain.kernel.labels import source_name
+from controlplane.domain.model.desired import DesiredRow
 
 
 def _varint(value: int) -> bytes:

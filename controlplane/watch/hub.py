@@ -22,12 +22,19 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
-from controlplane.domain.desired import ChangeKind, DesiredRow, Effective, FeedPosition, FeedSnapshot, resolve
-from controlplane.domain.errors import Unauthenticated, Unavailable
-from controlplane.domain.labels import Selector, meta_key, node_key, parse_selector_key
+from controlplane.domain.kernel.errors import Unauthenticated, Unavailable
+from controlplane.domain.kernel.labels import Selector, meta_key, node_key, parse_selector_key
+from controlplane.domain.model.desired import (
+    ChangeKind,
+    DesiredRow,
+    Effective,
+    FeedPosition,
+    FeedSnapshot,
+    resolve,
+)
+from controlplane.domain.ports import ChangeFeed
 from controlplane.watch import encoding, metrics
 from controlplane.watch.heap import HeapSettler
 from controlplane.watch.index import StreamIndex
@@ -35,17 +42,6 @@ from controlplane.watch.stream import Sink, WatchStream
 from controlplane.watch.wheel import SLOT, BookmarkWheel
 
 log = logging.getLogger(__name__)
-
-
-class ChangeFeed(Protocol):
-    async def position(self) -> FeedPosition: ...
-    async def changes(self, after: int, upto: int) -> list[DesiredRow]:
-        """Rows with after < revision <= upto, read in one snapshot; none at all if the
-        retention floor has passed `after` in it (rows may be gone: never a history
-        with holes)."""
-        ...
-
-    async def snapshot(self) -> FeedSnapshot: ...
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from controlplane.domain.labels import Selector
+from controlplane.domain.kernel.labels import Selector
 from controlplane.watch.stream import WatchStream
 
 

@@ -4,7 +4,13 @@ the delivery."""
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from controlplane.domain.model.fleet import Node, StatusReport
+
+log = logging.getLogger(__name__)
 
 STREAMS_OPEN = Gauge("controlplane_watch_streams_open", "WatchBundles streams currently open.")
 STREAMS_LAGGING = Gauge(
@@ -28,3 +34,11 @@ FANOUT_LATENCY = Histogram(
 HEAD = Gauge("controlplane_watch_head_revision", "Newest revision the hub has read.")
 FLOOR = Gauge("controlplane_watch_floor_revision", "Oldest revision a resume can start from.")
 FEED_ERRORS = Counter("controlplane_watch_feed_errors_total", "Failed reads of the desired-state log.")
+
+
+def count_nack(node: Node, report: StatusReport) -> None:
+    """A node refused a bundle: counted, and logged with its reason."""
+    NACKS.inc()
+    log.warning(
+        "node %s rejected %s at revision %d: %s", node.id, report.digest, report.revision, report.error
+    )

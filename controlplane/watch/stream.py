@@ -16,8 +16,8 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from controlplane.domain.desired import Effective
-from controlplane.domain.errors import DomainError
+from controlplane.domain.kernel.errors import DomainError
+from controlplane.domain.model.desired import Effective
 from controlplane.watch import metrics
 
 log = logging.getLogger(__name__)

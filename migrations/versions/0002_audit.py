@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
-from controlplane.domain.audit import GENESIS
+from controlplane.domain.audit.chain import GENESIS
 
 revision = "0002"
 down_revision = "0001"

@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, select, update
 from agent_stub.verify import load_trusted_keys
 from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
 from controlplane.api.node.v1 import node_pb2
-from controlplane.domain.signing import Signer
+from controlplane.domain.bundles.signing import Signer
 from controlplane.store.schema import bundles, desired_state_log, revision_counter, signing_keys
 from tests.e2e.conftest import AgentFactory
 from tests.support.archives import member, tar_zst

@@ -18,7 +18,7 @@ from controlplane.api.audit.v1 import audit_pb2 as apb
 from controlplane.api.identity.v1 import identity_pb2 as ipb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.project.v1 import project_pb2 as ppb
-from controlplane.domain.audit import GENESIS
+from controlplane.domain.audit.chain import GENESIS
 from tests.support.harness import Harness, auth
 
 

@@ -15,8 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controlplane.api.audit.v1 import audit_pb2 as apb
 from controlplane.api.node.v1 import node_pb2 as npb
-from controlplane.domain import audit
-from controlplane.domain.errors import Aborted
+from controlplane.domain.audit import chain, trail
+from controlplane.domain.kernel.errors import Aborted
+from controlplane.domain.model import audit as audit_model
 from controlplane.rpc.errors import status_of
 from controlplane.store.schema import audit_head, audit_log, nodes
 from tests.integration.test_auth_cli import run
@@ -32,13 +33,13 @@ async def make_history(h: Harness) -> None:
     await h.register("n2", {})
 
 
-async def entries(h: Harness) -> list[audit.AuditEntry]:
+async def entries(h: Harness) -> list[audit_model.AuditEntry]:
     async with h.app.store.read() as tx:
         return [e async for e in tx.audit.entries()]
 
 
-async def verify(h: Harness) -> audit.ChainReport:
-    return await audit.verify(h.app.store, h.app.store._audit_key)
+async def verify(h: Harness) -> chain.ChainReport:
+    return await trail.verify(h.app.store, h.app.store._audit_key)
 
 
 async def test_mutations_are_recorded_with_actor_and_request(harness: Harness) -> None:
@@ -74,7 +75,7 @@ async def test_mutations_are_recorded_with_actor_and_request(harness: Harness) -
     assert report.ok and report.entries == len(everything)
 
 
-def assert_chain_order(chain: list[audit.AuditEntry]) -> None:
+def assert_chain_order(chain: list[audit_model.AuditEntry]) -> None:
     """Numbered 1, 2, … with no gap, and timed in that order (an entry's time is when it
     was chained: docs/security.md, Audit)."""
     assert [e.seq for e in chain] == list(range(1, len(chain) + 1))
@@ -286,7 +287,7 @@ async def test_a_removed_seal_is_named_once_the_head_is_sealed_again(harness: Ha
     a store has one such entry (its first), so another names the entry."""
     await make_history(harness)
     first = await entries(harness)
-    assert [e.seq for e in first if e.action == audit.SEAL_ACTION] == [1]
+    assert [e.seq for e in first if e.action == chain.SEAL_ACTION] == [1]
     async with harness.app.engine.begin() as conn:
         await _truncate_and_unseal_head(conn)
     await harness.register("after-the-cut")
@@ -310,7 +311,7 @@ async def test_a_restored_older_store_is_caught_by_an_external_checkpoint(harnes
             update(audit_head).values(
                 seq=older.head_seq,
                 mac=older.head_mac,
-                seal=audit.head_seal(harness.app.store._audit_key, older.head_seq, older.head_mac),
+                seal=chain.head_seal(harness.app.store._audit_key, older.head_seq, older.head_mac),
             )
         )
     assert (await harness.audit.VerifyAuditChain(apb.VerifyAuditChainRequest())).ok

@@ -15,7 +15,8 @@ from sqlalchemy import Connection, delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from controlplane.api.audit.v1 import audit_pb2 as apb
-from controlplane.domain import audit
+from controlplane.domain.audit import chain, trail
+from controlplane.domain.model import audit as audit_model
 from controlplane.store.engine import alembic_config, make_engine, sqlite_url, upgrade
 from controlplane.store.schema.audit import audit_head, audit_log
 from controlplane.store.sql import SqlStore
@@ -41,7 +42,7 @@ async def write_before_seals(engine: AsyncEngine, actions: list[str]) -> None:
         seq, mac = (await conn.execute(text("SELECT seq, mac FROM audit_head WHERE id = 1"))).one()
         for action in actions:
             seq += 1
-            entry = audit.AuditEntry(
+            entry = audit_model.AuditEntry(
                 seq,
                 f"2026-01-01T00:00:{seq:02d}.000000+00:00",
                 "system:old",
@@ -52,8 +53,8 @@ async def write_before_seals(engine: AsyncEngine, actions: list[str]) -> None:
                 None,
                 "",
             )
-            mac = audit.chain_mac(KEY, entry, mac)
-            await conn.execute(insert(audit_log).values(**audit.stored_fields(replace(entry, mac=mac))))
+            mac = chain.chain_mac(KEY, entry, mac)
+            await conn.execute(insert(audit_log).values(**chain.stored_fields(replace(entry, mac=mac))))
         await conn.execute(
             text("UPDATE audit_head SET seq = :seq, mac = :mac WHERE id = 1"), {"seq": seq, "mac": mac}
         )
@@ -96,7 +97,7 @@ async def test_a_store_upgraded_from_before_seals_verifies_from_its_first_start(
             await conn.execute(delete(audit_log))
             await conn.execute(delete(audit_head).where(audit_head.c.id != 1))
             await conn.execute(
-                text("UPDATE audit_head SET seq = 0, mac = :mac WHERE id = 1"), {"mac": audit.GENESIS}
+                text("UPDATE audit_head SET seq = 0, mac = :mac WHERE id = 1"), {"mac": chain.GENESIS}
             )
         await write_before_seals(engine, ["test.old1", "test.old2", "test.old3"])
     finally:
@@ -112,9 +113,9 @@ async def test_a_store_upgraded_from_before_seals_verifies_from_its_first_start(
         (1, "test.old1"),
         (2, "test.old2"),
         (3, "test.old3"),
-        (4, audit.SEAL_ACTION),
+        (4, chain.SEAL_ACTION),
     ]
-    assert (entries[3].actor, entries[3].after) == (audit.SEAL_ACTOR, {"unsealed_head_seq": 3})
+    assert (entries[3].actor, entries[3].after) == (chain.SEAL_ACTOR, {"unsealed_head_seq": 3})
 
 
 async def test_the_start_seals_a_migrated_head_once(engine: AsyncEngine) -> None:
@@ -123,12 +124,12 @@ async def test_the_start_seals_a_migrated_head_once(engine: AsyncEngine) -> None
     await write_before_seals(engine, ["test.old"])
     await upgrade(engine)
     store = SqlStore(engine, KEY)
-    unsealed = await audit.verify(store, KEY)
+    unsealed = await trail.verify(store, KEY)
     assert not unsealed.ok and "not sealed" in unsealed.reason
-    await audit.seal(store)
-    await audit.seal(store)
-    assert await actions(store) == ["test.old", audit.SEAL_ACTION]
-    report = await audit.verify(store, KEY)
+    await trail.seal(store)
+    await trail.seal(store)
+    assert await actions(store) == ["test.old", chain.SEAL_ACTION]
+    report = await trail.verify(store, KEY)
     assert report.ok, report.reason
 
 
@@ -137,23 +138,23 @@ async def test_undoing_and_redoing_0006_keeps_the_seal(engine: AsyncEngine) -> N
     before any start or write, and the chain keeps its one `audit.seal` entry."""
     await upgrade(engine)
     store = SqlStore(engine, KEY)
-    await audit.seal(store)
+    await trail.seal(store)
     async with store.write() as tx:
         await tx.audit.record("test.before", "x/1")
-    chain = await actions(store)
-    assert chain == [audit.SEAL_ACTION, "test.before"]
+    seen = await actions(store)
+    assert seen == [chain.SEAL_ACTION, "test.before"]
     for _ in range(2):
         await downgrade(engine, "0005")
         await upgrade(engine)
-        report = await audit.verify(store, KEY)
+        report = await trail.verify(store, KEY)
         assert report.ok, report.reason
         assert await head_rows(engine) == 1  # the kept seal went back into the head
-        await audit.seal(store)
-        assert await actions(store) == chain
+        await trail.seal(store)
+        assert await actions(store) == seen
     async with store.write() as tx:
         await tx.audit.record("test.after", "x/2")
-    assert await actions(store) == [*chain, "test.after"]
-    assert (await audit.verify(store, KEY)).ok
+    assert await actions(store) == [*seen, "test.after"]
+    assert (await trail.verify(store, KEY)).ok
 
 
 async def test_entries_written_while_0006_was_undone_are_sealed_without_a_second_seal_entry(
@@ -171,11 +172,11 @@ async def test_entries_written_while_0006_was_undone_are_sealed_without_a_second
     await downgrade(engine, "0004")  # and further down and up: the kept seal survives
     await upgrade(engine, "0005")
     await upgrade(engine)
-    unsealed = await audit.verify(store, KEY)
+    unsealed = await trail.verify(store, KEY)
     assert not unsealed.ok and "not sealed" in unsealed.reason
-    await audit.seal(store)
-    assert await actions(store) == [audit.SEAL_ACTION, "test.before", "test.old1", "test.old2"]
-    report = await audit.verify(store, KEY)
+    await trail.seal(store)
+    assert await actions(store) == [chain.SEAL_ACTION, "test.before", "test.old1", "test.old2"]
+    report = await trail.verify(store, KEY)
     assert report.ok, report.reason
     assert await head_rows(engine) == 1
 
@@ -185,7 +186,7 @@ async def test_a_kept_seal_that_does_not_prove_the_chain_does_not_hide_a_removed
 ) -> None:
     """Someone without the key cuts the tail, rewrites the head to match and removes
     its seal, and leaves a kept seal beside it: the head's real seal from before the
-    cut, or one made up. Neither is taken: the start seals behind a second `audit.seal`
+    cut, or one made up. Neither is taken: the start seals behind a second `trail.seal`
     entry and verification names it."""
     await upgrade(engine)
     store = SqlStore(engine, KEY)
@@ -194,7 +195,7 @@ async def test_a_kept_seal_that_does_not_prove_the_chain_does_not_hide_a_removed
             await tx.audit.record("test.write", f"x/{i}")
     async with store.read() as tx:
         head = await tx.audit.head()
-    made_up = audit.head_seal(b"not the key" + b"\0" * 21, 3, "0" * 64)
+    made_up = chain.head_seal(b"not the key" + b"\0" * 21, 3, "0" * 64)
     for kept_seq, kept_seal in ((head.seq, head.seal), (3, made_up)):
         async with engine.begin() as conn:
             await conn.execute(delete(audit_log).where(audit_log.c.seq > 3))
@@ -203,9 +204,9 @@ async def test_a_kept_seal_that_does_not_prove_the_chain_does_not_hide_a_removed
                 update(audit_head).where(audit_head.c.id == 1).values(seq=3, mac=last, seal="")
             )
             await conn.execute(insert(audit_head).values(id=2, seq=kept_seq, mac=kept_seal, seal=""))
-        await audit.seal(store)
-        report = await audit.verify(store, KEY)
+        await trail.seal(store)
+        report = await trail.verify(store, KEY)
         assert not report.ok and report.first_bad_seq == 4, report.reason
         assert "unsealed again" in report.reason
-        assert await actions(store) == [audit.SEAL_ACTION, "test.write", "test.write", audit.SEAL_ACTION]
+        assert await actions(store) == [chain.SEAL_ACTION, "test.write", "test.write", chain.SEAL_ACTION]
         assert await head_rows(engine) == 1

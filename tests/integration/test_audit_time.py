@@ -12,8 +12,9 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from controlplane.domain import audit
-from controlplane.domain.clock import utcnow
+from controlplane.domain.audit import chain, context, trail
+from controlplane.domain.kernel.clock import utcnow
+from controlplane.domain.model import audit as audit_model
 from controlplane.store.engine import make_engine, upgrade
 from controlplane.store.sql import SqlStore
 
@@ -30,12 +31,12 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
-async def chain(store: SqlStore) -> list[audit.AuditEntry]:
+async def chained(store: SqlStore) -> list[audit_model.AuditEntry]:
     async with store.read() as tx:
         return [e async for e in tx.audit.entries()]
 
 
-def assert_time_follows_the_chain(entries: list[audit.AuditEntry]) -> None:
+def assert_time_follows_the_chain(entries: list[audit_model.AuditEntry]) -> None:
     assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
     back = [
         f"entry {b.seq} at {b.at} after entry {a.seq} at {a.at}"
@@ -56,10 +57,10 @@ async def test_replicas_with_skewed_clocks_write_times_in_chain_order(engine: As
     """Two replicas on one database, the second's clock 30 s behind, writing at once:
     each entry keeps its content, and no entry is timed before the one it follows."""
     ahead, lagging = SqlStore(engine, KEY), SqlStore(engine, KEY, clock=behind(30))
-    await audit.seal(ahead)
+    await trail.seal(ahead)
 
     async def writer(store: SqlStore, name: str, count: int) -> None:
-        with audit.acting_as(audit.system(name), f"req-{name}"):
+        with context.acting_as(context.system(name), f"req-{name}"):
             async with store.write() as tx:
                 for i in range(count):
                     await tx.audit.record("test.write", f"w/{name}/{i}", after={"i": i})
@@ -72,7 +73,7 @@ async def test_replicas_with_skewed_clocks_write_times_in_chain_order(engine: As
         jobs.append((store, name, count))
         await writer(store, name, count)
 
-    entries = await chain(ahead)
+    entries = await chained(ahead)
     assert_time_follows_the_chain(entries)
     written = [e for e in entries if e.action == "test.write"]
     expected = {
@@ -93,7 +94,7 @@ async def test_replicas_with_skewed_clocks_write_times_in_chain_order(engine: As
         if a.actor not in lagging_names and b.actor in lagging_names
     ]
     assert after_ahead
-    report = await audit.verify(ahead, KEY)
+    report = await trail.verify(ahead, KEY)
     assert report.ok, report.reason
 
 
@@ -106,11 +107,11 @@ async def test_a_clock_stepped_back_does_not_move_time_back(engine: AsyncEngine)
     offset[0] = timedelta(hours=1)
     async with store.write() as tx:
         await tx.audit.record("test.after", "x/2")
-    entries = await chain(store)
-    assert [e.action for e in entries] == [audit.SEAL_ACTION, "test.before", "test.after"]
+    entries = await chained(store)
+    assert [e.action for e in entries] == [chain.SEAL_ACTION, "test.before", "test.after"]
     assert_time_follows_the_chain(entries)
     assert entries[2].at == entries[1].at  # held at the last time, not an hour earlier
-    assert (await audit.verify(store, KEY)).ok
+    assert (await trail.verify(store, KEY)).ok
 
 
 async def test_the_transaction_that_records_first_but_commits_last_is_timed_last(pg_url: str) -> None:
@@ -121,7 +122,7 @@ async def test_the_transaction_that_records_first_but_commits_last_is_timed_last
     try:
         await upgrade(engine)
         store = SqlStore(engine, KEY)
-        await audit.seal(store)
+        await trail.seal(store)
         a_recorded, b_committed = asyncio.Event(), asyncio.Event()
 
         async def a() -> None:
@@ -138,10 +139,10 @@ async def test_the_transaction_that_records_first_but_commits_last_is_timed_last
             b_committed.set()
 
         await asyncio.gather(a(), b())
-        entries = await chain(store)
-        assert [e.action for e in entries] == [audit.SEAL_ACTION, "test.b", "test.a"]
+        entries = await chained(store)
+        assert [e.action for e in entries] == [chain.SEAL_ACTION, "test.b", "test.a"]
         assert_time_follows_the_chain(entries)
-        assert (await audit.verify(store, KEY)).ok
+        assert (await trail.verify(store, KEY)).ok
     finally:
         await engine.dispose()
 
@@ -152,11 +153,11 @@ async def test_a_time_range_is_a_stretch_of_the_chain(engine: AsyncEngine) -> No
     for i in range(12):
         async with (ahead if i % 3 else lagging).write() as tx:
             await tx.audit.record("test.write", f"x/{i}")
-    entries = await chain(ahead)
+    entries = await chained(ahead)
     assert_time_follows_the_chain(entries)
     start, end = entries[3].at, entries[9].at
     async with ahead.read() as tx:
-        found = await tx.audit.query(audit.AuditQuery(start=start, end=end), 100, 0, newest_first=False)
+        found = await tx.audit.query(audit_model.AuditQuery(start=start, end=end), 100, 0, newest_first=False)
     seqs = [e.seq for e in found]
     assert seqs == list(range(seqs[0], seqs[-1] + 1))
     assert all(start <= e.at < end for e in found)

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from controlplane.api.rollout.v1 import rollout_pb2 as rpb
-from controlplane.domain import audit
+from controlplane.domain.audit import trail
 from controlplane.rpc.auth import POLICY, Rule
 from controlplane.store.schema import api_keys, audit_log, metadata, nodes, projects, revision_counter
 from tests.conftest import HarnessFactory
@@ -302,7 +302,7 @@ async def _call_once_explained(
 
 
 async def check_nothing_half_written(h: Harness) -> None:
-    report = await audit.verify(h.app.store, h.app.store._audit_key)
+    report = await trail.verify(h.app.store, h.app.store._audit_key)
     assert report.ok, report.reason
     async with h.app.engine.connect() as conn:
 

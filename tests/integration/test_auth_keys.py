@@ -18,11 +18,12 @@ from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.identity.v1 import identity_pb2 as ipb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.project.v1 import project_pb2 as ppb
-from controlplane.bootstrap import ADMIN_KEY_FILE, App
-from controlplane.domain.apikeys import ApiKeyRegistry
-from controlplane.domain.clock import utcnow
-from controlplane.domain.errors import FailedPrecondition
-from controlplane.domain.roles import Role
+from controlplane.bootstrap import App
+from controlplane.domain.identity.api_keys import ApiKeyRegistry
+from controlplane.domain.kernel.clock import utcnow
+from controlplane.domain.kernel.errors import FailedPrecondition
+from controlplane.domain.model.roles import Role
+from controlplane.firststart import ADMIN_KEY_FILE
 from controlplane.store.engine import make_engine, upgrade
 from controlplane.store.schema import api_keys
 from controlplane.store.sql import SqlStore

@@ -15,7 +15,7 @@ from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.identity.v1 import identity_pb2 as ipb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.watch.v1 import watch_pb2 as wpb
-from controlplane.domain.node_tokens import generate_private_pem
+from controlplane.domain.identity.node_tokens import generate_private_pem
 from controlplane.store.schema import enrollment_tokens
 from tests.conftest import HarnessFactory
 from tests.support.harness import Harness, Registered, auth

@@ -13,8 +13,8 @@ import pytest
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.watch.v1 import watch_pb2 as wpb
-from controlplane.domain import retention
-from controlplane.domain.audit import acting_as, system
+from controlplane.domain import desired as retention
+from controlplane.domain.audit.context import acting_as, system
 from controlplane.rpc.server import MAX_RECEIVE_BYTES
 from tests.support.archives import bundle, member, tar_zst
 from tests.support.harness import Harness, Recorder, Registered

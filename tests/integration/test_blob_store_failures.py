@@ -13,8 +13,8 @@ import pytest
 
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.blobs.local import LocalBlobStore
-from controlplane.domain.audit import acting_as, system
-from controlplane.domain.errors import BlobStoreUnavailable
+from controlplane.domain.audit.context import acting_as, system
+from controlplane.domain.kernel.errors import BlobStoreUnavailable
 from tests.support.bundles import create
 from tests.support.harness import Harness
 from tests.support.processes import free_port

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
-from controlplane.blobs.base import BlobDigestMismatch, BlobMissing, BlobStore
 from controlplane.blobs.local import LocalBlobStore
 from controlplane.blobs.s3 import PART_BYTES, S3BlobStore, S3Settings
-from controlplane.domain.errors import BlobStoreUnavailable
+from controlplane.domain.kernel.errors import BlobStoreUnavailable
+from controlplane.domain.ports import BlobDigestMismatch, BlobMissing, BlobStore
 from tests.support.bundles import create
 from tests.support.harness import Harness
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint, moto_s3, new_bucket

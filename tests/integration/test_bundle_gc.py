@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
-from controlplane.domain.audit import acting_as, system
+from controlplane.domain.audit.context import acting_as, system
 from tests.support.bundles import create
 from tests.support.harness import Harness
 from tests.support.s3 import moto_s3, new_bucket
@@ -191,7 +191,7 @@ async def test_a_purge_whose_transaction_fails_keeps_the_archive(
 ) -> None:
     """The rows and the blob agree whatever fails: the archive goes only once the rows
     saying so are committed."""
-    from controlplane.domain.errors import Unavailable
+    from controlplane.domain.kernel.errors import Unavailable
     from controlplane.store.audit import SqlAuditLog
 
     h = gc_harness

@@ -10,10 +10,10 @@ import pytest
 
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
-from controlplane.domain.clock import utcnow
-from controlplane.domain.errors import FailedPrecondition
-from controlplane.domain.signing import Signer, verify
-from controlplane.domain.signing_keys import KeyDirectory
+from controlplane.domain.bundles.keys import KeyDirectory
+from controlplane.domain.bundles.signing import Signer, verify
+from controlplane.domain.kernel.clock import utcnow
+from controlplane.domain.kernel.errors import FailedPrecondition
 from tests.support.bundles import create
 from tests.support.harness import Harness
 

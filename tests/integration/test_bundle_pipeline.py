@@ -18,13 +18,13 @@ from nacl.signing import VerifyKey
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
 from controlplane.api.node.v1 import node_pb2 as npb
-from controlplane.archives import tar_intake
-from controlplane.archives import tree as tree_module
 from controlplane.blobs.local import LocalBlobStore
-from controlplane.domain import bundle_intake
-from controlplane.domain.bundle_intake import IntakeDeadlines
-from controlplane.domain.intake_slots import IntakeSlots
-from controlplane.domain.signing import CONTEXT
+from controlplane.domain.bundles import intake as bundle_intake
+from controlplane.domain.bundles.archive import tar_intake
+from controlplane.domain.bundles.archive import tree as tree_module
+from controlplane.domain.bundles.intake import IntakeDeadlines
+from controlplane.domain.bundles.signing import CONTEXT
+from controlplane.domain.bundles.slots import IntakeSlots
 from tests.support.bundles import create, file_messages, tar_messages, tar_of
 from tests.support.eventually import eventually
 from tests.support.harness import Harness

@@ -20,12 +20,12 @@ from sqlalchemy import text
 
 from agent_stub.simulator import SimNode
 from controlplane.api.rollout.v1 import drift_pb2
-from controlplane.domain.assignments import write_assignment
-from controlplane.domain.audit import acting_as, system
-from controlplane.domain.clock import utcnow
-from controlplane.domain.desired import Assignment, DesiredRow
+from controlplane.domain.audit.context import acting_as, system
+from controlplane.domain.desired import write_assignment
 from controlplane.domain.drift import DriftDetector, SweepResult
-from controlplane.domain.labels import node_key
+from controlplane.domain.kernel.clock import utcnow
+from controlplane.domain.kernel.labels import node_key
+from controlplane.domain.model.desired import Assignment, DesiredRow
 from controlplane.domain.rollouts.bundles import assignable
 from tests.conftest import HarnessFactory
 from tests.integration.test_rollout_safety import at, freeze

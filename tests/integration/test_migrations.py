@@ -9,9 +9,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
 
-from controlplane.domain import audit
-from controlplane.domain.labels import Selector
-from controlplane.domain.records import Health, HeartbeatRecord, NodeMetrics
+from controlplane.domain.audit import chain, trail
+from controlplane.domain.kernel.labels import Selector
+from controlplane.domain.model import audit as audit_model
+from controlplane.domain.model.fleet import Health, HeartbeatRecord, NodeMetrics
 from controlplane.store.engine import make_engine, upgrade
 from controlplane.store.schema import audit_log, metadata, node_heartbeats, node_labels, nodes, projects
 from controlplane.store.sql import SqlStore
@@ -50,10 +51,10 @@ async def test_a_chain_from_before_head_seals_is_sealed_by_its_next_entry(databa
     engine = make_engine(database_url)
     try:
         await upgrade(engine, "0005")
-        mac = audit.GENESIS
+        mac = chain.GENESIS
         async with engine.begin() as conn:
             for seq in (1, 2, 3):
-                entry = audit.AuditEntry(
+                entry = audit_model.AuditEntry(
                     seq,
                     f"2026-01-0{seq}T00:00:00.000000+00:00",
                     "system:test",
@@ -64,7 +65,7 @@ async def test_a_chain_from_before_head_seals_is_sealed_by_its_next_entry(databa
                     None,
                     "",
                 )
-                mac = audit.chain_mac(key, entry, mac)
+                mac = chain.chain_mac(key, entry, mac)
                 await conn.execute(
                     audit_log.insert().values(
                         seq=seq,
@@ -82,16 +83,16 @@ async def test_a_chain_from_before_head_seals_is_sealed_by_its_next_entry(databa
             await conn.execute(text("UPDATE audit_head SET seq = 3, mac = :mac"), {"mac": mac})
         await upgrade(engine)
         store = SqlStore(engine, key)
-        unsealed = await audit.verify(store, key)
+        unsealed = await trail.verify(store, key)
         assert not unsealed.ok and "not sealed" in unsealed.reason
         async with store.write() as tx:
             await tx.audit.record("test.new", "x/4")
-        report = await audit.verify(store, key)
+        report = await trail.verify(store, key)
         assert report.ok, report.reason
         assert report.entries == report.head_seq == 5
         async with store.read() as tx:
             found = [(e.seq, e.action, e.after) async for e in tx.audit.entries()]
-        assert found[3:] == [(4, audit.SEAL_ACTION, {"unsealed_head_seq": 3}), (5, "test.new", None)]
+        assert found[3:] == [(4, chain.SEAL_ACTION, {"unsealed_head_seq": 3}), (5, "test.new", None)]
     finally:
         await engine.dispose()
 

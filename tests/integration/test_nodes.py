@@ -11,7 +11,7 @@ import pytest
 
 from controlplane.api.audit.v1 import audit_pb2 as apb
 from controlplane.api.node.v1 import node_pb2 as npb
-from controlplane.domain.nodes import HEARTBEAT_HISTORY
+from controlplane.domain.fleet.nodes import HEARTBEAT_HISTORY
 from tests.conftest import HarnessFactory
 from tests.support.archives import bundle
 from tests.support.eventually import eventually

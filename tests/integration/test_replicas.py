@@ -24,11 +24,11 @@ from controlplane.api.audit.v1 import audit_pb2 as apb
 from controlplane.api.identity.v1 import identity_pb2 as ipb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.watch.v1 import watch_pb2 as wpb
-from controlplane.domain import retention
-from controlplane.domain.audit import acting_as, system
+from controlplane.domain import desired as retention
+from controlplane.domain.audit.context import acting_as, system
+from controlplane.domain.model.rollouts import Rollout, RolloutEvent, RolloutState
 from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.driver import lease_name
-from controlplane.domain.rollouts.model import Rollout, RolloutEvent, RolloutState
 from controlplane.domain.rollouts.watch import feed_bus
 from controlplane.store.rollouts import SqlRollouts
 from controlplane.watch.hub import HubSettings

@@ -10,12 +10,12 @@ from sqlalchemy import func, select, text
 
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.watch.v1 import watch_pb2 as wpb
-from controlplane.bootstrap import RETENTION_LEASE
-from controlplane.domain import retention
-from controlplane.domain.audit import acting_as, system
-from controlplane.domain.clock import utcnow
+from controlplane.domain import desired as retention
+from controlplane.domain.audit.context import acting_as, system
+from controlplane.domain.kernel.clock import utcnow
 from controlplane.domain.leases import Leases
 from controlplane.store.schema import desired_state_log
+from controlplane.tasks.retention import RETENTION_LEASE
 from tests.conftest import HarnessFactory
 from tests.support.archives import bundle
 from tests.support.eventually import eventually
@@ -131,10 +131,10 @@ async def test_one_replica_prunes_at_a_time(make_harness: HarnessFactory) -> Non
     other = Leases(h.app.store, utcnow, holder="another-replica")
     held = await other.acquire(RETENTION_LEASE)
     assert held is not None
-    await h.app._prune()  # the retention job's run on this replica
+    await h.app.retention.run()  # the retention job's run on this replica
     assert (await h.app.feed.position()).floor == 0, "pruned while another replica held the lease"
     await other.release(held)
-    await h.app._prune()
+    await h.app.retention.run()
     assert (await h.app.feed.position()).floor == h.app.hub.position - 1
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 
-from controlplane.domain.assignments import write_assignment
-from controlplane.domain.desired import Assignment
-from controlplane.domain.labels import node_key
+from controlplane.domain.desired import write_assignment
+from controlplane.domain.kernel.labels import node_key
+from controlplane.domain.model.desired import Assignment
 from tests.support.archives import bundle
 from tests.support.harness import Harness
 

@@ -9,10 +9,12 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from controlplane.domain.audit import acting_as, system
-from controlplane.domain.clock import utcnow
-from controlplane.domain.errors import Aborted
-from controlplane.domain.leases import Lease, LeaseLost, Leases
+from controlplane.domain.audit.context import acting_as, system
+from controlplane.domain.kernel.clock import utcnow
+from controlplane.domain.kernel.errors import Aborted
+from controlplane.domain.kernel.wakeup import Wakeup
+from controlplane.domain.leases import Leases
+from controlplane.domain.model.leases import Lease, LeaseLost
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.driver import RolloutDriver, lease_name
 from tests.conftest import HarnessFactory
@@ -127,7 +129,13 @@ async def test_a_stalled_holders_late_writes_match_nothing(make_harness: Harness
     def replica(holder: str) -> tuple[Leases, RolloutController]:
         leases = Leases(app.store, utcnow, ttl=timedelta(seconds=1), holder=holder)
         controller = RolloutController(
-            app.store, utcnow, app.hub, app.hub.wake, app.rollout_bus, stale_after=timedelta(seconds=3)
+            app.store,
+            utcnow,
+            app.hub,
+            app.hub.wake,
+            app.rollout_bus,
+            Wakeup(),
+            stale_after=timedelta(seconds=3),
         )
         return leases, controller
 
@@ -180,8 +188,9 @@ async def test_a_new_leader_restarts_the_bake_nobody_watched(make_harness: Harne
 
     def replica(holder: str, clock: Callable[[], datetime]) -> RolloutDriver:
         leases = Leases(app.store, clock, ttl=timedelta(seconds=1), holder=holder)
-        controller = RolloutController(app.store, clock, app.hub, app.hub.wake, app.rollout_bus)
-        return RolloutDriver(controller, leases)
+        wakeup = Wakeup()
+        controller = RolloutController(app.store, clock, app.hub, app.hub.wake, app.rollout_bus, wakeup)
+        return RolloutDriver(controller, leases, wakeup=wakeup)
 
     first, second = replica("replica-a", utcnow), replica("replica-b", later)
     async with running(fleet(plane.address, plane.token, 2)):

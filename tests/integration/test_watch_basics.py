@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from controlplane.api.identity.v1 import identity_pb2 as ipb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.watch.v1 import watch_pb2 as pb
-from controlplane.domain.desired import DesiredRow, FeedPosition, FeedSnapshot
+from controlplane.domain.model.desired import DesiredRow, FeedPosition, FeedSnapshot
 from controlplane.store.schema import revision_counter, server_meta
 from controlplane.watch.hub import HubSettings, WatchHub
 from controlplane.watch.stream import LEDGER_SIZE

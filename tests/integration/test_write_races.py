@@ -17,16 +17,16 @@ from sqlalchemy import text
 from controlplane.api.audit.v1 import audit_pb2 as apb
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.node.v1 import node_pb2 as npb
-from controlplane.domain import assignments
-from controlplane.domain.audit import acting_as, system
-from controlplane.domain.bundle_records import Bundle
-from controlplane.domain.bundles import require_assignable
-from controlplane.domain.clock import utcnow
-from controlplane.domain.labels import node_key
+from controlplane.domain.audit.context import acting_as, system
+from controlplane.domain.bundles.keys import KeyDirectory
+from controlplane.domain.bundles.registry import require_assignable
+from controlplane.domain.bundles.signing import Signer
+from controlplane.domain.fleet import assignments
+from controlplane.domain.kernel.clock import utcnow
+from controlplane.domain.kernel.labels import node_key
+from controlplane.domain.model.bundles import Bundle
+from controlplane.domain.model.fleet import Node
 from controlplane.domain.ports import Tx
-from controlplane.domain.records import Node
-from controlplane.domain.signing import Signer
-from controlplane.domain.signing_keys import KeyDirectory
 from controlplane.store.nodes import SqlNodes
 from tests.conftest import HarnessFactory
 from tests.support.eventually import eventually

@@ -15,7 +15,8 @@ from controlplane.api.identity.v1 import identity_pb2, identity_pb2_grpc
 from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
 from controlplane.api.project.v1 import project_pb2_grpc
 from controlplane.api.watch.v1 import watch_pb2, watch_pb2_grpc
-from controlplane.bootstrap import ADMIN_KEY_FILE, App
+from controlplane.bootstrap import App
+from controlplane.firststart import ADMIN_KEY_FILE
 from controlplane.rpc.auth import POLICY, Rule
 
 CHUNK = 1024 * 1024

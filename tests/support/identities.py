@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controlplane.api.identity.v1 import identity_pb2 as ipb
 from controlplane.api.project.v1 import project_pb2 as ppb
-from controlplane.domain.node_tokens import AUDIENCE, ISSUER, TokenKeyring
+from controlplane.domain.identity.node_tokens import AUDIENCE, ISSUER, TokenKeyring
 from tests.support.harness import Harness, Registered, auth
 
 OTHER_PROJECT = "other"

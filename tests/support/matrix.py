@@ -33,9 +33,9 @@ from controlplane.api.rollout.v1 import drift_pb2 as dpb
 from controlplane.api.rollout.v1 import rollout_pb2 as rpb
 from controlplane.api.rollout.v1 import rollout_pb2_grpc
 from controlplane.api.watch.v1 import watch_pb2 as wpb
-from controlplane.domain.roles import EVERY_PROJECT, Role
-from controlplane.domain.signing import Signer
-from controlplane.domain.signing_keys import KeyDirectory
+from controlplane.domain.bundles.keys import KeyDirectory
+from controlplane.domain.bundles.signing import Signer
+from controlplane.domain.model.roles import EVERY_PROJECT, Role
 from controlplane.store.schema import api_keys
 from tests.support.archives import bundle
 from tests.support.bundles import create, file_messages

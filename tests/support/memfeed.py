@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-from controlplane.domain.desired import (
-    Assignment,
-    ChangeKind,
-    DesiredRow,
-    FeedPosition,
-    FeedSnapshot,
-)
-from controlplane.domain.labels import meta_key
+from controlplane.domain.kernel.labels import meta_key
+from controlplane.domain.model.desired import Assignment, ChangeKind, DesiredRow, FeedPosition, FeedSnapshot
 
 
 class MemoryFeed:

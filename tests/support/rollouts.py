@@ -8,20 +8,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from controlplane.domain.desired import ChangeKind, DesiredRow, resolve
-from controlplane.domain.labels import node_key
-from controlplane.domain.records import Health, HeartbeatRecord, NodeMetrics
+from controlplane.domain.kernel.labels import node_key
+from controlplane.domain.model.desired import ChangeKind, DesiredRow, resolve
+from controlplane.domain.model.facts import NodeFacts, World
+from controlplane.domain.model.fleet import Health, HeartbeatRecord, NodeMetrics
+from controlplane.domain.model.rollouts import NodeState, Role, Rollout, RolloutSpec, RolloutState, Strategy
 from controlplane.domain.rollouts import machine
 from controlplane.domain.rollouts.commit import previous_state
-from controlplane.domain.rollouts.facts import NodeFacts, World
-from controlplane.domain.rollouts.model import (
-    NodeState,
-    Role,
-    Rollout,
-    RolloutSpec,
-    RolloutState,
-    Strategy,
-)
 from controlplane.domain.rollouts.plan import plan
 from controlplane.domain.rollouts.run import Run
 

@@ -29,10 +29,10 @@ from agent_stub.heartbeat import (
 )
 from agent_stub.logs import EventLog
 from controlplane.api.node.v1 import node_pb2
-from controlplane.domain.errors import InvalidArgument
-from controlplane.domain.nodes import METRIC_BOUNDS as SERVER_BOUNDS
-from controlplane.domain.nodes import _check_metrics
-from controlplane.domain.records import METRIC_NAMES, MetricName, NodeMetrics
+from controlplane.domain.fleet.nodes import METRIC_BOUNDS as SERVER_BOUNDS
+from controlplane.domain.fleet.nodes import _check_metrics
+from controlplane.domain.kernel.errors import InvalidArgument
+from controlplane.domain.model.fleet import METRIC_NAMES, MetricName, NodeMetrics
 
 VALID: dict[str, Any] = {
     "health": "healthy",

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from controlplane.archives.limits import ArchiveLimits, InvalidArchive
-from controlplane.archives.tar_intake import read_tar
-from controlplane.archives.tree import TreeBuilder
+from controlplane.domain.bundles.archive.limits import ArchiveLimits, InvalidArchive
+from controlplane.domain.bundles.archive.tar_intake import read_tar
+from controlplane.domain.bundles.archive.tree import TreeBuilder
 from tests.support.archives import member, tar_zst
 
 

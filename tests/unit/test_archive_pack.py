@@ -11,13 +11,13 @@ from pathlib import Path
 
 import zstandard
 
-from controlplane.archives import kdl_config
-from controlplane.archives.formats import ConfigFormat, parse
-from controlplane.archives.limits import ArchiveLimits
-from controlplane.archives.manifest import MANIFEST_PATH, SBOM_PATH, Manifest, scan
-from controlplane.archives.pack import Packed, pack
-from controlplane.archives.sbom import build
-from controlplane.archives.tree import TreeBuilder
+from controlplane.domain.bundles.archive import kdl_config
+from controlplane.domain.bundles.archive.formats import ConfigFormat, parse
+from controlplane.domain.bundles.archive.limits import ArchiveLimits
+from controlplane.domain.bundles.archive.manifest import MANIFEST_PATH, SBOM_PATH, Manifest, scan
+from controlplane.domain.bundles.archive.pack import Packed, pack
+from controlplane.domain.bundles.archive.sbom import build
+from controlplane.domain.bundles.archive.tree import TreeBuilder
 
 ZENTINEL = b"""
 listeners {

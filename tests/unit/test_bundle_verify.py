@@ -12,11 +12,11 @@ import pytest
 from agent_stub.errors import ApplyFailed
 from agent_stub.unpack import unpack
 from agent_stub.verify import BundleVerifier, KeyRing, check_manifest
-from controlplane.archives import kdl_config, sbom
-from controlplane.archives.limits import ArchiveLimits
-from controlplane.archives.manifest import scan
-from controlplane.archives.pack import pack
-from controlplane.archives.tree import TreeBuilder
+from controlplane.domain.bundles.archive import kdl_config, sbom
+from controlplane.domain.bundles.archive.limits import ArchiveLimits
+from controlplane.domain.bundles.archive.manifest import scan
+from controlplane.domain.bundles.archive.pack import pack
+from controlplane.domain.bundles.archive.tree import TreeBuilder
 
 FILES = {"main.kdl": b"a 1\n", "conf/x.yaml": b"x: 1\n", "bin/run.sh": b"#!/bin/sh\n"}
 

@@ -9,8 +9,8 @@ import asyncio
 
 import pytest
 
-from controlplane.domain.errors import Unavailable
-from controlplane.domain.group_commit import GroupCommit, Submitted
+from controlplane.domain.fleet.group_commit import GroupCommit, Submitted
+from controlplane.domain.kernel.errors import Unavailable
 
 HANG = 10.0  # an outcome must come long before: only a hang reaches it
 

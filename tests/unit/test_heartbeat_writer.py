@@ -11,10 +11,10 @@ from typing import Any, cast
 
 import pytest
 
-from controlplane.domain.errors import NotFound
-from controlplane.domain.heartbeats import HeartbeatWriter
+from controlplane.domain.fleet.heartbeats import HeartbeatWriter
+from controlplane.domain.kernel.errors import NotFound
+from controlplane.domain.model.fleet import HeartbeatRecord, NodeMetrics, NodeStatus
 from controlplane.domain.ports import Store
-from controlplane.domain.records import HeartbeatRecord, NodeMetrics, NodeStatus
 
 
 class _Nodes:

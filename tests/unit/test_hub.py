@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
-from controlplane.domain.desired import DesiredRow
-from controlplane.domain.errors import Unauthenticated, Unavailable
-from controlplane.domain.labels import Selector, node_key, selector_key
+from controlplane.domain.kernel.errors import Unauthenticated, Unavailable
+from controlplane.domain.kernel.labels import Selector, node_key, selector_key
+from controlplane.domain.model.desired import DesiredRow
 from controlplane.watch import encoding
 from controlplane.watch.hub import HubSettings, WatchHub
 from controlplane.watch.stream import LEDGER_SIZE, MAX_PENDING, WatchStream

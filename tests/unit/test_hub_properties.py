@@ -48,9 +48,9 @@ from hypothesis.stateful import (
 )
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
-from controlplane.domain.desired import ChangeKind, DesiredRow
-from controlplane.domain.errors import Unavailable
-from controlplane.domain.labels import Selector, meta_key, node_key, selector_key
+from controlplane.domain.kernel.errors import Unavailable
+from controlplane.domain.kernel.labels import Selector, meta_key, node_key, selector_key
+from controlplane.domain.model.desired import ChangeKind, DesiredRow
 from controlplane.watch.hub import HubSettings, WatchHub
 from controlplane.watch.stream import MAX_PENDING, WatchStream
 from tests.support.memfeed import MemoryFeed

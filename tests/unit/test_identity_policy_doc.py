@@ -12,7 +12,7 @@ from pathlib import Path
 
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 
-from controlplane.domain.roles import Role
+from controlplane.domain.model.roles import Role
 from controlplane.rpc.auth import POLICY, ROLE_FOR, Rule
 from controlplane.rpc.scope import GLOBAL_METHODS, PROJECT_FIELD
 from tests.support.rpcs import all_rpcs

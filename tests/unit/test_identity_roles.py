@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from controlplane.domain.errors import InvalidArgument, PermissionDenied
-from controlplane.domain.roles import EVERY_PROJECT, Grant, Principal, Role, validate_grants
-from controlplane.domain.secrets import api_key_id, new_api_key
+from controlplane.domain.kernel.errors import InvalidArgument, PermissionDenied
+from controlplane.domain.kernel.secrets import api_key_id, new_api_key
+from controlplane.domain.model.roles import EVERY_PROJECT, Grant, Principal, Role, validate_grants
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 

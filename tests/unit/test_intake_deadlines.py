@@ -12,16 +12,10 @@ from typing import TypeVar
 
 import pytest
 
-from controlplane.archives.limits import ArchiveLimits
-from controlplane.archives.tree import FileSink, TreeBuilder
-from controlplane.domain.bundle_intake import (
-    FileStart,
-    IntakeDeadlines,
-    Part,
-    receive_files,
-    receive_tar,
-)
-from controlplane.domain.errors import DeadlineExceeded
+from controlplane.domain.bundles.archive.limits import ArchiveLimits
+from controlplane.domain.bundles.archive.tree import FileSink, TreeBuilder
+from controlplane.domain.bundles.intake import FileStart, IntakeDeadlines, Part, receive_files, receive_tar
+from controlplane.domain.kernel.errors import DeadlineExceeded
 from tests.support.bundles import tar_of
 
 T = TypeVar("T")

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from controlplane.domain.errors import ResourceExhausted
-from controlplane.domain.intake_slots import IntakeSlots
+from controlplane.domain.bundles.slots import IntakeSlots
+from controlplane.domain.kernel.errors import ResourceExhausted
 
 LONG = 600.0  # waits that must end by a release, never by the clock
 

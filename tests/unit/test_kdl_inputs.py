@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.archives import formats
-from controlplane.archives.formats import ConfigFormat
-from controlplane.archives.manifest import scan
-from controlplane.domain import validators
-from controlplane.domain.validators import ParseCache, ParserCheck
+from controlplane.domain.bundles import validators
+from controlplane.domain.bundles.archive import formats
+from controlplane.domain.bundles.archive.formats import ConfigFormat
+from controlplane.domain.bundles.archive.manifest import scan
+from controlplane.domain.bundles.validators import ParseCache, ParserCheck
 from tests.support.bundles import bundle_dir
 
 LISTENER = 'listeners {\n    listener "http" {\n        address "0.0.0.0:8080"\n    }\n}\n'

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.archives.formats import ConfigFormat, Parsed
-from controlplane.archives.kdl_config import FileFacts
-from controlplane.archives.kdl_pool import KdlLimits, KdlParsers, KdlParsersClosed
-from controlplane.archives.manifest import scan
-from controlplane.domain import validators
-from controlplane.domain.errors import Unavailable
-from controlplane.domain.validators import ParseCache
+from controlplane.domain.bundles import validators
+from controlplane.domain.bundles.archive.formats import ConfigFormat, Parsed
+from controlplane.domain.bundles.archive.kdl_config import FileFacts
+from controlplane.domain.bundles.archive.kdl_pool import KdlLimits, KdlParsers, KdlParsersClosed
+from controlplane.domain.bundles.archive.manifest import scan
+from controlplane.domain.bundles.validators import ParseCache
+from controlplane.domain.kernel.errors import Unavailable
 from tests.support.eventually import eventually
 
 GOOD = b'listeners {\n    listener "http" {\n        address "0.0.0.0:8080"\n    }\n}\n'
@@ -100,7 +100,7 @@ def test_a_worker_that_died_idle_is_not_blamed_on_the_next_file(
     assert pool.parse(tree, "zentinel.kdl").ok
     (pid,) = pool.pids
     os.kill(pid, signal.SIGKILL)
-    with caplog.at_level(logging.WARNING, "controlplane.archives.kdl_pool"):
+    with caplog.at_level(logging.WARNING, "controlplane.domain.bundles.archive.kdl_pool"):
         result = pool.parse(tree, "zentinel.kdl")
     assert result.ok, result.error
     assert f"KDL parser {pid}, used before, ended (killed by signal 9) on zentinel.kdl" in caplog.text

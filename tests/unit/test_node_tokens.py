@@ -11,9 +11,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controlplane.domain.desired import ChangeKind, DesiredRow, FeedPosition, FeedSnapshot
-from controlplane.domain.errors import InvalidArgument, Unauthenticated
-from controlplane.domain.node_tokens import (
+from controlplane.domain.identity.node_tokens import (
     NodeRevocations,
     NodeTokens,
     RevocationTap,
@@ -23,6 +21,8 @@ from controlplane.domain.node_tokens import (
     load_private,
     load_public,
 )
+from controlplane.domain.kernel.errors import InvalidArgument, Unauthenticated
+from controlplane.domain.model.desired import ChangeKind, DesiredRow, FeedPosition, FeedSnapshot
 
 
 class Clock:

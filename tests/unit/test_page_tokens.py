@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controlplane.domain import validation
-from controlplane.domain.audit_trail import _seq
-from controlplane.domain.errors import InvalidArgument
+from controlplane.domain.audit.trail import _seq
+from controlplane.domain.kernel import validation
+from controlplane.domain.kernel.errors import InvalidArgument
 
 
 @given(st.text())

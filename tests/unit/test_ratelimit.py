@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.domain.errors import InvalidArgument
+from controlplane.domain.kernel.errors import InvalidArgument
 from controlplane.rpc.ratelimit import RateLimit, RateLimiter, RateLimits
 
 

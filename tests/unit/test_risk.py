@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from controlplane.archives import kdl_config
-from controlplane.archives.formats import ConfigFormat, parse
-from controlplane.archives.manifest import Entry, Manifest, scan
-from controlplane.domain import validators
-from controlplane.domain.bundle_records import RiskLevel
-from controlplane.domain.risk import Facts, assess
+from controlplane.domain.bundles import validators
+from controlplane.domain.bundles.archive import kdl_config
+from controlplane.domain.bundles.archive.formats import ConfigFormat, parse
+from controlplane.domain.bundles.archive.manifest import Entry, Manifest, scan
+from controlplane.domain.bundles.risk import Facts, assess
+from controlplane.domain.model.bundles import RiskLevel
 
 BASE = """
 listeners {

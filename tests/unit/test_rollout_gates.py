@@ -7,10 +7,10 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from controlplane.domain.records import Health, HeartbeatRecord, NodeMetrics
+from controlplane.domain.model.facts import NodeFacts
+from controlplane.domain.model.fleet import Health, HeartbeatRecord, NodeMetrics
+from controlplane.domain.model.rollouts import CanaryAnalysis, Gates
 from controlplane.domain.rollouts import canary, gates
-from controlplane.domain.rollouts.facts import NodeFacts
-from controlplane.domain.rollouts.model import CanaryAnalysis, Gates
 from tests.support.rollouts import HEALTHY, NEW, OLD, T0
 
 S = timedelta(seconds=1)

@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 
-from controlplane.domain.errors import AlreadyExists, FailedPrecondition, PermissionDenied
-from controlplane.domain.records import Health, NodeMetrics
-from controlplane.domain.rollouts import machine
-from controlplane.domain.rollouts.model import (
+from controlplane.domain.kernel.errors import AlreadyExists, FailedPrecondition, PermissionDenied
+from controlplane.domain.model.fleet import Health, NodeMetrics
+from controlplane.domain.model.rollouts import (
     CanaryAnalysis,
     FreezeWindow,
     Gates,
@@ -21,6 +20,7 @@ from controlplane.domain.rollouts.model import (
     StepState,
     Strategy,
 )
+from controlplane.domain.rollouts import machine
 from controlplane.domain.rollouts.plan import canary_sizes
 from controlplane.domain.rollouts.run import Run
 from tests.support.rollouts import (

@@ -37,10 +37,9 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from controlplane.domain.errors import DomainError
-from controlplane.domain.records import Health, NodeMetrics
-from controlplane.domain.rollouts import machine
-from controlplane.domain.rollouts.model import (
+from controlplane.domain.kernel.errors import DomainError
+from controlplane.domain.model.fleet import Health, NodeMetrics
+from controlplane.domain.model.rollouts import (
     TERMINAL_STATES,
     TRANSITIONS,
     CanaryAnalysis,
@@ -53,6 +52,7 @@ from controlplane.domain.rollouts.model import (
     StepState,
     Strategy,
 )
+from controlplane.domain.rollouts import machine
 from controlplane.domain.rollouts.run import IllegalTransition, Run
 from tests.support.rollouts import MID, NEW, OLD, T0, FakeFleet, fresh, make_run, make_spec, nodes, tick
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+from controlplane.domain.model.rollouts import Rollout, RolloutEvent, RolloutState, RolloutView
 from controlplane.domain.rollouts.bus import QUEUE_SIZE, RolloutBus, RolloutUpdate
-from controlplane.domain.rollouts.model import Rollout, RolloutEvent, RolloutState, RolloutView
 from controlplane.domain.rollouts.watch import WatchBatch, watch
 from tests.support.rollouts import T0, make_run, make_spec, nodes
 

@@ -13,7 +13,7 @@ from nacl.signing import SigningKey
 from agent_stub.errors import ApplyFailed, TransientFailure
 from agent_stub.state import CorruptState
 from agent_stub.verify import PIN_FILE, RETIRED_FILE, BundleVerifier, KeyRing, TrustedKey, load_trusted_keys
-from controlplane.domain.signing import CONTEXT, Signer, key_id_of, parse_seed, signed_message, verify
+from controlplane.domain.bundles.signing import CONTEXT, Signer, key_id_of, parse_seed, signed_message, verify
 
 DIGEST = "sha256:" + "ab" * 32
 

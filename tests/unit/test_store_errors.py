@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.blobs.local import LocalBlobStore
-from controlplane.domain.errors import BlobStoreUnavailable, Unavailable
+from controlplane.domain.kernel.errors import BlobStoreUnavailable, Unavailable
 from controlplane.store.errors import translated
 
 

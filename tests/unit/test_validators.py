@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.archives.formats import ConfigFormat
-from controlplane.archives.manifest import scan
-from controlplane.domain import validators
-from controlplane.domain.bundle_records import ValidationResult
-from controlplane.domain.errors import InvalidArgument
-from controlplane.domain.validators import CommandCheck, ParseCache, ParserCheck, ValidationConfig
+from controlplane.domain.bundles import validators
+from controlplane.domain.bundles.archive.formats import ConfigFormat
+from controlplane.domain.bundles.archive.manifest import scan
+from controlplane.domain.bundles.validators import CommandCheck, ParseCache, ParserCheck, ValidationConfig
+from controlplane.domain.kernel.errors import InvalidArgument
+from controlplane.domain.model.bundles import ValidationResult
 from tests.support.bundles import bundle_dir
 
 GOOD_ZENTINEL = b"""

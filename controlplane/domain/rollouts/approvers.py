@@ -21,13 +21,10 @@ key minted every other key, so it can approve nothing.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import TYPE_CHECKING
 
-from controlplane.domain.audit import ActorKind
-from controlplane.domain.errors import AlreadyExists, PermissionDenied
-
-if TYPE_CHECKING:
-    from controlplane.domain.ports import Tx
+from controlplane.domain.audit.context import ActorKind
+from controlplane.domain.kernel.errors import AlreadyExists, PermissionDenied
+from controlplane.domain.ports import Tx
 
 _OPERATOR = f"{ActorKind.OPERATOR.value}:"
 # A line longer than this is not followed further: real minting lines are a few keys

@@ -4,13 +4,10 @@ may it be assigned now, and with which signature?"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from controlplane.domain.bundles import require_assignable
-from controlplane.domain.errors import NotFound
-
-if TYPE_CHECKING:
-    from controlplane.domain.ports import Tx
+from controlplane.domain.bundles.registry import require_assignable
+from controlplane.domain.kernel.errors import NotFound
+from controlplane.domain.ports import Tx
 
 
 @dataclass(frozen=True, slots=True)

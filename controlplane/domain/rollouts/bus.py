@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from controlplane.domain.rollouts.model import Rollout, RolloutEvent
+from controlplane.domain.model.rollouts import Rollout, RolloutEvent
 
 # Updates queued per watcher; a CLI reading its terminal never needs more. Past it the
 # watcher re-reads the history instead of holding the publisher up.

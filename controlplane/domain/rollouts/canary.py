@@ -21,8 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.domain.records import HeartbeatRecord
-from controlplane.domain.rollouts.model import CanaryAnalysis
+from controlplane.domain.model.fleet import HeartbeatRecord
+from controlplane.domain.model.rollouts import CanaryAnalysis
 
 # Differences below these are noise, whatever the ratio: 0.1 % errors against 0 % is
 # not a regression, nor is 3 ms of p99 against 1 ms.

@@ -16,25 +16,17 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from controlplane.domain import validation
-from controlplane.domain.assignments import write_assignment, write_unassignment
-from controlplane.domain.desired import Assignment, DesiredRow, resolve
-from controlplane.domain.errors import Aborted, DomainError
-from controlplane.domain.labels import node_key, parse_selector_key
+from controlplane.domain.desired import write_assignment, write_unassignment
+from controlplane.domain.kernel import validation
+from controlplane.domain.kernel.errors import Aborted, DomainError
+from controlplane.domain.kernel.labels import node_key, parse_selector_key
+from controlplane.domain.model.desired import Assignment, DesiredRow, resolve
+from controlplane.domain.model.rollouts import TERMINAL_STATES, NodeState, Role, Rollout, RolloutEvent
+from controlplane.domain.ports import Tx
 from controlplane.domain.rollouts.bundles import assignable
-from controlplane.domain.rollouts.model import (
-    TERMINAL_STATES,
-    NodeState,
-    Role,
-    Rollout,
-    RolloutEvent,
-)
 from controlplane.domain.rollouts.run import EventKind, Run, StepWrite
-
-if TYPE_CHECKING:
-    from controlplane.domain.ports import Tx
 
 # Keys per `IN (...)` query: far below either database's parameter limit.
 _CHUNK = 500

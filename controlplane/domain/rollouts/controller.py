@@ -13,20 +13,22 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
-from controlplane.domain.audit import ActorKind, current_actor
-from controlplane.domain.bundles import check_assignable
-from controlplane.domain.errors import Aborted, DomainError, InvalidArgument, NotFound, PermissionDenied
-from controlplane.domain.leases import Lease, Leases
-from controlplane.domain.nodes import READ_YOUR_WRITES
-from controlplane.domain.records import HeartbeatRecord
-from controlplane.domain.rollouts import approvers as approver_rules
-from controlplane.domain.rollouts import machine
-from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
-from controlplane.domain.rollouts.commit import Committed, commit
-from controlplane.domain.rollouts.facts import NodeFacts, World
-from controlplane.domain.rollouts.model import (
+from controlplane.domain.audit.context import ActorKind, current_actor
+from controlplane.domain.bundles.registry import check_assignable
+from controlplane.domain.fleet.nodes import READ_YOUR_WRITES
+from controlplane.domain.kernel.errors import (
+    Aborted,
+    DomainError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from controlplane.domain.leases import Leases
+from controlplane.domain.model.facts import NodeFacts, World
+from controlplane.domain.model.fleet import HeartbeatRecord
+from controlplane.domain.model.leases import Lease
+from controlplane.domain.model.rollouts import (
     Approval,
     FreezeWindow,
     Rollout,
@@ -36,10 +38,12 @@ from controlplane.domain.rollouts.model import (
     Step,
     StepState,
 )
+from controlplane.domain.ports import Clock, DesiredView, Store, Tx
+from controlplane.domain.rollouts import approvers as approver_rules
+from controlplane.domain.rollouts import machine
+from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
+from controlplane.domain.rollouts.commit import Committed, commit
 from controlplane.domain.rollouts.run import Run
-
-if TYPE_CHECKING:
-    from controlplane.domain.ports import Clock, DesiredView, Store, Tx
 
 # Operator actions retried this often when the driver committed in between.
 _ATTEMPTS = 3
@@ -71,7 +75,7 @@ class RolloutController:
     notify: Callable[[], None]
     bus: RolloutBus
     # Wakes this process's driver (a change it should act on now).
-    wake: Callable[[], None] = lambda: None
+    wake: Callable[[], None]
     # Heartbeats older than this fail a gate: three missed beats.
     stale_after: timedelta = timedelta(seconds=30)
     _cache: dict[str, Loaded] = field(default_factory=dict)

@@ -15,27 +15,18 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
-from controlplane.domain import validation
-from controlplane.domain.assignments import (
-    require_unclaimed,
-    require_unfrozen,
-    write_assignment,
-    write_unassignment,
-)
-from controlplane.domain.audit import current_actor
-from controlplane.domain.desired import Assignment
-from controlplane.domain.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
-from controlplane.domain.labels import Selector, node_key
-from controlplane.domain.nodes import READ_YOUR_WRITES
-from controlplane.domain.projects import require_policy, require_project
-from controlplane.domain.records import Node
-from controlplane.domain.rollouts import spec as specs
-from controlplane.domain.rollouts.bundles import assignable, by_version
-from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
-from controlplane.domain.rollouts.commit import effective_rows, is_pin, latest_node_rows
-from controlplane.domain.rollouts.model import (
+from controlplane.domain.audit.context import current_actor
+from controlplane.domain.desired import write_assignment, write_unassignment
+from controlplane.domain.fleet.assignments import require_unclaimed, require_unfrozen
+from controlplane.domain.fleet.nodes import READ_YOUR_WRITES
+from controlplane.domain.kernel import validation
+from controlplane.domain.kernel.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from controlplane.domain.kernel.labels import Selector, node_key
+from controlplane.domain.kernel.secrets import new_id
+from controlplane.domain.model.desired import Assignment
+from controlplane.domain.model.fleet import Node
+from controlplane.domain.model.rollouts import (
     FreezeWindow,
     NodeState,
     Rollout,
@@ -46,12 +37,14 @@ from controlplane.domain.rollouts.model import (
     RolloutView,
     Strategy,
 )
+from controlplane.domain.ports import Clock, DesiredView, Store, Tx
+from controlplane.domain.projects import require_policy, require_project
+from controlplane.domain.rollouts import spec as specs
+from controlplane.domain.rollouts.bundles import assignable, by_version
+from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
+from controlplane.domain.rollouts.commit import effective_rows, is_pin, latest_node_rows
 from controlplane.domain.rollouts.plan import plan
 from controlplane.domain.rollouts.run import EventKind, Run
-from controlplane.domain.secrets import new_id
-
-if TYPE_CHECKING:
-    from controlplane.domain.ports import Clock, DesiredView, Store, Tx
 
 # One rollout may move at most this many nodes: the per-step writes and the rollback
 # stay single transactions of bounded size.
@@ -66,7 +59,8 @@ class RolloutDirectory:
     view: DesiredView
     notify: Callable[[], None]
     bus: RolloutBus
-    wake: Callable[[], None] = lambda: None
+    # Wakes this process's driver (a change it should act on now).
+    wake: Callable[[], None]
 
     async def create(self, project: str, spec: RolloutSpec, bundle_version: str = "") -> RolloutView:
         now = self.clock()

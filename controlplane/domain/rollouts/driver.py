@@ -25,9 +25,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from controlplane.domain.audit import acting_as, system
-from controlplane.domain.errors import Aborted, DomainError
-from controlplane.domain.leases import Lease, LeaseLost, Leases
+from controlplane.domain.audit.context import acting_as, system
+from controlplane.domain.kernel.errors import Aborted, DomainError
+from controlplane.domain.kernel.wakeup import Wakeup
+from controlplane.domain.leases import Leases
+from controlplane.domain.model.leases import Lease, LeaseLost
 from controlplane.domain.rollouts.controller import RolloutController
 
 log = logging.getLogger(__name__)
@@ -57,10 +59,11 @@ class RolloutDriver:
     interval: float = 0.5
     on_pass: Callable[[PassResult], None] = lambda result: None
     _held: dict[str, Lease] = field(default_factory=dict)
-    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # Rung by whatever should make the driver look now: a report, an operator's change.
+    wakeup: Wakeup = field(default_factory=Wakeup)
 
     def wake(self) -> None:
-        self._wakeup.set()
+        self.wakeup()
 
     @property
     def held(self) -> dict[str, Lease]:
@@ -70,10 +73,10 @@ class RolloutDriver:
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
-                    await self._wakeup.wait()
+                    await self.wakeup.wait()
                 # Reports come in bursts while a step converges: one pass per burst.
                 await asyncio.sleep(DEBOUNCE)
-            self._wakeup.clear()
+            self.wakeup.clear()
             try:
                 self.on_pass(await self.run_once())
             except asyncio.CancelledError:

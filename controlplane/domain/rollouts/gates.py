@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from controlplane.domain.records import Health
-from controlplane.domain.rollouts.facts import NodeFacts
-from controlplane.domain.rollouts.model import Gates
+from controlplane.domain.model.facts import NodeFacts
+from controlplane.domain.model.fleet import Health
+from controlplane.domain.model.rollouts import Gates
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,11 +25,10 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta
 
-from controlplane.domain.errors import AlreadyExists, FailedPrecondition, PermissionDenied
-from controlplane.domain.records import HeartbeatRecord
-from controlplane.domain.rollouts import canary, gates
-from controlplane.domain.rollouts.facts import NodeFacts, World
-from controlplane.domain.rollouts.model import (
+from controlplane.domain.kernel.errors import AlreadyExists, FailedPrecondition, PermissionDenied
+from controlplane.domain.model.facts import NodeFacts, World
+from controlplane.domain.model.fleet import HeartbeatRecord
+from controlplane.domain.model.rollouts import (
     NodeState,
     Role,
     RolloutNode,
@@ -39,6 +38,7 @@ from controlplane.domain.rollouts.model import (
     StepState,
     Strategy,
 )
+from controlplane.domain.rollouts import canary, gates
 from controlplane.domain.rollouts.run import EventKind, Run, StepWrite
 
 HOLD_PREFIX = "held: "

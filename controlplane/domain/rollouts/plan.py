@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 
-from controlplane.domain.rollouts.model import Role, RolloutNode, RolloutSpec, Step, StepKind, Strategy
+from controlplane.domain.model.rollouts import Role, RolloutNode, RolloutSpec, Step, StepKind, Strategy
 
 
 def plan(

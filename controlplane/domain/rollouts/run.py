@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from controlplane.domain.errors import FailedPrecondition
-from controlplane.domain.rollouts.model import (
+from controlplane.domain.kernel.errors import FailedPrecondition
+from controlplane.domain.model.rollouts import (
     STEP_TRANSITIONS,
     TERMINAL_STATES,
     TRANSITIONS,

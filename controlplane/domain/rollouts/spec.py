@@ -7,17 +7,16 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from controlplane.domain import validation
-from controlplane.domain.errors import InvalidArgument
-from controlplane.domain.labels import Selector
-from controlplane.domain.rollouts.model import CanaryAnalysis, Gates, RolloutSpec, Strategy
+from controlplane.domain.kernel import validation
+from controlplane.domain.kernel.errors import InvalidArgument
+from controlplane.domain.kernel.labels import Selector
+from controlplane.domain.model.rollouts import MAX_APPROVALS, CanaryAnalysis, Gates, RolloutSpec, Strategy
 
 # Bounds that catch typos (a bake of 30 h instead of 30 s) without limiting real use.
 MAX_BAKE = timedelta(hours=24)
 MAX_DEADLINE = timedelta(days=7)
 MAX_SCHEDULE_AHEAD = timedelta(days=366)
 MAX_STEPS = 20
-MAX_APPROVALS = 10
 MAX_REASON = 1000
 
 

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from controlplane.domain.model.rollouts import Rollout, RolloutEvent, RolloutView
+from controlplane.domain.ports import Store
 from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
-from controlplane.domain.rollouts.model import Rollout, RolloutEvent, RolloutView
-
-if TYPE_CHECKING:
-    from controlplane.domain.ports import Store
 
 # How long a quiet watch waits before looking at the history itself: a safety net only,
 # the poller delivers every change within about a second.

@@ -1,0 +1,155 @@
+"""Desired state: the rows of the `(key, revision)` log and how a node's effective
+desired bundle is resolved from them.
+
+Every change of desired state is a row `(key, revision)`. For each key only its latest
+row matters (the log is level-triggered); an UNASSIGN row is a tombstone. A node's
+effective state comes from the latest rows of the keys it watches: a pinned assignment
+first, otherwise the assignment with the highest revision.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+
+class ChangeKind(enum.StrEnum):
+    ASSIGN = "assign"
+    # Tombstone: the key no longer assigns anything.
+    UNASSIGN = "unassign"
+    # A node's routing data (its labels) changed; only on `meta:<id>` keys.
+    NODE = "node"
+    # The node's identity was revoked: its streams end. Only on `meta:<id>` keys.
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredRow:
+    """One row of the desired-state log."""
+
+    key: str
+    revision: int
+    project: str
+    kind: ChangeKind
+    digest: str = ""
+    pinned: bool = False
+    traffic_weight: int = 100
+    size_bytes: int = 0
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    signature: bytes = b""
+    key_id: str = ""
+    # Set for NODE rows: the node's labels from this revision on.
+    labels: Mapping[str, str] | None = None
+    # Wall clock of the write, seconds since the epoch; for latency metrics only.
+    written_at: float = 0.0
+
+    @property
+    def is_assignment(self) -> bool:
+        return self.kind is ChangeKind.ASSIGN
+
+
+@dataclass(frozen=True, slots=True)
+class Effective:
+    """The bundle a node should run, and which assignment chose it."""
+
+    digest: str
+    assigned_revision: int
+    source_key: str
+    traffic_weight: int
+    pinned: bool
+    size_bytes: int
+    annotations: Mapping[str, str]
+
+    @classmethod
+    def of(cls, row: DesiredRow) -> Effective:
+        return cls(
+            digest=row.digest,
+            assigned_revision=row.revision,
+            source_key=row.key,
+            traffic_weight=row.traffic_weight,
+            pinned=row.pinned,
+            size_bytes=row.size_bytes,
+            annotations=row.annotations,
+        )
+
+    def unchanged_from(self, other: Effective | None) -> bool:
+        """True when `other` is the same assignment: nothing to tell the node.
+
+        A new assignment of the same bundle is a change: it is how an operator asks a
+        node that rejected a bundle to try again, and how drift remediation re-asserts
+        what a node should run. The agent skips re-installing a digest it already runs.
+        """
+        return other is not None and (
+            self.assigned_revision,
+            self.source_key,
+            self.digest,
+            self.traffic_weight,
+            self.pinned,
+        ) == (other.assigned_revision, other.source_key, other.digest, other.traffic_weight, other.pinned)
+
+
+def resolve(latest_rows: Iterable[DesiredRow | None]) -> DesiredRow | None:
+    """The row that decides a node's desired state, from the latest row of each key.
+
+    Pins win over everything; among equals the highest revision wins. Tombstones and
+    missing keys contribute nothing.
+    """
+    best: DesiredRow | None = None
+    for row in latest_rows:
+        if row is None or not row.is_assignment:
+            continue
+        if best is None or (row.pinned, row.revision) > (best.pinned, best.revision):
+            best = row
+    return best
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A desired-state write: one bundle for a set of keys, at one revision."""
+
+    project: str
+    keys: tuple[str, ...]
+    digest: str
+    size_bytes: int
+    traffic_weight: int = 100
+    pinned: bool = False
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    signature: bytes = b""
+    key_id: str = ""
+
+    def rows(self, revision: int, written_at: float) -> list[DesiredRow]:
+        return [
+            DesiredRow(
+                key=key,
+                revision=revision,
+                project=self.project,
+                kind=ChangeKind.ASSIGN,
+                digest=self.digest,
+                pinned=self.pinned,
+                traffic_weight=self.traffic_weight,
+                size_bytes=self.size_bytes,
+                annotations=dict(self.annotations),
+                signature=self.signature,
+                key_id=self.key_id,
+                written_at=written_at,
+            )
+            for key in self.keys
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedPosition:
+    """Where the desired-state log stands: newest revision, retention floor, epoch."""
+
+    head: int
+    floor: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSnapshot:
+    """The latest row of every key, read consistently at `position.head`."""
+
+    position: FeedPosition
+    rows: list[DesiredRow]

@@ -25,18 +25,18 @@ from dataclasses import dataclass
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
 from controlplane.domain.kernel.errors import Unauthenticated, Unavailable
-from controlplane.domain.kernel.labels import Selector, meta_key, node_key, parse_selector_key
+from controlplane.domain.kernel.labels import Selector, parse_selector_key
 from controlplane.domain.model.desired import (
     ChangeKind,
     DesiredRow,
     Effective,
     FeedPosition,
     FeedSnapshot,
-    resolve,
 )
 from controlplane.domain.ports import ChangeFeed
 from controlplane.watch import encoding, metrics
 from controlplane.watch.heap import HeapSettler
+from controlplane.watch.image import LogImage
 from controlplane.watch.index import StreamIndex
 from controlplane.watch.stream import Sink, WatchStream
 from controlplane.watch.wheel import SLOT, BookmarkWheel
@@ -91,12 +91,7 @@ class WatchHub:
         self.feed = feed
         self.settings = settings or HubSettings()
         self._clock = clock
-        self.position = 0
-        self.floor = 0
-        self.epoch = ""
-        self._latest: dict[str, DesiredRow] = {}
-        self._nodes: dict[str, tuple[str, dict[str, str]]] = {}
-        self._selectors: dict[str, dict[str, Selector]] = {}
+        self.image = LogImage()
         self._streams = StreamIndex()
         self._wheel = BookmarkWheel()
         self._expires: dict[WatchStream, float] = {}
@@ -153,16 +148,26 @@ class WatchHub:
         """A revision was committed (in this process or, via NOTIFY, elsewhere)."""
         self._wakeup.set()
 
+    @property
+    def position(self) -> int:
+        """The revision the hub has read and routed everything up to."""
+        return self.image.position
+
+    @property
+    def floor(self) -> int:
+        return self.image.floor
+
+    @property
+    def epoch(self) -> str:
+        return self.image.epoch
+
     # -- queries (DesiredView, DeliveryLedger) -------------------------------------------
 
     def head(self) -> int:
         return self.position
 
     def effective(self, node_id: str) -> DesiredRow | None:
-        info = self._nodes.get(node_id)
-        if info is None:
-            return None
-        return resolve(self._latest.get(k) for k in self._keys_for(info[0], node_id, info[1]))
+        return self.image.effective(node_id)
 
     def was_sent(self, stream_id: str, node_id: str, revision: int, digest: str) -> bool | None:
         """True/False from the stream's own ledger; None (check the log) when the stream
@@ -182,7 +187,7 @@ class WatchHub:
         return False
 
     def knows_node(self, node_id: str) -> bool:
-        return node_id in self._nodes
+        return self.image.node(node_id) is not None
 
     @property
     def stream_count(self) -> int:
@@ -191,7 +196,7 @@ class WatchHub:
     async def wait_until(self, node_id: str | None, revision: int, within: float) -> bool:
         """Wait until the hub has read `revision` (and knows `node_id`, if given)."""
         deadline = time.monotonic() + within
-        while self.position < revision or (node_id is not None and node_id not in self._nodes):
+        while self.position < revision or (node_id is not None and not self.knows_node(node_id)):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -224,11 +229,14 @@ class WatchHub:
         decided `since` is ahead of the database head).
         """
         self.check_accepting()
-        project, labels = self._nodes[node_id]
+        image = self.image
+        info = image.node(node_id)
+        assert info is not None, "the caller waits until the hub knows the node"
+        project, labels = info
         stream = WatchStream(secrets.token_hex(8), node_id, project, labels, sink, self._catch_up)
-        stream.keys = self._keys_for(project, node_id, labels)
+        stream.keys = image.keys_for(project, node_id, labels)
         head = self.position
-        row = resolve(self._latest.get(k) for k in stream.keys)
+        row = image.resolve(stream.keys)
         reset = self._reset_reason(since, epoch)
         mode = pb.STREAM_MODE_RESUME if since > 0 and reset is None else pb.STREAM_MODE_BOOTSTRAP
         parts = [encoding.started(stream.stream_id, self.epoch, mode, head, self.floor)]
@@ -241,11 +249,7 @@ class WatchHub:
             self._record(stream, head, row)
         else:
             metrics.RESUMES.inc()
-            changed = max(
-                (self._latest[k].revision for k in (*stream.keys, meta_key(node_id)) if k in self._latest),
-                default=0,
-            )
-            if changed > since:
+            if image.changed_at(stream.keys, node_id) > since:
                 parts.append(encoding.desired(head, row))
                 self._record(stream, head, row)
             else:
@@ -290,11 +294,6 @@ class WatchHub:
         period = s.bookmark_interval * random.uniform(1 - s.bookmark_jitter, 1 + s.bookmark_jitter)
         self._wheel.schedule(stream, now, period)
 
-    def _keys_for(self, project: str, node_id: str, labels: dict[str, str]) -> set[str]:
-        keys = {node_key(node_id)}
-        keys.update(k for k, sel in self._selectors.get(project, {}).items() if sel.matches(labels))
-        return keys
-
     def _record(self, stream: WatchStream, revision: int, row: DesiredRow | None) -> None:
         stream.cursor = revision
         stream.last_effective = Effective.of(row) if row else None
@@ -304,7 +303,7 @@ class WatchHub:
     def _catch_up(self, stream: WatchStream) -> bytes:
         """The message that replaces a lagging stream's dropped queue."""
         head = self.position
-        row = resolve(self._latest.get(k) for k in stream.keys)
+        row = self.image.resolve(stream.keys)
         self._record(stream, head, row)
         return encoding.desired(head, row) + encoding.bookmark(head, closing=stream.closing)
 
@@ -368,51 +367,17 @@ class WatchHub:
             self._resolve_all()
             return True
         if pos.floor > self.floor:
-            self._forget_below(pos.floor)
-        self.floor = pos.floor
-        metrics.FLOOR.set(pos.floor)
+            self.image.forget_below(pos.floor)
+        metrics.FLOOR.set(self.floor)
         return False
 
-    def _forget_below(self, floor: int) -> None:
-        """Drop tombstones the floor has passed: retention deletes them, and every
-        cursor that could still need one is below the floor and gets a bootstrap."""
-        for key, row in list(self._latest.items()):
-            if row.kind is ChangeKind.UNASSIGN and row.revision < floor:
-                del self._latest[key]
-                parsed = parse_selector_key(key)
-                if parsed is not None:
-                    self._selectors.get(parsed[0], {}).pop(key, None)
-
     def _load(self, snapshot: FeedSnapshot) -> None:
-        self._latest = {}
-        self._nodes = {}
-        self._selectors = {}
-        for row in snapshot.rows:
-            self._remember(row)
-        self.epoch = snapshot.position.epoch
-        self.floor = snapshot.position.floor
+        self.image.load(snapshot)
         self._advance(snapshot.position.head)
-
-    def _remember(self, row: DesiredRow) -> bool:
-        """Update the image with one row; False (and no change) if the image already
-        holds a newer row of its key: the image never moves backwards."""
-        current = self._latest.get(row.key)
-        if current is not None and current.revision > row.revision:
-            return False
-        self._latest[row.key] = row
-        if row.kind is ChangeKind.NODE:
-            self._nodes[row.key.split(":", 1)[1]] = (row.project, dict(row.labels or {}))
-        elif row.kind is ChangeKind.REVOKED:
-            self._nodes.pop(row.key.split(":", 1)[1], None)
-        elif (parsed := parse_selector_key(row.key)) is not None and row.key not in self._selectors.get(
-            parsed[0], {}
-        ):
-            self._selectors.setdefault(parsed[0], {})[row.key] = parsed[1]
-        return True
 
     def _advance(self, position: int) -> None:
         # Only a reload (_load) may set a lower position: a new epoch's history.
-        self.position = position
+        self.image.position = position
         metrics.HEAD.set(position)
         self._progress.set()
         self._progress = asyncio.Event()
@@ -422,7 +387,7 @@ class WatchHub:
         affected: dict[WatchStream, int] = {}
         selectors: dict[str, int] = {}
         for row in rows:
-            if not self._remember(row):
+            if not self.image.remember(row):
                 continue
             if row.kind is ChangeKind.REVOKED:
                 for stream in self._streams.of_node(row.key.split(":", 1)[1]):
@@ -430,8 +395,9 @@ class WatchHub:
                 continue
             if row.kind is ChangeKind.NODE:
                 node_id = row.key.split(":", 1)[1]
+                labels = row.labels or {}
                 for stream in self._streams.of_node(node_id):
-                    self._relabel(stream, self._nodes[node_id][1])
+                    self._relabel(stream, dict(labels))
                     affected[stream] = row.revision
             elif row.key.startswith("node:"):
                 for stream in self._streams.of_node(row.key[5:]):
@@ -458,10 +424,10 @@ class WatchHub:
         # once, however many streams it goes to.
         effective: dict[int, Effective] = {}
         encoded: dict[tuple[int, int], bytes] = {}
-        latest = self._latest
+        image = self.image
         delivered = 0
         for stream, revision in affected.items():
-            row = resolve(latest.get(k) for k in stream.keys)
+            row = image.resolve(stream.keys)
             if row is None:
                 if stream.last_effective is None:
                     continue
@@ -484,7 +450,7 @@ class WatchHub:
     def _resolve_all(self) -> None:
         """After a reload: re-route every stream from the new image and send what changed."""
         for stream in self._streams:
-            info = self._nodes.get(stream.node_id)
+            info = self.image.node(stream.node_id)
             if info is None:
                 stream.abort(Unavailable("the node is gone from the control plane"))
                 continue
@@ -493,7 +459,7 @@ class WatchHub:
 
     def _relabel(self, stream: WatchStream, labels: dict[str, str]) -> None:
         self._streams.relabel(stream, labels)
-        stream.keys = self._keys_for(stream.project, stream.node_id, labels)
+        stream.keys = self.image.keys_for(stream.project, stream.node_id, labels)
 
     def _degrade(self) -> None:
         self.degraded = True

@@ -186,7 +186,7 @@ async def test_a_kept_seal_that_does_not_prove_the_chain_does_not_hide_a_removed
 ) -> None:
     """Someone without the key cuts the tail, rewrites the head to match and removes
     its seal, and leaves a kept seal beside it: the head's real seal from before the
-    cut, or one made up. Neither is taken: the start seals behind a second `trail.seal`
+    cut, or one made up. Neither is taken: the start seals behind a second `audit.seal`
     entry and verification names it."""
     await upgrade(engine)
     store = SqlStore(engine, KEY)

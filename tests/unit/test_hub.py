@@ -566,13 +566,14 @@ async def test_selectors_the_floor_has_buried_are_forgotten(
     feed.assign((SEL_PROD,), "d1")
     feed.unassign((SEL_PROD,))
     await hub.catch_up()
-    assert SEL_PROD in hub._selectors["p"]
+    prod = {"env": "prod"}
+    assert SEL_PROD in hub.image.keys_for("p", "a", prod)
     feed.node("b", {"env": "dev"})
     await hub.catch_up()
     feed.prune(feed.head)  # the tombstone is below the floor now, and gone from the log
     await hub.catch_up()
     assert hub.floor == hub.position  # followed, not rebuilt from a snapshot
-    assert SEL_PROD not in hub._selectors.get("p", {}) and SEL_PROD not in hub._latest
+    assert SEL_PROD not in hub.image.keys_for("p", "a", prod) and SEL_PROD not in hub.image.latest
     _, sink = open_stream("a")
     feed.assign((SEL_PROD,), "d2")  # the selector comes back: routed as before
     await hub.catch_up()

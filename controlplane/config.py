@@ -91,3 +91,11 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return self.url.startswith("sqlite")
+
+
+# The one place defaults live: `serve`'s options show and use these.
+DEFAULTS = Settings()
+
+
+def seconds(value: timedelta) -> float:
+    return value.total_seconds()

@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import click
 
+from controlplane.config import DEFAULTS, seconds
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 _OPTIONS = [
@@ -56,7 +58,7 @@ _OPTIONS = [
     click.option(
         "--max-bundle-bytes",
         type=click.IntRange(1),
-        default=256 * 1024 * 1024,
+        default=DEFAULTS.max_bundle_bytes,
         show_default=True,
         envvar="CONTROLPLANE_MAX_BUNDLE_BYTES",
         show_envvar=True,
@@ -64,7 +66,7 @@ _OPTIONS = [
     click.option(
         "--bundle-retention",
         type=click.FloatRange(0),
-        default=7 * 24 * 3600.0,
+        default=seconds(DEFAULTS.bundle_retention),
         show_default=True,
         envvar="CONTROLPLANE_BUNDLE_RETENTION",
         show_envvar=True,
@@ -73,7 +75,7 @@ _OPTIONS = [
     click.option(
         "--bundle-gc-interval",
         type=click.FloatRange(1),
-        default=3600.0,
+        default=seconds(DEFAULTS.bundle_gc_interval),
         show_default=True,
         envvar="CONTROLPLANE_BUNDLE_GC_INTERVAL",
         show_envvar=True,

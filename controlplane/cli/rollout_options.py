@@ -8,13 +8,15 @@ from typing import Any, TypeVar
 
 import click
 
+from controlplane.config import DEFAULTS, seconds
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 _OPTIONS = (
     click.option(
         "--rollout-tick",
         type=click.FloatRange(0.01, 60),
-        default=0.5,
+        default=seconds(DEFAULTS.rollout_tick),
         show_default=True,
         envvar="CONTROLPLANE_ROLLOUT_TICK",
         show_envvar=True,
@@ -23,7 +25,7 @@ _OPTIONS = (
     click.option(
         "--lease-ttl",
         type=click.FloatRange(1, 600),
-        default=15.0,
+        default=seconds(DEFAULTS.lease_ttl),
         show_default=True,
         envvar="CONTROLPLANE_LEASE_TTL",
         show_envvar=True,
@@ -32,7 +34,7 @@ _OPTIONS = (
     click.option(
         "--drift-interval",
         type=click.FloatRange(0.1, 3600),
-        default=10.0,
+        default=seconds(DEFAULTS.drift_interval),
         show_default=True,
         envvar="CONTROLPLANE_DRIFT_INTERVAL",
         show_envvar=True,
@@ -41,7 +43,7 @@ _OPTIONS = (
     click.option(
         "--drift-grace",
         type=click.FloatRange(0, 86400),
-        default=60.0,
+        default=seconds(DEFAULTS.drift_grace),
         show_default=True,
         envvar="CONTROLPLANE_DRIFT_GRACE",
         show_envvar=True,

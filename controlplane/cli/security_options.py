@@ -10,11 +10,18 @@ from typing import Any, TypeVar
 
 import click
 
+from controlplane.config import DEFAULTS, seconds
 from controlplane.domain.kernel.errors import InvalidArgument
 from controlplane.rpc.ratelimit import RateLimit, RateLimits
 
 F = TypeVar("F", bound=Callable[..., Any])
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _rate_defaults() -> str:
+    limits = [(name, DEFAULTS.rate_limits.of(name)) for name in RateLimits.__dataclass_fields__]
+    return " ".join(f"{name}={limit.rate:g}:{limit.burst:g}" for name, limit in limits)
+
 
 _OPTIONS = [
     click.option(
@@ -56,7 +63,7 @@ _OPTIONS = [
         # At most the default history retention: a revocation must stay in the log for
         # as long as tokens issued before it live (docs/security.md).
         type=click.FloatRange(60, 3600),
-        default=900.0,
+        default=seconds(DEFAULTS.node_token_ttl),
         show_default=True,
         envvar="CONTROLPLANE_NODE_TOKEN_TTL",
         show_envvar=True,
@@ -69,8 +76,7 @@ _OPTIONS = [
         envvar="CONTROLPLANE_RATE_LIMIT",
         show_envvar=True,
         help="CLASS=RATE[:BURST] calls per second per identity, CLASS one of operator, node, "
-        "anonymous, watch; 0 disables (repeatable). Defaults: operator=50:200 node=10:100 "
-        "anonymous=50:500 watch=1:20.",
+        f"anonymous, watch; 0 disables (repeatable). Defaults: {_rate_defaults()}.",
     ),
 ]
 

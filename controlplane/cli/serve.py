@@ -15,7 +15,7 @@ from controlplane.bootstrap import App
 from controlplane.cli.bundle_options import bundle_options, bundle_settings
 from controlplane.cli.rollout_options import rollout_options, rollout_settings
 from controlplane.cli.security_options import security_options, security_settings
-from controlplane.config import Settings
+from controlplane.config import DEFAULTS, Settings, seconds
 from controlplane.firststart import TRUSTED_KEYS_FILE, agent_command, write_trusted_keys
 from controlplane.watch.hub import HubSettings
 
@@ -67,7 +67,7 @@ def _run(settings: Settings) -> None:
 @click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
-    default=Path("data"),
+    default=DEFAULTS.data_dir,
     show_default=True,
     envvar="CONTROLPLANE_DATA_DIR",
     show_envvar=True,
@@ -75,7 +75,7 @@ def _run(settings: Settings) -> None:
 )
 @click.option(
     "--listen",
-    default="127.0.0.1:50051",
+    default=DEFAULTS.listen,
     show_default=True,
     envvar="CONTROLPLANE_LISTEN",
     show_envvar=True,
@@ -83,14 +83,14 @@ def _run(settings: Settings) -> None:
 )
 @click.option(
     "--database-url",
-    default="",
+    default=DEFAULTS.database_url,
     envvar="CONTROLPLANE_DATABASE_URL",
     show_envvar=True,
     help="postgresql+asyncpg://... (default: SQLite in the data dir).",
 )
 @click.option(
     "--metrics-listen",
-    default="127.0.0.1:9464",
+    default=DEFAULTS.metrics_listen,
     show_default=True,
     envvar="CONTROLPLANE_METRICS_LISTEN",
     show_envvar=True,
@@ -99,7 +99,7 @@ def _run(settings: Settings) -> None:
 @click.option(
     "--bookmark-interval",
     type=float,
-    default=15.0,
+    default=DEFAULTS.hub.bookmark_interval,
     show_default=True,
     envvar="CONTROLPLANE_BOOKMARK_INTERVAL",
     show_envvar=True,
@@ -108,7 +108,7 @@ def _run(settings: Settings) -> None:
 @click.option(
     "--stream-lifetime",
     type=(float, float),
-    default=(600.0, 1200.0),
+    default=(DEFAULTS.hub.lifetime_min, DEFAULTS.hub.lifetime_max),
     show_default=True,
     envvar="CONTROLPLANE_STREAM_LIFETIME",
     show_envvar=True,
@@ -117,7 +117,7 @@ def _run(settings: Settings) -> None:
 @click.option(
     "--offline-after",
     type=float,
-    default=30.0,
+    default=seconds(DEFAULTS.offline_after),
     show_default=True,
     envvar="CONTROLPLANE_OFFLINE_AFTER",
     show_envvar=True,
@@ -134,7 +134,7 @@ def _run(settings: Settings) -> None:
 @click.option(
     "--heartbeat-interval",
     type=float,
-    default=10.0,
+    default=seconds(DEFAULTS.heartbeat_interval),
     show_default=True,
     envvar="CONTROLPLANE_HEARTBEAT_INTERVAL",
     show_envvar=True,
@@ -143,7 +143,7 @@ def _run(settings: Settings) -> None:
 @click.option(
     "--retain-revisions",
     type=int,
-    default=10_000,
+    default=DEFAULTS.retain_revisions,
     show_default=True,
     envvar="CONTROLPLANE_RETAIN_REVISIONS",
     show_envvar=True,
@@ -152,7 +152,7 @@ def _run(settings: Settings) -> None:
 @click.option(
     "--retain-seconds",
     type=float,
-    default=3600.0,
+    default=seconds(DEFAULTS.retain_for),
     show_default=True,
     envvar="CONTROLPLANE_RETAIN_SECONDS",
     show_envvar=True,
@@ -161,7 +161,7 @@ def _run(settings: Settings) -> None:
 @click.option(
     "--prune-interval",
     type=float,
-    default=60.0,
+    default=seconds(DEFAULTS.prune_interval),
     show_default=True,
     envvar="CONTROLPLANE_PRUNE_INTERVAL",
     show_envvar=True,
@@ -169,7 +169,7 @@ def _run(settings: Settings) -> None:
 )
 @click.option(
     "--epoch-follows-timeline/--no-epoch-follows-timeline",
-    default=True,
+    default=DEFAULTS.epoch_follows_timeline,
     show_default=True,
     envvar="CONTROLPLANE_EPOCH_FOLLOWS_TIMELINE",
     show_envvar=True,
@@ -178,7 +178,7 @@ def _run(settings: Settings) -> None:
 )
 @click.option(
     "--audit-key",
-    default="",
+    default=DEFAULTS.audit_key,
     envvar="CONTROLPLANE_AUDIT_KEY",
     show_envvar=True,
     help="Hex HMAC key of the audit chain; default: <data-dir>/audit-key, made on first start.",

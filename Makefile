@@ -3,8 +3,11 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PYTEST := $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+# Two workers: each binds port 0 for its servers; the template database is per worker.
+WORKERS ?= -n 2
 
-.PHONY: run test check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-group-commit clean
+.PHONY: run test test-unit test-integration test-e2e test-for check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-group-commit clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,10 +19,30 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/controlplane serve
 
-## The whole test suite: unit, integration on SQLite and PostgreSQL, e2e with grpcurl and agents.
+## The whole test suite, every tier (what CI runs): unit, integration on SQLite and
+## PostgreSQL, e2e with grpcurl, real agents and proxies. Full Hypothesis strength.
 test: $(STAMP)
 	$(BIN)/python -m tests.support.postgres
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=ci $(PYTEST) tests/unit
+	HYPOTHESIS_PROFILE=ci $(PYTEST) $(WORKERS) tests/integration
+	HYPOTHESIS_PROFILE=ci $(PYTEST) $(WORKERS) tests/e2e
+
+## One tier at a time (budgets in CONTRIBUTING.md).
+test-unit: $(STAMP)
+	$(PYTEST) tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m tests.support.postgres
+	$(PYTEST) $(WORKERS) tests/integration
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m tests.support.postgres
+	$(PYTEST) $(WORKERS) tests/e2e
+
+## The unit and integration tests that import PKG (a path such as
+## controlplane/domain/bundles), on SQLite only: a developer's loop.
+test-for: $(STAMP)
+	$(PYTEST) -m "not postgres" $$($(BIN)/python -m scripts.tests_for $(PKG))
 
 ## Everything CI checks besides the tests.
 check: lint types buf gen-check imports

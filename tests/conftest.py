@@ -1,27 +1,100 @@
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from controlplane.bootstrap import App
 from controlplane.config import Settings
+from controlplane.store.engine import make_engine, upgrade
 from controlplane.watch.hub import HubSettings
-from tests.support import postgres
+from tests.support import postgres, profiles  # noqa: F401  (profiles: loads the Hypothesis profile)
 from tests.support.harness import Harness
 
+T = TypeVar("T")
 BACKENDS = ["sqlite", "postgres"]
+# Tests that use these fixtures run against PostgreSQL: they carry the `postgres` mark.
+_POSTGRES_FIXTURES = {"pg_url", "make_pg_harness", "pg_harness", "pg_template"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks from where a test is and what it runs on, so tiers and backends can be chosen
+    with -m: `unit`, `integration`, `e2e` by directory; `postgres` for every test that
+    needs the PostgreSQL server (a backend parameter or a PostgreSQL-only fixture)."""
+    for item in items:
+        tier = item.path.parent.name
+        if tier in ("unit", "integration", "e2e"):
+            item.add_marker(tier)
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "postgres" in params.values() or fixtures & _POSTGRES_FIXTURES:
+            item.add_marker("postgres")
+
+
+# -- databases --------------------------------------------------------------------------
+#
+# Migrations run once per test run (per xdist worker) into a template; each test that
+# needs a migrated database gets a copy of it (a file copy on SQLite, CREATE DATABASE ...
+# TEMPLATE on PostgreSQL), which is what makes ~400 server starts affordable.
+
+
+async def _migrate(url: str) -> None:
+    engine = make_engine(url)
+    try:
+        await upgrade(engine)
+        if url.startswith("sqlite"):
+            async with engine.connect() as conn:
+                # Everything into the main file, so copying that file copies the database.
+                await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        await engine.dispose()
+
+
+def _run_apart(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to the end on a loop of its own, in a thread: session fixtures are
+    first asked for from inside a test's running loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "controlplane.db"
+    _run_apart(_migrate(f"sqlite+aiosqlite:///{path}"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_template(worker_id: str) -> Iterator[str]:
+    """A migrated PostgreSQL database that tests copy (never use it directly)."""
+    _run_apart(postgres.ensure_running())
+    name = f"cp_template_{worker_id}_{secrets.token_hex(3)}"
+    url = _run_apart(postgres.create_database(name=name))
+    _run_apart(_migrate(url))
+    yield url
+    _run_apart(postgres.drop_database(url))
 
 
 @pytest.fixture(params=BACKENDS)
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh database on each backend: every integration test runs on both."""
-    if request.param == "sqlite":
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every integration test that takes a database runs on both."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh, empty database (no migrations) on each backend."""
+    if backend == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
         return
     await postgres.ensure_running()
@@ -33,9 +106,27 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 
 
 @pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    await postgres.ensure_running()
-    url = await postgres.create_database()
+async def migrated_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A database at the latest migration, copied from the run's template. On SQLite it is
+    the file a harness on `tmp_path` opens (`<data_dir>/controlplane.db`)."""
+    if backend == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+        target = tmp_path / "data" / "controlplane.db"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, target)
+        yield f"sqlite+aiosqlite:///{target}"
+        return
+    url = await postgres.create_database(template=request.getfixturevalue("pg_template"))
+    try:
+        yield url
+    finally:
+        await postgres.drop_database(url)
+
+
+@pytest.fixture
+async def pg_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A migrated PostgreSQL database (PostgreSQL-only tests)."""
+    url = await postgres.create_database(template=request.getfixturevalue("pg_template"))
     try:
         yield url
     finally:
@@ -96,9 +187,9 @@ class _Warnings(logging.Handler):
 
 
 @pytest.fixture
-async def make_harness(tmp_path: Path, database_url: str) -> AsyncIterator[HarnessFactory]:
+async def make_harness(tmp_path: Path, migrated_url: str) -> AsyncIterator[HarnessFactory]:
     """Start in-process control planes on this test's database (both backends)."""
-    async for factory in _harnesses(tmp_path, database_url):
+    async for factory in _harnesses(tmp_path, migrated_url):
         yield factory
 
 

@@ -43,6 +43,7 @@ from tests.support.harness import Harness, auth
 from tests.support.matrix import CASES, Case
 from tests.support.matrix import World as MatrixWorld
 from tests.support.matrix import world as matrix_world_of
+from tests.support.profiles import examples
 from tests.support.rpcs import Answer, Rpc, all_rpcs, answer, unless_lost
 
 RPCS = all_rpcs()
@@ -89,7 +90,7 @@ READS = ("Get", "List", "Watch", "Export", "Diff", "Verify", "Download", "IssueN
 UNAUDITED = {"Heartbeat": {"node_heartbeats"}}
 TABLES = sorted(metadata.tables.values(), key=lambda t: t.name)
 SETTINGS = settings(
-    max_examples=400,
+    max_examples=examples(400),
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -386,7 +387,7 @@ async def matrix_world(make_harness: HarnessFactory) -> AsyncIterator[MatrixWorl
     await w.close()
 
 
-@settings(SETTINGS, max_examples=200)
+@settings(SETTINGS, max_examples=examples(200))
 @given(data=st.data())
 async def test_near_valid_requests_to_every_rpc(matrix_world: MatrixWorld, data: st.DataObject) -> None:
     w = matrix_world

@@ -53,12 +53,14 @@ async def ensure_running() -> None:
     raise PostgresUnavailable(f"PostgreSQL did not come up at {ADMIN_DSN}")
 
 
-async def create_database() -> str:
-    """A fresh, empty database; returns its SQLAlchemy URL."""
-    name = f"cp_test_{secrets.token_hex(6)}"
+async def create_database(template: str = "", name: str = "") -> str:
+    """A fresh database, empty or a copy of `template` (a database's URL); returns its
+    SQLAlchemy URL."""
+    name = name or f"cp_test_{secrets.token_hex(6)}"
+    copy = f' TEMPLATE "{template.rsplit("/", 1)[1]}"' if template else ""
     conn = await asyncpg.connect(ADMIN_DSN)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"{copy}')
     finally:
         await conn.close()
     base = ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")

@@ -54,6 +54,7 @@ from controlplane.domain.model.desired import ChangeKind, DesiredRow
 from controlplane.watch.hub import HubSettings, WatchHub
 from controlplane.watch.stream import MAX_PENDING, WatchStream
 from tests.support.memfeed import MemoryFeed
+from tests.support.profiles import examples
 from tests.support.sinks import RecordingSink
 
 # Small domains make collisions (the interesting cases) frequent.
@@ -442,7 +443,7 @@ class HubMachine(RuleBasedStateMachine):
 def test_hub_guarantees() -> None:
     REACHED.clear()
     run_state_machine_as_test(
-        HubMachine, settings=settings(max_examples=300, stateful_step_count=40, deadline=None)
+        HubMachine, settings=settings(max_examples=examples(300), stateful_step_count=40, deadline=None)
     )
     missing = MUST_REACH - REACHED
     assert not missing, f"the state machine never reached: {sorted(missing)}"

@@ -54,6 +54,7 @@ from controlplane.domain.model.rollouts import (
 )
 from controlplane.domain.rollouts import machine
 from controlplane.domain.rollouts.run import IllegalTransition, Run
+from tests.support.profiles import examples
 from tests.support.rollouts import MID, NEW, OLD, T0, FakeFleet, fresh, make_run, make_spec, nodes, tick
 
 BAD = NodeMetrics(Health.UNHEALTHY, error_rate=0.5, p99_latency_ms=900)
@@ -365,5 +366,5 @@ class RolloutMachine(RuleBasedStateMachine):
                 assert now is not None and now[0] == NEW, f"SUCCEEDED: {node.node_id} is meant to run {now}"
 
 
-RolloutMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=80, deadline=None)
+RolloutMachine.TestCase.settings = settings(max_examples=examples(300), stateful_step_count=80, deadline=None)
 TestRolloutMachine = RolloutMachine.TestCase

@@ -7,7 +7,7 @@ PYTEST := $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 # Two workers: each binds port 0 for its servers; the template database is per worker.
 WORKERS ?= -n 2
 
-.PHONY: run test test-unit test-integration test-e2e test-for check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-group-commit clean
+.PHONY: run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-group-commit clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,7 +45,7 @@ test-for: $(STAMP)
 	$(PYTEST) -m "not postgres" $$($(BIN)/python -m scripts.tests_for $(PKG))
 
 ## Everything CI checks besides the tests.
-check: lint types buf gen-check imports
+check: lint types buf gen-check imports kept
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .
@@ -69,6 +69,10 @@ gen-check: $(STAMP)
 
 imports: $(STAMP)
 	$(BIN)/lint-imports
+
+## Every test id ever kept is still collected, or mapped to the test that covers it.
+kept: $(STAMP)
+	$(BIN)/python -m scripts.check_test_ids
 
 ## Benchmarks (docs/benchmarks.md): not tests; they print numbers and write .bench-out/.
 bench-seed: $(STAMP)

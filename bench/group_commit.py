@@ -1,5 +1,5 @@
 """What a heartbeat and a status report cost, one at a time and many at once (group
-commit shares a transaction between concurrent callers; domain/group_commit.py).
+commit shares a transaction between concurrent callers; domain/fleet/group_commit.py).
 
     python -m bench.group_commit [--nodes 100] [--rounds 5] [--concurrency 1,50]
                                  [--database-url postgresql+asyncpg://...]

@@ -59,7 +59,7 @@ class SqlAuditLog:
         after: Mapping[str, Any] | None = None,
     ) -> None:
         # Who and which request are taken now: a group commit records entries for
-        # several callers in one transaction (domain/group_commit.py). The time is taken
+        # several callers in one transaction (domain/fleet/group_commit.py). The time is taken
         # when the entries are chained (`flush`).
         self._recorded.append(
             AuditEntry(
@@ -88,7 +88,7 @@ class SqlAuditLog:
 
     async def seal(self) -> None:
         """Seal an unsealed head now (the start calls it): restored from a kept seal if
-        one proves it, else behind an `audit.seal` entry (domain/audit.py)."""
+        one proves it, else behind an `audit.seal` entry (domain/audit/chain.py)."""
         await self._chain([])
 
     async def _chain(self, recorded: list[AuditEntry]) -> None:

@@ -1,4 +1,4 @@
-"""The periodic bundle garbage collection (see domain/bundle_gc.py for what it takes)."""
+"""The periodic bundle garbage collection (see domain/bundles/gc.py for what it takes)."""
 
 from __future__ import annotations
 

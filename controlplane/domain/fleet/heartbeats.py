@@ -1,4 +1,4 @@
-"""Heartbeats, group-committed (domain/group_commit.py).
+"""Heartbeats, group-committed (domain/fleet/group_commit.py).
 
 A batch is a few statements whatever its size: the nodes' latest metrics and each beat in
 its node's history ring. The answer still means "stored", an unknown node still gets

@@ -31,7 +31,7 @@ audit_log = Table(
 # transactions; the seal makes a cut tail with a rewritten head detectable.
 # Row KEPT_SEAL_ROW, rarely: the seal a downgrade below migration 0006 kept aside (`mac`
 # holds the seal, `seq` the head's seq then), until an upgrade or the start restores it
-# (domain/audit.py, `reseal`).
+# (domain/audit/chain.py, `reseal`).
 audit_head = Table(
     "audit_head",
     metadata,

@@ -40,7 +40,7 @@ bundle_details = Table(
     Column("digest", String(80), nullable=False),
     # [[path, size, sha256, executable, link], ...]
     Column("manifest", Json, nullable=False),
-    # Listeners, routes, upstreams, TLS/auth/rate-limit blocks (archives/kdl_config.py).
+    # Listeners, routes, upstreams, TLS/auth/rate-limit blocks (domain/bundles/archive/kdl_config.py).
     Column("structure", Json, nullable=False),
     PrimaryKeyConstraint("project", "digest"),
 )

@@ -42,7 +42,7 @@ projects = Table(
     metadata,
     Column("name", String(63), primary_key=True),
     Column("created_at", UTCDateTime, nullable=False),
-    # The rollout policy (domain/project_policy.py); migration 0008.
+    # The rollout policy (domain/model/policy.py); migration 0008.
     Column("min_approvals", Integer, nullable=False, server_default="0"),
 )
 

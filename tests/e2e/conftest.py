@@ -21,7 +21,6 @@ from tests.support.processes import (
     AgentProcess,
     ControlClient,
     ServerProcess,
-    free_port,
 )
 
 AgentFactory = Callable[..., AgentProcess]
@@ -54,7 +53,7 @@ async def server(
         await postgres.ensure_running()
         url = await postgres.create_database()
         extra = ("--database-url", url, *extra)
-    srv = ServerProcess(tmp_path / "server", metrics_port=free_port(), extra_args=extra)
+    srv = ServerProcess(tmp_path / "server", metrics_port=0, extra_args=extra)
     try:
         await srv.start()
         yield srv

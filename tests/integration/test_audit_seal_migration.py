@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from alembic import command
@@ -17,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from controlplane.api.audit.v1 import audit_pb2 as apb
 from controlplane.domain.audit import chain, trail
 from controlplane.domain.model import audit as audit_model
-from controlplane.store.engine import alembic_config, make_engine, sqlite_url, upgrade
+from controlplane.store.engine import alembic_config, make_engine, upgrade
 from controlplane.store.schema.audit import audit_head, audit_log
 from controlplane.store.sql import SqlStore
 from tests.conftest import HarnessFactory
@@ -80,7 +79,7 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 async def test_a_store_upgraded_from_before_seals_verifies_from_its_first_start(
-    tmp_path: Path, database_url: str, make_harness: HarnessFactory
+    migrated_url: str, make_harness: HarnessFactory
 ) -> None:
     """A deployment from before 0006 (its data directory made, its chain unsealed) starts
     on the new code: VerifyAuditChain passes at once, without any write — the start
@@ -89,8 +88,7 @@ async def test_a_store_upgraded_from_before_seals_verifies_from_its_first_start(
     await first.close()
     await first.app.stop()
     # The database as code from before 0006 left it: schema 0005, three entries, no seal.
-    url = database_url if database_url.startswith("postgresql") else sqlite_url(tmp_path / "data")
-    engine = make_engine(url)
+    engine = make_engine(migrated_url)  # the harnesses' database
     try:
         await downgrade(engine, "0005")
         async with engine.begin() as conn:

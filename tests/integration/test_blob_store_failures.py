@@ -17,9 +17,8 @@ from controlplane.domain.audit.context import acting_as, system
 from controlplane.domain.kernel.errors import BlobStoreUnavailable
 from tests.support.bundles import create
 from tests.support.harness import Harness
-from tests.support.processes import free_port
 from tests.support.refusals import expect
-from tests.support.s3 import S3Endpoint, client, moto_s3, new_bucket
+from tests.support.s3 import S3Endpoint, client, moto_s3, new_bucket, nobody_listens
 
 __all__ = ["moto_s3"]
 
@@ -115,9 +114,10 @@ async def test_an_s3_endpoint_that_is_down_is_the_blob_store_failing(make_harnes
     """Nothing listens where the endpoint should be: the server still starts (agents
     can watch), and a push is UNAVAILABLE naming botocore's error once its retries are
     spent, with nothing written."""
-    down = S3Endpoint(f"http://127.0.0.1:{free_port()}", bucket="gone")
-    harness: Harness = await make_harness(**down.settings("bundles"))
-    refused = "the blob store failed (EndpointConnectionError); retry"
-    await expect(grpc.StatusCode.UNAVAILABLE, create(harness.bundles, {"main.kdl": b"a 1\n"}), refused)
-    listed = await harness.bundles.ListBundles(bpb.ListBundlesRequest(project="default"))
-    assert list(listed.bundles) == []
+    with nobody_listens() as url:
+        down = S3Endpoint(url, bucket="gone")
+        harness: Harness = await make_harness(**down.settings("bundles"))
+        refused = "the blob store failed (EndpointConnectionError); retry"
+        await expect(grpc.StatusCode.UNAVAILABLE, create(harness.bundles, {"main.kdl": b"a 1\n"}), refused)
+        listed = await harness.bundles.ListBundles(bpb.ListBundlesRequest(project="default"))
+        assert list(listed.bundles) == []

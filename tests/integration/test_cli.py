@@ -13,7 +13,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from controlplane.cli.main import cli
-from tests.support.processes import ServerProcess, free_port, wait_until
+from tests.support.processes import ServerProcess, wait_until
 
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
@@ -50,7 +50,7 @@ def test_assign_needs_exactly_one_target() -> None:
 async def test_serve_reads_the_environment_and_prints_a_working_agent_command(tmp_path: Path) -> None:
     """`controlplane serve` with CONTROLPLANE_DATA_DIR, _LISTEN, _METRICS_LISTEN, ... and no
     flags; the agent command line it prints is run as printed and connects."""
-    server = ServerProcess(tmp_path / "from-env", metrics_port=free_port(), via_environment=True)
+    server = ServerProcess(tmp_path / "from-env", metrics_port=0, via_environment=True)
     agent: asyncio.subprocess.Process | None = None
     try:
         await server.start()  # ready once it says so and Health answers on the address from the environment

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -77,12 +76,6 @@ def open_channel(address: str, tls: ClientTls | None = None, options: Sequence[t
     return grpc.aio.secure_channel(address, tls.credentials(), options=list(options))
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -120,13 +113,19 @@ async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
 
 @dataclass
 class ServerProcess:
-    """`controlplane serve` on a fixed port and data dir, restartable in place."""
+    """`controlplane serve` on a data dir, restartable in place.
+
+    The first start binds port 0 (and, with `metrics_port=0`, a metrics port 0) and reads
+    the ports the server prints; later starts bind the same ports again, where agents
+    expect the server. Never "find a free port, then bind": parallel workers would race
+    for it."""
 
     data_dir: Path
     port: int = 0
     bookmark_interval: float = 1.0
     # Told to agents in every Heartbeat reply.
     heartbeat_interval: float = 1.0
+    # None: no metrics endpoint; 0: one on a port the server picks.
     metrics_port: int | None = None
     extra_args: Sequence[str] = ()
     # For a server started with --tls-cert: how the test's own clients reach it.
@@ -137,7 +136,6 @@ class ServerProcess:
     starts: int = 0
 
     def __post_init__(self) -> None:
-        self.port = self.port or free_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -146,7 +144,7 @@ class ServerProcess:
 
     @property
     def log_path(self) -> Path:
-        return self.data_dir.parent / f"server-{self.port}.log"
+        return self.data_dir.parent / f"{self.data_dir.name}.log"
 
     @property
     def token(self) -> str:
@@ -172,7 +170,7 @@ class ServerProcess:
 
     async def start(self, timeout: float = 20.0) -> None:
         assert not self.running, "server already running"
-        metrics = f"127.0.0.1:{self.metrics_port}" if self.metrics_port else ""
+        metrics = "" if self.metrics_port is None else f"127.0.0.1:{self.metrics_port}"
         options = {
             "data-dir": str(self.data_dir),
             "listen": self.address,
@@ -194,7 +192,13 @@ class ServerProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{_tail(self.log_path)}")
             text = self.log_path.read_bytes()[mark:].decode(errors="replace")
-            assert "controlplane serving on" in text, "not serving yet"
+            serving = re.search(r"controlplane serving on \S+ \(port (\d+)\)", text)
+            assert serving, "not serving yet"
+            self.port = int(serving.group(1))
+            if self.metrics_port is not None:
+                found = re.search(r"metrics on http://[^:/]+:(\d+)/metrics", text)
+                assert found, "no metrics address printed yet"
+                self.metrics_port = int(found.group(1))
             await self.health()
 
         await wait_until(ready, timeout, "server start")

@@ -8,8 +8,9 @@ makes a fresh bucket per test and yields the settings a `S3BlobStore` or `serve
 from __future__ import annotations
 
 import contextlib
-import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -23,8 +24,6 @@ from typing import Any
 
 import pytest
 from aiobotocore.session import get_session
-
-from tests.support.processes import free_port
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
@@ -55,6 +54,31 @@ class S3Endpoint:
         }
 
 
+def _printed_url(log: Path, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"Running on (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))
+        if found:
+            return found.group(1)
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"moto_server printed no address within {timeout}s")
+
+
+def nobody_listens() -> contextlib.AbstractContextManager[str]:
+    """An http:// URL on a loopback port this process holds bound but never listens on:
+    connecting is refused for as long as the block runs."""
+
+    @contextlib.contextmanager
+    def held() -> Iterator[str]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    return held()
+
+
 def _wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,20 +95,16 @@ def _wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> 
 
 
 @pytest.fixture(scope="session")
-def moto_s3() -> Iterator[S3Endpoint]:
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
     # The one installed with this interpreter first, whether or not its bin is on PATH.
     binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
     if binary is None:
         pytest.fail("moto_server is not installed (pip install 'moto[server]')")
-    port = free_port()
-    env = dict(os.environ)
-    proc = subprocess.Popen(
-        [binary, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as out:
+        # Port 0: the server picks one and prints it (never "find a free port, then bind").
+        proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", "0"], stdout=out, stderr=subprocess.STDOUT)
+    url = _printed_url(log, proc)
     try:
         _wait_up(url, proc)
         yield S3Endpoint(url)

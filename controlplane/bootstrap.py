@@ -38,7 +38,7 @@ from controlplane.domain.kernel.clock import utcnow
 from controlplane.domain.kernel.errors import NotFound
 from controlplane.domain.kernel.wakeup import Wakeup
 from controlplane.domain.leases import Leases
-from controlplane.domain.ports import BlobStore
+from controlplane.domain.ports import BlobStore, Clock
 from controlplane.domain.projects import ProjectDirectory
 from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.controller import RolloutController
@@ -83,8 +83,11 @@ class StartInfo:
 
 
 class App:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, clock: Clock = utcnow):
         self.settings = settings
+        # Every time-driven rule reads this clock (bakes, leases, offline detection,
+        # retention, expiries): tests move it instead of waiting.
+        self.clock = clock
         self._periodic: list[Periodic] = []
         self._listener: PgListener | None = None
         self._stopped = False
@@ -109,7 +112,7 @@ class App:
         undo.push_async_callback(self.engine.dispose)
         await upgrade(self.engine)
         audit_key = firststart.audit_key(s)
-        self.store = SqlStore(self.engine, audit_key)
+        self.store = SqlStore(self.engine, audit_key, self.clock)
         # Before anything reads or writes: verification passes from the first moment.
         await seal_audit_head(self.store)
         self.feed = SqlChangeFeed(self.engine, s.epoch_follows_timeline)
@@ -123,10 +126,10 @@ class App:
         # Rung by whatever should make the rollout driver look now: a status report
         # (a step may be complete), an operator's change, another replica's NOTIFY.
         rollouts_due = Wakeup()
-        self.projects = ProjectDirectory(self.store, utcnow)
+        self.projects = ProjectDirectory(self.store, self.clock)
         self.nodes = NodeRegistry(
             self.store,
-            utcnow,
+            self.clock,
             view=self.hub,
             ledger=self.hub,
             notify=self.hub.wake,
@@ -134,11 +137,11 @@ class App:
             on_nack=watch_metrics.count_nack,
             on_report=rollouts_due,
         )
-        self.writer = DesiredStateWriter(self.store, utcnow, self.hub.wake, self.hub)
+        self.writer = DesiredStateWriter(self.store, self.clock, self.hub.wake, self.hub)
         self.blobs = await _blob_store(s)
         undo.push_async_callback(self.blobs.close)
         signer = firststart.signer(s)
-        self.signing_keys = KeyDirectory(self.store, utcnow, signer, self.hub.wake)
+        self.signing_keys = KeyDirectory(self.store, self.clock, signer, self.hub.wake)
         allowed = frozenset(s.validator_allow)
         # KDL is parsed in worker processes (ckdl holds the GIL), started on first use:
         # one per pipeline slot, so every bundle being validated has its own.
@@ -147,7 +150,7 @@ class App:
         self.bundles = BundleRegistry(
             self.store,
             self.blobs,
-            utcnow,
+            self.clock,
             staging_dir=s.data_dir / "staging",
             signer=signer,
             allowed_programs=allowed,
@@ -156,15 +159,15 @@ class App:
         )
         self.bundles.clean_staging()
         self.lifecycle = BundleLifecycle(
-            self.store, self.blobs, utcnow, self.hub, s.data_dir / "staging", allowed
+            self.store, self.blobs, self.clock, self.hub, s.data_dir / "staging", allowed
         )
-        self.blob_collector = BlobCollector(self.store, self.blobs, utcnow, s.bundle_retention)
+        self.blob_collector = BlobCollector(self.store, self.blobs, self.clock, s.bundle_retention)
         self._build_rollouts(rollouts_due)
         token, created = await firststart.enrollment_token(self.projects, s.data_dir)
-        self.api_keys = ApiKeyRegistry(self.store, utcnow)
+        self.api_keys = ApiKeyRegistry(self.store, self.clock)
         admin_key = await firststart.admin_key(self.api_keys, s.data_dir)
-        self.enrollment = EnrollmentTokens(self.store, utcnow)
-        self.credentials = NodeCredentials(self.store, utcnow, self.hub, self.hub.wake, self.revocations)
+        self.enrollment = EnrollmentTokens(self.store, self.clock)
+        self.credentials = NodeCredentials(self.store, self.clock, self.hub, self.hub.wake, self.revocations)
         self.tokens = NodeTokens(firststart.token_keyring(s), self.revocations, s.node_token_ttl)
         self.authenticator = Authenticator(self.api_keys, self.tokens, self.credentials)
         scopes = ScopeFinder({"node_id": CachedResolver(self._node_project), "key_id": self._key_projects})
@@ -275,12 +278,12 @@ class App:
     def _build_rollouts(self, rollouts_due: Wakeup) -> None:
         s = self.settings
         self.rollout_bus = RolloutBus()
-        self.leases = Leases(self.store, utcnow, ttl=s.lease_ttl)
+        self.leases = Leases(self.store, self.clock, ttl=s.lease_ttl)
         # Gates call a heartbeat stale past --gate-stale-after (default: once the node
         # would be marked offline).
         self.rollouts = RolloutController(
             self.store,
-            utcnow,
+            self.clock,
             self.hub,
             self.hub.wake,
             self.rollout_bus,
@@ -288,12 +291,12 @@ class App:
             stale_after=s.gate_staleness,
         )
         self.rollout_directory = RolloutDirectory(
-            self.store, utcnow, self.hub, self.hub.wake, self.rollout_bus, rollouts_due
+            self.store, self.clock, self.hub, self.hub.wake, self.rollout_bus, rollouts_due
         )
         self.driver = RolloutDriver(
             self.rollouts, self.leases, s.rollout_tick.total_seconds(), record_pass, wakeup=rollouts_due
         )
-        self.drift = DriftDetector(self.store, utcnow, self.hub, self.hub.wake, grace=s.drift_grace)
+        self.drift = DriftDetector(self.store, self.clock, self.hub, self.hub.wake, grace=s.drift_grace)
         self.rollout_tasks = RolloutTasks(
             self.driver,
             self.store,

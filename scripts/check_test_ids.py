@@ -1,7 +1,7 @@
 """Check that every test id in tests/kept.txt is still collected, or mapped to one that is.
 
-    python -m scripts.check_test_ids          # fail, naming each id that went missing
-    python -m scripts.check_test_ids --add    # also append ids collected but not listed
+python -m scripts.check_test_ids          # fail, naming each id that went missing
+python -m scripts.check_test_ids --add    # also append ids collected but not listed
 """
 
 from __future__ import annotations
@@ -41,8 +41,11 @@ def main(argv: list[str]) -> int:
         if (new or old) not in now:
             missing.append(f"{old} -> {new}" if new else old)
     if missing:
-        print(f"{len(missing)} kept test id(s) are not collected any more; map each to the test that", file=sys.stderr)
-        print("covers it now in tests/kept.txt (OLD -> NEW):", file=sys.stderr)
+        print(
+            f"{len(missing)} kept test id(s) are not collected any more; map each to the test",
+            "that covers it now in tests/kept.txt (OLD -> NEW):",
+            file=sys.stderr,
+        )
         for item in missing:
             print(f"  {item}", file=sys.stderr)
         return 1

@@ -15,6 +15,8 @@ import pytest
 
 from controlplane.bootstrap import App
 from controlplane.config import Settings
+from controlplane.domain.kernel.clock import utcnow
+from controlplane.domain.ports import Clock
 from controlplane.store.engine import make_engine, upgrade
 from controlplane.watch.hub import HubSettings
 from tests.support import postgres, profiles  # noqa: F401  (profiles: loads the Hypothesis profile)
@@ -152,9 +154,11 @@ HarnessFactory = Callable[..., Awaitable[Harness]]
 async def _harnesses(tmp_path: Path, url: str) -> AsyncIterator[HarnessFactory]:
     started: list[Harness] = []
 
-    async def make(**overrides: Any) -> Harness:
+    async def make(clock: Clock = utcnow, **overrides: Any) -> Harness:
+        """A control plane on the test's database; `clock` (tests/support/clock.py) is
+        what its time-driven rules read."""
         settings = fast_settings(tmp_path, url, **overrides)
-        app = App(settings)
+        app = App(settings, clock)
         info = await app.start()
         assert info.enrollment_token
         harness = Harness(app, f"127.0.0.1:{info.port}", info.enrollment_token)

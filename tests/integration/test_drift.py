@@ -6,19 +6,33 @@ resolution once the node converges. SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 
 from controlplane.api.rollout.v1 import drift_pb2
 from tests.conftest import HarnessFactory
+from tests.support.clock import TestClock
 from tests.support.harness import Harness
 from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running
 
+# Drift is judged on the server's clock, which these tests move: an hour's grace is
+# passed by a jump, not waited for (sweeps still run every half second of real time).
+GRACE = timedelta(hours=1)
+
 
 @pytest.fixture
-async def plane(make_harness: HarnessFactory) -> Harness:
-    return await make_harness(**FAST)
+def clock() -> TestClock:
+    return TestClock()
+
+
+@pytest.fixture
+async def plane(make_harness: HarnessFactory, clock: TestClock) -> Harness:
+    return await make_harness(
+        clock=clock, **{**FAST, "drift_grace": GRACE, "offline_after": timedelta(days=1)}
+    )
 
 
 def counter(name: str) -> float:
@@ -41,7 +55,7 @@ async def until(check, timeout: float = 20.0, what: str = "condition"):  # type:
     raise AssertionError(f"{what} not reached within {timeout}s")
 
 
-async def test_one_episode_per_drift_resolved_on_convergence(plane: Harness) -> None:
+async def test_one_episode_per_drift_resolved_on_convergence(plane: Harness, clock: TestClock) -> None:
     async with running(fleet(plane.address, plane.token, 2)) as sim:
         rollouts = Rollouts(plane.channel)
         stuck = sim.nodes[0]
@@ -49,11 +63,15 @@ async def test_one_episode_per_drift_resolved_on_convergence(plane: Harness) -> 
         stuck.rejects.add(v1)
         opened_before = counter("controlplane_drift_episodes_total")
         await plane.assign(v1, selector="env=prod")
+        await until(lambda: _refused(stuck, v1), what="the node refusing the bundle")
+        await asyncio.sleep(1.0)  # sweeps see the mismatch (the grace runs from then): no episode yet
+        assert await episodes(rollouts) == []
+        clock.advance(GRACE)
         found = await until(lambda: episodes(rollouts), what="a drift episode")
         assert [e.node_id for e in found] == [stuck.node_id]
         assert found[0].desired_digest == v1 and found[0].applied_digest == ""
         # Sweeps keep seeing it: still one episode, one count.
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(1.2)
         assert len(await episodes(rollouts)) == 1
         assert counter("controlplane_drift_episodes_total") - opened_before == 1
         assert counter("controlplane_drift_open_episodes") >= 1
@@ -73,13 +91,18 @@ async def _resolved(rollouts: Rollouts) -> drift_pb2.DriftEvent | None:
     return next((e for e in await episodes(rollouts) if e.resolved_at.seconds), None)
 
 
-async def test_remediation_reasserts_the_desired_state_once_per_attempt(plane: Harness) -> None:
+async def test_remediation_reasserts_the_desired_state_once_per_attempt(
+    plane: Harness, clock: TestClock
+) -> None:
     async with running(fleet(plane.address, plane.token, 2)) as sim:
         rollouts = Rollouts(plane.channel)
         stuck = sim.nodes[0]
         v1 = await plane.upload(archive("v1"))
         stuck.rejects.add(v1)
         await plane.assign(v1, selector="env=prod")
+        await until(lambda: _refused(stuck, v1), what="the node refusing the bundle")
+        await asyncio.sleep(1.0)  # a sweep sees the mismatch first: the grace runs from then
+        clock.advance(GRACE)
         await until(lambda: episodes(rollouts), what="a drift episode")
 
         # A rollout holding the node (awaiting approval) keeps remediation away from it.
@@ -87,7 +110,8 @@ async def test_remediation_reasserts_the_desired_state_once_per_attempt(plane: H
         await rollouts.drift.UpdateDriftSettings(
             drift_pb2.UpdateDriftSettingsRequest(project="default", remediate=True)
         )
-        await asyncio.sleep(2.0)
+        clock.advance(GRACE)
+        await asyncio.sleep(1.2)  # sweeps past the grace: still none for a held node
         assert (await episodes(rollouts))[0].remediations == 0
         assert sum(1 for o in stuck.observed if o.digest == v1) == 1
         await rollouts.stub.CancelRollout(pb.CancelRolloutRequest(project="default", rollout_id=waiting.id))
@@ -95,13 +119,21 @@ async def test_remediation_reasserts_the_desired_state_once_per_attempt(plane: H
         # Free again: re-asserted, at most a few times however long it stays stuck.
         first = await until(lambda: _remediated(rollouts, 1), what="a remediation")
         assert first.remediations == 1
+        await asyncio.sleep(1.2)  # one per grace period, however many sweeps
+        assert (await episodes(rollouts))[0].remediations == 1
+        clock.advance(GRACE)
         await until(lambda: _remediated(rollouts, 2), what="a second remediation")
         assert sum(1 for o in stuck.observed if o.digest == v1) >= 2
         stuck.rejects.clear()
+        clock.advance(GRACE)  # the next re-assertion is the one the node now takes
         resolved = await until(lambda: _resolved(rollouts), timeout=30, what="convergence after remediation")
         assert resolved.resolution == "converged" and 2 <= resolved.remediations <= 3
         assert stuck.digest == v1
         assert len(await episodes(rollouts)) == 1
+
+
+async def _refused(node: Any, digest: str) -> bool:
+    return any(o.digest == digest for o in node.observed)
 
 
 async def _remediated(rollouts: Rollouts, count: int) -> drift_pb2.DriftEvent | None:

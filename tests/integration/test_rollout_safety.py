@@ -20,6 +20,7 @@ from controlplane.api.audit.v1 import audit_pb2
 from controlplane.api.bundle.v1 import bundle_pb2
 from controlplane.api.identity.v1 import identity_pb2
 from tests.conftest import HarnessFactory
+from tests.support.clock import TestClock
 from tests.support.harness import Harness
 from tests.support.refusals import expect
 from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running, seconds
@@ -31,8 +32,12 @@ async def plane(make_harness: HarnessFactory) -> Harness:
 
 
 def at(delta: timedelta) -> Timestamp:
+    return stamp(datetime.now(UTC) + delta)
+
+
+def stamp(when: datetime) -> Timestamp:
     ts = Timestamp()
-    ts.FromDatetime(datetime.now(UTC) + delta)
+    ts.FromDatetime(when)
     return ts
 
 
@@ -283,34 +288,44 @@ async def test_approvals_need_distinct_operators_other_than_the_creator(plane: H
         assert done.rollout.state == pb.ROLLOUT_STATE_REJECTED and "not today" in done.rollout.reason
 
 
-async def test_scheduled_rollouts_start_on_time_and_can_be_cancelled_while_waiting(plane: Harness) -> None:
+async def test_scheduled_rollouts_start_on_time_and_can_be_cancelled_while_waiting(
+    make_harness: HarnessFactory,
+) -> None:
+    """Time is the server's clock, moved by the test: a rollout scheduled an hour ahead
+    starts on the first driver pass once the clock reaches its time, not before, and one
+    cancelled while it waited never starts. Heartbeats stay fresh across the jump (offline
+    and gate staleness far longer than it), so only the schedule is under test."""
+    clock = TestClock()
+    plane = await make_harness(clock=clock, **{**FAST, "offline_after": timedelta(days=1)})
     async with running(fleet(plane.address, plane.token, 2)) as sim:
-        v1 = await plane.upload(archive("v1"))
+        v0, v1 = await plane.upload(archive("v0")), await plane.upload(archive("v1"))
         rollouts = Rollouts(plane.channel)
-        when = datetime.now(UTC) + timedelta(seconds=2)
-        ts = Timestamp()
-        ts.FromDatetime(when)
-        waiting = await rollouts.create(v1, scheduled_at=ts, strategy=pb.STRATEGY_ALL_AT_ONCE)
+        waiting = await rollouts.create(
+            v0, scheduled_at=stamp(clock() + timedelta(hours=1)), strategy=pb.STRATEGY_ALL_AT_ONCE
+        )
         cancelled = await rollouts.stub.CancelRollout(
             pb.CancelRolloutRequest(project="default", rollout_id=waiting.id, reason="wrong bundle")
         )
         assert cancelled.rollout.state == pb.ROLLOUT_STATE_CANCELLED
-        await asyncio.sleep(2.5)
-        assert {n.digest for n in sim.nodes} == {""}
-
-        when = datetime.now(UTC) + timedelta(seconds=2)
-        ts.FromDatetime(when)
-        scheduled = await rollouts.create(v1, scheduled_at=ts, strategy=pb.STRATEGY_ALL_AT_ONCE)
+        when = clock() + timedelta(hours=2)
+        scheduled = await rollouts.create(v1, scheduled_at=stamp(when), strategy=pb.STRATEGY_ALL_AT_ONCE)
         assert scheduled.state == pb.ROLLOUT_STATE_PENDING
+        clock.advance(timedelta(hours=2) - timedelta(seconds=10))  # ten seconds short of it
+        for _ in range(5):  # several driver passes (the tick is 0.1 s): nothing starts
+            await asyncio.sleep(FAST["rollout_tick"].total_seconds())
+            assert (await rollouts.get(scheduled.id)).state == pb.ROLLOUT_STATE_PENDING
+        clock.advance(when - clock())
         seen = await rollouts.watch(scheduled.id)
         assert seen.last_state == pb.ROLLOUT_STATE_SUCCEEDED
         done = await rollouts.get(scheduled.id)
         # At the scheduled time, not merely after it: on the first driver pass at or past
         # it — one tick, plus a pass already running, plus slack for a busy machine.
         started = done.started_at.ToDatetime(tzinfo=UTC)
-        tolerance = FAST["rollout_tick"] + timedelta(seconds=1)
-        assert when <= started <= when + tolerance, (when, started)
+        assert when <= started <= when + FAST["rollout_tick"] + timedelta(seconds=1), (when, started)
         assert {n.digest for n in sim.nodes} == {v1}
+        never = await rollouts.get(waiting.id)
+        assert never.state == pb.ROLLOUT_STATE_CANCELLED and not never.HasField("started_at")
+        assert not any(step.revision for step in never.steps)
 
 
 async def test_pinned_nodes_are_skipped_and_reported(plane: Harness) -> None:

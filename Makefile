@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-group-commit clean
+.PHONY: run test check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-group-commit bench-etcd clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ bench-seed: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.watch $(BENCH_ARGS)
+
+## etcd, the control plane and a bare grpc.aio server under one Go load generator; needs
+## Debian's etcd-server, golang-go, golang-google-grpc-dev and golang-etcd-server-dev.
+bench-etcd: $(STAMP)
+	$(BIN)/python -m bench.seed --nodes $(or $(BENCH_NODES),1000)
+	$(BIN)/python -m bench.compare --nodes $(or $(BENCH_NODES),1000) $(BENCH_ARGS)
 
 bench-bundles: $(STAMP)
 	$(BIN)/python -m bench.bundles $(BENCH_ARGS)

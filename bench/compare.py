@@ -144,6 +144,8 @@ class Run:
                 if sources:
                     rotated = sources[i * per_worker :] + sources[: i * per_worker]
                     args += ["--source-addrs", ",".join(rotated)]
+                if a.loadgen_profile:
+                    args += ["--cpuprofile", str(OUT / f"loadgen-{self.tag}-{i}.pprof")]
                 return args
 
             await self.workers.start(
@@ -463,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         default=8 * (os.cpu_count() or 1),
         help="HTTP/2 connections in all (default 8 per core: ≥ 8 per server process)",
     )
+    p.add_argument("--loadgen-profile", action="store_true", help="Go generator: write pprof CPU profiles")
     p.add_argument("--source-addrs", default="", help="loopback addresses to dial from: A,B or A-B")
     p.add_argument("--changes", type=int, default=10, help="fleet-wide changes per run")
     p.add_argument("--gap", type=float, default=0.3, help="pause between changes, s")

@@ -42,7 +42,6 @@ ETCD_KEY = b"bench/fleet"
 class Target:
     name = ""
     proto = "cp"  # what the load generator speaks: "cp" (WatchBundles) or "etcd"
-    processes = 1
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -140,8 +139,6 @@ class ControlPlaneTarget(Target):
         self.server: ServerProcess | None = None
         self.op: Operator | None = None
         self.bundles: list[str] = []
-        workers = next((a for a in self.extra_args if a.startswith("--workers")), "")
-        self.processes = int(workers.split("=", 1)[1]) if "=" in workers else 1
 
     async def start(self) -> None:
         # Tokens are renewed here, before the server under test starts, never while measuring.

@@ -30,6 +30,7 @@ import (
 	"math/rand"
 	"net"
 	"os"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -821,7 +822,20 @@ func main() {
 	proto := flag.String("proto", "cp", "cp (WatchBundles) or etcd (etcd v3 Watch)")
 	etcdKey := flag.String("etcd-key", "bench/fleet", "the key every etcd watcher watches")
 	srcAddrs := flag.String("source-addrs", "", "comma-separated local addresses to dial from, round-robin")
+	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run here (go tool pprof)")
 	flag.Parse()
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "--cpuprofile:", err)
+			os.Exit(2)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(os.Stderr, "--cpuprofile:", err)
+			os.Exit(2)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	if *proto != "cp" && *proto != "etcd" {
 		fmt.Fprintf(os.Stderr, "--proto: %q is neither cp nor etcd\n", *proto)
 		os.Exit(2)

@@ -54,8 +54,8 @@ class Call:
 
 
 class Bare:
-    def __init__(self) -> None:
-        self.epoch = f"bare-{os.getpid()}"
+    def __init__(self, epoch: str) -> None:
+        self.epoch = epoch
         self.revision = 0
         self.desired: pb.WatchEvent | None = None
         self.calls: set[Call] = set()
@@ -159,9 +159,9 @@ class Bare:
         return json.dumps({"open": len(self.calls), "cpu": t.user + t.system, **self.counts}).encode()
 
 
-async def serve(listen: str, control: str) -> None:
+async def serve(listen: str, control: str, epoch: str) -> None:
     gc.set_threshold(50_000, 50, 1000)
-    bare = Bare()
+    bare = Bare(epoch or f"bare-{os.getpid()}")
     options = [
         ("grpc.server.max_pending_requests", MAX_PENDING),
         ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING * 2),
@@ -203,9 +203,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--listen", default="127.0.0.1:0", help="the shared WatchBundles address")
     p.add_argument("--control", default="127.0.0.1:0", help="this process's own control address")
+    p.add_argument(
+        "--epoch", default="", help="shared by every process on the port, so a stream may resume on any"
+    )
     a = p.parse_args()
     try:
-        uvloop.run(serve(a.listen, a.control))
+        uvloop.run(serve(a.listen, a.control, a.epoch))
     except KeyboardInterrupt:
         sys.exit(0)
 

@@ -280,9 +280,11 @@ class Run:
                 }
             )
             await asyncio.sleep(1.0)
-        # The median storm stands for the run; every storm is kept.
-        caught = sorted(runs, key=lambda s: s["caught_up_s"] or float("inf"))
-        self.out["storm"] = r = {**caught[len(caught) // 2], "all": runs}
+        # Each figure's median over the storms stands for the run; every storm is kept.
+        keys = {k for s in runs for k, v in s.items() if isinstance(v, int | float)}
+        medians = {k: median_or_none([s.get(k) for s in runs]) for k in keys}
+        medians = {k: None if v is None else round(v, 3) for k, v in medians.items()}
+        self.out["storm"] = r = {**runs[0], **medians, "all": runs}
         say(
             f"  storm: caught up in {r['caught_up_s']} s, {r['server_us_per_reconnect']} µs/reconnect, "
             f"bootstraps {r.get('bootstraps', '-')}"
@@ -335,18 +337,18 @@ class Run:
 
 # -- the table ---------------------------------------------------------------------------
 
-# (section, key, label, unit, lower is better)
+# (section, key, label, unit, shown as a ratio to etcd)
 FIGURES: list[tuple[str, str, str, str, bool]] = [
     ("fleet", "all_ms_from_send", "one change to all: time until all have it, from send", "ms", True),
     ("fleet", "all_ms_from_ack", "  same, from the write's acknowledgement", "ms", True),
     ("storm", "caught_up_s", "reconnect storm: all caught up", "s", True),
-    ("storm", "bootstraps", "  bootstraps in the storm", "", True),
+    ("storm", "bootstraps", "  bootstraps in the storm", "", False),
     ("fleet", "server_us_per_delivery", "server CPU per delivered change", "µs", True),
     ("storm", "server_us_per_reconnect", "server CPU per reconnect", "µs", True),
     ("establish", "server_us_per_stream", "server CPU per new stream (burst)", "µs", True),
     ("establish", "all_ready_s", "  burst of N new streams: all started", "s", True),
-    ("writes", "writes_per_s", "writes accepted per second (higher is better)", "/s", False),
-    ("writes", "delivered_per_s", "  changes delivered per second", "/s", False),
+    ("writes", "writes_per_s", "writes accepted per second (higher is better)", "/s", True),
+    ("writes", "delivered_per_s", "  changes delivered per second", "/s", True),
     (
         "writes",
         "last_all_ms_from_send",
@@ -356,14 +358,18 @@ FIGURES: list[tuple[str, str, str, str, bool]] = [
     ),
     ("idle", "pss_kib_per_watcher", "memory per watcher (Σ PSS with N - without) / N", "KiB", True),
     ("idle", "server_cpu_pct", "  server CPU with N idle watchers", "%", True),
-    ("fleet", "client_us_per_message", "load generator CPU per received change", "µs", True),
-    ("fleet", "client_cpu_pct", "  load generator CPU during the changes (of one core)", "%", True),
+    ("fleet", "client_us_per_message", "load generator CPU per received change", "µs", False),
+    ("fleet", "client_cpu_pct", "  load generator CPU during the changes (of one core)", "%", False),
 ]
 
 
+def median_or_none(values: list[Any]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
 def median_of(runs: list[dict[str, Any]], section: str, key: str) -> float | None:
-    values = [r[section][key] for r in runs if section in r and r[section].get(key) is not None]
-    return statistics.median(values) if values else None
+    return median_or_none([r[section].get(key) for r in runs if section in r])
 
 
 def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
@@ -389,14 +395,16 @@ def table(res: dict[str, Any]) -> str:
     for label, key in (("client connections", "connections"), ("server processes", "server_processes")):
         cells = [",".join(str(v) for v in sorted({r.get(key) for r in res["runs"][n]})) for n in names]
         lines.append("| " + " | ".join([label, *cells] + [""] * (len(head) - 1 - len(names))) + " |")
-    for section, key, label, unit, _ in FIGURES:
+    for section, key, label, unit, ratio in FIGURES:
         k = f"{section}.{key}"
         row = [label, *(fmt(medians[n][k], unit) for n in names)]
         if "etcd" in names:
             base = medians["etcd"][k]
             for n in others:
                 v = medians[n][k]
-                row.append(f"{v / base:.2f}x" if v is not None and base else "-")
+                # A ratio to zero or to a negative time (etcd's watchers can have a change
+                # before the Put's reply) says nothing.
+                row.append(f"{v / base:.2f}x" if ratio and v is not None and base and base > 0 else "")
         lines.append("| " + " | ".join(row) + " |")
     p = res["params"]
     lines += [
@@ -405,6 +413,8 @@ def table(res: dict[str, Any]) -> str:
         f"load generator: {p['loadgen']}, {p['workers']} process(es); the same connections for every figure.",
         "Ratios are target / etcd: below 1x is better than etcd, except for the per-second rows.",
     ]
+    failed = {n: [r["error"] for r in res["runs"][n] if "error" in r] for n in names}
+    lines += [f"FAILED runs of {n} (left out of the medians): {errs}" for n, errs in failed.items() if errs]
     return "\n".join(lines)
 
 
@@ -446,9 +456,19 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
             tag = f"{run_id}-r{rnd}-{name}"
             say(f"round {rnd + 1}/{a.rounds}, {name}")
             run = Run(a, make_target(name, a, api, tag), program, tag)
-            res["runs"][name].append(await run.go())
+            try:
+                await run.go()
+            except Exception as e:  # keep the other targets' runs; the table shows the gap
+                say(f"  {name} failed: {e!r}")
+                run.out["error"] = repr(e)
+            res["runs"][name].append(run.out)
+            write_json(result_name(a, run_id), res)  # a long run that dies keeps what it had
     res["medians"] = summarize(res["runs"])
     return res
+
+
+def result_name(a: argparse.Namespace, run_id: str) -> str:
+    return f"compare-n{a.nodes}-{run_id}{'-' + a.tag if a.tag else ''}.json"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -489,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     res = asyncio.run(main_async(a))
     res["summary"] = text = table(res)
-    path = write_json(f"compare-n{a.nodes}-{res['run_id']}{'-' + a.tag if a.tag else ''}.json", res)
+    path = write_json(result_name(a, res["run_id"]), res)
     print(text)
     print(f"results: {path}")
 

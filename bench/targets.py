@@ -210,7 +210,8 @@ class BareTarget(Target):
 
     def _spawn(self, i: int, port: int) -> tuple[int, int]:
         log_path = OUT / f"bare-{self.run_id}-{i}.log"
-        cmd = pinned([sys.executable, "-m", "bench.bareserver", "--listen", f"127.0.0.1:{port}"], self.cpus)
+        cmd = [sys.executable, "-m", "bench.bareserver", "--listen", f"127.0.0.1:{port}"]
+        cmd = pinned([*cmd, "--epoch", f"bare-{self.run_id}"], self.cpus)
         with log_path.open("wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
@@ -230,6 +231,9 @@ class BareTarget(Target):
             port, control = await asyncio.to_thread(self._spawn, i, self.port)
             self.port = self.port or port
             self.controls.append(grpc.aio.insecure_channel(f"127.0.0.1:{control}"))
+        # A first state, as every seeded node has in the control plane: a bootstrap sends
+        # it, and a stream's cursor is never 0 (which would mean "bootstrap me" on resume).
+        await self.write("initial")
 
     async def stop(self) -> None:
         for ch in self.controls:

@@ -57,7 +57,6 @@ bench: $(STAMP)
 ## etcd, the control plane and a bare grpc.aio server under one Go load generator; needs
 ## Debian's etcd-server, golang-go, golang-google-grpc-dev and golang-etcd-server-dev.
 bench-etcd: $(STAMP)
-	$(BIN)/python -m bench.seed --nodes $(or $(BENCH_NODES),1000)
 	$(BIN)/python -m bench.compare --nodes $(or $(BENCH_NODES),1000) $(BENCH_ARGS)
 
 bench-bundles: $(STAMP)

@@ -487,9 +487,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--loadgen-profile", action="store_true", help="Go generator: write pprof CPU profiles")
     p.add_argument("--source-addrs", default="", help="loopback addresses to dial from: A,B or A-B")
-    p.add_argument("--changes", type=int, default=10, help="fleet-wide changes per run")
+    # 20 changes of N deliveries: at N = 1,000 that is ≥ 200 ms of server CPU even for
+    # etcd, enough 10 ms clock ticks for a per-delivery figure.
+    p.add_argument("--changes", type=int, default=20, help="fleet-wide changes per run")
     p.add_argument("--gap", type=float, default=0.3, help="pause between changes, s")
-    p.add_argument("--idle-window", type=float, default=10.0, help="s of idle CPU measurement")
+    # Spans a bookmark wave (every ~15 s) and the control plane's drift sweeps (10 s).
+    p.add_argument("--idle-window", type=float, default=15.0, help="s of idle CPU measurement")
     p.add_argument("--storm", choices=("streams", "channels"), default="streams")
     p.add_argument("--storms", type=int, default=2, help="storms per run (the median is reported)")
     p.add_argument("--write-seconds", type=float, default=5.0)

@@ -35,7 +35,8 @@ compete with the server for this machine's cores); `--loadgen python` uses bench
 (WatchBundles only, for comparison). Streams are spread over `--connections` HTTP/2
 connections (default 8 per core), the same number for every target, dialled from
 `--source-addrs` round-robin. The medians over rounds are printed as a table and written
-with every run's details to .bench-out/compare-n<N>-<run>.json.
+with every run's details to .bench-out/compare-n<N>-<run>.json; `--report FILE...` prints
+the tables of result files again.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import json
 import os
 import statistics
 import sys
@@ -75,7 +77,11 @@ def cpu_of(pids: list[int]) -> float:
 
 
 def pss_of(pids: list[int]) -> int:
-    return sum(procstat.pss_bytes(pid) for pid in pids)
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += procstat.pss_bytes(pid)
+    return total
 
 
 class Meter:
@@ -506,7 +512,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--client-cpus", default=None, help="taskset CPU list for the load generators")
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--tag", default="", help="suffix for the result file name")
+    p.add_argument("--report", nargs="+", type=Path, help="only print the tables of these result files")
     a = p.parse_args(argv)
+    if a.report:
+        for path in a.report:
+            res = json.loads(path.read_text())
+            res["medians"] = summarize(res["runs"])
+            print(f"{path.name}: `{res['command']}` (git {res['machine'].get('git_head', '?')})\n")
+            print(table(res) + "\n")
+        return
     for name in ("nodes", "rounds", "workers", "connections", "changes", "storms", "write_concurrency"):
         if getattr(a, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")

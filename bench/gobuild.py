@@ -23,7 +23,7 @@ from bench.common import OUT, ROOT
 from bench.etcdapi import EtcdApi
 from controlplane.api.watch.v1 import watch_pb2 as pb
 
-SOURCE = ROOT / "bench" / "goloadgen" / "main.go"
+SOURCE = ROOT / "bench" / "goloadgen"
 GOCODE = Path("/usr/share/gocode")
 PACKAGE = "cpbench/loadgen"
 
@@ -73,15 +73,18 @@ def build(api: EtcdApi) -> Path:
     if not (GOCODE / "src/google.golang.org/grpc").is_dir():
         raise SystemExit(f"grpc-go not found under {GOCODE}: install Debian's golang-google-grpc-dev")
     generated = fields_go({**cp_field_numbers(), **api.field_numbers()})
-    main = SOURCE.read_text()
-    digest = hashlib.sha256((main + generated).encode()).hexdigest()[:12]
+    sources = {p.name: p.read_text() for p in sorted(SOURCE.glob("*.go"))}
+    digest = hashlib.sha256("".join([*sources.values(), generated]).encode()).hexdigest()[:12]
     base = OUT / "go"
     binary = base / "bin" / f"loadgen-{digest}"
     if binary.exists():
         return binary
     pkg = base / "src" / PACKAGE
-    pkg.mkdir(parents=True, exist_ok=True)
-    (pkg / "main.go").write_text(main)
+    if pkg.exists():
+        shutil.rmtree(pkg)
+    pkg.mkdir(parents=True)
+    for name, text in sources.items():
+        (pkg / name).write_text(text)
     (pkg / "fields_gen.go").write_text(generated)
     gofmt = shutil.which("gofmt")
     if gofmt:  # only aligns the generated constants; the build does not need it

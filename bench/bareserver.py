@@ -102,6 +102,9 @@ class Bare:
     # -- fan-out ---------------------------------------------------------------------
 
     def publish(self, revision: int) -> int:
+        if revision <= self.revision:
+            # Concurrent writers' publishes can cross on the way: the newer state stands.
+            return 0
         self.revision = revision
         self.desired = pb.WatchEvent(
             desired=pb.DesiredState(

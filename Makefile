@@ -7,7 +7,7 @@ PYTEST := $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 # Two workers: each binds port 0 for its servers; the template database is per worker.
 WORKERS ?= -n 2
 
-.PHONY: run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-group-commit clean
+.PHONY: run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-group-commit bench-etcd clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -80,6 +80,11 @@ bench-seed: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.watch $(BENCH_ARGS)
+
+## etcd, the control plane and a bare grpc.aio server under one Go load generator; needs
+## Debian's etcd-server, golang-go, golang-google-grpc-dev and golang-etcd-server-dev.
+bench-etcd: $(STAMP)
+	$(BIN)/python -m bench.compare --nodes $(or $(BENCH_NODES),1000) $(BENCH_ARGS)
 
 bench-bundles: $(STAMP)
 	$(BIN)/python -m bench.bundles $(BENCH_ARGS)

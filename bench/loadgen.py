@@ -105,6 +105,7 @@ class Worker:
         self.retry = "agent"
         self.messages = 0
         self.events = 0
+        self.received = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.drops: collections.Counter[str] = collections.Counter()
         self.details: collections.Counter[str] = collections.Counter()
@@ -147,6 +148,7 @@ class Worker:
                 s.digest = d.digest
                 times = self.receipts[rev]
                 times.append(now)
+                self.received += 1
                 w = self.waiters.get(rev)
                 if w is not None and len(times) >= w[0] and not w[1].done():
                     w[1].set_result(None)
@@ -346,6 +348,7 @@ class Worker:
         return {
             "messages": self.messages,
             "events": self.events,
+            "received": self.received,
             "errors": dict(self.errors),
             "drops": dict(self.drops),
             "resets": self.resets,

@@ -67,3 +67,26 @@ class Sample:
 
 def cpu_of(pids: list[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages split between the processes that map them, so
+    the sum over several server processes counts their shared libraries once."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no Pss for pid {pid}")
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and every live descendant (a server that spawns its serving processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in task.read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return out

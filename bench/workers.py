@@ -8,6 +8,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +38,24 @@ class Workers:
         channels: int,
         run_dir: Path,
         cpus: str | None = CLIENT_CPU,
+        program: Sequence[str] = (sys.executable, "-m", "bench.loadgen"),
+        extra_args: Callable[[int], list[str]] = lambda i: [],
     ) -> None:
+        """`program` is bench/loadgen.py or the Go generator (bench/gobuild.py), which
+        answer the same commands; `extra_args(i)` adds flags for worker i."""
         self.slices = [nodes[i::workers] for i in range(workers)]
         paths = _write_slices(run_dir, self.slices)
         for i, path in enumerate(paths):
             cmd = pinned(
                 [
-                    sys.executable,
-                    "-m",
-                    "bench.loadgen",
+                    *program,
                     "--target",
                     target,
                     "--nodes-file",
                     str(path),
                     "--channels",
                     str(channels),
+                    *extra_args(i),
                 ],
                 cpus,
             )

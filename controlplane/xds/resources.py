@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor
@@ -208,7 +208,7 @@ def _build(entry: _Entry, errors: _Errors) -> _Built | None:
     body = {k: v for k, v in value.items() if k != "@type"}
     named = _name_of(body, rtype)
     label = f"{entry.where} ({rtype.noun} {named!r})" if named else f"{entry.where} ({rtype.noun})"
-    descriptor: Descriptor = rtype.message.DESCRIPTOR
+    descriptor = cast(Descriptor, rtype.message.DESCRIPTOR)
     problems = shape.check(body, descriptor)
     if problems:
         errors.failed.add((rtype.url, named))

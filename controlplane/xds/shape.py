@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
@@ -223,8 +223,7 @@ def resolve(type_url: str) -> Descriptor | None:
     cls = catalog.message_class(type_url.rsplit("/", 1)[-1])
     if cls is None:
         return None
-    desc: Descriptor = cls.DESCRIPTOR
-    return desc
+    return cast(Descriptor, cls.DESCRIPTOR)
 
 
 def _suggest(key: str, desc: Descriptor) -> str:

@@ -33,6 +33,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from controlplane.domain.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from controlplane.xds import types
@@ -105,7 +106,7 @@ class TypeState:
     def view(self, offer: Mapping[str, Resource]) -> dict[str, Resource]:
         """The part of `offer` this subscription receives."""
         if self.wildcard:
-            return dict(offer)
+            return {n: offer[n] for n in sorted(offer)}
         return {n: offer[n] for n in sorted(self.names) if n in offer}
 
 
@@ -155,6 +156,10 @@ class Session:
         self.resources_sent = 0
 
     # -- inputs ------------------------------------------------------------------------
+
+    def receive(self, request: Any) -> Output:
+        """Handle one request of the stream (a DiscoveryRequest or DeltaDiscoveryRequest)."""
+        raise NotImplementedError
 
     def set_target(self, snapshot: Snapshot) -> Output:
         """The node's desired resources changed (a new revision)."""

@@ -6,9 +6,10 @@
   `error_detail`.
 - Listener and Cluster responses carry every resource of the type the node should hold
   (what is left out is removed); the others carry the subscribed names that exist.
-- `version_info` is `<revision>-<content hash>`: a node that reconnects (to any replica)
-  with the version of what it should hold is sent nothing again; the hash decides, so a
-  newer revision that did not change a type does not resend it.
+- `version_info` is `<revision>-<content hash>` of exactly what the node holds of the
+  type for its subscription: a node that reconnects (to any replica) with the version of
+  what it should hold is sent nothing again; the hash decides, so a newer revision that
+  did not change a type does not resend it.
 - An empty first request for Listener or Cluster is a wildcard subscription (as is
   `*`); the first request of a type gets an answer even if empty, since Envoy waits for
   one before it finishes starting.
@@ -98,14 +99,14 @@ class SotwSession(Session):
         ts.pending = None
 
     def _wants_send(self, ts: TypeState, offer: Mapping[str, Resource]) -> bool:
+        """Send when the version the node acknowledged does not name this view of the
+        offer: content changed, or names were added or dropped. A node whose
+        subscription shrank gets the rest again under a version naming exactly what it
+        holds, so a later resume with that version sends nothing."""
         if ts.unknown:
             return True
         view = ts.view(offer)
-        if ts.rtype.full_state:
-            return view.keys() != ts.acked.keys() or any(
-                ts.acked[n].digest != r.digest for n, r in view.items()
-            )
-        return any(n not in ts.acked or ts.acked[n].digest != r.digest for n, r in view.items())
+        return ts.acked_version.rsplit("-", 1)[-1] != type_hash(view.values())[:12]
 
     def _send(self, ts: TypeState, offer: Mapping[str, Resource]) -> bytes:
         view = ts.view(offer)

@@ -180,7 +180,7 @@ def diff(old: ResourceSet, new: ResourceSet) -> ResourceDiff:
     added: list[ResourceChange] = []
     removed: list[ResourceChange] = []
     changed: list[ResourceChange] = []
-    urls = [t.url for t in types.ORDER] + sorted(set(old) | set(new) - set(types.BY_URL))
+    urls = [t.url for t in types.ORDER] + sorted((set(old) | set(new)) - set(types.BY_URL))
     for url in urls:
         a, b = old[url], new[url]
         for name in sorted(a.keys() | b.keys()):

@@ -1,7 +1,8 @@
 """Incremental ADS (`DeltaAggregatedResources`) on top of `session.Session`.
 
-- Each resource carries its own version (its content hash), so a node that reconnects
-  with `initial_resource_versions` matching what it should hold is sent nothing again.
+- Each resource carries its own version, `<revision>-<content hash>`; a node that
+  reconnects (to any replica) with `initial_resource_versions` whose hashes match what
+  it should hold is sent nothing again.
 - A response updates only what changed and lists what goes in `removed_resources`; a
   subscribed name that does not exist is told so the same way, once.
 - The response awaiting acknowledgement is ACKed or NACKed by its nonce; requests with
@@ -101,9 +102,10 @@ class DeltaSession(Session):
             if not ts.subscribed(name):
                 continue
             known = None
+            content = version.rsplit("-", 1)[-1]
             for candidate in (self.target, self.base):
                 r = candidate.resources.of(ts.rtype).get(name)
-                if r is not None and r.version == version:
+                if r is not None and r.version == content:
                     known = r
                     break
             if known is None:

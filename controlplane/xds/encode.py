@@ -61,7 +61,9 @@ class Encoder:
         resources: Sequence[Resource],
         removed: Sequence[str],
     ) -> bytes:
-        """A DeltaDiscoveryResponse; `content` hashes the updates and the removals."""
+        """A DeltaDiscoveryResponse; `content` hashes the updates and the removals. Each
+        resource's version is `<revision>-<content hash>` (the revision it was sent at,
+        which Envoy's config_dump shows; only the hash is compared on resume)."""
         key = ("delta", type_url, system_version, nonce, content)
         hit = self._get(key)
         if hit is not None:
@@ -70,6 +72,6 @@ class Encoder:
             system_version_info=system_version, type_url=type_url, nonce=nonce
         )
         for r in resources:
-            msg.resources.add(name=r.name, version=r.version, resource=r.packed())
+            msg.resources.add(name=r.name, version=f"{system_version}-{r.version}", resource=r.packed())
         msg.removed_resources.extend(removed)
         return self._put(key, msg.SerializeToString(deterministic=True))

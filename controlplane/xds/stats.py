@@ -10,7 +10,7 @@ cumulative buckets). Between two flushes of one node:
   flushes (their timestamps, else when they arrived);
 - error rate: the growth of `downstream_rq_5xx` over that of `downstream_rq_total`
   (0.0 when no request was served: nothing failed);
-- p99 latency: from the growth of the `downstream_rq_time` histogram's buckets (ms),
+- p99 latency: from the `downstream_rq_time` histogram's buckets (ms) of the flush,
   interpolated inside the bucket holding the 99th percentile; absent with no samples;
 - health: from `server.state` (live: healthy; starting: degraded; draining: unhealthy).
 
@@ -123,12 +123,7 @@ class NodeStats:
         errors = max(0.0, sample.errors - base.errors)
         rate = requests / elapsed if elapsed > 0 else None
         error_rate = min(1.0, errors / requests) if requests > 0 else 0.0
-        interval = {b: c - base.buckets.get(b, 0.0) for b, c in sample.buckets.items()}
-        count = sample.latency_count - base.latency_count
-        if any(v < 0 for v in interval.values()) or count < 0:
-            # Histograms sent per interval rather than cumulatively: take them as they are.
-            interval, count = dict(sample.buckets), sample.latency_count
-        p99 = percentile(interval, count)
+        p99 = percentile(sample.buckets, sample.latency_count)
         return NodeMetrics(
             health=health,
             error_rate=error_rate,

@@ -46,18 +46,23 @@ def test_rates_errors_and_p99_come_from_the_growth_between_flushes() -> None:
         flush(10_000, {"ingress": 100, "admin": 50}, {"ingress": 1}, {"ingress": [2] * 100}), 0
     )
     assert first.health is Health.HEALTHY and first.requests_per_second is None and first.error_rate is None
-    # 5 s later: 200 more requests, 20 of them 5xx; the slow ones took ~400 ms.
-    times = [2.0] * 100 + [3.0] * 180 + [400.0] * 20
+    # 5 s later: 200 more requests, 20 of them 5xx; the slow ones took ~400 ms. (Envoy
+    # sends histograms per flush interval, counters cumulatively.)
+    times = [3.0] * 180 + [400.0] * 20
     m = node.observe(flush(15_000, {"ingress": 300, "admin": 90}, {"ingress": 21}, {"ingress": times}), 0)
     assert m.requests_per_second == pytest.approx(40.0)  # the admin interface's requests do not count
     assert m.error_rate == pytest.approx(0.1)
     assert m.p99_latency_ms is not None and 250 < m.p99_latency_ms <= 500
+    assert (
+        node.observe(flush(16_000, {"ingress": 300}, {"ingress": 21}, {"ingress": []}), 0).p99_latency_ms
+        is None
+    )
 
 
 def test_no_traffic_no_errors_and_no_p99() -> None:
     node = NodeStats()
     node.observe(flush(1000, {"ingress": 5}, {}, {"ingress": [1.0] * 5}), 0)
-    m = node.observe(flush(2000, {"ingress": 5}, {}, {"ingress": [1.0] * 5}), 0)
+    m = node.observe(flush(2000, {"ingress": 5}, {}, {"ingress": []}), 0)
     assert (m.requests_per_second, m.error_rate, m.p99_latency_ms) == (0.0, 0.0, None)
 
 

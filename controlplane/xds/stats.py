@@ -106,16 +106,24 @@ def percentile(buckets: dict[float, float], count: float, q: float = QUANTILE) -
 
 @dataclass
 class NodeStats:
-    """One node's stream of flushes; `observe` gives its heartbeat figures."""
+    """One node's stream of flushes; `observe` gives its heartbeat figures.
+
+    A flush may come in several messages (the sink's `batch_size`): a message without
+    the request counters leaves the baseline alone, and one without `server.state`
+    keeps the health last seen."""
 
     last: Sample | None = None
+    health: Health = Health.UNKNOWN
 
     def observe(self, message: Any, now: float) -> NodeMetrics:
         sample = reduce(message.envoy_metrics, now)
+        if sample.state is not None:
+            self.health = _STATES.get(sample.state, Health.UNKNOWN)
+        if not sample.seen_requests:
+            return NodeMetrics(health=self.health)
         previous, self.last = self.last, sample
-        health = _STATES.get(sample.state, Health.UNKNOWN) if sample.state is not None else Health.UNKNOWN
-        if previous is None or not sample.seen_requests:
-            return NodeMetrics(health=health)
+        if previous is None:
+            return NodeMetrics(health=self.health)
         restarted = sample.requests < previous.requests
         base = Sample(previous.at) if restarted else previous
         elapsed = sample.at - base.at
@@ -125,7 +133,7 @@ class NodeStats:
         error_rate = min(1.0, errors / requests) if requests > 0 else 0.0
         p99 = percentile(sample.buckets, sample.latency_count)
         return NodeMetrics(
-            health=health,
+            health=self.health,
             error_rate=error_rate,
             p99_latency_ms=p99,
             requests_per_second=rate,

@@ -80,3 +80,15 @@ def test_percentile_interpolates_inside_the_bucket() -> None:
     assert percentile({10.0: 0.0, 20.0: 100.0}, 100, 0.99) == pytest.approx(19.9)
     assert percentile({10.0: 10.0}, 100, 0.99) == 10.0  # beyond the last finite bucket
     assert percentile({}, 0) is None
+
+
+def test_a_flush_split_over_messages_keeps_its_baseline_and_health() -> None:
+    node = NodeStats()
+    node.observe(flush(1000, {"ingress": 10}, {"ingress": 0}, {}), 0)
+    only_gauges = ms.StreamMetricsMessage()
+    only_gauges.envoy_metrics.add(
+        name="cluster.x.upstream_cx_active", type=prom.GAUGE
+    ).metric.add().gauge.value = 1
+    assert node.observe(only_gauges, 0).health is Health.HEALTHY  # the health last seen
+    m = node.observe(flush(2000, {"ingress": 20}, {"ingress": 5}, {}), 0)
+    assert m.requests_per_second == pytest.approx(10.0) and m.error_rate == pytest.approx(0.5)

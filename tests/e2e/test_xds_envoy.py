@@ -13,7 +13,6 @@ restarted (Envoy keeps serving, reconnects, nothing is sent again); refused stre
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +99,10 @@ class StaticFeeds:
         for feed in self.open_feeds:
             feed.queue.put_nowait(snapshot)
 
+    def revoke(self) -> None:
+        for feed in self.open_feeds:
+            feed.queue.put_nowait(None)
+
 
 @dataclass
 class ControlPlane:
@@ -110,8 +113,13 @@ class ControlPlane:
     server: grpc.aio.Server | None = None
     ads: rpc_xds.AdsServicer | None = None
     history: dict[int, Snapshot] = field(default_factory=dict)
+    revoked: bool = False
+    refused: int = 0
 
     async def authenticate(self, context: grpc.aio.ServicerContext) -> str:
+        if self.revoked:
+            self.refused += 1
+            raise Unauthenticated("this node's identity was revoked")
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and value == f"Bearer {CREDENTIAL}":
                 return NODE
@@ -321,4 +329,15 @@ async def scenario(
             await call.read()
         assert too_many.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     await serves("green")
-    json.dumps([s.phase for s in plane.statuses])  # statuses are plain records
+
+    # 7. Revoking the node ends its stream; its reconnects are refused; Envoy keeps
+    #    serving what it last had.
+    plane.revoked = True
+    plane.feeds.revoke()
+
+    async def cut_off() -> None:
+        assert plane.ads is not None and NODE not in plane.ads.sessions
+        assert plane.refused >= 1, "Envoy has not tried to reconnect yet"
+
+    await eventually(cut_off, timeout=30, what="the revoked node's stream ended and refused")
+    await serves("green")

@@ -1,0 +1,1 @@
+"""Generated from proto/third_party/ by scripts/genproto.py. Do not edit."""

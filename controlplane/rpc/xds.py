@@ -1,0 +1,216 @@
+"""Envoy's aggregated discovery service and metrics sink: the grpc side only.
+
+`AggregatedDiscoveryService` (state of the world and delta) authenticates the stream,
+opens the node's feed of targets and runs a `controlplane.xds` session over it: every
+request, new target and tick goes through the session, whose responses are written as
+they come (pre-encoded bytes: the method is registered without a serializer, as
+WatchBundles is). `MetricsService/StreamMetrics` turns each flush into heartbeat figures.
+The feed, the authentication and where statuses and heartbeats go are seams, so the
+same code runs on the watch hub or, in tests, on a static set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from controlplane.api.third_party.envoy.service.metrics.v3 import metrics_service_pb2 as metrics_pb
+from controlplane.domain.kernel.errors import DomainError, PermissionDenied, Unauthenticated
+from controlplane.domain.model.fleet import NodeMetrics
+from controlplane.rpc.errors import set_status
+from controlplane.xds.delta import DeltaSession
+from controlplane.xds.encode import Encoder
+from controlplane.xds.session import Limits, Output, Session
+from controlplane.xds.snapshot import Snapshot
+from controlplane.xds.sotw import SotwSession
+from controlplane.xds.stats import NodeStats
+from controlplane.xds.status import NodeXdsStatus
+
+log = logging.getLogger(__name__)
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+METRICS_SERVICE = "envoy.service.metrics.v3.MetricsService"
+# A session's gate timeout is checked this often (it is 15 s): a second is plenty.
+TICK_SECONDS = 1.0
+
+
+class Feed(Protocol):
+    """One node's targets: the current one, the one it last ran whole, then each new one."""
+
+    @property
+    def target(self) -> Snapshot: ...
+
+    @property
+    def base(self) -> Snapshot | None: ...
+
+    async def next(self) -> Snapshot | None:
+        """The next target; None when the stream must end (the node was revoked)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Feeds(Protocol):
+    async def open(self, node_id: str) -> Feed: ...
+
+
+# The node a call authenticates as, from its metadata or peer certificate.
+Authenticate = Callable[[grpc.aio.ServicerContext], Awaitable[str]]
+OnStatus = Callable[[str, NodeXdsStatus], Awaitable[None]]
+OnMetrics = Callable[[str, NodeMetrics], Awaitable[None]]
+
+
+class AdsServicer:
+    def __init__(
+        self,
+        feeds: Feeds,
+        authenticate: Authenticate,
+        on_status: OnStatus,
+        encoder: Encoder | None = None,
+        limits: Limits | None = None,
+    ):
+        self._feeds = feeds
+        self._authenticate = authenticate
+        self._on_status = on_status
+        self.encoder = encoder or Encoder()
+        self._limits = limits
+        # Sessions of open streams, by node: tests and GetNode look at them.
+        self.sessions: dict[str, Session] = {}
+
+    async def StreamAggregatedResources(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        await self._serve(SotwSession, requests, context)
+
+    async def DeltaAggregatedResources(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        await self._serve(DeltaSession, requests, context)
+
+    async def _serve(
+        self, cls: type[Session], requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        try:
+            node_id = await self._authenticate(context)
+            feed = await self._feeds.open(node_id)
+        except DomainError as e:
+            set_status(context, e)
+            return
+        session = cls(node_id, feed.target, base=feed.base, encoder=self.encoder, limits=self._limits)
+        self.sessions[node_id] = session
+        lock = asyncio.Lock()
+
+        async def emit(out: Output) -> None:
+            for payload in out.sends:
+                await context.write(payload)
+            if out.status is not None:
+                await self._on_status(node_id, out.status)
+
+        async def follow() -> DomainError | None:
+            while (target := await feed.next()) is not None:
+                async with lock:
+                    await emit(session.set_target(target))
+            return Unauthenticated("this node's identity was revoked")
+
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(TICK_SECONDS)
+                async with lock:
+                    await emit(session.tick())
+
+        async def read() -> DomainError | None:
+            async for request in requests:
+                async with lock:
+                    await emit(session.receive(request))
+            return None
+
+        tasks = [asyncio.create_task(c) for c in (read(), follow(), tick())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            first = next(iter(done))
+            error = first.exception() if first.exception() is not None else first.result()
+            if isinstance(error, DomainError):
+                set_status(context, error)
+            elif error is not None:
+                # The call went away (the client hung up): nothing to report to it.
+                log.debug("xDS stream of %s ended: %r", node_id, error)
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+            feed.close()
+            if self.sessions.get(node_id) is session:
+                del self.sessions[node_id]
+
+
+class MetricsServicer:
+    """Envoy's stats sink: each flush becomes the node's heartbeat figures."""
+
+    def __init__(
+        self, authenticate: Authenticate, on_metrics: OnMetrics, clock: Callable[[], float] = time.time
+    ):
+        self._authenticate = authenticate
+        self._on_metrics = on_metrics
+        self._clock = clock
+
+    async def StreamMetrics(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        try:
+            node_id = await self._authenticate(context)
+            stats = NodeStats()
+            first = True
+            async for message in requests:
+                if first:
+                    claimed = message.identifier.node.id
+                    if claimed and claimed != node_id:
+                        raise PermissionDenied(
+                            f"metrics of node {claimed[:128]!r} on node {node_id!r}'s stream"
+                        )
+                    first = False
+                await self._on_metrics(node_id, stats.observe(message, self._clock()))
+        except DomainError as e:
+            set_status(context, e)
+        return metrics_pb.StreamMetricsResponse()
+
+
+def handlers(ads: AdsServicer | None, metrics: MetricsServicer | None) -> list[grpc.GenericRpcHandler]:
+    out: list[grpc.GenericRpcHandler] = []
+    if ads is not None:
+        out.append(
+            grpc.method_handlers_generic_handler(
+                ADS_SERVICE,
+                {
+                    "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                        ads.StreamAggregatedResources,
+                        request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                        response_serializer=None,
+                    ),
+                    "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                        ads.DeltaAggregatedResources,
+                        request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                        response_serializer=None,
+                    ),
+                },
+            )
+        )
+    if metrics is not None:
+        out.append(
+            grpc.method_handlers_generic_handler(
+                METRICS_SERVICE,
+                {
+                    "StreamMetrics": grpc.stream_unary_rpc_method_handler(
+                        metrics.StreamMetrics,
+                        request_deserializer=metrics_pb.StreamMetricsMessage.FromString,
+                        response_serializer=metrics_pb.StreamMetricsResponse.SerializeToString,
+                    )
+                },
+            )
+        )
+    return out

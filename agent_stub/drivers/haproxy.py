@@ -45,10 +45,12 @@ class HaproxyDriver(ProxyDriver):
         return haproxy.render_main(run_dir=self.run_dir, status=self.status, digest=digest)
 
     async def prepare(self, request: ApplyRequest) -> None:
+        # Absolute: the proxy resolves a relative path against its own prefix, not ours.
+        tree = request.bundle_dir.absolute()
         self.require_files(request, haproxy.MAIN, haproxy.AGENT_MAIN)
-        self.write_reserved(request.bundle_dir, haproxy.AGENT_MAIN, self.main_text(request.target.digest))
-        argv = haproxy.validate_argv(self.binary, request.bundle_dir)
-        verdict = await validate(self.binary, argv, tree=request.bundle_dir, seconds=self.validate_timeout)
+        self.write_reserved(tree, haproxy.AGENT_MAIN, self.main_text(request.target.digest))
+        argv = haproxy.validate_argv(self.binary, tree)
+        verdict = await validate(self.binary, argv, tree=tree, seconds=self.validate_timeout)
         if not verdict.ok:
             raise ApplyFailed(verdict.reason())
 
@@ -67,7 +69,7 @@ class HaproxyDriver(ProxyDriver):
 
     async def activate(self, request: ApplyRequest) -> None:
         digest = request.target.digest
-        self.write_reserved(request.bundle_dir, haproxy.AGENT_MAIN, self.main_text(digest))
+        self.write_reserved(request.bundle_dir.absolute(), haproxy.AGENT_MAIN, self.main_text(digest))
         before = await self.processes()
         if before is None:
             await self._start(digest)

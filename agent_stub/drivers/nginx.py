@@ -51,10 +51,12 @@ class NginxDriver(ProxyDriver):
     # -- validate ----------------------------------------------------------------------
 
     async def prepare(self, request: ApplyRequest) -> None:
+        # Absolute: the proxy resolves a relative path against its own prefix, not ours.
+        tree = request.bundle_dir.absolute()
         self.require_files(request, nginx.MAIN, nginx.AGENT_MAIN)
-        self.write_reserved(request.bundle_dir, nginx.AGENT_MAIN, self.main_text(request.target.digest))
-        argv = nginx.validate_argv(self.binary, request.bundle_dir / nginx.AGENT_MAIN, self.run_dir)
-        verdict = await validate(self.binary, argv, tree=request.bundle_dir, seconds=self.validate_timeout)
+        self.write_reserved(tree, nginx.AGENT_MAIN, self.main_text(request.target.digest))
+        argv = nginx.validate_argv(self.binary, tree / nginx.AGENT_MAIN, self.run_dir)
+        verdict = await validate(self.binary, argv, tree=tree, seconds=self.validate_timeout)
         if not verdict.ok:
             raise ApplyFailed(verdict.reason())
 
@@ -71,7 +73,7 @@ class NginxDriver(ProxyDriver):
 
     async def activate(self, request: ApplyRequest) -> None:
         digest = request.target.digest
-        self.write_reserved(request.bundle_dir, nginx.AGENT_MAIN, self.main_text(digest))
+        self.write_reserved(request.bundle_dir.absolute(), nginx.AGENT_MAIN, self.main_text(digest))
         pid = self.master()
         if pid is None:
             await self._start(digest)

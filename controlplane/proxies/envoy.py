@@ -92,7 +92,7 @@ def run_argv(
     return argv
 
 
-_LOG_PREFIX = re.compile(r"^\[[^]]*\]\[\d+\]\[(\w+)\]\[\w+\] \[[^]]*\] ", re.M)
+_LOG_PREFIX = re.compile(r"\[\d{4}-[^]]*\]\[\d+\]\[(\w+)\]\[\w+\] \[[^]]*\] ", re.M)
 
 
 def words(output: str) -> str:

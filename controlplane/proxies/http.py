@@ -60,12 +60,15 @@ def get_sync(address: Address, path: str, seconds: float = 2.0, limit: int = DEF
         conn.request("GET", path, headers={"Connection": "close"})
         response = conn.getresponse()
         body = response.read(limit + 1)
+        if len(body) > limit:
+            raise HttpError(f"{url} answered more than {limit} bytes")
+        # read(n) returns what came before an early close without a word: say it.
+        if response.length:
+            raise HttpError(f"{url}: the answer was cut off {response.length} bytes short")
     except TimeoutError:
         raise HttpError(f"{url} did not answer within {seconds:g}s") from None
     except (OSError, http.client.HTTPException) as e:
         raise HttpError(f"{url}: {getattr(e, 'strerror', None) or e!r}") from None
     finally:
         conn.close()
-    if len(body) > limit:
-        raise HttpError(f"{url} answered more than {limit} bytes")
     return Response(response.status, body)

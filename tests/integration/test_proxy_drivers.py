@@ -36,6 +36,7 @@ from tests.support.proxies import (
     main_pid,
     port_taken,
     proxy_files,
+    proxy_reloads,
     refused_files,
     served_digest,
     stop_proxies,
@@ -128,15 +129,7 @@ async def node(kind: ProxyKind, tmp_path: Path) -> AsyncIterator[Node]:
 
 
 def reloads(node: Node) -> int:
-    """How many times the proxy has loaded a configuration, by its own account."""
-    run = node.state / "proxy"
-    if node.kind == "nginx":
-        return (run / "error.log").read_text().count("reconfiguring\n")
-    if node.kind == "haproxy":
-        return (run / "haproxy.out").read_text().count("Loading success.")
-    return (run / "envoy.log").read_text().count("shutting down admin due to child startup") + int(
-        (run / "envoy.json").exists()
-    )
+    return proxy_reloads(node.kind, node.state)
 
 
 async def test_a_bundle_goes_live_only_when_the_proxy_serves_it(node: Node) -> None:

@@ -333,6 +333,21 @@ def _exists(pid: int) -> bool:
     return stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X")
 
 
+def proxy_reloads(kind: ProxyKind, state_dir: Path) -> int:
+    """How many times the node's proxy has loaded a configuration, by its own account."""
+    run = state_dir / "proxy"
+
+    def count(name: str, phrase: str) -> int:
+        path = run / name
+        return path.read_text(errors="replace").count(phrase) if path.exists() else 0
+
+    if kind == "nginx":
+        return count("error.log", "reconfiguring\n")
+    if kind == "haproxy":
+        return count("haproxy.out", "Loading success.")
+    return count("envoy.out", "=== ")  # a line per Envoy process the agent started
+
+
 def main_pid(kind: ProxyKind, state_dir: Path) -> int:
     """The proxy's main process (nginx/HAProxy master, the live Envoy) from its own record."""
     run = state_dir / "proxy"
@@ -365,7 +380,7 @@ class RequestLoop:
                 outcome = response.text.strip() if response.status == 200 else f"HTTP {response.status}"
             except HttpError as e:
                 outcome = f"error: {e}"
-            self.outcomes.append((time.monotonic(), outcome))
+            self.outcomes.append((time.time(), outcome))
             await asyncio.sleep(self.pause)
 
     def start(self) -> RequestLoop:
@@ -388,7 +403,12 @@ class RequestLoop:
         return Counter(self.since(mark))
 
     def failures(self, mark: int = 0) -> list[str]:
-        return [o for o in self.since(mark) if not o.startswith("v")]
+        """Every outcome but a body from an upstream, with its time."""
+        return [
+            f"{time.strftime('%H:%M:%S', time.localtime(at))}{at % 1:.3f} {o!r}"
+            for at, o in self.outcomes[mark:]
+            if not o.startswith("v")
+        ]
 
     async def wait_for(self, count: int, timeout: float = 10.0) -> None:
         """Until `count` more outcomes are recorded."""

@@ -8,8 +8,6 @@ from the proxies' own statistics."""
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from tests.support.proxies import (
     KINDS,
     RequestLoop,
     agent_proxy_args,
-    main_pid,
+    kill_proxy,
     proxy_files,
     proxy_reloads,
     refused_files,
@@ -199,7 +197,7 @@ async def test_a_canary_failing_on_5xx_rolls_back_and_a_dead_proxy_fails_gates(
             await loop.stop()
 
         # The proxy of one node dies: its heartbeats say so, and gates on it fail.
-        os.kill(main_pid(kind, nodes.agents[2].state_dir), signal.SIGKILL)
+        kill_proxy(kind, nodes.agents[2].state_dir)
         node = await control.wait_node(
             ids[2],
             lambda n: n.last_heartbeat.metrics.health == node_pb2.HEALTH_STATUS_UNHEALTHY,

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from tests.support.proxies import (
     RequestLoop,
     Upstream,
     binary,
+    kill_proxy,
     main_pid,
     port_taken,
     proxy_files,
@@ -228,14 +227,13 @@ async def test_metrics_come_from_the_proxy(node: Node) -> None:
     other = await node.driver.metrics("sha256:" + "0" * 64)
     assert other is not None and other.health == node_pb2.HEALTH_STATUS_UNHEALTHY
 
-    os.kill(main_pid(node.kind, node.state), signal.SIGKILL)
+    kill_proxy(node.kind, node.state)
 
     async def down() -> None:
         m = await node.driver.metrics(v1)
         assert m is not None and m.health == node_pb2.HEALTH_STATUS_UNHEALTHY, m
 
     await eventually(down, timeout=10, what="unhealthy once the proxy is gone")
-    stop_proxies(node.state)  # an nginx master SIGKILLed leaves its workers behind
 
 
 async def test_a_restarted_agent_finds_its_proxy_and_reconciles_it(node: Node) -> None:

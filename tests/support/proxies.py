@@ -298,11 +298,27 @@ def _cmdlines() -> dict[int, tuple[int, str]]:
     return out
 
 
+def _holds_files_under(pid: int, root: str) -> bool:
+    """An open file or the working directory of `pid` is under `root` (an nginx worker
+    whose master was killed: renamed, reparented, but still writing the driver's logs)."""
+    try:
+        links = [os.readlink(f"/proc/{pid}/cwd")]
+        links += [os.readlink(entry.path) for entry in os.scandir(f"/proc/{pid}/fd")]
+    except OSError:
+        return False
+    return any(link.startswith(root) for link in links)
+
+
 def proxy_pids(state_dir: Path) -> list[int]:
     """Every process whose command line names `state_dir` (the proxies an agent with that
-    state dir started), and their descendants (nginx workers rename themselves)."""
+    state dir started) or that holds files under it, and their descendants."""
     table = _cmdlines()
-    found = {pid for pid, (_, cmd) in table.items() if str(state_dir) in cmd and "agent_stub" not in cmd}
+    root = str(state_dir.absolute())
+    found = {
+        pid
+        for pid, (_, cmd) in table.items()
+        if "agent_stub" not in cmd and pid != os.getpid() and (root in cmd or _holds_files_under(pid, root))
+    }
     grew = True
     while grew:
         more = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
@@ -346,6 +362,22 @@ def proxy_reloads(kind: ProxyKind, state_dir: Path) -> int:
     if kind == "haproxy":
         return count("haproxy.out", "Loading success.")
     return count("envoy.out", "=== ")  # a line per Envoy process the agent started
+
+
+def kill_proxy(kind: ProxyKind, state_dir: Path) -> int:
+    """SIGKILL the node's proxy: its main process and every process under it (nginx's
+    workers would otherwise serve on, orphaned). Returns the main pid."""
+    pid = main_pid(kind, state_dir)
+    table = _cmdlines()
+    doomed, grew = {pid}, True
+    while grew:
+        more = {p for p, (ppid, _) in table.items() if ppid in doomed} - doomed
+        doomed |= more
+        grew = bool(more)
+    for victim in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    return pid
 
 
 def main_pid(kind: ProxyKind, state_dir: Path) -> int:

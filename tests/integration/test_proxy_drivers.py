@@ -6,11 +6,14 @@ same drivers in agent processes against a real server)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,10 +22,11 @@ from agent_stub.bundles import BundleStore
 from agent_stub.config import ProxyConfig
 from agent_stub.drivers import DRIVERS
 from agent_stub.drivers.base import ProxyDriver
+from agent_stub.drivers.haproxy import HaproxyDriver
 from agent_stub.errors import ApplyFailed
 from agent_stub.logs import EventLog
 from controlplane.api.node.v1 import node_pb2
-from controlplane.proxies import ProxyKind
+from controlplane.proxies import ProxyKind, haproxy, nginx
 from tests.support.archives import bundle
 from tests.support.eventually import eventually
 from tests.support.processes import free_port
@@ -43,7 +47,7 @@ from tests.support.proxies import (
     upstreams,
 )
 
-pytestmark = pytest.mark.parametrize("kind", KINDS)
+each_proxy = pytest.mark.parametrize("kind", KINDS)
 
 
 class Blobs:
@@ -104,18 +108,25 @@ class Node:
         return make_driver(self.kind, self.state, self.status, EventLog(logging.getLogger("test"), {}))
 
 
-def make_driver(kind: ProxyKind, state: Path, status: int, log: EventLog) -> ProxyDriver:
-    config = ProxyConfig(kind=kind, status=f"127.0.0.1:{status}", confirm_timeout=15, drain_seconds=1)
+def make_driver(kind: ProxyKind, state: Path, status: int, log: EventLog, **settings: Any) -> ProxyDriver:
+    config = ProxyConfig(
+        kind=kind, status=f"127.0.0.1:{status}", confirm_timeout=15, drain_seconds=1, **settings
+    )
     return DRIVERS[kind](binary(kind), config, state, log, validate_timeout=30, node_id=lambda: "n-test")
 
 
 @pytest.fixture
-async def node(kind: ProxyKind, tmp_path: Path) -> AsyncIterator[Node]:
+def settings() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+async def node(kind: ProxyKind, tmp_path: Path, settings: dict[str, Any]) -> AsyncIterator[Node]:
     state = tmp_path / "state"
     events: list[tuple[str, dict[str, object]]] = []
     log = EventLog(logging.getLogger("test"), {}, [lambda name, fields: events.append((name, dict(fields)))])
     status = free_port()
-    driver = make_driver(kind, state, status, log)
+    driver = make_driver(kind, state, status, log, **settings)
     store = BundleStore(state, fsync=False)
     blobs = Blobs()
     installer = FilesystemInstaller(store, blobs, driver, fsync=False, log=log)
@@ -123,14 +134,15 @@ async def node(kind: ProxyKind, tmp_path: Path) -> AsyncIterator[Node]:
         try:
             yield Node(kind, state, status, free_port(), ups, driver, installer, blobs, events)
         finally:
-            await driver.close()
             stop_proxies(state)
+            await driver.close()  # after the stop: it reaps the proxies it started
 
 
 def reloads(node: Node) -> int:
     return proxy_reloads(node.kind, node.state)
 
 
+@each_proxy
 async def test_a_bundle_goes_live_only_when_the_proxy_serves_it(node: Node) -> None:
     v1 = await node.install(node.files("v1"))
     assert await node.served() == v1
@@ -148,6 +160,7 @@ async def test_a_bundle_goes_live_only_when_the_proxy_serves_it(node: Node) -> N
         assert main_pid(node.kind, node.state) == first and started == 1
 
 
+@each_proxy
 async def test_a_bundle_the_proxy_refuses_changes_nothing(node: Node) -> None:
     v1 = await node.install(node.files("v1"))
     before = reloads(node)
@@ -168,6 +181,7 @@ async def test_a_bundle_the_proxy_refuses_changes_nothing(node: Node) -> None:
     assert await node.served() == v1
 
 
+@each_proxy
 async def test_a_bundle_the_proxy_cannot_run_is_reverted(node: Node) -> None:
     v1 = await node.install(node.files("v1"))
     with port_taken() as taken:
@@ -182,6 +196,7 @@ async def test_a_bundle_the_proxy_cannot_run_is_reverted(node: Node) -> None:
     assert any(name == "apply.reverted" for name, _ in node.events)
 
 
+@each_proxy
 async def test_a_first_bundle_the_proxy_cannot_run_leaves_nothing(node: Node) -> None:
     with port_taken() as taken, pytest.raises(ApplyFailed) as failed:
         await node.install(unbindable_files(node.kind, node.port, node.ups["v1"].port, taken))
@@ -191,6 +206,7 @@ async def test_a_first_bundle_the_proxy_cannot_run_leaves_nothing(node: Node) ->
     assert await node.served() == v1
 
 
+@each_proxy
 async def test_metrics_come_from_the_proxy(node: Node) -> None:
     v1 = await node.install(node.files("v1"))
     assert (await node.driver.metrics("")) is None, "no bundle, nothing to say"
@@ -236,6 +252,7 @@ async def test_metrics_come_from_the_proxy(node: Node) -> None:
     await eventually(down, timeout=10, what="unhealthy once the proxy is gone")
 
 
+@each_proxy
 async def test_a_restarted_agent_finds_its_proxy_and_reconciles_it(node: Node) -> None:
     v1 = await node.install(node.files("v1"))
     pid = main_pid(node.kind, node.state)
@@ -270,6 +287,7 @@ async def test_a_restarted_agent_finds_its_proxy_and_reconciles_it(node: Node) -
         await third.close()
 
 
+@each_proxy
 async def test_a_crash_left_a_bundle_the_proxy_cannot_run_so_it_goes_back(node: Node) -> None:
     v1 = await node.install(node.files("v1"))
     store = node.installer.store
@@ -288,3 +306,54 @@ async def test_a_crash_left_a_bundle_the_proxy_cannot_run_so_it_goes_back(node: 
             await driver.close()
     assert store.active_digest() == v1
     assert await node.served() == v1 and await node.bodies() == {"v1"}
+
+
+ATTACHED_LOG = "service-manager.log"
+
+
+def start_service(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.parametrize("kind", ["nginx", "haproxy"])  # Envoy runs under the agent only
+@pytest.mark.parametrize("settings", [{"run": "attach"}])
+async def test_an_attached_proxy_is_signalled_never_started(node: Node, tmp_path: Path) -> None:
+    """A service manager runs the proxy with the command docs/agent.md gives, once
+    `current` exists; the agent only signals it (pid file, master socket)."""
+    service_log = node.state / "proxy" / ATTACHED_LOG
+    if isinstance(node.driver, HaproxyDriver):
+        node.driver.words_path = service_log  # what --proxy-log names
+
+    async def service_manager() -> subprocess.Popen[bytes]:
+        async def current() -> None:
+            assert (node.state / "current").exists(), "no bundle yet: the unit waits"
+
+        await eventually(current, timeout=30)
+        run = node.state.absolute() / "proxy"
+        argv = (
+            nginx.run_argv(binary("nginx"), node.state.absolute() / "current" / nginx.AGENT_MAIN, run)
+            if node.kind == "nginx"
+            else haproxy.run_argv(binary("haproxy"), node.state.absolute() / "current", run)
+        )
+        return start_service(argv, service_log)
+
+    manager = asyncio.get_running_loop().create_task(service_manager())
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        v1 = await node.install(node.files("v1"))
+        proc = await manager
+        assert await node.served() == v1 and await node.bodies() == {"v1"}
+        v2 = await node.install(node.files("v2"))
+        assert await node.served() == v2 and await node.bodies() == {"v2"}
+        assert proc.poll() is None and main_pid(node.kind, node.state) == proc.pid, "reloaded, not restarted"
+        with port_taken() as taken, pytest.raises(ApplyFailed) as failed:
+            await node.install(unbindable_files(node.kind, node.port, node.ups["v1"].port, taken))
+        assert "in use" in failed.value.reason and f"back on {v2}" in failed.value.reason, failed.value.reason
+        assert await node.served() == v2
+        assert not [name for name, _ in node.events if name == "proxy.started"], "the agent started nothing"
+    finally:
+        manager.cancel()
+        if proc is not None:
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 10)

@@ -282,8 +282,13 @@ class FilesystemInstaller:
         self.fsync = fsync
         self.verifier = verifier
         self.log = log
+        # While the proxy is being told to load a swapped-in bundle, it still serves the
+        # one before: that is what the node says it runs (heartbeats) until it confirms.
+        self._serving_before: str | None = None
 
     def active_digest(self) -> str:
+        if self._serving_before is not None:
+            return self._serving_before
         return self.store.active_digest()
 
     async def install(self, target: Target, node_id: str, downloaded: Downloaded) -> None:
@@ -308,6 +313,7 @@ class FilesystemInstaller:
             staging = None
             request = ApplyRequest(target, final, store.path_for(previous) if previous else None, node_id)
             await self.driver.prepare(request)
+            self._serving_before = previous
             _local(lambda: store.swap(target.digest), "switching current")
             await self._hold()
             try:
@@ -317,6 +323,7 @@ class FilesystemInstaller:
                 raise ApplyFailed(reason) from None
             final = None
         finally:
+            self._serving_before = None
             with contextlib.suppress(OSError):
                 archive.unlink()
             for leftover in (staging, final):

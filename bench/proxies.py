@@ -213,14 +213,14 @@ def stop_proxies_under(state: Path) -> None:
     root = str(state.absolute())
     table: dict[int, int] = {}
     found: set[int] = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
+    with os.scandir("/proc") as entries:
+        pids = [int(e.name) for e in entries if e.name.isdigit()]
+    for pid in pids:
         try:
-            stat = Path(entry.path, "stat").read_text()
-            cmd = Path(entry.path, "cmdline").read_bytes().decode(errors="replace")
-            links = [os.readlink(f.path) for f in os.scandir(f"{entry.path}/fd")]
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            with os.scandir(f"/proc/{pid}/fd") as fds:
+                links = [os.readlink(f.path) for f in fds]
         except OSError:
             continue
         table[pid] = int(stat[stat.rfind(")") + 2 :].split()[1])

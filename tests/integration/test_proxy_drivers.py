@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent_stub.applier import FilesystemInstaller, Target
+from agent_stub.applier import HOLD_AFTER_SWAP, FilesystemInstaller, Target
 from agent_stub.bundles import BundleStore
 from agent_stub.config import ProxyConfig
 from agent_stub.drivers import DRIVERS
@@ -306,6 +306,28 @@ async def test_a_crash_left_a_bundle_the_proxy_cannot_run_so_it_goes_back(node: 
             await driver.close()
     assert store.active_digest() == v1
     assert await node.served() == v1 and await node.bodies() == {"v1"}
+
+
+@each_proxy
+async def test_held_between_the_swap_and_the_reload_the_node_says_what_its_proxy_serves(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v1 = await node.install(node.files("v1"))
+    hold = tmp_path / "go-on"
+    monkeypatch.setenv(HOLD_AFTER_SWAP, str(hold))
+    files = node.files("v2")
+    v2 = node.blobs.add(files)
+    task = asyncio.get_running_loop().create_task(node.installer.install(Target(v2, 9), "n-test", nothing))
+
+    async def held() -> None:
+        assert any(name == "fault.hold" for name, _ in node.events), "not at the hold yet"
+
+    await eventually(held, timeout=30)
+    assert node.installer.store.active_digest() == v2, "current is swapped"
+    assert await node.served() == v1 and node.installer.active_digest() == v1, "but the proxy serves v1"
+    hold.touch()
+    await task
+    assert await node.served() == v2 and node.installer.active_digest() == v2
 
 
 ATTACHED_LOG = "service-manager.log"

@@ -285,17 +285,20 @@ async def served_digest(kind: ProxyKind, status: int) -> str:
 def _cmdlines() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line) of every process."""
     out: dict[int, tuple[int, str]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    for pid in _pids():
         try:
-            stat = Path(entry.path, "stat").read_text()
-            cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        out[int(entry.name)] = (int(fields[1]), cmd)
+        out[pid] = (int(fields[1]), cmd)
     return out
+
+
+def _pids() -> list[int]:
+    with os.scandir("/proc") as entries:
+        return [int(e.name) for e in entries if e.name.isdigit()]
 
 
 def _holds_files_under(pid: int, root: str) -> bool:
@@ -303,7 +306,8 @@ def _holds_files_under(pid: int, root: str) -> bool:
     whose master was killed: renamed, reparented, but still writing the driver's logs)."""
     try:
         links = [os.readlink(f"/proc/{pid}/cwd")]
-        links += [os.readlink(entry.path) for entry in os.scandir(f"/proc/{pid}/fd")]
+        with os.scandir(f"/proc/{pid}/fd") as fds:
+            links += [os.readlink(fd.path) for fd in fds]
     except OSError:
         return False
     return any(link.startswith(root) for link in links)

@@ -24,6 +24,7 @@ from tests.support.proxies import (
     KINDS,
     RequestLoop,
     agent_proxy_args,
+    binary,
     kill_proxy,
     proxy_files,
     proxy_reloads,
@@ -66,6 +67,7 @@ FleetFactory = Callable[..., Fleet]
 @pytest.fixture
 async def fleet(kind: ProxyKind, spawn_agent: AgentFactory, tmp_path: Path) -> AsyncIterator[FleetFactory]:
     agents: list[AgentProcess] = []
+    binary(kind)  # missing: the test fails saying how to install it, before any agent starts
 
     def make(hold: Path | None = None) -> Fleet:
         status = [free_port() for _ in range(NODES)]

@@ -28,7 +28,7 @@ from agent_stub.heartbeat import Heartbeater, MetricsSource
 from agent_stub.identity import Registrar
 from agent_stub.logs import EventLog, Listener
 from agent_stub.reporter import Reporter
-from agent_stub.rpc import open_channel
+from agent_stub.servers import ServerSet, split_servers
 from agent_stub.state import Cursor, FileStateStore, StateStore
 from agent_stub.verify import BundleVerifier, KeyRing
 from agent_stub.watcher import Watcher
@@ -50,7 +50,10 @@ class Agent:
     ):
         self.config = config
         self._owns_channel = channel is None
-        self.channel = channel if channel is not None else open_channel(config.server, config.tls)
+        # Our own channels: one per address of --server (servers.py); a given channel is
+        # used as it is (simulators share a few between many agents).
+        self.servers = ServerSet(split_servers(config.server), config.tls) if channel is None else None
+        self.channel: Any = channel if channel is not None else self.servers
         if (state is None or installer is None) and config.state_dir is None:
             raise ValueError("a state_dir is needed unless both state and installer are given")
         self.log = EventLog(logger or logging.getLogger("agent_stub"), {"node": None})
@@ -92,7 +95,13 @@ class Agent:
         self.handler = EventHandler(self.state, self.installer, self.reporter, self.log)
         self.backoff = Backoff(config.backoff, rng)
         self.watcher = Watcher(
-            self.channel, self.registrar, self.handler, self.backoff, self.log, config.liveness_timeout
+            self.channel,
+            self.registrar,
+            self.handler,
+            self.backoff,
+            self.log,
+            config.liveness_timeout,
+            servers=self.servers,
         )
         self.heartbeater = Heartbeater(
             self.channel,

@@ -5,6 +5,13 @@ server at the same instant over the whole window instead of bringing it back in 
 The ceiling doubles per consecutive failure up to the cap and falls back to the base
 only after a stream has been healthy for `reset_after`: a server that accepts streams
 and drops them a few seconds later must not pull every agent back at the base rate.
+
+That is for a server that answers. One that cannot be reached at all (nothing listens:
+it is restarting, or its machine failed over) is probed on a short fixed cadence for a
+while instead: a refused connection costs the server nothing, so there is no stampede
+to spread, and the fleet is back within a probe of the server's return rather than
+within a backoff that grew during the outage. Past `probe_for` the growing backoff
+takes over again.
 """
 
 from __future__ import annotations
@@ -27,6 +34,11 @@ class BackoffPolicy:
     # A stream that ends sooner than this without any message never reached the hub:
     # a fast-fail loop, counted as a failure (client-go's VeryShortWatchError).
     short_lived: float = 1.0
+    # Against a server nobody answers for: a probe about this often (jittered ±50%)...
+    probe_interval: float = 0.5
+    # ...for this long after the first refused attempt; a restart or a failover is over
+    # well within it, a server that stays down gets the growing backoff after it.
+    probe_for: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,8 @@ class Backoff:
         self._rng = rng
         # Consecutive failures since the last reset.
         self.failures = 0
+        # When the server became unreachable (monotonic), while it still is.
+        self._unreachable_since: float | None = None
 
     def ceiling(self) -> float:
         """Upper bound of the next failure's delay."""
@@ -72,6 +86,19 @@ class Backoff:
     def reset(self) -> None:
         self.failures = 0
 
+    def unreachable(self, now: float) -> float:
+        """No server could be reached (connection refused, nothing listening): the probe
+        cadence for `probe_for` from the first such attempt, then the growing backoff."""
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+        if now - self._unreachable_since < self.policy.probe_for:
+            return self.policy.probe_interval * (0.5 + self._rng())
+        return self.failure()
+
+    def reachable(self) -> None:
+        """A server answered (whatever it said): the next unreachable spell probes again."""
+        self._unreachable_since = None
+
     def is_short_lived(self, outcome: StreamOutcome) -> bool:
         return outcome.messages == 0 and outcome.duration < self.policy.short_lived
 
@@ -80,8 +107,9 @@ class Backoff:
         if not self.is_short_lived(outcome) and outcome.healthy_for >= self.policy.reset_after:
             self.reset()
         if outcome.closing:
-            # The server rotates streams on purpose: come back at once, from the cursor.
-            return 0.0
+            # The server rotates streams on purpose: come back at once, from the cursor;
+            # or, when it says it is stopping (a hint), spread over the time it gave.
+            return self._rng() * outcome.retry_after if outcome.retry_after else 0.0
         delay = self.failure()
         if outcome.retry_after is not None:
             delay = max(delay, outcome.retry_after)

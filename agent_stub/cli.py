@@ -64,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="agent-stub",
         description="Reference node agent: watch desired state, apply bundles, report back.",
     )
-    p.add_argument("--server", required=True, help="control plane host:port")
+    p.add_argument(
+        "--server",
+        required=True,
+        help="control plane host:port; several (replicas) separated by commas, or a name "
+        "that resolves to several addresses: the agent moves to one that answers",
+    )
     p.add_argument("--project", required=True)
     p.add_argument("--token", required=True, help="the project's enrollment token")
     p.add_argument("--labels", type=parse_labels, default={}, help="node labels, k=v[,k=v]")

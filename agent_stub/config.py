@@ -56,7 +56,7 @@ class ProxyConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    # host:port of the control plane.
+    # host:port of the control plane, or several separated by commas (servers.py).
     server: str
     project: str
     # The project's enrollment token, used to register (once; again if the credential dies).

@@ -28,6 +28,9 @@ _PERMANENT = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.OUT_OF_RANGE,
+    # The server's stored archive is damaged (it checks every download as it streams):
+    # retrying gets the same bytes until an operator pushes the bundle again.
+    grpc.StatusCode.DATA_LOSS,
 }
 
 

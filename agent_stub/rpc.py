@@ -15,9 +15,11 @@ from agent_stub.config import TlsFiles
 KEEPALIVE_TIME_MS = 60_000
 KEEPALIVE_TIMEOUT_MS = 20_000
 # The channel's own reconnect backoff must stay below ours, or an RPC issued after our
-# backoff would still fail fast while the channel sits out a longer one of its own.
+# backoff would still fail fast while the channel sits out a longer one of its own. Its
+# cap bounds how soon a probe of a restarted server can get through (backoff.py): a
+# channel that failed to connect fails every call at once until its timer fires.
 RECONNECT_BACKOFF_MS = 500
-MAX_RECONNECT_BACKOFF_MS = 5_000
+MAX_RECONNECT_BACKOFF_MS = 1_000
 
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
@@ -81,6 +83,19 @@ def classify(code: Any) -> ErrorClass:
     if code in _RETRY:
         return ErrorClass.RETRY
     return ErrorClass.REFUSED
+
+
+def unreachable(code: Any, details: str) -> bool:
+    """The call never reached a server: nothing accepted the connection (gRPC's
+    pick_first says so in these words)."""
+    return code == grpc.StatusCode.UNAVAILABLE and (
+        "failed to connect to all addresses" in details or "Connection refused" in details
+    )
+
+
+def stopping(code: Any, details: str) -> bool:
+    """The server refused the call because it is shutting down (docs/protocol.md)."""
+    return code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
 
 
 def code_name(code: Any) -> str:

@@ -10,6 +10,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -309,3 +310,11 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     path = OUT / name
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
     return path
+
+
+def free_port() -> int:
+    """A free loopback port for a benchmark's own processes (benchmarks run alone, not
+    beside parallel test workers, so picking then binding is safe enough here)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

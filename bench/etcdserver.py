@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,14 +19,8 @@ from pathlib import Path
 
 import grpc
 
-from bench.common import pinned
+from bench.common import free_port, pinned
 from bench.etcdapi import EtcdApi
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class EtcdProcess:

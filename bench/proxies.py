@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ from bench.common import (
     Operator,
     ServerProcess,
     bundle_archive,
+    free_port,
     machine,
     pinned,
     quantiles,
@@ -66,12 +66,6 @@ from controlplane.proxies.http import Address, HttpError, get
 
 def say(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- bundles that answer directly -----------------------------------------------------

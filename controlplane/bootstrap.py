@@ -57,9 +57,11 @@ from controlplane.rpc.scope import CachedResolver, ScopeFinder
 from controlplane.rpc.server import GrpcServer
 from controlplane.rpc.signing import SigningKeyServicer
 from controlplane.rpc.watch import WatchServicer
-from controlplane.store.engine import connections_in_use, make_engine, upgrade
+from controlplane.store.engine import connections_in_use, make_engine, sqlite_directory, upgrade
 from controlplane.store.feed import SqlChangeFeed
+from controlplane.store.lease_keeper import PgLeaseKeeper
 from controlplane.store.listen import PgListener
+from controlplane.store.liveness import FileLiveness, holder_identity
 from controlplane.store.sql import SqlStore
 from controlplane.tasks.bundle_gc import collect_bundles
 from controlplane.tasks.fleet import sweep_offline
@@ -90,6 +92,8 @@ class App:
         self.clock = clock
         self._periodic: list[Periodic] = []
         self._listener: PgListener | None = None
+        self._keeper: PgLeaseKeeper | None = None
+        self._liveness: FileLiveness | None = None
         self._stopped = False
         self._metrics_server: Any = None
 
@@ -115,7 +119,7 @@ class App:
         self.store = SqlStore(self.engine, audit_key, self.clock)
         # Before anything reads or writes: verification passes from the first moment.
         await seal_audit_head(self.store)
-        self.feed = SqlChangeFeed(self.engine, s.epoch_follows_timeline)
+        self.feed = SqlChangeFeed(self.store)
         # The hub's one read of the log also feeds node token revocation.
         self.revocations = NodeRevocations()
         self.hub = WatchHub(RevocationTap(self.feed, self.revocations), s.hub)
@@ -138,30 +142,7 @@ class App:
             on_report=rollouts_due,
         )
         self.writer = DesiredStateWriter(self.store, self.clock, self.hub.wake, self.hub)
-        self.blobs = await _blob_store(s)
-        undo.push_async_callback(self.blobs.close)
-        signer = firststart.signer(s)
-        self.signing_keys = KeyDirectory(self.store, self.clock, signer, self.hub.wake)
-        allowed = frozenset(s.validator_allow)
-        # KDL is parsed in worker processes (ckdl holds the GIL), started on first use:
-        # one per pipeline slot, so every bundle being validated has its own.
-        self.kdl = KdlParsers(KdlLimits(workers=PIPELINE_SLOTS))
-        undo.callback(self.kdl.close)
-        self.bundles = BundleRegistry(
-            self.store,
-            self.blobs,
-            self.clock,
-            staging_dir=s.data_dir / "staging",
-            signer=signer,
-            allowed_programs=allowed,
-            max_bundle_bytes=s.max_bundle_bytes,
-            kdl=self.kdl,
-        )
-        self.bundles.clean_staging()
-        self.lifecycle = BundleLifecycle(
-            self.store, self.blobs, self.clock, self.hub, s.data_dir / "staging", allowed
-        )
-        self.blob_collector = BlobCollector(self.store, self.blobs, self.clock, s.bundle_retention)
+        await self._build_bundles(undo)
         self._build_rollouts(rollouts_due)
         token, created = await firststart.enrollment_token(self.projects, s.data_dir)
         self.api_keys = ApiKeyRegistry(self.store, self.clock)
@@ -196,9 +177,25 @@ class App:
         port = self.grpc.bind(s.listen, s.tls_cert, s.tls_key, s.tls_client_ca)
         metrics_port = self._start_metrics()
         undo.callback(self._stop_metrics)
+        await self._start_liveness(undo)
         self._start_background(undo)
         await self.grpc.start()
         return StartInfo(port, metrics_port, token, created, admin_key)
+
+    async def _start_liveness(self, undo: contextlib.AsyncExitStack) -> None:
+        """This process's liveness lock, and on PostgreSQL the keeper that renews its
+        leases off the event loop (store/liveness.py, store/lease_keeper.py)."""
+        s, holder = self.settings, self.leases.holder
+        if s.embedded:
+            self._liveness = FileLiveness(sqlite_directory(s.url) / "lease-holders")
+            self._liveness.hold(holder)
+            undo.callback(self._liveness.release, holder)
+            self.store.holder_gone = self._liveness.gone
+            return
+        self._keeper = PgLeaseKeeper(s.url, holder, s.lease_ttl)
+        await self._keeper.start()
+        undo.push_async_callback(self._keeper.stop)
+        self.leases.keeper = self._keeper
 
     def _start_background(self, undo: contextlib.AsyncExitStack) -> None:
         """NOTIFY listener (PostgreSQL), sweeps and the rollout driver."""
@@ -238,7 +235,11 @@ class App:
         await self.grpc.stop(self.settings.shutdown_grace)
         await self.nodes.settle()  # batches whose callers were cancelled still commit
         self.kdl.close()  # after the server: pushes within the grace finish their parses
-        await self.rollout_tasks.stop()
+        await self.rollout_tasks.stop()  # hands its leases back
+        if self._keeper is not None:
+            await self._keeper.stop()
+        if self._liveness is not None:
+            self._liveness.release(self.leases.holder)
         for job in self._periodic:
             await job.stop()
         if self._listener is not None:
@@ -275,10 +276,40 @@ class App:
         self._metrics_server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
         return int(self._metrics_server.server_port)
 
+    async def _build_bundles(self, undo: contextlib.AsyncExitStack) -> None:
+        s = self.settings
+        self.blobs = await _blob_store(s)
+        undo.push_async_callback(self.blobs.close)
+        signer = firststart.signer(s)
+        self.signing_keys = KeyDirectory(
+            self.store, self.clock, signer, self.hub.wake, firststart.cross_signer(s)
+        )
+        allowed = frozenset(s.validator_allow)
+        # KDL is parsed in worker processes (ckdl holds the GIL), started on first use:
+        # one per pipeline slot, so every bundle being validated has its own.
+        self.kdl = KdlParsers(KdlLimits(workers=PIPELINE_SLOTS))
+        undo.callback(self.kdl.close)
+        self.bundles = BundleRegistry(
+            self.store,
+            self.blobs,
+            self.clock,
+            staging_dir=s.data_dir / "staging",
+            signer=signer,
+            allowed_programs=allowed,
+            max_bundle_bytes=s.max_bundle_bytes,
+            kdl=self.kdl,
+        )
+        self.bundles.clean_staging()
+        self.lifecycle = BundleLifecycle(
+            self.store, self.blobs, self.clock, self.hub, s.data_dir / "staging", allowed
+        )
+        self.blob_collector = BlobCollector(self.store, self.blobs, self.clock, s.bundle_retention)
+
     def _build_rollouts(self, rollouts_due: Wakeup) -> None:
         s = self.settings
         self.rollout_bus = RolloutBus()
-        self.leases = Leases(self.store, self.clock, ttl=s.lease_ttl)
+        holder = holder_identity(s.replica_id, s.process_index)
+        self.leases = Leases(self.store, self.clock, ttl=s.lease_ttl, holder=holder)
         # Gates call a heartbeat stale past --gate-stale-after (default: once the node
         # would be marked offline).
         self.rollouts = RolloutController(

@@ -35,7 +35,15 @@ class Settings:
     # Rollouts: the driver's safety-net tick (reports and heartbeats are noticed within
     # it), the time to live of its leases, and the drift sweep.
     rollout_tick: timedelta = timedelta(seconds=0.5)
-    lease_ttl: timedelta = timedelta(seconds=15)
+    # A dead process's leases are taken at once (its liveness lock, store/liveness.py):
+    # the time to live bounds only a replica that vanished silently (a machine off, a
+    # network cut) or stalled. Renewed every third of it, off the event loop on
+    # PostgreSQL, so two renewals can fail before a lease lapses.
+    lease_ttl: timedelta = timedelta(seconds=6)
+    # Lease holders are `<replica_id>/<process_index>#<incarnation>`: the host name
+    # unless set, and the serving process's slot on the machine.
+    replica_id: str = ""
+    process_index: int = 0
     drift_interval: timedelta = timedelta(seconds=10)
     # A node must stay off its desired bundle this long before it counts as drifted:
     # longer than any apply, so a rollout in flight is never drift.
@@ -50,6 +58,8 @@ class Settings:
     # When unset, `<data_dir>/signing-key`, generated on first start (docs/bundles.md).
     signing_key: str = ""
     signing_key_file: Path | None = None
+    # Another key of the deployment (the one being rotated out); see domain/bundles/key_trust.py.
+    cross_sign_key_file: Path | None = None
     # Where archives live: empty for `<data_dir>/blobs`, or `s3://bucket/prefix`. The S3
     # options default to botocore's own chain (AWS_* environment, profiles, roles).
     blob_store: str = ""
@@ -76,8 +86,6 @@ class Settings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     rate_limits: RateLimits = field(default_factory=RateLimits)
-    # PostgreSQL: a promoted standby (new timeline) changes the epoch; see store/feed.py.
-    epoch_follows_timeline: bool = True
     shutdown_grace: float = 5.0
 
     @property

@@ -69,6 +69,13 @@ def signer(s: Settings) -> Signer:
     return Signer.from_seed(seed)
 
 
+def cross_signer(s: Settings) -> Signer | None:
+    """The deployment's other key, when given: it and ours endorse each other (key
+    rotation; docs/bundles.md)."""
+    path = s.cross_sign_key_file
+    return Signer.from_seed(parse_seed(path.read_text())) if path is not None else None
+
+
 def token_keyring(s: Settings) -> TokenKeyring:
     """The node token keys: configured (a file or the PEM itself), else a key made in the
     data directory on first start."""

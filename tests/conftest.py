@@ -9,7 +9,7 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
@@ -23,6 +23,10 @@ from tests.support import postgres, profiles  # noqa: F401  (profiles: loads the
 from tests.support.harness import Harness
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from tests.support.planes import Planes
+
 BACKENDS = ["sqlite", "postgres"]
 # Tests that use these fixtures run against PostgreSQL: they carry the `postgres` mark.
 _POSTGRES_FIXTURES = {"pg_url", "make_pg_harness", "pg_harness", "pg_template"}
@@ -213,6 +217,18 @@ async def make_pg_harness(tmp_path: Path, pg_url: str) -> AsyncIterator[HarnessF
 async def pg_harness(make_pg_harness: HarnessFactory) -> Harness:
     """A control plane on PostgreSQL only."""
     return await make_pg_harness()
+
+
+@pytest.fixture
+async def planes(tmp_path: Path) -> AsyncIterator[Planes]:
+    """Control planes on URLs the test chooses (tests/support/pgcluster.py's servers)."""
+    from tests.support.planes import Planes  # it builds on this module's fast_settings
+
+    started = Planes(tmp_path)
+    try:
+        yield started
+    finally:
+        await started.close()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, TypeVar
@@ -13,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from controlplane.api.audit.v1 import audit_pb2 as pb
 from controlplane.api.audit.v1 import audit_pb2_grpc
 from controlplane.cli.client import call, channel, print_message, server_option
+from controlplane.cli.servers import Reconnect, parse_deadline, reconnect_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -123,6 +125,7 @@ def audit_verify(server: str, checkpoint: tuple[int, str]) -> None:
 @server_option
 @with_filters
 @click.option("--output", "-o", type=click.File("wb"), default="-", help="File (default: stdout).")
+@reconnect_option
 def audit_export(
     server: str,
     project: str,
@@ -132,14 +135,27 @@ def audit_export(
     start: datetime | None,
     end: datetime | None,
     output: BinaryIO,
+    reconnect_deadline: str,
 ) -> None:
-    """Write matching entries as JSON lines, oldest first, with their MACs."""
+    """Write matching entries as JSON lines, oldest first, with their MACs. A broken
+    export (a restart, a failover) starts again and writes only entries after the last
+    one written; exit code 5 if no server answers for --reconnect-deadline."""
     request = pb.ExportAuditEventsRequest(
         project=project, filter=_filter(actor, action, resource, start, end)
     )
-    try:
-        for reply in _stub(server).ExportAuditEvents(request):
-            output.write(reply.jsonl)
-    except grpc.RpcError as e:
-        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
+    servers = channel(server)
+    reconnect = Reconnect(servers, parse_deadline(reconnect_deadline))
+    written = 0  # the chain's seq of the last entry written
+    while True:
+        try:
+            for reply in audit_pb2_grpc.AuditServiceStub(servers).ExportAuditEvents(request):
+                reconnect.progressed()
+                for line in reply.jsonl.splitlines(keepends=True):
+                    seq = int(json.loads(line)["seq"])
+                    if seq > written:
+                        output.write(line)
+                        written = seq
+            break
+        except grpc.RpcError as e:
+            reconnect.failed(e)
     output.flush()

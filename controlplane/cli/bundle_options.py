@@ -30,6 +30,15 @@ _OPTIONS = [
         help="File holding the signing key (controlplane signing-keys generate).",
     ),
     click.option(
+        "--cross-sign-key-file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        envvar="CONTROLPLANE_CROSS_SIGN_KEY_FILE",
+        show_envvar=True,
+        help="Another signing key of this deployment (the one being rotated out): it and "
+        "the signing key endorse each other at start, so every replica trusts both.",
+    ),
+    click.option(
         "--blob-store",
         default="",
         envvar="CONTROLPLANE_BLOB_STORE",
@@ -85,6 +94,7 @@ _OPTIONS = [
 NAMES = (
     "signing_key",
     "signing_key_file",
+    "cross_sign_key_file",
     "blob_store",
     "s3_endpoint_url",
     "s3_region",

@@ -14,8 +14,15 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from controlplane.cli.servers import ServerChannel, split_servers
+
 server_option = click.option(
-    "--server", default="127.0.0.1:50051", show_default=True, envvar="CONTROLPLANE_SERVER", show_envvar=True
+    "--server",
+    default="127.0.0.1:50051",
+    show_default=True,
+    envvar="CONTROLPLANE_SERVER",
+    show_envvar=True,
+    help="host:port; several (replicas) separated by commas.",
 )
 project_option = click.option(
     "--project", default="default", show_default=True, envvar="CONTROLPLANE_PROJECT", show_envvar=True
@@ -97,7 +104,13 @@ def default_api_key() -> str:
         return ""
 
 
-def channel(server: str) -> grpc.Channel:
+def channel(server: str) -> Any:
+    """A channel to `server`: one address, or several separated by commas, used one at a
+    time (cli/servers.py)."""
+    return ServerChannel(split_servers(server), _open)
+
+
+def _open(server: str) -> grpc.Channel:
     c = _connection
     if c.tls_ca is None:
         base = grpc.insecure_channel(server)

@@ -29,7 +29,15 @@ _OPTIONS = (
         show_default=True,
         envvar="CONTROLPLANE_LEASE_TTL",
         show_envvar=True,
-        help="Seconds a replica's lease on a rollout (or the drift sweep) lasts unrenewed.",
+        help="Seconds a replica's lease on a rollout (or the drift sweep) lasts unrenewed; "
+        "a dead process's leases are taken at once.",
+    ),
+    click.option(
+        "--replica-id",
+        default="",
+        envvar="CONTROLPLANE_REPLICA_ID",
+        show_envvar=True,
+        help="This replica's name in leases and logs (default: the host name).",
     ),
     click.option(
         "--drift-interval",
@@ -61,4 +69,7 @@ def rollout_options(fn: F) -> F:
 
 def rollout_settings(options: dict[str, Any]) -> dict[str, Any]:
     """The Settings fields of the options above (taken out of `options`)."""
-    return {name: timedelta(seconds=options.pop(name)) for name in NAMES}
+    return {
+        **{name: timedelta(seconds=options.pop(name)) for name in NAMES},
+        "replica_id": options.pop("replica_id"),
+    }

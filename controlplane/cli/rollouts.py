@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +14,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api.rollout.v1 import drift_pb2, drift_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from controlplane.cli.client import call, channel, project_option, server_option
+from controlplane.cli.servers import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_ROLLED_BACK,
+    EXIT_SUCCEEDED,
+    Reconnect,
+    ServerChannel,
+    parse_deadline,
+    reconnect_option,
+)
 
 pb = rollout_pb2
 STRATEGIES = {
@@ -140,7 +149,14 @@ def rollout() -> None:
 @click.option(
     "--override-freeze", default="", help="Start and advance through freeze windows, for this reason."
 )
-@click.option("--watch", "follow", is_flag=True, help="Follow the rollout until it ends.")
+@click.option(
+    "--watch",
+    "follow",
+    is_flag=True,
+    help="Follow the rollout until it ends; the exit code says how (0 succeeded, 3 failed, "
+    "4 rolled back, 5 server unreachable).",
+)
+@reconnect_option
 def rollout_create(
     server: str,
     project: str,
@@ -164,6 +180,7 @@ def rollout_create(
     start_at: str | None,
     override_freeze: str,
     follow: bool,
+    reconnect_deadline: str,
 ) -> None:
     """Create a rollout of BUNDLE (a digest or a version label)."""
     request = pb.CreateRolloutRequest(
@@ -201,14 +218,14 @@ def rollout_create(
         request.gates.CopyFrom(gate_message)
     if start_at:
         request.scheduled_at.CopyFrom(_timestamp(parse_time(start_at)))
-    stub = _stub(server)
+    servers = channel(server)
     try:
-        created = stub.CreateRollout(request).rollout
+        created = rollout_pb2_grpc.RolloutServiceStub(servers).CreateRollout(request).rollout
     except grpc.RpcError as e:
         raise click.ClickException(f"{e.code().name}: {e.details()}") from None
     click.echo(f"rollout {created.id}: {_state(created.state)}, {len(created.steps)} step(s)")
     if follow:
-        sys.exit(_follow(stub, project, created.id))
+        sys.exit(_follow(servers, project, created.id, parse_deadline(reconnect_deadline)))
 
 
 @rollout.command("get")
@@ -255,11 +272,14 @@ def rollout_nodes(server: str, project: str, rollout_id: str) -> None:
 @rollout.command("watch")
 @server_option
 @project_option
+@reconnect_option
 @click.argument("rollout_id")
-def rollout_watch(server: str, project: str, rollout_id: str) -> None:
-    """Follow a rollout live (steps, nodes converged, gates) until it ends. Exits 0 if it
-    succeeded, 1 otherwise."""
-    sys.exit(_follow(_stub(server), project, rollout_id))
+def rollout_watch(server: str, project: str, reconnect_deadline: str, rollout_id: str) -> None:
+    """Follow a rollout live (steps, nodes converged, gates) until it ends, across server
+    restarts and failovers. Exits 0 if it succeeded, 3 if it failed (or was cancelled or
+    rejected), 4 if it was rolled back, 5 if no server could be reached for
+    --reconnect-deadline."""
+    sys.exit(_follow(channel(server), project, rollout_id, parse_deadline(reconnect_deadline)))
 
 
 def _simple(name: str, request_type: Any, method: str, helptext: str, **extra: Any) -> None:
@@ -386,30 +406,89 @@ def _progress(p: pb.Progress, state: int) -> str:
     return f"[{_state(state)}] {where} | {p.steps_done} done | {nodes or 'no nodes'}{gates}"
 
 
-def _lines(
-    stub: rollout_pb2_grpc.RolloutServiceStub, project: str, rollout_id: str
-) -> Iterator[tuple[str, int]]:
-    for message in stub.WatchRollout(pb.WatchRolloutRequest(project=project, rollout_id=rollout_id)):
-        if message.HasField("snapshot"):
-            r = message.snapshot
-            yield f"rollout {r.id}: {r.selector} -> {r.bundle_digest} ({len(r.steps)} step(s))", message.state
-        for e in message.events:
-            at = e.at.ToDatetime(tzinfo=UTC).strftime("%H:%M:%S")
-            yield f"  {at} {e.kind:9} {e.message}", message.state
-        yield _progress(message.progress, message.state), message.state
+TERMINAL_EXIT: dict[int, int] = {
+    pb.ROLLOUT_STATE_SUCCEEDED: EXIT_SUCCEEDED,
+    pb.ROLLOUT_STATE_ROLLED_BACK: EXIT_ROLLED_BACK,
+    pb.ROLLOUT_STATE_FAILED: EXIT_FAILED,
+    pb.ROLLOUT_STATE_CANCELLED: EXIT_FAILED,
+    pb.ROLLOUT_STATE_REJECTED: EXIT_FAILED,
+}
 
 
-def _follow(stub: rollout_pb2_grpc.RolloutServiceStub, project: str, rollout_id: str) -> int:
-    final: int = pb.ROLLOUT_STATE_UNSPECIFIED
+def _event_line(e: pb.RolloutEvent) -> str:
+    at = e.at.ToDatetime(tzinfo=UTC).strftime("%H:%M:%S")
+    return f"  {at} {e.kind:9} {e.message}"
+
+
+class _Follower:
+    """Prints one rollout's progress across as many WatchRollout streams as it takes:
+    after a reconnect it prints the events it missed (ListRolloutEvents after the last
+    one printed) and nothing twice."""
+
+    def __init__(self, stub: rollout_pb2_grpc.RolloutServiceStub, project: str, rollout_id: str):
+        self.stub = stub
+        self.project = project
+        self.rollout_id = rollout_id
+        self.last_seq: int | None = None
+        self.state: int = pb.ROLLOUT_STATE_UNSPECIFIED
+
+    def stream(self, reconnect: Reconnect) -> None:
+        """One stream, to its end (the rollout's end, or the stream's)."""
+        request = pb.WatchRolloutRequest(project=self.project, rollout_id=self.rollout_id)
+        call = self.stub.WatchRollout(request)
+        for message in call:
+            reconnect.progressed()
+            if message.HasField("snapshot"):
+                self._snapshot(message.snapshot)
+            for e in message.events:
+                if e.seq > (self.last_seq or 0):
+                    click.echo(_event_line(e))
+                    self.last_seq = e.seq
+            click.echo(_progress(message.progress, message.state))
+            self.state = message.state
+            if self.ended:
+                # FAILED holds its nodes (the server's stream goes on), but the outcome
+                # is known.
+                call.cancel()
+                return
+
+    def _snapshot(self, r: pb.Rollout) -> None:
+        if self.last_seq is None:
+            click.echo(f"rollout {r.id}: {r.selector} -> {r.bundle_digest} ({len(r.steps)} step(s))")
+            self.last_seq = r.event_seq
+            return
+        # Back after a reconnect: what happened meanwhile, from the history.
+        while self.last_seq < r.event_seq:
+            page = self.stub.ListRolloutEvents(
+                pb.ListRolloutEventsRequest(
+                    project=self.project, rollout_id=self.rollout_id, after_seq=self.last_seq, page_size=500
+                )
+            ).events
+            if not page:
+                break
+            for e in page:
+                click.echo(_event_line(e))
+                self.last_seq = e.seq
+
+    @property
+    def ended(self) -> bool:
+        return self.state in TERMINAL_EXIT
+
+
+def _follow(servers: ServerChannel, project: str, rollout_id: str, deadline: float) -> int:
+    """Follow the rollout to its end, reconnecting across restarts and failovers; the exit
+    code says how it ended (cli/servers.py)."""
+    follower = _Follower(rollout_pb2_grpc.RolloutServiceStub(servers), project, rollout_id)
+    reconnect = Reconnect(servers, deadline)
     try:
-        for line, state in _lines(stub, project, rollout_id):
-            click.echo(line)
-            final = state
-    except grpc.RpcError as e:
-        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
+        while not follower.ended:
+            try:
+                follower.stream(reconnect)
+            except grpc.RpcError as e:
+                reconnect.failed(e)
     except KeyboardInterrupt:
-        return 130
-    return 0 if final == pb.ROLLOUT_STATE_SUCCEEDED else 1
+        return EXIT_INTERRUPTED
+    return TERMINAL_EXIT[follower.state]
 
 
 # -- drift ------------------------------------------------------------------------------

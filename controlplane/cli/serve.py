@@ -24,9 +24,10 @@ def _run(settings: Settings) -> None:
     async def main() -> None:
         app = App(settings)
         info = await app.start()
-        # The public keys bundles are signed with, for agents' --trusted-keys.
+        # The public keys bundles are signed with, for agents' --trusted-keys: only those
+        # this server can prove, never a key that is only a row (domain/bundles/key_trust.py).
         trusted_keys = settings.data_dir / TRUSTED_KEYS_FILE
-        write_trusted_keys(trusted_keys, await app.signing_keys.list(), app.signing_keys.signer.key_id)
+        write_trusted_keys(trusted_keys, await app.signing_keys.trusted(), app.signing_keys.signer.key_id)
         where = "SQLite in " + str(settings.data_dir) if settings.embedded else "PostgreSQL"
         click.echo(f"controlplane serving on {settings.listen} (port {info.port}), state in {where}")
         if info.metrics_port:
@@ -169,12 +170,11 @@ def _run(settings: Settings) -> None:
 )
 @click.option(
     "--epoch-follows-timeline/--no-epoch-follows-timeline",
-    default=DEFAULTS.epoch_follows_timeline,
-    show_default=True,
+    default=None,
+    hidden=True,
     envvar="CONTROLPLANE_EPOCH_FOLLOWS_TIMELINE",
-    show_envvar=True,
-    help="PostgreSQL: a promoted standby makes agents re-bootstrap. "
-    "Disable only with synchronous replication.",
+    help="No longer has an effect: a promotion forks the epoch and resets only the nodes "
+    "that saw lost revisions (docs/operations.md).",
 )
 @click.option(
     "--audit-key",
@@ -202,13 +202,18 @@ def serve(
     retain_revisions: int,
     retain_seconds: float,
     prune_interval: float,
-    epoch_follows_timeline: bool,
+    epoch_follows_timeline: bool | None,
     audit_key: str,
     log_level: str,
     **bundle: Any,
 ) -> None:
     """Run the control plane (SQLite and a local directory unless --database-url)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if epoch_follows_timeline is not None:
+        logging.getLogger(__name__).warning(
+            "--epoch-follows-timeline no longer has an effect: a promoted standby presents a "
+            "new epoch that resets only the nodes that saw lost revisions (docs/operations.md)"
+        )
     lo, hi = sorted(stream_lifetime)
     settings = Settings(
         data_dir=data_dir,
@@ -223,7 +228,6 @@ def serve(
         retain_revisions=retain_revisions,
         retain_for=timedelta(seconds=retain_seconds),
         prune_interval=timedelta(seconds=prune_interval),
-        epoch_follows_timeline=epoch_follows_timeline,
         audit_key=audit_key,
         **bundle_settings(bundle),
         **rollout_settings(bundle),

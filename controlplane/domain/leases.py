@@ -10,6 +10,11 @@ matching nothing (`LeaseLost`), so its writes never land.
 A holder also steps down on its own clock: once a lease was not renewed for its whole
 time to live it stops acting on it, renewal or not — a replica cut off from the
 database must not believe it still leads.
+
+A lease held by a process that is provably gone (its liveness lock is free:
+store/liveness.py) may be taken before it expires, with a new epoch as always. Leases
+acquired with `keep` are renewed by a `LeaseKeeper` off the event loop when one is set
+(store/lease_keeper.py), so a busy loop does not cost a replica its leases.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from datetime import timedelta
 from controlplane.domain.kernel.errors import Aborted
 from controlplane.domain.kernel.secrets import new_id
 from controlplane.domain.model.leases import Lease, LeaseLost
-from controlplane.domain.ports import Clock, Store, Tx
+from controlplane.domain.ports import Clock, LeaseKeeper, Store, Tx
 
 
 @dataclass
@@ -34,9 +39,11 @@ class Leases:
     ttl: timedelta = timedelta(seconds=15)
     holder: str = field(default_factory=lambda: new_id("replica"))
     monotonic: Callable[[], float] = time.monotonic
+    keeper: LeaseKeeper | None = None
 
-    async def acquire(self, name: str) -> Lease | None:
-        """Take `name` if it is free or expired, or renew it if it is ours."""
+    async def acquire(self, name: str, keep: bool = False) -> Lease | None:
+        """Take `name` if it is free, expired or its holder gone, or renew it if it is
+        ours. With `keep` (and a keeper), the keeper renews it from then on."""
         started = self.monotonic()
         now = self.clock()
         try:
@@ -47,22 +54,38 @@ class Leases:
         if taken is None:
             return None
         epoch, _ = taken
-        return Lease(name, self.holder, epoch, now + self.ttl, started + self.ttl.total_seconds())
+        kept = keep and self.keeper is not None
+        lease = Lease(name, self.holder, epoch, now + self.ttl, started + self.ttl.total_seconds(), kept)
+        if self.keeper is not None and kept:
+            self.keeper.keep(lease)
+        return lease
 
     async def renew(self, lease: Lease) -> Lease | None:
-        renewed = await self.acquire(lease.name)
+        renewed = await self.acquire(lease.name, keep=lease.kept)
         if renewed is None or renewed.epoch != lease.epoch:
             return None
         return renewed
 
     def due(self, lease: Lease) -> bool:
-        """Time to renew: a third of the time to live is gone."""
+        """Time to renew: a third of the time to live is gone (never for a kept lease:
+        the keeper renews it)."""
+        if lease.kept:
+            return False
         return self.monotonic() > lease.local_deadline - 2 * self.ttl.total_seconds() / 3
 
     def valid(self, lease: Lease) -> bool:
-        return self.monotonic() < lease.local_deadline
+        deadline = lease.local_deadline
+        if lease.kept and self.keeper is not None:
+            deadline = self.keeper.deadline(lease)
+        return self.monotonic() < deadline
+
+    def forget(self, lease: Lease) -> None:
+        """Stop keeping `lease` (it was lost, or we stepped down)."""
+        if lease.kept and self.keeper is not None:
+            self.keeper.forget(lease.name)
 
     async def release(self, lease: Lease) -> None:
+        self.forget(lease)
         async with self.store.write() as tx:
             await tx.leases.release(lease.name, lease.holder, lease.epoch)
 

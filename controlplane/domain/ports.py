@@ -14,12 +14,13 @@ from typing import Any, Protocol
 
 from controlplane.domain.kernel.labels import Selector
 from controlplane.domain.model.audit import AuditEntry, AuditHead, AuditQuery
-from controlplane.domain.model.bundles import Bundle, BundleSignature, BundleState, SigningKey
+from controlplane.domain.model.bundles import Bundle, BundleSignature, BundleState, Endorsement, SigningKey
 from controlplane.domain.model.desired import DesiredRow, FeedPosition, FeedSnapshot
 from controlplane.domain.model.drift import DriftEpisode, NodeApplied
 from controlplane.domain.model.facts import NodeFacts
 from controlplane.domain.model.fleet import HeartbeatRecord, Node, NodeStatus, Project, StatusReport
 from controlplane.domain.model.identity import ApiKey, EnrollmentToken
+from controlplane.domain.model.leases import Lease
 from controlplane.domain.model.policy import ProjectPolicy
 from controlplane.domain.model.rollouts import (
     Approval,
@@ -116,6 +117,11 @@ class SigningKeyRepo(Protocol):
     async def insert(self, key: SigningKey) -> None: ...
     async def all(self) -> list[SigningKey]: ...
     async def retire(self, key_id: str, at: datetime) -> None: ...
+    async def endorse(self, endorsement: Endorsement, at: datetime) -> None:
+        """Record an endorsement (kept as it is if already there)."""
+        ...
+
+    async def endorsements(self) -> list[Endorsement]: ...
 
 
 class ValidationConfigRepo(Protocol):
@@ -294,12 +300,23 @@ class AuditLog(Protocol):
         ...
 
 
+class LeaseKeeper(Protocol):
+    """Renews kept leases on its own schedule, away from the event loop."""
+
+    def keep(self, lease: Lease) -> None: ...
+    def forget(self, name: str) -> None: ...
+    def deadline(self, lease: Lease) -> float:
+        """Until when `lease` is still ours (monotonic); 0 once it is lost."""
+        ...
+
+
 class LeaseRepo(Protocol):
     async def take(
         self, name: str, holder: str, now: datetime, expires_at: datetime
     ) -> tuple[int, str] | None:
-        """Take or renew the lease: free, expired, or already ours. Returns its (epoch,
-        holder) after the call, or None when another holder has it."""
+        """Take or renew the lease: free, expired, held by a process that is gone, or
+        already ours. Returns its (epoch, holder) after the call, or None when another
+        holder has it."""
         ...
 
     async def release(self, name: str, holder: str, epoch: int) -> None: ...

@@ -4,13 +4,14 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
+from prometheus_client import Counter
 
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
 from controlplane.domain.bundles.intake import FileStart, Part
 from controlplane.domain.bundles.lifecycle import BundleLifecycle
 from controlplane.domain.bundles.registry import BundleRegistry
 from controlplane.domain.fleet.assignments import DesiredStateWriter, Target
-from controlplane.domain.kernel.errors import InvalidArgument
+from controlplane.domain.kernel.errors import DataLoss, InvalidArgument
 from controlplane.rpc import auth
 from controlplane.rpc.bundle_convert import (
     STATE_IN,
@@ -20,6 +21,11 @@ from controlplane.rpc.bundle_convert import (
     config_out,
     revoked_node_out,
     risk_out,
+)
+
+DAMAGED_DOWNLOADS = Counter(
+    "controlplane_bundle_damaged_downloads_total",
+    "Downloads ended DATA_LOSS: the stored archive did not hash to the bundle's digest.",
 )
 
 
@@ -103,11 +109,15 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
         # Closed when the call ends, however it ends: the chunks hold a download slot and
         # an open file.
         async with contextlib.aclosing(chunks):
-            async for chunk in chunks:
-                yield bundle_pb2.DownloadBundleResponse(
-                    chunk=chunk, size_bytes=bundle.size_bytes if first else 0
-                )
-                first = False
+            try:
+                async for chunk in chunks:
+                    yield bundle_pb2.DownloadBundleResponse(
+                        chunk=chunk, size_bytes=bundle.size_bytes if first else 0
+                    )
+                    first = False
+            except DataLoss:
+                DAMAGED_DOWNLOADS.inc()
+                raise
 
     async def GetBundle(
         self, request: bundle_pb2.GetBundleRequest, context: grpc.aio.ServicerContext

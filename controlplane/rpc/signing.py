@@ -17,7 +17,9 @@ class SigningKeyServicer(signing_pb2_grpc.SigningKeyServiceServicer):
     ) -> signing_pb2.ListSigningKeysResponse:
         if request.project:
             auth.require_project(request.project)
-        keys = await self._keys.list()
+        # Only keys this server can prove (domain/bundles/key_trust.py): agents pin what this
+        # lists at first contact, and a row in the database proves nothing.
+        keys = await self._keys.trusted()
         signing = self._keys.signer.key_id
         return signing_pb2.ListSigningKeysResponse(keys=[signing_key_out(k, signing) for k in keys])
 

@@ -14,6 +14,7 @@ from controlplane.domain.model.bundles import (
     Bundle,
     BundleSignature,
     BundleState,
+    Endorsement,
     KeyState,
     RiskAssessment,
     RiskFinding,
@@ -29,6 +30,7 @@ from controlplane.store.schema import (
     bundles,
     desired_state_log,
     nodes,
+    signing_key_endorsements,
     signing_keys,
     validation_configs,
 )
@@ -331,6 +333,27 @@ class SqlSigningKeys:
             .where(signing_keys.c.key_id == key_id)
             .values(state=KeyState.RETIRED.value, retired_at=at)
         )
+
+    async def endorse(self, endorsement: Endorsement, at: datetime) -> None:
+        e = signing_key_endorsements.c
+        known = await self._conn.scalar(
+            select(e.key_id).where(
+                e.key_id == endorsement.key_id, e.endorser_key_id == endorsement.endorser_key_id
+            )
+        )
+        if known is None:
+            await self._conn.execute(
+                signing_key_endorsements.insert().values(
+                    key_id=endorsement.key_id,
+                    endorser_key_id=endorsement.endorser_key_id,
+                    signature=endorsement.signature,
+                    created_at=at,
+                )
+            )
+
+    async def endorsements(self) -> list[Endorsement]:
+        rows = (await self._conn.execute(select(signing_key_endorsements))).all()
+        return [Endorsement(r.key_id, r.endorser_key_id, bytes(r.signature)) for r in rows]
 
 
 class SqlValidationConfigs:

@@ -9,7 +9,10 @@ from sqlalchemy import BigInteger, Select, and_, case, cast, delete, exists, fun
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import aliased
 
+from controlplane.domain.audit.context import acting_as, system
 from controlplane.domain.model.desired import ChangeKind, DesiredRow
+from controlplane.store import epochs
+from controlplane.store.audit import SqlAuditLog
 from controlplane.store.schema import desired_state_log, revision_counter, server_meta
 
 NOTIFY_CHANNEL = "controlplane_revisions"
@@ -49,24 +52,53 @@ def latest_rows_query(keys: Collection[str] | None = None) -> Select[Any]:
 
 
 class SqlDesiredLog:
-    def __init__(self, conn: AsyncConnection):
+    def __init__(self, conn: AsyncConnection, audit: SqlAuditLog | None = None):
         self._conn = conn
+        self._audit = audit
         # This transaction holds the revision row (lock() or a revision allocated).
         self._locked = False
 
     async def allocate_revision(self) -> int:
-        revision = await self._conn.scalar(
+        # Only under an epoch that belongs to this database (store/epochs.py): checked in
+        # the same statement, so the common case costs no extra round trip.
+        increment = (
             update(revision_counter)
             .where(revision_counter.c.id == 1)
             .values(value=revision_counter.c.value + 1)
             .returning(revision_counter.c.value)
         )
+        revision = await self._conn.scalar(increment.where(epochs.current(self._conn.dialect.name)))
+        if revision is None:
+            # Promoted or restored since the epoch was recorded: fork first, under the
+            # counter's row lock, then allocate in the new epoch.
+            await self.present_epoch()
+            revision = await self._conn.scalar(increment)
         assert revision is not None
         self._locked = True
         if self._conn.dialect.name == "postgresql":
             # Delivered at commit, to every replica's hub; only a wake-up, never the data.
             await self._conn.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
         return int(revision)
+
+    async def present_epoch(self, reason: str = "", force: bool = False) -> epochs.Fork | None:
+        """Start a new epoch if this database is not the one the current epoch was
+        recorded on (or always, with `force`), audited; None if nothing changed."""
+        forked = await epochs.fork(self._conn, reason, force)
+        self._locked = True
+        if forked is not None and self._audit is not None:
+            with acting_as(system("epoch")):
+                await self._audit.record(
+                    "epoch.fork",
+                    f"epoch/{forked.epoch}",
+                    before={"epoch": forked.previous},
+                    after={
+                        "epoch": forked.epoch,
+                        "fork_revision": forked.fork_revision,
+                        "reason": forked.reason,
+                        "database": forked.tag,
+                    },
+                )
+        return forked
 
     async def lock(self) -> None:
         if self._locked:

@@ -8,9 +8,11 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event, text
+from sqlalchemy import Connection, event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
+
+from controlplane.store.pgconnect import PgConnector
 
 # An advisory lock id only our migrations take, so replicas starting together migrate once.
 _MIGRATION_LOCK = 0x636F6E74726F6C
@@ -20,12 +22,25 @@ def sqlite_url(data_dir: Path) -> str:
     return f"sqlite+aiosqlite:///{data_dir / 'controlplane.db'}"
 
 
+def sqlite_directory(url: str) -> Path:
+    """The directory of a SQLite URL's database file."""
+    return Path(make_url(url).database or ".").resolve().parent
+
+
 def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
         _sqlite_transactions(engine)
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    # Several hosts (a replicated PostgreSQL): each new connection goes to the primary,
+    # wherever it is now (store/pgconnect.py); pre-ping drops those a failover broke.
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        async_creator=PgConnector(url).connect,
+    )
 
 
 def _sqlite_transactions(engine: AsyncEngine) -> None:

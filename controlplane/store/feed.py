@@ -5,33 +5,47 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Select, cast, func, literal_column, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import BigInteger, Select, cast, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from controlplane.domain.kernel.errors import Unavailable
 from controlplane.domain.model.desired import DesiredRow, FeedPosition, FeedSnapshot
+from controlplane.store import epochs
 from controlplane.store.desired import latest_rows_query, row_to_desired
 from controlplane.store.errors import translated
 from controlplane.store.schema import desired_state_log, revision_counter, server_meta
+from controlplane.store.sql import SqlStore
+
+# Forks in a row before a read gives up: each is a promotion or restore that happened
+# between two statements, so more than one is already remarkable.
+_FORK_ATTEMPTS = 3
 
 
 class SqlChangeFeed:
-    def __init__(self, engine: AsyncEngine, epoch_follows_timeline: bool = True):
-        """`epoch_follows_timeline`: on PostgreSQL, fold the server's timeline into the
-        epoch. Promoting a standby starts a new timeline; if replication was asynchronous
-        the new primary may lack revisions agents have already seen, so they must
-        re-bootstrap. Turn it off only with synchronous replication."""
-        self.engine = engine
-        self._pg = engine.dialect.name == "postgresql"
-        self._query = _position_query(self._pg and epoch_follows_timeline)
+    def __init__(self, store: SqlStore):
+        self.store = store
+        self.engine = store.engine
+        self._query = _position_query(self.engine.dialect.name)
 
     async def position(self) -> FeedPosition:
-        async with translated(), self.engine.connect() as conn:
-            return await self._position(conn)
+        for _ in range(_FORK_ATTEMPTS):
+            async with translated(), self.engine.connect() as conn:
+                position = await self._position(conn)
+            if position is not None:
+                return position
+            await self._present_epoch()
+        raise Unavailable("the database's identity keeps changing; retry")
 
-    async def _position(self, conn: AsyncConnection) -> FeedPosition:
+    async def _position(self, conn: AsyncConnection) -> FeedPosition | None:
+        """Where the log stands, or None if the epoch recorded is not this database's."""
         row = (await conn.execute(self._query)).one()
-        epoch = f"{row.epoch}.{row.timeline}" if "timeline" in row._fields else row.epoch
-        return FeedPosition(int(row.head), int(row.floor), str(epoch))
+        if not row.current:
+            return None
+        return FeedPosition(int(row.head), int(row.floor), str(row.epoch))
+
+    async def _present_epoch(self) -> None:
+        async with self.store.write() as tx:
+            await tx.desired.present_epoch()
 
     async def changes(self, after: int, upto: int) -> list[DesiredRow]:
         """Rows with after < revision <= upto, in revision order. Every revision up to a
@@ -54,18 +68,25 @@ class SqlChangeFeed:
             return [row_to_desired(r) for r in (await conn.execute(query)).all()]
 
     async def snapshot(self) -> FeedSnapshot:
-        """Head, floor, epoch and the latest row of every key, in one consistent read."""
-        options = {"isolation_level": "REPEATABLE READ"} if self._pg else {}
-        async with translated(), self.engine.connect() as plain:
-            conn = await plain.execution_options(**options)
-            async with conn.begin():
-                position = await self._position(conn)
-                rows = (
-                    await conn.execute(
-                        latest_rows_query().where(desired_state_log.c.revision <= position.head)
-                    )
-                ).all()
-        return FeedSnapshot(position, [row_to_desired(r) for r in rows])
+        """Head, floor, epoch, the epochs it descends from and the latest row of every
+        key, in one consistent read."""
+        pg = self.engine.dialect.name == "postgresql"
+        options = {"isolation_level": "REPEATABLE READ"} if pg else {}
+        for _ in range(_FORK_ATTEMPTS):
+            async with translated(), self.engine.connect() as plain:
+                conn = await plain.execution_options(**options)
+                async with conn.begin():
+                    position = await self._position(conn)
+                    if position is not None:
+                        rows = (
+                            await conn.execute(
+                                latest_rows_query().where(desired_state_log.c.revision <= position.head)
+                            )
+                        ).all()
+                        kept = await epochs.lineage(conn, position.epoch)
+                        return FeedSnapshot(position, [row_to_desired(r) for r in rows], kept)
+            await self._present_epoch()
+        raise Unavailable("the database's identity keeps changing; retry")
 
     async def floor_candidate(self, keep_revisions: int, written_before: float) -> int:
         """The highest revision at least `keep_revisions` behind head and written before
@@ -90,13 +111,12 @@ def _meta(key: str, as_int: bool = True) -> Any:
     return cast(value, BigInteger) if as_int else value
 
 
-def _position_query(with_timeline: bool) -> Select[Any]:
-    """Head, floor and epoch in one statement: the hub runs it on every wake-up."""
-    columns: list[Any] = [
+def _position_query(dialect: str) -> Select[Any]:
+    """Head, floor, epoch and whether the epoch is this database's, in one statement:
+    the hub runs it on every wake-up."""
+    return select(
         revision_counter.c.value.label("head"),
         _meta("floor_revision").label("floor"),
         _meta("epoch", as_int=False).label("epoch"),
-    ]
-    if with_timeline:
-        columns.append(literal_column("(SELECT timeline_id FROM pg_control_checkpoint())").label("timeline"))
-    return select(*columns).where(revision_counter.c.id == 1)
+        epochs.current(dialect).label("current"),
+    ).where(revision_counter.c.id == 1)

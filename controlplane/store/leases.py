@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controlplane.domain.model.rollouts import FreezeWindow
+from controlplane.store.liveness import PG_LIVENESS_NAMESPACE
 from controlplane.store.schema import freeze_windows, leases
 
 
 class SqlLeases:
-    def __init__(self, conn: AsyncConnection):
+    def __init__(self, conn: AsyncConnection, holder_gone: Callable[[str], bool] | None = None):
         self._conn = conn
+        # SQLite: whether a holder's process is gone (store/liveness.py, FileLiveness).
+        # PostgreSQL asks its advisory locks instead.
+        self._holder_gone = holder_gone
+
+    async def _gone(self, holder: str) -> bool:
+        """The holder's process is provably gone: its liveness lock is free."""
+        if self._conn.dialect.name == "postgresql":
+            # Taken for this transaction only when free; it is then released at commit.
+            # A live holder's lease keeper holds it for the life of its process.
+            free = await self._conn.scalar(
+                select(func.pg_try_advisory_xact_lock(PG_LIVENESS_NAMESPACE, func.hashtext(holder)))
+            )
+            return bool(free)
+        return self._holder_gone is not None and self._holder_gone(holder)
 
     async def take(
         self, name: str, holder: str, now: datetime, expires_at: datetime
@@ -38,7 +54,7 @@ class SqlLeases:
                 update(leases).where(leases.c.name == name).values(renewed_at=now, expires_at=expires_at)
             )
             return int(row.epoch), holder
-        if row.expires_at > now:
+        if row.expires_at > now and not await self._gone(row.holder):
             return None
         epoch = int(row.epoch) + 1
         await self._conn.execute(

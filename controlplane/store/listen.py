@@ -4,7 +4,8 @@ status reports (for the rollout driver, which may lead on another replica).
 A notification is only a wake-up: the hub always catches up by its cursor and the driver
 re-reads the rollout, so a notification lost while this reconnects costs latency (until
 the periodic sweep or tick), never a change. LISTEN runs on its own connection, never a
-pooled one.
+pooled one. It connects like the pool does (store/pgconnect.py): to whichever host of a
+multi-host URL is the primary, and after a failover to the new one.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
-from sqlalchemy.engine import make_url
-
 from controlplane.store.desired import NOTIFY_CHANNEL
 from controlplane.store.nodes import REPORTS_CHANNEL
+from controlplane.store.pgconnect import PgConnector
 
 log = logging.getLogger(__name__)
+
+# Longest wait between reconnects: the hub's 1 s sweep covers what is missed meanwhile,
+# and a promoted primary is found within this of accepting connections.
+_MAX_BACKOFF = 2.0
 
 
 def _setter(event: asyncio.Event) -> Callable[[Any], None]:
@@ -29,12 +32,13 @@ def _setter(event: asyncio.Event) -> Callable[[Any], None]:
 
 class PgListener:
     def __init__(self, url: str, on_notify: Callable[[], None], on_reports: Callable[[], None] | None = None):
-        sa_url = make_url(url)
-        self._dsn = sa_url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._connector = PgConnector(url)
         self._on_notify = on_notify
         self._on_reports = on_reports
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        # host:port of the server LISTENed on while connected.
+        self.connected_to = ""
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="pg-listen")
@@ -56,11 +60,12 @@ class PgListener:
         while True:
             conn = None
             try:
-                conn = await asyncpg.connect(self._dsn)
+                conn = await self._connector.connect()
                 lost = asyncio.Event()
                 conn.add_termination_listener(_setter(lost))
                 await conn.add_listener(NOTIFY_CHANNEL, self._notified)
                 await conn.add_listener(REPORTS_CHANNEL, self._reported)
+                self.connected_to = self._connector.last_host
                 self.connected.set()
                 backoff = 0.5
                 # Whatever was committed while we were not listening: catch up now.
@@ -74,11 +79,12 @@ class PgListener:
                         await conn.execute("SELECT 1")  # notice a silently dead socket
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.warning("LISTEN connection lost; reconnecting in %.1f s", backoff, exc_info=True)
+            except Exception as e:
+                log.warning("LISTEN connection lost (%s); reconnecting in %.1f s", e, backoff)
             finally:
                 self.connected.clear()
                 if conn is not None and not conn.is_closed():
                     await conn.close()
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+            # A failover is over in seconds: keep looking at least this often.
+            backoff = min(backoff * 2, _MAX_BACKOFF)

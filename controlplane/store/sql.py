@@ -25,19 +25,25 @@ from controlplane.store.rollouts import SqlRollouts
 class SqlTx:
     """One transaction; implements `controlplane.domain.ports.Tx`."""
 
-    def __init__(self, conn: AsyncConnection, audit_key: bytes, clock: Clock):
+    def __init__(
+        self,
+        conn: AsyncConnection,
+        audit_key: bytes,
+        clock: Clock,
+        holder_gone: Callable[[str], bool] | None = None,
+    ):
         self.conn = conn
         self.projects = SqlProjects(conn)
         self.nodes = SqlNodes(conn)
         self.bundles = SqlBundles(conn)
         self.signing_keys = SqlSigningKeys(conn)
         self.validation_configs = SqlValidationConfigs(conn)
-        self.desired = SqlDesiredLog(conn)
         self.audit = SqlAuditLog(conn, audit_key, clock)
+        self.desired = SqlDesiredLog(conn, self.audit)
         self.identity = SqlIdentity(conn)
         self.rollouts = SqlRollouts(conn)
         self.freezes = SqlFreezes(conn)
-        self.leases = SqlLeases(conn)
+        self.leases = SqlLeases(conn, holder_gone)
         self.drift = SqlDrift(conn)
         self._after_commit: list[Callable[[], None]] = []
 
@@ -57,6 +63,8 @@ class SqlStore:
         # SQLite has one writer at a time anyway; queueing writers here instead of in
         # SQLite's busy loop keeps them fair and off the driver threads.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        # SQLite: whether a lease holder's process is gone (store/liveness.py).
+        self.holder_gone: Callable[[str], bool] | None = None
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[SqlTx]:
@@ -68,7 +76,7 @@ class SqlStore:
             if self.is_sqlite:
                 conn = await conn.execution_options(sqlite_immediate=True)
             async with conn.begin():
-                tx = SqlTx(conn, self._audit_key, self._clock)
+                tx = SqlTx(conn, self._audit_key, self._clock, self.holder_gone)
                 yield tx
                 # Last, so the audit head is the last lock the transaction takes.
                 await tx.audit.flush()

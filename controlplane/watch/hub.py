@@ -158,6 +158,11 @@ class WatchHub:
         return self.image.floor
 
     @property
+    def forks(self) -> dict[str, int]:
+        """Earlier epochs this history continues, with the last revision kept of each."""
+        return self.image.forks
+
+    @property
     def epoch(self) -> str:
         return self.image.epoch
 
@@ -193,10 +198,17 @@ class WatchHub:
     def stream_count(self) -> int:
         return len(self._streams)
 
-    async def wait_until(self, node_id: str | None, revision: int, within: float) -> bool:
-        """Wait until the hub has read `revision` (and knows `node_id`, if given)."""
+    async def wait_until(
+        self, node_id: str | None, revision: int, within: float, epoch: str | None = None
+    ) -> bool:
+        """Wait until the hub has read `revision` (and knows `node_id`, and is in
+        `epoch`, if given)."""
         deadline = time.monotonic() + within
-        while self.position < revision or (node_id is not None and not self.knows_node(node_id)):
+        while (
+            self.position < revision
+            or (node_id is not None and not self.knows_node(node_id))
+            or (epoch is not None and self.epoch != epoch)
+        ):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -272,7 +284,10 @@ class WatchHub:
     def _reset_reason(self, since: int, epoch: str) -> pb.ResetReason.ValueType | None:
         if since <= 0:
             return None
-        if epoch != self.epoch:
+        if epoch != self.epoch and since > self.forks.get(epoch, 0):
+            # Another history, or a cursor past this history's fork from the node's
+            # epoch: what the node saw there may have been lost. At or below the fork
+            # point it lost nothing, and resumes.
             return pb.RESET_REASON_EPOCH_CHANGED
         if since < self.floor:
             return pb.RESET_REASON_TOO_OLD
@@ -328,7 +343,9 @@ class WatchHub:
                 if now - self._failing_since > self.settings.degraded_after and not self.degraded:
                     self._degrade()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                # At least once a second: a database failover is over in seconds, and the
+                # promoted primary's new epoch should reach streams as soon as it serves.
+                backoff = min(backoff * 2, 1.0)
                 self._wakeup.set()
                 continue
             backoff = 0.1

@@ -23,6 +23,8 @@ class LogImage:
         self.position = 0
         self.floor = 0
         self.epoch = ""
+        # Earlier epochs this history continues: the last revision of each it kept.
+        self.forks: dict[str, int] = {}
         self.latest: dict[str, DesiredRow] = {}
         self._nodes: dict[str, tuple[str, dict[str, str]]] = {}
         self._selectors: dict[str, dict[str, Selector]] = {}
@@ -35,6 +37,7 @@ class LogImage:
         for row in snapshot.rows:
             self.remember(row)
         self.epoch = snapshot.position.epoch
+        self.forks = dict(snapshot.forks)
         self.floor = snapshot.position.floor
         self.position = snapshot.position.head
 

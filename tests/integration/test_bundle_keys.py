@@ -64,7 +64,12 @@ async def test_rotation_signs_with_the_new_key_and_retiring_the_old_resigns_assi
     assert first.key_id == old_id
 
     new_key = Signer.generate()
-    harness = await restart(harness, make_harness, signing_key=new_key.seed.hex())
+    # The old key (made on first start, in the data dir) and the new one endorse each
+    # other, so both are provably trusted during the rotation (domain/bundles/key_trust.py).
+    old_file = harness.app.settings.data_dir / "signing-key"
+    harness = await restart(
+        harness, make_harness, signing_key=new_key.seed.hex(), cross_sign_key_file=old_file
+    )
     keys = await list_keys(harness)
     assert set(keys) == {old_id, new_key.key_id}
     assert keys[new_key.key_id].signing and not keys[old_id].signing

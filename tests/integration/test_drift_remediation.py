@@ -58,8 +58,10 @@ class LaggingView:
     def head(self) -> int:
         return self._hub.head()
 
-    async def wait_until(self, node_id: str | None, revision: int, within: float) -> bool:
-        return await self._hub.wait_until(node_id, revision, within)
+    async def wait_until(
+        self, node_id: str | None, revision: int, within: float, epoch: str | None = None
+    ) -> bool:
+        return await self._hub.wait_until(node_id, revision, within, epoch)
 
 
 async def without_driver(plane: Harness) -> Harness:

@@ -20,6 +20,7 @@ from tests.conftest import HarnessFactory
 from tests.support.archives import bundle
 from tests.support.eventually import eventually
 from tests.support.harness import Harness
+from tests.support.liveness import alive
 
 
 async def count_rows(harness_app: object, key_prefix: str = "") -> int:
@@ -129,11 +130,12 @@ async def test_one_replica_prunes_at_a_time(make_harness: HarnessFactory) -> Non
     for _ in range(3):
         await h.assign(digest, nodes=[node.node_id])
     other = Leases(h.app.store, utcnow, holder="another-replica")
-    held = await other.acquire(RETENTION_LEASE)
-    assert held is not None
-    await h.app.retention.run()  # the retention job's run on this replica
-    assert (await h.app.feed.position()).floor == 0, "pruned while another replica held the lease"
-    await other.release(held)
+    async with alive(h.app, other.holder):
+        held = await other.acquire(RETENTION_LEASE)
+        assert held is not None
+        await h.app.retention.run()  # the retention job's run on this replica
+        assert (await h.app.feed.position()).floor == 0, "pruned while another replica held the lease"
+        await other.release(held)
     await h.app.retention.run()
     assert (await h.app.feed.position()).floor == h.app.hub.position - 1
 

@@ -20,6 +20,7 @@ from controlplane.domain.rollouts.driver import RolloutDriver, lease_name
 from tests.conftest import HarnessFactory
 from tests.support.eventually import eventually
 from tests.support.harness import Harness
+from tests.support.liveness import alive
 from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running, seconds
 
 
@@ -140,7 +141,13 @@ async def test_a_stalled_holders_late_writes_match_nothing(make_harness: Harness
         return leases, controller
 
     (leases_a, ctrl_a), (leases_b, ctrl_b) = replica("replica-a"), replica("replica-b")
-    async with running(fleet(plane.address, plane.token, 2)) as sim:
+    # Both replicas live (a stalled process keeps its liveness lock): only expiry moves
+    # the lease.
+    async with (
+        alive(app, "replica-a"),
+        alive(app, "replica-b"),
+        running(fleet(plane.address, plane.token, 2)) as sim,
+    ):
         v1 = await plane.upload(archive("v1"))
         rollouts = Rollouts(plane.channel)
         created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1))

@@ -193,10 +193,12 @@ class HeldHub:
     async def snapshot(self) -> FeedSnapshot:
         return await self._feed.snapshot()
 
-    async def wait_until(self, node_id: str | None, revision: int, within: float) -> bool:
+    async def wait_until(
+        self, node_id: str | None, revision: int, within: float, epoch: str | None = None
+    ) -> bool:
         self.waiting.set()
         await self.released.wait()
-        return await self._wait_until(node_id, revision, within)
+        return await self._wait_until(node_id, revision, within, epoch)
 
 
 async def test_too_many_opening_at_once_is_resource_exhausted_with_a_retry_hint(

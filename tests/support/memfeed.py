@@ -14,6 +14,8 @@ class MemoryFeed:
         self.head = 0
         self.floor = 0
         self.epoch = epoch
+        # Earlier epochs this history continues, with the last revision kept of each.
+        self.forks: dict[str, int] = {}
         self.fail = False
 
     def _check(self) -> None:
@@ -35,9 +37,21 @@ class MemoryFeed:
         latest: dict[str, DesiredRow] = {}
         for row in sorted(self.rows, key=lambda r: r.revision):
             latest[row.key] = row
-        return FeedSnapshot(FeedPosition(self.head, self.floor, self.epoch), list(latest.values()))
+        return FeedSnapshot(
+            FeedPosition(self.head, self.floor, self.epoch), list(latest.values()), dict(self.forks)
+        )
 
     # -- writes (what the store does in one transaction) ---------------------------
+
+    def fork(self, keep: int, epoch: str) -> None:
+        """A promoted asynchronous standby (store/epochs.py): every revision above `keep`
+        is lost, and the new epoch records that it continues this one up to `keep`."""
+        assert self.floor <= keep <= self.head
+        self.forks = {self.epoch: keep, **{e: min(k, keep) for e, k in self.forks.items()}}
+        self.epoch = epoch
+        self.rows = [r for r in self.rows if r.revision <= keep]
+        self.history = [r for r in self.history if r.revision <= keep]
+        self.head = keep
 
     def prune(self, floor: int) -> None:
         """What the SQL feed's retention does: superseded rows and lone tombstones

@@ -33,14 +33,17 @@ def unused_port() -> int:
     raise RuntimeError(f"no free port left in this worker's range from {_LOW + (_worker % 4) * _SPAN}")
 
 
-def nobody_listens() -> contextlib.AbstractContextManager[str]:
-    """An http:// URL on a loopback port this process holds bound but never listens on:
+@contextlib.contextmanager
+def refused_address() -> Iterator[str]:
+    """`127.0.0.1:PORT` on a port this process holds bound but never listens on:
     connecting is refused for as long as the block runs."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
 
-    @contextlib.contextmanager
-    def held() -> Iterator[str]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
-    return held()
+@contextlib.contextmanager
+def nobody_listens() -> Iterator[str]:
+    """The same as an http:// URL."""
+    with refused_address() as address:
+        yield f"http://{address}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -111,6 +112,9 @@ async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
     return await asyncio.to_thread(proc.wait, timeout)
 
 
+_SERVER_NUMBERS = itertools.count(1)
+
+
 @dataclass
 class ServerProcess:
     """`controlplane serve` on a data dir, restartable in place.
@@ -137,6 +141,8 @@ class ServerProcess:
 
     def __post_init__(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Replicas may share a data dir's parent and name: each keeps its own log.
+        self._log_name = f"{self.data_dir.name}-{next(_SERVER_NUMBERS)}.log"
 
     @property
     def address(self) -> str:
@@ -144,7 +150,7 @@ class ServerProcess:
 
     @property
     def log_path(self) -> Path:
-        return self.data_dir.parent / f"{self.data_dir.name}.log"
+        return self.data_dir.parent / self._log_name
 
     @property
     def token(self) -> str:

@@ -116,3 +116,26 @@ def test_at_cap_waits_about_the_cap() -> None:
     delays = [backoff.at_cap() for _ in range(100)]
     assert all(POLICY.cap / 2 <= d <= POLICY.cap for d in delays)
     assert backoff.failures == 100
+
+
+def test_an_unreachable_server_is_probed_on_a_fixed_cadence_then_backed_off() -> None:
+    policy = BackoffPolicy(base=0.5, cap=30.0, probe_interval=0.4, probe_for=10.0)
+    backoff = Backoff(policy, rng=lambda: 1.0)
+    for _ in range(5):
+        backoff.failure()  # the outage began with growing failures
+    # Within the window every probe is at most 1.5x the interval, however many failed.
+    probes = [backoff.unreachable(now) for now in (100.0, 101.0, 105.0, 109.9)]
+    assert probes == pytest.approx([0.6] * 4)
+    assert backoff.failures == 5, "probes are not failures"
+    # Past it the growing backoff takes over again.
+    assert backoff.unreachable(110.0) == 0.5 * 2**5
+    # A server that answered (whatever it said) starts a new window.
+    backoff.reachable()
+    assert backoff.unreachable(500.0) == pytest.approx(0.6)
+
+
+def test_a_closing_stream_with_a_hint_comes_back_within_the_hint() -> None:
+    backoff = Backoff(POLICY, rng=lambda: 0.25)
+    delay = backoff.after_stream(StreamOutcome(duration=30.0, messages=5, closing=True, retry_after=2.0))
+    assert delay == 0.5
+    assert backoff.failures == 0

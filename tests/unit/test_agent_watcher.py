@@ -97,7 +97,7 @@ class FakeControlPlane:
         self.server: Any = None
         self.address = ""
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
         self.server = grpc.aio.server()
         self.server.add_generic_rpc_handlers(
             [
@@ -143,7 +143,7 @@ class FakeControlPlane:
                 ),
             ]
         )
-        port = self.server.add_insecure_port("127.0.0.1:0")
+        port = self.server.add_insecure_port(f"127.0.0.1:{port}")
         self.address = f"127.0.0.1:{port}"
         await self.server.start()
 

@@ -2,8 +2,10 @@
 
 Random sequences of assignments, unassignments, relabels, pruning, connects, resumes
 (from the node's cursor, from ahead of the head, from another epoch), disconnects, slow
-(blocked) consumers, consumers so stuck their queue overflows, epoch changes and bookmark
-ticks, against a model that keeps the whole history. Each guarantee is one named check:
+(blocked) consumers, consumers so stuck their queue overflows, epoch changes (restores
+with no relation to the old history, and promotions that lost its newest revisions and
+record where they forked) and bookmark ticks, against a model that keeps the whole
+history. Each guarantee is one named check:
 
 - ORDERED: revisions on a stream never go backwards; DesiredState revisions strictly rise.
 - STARTED: every stream begins with exactly one StreamStarted.
@@ -13,8 +15,9 @@ ticks, against a model that keeps the whole history. Each guarantee is one named
 - CONVERGENT (latest-state-wins): once the hub has read everything and a connected
   consumer has drained, the node holds the model's current desired bundle.
 - RESUMABLE: a consumer that resumes from a usable cursor (inside retained history, same
-  epoch) is not bootstrapped; any other cursor gets a reset with the right reason, floor,
-  head and epoch, then a bootstrap.
+  epoch, or an earlier epoch at or below where this history forked from it) is not
+  bootstrapped; any other cursor gets a reset with the right reason, floor, head and
+  epoch, then a bootstrap. So no node resumes across revisions a fork lost.
 - EPOCH: when the history's epoch changes, every open stream ends (UNAVAILABLE).
 - WHERE: the hub's head, floor and epoch (and what StreamStarted says of them) are where
   history was when the hub last read it.
@@ -76,6 +79,8 @@ MUST_REACH = frozenset(
         "reset: RESET_REASON_EPOCH_CHANGED",
         "start: STREAM_MODE_RESUME",
         "epoch changed: streams ended",
+        "fork: resumed at or below the fork point",
+        "fork: reset above the fork point",
     }
 )
 REACHED: set[str] = set()
@@ -94,14 +99,17 @@ class Where:
     head: int
     floor: int
     epoch: str
+    # Earlier epochs this history continues, and the last revision it kept of each.
+    forks: dict[str, int] = field(default_factory=dict)
 
 
 def expected_reset(since: int, epoch: str, read: Where) -> int | None:
-    """DESIGN §4.3: which reset a cursor deserves from a hub that last read history at
-    `read` (None: a usable cursor, or a bootstrap asked for). The model's own statement
-    of the rule, not the hub's code."""
+    """DESIGN §4.3 and §12: which reset a cursor deserves from a hub that last read
+    history at `read` (None: a usable cursor, or a bootstrap asked for). The model's own
+    statement of the rule, not the hub's code."""
+    lost = epoch != read.epoch and not (epoch in read.forks and since <= read.forks[epoch])
     broken = (
-        (epoch != read.epoch, pb.RESET_REASON_EPOCH_CHANGED),  # another history entirely
+        (lost, pb.RESET_REASON_EPOCH_CHANGED),  # another history, or past the fork from it
         (since < read.floor, pb.RESET_REASON_TOO_OLD),
         (since > read.head, pb.RESET_REASON_AHEAD_OF_HEAD),
     )
@@ -168,6 +176,9 @@ class HubMachine(RuleBasedStateMachine):
         self.read_at = replace(self.db)  # start() reads everything
         self.clients = {n: Client() for n in NODES}
         self.epochs = 1
+        # The head when history was last pruned: a fork keeps at least that much (a
+        # prune commits after the rows it superseded with, so it is never kept alone).
+        self.pruned_at = 0
 
     def teardown(self) -> None:
         for client in self.clients.values():
@@ -247,6 +258,7 @@ class HubMachine(RuleBasedStateMachine):
         floor = max(0, self.db.head - behind)
         self.feed.prune(floor)
         self.db.floor = max(self.db.floor, floor)  # the floor never moves back
+        self.pruned_at = self.db.head
         self._maybe_read(now)
 
     @rule()
@@ -254,6 +266,24 @@ class HubMachine(RuleBasedStateMachine):
         """History rebuilt (a restore): the hub must end every stream."""
         self.epochs += 1
         self.feed.epoch = self.db.epoch = f"epoch-{self.epochs}"
+        self.feed.forks = self.db.forks = {}
+        self._streams_ended()
+
+    @rule(lost=st.integers(0, 4))
+    def fork(self, lost: int) -> None:
+        """An asynchronous standby promoted: the newest `lost` revisions are gone and a
+        new epoch records where it forked from this one."""
+        # The nodes' registrations stay (a node whose registration was lost registers
+        # again: another path than the watch's).
+        keep = max(self.db.head - lost, self.db.floor, self.pruned_at, len(NODES))
+        self.epochs += 1
+        epoch = f"epoch-{self.epochs}"
+        self.feed.fork(keep, epoch)
+        self.db.forks = {self.db.epoch: keep, **{e: min(k, keep) for e, k in self.db.forks.items()}}
+        self.db.epoch, self.db.head = epoch, keep
+        self._streams_ended()
+
+    def _streams_ended(self) -> None:
         self.read()
         for node, client in self.clients.items():
             if client.stream is None:
@@ -270,7 +300,7 @@ class HubMachine(RuleBasedStateMachine):
     @rule()
     def read(self) -> None:
         self.run(self.hub.catch_up())
-        self.read_at = replace(self.db)
+        self.read_at = replace(self.db, forks=dict(self.db.forks))
 
     @rule()
     def tick(self) -> None:
@@ -310,6 +340,9 @@ class HubMachine(RuleBasedStateMachine):
             since, epoch = max(since, 1), "an epoch from elsewhere"
         client.cursor = since  # what the agent believes it has (it lost its state, say)
         expected = expected_reset(since, epoch, read)
+        if since > 0 and epoch in read.forks:
+            above = since > read.forks[epoch]
+            reached(f"fork: {'reset above' if above else 'resumed at or below'} the fork point")
         client.stream = self.call(lambda: self.hub.open(node, since, epoch, sink))
         client.sink, client.seen = sink, 0
         client.streams_opened += 1

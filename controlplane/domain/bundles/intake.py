@@ -133,6 +133,9 @@ async def receive_files(
     pace = _Pace(deadlines)
     current: FileSink | None = None
     current_path, current_size = "", 0
+    # The sizes the headers announced so far: an upload past the limit is refused at
+    # the header that takes it there, before any of that file's bytes are written.
+    announced = 0
     field = "file"
     try:
         while True:
@@ -155,6 +158,13 @@ async def receive_files(
                         )
                     tree.add_symlink(part.path, part.symlink_target)
                 else:
+                    announced += max(part.size_bytes, 0)
+                    if announced > max_bytes:
+                        raise InvalidArgument(
+                            f"file {part.path[:80]!r} ({part.size_bytes} bytes) takes the upload to "
+                            f"{announced} bytes, past the limit of {max_bytes} (--max-bundle-bytes)",
+                            field="file.size_bytes",
+                        )
                     current = tree.open_file(part.path, part.size_bytes, part.executable)
                     current_path, current_size = part.path, part.size_bytes
                 continue
@@ -167,7 +177,11 @@ async def receive_files(
                 )
             pace.received += len(part)
             if pace.received > max_bytes:
-                raise InvalidArgument(f"the files exceed {max_bytes} bytes", field="chunk")
+                raise InvalidArgument(
+                    f"file {current_path[:80]!r}: the upload passed the limit of {max_bytes} bytes "
+                    "(--max-bundle-bytes)",
+                    field="chunk",
+                )
             await asyncio.to_thread(current.write, part)
         if current is not None:
             current.close()

@@ -3,9 +3,11 @@
 Rotation, without a node ever holding an unverifiable assignment:
 1. A server starts with a new key: `register` records its public half as ACTIVE and
    `sign_unsigned` gives every valid bundle a signature by it. Assignments written from
-   now on carry the new signature (the newest by an active key).
+   now on carry the new signature (the newest by an active key). Started with the old
+   key as `cross_signer` too, it has each key endorse the other (domain/bundles/key_trust.py).
 2. Agents trust both keys meanwhile: their trusted-keys file lists both (a server
-   writes `<data-dir>/trusted-keys.json` with every key it knows at each start).
+   writes `<data-dir>/trusted-keys.json` at each start with the keys it can prove:
+   its own and those endorsed from it, never a key that is only a database row).
 3. `retire(old)`: the old key stops verifying. In the same transaction every current
    assignment still carrying an old signature is written again with the new one (one
    revision per distinct assignment), so a node that bootstraps later is never handed
@@ -19,13 +21,14 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from controlplane.domain.bundles.key_trust import provable
 from controlplane.domain.bundles.registry import require_assignable
 from controlplane.domain.bundles.signing import Signer
 from controlplane.domain.desired import write_assignment
 from controlplane.domain.kernel.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound
-from controlplane.domain.model.bundles import KeyState, SigningKey
+from controlplane.domain.model.bundles import Endorsement, KeyState, SigningKey
 from controlplane.domain.model.desired import Assignment, DesiredRow
-from controlplane.domain.ports import Clock, Store
+from controlplane.domain.ports import Clock, Store, Tx
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,9 @@ class KeyDirectory:
     clock: Clock
     signer: Signer
     notify: Callable[[], None]
+    # Another key this server holds (the one being rotated out): it and the signer
+    # endorse each other at start, so replicas signing with either trust both.
+    cross_signer: Signer | None = None
 
     async def register(self) -> None:
         """Record this server's key (at start). A retired key may not sign again."""
@@ -51,12 +57,45 @@ class KeyDirectory:
                     "(controlplane signing-keys generate)",
                     field="signing_key",
                 )
-            if known is not None:
-                return
+            if known is None:
+                await tx.signing_keys.insert(
+                    SigningKey(key_id, self.signer.public_key, KeyState.ACTIVE, self.clock())
+                )
+                await tx.audit.record(
+                    "signing_key.register", f"signing_key/{key_id}", after={"state": "active"}
+                )
+            if self.cross_signer is not None:
+                await self._cross_sign(tx, self.cross_signer)
+
+    async def _cross_sign(self, tx: Tx, other: Signer) -> None:
+        """Each of our keys endorses the other (the other registered too if new)."""
+        if await tx.signing_keys.get(other.key_id) is None:
             await tx.signing_keys.insert(
-                SigningKey(key_id, self.signer.public_key, KeyState.ACTIVE, self.clock())
+                SigningKey(other.key_id, other.public_key, KeyState.ACTIVE, self.clock())
             )
-            await tx.audit.record("signing_key.register", f"signing_key/{key_id}", after={"state": "active"})
+        known = {(e.key_id, e.endorser_key_id) for e in await tx.signing_keys.endorsements()}
+        now = self.clock()
+        for endorser, endorsed in ((self.signer, other), (other, self.signer)):
+            if (endorsed.key_id, endorser.key_id) in known:
+                continue
+            signature = endorser.endorse(endorsed.public_key)
+            await tx.signing_keys.endorse(Endorsement(endorsed.key_id, endorser.key_id, signature), now)
+            await tx.audit.record(
+                "signing_key.endorse",
+                f"signing_key/{endorsed.key_id}",
+                after={"endorsed_by": endorser.key_id},
+            )
+
+    async def trusted(self) -> list[SigningKey]:
+        """The keys this server can prove (domain/bundles/key_trust.py), in every state: what it
+        offers agents to trust, and the retirements among them."""
+        anchors = {self.signer.key_id: self.signer.public_key}
+        if self.cross_signer is not None:
+            anchors[self.cross_signer.key_id] = self.cross_signer.public_key
+        async with self.store.read() as tx:
+            keys = await tx.signing_keys.all()
+            endorsements = await tx.signing_keys.endorsements()
+        return provable(anchors, keys, endorsements)
 
     async def sign_unsigned(self) -> int:
         """Sign every valid bundle this key has not signed yet; returns how many."""

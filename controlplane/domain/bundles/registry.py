@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from controlplane.domain.audit.context import current_actor
+from controlplane.domain.audit.context import acting_as, current_actor, system
 from controlplane.domain.bundles import validators
 from controlplane.domain.bundles.archive import sbom
 from controlplane.domain.bundles.archive.kdl_pool import KdlParsers
@@ -43,12 +43,14 @@ from controlplane.domain.bundles.archive.manifest import Manifest, scan
 from controlplane.domain.bundles.archive.pack import Packed, pack
 from controlplane.domain.bundles.archive.tree import TreeBuilder
 from controlplane.domain.bundles.intake import IntakeDeadlines, Part, receive_files, receive_tar
+from controlplane.domain.bundles.integrity import ArchiveMismatch, verified
 from controlplane.domain.bundles.risk import Facts, assess
 from controlplane.domain.bundles.signing import Signer
 from controlplane.domain.bundles.slots import IntakeSlots
 from controlplane.domain.kernel import validation
 from controlplane.domain.kernel.errors import (
     AlreadyExists,
+    DataLoss,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -402,20 +404,41 @@ class BundleRegistry:
             raise FailedPrecondition(f"bundle {digest} {verb}: {bundle.state_reason[:500]}", field="digest")
         if bundle.purged_at is not None:
             raise NotFound(f"bundle {digest}'s archive was garbage-collected", field="digest")
-        return bundle, self._stream(digest)
+        return bundle, self._stream(project, digest)
 
-    async def _stream(self, digest: str) -> AsyncGenerator[bytes]:
-        """The blob's chunks, holding one of the download slots while they flow."""
+    async def _stream(self, project: str, digest: str) -> AsyncGenerator[bytes]:
+        """The blob's chunks, holding one of the download slots while they flow, the last
+        one only once they hash to `digest` (domain/bundles/integrity.py)."""
         busy = f"{MAX_DOWNLOADS} downloads are streaming from this server; retry"
         async with _slot(self.download_slots, self.download_wait, busy, retry_after_ms=2000):
             try:
-                async with contextlib.aclosing(self.blobs.read(digest)) as chunks:
+                raw = self.blobs.read(digest)
+                async with contextlib.aclosing(raw), contextlib.aclosing(verified(raw, digest)) as chunks:
                     async for chunk in chunks:
                         yield chunk
             except BlobMissing:
                 raise NotFound(
                     f"bundle {digest}'s archive is missing from the blob store", field="digest"
                 ) from None
+            except ArchiveMismatch as e:
+                await self._record_damage(project, e)
+                raise DataLoss(
+                    f"bundle {digest}'s stored archive is damaged (it hashes to {e.got}, "
+                    f"{e.size_bytes} bytes); it was not sent whole. Push the bundle again to "
+                    "store it anew",
+                    field="digest",
+                ) from None
+
+    async def _record_damage(self, project: str, mismatch: ArchiveMismatch) -> None:
+        log.error("download: %s", mismatch)
+        with acting_as(system("download")):
+            async with self.store.write() as tx:
+                await tx.audit.record(
+                    "bundle.damaged",
+                    f"bundle/{mismatch.digest}",
+                    project=project,
+                    after={"stored_sha256": mismatch.got, "stored_bytes": mismatch.size_bytes},
+                )
 
 
 @contextlib.asynccontextmanager

@@ -23,8 +23,20 @@ ALGORITHM = "ed25519"
 SEED_BYTES = 32
 
 
+# What a key signs to vouch for another key (domain/bundles/key_trust.py): never a bundle digest.
+ENDORSEMENT_CONTEXT = b"controlplane.signing-key-endorsement.v1\x00"
+
+
 def signed_message(digest: str) -> bytes:
     return CONTEXT + digest.encode("ascii")
+
+
+def verify_endorsement(endorser_public: bytes, endorsed_public: bytes, signature: bytes) -> bool:
+    try:
+        VerifyKey(endorser_public).verify(ENDORSEMENT_CONTEXT + endorsed_public, signature)
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
 
 
 def key_id_of(public_key: bytes) -> str:
@@ -79,3 +91,7 @@ class Signer:
 
     def sign(self, digest: str) -> bytes:
         return bytes(self._key.sign(signed_message(digest)).signature)
+
+    def endorse(self, public_key: bytes) -> bytes:
+        """Vouch for another key (domain/bundles/key_trust.py)."""
+        return bytes(self._key.sign(ENDORSEMENT_CONTEXT + public_key).signature)

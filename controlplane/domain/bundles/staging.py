@@ -27,7 +27,10 @@ class StagedUpload:
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self._max:
-            raise UploadTooLarge(f"upload exceeds {self._max} bytes")
+            raise UploadTooLarge(
+                f"the uploaded archive passed the limit of {self._max} bytes (--max-bundle-bytes) "
+                f"at byte {self.size}; refused, nothing kept"
+            )
         self._hash.update(chunk)
         self._file.write(chunk)
 

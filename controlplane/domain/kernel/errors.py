@@ -65,6 +65,12 @@ class ResourceExhausted(DomainError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class DataLoss(DomainError):
+    """Stored data is damaged: what the server holds is not what it recorded."""
+
+    code = "DATA_LOSS"
+
+
 class Unavailable(DomainError):
     """A dependency (the database) is not reachable; retry."""
 

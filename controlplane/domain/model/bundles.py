@@ -110,3 +110,12 @@ class RevokedNode:
     version: str
     running: bool
     revoke_reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Endorsement:
+    """`endorser_key_id` vouches for `key_id` with `signature`."""
+
+    key_id: str
+    endorser_key_id: str
+    signature: bytes

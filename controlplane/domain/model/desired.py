@@ -153,3 +153,6 @@ class FeedSnapshot:
 
     position: FeedPosition
     rows: list[DesiredRow]
+    # The earlier epochs this history continues, each with the last revision of it that
+    # is kept: a cursor of one of them at or below that revision lost nothing.
+    forks: Mapping[str, int] = field(default_factory=dict)

@@ -16,6 +16,8 @@ class Lease:
     expires_at: datetime
     # Our own monotonic deadline: past it we act as if the lease were lost.
     local_deadline: float = 0.0
+    # Renewed by the keeper rather than by acquire().
+    kept: bool = False
 
 
 class LeaseLost(Aborted):

@@ -111,6 +111,7 @@ class RolloutDriver:
                         result.advanced += 1
                 except LeaseLost:
                     log.warning("lost the lease of rollout %s to another replica", rollout_id)
+                    self.leases.forget(lease)
                     self._held.pop(rollout_id, None)
                     self.controller.forget(rollout_id)
                 except Aborted:
@@ -132,13 +133,16 @@ class RolloutDriver:
         if lease is not None and not self.leases.valid(lease):
             # Not renewed for a whole time to live (the database was out of reach, or
             # this process stalled): step down; another replica may lead by now.
+            self.leases.forget(lease)
             del self._held[rollout_id]
             self.controller.forget(rollout_id)
             lease = None
         if lease is not None and not self.leases.due(lease):
             return lease
         renewed = await (
-            self.leases.renew(lease) if lease is not None else self.leases.acquire(lease_name(rollout_id))
+            self.leases.renew(lease)
+            if lease is not None
+            else self.leases.acquire(lease_name(rollout_id), keep=True)
         )
         if renewed is None:
             self._held.pop(rollout_id, None)

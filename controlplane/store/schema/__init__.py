@@ -6,6 +6,7 @@ from controlplane.store.schema.base import Json, UTCDateTime, metadata
 from controlplane.store.schema.bundles import (
     bundle_details,
     bundle_signatures,
+    signing_key_endorsements,
     signing_keys,
     validation_configs,
 )
@@ -13,6 +14,7 @@ from controlplane.store.schema.core import (
     bundles,
     desired_state_log,
     enrollment_tokens,
+    epochs,
     node_heartbeats,
     node_labels,
     nodes,
@@ -48,6 +50,7 @@ __all__ = [
     "drift_events",
     "drift_settings",
     "enrollment_tokens",
+    "epochs",
     "freeze_windows",
     "leases",
     "metadata",
@@ -63,6 +66,7 @@ __all__ = [
     "rollout_steps",
     "rollouts",
     "server_meta",
+    "signing_key_endorsements",
     "signing_keys",
     "validation_configs",
 ]

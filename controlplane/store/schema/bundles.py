@@ -19,6 +19,18 @@ signing_keys = Table(
     Column("retired_at", UTCDateTime, nullable=True),
 )
 
+# A key vouching for another (domain/bundles/key_trust.py): the endorser's signature over the
+# endorsed public key. Only keys reachable from a server's own key this way are trusted.
+signing_key_endorsements = Table(
+    "signing_key_endorsements",
+    metadata,
+    Column("key_id", String(64), ForeignKey("signing_keys.key_id"), nullable=False),
+    Column("endorser_key_id", String(64), ForeignKey("signing_keys.key_id"), nullable=False),
+    Column("signature", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("key_id", "endorser_key_id"),
+)
+
 # Several per bundle: one by each key that signed it (a new key signs existing bundles
 # at start, so the old key can be retired without stranding them).
 bundle_signatures = Table(

@@ -20,12 +20,29 @@ from sqlalchemy import (
 
 from controlplane.store.schema.base import Json, UTCDateTime, metadata
 
-# Server-wide settings: `epoch` (changes when history is rebuilt), `floor_revision`.
+# Server-wide settings: `epoch` (changes when history is rebuilt), `epoch_tag` (the
+# database identity the epoch belongs to, store/epochs.py), `floor_revision`.
 server_meta = Table(
     "server_meta",
     metadata,
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
+)
+
+# Every history of revisions this database has held (store/epochs.py): the current one
+# is `server_meta.epoch`; each other one's successor says where it forked from it.
+epochs = Table(
+    "epochs",
+    metadata,
+    Column("epoch", String(64), primary_key=True),
+    # The epoch this one continues, and the last revision of it this history holds.
+    Column("previous", String(64), nullable=True),
+    Column("fork_revision", BigInteger, nullable=True),
+    # The database identity the epoch was started on (`server_meta.epoch_tag` then).
+    Column("tag", Text, nullable=False),
+    # created, promoted, restored, migrated or manual.
+    Column("reason", String(32), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
 )
 
 # One row. `UPDATE ... SET value = value + 1 RETURNING value` takes the row lock that

@@ -57,9 +57,13 @@ def read_tar(archive: Path, tree: TreeBuilder) -> None:
     except InvalidArchive:
         raise
     except tarfile.FilterError as e:
-        raise InvalidArchive(f"member {name!r} is refused: {e}") from None
+        raise InvalidArchive(f"member {name[:80]!r} is refused: {e}") from None
+    except ValueError as e:
+        # A name or link target the file system cannot take (an embedded NUL): the
+        # member's fault, not ours.
+        raise InvalidArchive(f"member {name[:80]!r} is refused: {e}") from None
     except (tarfile.TarError, zstandard.ZstdError, EOFError, gzip.BadGzipFile, zlib.error) as e:
-        where = f" at member {name!r}" if name else ""
+        where = f" at member {name[:80]!r}" if name else ""
         raise InvalidArchive(f"not a valid tar archive (plain, gzip or zstd){where}: {e}") from None
 
 
@@ -71,9 +75,9 @@ def _add(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: TreeBuilder) -> No
     if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
         kind = "device file" if member.ischr() or member.isblk() else "fifo" if member.isfifo() else "special"
         raise InvalidArchive(f"member {raw!r} is refused: {kind}, not a regular file, directory or link")
-    # Our own rules first (clearer messages), then the standard filter as a second line.
-    if raw.startswith("/") or ".." in raw.split("/"):
-        tree.check_name(raw, "member")
+    # Our own rules first (clearer messages, and a NUL the standard filter's path
+    # functions would choke on), then the standard filter as a second line.
+    tree.check_name(raw, "member")
     if member.issym():
         tree.check_symlink(raw, member.linkname)
     elif member.islnk():

@@ -54,7 +54,10 @@ class FileSink:
         self._tree.total_bytes += len(data)
         self._tree.check_wanted()
         if self._tree.total_bytes > limits.max_total_bytes:
-            raise InvalidArchive(f"files exceed the limit of {limits.max_total_bytes} bytes in total")
+            raise InvalidArchive(
+                f"file {self._name[:80]!r}: the files exceed the limit of {limits.max_total_bytes} "
+                "bytes in total"
+            )
         self._handle.write(data)
 
     def abort(self) -> None:
@@ -150,7 +153,10 @@ class TreeBuilder:
                 f"file {raw[:80]!r}: larger than the limit of {self.limits.max_file_bytes} bytes"
             )
         if size is not None and self.total_bytes + size > self.limits.max_total_bytes:
-            raise InvalidArchive(f"files exceed the limit of {self.limits.max_total_bytes} bytes in total")
+            raise InvalidArchive(
+                f"file {raw[:80]!r} ({size} bytes): the files exceed the limit of "
+                f"{self.limits.max_total_bytes} bytes in total"
+            )
         name, path = self._claim(raw, "file")
         self.files += 1
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755 if executable else 0o644)

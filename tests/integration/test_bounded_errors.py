@@ -1,0 +1,138 @@
+"""Bad inputs get INVALID_ARGUMENT naming the field or member, never INTERNAL, and a bad
+value is never echoed whole: errors quote a bounded prefix and stay far inside a
+client's metadata limit (16 KiB), so the caller sees the field-naming INVALID_ARGUMENT
+rather than the transport's RESOURCE_EXHAUSTED."""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from controlplane.api.bundle.v1 import bundle_pb2 as bpb
+from controlplane.api.node.v1 import node_pb2 as npb
+from controlplane.api.rollout.v1 import rollout_pb2 as rpb
+from controlplane.api.rollout.v1 import rollout_pb2_grpc
+from tests.support.archives import member, tar_zst
+from tests.support.harness import Harness
+
+MIB = 1024 * 1024
+# What a message may hold: enough for any field name and a readable prefix of the value.
+BOUND = 2048
+
+SHA = "sha256:" + "0" * 64
+
+
+def cases(h: Harness) -> dict[str, tuple[Callable[[], Awaitable[Any]], str]]:
+    rollouts = rollout_pb2_grpc.RolloutServiceStub(h.channel)
+
+    def register(**fields: Any) -> Awaitable[Any]:
+        request = npb.RegisterNodeRequest(
+            **{"project": "default", "enrollment_token": h.token, "name": "n1", **fields}
+        )
+        return h.nodes.RegisterNode(request)
+
+    huge_selector = "env=" + "x" * (100 * 1024)
+    return {
+        "a 1 MiB label value": (lambda: register(labels={"env": "v" * MIB}), "labels['env']"),
+        "a 1 MiB label key": (lambda: register(labels={"k" * MIB: "v"}), "labels["),
+        "a 1 MiB node name": (lambda: register(name="n" * MIB), "name"),
+        "a 100 KB selector to assign": (
+            lambda: h.bundles.AssignBundle(
+                bpb.AssignBundleRequest(
+                    project="default", target=bpb.Target(selector=huge_selector), digest=SHA
+                )
+            ),
+            "selector",
+        ),
+        "a 100 KB selector to list": (
+            lambda: h.nodes.ListNodes(npb.ListNodesRequest(project="default", selector=huge_selector)),
+            "selector",
+        ),
+        "a 100 KB selector to roll out": (
+            lambda: rollouts.CreateRollout(
+                rpb.CreateRolloutRequest(
+                    project="default",
+                    selector=huge_selector,
+                    bundle_digest=SHA,
+                    strategy=rpb.STRATEGY_ALL_AT_ONCE,
+                )
+            ),
+            "selector",
+        ),
+        "a 1 MiB digest": (
+            lambda: h.bundles.GetBundle(
+                bpb.GetBundleRequest(project="default", digest="sha256:" + "f" * MIB)
+            ),
+            "digest",
+        ),
+        "a 1 MiB project": (
+            lambda: h.nodes.ListNodes(npb.ListNodesRequest(project="p" * MIB)),
+            "project",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "a 1 MiB label value",
+        "a 1 MiB label key",
+        "a 1 MiB node name",
+        "a 100 KB selector to assign",
+        "a 100 KB selector to list",
+        "a 100 KB selector to roll out",
+        "a 1 MiB digest",
+        "a 1 MiB project",
+    ],
+)
+async def test_a_huge_bad_value_gets_a_bounded_field_naming_error(harness: Harness, case: str) -> None:
+    call, field = cases(harness)[case]
+    with pytest.raises(grpc.RpcError) as refused:
+        await call()
+    error = refused.value
+    details = error.details() or ""
+    # A project that cannot exist is simply not found; everything else is malformed.
+    expected = grpc.StatusCode.NOT_FOUND if case == "a 1 MiB project" else grpc.StatusCode.INVALID_ARGUMENT
+    assert error.code() == expected, (
+        error.code(),
+        details[:300],
+    )
+    assert field in details, details[:300]
+    assert len(details.encode()) <= BOUND, f"{len(details)} characters: {details[:200]}…"
+
+
+def _pax(name: str, **headers: str) -> tarfile.TarInfo:
+    info = member(name)
+    info.pax_headers = dict(headers)
+    return info
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        (_pax("placeholder", path="conf/\x00evil.kdl"), "conf/\\x00evil.kdl"),
+        (_pax("placeholder", path="sub\x00dir/x"), "sub\\x00dir/x"),
+    ],
+)
+async def test_a_member_path_holding_nul_is_invalid_argument(
+    harness: Harness, entry: tarfile.TarInfo, named: str
+) -> None:
+    archive = tar_zst([(member("main.kdl", b"x"), b"x"), (entry, b"")])
+    with pytest.raises(grpc.RpcError) as refused:
+        await harness.upload(archive)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+    assert named in (refused.value.details() or "")
+
+
+async def test_a_link_target_holding_nul_is_invalid_argument(harness: Harness) -> None:
+    link = member("link", kind=tarfile.SYMTYPE, linkname="placeholder")
+    link.pax_headers = {"linkpath": "main\x00.kdl"}
+    archive = tar_zst([(member("main.kdl", b"x"), b"x"), (link, b"")])
+    with pytest.raises(grpc.RpcError) as refused:
+        await harness.upload(archive)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+    assert "'link'" in (refused.value.details() or "")

@@ -36,8 +36,9 @@ class HaproxyDriver(ProxyDriver):
     default_status = "127.0.0.1:9181"
 
     def setup(self) -> None:
-        self.master_socket = self.config.control or self.run_dir / haproxy.MASTER_SOCKET
-        self.stats_socket = self.run_dir / haproxy.STATS_SOCKET
+        sockets = haproxy.socket_dir(self.run_dir)
+        self.master_socket = self.config.control or sockets / haproxy.MASTER_SOCKET
+        self.stats_socket = sockets / haproxy.STATS_SOCKET
         self.words_path = self.config.log if self.attach else self.out_path
         self._last: tuple[float, haproxy.FrontendTotals] | None = None
 

@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import hashlib
 import io
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,25 @@ BUNDLE_PATH = "/agent/bundle"
 _SAFE_PATH = re.compile(r"[A-Za-z0-9/._+@-]+")
 
 
+# A Unix socket's path must fit sun_path (108 bytes on Linux), and HAProxy refuses one
+# over 97; a margin below that leaves room for HAProxy's own suffixes.
+SOCKET_PATH_MAX = 90
+
+
+def socket_dir(run_dir: Path) -> Path:
+    """Where the driver's HAProxy sockets live: `run_dir`, unless its path is too long for
+    a socket (a deep state directory), then a private directory under the system's temp
+    directory named after it (the same one for the same `run_dir`, across restarts)."""
+    if len(str(run_dir / MASTER_SOCKET)) <= SOCKET_PATH_MAX:
+        return run_dir
+    tag = hashlib.sha256(str(run_dir.absolute()).encode()).hexdigest()[:16]
+    short = Path(tempfile.gettempdir()) / f"cp-agent-{tag}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    if short.stat().st_uid != os.getuid() or short.stat().st_mode & 0o077:
+        raise ValueError(f"{short} (for the sockets of {run_dir}) is not a private directory of this user")
+    return short
+
+
 def _path(path: Path) -> str:
     if not _SAFE_PATH.fullmatch(str(path)):
         raise ValueError(f"{path} holds a character the driver does not put in HAProxy's configuration")
@@ -47,7 +69,7 @@ def render_main(*, run_dir: Path, status: Address, digest: str) -> str:
         raise ValueError("digest not usable in HAProxy's configuration")
     return f"""# Written by the control plane agent; the bundle's own files are read after it, unchanged.
 global
-    stats socket {_path(run_dir / STATS_SOCKET)} mode 600 level admin
+    stats socket {_path(socket_dir(run_dir) / STATS_SOCKET)} mode 600 level admin
 
 frontend {STATUS_FRONTEND}
     mode http
@@ -69,7 +91,7 @@ def run_argv(binary: Binary, current: Path, run_dir: Path, main: str = MAIN) -> 
         str(binary.path),
         "-W",
         "-S",
-        _path(run_dir / MASTER_SOCKET),
+        _path(socket_dir(run_dir) / MASTER_SOCKET),
         "-p",
         str(run_dir / PID_FILE),
         "-C",

@@ -194,3 +194,20 @@ def test_a_binary_that_cannot_be_used_is_named(tmp_path: Path) -> None:
     plain.chmod(0o755)
     with pytest.raises(BinaryError, match="does not look like haproxy"):
         locate("haproxy", plain)
+
+
+def test_haproxy_sockets_of_a_deep_state_directory_go_to_a_short_private_one(tmp_path: Path) -> None:
+    """A Unix socket's path must fit in 108 bytes (HAProxy refuses over 97): a deep state
+    directory's sockets live in a private directory named after it instead."""
+    from controlplane.proxies import haproxy
+
+    shallow = tmp_path / "p"
+    assert haproxy.socket_dir(shallow) == shallow
+    deep = tmp_path.joinpath(*["a-rather-long-directory-name"] * 4) / "proxy"
+    short = haproxy.socket_dir(deep)
+    assert short != deep and len(str(short / haproxy.MASTER_SOCKET)) <= haproxy.SOCKET_PATH_MAX
+    assert haproxy.socket_dir(deep) == short, "the same directory every time (restarts find it)"
+    assert short.stat().st_mode & 0o777 == 0o700
+    assert str(short / haproxy.STATS_SOCKET) in haproxy.render_main(
+        run_dir=deep, status=Address("127.0.0.1", 1), digest="sha256:ab"
+    )

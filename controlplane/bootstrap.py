@@ -54,7 +54,7 @@ from controlplane.rpc.projects import ProjectServicer
 from controlplane.rpc.ratelimit import RateLimiter
 from controlplane.rpc.rollouts import DriftServicer, RolloutServicer
 from controlplane.rpc.scope import CachedResolver, ScopeFinder
-from controlplane.rpc.server import GrpcServer
+from controlplane.rpc.server import GrpcServer, ListenError
 from controlplane.rpc.signing import SigningKeyServicer
 from controlplane.rpc.watch import WatchServicer
 from controlplane.store.engine import connections_in_use, make_engine, upgrade
@@ -70,6 +70,8 @@ from controlplane.watch import metrics as watch_metrics
 from controlplane.watch.hub import WatchHub
 
 log = logging.getLogger(__name__)
+
+METRICS_OPTION = "--metrics-listen / CONTROLPLANE_METRICS_LISTEN"
 
 
 @dataclass
@@ -272,7 +274,11 @@ class App:
         if not listen:
             return 0
         host, _, port = listen.rpartition(":")
-        self._metrics_server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
+        try:
+            self._metrics_server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ListenError("serve metrics", listen, METRICS_OPTION, reason.lower()) from e
         return int(self._metrics_server.server_port)
 
     def _build_rollouts(self, rollouts_due: Wakeup) -> None:

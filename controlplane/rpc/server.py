@@ -41,6 +41,8 @@ SERVICES = (
 # given back take milliseconds; only a wedged database takes longer.
 UNWIND_SECONDS = 10.0
 
+LISTEN_OPTION = "--listen / CONTROLPLANE_LISTEN"
+
 # Upload chunks are at most 1 MiB; anything near the limit is hostile or a bug.
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 
@@ -62,6 +64,13 @@ def server_options(max_pending: int, min_ping_interval_ms: int = 20_000) -> list
         # would start "successfully" and silently share its connections. Refuse instead.
         ("grpc.so_reuseport", 0),
     ]
+
+
+class ListenError(OSError):
+    """An address could not be bound: said in one line naming the option that chose it."""
+
+    def __init__(self, what: str, address: str, option: str, reason: str):
+        super().__init__(f"cannot {what} on {address} ({option}): {reason}")
 
 
 class GrpcServer:
@@ -121,9 +130,11 @@ class GrpcServer:
                 )
                 self.port = self.server.add_secure_port(listen, credentials)
         except RuntimeError as exc:  # grpc's way of saying the bind failed
-            raise OSError(f"cannot listen on {listen}: the address is in use or not available") from exc
+            raise ListenError(
+                "listen", listen, LISTEN_OPTION, "the address is in use or not available"
+            ) from exc
         if not self.port:
-            raise OSError(f"cannot listen on {listen}")
+            raise ListenError("listen", listen, LISTEN_OPTION, "the address is in use or not available")
         return self.port
 
     async def start(self) -> None:

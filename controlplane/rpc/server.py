@@ -1,4 +1,4 @@
-"""The gRPC server: every service, health and reflection on one port."""
+"""The gRPC server: every service, health and reflection (rpc/reflection.py) on one port."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from controlplane.api.audit.v1 import audit_pb2, audit_pb2_grpc
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc, signing_pb2, signing_pb2_grpc
@@ -22,6 +21,8 @@ from controlplane.rpc.identity import IdentityServicer
 from controlplane.rpc.interceptor import GuardInterceptor
 from controlplane.rpc.nodes import NodeServicer
 from controlplane.rpc.projects import ProjectServicer
+from controlplane.rpc.reflection import ReflectionServicer
+from controlplane.rpc.reflection import handlers as reflection_handlers
 from controlplane.rpc.rollouts import DriftServicer, RolloutServicer
 from controlplane.rpc.signing import SigningKeyServicer
 
@@ -105,8 +106,9 @@ class GrpcServer:
         self.server.add_generic_rpc_handlers((watch.handler(watch_servicer),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        # v1 and v1alpha; they resolve method symbols too (`grpcurl describe` of a method).
+        self.server.add_generic_rpc_handlers(
+            reflection_handlers(ReflectionServicer((*SERVICES, health.SERVICE_NAME)))
         )
         self.port = 0
 

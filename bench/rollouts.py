@@ -230,8 +230,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "notice_s_median": statistics.median(r["notice_s"] for r in rows),
         "server_cpu_s": cpu1 - cpu0,
         "server_cpu_percent": 100 * (cpu1 - cpu0) / total,
-        "driver_passes": metrics.get("controlplane_rollout_driver_pass_seconds_count", 0.0),
-        "driver_pass_s_sum": metrics.get("controlplane_rollout_driver_pass_seconds_sum", 0.0),
+        "driver_passes": metrics.get("controlplane_rollouts_driver_pass_seconds_count", 0.0),
+        "driver_pass_s_sum": metrics.get("controlplane_rollouts_driver_pass_seconds_sum", 0.0),
         "per_step": rows,
     }
     return result

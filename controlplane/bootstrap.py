@@ -61,8 +61,10 @@ from controlplane.store.engine import connections_in_use, make_engine, upgrade
 from controlplane.store.feed import SqlChangeFeed
 from controlplane.store.listen import PgListener
 from controlplane.store.sql import SqlStore
+from controlplane.tasks import fleet_metrics
 from controlplane.tasks.bundle_gc import collect_bundles
 from controlplane.tasks.fleet import sweep_offline
+from controlplane.tasks.fleet_metrics import FleetMetrics
 from controlplane.tasks.periodic import Periodic
 from controlplane.tasks.retention import Retention
 from controlplane.tasks.rollouts import RolloutTasks, record_pass
@@ -223,6 +225,13 @@ class App:
                 lambda: collect_bundles(self.blob_collector),
             ),
         ]
+        # Fleet gauges: counted once across every process, by the lease's holder.
+        self.fleet_metrics = FleetMetrics(self.store, self.leases)
+        fleet_metrics.COLLECTOR.sources.append(self.fleet_metrics)
+        undo.callback(self._forget_fleet_metrics)
+        self._periodic.append(
+            Periodic("fleet-metrics", s.fleet_metrics_interval.total_seconds(), self.fleet_metrics.run)
+        )
         for job in self._periodic:
             job.start()
             undo.push_async_callback(job.stop)
@@ -243,6 +252,8 @@ class App:
         await self.rollout_tasks.stop()
         for job in self._periodic:
             await job.stop()
+        await self.fleet_metrics.release()
+        self._forget_fleet_metrics()
         if self._listener is not None:
             await self._listener.stop()
         self._stop_metrics()
@@ -262,6 +273,10 @@ class App:
             return (await self.api_keys.get(key_id)).projects()
         except NotFound:
             return None
+
+    def _forget_fleet_metrics(self) -> None:
+        with contextlib.suppress(ValueError):
+            fleet_metrics.COLLECTOR.sources.remove(self.fleet_metrics)
 
     def _stop_metrics(self) -> None:
         if self._metrics_server is not None:

@@ -14,6 +14,7 @@ from prometheus_client import start_http_server
 from controlplane import firststart
 from controlplane.blobs.local import LocalBlobStore
 from controlplane.blobs.s3 import S3BlobStore, S3Settings
+from controlplane.blobs.traced import TracedBlobStore
 from controlplane.config import Settings
 from controlplane.domain.audit.context import acting_as, system
 from controlplane.domain.audit.trail import AuditTrail
@@ -34,6 +35,7 @@ from controlplane.domain.identity.node_tokens import (
     NodeTokens,
     RevocationTap,
 )
+from controlplane.domain.kernel import observe
 from controlplane.domain.kernel.clock import utcnow
 from controlplane.domain.kernel.errors import NotFound
 from controlplane.domain.kernel.wakeup import Wakeup
@@ -332,6 +334,13 @@ class App:
 
 
 async def _blob_store(s: Settings) -> BlobStore:
+    store = await _backend(s)
+    if observe.tracing():
+        return TracedBlobStore(store, "s3" if s.blob_store else "local")
+    return store
+
+
+async def _backend(s: Settings) -> BlobStore:
     if not s.blob_store:
         return LocalBlobStore(s.data_dir / "blobs")
     store = S3BlobStore(

@@ -51,5 +51,5 @@ def setup(options: dict[str, Any], level: str, service: str = "controlplane") ->
         trace_ids=tracing.current_ids,
     )
     traces = tracing.setup(service, options.pop("otlp_endpoint"), process)
-    observe.install(tracing.tracer())
+    observe.install(tracing.tracer(), tracing.traceparent)
     return traces

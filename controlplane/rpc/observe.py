@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,16 @@ HANDLING = Histogram(
     # Unary calls take 1-100 ms; the top buckets hold the streams' 10-20 min lives.
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 300, 1200),
 )
+
+# The codes that say the server failed (OpenTelemetry's rule for server spans); the
+# rest are the caller's doing, or normal ends.
+SERVER_FAILURES = frozenset(
+    {"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "DEADLINE_EXCEEDED", "UNIMPLEMENTED"}
+)
+# Logged whatever the level: a bug or lost data. UNAVAILABLE is not among them: every
+# stream ends with it when the server stops.
+LOGGED_FAILURES = frozenset({"UNKNOWN", "INTERNAL", "DATA_LOSS"})
+log = logging.getLogger(__name__)
 
 _TYPES = {
     "unary_unary": "unary",
@@ -95,10 +106,16 @@ def call(method: Method, context: grpc.aio.ServicerContext) -> Iterator[None]:
             raise
         finally:
             code = code_of(context, error)
-            method.handling.observe(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            method.handling.observe(elapsed)
             HANDLED.labels(*method.labels, code).inc()
             if span is not None:
                 _end(span, code)
+            # An access log at DEBUG (`--log-level debug`); the server's own failures always.
+            level = logging.WARNING if code in LOGGED_FAILURES else logging.DEBUG
+            if log.isEnabledFor(level):
+                fields = {"method": method.full.lstrip("/"), "code": code, "ms": round(elapsed * 1000, 2)}
+                log.log(level, "rpc.done %s", fields, extra={"event_name": "rpc.done", "fields": fields})
 
 
 def _span(method: Method, context: grpc.aio.ServicerContext) -> Any:
@@ -119,8 +136,7 @@ def _end(span: Any, code: str) -> None:
     from opentelemetry.trace import Status, StatusCode
 
     span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
-    # Server spans are errors only for the codes that mean the server failed.
-    if code in ("UNKNOWN", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "DEADLINE_EXCEEDED", "UNIMPLEMENTED"):
+    if code in SERVER_FAILURES:
         span.set_status(Status(StatusCode.ERROR, code))
 
 

@@ -43,5 +43,11 @@ def count_nack(node: Node, report: StatusReport) -> None:
     """A node refused a bundle: counted, and logged with its reason."""
     NACKS.inc()
     log.warning(
-        "node %s rejected %s at revision %d: %s", node.id, report.digest, report.revision, report.error
+        "node %s rejected %s at revision %d: %s",
+        node.id,
+        report.digest,
+        report.revision,
+        report.error,
+        # Said here: the report's batch is written for many callers (group_commit.py).
+        extra={"fields": {"node_id": node.id, "project": node.project}},
     )

@@ -11,7 +11,7 @@ with `install`) and a shared no-op otherwise: off costs one global read.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
@@ -19,8 +19,10 @@ from typing import Any
 _IDS: ContextVar[Mapping[str, str] | None] = ContextVar("controlplane_log_ids", default=None)
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
-# An OpenTelemetry Tracer once tracing is on (typed Any: the domain imports no library).
+# An OpenTelemetry Tracer once tracing is on (typed Any: the domain imports no library),
+# and how to say the current span's context as a W3C traceparent.
 _tracer: Any = None
+_traceparent: Callable[[], str] | None = None
 _NOTHING = contextlib.nullcontext()
 
 
@@ -44,10 +46,17 @@ def bound(**fields: str) -> Iterator[None]:
         _IDS.reset(token)
 
 
-def install(tracer: Any) -> None:
-    """Turn spans on (`tracer`: an OpenTelemetry Tracer), or off with None."""
-    global _tracer
+def install(tracer: Any, traceparent: Callable[[], str] | None = None) -> None:
+    """Turn spans on (`tracer`: an OpenTelemetry Tracer), or off with None;
+    `traceparent` gives the current span's context as a W3C traceparent."""
+    global _tracer, _traceparent
     _tracer = tracer
+    _traceparent = traceparent if tracer is not None else None
+
+
+def traceparent() -> str:
+    """The current span's context to store with a change; empty when tracing is off."""
+    return _traceparent() if _traceparent is not None else ""
 
 
 def tracing() -> bool:

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import start_http_server
+from prometheus_client import disable_created_metrics, start_http_server
 
 from controlplane import firststart
 from controlplane.blobs.local import LocalBlobStore
@@ -291,6 +291,8 @@ class App:
         if not listen:
             return 0
         host, _, port = listen.rpartition(":")
+        # `*_created` doubles every counter's series for a timestamp nobody alerts on.
+        disable_created_metrics()
         try:
             self._metrics_server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
         except (OSError, ValueError) as e:

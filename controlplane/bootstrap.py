@@ -292,7 +292,7 @@ class App:
             return 0
         host, _, port = listen.rpartition(":")
         # `*_created` doubles every counter's series for a timestamp nobody alerts on.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         try:
             self._metrics_server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
         except (OSError, ValueError) as e:

@@ -51,7 +51,8 @@ def _run(settings: Settings) -> None:
         trusted_keys = settings.data_dir / TRUSTED_KEYS_FILE
         write_trusted_keys(trusted_keys, await app.signing_keys.list(), app.signing_keys.signer.key_id)
         where = "SQLite in " + str(settings.data_dir) if settings.embedded else "PostgreSQL"
-        click.echo(f"controlplane serving on {settings.listen} (port {info.port}), state in {where}")
+        bound = f"{settings.listen.rpartition(':')[0]}:{info.port}"  # port 0 becomes the real one
+        click.echo(f"controlplane serving on {bound} (port {info.port}), state in {where}")
         if info.metrics_port:
             click.echo(
                 f"metrics on http://{settings.metrics_listen.rpartition(':')[0]}:{info.metrics_port}/metrics"

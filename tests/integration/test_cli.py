@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shlex
 import signal
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 from click.testing import CliRunner
 
 from controlplane.cli.main import cli
+from tests.support.harness import Harness
 from tests.support.processes import ServerProcess, wait_until
 
 
@@ -84,3 +87,29 @@ async def test_serve_reads_the_environment_and_prints_a_working_agent_command(tm
             agent.send_signal(signal.SIGTERM)
             await asyncio.wait_for(agent.wait(), 15)
         await server.close()
+
+
+async def test_lists_page_and_say_when_there_is_more(harness: Harness) -> None:
+    nodes = [await harness.register(f"edge-{i}", {"env": "prod"}) for i in range(5)]
+    base = ["--api-key", harness.admin_key, "nodes", "list", "--server", harness.address]
+
+    def run(*extra: str) -> Any:
+        return CliRunner().invoke(cli, [*base, *extra])
+
+    cut = await asyncio.to_thread(run, "--limit", "2")
+    assert cut.exit_code == 0, cut.output
+    header, *rows = cut.stdout.splitlines()
+    assert header.split()[:3] == ["ID", "NAME", "STATUS"] and len(rows) == 2
+    assert cut.stderr.strip() == "(more nodes than the 2 shown: --limit N or --all)"
+    every = await asyncio.to_thread(run, "--all", "-o", "json")
+    assert sorted(n["id"] for n in json.loads(every.stdout)["nodes"]) == sorted(n.node_id for n in nodes)
+    assert every.stderr == ""
+    exact = await asyncio.to_thread(run, "--limit", "5", "--json")
+    assert len(json.loads(exact.stdout)["nodes"]) == 5 and exact.stderr == ""
+
+
+def test_errors_are_one_line() -> None:
+    result = CliRunner().invoke(cli, ["nodes", "get", "n-1", "--server", "127.0.0.1:1", "-o", "yaml"])
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: UNAVAILABLE: ")

@@ -18,9 +18,17 @@ from controlplane.cli.security_options import security_options, security_setting
 from controlplane.cli.telemetry_options import setup as telemetry_setup
 from controlplane.cli.telemetry_options import telemetry_options
 from controlplane.config import DEFAULTS, Settings, seconds
-from controlplane.firststart import TRUSTED_KEYS_FILE, agent_command, write_trusted_keys
+from controlplane.firststart import TRUSTED_KEYS_FILE, agent_command, agent_program, write_trusted_keys
 from controlplane.rpc.server import LISTEN_OPTION, ListenError
 from controlplane.watch.hub import HubSettings
+
+# What to do once the server runs (README.md, A first session, has the whole walk).
+NEXT_STEPS = """then, in another shell in this directory:
+  . .venv/bin/activate                     # or run .venv/bin/controlplane
+  controlplane bundle push DIR --version v1   # a directory of config files
+  controlplane assign --selector env=dev v1
+  controlplane nodes list
+stop the server with Ctrl-C"""
 
 
 def _check_free(address: str, option: str, what: str) -> None:
@@ -68,8 +76,11 @@ def _run(settings: Settings) -> None:
                     "created project 'default'; its enrollment token is in "
                     f"{settings.data_dir / 'enrollment-token'}"
                 )
-            command = agent_command(settings.listen, info.port, info.enrollment_token)
+            command = agent_command(
+                settings.listen, info.port, info.enrollment_token, program=agent_program()
+            )
             click.echo(f"start an agent with:\n  {command} --trusted-keys {shlex.quote(str(trusted_keys))}")
+            click.echo(NEXT_STEPS)
         sys.stdout.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

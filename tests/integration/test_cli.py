@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shlex
 import signal
@@ -64,7 +65,11 @@ async def test_serve_reads_the_environment_and_prints_a_working_agent_command(tm
         printed = re.search(r"start an agent with:\n  (.+)", server.log())
         assert printed is not None, server.log()
         command = shlex.split(printed.group(1))
-        assert command[:3] == ["python", "-m", "agent_stub"]
+        # The agent beside this server, runnable without activating its environment;
+        # relative to the directory the server runs in (as `make run` prints it).
+        command[0] = str(Path.cwd() / command[0])
+        beside = Path(sys.executable).parent / "agent-stub"
+        assert await asyncio.to_thread(os.path.samefile, command[0], beside), command
         assert f"--server {server.address}" in printed.group(1)
         assert f"--token {server.token}" in printed.group(1)
 
@@ -72,7 +77,7 @@ async def test_serve_reads_the_environment_and_prints_a_working_agent_command(tm
         workdir.mkdir()
         with (tmp_path / "agent.log").open("wb") as out:
             agent = await asyncio.create_subprocess_exec(
-                sys.executable, *command[1:], cwd=workdir, stdout=out, stderr=asyncio.subprocess.STDOUT
+                *command, cwd=workdir, stdout=out, stderr=asyncio.subprocess.STDOUT
             )
 
         async def watching() -> None:

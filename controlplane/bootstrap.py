@@ -112,7 +112,7 @@ class App:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         # Many long-lived stream objects: collect the youngest generation less often
-        # (grpc-aio-limits.md §3: the larger part of the GC saving).
+        # (docs/benchmarks.md: the larger part of the GC saving).
         gc.set_threshold(50_000, 50, 1000)
         self.engine = make_engine(s.url)
         undo.push_async_callback(self.engine.dispose)

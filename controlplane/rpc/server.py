@@ -52,7 +52,7 @@ def server_options(max_pending: int, min_ping_interval_ms: int = 20_000) -> list
     return [
         # The aio server accepts calls one at a time; core drops calls queued beyond
         # these limits (defaults 1000/3000) with CANCELLED. A reconnect storm of every
-        # agent at once is exactly such a burst (grpc-aio-limits.md §2).
+        # agent at once is exactly such a burst (docs/benchmarks.md).
         ("grpc.server.max_pending_requests", max_pending),
         ("grpc.server.max_pending_requests_hard_limit", max_pending * 2),
         ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),

@@ -1,10 +1,10 @@
 """What the bundle pipeline needs from an xDS bundle, in the shapes it already uses.
 
 - `validation_result`: the xDS checks as one `ValidationResult`, beside the project's
-  other validators (domain/validators.py);
+  other validators (domain/bundles/validators.py);
 - `structure`: the resources as the `Structure` that risk scoring reads
-  (archives/kdl_config.py: listeners, upstreams, routes, tls, auth, rate-limit blocks,
-  each with a fingerprint), so `domain/risk.py` judges an xDS bundle per resource with
+  (domain/bundles/archive/kdl_config.py: listeners, upstreams, routes, tls, auth, rate-limit blocks,
+  each with a fingerprint), so `domain/bundles/risk.py` judges an xDS bundle per resource with
   its existing rules: a listener or cluster removed, TLS or auth changed, many routes.
 """
 
@@ -63,7 +63,7 @@ def _address(listener: Any) -> str:
 
 def structure(resources: ResourceSet) -> dict[str, dict[str, Any]]:
     """Listeners, upstreams (clusters), routes and TLS/auth/rate-limit blocks, each with
-    a fingerprint, in the shape `domain/risk.py` compares."""
+    a fingerprint, in the shape `domain/bundles/risk.py` compares."""
     out: dict[str, dict[str, Any]] = {
         k: {} for k in ("listeners", "upstreams", "routes", "tls", "auth", "rate_limits", "unparsed")
     }

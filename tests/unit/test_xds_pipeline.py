@@ -1,5 +1,5 @@
 """xDS bundles through the existing pipeline's shapes: a ValidationResult, and the
-structure domain/risk.py scores, judged per resource by its unchanged rules."""
+structure domain/bundles/risk.py scores, judged per resource by its unchanged rules."""
 
 from __future__ import annotations
 

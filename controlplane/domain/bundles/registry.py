@@ -9,7 +9,7 @@ Identical content (same manifest digest) gives back the existing bundle and writ
 nothing, except that a FAILED bundle pushed again is validated again.
 
 Disk and cores are bounded: at most MAX_INTAKES bundles are received (staged) at once,
-at most PER_OWNER of them for one caller (`intake_slots.py`), and at most PIPELINE_SLOTS
+at most PER_OWNER of them for one caller (`slots.py`), and at most PIPELINE_SLOTS
 packed and validated; past that a push waits briefly, then is told RESOURCE_EXHAUSTED
 with a retry hint; an upload that stalls or trickles loses its slot with
 DEADLINE_EXCEEDED (`bundle_intake.IntakeDeadlines`). The archive is packed into its own

@@ -10,7 +10,6 @@ at a bootstrap) names the change's span, and each node's apply trace links to it
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +23,7 @@ class ChangeSpans:
 
     def __init__(self, rows: Iterable[DesiredRow]):
         self.spans: dict[int, Any] = {}
+        self.parents: dict[int, str] = {}
         self.rows: list[DesiredRow] = []
         tracer = tracing.tracer()
         for row in rows:
@@ -37,7 +37,11 @@ class ChangeSpans:
                     context=tracing.context_from({tracing.TRACEPARENT: row.trace_parent}),
                     attributes={"controlplane.revision": row.revision, "controlplane.project": row.project},
                 )
-            self.rows.append(dataclasses.replace(row, trace_parent=_traceparent_of(span)))
+                self.parents[row.revision] = _traceparent_of(span)
+            # Set in place: these rows are this batch's own, fresh from the feed and not in
+            # the image yet, and a copy per row would cost more than delivering it.
+            object.__setattr__(row, "trace_parent", self.parents[row.revision])
+            self.rows.append(row)
 
     def end(self, affected: dict[Any, int]) -> None:
         """Close every span, with how many streams its revision went to."""

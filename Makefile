@@ -7,7 +7,7 @@ PYTEST := $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 # Two workers: each binds port 0 for its servers; the template database is per worker.
 WORKERS ?= -n 2
 
-.PHONY: run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-group-commit bench-etcd clean
+.PHONY: run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-group-commit bench-etcd bench-cli clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -100,6 +100,10 @@ bench-rollouts: $(STAMP)
 
 bench-identity: $(STAMP)
 	$(BIN)/python -m bench.identity $(BENCH_ARGS)
+
+## `controlplane` against grpcurl: start and call latency (docs/benchmarks.md).
+bench-cli: $(STAMP)
+	$(BIN)/python -m bench.cli $(BENCH_ARGS)
 
 bench-group-commit: $(STAMP)
 	$(BIN)/python -m bench.group_commit $(BENCH_ARGS)

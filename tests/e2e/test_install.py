@@ -123,7 +123,11 @@ async def test_the_images_install_steps_and_the_agent_alone(tmp_path: Path) -> N
     bindir = server_python.parent
     assert (bindir / "controlplane").exists() and (bindir / "agent-stub").exists()
     envoy = await run(
-        [str(server_python), "-c", "from controlplane.xds import envoy_binary; print(envoy_binary.find())"]
+        [
+            str(server_python),
+            "-c",
+            "from controlplane.proxies import binaries; print(binaries.envoy_from_wheel())",
+        ]
     )
     assert "/1.40.0/" in (await run([envoy.stdout.strip(), "--version"])).stdout
     # nginx and HAProxy come from Debian in the run stage (no Docker here to run apt in).

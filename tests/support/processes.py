@@ -297,6 +297,8 @@ class AgentProcess:
     trust_server_keys: bool = True
     # The interpreter to run it with (another virtual environment's); default: this one.
     python: str = ""
+    # Extra environment (a fault-injection point: AGENT_STUB_HOLD_AFTER_SWAP).
+    env: Mapping[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -332,16 +334,17 @@ class AgentProcess:
             str(self.state_dir),
             "--name",
             self.name,
-            "--apply-command",
-            self.apply_command,
+            # Empty for an agent driving a proxy (`--proxy nginx` etc. in extra_args).
+            *(["--apply-command", self.apply_command] if self.apply_command else []),
             *self._trust_args(),
             *self.extra_args,
         ]
 
     def start(self) -> None:
         assert not self.running, f"agent {self.name} already running"
-        cwd = self.state_dir.parent if self.python else None  # as ServerProcess.start
-        self.proc = _spawn(self.args(), self.log_path, f"start #{self.starts + 1}", cwd=cwd)
+        # Another interpreter runs from outside the repository, as ServerProcess.start.
+        cwd = self.state_dir.parent if self.python else None
+        self.proc = _spawn(self.args(), self.log_path, f"start #{self.starts + 1}", self.env, cwd)
         self.starts += 1
 
     async def stop(self, timeout: float = 15.0) -> int:

@@ -7,7 +7,7 @@ PYTEST := $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 # Two workers: each binds port 0 for its servers; the template database is per worker.
 WORKERS ?= -n 2
 
-.PHONY: run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-failover bench-group-commit bench-etcd bench-proxies clean
+.PHONY: run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-failover bench-group-commit bench-etcd bench-cli bench-proxies clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,12 +54,18 @@ fmt: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec compose.yaml
 
 types: $(STAMP)
 	$(BIN)/mypy controlplane agent_stub migrations scripts tests bench
 
+# The wire contract stays compatible with main's (FILE rules, buf.yaml); third-party protos
+# are not ours to keep. BUF_AGAINST names another base (a tag, a commit).
+BUF_AGAINST ?= .git\#branch=main
 buf: $(STAMP)
 	$(BIN)/buf lint
+	$(BIN)/buf breaking --against '$(BUF_AGAINST)'
 
 gen: $(STAMP)
 	$(BIN)/python scripts/genproto.py
@@ -97,6 +103,10 @@ bench-identity: $(STAMP)
 
 bench-failover: $(STAMP)
 	$(BIN)/python -m bench.failover $(BENCH_ARGS)
+
+## `controlplane` against grpcurl: start and call latency (docs/benchmarks.md).
+bench-cli: $(STAMP)
+	$(BIN)/python -m bench.cli $(BENCH_ARGS)
 
 bench-group-commit: $(STAMP)
 	$(BIN)/python -m bench.group_commit $(BENCH_ARGS)

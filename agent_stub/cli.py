@@ -21,6 +21,7 @@ from agent_stub.unpack import UnpackLimits
 from agent_stub.verify import PIN_FILE
 from controlplane.proxies.binaries import BinaryError, locate
 from controlplane.proxies.http import Address
+from controlplane.telemetry import logs, tracing
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -151,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, help="the key of --tls-cert")
     p.add_argument("--tls-server-name", default="", help="name expected in the server certificate")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-format", default="text", choices=logs.FORMATS, help="text or json lines (default text)"
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        default="",
+        help="export traces of each apply over OTLP/gRPC to host:port; the OTEL_* variables also "
+        "turn them on (default: off)",
+    )
     p.add_argument("--version", action="version", version=f"agent-stub {__version__}")
     return p
 
@@ -258,20 +268,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     proxy, proxy_version = proxy_from(args, parser)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(message)s",
+    # The server's setup: the same line formats, the process on every line.
+    process = tracing.process_name()
+    logs.setup(
+        log_format=args.log_format, level=args.log_level, process=process, trace_ids=tracing.current_ids
     )
-    if args.log_level != "DEBUG":
-        # grpc's own chatter is not ours to print at INFO.
-        logging.getLogger("asyncio").setLevel(logging.WARNING)
+    traces = tracing.setup("agent-stub", args.otlp_endpoint, process)
     if args.trusted_keys is None:
         logging.getLogger("agent_stub").warning(
             "trust.first-use no --trusted-keys: the control plane's signing keys are pinned at first "
             "contact in %s; a key it lists later is not trusted",
             args.state_dir / PIN_FILE,
         )
-    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C while stopping
-        asyncio.run(_run(config_from(args, proxy, proxy_version)))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C while stopping
+            asyncio.run(_run(config_from(args, proxy, proxy_version)))
+    finally:
+        traces.shutdown()
     sys.exit(0)

@@ -15,6 +15,7 @@ from agent_stub.errors import ApplyFailed
 from agent_stub.logs import EventLog
 from agent_stub.reporter import Reporter
 from agent_stub.state import Cursor, Failure, StateStore
+from agent_stub.tracing import apply_span
 from controlplane.api.watch.v1 import watch_pb2 as pb
 
 
@@ -154,6 +155,11 @@ class EventHandler:
         self._persist(self.cursor.advanced(revision, self.stream.epoch))
 
     async def _desired(self, desired: pb.DesiredState) -> None:
+        # Tracing on: the apply is a trace of its own, linked to the change's span.
+        with apply_span(desired.trace_parent, self.node_id, desired.revision, desired.digest):
+            await self._apply(desired)
+
+    async def _apply(self, desired: pb.DesiredState) -> None:
         target = Target(
             digest=desired.digest,
             revision=desired.revision,

@@ -29,6 +29,7 @@ from agent_stub.config import AgentConfig
 from agent_stub.logs import EventLog
 from agent_stub.rpc import bearer, error_summary
 from agent_stub.state import Identity, StateStore
+from agent_stub.tracing import with_context
 from controlplane.api.identity.v1 import identity_pb2, identity_pb2_grpc
 from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
 
@@ -114,8 +115,9 @@ class Registrar:
         return self._token
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The bearer, and the trace context of the apply under way (agent_stub/tracing.py)."""
         token = self.bearer()
-        return bearer(token) if token else ()
+        return with_context(bearer(token) if token else ())
 
     async def _renew(self, identity: Identity) -> None:
         try:

@@ -1,5 +1,7 @@
 """One log line per event, as `event key=value ...`, with the node and stream attached.
 
+The record also carries the event's name and fields (`event_name`, `fields`), so the
+process's log setup (controlplane/telemetry/logs.py) renders them as JSON keys.
 Listeners get every event as (name, fields) as well, so a simulator or a test can follow
 an agent without parsing its log.
 """
@@ -51,7 +53,12 @@ class EventLog:
         for listener in self.listeners:
             listener(event, merged)
         if self._logger.isEnabledFor(level):
-            self._logger.log(level, format_event(event, merged), exc_info=exc_info)
+            self._logger.log(
+                level,
+                format_event(event, merged),
+                exc_info=exc_info,
+                extra={"event_name": event, "fields": merged},
+            )
 
     def debug(self, event: str, **fields: object) -> None:
         self.emit(logging.DEBUG, event, fields)

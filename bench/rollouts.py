@@ -160,6 +160,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # on calls without a credential would meter its enrollment, not the rollout.
             "--rate-limit",
             "anonymous=0",
+            *args.server_arg,
         ],
     )
     load_before = os.getloadavg()
@@ -230,8 +231,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "notice_s_median": statistics.median(r["notice_s"] for r in rows),
         "server_cpu_s": cpu1 - cpu0,
         "server_cpu_percent": 100 * (cpu1 - cpu0) / total,
-        "driver_passes": metrics.get("controlplane_rollout_driver_pass_seconds_count", 0.0),
-        "driver_pass_s_sum": metrics.get("controlplane_rollout_driver_pass_seconds_sum", 0.0),
+        "driver_passes": metrics.get("controlplane_rollouts_driver_pass_seconds_count", 0.0),
+        "driver_pass_s_sum": metrics.get("controlplane_rollouts_driver_pass_seconds_sum", 0.0),
         "per_step": rows,
     }
     return result
@@ -279,9 +280,14 @@ def main() -> None:
     p.add_argument("--ramp", type=float, default=100.0, help="simulated nodes started per second")
     p.add_argument("--database-url", default="", help="PostgreSQL URL (default: SQLite)")
     p.add_argument("--data-dir", default="", help="default: .bench-out/rollouts-data, made fresh")
+    p.add_argument("--server-arg", action="append", default=[], help="extra `serve` argument")
+    p.add_argument("--tag", default="", help="suffix for the result file name")
     args = p.parse_args()
     result = asyncio.run(run(args))
-    name = f"rollouts-{args.nodes}-{args.batch_percent}pct-{'pg' if args.database_url else 'sqlite'}.json"
+    tag = f"-{args.tag}" if args.tag else ""
+    name = (
+        f"rollouts-{args.nodes}-{args.batch_percent}pct-{'pg' if args.database_url else 'sqlite'}{tag}.json"
+    )
     path = write_json(name, result)
     print(report(result))
     print(f"results: {path}")

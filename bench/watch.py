@@ -99,7 +99,7 @@ WATCH_COUNTERS = (
     "controlplane_watch_resets_total",
     "controlplane_watch_deliveries_total",
     "controlplane_watch_streams_rejected_total",
-    "controlplane_watch_lagging_total",
+    "controlplane_watch_stream_overflows_total",
     "controlplane_watch_bookmarks_total",
     "controlplane_watch_fanout_latency_seconds_sum",
     "controlplane_watch_fanout_latency_seconds_count",

@@ -9,11 +9,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import start_http_server
+from prometheus_client import disable_created_metrics, start_http_server
 
 from controlplane import firststart
 from controlplane.blobs.local import LocalBlobStore
 from controlplane.blobs.s3 import S3BlobStore, S3Settings
+from controlplane.blobs.traced import TracedBlobStore
 from controlplane.config import Settings
 from controlplane.domain.audit.context import acting_as, system
 from controlplane.domain.audit.trail import AuditTrail
@@ -34,6 +35,7 @@ from controlplane.domain.identity.node_tokens import (
     NodeTokens,
     RevocationTap,
 )
+from controlplane.domain.kernel import observe
 from controlplane.domain.kernel.clock import utcnow
 from controlplane.domain.kernel.errors import NotFound
 from controlplane.domain.kernel.wakeup import Wakeup
@@ -54,7 +56,7 @@ from controlplane.rpc.projects import ProjectServicer
 from controlplane.rpc.ratelimit import RateLimiter
 from controlplane.rpc.rollouts import DriftServicer, RolloutServicer
 from controlplane.rpc.scope import CachedResolver, ScopeFinder
-from controlplane.rpc.server import GrpcServer
+from controlplane.rpc.server import GrpcServer, ListenError
 from controlplane.rpc.signing import SigningKeyServicer
 from controlplane.rpc.watch import WatchServicer
 from controlplane.store.engine import connections_in_use, make_engine, sqlite_directory, upgrade
@@ -63,8 +65,10 @@ from controlplane.store.lease_keeper import PgLeaseKeeper
 from controlplane.store.listen import PgListener
 from controlplane.store.liveness import FileLiveness, holder_identity
 from controlplane.store.sql import SqlStore
+from controlplane.tasks import fleet_metrics
 from controlplane.tasks.bundle_gc import collect_bundles
 from controlplane.tasks.fleet import sweep_offline
+from controlplane.tasks.fleet_metrics import FleetMetrics
 from controlplane.tasks.periodic import Periodic
 from controlplane.tasks.retention import Retention
 from controlplane.tasks.rollouts import RolloutTasks, record_pass
@@ -72,6 +76,8 @@ from controlplane.watch import metrics as watch_metrics
 from controlplane.watch.hub import WatchHub
 
 log = logging.getLogger(__name__)
+
+METRICS_OPTION = "--metrics-listen / CONTROLPLANE_METRICS_LISTEN"
 
 
 @dataclass
@@ -110,7 +116,7 @@ class App:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         # Many long-lived stream objects: collect the youngest generation less often
-        # (grpc-aio-limits.md §3: the larger part of the GC saving).
+        # (docs/benchmarks.md: the larger part of the GC saving).
         gc.set_threshold(50_000, 50, 1000)
         self.engine = make_engine(s.url)
         undo.push_async_callback(self.engine.dispose)
@@ -218,6 +224,13 @@ class App:
                 lambda: collect_bundles(self.blob_collector),
             ),
         ]
+        # Fleet gauges: counted once across every process, by the lease's holder.
+        self.fleet_metrics = FleetMetrics(self.store, self.leases)
+        fleet_metrics.COLLECTOR.sources.append(self.fleet_metrics)
+        undo.callback(self._forget_fleet_metrics)
+        self._periodic.append(
+            Periodic("fleet-metrics", s.fleet_metrics_interval.total_seconds(), self.fleet_metrics.run)
+        )
         for job in self._periodic:
             job.start()
             undo.push_async_callback(job.stop)
@@ -242,6 +255,8 @@ class App:
             self._liveness.release(self.leases.holder)
         for job in self._periodic:
             await job.stop()
+        await self.fleet_metrics.release()
+        self._forget_fleet_metrics()
         if self._listener is not None:
             await self._listener.stop()
         self._stop_metrics()
@@ -262,6 +277,10 @@ class App:
         except NotFound:
             return None
 
+    def _forget_fleet_metrics(self) -> None:
+        with contextlib.suppress(ValueError):
+            fleet_metrics.COLLECTOR.sources.remove(self.fleet_metrics)
+
     def _stop_metrics(self) -> None:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -273,7 +292,13 @@ class App:
         if not listen:
             return 0
         host, _, port = listen.rpartition(":")
-        self._metrics_server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
+        # `*_created` doubles every counter's series for a timestamp nobody alerts on.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        try:
+            self._metrics_server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ListenError("serve metrics", listen, METRICS_OPTION, reason.lower()) from e
         return int(self._metrics_server.server_port)
 
     async def _build_bundles(self, undo: contextlib.AsyncExitStack) -> None:
@@ -342,6 +367,13 @@ class App:
 
 
 async def _blob_store(s: Settings) -> BlobStore:
+    store = await _backend(s)
+    if observe.tracing():
+        return TracedBlobStore(store, "s3" if s.blob_store else "local")
+    return store
+
+
+async def _backend(s: Settings) -> BlobStore:
     if not s.blob_store:
         return LocalBlobStore(s.data_dir / "blobs")
     store = S3BlobStore(

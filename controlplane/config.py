@@ -45,6 +45,9 @@ class Settings:
     replica_id: str = ""
     process_index: int = 0
     drift_interval: timedelta = timedelta(seconds=10)
+    # Fleet gauges (nodes, rollouts, drift) are recounted this often by one process: well
+    # inside the lease's time to live, so the series never lapse between two counts.
+    fleet_metrics_interval: timedelta = timedelta(seconds=5)
     # A node must stay off its desired bundle this long before it counts as drifted:
     # longer than any apply, so a rollout in flight is never drift.
     drift_grace: timedelta = timedelta(seconds=60)

@@ -9,6 +9,8 @@ asks for what it needs before it builds the services, and the domain never sees 
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -128,14 +130,30 @@ def write_trusted_keys(path: Path, keys: Iterable[SigningKey], signing_key_id: s
     write_atomic(path, text.encode(), 0o644)
 
 
-def agent_command(listen: str, port: int, token: str, project: str = DEFAULT_PROJECT) -> str:
+def agent_command(
+    listen: str, port: int, token: str, project: str = DEFAULT_PROJECT, program: str = "python -m agent_stub"
+) -> str:
     host = listen.rpartition(":")[0] or "127.0.0.1"
     if host in ("0.0.0.0", "[::]", "::"):
         host = "127.0.0.1"
     return (
-        f"python -m agent_stub --server {host}:{port} --project {project} --token {token} "
+        f"{program} --server {host}:{port} --project {project} --token {token} "
         "--labels env=dev --state-dir ./agent-state --apply-command 'true'"
     )
+
+
+def agent_program() -> str:
+    """How to run the agent installed beside this server, in a shell that has not
+    activated its virtual environment: the `agent-stub` script next to this interpreter
+    (relative to the working directory when under it, so `make run` prints
+    `.venv/bin/agent-stub`)."""
+    script = Path(sys.executable).parent / "agent-stub"
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m agent_stub"
+    try:
+        return shlex.quote(str(script.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(script))
 
 
 def _pem(value: str) -> tuple[bytes, str]:

@@ -13,7 +13,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api.audit.v1 import audit_pb2 as pb
 from controlplane.api.audit.v1 import audit_pb2_grpc
-from controlplane.cli.client import call, channel, print_message, server_option
+from controlplane.cli.client import call_pages, channel, print_message, server_option, unary
+from controlplane.cli.output import OutputGroup, paged
 from controlplane.cli.servers import Reconnect, parse_deadline, reconnect_option
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -54,7 +55,7 @@ def _stub(server: str) -> audit_pb2_grpc.AuditServiceStub:
     return audit_pb2_grpc.AuditServiceStub(channel(server))
 
 
-@click.group()
+@click.group(cls=OutputGroup)
 def audit() -> None:
     """The tamper-evident audit log."""
 
@@ -62,9 +63,8 @@ def audit() -> None:
 @audit.command("list")
 @server_option
 @with_filters
-@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 @click.option("--oldest-first", is_flag=True, help="Default: newest first.")
-@click.option("--page-token", default="")
+@paged
 def audit_list(
     server: str,
     project: str,
@@ -73,19 +73,23 @@ def audit_list(
     resource: str,
     start: datetime | None,
     end: datetime | None,
-    limit: int,
     oldest_first: bool,
-    page_token: str,
+    limit: int,
+    all_pages: bool,
 ) -> None:
-    request = pb.ListAuditEventsRequest(
-        project=project,
-        filter=_filter(actor, action, resource, start, end),
-        page_size=limit,
-        page_token=page_token,
-        newest_first=not oldest_first,
-    )
     stub = _stub(server)
-    call(lambda: stub.ListAuditEvents(request))
+
+    def page(token: str, size: int) -> Any:
+        request = pb.ListAuditEventsRequest(
+            project=project,
+            filter=_filter(actor, action, resource, start, end),
+            page_size=size,
+            page_token=token,
+            newest_first=not oldest_first,
+        )
+        return stub.ListAuditEvents(request)
+
+    call_pages(page, "events", limit, all_pages, "entries")
 
 
 def _checkpoint(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, str]:
@@ -109,12 +113,9 @@ def _checkpoint(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
 def audit_verify(server: str, checkpoint: tuple[int, str]) -> None:
     """Recompute the chain; exits 1 naming the first bad entry if it does not verify.
     Prints the verified head as a checkpoint to keep outside the control plane (on
-    stderr; the answer itself goes to stdout as JSON)."""
+    stderr; the answer itself goes to stdout)."""
     request = pb.VerifyAuditChainRequest(checkpoint_seq=checkpoint[0], checkpoint_mac=checkpoint[1])
-    try:
-        reply = _stub(server).VerifyAuditChain(request)
-    except grpc.RpcError as e:
-        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
+    reply = unary(lambda: _stub(server).VerifyAuditChain(request))
     print_message(reply)
     if not reply.ok:
         raise click.ClickException(f"the audit chain is broken: {reply.reason}")

@@ -7,13 +7,23 @@ import os
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
-import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
-from controlplane.cli.client import call, channel, print_message, project_option, server_option
+from controlplane.cli import output
+from controlplane.cli.client import (
+    call,
+    call_pages,
+    channel,
+    print_message,
+    project_option,
+    server_option,
+    unary,
+)
+from controlplane.cli.output import OutputCommand, OutputGroup, paged
 
 UPLOAD_CHUNK = 1024 * 1024
 # Version control metadata is never configuration.
@@ -31,7 +41,16 @@ _FORMATS = {
 }
 
 
-@click.group()
+def digest_of(stub: bundle_pb2_grpc.BundleServiceStub, project: str, ref: str, what: str = "bundle") -> str:
+    """A digest as given, or the digest of the bundle with version label `ref`."""
+    if ref.startswith("sha256:"):
+        return ref
+    return str(
+        unary(lambda: stub.GetBundle(bundle_pb2.GetBundleRequest(project=project, version=ref))).bundle.digest
+    )
+
+
+@click.group(cls=OutputGroup)
 def bundle() -> None:
     """Bundles: push, inspect, compare, revoke; the project's validators."""
 
@@ -95,23 +114,26 @@ def summary(b: bundle_pb2.Bundle, created: bool) -> str:
 @project_option
 @click.option("--version", "version_label", default="", help="Human label such as v1.4.2.")
 @click.option("--exclude", multiple=True, help="Glob of paths to leave out (repeatable; .git always).")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole answer as JSON.")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def bundle_push(
-    server: str, project: str, version_label: str, exclude: tuple[str, ...], as_json: bool, directory: Path
+    server: str, project: str, version_label: str, exclude: tuple[str, ...], directory: Path
 ) -> None:
     """Validate, pack, sign and store DIRECTORY as a bundle. Exits 1 if it fails validation."""
     stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
-    try:
-        reply = stub.CreateBundle(
+    reply = unary(
+        lambda: stub.CreateBundle(
             push_requests(directory, project, version_label, DEFAULT_EXCLUDES + exclude)
         )
-    except grpc.RpcError as e:
-        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
-    if as_json:
-        print_message(reply)
-    else:
+    )
+    _created(reply)
+
+
+def _created(reply: bundle_pb2.CreateBundleResponse | bundle_pb2.UploadBundleResponse) -> None:
+    """push and upload print the same: a summary, or the answer with -o json|yaml."""
+    if output.current_format() == "table":
         click.echo(summary(reply.bundle, reply.created))
+    else:
+        print_message(reply)
     if reply.bundle.state == bundle_pb2.BUNDLE_STATE_FAILED:
         raise SystemExit(1)
 
@@ -133,7 +155,7 @@ def bundle_upload(server: str, project: str, version_label: str, archive: Path) 
                 first = False
 
     stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
-    call(lambda: stub.UploadBundle(requests()))
+    _created(unary(lambda: stub.UploadBundle(requests())))
 
 
 @bundle.command("get")
@@ -156,39 +178,46 @@ def bundle_get(server: str, project: str, digest_or_version: str) -> None:
 @project_option
 @click.option("--state", type=click.Choice(sorted(_STATES)), default=None)
 @click.option("--version-prefix", default="", help="Only versions starting with this.")
-@click.option("--page-size", type=click.IntRange(1, 1000), default=100, show_default=True)
-@click.option("--page-token", default="")
+@paged
 def bundle_list(
-    server: str, project: str, state: str | None, version_prefix: str, page_size: int, page_token: str
+    server: str, project: str, state: str | None, version_prefix: str, limit: int, all_pages: bool
 ) -> None:
     """Bundles, newest first."""
     stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
-    request = bundle_pb2.ListBundlesRequest(
-        project=project,
-        page_size=page_size,
-        page_token=page_token,
-        state=_STATES[state] if state else bundle_pb2.BUNDLE_STATE_UNSPECIFIED,
-        version_prefix=version_prefix,
-    )
-    call(lambda: stub.ListBundles(request))
+
+    def page(token: str, size: int) -> Any:
+        request = bundle_pb2.ListBundlesRequest(
+            project=project,
+            page_size=size,
+            page_token=token,
+            state=_STATES[state] if state else bundle_pb2.BUNDLE_STATE_UNSPECIFIED,
+            version_prefix=version_prefix,
+        )
+        return stub.ListBundles(request)
+
+    call_pages(page, "bundles", limit, all_pages, "bundles")
 
 
 @bundle.command("diff")
 @server_option
 @project_option
 @click.option("--context", "context_lines", type=click.IntRange(1, 50), default=3, show_default=True)
-@click.argument("from_digest")
-@click.argument("to_digest")
-def bundle_diff(server: str, project: str, context_lines: int, from_digest: str, to_digest: str) -> None:
-    """Files added, removed and changed from FROM to TO, with unified diffs and risk."""
+@click.argument("from_bundle")
+@click.argument("to_bundle")
+def bundle_diff(server: str, project: str, context_lines: int, from_bundle: str, to_bundle: str) -> None:
+    """Files added, removed and changed from FROM to TO (digests or version labels),
+    with unified diffs and risk."""
     stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
     request = bundle_pb2.DiffBundlesRequest(
-        project=project, from_digest=from_digest, to_digest=to_digest, context_lines=context_lines
+        project=project,
+        from_digest=digest_of(stub, project, from_bundle),
+        to_digest=digest_of(stub, project, to_bundle),
+        context_lines=context_lines,
     )
-    try:
-        reply = stub.DiffBundles(request)
-    except grpc.RpcError as e:
-        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
+    reply = unary(lambda: stub.DiffBundles(request))
+    if output.current_format() != "table":
+        print_message(reply)
+        return
     for change in reply.changes:
         kind = bundle_pb2.FileChangeKind.Name(change.kind).removeprefix("FILE_CHANGE_KIND_").lower()
         click.echo(f"{kind:8} {change.path}" + (" (binary)" if change.binary else ""))
@@ -207,10 +236,12 @@ def bundle_diff(server: str, project: str, context_lines: int, from_digest: str,
 @server_option
 @project_option
 @click.option("--reason", required=True, help="Why; shown to operators and on nodes.")
-@click.argument("digest")
-def bundle_revoke(server: str, project: str, reason: str, digest: str) -> None:
-    """Withdraw a bundle: it can never be assigned again. Lists the nodes on it."""
+@click.argument("bundle_ref", metavar="BUNDLE")
+def bundle_revoke(server: str, project: str, reason: str, bundle_ref: str) -> None:
+    """Withdraw BUNDLE (digest or version label): it can never be assigned again. Lists
+    the nodes on it."""
     stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
+    digest = digest_of(stub, project, bundle_ref)
     call(
         lambda: stub.RevokeBundle(
             bundle_pb2.RevokeBundleRequest(project=project, digest=digest, reason=reason)
@@ -289,7 +320,7 @@ def _target(selector: str | None, node_ids: tuple[str, ...]) -> bundle_pb2.Targe
     return bundle_pb2.Target(nodes=bundle_pb2.NodeList(node_ids=list(node_ids)))
 
 
-@click.command()
+@click.command(cls=OutputCommand)
 @server_option
 @project_option
 @click.option("--selector", default=None, help="env=prod,region=eu or '*'")
@@ -297,7 +328,7 @@ def _target(selector: str | None, node_ids: tuple[str, ...]) -> bundle_pb2.Targe
 @click.option("--weight", type=click.IntRange(0, 100), default=0, help="Traffic weight 1-100.")
 @click.option("--pin", is_flag=True, help="Pin the listed nodes to this bundle.")
 @click.option("--override-freeze", default="", help="Assign during a freeze window, for this reason.")
-@click.argument("digest")
+@click.argument("bundle_ref", metavar="BUNDLE")
 def assign(
     server: str,
     project: str,
@@ -306,14 +337,16 @@ def assign(
     weight: int,
     pin: bool,
     override_freeze: str,
-    digest: str,
+    bundle_ref: str,
 ) -> None:
-    """Set the desired bundle of a selector's nodes or of listed nodes."""
+    """Set the desired bundle (a digest or a version label) of a selector's nodes or of
+    listed nodes."""
     stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
+    target = _target(selector, node_ids)
     request = bundle_pb2.AssignBundleRequest(
         project=project,
-        target=_target(selector, node_ids),
-        digest=digest,
+        target=target,
+        digest=digest_of(stub, project, bundle_ref),
         traffic_weight=weight,
         pin=pin,
         freeze_override_reason=override_freeze,
@@ -321,7 +354,7 @@ def assign(
     call(lambda: stub.AssignBundle(request))
 
 
-@click.command()
+@click.command(cls=OutputCommand)
 @server_option
 @project_option
 @click.option("--selector", default=None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -10,11 +9,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import grpc
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from controlplane.cli.servers import ServerChannel, split_servers
+from controlplane.cli import output
 
 server_option = click.option(
     "--server",
@@ -30,6 +27,7 @@ project_option = click.option(
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,16 @@ def configure(**options: Any) -> None:
 
 def default_api_key() -> str:
     """The first-start admin key of a server running here, if this user can read it."""
-    path = Path(os.environ.get("CONTROLPLANE_DATA_DIR", "data")) / "admin-key"
+    return _data_file("admin-key")
+
+
+def default_enrollment_token() -> str:
+    """The first-start enrollment token of a server running here, if readable."""
+    return _data_file("enrollment-token")
+
+
+def _data_file(name: str) -> str:
+    path = Path(os.environ.get("CONTROLPLANE_DATA_DIR", "data")) / name
     try:
         return path.read_text().strip()
     except OSError:
@@ -105,84 +112,61 @@ def default_api_key() -> str:
 
 
 def channel(server: str) -> Any:
-    """A channel to `server`: one address, or several separated by commas, used one at a
-    time (cli/servers.py)."""
+    """A channel to `server` — one address, or several separated by commas, used one at
+    a time (cli/servers.py) — carrying this invocation's API key and TLS settings. grpc is
+    imported here, not with the command line: `--help` never loads it."""
+    from controlplane.cli.servers import ServerChannel, split_servers
+
     return ServerChannel(split_servers(server), _open)
 
 
-def _open(server: str) -> grpc.Channel:
+def _open(server: str) -> Any:
+    from controlplane.cli.channel import open_channel
+
     c = _connection
-    if c.tls_ca is None:
-        base = grpc.insecure_channel(server)
-    else:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=c.tls_ca.read_bytes(),
-            private_key=c.tls_key.read_bytes() if c.tls_key is not None else None,
-            certificate_chain=c.tls_cert.read_bytes() if c.tls_cert is not None else None,
-        )
-        options = [("grpc.ssl_target_name_override", c.tls_server_name)] if c.tls_server_name else []
-        base = grpc.secure_channel(server, credentials, options=options)
-    key = c.api_key or default_api_key()
-    return grpc.intercept_channel(base, _Bearer(key)) if key else base
-
-
-class _Bearer(
-    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
-    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
-):
-    """Adds `authorization: Bearer <API key>` to every call that carries none."""
-
-    def __init__(self, key: str):
-        self._key = key
-
-    def _sign(self, details: Any) -> Any:
-        metadata = list(details.metadata or ())
-        if not any(k == "authorization" for k, _ in metadata):
-            metadata.append(("authorization", f"Bearer {self._key}"))
-        return _Details(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._sign(details), request)
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._sign(details), request)
-
-    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return continuation(self._sign(details), request_iterator)
-
-    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return continuation(self._sign(details), request_iterator)
-
-
-class _Details(
-    collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready")),
-    grpc.ClientCallDetails,  # type: ignore[misc]
-):
-    pass
-
-
-def print_message(message: Message, show_defaults: bool = False) -> None:
-    """`show_defaults` also prints fields at their default (a `0` that is an answer)."""
-    click.echo(
-        json_format.MessageToJson(
-            message,
-            preserving_proto_field_name=True,
-            indent=2,
-            always_print_fields_with_no_presence=show_defaults,
-        )
+    return open_channel(
+        server, c.api_key or default_api_key(), c.tls_ca, c.tls_cert, c.tls_key, c.tls_server_name
     )
 
 
+def print_message(message: Message, show_defaults: bool = False) -> None:
+    """Print an answer in the command's format (-o table|json|yaml; cli/output.py)."""
+    output.show(message, show_defaults)
+
+
 def call(fn: Callable[[], Message], show_defaults: bool = False) -> None:
-    """Make one call and print its answer as JSON; a failed call becomes a clean error."""
+    """Make one call and print its answer; a failed call becomes a one-line error."""
+    import grpc
+
     try:
-        print_message(fn(), show_defaults)
+        reply = fn()
     except grpc.RpcError as e:
-        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
+        raise output.fail(e) from None
+    output.show(reply, show_defaults)
+
+
+def call_pages(
+    fetch: Callable[[str, int], M], items: str, limit: int, all_pages: bool, what: str = "records"
+) -> None:
+    """A list call, paged (`fetch(page_token, page_size)`) up to `limit` records or all of
+    them, printed as one answer; more than shown is said on stderr, never cut silently."""
+    import grpc
+
+    try:
+        reply = output.fetch_pages(fetch, items, limit, all_pages, what)
+    except grpc.RpcError as e:
+        raise output.fail(e) from None
+    output.show(reply)
+
+
+def unary(fn: Callable[[], M]) -> M:
+    """Make one call; a failed call becomes a one-line error."""
+    import grpc
+
+    try:
+        return fn()
+    except grpc.RpcError as e:
+        raise output.fail(e) from None
 
 
 def labels(pairs: tuple[str, ...]) -> dict[str, str]:

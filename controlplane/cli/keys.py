@@ -4,13 +4,15 @@ and node identities)."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import click
 from google.protobuf.duration_pb2 import Duration
 
 from controlplane.api.identity.v1 import identity_pb2 as pb
 from controlplane.api.identity.v1 import identity_pb2_grpc
-from controlplane.cli.client import call, channel, project_option, server_option
+from controlplane.cli.client import call, call_pages, channel, project_option, server_option
+from controlplane.cli.output import OutputGroup, paged
 
 _ROLES = {"reader": pb.ROLE_READER, "operator": pb.ROLE_OPERATOR, "admin": pb.ROLE_ADMIN}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -37,7 +39,7 @@ def parse_grant(text: str) -> pb.Grant:
     return pb.Grant(project=project, role=_ROLES[role])
 
 
-@click.group()
+@click.group(cls=OutputGroup)
 def keys() -> None:
     """API keys of operators and services."""
 
@@ -67,9 +69,17 @@ def key_create(server: str, name: str, grants: tuple[str, ...], ttl: str) -> Non
 @server_option
 @click.option("--project", default="", help="Keys with a grant in this project (default: every key).")
 @click.option("--include-revoked", is_flag=True)
-def key_list(server: str, project: str, include_revoked: bool) -> None:
+@paged
+def key_list(server: str, project: str, include_revoked: bool, limit: int, all_pages: bool) -> None:
     stub = _stub(server)
-    call(lambda: stub.ListApiKeys(pb.ListApiKeysRequest(project=project, include_revoked=include_revoked)))
+
+    def page(token: str, size: int) -> Any:
+        request = pb.ListApiKeysRequest(
+            project=project, include_revoked=include_revoked, page_size=size, page_token=token
+        )
+        return stub.ListApiKeys(request)
+
+    call_pages(page, "keys", limit, all_pages, "keys")
 
 
 @keys.command("revoke")
@@ -81,7 +91,7 @@ def key_revoke(server: str, key_id: str) -> None:
     call(lambda: stub.RevokeApiKey(pb.RevokeApiKeyRequest(key_id=key_id)))
 
 
-@click.group()
+@click.group(cls=OutputGroup)
 def enrollment() -> None:
     """Enrollment tokens nodes join a project with, and node identities."""
 

@@ -24,7 +24,17 @@ class LazyGroup(click.Group):
         if cmd_name in self.lazy and cmd_name not in self.commands:
             target, _ = self.lazy[cmd_name]
             module, _, attribute = target.partition(":")
-            command = getattr(importlib.import_module(module), attribute)
+            try:
+                command = getattr(importlib.import_module(module), attribute)
+            except ModuleNotFoundError as e:
+                # The base install is the agent and the operator commands; `serve` and
+                # `db` need the server's stack (pyproject.toml, the `server` extra).
+                if (e.name or "").split(".")[0] in ("controlplane", "agent_stub"):
+                    raise
+                raise click.ClickException(
+                    f"`{ctx.command_path} {cmd_name}` needs the server's dependencies ({e.name} is not "
+                    "installed): pip install 'controlplane[server]'"
+                ) from None
             if not isinstance(command, click.Command):
                 raise TypeError(f"{target} is not a click command")
             self.add_command(command, cmd_name)

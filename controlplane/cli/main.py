@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
 
 from controlplane import __version__
-from controlplane.cli import client
+from controlplane.cli import client, output
 from controlplane.cli.lazy import LazyGroup
 
 # name: (where the command lives, its line in --help)
@@ -48,4 +49,11 @@ def cli(**connection: Any) -> None:
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except Exception as e:
+        # A call no command caught (grpc is not imported here: `--help` never loads it).
+        if type(e).__module__.startswith("grpc") and callable(getattr(e, "code", None)):
+            click.echo(f"Error: {output.fail(e).message}", err=True)
+            sys.exit(1)
+        raise

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
-from controlplane.cli.client import call, channel, labels, project_option, server_option
+from controlplane.cli.client import call, call_pages, channel, labels, project_option, server_option
+from controlplane.cli.output import OutputGroup, paged
 
 
-@click.group()
+@click.group(cls=OutputGroup)
 def nodes() -> None:
     """Nodes."""
 
@@ -17,11 +20,18 @@ def nodes() -> None:
 @server_option
 @project_option
 @click.option("--selector", default="", help="env=prod,region=eu")
-def node_list(server: str, project: str, selector: str) -> None:
+@paged
+def node_list(server: str, project: str, selector: str, limit: int, all_pages: bool) -> None:
+    """The project's nodes: desired and applied bundles, health, last heartbeat."""
     stub = node_pb2_grpc.NodeServiceStub(channel(server))
-    call(
-        lambda: stub.ListNodes(node_pb2.ListNodesRequest(project=project, selector=selector, page_size=1000))
-    )
+
+    def page(token: str, size: int) -> Any:
+        request = node_pb2.ListNodesRequest(
+            project=project, selector=selector, page_size=size, page_token=token
+        )
+        return stub.ListNodes(request)
+
+    call_pages(page, "nodes", limit, all_pages, "nodes")
 
 
 @nodes.command("get")

@@ -6,9 +6,10 @@ import click
 
 from controlplane.api.project.v1 import project_pb2, project_pb2_grpc
 from controlplane.cli.client import call, channel, project_option, server_option
+from controlplane.cli.output import OutputGroup
 
 
-@click.group()
+@click.group(cls=OutputGroup)
 def projects() -> None:
     """Projects."""
 

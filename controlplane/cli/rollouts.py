@@ -13,7 +13,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api.rollout.v1 import drift_pb2, drift_pb2_grpc, rollout_pb2, rollout_pb2_grpc
-from controlplane.cli.client import call, channel, project_option, server_option
+from controlplane.cli import output
+from controlplane.cli.client import call, call_pages, channel, print_message, project_option, server_option
+from controlplane.cli.output import OutputGroup, paged
 from controlplane.cli.servers import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -112,7 +114,7 @@ def _stub(server: str) -> rollout_pb2_grpc.RolloutServiceStub:
     return rollout_pb2_grpc.RolloutServiceStub(channel(server))
 
 
-@click.group()
+@click.group(cls=OutputGroup)
 def rollout() -> None:
     """Rollouts: move a selector's nodes to a bundle, safely."""
 
@@ -220,10 +222,14 @@ def rollout_create(
         request.scheduled_at.CopyFrom(_timestamp(parse_time(start_at)))
     servers = channel(server)
     try:
-        created = rollout_pb2_grpc.RolloutServiceStub(servers).CreateRollout(request).rollout
+        reply = rollout_pb2_grpc.RolloutServiceStub(servers).CreateRollout(request)
     except grpc.RpcError as e:
-        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
-    click.echo(f"rollout {created.id}: {_state(created.state)}, {len(created.steps)} step(s)")
+        raise output.fail(e) from None
+    created = reply.rollout
+    if output.current_format() == "table":
+        click.echo(f"rollout {created.id}: {_state(created.state)}, {len(created.steps)} step(s)")
+    else:
+        print_message(reply)
     if follow:
         sys.exit(_follow(servers, project, created.id, parse_deadline(reconnect_deadline)))
 
@@ -242,31 +248,36 @@ def rollout_get(server: str, project: str, rollout_id: str) -> None:
 @server_option
 @project_option
 @click.option("--state", "states", multiple=True, type=click.Choice(list(STATES)))
-def rollout_list(server: str, project: str, states: tuple[str, ...]) -> None:
+@paged
+def rollout_list(server: str, project: str, states: tuple[str, ...], limit: int, all_pages: bool) -> None:
     """List rollouts, newest first."""
     stub = _stub(server)
-    request = pb.ListRolloutsRequest(project=project, states=[STATES[s] for s in states], page_size=100)
-    try:
-        for r in stub.ListRollouts(request).rollouts:
-            done = f"{r.progress.steps_done}/{r.progress.steps}"
-            digest = r.bundle_digest[:19]
-            click.echo(f"{r.id}  {_state(r.state):16} steps {done:7} {r.selector:24} {digest}  {r.reason}")
-    except grpc.RpcError as e:
-        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
+
+    def page(token: str, size: int) -> Any:
+        request = pb.ListRolloutsRequest(
+            project=project, states=[STATES[s] for s in states], page_size=size, page_token=token
+        )
+        return stub.ListRollouts(request)
+
+    call_pages(page, "rollouts", limit, all_pages, "rollouts")
 
 
 @rollout.command("nodes")
 @server_option
 @project_option
 @click.argument("rollout_id")
-def rollout_nodes(server: str, project: str, rollout_id: str) -> None:
+@paged
+def rollout_nodes(server: str, project: str, rollout_id: str, limit: int, all_pages: bool) -> None:
     """The rollout's nodes and where each stands."""
     stub = _stub(server)
-    call(
-        lambda: stub.ListRolloutNodes(
-            pb.ListRolloutNodesRequest(project=project, rollout_id=rollout_id, page_size=1000)
+
+    def page(token: str, size: int) -> Any:
+        request = pb.ListRolloutNodesRequest(
+            project=project, rollout_id=rollout_id, page_size=size, page_token=token
         )
-    )
+        return stub.ListRolloutNodes(request)
+
+    call_pages(page, "nodes", limit, all_pages, "nodes")
 
 
 @rollout.command("watch")
@@ -296,9 +307,13 @@ def _simple(name: str, request_type: Any, method: str, helptext: str, **extra: A
         elif "comment" in request_type.DESCRIPTOR.fields_by_name:
             fields["comment"] = reason
         try:
-            result = getattr(stub, method)(request_type(**fields)).rollout
+            reply = getattr(stub, method)(request_type(**fields))
         except grpc.RpcError as e:
-            raise click.ClickException(f"{e.code().name}: {e.details()}") from None
+            raise output.fail(e) from None
+        if output.current_format() != "table":
+            print_message(reply)
+            return
+        result = reply.rollout
         click.echo(
             f"rollout {result.id}: {_state(result.state)}" + (f" ({result.reason})" if result.reason else "")
         )
@@ -494,7 +509,7 @@ def _follow(servers: ServerChannel, project: str, rollout_id: str, deadline: flo
 # -- drift ------------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(cls=OutputGroup)
 def drift() -> None:
     """Nodes whose applied bundle differs from their desired one."""
 
@@ -503,13 +518,17 @@ def drift() -> None:
 @server_option
 @project_option
 @click.option("--open", "open_only", is_flag=True, help="Only episodes not resolved yet.")
-def drift_list(server: str, project: str, open_only: bool) -> None:
+@paged
+def drift_list(server: str, project: str, open_only: bool, limit: int, all_pages: bool) -> None:
     stub = drift_pb2_grpc.DriftServiceStub(channel(server))
-    call(
-        lambda: stub.ListDriftEvents(
-            drift_pb2.ListDriftEventsRequest(project=project, open_only=open_only, page_size=1000)
+
+    def page(token: str, size: int) -> Any:
+        request = drift_pb2.ListDriftEventsRequest(
+            project=project, open_only=open_only, page_size=size, page_token=token
         )
-    )
+        return stub.ListDriftEvents(request)
+
+    call_pages(page, "events", limit, all_pages, "drift episodes")
 
 
 @drift.command("remediation")

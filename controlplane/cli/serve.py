@@ -4,6 +4,7 @@ import asyncio
 import logging
 import shlex
 import signal
+import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -11,16 +12,47 @@ from typing import Any
 
 import click
 
-from controlplane.bootstrap import App
+from controlplane.bootstrap import METRICS_OPTION, App
 from controlplane.cli.bundle_options import bundle_options, bundle_settings
 from controlplane.cli.rollout_options import rollout_options, rollout_settings
 from controlplane.cli.security_options import security_options, security_settings
+from controlplane.cli.telemetry_options import setup as telemetry_setup
+from controlplane.cli.telemetry_options import telemetry_options
 from controlplane.config import DEFAULTS, Settings, seconds
-from controlplane.firststart import TRUSTED_KEYS_FILE, agent_command, write_trusted_keys
+from controlplane.firststart import TRUSTED_KEYS_FILE, agent_command, agent_program, write_trusted_keys
+from controlplane.rpc.server import LISTEN_OPTION, ListenError
 from controlplane.watch.hub import HubSettings
+
+# What to do once the server runs (README.md, A first session, has the whole walk).
+NEXT_STEPS = """then, in another shell in this directory:
+  . .venv/bin/activate                     # or run .venv/bin/controlplane
+  controlplane bundle push DIR --version v1   # a directory of config files
+  controlplane assign --selector env=dev v1
+  controlplane nodes list
+stop the server with Ctrl-C"""
+
+
+def _check_free(address: str, option: str, what: str) -> None:
+    """Refuse a taken port before the migrations run and grpc logs its own complaint.
+    SO_REUSEADDR as grpc sets it: a port held only by closed connections is free."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return
+    host = host.strip("[]") or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+        except OSError as e:
+            raise ListenError(what, address, option, (e.strerror or str(e)).lower()) from None
 
 
 def _run(settings: Settings) -> None:
+    _check_free(settings.listen, LISTEN_OPTION, "listen")
+    if settings.metrics_listen:
+        _check_free(settings.metrics_listen, METRICS_OPTION, "serve metrics")
+
     async def main() -> None:
         app = App(settings)
         info = await app.start()
@@ -29,7 +61,8 @@ def _run(settings: Settings) -> None:
         trusted_keys = settings.data_dir / TRUSTED_KEYS_FILE
         write_trusted_keys(trusted_keys, await app.signing_keys.trusted(), app.signing_keys.signer.key_id)
         where = "SQLite in " + str(settings.data_dir) if settings.embedded else "PostgreSQL"
-        click.echo(f"controlplane serving on {settings.listen} (port {info.port}), state in {where}")
+        bound = f"{settings.listen.rpartition(':')[0]}:{info.port}"  # port 0 becomes the real one
+        click.echo(f"controlplane serving on {bound} (port {info.port}), state in {where}")
         if info.metrics_port:
             click.echo(
                 f"metrics on http://{settings.metrics_listen.rpartition(':')[0]}:{info.metrics_port}/metrics"
@@ -45,8 +78,11 @@ def _run(settings: Settings) -> None:
                     "created project 'default'; its enrollment token is in "
                     f"{settings.data_dir / 'enrollment-token'}"
                 )
-            command = agent_command(settings.listen, info.port, info.enrollment_token)
+            command = agent_command(
+                settings.listen, info.port, info.enrollment_token, program=agent_program()
+            )
             click.echo(f"start an agent with:\n  {command} --trusted-keys {shlex.quote(str(trusted_keys))}")
+            click.echo(NEXT_STEPS)
         sys.stdout.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -189,6 +225,7 @@ def _run(settings: Settings) -> None:
 @bundle_options
 @rollout_options
 @security_options
+@telemetry_options
 def serve(
     data_dir: Path,
     listen: str,
@@ -208,7 +245,7 @@ def serve(
     **bundle: Any,
 ) -> None:
     """Run the control plane (SQLite and a local directory unless --database-url)."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    traces = telemetry_setup(bundle, log_level)
     if epoch_follows_timeline is not None:
         logging.getLogger(__name__).warning(
             "--epoch-follows-timeline no longer has an effect: a promoted standby presents a "
@@ -233,4 +270,10 @@ def serve(
         **rollout_settings(bundle),
         **security_settings(bundle),
     )
-    _run(settings)
+    try:
+        _run(settings)
+    except ListenError as e:
+        # A busy port is an operator's everyday mistake: one line naming the option.
+        raise click.ClickException(str(e)) from None
+    finally:
+        traces.shutdown()

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import click
-import grpc
 
 from controlplane.api.bundle.v1 import signing_pb2, signing_pb2_grpc
-from controlplane.cli.client import call, channel, server_option
+from controlplane.cli import output
+from controlplane.cli.client import call, channel, print_message, server_option, unary
 from controlplane.cli.lazy import LazyGroup
+from controlplane.cli.output import OutputCommand
 from controlplane.trusted_keys import keys_document
+
+
+class OutputLazyGroup(LazyGroup):
+    command_class = OutputCommand
 
 
 @click.group(
     "signing-keys",
-    cls=LazyGroup,
+    cls=OutputLazyGroup,
     lazy={"generate": ("controlplane.cli.keygen:generate", "Make a new Ed25519 signing key.")},
 )
 def signing_keys() -> None:
@@ -22,22 +27,15 @@ def signing_keys() -> None:
 
 @signing_keys.command("list")
 @server_option
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    help='Print {"keys": [...]} with base64 public keys: the file agents take as --trusted-keys.',
-)
-def list_keys(server: str, as_json: bool) -> None:
+def list_keys(server: str) -> None:
+    """The keys bundles are signed with. With -o json (or --json): {"keys": [...]} with
+    base64 public keys, the file agents take as --trusted-keys."""
     stub = signing_pb2_grpc.SigningKeyServiceStub(channel(server))
-    if not as_json:
-        call(lambda: stub.ListSigningKeys(signing_pb2.ListSigningKeysRequest()))
-        return
-    try:
-        reply = stub.ListSigningKeys(signing_pb2.ListSigningKeysRequest())
-    except grpc.RpcError as e:
-        raise click.ClickException(f"{e.code().name}: {e.details()}") from None
-    click.echo(keys_document(reply.keys))
+    reply = unary(lambda: stub.ListSigningKeys(signing_pb2.ListSigningKeysRequest()))
+    if output.current_format() == "json":
+        click.echo(keys_document(reply.keys))
+    else:
+        print_message(reply)
 
 
 @signing_keys.command("retire")

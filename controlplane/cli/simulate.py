@@ -14,8 +14,8 @@ import click
 
 from agent_stub.backoff import BackoffPolicy
 from agent_stub.simulator import FleetConfig, FleetSimulator, MetricsProfile
+from controlplane.cli.client import default_enrollment_token, project_option, server_option
 from controlplane.cli.client import labels as parse_labels
-from controlplane.cli.client import project_option, server_option
 from controlplane.cli.rollouts import parse_duration
 
 
@@ -42,7 +42,7 @@ def _profiles(items: tuple[str, ...], base: MetricsProfile) -> dict[str, Metrics
 @click.option(
     "--token-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="File holding the enrollment token (e.g. data/enrollment-token).",
+    help="File holding the enrollment token (default: data/enrollment-token when readable).",
 )
 @click.option("--nodes", type=click.IntRange(1, 100_000), default=10, show_default=True)
 @click.option("--labels", "label_pairs", multiple=True, default=("env=dev",), show_default=True)
@@ -98,7 +98,13 @@ def simulate(
     if token_file is not None:
         token = token_file.read_text().strip()
     if not token:
-        raise click.UsageError("give --token or --token-file (the project's enrollment token)")
+        # Run next to a local server (as `make run` makes one): its first-start token.
+        token = default_enrollment_token()
+    if not token:
+        raise click.UsageError(
+            "give --token or --token-file (the project's enrollment token; default: "
+            "<CONTROLPLANE_DATA_DIR or ./data>/enrollment-token when readable)"
+        )
     try:
         base = MetricsProfile.parse(base_metrics)
     except ValueError as e:

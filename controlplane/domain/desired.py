@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from controlplane.domain.kernel import observe
 from controlplane.domain.model.desired import Assignment, ChangeKind, DesiredRow
 from controlplane.domain.ports import Store, Tx
 
@@ -37,7 +38,7 @@ async def prune(store: Store, floor: int, batch: int = PRUNE_BATCH) -> int:
 async def write_assignment(tx: Tx, assignment: Assignment, written_at: float) -> int:
     """Write one assignment at a fresh revision, inside `tx`. Returns the revision."""
     revision = await tx.desired.allocate_revision()
-    await tx.desired.append(assignment.rows(revision, written_at))
+    await tx.desired.append(assignment.rows(revision, written_at, observe.traceparent()))
     return revision
 
 

@@ -1,5 +1,5 @@
 """Projects: a tenant's fleet, the enrollment tokens its nodes join with, and its
-rollout policy (`project_policy.py`)."""
+rollout policy (`domain/model/policy.py`)."""
 
 from __future__ import annotations
 

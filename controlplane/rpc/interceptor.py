@@ -34,18 +34,19 @@ from google.protobuf.message import Message
 from prometheus_client import Counter
 
 from controlplane.domain.audit import context as audit
+from controlplane.domain.kernel import observe as log_ids
 from controlplane.domain.kernel.errors import (
     InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
 )
-from controlplane.rpc import auth
+from controlplane.rpc import auth, observe
 from controlplane.rpc.authn import Authenticator
 from controlplane.rpc.errors import abort
 from controlplane.rpc.inflight import InFlight
 from controlplane.rpc.ratelimit import RateLimiter
-from controlplane.rpc.scope import ScopeFinder
+from controlplane.rpc.scope import Scope, ScopeFinder
 
 REFUSED = Counter(
     "controlplane_auth_refused_total",
@@ -97,10 +98,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _wrap(self, method: str, kind: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         streams_in = kind.startswith("stream_")
+        observed = observe.Method.of(method, kind)
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                with self.inflight.track():
+                with self.inflight.track(), observe.call(observed, context):
                     try:
                         request = await self._admit(method, context, request, streams_in)
                         async for item in behavior(request, context):
@@ -113,7 +115,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return stream
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with self.inflight.track():
+            with self.inflight.track(), observe.call(observed, context):
                 try:
                     request = await self._admit(method, context, request, streams_in)
                     return await behavior(request, context)
@@ -154,8 +156,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request = _prepend(first, request)
         elif isinstance(request, _Refused):
             raise request.error
-        await self._check_scope(method, rule, identity, first)
-        _enter(identity, request_id)
+        scope = await self._check_scope(method, rule, identity, first)
+        _enter(identity, request_id, scope)
         return request
 
     async def _authenticate(
@@ -195,7 +197,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def _check_scope(
         self, method: str, rule: auth.Rule, identity: auth.Identity, request: Message | None
-    ) -> None:
+    ) -> Scope:
         node = identity.kind is auth.Kind.NODE
         scope = await self._scopes.scope(method, request, resolve=not node)
         if node:
@@ -211,7 +213,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     raise PermissionDenied(
                         f"node {identity.subject} belongs to another project", field="project"
                     )
-            return
+            return scope
         principal = identity.principal
         assert principal is not None
         need = auth.ROLE_FOR[rule]
@@ -228,6 +230,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 f"API key {identity.subject} needs the {need.label} role in {where} for {method}",
                 field="project" if projects else None,
             )
+        return scope
 
 
 def _check_kind(method: str, rule: auth.Rule, identity: auth.Identity) -> None:
@@ -245,9 +248,20 @@ def _bucket(method: str, identity: auth.Identity) -> str:
     return "operator"
 
 
-def _enter(identity: auth.Identity, request_id: str) -> None:
+def _enter(identity: auth.Identity, request_id: str, scope: Scope | None = None) -> None:
     auth.set_current(identity)
     audit.set_context(identity.actor(), request_id)
+    # Every log line and span of this call carries these (docs/operations.md, Logs).
+    node = identity.subject if identity.kind is auth.Kind.NODE else ""
+    project = identity.project
+    if scope is not None:
+        if not node and len(scope.node_ids) == 1:
+            node = next(iter(scope.node_ids))
+        projects = scope.all_projects
+        if not project and len(projects) == 1:
+            project = next(iter(projects))
+    log_ids.bind(request_id=request_id, project=project, node_id=node)
+    observe.annotate(request_id=request_id, project=project, node_id=node)
 
 
 class _Refused:

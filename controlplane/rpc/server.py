@@ -1,4 +1,4 @@
-"""The gRPC server: every service, health and reflection on one port."""
+"""The gRPC server: every service, health and reflection (rpc/reflection.py) on one port."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from controlplane.api.audit.v1 import audit_pb2, audit_pb2_grpc
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc, signing_pb2, signing_pb2_grpc
@@ -22,6 +21,8 @@ from controlplane.rpc.identity import IdentityServicer
 from controlplane.rpc.interceptor import GuardInterceptor
 from controlplane.rpc.nodes import NodeServicer
 from controlplane.rpc.projects import ProjectServicer
+from controlplane.rpc.reflection import ReflectionServicer
+from controlplane.rpc.reflection import handlers as reflection_handlers
 from controlplane.rpc.rollouts import DriftServicer, RolloutServicer
 from controlplane.rpc.signing import SigningKeyServicer
 
@@ -41,6 +42,8 @@ SERVICES = (
 # given back take milliseconds; only a wedged database takes longer.
 UNWIND_SECONDS = 10.0
 
+LISTEN_OPTION = "--listen / CONTROLPLANE_LISTEN"
+
 # Upload chunks are at most 1 MiB; anything near the limit is hostile or a bug.
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 
@@ -49,7 +52,7 @@ def server_options(max_pending: int, min_ping_interval_ms: int = 20_000) -> list
     return [
         # The aio server accepts calls one at a time; core drops calls queued beyond
         # these limits (defaults 1000/3000) with CANCELLED. A reconnect storm of every
-        # agent at once is exactly such a burst (grpc-aio-limits.md §2).
+        # agent at once is exactly such a burst (docs/benchmarks.md).
         ("grpc.server.max_pending_requests", max_pending),
         ("grpc.server.max_pending_requests_hard_limit", max_pending * 2),
         ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
@@ -62,6 +65,13 @@ def server_options(max_pending: int, min_ping_interval_ms: int = 20_000) -> list
         # would start "successfully" and silently share its connections. Refuse instead.
         ("grpc.so_reuseport", 0),
     ]
+
+
+class ListenError(OSError):
+    """An address could not be bound: said in one line naming the option that chose it."""
+
+    def __init__(self, what: str, address: str, option: str, reason: str):
+        super().__init__(f"cannot {what} on {address} ({option}): {reason}")
 
 
 class GrpcServer:
@@ -96,8 +106,9 @@ class GrpcServer:
         self.server.add_generic_rpc_handlers((watch.handler(watch_servicer),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        # v1 and v1alpha; they resolve method symbols too (`grpcurl describe` of a method).
+        self.server.add_generic_rpc_handlers(
+            reflection_handlers(ReflectionServicer((*SERVICES, health.SERVICE_NAME)))
         )
         self.port = 0
 
@@ -121,9 +132,11 @@ class GrpcServer:
                 )
                 self.port = self.server.add_secure_port(listen, credentials)
         except RuntimeError as exc:  # grpc's way of saying the bind failed
-            raise OSError(f"cannot listen on {listen}: the address is in use or not available") from exc
+            raise ListenError(
+                "listen", listen, LISTEN_OPTION, "the address is in use or not available"
+            ) from exc
         if not self.port:
-            raise OSError(f"cannot listen on {listen}")
+            raise ListenError("listen", listen, LISTEN_OPTION, "the address is in use or not available")
         return self.port
 
     async def start(self) -> None:

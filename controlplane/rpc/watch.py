@@ -10,9 +10,10 @@ from __future__ import annotations
 import grpc
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
+from controlplane.domain.kernel import observe as log_ids
 from controlplane.domain.kernel.errors import InvalidArgument, ResourceExhausted, Unavailable
 from controlplane.domain.ports import ChangeFeed
-from controlplane.rpc import auth
+from controlplane.rpc import auth, observe
 from controlplane.rpc.errors import set_status
 from controlplane.watch import metrics
 from controlplane.watch.hub import WatchHub
@@ -53,6 +54,8 @@ class WatchServicer:
             stream = self._hub.open(node_id, since, request.epoch, context)
         finally:
             self._opening -= 1
+        log_ids.bind(stream_id=stream.stream_id)
+        observe.annotate(stream_id=stream.stream_id)
         try:
             end = await stream.done
         finally:

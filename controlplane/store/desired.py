@@ -33,6 +33,7 @@ def row_to_desired(row: Any) -> DesiredRow:
         signature=bytes(row.signature or b""),
         key_id=row.key_id,
         written_at=row.written_at,
+        trace_parent=row.trace_parent or "",
     )
 
 
@@ -131,6 +132,7 @@ class SqlDesiredLog:
                     "written_at": r.written_at,
                     "signature": r.signature or None,
                     "key_id": r.key_id,
+                    "trace_parent": r.trace_parent or None,
                 }
                 for r in rows
             ],

@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from controlplane.domain.kernel import observe
 from controlplane.domain.kernel.clock import utcnow
 from controlplane.domain.ports import Clock
 from controlplane.store.audit import SqlAuditLog
@@ -65,10 +66,15 @@ class SqlStore:
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         # SQLite: whether a lease holder's process is gone (store/liveness.py).
         self.holder_gone: Callable[[str], bool] | None = None
+        system = "sqlite" if self.is_sqlite else "postgresql"
+        self._span_write = {"db.system": system, "controlplane.db.access": "write"}
+        self._span_read = {"db.system": system, "controlplane.db.access": "read"}
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[SqlTx]:
         async with AsyncExitStack() as stack:
+            # One span per unit of work when tracing is on (a no-op otherwise).
+            stack.enter_context(observe.span("db.transaction", self._span_write))
             if self._write_lock is not None:
                 await stack.enter_async_context(self._write_lock)
             await stack.enter_async_context(translated())
@@ -85,8 +91,9 @@ class SqlStore:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[SqlTx]:
-        async with translated(), self.engine.connect() as conn, conn.begin():
-            yield SqlTx(conn, self._audit_key, self._clock)
+        with observe.span("db.transaction", self._span_read):
+            async with translated(), self.engine.connect() as conn, conn.begin():
+                yield SqlTx(conn, self._audit_key, self._clock)
 
     @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[SqlTx]:

@@ -21,21 +21,21 @@ from controlplane.tasks.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
-ACTIVE = Gauge("controlplane_rollouts_active", "Rollouts in an active state, as the last driver pass saw.")
-LED = Gauge("controlplane_rollouts_led", "Active rollouts whose lease this replica holds.")
-ADVANCES = Counter("controlplane_rollout_advances_total", "Driver ticks that changed a rollout.")
+# Rollouts by state, and drift episodes open, are counted once from the database
+# (tasks/fleet_metrics.py); these are this process's own.
+LED = Gauge("controlplane_rollouts_led", "Active rollouts whose lease this process holds.")
+ADVANCES = Counter("controlplane_rollouts_advances_total", "Driver ticks that changed a rollout.")
 PASS_SECONDS = Histogram(
-    "controlplane_rollout_driver_pass_seconds",
+    "controlplane_rollouts_driver_pass_seconds",
     "Wall time of one driver pass over every active rollout.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
-DRIFT_OPEN = Gauge(
-    "controlplane_drift_open_episodes", "Nodes drifted past the grace period, not yet converged."
-)
 DRIFT_DETECTED = Counter(
-    "controlplane_drift_episodes_total", "Drift episodes opened (one per node per episode)."
+    "controlplane_drift_episodes_opened_total", "Drift episodes opened (one per node per episode)."
 )
-DRIFT_RESOLVED = Counter("controlplane_drift_resolved_total", "Drift episodes resolved by convergence.")
+DRIFT_RESOLVED = Counter(
+    "controlplane_drift_episodes_resolved_total", "Drift episodes resolved by convergence."
+)
 DRIFT_REMEDIATED = Counter(
     "controlplane_drift_remediations_total", "Desired states re-asserted by drift remediation."
 )
@@ -44,7 +44,6 @@ DRIFT_LEASE = "drift-sweep"
 
 
 def record_pass(result: PassResult) -> None:
-    ACTIVE.set(result.rollouts)
     LED.set(result.led)
     ADVANCES.inc(result.advanced)
     PASS_SECONDS.observe(result.seconds)
@@ -100,7 +99,6 @@ class RolloutTasks:
             return
         with acting_as(system("drift-sweep")):
             result = await self._drift.sweep()
-        DRIFT_OPEN.set(result.open)
         DRIFT_DETECTED.inc(result.opened)
         DRIFT_RESOLVED.inc(result.resolved)
         DRIFT_REMEDIATED.inc(result.remediated)

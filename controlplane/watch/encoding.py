@@ -57,6 +57,7 @@ def desired(revision: int, row: DesiredRow | None) -> bytes:
                 annotations=dict(row.annotations),
                 signature=row.signature,
                 key_id=row.key_id,
+                trace_parent=row.trace_parent,
             )
         )
     )

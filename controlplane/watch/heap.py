@@ -1,7 +1,7 @@
 """When to freeze the heap, and how to do it without leaking or stalling.
 
 Thousands of long-lived stream objects make every full collection rescan them for
-nothing; `gc.freeze()` moves them out of the collector's sight (grpc-aio-limits.md §3:
+nothing; `gc.freeze()` moves them out of the collector's sight (docs/benchmarks.md:
 the larger half of the send cost). It is done once a burst of opens and closes has
 settled, so a storm is frozen once rather than on every open, and under churn that never
 settles (stream lifetimes alone turn a large fleet over all the time) every

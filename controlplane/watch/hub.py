@@ -34,7 +34,7 @@ from controlplane.domain.model.desired import (
     FeedSnapshot,
 )
 from controlplane.domain.ports import ChangeFeed
-from controlplane.watch import encoding, metrics
+from controlplane.watch import encoding, metrics, tracing
 from controlplane.watch.heap import HeapSettler
 from controlplane.watch.image import LogImage
 from controlplane.watch.index import StreamIndex
@@ -401,6 +401,10 @@ class WatchHub:
 
     def _apply(self, rows: list[DesiredRow], upto: int) -> None:
         """Route one batch. Synchronous: streams never see a half-applied batch."""
+        # Tracing on: one span per change (revision), the rows carrying its context.
+        traced = tracing.changes(rows)
+        if traced is not None:
+            rows = traced.rows
         affected: dict[WatchStream, int] = {}
         selectors: dict[str, int] = {}
         for row in rows:
@@ -431,6 +435,8 @@ class WatchHub:
         # thousands of stream writes on the loop.
         self._advance(upto)
         self._deliver(affected)
+        if traced is not None:
+            traced.end(affected)
         if rows:
             now = time.time()
             for written_at in {r.written_at for r in rows}:

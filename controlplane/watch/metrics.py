@@ -16,13 +16,16 @@ STREAMS_OPEN = Gauge("controlplane_watch_streams_open", "WatchBundles streams cu
 STREAMS_LAGGING = Gauge(
     "controlplane_watch_streams_lagging", "Streams whose queue overflowed and that are catching up."
 )
-LAGGING_TOTAL = Counter("controlplane_watch_lagging_total", "Times a stream's queue overflowed.")
+LAGGING_TOTAL = Counter(
+    "controlplane_watch_stream_overflows_total",
+    "Times a stream's pending writes overflowed and it was marked lagging.",
+)
 BOOTSTRAPS = Counter("controlplane_watch_bootstraps_total", "Streams served a full bootstrap.")
 RESUMES = Counter("controlplane_watch_resumes_total", "Streams resumed from the node's cursor.")
 RESETS = Counter("controlplane_watch_resets_total", "Resumes refused with a reset, by reason.", ["reason"])
 BOOKMARKS = Counter("controlplane_watch_bookmarks_total", "Bookmarks sent (liveness and closing).")
 DELIVERIES = Counter("controlplane_watch_deliveries_total", "DesiredState events queued to streams.")
-NACKS = Counter("controlplane_watch_nacks_total", "FAILED status reports (NACKs) received.")
+NACKS = Counter("controlplane_fleet_reports_failed_total", "FAILED status reports (NACKs) recorded on nodes.")
 REJECTED = Counter(
     "controlplane_watch_streams_rejected_total", "Stream opens refused before start, by reason.", ["reason"]
 )
@@ -40,5 +43,11 @@ def count_nack(node: Node, report: StatusReport) -> None:
     """A node refused a bundle: counted, and logged with its reason."""
     NACKS.inc()
     log.warning(
-        "node %s rejected %s at revision %d: %s", node.id, report.digest, report.revision, report.error
+        "node %s rejected %s at revision %d: %s",
+        node.id,
+        report.digest,
+        report.revision,
+        report.error,
+        # Said here: the report's batch is written for many callers (group_commit.py).
+        extra={"fields": {"node_id": node.id, "project": node.project}},
     )

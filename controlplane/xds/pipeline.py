@@ -3,7 +3,7 @@
 - `validation_result`: the xDS checks as one `ValidationResult`, beside the project's
   other validators (domain/bundles/validators.py);
 - `structure`: the resources as the `Structure` that risk scoring reads
-  (archives/kdl_config.py: listeners, upstreams, routes, tls, auth, rate-limit blocks,
+  (domain/bundles/archive/kdl_config.py: listeners, upstreams, routes, tls, auth, rate-limit blocks,
   each with a fingerprint), so `domain/bundles/risk.py` judges an xDS bundle per resource with
   its existing rules: a listener or cluster removed, TLS or auth changed, many routes.
 """

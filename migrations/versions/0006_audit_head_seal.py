@@ -2,7 +2,7 @@
 
 The migration cannot compute a seal (it does not hold the key): the head starts unsealed
 and the next start (or, without one, the next transaction that records an audit entry)
-seals it, behind an `audit.seal` entry saying so (controlplane/domain/audit.py,
+seals it, behind an `audit.seal` entry saying so (controlplane/domain/audit/chain.py,
 `extend`). A store has one such entry; a second one means a seal was removed.
 
 So that undoing this migration and applying it again is not such a removal, the

@@ -316,7 +316,7 @@ async def test_the_server_writes_its_keys_and_prints_an_agent_command_that_trust
     )
     written = load_trusted_keys(server.trusted_keys)
     assert {k: v.public_key for k, v in written.items()} == {k.key_id: k.public_key for k in listed.keys}
-    command = next(line for line in server.log().splitlines() if "python -m agent_stub" in line)
+    command = next(line for line in server.log().splitlines() if "agent-stub --server" in line)
     assert command.strip().endswith(f"--trusted-keys {server.trusted_keys}"), command
 
 

@@ -53,6 +53,22 @@ async def test_reflection_lists_every_service(harness: Harness) -> None:
     assert code == 0 and "WatchBundles" in out, err
 
 
+async def test_describe_resolves_a_method_and_its_messages(harness: Harness) -> None:
+    code, out, err = await grpcurl(
+        "-plaintext", harness.address, "describe", "controlplane.watch.v1.WatchService.WatchBundles"
+    )
+    assert code == 0, err
+    assert "rpc WatchBundles ( .controlplane.watch.v1.WatchBundlesRequest )" in out, out
+    code, out, err = await grpcurl(
+        "-plaintext", harness.address, "describe", "controlplane.watch.v1.WatchBundlesRequest"
+    )
+    assert code == 0 and "since_revision" in out, err
+    code, out, err = await grpcurl(
+        "-plaintext", harness.address, "describe", "controlplane.watch.v1.WatchService.NoSuchMethod"
+    )
+    assert code != 0 and "NoSuchMethod" in err, (out, err)
+
+
 async def test_health_check(harness: Harness) -> None:
     code, out, err = await grpcurl("-plaintext", harness.address, "grpc.health.v1.Health/Check")
     assert code == 0, err

@@ -92,10 +92,11 @@ async def test_rollout_commands_show_and_act_on_rollouts(
     out = await ok(server, admin, "pause", gated.id, "--reason", "checking graphs")
     assert out.strip() == f"rollout {gated.id}: paused (checking graphs)"
     held = [(s.state, s.revision) for s in (await rollouts.get(gated.id)).steps]
-    shown = json.loads(await ok(server, admin, "get", gated.id))["rollout"]
+    shown = json.loads(await ok(server, admin, "get", gated.id, "-o", "json"))["rollout"]
     assert shown["id"] == gated.id and shown["state"] == "ROLLOUT_STATE_PAUSED"
     assert shown["reason"] == "checking graphs" and len(shown["steps"]) == 2
     listed = await ok(server, admin, "list")
+    assert listed.splitlines()[0].split()[:3] == ["ID", "STATE", "STRATEGY"], listed  # headers
     line = next(x for x in listed.splitlines() if x.startswith(gated.id))
     assert "paused" in line and "checking graphs" in line
     assert first.id in listed and "succeeded" in listed

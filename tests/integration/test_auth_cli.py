@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 from click.testing import CliRunner, Result
@@ -34,6 +35,8 @@ async def test_keys_lifecycle(harness: Harness) -> None:
         "default=reader",
         "--ttl",
         "30d",
+        "-o",
+        "json",
     )
     assert made.exit_code == 0, made.output
     body = json.loads(made.stdout[: made.stdout.rindex("}") + 1])
@@ -50,7 +53,10 @@ async def test_keys_lifecycle(harness: Harness) -> None:
     )
     assert refused.exit_code != 0 and "PERMISSION_DENIED" in refused.output
     revoked = await run(*admin, "keys", "revoke", "--server", harness.address, key_id)
-    assert revoked.exit_code == 0 and "revoked_at" in revoked.output
+    # A table with headers, the revocation time in its column.
+    assert revoked.exit_code == 0 and revoked.stdout.startswith("ID "), revoked.output
+    header, row = revoked.stdout.splitlines()[:2]
+    assert row.split()[0] == key_id and "REVOKED" in header and re.search(r"\d{4}-\d\d-\d\dT", row)
     after = await run("nodes", "list", "--server", harness.address, env=env)
     assert after.exit_code != 0 and "UNAUTHENTICATED" in after.output
 
@@ -69,7 +75,16 @@ async def test_the_local_admin_key_is_found_in_the_data_dir(harness: Harness) ->
 async def test_enrollment_and_audit_commands(harness: Harness, tmp_path: Path) -> None:
     admin = ["--api-key", harness.admin_key]
     token = await run(
-        *admin, "enrollment", "create", "--server", harness.address, "--max-uses", "2", "--ttl", "1h"
+        *admin,
+        "enrollment",
+        "create",
+        "--server",
+        harness.address,
+        "--max-uses",
+        "2",
+        "--ttl",
+        "1h",
+        "--json",
     )
     assert token.exit_code == 0, token.output
     token_id = json.loads(token.stdout)["token"]["id"]
@@ -77,9 +92,11 @@ async def test_enrollment_and_audit_commands(harness: Harness, tmp_path: Path) -
     assert revoked.exit_code == 0, revoked.output
     node = await harness.register("edge-1")
     gone = await run(*admin, "enrollment", "revoke-node", "--server", harness.address, node.node_id)
-    assert gone.exit_code == 0 and "revision" in gone.output
+    assert gone.exit_code == 0 and "REVISION" in gone.output
 
-    listed = await run(*admin, "audit", "list", "--server", harness.address, "--action", "node.revoke")
+    listed = await run(
+        *admin, "audit", "list", "--server", harness.address, "--action", "node.revoke", "-o", "json"
+    )
     assert listed.exit_code == 0, listed.output
     events = json.loads(listed.stdout)["events"]
     assert [e["resource"] for e in events] == [f"node/{node.node_id}"]
@@ -92,7 +109,7 @@ async def test_enrollment_and_audit_commands(harness: Harness, tmp_path: Path) -
         e["action"] for e in lines
     }
 
-    ok = await run(*admin, "audit", "verify", "--server", harness.address)
+    ok = await run(*admin, "audit", "verify", "--server", harness.address, "-o", "json")
     assert ok.exit_code == 0 and '"ok": true' in ok.output
     async with harness.app.engine.begin() as conn:
         await conn.execute(update(audit_log).where(audit_log.c.seq == 2).values(actor="operator:mallory"))

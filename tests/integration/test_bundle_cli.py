@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 from click.testing import CliRunner, Result
 
 from controlplane.cli import bundles as bundle_cli
@@ -96,8 +98,28 @@ async def test_push_then_push_again(harness: Harness, authed: None, tmp_path: Pa
     assert again.exit_code == 0, again.output
     body = json.loads(again.output)
     assert body["bundle"]["digest"] == digest and "created" not in body  # false is omitted
-    got = await run("bundle", "get", "v1.4.2", *server)
+    got = await run("bundle", "get", "v1.4.2", *server, "-o", "json")
     assert json.loads(got.output)["bundle"]["digest"] == digest
+    # The default is a table with headers; yaml too; both by version label.
+    table = await run("bundle", "get", "v1.4.2", *server)
+    header, row = table.output.splitlines()
+    assert header.split()[:3] == ["DIGEST", "VERSION", "STATE"] and row.split()[:3] == [
+        digest,
+        "v1.4.2",
+        "valid",
+    ]
+    as_yaml = await run("bundle", "get", "v1.4.2", *server, "-o", "yaml")
+    assert yaml.safe_load(as_yaml.output)["bundle"]["version"] == "v1.4.2"
+    # push and upload print alike.
+    archive = tmp_path / "conf.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tree / "zentinel.kdl", arcname="zentinel.kdl")
+    uploaded = await run("bundle", "upload", str(archive), *server)
+    assert uploaded.exit_code == 0, uploaded.output
+    assert (
+        uploaded.output.splitlines()[0].startswith("created sha256:")
+        and "state      VALID" in uploaded.output
+    )
 
 
 async def test_push_of_an_invalid_config_exits_1_with_the_reason(
@@ -125,9 +147,9 @@ async def test_validation_revoke_diff_and_keys(harness: Harness, authed: None, t
     diff = await run("bundle", "diff", old, new, *server)
     assert diff.exit_code == 0, diff.output
     assert "modified limits.yaml" in diff.output and "-rps: 100\n+rps: 5" in diff.output
-    revoked = await run("bundle", "revoke", old, "--reason", "superseded", *server)
+    revoked = await run("bundle", "revoke", old, "--reason", "superseded", *server, "--json")
     assert json.loads(revoked.output)["bundle"]["state"] == "BUNDLE_STATE_REVOKED"
-    listed = await run("bundle", "list", "--state", "revoked", *server)
+    listed = await run("bundle", "list", "--state", "revoked", *server, "-o", "json")
     assert [x["digest"] for x in json.loads(listed.output)["bundles"]] == [old]
     setting = await run(
         "bundle", "validation", "set", "--parser", "yaml:*.yaml", "--main", "limits.yaml", *server

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
 import shlex
 import signal
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 from click.testing import CliRunner
 
 from controlplane.cli.main import cli
+from tests.support.harness import Harness
 from tests.support.processes import ServerProcess, wait_until
 
 
@@ -61,7 +65,11 @@ async def test_serve_reads_the_environment_and_prints_a_working_agent_command(tm
         printed = re.search(r"start an agent with:\n  (.+)", server.log())
         assert printed is not None, server.log()
         command = shlex.split(printed.group(1))
-        assert command[:3] == ["python", "-m", "agent_stub"]
+        # The agent beside this server, runnable without activating its environment;
+        # relative to the directory the server runs in (as `make run` prints it).
+        command[0] = str(Path.cwd() / command[0])
+        beside = Path(sys.executable).parent / "agent-stub"
+        assert await asyncio.to_thread(os.path.samefile, command[0], beside), command
         assert f"--server {server.address}" in printed.group(1)
         assert f"--token {server.token}" in printed.group(1)
 
@@ -69,7 +77,7 @@ async def test_serve_reads_the_environment_and_prints_a_working_agent_command(tm
         workdir.mkdir()
         with (tmp_path / "agent.log").open("wb") as out:
             agent = await asyncio.create_subprocess_exec(
-                sys.executable, *command[1:], cwd=workdir, stdout=out, stderr=asyncio.subprocess.STDOUT
+                *command, cwd=workdir, stdout=out, stderr=asyncio.subprocess.STDOUT
             )
 
         async def watching() -> None:
@@ -84,3 +92,29 @@ async def test_serve_reads_the_environment_and_prints_a_working_agent_command(tm
             agent.send_signal(signal.SIGTERM)
             await asyncio.wait_for(agent.wait(), 15)
         await server.close()
+
+
+async def test_lists_page_and_say_when_there_is_more(harness: Harness) -> None:
+    nodes = [await harness.register(f"edge-{i}", {"env": "prod"}) for i in range(5)]
+    base = ["--api-key", harness.admin_key, "nodes", "list", "--server", harness.address]
+
+    def run(*extra: str) -> Any:
+        return CliRunner().invoke(cli, [*base, *extra])
+
+    cut = await asyncio.to_thread(run, "--limit", "2")
+    assert cut.exit_code == 0, cut.output
+    header, *rows = cut.stdout.splitlines()
+    assert header.split()[:3] == ["ID", "NAME", "STATUS"] and len(rows) == 2
+    assert cut.stderr.strip() == "(more nodes than the 2 shown: --limit N or --all)"
+    every = await asyncio.to_thread(run, "--all", "-o", "json")
+    assert sorted(n["id"] for n in json.loads(every.stdout)["nodes"]) == sorted(n.node_id for n in nodes)
+    assert every.stderr == ""
+    exact = await asyncio.to_thread(run, "--limit", "5", "--json")
+    assert len(json.loads(exact.stdout)["nodes"]) == 5 and exact.stderr == ""
+
+
+def test_errors_are_one_line() -> None:
+    result = CliRunner().invoke(cli, ["nodes", "get", "n-1", "--server", "127.0.0.1:1", "-o", "yaml"])
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: UNAVAILABLE: ")

@@ -48,7 +48,7 @@ RESUMES = "controlplane_watch_resumes_total"
 BOOKMARKS = "controlplane_watch_bookmarks_total"
 OPEN = "controlplane_watch_streams_open"
 LAGGING = "controlplane_watch_streams_lagging"
-LAGGING_TOTAL = "controlplane_watch_lagging_total"
+LAGGING_TOTAL = "controlplane_watch_stream_overflows_total"
 
 
 async def test_watch_metrics_move(make_harness: HarnessFactory) -> None:
@@ -83,7 +83,7 @@ async def test_watch_metrics_move(make_harness: HarnessFactory) -> None:
         metadata=node.metadata,
     )
     delta = await metrics.step()
-    assert delta["controlplane_watch_nacks_total"] == 1
+    assert delta["controlplane_fleet_reports_failed_total"] == 1
     assert delta["controlplane_watch_deliveries_total"] >= 1
     assert delta["controlplane_watch_fanout_latency_seconds_count"] >= 1
     assert metrics.last["controlplane_watch_head_revision"] >= revision

@@ -1,4 +1,4 @@
-"""Scale-out (DESIGN.md §5): several control planes (replicas) on ONE PostgreSQL database.
+"""Scale-out (docs/architecture.md): several control planes (replicas) on ONE PostgreSQL database.
 
 Each replica is an in-process App of its own (its own hub, listener, drivers and leases)
 on the test's database and the same data directory (the shared keys and blob store a

@@ -99,13 +99,19 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 def _spawn(
-    args: list[str], log_path: Path, banner: str, env: Mapping[str, str] | None = None
+    args: list[str],
+    log_path: Path,
+    banner: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start `args` with stdout and stderr appended to `log_path` after a banner line."""
     with log_path.open("ab") as out:
         out.write(f"=== {banner}\n".encode())
         out.flush()
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**_env(), **(env or {})})
+        return subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env={**_env(), **(env or {})}, cwd=cwd
+        )
 
 
 async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -136,6 +142,8 @@ class ServerProcess:
     tls: ClientTls | None = None
     # Pass the options above as CONTROLPLANE_* environment variables instead of flags.
     via_environment: bool = False
+    # The interpreter to run it with (another virtual environment's); default: this one.
+    python: str = ""
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -186,12 +194,15 @@ class ServerProcess:
         }
         env = {f"CONTROLPLANE_{k.upper().replace('-', '_')}": v for k, v in options.items()}
         flags = [] if self.via_environment else [a for k, v in options.items() for a in (f"--{k}", v)]
-        args = [sys.executable, "-m", "controlplane", "serve", *flags, *self.extra_args]
+        args = [self.python or sys.executable, "-m", "controlplane", "serve", *flags, *self.extra_args]
         mark = self.log_path.stat().st_size if self.log_path.exists() else 0
         banner = f"start #{self.starts + 1}: {' '.join(args)}"
         if self.via_environment:
             banner += f" with {env}"
-        self.proc = _spawn(args, self.log_path, banner, env if self.via_environment else None)
+        # Another interpreter runs from outside the repository: `-m` would import the
+        # sources in the working directory instead of what that environment installed.
+        cwd = self.data_dir.parent if self.python else None
+        self.proc = _spawn(args, self.log_path, banner, env if self.via_environment else None, cwd)
         self.starts += 1
 
         async def ready() -> None:
@@ -290,6 +301,8 @@ class AgentProcess:
     # pins the control plane's keys at first contact).
     trusted_keys: Path | None = None
     trust_server_keys: bool = True
+    # The interpreter to run it with (another virtual environment's); default: this one.
+    python: str = ""
     # Extra environment (a fault-injection point: AGENT_STUB_HOLD_AFTER_SWAP).
     env: Mapping[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
@@ -312,7 +325,7 @@ class AgentProcess:
     def args(self) -> list[str]:
         labels = ",".join(f"{k}={v}" for k, v in self.labels.items())
         return [
-            sys.executable,
+            self.python or sys.executable,
             "-m",
             "agent_stub",
             "--server",
@@ -335,7 +348,9 @@ class AgentProcess:
 
     def start(self) -> None:
         assert not self.running, f"agent {self.name} already running"
-        self.proc = _spawn(self.args(), self.log_path, f"start #{self.starts + 1}", self.env)
+        # Another interpreter runs from outside the repository, as ServerProcess.start.
+        cwd = self.state_dir.parent if self.python else None
+        self.proc = _spawn(self.args(), self.log_path, f"start #{self.starts + 1}", self.env, cwd)
         self.starts += 1
 
     async def stop(self, timeout: float = 15.0) -> int:

@@ -9,7 +9,7 @@ Identical content (same manifest digest) gives back the existing bundle and writ
 nothing, except that a FAILED bundle pushed again is validated again.
 
 Disk and cores are bounded: at most MAX_INTAKES bundles are received (staged) at once,
-at most PER_OWNER of them for one caller (`intake_slots.py`), and at most PIPELINE_SLOTS
+at most PER_OWNER of them for one caller (`slots.py`), and at most PIPELINE_SLOTS
 packed and validated; past that a push waits briefly, then is told RESOURCE_EXHAUSTED
 with a retry hint; an upload that stalls or trickles loses its slot with
 DEADLINE_EXCEEDED (`bundle_intake.IntakeDeadlines`). The archive is packed into its own
@@ -47,7 +47,7 @@ from controlplane.domain.bundles.integrity import ArchiveMismatch, verified
 from controlplane.domain.bundles.risk import Facts, assess
 from controlplane.domain.bundles.signing import Signer
 from controlplane.domain.bundles.slots import IntakeSlots
-from controlplane.domain.kernel import validation
+from controlplane.domain.kernel import observe, validation
 from controlplane.domain.kernel.errors import (
     AlreadyExists,
     DataLoss,
@@ -165,7 +165,8 @@ class BundleRegistry:
         async with self._receiving():
             with self._scratch() as scratch:
                 tree = TreeBuilder(scratch / "tree", self.limits)
-                await receive_files(tree, parts, self.max_bundle_bytes, self.intake_deadlines)
+                with observe.span("bundle.receive", {"controlplane.project": project}):
+                    await receive_files(tree, parts, self.max_bundle_bytes, self.intake_deadlines)
                 return await self._build(project, version, tree, "file")
 
     async def create_from_tar(
@@ -179,9 +180,10 @@ class BundleRegistry:
         async with self._receiving():
             with self._scratch() as scratch:
                 tree = TreeBuilder(scratch / "tree", self.limits)
-                await receive_tar(
-                    tree, chunks, scratch, self.max_bundle_bytes, field_name, self.intake_deadlines
-                )
+                with observe.span("bundle.receive", {"controlplane.project": project}):
+                    await receive_tar(
+                        tree, chunks, scratch, self.max_bundle_bytes, field_name, self.intake_deadlines
+                    )
                 return await self._build(project, version, tree, field_name)
 
     def _receiving(self) -> contextlib.AbstractAsyncContextManager[None]:
@@ -225,7 +227,8 @@ class BundleRegistry:
                 async with self.store.read() as tx:
                     config = await _config(tx, project)
                 cache = validators.ParseCache(tree.root, self.kdl)
-                manifest = await in_thread(scan, tree.root)
+                with observe.span("bundle.hash"):
+                    manifest = await in_thread(scan, tree.root)
                 content = manifest.digest()
                 async with self.store.read() as tx:
                     existing = await tx.bundles.get_by_content(project, content)
@@ -238,12 +241,18 @@ class BundleRegistry:
                 # Asked of the blob store after the read, not while holding it.
                 if same is not None and await self._archive_kept(same):
                     return same, False
-                structure = await in_thread(validators.structure, manifest, cache)
-                packed = await in_thread(pack, tree.root, manifest, sbom.build(manifest, structure), archive)
-                results = await self._validate(config, tree.root, manifest, cache)
-            risk = assess(previous, Facts(packed.digest, manifest, structure))
+                with observe.span("bundle.parse"):
+                    structure = await in_thread(validators.structure, manifest, cache)
+                with observe.span("bundle.pack"):
+                    document = sbom.build(manifest, structure)
+                    packed = await in_thread(pack, tree.root, manifest, document, archive)
+                with observe.span("bundle.validate", {"controlplane.digest": packed.digest}):
+                    results = await self._validate(config, tree.root, manifest, cache)
+            with observe.span("bundle.risk"):
+                risk = assess(previous, Facts(packed.digest, manifest, structure))
             bundle = _record(project, version, packed, info.files, manifest, results, risk, self.clock())
-            await self._put(bundle.digest, archive)
+            with observe.span("bundle.store", {"controlplane.digest": bundle.digest}):
+                await self._put(bundle.digest, archive)
             if existing is not None:
                 again = replace(bundle, version=existing.version, created_at=existing.created_at)
                 return await self._commit(again, archive, lambda tx: self._revalidated(tx, again)), False
@@ -353,7 +362,8 @@ class BundleRegistry:
             s.key_id == self.signer.key_id for s in await tx.bundles.signatures(bundle.project, bundle.digest)
         ):
             return
-        signature = self.signer.sign(bundle.digest)
+        with observe.span("bundle.sign", {"controlplane.digest": bundle.digest}):
+            signature = self.signer.sign(bundle.digest)
         await tx.bundles.add_signature(
             bundle.project, bundle.digest, self.signer.key_id, signature, self.clock()
         )

@@ -13,6 +13,7 @@ that item alone earned. An error that fails the transaction fails every item in 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -53,7 +54,9 @@ class GroupCommit(Generic[T, R]):
         done: asyncio.Future[R] = loop.create_future()
         self._pending.append((Submitted(item, current_actor(), current_request_id()), done))
         if self._writer is None:
-            self._writer = loop.create_task(self._drain(), name=self._name)
+            # A context of its own: the writer serves every caller, so it must not carry
+            # the first one's log ids or trace (each item keeps its own actor above).
+            self._writer = loop.create_task(self._drain(), name=self._name, context=contextvars.Context())
         return await done
 
     async def settle(self) -> None:

@@ -43,6 +43,9 @@ class DesiredRow:
     labels: Mapping[str, str] | None = None
     # Wall clock of the write, seconds since the epoch; for latency metrics only.
     written_at: float = 0.0
+    # W3C traceparent of the span that wrote it (empty when not tracing); the hub
+    # replaces it with its own span's when it routes the row (watch/tracing.py).
+    trace_parent: str = ""
 
     @property
     def is_assignment(self) -> bool:
@@ -118,7 +121,7 @@ class Assignment:
     signature: bytes = b""
     key_id: str = ""
 
-    def rows(self, revision: int, written_at: float) -> list[DesiredRow]:
+    def rows(self, revision: int, written_at: float, trace_parent: str = "") -> list[DesiredRow]:
         return [
             DesiredRow(
                 key=key,
@@ -133,6 +136,7 @@ class Assignment:
                 signature=self.signature,
                 key_id=self.key_id,
                 written_at=written_at,
+                trace_parent=trace_parent,
             )
             for key in self.keys
         ]

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from controlplane.domain.audit.context import ActorKind, current_actor
 from controlplane.domain.bundles.registry import check_assignable
 from controlplane.domain.fleet.nodes import READ_YOUR_WRITES
+from controlplane.domain.kernel import observe
 from controlplane.domain.kernel.errors import (
     Aborted,
     DomainError,
@@ -218,7 +219,12 @@ class RolloutController:
         self._taken[rollout_id] = epoch
 
     async def advance(self, rollout_id: str, lease: Lease | None = None) -> bool:
-        """One tick of the driver for one rollout; True if it changed anything."""
+        """One tick of the driver for one rollout; True if it changed anything. Its log
+        lines carry the rollout's id."""
+        with observe.bound(rollout_id=rollout_id):
+            return await self._advance(rollout_id, lease)
+
+    async def _advance(self, rollout_id: str, lease: Lease | None) -> bool:
         now = self.clock()
         loaded = await self._observe(rollout_id)
         if loaded is None:
@@ -246,11 +252,18 @@ class RolloutController:
         ):
             return False
         try:
-            async with self.store.write() as tx:
-                if lease is not None:
-                    await Leases.fence(tx, lease)
-                committed = await commit(tx, run, now)
-                self._after_commit(tx, committed)
+            # A step's desired-state writes happen in this span: the hub's change spans
+            # and every node's apply trace follow from it (docs/operations.md, Traces).
+            with observe.span("rollout.advance", {"controlplane.rollout_id": rollout_id}) as span:
+                async with self.store.write() as tx:
+                    if lease is not None:
+                        await Leases.fence(tx, lease)
+                    committed = await commit(tx, run, now)
+                    self._after_commit(tx, committed)
+                if span is not None:
+                    span.set_attribute("controlplane.rollout.state", committed.rollout.state.value)
+                    span.set_attribute("controlplane.rollout.events", [e.kind for e in committed.events])
+                    span.set_attribute("controlplane.revisions", committed.revisions)
         except Aborted:
             self._cache.pop(rollout_id, None)
             raise

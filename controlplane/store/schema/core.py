@@ -194,6 +194,8 @@ desired_state_log = Table(
     # Null on rows written before bundles were signed (and on non-assignment rows).
     Column("signature", LargeBinary, nullable=True),
     Column("key_id", String(64), nullable=False, default=""),
+    # W3C traceparent of the change's span; null when the writer did not trace.
+    Column("trace_parent", String(64), nullable=True),
     PrimaryKeyConstraint("key", "revision"),
     Index(None, "revision"),
 )

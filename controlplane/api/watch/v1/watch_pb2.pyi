@@ -235,6 +235,7 @@ class DesiredState(_message.Message):
     ANNOTATIONS_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """Stream position of this event; the node's cursor after applying it."""
     digest: _builtins.str
@@ -256,6 +257,11 @@ class DesiredState(_message.Message):
     The node checks both against its trusted keys before applying.
     """
     key_id: _builtins.str
+    trace_parent: _builtins.str
+    """W3C trace context (a `traceparent` value) of the control plane's span for the
+    change that produced this state; empty when the control plane does not trace.
+    A node that traces starts its apply as a trace of its own linked to this span.
+    """
     @_builtins.property
     def annotations(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form rollout metadata (rollout id, step)."""
@@ -273,10 +279,11 @@ class DesiredState(_message.Message):
         annotations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         signature: _builtins.bytes = ...,
         key_id: _builtins.str = ...,
+        trace_parent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "assigned_revision", b"assigned_revision", "digest", b"digest", "key_id", b"key_id", "pinned", b"pinned", "revision", b"revision", "signature", b"signature", "size_bytes", b"size_bytes", "source", b"source", "traffic_weight", b"traffic_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "assigned_revision", b"assigned_revision", "digest", b"digest", "key_id", b"key_id", "pinned", b"pinned", "revision", b"revision", "signature", b"signature", "size_bytes", b"size_bytes", "source", b"source", "trace_parent", b"trace_parent", "traffic_weight", b"traffic_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -149,22 +149,32 @@ async def run(*args: str, key: str) -> Result:
 
 async def test_the_cli_sets_and_shows_the_policy(plane: Harness) -> None:
     at = ["--server", plane.address]
-    shown = await run("projects", "get", "default", *at, key=plane.admin_key)
+    shown = await run("projects", "get", "default", "-o", "json", *at, key=plane.admin_key)
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.stdout)["project"]["policy"] == {"min_approvals": 0}
 
     made = await run(
-        "projects", "policy", "set", "--project", "default", "--min-approvals", "3", *at, key=plane.admin_key
+        "projects",
+        "policy",
+        "set",
+        "--project",
+        "default",
+        "--min-approvals",
+        "3",
+        "-o",
+        "json",
+        *at,
+        key=plane.admin_key,
     )
     assert made.exit_code == 0, made.output
     assert json.loads(made.stdout)["policy"] == {"min_approvals": 3}
-    shown = await run("projects", "get", "default", *at, key=plane.admin_key)
+    shown = await run("projects", "get", "default", "-o", "json", *at, key=plane.admin_key)
     assert json.loads(shown.stdout)["project"]["policy"] == {"min_approvals": 3}
 
     operator = await plane.api_key({"default": identity_pb2.ROLE_OPERATOR})
     refused = await run("projects", "policy", "set", "--min-approvals", "0", *at, key=operator)
     assert refused.exit_code != 0 and "PERMISSION_DENIED" in refused.output, refused.output
-    shown = await run("projects", "get", "default", *at, key=operator)
+    shown = await run("projects", "get", "default", "-o", "json", *at, key=operator)
     assert json.loads(shown.stdout)["project"]["policy"] == {"min_approvals": 3}
 
 

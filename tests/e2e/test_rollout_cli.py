@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.api.identity.v1 import identity_pb2, identity_pb2_grpc
+from controlplane.cli.servers import EXIT_FAILED
 from tests.e2e.conftest import AgentFactory
 from tests.support.eventually import eventually
 from tests.support.processes import AgentProcess, ControlClient, ServerProcess
@@ -131,8 +132,8 @@ async def test_rollout_commands_show_and_act_on_rollouts(
         assert (first_node.current_digest(), other.current_digest()) == (v3, v2)
 
     await eventually(settled, timeout=10, what="cancel left each node where it was")
-    # Watching a rollout that ended prints it and exits 1: it did not succeed.
+    # Watching a rollout that ended prints it and exits 3: cancelled, it did not succeed.
     ended = await cli(server, admin, "watch", slow.id)
-    assert ended.returncode == 1 and "[cancelled]" in ended.stdout.splitlines()[-1], ended.stdout
+    assert ended.returncode == EXIT_FAILED and "[cancelled]" in ended.stdout.splitlines()[-1], ended.stdout
     missing = await cli(server, admin, "get", "r-missing")
     assert missing.returncode != 0 and "NOT_FOUND" in missing.stderr and "rollout_id" in missing.stderr

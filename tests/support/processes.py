@@ -99,13 +99,19 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 def _spawn(
-    args: list[str], log_path: Path, banner: str, env: Mapping[str, str] | None = None
+    args: list[str],
+    log_path: Path,
+    banner: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start `args` with stdout and stderr appended to `log_path` after a banner line."""
     with log_path.open("ab") as out:
         out.write(f"=== {banner}\n".encode())
         out.flush()
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**_env(), **(env or {})})
+        return subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env={**_env(), **(env or {})}, cwd=cwd
+        )
 
 
 async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -136,6 +142,9 @@ class ServerProcess:
     tls: ClientTls | None = None
     # Pass the options above as CONTROLPLANE_* environment variables instead of flags.
     via_environment: bool = False
+    # Run in `data_dir`'s parent with `--data-dir <its name>`, as `make run` runs with
+    # the default relative `data`: every path the server hands on must still resolve.
+    relative_data_dir: bool = False
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -178,7 +187,7 @@ class ServerProcess:
         assert not self.running, "server already running"
         metrics = "" if self.metrics_port is None else f"127.0.0.1:{self.metrics_port}"
         options = {
-            "data-dir": str(self.data_dir),
+            "data-dir": self.data_dir.name if self.relative_data_dir else str(self.data_dir),
             "listen": self.address,
             "metrics-listen": metrics,
             "bookmark-interval": str(self.bookmark_interval),
@@ -191,7 +200,8 @@ class ServerProcess:
         banner = f"start #{self.starts + 1}: {' '.join(args)}"
         if self.via_environment:
             banner += f" with {env}"
-        self.proc = _spawn(args, self.log_path, banner, env if self.via_environment else None)
+        cwd = self.data_dir.parent if self.relative_data_dir else None
+        self.proc = _spawn(args, self.log_path, banner, env if self.via_environment else None, cwd)
         self.starts += 1
 
         async def ready() -> None:

@@ -16,7 +16,13 @@ from controlplane.cli.bundle_options import bundle_options, bundle_settings
 from controlplane.cli.rollout_options import rollout_options, rollout_settings
 from controlplane.cli.security_options import security_options, security_settings
 from controlplane.config import DEFAULTS, Settings, seconds
-from controlplane.firststart import TRUSTED_KEYS_FILE, agent_command, write_trusted_keys
+from controlplane.firststart import (
+    NO_PROXY_NOTE,
+    TRUSTED_KEYS_FILE,
+    agent_command,
+    agent_proxy,
+    write_trusted_keys,
+)
 from controlplane.watch.hub import HubSettings
 
 
@@ -45,8 +51,11 @@ def _run(settings: Settings) -> None:
                     "created project 'default'; its enrollment token is in "
                     f"{settings.data_dir / 'enrollment-token'}"
                 )
-            command = agent_command(settings.listen, info.port, info.enrollment_token)
+            proxy = agent_proxy()
+            command = agent_command(settings.listen, info.port, info.enrollment_token, proxy=proxy)
             click.echo(f"start an agent with:\n  {command} --trusted-keys {shlex.quote(str(trusted_keys))}")
+            if not proxy:
+                click.echo(NO_PROXY_NOTE)
         sys.stdout.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

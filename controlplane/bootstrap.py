@@ -23,6 +23,7 @@ from controlplane.domain.bundles.archive.kdl_pool import KdlLimits, KdlParsers
 from controlplane.domain.bundles.gc import BlobCollector
 from controlplane.domain.bundles.keys import KeyDirectory
 from controlplane.domain.bundles.lifecycle import BundleLifecycle
+from controlplane.domain.bundles.proxy_validators import ProxyBinaries
 from controlplane.domain.bundles.registry import PIPELINE_SLOTS, BundleRegistry
 from controlplane.domain.drift import DriftDetector
 from controlplane.domain.fleet.assignments import DesiredStateWriter
@@ -310,6 +311,7 @@ class App:
             self.store, self.clock, signer, self.hub.wake, firststart.cross_signer(s)
         )
         allowed = frozenset(s.validator_allow)
+        proxy_binaries = ProxyBinaries(dict(s.validator_binaries), allowed)
         # KDL is parsed in worker processes (ckdl holds the GIL), started on first use:
         # one per pipeline slot, so every bundle being validated has its own.
         self.kdl = KdlParsers(KdlLimits(workers=PIPELINE_SLOTS))
@@ -321,12 +323,13 @@ class App:
             staging_dir=s.data_dir / "staging",
             signer=signer,
             allowed_programs=allowed,
+            proxy_binaries=proxy_binaries,
             max_bundle_bytes=s.max_bundle_bytes,
             kdl=self.kdl,
         )
         self.bundles.clean_staging()
         self.lifecycle = BundleLifecycle(
-            self.store, self.blobs, self.clock, self.hub, s.data_dir / "staging", allowed
+            self.store, self.blobs, self.clock, self.hub, s.data_dir / "staging", allowed, proxy_binaries
         )
         self.blob_collector = BlobCollector(self.store, self.blobs, self.clock, s.bundle_retention)
 

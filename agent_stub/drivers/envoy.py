@@ -31,7 +31,7 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from agent_stub.applier import ApplyRequest
@@ -40,8 +40,9 @@ from agent_stub.errors import ApplyFailed
 from agent_stub.state import atomic_write
 from controlplane.api.node.v1 import node_pb2
 from controlplane.proxies import envoy
+from controlplane.proxies.check import DEFAULT_STATUS
 from controlplane.proxies.http import HttpError, get
-from controlplane.proxies.validate import bounded, validate
+from controlplane.proxies.validate import bounded
 from controlplane.proxies.window import delta, quantile, ratio
 
 STATE_FILE = "envoy.json"
@@ -81,7 +82,7 @@ class Live:
 
 class EnvoyDriver(ProxyDriver):
     kind = "envoy"
-    default_status = "127.0.0.1:9901"
+    default_status = DEFAULT_STATUS["envoy"]
 
     def setup(self) -> None:
         if self.attach:
@@ -100,12 +101,7 @@ class EnvoyDriver(ProxyDriver):
         return envoy.overlay(admin=self.status, node_id=self.node_id(), digest=digest)
 
     async def prepare(self, request: ApplyRequest) -> None:
-        self.require_files(request, envoy.MAIN)
-        tree = request.bundle_dir.absolute()
-        argv = envoy.validate_argv(self.binary, tree / envoy.MAIN, self.overlay(request.target.digest))
-        verdict = await validate(self.binary, argv, tree=tree, seconds=self.validate_timeout, cwd=tree)
-        if not verdict.ok:
-            raise ApplyFailed(replace(verdict, output=envoy.words(verdict.output)).reason())
+        await self.check(request)
 
     # -- the live process ------------------------------------------------------------------
 

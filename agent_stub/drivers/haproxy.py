@@ -25,15 +25,16 @@ from agent_stub.drivers.base import ProxyDriver
 from agent_stub.errors import ApplyFailed
 from controlplane.api.node.v1 import node_pb2
 from controlplane.proxies import haproxy
+from controlplane.proxies.check import DEFAULT_STATUS
 from controlplane.proxies.haproxy import CliError
 from controlplane.proxies.http import HttpError
-from controlplane.proxies.validate import bounded, validate
+from controlplane.proxies.validate import bounded
 from controlplane.proxies.window import delta, ratio
 
 
 class HaproxyDriver(ProxyDriver):
     kind = "haproxy"
-    default_status = "127.0.0.1:9181"
+    default_status = DEFAULT_STATUS["haproxy"]
 
     def setup(self) -> None:
         sockets = haproxy.socket_dir(self.run_dir)
@@ -46,14 +47,7 @@ class HaproxyDriver(ProxyDriver):
         return haproxy.render_main(run_dir=self.run_dir, status=self.status, digest=digest)
 
     async def prepare(self, request: ApplyRequest) -> None:
-        # Absolute: the proxy resolves a relative path against its own prefix, not ours.
-        tree = request.bundle_dir.absolute()
-        self.require_files(request, haproxy.MAIN, haproxy.AGENT_MAIN)
-        self.write_reserved(tree, haproxy.AGENT_MAIN, self.main_text(request.target.digest))
-        argv = haproxy.validate_argv(self.binary, tree)
-        verdict = await validate(self.binary, argv, tree=tree, seconds=self.validate_timeout)
-        if not verdict.ok:
-            raise ApplyFailed(verdict.reason())
+        await self.check(request)
 
     async def processes(self) -> haproxy.Processes | None:
         """The master's `show proc`; None when no master answers."""

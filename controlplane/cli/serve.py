@@ -19,7 +19,14 @@ from controlplane.cli.security_options import security_options, security_setting
 from controlplane.cli.telemetry_options import setup as telemetry_setup
 from controlplane.cli.telemetry_options import telemetry_options
 from controlplane.config import DEFAULTS, Settings, seconds
-from controlplane.firststart import TRUSTED_KEYS_FILE, agent_command, agent_program, write_trusted_keys
+from controlplane.firststart import (
+    NO_PROXY_NOTE,
+    TRUSTED_KEYS_FILE,
+    agent_command,
+    agent_program,
+    agent_proxy,
+    write_trusted_keys,
+)
 from controlplane.rpc.server import LISTEN_OPTION, ListenError
 from controlplane.watch.hub import HubSettings
 
@@ -27,7 +34,7 @@ from controlplane.watch.hub import HubSettings
 NEXT_STEPS = """then, in another shell in this directory:
   . .venv/bin/activate                     # or run .venv/bin/controlplane
   controlplane bundle push DIR --version v1   # a directory of config files
-  controlplane assign --selector env=dev v1
+  controlplane rollout create v1 --selector env=dev --watch
   controlplane nodes list
 stop the server with Ctrl-C"""
 
@@ -78,10 +85,13 @@ def _run(settings: Settings) -> None:
                     "created project 'default'; its enrollment token is in "
                     f"{settings.data_dir / 'enrollment-token'}"
                 )
+            proxy = agent_proxy()
             command = agent_command(
-                settings.listen, info.port, info.enrollment_token, program=agent_program()
+                settings.listen, info.port, info.enrollment_token, program=agent_program(), proxy=proxy
             )
             click.echo(f"start an agent with:\n  {command} --trusted-keys {shlex.quote(str(trusted_keys))}")
+            if not proxy:
+                click.echo(NO_PROXY_NOTE)
             click.echo(NEXT_STEPS)
         sys.stdout.flush()
         stop = asyncio.Event()

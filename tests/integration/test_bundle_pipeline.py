@@ -113,10 +113,11 @@ async def test_same_content_again_creates_nothing(harness: Harness) -> None:
 
 async def test_failed_validation_is_recorded_and_never_assignable(harness: Harness) -> None:
     broken = {**CONFIG, "zentinel.kdl": b'listeners {\n    listener "http" {\n'}
-    # By default KDL is not parsed (a KDL 2.0 config must not fail): the bundle is valid.
-    unchecked = (await create(harness.bundles, {"other.kdl": b"not kdl 1.0 {\n"})).bundle
-    assert unchecked.state == bpb.BUNDLE_STATE_VALID
-    assert [v.validator for v in unchecked.validation] == ["json:*.json", "yaml:*.yaml,*.yml"]
+    # By default every .kdl file is parsed too: one that does not parse is refused.
+    default = (await create(harness.bundles, {"other.kdl": b"not kdl 1.0 {\n"})).bundle
+    assert default.state == bpb.BUNDLE_STATE_FAILED, default.state_reason
+    assert default.state_reason.startswith("kdl:*.kdl: other.kdl:"), default.state_reason
+    assert [v.validator for v in default.validation] == ["kdl:*.kdl", "json:*.json", "yaml:*.yaml,*.yml"]
     await check_kdl(harness)
     reply = await create(harness.bundles, broken, version="v-broken")
     b = reply.bundle
@@ -295,6 +296,7 @@ async def test_validation_settings(make_harness: Any) -> None:
     harness: Harness = await make_harness(validator_allow=(sys.executable,))
     got = await harness.bundles.GetValidationConfig(bpb.GetValidationConfigRequest(project="default"))
     assert got.is_default and [p.format for p in got.config.parsers] == [
+        bpb.CONFIG_FORMAT_KDL,
         bpb.CONFIG_FORMAT_JSON,
         bpb.CONFIG_FORMAT_YAML,
     ]

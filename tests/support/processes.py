@@ -144,6 +144,9 @@ class ServerProcess:
     via_environment: bool = False
     # The interpreter to run it with (another virtual environment's); default: this one.
     python: str = ""
+    # Run in `data_dir`'s parent with `--data-dir <its name>`, as `make run` runs with
+    # the default relative `data`: every path the server hands on must still resolve.
+    relative_data_dir: bool = False
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -186,7 +189,7 @@ class ServerProcess:
         assert not self.running, "server already running"
         metrics = "" if self.metrics_port is None else f"127.0.0.1:{self.metrics_port}"
         options = {
-            "data-dir": str(self.data_dir),
+            "data-dir": self.data_dir.name if self.relative_data_dir else str(self.data_dir),
             "listen": self.address,
             "metrics-listen": metrics,
             "bookmark-interval": str(self.bookmark_interval),
@@ -199,9 +202,7 @@ class ServerProcess:
         banner = f"start #{self.starts + 1}: {' '.join(args)}"
         if self.via_environment:
             banner += f" with {env}"
-        # Another interpreter runs from outside the repository: `-m` would import the
-        # sources in the working directory instead of what that environment installed.
-        cwd = self.data_dir.parent if self.python else None
+        cwd = self.data_dir.parent if (self.python or self.relative_data_dir) else None
         self.proc = _spawn(args, self.log_path, banner, env if self.via_environment else None, cwd)
         self.starts += 1
 

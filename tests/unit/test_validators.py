@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -11,7 +12,13 @@ import pytest
 from controlplane.domain.bundles import validators
 from controlplane.domain.bundles.archive.formats import ConfigFormat
 from controlplane.domain.bundles.archive.manifest import scan
-from controlplane.domain.bundles.validators import CommandCheck, ParseCache, ParserCheck, ValidationConfig
+from controlplane.domain.bundles.validators import (
+    CommandCheck,
+    ParseCache,
+    ParserCheck,
+    ProxyCheck,
+    ValidationConfig,
+)
 from controlplane.domain.kernel.errors import InvalidArgument
 from controlplane.domain.model.bundles import ValidationResult
 from tests.support.bundles import bundle_dir
@@ -200,6 +207,36 @@ async def test_command_success_sees_the_files_and_placeholders(tmp_path: Path) -
     assert "'BUNDLE_DIR', 'BUNDLE_MAIN', 'HOME', 'LANG', 'PATH'" in result.output
 
 
+def from_here(path: Path) -> Path:
+    """`path` relative to the working directory."""
+    return Path(os.path.relpath(path))
+
+
+async def test_a_command_gets_absolute_paths_from_a_relative_tree(tmp_path: Path) -> None:
+    """A server run with `--data-dir data` hands the pipeline a relative tree; the command
+    runs inside the tree, where that relative path would name nothing."""
+    root = bundle_dir(tmp_path, {"main.conf": b"listen 80;\n"})
+    relative = from_here(root)
+    assert not relative.is_absolute()
+    script = "import os,sys; print(all(os.path.isabs(a) and os.path.exists(a) for a in sys.argv[1:]))"
+    result = await run(relative, [sys.executable, "-c", script, "{main}", "{path}"])
+    assert result.ok and result.output == "True", result.output
+
+
+async def test_a_command_whose_input_is_missing_fails_without_running(tmp_path: Path) -> None:
+    root = bundle_dir(tmp_path, {"other.conf": b""})
+    ran = tmp_path / "ran"
+    argv = [sys.executable, "-c", f"open({str(ran)!r}, 'w')", "{main}"]
+    missing = await run(root, argv)
+    assert not missing.ok and "the main file 'main.conf' is not in the bundle" in missing.output
+    check = CommandCheck("check", tuple(argv))
+    unset = await validators.run_command(check, root, "", {sys.executable})
+    assert not unset.ok and "names {main}, and the project's validation sets no main file" in unset.output
+    gone = await run(tmp_path / "nowhere", [sys.executable, "-c", "pass"])
+    assert not gone.ok and "cannot find its input" in gone.output
+    assert not ran.exists()
+
+
 async def test_command_failure_returns_its_output(tmp_path: Path) -> None:
     root = bundle_dir(tmp_path, {"main.conf": b"bad"})
     script = "import sys; print('main.conf:1: unknown directive bad', file=sys.stderr); sys.exit(3)"
@@ -241,6 +278,8 @@ def test_config_checks_name_the_field() -> None:
         main="nginx.conf", commands=(CommandCheck("nginx", ("nginx", "-t", "-c", "{main}")),)
     )
     assert validators.check_config(ok, {"nginx"}) is ok
+    with_proxy = ValidationConfig(proxies=(ProxyCheck("nginx"),))
+    assert validators.check_config(with_proxy, {"nginx"}) is with_proxy
     cases = [
         (ValidationConfig(main="../x"), "config.main"),
         (ValidationConfig(commands=(CommandCheck("x", ()),)), "config.commands[0].argv"),
@@ -250,6 +289,9 @@ def test_config_checks_name_the_field() -> None:
             "config.commands[0].timeout",
         ),
         (ValidationConfig(parsers=(ParserCheck(ConfigFormat.KDL, ("",)),)), "config.parsers[0].paths"),
+        (ValidationConfig(proxies=(ProxyCheck("nginx"), ProxyCheck("nginx"))), "config.proxies"),
+        (ValidationConfig(proxies=(ProxyCheck("haproxy"),)), "config.proxies[0].kind"),
+        (ValidationConfig(proxies=(ProxyCheck("nginx", timedelta(0)),)), "config.proxies[0].timeout"),
     ]
     for config, field in cases:
         with pytest.raises(InvalidArgument) as caught:
@@ -264,5 +306,21 @@ def test_config_round_trips_through_json() -> None:
         commands=(
             CommandCheck("zentinel", ("zentinel", "validate", "--config", "{main}"), timedelta(seconds=12)),
         ),
+        proxies=(ProxyCheck("envoy", timedelta(seconds=7)),),
     )
     assert ValidationConfig.from_json(config.to_json()) == config
+    # Configurations stored before proxies existed read as none.
+    assert "proxies" not in ValidationConfig().to_json()
+    with pytest.raises(ValueError, match="unknown proxy 'apache'"):
+        ValidationConfig.from_json({"proxies": [{"kind": "apache", "timeout": 1}]})
+
+
+def test_every_configuration_format_is_parsed_by_default(tmp_path: Path) -> None:
+    root = bundle_dir(tmp_path, {"bad.kdl": b"listener {\n", "ok.json": b"{}", "ok.yaml": b"a: 1\n"})
+    cache = ParseCache(root)
+    results = [validators.run_parser(c, "", scan(root), cache) for c in validators.DEFAULT.parsers]
+    assert [(r.validator, r.ok) for r in results] == [
+        ("kdl:*.kdl", False),
+        ("json:*.json", True),
+        ("yaml:*.yaml,*.yml", True),
+    ]

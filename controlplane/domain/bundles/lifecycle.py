@@ -8,7 +8,7 @@ import contextlib
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from controlplane.domain.bundles import validators
@@ -17,6 +17,7 @@ from controlplane.domain.bundles.archive.manifest import Manifest
 from controlplane.domain.bundles.archive.read import read_members
 from controlplane.domain.bundles.diff import MAX_TEXT_BYTES as DIFF_FILE_BYTES
 from controlplane.domain.bundles.diff import FileChange, plan, render, wanted
+from controlplane.domain.bundles.proxy_validators import ProxyBinaries
 from controlplane.domain.bundles.registry import with_signature
 from controlplane.domain.bundles.risk import Facts, assess
 from controlplane.domain.kernel import validation
@@ -38,6 +39,7 @@ class BundleLifecycle:
     view: DesiredView
     staging_dir: Path
     allowed_programs: frozenset[str] = frozenset()
+    proxy_binaries: ProxyBinaries = field(default_factory=ProxyBinaries)
 
     # -- diff --------------------------------------------------------------------------
 
@@ -152,6 +154,8 @@ class BundleLifecycle:
         self, project: str, config: validators.ValidationConfig
     ) -> validators.ValidationConfig:
         validators.check_config(config, self.allowed_programs)
+        # A proxy whose binary this server cannot run would fail every push: say so now.
+        await self.proxy_binaries.find(config.proxies)
         async with self.store.write() as tx:
             await require_project(tx, project)
             before = await tx.validation_configs.get(project)

@@ -44,6 +44,7 @@ from controlplane.domain.bundles.archive.pack import Packed, pack
 from controlplane.domain.bundles.archive.tree import TreeBuilder
 from controlplane.domain.bundles.intake import IntakeDeadlines, Part, receive_files, receive_tar
 from controlplane.domain.bundles.integrity import ArchiveMismatch, verified
+from controlplane.domain.bundles.proxy_validators import ProxyBinaries, run_proxy
 from controlplane.domain.bundles.risk import Facts, assess
 from controlplane.domain.bundles.signing import Signer
 from controlplane.domain.bundles.slots import IntakeSlots
@@ -144,6 +145,8 @@ class BundleRegistry:
     signer: Signer
     # Programs external validators may run (`serve --validator-allow`).
     allowed_programs: frozenset[str] = frozenset()
+    # Where the built-in proxy validators' binaries are (`serve --validator-binary`).
+    proxy_binaries: ProxyBinaries = field(default_factory=ProxyBinaries)
     max_bundle_bytes: int = 256 * 1024 * 1024
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)
     # The worker processes KDL files are parsed in: one set per server, which bootstrap
@@ -155,6 +158,11 @@ class BundleRegistry:
     intake_deadlines: IntakeDeadlines = field(default_factory=IntakeDeadlines)
     download_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_DOWNLOADS))
     download_wait: float = DOWNLOAD_WAIT
+
+    def __post_init__(self) -> None:
+        # Validators run inside the scratch tree: a path relative to the server's working
+        # directory (the default `--data-dir data`) would point nowhere from there.
+        self.staging_dir = self.staging_dir.absolute()
 
     # -- create ------------------------------------------------------------------------
 
@@ -194,6 +202,9 @@ class BundleRegistry:
         validation.version_label(version)
         async with self.store.read() as tx:
             await require_project(tx, project)
+            config = await _config(tx, project)
+        # Before the upload: a proxy validator this server cannot run fails the push now.
+        await self.proxy_binaries.find(config.proxies)
 
     @contextlib.contextmanager
     def _scratch(self, prefix: str = "bundle-") -> Iterator[Path]:
@@ -247,7 +258,7 @@ class BundleRegistry:
                     document = sbom.build(manifest, structure)
                     packed = await in_thread(pack, tree.root, manifest, document, archive)
                 with observe.span("bundle.validate", {"controlplane.digest": packed.digest}):
-                    results = await self._validate(config, tree.root, manifest, cache)
+                    results = await self._validate(config, tree.root, manifest, cache, packed.digest)
             with observe.span("bundle.risk"):
                 risk = assess(previous, Facts(packed.digest, manifest, structure))
             bundle = _record(project, version, packed, info.files, manifest, results, risk, self.clock())
@@ -306,6 +317,7 @@ class BundleRegistry:
         root: Path,
         manifest: Manifest,
         cache: validators.ParseCache,
+        digest: str,
     ) -> tuple[ValidationResult, ...]:
         results: list[ValidationResult] = []
         if config.main and config.main not in {e.path for e in manifest.files}:
@@ -314,6 +326,9 @@ class BundleRegistry:
             )
         for check in config.parsers:
             results.append(await in_thread(validators.run_parser, check, config.main, manifest, cache))
+        found = await self.proxy_binaries.find(config.proxies)
+        for proxy in config.proxies:
+            results.append(await run_proxy(proxy, found[proxy.kind], root, digest))
         # Last: commands run on the received tree and may write to it; the archive is
         # already packed, in a directory of its own, and the blob store refuses it if
         # its bytes no longer hash to the digest.

@@ -1,23 +1,26 @@
-"""Per-project validation: built-in parsers and external commands.
+"""Per-project validation: built-in parsers, proxies' own validators, external commands.
 
 A project's `ValidationConfig` names its entry point (`main`), the parsers run on files
-matching glob patterns (KDL, JSON, YAML, or ZENTINEL = KDL plus Zentinel's structure)
-and the external commands (`nginx -t -c {main}`, `zentinel validate --config {main}`)
-run on the received files. A project without one gets `DEFAULT`: JSON and YAML syntax
-by extension; KDL checks (which read KDL 2.0 and 1.0) are opt-in, so a project whose
-`.kdl` files are some other dialect does not fail by default. External commands are an
-admin's choice of program, run on the control plane's host, so the server only runs
-programs on its allow-list (`serve --validator-allow`).
+matching glob patterns (KDL, JSON, YAML, or ZENTINEL = KDL plus Zentinel's structure),
+the proxies whose own binary checks the bundle as a node's driver would
+(`proxy_validators.py`), and the external commands (`zentinel validate --config {main}`)
+run on the received files. A project without one gets `DEFAULT`: KDL (2.0 and 1.0),
+JSON and YAML syntax by extension. Proxies and commands are programs run on the control
+plane's host, so the server only runs programs on its allow-list (`serve
+--validator-allow`).
+
+Every validator gets absolute paths (the tree, `{main}`), whatever the server's working
+directory: a relative path would point nowhere from the tree a command runs in, and a
+validator that globs its input would then pass anything. A command whose input is
+missing fails.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import os
 import shutil
-import signal
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +33,10 @@ from controlplane.domain.bundles.archive.formats import EXTENSIONS, ConfigFormat
 from controlplane.domain.bundles.archive.kdl_pool import KdlParsers, KdlParsersClosed
 from controlplane.domain.bundles.archive.manifest import Manifest
 from controlplane.domain.kernel.errors import InvalidArgument, Unavailable
+from controlplane.domain.kernel.threads import in_thread
 from controlplane.domain.model.bundles import ValidationResult
+from controlplane.proxies import KINDS, ProxyKind
+from controlplane.proxies.run import Child
 
 DEFAULT_TIMEOUT = timedelta(seconds=30)
 # A validator that needs more than ten minutes is not a validator; it also holds a
@@ -38,6 +44,7 @@ DEFAULT_TIMEOUT = timedelta(seconds=30)
 MAX_TIMEOUT = timedelta(minutes=10)
 MAX_PARSERS = 16
 MAX_COMMANDS = 8
+MAX_PROXIES = len(KINDS)
 MAX_ARGV = 64
 # What is kept of a command's output or a parser's errors: enough for any real error
 # report, small enough to store on every bundle row.
@@ -73,13 +80,26 @@ class CommandCheck:
 
 
 @dataclass(frozen=True)
+class ProxyCheck:
+    """The proxy's own binary on the bundle, as the agent's driver runs it."""
+
+    kind: ProxyKind
+    timeout: timedelta = DEFAULT_TIMEOUT
+
+    @property
+    def label(self) -> str:
+        return f"proxy:{self.kind}"
+
+
+@dataclass(frozen=True)
 class ValidationConfig:
     main: str = ""
     parsers: tuple[ParserCheck, ...] = ()
     commands: tuple[CommandCheck, ...] = ()
+    proxies: tuple[ProxyCheck, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "main": self.main,
             "parsers": [{"format": p.format.value, "paths": list(p.paths)} for p in self.parsers],
             "commands": [
@@ -87,6 +107,9 @@ class ValidationConfig:
                 for c in self.commands
             ],
         }
+        if self.proxies:
+            body["proxies"] = [{"kind": p.kind, "timeout": p.timeout.total_seconds()} for p in self.proxies]
+        return body
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> ValidationConfig:
@@ -100,12 +123,26 @@ class ValidationConfig:
                 CommandCheck(c.get("name", ""), tuple(c["argv"]), timedelta(seconds=float(c["timeout"])))
                 for c in body.get("commands", ())
             ),
+            proxies=tuple(
+                ProxyCheck(proxy_kind(p["kind"]), timedelta(seconds=float(p["timeout"])))
+                for p in body.get("proxies", ())
+            ),
         )
 
 
-DEFAULT = ValidationConfig(parsers=(ParserCheck(ConfigFormat.JSON), ParserCheck(ConfigFormat.YAML)))
-# What a Zentinel project typically sets (tests and the benchmark use it).
+def proxy_kind(name: str) -> ProxyKind:
+    for kind in KINDS:
+        if kind == name:
+            return kind
+    raise ValueError(f"unknown proxy {name!r}")
+
+
 KDL_SYNTAX = ParserCheck(ConfigFormat.KDL)
+# Every configuration file is read by default: a `.kdl` file that does not parse is
+# refused like a broken `.json` one, not stored as valid.
+DEFAULT = ValidationConfig(
+    parsers=(KDL_SYNTAX, ParserCheck(ConfigFormat.JSON), ParserCheck(ConfigFormat.YAML))
+)
 
 
 def check_config(config: ValidationConfig, allowed: Iterable[str]) -> ValidationConfig:
@@ -126,6 +163,19 @@ def check_config(config: ValidationConfig, allowed: Iterable[str]) -> Validation
     if len(config.commands) > MAX_COMMANDS:
         raise InvalidArgument(f"at most {MAX_COMMANDS}", field="config.commands")
     allowed_set = set(allowed)
+    if len(config.proxies) > MAX_PROXIES or len({p.kind for p in config.proxies}) < len(config.proxies):
+        raise InvalidArgument("at most one of each proxy", field="config.proxies")
+    for i, proxy in enumerate(config.proxies):
+        if not timedelta(0) < proxy.timeout <= MAX_TIMEOUT:
+            raise InvalidArgument(
+                f"must be above 0 and at most {MAX_TIMEOUT}", field=f"config.proxies[{i}].timeout"
+            )
+        if proxy.kind not in allowed_set:
+            raise InvalidArgument(
+                f"{proxy.kind} is not on this server's allow-list "
+                f"({', '.join(sorted(allowed_set)) or 'empty'}; see `serve --validator-allow {proxy.kind}`)",
+                field=f"config.proxies[{i}].kind",
+            )
     for i, command in enumerate(config.commands):
         where = f"config.commands[{i}]"
         if not command.argv or not command.argv[0]:
@@ -198,7 +248,7 @@ def run_parser(check: ParserCheck, main: str, manifest: Manifest, cache: ParseCa
             errors.extend(kdl_config.zentinel_errors(r.document for r in results))
     output = "\n".join(errors) if errors else f"{len(paths)} file(s) parsed"
     return ValidationResult(
-        check.label(main), not errors, _cap(output), timedelta(seconds=time.monotonic() - started)
+        check.label(main), not errors, cap_output(output), timedelta(seconds=time.monotonic() - started)
     )
 
 
@@ -220,7 +270,7 @@ def structure(manifest: Manifest, cache: ParseCache) -> kdl_config.Structure:
     return out
 
 
-def _cap(text: str) -> str:
+def cap_output(text: str) -> str:
     if len(text) <= MAX_OUTPUT:
         return text
     return "...(cut)...\n" + text[-MAX_OUTPUT:]
@@ -231,62 +281,71 @@ async def run_command(check: CommandCheck, root: Path, main: str, allowed: set[s
     started = time.monotonic()
 
     def result(ok: bool, output: str) -> ValidationResult:
-        return ValidationResult(check.label, ok, _cap(output), timedelta(seconds=time.monotonic() - started))
+        elapsed = timedelta(seconds=time.monotonic() - started)
+        return ValidationResult(check.label, ok, cap_output(output), elapsed)
 
     program = check.argv[0]
     if not program_allowed(program, allowed):
         return result(
             False, f"program {program!r} is not on this server's allow-list (serve --validator-allow)"
         )
+    root = await in_thread(root.absolute)
+    missing = await in_thread(_missing_input, check, root, main)
+    if missing:
+        return result(False, f"the command cannot find its input, so it was not run: {missing}")
     main_path = str(root / main) if main else ""
     argv = [a.replace("{path}", str(root)).replace("{main}", main_path) for a in check.argv]
-    # Nothing of the server's environment (its keys, database URL) reaches the command.
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(root),
-        "LANG": "C.UTF-8",
-        "BUNDLE_DIR": str(root),
-        "BUNDLE_MAIN": main_path,
-    }
+    env = environment(root, BUNDLE_DIR=str(root), BUNDLE_MAIN=main_path)
+    # Started as `controlplane.proxies.run` starts a proxy's validator: never by a fork of
+    # this process (it runs gRPC, whose fork handlers crash a forked child now and then).
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=root,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
+        child = await Child.start(argv, cwd=root, env=env)
     except FileNotFoundError:
         return result(False, f"command not found: {program!r} is not installed on the control plane's PATH")
     except OSError as e:
         return result(False, f"could not start {program!r}: {e.strerror}")
-    assert proc.stdout is not None
     output = bytearray()
-    reader = asyncio.get_running_loop().create_task(_collect(proc.stdout, output))
+    reader = asyncio.get_running_loop().create_task(_collect(child.output, output))
     try:
-        code = await asyncio.wait_for(proc.wait(), check.timeout.total_seconds())
+        code = await asyncio.wait_for(child.wait(), check.timeout.total_seconds())
     except TimeoutError:
-        _kill_group(proc.pid)
-        await proc.wait()
-        await _finish(reader)
+        await child.stop()
+        await _finish(reader, child)
         return result(
             False,
             f"timed out after {check.timeout.total_seconds():g}s and was killed; output:\n{_text(output)}",
         )
     finally:
-        if proc.returncode is None:  # cancelled (the push went away): nothing is reported
-            _kill_group(proc.pid)
+        if child.returncode is None:  # cancelled (the push went away): nothing is reported
+            child.kill()
             reader.cancel()  # a process outside the group may hold the pipe open
-            with contextlib.suppress(ProcessLookupError):
-                await proc.wait()
-    _kill_group(proc.pid)  # anything it left running in its group
-    await _finish(reader)
+            child.close_pipe()
+            await child.wait()
+    child.kill()  # anything it left running in its group
+    await _finish(reader, child)
     if code != 0:
         how = f"exited with code {code}" if code > 0 else f"was killed by signal {-code}"
         return result(False, f"{' '.join(argv)} {how}:\n{_text(output)}")
     return result(True, _text(output) or "exit 0")
+
+
+def environment(root: Path, **extra: str) -> dict[str, str]:
+    """What a validator's process gets: nothing of the server's environment (its keys,
+    database URL) reaches it."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root), "LANG": "C.UTF-8", **extra}
+
+
+def _missing_input(check: CommandCheck, root: Path, main: str) -> str:
+    """Why the command's input is not there ('' when it is): the scratch tree, and the
+    main file when the command names `{main}`."""
+    if not root.is_dir():
+        return f"the bundle directory {root} does not exist"
+    if any("{main}" in a for a in check.argv):
+        if not main:
+            return "it names {main}, and the project's validation sets no main file (--main)"
+        if not (root / main).is_file():
+            return f"it names {{main}}, and the main file {main!r} is not in the bundle"
+    return ""
 
 
 async def _collect(stream: asyncio.StreamReader, out: bytearray) -> None:
@@ -297,17 +356,13 @@ async def _collect(stream: asyncio.StreamReader, out: bytearray) -> None:
             del out[: len(out) - MAX_OUTPUT]
 
 
-async def _finish(reader: asyncio.Task[None]) -> None:
+async def _finish(reader: asyncio.Task[None], child: Child) -> None:
     try:
         await asyncio.wait_for(reader, 2.0)
     except TimeoutError:
         reader.cancel()
+    child.close_pipe()
 
 
 def _text(output: bytearray) -> str:
     return output[-MAX_OUTPUT:].decode(errors="replace").strip()
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)

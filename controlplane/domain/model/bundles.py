@@ -48,11 +48,14 @@ class RiskAssessment:
 
 @dataclass(frozen=True, slots=True)
 class ValidationResult:
-    # `kdl:*.kdl`, `command:nginx`, ...
+    # `kdl:*.kdl`, `command:nginx`, `proxy:nginx`, ...
     validator: str
     ok: bool
     output: str = ""
     duration: timedelta = timedelta(0)
+    # The program that judged, `nginx 1.22.1`, when the validator knows it (a proxy's own
+    # binary): the server's nginx may not be the nodes'.
+    version: str = ""
 
 
 @dataclass(frozen=True, slots=True)

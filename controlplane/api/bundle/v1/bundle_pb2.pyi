@@ -113,6 +113,25 @@ protocols, https listeners with tls, routes naming declared upstreams.
 """
 Global___ConfigFormat: _TypeAlias = ConfigFormat  # noqa: Y015
 
+class _ProxyKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ProxyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ProxyKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROXY_KIND_UNSPECIFIED: _ProxyKind.ValueType  # 0
+    PROXY_KIND_NGINX: _ProxyKind.ValueType  # 1
+    PROXY_KIND_HAPROXY: _ProxyKind.ValueType  # 2
+    PROXY_KIND_ENVOY: _ProxyKind.ValueType  # 3
+
+class ProxyKind(_ProxyKind, metaclass=_ProxyKindEnumTypeWrapper): ...
+
+PROXY_KIND_UNSPECIFIED: ProxyKind.ValueType  # 0
+PROXY_KIND_NGINX: ProxyKind.ValueType  # 1
+PROXY_KIND_HAPROXY: ProxyKind.ValueType  # 2
+PROXY_KIND_ENVOY: ProxyKind.ValueType  # 3
+Global___ProxyKind: _TypeAlias = ProxyKind  # noqa: Y015
+
 @_typing.final
 class Bundle(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -205,11 +224,17 @@ class ValidationResult(_message.Message):
     OK_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     validator: _builtins.str
     """`kdl:*.kdl`, `json:*.json`, `command:nginx`, ..."""
     ok: _builtins.bool
     output: _builtins.str
     """The parser's error (file, line, column) or the command's output."""
+    version: _builtins.str
+    """The program that judged and its version (`nginx 1.22.1`) when the
+    validator knows it, as for a proxy's own binary: the server's nginx may
+    not be the nodes' nginx. Empty for parsers and commands.
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration: ...
     def __init__(
@@ -219,10 +244,11 @@ class ValidationResult(_message.Message):
         ok: _builtins.bool = ...,
         output: _builtins.str = ...,
         duration: _duration_pb2.Duration | None = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "ok", b"ok", "output", b"output", "validator", b"validator"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "ok", b"ok", "output", b"output", "validator", b"validator", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -913,12 +939,46 @@ class CommandCheck(_message.Message):
 Global___CommandCheck: _TypeAlias = CommandCheck  # noqa: Y015
 
 @_typing.final
+class ProxyCheck(_message.Message):
+    """A proxy's own validator, run on the bundle as the agent's driver for that
+    proxy runs it on a node: the bundle must hold the proxy's main file at its
+    top (`nginx.conf`, `haproxy.cfg`, `envoy.yaml`), which `nginx -t`,
+    `haproxy -c` or `envoy --mode validate` then checks inside the driver's own
+    main configuration. The proxy must be on the server's allow-list and its
+    binary installed where the server runs (FAILED_PRECONDITION otherwise).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    kind: Global___ProxyKind.ValueType
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Default 30 s, at most 10 min."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___ProxyKind.ValueType = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyCheck: _TypeAlias = ProxyCheck  # noqa: Y015
+
+@_typing.final
 class ValidationConfig(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MAIN_FIELD_NUMBER: _builtins.int
     PARSERS_FIELD_NUMBER: _builtins.int
     COMMANDS_FIELD_NUMBER: _builtins.int
+    PROXIES_FIELD_NUMBER: _builtins.int
     main: _builtins.str
     """The bundle's entry point (`zentinel.kdl`, `nginx.conf`); it must exist in
     every bundle when set.
@@ -927,16 +987,21 @@ class ValidationConfig(_message.Message):
     def parsers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParserCheck]: ...
     @_builtins.property
     def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommandCheck]: ...
+    @_builtins.property
+    def proxies(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyCheck]:
+        """At most one per proxy."""
+
     def __init__(
         self,
         *,
         main: _builtins.str = ...,
         parsers: _abc.Iterable[Global___ParserCheck] | None = ...,
         commands: _abc.Iterable[Global___CommandCheck] | None = ...,
+        proxies: _abc.Iterable[Global___ProxyCheck] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands", "main", b"main", "parsers", b"parsers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands", "main", b"main", "parsers", b"parsers", "proxies", b"proxies"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

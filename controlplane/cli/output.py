@@ -3,7 +3,8 @@ headers by default (on a terminal or not, as kubectl does), `--json` kept as an 
 `-o json`, and list commands that page (`--limit N`, `--all`) and say when there is more.
 
 A table shows the columns of `VIEWS` for the answer's records (a list's items, or the
-one record a get returns); an answer without a view shows its own plain fields. JSON and
+one record a get returns); an answer without a view shows its own plain fields, and one
+with none (a configuration) its fields as YAML reads. JSON and
 YAML show the whole answer, field names as in the proto.
 """
 
@@ -283,7 +284,13 @@ def table(message: Message) -> str:
     """The answer as a table: its records' columns, or its own fields."""
     records, descriptor = _records(message)
     if descriptor is None:
-        return _render([h for h, _, _ in _plain_columns(message.DESCRIPTOR)], [_plain_row(message)])
+        columns = _plain_columns(message.DESCRIPTOR)
+        if not columns:
+            # Nothing that fits a cell (a configuration, say): its fields as YAML reads.
+            import yaml
+
+            return str(yaml.safe_dump(_dict(message, False), sort_keys=False, allow_unicode=True)).rstrip()
+        return _render([h for h, _, _ in columns], [_plain_row(message)])
     columns = VIEWS.get(descriptor.full_name) or _plain_columns(descriptor)
     rows = [[_cell(_path(r, path), fmt) for _, path, fmt in columns] for r in records]
     text = _render([h for h, _, _ in columns], rows)

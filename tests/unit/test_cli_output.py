@@ -88,3 +88,12 @@ def test_pages_are_fetched_up_to_the_limit(
     err = capsys.readouterr().err
     assert ("more nodes than the" in err) is note, err
     assert all(size >= 1 for _, size in asked)
+
+
+def test_an_answer_with_nothing_for_a_cell_reads_as_yaml() -> None:
+    """A configuration (no list, no plain field) is not an empty table."""
+    config = bundle_pb2.ValidationConfig(
+        main="nginx.conf", proxies=[bundle_pb2.ProxyCheck(kind=bundle_pb2.PROXY_KIND_NGINX)]
+    )
+    text = output.table(bundle_pb2.SetValidationConfigResponse(config=config))
+    assert "main: nginx.conf" in text and "PROXY_KIND_NGINX" in text, text

@@ -37,7 +37,7 @@ from controlplane.domain.model.drift import DriftEpisode, NodeApplied
 from controlplane.domain.ports import Clock, DesiredView, Store, Tx
 from controlplane.domain.projects import require_project
 from controlplane.domain.rollouts.bundles import assignable
-from controlplane.domain.rollouts.commit import effective_rows
+from controlplane.domain.rollouts.resolved import effective_rows
 
 # Re-asserting more often than this is a loop, not a remedy: after three tries the
 # episode stays open for an operator.

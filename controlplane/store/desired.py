@@ -30,7 +30,15 @@ def row_to_desired(row: Any) -> DesiredRow:
         signature=bytes(row.signature or b""),
         key_id=row.key_id,
         written_at=row.written_at,
+        **_scope(row.scope),
     )
+
+
+def _scope(scope: Any) -> dict[str, Any]:
+    """A baseline row's scope column: the rollout that wrote it, the nodes it skips."""
+    if not scope:
+        return {}
+    return {"baseline": str(scope["baseline"]), "exclude": frozenset(scope.get("exclude", ()))}
 
 
 def latest_rows_query(keys: Collection[str] | None = None) -> Select[Any]:
@@ -99,6 +107,7 @@ class SqlDesiredLog:
                     "written_at": r.written_at,
                     "signature": r.signature or None,
                     "key_id": r.key_id,
+                    "scope": {"baseline": r.baseline, "exclude": sorted(r.exclude)} if r.baseline else None,
                 }
                 for r in rows
             ],

@@ -42,7 +42,7 @@ from controlplane.domain.projects import require_policy, require_project
 from controlplane.domain.rollouts import spec as specs
 from controlplane.domain.rollouts.bundles import assignable, by_version
 from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
-from controlplane.domain.rollouts.commit import effective_rows, is_pin, latest_node_rows
+from controlplane.domain.rollouts.resolved import effective_rows, is_pin, latest_node_rows
 from controlplane.domain.rollouts.plan import plan
 from controlplane.domain.rollouts.run import EventKind, Run
 

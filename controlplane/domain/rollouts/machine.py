@@ -127,6 +127,7 @@ def _succeed(run: Run, now: datetime) -> None:
             run.set_node(node, now, error=_NOT_UPDATED)
             run.event(EventKind.NODE, f"{node.node_id} not updated: {_NOT_UPDATED}", node_id=node.node_id)
     run.transition(RolloutState.SUCCEEDED, now, reason)
+    run.baseline = True
 
 
 _NOT_UPDATED = "unavailable while its step ran; gets the bundle, ungated, if it returns"

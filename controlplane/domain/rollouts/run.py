@@ -76,6 +76,8 @@ class Run:
     writes: list[StepWrite] = field(default_factory=list)
     # Nodes to put back on what they ran before (rollback).
     restore: list[str] = field(default_factory=list)
+    # The rollout succeeded: leave its bundle on its selector (`baseline.py`).
+    baseline: bool = False
     transitions: list[tuple[RolloutState, RolloutState]] = field(default_factory=list)
     # The machine needs heartbeat history (canary analysis): load it and tick again.
     needs_samples: bool = False
@@ -113,7 +115,7 @@ class Run:
     def changed(self) -> bool:
         return (
             self.rollout is not self.loaded_rollout
-            or bool(self.events or self.writes or self.restore)
+            or bool(self.events or self.writes or self.restore or self.baseline)
             or any(s is not old for s, old in zip(self.steps, self.loaded_steps, strict=True))
             or bool(self.changed_nodes())
         )
@@ -124,7 +126,7 @@ class Run:
         them again from the nodes table, so writing them can wait."""
         return (
             self.rollout is self.loaded_rollout
-            and not (self.writes or self.restore or self.transitions)
+            and not (self.writes or self.restore or self.baseline or self.transitions)
             and all(s is old for s, old in zip(self.steps, self.loaded_steps, strict=True))
             and all(e.kind == EventKind.NODE for e in self.events)
         )

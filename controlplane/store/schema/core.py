@@ -177,6 +177,9 @@ desired_state_log = Table(
     # Null on rows written before bundles were signed (and on non-assignment rows).
     Column("signature", LargeBinary, nullable=True),
     Column("key_id", String(64), nullable=False, default=""),
+    # Set on the baseline a successful rollout leaves on its selector: {"baseline": rollout
+    # id, "exclude": [node ids]} (domain/model/desired.py); migration 0009.
+    Column("scope", Json, nullable=True),
     PrimaryKeyConstraint("key", "revision"),
     Index(None, "revision"),
 )

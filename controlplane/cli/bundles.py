@@ -297,6 +297,12 @@ def _target(selector: str | None, node_ids: tuple[str, ...]) -> bundle_pb2.Targe
 @click.option("--weight", type=click.IntRange(0, 100), default=0, help="Traffic weight 1-100.")
 @click.option("--pin", is_flag=True, help="Pin the listed nodes to this bundle.")
 @click.option("--override-freeze", default="", help="Assign during a freeze window, for this reason.")
+@click.option(
+    "--break-glass",
+    default="",
+    help="Admins: assign a bundle the nodes do not run in a project that requires approvals, "
+    "for this reason (audited as desired.break_glass).",
+)
 @click.argument("digest")
 def assign(
     server: str,
@@ -306,6 +312,7 @@ def assign(
     weight: int,
     pin: bool,
     override_freeze: str,
+    break_glass: str,
     digest: str,
 ) -> None:
     """Set the desired bundle of a selector's nodes or of listed nodes."""
@@ -317,6 +324,7 @@ def assign(
         traffic_weight=weight,
         pin=pin,
         freeze_override_reason=override_freeze,
+        break_glass_reason=break_glass,
     )
     call(lambda: stub.AssignBundle(request))
 

@@ -349,10 +349,17 @@ def freeze_delete(server: str, project: str, window_id: str) -> None:
 @click.argument("node_id")
 @click.argument("bundle")
 @click.option("--reason", required=True)
-def rollout_pin(server: str, project: str, node_id: str, bundle: str, reason: str) -> None:
+@click.option(
+    "--break-glass",
+    default="",
+    help="Admins: pin to a bundle the node does not run in a project that requires approvals.",
+)
+def rollout_pin(server: str, project: str, node_id: str, bundle: str, reason: str, break_glass: str) -> None:
     """Hold NODE_ID on BUNDLE (digest or version): rollouts skip it."""
     stub = _stub(server)
-    request = pb.PinNodeRequest(project=project, node_id=node_id, reason=reason)
+    request = pb.PinNodeRequest(
+        project=project, node_id=node_id, reason=reason, break_glass_reason=break_glass
+    )
     if bundle.startswith("sha256:"):
         request.digest = bundle
     else:

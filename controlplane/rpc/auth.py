@@ -172,6 +172,14 @@ def require_project(project: str) -> Identity:
     return identity
 
 
+def require_admin_for(project: str, field: str, what: str) -> None:
+    """PERMISSION_DENIED unless the caller is an admin of `project` (a global admin is)."""
+    identity = current()
+    role = identity.principal.role_in(project) if identity.principal is not None else None
+    if role is not Role.ADMIN:
+        raise PermissionDenied(f"{what} needs the admin role in project {project!r}", field=field)
+
+
 def bearer(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
     for key, value in metadata:
         if key == "authorization":

@@ -17,6 +17,7 @@ from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.directory import RolloutDirectory
 from controlplane.domain.rollouts.watch import HISTORY_BATCH, WatchBatch, watch
+from controlplane.rpc import auth
 from controlplane.rpc import rollout_convert as convert
 
 
@@ -162,8 +163,15 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     async def PinNode(
         self, request: pb.PinNodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.PinNodeResponse:
+        if request.break_glass_reason.strip():
+            auth.require_admin_for(request.project, "break_glass_reason", "breaking glass")
         revision = await self._directory.pin(
-            request.project, request.node_id, request.digest, request.bundle_version, request.reason
+            request.project,
+            request.node_id,
+            request.digest,
+            request.bundle_version,
+            request.reason,
+            request.break_glass_reason,
         )
         return pb.PinNodeResponse(revision=revision)
 

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 
 from controlplane.domain.audit.context import current_actor
 from controlplane.domain.desired import write_assignment, write_unassignment
+from controlplane.domain.fleet.approvals import audit_break_glass, break_glass_reason, require_approved_path
 from controlplane.domain.fleet.assignments import require_unclaimed, require_unfrozen
 from controlplane.domain.fleet.nodes import READ_YOUR_WRITES
 from controlplane.domain.kernel import validation
@@ -42,8 +43,8 @@ from controlplane.domain.projects import require_policy, require_project
 from controlplane.domain.rollouts import spec as specs
 from controlplane.domain.rollouts.bundles import assignable, by_version
 from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
-from controlplane.domain.rollouts.resolved import effective_rows, is_pin, latest_node_rows
 from controlplane.domain.rollouts.plan import plan
+from controlplane.domain.rollouts.resolved import effective_rows, is_pin, latest_node_rows
 from controlplane.domain.rollouts.run import EventKind, Run
 
 # One rollout may move at most this many nodes: the per-step writes and the rollback
@@ -263,9 +264,14 @@ class RolloutDirectory:
 
     # -- pins --------------------------------------------------------------------------
 
-    async def pin(self, project: str, node_id: str, digest: str, bundle_version: str, reason: str) -> int:
+    async def pin(
+        self, project: str, node_id: str, digest: str, bundle_version: str, reason: str, break_glass: str = ""
+    ) -> int:
         """Pin a node to a bundle: it wins over every other assignment, and rollouts
-        (including the steps of one in progress, and rollbacks) leave the node alone."""
+        (including the steps of one in progress, and rollbacks) leave the node alone.
+        Pinning to a bundle the node does not run needs the project's approvals like any
+        direct write (`fleet/approvals.py`): refused, or `break_glass` by an admin."""
+        glass = break_glass_reason(break_glass)
         if bool(digest) == bool(bundle_version):
             raise InvalidArgument("give exactly one of digest and bundle_version", field="digest")
         if digest:
@@ -278,6 +284,7 @@ class RolloutDirectory:
             if bundle_version:
                 digest = await by_version(tx, project, bundle_version)
             bundle = await assignable(tx, project, digest, field="digest")
+            newcomers = await require_approved_path(tx, project, digest, [node.id], None, glass)
             before = (await latest_node_rows(tx, [node.id])).get(node.id)
             revision = await write_assignment(
                 tx,
@@ -299,8 +306,15 @@ class RolloutDirectory:
                 f"node/{node.id}",
                 project=project,
                 before={"digest": before.digest if before else "", "pinned": is_pin(before)},
-                after={"digest": digest, "revision": revision, "reason": reason},
+                after={
+                    "digest": digest,
+                    "revision": revision,
+                    "reason": reason,
+                    **({"break_glass_reason": glass} if newcomers else {}),
+                },
             )
+            if newcomers:
+                await audit_break_glass(tx, project, f"node/{node.id}", digest, newcomers, glass, revision)
             tx.after_commit(self.notify)
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         self.wake()

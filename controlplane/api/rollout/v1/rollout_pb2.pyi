@@ -1551,12 +1551,17 @@ class PinNodeRequest(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     BUNDLE_VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    BREAK_GLASS_REASON_FIELD_NUMBER: _builtins.int
     project: _builtins.str
     node_id: _builtins.str
     digest: _builtins.str
     """The bundle: its digest or its version label (exactly one)."""
     bundle_version: _builtins.str
     reason: _builtins.str
+    break_glass_reason: _builtins.str
+    """A pin to a bundle the node does not run needs the project's approvals like
+    AssignBundle: refused, or this reason given by an admin of the project.
+    """
     def __init__(
         self,
         *,
@@ -1565,10 +1570,11 @@ class PinNodeRequest(_message.Message):
         digest: _builtins.str = ...,
         bundle_version: _builtins.str = ...,
         reason: _builtins.str = ...,
+        break_glass_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_version", b"bundle_version", "digest", b"digest", "node_id", b"node_id", "project", b"project", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["break_glass_reason", b"break_glass_reason", "bundle_version", b"bundle_version", "digest", b"digest", "node_id", b"node_id", "project", b"project", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -44,9 +44,13 @@ from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.directory import RolloutDirectory
 from controlplane.domain.rollouts.driver import RolloutDriver
+from controlplane.outbound.guard import parse_allow
+from controlplane.outbound.http import OutboundHttp
+from controlplane.outbound.prometheus import PrometheusProvider
 from controlplane.rpc.audit import AuditServicer
 from controlplane.rpc.authn import Authenticator
 from controlplane.rpc.bundles import BundleServicer
+from controlplane.rpc.http_sd import HttpServiceDiscovery
 from controlplane.rpc.identity import IdentityServicer
 from controlplane.rpc.interceptor import GuardInterceptor
 from controlplane.rpc.nodes import NodeServicer
@@ -80,6 +84,8 @@ class StartInfo:
     token_created: bool
     # The first-start global admin API key, only on the start that created it.
     admin_key: str | None = None
+    # The HTTP service-discovery port for Prometheus (0: off).
+    http_sd_port: int = 0
 
 
 class App:
@@ -92,6 +98,7 @@ class App:
         self._listener: PgListener | None = None
         self._stopped = False
         self._metrics_server: Any = None
+        self.http_sd: HttpServiceDiscovery | None = None
 
     async def start(self) -> StartInfo:
         """Open everything and serve. A start that fails part-way releases what it had
@@ -198,7 +205,17 @@ class App:
         undo.callback(self._stop_metrics)
         self._start_background(undo)
         await self.grpc.start()
-        return StartInfo(port, metrics_port, token, created, admin_key)
+        return StartInfo(port, metrics_port, token, created, admin_key, await self._start_outbound(undo))
+
+    async def _start_outbound(self, undo: contextlib.AsyncExitStack) -> int:
+        """The outbound HTTP client's cleanup, and Prometheus's service discovery."""
+        undo.push_async_callback(self.outbound.close)
+        if not self.settings.http_sd_listen:
+            return 0
+        self.http_sd = HttpServiceDiscovery(self.nodes, self.authenticator)
+        port = await self.http_sd.start(self.settings.http_sd_listen)
+        undo.push_async_callback(self.http_sd.stop)
+        return port
 
     def _start_background(self, undo: contextlib.AsyncExitStack) -> None:
         """NOTIFY listener (PostgreSQL), sweeps and the rollout driver."""
@@ -244,6 +261,9 @@ class App:
         if self._listener is not None:
             await self._listener.stop()
         self._stop_metrics()
+        if self.http_sd is not None:
+            await self.http_sd.stop()
+        await self.outbound.close()
         await self.blobs.close()
         if busy := connections_in_use(self.engine):
             log.warning("%d database connection(s) still in use at shutdown: they will not be closed", busy)
@@ -277,6 +297,7 @@ class App:
 
     def _build_rollouts(self, rollouts_due: Wakeup) -> None:
         s = self.settings
+        self.outbound = OutboundHttp(parse_allow(s.outbound_allow))
         self.rollout_bus = RolloutBus()
         self.leases = Leases(self.store, self.clock, ttl=s.lease_ttl)
         # Gates call a heartbeat stale past --gate-stale-after (default: once the node
@@ -289,6 +310,7 @@ class App:
             self.rollout_bus,
             rollouts_due,
             stale_after=s.gate_staleness,
+            metrics=PrometheusProvider(self.outbound),
         )
         self.rollout_directory = RolloutDirectory(
             self.store, self.clock, self.hub, self.hub.wake, self.rollout_bus, rollouts_due

@@ -76,6 +76,11 @@ class Settings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    # Networks (CIDR) outbound calls may reach although internal (controlplane/outbound/
+    # guard.py): loopback, link-local and the like are refused unless listed.
+    outbound_allow: tuple[str, ...] = ()
+    # host:port of Prometheus's HTTP service discovery (rpc/http_sd.py); empty: off.
+    http_sd_listen: str = ""
     # PostgreSQL: a promoted standby (new timeline) changes the epoch; see store/feed.py.
     epoch_follows_timeline: bool = True
     shutdown_grace: float = 5.0

@@ -13,6 +13,7 @@ import click
 
 from controlplane.bootstrap import App
 from controlplane.cli.bundle_options import bundle_options, bundle_settings
+from controlplane.cli.outbound_options import outbound_options, outbound_settings
 from controlplane.cli.rollout_options import rollout_options, rollout_settings
 from controlplane.cli.security_options import security_options, security_settings
 from controlplane.config import DEFAULTS, Settings, seconds
@@ -189,6 +190,7 @@ def _run(settings: Settings) -> None:
 @bundle_options
 @rollout_options
 @security_options
+@outbound_options
 def serve(
     data_dir: Path,
     listen: str,
@@ -228,5 +230,6 @@ def serve(
         **bundle_settings(bundle),
         **rollout_settings(bundle),
         **security_settings(bundle),
+        **outbound_settings(bundle),
     )
     _run(settings)

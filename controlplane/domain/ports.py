@@ -241,6 +241,14 @@ class DesiredView(Protocol):
         ...
 
 
+class MetricsProvider(Protocol):
+    """A metrics provider's query API (Prometheus's HTTP API: `outbound/prometheus.py`)."""
+
+    async def query(self, url: str, promql: str, within: float) -> float:
+        """The query's one value at this instant, or MetricsError."""
+        ...
+
+
 class Clock(Protocol):
     def __call__(self) -> datetime: ...
 

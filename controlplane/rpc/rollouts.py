@@ -96,6 +96,24 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         view = await self._controller.roll_back(request.project, request.rollout_id, request.reason)
         return pb.RollbackRolloutResponse(rollout=convert.view_out(view))
 
+    async def PromoteRollout(
+        self, request: pb.PromoteRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PromoteRolloutResponse:
+        view = await self._controller.promote(request.project, request.rollout_id, request.reason)
+        return pb.PromoteRolloutResponse(rollout=convert.view_out(view))
+
+    async def SkipRolloutStep(
+        self, request: pb.SkipRolloutStepRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SkipRolloutStepResponse:
+        view = await self._controller.skip_step(request.project, request.rollout_id, request.reason)
+        return pb.SkipRolloutStepResponse(rollout=convert.view_out(view))
+
+    async def RetryRollout(
+        self, request: pb.RetryRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RetryRolloutResponse:
+        view = await self._directory.retry(request.project, request.rollout_id)
+        return pb.RetryRolloutResponse(rollout=convert.view_out(view))
+
     async def ApproveRollout(
         self, request: pb.ApproveRolloutRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApproveRolloutResponse:

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from controlplane.domain.model.analysis import Measurement
 from controlplane.domain.model.fleet import HeartbeatRecord
 from controlplane.domain.model.rollouts import FreezeWindow
 
@@ -40,3 +41,5 @@ class World:
     stale_after: timedelta = timedelta(seconds=30)
     # Heartbeat history for a canary analysis, when the machine asked for it.
     samples: Mapping[str, Sequence[HeartbeatRecord]] | None = None
+    # Metric analysis measurements taken for this tick: (step index, measurements).
+    measurements: tuple[int, Sequence[Measurement]] | None = None

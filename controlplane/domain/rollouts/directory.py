@@ -113,6 +113,12 @@ class RolloutDirectory:
             )
             standby = [n for n in targets if (row := desired.get(n)) is not None and row.traffic_weight == 0]
             steps, nodes = plan(spec, targets, standby)
+            if spec.pause_after_steps and max(spec.pause_after_steps) >= len(steps) - 1:
+                raise InvalidArgument(
+                    f"{list(spec.pause_after_steps)}: this rollout has {len(steps)} step(s) (0-"
+                    f"{len(steps) - 1}); a pause after the last one would pause nothing",
+                    field="pause_after_steps",
+                )
             nodes += [
                 RolloutNode(n, -1, state=NodeState.SKIPPED, error="pinned by an operator") for n in pinned
             ]
@@ -133,6 +139,7 @@ class RolloutDirectory:
                 f"created by {creator}: {spec.strategy.value} of {bundle.version or bundle.digest} to "
                 f"{len(targets)} node(s) in {len(steps)} step(s)"
                 + (f", {len(pinned)} pinned node(s) skipped" if pinned else "")
+                + (f"; retry of {spec.retry_of}" if spec.retry_of else "")
                 + (
                     f"; approvals_required raised from {requested} to {spec.approvals_required} "
                     "by the project's policy (min_approvals)"
@@ -170,6 +177,21 @@ class RolloutDirectory:
 
             tx.after_commit(created)
         return RolloutView(rollout, tuple(steps))
+
+    async def retry(self, project: str, rollout_id: str) -> RolloutView:
+        """A new rollout with the spec of a rolled-back or cancelled one: its own id,
+        history, claims and approvals (the project's policy applies again), and
+        `retry_of` naming the old one. A scheduled start is dropped: it starts now."""
+        async with self.store.read() as tx:
+            old = await _require_rollout(tx, project, rollout_id)
+        if old.state not in (RolloutState.ROLLED_BACK, RolloutState.CANCELLED):
+            raise FailedPrecondition(
+                f"only a rolled-back or cancelled rollout can be retried; {old.id} is {old.state.value}"
+                + ("; roll it back or cancel it first" if old.active else ""),
+                field="rollout_id",
+            )
+        spec = replace(old.spec, scheduled_at=None, retry_of=old.id)
+        return await self.create(project, spec)
 
     async def page(
         self, project: str, states: Collection[RolloutState], page_size: int, page_token: str

@@ -38,7 +38,7 @@ from controlplane.domain.model.rollouts import (
     StepState,
     Strategy,
 )
-from controlplane.domain.rollouts import canary, gates
+from controlplane.domain.rollouts import canary, gates, metrics
 from controlplane.domain.rollouts.run import EventKind, Run, StepWrite
 
 HOLD_PREFIX = "held: "
@@ -102,6 +102,9 @@ def _held(run: Run, world: World) -> bool:
 
 
 def _advance(run: Run, world: World) -> None:
+    done = run.current
+    if done is not None and done.state is StepState.DONE and _pause_step(run, world, done):
+        return
     nxt = run.rollout.current_step + 1
     if nxt >= len(run.steps):
         _succeed(run, world.now)
@@ -109,6 +112,25 @@ def _advance(run: Run, world: World) -> None:
     if _held(run, world):
         return
     _start_step(run, world, run.steps[nxt])
+
+
+def _pause_step(run: Run, world: World, step: Step) -> bool:
+    """A pause step after `step` holds the rollout until an operator resumes (which
+    releases it) or promotes it."""
+    if step.index not in run.spec.pause_after_steps:
+        return False
+    if step.detail.get("released") or step.detail.get("promoted"):
+        return False
+    if run.state is RolloutState.RUNNING:
+        run.transition(
+            RolloutState.PAUSED,
+            world.now,
+            f"{PAUSE_STEP_PREFIX}after step {step.index}: waiting for an operator to resume or promote",
+        )
+    return True
+
+
+PAUSE_STEP_PREFIX = "pause step: "
 
 
 def _succeed(run: Run, now: datetime) -> None:
@@ -222,6 +244,13 @@ def _work(run: Run, world: World, step: Step) -> None:
             offline=offline,
             unavailable=unavailable,
         )
+    if step.detail.get("promoted"):
+        run.set_step(step, state=StepState.DONE, finished_at=now)
+        run.event(
+            EventKind.STEP, f"step {step.index} done (promoted: no bake, gates or analysis)", step=step.index
+        )
+        _advance(run, world)
+        return
     _bake(run, world, step, members, unavailable)
 
 
@@ -261,6 +290,12 @@ def _classify(run: Run, world: World, node: RolloutNode) -> None:
 
 def _bake(run: Run, world: World, step: Step, members: list[RolloutNode], unavailable: int) -> None:
     now, spec = world.now, run.spec
+    metrics_pass = True
+    if spec.metric_analysis is not None:
+        step, verdict = _metric_analysis(run, world, step)
+        if verdict is None:
+            return
+        metrics_pass = verdict
     targets = [n for n in members if n.role is Role.TARGET and n.state is not NodeState.SKIPPED]
     gated = [n for n in targets if n.state is NodeState.ACTIVE]
     gone = {n.node_id for n in gated if (f := world.facts.get(n.node_id)) is not None and not f.online}
@@ -306,9 +341,65 @@ def _bake(run: Run, world: World, step: Step, members: list[RolloutNode], unavai
     is_canary_step = spec.strategy is Strategy.CANARY and step.index < len(run.steps) - 1
     if is_canary_step and not _analysis_promotes(run, world, step):
         return
+    if not metrics_pass:
+        return
     run.set_step(run.steps[step.index], state=StepState.DONE, finished_at=now)
     run.event(EventKind.STEP, f"step {step.index} done", step=step.index)
     _advance(run, world)
+
+
+def _metric_analysis(run: Run, world: World, step: Step) -> tuple[Step, bool | None]:
+    """Record this tick's measurements and judge them: (step, True) when the analysis
+    lets the step complete, (step, False) while it waits for measurements, (step, None)
+    when it failed the rollout or paused it. Dry-run records its verdicts and never
+    holds or acts."""
+    analysis = run.spec.metric_analysis
+    assert analysis is not None
+    now = world.now
+    if world.measurements is not None and world.measurements[0] == step.index and world.measurements[1]:
+        taken = list(world.measurements[1])
+        stored = [*step.detail.get("measurements", []), *(m.to_json() for m in taken)]
+        step = run.set_step(step, detail={**step.detail, "measurements": stored})
+        for m in taken:
+            value = "" if m.value is None else f" = {m.value:g}"
+            run.event(
+                EventKind.ANALYSIS,
+                f"step {step.index} metric {m.metric}{value}: {m.phase.value} ({m.reason})",
+                step=step.index,
+                metric=m.metric,
+                phase=m.phase.value,
+                value=m.value,
+                query=m.query[:500],
+            )
+    verdict, reason = metrics.judge(analysis, metrics.recorded(step.detail))
+    if analysis.dry_run:
+        if verdict != metrics.Verdict.PENDING and step.detail.get("dry_run_verdict") != verdict:
+            step = run.set_step(step, detail={**step.detail, "dry_run_verdict": verdict})
+            would = {
+                metrics.Verdict.PASS: "promote",
+                metrics.Verdict.FAIL: "roll back" if run.spec.auto_rollback else "fail",
+                metrics.Verdict.INCONCLUSIVE: "pause",
+            }[verdict]
+            run.event(
+                EventKind.ANALYSIS,
+                f"step {step.index} metric analysis (dry run) would {would}: {reason}",
+                step=step.index,
+                dry_run=True,
+                verdict=verdict,
+            )
+        return step, True
+    if verdict == metrics.Verdict.FAIL:
+        _fail(run, now, f"metric analysis at step {step.index}: {reason}")
+        return step, None
+    if verdict == metrics.Verdict.INCONCLUSIVE:
+        run.transition(
+            RolloutState.PAUSED, now, f"metric analysis inconclusive at step {step.index}: {reason}"
+        )
+        return step, None
+    if verdict == metrics.Verdict.PASS and not step.detail.get("metrics_passed"):
+        step = run.set_step(step, detail={**step.detail, "metrics_passed": True})
+        run.event(EventKind.ANALYSIS, f"step {step.index} metric analysis passed: {reason}", step=step.index)
+    return step, verdict == metrics.Verdict.PASS
 
 
 def _extension(run: Run, world: World) -> timedelta:
@@ -468,14 +559,95 @@ def resume(run: Run, now: datetime) -> None:
     step = run.current
     if step is not None and step.state in (StepState.APPLYING, StepState.BAKING):
         # Paused time does not count against the deadline, and the bake starts over:
-        # the gates must hold for a full bake after a pause.
+        # the gates must hold for a full bake after a pause. A metric analysis starts
+        # over too (what paused it stays in the history, superseded).
+        detail = dict(step.detail)
+        if detail.get("measurements"):
+            detail["superseded"] = [*detail.get("superseded", []), *detail.pop("measurements")]
         run.set_step(
             step,
             paused_seconds=step.paused_seconds + max(0.0, (now - paused_at).total_seconds()),
             bake_started_at=None,
             gate_failing_since=None,
+            detail=detail,
         )
+    elif step is not None and step.state is StepState.DONE and step.index in run.spec.pause_after_steps:
+        run.set_step(step, detail={**step.detail, "released": True})
     run.transition(RolloutState.RUNNING, now, "")
+
+
+def promote(run: Run, now: datetime, actor: str, reason: str) -> None:
+    """Take the rollout to the end now: every node of the remaining deploy steps moves
+    into the next step to be written, and that step and every one after it is
+    promoted — done once its nodes are ACTIVE, with no bake, gates, analysis or pause
+    step. A step already written (APPLYING, BAKING) completes the same way. Pins,
+    freeze windows, revocation and the claims hold as on every step."""
+    if run.state is RolloutState.PAUSED:
+        resume(run, now)
+    if run.state is not RolloutState.RUNNING:
+        raise FailedPrecondition(
+            f"only a running or paused rollout can be promoted; {run.rollout.id} is {run.state.value}"
+        )
+    current = run.rollout.current_step
+    step = run.current
+    nxt = current + 1 if step is None or step.state is not StepState.PENDING else current
+    for remaining in run.steps[max(current, 0) :]:
+        if remaining.state is not StepState.DONE:
+            run.set_step(remaining, detail={**remaining.detail, "promoted": True})
+    done = run.current
+    if done is not None and done.state is StepState.DONE:
+        run.set_step(done, detail={**done.detail, "released": True})
+    moved = 0
+    if nxt < len(run.steps) and run.steps[nxt].kind is StepKind.DEPLOY:
+        for node in list(run.nodes.values()):
+            later = node.step > nxt and run.steps[node.step].kind is StepKind.DEPLOY
+            if later and node.state is NodeState.PENDING:
+                run.set_node(node, now, step=nxt)
+                moved += 1
+        run.regroup()
+        if moved:
+            run.set_step(run.steps[nxt], node_count=len(run.by_step.get(nxt, ())))
+    run.event(
+        EventKind.STEP,
+        f"promoted to the end by {actor}"
+        + (f": {reason}" if reason else "")
+        + (f"; {moved} node(s) of later steps join step {nxt}" if moved else ""),
+        actor=actor,
+        moved=moved,
+    )
+
+
+def skip_step(run: Run, now: datetime, actor: str, reason: str) -> None:
+    """End the current step now, whatever its nodes, bake, gates or analysis say. Its
+    nodes keep the desired state already written; the next step starts on the next
+    tick (freeze windows and pause steps still apply)."""
+    step = run.current
+    if (
+        run.state is not RolloutState.RUNNING
+        or step is None
+        or step.state
+        not in (
+            StepState.APPLYING,
+            StepState.BAKING,
+        )
+    ):
+        raise FailedPrecondition(
+            f"rollout {run.rollout.id} has no step in progress to skip ({run.state.value}"
+            + (f", step {step.index} {step.state.value}" if step is not None else "")
+            + ")"
+        )
+    if step.state is StepState.APPLYING:
+        step = run.set_step(step, state=StepState.BAKING, applied_at=now)
+    run.set_step(step, state=StepState.DONE, finished_at=now, detail={**step.detail, "skipped_by": actor})
+    waiting = [n.node_id for n in run.members(step) if n.state is NodeState.ASSIGNED]
+    run.event(
+        EventKind.STEP,
+        f"step {step.index} skipped by {actor}"
+        + (f": {reason}" if reason else "")
+        + (f"; {len(waiting)} node(s) not yet ACTIVE keep its desired state" if waiting else ""),
+        step=step.index,
+        actor=actor,
+    )
 
 
 def cancel(run: Run, now: datetime, reason: str, facts: Mapping[str, NodeFacts]) -> None:

@@ -86,6 +86,10 @@ class Run:
         self.loaded_rollout = self.rollout
         self.loaded_steps = list(self.steps)
         self.loaded_nodes = dict(self.nodes)
+        self.regroup()
+
+    def regroup(self) -> None:
+        """Index the nodes by step again (after a promotion moved some)."""
         self.by_step: dict[int, list[str]] = {}
         for node in self.nodes.values():
             self.by_step.setdefault(node.step, []).append(node.node_id)

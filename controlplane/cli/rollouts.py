@@ -6,10 +6,12 @@ import re
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import click
 import grpc
+from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -140,6 +142,14 @@ def rollout() -> None:
 @click.option(
     "--override-freeze", default="", help="Start and advance through freeze windows, for this reason."
 )
+@click.option("--pause-after", default="", help="Pause steps: wait for an operator after steps, e.g. 0,2.")
+@click.option(
+    "--analysis",
+    "analysis_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Metric analysis: a JSON file of MetricAnalysis (provider_url, metrics, dry_run).",
+)
 @click.option("--watch", "follow", is_flag=True, help="Follow the rollout until it ends.")
 def rollout_create(
     server: str,
@@ -163,6 +173,8 @@ def rollout_create(
     approvals: int,
     start_at: str | None,
     override_freeze: str,
+    pause_after: str,
+    analysis_file: str | None,
     follow: bool,
 ) -> None:
     """Create a rollout of BUNDLE (a digest or a version label)."""
@@ -178,7 +190,13 @@ def rollout_create(
         max_failures=max_failures,
         approvals_required=approvals,
         freeze_override_reason=override_freeze,
+        pause_after_steps=_indexes(pause_after),
     )
+    if analysis_file:
+        try:
+            json_format.Parse(Path(analysis_file).read_text(), request.metric_analysis)
+        except (json_format.ParseError, OSError, UnicodeDecodeError) as e:
+            raise click.BadParameter(str(e)[:300], param_hint="--analysis") from None
     if bundle.startswith("sha256:"):
         request.bundle_digest = bundle
     else:
@@ -295,6 +313,19 @@ _simple(
 _simple("rollback", pb.RollbackRolloutRequest, "RollbackRollout", "Put every node back on what it had.")
 _simple("approve", pb.ApproveRolloutRequest, "ApproveRollout", "Approve (the creator cannot).")
 _simple("reject", pb.RejectRolloutRequest, "RejectRollout", "Reject a rollout awaiting approval.")
+_simple(
+    "promote",
+    pb.PromoteRolloutRequest,
+    "PromoteRollout",
+    "Take a running or paused rollout to the end now: no more bake, gates, analysis or pause steps.",
+)
+_simple("skip-step", pb.SkipRolloutStepRequest, "SkipRolloutStep", "End the current step now.")
+_simple(
+    "retry",
+    pb.RetryRolloutRequest,
+    "RetryRollout",
+    "Retry a rolled-back or cancelled rollout as a new one (prints the new rollout).",
+)
 
 
 @rollout.group("freeze")
@@ -377,6 +408,13 @@ def rollout_unpin(server: str, project: str, node_id: str) -> None:
 
 
 # -- watching ---------------------------------------------------------------------------
+
+
+def _indexes(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: step indexes like 0,2", param_hint="--pause-after") from None
 
 
 def _state(value: int) -> str:

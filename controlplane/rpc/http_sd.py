@@ -4,9 +4,10 @@ without a hand-kept scrape config.
 
 `GET /sd/nodes?project=P` with `Authorization: Bearer <API key>` (the reader role in P)
 answers Prometheus's format: one target group per node that advertises where its
-metrics are — the node label `metrics-target` (`host:port`) — with labels `node` (its
-id), `node_name`, `project` and each node label as `label_<key>` (characters Prometheus
-does not allow in a label name become `_`). Nodes without the label are left out.
+metrics are — the node label `metrics-port`, on the host named by the label
+`metrics-host` or else the node's reported hostname — with labels `node` (its id),
+`node_name`, `project` and each node label as `label_<key>` (characters Prometheus does
+not allow in a label name become `_`). Nodes without `metrics-port` are left out.
 """
 
 from __future__ import annotations
@@ -26,19 +27,20 @@ from controlplane.rpc.authn import Authenticator
 
 log = logging.getLogger(__name__)
 
-TARGET_LABEL = "metrics-target"
+PORT_LABEL = "metrics-port"
+HOST_LABEL = "metrics-host"
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
 
 
 def target_groups(nodes: list[Any], project: str) -> list[dict[str, Any]]:
     groups = []
     for node in nodes:
-        target = node.labels.get(TARGET_LABEL, "")
-        if not target:
+        port = node.labels.get(PORT_LABEL, "")
+        host = node.labels.get(HOST_LABEL, "") or node.hostname
+        if not port.isdigit() or not host:
             continue
-        labels = {
-            f"label_{_UNSAFE.sub('_', k)}": v for k, v in sorted(node.labels.items()) if k != TARGET_LABEL
-        }
+        target = f"{host}:{port}"
+        labels = {f"label_{_UNSAFE.sub('_', k)}": v for k, v in sorted(node.labels.items())}
         labels |= {"node": node.id, "node_name": node.name, "project": project}
         groups.append({"targets": [target], "labels": labels})
     return groups
@@ -70,7 +72,10 @@ class HttpServiceDiscovery:
     async def _handle(self, request: web.Request) -> web.Response:
         project = request.query.get("project", "")
         try:
-            identity = await self._authn.authenticate(bearer(list(request.headers.items())), Rule.READ)
+            header = [(k.lower(), v) for k, v in request.headers.items()]
+            identity = await self._authn.authenticate(bearer(header), Rule.READ)
+            if identity.kind is Kind.ANONYMOUS:
+                return _error(401, "give an API key: Authorization: Bearer <key>")
             principal = identity.principal
             role = principal.role_in(project) if principal is not None else None
             if identity.kind is not Kind.OPERATOR or role is None or role < ROLE_FOR[Rule.READ]:

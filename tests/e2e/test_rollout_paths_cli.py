@@ -8,7 +8,6 @@ from the CLI leaves its bundle on its selector, so an agent started afterwards g
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys

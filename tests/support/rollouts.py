@@ -14,8 +14,8 @@ from controlplane.domain.model.facts import NodeFacts, World
 from controlplane.domain.model.fleet import Health, HeartbeatRecord, NodeMetrics
 from controlplane.domain.model.rollouts import NodeState, Role, Rollout, RolloutSpec, RolloutState, Strategy
 from controlplane.domain.rollouts import machine
-from controlplane.domain.rollouts.resolved import previous_state
 from controlplane.domain.rollouts.plan import plan
+from controlplane.domain.rollouts.resolved import previous_state
 from controlplane.domain.rollouts.run import Run
 
 OLD = "sha256:" + "0" * 64

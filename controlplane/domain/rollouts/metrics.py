@@ -39,6 +39,8 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
 _CONDITION = re.compile(r"^\s*result\s*(<=|>=|==|!=|<|>)\s*([-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$")
 # The placeholders a query may use.
 PLACEHOLDERS = ("{{canary}}", "{{baseline}}", "{{rollout}}", "{{step}}")
+# What a node id may hold to be put into a query as it is (ids are `n-<hex>`).
+_NODE_ID = re.compile(r"[A-Za-z0-9_-]+")
 # Stands for a node set that is empty: matches no node id (ids never contain a space).
 _NO_NODE = "^ nothing$"
 
@@ -89,10 +91,11 @@ def classify(check: MetricCheck, value: float) -> tuple[Phase, str]:
 
 def render(query: str, canary: Sequence[str], baseline: Sequence[str], rollout_id: str, step: int) -> str:
     """The query with its placeholders filled in. Node sets become a regex alternation
-    for `node=~"..."`; node ids are `[a-z0-9-]` only, so nothing needs escaping."""
+    for `node=~"..."`; node ids are letters, digits and `-`, nothing a PromQL string or a
+regex would read specially (an id with anything else is left out)."""
 
     def alternation(ids: Sequence[str]) -> str:
-        return "|".join(re.escape(i) for i in sorted(ids)) or _NO_NODE
+        return "|".join(i for i in sorted(ids) if _NODE_ID.fullmatch(i)) or _NO_NODE
 
     return (
         query.replace("{{canary}}", alternation(canary))

@@ -92,7 +92,7 @@ def classify(check: MetricCheck, value: float) -> tuple[Phase, str]:
 def render(query: str, canary: Sequence[str], baseline: Sequence[str], rollout_id: str, step: int) -> str:
     """The query with its placeholders filled in. Node sets become a regex alternation
     for `node=~"..."`; node ids are letters, digits and `-`, nothing a PromQL string or a
-regex would read specially (an id with anything else is left out)."""
+    regex would read specially (an id with anything else is left out)."""
 
     def alternation(ids: Sequence[str]) -> str:
         return "|".join(i for i in sorted(ids) if _NODE_ID.fullmatch(i)) or _NO_NODE

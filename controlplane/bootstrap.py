@@ -34,18 +34,21 @@ from controlplane.domain.identity.node_tokens import (
     NodeTokens,
     RevocationTap,
 )
+from controlplane.domain.kernel.addresses import parse_allow
 from controlplane.domain.kernel.clock import utcnow
 from controlplane.domain.kernel.errors import NotFound
 from controlplane.domain.kernel.wakeup import Wakeup
 from controlplane.domain.leases import Leases
+from controlplane.domain.notify.channels import NotificationDirectory
+from controlplane.domain.notify.worker import NotificationWorker
 from controlplane.domain.ports import BlobStore, Clock
 from controlplane.domain.projects import ProjectDirectory
 from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.directory import RolloutDirectory
 from controlplane.domain.rollouts.driver import RolloutDriver
-from controlplane.outbound.guard import parse_allow
 from controlplane.outbound.http import OutboundHttp
+from controlplane.outbound.notify import HttpNotificationSender
 from controlplane.outbound.prometheus import PrometheusProvider
 from controlplane.rpc.audit import AuditServicer
 from controlplane.rpc.authn import Authenticator
@@ -54,6 +57,7 @@ from controlplane.rpc.http_sd import HttpServiceDiscovery
 from controlplane.rpc.identity import IdentityServicer
 from controlplane.rpc.interceptor import GuardInterceptor
 from controlplane.rpc.nodes import NodeServicer
+from controlplane.rpc.notify import NotificationServicer
 from controlplane.rpc.projects import ProjectServicer
 from controlplane.rpc.ratelimit import RateLimiter
 from controlplane.rpc.rollouts import DriftServicer, RolloutServicer
@@ -67,6 +71,8 @@ from controlplane.store.listen import PgListener
 from controlplane.store.sql import SqlStore
 from controlplane.tasks.bundle_gc import collect_bundles
 from controlplane.tasks.fleet import sweep_offline
+from controlplane.tasks.notify import NotificationTasks
+from controlplane.tasks.notify import record_pass as record_notify_pass
 from controlplane.tasks.periodic import Periodic
 from controlplane.tasks.retention import Retention
 from controlplane.tasks.rollouts import RolloutTasks, record_pass
@@ -198,6 +204,7 @@ class App:
             signing=SigningKeyServicer(self.signing_keys),
             rollouts=RolloutServicer(self.rollout_directory, self.rollouts, self.rollout_bus),
             drift=DriftServicer(self.drift),
+            notify=NotificationServicer(self.notifications),
         )
         undo.push_async_callback(self.grpc.stop, 0.0)
         port = self.grpc.bind(s.listen, s.tls_cert, s.tls_key, s.tls_client_ca)
@@ -243,6 +250,8 @@ class App:
             undo.push_async_callback(job.stop)
         self.rollout_tasks.start()
         undo.push_async_callback(self.rollout_tasks.stop)
+        self.notify_tasks.start()
+        undo.push_async_callback(self.notify_tasks.stop)
 
     async def stop(self) -> None:
         """Health NOT_SERVING first, then streams end with a closing bookmark, then the
@@ -256,6 +265,7 @@ class App:
         await self.nodes.settle()  # batches whose callers were cancelled still commit
         self.kdl.close()  # after the server: pushes within the grace finish their parses
         await self.rollout_tasks.stop()
+        await self.notify_tasks.stop()
         for job in self._periodic:
             await job.stop()
         if self._listener is not None:
@@ -327,6 +337,19 @@ class App:
             self.leases,
             s.drift_interval.total_seconds(),
         )
+        self.notify_worker = NotificationWorker(
+            self.store,
+            self.clock,
+            self.leases,
+            HttpNotificationSender(self.outbound, s.notify_timeout.total_seconds()),
+            s.notify_interval.total_seconds(),
+            record_notify_pass,
+        )
+        self.store.on_emit = self.notify_worker.wake
+        self.notifications = NotificationDirectory(
+            self.store, self.clock, parse_allow(s.outbound_allow), self.notify_worker.wake
+        )
+        self.notify_tasks = NotificationTasks(self.notify_worker)
         self.retention = Retention(
             self.store, self.feed, self.leases, self.hub, s.retain_revisions, s.retain_for
         )

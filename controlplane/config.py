@@ -79,6 +79,10 @@ class Settings:
     # Networks (CIDR) outbound calls may reach although internal (controlplane/outbound/
     # guard.py): loopback, link-local and the like are refused unless listed.
     outbound_allow: tuple[str, ...] = ()
+    # Notifications: how long one delivery attempt may take, and the worker's safety-net
+    # period (an emitted event wakes it at once).
+    notify_timeout: timedelta = timedelta(seconds=10)
+    notify_interval: timedelta = timedelta(seconds=1)
     # host:port of Prometheus's HTTP service discovery (rpc/http_sd.py); empty: off.
     http_sd_listen: str = ""
     # PostgreSQL: a promoted standby (new timeline) changes the epoch; see store/feed.py.

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from controlplane.outbound.guard import ForbiddenAddress, Network, connector_args, literal_reason
+from controlplane.domain.kernel.addresses import Network, literal_reason
+from controlplane.outbound.guard import ForbiddenAddress, connector_args
 
 # Answers are read up to this: a gate's yes or a query's value is small, and a receiver
 # answering with megabytes must not cost memory.
@@ -67,7 +68,7 @@ class OutboundHttp:
                 async with self._client().request(
                     method, url, data=body, headers=headers, params=params, allow_redirects=False
                 ) as response:
-                    data = await response.content.read(MAX_ANSWER_BYTES + 1)
+                    data = await _bounded(response)
                     if len(data) > MAX_ANSWER_BYTES:
                         raise OutboundError(
                             f"HTTP {response.status} with an answer over {MAX_ANSWER_BYTES} bytes"
@@ -84,3 +85,17 @@ class OutboundHttp:
             raise OutboundError(f"cannot connect: {e.os_error or e}") from None
         except aiohttp.ClientError as e:
             raise OutboundError(f"{type(e).__name__}: {e}"[:300]) from None
+
+
+async def _bounded(response: aiohttp.ClientResponse) -> bytes:
+    """The answer's body, or its first MAX_ANSWER_BYTES + 1 bytes (`read(n)` returns what
+    is buffered, not n bytes)."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= MAX_ANSWER_BYTES:
+        chunk = await response.content.read(MAX_ANSWER_BYTES + 1 - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)

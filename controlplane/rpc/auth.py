@@ -52,6 +52,7 @@ class Kind(enum.Enum):
 
 _IDENTITY = "/controlplane.identity.v1.IdentityService/"
 _AUDIT = "/controlplane.audit.v1.AuditService/"
+_NOTIFY = "/controlplane.notification.v1.NotificationService/"
 
 POLICY: dict[str, Rule] = {
     "/grpc.health.v1.Health/Check": Rule.PUBLIC,
@@ -121,6 +122,14 @@ POLICY: dict[str, Rule] = {
     _AUDIT + "ListAuditEvents": Rule.READ,
     _AUDIT + "ExportAuditEvents": Rule.READ,
     _AUDIT + "VerifyAuditChain": Rule.ADMIN,
+    # Channels send the project's events out of the control plane, with secrets: admins.
+    _NOTIFY + "CreateChannel": Rule.ADMIN,
+    _NOTIFY + "GetChannel": Rule.READ,
+    _NOTIFY + "ListChannels": Rule.READ,
+    _NOTIFY + "UpdateChannel": Rule.ADMIN,
+    _NOTIFY + "DeleteChannel": Rule.ADMIN,
+    _NOTIFY + "ListMessages": Rule.READ,
+    _NOTIFY + "RedeliverMessage": Rule.WRITE,
 }
 
 

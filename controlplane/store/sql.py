@@ -18,6 +18,7 @@ from controlplane.store.errors import translated
 from controlplane.store.identity import SqlIdentity
 from controlplane.store.leases import SqlFreezes, SqlLeases
 from controlplane.store.nodes import SqlNodes
+from controlplane.store.notify import SqlNotify
 from controlplane.store.projects import SqlProjects
 from controlplane.store.rollouts import SqlRollouts
 
@@ -25,7 +26,9 @@ from controlplane.store.rollouts import SqlRollouts
 class SqlTx:
     """One transaction; implements `controlplane.domain.ports.Tx`."""
 
-    def __init__(self, conn: AsyncConnection, audit_key: bytes, clock: Clock):
+    def __init__(
+        self, conn: AsyncConnection, audit_key: bytes, clock: Clock, on_emit: Callable[[], None] | None = None
+    ):
         self.conn = conn
         self.projects = SqlProjects(conn)
         self.nodes = SqlNodes(conn)
@@ -40,6 +43,8 @@ class SqlTx:
         self.leases = SqlLeases(conn)
         self.drift = SqlDrift(conn)
         self._after_commit: list[Callable[[], None]] = []
+        # An emitted notification event wakes this process's delivery worker at commit.
+        self.notify = SqlNotify(conn, lambda: self.after_commit(on_emit) if on_emit is not None else None)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         if callback not in self._after_commit:
@@ -57,6 +62,8 @@ class SqlStore:
         # SQLite has one writer at a time anyway; queueing writers here instead of in
         # SQLite's busy loop keeps them fair and off the driver threads.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        # Rung after a commit that emitted a notification event (the delivery worker).
+        self.on_emit: Callable[[], None] | None = None
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[SqlTx]:
@@ -68,7 +75,7 @@ class SqlStore:
             if self.is_sqlite:
                 conn = await conn.execution_options(sqlite_immediate=True)
             async with conn.begin():
-                tx = SqlTx(conn, self._audit_key, self._clock)
+                tx = SqlTx(conn, self._audit_key, self._clock, self.on_emit)
                 yield tx
                 # Last, so the audit head is the last lock the transaction takes.
                 await tx.audit.flush()

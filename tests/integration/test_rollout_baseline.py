@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
+from agent_stub.simulator import SimNode
 from controlplane.api.identity.v1 import identity_pb2
 from controlplane.api.node.v1 import node_pb2
 from tests.conftest import HarnessFactory
@@ -30,9 +31,9 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 20.0)
     await eventually(check, timeout=timeout, what=what)
 
 
-def told(node: object, digest: str) -> int:
+def told(node: SimNode, digest: str) -> int:
     """How many DesiredState events naming `digest` the node's watch delivered."""
-    return sum(1 for seen in node.observed if seen.digest == digest)  # type: ignore[attr-defined]
+    return sum(1 for seen in node.observed if seen.digest == digest)
 
 
 async def test_a_late_joiner_gets_the_bundle_and_no_node_that_must_not_move_moves(plane: Harness) -> None:

@@ -99,7 +99,7 @@ async def write_baseline(tx: Tx, run: Run, now: datetime) -> list[int]:
     revisions.append(revision)
     shown = sorted(exclude)[:_SHOWN]
     run.event(
-        EventKind.WRITE,
+        EventKind.BASELINE,
         f"baseline written at revision {revision}: nodes joining {spec.selector!r} get the bundle"
         + (f"; {len(exclude)} node(s) excluded" if exclude else ""),
         revisions=revisions,

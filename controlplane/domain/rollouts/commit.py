@@ -21,7 +21,17 @@ from controlplane.domain.kernel import validation
 from controlplane.domain.kernel.errors import Aborted, DomainError
 from controlplane.domain.kernel.labels import node_key
 from controlplane.domain.model.desired import Assignment
-from controlplane.domain.model.rollouts import TERMINAL_STATES, NodeState, Role, Rollout, RolloutEvent
+from controlplane.domain.model.notify import EventKind as EventKind_
+from controlplane.domain.model.notify import NotificationEvent
+from controlplane.domain.model.rollouts import (
+    TERMINAL_STATES,
+    NodeState,
+    Role,
+    Rollout,
+    RolloutEvent,
+    RolloutState,
+    StepState,
+)
 from controlplane.domain.ports import Tx
 from controlplane.domain.rollouts.baseline import write_baseline
 from controlplane.domain.rollouts.bundles import assignable
@@ -88,6 +98,7 @@ async def commit(tx: Tx, run: Run, now: datetime) -> Committed:
     await tx.rollouts.add_events(events)
     if saved.state in TERMINAL_STATES and loaded.state not in TERMINAL_STATES:
         await tx.rollouts.release(rollout.id)
+    await _notify(tx, run, saved, now)
     for frm, to in run.transitions:
         await tx.audit.record(
             f"rollout.{to.value}",
@@ -97,6 +108,47 @@ async def commit(tx: Tx, run: Run, now: datetime) -> Committed:
             after={"state": to.value, "reason": saved.reason, "step": saved.current_step},
         )
     return Committed(saved, events, revisions)
+
+
+# The notification event of each transition (docs/notifications.md); a resume is none.
+_EVENT_OF = {
+    RolloutState.PAUSED: EventKind_.ROLLOUT_PAUSED,
+    RolloutState.ROLLED_BACK: EventKind_.ROLLOUT_ROLLED_BACK,
+    RolloutState.SUCCEEDED: EventKind_.ROLLOUT_SUCCEEDED,
+    RolloutState.FAILED: EventKind_.ROLLOUT_FAILED,
+    RolloutState.CANCELLED: EventKind_.ROLLOUT_CANCELLED,
+}
+
+
+async def _notify(tx: Tx, run: Run, saved: Rollout, now: datetime) -> None:
+    """Outbox events for what this commit changed, in its transaction."""
+    subject = f"rollout/{saved.id}"
+    data = {"rollout": saved.id, "bundle": saved.spec.bundle_digest, "selector": saved.spec.selector}
+    for frm, to in run.transitions:
+        kind = _EVENT_OF.get(to)
+        if to is RolloutState.RUNNING and frm is RolloutState.PENDING:
+            kind = EventKind_.ROLLOUT_STARTED
+        if kind is not None:
+            summary = f"rollout {saved.id} ({saved.spec.selector}) {to.value}" + (
+                f": {saved.reason}" if saved.reason else ""
+            )
+            await tx.notify.emit(
+                NotificationEvent(
+                    saved.project, kind, subject, summary[:1000], now, {**data, "state": to.value}
+                )
+            )
+    for step, old in zip(run.steps, run.loaded_steps, strict=True):
+        if step.state is StepState.DONE and old.state is not StepState.DONE:
+            await tx.notify.emit(
+                NotificationEvent(
+                    saved.project,
+                    EventKind_.ROLLOUT_STEP_PROMOTED,
+                    subject,
+                    f"rollout {saved.id}: step {step.index + 1} of {len(run.steps)} done",
+                    now,
+                    {**data, "step": step.index},
+                )
+            )
 
 
 async def _write_step(tx: Tx, run: Run, write: StepWrite, now: datetime) -> list[int]:

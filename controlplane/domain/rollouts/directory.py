@@ -27,6 +27,8 @@ from controlplane.domain.kernel.labels import Selector, node_key
 from controlplane.domain.kernel.secrets import new_id
 from controlplane.domain.model.desired import Assignment
 from controlplane.domain.model.fleet import Node
+from controlplane.domain.model.notify import EventKind as NotifyKind
+from controlplane.domain.model.notify import NotificationEvent
 from controlplane.domain.model.rollouts import (
     FreezeWindow,
     NodeState,
@@ -157,6 +159,16 @@ class RolloutDirectory:
             await tx.rollouts.insert(rollout, steps, nodes)
             await tx.rollouts.claim(rollout.id, targets)
             await tx.rollouts.add_events(events)
+            await tx.notify.emit(
+                NotificationEvent(
+                    project,
+                    NotifyKind.ROLLOUT_CREATED,
+                    f"rollout/{rollout.id}",
+                    events[0].message[:1000],
+                    now,
+                    {"rollout": rollout.id, "bundle": spec.bundle_digest, "selector": spec.selector},
+                )
+            )
             await tx.audit.record(
                 "rollout.create",
                 f"rollout/{rollout.id}",

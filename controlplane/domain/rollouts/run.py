@@ -40,6 +40,8 @@ class EventKind:
     HOLD = "hold"
     APPROVAL = "approval"
     WRITE = "write"
+    # The baseline a successful rollout leaves on its selector (baseline.py).
+    BASELINE = "baseline"
 
 
 class IllegalTransition(FailedPrecondition):

@@ -948,7 +948,7 @@ class RolloutEvent(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     kind: _builtins.str
-    """state, step, node, gates, analysis, hold, approval, write."""
+    """state, step, node, gates, analysis, hold, approval, write, baseline."""
     state: Global___RolloutState.ValueType
     message: _builtins.str
     step: _builtins.int

@@ -39,6 +39,7 @@ from controlplane.domain.kernel.clock import utcnow
 from controlplane.domain.kernel.errors import NotFound
 from controlplane.domain.kernel.wakeup import Wakeup
 from controlplane.domain.leases import Leases
+from controlplane.domain.notify.audit_watch import AuditWatch
 from controlplane.domain.notify.channels import NotificationDirectory
 from controlplane.domain.notify.worker import NotificationWorker
 from controlplane.domain.ports import BlobStore, Clock
@@ -239,6 +240,7 @@ class App:
                 lambda: sweep_offline(self.nodes, s.offline_after),
             ),
             Periodic("retention", s.prune_interval.total_seconds(), self.retention.run),
+            Periodic("audit-verify", s.audit_verify_interval.total_seconds(), self.audit_watch.run_once),
             Periodic(
                 "bundle-gc",
                 s.bundle_gc_interval.total_seconds(),
@@ -350,6 +352,8 @@ class App:
             self.store, self.clock, parse_allow(s.outbound_allow), self.notify_worker.wake
         )
         self.notify_tasks = NotificationTasks(self.notify_worker)
+        # The key as the store was given it (the file or --audit-key; reading is idempotent).
+        self.audit_watch = AuditWatch(self.store, firststart.audit_key(s), self.leases, self.clock)
         self.retention = Retention(
             self.store, self.feed, self.leases, self.hub, s.retain_revisions, s.retain_for
         )

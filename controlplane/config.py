@@ -83,6 +83,8 @@ class Settings:
     # period (an emitted event wakes it at once).
     notify_timeout: timedelta = timedelta(seconds=10)
     notify_interval: timedelta = timedelta(seconds=1)
+    # How often one replica verifies the whole audit chain (a failure is a notification).
+    audit_verify_interval: timedelta = timedelta(hours=1)
     # host:port of Prometheus's HTTP service discovery (rpc/http_sd.py); empty: off.
     http_sd_listen: str = ""
     # PostgreSQL: a promoted standby (new timeline) changes the epoch; see store/feed.py.

@@ -16,11 +16,13 @@ from datetime import timedelta
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from sqlalchemy import update
 
 from controlplane.api.audit.v1 import audit_pb2
 from controlplane.api.bundle.v1 import bundle_pb2
 from controlplane.api.notification.v1 import notification_pb2 as pb
 from controlplane.api.notification.v1 import notification_pb2_grpc
+from controlplane.store.schema import audit_log
 from tests.conftest import HarnessFactory
 from tests.support.clock import TestClock
 from tests.support.eventually import eventually
@@ -277,3 +279,20 @@ async def test_redirects_and_huge_answers_are_failed_attempts(
 
     await eventually(dead, what="the huge answer refused")
     assert len(receiver.received) == 2
+
+
+async def test_a_tampered_audit_chain_is_found_by_the_periodic_check_and_notified(
+    make_harness: HarnessFactory, receiver: Receiver
+) -> None:
+    plane = await make_harness(audit_verify_interval=timedelta(seconds=0.3), **LOOPBACK)
+    await channel(plane, receiver.url, events=["audit.verification_failed"])
+    await revoke(plane, "v1")  # more entries in the chain
+    async with plane.app.engine.begin() as conn:
+        await conn.execute(update(audit_log).where(audit_log.c.seq == 2).values(actor="operator:mallory"))
+    await until(lambda: len(receiver.received) == 1, "the verification failure delivered", timeout=30)
+    (event,) = receiver.received[0].json["events"]
+    assert event["kind"] == "audit.verification_failed" and event["data"]["first_bad_seq"] == 2, event
+    # Reported once, not on every pass: several passes later, still one.
+    passes = plane.app.audit_watch
+    await until(lambda: passes.checks >= 3, "more verification passes")
+    assert len(receiver.received) == 1

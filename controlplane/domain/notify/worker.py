@@ -127,6 +127,8 @@ class NotificationWorker:
         if lease is not None and not self.leases.due(lease):
             return lease
         self._lease = await (self.leases.renew(lease) if lease is not None else self.leases.acquire(LEASE))
+        if lease is None and self._lease is not None:
+            log.info("delivering notifications as %s (lease epoch %d)", self._lease.holder, self._lease.epoch)
         return self._lease
 
     async def dispatch(self, lease: Lease) -> int:

@@ -171,6 +171,6 @@ async def test_killing_the_delivering_replica_hands_delivery_over(tmp_path: Path
     finally:
         if control is not None:
             await control.close()
-        for r in replicas:
-            await r.close()
+        for replica in replicas:
+            await replica.close()
         await postgres.drop_database(url)

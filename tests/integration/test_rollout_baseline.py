@@ -53,7 +53,8 @@ async def test_a_late_joiner_gets_the_bundle_and_no_node_that_must_not_move_move
         )
         refusing.rejects.add(v2)
         # Created while it waits for an approval: it claims the four nodes now.
-        first = await creator.create(v2, approvals_required=1, max_failures=1)
+        # No health gates: a step holding only the refusing node has nobody to gate on.
+        first = await creator.create(v2, approvals_required=1, max_failures=1, gates=pb.HealthGates())
         # A node joining env=prod meanwhile (not a target of the first rollout) and held by
         # a second rollout, which waits for an approval too and has written nothing.
         async with running(

@@ -49,7 +49,7 @@ from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.directory import RolloutDirectory
 from controlplane.domain.rollouts.driver import RolloutDriver
 from controlplane.outbound.http import OutboundHttp
-from controlplane.outbound.notify import HttpNotificationSender
+from controlplane.outbound.notify import HttpNotificationSender, HttpWebhookCaller
 from controlplane.outbound.prometheus import PrometheusProvider
 from controlplane.rpc.audit import AuditServicer
 from controlplane.rpc.authn import Authenticator
@@ -323,6 +323,7 @@ class App:
             rollouts_due,
             stale_after=s.gate_staleness,
             metrics=PrometheusProvider(self.outbound),
+            webhooks=HttpWebhookCaller(self.outbound),
         )
         self.rollout_directory = RolloutDirectory(
             self.store, self.clock, self.hub, self.hub.wake, self.rollout_bus, rollouts_due

@@ -150,6 +150,13 @@ def rollout() -> None:
     default=None,
     help="Metric analysis: a JSON file of MetricAnalysis (provider_url, metrics, dry_run).",
 )
+@click.option(
+    "--webhook",
+    "webhooks",
+    multiple=True,
+    help="A webhook gate: PHASE=CHANNEL_ID[:rollback] with PHASE pre-rollout, pre-promotion, post-step "
+    "or post-rollout (repeat).",
+)
 @click.option("--watch", "follow", is_flag=True, help="Follow the rollout until it ends.")
 def rollout_create(
     server: str,
@@ -175,6 +182,7 @@ def rollout_create(
     override_freeze: str,
     pause_after: str,
     analysis_file: str | None,
+    webhooks: tuple[str, ...],
     follow: bool,
 ) -> None:
     """Create a rollout of BUNDLE (a digest or a version label)."""
@@ -197,6 +205,7 @@ def rollout_create(
             json_format.Parse(Path(analysis_file).read_text(), request.metric_analysis)
         except (json_format.ParseError, OSError, UnicodeDecodeError) as e:
             raise click.BadParameter(str(e)[:300], param_hint="--analysis") from None
+    request.webhooks.extend(_webhook(text) for text in webhooks)
     if bundle.startswith("sha256:"):
         request.bundle_digest = bundle
     else:
@@ -408,6 +417,26 @@ def rollout_unpin(server: str, project: str, node_id: str) -> None:
 
 
 # -- watching ---------------------------------------------------------------------------
+
+
+_PHASES = {
+    "pre-rollout": pb.WEBHOOK_PHASE_PRE_ROLLOUT,
+    "pre-promotion": pb.WEBHOOK_PHASE_PRE_PROMOTION,
+    "post-step": pb.WEBHOOK_PHASE_POST_STEP,
+    "post-rollout": pb.WEBHOOK_PHASE_POST_ROLLOUT,
+}
+
+
+def _webhook(text: str) -> pb.WebhookGate:
+    phase, _, target = text.partition("=")
+    channel_id, _, failure = target.partition(":")
+    if phase not in _PHASES or not channel_id or failure not in ("", "rollback", "pause"):
+        raise click.BadParameter(
+            f"{text!r}: PHASE=CHANNEL_ID[:rollback], PHASE one of {', '.join(_PHASES)}",
+            param_hint="--webhook",
+        )
+    on_failure = pb.WEBHOOK_FAILURE_ROLLBACK if failure == "rollback" else pb.WEBHOOK_FAILURE_PAUSE
+    return pb.WebhookGate(phase=_PHASES[phase], channel_id=channel_id, on_failure=on_failure)
 
 
 def _indexes(text: str) -> list[int]:

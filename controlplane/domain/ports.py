@@ -239,6 +239,17 @@ class NotificationSender(Protocol):
         ...
 
 
+class WebhookCaller(Protocol):
+    """Calls a rollout's webhook gate on its channel (`outbound/notify.py`)."""
+
+    async def call(
+        self, channel: Channel, payload: Mapping[str, Any], key: str, attempt: int, within: float
+    ) -> tuple[int, str]:
+        """(HTTP status, error text: "" for a 2xx answer). Never raises for the
+        receiver's or the network's faults."""
+        ...
+
+
 class Tx(Protocol):
     """One database transaction: everything done through it commits or rolls back together."""
 

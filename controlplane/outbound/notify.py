@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from controlplane.domain.model.notify import SEVERE, Channel, ChannelKind, Message
@@ -82,6 +83,43 @@ def _text(message: Message) -> str:
     if len(message.events) > _SHOWN:
         lines.append(f"(+{len(message.events) - _SHOWN} more)")
     return "\n".join(lines)
+
+
+class HttpWebhookCaller:
+    """Webhook gates: our JSON, signed like a notification, `Idempotency-Key` the same on
+    every attempt of one gate at one step."""
+
+    def __init__(self, http: OutboundHttp):
+        self._http = http
+
+    async def call(
+        self, channel: Channel, payload: Mapping[str, Any], key: str, attempt: int, within: float
+    ) -> tuple[int, str]:
+        data = json.dumps({**payload, "attempt": attempt}, separators=(",", ":")).encode()
+        timestamp = str(int(time.time()))
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "controlplane-webhook-gate",
+            "Idempotency-Key": key,
+            "X-Controlplane-Attempt": str(attempt),
+            "X-Controlplane-Timestamp": timestamp,
+            "X-Controlplane-Gate": str(payload.get("phase", "")),
+        }
+        if channel.secret:
+            headers["X-Controlplane-Signature"] = signature(channel.secret, timestamp, data)
+        try:
+            answer = await self._http.request("POST", channel.url, within, body=data, headers=headers)
+        except OutboundError as e:
+            return 0, str(e)
+        return answer.status, _judge(answer.status, answer.headers.get("Location", ""), answer.body)
+
+
+def _judge(status: int, location: str, body: bytes) -> str:
+    if 200 <= status < 300:
+        return ""
+    if 300 <= status < 400:
+        return f"HTTP {status}: redirected to {location[:200] or '?'} (redirects are not followed)"
+    return f"HTTP {status}: {body[:200].decode(errors='replace')}"
 
 
 class HttpNotificationSender:

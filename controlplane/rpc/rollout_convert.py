@@ -31,6 +31,7 @@ from controlplane.domain.model.rollouts import (
     StepState,
     Strategy,
 )
+from controlplane.domain.model.webhooks import OnFailure, WebhookGate, WebhookPhase
 from controlplane.rpc.convert import timestamp
 
 STRATEGY = {
@@ -117,6 +118,8 @@ def spec_in(r: pb.CreateRolloutRequest) -> RolloutSpec:
         values["scheduled_at"] = time_in(r.scheduled_at, "scheduled_at")
     if r.HasField("metric_analysis"):
         values["metric_analysis"] = _analysis_in(r.metric_analysis)
+    if r.webhooks:
+        values["webhooks"] = tuple(_gate_in(i, g) for i, g in enumerate(r.webhooks))
     return RolloutSpec(
         bundle_digest=r.bundle_digest,
         selector=r.selector,
@@ -150,6 +153,40 @@ def _analysis_in(a: pb.MetricAnalysis) -> MetricAnalysis:
             )
         )
     return MetricAnalysis(a.provider_url, tuple(checks), a.dry_run)
+
+
+_PHASE = {
+    WebhookPhase.PRE_ROLLOUT: pb.WEBHOOK_PHASE_PRE_ROLLOUT,
+    WebhookPhase.PRE_PROMOTION: pb.WEBHOOK_PHASE_PRE_PROMOTION,
+    WebhookPhase.POST_STEP: pb.WEBHOOK_PHASE_POST_STEP,
+    WebhookPhase.POST_ROLLOUT: pb.WEBHOOK_PHASE_POST_ROLLOUT,
+}
+_PHASE_IN = {v: k for k, v in _PHASE.items()}
+
+
+def _gate_in(i: int, g: pb.WebhookGate) -> WebhookGate:
+    if g.phase not in _PHASE_IN:
+        raise InvalidArgument("give the gate's phase", field=f"webhooks[{i}].phase")
+    d = WebhookGate(WebhookPhase.PRE_PROMOTION, "")
+    return WebhookGate(
+        phase=_PHASE_IN[g.phase],
+        channel_id=g.channel_id,
+        timeout=_seconds(g.timeout, f"webhooks[{i}].timeout") if g.HasField("timeout") else d.timeout,
+        max_attempts=g.max_attempts or d.max_attempts,
+        on_failure=OnFailure.ROLLBACK if g.on_failure == pb.WEBHOOK_FAILURE_ROLLBACK else OnFailure.PAUSE,
+    )
+
+
+def _gate_out(g: WebhookGate) -> pb.WebhookGate:
+    return pb.WebhookGate(
+        phase=_PHASE[g.phase],
+        channel_id=g.channel_id,
+        timeout=_duration(g.timeout),
+        max_attempts=g.max_attempts,
+        on_failure=pb.WEBHOOK_FAILURE_ROLLBACK
+        if g.on_failure is OnFailure.ROLLBACK
+        else pb.WEBHOOK_FAILURE_PAUSE,
+    )
 
 
 def _analysis_out(a: MetricAnalysis) -> pb.MetricAnalysis:
@@ -203,6 +240,7 @@ def spec_out(project: str, s: RolloutSpec) -> pb.CreateRolloutRequest:
     )
     if s.metric_analysis is not None:
         msg.metric_analysis.CopyFrom(_analysis_out(s.metric_analysis))
+    msg.webhooks.extend(_gate_out(g) for g in s.webhooks)
     if s.strategy is Strategy.ROLLING:
         msg.rolling.CopyFrom(pb.RollingParams(batch_size=s.batch_size, batch_percent=s.batch_percent))
     elif s.strategy is Strategy.CANARY:

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from controlplane.domain.model.analysis import Measurement
 from controlplane.domain.model.fleet import HeartbeatRecord
 from controlplane.domain.model.rollouts import FreezeWindow
+from controlplane.domain.model.webhooks import GateCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,3 +44,5 @@ class World:
     samples: Mapping[str, Sequence[HeartbeatRecord]] | None = None
     # Metric analysis measurements taken for this tick: (step index, measurements).
     measurements: tuple[int, Sequence[Measurement]] | None = None
+    # A webhook gate's call made for this tick.
+    gate_call: GateCall | None = None

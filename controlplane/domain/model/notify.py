@@ -36,6 +36,8 @@ class EventKind:
     NODE_OFFLINE = "node.offline"
     BUNDLE_REVOKED = "bundle.revoked"
     AUDIT_VERIFICATION_FAILED = "audit.verification_failed"
+    # A rollout's post-rollout webhook gate: routed only to the channel it names.
+    ROLLOUT_POST_ROLLOUT = "rollout.post_rollout"
 
 
 EVENT_KINDS = frozenset(v for k, v in vars(EventKind).items() if k.isupper())

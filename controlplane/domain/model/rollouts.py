@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from controlplane.domain.model.analysis import MetricAnalysis
+from controlplane.domain.model.webhooks import WebhookGate
 
 
 class Strategy(enum.StrEnum):
@@ -201,6 +202,7 @@ class RolloutSpec:
     metric_analysis: MetricAnalysis | None = None
     # The rollout this one retries (RetryRollout).
     retry_of: str = ""
+    webhooks: tuple[WebhookGate, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -225,6 +227,7 @@ class RolloutSpec:
             "pause_after_steps": list(self.pause_after_steps),
             "metric_analysis": self.metric_analysis.to_json() if self.metric_analysis else None,
             "retry_of": self.retry_of,
+            "webhooks": [w.to_json() for w in self.webhooks],
         }
 
     @classmethod
@@ -253,6 +256,7 @@ class RolloutSpec:
             pause_after_steps=tuple(d.get("pause_after_steps", ())),
             metric_analysis=MetricAnalysis.from_json(analysis) if analysis else None,
             retry_of=d.get("retry_of", ""),
+            webhooks=tuple(WebhookGate.from_json(w) for w in d.get("webhooks", ())),
         )
 
 

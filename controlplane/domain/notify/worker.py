@@ -33,7 +33,14 @@ from controlplane.domain.kernel.secrets import new_id
 from controlplane.domain.kernel.wakeup import Wakeup
 from controlplane.domain.leases import Leases
 from controlplane.domain.model.leases import Lease, LeaseLost
-from controlplane.domain.model.notify import SERVER, Channel, Message, MessageState, NotificationEvent
+from controlplane.domain.model.notify import (
+    SERVER,
+    Channel,
+    EventKind,
+    Message,
+    MessageState,
+    NotificationEvent,
+)
 from controlplane.domain.ports import Clock, NotificationSender, Store
 
 log = logging.getLogger(__name__)
@@ -143,6 +150,11 @@ class NotificationWorker:
             by_id = {c.id: c for c in channels}
             for event in events:
                 for channel in channels:
+                    if event.kind == EventKind.ROLLOUT_POST_ROLLOUT:
+                        # A gate names its channel: whatever the channel subscribes to.
+                        if channel.id == event.data.get("channel") and channel.enabled:
+                            groups.setdefault((channel.id, event.kind), []).append(event)
+                        continue
                     if event.project in (channel.project, SERVER) and channel.wants(event.kind):
                         groups.setdefault((channel.id, event.kind), []).append(event)
             for (channel_id, kind), grouped in groups.items():

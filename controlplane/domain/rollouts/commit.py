@@ -32,6 +32,7 @@ from controlplane.domain.model.rollouts import (
     RolloutState,
     StepState,
 )
+from controlplane.domain.model.webhooks import WebhookPhase
 from controlplane.domain.ports import Tx
 from controlplane.domain.rollouts.baseline import write_baseline
 from controlplane.domain.rollouts.bundles import assignable
@@ -135,6 +136,19 @@ async def _notify(tx: Tx, run: Run, saved: Rollout, now: datetime) -> None:
             await tx.notify.emit(
                 NotificationEvent(
                     saved.project, kind, subject, summary[:1000], now, {**data, "state": to.value}
+                )
+            )
+    ended = [to for _, to in run.transitions if to in TERMINAL_STATES or to is RolloutState.FAILED]
+    for gate in saved.spec.webhooks if ended else ():
+        if gate.phase is WebhookPhase.POST_ROLLOUT:
+            await tx.notify.emit(
+                NotificationEvent(
+                    saved.project,
+                    EventKind_.ROLLOUT_POST_ROLLOUT,
+                    subject,
+                    f"rollout {saved.id} ended {ended[-1].value}: {saved.reason}"[:1000],
+                    now,
+                    {**data, "state": ended[-1].value, "reason": saved.reason, "channel": gate.channel_id},
                 )
             )
     for step, old in zip(run.steps, run.loaded_steps, strict=True):

@@ -41,7 +41,8 @@ from controlplane.domain.model.rollouts import (
     Step,
     StepState,
 )
-from controlplane.domain.ports import Clock, DesiredView, MetricsProvider, Store, Tx
+from controlplane.domain.model.webhooks import GateCall, WebhookPhase
+from controlplane.domain.ports import Clock, DesiredView, MetricsProvider, Store, Tx, WebhookCaller
 from controlplane.domain.rollouts import approvers as approver_rules
 from controlplane.domain.rollouts import machine
 from controlplane.domain.rollouts import metrics as metric_rules
@@ -51,6 +52,10 @@ from controlplane.domain.rollouts.run import Run
 
 # The longest a metric query may take: the driver waits for it in its pass.
 MEASURE_TIMEOUT = 5.0
+# The longest one webhook gate call may take, for the same reason.
+GATE_CALL_TIMEOUT = 5.0
+# Node ids a gate call names per set: enough for a canary, bounded for a fleet.
+MAX_NODES_SENT = 1000
 # Operator actions retried this often when the driver committed in between.
 _ATTEMPTS = 3
 # Node states seen between decisions are written at most this often per rollout: they
@@ -94,6 +99,8 @@ class RolloutController:
     _taken: dict[str, int] = field(default_factory=dict)
     # The metrics provider for metric analysis (None: analyses record an error).
     metrics: MetricsProvider | None = None
+    # Calls webhook gates (None: every call fails).
+    webhooks: WebhookCaller | None = None
 
     # -- operator actions ------------------------------------------------------------
 
@@ -275,7 +282,11 @@ class RolloutController:
         world = await self._measure(base, world)
         run = decide(world)
         if run.needs_samples:
-            run = decide(await self._with_samples(run, world))
+            world = await self._with_samples(run, world)
+            run = decide(world)
+        if run.needs_gate is not None:
+            world = replace(world, gate_call=await self._call_gate(run, *run.needs_gate))
+            run = decide(world)
         if not run.changed:
             return False
         if (
@@ -364,6 +375,34 @@ class RolloutController:
             return Measurement(check.name, Phase.ERROR, self.clock(), None, e.message[:500], query)
         phase, reason = metric_rules.classify(check, value)
         return Measurement(check.name, phase, self.clock(), value, reason, query)
+
+    async def _call_gate(self, run: Run, phase: WebhookPhase, step: int) -> GateCall:
+        """Call `phase`'s webhook gate for `step` once (a failure is an answer too)."""
+        rollout = run.rollout
+        gate = next(g for g in rollout.spec.webhooks if g.phase is phase)
+        async with self.store.read() as tx:
+            channel = await tx.notify.channel(gate.channel_id)
+        if channel is None or channel.project != rollout.project or self.webhooks is None:
+            return GateCall(phase, step, self.clock(), False, 0, f"channel {gate.channel_id} does not exist")
+        canary_ids, baseline_ids = machine.analysis_nodes(run)
+        attempts = run.steps[step].detail.get("webhooks", {}).get(phase.value, {}).get("attempts", 0)
+        payload = {
+            "rollout": rollout.id,
+            "project": rollout.project,
+            "phase": phase.value,
+            "step": step,
+            "steps": len(run.steps),
+            "bundle": rollout.spec.bundle_digest,
+            "selector": rollout.spec.selector,
+            "state": rollout.state.value,
+            "canary_nodes": canary_ids[:MAX_NODES_SENT],
+            "baseline_nodes": baseline_ids[:MAX_NODES_SENT],
+            "step_nodes": [n.node_id for n in run.members(run.steps[step])][:MAX_NODES_SENT],
+        }
+        within = min(GATE_CALL_TIMEOUT, gate.timeout.total_seconds())
+        key = f"{rollout.id}.{phase.value}.{step}"
+        status, error = await self.webhooks.call(channel, payload, key, attempts + 1, within)
+        return GateCall(phase, step, self.clock(), not error, status, error)
 
     def _with_pin(self, facts: NodeFacts) -> NodeFacts:
         row = self.view.effective(facts.node_id)

@@ -27,8 +27,8 @@ from controlplane.domain.kernel.labels import Selector, node_key
 from controlplane.domain.kernel.secrets import new_id
 from controlplane.domain.model.desired import Assignment
 from controlplane.domain.model.fleet import Node
+from controlplane.domain.model.notify import ChannelKind, NotificationEvent
 from controlplane.domain.model.notify import EventKind as NotifyKind
-from controlplane.domain.model.notify import NotificationEvent
 from controlplane.domain.model.rollouts import (
     FreezeWindow,
     NodeState,
@@ -93,6 +93,13 @@ class RolloutDirectory:
             if bundle_version:
                 spec = replace(spec, bundle_digest=await by_version(tx, project, bundle_version))
             bundle = await assignable(tx, project, spec.bundle_digest)
+            for i, gate in enumerate(spec.webhooks):
+                channel = await tx.notify.channel(gate.channel_id)
+                if channel is None or channel.project != project or channel.kind is not ChannelKind.WEBHOOK:
+                    raise InvalidArgument(
+                        f"{gate.channel_id!r} is not a webhook channel of project {project!r}",
+                        field=f"webhooks[{i}].channel_id",
+                    )
             await require_unfrozen(tx, project, spec.scheduled_at or now, spec.freeze_override_reason)
             selector = Selector.parse(spec.selector)
             matched = await tx.rollouts.target_nodes(project, selector.terms)

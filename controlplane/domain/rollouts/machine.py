@@ -38,7 +38,8 @@ from controlplane.domain.model.rollouts import (
     StepState,
     Strategy,
 )
-from controlplane.domain.rollouts import canary, gates, metrics
+from controlplane.domain.model.webhooks import OnFailure, WebhookPhase
+from controlplane.domain.rollouts import canary, gates, metrics, webhooks
 from controlplane.domain.rollouts.run import EventKind, Run, StepWrite
 
 HOLD_PREFIX = "held: "
@@ -82,6 +83,13 @@ def _start(run: Run, world: World) -> None:
         return
     if _held(run, world):
         return
+    verdict, reason = webhooks.check(run, world, run.steps[0], WebhookPhase.PRE_ROLLOUT)
+    if verdict == webhooks.FAIL:
+        # Nothing was written: there is nothing to pause or roll back.
+        run.transition(RolloutState.CANCELLED, now, reason)
+        return
+    if verdict == webhooks.WAIT:
+        return
     run.transition(RolloutState.RUNNING, now, "")
     _advance(run, world)
 
@@ -103,8 +111,11 @@ def _held(run: Run, world: World) -> bool:
 
 def _advance(run: Run, world: World) -> None:
     done = run.current
-    if done is not None and done.state is StepState.DONE and _pause_step(run, world, done):
-        return
+    if done is not None and done.state is StepState.DONE:
+        if not done.detail.get("promoted") and not _gate_allows(run, world, done, WebhookPhase.POST_STEP):
+            return
+        if _pause_step(run, world, done):
+            return
     nxt = run.rollout.current_step + 1
     if nxt >= len(run.steps):
         _succeed(run, world.now)
@@ -343,6 +354,8 @@ def _bake(run: Run, world: World, step: Step, members: list[RolloutNode], unavai
         return
     if not metrics_pass:
         return
+    if not _gate_allows(run, world, run.steps[step.index], WebhookPhase.PRE_PROMOTION):
+        return
     run.set_step(run.steps[step.index], state=StepState.DONE, finished_at=now)
     run.event(EventKind.STEP, f"step {step.index} done", step=step.index)
     _advance(run, world)
@@ -400,6 +413,19 @@ def _metric_analysis(run: Run, world: World, step: Step) -> tuple[Step, bool | N
         step = run.set_step(step, detail={**step.detail, "metrics_passed": True})
         run.event(EventKind.ANALYSIS, f"step {step.index} metric analysis passed: {reason}", step=step.index)
     return step, verdict == metrics.Verdict.PASS
+
+
+def _gate_allows(run: Run, world: World, step: Step, phase: WebhookPhase) -> bool:
+    """Whether `phase`'s webhook gate lets the rollout go on; one that gave up pauses the
+    rollout or fails it, as the gate says."""
+    verdict, reason = webhooks.check(run, world, step, phase)
+    if verdict == webhooks.FAIL:
+        gate = webhooks.gate_of(run, phase)
+        if gate is not None and gate.on_failure is OnFailure.ROLLBACK:
+            _fail(run, world.now, reason)
+        elif run.state is RolloutState.RUNNING:
+            run.transition(RolloutState.PAUSED, world.now, reason)
+    return verdict == webhooks.PASS
 
 
 def _extension(run: Run, world: World) -> timedelta:
@@ -571,8 +597,13 @@ def resume(run: Run, now: datetime) -> None:
             gate_failing_since=None,
             detail=detail,
         )
-    elif step is not None and step.state is StepState.DONE and step.index in run.spec.pause_after_steps:
-        run.set_step(step, detail={**step.detail, "released": True})
+    elif step is not None and step.state is StepState.DONE:
+        detail = webhooks.fresh_start(step)
+        if step.index in run.spec.pause_after_steps:
+            detail["released"] = True
+        run.set_step(step, detail=detail)
+    if step is not None and step.state in (StepState.APPLYING, StepState.BAKING):
+        run.set_step(run.steps[step.index], detail=webhooks.fresh_start(run.steps[step.index]))
     run.transition(RolloutState.RUNNING, now, "")
 
 

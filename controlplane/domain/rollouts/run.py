@@ -29,6 +29,7 @@ from controlplane.domain.model.rollouts import (
     StepKind,
     StepState,
 )
+from controlplane.domain.model.webhooks import WebhookPhase
 
 
 class EventKind:
@@ -42,6 +43,8 @@ class EventKind:
     WRITE = "write"
     # The baseline a successful rollout leaves on its selector (baseline.py).
     BASELINE = "baseline"
+    # A webhook gate's call and answer (webhooks.py).
+    WEBHOOK = "webhook"
 
 
 class IllegalTransition(FailedPrecondition):
@@ -83,6 +86,8 @@ class Run:
     transitions: list[tuple[RolloutState, RolloutState]] = field(default_factory=list)
     # The machine needs heartbeat history (canary analysis): load it and tick again.
     needs_samples: bool = False
+    # A webhook gate's call is due: (phase, step). Make it and tick again.
+    needs_gate: tuple[WebhookPhase, int] | None = None
 
     def __post_init__(self) -> None:
         self.loaded_rollout = self.rollout

@@ -69,6 +69,7 @@ def validate(spec: RolloutSpec, now: datetime) -> RolloutSpec:
         raise InvalidArgument("step indexes, each once", field="pause_after_steps")
     if spec.metric_analysis is not None:
         _metric_analysis(spec.metric_analysis)
+    _webhooks(spec)
     if len(spec.freeze_override_reason) > MAX_REASON:
         raise InvalidArgument(f"at most {MAX_REASON} characters", field="freeze_override_reason")
     return replace(
@@ -77,6 +78,23 @@ def validate(spec: RolloutSpec, now: datetime) -> RolloutSpec:
         freeze_override_reason=spec.freeze_override_reason.strip(),
         pause_after_steps=tuple(sorted(spec.pause_after_steps)),
     )
+
+
+def _webhooks(spec: RolloutSpec) -> None:
+    phases: set[str] = set()
+    for i, g in enumerate(spec.webhooks):
+        if g.phase.value in phases:
+            raise InvalidArgument(
+                f"a second {g.phase.value} gate; one per phase", field=f"webhooks[{i}].phase"
+            )
+        phases.add(g.phase.value)
+        if not g.channel_id:
+            raise InvalidArgument("name the webhook channel to call", field=f"webhooks[{i}].channel_id")
+        _duration(g.timeout, f"webhooks[{i}].timeout", timedelta(seconds=1), MAX_BAKE)
+        if not 1 <= g.max_attempts <= 100:
+            raise InvalidArgument(
+                f"{g.max_attempts} is outside [1, 100]", field=f"webhooks[{i}].max_attempts"
+            )
 
 
 def _metric_analysis(a: MetricAnalysis) -> None:

@@ -166,6 +166,56 @@ NODE_STATE_SKIPPED: NodeState.ValueType  # 6
 NODE_STATE_ROLLED_BACK: NodeState.ValueType  # 7
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
+class _WebhookPhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookPhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_PHASE_UNSPECIFIED: _WebhookPhase.ValueType  # 0
+    WEBHOOK_PHASE_PRE_ROLLOUT: _WebhookPhase.ValueType  # 1
+    """Before the rollout starts; a gate that gives up cancels it (nothing written)."""
+    WEBHOOK_PHASE_PRE_PROMOTION: _WebhookPhase.ValueType  # 2
+    """Before each step is promoted (after its bake, gates and analyses)."""
+    WEBHOOK_PHASE_POST_STEP: _WebhookPhase.ValueType  # 3
+    """After each step is done, before the next one starts."""
+    WEBHOOK_PHASE_POST_ROLLOUT: _WebhookPhase.ValueType  # 4
+    """After the rollout ends: delivered at least once through the notification outbox."""
+
+class WebhookPhase(_WebhookPhase, metaclass=_WebhookPhaseEnumTypeWrapper): ...
+
+WEBHOOK_PHASE_UNSPECIFIED: WebhookPhase.ValueType  # 0
+WEBHOOK_PHASE_PRE_ROLLOUT: WebhookPhase.ValueType  # 1
+"""Before the rollout starts; a gate that gives up cancels it (nothing written)."""
+WEBHOOK_PHASE_PRE_PROMOTION: WebhookPhase.ValueType  # 2
+"""Before each step is promoted (after its bake, gates and analyses)."""
+WEBHOOK_PHASE_POST_STEP: WebhookPhase.ValueType  # 3
+"""After each step is done, before the next one starts."""
+WEBHOOK_PHASE_POST_ROLLOUT: WebhookPhase.ValueType  # 4
+"""After the rollout ends: delivered at least once through the notification outbox."""
+Global___WebhookPhase: _TypeAlias = WebhookPhase  # noqa: Y015
+
+class _WebhookFailure:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookFailureEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookFailure.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_FAILURE_UNSPECIFIED: _WebhookFailure.ValueType  # 0
+    """Pause."""
+    WEBHOOK_FAILURE_PAUSE: _WebhookFailure.ValueType  # 1
+    WEBHOOK_FAILURE_ROLLBACK: _WebhookFailure.ValueType  # 2
+    """Fail the rollout (rollback under auto-rollback)."""
+
+class WebhookFailure(_WebhookFailure, metaclass=_WebhookFailureEnumTypeWrapper): ...
+
+WEBHOOK_FAILURE_UNSPECIFIED: WebhookFailure.ValueType  # 0
+"""Pause."""
+WEBHOOK_FAILURE_PAUSE: WebhookFailure.ValueType  # 1
+WEBHOOK_FAILURE_ROLLBACK: WebhookFailure.ValueType  # 2
+"""Fail the rollout (rollback under auto-rollback)."""
+Global___WebhookFailure: _TypeAlias = WebhookFailure  # noqa: Y015
+
 @_typing.final
 class RollingParams(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -377,6 +427,7 @@ class CreateRolloutRequest(_message.Message):
     FREEZE_OVERRIDE_REASON_FIELD_NUMBER: _builtins.int
     PAUSE_AFTER_STEPS_FIELD_NUMBER: _builtins.int
     METRIC_ANALYSIS_FIELD_NUMBER: _builtins.int
+    WEBHOOKS_FIELD_NUMBER: _builtins.int
     project: _builtins.str
     bundle_digest: _builtins.str
     """The bundle: its digest or its version label (exactly one)."""
@@ -428,6 +479,10 @@ class CreateRolloutRequest(_message.Message):
     def metric_analysis(self) -> Global___MetricAnalysis:
         """Analysis from a metrics provider, held during each step's bake."""
 
+    @_builtins.property
+    def webhooks(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookGate]:
+        """Webhook gates, at most one per phase."""
+
     def __init__(
         self,
         *,
@@ -451,10 +506,11 @@ class CreateRolloutRequest(_message.Message):
         freeze_override_reason: _builtins.str = ...,
         pause_after_steps: _abc.Iterable[_builtins.int] | None = ...,
         metric_analysis: Global___MetricAnalysis | None = ...,
+        webhooks: _abc.Iterable[Global___WebhookGate] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_auto_rollback", b"_auto_rollback", "auto_rollback", b"auto_rollback", "bake_time", b"bake_time", "blue_green", b"blue_green", "canary", b"canary", "gate_failure_window", b"gate_failure_window", "gates", b"gates", "metric_analysis", b"metric_analysis", "params", b"params", "progress_deadline", b"progress_deadline", "rolling", b"rolling", "scheduled_at", b"scheduled_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_auto_rollback", b"_auto_rollback", "approvals_required", b"approvals_required", "auto_rollback", b"auto_rollback", "bake_time", b"bake_time", "blue_green", b"blue_green", "bundle_digest", b"bundle_digest", "bundle_version", b"bundle_version", "canary", b"canary", "freeze_override_reason", b"freeze_override_reason", "gate_failure_window", b"gate_failure_window", "gates", b"gates", "max_failures", b"max_failures", "max_unavailable", b"max_unavailable", "metric_analysis", b"metric_analysis", "params", b"params", "pause_after_steps", b"pause_after_steps", "progress_deadline", b"progress_deadline", "project", b"project", "rolling", b"rolling", "scheduled_at", b"scheduled_at", "selector", b"selector", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_auto_rollback", b"_auto_rollback", "approvals_required", b"approvals_required", "auto_rollback", b"auto_rollback", "bake_time", b"bake_time", "blue_green", b"blue_green", "bundle_digest", b"bundle_digest", "bundle_version", b"bundle_version", "canary", b"canary", "freeze_override_reason", b"freeze_override_reason", "gate_failure_window", b"gate_failure_window", "gates", b"gates", "max_failures", b"max_failures", "max_unavailable", b"max_unavailable", "metric_analysis", b"metric_analysis", "params", b"params", "pause_after_steps", b"pause_after_steps", "progress_deadline", b"progress_deadline", "project", b"project", "rolling", b"rolling", "scheduled_at", b"scheduled_at", "selector", b"selector", "strategy", b"strategy", "webhooks", b"webhooks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__auto_rollback: _TypeAlias = _typing.Literal["auto_rollback"]  # noqa: Y015
     _WhichOneofArgType__auto_rollback: _TypeAlias = _typing.Literal["_auto_rollback", b"_auto_rollback"]  # noqa: Y015
@@ -466,6 +522,44 @@ class CreateRolloutRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_params) -> _WhichOneofReturnType_params | None: ...
 
 Global___CreateRolloutRequest: _TypeAlias = CreateRolloutRequest  # noqa: Y015
+
+@_typing.final
+class WebhookGate(_message.Message):
+    """A call out that holds its phase until it answers 2xx. See docs/rollouts.md."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    CHANNEL_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    ON_FAILURE_FIELD_NUMBER: _builtins.int
+    phase: Global___WebhookPhase.ValueType
+    channel_id: _builtins.str
+    """A webhook notification channel of the project: its URL and HMAC key."""
+    max_attempts: _builtins.int
+    """Failed calls before it gives up (0: 5)."""
+    on_failure: Global___WebhookFailure.ValueType
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long it may keep failing (absent: 5 min)."""
+
+    def __init__(
+        self,
+        *,
+        phase: Global___WebhookPhase.ValueType = ...,
+        channel_id: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        max_attempts: _builtins.int = ...,
+        on_failure: Global___WebhookFailure.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "max_attempts", b"max_attempts", "on_failure", b"on_failure", "phase", b"phase", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookGate: _TypeAlias = WebhookGate  # noqa: Y015
 
 @_typing.final
 class MetricAnalysis(_message.Message):

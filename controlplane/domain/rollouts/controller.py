@@ -43,8 +43,8 @@ from controlplane.domain.model.rollouts import (
 )
 from controlplane.domain.model.webhooks import GateCall, WebhookPhase
 from controlplane.domain.ports import Clock, DesiredView, MetricsProvider, Store, Tx, WebhookCaller
+from controlplane.domain.rollouts import actions, machine
 from controlplane.domain.rollouts import approvers as approver_rules
-from controlplane.domain.rollouts import machine
 from controlplane.domain.rollouts import metrics as metric_rules
 from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
 from controlplane.domain.rollouts.commit import Committed, commit
@@ -106,20 +106,20 @@ class RolloutController:
 
     async def pause(self, project: str, rollout_id: str, reason: str) -> RolloutView:
         text = _reason(reason)
-        return await self._act(project, rollout_id, lambda run, now, _: machine.pause(run, now, text))
+        return await self._act(project, rollout_id, lambda run, now, _: actions.pause(run, now, text))
 
     async def resume(self, project: str, rollout_id: str) -> RolloutView:
-        return await self._act(project, rollout_id, lambda run, now, _: machine.resume(run, now))
+        return await self._act(project, rollout_id, lambda run, now, _: actions.resume(run, now))
 
     async def cancel(self, project: str, rollout_id: str, reason: str) -> RolloutView:
         text = _reason(reason)
         return await self._act(
-            project, rollout_id, lambda run, now, facts: machine.cancel(run, now, text, facts), facts=True
+            project, rollout_id, lambda run, now, facts: actions.cancel(run, now, text, facts), facts=True
         )
 
     async def roll_back(self, project: str, rollout_id: str, reason: str) -> RolloutView:
         text = _reason(reason)
-        return await self._act(project, rollout_id, lambda run, now, _: machine.roll_back(run, now, text))
+        return await self._act(project, rollout_id, lambda run, now, _: actions.roll_back(run, now, text))
 
     async def promote(self, project: str, rollout_id: str, reason: str) -> RolloutView:
         text = _reason(reason)
@@ -127,7 +127,7 @@ class RolloutController:
         return await self._act(
             project,
             rollout_id,
-            lambda run, now, _: machine.promote(run, now, actor, text),
+            lambda run, now, _: actions.promote(run, now, actor, text),
             audit=("rollout.promote", {"reason": text}),
         )
 
@@ -137,7 +137,7 @@ class RolloutController:
         return await self._act(
             project,
             rollout_id,
-            lambda run, now, _: machine.skip_step(run, now, actor, text),
+            lambda run, now, _: actions.skip_step(run, now, actor, text),
             audit=("rollout.skip_step", {"reason": text}),
         )
 
@@ -146,7 +146,7 @@ class RolloutController:
         if not text:
             raise InvalidArgument("say why the rollout is rejected", field="reason")
         actor = _operator("reject")
-        return await self._act(project, rollout_id, lambda run, now, _: machine.reject(run, now, actor, text))
+        return await self._act(project, rollout_id, lambda run, now, _: actions.reject(run, now, actor, text))
 
     async def approve(self, project: str, rollout_id: str, comment: str) -> RolloutView:
         text = _reason(comment, "comment")
@@ -162,7 +162,7 @@ class RolloutController:
                             tx, rollout_id, actor, run.rollout.created_by, approvers
                         )
                     now = self.clock()
-                    machine.approve(run, now, actor, approvers)
+                    actions.approve(run, now, actor, approvers)
                     await tx.rollouts.add_approval(rollout_id, Approval(actor, now, text))
                     await tx.audit.record(
                         "rollout.approve",

@@ -309,7 +309,8 @@ class App:
 
     def _build_rollouts(self, rollouts_due: Wakeup) -> None:
         s = self.settings
-        self.outbound = OutboundHttp(parse_allow(s.outbound_allow))
+        allow = parse_allow(s.outbound_allow)
+        self.outbound = OutboundHttp(allow)
         self.rollout_bus = RolloutBus()
         self.leases = Leases(self.store, self.clock, ttl=s.lease_ttl)
         # Gates call a heartbeat stale past --gate-stale-after (default: once the node
@@ -326,7 +327,7 @@ class App:
             webhooks=HttpWebhookCaller(self.outbound),
         )
         self.rollout_directory = RolloutDirectory(
-            self.store, self.clock, self.hub, self.hub.wake, self.rollout_bus, rollouts_due
+            self.store, self.clock, self.hub, self.hub.wake, self.rollout_bus, rollouts_due, allow
         )
         self.driver = RolloutDriver(
             self.rollouts, self.leases, s.rollout_tick.total_seconds(), record_pass, wakeup=rollouts_due

@@ -163,6 +163,7 @@ async def test_bad_analysis_is_refused_at_creation_naming_the_field(setup: Setup
     cases = [
         (analysis(url, query="sum(rate(x[1m])"), "metric_analysis.metrics[0].query"),
         (analysis("ftp://prometheus:9090"), "metric_analysis.provider_url"),
+        (analysis("http://169.254.169.254:9090"), "metric_analysis.provider_url"),
         (analysis(url, success_condition="value < 1"), "metric_analysis.metrics[0].success_condition"),
         (analysis(url, success_condition=""), "metric_analysis.metrics[0].success_condition"),
         (analysis(url, failure_limit=3), "metric_analysis.metrics[0].failure_limit"),

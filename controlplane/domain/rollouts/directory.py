@@ -12,9 +12,10 @@ fewer approvals than its `min_approvals` is raised to it, and its creation event
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit
 
 from controlplane.domain.audit.context import current_actor
 from controlplane.domain.desired import write_assignment, write_unassignment
@@ -22,6 +23,7 @@ from controlplane.domain.fleet.approvals import audit_break_glass, break_glass_r
 from controlplane.domain.fleet.assignments import require_unclaimed, require_unfrozen
 from controlplane.domain.fleet.nodes import READ_YOUR_WRITES
 from controlplane.domain.kernel import validation
+from controlplane.domain.kernel.addresses import Network, literal_reason
 from controlplane.domain.kernel.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from controlplane.domain.kernel.labels import Selector, node_key
 from controlplane.domain.kernel.secrets import new_id
@@ -64,6 +66,8 @@ class RolloutDirectory:
     bus: RolloutBus
     # Wakes this process's driver (a change it should act on now).
     wake: Callable[[], None]
+    # Networks a metric provider's URL may name although internal (`--outbound-allow`).
+    allow: Sequence[Network] = ()
 
     async def create(self, project: str, spec: RolloutSpec, bundle_version: str = "") -> RolloutView:
         now = self.clock()
@@ -72,6 +76,10 @@ class RolloutDirectory:
                 "give exactly one of bundle_digest and bundle_version", field="bundle_digest"
             )
         spec = specs.validate(spec, now)
+        if spec.metric_analysis is not None:
+            host = urlsplit(spec.metric_analysis.provider_url).hostname or ""
+            if reason := literal_reason(host, self.allow):
+                raise InvalidArgument(f"refused: {reason}", field="metric_analysis.provider_url")
         creator = str(current_actor())
         for attempt in range(2):
             try:

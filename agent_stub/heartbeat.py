@@ -37,7 +37,7 @@ HEALTH = {
     "degraded": node_pb2.HEALTH_STATUS_DEGRADED,
     "unhealthy": node_pb2.HEALTH_STATUS_UNHEALTHY,
 }
-# The server's bounds, inclusive (controlplane.domain.nodes.METRIC_BOUNDS), copied because
+# The server's bounds, inclusive (controlplane.domain.fleet.nodes.METRIC_BOUNDS), copied because
 # the agent may not import the domain (import-linter); tests/unit/test_agent_metrics.py
 # fails when the two differ. A value outside them would get the whole beat refused.
 MetricName = Literal["error_rate", "p99_latency_ms", "cpu_percent", "memory_percent", "requests_per_second"]
@@ -162,7 +162,21 @@ def read_metrics_file(path: Path) -> Reading:
 # The "field" of a problem that cost every metric (no NodeMetrics field is named so).
 _WHOLE = "metrics"
 
-MetricsSource = Callable[[], Awaitable[node_pb2.NodeMetrics]]
+# None: the source knows nothing this time (a driver before its first bundle).
+MetricsSource = Callable[[], Awaitable[node_pb2.NodeMetrics | None]]
+
+
+def overlay(base: node_pb2.NodeMetrics | None, top: node_pb2.NodeMetrics) -> node_pb2.NodeMetrics:
+    """`base` with every field `top` sets replaced (a metrics file over a driver's)."""
+    out = node_pb2.NodeMetrics()
+    if base is not None:
+        out.CopyFrom(base)
+    for field, value in top.ListFields():
+        if field.name != "health":
+            setattr(out, field.name, value)
+    if top.health != node_pb2.HEALTH_STATUS_UNSPECIFIED:
+        out.health = top.health
+    return out
 
 
 class Heartbeater:
@@ -194,23 +208,32 @@ class Heartbeater:
         self._warned: set[tuple[str, str]] = set()
 
     async def metrics(self) -> node_pb2.NodeMetrics:
-        """What this beat reports: the source's or the file's metrics without the values
-        the server would refuse, or nothing known. Never raises: a beat goes out whatever
-        the metrics, since it is also the node's liveness."""
-        if self._metrics is None and self.metrics_file is None:
-            return unknown_metrics()
-        try:
-            if self._metrics is not None:
-                reading = check_metrics(await self._metrics())
+        """What this beat reports: the source's metrics (a driver's: the proxy's own
+        statistics) with every field the metrics file sets laid over them, without the
+        values the server would refuse; or nothing known. Never raises: a beat goes out
+        whatever the metrics, since it is also the node's liveness."""
+        problems: dict[tuple[str, str], str] = {}
+        merged: node_pb2.NodeMetrics | None = None
+        if self._metrics is not None:
+            try:
+                got = await self._metrics()
+            except Exception as e:  # a source's bug
+                problems[(_WHOLE, type(e).__name__)] = str(e) or repr(e)
             else:
-                assert self.metrics_file is not None
+                if got is not None:
+                    reading = check_metrics(got)
+                    merged = reading.metrics
+                    problems.update({(d.field, d.problem): d.detail for d in reading.dropped})
+        if self.metrics_file is not None:
+            try:
                 reading = read_metrics_file(self.metrics_file)
-        except Exception as e:  # MetricsError for the file, or a source's bug
-            problem = e.problem if isinstance(e, MetricsError) else type(e).__name__
-            self._problems({(_WHOLE, problem): str(e) or repr(e)})
-            return unknown_metrics()
-        self._problems({(d.field, d.problem): d.detail for d in reading.dropped})
-        return reading.metrics
+            except MetricsError as e:
+                problems[(_WHOLE, e.problem)] = str(e)
+            else:
+                merged = overlay(merged, reading.metrics)
+                problems.update({(d.field, d.problem): d.detail for d in reading.dropped})
+        self._problems(problems)
+        return merged if merged is not None else unknown_metrics()
 
     def _problems(self, current: dict[tuple[str, str], str]) -> None:
         """Warn about each problem in `current` the previous beat did not have, and say

@@ -10,7 +10,7 @@ transport or a store:
 - `sotw`, `delta` on top of `session`: one ADS stream's protocol state, pure: given the
   node's desired resources at a revision and the requests Envoy sends, which responses
   to send, what is acknowledged, and the node's status;
-- `bootstrap`: the Envoy bootstrap a node starts with; `envoy_binary`, `validate`: the
+- `bootstrap`: the Envoy bootstrap a node starts with; `validate`: the
   real Envoy (`--mode validate`);
 - `stats`: Envoy's own statistics (MetricsService) turned into heartbeat figures.
 

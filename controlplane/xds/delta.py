@@ -23,10 +23,6 @@ from controlplane.xds.snapshot import Resource, type_hash
 
 
 class DeltaSession(Session):
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._legacy: set[str] = set()
-
     def receive(self, request: Any) -> Output:
         """Handle one DeltaDiscoveryRequest."""
         node = request.node.id if request.HasField("node") else None

@@ -154,6 +154,8 @@ class Session:
         self.gate_timeouts = 0
         # Resources sent, in all: a resume that sends nothing again leaves it at 0.
         self.resources_sent = 0
+        # Types still in legacy wildcard mode (an empty first request, no names since).
+        self._legacy: set[str] = set()
 
     # -- inputs ------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ MAX_DEPTH = 64
 MAX_ERRORS = 20
 _SHOWN = 60
 _WELL_KNOWN = "google.protobuf."
-_INT_RANGES = {
+# The range of each protobuf integer type (what a value must fit).
+INT_RANGES = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
     FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
     FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
@@ -178,7 +179,7 @@ class Checker:
         if number is None:
             self.error(path, f"expected an integer, got {show(value)}")
             return
-        low, high = _INT_RANGES.get(t, (-(2**63), 2**64 - 1))
+        low, high = INT_RANGES.get(t, (-(2**63), 2**64 - 1))
         if not low <= number <= high:
             self.error(path, f"{number} is out of range ({low}..{high})")
 

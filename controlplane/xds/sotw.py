@@ -25,11 +25,6 @@ from controlplane.xds.snapshot import Resource, type_hash
 
 
 class SotwSession(Session):
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        # Types still in legacy wildcard mode (an empty first request, no names since).
-        self._legacy: set[str] = set()
-
     def receive(self, request: Any) -> Output:
         """Handle one DiscoveryRequest."""
         node = request.node.id if request.HasField("node") else None

@@ -21,7 +21,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from controlplane.xds import catalog, envoy_binary, types
+from controlplane.proxies import binaries
+from controlplane.xds import catalog, types
 from controlplane.xds.snapshot import ResourceSet
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -159,7 +160,7 @@ def _route_holder(i: int, route: dict[str, Any]) -> dict[str, Any]:
 async def run(resources: ResourceSet, limit: float = TIMEOUT, binary: Path | None = None) -> Verdict:
     """`envoy --mode validate` on `resources`, stopped after `limit` seconds; its verdict
     and (the last part of) its output."""
-    envoy = binary or envoy_binary.find()
+    envoy = binary or binaries.locate("envoy").path
     config = await asyncio.to_thread(validation_bootstrap, resources)
     with tempfile.TemporaryDirectory(prefix="xds-validate-") as tmp:
         path = Path(tmp) / "bootstrap.json"

@@ -83,6 +83,7 @@ async def spawn_agent(server: ServerProcess, tmp_path: Path) -> AsyncIterator[Ag
         labels: Mapping[str, str] | None = None,
         apply_command: str = "true",
         extra_args: Sequence[str] = FAST_AGENT_ARGS,
+        env: Mapping[str, str] | None = None,
     ) -> AgentProcess:
         agent = AgentProcess(
             server=server.address,
@@ -92,6 +93,7 @@ async def spawn_agent(server: ServerProcess, tmp_path: Path) -> AsyncIterator[Ag
             labels=dict(labels or {}),
             apply_command=apply_command,
             extra_args=tuple(extra_args),
+            env=dict(env or {}),
         )
         agent.start()
         agents.append(agent)

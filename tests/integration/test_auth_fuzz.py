@@ -38,6 +38,7 @@ from controlplane.api.rollout.v1 import rollout_pb2 as rpb
 from controlplane.domain.audit import trail
 from controlplane.rpc.auth import POLICY, Rule
 from controlplane.store.schema import api_keys, audit_log, metadata, nodes, projects, revision_counter
+from controlplane.xds.shape import INT_RANGES
 from tests.conftest import HarnessFactory
 from tests.support.harness import Harness, auth
 from tests.support.matrix import CASES, Case
@@ -59,18 +60,6 @@ WORDS = [
     "a=b,c=d",
     "x" * 300,
 ]
-_INT_RANGES = {
-    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
-    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
-    FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
-    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
-    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1),
-    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
-    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
-    FieldDescriptor.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
-    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
-    FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
-}
 # Mostly an admin: the caller who gets furthest into the servicers.
 CALLERS = st.sampled_from(["admin"] * 7 + ["node"] * 2 + ["none"])
 # Nothing runs in the background while the fuzz does (each job waits its interval first).
@@ -109,7 +98,7 @@ def scalar(field: FieldDescriptor, known: list[str]) -> st.SearchStrategy[Any]:
         return st.one_of(st.sampled_from([0.0, -1.0, math.nan, math.inf, 1e300]), st.floats(width=32))
     if t == FieldDescriptor.TYPE_ENUM:
         return st.integers(-3, 12)  # unknown values too: proto3 enums are open
-    lo, hi = _INT_RANGES[t]
+    lo, hi = INT_RANGES[t]
     return st.one_of(st.sampled_from([0, -1, 1, lo, hi]), st.integers(lo, hi))
 
 

@@ -17,8 +17,9 @@ from controlplane.domain.audit.context import acting_as, system
 from controlplane.domain.kernel.errors import BlobStoreUnavailable
 from tests.support.bundles import create
 from tests.support.harness import Harness
+from tests.support.ports import nobody_listens
 from tests.support.refusals import expect
-from tests.support.s3 import S3Endpoint, client, moto_s3, new_bucket, nobody_listens
+from tests.support.s3 import S3Endpoint, client, moto_s3, new_bucket
 
 __all__ = ["moto_s3"]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -18,11 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlplane.xds import envoy_binary
+from controlplane.proxies import binaries
 
 # Each Envoy of a test run gets its own hot-restart shared memory (--base-id): parallel
 # Envoys (and pytest-xdist workers) must never share it.
 _BASE_IDS = itertools.count((os.getpid() % 10_000) * 10 + 1)
+
+
+@functools.cache
+def _envoy() -> Path:
+    return binaries.locate("envoy").path
 
 
 @dataclass
@@ -41,7 +47,7 @@ class EnvoyProcess:
         config.write_text(json.dumps(self.bootstrap))
         config.chmod(0o600)  # it holds the node's credential
         self.proc = await asyncio.create_subprocess_exec(
-            str(envoy_binary.find()),
+            str(_envoy()),
             "-c",
             str(config),
             "--base-id",

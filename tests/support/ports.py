@@ -9,9 +9,11 @@ another worker nor the kernel hands the same port out meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
+from collections.abc import Iterator
 
 _LOW, _SPAN = 10_000, 5_000  # four workers fit below 32768
 _worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
@@ -29,3 +31,16 @@ def unused_port() -> int:
                 continue
             return port
     raise RuntimeError(f"no free port left in this worker's range from {_LOW + (_worker % 4) * _SPAN}")
+
+
+def nobody_listens() -> contextlib.AbstractContextManager[str]:
+    """An http:// URL on a loopback port this process holds bound but never listens on:
+    connecting is refused for as long as the block runs."""
+
+    @contextlib.contextmanager
+    def held() -> Iterator[str]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    return held()

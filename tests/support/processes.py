@@ -284,6 +284,8 @@ class AgentProcess:
     # pins the control plane's keys at first contact).
     trusted_keys: Path | None = None
     trust_server_keys: bool = True
+    # Extra environment (a fault-injection point: AGENT_STUB_HOLD_AFTER_SWAP).
+    env: Mapping[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -319,15 +321,15 @@ class AgentProcess:
             str(self.state_dir),
             "--name",
             self.name,
-            "--apply-command",
-            self.apply_command,
+            # Empty for an agent driving a proxy (`--proxy nginx` etc. in extra_args).
+            *(["--apply-command", self.apply_command] if self.apply_command else []),
             *self._trust_args(),
             *self.extra_args,
         ]
 
     def start(self) -> None:
         assert not self.running, f"agent {self.name} already running"
-        self.proc = _spawn(self.args(), self.log_path, f"start #{self.starts + 1}")
+        self.proc = _spawn(self.args(), self.log_path, f"start #{self.starts + 1}", self.env)
         self.starts += 1
 
     async def stop(self, timeout: float = 15.0) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -64,19 +63,6 @@ def _printed_url(log: Path, proc: subprocess.Popen[bytes], timeout: float = 20.0
             raise RuntimeError(f"moto_server exited with {proc.returncode}: {log.read_text()[-2000:]}")
         time.sleep(0.05)
     raise RuntimeError(f"moto_server printed no address within {timeout}s")
-
-
-def nobody_listens() -> contextlib.AbstractContextManager[str]:
-    """An http:// URL on a loopback port this process holds bound but never listens on:
-    connecting is refused for as long as the block runs."""
-
-    @contextlib.contextmanager
-    def held() -> Iterator[str]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-    return held()
 
 
 def _wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:

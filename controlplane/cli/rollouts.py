@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import click
 import grpc
+from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -151,6 +153,21 @@ def rollout() -> None:
 @click.option(
     "--override-freeze", default="", help="Start and advance through freeze windows, for this reason."
 )
+@click.option("--pause-after", default="", help="Pause steps: wait for an operator after steps, e.g. 0,2.")
+@click.option(
+    "--analysis",
+    "analysis_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Metric analysis: a JSON file of MetricAnalysis (provider_url, metrics, dry_run).",
+)
+@click.option(
+    "--webhook",
+    "webhooks",
+    multiple=True,
+    help="A webhook gate: PHASE=CHANNEL_ID[:rollback] with PHASE pre-rollout, pre-promotion, post-step "
+    "or post-rollout (repeat).",
+)
 @click.option(
     "--watch",
     "follow",
@@ -181,6 +198,9 @@ def rollout_create(
     approvals: int,
     start_at: str | None,
     override_freeze: str,
+    pause_after: str,
+    analysis_file: str | None,
+    webhooks: tuple[str, ...],
     follow: bool,
     reconnect_deadline: str,
 ) -> None:
@@ -197,7 +217,14 @@ def rollout_create(
         max_failures=max_failures,
         approvals_required=approvals,
         freeze_override_reason=override_freeze,
+        pause_after_steps=_indexes(pause_after),
     )
+    if analysis_file:
+        try:
+            json_format.Parse(Path(analysis_file).read_text(), request.metric_analysis)
+        except (json_format.ParseError, OSError, UnicodeDecodeError) as e:
+            raise click.BadParameter(str(e)[:300], param_hint="--analysis") from None
+    request.webhooks.extend(_webhook(text) for text in webhooks)
     if bundle.startswith("sha256:"):
         request.bundle_digest = bundle
     else:
@@ -330,6 +357,19 @@ _simple(
 _simple("rollback", pb.RollbackRolloutRequest, "RollbackRollout", "Put every node back on what it had.")
 _simple("approve", pb.ApproveRolloutRequest, "ApproveRollout", "Approve (the creator cannot).")
 _simple("reject", pb.RejectRolloutRequest, "RejectRollout", "Reject a rollout awaiting approval.")
+_simple(
+    "promote",
+    pb.PromoteRolloutRequest,
+    "PromoteRollout",
+    "Take a running or paused rollout to the end now: no more bake, gates, analysis or pause steps.",
+)
+_simple("skip-step", pb.SkipRolloutStepRequest, "SkipRolloutStep", "End the current step now.")
+_simple(
+    "retry",
+    pb.RetryRolloutRequest,
+    "RetryRollout",
+    "Retry a rolled-back or cancelled rollout as a new one (prints the new rollout).",
+)
 
 
 @rollout.group("freeze")
@@ -384,10 +424,17 @@ def freeze_delete(server: str, project: str, window_id: str) -> None:
 @click.argument("node_id")
 @click.argument("bundle")
 @click.option("--reason", required=True)
-def rollout_pin(server: str, project: str, node_id: str, bundle: str, reason: str) -> None:
+@click.option(
+    "--break-glass",
+    default="",
+    help="Admins: pin to a bundle the node does not run in a project that requires approvals.",
+)
+def rollout_pin(server: str, project: str, node_id: str, bundle: str, reason: str, break_glass: str) -> None:
     """Hold NODE_ID on BUNDLE (digest or version): rollouts skip it."""
     stub = _stub(server)
-    request = pb.PinNodeRequest(project=project, node_id=node_id, reason=reason)
+    request = pb.PinNodeRequest(
+        project=project, node_id=node_id, reason=reason, break_glass_reason=break_glass
+    )
     if bundle.startswith("sha256:"):
         request.digest = bundle
     else:
@@ -405,6 +452,33 @@ def rollout_unpin(server: str, project: str, node_id: str) -> None:
 
 
 # -- watching ---------------------------------------------------------------------------
+
+
+_PHASES = {
+    "pre-rollout": pb.WEBHOOK_PHASE_PRE_ROLLOUT,
+    "pre-promotion": pb.WEBHOOK_PHASE_PRE_PROMOTION,
+    "post-step": pb.WEBHOOK_PHASE_POST_STEP,
+    "post-rollout": pb.WEBHOOK_PHASE_POST_ROLLOUT,
+}
+
+
+def _webhook(text: str) -> pb.WebhookGate:
+    phase, _, target = text.partition("=")
+    channel_id, _, failure = target.partition(":")
+    if phase not in _PHASES or not channel_id or failure not in ("", "rollback", "pause"):
+        raise click.BadParameter(
+            f"{text!r}: PHASE=CHANNEL_ID[:rollback], PHASE one of {', '.join(_PHASES)}",
+            param_hint="--webhook",
+        )
+    on_failure = pb.WEBHOOK_FAILURE_ROLLBACK if failure == "rollback" else pb.WEBHOOK_FAILURE_PAUSE
+    return pb.WebhookGate(phase=_PHASES[phase], channel_id=channel_id, on_failure=on_failure)
+
+
+def _indexes(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: step indexes like 0,2", param_hint="--pause-after") from None
 
 
 def _state(value: int) -> str:

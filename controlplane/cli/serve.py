@@ -14,6 +14,7 @@ import click
 
 from controlplane.bootstrap import METRICS_OPTION, App
 from controlplane.cli.bundle_options import bundle_options, bundle_settings
+from controlplane.cli.outbound_options import outbound_options, outbound_settings
 from controlplane.cli.rollout_options import rollout_options, rollout_settings
 from controlplane.cli.security_options import security_options, security_settings
 from controlplane.cli.telemetry_options import setup as telemetry_setup
@@ -236,6 +237,7 @@ def _run(settings: Settings) -> None:
 @rollout_options
 @security_options
 @telemetry_options
+@outbound_options
 def serve(
     data_dir: Path,
     listen: str,
@@ -279,6 +281,7 @@ def serve(
         **bundle_settings(bundle),
         **rollout_settings(bundle),
         **security_settings(bundle),
+        **outbound_settings(bundle),
     )
     try:
         _run(settings)

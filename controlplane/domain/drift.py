@@ -34,10 +34,12 @@ from controlplane.domain.kernel.labels import node_key
 from controlplane.domain.kernel.secrets import new_id
 from controlplane.domain.model.desired import Assignment, DesiredRow
 from controlplane.domain.model.drift import DriftEpisode, NodeApplied
+from controlplane.domain.model.notify import EventKind as NotifyKind
+from controlplane.domain.model.notify import NotificationEvent
 from controlplane.domain.ports import Clock, DesiredView, Store, Tx
 from controlplane.domain.projects import require_project
 from controlplane.domain.rollouts.bundles import assignable
-from controlplane.domain.rollouts.commit import effective_rows
+from controlplane.domain.rollouts.resolved import effective_rows
 
 # Re-asserting more often than this is a loop, not a remedy: after three tries the
 # episode stays open for an operator.
@@ -133,6 +135,21 @@ class DriftDetector:
                 project=node.project,
                 after={"episode": episode.id, "desired": want, "applied": node.applied_digest},
             )
+            await tx.notify.emit(
+                NotificationEvent(
+                    node.project,
+                    NotifyKind.DRIFT_OPENED,
+                    f"node/{node.node_id}",
+                    f"node {node.node_id} drifted: runs {node.applied_digest or 'nothing'}, not {want}",
+                    now,
+                    {
+                        "episode": episode.id,
+                        "node": node.node_id,
+                        "desired": want,
+                        "applied": node.applied_digest,
+                    },
+                )
+            )
         return episode
 
     async def _resolve(self, episode: DriftEpisode, now: datetime, resolution: str) -> bool:
@@ -144,6 +161,16 @@ class DriftDetector:
                 f"node/{episode.node_id}",
                 project=episode.project,
                 after={"episode": episode.id, "resolution": resolution},
+            )
+            await tx.notify.emit(
+                NotificationEvent(
+                    episode.project,
+                    NotifyKind.DRIFT_CLOSED,
+                    f"node/{episode.node_id}",
+                    f"node {episode.node_id} drift closed: {resolution}",
+                    now,
+                    {"episode": episode.id, "node": episode.node_id, "resolution": resolution},
+                )
             )
         self._seen.pop(episode.node_id, None)
         return True

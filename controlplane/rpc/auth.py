@@ -52,6 +52,7 @@ class Kind(enum.Enum):
 
 _IDENTITY = "/controlplane.identity.v1.IdentityService/"
 _AUDIT = "/controlplane.audit.v1.AuditService/"
+_NOTIFY = "/controlplane.notification.v1.NotificationService/"
 
 POLICY: dict[str, Rule] = {
     "/grpc.health.v1.Health/Check": Rule.PUBLIC,
@@ -88,6 +89,9 @@ POLICY: dict[str, Rule] = {
     "/controlplane.rollout.v1.RolloutService/RollbackRollout": Rule.WRITE,
     "/controlplane.rollout.v1.RolloutService/ApproveRollout": Rule.WRITE,
     "/controlplane.rollout.v1.RolloutService/RejectRollout": Rule.WRITE,
+    "/controlplane.rollout.v1.RolloutService/PromoteRollout": Rule.WRITE,
+    "/controlplane.rollout.v1.RolloutService/SkipRolloutStep": Rule.WRITE,
+    "/controlplane.rollout.v1.RolloutService/RetryRollout": Rule.WRITE,
     "/controlplane.rollout.v1.RolloutService/WatchRollout": Rule.READ,
     "/controlplane.rollout.v1.RolloutService/CreateFreezeWindow": Rule.WRITE,
     "/controlplane.rollout.v1.RolloutService/ListFreezeWindows": Rule.READ,
@@ -118,6 +122,14 @@ POLICY: dict[str, Rule] = {
     _AUDIT + "ListAuditEvents": Rule.READ,
     _AUDIT + "ExportAuditEvents": Rule.READ,
     _AUDIT + "VerifyAuditChain": Rule.ADMIN,
+    # Channels send the project's events out of the control plane, with secrets: admins.
+    _NOTIFY + "CreateChannel": Rule.ADMIN,
+    _NOTIFY + "GetChannel": Rule.READ,
+    _NOTIFY + "ListChannels": Rule.READ,
+    _NOTIFY + "UpdateChannel": Rule.ADMIN,
+    _NOTIFY + "DeleteChannel": Rule.ADMIN,
+    _NOTIFY + "ListMessages": Rule.READ,
+    _NOTIFY + "RedeliverMessage": Rule.WRITE,
 }
 
 
@@ -170,6 +182,14 @@ def require_project(project: str) -> Identity:
     if identity.principal is not None and identity.principal.role_in(project) is None:
         raise PermissionDenied(f"this key has no role in project {project!r}", field="project")
     return identity
+
+
+def require_admin_for(project: str, field: str, what: str) -> None:
+    """PERMISSION_DENIED unless the caller is an admin of `project` (a global admin is)."""
+    identity = current()
+    role = identity.principal.role_in(project) if identity.principal is not None else None
+    if role is not Role.ADMIN:
+        raise PermissionDenied(f"{what} needs the admin role in project {project!r}", field=field)
 
 
 def bearer(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:

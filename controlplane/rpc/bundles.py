@@ -178,6 +178,8 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
     async def AssignBundle(
         self, request: bundle_pb2.AssignBundleRequest, context: grpc.aio.ServicerContext
     ) -> bundle_pb2.AssignBundleResponse:
+        if request.break_glass_reason.strip():
+            auth.require_admin_for(request.project, "break_glass_reason", "breaking glass")
         revision, keys = await self._writer.assign(
             request.project,
             _target(request.target),
@@ -186,6 +188,7 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
             request.pin,
             dict(request.annotations),
             request.freeze_override_reason,
+            request.break_glass_reason,
         )
         return bundle_pb2.AssignBundleResponse(revision=revision, keys=keys)
 

@@ -13,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from controlplane.api.rollout.v1 import drift_pb2 as dpb
 from controlplane.api.rollout.v1 import rollout_pb2 as pb
 from controlplane.domain.kernel.errors import InvalidArgument
+from controlplane.domain.model.analysis import MetricAnalysis, MetricCheck
 from controlplane.domain.model.drift import DriftEpisode
 from controlplane.domain.model.rollouts import (
     CanaryAnalysis,
@@ -30,6 +31,7 @@ from controlplane.domain.model.rollouts import (
     StepState,
     Strategy,
 )
+from controlplane.domain.model.webhooks import OnFailure, WebhookGate, WebhookPhase
 from controlplane.rpc.convert import timestamp
 
 STRATEGY = {
@@ -114,6 +116,10 @@ def spec_in(r: pb.CreateRolloutRequest) -> RolloutSpec:
             values[name] = _seconds(getattr(r, name), name)
     if r.HasField("scheduled_at"):
         values["scheduled_at"] = time_in(r.scheduled_at, "scheduled_at")
+    if r.HasField("metric_analysis"):
+        values["metric_analysis"] = _analysis_in(r.metric_analysis)
+    if r.webhooks:
+        values["webhooks"] = tuple(_gate_in(i, g) for i, g in enumerate(r.webhooks))
     return RolloutSpec(
         bundle_digest=r.bundle_digest,
         selector=r.selector,
@@ -123,8 +129,92 @@ def spec_in(r: pb.CreateRolloutRequest) -> RolloutSpec:
         max_failures=r.max_failures,
         approvals_required=r.approvals_required,
         freeze_override_reason=r.freeze_override_reason,
+        pause_after_steps=tuple(r.pause_after_steps),
         **values,
     )
+
+
+def _analysis_in(a: pb.MetricAnalysis) -> MetricAnalysis:
+    checks = []
+    for i, m in enumerate(a.metrics):
+        d = MetricCheck("", "")
+        checks.append(
+            MetricCheck(
+                name=m.name,
+                query=m.query,
+                success_condition=m.success_condition,
+                failure_condition=m.failure_condition,
+                interval=_seconds(m.interval, f"metric_analysis.metrics[{i}].interval")
+                if m.HasField("interval")
+                else d.interval,
+                count=m.count or d.count,
+                failure_limit=m.failure_limit,
+                inconclusive_limit=m.inconclusive_limit,
+            )
+        )
+    return MetricAnalysis(a.provider_url, tuple(checks), a.dry_run)
+
+
+_PHASE = {
+    WebhookPhase.PRE_ROLLOUT: pb.WEBHOOK_PHASE_PRE_ROLLOUT,
+    WebhookPhase.PRE_PROMOTION: pb.WEBHOOK_PHASE_PRE_PROMOTION,
+    WebhookPhase.POST_STEP: pb.WEBHOOK_PHASE_POST_STEP,
+    WebhookPhase.POST_ROLLOUT: pb.WEBHOOK_PHASE_POST_ROLLOUT,
+}
+_PHASE_IN = {v: k for k, v in _PHASE.items()}
+
+
+def _gate_in(i: int, g: pb.WebhookGate) -> WebhookGate:
+    if g.phase not in _PHASE_IN:
+        raise InvalidArgument("give the gate's phase", field=f"webhooks[{i}].phase")
+    d = WebhookGate(WebhookPhase.PRE_PROMOTION, "")
+    return WebhookGate(
+        phase=_PHASE_IN[g.phase],
+        channel_id=g.channel_id,
+        timeout=_seconds(g.timeout, f"webhooks[{i}].timeout") if g.HasField("timeout") else d.timeout,
+        max_attempts=g.max_attempts or d.max_attempts,
+        on_failure=OnFailure.ROLLBACK if g.on_failure == pb.WEBHOOK_FAILURE_ROLLBACK else OnFailure.PAUSE,
+    )
+
+
+def _gate_out(g: WebhookGate) -> pb.WebhookGate:
+    return pb.WebhookGate(
+        phase=_PHASE[g.phase],
+        channel_id=g.channel_id,
+        timeout=_duration(g.timeout),
+        max_attempts=g.max_attempts,
+        on_failure=pb.WEBHOOK_FAILURE_ROLLBACK
+        if g.on_failure is OnFailure.ROLLBACK
+        else pb.WEBHOOK_FAILURE_PAUSE,
+    )
+
+
+def _analysis_out(a: MetricAnalysis) -> pb.MetricAnalysis:
+    return pb.MetricAnalysis(
+        provider_url=a.provider_url,
+        dry_run=a.dry_run,
+        metrics=[
+            pb.MetricCheck(
+                name=m.name,
+                query=m.query,
+                success_condition=m.success_condition,
+                failure_condition=m.failure_condition,
+                interval=_duration(m.interval),
+                count=m.count,
+                failure_limit=m.failure_limit,
+                inconclusive_limit=m.inconclusive_limit,
+            )
+            for m in a.metrics
+        ],
+    )
+
+
+def _measurement_out(m: Mapping[str, Any]) -> pb.Measurement:
+    at = timestamp(datetime.fromisoformat(m["at"]))
+    out = pb.Measurement(metric=m["metric"], phase=m["phase"], reason=m["reason"], at=at)
+    if m.get("value") is not None:
+        out.value = m["value"]
+    return out
 
 
 def spec_out(project: str, s: RolloutSpec) -> pb.CreateRolloutRequest:
@@ -142,11 +232,15 @@ def spec_out(project: str, s: RolloutSpec) -> pb.CreateRolloutRequest:
         approvals_required=s.approvals_required,
         scheduled_at=timestamp(s.scheduled_at),
         freeze_override_reason=s.freeze_override_reason,
+        pause_after_steps=list(s.pause_after_steps),
         gates=pb.HealthGates(
             require_healthy=s.gates.require_healthy,
             **{k: v for k, v in s.gates.to_json().items() if k != "require_healthy" and v is not None},
         ),
     )
+    if s.metric_analysis is not None:
+        msg.metric_analysis.CopyFrom(_analysis_out(s.metric_analysis))
+    msg.webhooks.extend(_gate_out(g) for g in s.webhooks)
     if s.strategy is Strategy.ROLLING:
         msg.rolling.CopyFrom(pb.RollingParams(batch_size=s.batch_size, batch_percent=s.batch_percent))
     elif s.strategy is Strategy.CANARY:
@@ -202,6 +296,9 @@ def step_out(s: Step) -> pb.Step:
         extensions=s.extensions,
         analyses=analyses,
         failure=s.detail.get("failure", ""),
+        measurements=[
+            _measurement_out(m) for m in [*s.detail.get("superseded", []), *s.detail.get("measurements", [])]
+        ],
     )
 
 
@@ -223,6 +320,7 @@ def rollout_out(r: Rollout, view: RolloutView | None = None) -> pb.Rollout:
         approvals_required=r.spec.approvals_required,
         event_seq=r.event_seq,
         spec=spec_out(r.project, r.spec),
+        retry_of=r.spec.retry_of,
     )
     if view is not None:
         msg.steps.extend(step_out(s) for s in view.steps)

@@ -17,6 +17,7 @@ from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.directory import RolloutDirectory
 from controlplane.domain.rollouts.watch import HISTORY_BATCH, WatchBatch, watch
+from controlplane.rpc import auth
 from controlplane.rpc import rollout_convert as convert
 
 
@@ -95,6 +96,24 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         view = await self._controller.roll_back(request.project, request.rollout_id, request.reason)
         return pb.RollbackRolloutResponse(rollout=convert.view_out(view))
 
+    async def PromoteRollout(
+        self, request: pb.PromoteRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PromoteRolloutResponse:
+        view = await self._controller.promote(request.project, request.rollout_id, request.reason)
+        return pb.PromoteRolloutResponse(rollout=convert.view_out(view))
+
+    async def SkipRolloutStep(
+        self, request: pb.SkipRolloutStepRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SkipRolloutStepResponse:
+        view = await self._controller.skip_step(request.project, request.rollout_id, request.reason)
+        return pb.SkipRolloutStepResponse(rollout=convert.view_out(view))
+
+    async def RetryRollout(
+        self, request: pb.RetryRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RetryRolloutResponse:
+        view = await self._directory.retry(request.project, request.rollout_id)
+        return pb.RetryRolloutResponse(rollout=convert.view_out(view))
+
     async def ApproveRollout(
         self, request: pb.ApproveRolloutRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApproveRolloutResponse:
@@ -162,8 +181,15 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     async def PinNode(
         self, request: pb.PinNodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.PinNodeResponse:
+        if request.break_glass_reason.strip():
+            auth.require_admin_for(request.project, "break_glass_reason", "breaking glass")
         revision = await self._directory.pin(
-            request.project, request.node_id, request.digest, request.bundle_version, request.reason
+            request.project,
+            request.node_id,
+            request.digest,
+            request.bundle_version,
+            request.reason,
+            request.break_glass_reason,
         )
         return pb.PinNodeResponse(revision=revision)
 

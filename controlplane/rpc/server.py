@@ -11,6 +11,7 @@ from controlplane.api.audit.v1 import audit_pb2, audit_pb2_grpc
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc, signing_pb2, signing_pb2_grpc
 from controlplane.api.identity.v1 import identity_pb2, identity_pb2_grpc
 from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
+from controlplane.api.notification.v1 import notification_pb2, notification_pb2_grpc
 from controlplane.api.project.v1 import project_pb2, project_pb2_grpc
 from controlplane.api.rollout.v1 import drift_pb2, drift_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from controlplane.api.watch.v1 import watch_pb2
@@ -20,6 +21,7 @@ from controlplane.rpc.bundles import BundleServicer
 from controlplane.rpc.identity import IdentityServicer
 from controlplane.rpc.interceptor import GuardInterceptor
 from controlplane.rpc.nodes import NodeServicer
+from controlplane.rpc.notify import NotificationServicer
 from controlplane.rpc.projects import ProjectServicer
 from controlplane.rpc.reflection import ReflectionServicer
 from controlplane.rpc.reflection import handlers as reflection_handlers
@@ -36,6 +38,7 @@ SERVICES = (
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     rollout_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
     drift_pb2.DESCRIPTOR.services_by_name["DriftService"].full_name,
+    notification_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name,
 )
 
 # How long a stop waits for cancelled handlers to unwind: a rollback and a connection
@@ -90,6 +93,7 @@ class GrpcServer:
         signing: SigningKeyServicer,
         rollouts: RolloutServicer,
         drift: DriftServicer,
+        notify: NotificationServicer,
     ):
         self._inflight = guard.inflight
         self.server = grpc.aio.server(
@@ -103,6 +107,7 @@ class GrpcServer:
         signing_pb2_grpc.add_SigningKeyServiceServicer_to_server(signing, self.server)
         rollout_pb2_grpc.add_RolloutServiceServicer_to_server(rollouts, self.server)
         drift_pb2_grpc.add_DriftServiceServicer_to_server(drift, self.server)
+        notification_pb2_grpc.add_NotificationServiceServicer_to_server(notify, self.server)
         self.server.add_generic_rpc_handlers((watch.handler(watch_servicer),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

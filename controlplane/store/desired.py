@@ -34,7 +34,15 @@ def row_to_desired(row: Any) -> DesiredRow:
         key_id=row.key_id,
         written_at=row.written_at,
         trace_parent=row.trace_parent or "",
+        **_scope(row.scope),
     )
+
+
+def _scope(scope: Any) -> dict[str, Any]:
+    """A baseline row's scope column: the rollout that wrote it, the nodes it skips."""
+    if not scope:
+        return {}
+    return {"baseline": str(scope["baseline"]), "exclude": frozenset(scope.get("exclude", ()))}
 
 
 def latest_rows_query(keys: Collection[str] | None = None) -> Select[Any]:
@@ -133,6 +141,7 @@ class SqlDesiredLog:
                     "signature": r.signature or None,
                     "key_id": r.key_id,
                     "trace_parent": r.trace_parent or None,
+                    "scope": {"baseline": r.baseline, "exclude": sorted(r.exclude)} if r.baseline else None,
                 }
                 for r in rows
             ],

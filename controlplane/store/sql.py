@@ -19,6 +19,7 @@ from controlplane.store.errors import translated
 from controlplane.store.identity import SqlIdentity
 from controlplane.store.leases import SqlFreezes, SqlLeases
 from controlplane.store.nodes import SqlNodes
+from controlplane.store.notify import SqlNotify
 from controlplane.store.projects import SqlProjects
 from controlplane.store.rollouts import SqlRollouts
 
@@ -32,6 +33,7 @@ class SqlTx:
         audit_key: bytes,
         clock: Clock,
         holder_gone: Callable[[str], bool] | None = None,
+        on_emit: Callable[[], None] | None = None,
     ):
         self.conn = conn
         self.projects = SqlProjects(conn)
@@ -47,6 +49,8 @@ class SqlTx:
         self.leases = SqlLeases(conn, holder_gone)
         self.drift = SqlDrift(conn)
         self._after_commit: list[Callable[[], None]] = []
+        # An emitted notification event wakes this process's delivery worker at commit.
+        self.notify = SqlNotify(conn, lambda: self.after_commit(on_emit) if on_emit is not None else None)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         if callback not in self._after_commit:
@@ -69,6 +73,8 @@ class SqlStore:
         system = "sqlite" if self.is_sqlite else "postgresql"
         self._span_write = {"db.system": system, "controlplane.db.access": "write"}
         self._span_read = {"db.system": system, "controlplane.db.access": "read"}
+        # Rung after a commit that emitted a notification event (the delivery worker).
+        self.on_emit: Callable[[], None] | None = None
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[SqlTx]:
@@ -82,7 +88,7 @@ class SqlStore:
             if self.is_sqlite:
                 conn = await conn.execution_options(sqlite_immediate=True)
             async with conn.begin():
-                tx = SqlTx(conn, self._audit_key, self._clock, self.holder_gone)
+                tx = SqlTx(conn, self._audit_key, self._clock, self.holder_gone, self.on_emit)
                 yield tx
                 # Last, so the audit head is the last lock the transaction takes.
                 await tx.audit.flush()

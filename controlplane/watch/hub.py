@@ -248,7 +248,7 @@ class WatchHub:
         stream = WatchStream(secrets.token_hex(8), node_id, project, labels, sink, self._catch_up)
         stream.keys = image.keys_for(project, node_id, labels)
         head = self.position
-        row = image.resolve(stream.keys)
+        row = image.resolve(stream.keys, stream.node_id)
         reset = self._reset_reason(since, epoch)
         mode = pb.STREAM_MODE_RESUME if since > 0 and reset is None else pb.STREAM_MODE_BOOTSTRAP
         parts = [encoding.started(stream.stream_id, self.epoch, mode, head, self.floor)]
@@ -318,7 +318,7 @@ class WatchHub:
     def _catch_up(self, stream: WatchStream) -> bytes:
         """The message that replaces a lagging stream's dropped queue."""
         head = self.position
-        row = self.image.resolve(stream.keys)
+        row = self.image.resolve(stream.keys, stream.node_id)
         self._record(stream, head, row)
         return encoding.desired(head, row) + encoding.bookmark(head, closing=stream.closing)
 
@@ -450,7 +450,7 @@ class WatchHub:
         image = self.image
         delivered = 0
         for stream, revision in affected.items():
-            row = image.resolve(stream.keys)
+            row = image.resolve(stream.keys, stream.node_id)
             if row is None:
                 if stream.last_effective is None:
                     continue

@@ -79,16 +79,16 @@ class LogImage:
         keys.update(k for k, sel in self._selectors.get(project, {}).items() if sel.matches(labels))
         return keys
 
-    def resolve(self, keys: Iterable[str]) -> DesiredRow | None:
-        """The row that decides among `keys`: a pin first, else the highest revision."""
+    def resolve(self, keys: Iterable[str], node_id: str) -> DesiredRow | None:
+        """The row that decides `node_id`'s state among its `keys` (`desired.resolve`)."""
         latest = self.latest
-        return resolve(latest.get(k) for k in keys)
+        return resolve((latest.get(k) for k in keys), node_id)
 
     def effective(self, node_id: str) -> DesiredRow | None:
         info = self._nodes.get(node_id)
         if info is None:
             return None
-        return self.resolve(self.keys_for(info[0], node_id, info[1]))
+        return self.resolve(self.keys_for(info[0], node_id, info[1]), node_id)
 
     def changed_at(self, keys: Iterable[str], node_id: str) -> int:
         """The newest revision that touched `keys` or the node's own routing row: a

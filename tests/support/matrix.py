@@ -27,6 +27,8 @@ from controlplane.api.identity.v1 import identity_pb2 as ipb
 from controlplane.api.identity.v1 import identity_pb2_grpc
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.node.v1 import node_pb2_grpc
+from controlplane.api.notification.v1 import notification_pb2 as npf
+from controlplane.api.notification.v1 import notification_pb2_grpc
 from controlplane.api.project.v1 import project_pb2 as ppb
 from controlplane.api.project.v1 import project_pb2_grpc
 from controlplane.api.rollout.v1 import drift_pb2 as dpb
@@ -36,7 +38,7 @@ from controlplane.api.watch.v1 import watch_pb2 as wpb
 from controlplane.domain.bundles.keys import KeyDirectory
 from controlplane.domain.bundles.signing import Signer
 from controlplane.domain.model.roles import EVERY_PROJECT, Role
-from controlplane.store.schema import api_keys
+from controlplane.store.schema import api_keys, notification_messages
 from tests.support.archives import bundle
 from tests.support.bundles import create, file_messages
 from tests.support.harness import Harness, Recorder, Registered, auth, signing
@@ -263,6 +265,10 @@ async def _callers(h: Harness, by_name: dict[str, Any], node: Registered) -> dic
 # -- the requests ---------------------------------------------------------------------
 
 
+async def _async(request: Request) -> Request:
+    return request
+
+
 def same(make: Callable[[World], Request]) -> Builder:
     """A request that does not use up its target: the same one for every caller."""
 
@@ -332,6 +338,55 @@ def on_rollout(message: Callable[..., Message], state: int, **fields: str) -> Bu
         return message(project=PROJECT, rollout_id=rollout_id, **fields)
 
     return build
+
+
+async def retry_rollout(w: World) -> Request:
+    rollout_id = await w.rollout_on_new_node(RP)
+    await w.rollouts.CancelRollout(rpb.CancelRolloutRequest(project=PROJECT, rollout_id=rollout_id))
+    return rpb.RetryRolloutRequest(project=PROJECT, rollout_id=rollout_id)
+
+
+def channel_spec(name: str) -> npf.ChannelSpec:
+    """A disabled channel on a name that never resolves (`.invalid`): the matrix sends
+    nothing anywhere."""
+    return npf.ChannelSpec(
+        name=name,
+        kind=npf.CHANNEL_KIND_WEBHOOK,
+        url="http://receiver.invalid/hook",
+        secret="k",
+        enabled=False,
+    )
+
+
+async def new_channel(w: World) -> str:
+    stub = notification_pb2_grpc.NotificationServiceStub(w.channel)
+    made = await stub.CreateChannel(
+        npf.CreateChannelRequest(project=PROJECT, channel=channel_spec(w.unique("c")))
+    )
+    return str(made.channel.id)
+
+
+def on_channel(message: Callable[..., Message], **fields: Any) -> Builder:
+    async def build(w: World) -> Request:
+        return message(project=PROJECT, channel_id=await new_channel(w), **fields)
+
+    return build
+
+
+async def redeliver_message(w: World) -> Request:
+    """A dead letter, written as the worker leaves one (the matrix delivers nothing)."""
+    channel_id = await new_channel(w)
+    message_id = w.unique("msg-matrix-")
+    now = datetime.now(UTC)
+    async with w.h.app.engine.begin() as conn:
+        await conn.execute(
+            notification_messages.insert().values(
+                id=message_id, channel_id=channel_id, project=PROJECT, kind="bundle.revoked", events=[],
+                state="dead", attempts=8, created_at=now, next_attempt_at=now, last_error="HTTP 500",
+                last_status=500,
+            )
+        )  # fmt: skip
+    return npf.RedeliverMessageRequest(project=PROJECT, message_id=message_id)
 
 
 async def delete_freeze_window(w: World) -> Request:
@@ -466,6 +521,21 @@ CASES: list[Case] = [
     Case("DeleteFreezeWindow", delete_freeze_window, fresh=True),
     Case("PinNode", same(lambda w: pin_request(w.pinned, w.main))),
     Case("UnpinNode", unpin_node, fresh=True),
+    Case("PromoteRollout", on_rollout(rpb.PromoteRolloutRequest, RUN), fresh=True),
+    Case("SkipRolloutStep", on_rollout(rpb.SkipRolloutStepRequest, RUN), fresh=True),
+    Case("RetryRollout", retry_rollout, fresh=True),
+    # NotificationService
+    Case(
+        "CreateChannel",
+        lambda w: _async(npf.CreateChannelRequest(project=P, channel=channel_spec(w.unique("n")))),
+        fresh=True,
+    ),
+    Case("GetChannel", on_channel(npf.GetChannelRequest), fresh=True),
+    Case("ListChannels", same(lambda w: npf.ListChannelsRequest(project=P))),
+    Case("UpdateChannel", on_channel(npf.UpdateChannelRequest, enabled=False), fresh=True),
+    Case("DeleteChannel", on_channel(npf.DeleteChannelRequest), fresh=True),
+    Case("ListMessages", same(lambda w: npf.ListMessagesRequest(project=P))),
+    Case("RedeliverMessage", redeliver_message, fresh=True),
     # DriftService
     Case("ListDriftEvents", same(lambda w: dpb.ListDriftEventsRequest(project=P))),
     Case("GetDriftSettings", same(lambda w: dpb.GetDriftSettingsRequest(project=P))),

@@ -14,8 +14,8 @@ from controlplane.domain.model.facts import NodeFacts, World
 from controlplane.domain.model.fleet import Health, HeartbeatRecord, NodeMetrics
 from controlplane.domain.model.rollouts import NodeState, Role, Rollout, RolloutSpec, RolloutState, Strategy
 from controlplane.domain.rollouts import machine
-from controlplane.domain.rollouts.commit import previous_state
 from controlplane.domain.rollouts.plan import plan
+from controlplane.domain.rollouts.resolved import previous_state
 from controlplane.domain.rollouts.run import Run
 
 OLD = "sha256:" + "0" * 64
@@ -83,7 +83,7 @@ class FakeFleet:
     def effective(self, node_id: str) -> DesiredRow | None:
         """What the node's watch resolves from the latest rows of its keys."""
         keys = (node_key(node_id), *self.selectors.get(node_id, ()))
-        return resolve(self.rows.get(k) for k in keys)
+        return resolve((self.rows.get(k) for k in keys), node_id)
 
     @property
     def desired(self) -> dict[str, tuple[str | None, int, int]]:

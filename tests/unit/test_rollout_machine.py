@@ -20,7 +20,7 @@ from controlplane.domain.model.rollouts import (
     StepState,
     Strategy,
 )
-from controlplane.domain.rollouts import machine
+from controlplane.domain.rollouts import actions, machine
 from controlplane.domain.rollouts.plan import canary_sizes
 from controlplane.domain.rollouts.run import Run
 from tests.support.rollouts import (
@@ -220,7 +220,7 @@ def test_rollback_restores_each_node_s_effective_state_not_its_key_s_old_value()
     assert {fleet.desired[n][0] for n in ids} == {NEW} and run.state is RolloutState.RUNNING
     recorded = {n: (run.nodes[n].previous_digest, run.nodes[n].previous_key_digest) for n in ids}
     assert recorded == {ids[0]: (MID, None), ids[1]: (OLD, OLD), ids[2]: ("", None)}
-    machine.roll_back(run, now, "bad deploy")
+    actions.roll_back(run, now, "bad deploy")
     fleet.perform(run, now)
     assert fleet.desired[ids[0]][0] == MID, "the selector's assignment governs again"
     assert fleet.rows[f"node:{ids[0]}"].kind.value == "unassign"
@@ -237,7 +237,7 @@ def test_cancel_keeps_nodes_on_the_bundle_and_puts_back_every_other_node_it_wrot
     fleet.offline(ids[1])  # written, never applied: would install it on return
     fleet.nack(ids[2], T0 + S)  # rejected it
     run = tick(run, fleet, T0 + 2 * S)
-    machine.cancel(run, T0 + 3 * S, "wrong bundle", fleet.facts)
+    actions.cancel(run, T0 + 3 * S, "wrong bundle", fleet.facts)
     fleet.perform(run, T0 + 3 * S)
     assert run.state is RolloutState.CANCELLED
     assert fleet.desired[ids[0]][0] == NEW and run.nodes[ids[0]].state is NodeState.ACTIVE
@@ -254,7 +254,7 @@ def test_cancel_keeps_nodes_on_the_bundle_and_puts_back_every_other_node_it_wrot
     fleet.nack(ids[1], T0 + S)
     failed = tick(failed, fleet, T0 + S)
     assert failed.state is RolloutState.FAILED
-    machine.cancel(failed, T0 + 2 * S, "", fleet.facts)
+    actions.cancel(failed, T0 + 2 * S, "", fleet.facts)
     fleet.perform(failed, T0 + 2 * S)
     assert (fleet.desired[ids[0]][0], fleet.desired[ids[1]][0]) == (NEW, OLD)
 
@@ -331,15 +331,15 @@ def test_pause_holds_everything_and_resume_does_not_count_the_pause() -> None:
     ids = nodes(4)
     run, fleet = make_run(make_spec(batch_size=2, progress_deadline=30 * S), ids), FakeFleet(ids)
     run = tick(run, fleet, T0)
-    machine.pause(run, T0 + S, "looking at dashboards")
+    actions.pause(run, T0 + S, "looking at dashboards")
     assert run.state is RolloutState.PAUSED and run.rollout.paused_at == T0 + S
     fleet.converge_all(T0 + 2 * S)
     # An hour paused: no step advances, and the deadline does not run out.
     run = tick(run, fleet, T0 + 3600 * S)
     assert run.steps[0].state is StepState.APPLYING and run.state is RolloutState.PAUSED
     with pytest.raises(FailedPrecondition, match="only a running rollout"):
-        machine.pause(run, T0 + 3600 * S)
-    machine.resume(run, T0 + 3601 * S)
+        actions.pause(run, T0 + 3600 * S)
+    actions.resume(run, T0 + 3601 * S)
     assert run.steps[0].paused_seconds == 3600
     run, _ = drive(run, fleet, T0 + 3601 * S)
     assert run.state is RolloutState.SUCCEEDED
@@ -483,7 +483,7 @@ def test_blue_green_moves_weight_then_swaps_and_rolls_back_to_the_old_set() -> N
             run = tick(run, fleet, now)
         assert {fleet.desired[n][:2] for n in green} == {(NEW, weight)}
         assert {fleet.desired[n][:2] for n in blue} == {(OLD, 100 - weight)}
-    machine.roll_back(run, now, "instant rollback")
+    actions.roll_back(run, now, "instant rollback")
     fleet.perform(run, now)
     assert run.state is RolloutState.ROLLED_BACK
     # All weight back on the old set, the new set back on the old bundle.
@@ -521,18 +521,18 @@ def test_approvals_need_distinct_approvers_other_than_the_creator() -> None:
     run = make_run(make_spec(approvals_required=2), nodes(3), created_by="operator:alice")
     assert run.state is RolloutState.PENDING_APPROVAL
     with pytest.raises(PermissionDenied, match="cannot approve"):
-        machine.approve(run, T0, "operator:alice", set())
-    machine.approve(run, T0, "operator:bob", set())
+        actions.approve(run, T0, "operator:alice", set())
+    actions.approve(run, T0, "operator:bob", set())
     assert run.state is RolloutState.PENDING_APPROVAL
     with pytest.raises(AlreadyExists):
-        machine.approve(run, T0, "operator:bob", {"operator:bob"})
-    machine.approve(run, T0, "operator:carol", {"operator:bob"})
+        actions.approve(run, T0, "operator:bob", {"operator:bob"})
+    actions.approve(run, T0, "operator:carol", {"operator:bob"})
     assert run.rollout.state is RolloutState.PENDING
     with pytest.raises(FailedPrecondition, match="not awaiting approval"):
-        machine.reject(run, T0, "operator:dave", "too late")
+        actions.reject(run, T0, "operator:dave", "too late")
 
     rejected = make_run(make_spec(approvals_required=1), nodes(3))
-    machine.reject(rejected, T0, "operator:bob", "not during the sale")
+    actions.reject(rejected, T0, "operator:bob", "not during the sale")
     assert rejected.state is RolloutState.REJECTED and "not during the sale" in rejected.rollout.reason
 
 
@@ -605,7 +605,7 @@ def test_without_auto_rollback_a_failure_halts_and_holds_until_an_operator_acts(
     assert run.state is RolloutState.FAILED and run.rollout.active
     run = tick(run, fleet, T0 + 100 * S)
     assert run.state is RolloutState.FAILED
-    machine.roll_back(run, T0 + 101 * S, "")
+    actions.roll_back(run, T0 + 101 * S, "")
     fleet.perform(run, T0 + 101 * S)
     assert run.rollout.state is RolloutState.ROLLED_BACK
     assert {fleet.desired[n][0] for n in ids} == {OLD}
@@ -613,14 +613,14 @@ def test_without_auto_rollback_a_failure_halts_and_holds_until_an_operator_acts(
 
 def test_terminal_rollouts_refuse_operator_actions() -> None:
     run, fleet = make_run(make_spec(Strategy.ALL_AT_ONCE), nodes(2)), FakeFleet(nodes(2))
-    machine.cancel(run, T0, "changed my mind", fleet.facts)
-    actions: tuple[Callable[[], None], ...] = (
-        lambda: machine.cancel(run, T0, "", fleet.facts),
-        lambda: machine.roll_back(run, T0, ""),
-        lambda: machine.resume(run, T0),
-        lambda: machine.pause(run, T0),
+    actions.cancel(run, T0, "changed my mind", fleet.facts)
+    refused: tuple[Callable[[], None], ...] = (
+        lambda: actions.cancel(run, T0, "", fleet.facts),
+        lambda: actions.roll_back(run, T0, ""),
+        lambda: actions.resume(run, T0),
+        lambda: actions.pause(run, T0),
     )
-    for action in actions:
+    for action in refused:
         with pytest.raises(FailedPrecondition):
             action()
     assert tick(run, fleet, T0 + S).state is RolloutState.CANCELLED

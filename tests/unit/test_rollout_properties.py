@@ -52,7 +52,7 @@ from controlplane.domain.model.rollouts import (
     StepState,
     Strategy,
 )
-from controlplane.domain.rollouts import machine
+from controlplane.domain.rollouts import actions, machine
 from controlplane.domain.rollouts.run import IllegalTransition, Run
 from tests.support.profiles import examples
 from tests.support.rollouts import MID, NEW, OLD, T0, FakeFleet, fresh, make_run, make_spec, nodes, tick
@@ -169,7 +169,7 @@ class RolloutMachine(RuleBasedStateMachine):
 
     @rule()
     def pause(self) -> None:
-        self._operator(lambda run: machine.pause(run, self.now, "operator"))
+        self._operator(lambda run: actions.pause(run, self.now, "operator"))
 
     # Targeted actions, so that many histories pause a live rollout or roll it back.
 
@@ -188,7 +188,7 @@ class RolloutMachine(RuleBasedStateMachine):
 
     @rule()
     def resume(self) -> None:
-        self._operator(lambda run: machine.resume(run, self.now))
+        self._operator(lambda run: actions.resume(run, self.now))
 
     # Rare actions take a die roll: most histories should get far before anything ends them.
 
@@ -197,19 +197,19 @@ class RolloutMachine(RuleBasedStateMachine):
         if roll == 0:
             was_active = self.run.rollout.active
             on_bundle = {n for n, f in self.fleet.facts.items() if f.applied_digest == NEW}
-            self._operator(lambda run: machine.cancel(run, self.now, "operator", self.fleet.facts))
+            self._operator(lambda run: actions.cancel(run, self.now, "operator", self.fleet.facts))
             if was_active and self.run.state is RolloutState.CANCELLED:
                 self.kept = on_bundle
 
     @rule(roll=st.integers(0, 9))
     def roll_back(self, roll: int) -> None:
         if roll == 0:
-            self._operator(lambda run: machine.roll_back(run, self.now, "operator"))
+            self._operator(lambda run: actions.roll_back(run, self.now, "operator"))
 
     @rule(actor=st.sampled_from(ACTORS))
     def approve(self, actor: str) -> None:
         def act(run: Run) -> None:
-            machine.approve(run, self.now, actor, self.approvers)
+            actions.approve(run, self.now, actor, self.approvers)
             self.approvers.add(actor)
 
         self._operator(act)
@@ -217,7 +217,7 @@ class RolloutMachine(RuleBasedStateMachine):
     @rule(roll=st.integers(0, 9))
     def reject(self, roll: int) -> None:
         if roll == 0:
-            self._operator(lambda run: machine.reject(run, self.now, "operator:carol", "no"))
+            self._operator(lambda run: actions.reject(run, self.now, "operator:carol", "no"))
 
     # A window holds everything: on less often than off, so histories also get far.
     @rule(on=st.sampled_from([False, False, True]))

@@ -150,6 +150,8 @@ class KeyDirectory:
                         row.pinned,
                         row.traffic_weight,
                         tuple(sorted(row.annotations.items())),
+                        row.baseline,
+                        row.exclude,
                     )
                 ].append(row)
             reissued = skipped = 0
@@ -172,6 +174,8 @@ class KeyDirectory:
                     dict(first.annotations),
                     signature=bundle.signature,
                     key_id=bundle.key_id,
+                    baseline=first.baseline,
+                    exclude=first.exclude,
                 )
                 await write_assignment(tx, assignment, now.timestamp())
                 reissued += len(rows)

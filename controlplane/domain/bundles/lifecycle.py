@@ -23,6 +23,8 @@ from controlplane.domain.bundles.risk import Facts, assess
 from controlplane.domain.kernel import validation
 from controlplane.domain.kernel.errors import FailedPrecondition, InvalidArgument, NotFound
 from controlplane.domain.model.bundles import Bundle, BundleState, RevokedNode, RiskAssessment
+from controlplane.domain.model.notify import EventKind as NotifyKind
+from controlplane.domain.model.notify import NotificationEvent
 from controlplane.domain.ports import BlobMissing, BlobStore, Clock, DesiredView, Store, Tx
 from controlplane.domain.projects import require_project
 
@@ -107,6 +109,16 @@ class BundleLifecycle:
                 project=project,
                 before={"state": bundle.state.value},
                 after={"state": "revoked", "reason": reason},
+            )
+            await tx.notify.emit(
+                NotificationEvent(
+                    project,
+                    NotifyKind.BUNDLE_REVOKED,
+                    f"bundle/{digest}",
+                    f"bundle {bundle.version or digest} revoked: {reason}",
+                    now,
+                    {"digest": digest, "version": bundle.version, "reason": reason},
+                )
             )
             revoked = replace(bundle, state=BundleState.REVOKED, state_reason=reason, revoked_at=now)
             return await with_signature(tx, revoked), await self._on(tx, project, [revoked])

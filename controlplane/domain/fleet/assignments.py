@@ -17,6 +17,7 @@ from datetime import datetime
 
 from controlplane.domain.bundles.registry import require_assignable
 from controlplane.domain.desired import write_assignment, write_unassignment
+from controlplane.domain.fleet.approvals import audit_break_glass, break_glass_reason, require_approved_path
 from controlplane.domain.fleet.nodes import READ_YOUR_WRITES
 from controlplane.domain.kernel import validation
 from controlplane.domain.kernel.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -125,8 +126,12 @@ class DesiredStateWriter:
         pin: bool = False,
         annotations: Mapping[str, str] | None = None,
         freeze_override_reason: str = "",
+        break_glass: str = "",
     ) -> tuple[int, tuple[str, ...]]:
+        """`break_glass`: the reason an admin gives for a write the project's approvals
+        would otherwise refuse (`approvals.py`); the transport checks the role."""
         validation.digest(digest)
+        glass = break_glass_reason(break_glass)
         if not 0 <= traffic_weight <= 100:
             raise InvalidArgument(f"{traffic_weight} is outside [0, 100]", field="traffic_weight")
         if pin and target.selector is not None:
@@ -137,6 +142,9 @@ class DesiredStateWriter:
             keys = await target.keys(tx, project)
             await self._guard(tx, project, target, override)
             bundle = await require_assignable(tx, project, digest)
+            newcomers = await require_approved_path(
+                tx, project, digest, target.node_ids or None, target.selector, glass
+            )
             assignment = Assignment(
                 project,
                 keys,
@@ -162,8 +170,11 @@ class DesiredStateWriter:
                     "annotations": notes,
                     "key_id": bundle.key_id,
                     **({"freeze_override_reason": override} if override else {}),
+                    **({"break_glass_reason": glass} if newcomers else {}),
                 },
             )
+            if newcomers:
+                await audit_break_glass(tx, project, _resource(keys), digest, newcomers, glass, revision)
             tx.after_commit(self.notify)
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         return revision, keys

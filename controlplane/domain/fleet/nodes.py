@@ -39,6 +39,8 @@ from controlplane.domain.model.fleet import (
     ReportPhase,
     StatusReport,
 )
+from controlplane.domain.model.notify import EventKind as NotifyKind
+from controlplane.domain.model.notify import NotificationEvent
 from controlplane.domain.ports import Clock, DeliveryLedger, DesiredView, Store, Tx
 from controlplane.domain.projects import require_project
 
@@ -361,10 +363,21 @@ class NodeRegistry:
 
     async def mark_offline(self, offline_after: timedelta) -> list[str]:
         """Mark nodes whose last heartbeat is older than `offline_after` offline."""
+        now = self.clock()
         async with self.store.write() as tx:
-            marked = await tx.nodes.mark_offline(self.clock() - offline_after)
+            marked = await tx.nodes.mark_offline(now - offline_after)
             for node_id, project in marked:
                 await tx.audit.record("node.offline", f"node/{node_id}", project=project)
+                await tx.notify.emit(
+                    NotificationEvent(
+                        project,
+                        NotifyKind.NODE_OFFLINE,
+                        f"node/{node_id}",
+                        f"node {node_id} offline: no heartbeat for {offline_after.total_seconds():g}s",
+                        now,
+                        {"node": node_id},
+                    )
+                )
         return [node_id for node_id, _ in marked]
 
     async def _write_labels(self, tx: Tx, project: str, node_id: str, labels: Mapping[str, str]) -> int:

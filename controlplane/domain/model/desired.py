@@ -4,7 +4,15 @@ desired bundle is resolved from them.
 Every change of desired state is a row `(key, revision)`. For each key only its latest
 row matters (the log is level-triggered); an UNASSIGN row is a tombstone. A node's
 effective state comes from the latest rows of the keys it watches: a pinned assignment
-first, otherwise the assignment with the highest revision.
+first, otherwise the assignment with the highest revision — with two refinements for the
+**baseline** a successful rollout leaves on its selector (`DesiredRow.baseline`):
+
+- a baseline row does not apply to the nodes it excludes (`DesiredRow.exclude`: those
+  that refused the bundle in that rollout, a blue-green rollout's standby set, nodes
+  another active rollout held when it was written);
+- a baseline row does not outrank the node's own key when that key already assigns the
+  same bundle at the same weight: the nodes the rollout moved keep the row that moved
+  them, so its success sends them nothing.
 """
 
 from __future__ import annotations
@@ -46,10 +54,17 @@ class DesiredRow:
     # W3C traceparent of the span that wrote it (empty when not tracing); the hub
     # replaces it with its own span's when it routes the row (watch/tracing.py).
     trace_parent: str = ""
+    # Set on a selector row a successful rollout wrote: that rollout's id.
+    baseline: str = ""
+    # Node ids a baseline row does not apply to.
+    exclude: frozenset[str] = frozenset()
 
     @property
     def is_assignment(self) -> bool:
         return self.kind is ChangeKind.ASSIGN
+
+    def applies_to(self, node_id: str) -> bool:
+        return self.kind is ChangeKind.ASSIGN and node_id not in self.exclude
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,18 +107,31 @@ class Effective:
         ) == (other.assigned_revision, other.source_key, other.digest, other.traffic_weight, other.pinned)
 
 
-def resolve(latest_rows: Iterable[DesiredRow | None]) -> DesiredRow | None:
-    """The row that decides a node's desired state, from the latest row of each key.
+def resolve(latest_rows: Iterable[DesiredRow | None], node_id: str = "") -> DesiredRow | None:
+    """The row that decides `node_id`'s desired state, from the latest row of each of its
+    keys.
 
-    Pins win over everything; among equals the highest revision wins. Tombstones and
-    missing keys contribute nothing.
+    Pins win over everything; among equals the highest revision wins. Tombstones, missing
+    keys and baseline rows excluding the node contribute nothing; a winning baseline row
+    yields to the node's own key when that assigns the same bundle at the same weight.
     """
     best: DesiredRow | None = None
+    own: DesiredRow | None = None
+    own_key = f"node:{node_id}"
     for row in latest_rows:
-        if row is None or not row.is_assignment:
+        if row is None or not row.applies_to(node_id):
             continue
+        if row.key == own_key:
+            own = row
         if best is None or (row.pinned, row.revision) > (best.pinned, best.revision):
             best = row
+    if (
+        best is not None
+        and best.baseline
+        and own is not None
+        and (own.digest, own.traffic_weight) == (best.digest, best.traffic_weight)
+    ):
+        return own
     return best
 
 
@@ -120,6 +148,9 @@ class Assignment:
     annotations: Mapping[str, str] = field(default_factory=dict)
     signature: bytes = b""
     key_id: str = ""
+    # A rollout's baseline (see DesiredRow): the rollout's id, and the nodes it skips.
+    baseline: str = ""
+    exclude: frozenset[str] = frozenset()
 
     def rows(self, revision: int, written_at: float, trace_parent: str = "") -> list[DesiredRow]:
         return [
@@ -137,6 +168,8 @@ class Assignment:
                 key_id=self.key_id,
                 written_at=written_at,
                 trace_parent=trace_parent,
+                baseline=self.baseline,
+                exclude=self.exclude,
             )
             for key in self.keys
         ]

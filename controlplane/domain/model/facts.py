@@ -6,8 +6,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from controlplane.domain.model.analysis import Measurement
 from controlplane.domain.model.fleet import HeartbeatRecord
 from controlplane.domain.model.rollouts import FreezeWindow
+from controlplane.domain.model.webhooks import GateCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +42,7 @@ class World:
     stale_after: timedelta = timedelta(seconds=30)
     # Heartbeat history for a canary analysis, when the machine asked for it.
     samples: Mapping[str, Sequence[HeartbeatRecord]] | None = None
+    # Metric analysis measurements taken for this tick: (step index, measurements).
+    measurements: tuple[int, Sequence[Measurement]] | None = None
+    # A webhook gate's call made for this tick.
+    gate_call: GateCall | None = None

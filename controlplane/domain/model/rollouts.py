@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from controlplane.domain.model.analysis import MetricAnalysis
+from controlplane.domain.model.webhooks import WebhookGate
+
 
 class Strategy(enum.StrEnum):
     ALL_AT_ONCE = "all_at_once"
@@ -194,6 +197,12 @@ class RolloutSpec:
     approvals_required: int = 0
     scheduled_at: datetime | None = None
     freeze_override_reason: str = ""
+    # Pause steps: after each of these steps is done the rollout waits for an operator.
+    pause_after_steps: tuple[int, ...] = ()
+    metric_analysis: MetricAnalysis | None = None
+    # The rollout this one retries (RetryRollout).
+    retry_of: str = ""
+    webhooks: tuple[WebhookGate, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -215,10 +224,15 @@ class RolloutSpec:
             "approvals_required": self.approvals_required,
             "scheduled_at": self.scheduled_at.isoformat() if self.scheduled_at else None,
             "freeze_override_reason": self.freeze_override_reason,
+            "pause_after_steps": list(self.pause_after_steps),
+            "metric_analysis": self.metric_analysis.to_json() if self.metric_analysis else None,
+            "retry_of": self.retry_of,
+            "webhooks": [w.to_json() for w in self.webhooks],
         }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RolloutSpec:
+        analysis = d.get("metric_analysis")
         return cls(
             bundle_digest=d["bundle_digest"],
             selector=d["selector"],
@@ -238,6 +252,11 @@ class RolloutSpec:
             approvals_required=d["approvals_required"],
             scheduled_at=datetime.fromisoformat(d["scheduled_at"]) if d["scheduled_at"] else None,
             freeze_override_reason=d["freeze_override_reason"],
+            # Absent from specs stored before issue 13.
+            pause_after_steps=tuple(d.get("pause_after_steps", ())),
+            metric_analysis=MetricAnalysis.from_json(analysis) if analysis else None,
+            retry_of=d.get("retry_of", ""),
+            webhooks=tuple(WebhookGate.from_json(w) for w in d.get("webhooks", ())),
         )
 
 

@@ -13,24 +13,36 @@ governs again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, TypeVar
 
 from controlplane.domain.desired import write_assignment, write_unassignment
 from controlplane.domain.kernel import validation
 from controlplane.domain.kernel.errors import Aborted, DomainError
-from controlplane.domain.kernel.labels import node_key, parse_selector_key
-from controlplane.domain.model.desired import Assignment, DesiredRow, resolve
-from controlplane.domain.model.rollouts import TERMINAL_STATES, NodeState, Role, Rollout, RolloutEvent
+from controlplane.domain.kernel.labels import node_key
+from controlplane.domain.model.desired import Assignment
+from controlplane.domain.model.notify import EventKind as EventKind_
+from controlplane.domain.model.notify import NotificationEvent
+from controlplane.domain.model.rollouts import (
+    TERMINAL_STATES,
+    NodeState,
+    Role,
+    Rollout,
+    RolloutEvent,
+    RolloutState,
+    StepState,
+)
+from controlplane.domain.model.webhooks import WebhookPhase
 from controlplane.domain.ports import Tx
+from controlplane.domain.rollouts.baseline import write_baseline
 from controlplane.domain.rollouts.bundles import assignable
+from controlplane.domain.rollouts.resolved import (
+    effective_rows,
+    is_pin,
+    latest_node_rows,
+    previous_state,
+)
 from controlplane.domain.rollouts.run import EventKind, Run, StepWrite
-
-# Keys per `IN (...)` query: far below either database's parameter limit.
-_CHUNK = 500
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,67 +53,13 @@ class Committed:
     revisions: list[int]
 
 
-def chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-async def latest_node_rows(tx: Tx, node_ids: Sequence[str]) -> dict[str, DesiredRow]:
-    """The latest row of each node's own key (a pin, an assignment or a tombstone)."""
-    rows: dict[str, DesiredRow] = {}
-    for part in chunks(node_ids):
-        found = await tx.desired.latest([node_key(n) for n in part])
-        rows.update({key[5:]: row for key, row in found.items()})
-    return rows
-
-
-def is_pin(row: DesiredRow | None) -> bool:
-    return row is not None and row.is_assignment and row.pinned
-
-
-async def effective_rows(tx: Tx, project: str, node_ids: Sequence[str]) -> dict[str, DesiredRow | None]:
-    """Each node's effective desired row, resolved inside `tx` over all its keys — its own
-    `node:<id>` and every selector of the project its labels match — exactly as its watch
-    resolves them (`desired.resolve`), at this transaction's snapshot (the hub's image
-    may be a commit behind)."""
-    own = await latest_node_rows(tx, node_ids)
-    selectors = [
-        (key, parsed[1])
-        for key in await tx.desired.selector_keys(project)
-        if (parsed := parse_selector_key(key)) is not None
-    ]
-    baselines: dict[str, DesiredRow] = {}
-    for part in chunks([key for key, _ in selectors]):
-        baselines.update(await tx.desired.latest(part))
-    live = [(selector, baselines[key]) for key, selector in selectors if key in baselines]
-    out: dict[str, DesiredRow | None] = {}
-    for part in chunks(node_ids):
-        for node in await tx.nodes.get_many(part):
-            matching = (row for selector, row in live if selector.matches(node.labels))
-            out[node.id] = resolve([own.get(node.id), *matching])
-    return out
-
-
-def previous_state(node_id: str, effective: DesiredRow | None) -> dict[str, Any]:
-    """The `RolloutNode` fields recording `effective` (the node's desired row before the
-    rollout's first write) and how a restore brings it back."""
-    if effective is None:
-        return {"previous_digest": "", "previous_weight": 100, "previous_key_digest": None}
-    own = effective.key == node_key(node_id)
-    return {
-        "previous_digest": effective.digest,
-        "previous_weight": effective.traffic_weight,
-        "previous_key_digest": effective.digest if own else None,
-    }
-
-
 async def commit(tx: Tx, run: Run, now: datetime) -> Committed:
     if run.writes and not run.spec.freeze_override_reason:
         # The decision may rest on a freeze check a moment old: the write is what counts.
         window = await tx.freezes.covering(run.rollout.project, now)
         if window is not None:
             raise Aborted(f"freeze window {window.name!r} began; the step waits for it to end")
-    if run.writes or run.restore:
+    if run.writes or run.restore or run.baseline:
         # Before the pins and previous states are read: one committed between that read
         # and the step's own write would be buried under it.
         await tx.desired.lock()
@@ -110,6 +68,8 @@ async def commit(tx: Tx, run: Run, now: datetime) -> Committed:
         revisions += await _write_step(tx, run, write, now)
     if run.restore:
         revisions += await _restore(tx, run, now)
+    if run.baseline:
+        revisions += await write_baseline(tx, run, now)
     loaded = run.loaded_rollout
     rollout = run.rollout
     events = [
@@ -139,6 +99,7 @@ async def commit(tx: Tx, run: Run, now: datetime) -> Committed:
     await tx.rollouts.add_events(events)
     if saved.state in TERMINAL_STATES and loaded.state not in TERMINAL_STATES:
         await tx.rollouts.release(rollout.id)
+    await _notify(tx, run, saved, now)
     for frm, to in run.transitions:
         await tx.audit.record(
             f"rollout.{to.value}",
@@ -148,6 +109,60 @@ async def commit(tx: Tx, run: Run, now: datetime) -> Committed:
             after={"state": to.value, "reason": saved.reason, "step": saved.current_step},
         )
     return Committed(saved, events, revisions)
+
+
+# The notification event of each transition (docs/notifications.md); a resume is none.
+_EVENT_OF = {
+    RolloutState.PAUSED: EventKind_.ROLLOUT_PAUSED,
+    RolloutState.ROLLED_BACK: EventKind_.ROLLOUT_ROLLED_BACK,
+    RolloutState.SUCCEEDED: EventKind_.ROLLOUT_SUCCEEDED,
+    RolloutState.FAILED: EventKind_.ROLLOUT_FAILED,
+    RolloutState.CANCELLED: EventKind_.ROLLOUT_CANCELLED,
+}
+
+
+async def _notify(tx: Tx, run: Run, saved: Rollout, now: datetime) -> None:
+    """Outbox events for what this commit changed, in its transaction."""
+    subject = f"rollout/{saved.id}"
+    data = {"rollout": saved.id, "bundle": saved.spec.bundle_digest, "selector": saved.spec.selector}
+    for frm, to in run.transitions:
+        kind = _EVENT_OF.get(to)
+        if to is RolloutState.RUNNING and frm is RolloutState.PENDING:
+            kind = EventKind_.ROLLOUT_STARTED
+        if kind is not None:
+            summary = f"rollout {saved.id} ({saved.spec.selector}) {to.value}" + (
+                f": {saved.reason}" if saved.reason else ""
+            )
+            await tx.notify.emit(
+                NotificationEvent(
+                    saved.project, kind, subject, summary[:1000], now, {**data, "state": to.value}
+                )
+            )
+    ended = [to for _, to in run.transitions if to in TERMINAL_STATES or to is RolloutState.FAILED]
+    for gate in saved.spec.webhooks if ended else ():
+        if gate.phase is WebhookPhase.POST_ROLLOUT:
+            await tx.notify.emit(
+                NotificationEvent(
+                    saved.project,
+                    EventKind_.ROLLOUT_POST_ROLLOUT,
+                    subject,
+                    f"rollout {saved.id} ended {ended[-1].value}: {saved.reason}"[:1000],
+                    now,
+                    {**data, "state": ended[-1].value, "reason": saved.reason, "channel": gate.channel_id},
+                )
+            )
+    for step, old in zip(run.steps, run.loaded_steps, strict=True):
+        if step.state is StepState.DONE and old.state is not StepState.DONE:
+            await tx.notify.emit(
+                NotificationEvent(
+                    saved.project,
+                    EventKind_.ROLLOUT_STEP_PROMOTED,
+                    subject,
+                    f"rollout {saved.id}: step {step.index + 1} of {len(run.steps)} done",
+                    now,
+                    {**data, "step": step.index},
+                )
+            )
 
 
 async def _write_step(tx: Tx, run: Run, write: StepWrite, now: datetime) -> list[int]:

@@ -9,10 +9,12 @@ makes the driver's write match nothing.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from controlplane.domain.audit.context import ActorKind, current_actor
 from controlplane.domain.bundles.registry import check_assignable
@@ -26,6 +28,7 @@ from controlplane.domain.kernel.errors import (
     PermissionDenied,
 )
 from controlplane.domain.leases import Leases
+from controlplane.domain.model.analysis import Measurement, MetricCheck, MetricsError, Phase
 from controlplane.domain.model.facts import NodeFacts, World
 from controlplane.domain.model.fleet import HeartbeatRecord
 from controlplane.domain.model.leases import Lease
@@ -39,13 +42,21 @@ from controlplane.domain.model.rollouts import (
     Step,
     StepState,
 )
-from controlplane.domain.ports import Clock, DesiredView, Store, Tx
+from controlplane.domain.model.webhooks import GateCall, WebhookPhase
+from controlplane.domain.ports import Clock, DesiredView, MetricsProvider, Store, Tx, WebhookCaller
+from controlplane.domain.rollouts import actions, machine
 from controlplane.domain.rollouts import approvers as approver_rules
-from controlplane.domain.rollouts import machine
+from controlplane.domain.rollouts import metrics as metric_rules
 from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
 from controlplane.domain.rollouts.commit import Committed, commit
 from controlplane.domain.rollouts.run import Run
 
+# The longest a metric query may take: the driver waits for it in its pass.
+MEASURE_TIMEOUT = 5.0
+# The longest one webhook gate call may take, for the same reason.
+GATE_CALL_TIMEOUT = 5.0
+# Node ids a gate call names per set: enough for a canary, bounded for a fleet.
+MAX_NODES_SENT = 1000
 # Operator actions retried this often when the driver committed in between.
 _ATTEMPTS = 3
 # Node states seen between decisions are written at most this often per rollout: they
@@ -87,32 +98,56 @@ class RolloutController:
     # Rollouts this process has just begun to lead, with the lease epoch: their current
     # step's bake starts over on the first tick (`machine.took_over`).
     _taken: dict[str, int] = field(default_factory=dict)
+    # The metrics provider for metric analysis (None: analyses record an error).
+    metrics: MetricsProvider | None = None
+    # Calls webhook gates (None: every call fails).
+    webhooks: WebhookCaller | None = None
 
     # -- operator actions ------------------------------------------------------------
 
     async def pause(self, project: str, rollout_id: str, reason: str) -> RolloutView:
         text = _reason(reason)
-        return await self._act(project, rollout_id, lambda run, now, _: machine.pause(run, now, text))
+        return await self._act(project, rollout_id, lambda run, now, _: actions.pause(run, now, text))
 
     async def resume(self, project: str, rollout_id: str) -> RolloutView:
-        return await self._act(project, rollout_id, lambda run, now, _: machine.resume(run, now))
+        return await self._act(project, rollout_id, lambda run, now, _: actions.resume(run, now))
 
     async def cancel(self, project: str, rollout_id: str, reason: str) -> RolloutView:
         text = _reason(reason)
         return await self._act(
-            project, rollout_id, lambda run, now, facts: machine.cancel(run, now, text, facts), facts=True
+            project, rollout_id, lambda run, now, facts: actions.cancel(run, now, text, facts), facts=True
         )
 
     async def roll_back(self, project: str, rollout_id: str, reason: str) -> RolloutView:
         text = _reason(reason)
-        return await self._act(project, rollout_id, lambda run, now, _: machine.roll_back(run, now, text))
+        return await self._act(project, rollout_id, lambda run, now, _: actions.roll_back(run, now, text))
+
+    async def promote(self, project: str, rollout_id: str, reason: str) -> RolloutView:
+        text = _reason(reason)
+        actor = _operator("promote")
+        return await self._act(
+            project,
+            rollout_id,
+            lambda run, now, _: actions.promote(run, now, actor, text),
+            audit=("rollout.promote", {"reason": text}),
+        )
+
+    async def skip_step(self, project: str, rollout_id: str, reason: str) -> RolloutView:
+        text = _reason(reason)
+        actor = _operator("skip a step of")
+        return await self._act(
+            project,
+            rollout_id,
+            lambda run, now, _: actions.skip_step(run, now, actor, text),
+            audit=("rollout.skip_step", {"reason": text}),
+        )
 
     async def reject(self, project: str, rollout_id: str, reason: str) -> RolloutView:
         text = _reason(reason)
         if not text:
             raise InvalidArgument("say why the rollout is rejected", field="reason")
         actor = _operator("reject")
-        return await self._act(project, rollout_id, lambda run, now, _: machine.reject(run, now, actor, text))
+        return await self._act(project, rollout_id, lambda run, now, _: actions.reject(run, now, actor, text))
 
     async def approve(self, project: str, rollout_id: str, comment: str) -> RolloutView:
         text = _reason(comment, "comment")
@@ -128,7 +163,7 @@ class RolloutController:
                             tx, rollout_id, actor, run.rollout.created_by, approvers
                         )
                     now = self.clock()
-                    machine.approve(run, now, actor, approvers)
+                    actions.approve(run, now, actor, approvers)
                     await tx.rollouts.add_approval(rollout_id, Approval(actor, now, text))
                     await tx.audit.record(
                         "rollout.approve",
@@ -149,6 +184,7 @@ class RolloutController:
         rollout_id: str,
         action: Callable[[Run, datetime, Mapping[str, NodeFacts]], None],
         facts: bool = False,
+        audit: tuple[str, dict[str, Any]] | None = None,
     ) -> RolloutView:
         """Load, decide and commit in one write transaction; with `facts`, the action also
         sees what the nodes the rollout wrote report now (read in that transaction)."""
@@ -162,7 +198,15 @@ class RolloutController:
                         touched = [n.node_id for n in run.nodes.values() if n.touched]
                         seen = {f.node_id: f for f in await tx.rollouts.node_facts(touched)}
                     now = self.clock()
+                    step = run.rollout.current_step
                     action(run, now, seen)
+                    if audit is not None:
+                        await tx.audit.record(
+                            audit[0],
+                            f"rollout/{rollout_id}",
+                            project=project,
+                            after={**audit[1], "step": step, "state": run.state.value},
+                        )
                     committed = await commit(tx, run, now)
                     self._after_commit(tx, committed)
                 break
@@ -241,9 +285,14 @@ class RolloutController:
             machine.tick(run, world)
             return run
 
+        world = await self._measure(base, world)
         run = decide(world)
         if run.needs_samples:
-            run = decide(await self._with_samples(run, world))
+            world = await self._with_samples(run, world)
+            run = decide(world)
+        if run.needs_gate is not None:
+            world = replace(world, gate_call=await self._call_gate(run, *run.needs_gate))
+            run = decide(world)
         if not run.changed:
             return False
         if (
@@ -299,6 +348,74 @@ class RolloutController:
                 checked = self._checked[rollout_id] = (time.monotonic(), freeze, problem)
             _, freeze, problem = checked
         return base, World(now, facts, freeze, problem, self.stale_after)
+
+    async def _measure(self, base: Loaded, world: World) -> World:
+        """Take the metric analysis measurements due for the current step (it bakes),
+        through the provider; a provider error is a measurement too (ERROR)."""
+        rollout = base.rollout
+        analysis = rollout.spec.metric_analysis
+        i = rollout.current_step
+        if (
+            analysis is None
+            or self.metrics is None
+            or rollout.state is not RolloutState.RUNNING
+            or not 0 <= i < len(base.steps)
+            or base.steps[i].state is not StepState.BAKING
+        ):
+            return world
+        step = base.steps[i]
+        checks = metric_rules.due(analysis, metric_rules.recorded(step.detail), world.now)
+        if not checks:
+            return world
+        canary_ids, baseline_ids = machine.analysis_nodes(base.run())
+        taken = await asyncio.gather(
+            *(
+                self._measure_one(analysis.provider_url, c, canary_ids, baseline_ids, rollout.id, i)
+                for c in checks
+            )
+        )
+        return replace(world, measurements=(i, taken))
+
+    async def _measure_one(
+        self, url: str, check: MetricCheck, canary: list[str], baseline: list[str], rollout_id: str, step: int
+    ) -> Measurement:
+        query = metric_rules.render(check.query, canary, baseline, rollout_id, step)
+        assert self.metrics is not None
+        timeout = min(check.interval.total_seconds(), MEASURE_TIMEOUT)
+        try:
+            value = await self.metrics.query(url, query, timeout)
+        except MetricsError as e:
+            return Measurement(check.name, Phase.ERROR, self.clock(), None, e.message[:500], query)
+        phase, reason = metric_rules.classify(check, value)
+        return Measurement(check.name, phase, self.clock(), value, reason, query)
+
+    async def _call_gate(self, run: Run, phase: WebhookPhase, step: int) -> GateCall:
+        """Call `phase`'s webhook gate for `step` once (a failure is an answer too)."""
+        rollout = run.rollout
+        gate = next(g for g in rollout.spec.webhooks if g.phase is phase)
+        async with self.store.read() as tx:
+            channel = await tx.notify.channel(gate.channel_id)
+        if channel is None or channel.project != rollout.project or self.webhooks is None:
+            return GateCall(phase, step, self.clock(), False, 0, f"channel {gate.channel_id} does not exist")
+        canary_ids, baseline_ids = machine.analysis_nodes(run)
+        attempts = run.steps[step].detail.get("webhooks", {}).get(phase.value, {}).get("attempts", 0)
+        payload = {
+            "rollout": rollout.id,
+            "project": rollout.project,
+            "phase": phase.value,
+            "step": step,
+            "steps": len(run.steps),
+            "bundle": rollout.spec.bundle_digest,
+            "selector": rollout.spec.selector,
+            "state": rollout.state.value,
+            "canary_nodes": canary_ids[:MAX_NODES_SENT],
+            "baseline_nodes": baseline_ids[:MAX_NODES_SENT],
+            "step_nodes": [n.node_id for n in run.members(run.steps[step])][:MAX_NODES_SENT],
+        }
+        within = min(GATE_CALL_TIMEOUT, gate.timeout.total_seconds())
+        key = f"{rollout.id}.{phase.value}.{step}"
+        status, error = await self.webhooks.call(channel, payload, key, attempts + 1, within)
+        return GateCall(phase, step, self.clock(), not error, status, error)
 
     def _with_pin(self, facts: NodeFacts) -> NodeFacts:
         row = self.view.effective(facts.node_id)

@@ -12,20 +12,25 @@ fewer approvals than its `min_approvals` is raised to it, and its creation event
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit
 
 from controlplane.domain.audit.context import current_actor
 from controlplane.domain.desired import write_assignment, write_unassignment
+from controlplane.domain.fleet.approvals import audit_break_glass, break_glass_reason, require_approved_path
 from controlplane.domain.fleet.assignments import require_unclaimed, require_unfrozen
 from controlplane.domain.fleet.nodes import READ_YOUR_WRITES
 from controlplane.domain.kernel import validation
+from controlplane.domain.kernel.addresses import Network, literal_reason
 from controlplane.domain.kernel.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from controlplane.domain.kernel.labels import Selector, node_key
 from controlplane.domain.kernel.secrets import new_id
 from controlplane.domain.model.desired import Assignment
 from controlplane.domain.model.fleet import Node
+from controlplane.domain.model.notify import ChannelKind, NotificationEvent
+from controlplane.domain.model.notify import EventKind as NotifyKind
 from controlplane.domain.model.rollouts import (
     FreezeWindow,
     NodeState,
@@ -42,8 +47,8 @@ from controlplane.domain.projects import require_policy, require_project
 from controlplane.domain.rollouts import spec as specs
 from controlplane.domain.rollouts.bundles import assignable, by_version
 from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
-from controlplane.domain.rollouts.commit import effective_rows, is_pin, latest_node_rows
 from controlplane.domain.rollouts.plan import plan
+from controlplane.domain.rollouts.resolved import effective_rows, is_pin, latest_node_rows
 from controlplane.domain.rollouts.run import EventKind, Run
 
 # One rollout may move at most this many nodes: the per-step writes and the rollback
@@ -61,6 +66,8 @@ class RolloutDirectory:
     bus: RolloutBus
     # Wakes this process's driver (a change it should act on now).
     wake: Callable[[], None]
+    # Networks a metric provider's URL may name although internal (`--outbound-allow`).
+    allow: Sequence[Network] = ()
 
     async def create(self, project: str, spec: RolloutSpec, bundle_version: str = "") -> RolloutView:
         now = self.clock()
@@ -69,6 +76,10 @@ class RolloutDirectory:
                 "give exactly one of bundle_digest and bundle_version", field="bundle_digest"
             )
         spec = specs.validate(spec, now)
+        if spec.metric_analysis is not None:
+            host = urlsplit(spec.metric_analysis.provider_url).hostname or ""
+            if reason := literal_reason(host, self.allow):
+                raise InvalidArgument(f"refused: {reason}", field="metric_analysis.provider_url")
         creator = str(current_actor())
         for attempt in range(2):
             try:
@@ -90,6 +101,13 @@ class RolloutDirectory:
             if bundle_version:
                 spec = replace(spec, bundle_digest=await by_version(tx, project, bundle_version))
             bundle = await assignable(tx, project, spec.bundle_digest)
+            for i, gate in enumerate(spec.webhooks):
+                channel = await tx.notify.channel(gate.channel_id)
+                if channel is None or channel.project != project or channel.kind is not ChannelKind.WEBHOOK:
+                    raise InvalidArgument(
+                        f"{gate.channel_id!r} is not a webhook channel of project {project!r}",
+                        field=f"webhooks[{i}].channel_id",
+                    )
             await require_unfrozen(tx, project, spec.scheduled_at or now, spec.freeze_override_reason)
             selector = Selector.parse(spec.selector)
             matched = await tx.rollouts.target_nodes(project, selector.terms)
@@ -112,6 +130,12 @@ class RolloutDirectory:
             )
             standby = [n for n in targets if (row := desired.get(n)) is not None and row.traffic_weight == 0]
             steps, nodes = plan(spec, targets, standby)
+            if spec.pause_after_steps and max(spec.pause_after_steps) >= len(steps) - 1:
+                raise InvalidArgument(
+                    f"{list(spec.pause_after_steps)}: this rollout has {len(steps)} step(s) (0-"
+                    f"{len(steps) - 1}); a pause after the last one would pause nothing",
+                    field="pause_after_steps",
+                )
             nodes += [
                 RolloutNode(n, -1, state=NodeState.SKIPPED, error="pinned by an operator") for n in pinned
             ]
@@ -132,6 +156,7 @@ class RolloutDirectory:
                 f"created by {creator}: {spec.strategy.value} of {bundle.version or bundle.digest} to "
                 f"{len(targets)} node(s) in {len(steps)} step(s)"
                 + (f", {len(pinned)} pinned node(s) skipped" if pinned else "")
+                + (f"; retry of {spec.retry_of}" if spec.retry_of else "")
                 + (
                     f"; approvals_required raised from {requested} to {spec.approvals_required} "
                     "by the project's policy (min_approvals)"
@@ -149,6 +174,16 @@ class RolloutDirectory:
             await tx.rollouts.insert(rollout, steps, nodes)
             await tx.rollouts.claim(rollout.id, targets)
             await tx.rollouts.add_events(events)
+            await tx.notify.emit(
+                NotificationEvent(
+                    project,
+                    NotifyKind.ROLLOUT_CREATED,
+                    f"rollout/{rollout.id}",
+                    events[0].message[:1000],
+                    now,
+                    {"rollout": rollout.id, "bundle": spec.bundle_digest, "selector": spec.selector},
+                )
+            )
             await tx.audit.record(
                 "rollout.create",
                 f"rollout/{rollout.id}",
@@ -169,6 +204,21 @@ class RolloutDirectory:
 
             tx.after_commit(created)
         return RolloutView(rollout, tuple(steps))
+
+    async def retry(self, project: str, rollout_id: str) -> RolloutView:
+        """A new rollout with the spec of a rolled-back or cancelled one: its own id,
+        history, claims and approvals (the project's policy applies again), and
+        `retry_of` naming the old one. A scheduled start is dropped: it starts now."""
+        async with self.store.read() as tx:
+            old = await _require_rollout(tx, project, rollout_id)
+        if old.state not in (RolloutState.ROLLED_BACK, RolloutState.CANCELLED):
+            raise FailedPrecondition(
+                f"only a rolled-back or cancelled rollout can be retried; {old.id} is {old.state.value}"
+                + ("; roll it back or cancel it first" if old.active else ""),
+                field="rollout_id",
+            )
+        spec = replace(old.spec, scheduled_at=None, retry_of=old.id)
+        return await self.create(project, spec)
 
     async def page(
         self, project: str, states: Collection[RolloutState], page_size: int, page_token: str
@@ -263,9 +313,14 @@ class RolloutDirectory:
 
     # -- pins --------------------------------------------------------------------------
 
-    async def pin(self, project: str, node_id: str, digest: str, bundle_version: str, reason: str) -> int:
+    async def pin(
+        self, project: str, node_id: str, digest: str, bundle_version: str, reason: str, break_glass: str = ""
+    ) -> int:
         """Pin a node to a bundle: it wins over every other assignment, and rollouts
-        (including the steps of one in progress, and rollbacks) leave the node alone."""
+        (including the steps of one in progress, and rollbacks) leave the node alone.
+        Pinning to a bundle the node does not run needs the project's approvals like any
+        direct write (`fleet/approvals.py`): refused, or `break_glass` by an admin."""
+        glass = break_glass_reason(break_glass)
         if bool(digest) == bool(bundle_version):
             raise InvalidArgument("give exactly one of digest and bundle_version", field="digest")
         if digest:
@@ -278,6 +333,7 @@ class RolloutDirectory:
             if bundle_version:
                 digest = await by_version(tx, project, bundle_version)
             bundle = await assignable(tx, project, digest, field="digest")
+            newcomers = await require_approved_path(tx, project, digest, [node.id], None, glass)
             before = (await latest_node_rows(tx, [node.id])).get(node.id)
             revision = await write_assignment(
                 tx,
@@ -299,8 +355,15 @@ class RolloutDirectory:
                 f"node/{node.id}",
                 project=project,
                 before={"digest": before.digest if before else "", "pinned": is_pin(before)},
-                after={"digest": digest, "revision": revision, "reason": reason},
+                after={
+                    "digest": digest,
+                    "revision": revision,
+                    "reason": reason,
+                    **({"break_glass_reason": glass} if newcomers else {}),
+                },
             )
+            if newcomers:
+                await audit_break_glass(tx, project, f"node/{node.id}", digest, newcomers, glass, revision)
             tx.after_commit(self.notify)
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         self.wake()

@@ -22,10 +22,8 @@ or halts the rollout as FAILED.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta
 
-from controlplane.domain.kernel.errors import AlreadyExists, FailedPrecondition, PermissionDenied
 from controlplane.domain.model.facts import NodeFacts, World
 from controlplane.domain.model.fleet import HeartbeatRecord
 from controlplane.domain.model.rollouts import (
@@ -38,7 +36,8 @@ from controlplane.domain.model.rollouts import (
     StepState,
     Strategy,
 )
-from controlplane.domain.rollouts import canary, gates
+from controlplane.domain.model.webhooks import OnFailure, WebhookPhase
+from controlplane.domain.rollouts import canary, gates, metrics, webhooks
 from controlplane.domain.rollouts.run import EventKind, Run, StepWrite
 
 HOLD_PREFIX = "held: "
@@ -82,6 +81,13 @@ def _start(run: Run, world: World) -> None:
         return
     if _held(run, world):
         return
+    verdict, reason = webhooks.check(run, world, run.steps[0], WebhookPhase.PRE_ROLLOUT)
+    if verdict == webhooks.FAIL:
+        # Nothing was written: there is nothing to pause or roll back.
+        run.transition(RolloutState.CANCELLED, now, reason)
+        return
+    if verdict == webhooks.WAIT:
+        return
     run.transition(RolloutState.RUNNING, now, "")
     _advance(run, world)
 
@@ -102,6 +108,12 @@ def _held(run: Run, world: World) -> bool:
 
 
 def _advance(run: Run, world: World) -> None:
+    done = run.current
+    if done is not None and done.state is StepState.DONE:
+        if not done.detail.get("promoted") and not _gate_allows(run, world, done, WebhookPhase.POST_STEP):
+            return
+        if _pause_step(run, world, done):
+            return
     nxt = run.rollout.current_step + 1
     if nxt >= len(run.steps):
         _succeed(run, world.now)
@@ -109,6 +121,25 @@ def _advance(run: Run, world: World) -> None:
     if _held(run, world):
         return
     _start_step(run, world, run.steps[nxt])
+
+
+def _pause_step(run: Run, world: World, step: Step) -> bool:
+    """A pause step after `step` holds the rollout until an operator resumes (which
+    releases it) or promotes it."""
+    if step.index not in run.spec.pause_after_steps:
+        return False
+    if step.detail.get("released") or step.detail.get("promoted"):
+        return False
+    if run.state is RolloutState.RUNNING:
+        run.transition(
+            RolloutState.PAUSED,
+            world.now,
+            f"{PAUSE_STEP_PREFIX}after step {step.index}: waiting for an operator to resume or promote",
+        )
+    return True
+
+
+PAUSE_STEP_PREFIX = "pause step: "
 
 
 def _succeed(run: Run, now: datetime) -> None:
@@ -127,6 +158,7 @@ def _succeed(run: Run, now: datetime) -> None:
             run.set_node(node, now, error=_NOT_UPDATED)
             run.event(EventKind.NODE, f"{node.node_id} not updated: {_NOT_UPDATED}", node_id=node.node_id)
     run.transition(RolloutState.SUCCEEDED, now, reason)
+    run.baseline = True
 
 
 _NOT_UPDATED = "unavailable while its step ran; gets the bundle, ungated, if it returns"
@@ -221,6 +253,13 @@ def _work(run: Run, world: World, step: Step) -> None:
             offline=offline,
             unavailable=unavailable,
         )
+    if step.detail.get("promoted"):
+        run.set_step(step, state=StepState.DONE, finished_at=now)
+        run.event(
+            EventKind.STEP, f"step {step.index} done (promoted: no bake, gates or analysis)", step=step.index
+        )
+        _advance(run, world)
+        return
     _bake(run, world, step, members, unavailable)
 
 
@@ -260,6 +299,12 @@ def _classify(run: Run, world: World, node: RolloutNode) -> None:
 
 def _bake(run: Run, world: World, step: Step, members: list[RolloutNode], unavailable: int) -> None:
     now, spec = world.now, run.spec
+    metrics_pass = True
+    if spec.metric_analysis is not None:
+        step, verdict = _metric_analysis(run, world, step)
+        if verdict is None:
+            return
+        metrics_pass = verdict
     targets = [n for n in members if n.role is Role.TARGET and n.state is not NodeState.SKIPPED]
     gated = [n for n in targets if n.state is NodeState.ACTIVE]
     gone = {n.node_id for n in gated if (f := world.facts.get(n.node_id)) is not None and not f.online}
@@ -305,9 +350,80 @@ def _bake(run: Run, world: World, step: Step, members: list[RolloutNode], unavai
     is_canary_step = spec.strategy is Strategy.CANARY and step.index < len(run.steps) - 1
     if is_canary_step and not _analysis_promotes(run, world, step):
         return
+    if not metrics_pass:
+        return
+    if not _gate_allows(run, world, run.steps[step.index], WebhookPhase.PRE_PROMOTION):
+        return
     run.set_step(run.steps[step.index], state=StepState.DONE, finished_at=now)
     run.event(EventKind.STEP, f"step {step.index} done", step=step.index)
     _advance(run, world)
+
+
+def _metric_analysis(run: Run, world: World, step: Step) -> tuple[Step, bool | None]:
+    """Record this tick's measurements and judge them: (step, True) when the analysis
+    lets the step complete, (step, False) while it waits for measurements, (step, None)
+    when it failed the rollout or paused it. Dry-run records its verdicts and never
+    holds or acts."""
+    analysis = run.spec.metric_analysis
+    assert analysis is not None
+    now = world.now
+    if world.measurements is not None and world.measurements[0] == step.index and world.measurements[1]:
+        taken = list(world.measurements[1])
+        stored = [*step.detail.get("measurements", []), *(m.to_json() for m in taken)]
+        step = run.set_step(step, detail={**step.detail, "measurements": stored})
+        for m in taken:
+            value = "" if m.value is None else f" = {m.value:g}"
+            run.event(
+                EventKind.ANALYSIS,
+                f"step {step.index} metric {m.metric}{value}: {m.phase.value} ({m.reason})",
+                step=step.index,
+                metric=m.metric,
+                phase=m.phase.value,
+                value=m.value,
+                query=m.query[:500],
+            )
+    verdict, reason = metrics.judge(analysis, metrics.recorded(step.detail))
+    if analysis.dry_run:
+        if verdict != metrics.Verdict.PENDING and step.detail.get("dry_run_verdict") != verdict:
+            step = run.set_step(step, detail={**step.detail, "dry_run_verdict": verdict})
+            would = {
+                metrics.Verdict.PASS: "promote",
+                metrics.Verdict.FAIL: "roll back" if run.spec.auto_rollback else "fail",
+                metrics.Verdict.INCONCLUSIVE: "pause",
+            }[verdict]
+            run.event(
+                EventKind.ANALYSIS,
+                f"step {step.index} metric analysis (dry run) would {would}: {reason}",
+                step=step.index,
+                dry_run=True,
+                verdict=verdict,
+            )
+        return step, True
+    if verdict == metrics.Verdict.FAIL:
+        _fail(run, now, f"metric analysis at step {step.index}: {reason}")
+        return step, None
+    if verdict == metrics.Verdict.INCONCLUSIVE:
+        run.transition(
+            RolloutState.PAUSED, now, f"metric analysis inconclusive at step {step.index}: {reason}"
+        )
+        return step, None
+    if verdict == metrics.Verdict.PASS and not step.detail.get("metrics_passed"):
+        step = run.set_step(step, detail={**step.detail, "metrics_passed": True})
+        run.event(EventKind.ANALYSIS, f"step {step.index} metric analysis passed: {reason}", step=step.index)
+    return step, verdict == metrics.Verdict.PASS
+
+
+def _gate_allows(run: Run, world: World, step: Step, phase: WebhookPhase) -> bool:
+    """Whether `phase`'s webhook gate lets the rollout go on; one that gave up pauses the
+    rollout or fails it, as the gate says."""
+    verdict, reason = webhooks.check(run, world, step, phase)
+    if verdict == webhooks.FAIL:
+        gate = webhooks.gate_of(run, phase)
+        if gate is not None and gate.on_failure is OnFailure.ROLLBACK:
+            _fail(run, world.now, reason)
+        elif run.state is RolloutState.RUNNING:
+            run.transition(RolloutState.PAUSED, world.now, reason)
+    return verdict == webhooks.PASS
 
 
 def _extension(run: Run, world: World) -> timedelta:
@@ -399,20 +515,21 @@ def _fail(run: Run, now: datetime, reason: str) -> None:
     if step is not None and step.state in (StepState.APPLYING, StepState.BAKING):
         run.set_step(step, state=StepState.FAILED, finished_at=now, detail={**step.detail, "failure": reason})
     if run.spec.auto_rollback:
-        _roll_back(run, now, f"automatic rollback: {reason}")
+        roll_back_all(run, now, f"automatic rollback: {reason}")
     else:
         run.transition(RolloutState.FAILED, now, reason)
 
 
-def _roll_back(run: Run, now: datetime, reason: str) -> None:
+def roll_back_all(run: Run, now: datetime, reason: str) -> None:
+    """End the rollout ROLLED_BACK and put back every node it wrote (not pinned)."""
     run.transition(RolloutState.ROLLED_BACK, now, reason)
-    _put_back(run, now, [n for n in run.nodes.values() if n.touched and n.state is not NodeState.SKIPPED])
+    put_back(run, now, [n for n in run.nodes.values() if n.touched and n.state is not NodeState.SKIPPED])
     step = run.current
     if step is not None and step.state in (StepState.APPLYING, StepState.BAKING):
         run.set_step(step, state=StepState.FAILED, finished_at=now, detail={**step.detail, "failure": reason})
 
 
-def _put_back(run: Run, now: datetime, nodes: list[RolloutNode]) -> None:
+def put_back(run: Run, now: datetime, nodes: list[RolloutNode]) -> None:
     """Restore `nodes` to what they had before the rollout (written with the state
     change, in one transaction: `commit`)."""
     for node in nodes:
@@ -445,91 +562,3 @@ def took_over(run: Run, who: str) -> bool:
         step=step.index,
     )
     return True
-
-
-# -- operator actions -----------------------------------------------------------------
-
-
-def pause(run: Run, now: datetime, reason: str = "") -> None:
-    if run.state is not RolloutState.RUNNING:
-        raise FailedPrecondition(
-            f"only a running rollout can be paused; {run.rollout.id} is {run.state.value}"
-        )
-    run.transition(RolloutState.PAUSED, now, reason or "paused by an operator")
-
-
-def resume(run: Run, now: datetime) -> None:
-    if run.state is not RolloutState.PAUSED:
-        raise FailedPrecondition(
-            f"only a paused rollout can be resumed; {run.rollout.id} is {run.state.value}"
-        )
-    paused_at = run.rollout.paused_at or now
-    step = run.current
-    if step is not None and step.state in (StepState.APPLYING, StepState.BAKING):
-        # Paused time does not count against the deadline, and the bake starts over:
-        # the gates must hold for a full bake after a pause.
-        run.set_step(
-            step,
-            paused_seconds=step.paused_seconds + max(0.0, (now - paused_at).total_seconds()),
-            bake_started_at=None,
-            gate_failing_since=None,
-        )
-    run.transition(RolloutState.RUNNING, now, "")
-
-
-def cancel(run: Run, now: datetime, reason: str, facts: Mapping[str, NodeFacts]) -> None:
-    """End the rollout where it is. Nodes that already run its bundle (their latest
-    report, `facts`) keep it; every other node it wrote — waiting, offline, NACKing, or
-    a blue-green live node whose weight it moved — goes back to what it had, exactly as
-    a rollback restores it, so none installs the bundle later."""
-    if not run.rollout.active:
-        raise FailedPrecondition(f"rollout {run.rollout.id} already ended ({run.state.value})")
-    run.transition(RolloutState.CANCELLED, now, reason or "cancelled by an operator")
-    kept: list[RolloutNode] = []
-    back: list[RolloutNode] = []
-    for node in run.nodes.values():
-        if not node.touched or node.state is NodeState.SKIPPED:
-            continue
-        f = facts.get(node.node_id)
-        on_bundle = node.role is Role.TARGET and f is not None and f.applied_digest == run.spec.bundle_digest
-        (kept if on_bundle else back).append(node)
-    for node in kept:
-        if node.state is not NodeState.ACTIVE:
-            run.set_node(node, now, state=NodeState.ACTIVE, error="")
-    _put_back(run, now, back)
-    if kept or back:
-        run.event(
-            EventKind.NODE,
-            f"cancelled: {len(kept)} node(s) keep the bundle they run, {len(back)} put back",
-            kept=len(kept),
-            restored=len(back),
-        )
-
-
-def roll_back(run: Run, now: datetime, reason: str) -> None:
-    if run.state not in (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.FAILED):
-        raise FailedPrecondition(
-            f"only a running, paused or failed rollout can be rolled back; {run.rollout.id} is "
-            f"{run.state.value}" + ("; cancel it instead" if run.rollout.active else "")
-        )
-    _roll_back(run, now, reason or "rolled back by an operator")
-
-
-def approve(run: Run, now: datetime, actor: str, approvers: Collection[str]) -> None:
-    """Record `actor`'s approval (the caller stores it); enough distinct ones start it."""
-    if run.state is not RolloutState.PENDING_APPROVAL:
-        raise FailedPrecondition(f"rollout {run.rollout.id} is {run.state.value}, not awaiting approval")
-    if actor == run.rollout.created_by:
-        raise PermissionDenied(f"{actor} created rollout {run.rollout.id} and cannot approve it")
-    if actor in approvers:
-        raise AlreadyExists(f"{actor} already approved rollout {run.rollout.id}")
-    have, need = len(approvers) + 1, run.spec.approvals_required
-    run.event(EventKind.APPROVAL, f"approved by {actor} ({have} of {need})", actor=actor)
-    if have >= need:
-        run.transition(RolloutState.PENDING, now, f"approved by {have} operator(s)")
-
-
-def reject(run: Run, now: datetime, actor: str, reason: str) -> None:
-    if run.state is not RolloutState.PENDING_APPROVAL:
-        raise FailedPrecondition(f"rollout {run.rollout.id} is {run.state.value}, not awaiting approval")
-    run.transition(RolloutState.REJECTED, now, f"rejected by {actor}: {reason}")

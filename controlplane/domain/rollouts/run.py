@@ -29,6 +29,7 @@ from controlplane.domain.model.rollouts import (
     StepKind,
     StepState,
 )
+from controlplane.domain.model.webhooks import WebhookPhase
 
 
 class EventKind:
@@ -40,6 +41,10 @@ class EventKind:
     HOLD = "hold"
     APPROVAL = "approval"
     WRITE = "write"
+    # The baseline a successful rollout leaves on its selector (baseline.py).
+    BASELINE = "baseline"
+    # A webhook gate's call and answer (webhooks.py).
+    WEBHOOK = "webhook"
 
 
 class IllegalTransition(FailedPrecondition):
@@ -76,14 +81,22 @@ class Run:
     writes: list[StepWrite] = field(default_factory=list)
     # Nodes to put back on what they ran before (rollback).
     restore: list[str] = field(default_factory=list)
+    # The rollout succeeded: leave its bundle on its selector (`baseline.py`).
+    baseline: bool = False
     transitions: list[tuple[RolloutState, RolloutState]] = field(default_factory=list)
     # The machine needs heartbeat history (canary analysis): load it and tick again.
     needs_samples: bool = False
+    # A webhook gate's call is due: (phase, step). Make it and tick again.
+    needs_gate: tuple[WebhookPhase, int] | None = None
 
     def __post_init__(self) -> None:
         self.loaded_rollout = self.rollout
         self.loaded_steps = list(self.steps)
         self.loaded_nodes = dict(self.nodes)
+        self.regroup()
+
+    def regroup(self) -> None:
+        """Index the nodes by step again (after a promotion moved some)."""
         self.by_step: dict[int, list[str]] = {}
         for node in self.nodes.values():
             self.by_step.setdefault(node.step, []).append(node.node_id)
@@ -113,7 +126,7 @@ class Run:
     def changed(self) -> bool:
         return (
             self.rollout is not self.loaded_rollout
-            or bool(self.events or self.writes or self.restore)
+            or bool(self.events or self.writes or self.restore or self.baseline)
             or any(s is not old for s, old in zip(self.steps, self.loaded_steps, strict=True))
             or bool(self.changed_nodes())
         )
@@ -124,7 +137,7 @@ class Run:
         them again from the nodes table, so writing them can wait."""
         return (
             self.rollout is self.loaded_rollout
-            and not (self.writes or self.restore or self.transitions)
+            and not (self.writes or self.restore or self.baseline or self.transitions)
             and all(s is old for s, old in zip(self.steps, self.loaded_steps, strict=True))
             and all(e.kind == EventKind.NODE for e in self.events)
         )

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit
+
+import promql_parser
 
 from controlplane.domain.kernel import validation
 from controlplane.domain.kernel.errors import InvalidArgument
 from controlplane.domain.kernel.labels import Selector
+from controlplane.domain.model.analysis import MetricAnalysis
 from controlplane.domain.model.rollouts import MAX_APPROVALS, CanaryAnalysis, Gates, RolloutSpec, Strategy
+from controlplane.domain.rollouts import metrics
 
 # Bounds that catch typos (a bake of 30 h instead of 30 s) without limiting real use.
 MAX_BAKE = timedelta(hours=24)
@@ -18,6 +24,9 @@ MAX_DEADLINE = timedelta(days=7)
 MAX_SCHEDULE_AHEAD = timedelta(days=366)
 MAX_STEPS = 20
 MAX_REASON = 1000
+MAX_METRICS = 10
+MAX_QUERY = 4000
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
 
 
 def validate(spec: RolloutSpec, now: datetime) -> RolloutSpec:
@@ -54,9 +63,75 @@ def validate(spec: RolloutSpec, now: datetime) -> RolloutSpec:
             raise InvalidArgument("must be in the future; leave it unset to start now", field="scheduled_at")
         if spec.scheduled_at - now > MAX_SCHEDULE_AHEAD:
             raise InvalidArgument("must be within a year", field="scheduled_at")
+    if len(set(spec.pause_after_steps)) != len(spec.pause_after_steps) or any(
+        not 0 <= i < MAX_STEPS * 500 for i in spec.pause_after_steps
+    ):
+        raise InvalidArgument("step indexes, each once", field="pause_after_steps")
+    if spec.metric_analysis is not None:
+        _metric_analysis(spec.metric_analysis)
+    _webhooks(spec)
     if len(spec.freeze_override_reason) > MAX_REASON:
         raise InvalidArgument(f"at most {MAX_REASON} characters", field="freeze_override_reason")
-    return replace(spec, selector=selector, freeze_override_reason=spec.freeze_override_reason.strip())
+    return replace(
+        spec,
+        selector=selector,
+        freeze_override_reason=spec.freeze_override_reason.strip(),
+        pause_after_steps=tuple(sorted(spec.pause_after_steps)),
+    )
+
+
+def _webhooks(spec: RolloutSpec) -> None:
+    phases: set[str] = set()
+    for i, g in enumerate(spec.webhooks):
+        if g.phase.value in phases:
+            raise InvalidArgument(
+                f"a second {g.phase.value} gate; one per phase", field=f"webhooks[{i}].phase"
+            )
+        phases.add(g.phase.value)
+        if not g.channel_id:
+            raise InvalidArgument("name the webhook channel to call", field=f"webhooks[{i}].channel_id")
+        _duration(g.timeout, f"webhooks[{i}].timeout", timedelta(seconds=1), MAX_BAKE)
+        if not 1 <= g.max_attempts <= 100:
+            raise InvalidArgument(
+                f"{g.max_attempts} is outside [1, 100]", field=f"webhooks[{i}].max_attempts"
+            )
+
+
+def _metric_analysis(a: MetricAnalysis) -> None:
+    url = urlsplit(a.provider_url)
+    if url.scheme not in ("http", "https") or not url.hostname or len(a.provider_url) > 2000:
+        raise InvalidArgument(
+            f"{a.provider_url[:100]!r} is not an http(s) URL with a host",
+            field="metric_analysis.provider_url",
+        )
+    if not 1 <= len(a.metrics) <= MAX_METRICS:
+        raise InvalidArgument(f"give 1-{MAX_METRICS} metrics", field="metric_analysis.metrics")
+    names: set[str] = set()
+    for i, m in enumerate(a.metrics):
+        field = f"metric_analysis.metrics[{i}]"
+        if not _NAME.fullmatch(m.name) or m.name in names:
+            raise InvalidArgument("a unique name of 1-63 letters, digits, '_' or '-'", field=f"{field}.name")
+        names.add(m.name)
+        if not m.query.strip() or len(m.query) > MAX_QUERY:
+            raise InvalidArgument(f"1-{MAX_QUERY} characters of PromQL", field=f"{field}.query")
+        try:
+            promql_parser.parse(metrics.render(m.query, ["n-a", "n-b"], ["n-c"], "r-x", 0))
+        except ValueError as e:
+            raise InvalidArgument(f"not valid PromQL: {str(e)[:200]}", field=f"{field}.query") from None
+        success = metrics.parse_condition(m.success_condition, f"{field}.success_condition")
+        failure = metrics.parse_condition(m.failure_condition, f"{field}.failure_condition")
+        if success is None and failure is None:
+            raise InvalidArgument("give a success or a failure condition", field=f"{field}.success_condition")
+        _duration(m.interval, f"{field}.interval", timedelta(seconds=1), timedelta(hours=1))
+        if not 1 <= m.count <= 100:
+            raise InvalidArgument(f"{m.count} is outside [1, 100]", field=f"{field}.count")
+        if not 0 <= m.failure_limit < m.count:
+            raise InvalidArgument(
+                "must be below count: a check whose every measurement may fail would pass on nothing",
+                field=f"{field}.failure_limit",
+            )
+        if not 0 <= m.inconclusive_limit < m.count:
+            raise InvalidArgument("must be below count", field=f"{field}.inconclusive_limit")
 
 
 def _rolling(spec: RolloutSpec) -> None:

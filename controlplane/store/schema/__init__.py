@@ -23,6 +23,7 @@ from controlplane.store.schema.core import (
     server_meta,
 )
 from controlplane.store.schema.identity import api_key_grants, api_keys
+from controlplane.store.schema.notify import notification_channels, notification_events, notification_messages
 from controlplane.store.schema.rollouts import (
     drift_events,
     drift_settings,
@@ -57,6 +58,9 @@ __all__ = [
     "node_heartbeats",
     "node_labels",
     "nodes",
+    "notification_channels",
+    "notification_events",
+    "notification_messages",
     "projects",
     "revision_counter",
     "rollout_approvals",

@@ -196,6 +196,9 @@ desired_state_log = Table(
     Column("key_id", String(64), nullable=False, default=""),
     # W3C traceparent of the change's span; null when the writer did not trace.
     Column("trace_parent", String(64), nullable=True),
+    # Set on the baseline a successful rollout leaves on its selector: {"baseline": rollout
+    # id, "exclude": [node ids]} (domain/model/desired.py); migration 0012.
+    Column("scope", Json, nullable=True),
     PrimaryKeyConstraint("key", "revision"),
     Index(None, "revision"),
 )

@@ -1172,6 +1172,7 @@ class AssignBundleRequest(_message.Message):
     PIN_FIELD_NUMBER: _builtins.int
     ANNOTATIONS_FIELD_NUMBER: _builtins.int
     FREEZE_OVERRIDE_REASON_FIELD_NUMBER: _builtins.int
+    BREAK_GLASS_REASON_FIELD_NUMBER: _builtins.int
     project: _builtins.str
     digest: _builtins.str
     traffic_weight: _builtins.int
@@ -1181,6 +1182,11 @@ class AssignBundleRequest(_message.Message):
     freeze_override_reason: _builtins.str
     """Assign during a freeze window, for this reason (kept in the audit log).
     Nodes an active rollout holds are refused whatever the reason.
+    """
+    break_glass_reason: _builtins.str
+    """In a project whose policy requires approvals, an assignment that puts a node on
+    a bundle it does not run is refused ("use a rollout") unless an admin of the
+    project breaks glass with this reason; audited as `desired.break_glass`.
     """
     @_builtins.property
     def target(self) -> Global___Target: ...
@@ -1196,10 +1202,11 @@ class AssignBundleRequest(_message.Message):
         pin: _builtins.bool = ...,
         annotations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         freeze_override_reason: _builtins.str = ...,
+        break_glass_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "digest", b"digest", "freeze_override_reason", b"freeze_override_reason", "pin", b"pin", "project", b"project", "target", b"target", "traffic_weight", b"traffic_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "break_glass_reason", b"break_glass_reason", "digest", b"digest", "freeze_override_reason", b"freeze_override_reason", "pin", b"pin", "project", b"project", "target", b"target", "traffic_weight", b"traffic_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

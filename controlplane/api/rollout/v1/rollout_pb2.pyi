@@ -166,6 +166,56 @@ NODE_STATE_SKIPPED: NodeState.ValueType  # 6
 NODE_STATE_ROLLED_BACK: NodeState.ValueType  # 7
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
+class _WebhookPhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookPhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_PHASE_UNSPECIFIED: _WebhookPhase.ValueType  # 0
+    WEBHOOK_PHASE_PRE_ROLLOUT: _WebhookPhase.ValueType  # 1
+    """Before the rollout starts; a gate that gives up cancels it (nothing written)."""
+    WEBHOOK_PHASE_PRE_PROMOTION: _WebhookPhase.ValueType  # 2
+    """Before each step is promoted (after its bake, gates and analyses)."""
+    WEBHOOK_PHASE_POST_STEP: _WebhookPhase.ValueType  # 3
+    """After each step is done, before the next one starts."""
+    WEBHOOK_PHASE_POST_ROLLOUT: _WebhookPhase.ValueType  # 4
+    """After the rollout ends: delivered at least once through the notification outbox."""
+
+class WebhookPhase(_WebhookPhase, metaclass=_WebhookPhaseEnumTypeWrapper): ...
+
+WEBHOOK_PHASE_UNSPECIFIED: WebhookPhase.ValueType  # 0
+WEBHOOK_PHASE_PRE_ROLLOUT: WebhookPhase.ValueType  # 1
+"""Before the rollout starts; a gate that gives up cancels it (nothing written)."""
+WEBHOOK_PHASE_PRE_PROMOTION: WebhookPhase.ValueType  # 2
+"""Before each step is promoted (after its bake, gates and analyses)."""
+WEBHOOK_PHASE_POST_STEP: WebhookPhase.ValueType  # 3
+"""After each step is done, before the next one starts."""
+WEBHOOK_PHASE_POST_ROLLOUT: WebhookPhase.ValueType  # 4
+"""After the rollout ends: delivered at least once through the notification outbox."""
+Global___WebhookPhase: _TypeAlias = WebhookPhase  # noqa: Y015
+
+class _WebhookFailure:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookFailureEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookFailure.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_FAILURE_UNSPECIFIED: _WebhookFailure.ValueType  # 0
+    """Pause."""
+    WEBHOOK_FAILURE_PAUSE: _WebhookFailure.ValueType  # 1
+    WEBHOOK_FAILURE_ROLLBACK: _WebhookFailure.ValueType  # 2
+    """Fail the rollout (rollback under auto-rollback)."""
+
+class WebhookFailure(_WebhookFailure, metaclass=_WebhookFailureEnumTypeWrapper): ...
+
+WEBHOOK_FAILURE_UNSPECIFIED: WebhookFailure.ValueType  # 0
+"""Pause."""
+WEBHOOK_FAILURE_PAUSE: WebhookFailure.ValueType  # 1
+WEBHOOK_FAILURE_ROLLBACK: WebhookFailure.ValueType  # 2
+"""Fail the rollout (rollback under auto-rollback)."""
+Global___WebhookFailure: _TypeAlias = WebhookFailure  # noqa: Y015
+
 @_typing.final
 class RollingParams(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -375,6 +425,9 @@ class CreateRolloutRequest(_message.Message):
     APPROVALS_REQUIRED_FIELD_NUMBER: _builtins.int
     SCHEDULED_AT_FIELD_NUMBER: _builtins.int
     FREEZE_OVERRIDE_REASON_FIELD_NUMBER: _builtins.int
+    PAUSE_AFTER_STEPS_FIELD_NUMBER: _builtins.int
+    METRIC_ANALYSIS_FIELD_NUMBER: _builtins.int
+    WEBHOOKS_FIELD_NUMBER: _builtins.int
     project: _builtins.str
     bundle_digest: _builtins.str
     """The bundle: its digest or its version label (exactly one)."""
@@ -416,6 +469,20 @@ class CreateRolloutRequest(_message.Message):
 
     @_builtins.property
     def scheduled_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def pause_after_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Pause steps: after each listed step (0-based, not the last) is done, the
+        rollout pauses until an operator resumes (or promotes) it.
+        """
+
+    @_builtins.property
+    def metric_analysis(self) -> Global___MetricAnalysis:
+        """Analysis from a metrics provider, held during each step's bake."""
+
+    @_builtins.property
+    def webhooks(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookGate]:
+        """Webhook gates, at most one per phase."""
+
     def __init__(
         self,
         *,
@@ -437,10 +504,13 @@ class CreateRolloutRequest(_message.Message):
         approvals_required: _builtins.int = ...,
         scheduled_at: _timestamp_pb2.Timestamp | None = ...,
         freeze_override_reason: _builtins.str = ...,
+        pause_after_steps: _abc.Iterable[_builtins.int] | None = ...,
+        metric_analysis: Global___MetricAnalysis | None = ...,
+        webhooks: _abc.Iterable[Global___WebhookGate] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_auto_rollback", b"_auto_rollback", "auto_rollback", b"auto_rollback", "bake_time", b"bake_time", "blue_green", b"blue_green", "canary", b"canary", "gate_failure_window", b"gate_failure_window", "gates", b"gates", "params", b"params", "progress_deadline", b"progress_deadline", "rolling", b"rolling", "scheduled_at", b"scheduled_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_auto_rollback", b"_auto_rollback", "auto_rollback", b"auto_rollback", "bake_time", b"bake_time", "blue_green", b"blue_green", "canary", b"canary", "gate_failure_window", b"gate_failure_window", "gates", b"gates", "metric_analysis", b"metric_analysis", "params", b"params", "progress_deadline", b"progress_deadline", "rolling", b"rolling", "scheduled_at", b"scheduled_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_auto_rollback", b"_auto_rollback", "approvals_required", b"approvals_required", "auto_rollback", b"auto_rollback", "bake_time", b"bake_time", "blue_green", b"blue_green", "bundle_digest", b"bundle_digest", "bundle_version", b"bundle_version", "canary", b"canary", "freeze_override_reason", b"freeze_override_reason", "gate_failure_window", b"gate_failure_window", "gates", b"gates", "max_failures", b"max_failures", "max_unavailable", b"max_unavailable", "params", b"params", "progress_deadline", b"progress_deadline", "project", b"project", "rolling", b"rolling", "scheduled_at", b"scheduled_at", "selector", b"selector", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_auto_rollback", b"_auto_rollback", "approvals_required", b"approvals_required", "auto_rollback", b"auto_rollback", "bake_time", b"bake_time", "blue_green", b"blue_green", "bundle_digest", b"bundle_digest", "bundle_version", b"bundle_version", "canary", b"canary", "freeze_override_reason", b"freeze_override_reason", "gate_failure_window", b"gate_failure_window", "gates", b"gates", "max_failures", b"max_failures", "max_unavailable", b"max_unavailable", "metric_analysis", b"metric_analysis", "params", b"params", "pause_after_steps", b"pause_after_steps", "progress_deadline", b"progress_deadline", "project", b"project", "rolling", b"rolling", "scheduled_at", b"scheduled_at", "selector", b"selector", "strategy", b"strategy", "webhooks", b"webhooks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__auto_rollback: _TypeAlias = _typing.Literal["auto_rollback"]  # noqa: Y015
     _WhichOneofArgType__auto_rollback: _TypeAlias = _typing.Literal["_auto_rollback", b"_auto_rollback"]  # noqa: Y015
@@ -452,6 +522,162 @@ class CreateRolloutRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_params) -> _WhichOneofReturnType_params | None: ...
 
 Global___CreateRolloutRequest: _TypeAlias = CreateRolloutRequest  # noqa: Y015
+
+@_typing.final
+class WebhookGate(_message.Message):
+    """A call out that holds its phase until it answers 2xx. See docs/rollouts.md."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    CHANNEL_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    ON_FAILURE_FIELD_NUMBER: _builtins.int
+    phase: Global___WebhookPhase.ValueType
+    channel_id: _builtins.str
+    """A webhook notification channel of the project: its URL and HMAC key."""
+    max_attempts: _builtins.int
+    """Failed calls before it gives up (0: 5)."""
+    on_failure: Global___WebhookFailure.ValueType
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long it may keep failing (absent: 5 min)."""
+
+    def __init__(
+        self,
+        *,
+        phase: Global___WebhookPhase.ValueType = ...,
+        channel_id: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        max_attempts: _builtins.int = ...,
+        on_failure: Global___WebhookFailure.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_id", b"channel_id", "max_attempts", b"max_attempts", "on_failure", b"on_failure", "phase", b"phase", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookGate: _TypeAlias = WebhookGate  # noqa: Y015
+
+@_typing.final
+class MetricAnalysis(_message.Message):
+    """Queries against Prometheus's HTTP API judging each step. See docs/rollouts.md."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_URL_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    provider_url: _builtins.str
+    """http(s)://host:port of the Prometheus server."""
+    dry_run: _builtins.bool
+    """Record what the analysis would decide without acting on it."""
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricCheck]: ...
+    def __init__(
+        self,
+        *,
+        provider_url: _builtins.str = ...,
+        metrics: _abc.Iterable[Global___MetricCheck] | None = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "metrics", b"metrics", "provider_url", b"provider_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricAnalysis: _TypeAlias = MetricAnalysis  # noqa: Y015
+
+@_typing.final
+class MetricCheck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    SUCCESS_CONDITION_FIELD_NUMBER: _builtins.int
+    FAILURE_CONDITION_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    FAILURE_LIMIT_FIELD_NUMBER: _builtins.int
+    INCONCLUSIVE_LIMIT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    query: _builtins.str
+    """PromQL. {{canary}} and {{baseline}} become the step's updated and not yet
+    updated nodes as a regex alternation of node ids (for `node=~"..."`);
+    {{rollout}} and {{step}} the rollout id and step index.
+    """
+    success_condition: _builtins.str
+    """`result < 0.05` (<, <=, >, >=, ==, !=). At least one of the two."""
+    failure_condition: _builtins.str
+    count: _builtins.int
+    """Measurements per step (absent or 0: 3)."""
+    failure_limit: _builtins.int
+    """Failed measurements (errors included) tolerated; below count."""
+    inconclusive_limit: _builtins.int
+    """Inconclusive measurements tolerated before the rollout pauses."""
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
+        """Between measurements (absent: 10 s)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        query: _builtins.str = ...,
+        success_condition: _builtins.str = ...,
+        failure_condition: _builtins.str = ...,
+        interval: _duration_pb2.Duration | None = ...,
+        count: _builtins.int = ...,
+        failure_limit: _builtins.int = ...,
+        inconclusive_limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "failure_condition", b"failure_condition", "failure_limit", b"failure_limit", "inconclusive_limit", b"inconclusive_limit", "interval", b"interval", "name", b"name", "query", b"query", "success_condition", b"success_condition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricCheck: _TypeAlias = MetricCheck  # noqa: Y015
+
+@_typing.final
+class Measurement(_message.Message):
+    """One measurement of a MetricCheck."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    phase: _builtins.str
+    """successful, failed, inconclusive or error (an error counts as failed)."""
+    value: _builtins.float
+    reason: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        phase: _builtins.str = ...,
+        value: _builtins.float | None = ...,
+        reason: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "at", b"at", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "at", b"at", "metric", b"metric", "phase", b"phase", "reason", b"reason", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__value: _TypeAlias = _typing.Literal["value"]  # noqa: Y015
+    _WhichOneofArgType__value: _TypeAlias = _typing.Literal["_value", b"_value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__value) -> _WhichOneofReturnType__value | None: ...
+
+Global___Measurement: _TypeAlias = Measurement  # noqa: Y015
 
 @_typing.final
 class CreateRolloutResponse(_message.Message):
@@ -491,6 +717,7 @@ class Step(_message.Message):
     EXTENSIONS_FIELD_NUMBER: _builtins.int
     ANALYSES_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
+    MEASUREMENTS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     kind: Global___StepKind.ValueType
     state: Global___StepState.ValueType
@@ -514,6 +741,10 @@ class Step(_message.Message):
     def analyses(self) -> _containers.RepeatedCompositeFieldContainer[Global___CanaryResult]:
         """Canary analyses of this step, latest last."""
 
+    @_builtins.property
+    def measurements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Measurement]:
+        """Metric analysis measurements of this step, oldest first."""
+
     def __init__(
         self,
         *,
@@ -531,10 +762,11 @@ class Step(_message.Message):
         extensions: _builtins.int = ...,
         analyses: _abc.Iterable[Global___CanaryResult] | None = ...,
         failure: _builtins.str = ...,
+        measurements: _abc.Iterable[Global___Measurement] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["applied_at", b"applied_at", "finished_at", b"finished_at", "gate_failing_since", b"gate_failing_since", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyses", b"analyses", "applied_at", b"applied_at", "extensions", b"extensions", "failure", b"failure", "finished_at", b"finished_at", "gate_failing_since", b"gate_failing_since", "gates", b"gates", "index", b"index", "kind", b"kind", "node_count", b"node_count", "revision", b"revision", "started_at", b"started_at", "state", b"state", "traffic_weight", b"traffic_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyses", b"analyses", "applied_at", b"applied_at", "extensions", b"extensions", "failure", b"failure", "finished_at", b"finished_at", "gate_failing_since", b"gate_failing_since", "gates", b"gates", "index", b"index", "kind", b"kind", "measurements", b"measurements", "node_count", b"node_count", "revision", b"revision", "started_at", b"started_at", "state", b"state", "traffic_weight", b"traffic_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -689,6 +921,7 @@ class Rollout(_message.Message):
     APPROVALS_REQUIRED_FIELD_NUMBER: _builtins.int
     EVENT_SEQ_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    RETRY_OF_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     project: _builtins.str
     bundle_digest: _builtins.str
@@ -701,6 +934,8 @@ class Rollout(_message.Message):
     approvals_required: _builtins.int
     event_seq: _builtins.int
     """The number of the last recorded event."""
+    retry_of: _builtins.str
+    """The rollout this one retries (RetryRollout), if any."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -740,10 +975,11 @@ class Rollout(_message.Message):
         approvals_required: _builtins.int = ...,
         event_seq: _builtins.int = ...,
         spec: Global___CreateRolloutRequest | None = ...,
+        retry_of: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "progress", b"progress", "scheduled_at", b"scheduled_at", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "approvals_required", b"approvals_required", "bundle_digest", b"bundle_digest", "created_at", b"created_at", "created_by", b"created_by", "event_seq", b"event_seq", "finished_at", b"finished_at", "id", b"id", "progress", b"progress", "project", b"project", "reason", b"reason", "scheduled_at", b"scheduled_at", "selector", b"selector", "spec", b"spec", "started_at", b"started_at", "state", b"state", "steps", b"steps", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "approvals_required", b"approvals_required", "bundle_digest", b"bundle_digest", "created_at", b"created_at", "created_by", b"created_by", "event_seq", b"event_seq", "finished_at", b"finished_at", "id", b"id", "progress", b"progress", "project", b"project", "reason", b"reason", "retry_of", b"retry_of", "scheduled_at", b"scheduled_at", "selector", b"selector", "spec", b"spec", "started_at", b"started_at", "state", b"state", "steps", b"steps", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -806,7 +1042,7 @@ class RolloutEvent(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     kind: _builtins.str
-    """state, step, node, gates, analysis, hold, approval, write."""
+    """state, step, node, gates, analysis, hold, approval, write, baseline."""
     state: Global___RolloutState.ValueType
     message: _builtins.str
     step: _builtins.int
@@ -1551,12 +1787,17 @@ class PinNodeRequest(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     BUNDLE_VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    BREAK_GLASS_REASON_FIELD_NUMBER: _builtins.int
     project: _builtins.str
     node_id: _builtins.str
     digest: _builtins.str
     """The bundle: its digest or its version label (exactly one)."""
     bundle_version: _builtins.str
     reason: _builtins.str
+    break_glass_reason: _builtins.str
+    """A pin to a bundle the node does not run needs the project's approvals like
+    AssignBundle: refused, or this reason given by an admin of the project.
+    """
     def __init__(
         self,
         *,
@@ -1565,10 +1806,11 @@ class PinNodeRequest(_message.Message):
         digest: _builtins.str = ...,
         bundle_version: _builtins.str = ...,
         reason: _builtins.str = ...,
+        break_glass_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_version", b"bundle_version", "digest", b"digest", "node_id", b"node_id", "project", b"project", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["break_glass_reason", b"break_glass_reason", "bundle_version", b"bundle_version", "digest", b"digest", "node_id", b"node_id", "project", b"project", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1633,3 +1875,135 @@ class UnpinNodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnpinNodeResponse: _TypeAlias = UnpinNodeResponse  # noqa: Y015
+
+@_typing.final
+class PromoteRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    rollout_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+        rollout_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project", "reason", b"reason", "rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteRolloutRequest: _TypeAlias = PromoteRolloutRequest  # noqa: Y015
+
+@_typing.final
+class PromoteRolloutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout: ...
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteRolloutResponse: _TypeAlias = PromoteRolloutResponse  # noqa: Y015
+
+@_typing.final
+class SkipRolloutStepRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    rollout_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+        rollout_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project", "reason", b"reason", "rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkipRolloutStepRequest: _TypeAlias = SkipRolloutStepRequest  # noqa: Y015
+
+@_typing.final
+class SkipRolloutStepResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout: ...
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkipRolloutStepResponse: _TypeAlias = SkipRolloutStepResponse  # noqa: Y015
+
+@_typing.final
+class RetryRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    rollout_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+        rollout_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project", "rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryRolloutRequest: _TypeAlias = RetryRolloutRequest  # noqa: Y015
+
+@_typing.final
+class RetryRolloutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout: ...
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryRolloutResponse: _TypeAlias = RetryRolloutResponse  # noqa: Y015

@@ -121,6 +121,21 @@ class RolloutServiceStub:
                 request_serializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.UnpinNodeRequest.SerializeToString,
                 response_deserializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.UnpinNodeResponse.FromString,
                 _registered_method=True)
+        self.PromoteRollout = channel.unary_unary(
+                '/controlplane.rollout.v1.RolloutService/PromoteRollout',
+                request_serializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.PromoteRolloutRequest.SerializeToString,
+                response_deserializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.PromoteRolloutResponse.FromString,
+                _registered_method=True)
+        self.SkipRolloutStep = channel.unary_unary(
+                '/controlplane.rollout.v1.RolloutService/SkipRolloutStep',
+                request_serializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.SkipRolloutStepRequest.SerializeToString,
+                response_deserializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.SkipRolloutStepResponse.FromString,
+                _registered_method=True)
+        self.RetryRollout = channel.unary_unary(
+                '/controlplane.rollout.v1.RolloutService/RetryRollout',
+                request_serializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.RetryRolloutRequest.SerializeToString,
+                response_deserializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.RetryRolloutResponse.FromString,
+                _registered_method=True)
 
 
 class RolloutServiceServicer:
@@ -248,6 +263,32 @@ class RolloutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PromoteRollout(self, request, context):
+        """PromoteRollout takes a running (or paused) rollout to the end now: every node
+        of the remaining steps is written in the next step, no further bake, gate,
+        analysis or pause step holds it. Pins, freeze windows, revocation and the
+        claims still hold; nodes must still report ACTIVE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SkipRolloutStep(self, request, context):
+        """SkipRolloutStep ends the current step now, without waiting for its nodes,
+        bake, gates or analysis; the next step starts on the next tick.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryRollout(self, request, context):
+        """RetryRollout creates a new rollout with the spec of a rolled-back or
+        cancelled one (its own id, history and approvals; `retry_of` names the old).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -335,6 +376,21 @@ def add_RolloutServiceServicer_to_server(servicer, server):
                     servicer.UnpinNode,
                     request_deserializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.UnpinNodeRequest.FromString,
                     response_serializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.UnpinNodeResponse.SerializeToString,
+            ),
+            'PromoteRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteRollout,
+                    request_deserializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.PromoteRolloutRequest.FromString,
+                    response_serializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.PromoteRolloutResponse.SerializeToString,
+            ),
+            'SkipRolloutStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.SkipRolloutStep,
+                    request_deserializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.SkipRolloutStepRequest.FromString,
+                    response_serializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.SkipRolloutStepResponse.SerializeToString,
+            ),
+            'RetryRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryRollout,
+                    request_deserializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.RetryRolloutRequest.FromString,
+                    response_serializer=controlplane_dot_rollout_dot_v1_dot_rollout__pb2.RetryRolloutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -798,6 +854,87 @@ class RolloutService:
             '/controlplane.rollout.v1.RolloutService/UnpinNode',
             controlplane_dot_rollout_dot_v1_dot_rollout__pb2.UnpinNodeRequest.SerializeToString,
             controlplane_dot_rollout_dot_v1_dot_rollout__pb2.UnpinNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.rollout.v1.RolloutService/PromoteRollout',
+            controlplane_dot_rollout_dot_v1_dot_rollout__pb2.PromoteRolloutRequest.SerializeToString,
+            controlplane_dot_rollout_dot_v1_dot_rollout__pb2.PromoteRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SkipRolloutStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.rollout.v1.RolloutService/SkipRolloutStep',
+            controlplane_dot_rollout_dot_v1_dot_rollout__pb2.SkipRolloutStepRequest.SerializeToString,
+            controlplane_dot_rollout_dot_v1_dot_rollout__pb2.SkipRolloutStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.rollout.v1.RolloutService/RetryRollout',
+            controlplane_dot_rollout_dot_v1_dot_rollout__pb2.RetryRolloutRequest.SerializeToString,
+            controlplane_dot_rollout_dot_v1_dot_rollout__pb2.RetryRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,20 @@ class RolloutServiceStub:
     """PinNode holds a node on a bundle: rollouts (and their rollbacks) skip it."""
     UnpinNode: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.UnpinNodeRequest, _rollout_pb2.UnpinNodeResponse]
     """UnpinNode removes the pin; the node follows its selectors again."""
+    PromoteRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.PromoteRolloutRequest, _rollout_pb2.PromoteRolloutResponse]
+    """PromoteRollout takes a running (or paused) rollout to the end now: every node
+    of the remaining steps is written in the next step, no further bake, gate,
+    analysis or pause step holds it. Pins, freeze windows, revocation and the
+    claims still hold; nodes must still report ACTIVE.
+    """
+    SkipRolloutStep: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.SkipRolloutStepRequest, _rollout_pb2.SkipRolloutStepResponse]
+    """SkipRolloutStep ends the current step now, without waiting for its nodes,
+    bake, gates or analysis; the next step starts on the next tick.
+    """
+    RetryRollout: _grpc.UnaryUnaryMultiCallable[_rollout_pb2.RetryRolloutRequest, _rollout_pb2.RetryRolloutResponse]
+    """RetryRollout creates a new rollout with the spec of a rolled-back or
+    cancelled one (its own id, history and approvals; `retry_of` names the old).
+    """
 
 @_typing.type_check_only
 class RolloutServiceAsyncStub(RolloutServiceStub):
@@ -119,6 +133,20 @@ class RolloutServiceAsyncStub(RolloutServiceStub):
     """PinNode holds a node on a bundle: rollouts (and their rollbacks) skip it."""
     UnpinNode: _aio.UnaryUnaryMultiCallable[_rollout_pb2.UnpinNodeRequest, _rollout_pb2.UnpinNodeResponse]  # type: ignore[assignment]
     """UnpinNode removes the pin; the node follows its selectors again."""
+    PromoteRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.PromoteRolloutRequest, _rollout_pb2.PromoteRolloutResponse]  # type: ignore[assignment]
+    """PromoteRollout takes a running (or paused) rollout to the end now: every node
+    of the remaining steps is written in the next step, no further bake, gate,
+    analysis or pause step holds it. Pins, freeze windows, revocation and the
+    claims still hold; nodes must still report ACTIVE.
+    """
+    SkipRolloutStep: _aio.UnaryUnaryMultiCallable[_rollout_pb2.SkipRolloutStepRequest, _rollout_pb2.SkipRolloutStepResponse]  # type: ignore[assignment]
+    """SkipRolloutStep ends the current step now, without waiting for its nodes,
+    bake, gates or analysis; the next step starts on the next tick.
+    """
+    RetryRollout: _aio.UnaryUnaryMultiCallable[_rollout_pb2.RetryRolloutRequest, _rollout_pb2.RetryRolloutResponse]  # type: ignore[assignment]
+    """RetryRollout creates a new rollout with the spec of a rolled-back or
+    cancelled one (its own id, history and approvals; `retry_of` names the old).
+    """
 
 class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
     """RolloutService moves the nodes a selector matches to a bundle, step by step,
@@ -264,5 +292,37 @@ class RolloutServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rollout_pb2.UnpinNodeResponse, _abc.Awaitable[_rollout_pb2.UnpinNodeResponse]]:
         """UnpinNode removes the pin; the node follows its selectors again."""
+
+    @_abc_1.abstractmethod
+    def PromoteRollout(
+        self,
+        request: _rollout_pb2.PromoteRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_pb2.PromoteRolloutResponse, _abc.Awaitable[_rollout_pb2.PromoteRolloutResponse]]:
+        """PromoteRollout takes a running (or paused) rollout to the end now: every node
+        of the remaining steps is written in the next step, no further bake, gate,
+        analysis or pause step holds it. Pins, freeze windows, revocation and the
+        claims still hold; nodes must still report ACTIVE.
+        """
+
+    @_abc_1.abstractmethod
+    def SkipRolloutStep(
+        self,
+        request: _rollout_pb2.SkipRolloutStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_pb2.SkipRolloutStepResponse, _abc.Awaitable[_rollout_pb2.SkipRolloutStepResponse]]:
+        """SkipRolloutStep ends the current step now, without waiting for its nodes,
+        bake, gates or analysis; the next step starts on the next tick.
+        """
+
+    @_abc_1.abstractmethod
+    def RetryRollout(
+        self,
+        request: _rollout_pb2.RetryRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rollout_pb2.RetryRolloutResponse, _abc.Awaitable[_rollout_pb2.RetryRolloutResponse]]:
+        """RetryRollout creates a new rollout with the spec of a rolled-back or
+        cancelled one (its own id, history and approvals; `retry_of` names the old).
+        """
 
 def add_RolloutServiceServicer_to_server(servicer: RolloutServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -14,7 +14,8 @@ from google.protobuf.duration_pb2 import Duration
 
 from controlplane.api.notification.v1 import notification_pb2 as pb
 from controlplane.api.notification.v1 import notification_pb2_grpc
-from controlplane.cli.client import call, channel, project_option, server_option
+from controlplane.cli.client import call, call_pages, channel, project_option, server_option
+from controlplane.cli.output import OutputGroup, paged
 from controlplane.cli.rollouts import parse_duration
 
 KINDS = {
@@ -61,7 +62,7 @@ _secret_options = (
 )  # fmt: skip
 
 
-@click.group()
+@click.group(cls=OutputGroup)
 def notify() -> None:
     """Notifications: channels (webhook, Slack, PagerDuty) and delivered messages."""
 
@@ -196,13 +197,19 @@ def channel_delete(server: str, project: str, channel_id: str) -> None:
 @server_option
 @project_option
 @click.option("--state", type=click.Choice(list(STATES)), default=None, help="dead: the dead letters.")
-def messages(server: str, project: str, state: str | None) -> None:
+@paged
+def messages(server: str, project: str, state: str | None, limit: int, all_pages: bool) -> None:
     """Messages delivered, pending or dead, newest first."""
     stub = _stub(server)
-    request = pb.ListMessagesRequest(project=project, page_size=100)
-    if state:
-        request.state = STATES[state]
-    call(lambda: stub.ListMessages(request))
+
+    def page(token: str, size: int) -> pb.ListMessagesResponse:
+        request = pb.ListMessagesRequest(project=project, page_size=size, page_token=token)
+        if state:
+            request.state = STATES[state]
+        reply: pb.ListMessagesResponse = stub.ListMessages(request)
+        return reply
+
+    call_pages(page, "messages", limit, all_pages, "messages")
 
 
 @notify.command("redeliver")

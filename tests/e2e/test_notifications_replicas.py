@@ -82,7 +82,7 @@ async def test_channels_and_dead_letters_from_the_cli(tmp_path: Path, receiver: 
             await cli(
                 server, "notify", "channels", "create", "ops", "--url", receiver.url,
                 "--secret-file", str(secret_file), "--event", "bundle.revoked", "--group-window", "0s",
-                "--max-attempts", "1",
+                "--max-attempts", "1", "-o", "json",
             )
         )["channel"]  # fmt: skip
         assert created["has_secret"] is True and "cli-secret-value" not in json.dumps(created)
@@ -93,7 +93,7 @@ async def test_channels_and_dead_letters_from_the_cli(tmp_path: Path, receiver: 
         await until(lambda: len(receiver.received) == 1, "the failed delivery")
 
         async def dead() -> dict[str, object]:
-            shown = json.loads(await cli(server, "notify", "messages", "--state", "dead"))
+            shown = json.loads(await cli(server, "notify", "messages", "--state", "dead", "-o", "json"))
             assert shown.get("messages"), shown
             message: dict[str, object] = shown["messages"][0]
             return message
@@ -105,7 +105,7 @@ async def test_channels_and_dead_letters_from_the_cli(tmp_path: Path, receiver: 
         await until(lambda: len(receiver.received) == 2, "the redelivery")
         assert receiver.received[1].headers["X-Controlplane-Attempt"] == "2"
         await cli(server, "notify", "channels", "delete", created["id"])
-        assert "channels" not in json.loads(await cli(server, "notify", "channels", "list"))
+        assert json.loads(await cli(server, "notify", "channels", "list", "-o", "json"))["channels"] == []
     finally:
         await control.close()
         await server.close()

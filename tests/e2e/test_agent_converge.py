@@ -11,10 +11,10 @@ from tests.support.processes import ControlClient, ServerProcess
 
 pytestmark = pytest.mark.e2e
 
-FILES_V1 = {"main.kdl": b"listen 8080\n", "conf/routes.kdl": b"route / -> backend-a\n"}
+FILES_V1 = {"main.kdl": b"listen 8080\n", "conf/routes.kdl": b'route "/" backend="backend-a"\n'}
 FILES_V2 = {
     "main.kdl": b"listen 8080\n",
-    "conf/routes.kdl": b"route / -> backend-b\n",
+    "conf/routes.kdl": b'route "/" backend="backend-b"\n',
     "certs/site.pem": b"PEM",
 }
 

@@ -36,6 +36,7 @@ from tests.support import postgres
 from tests.support.archives import bundle
 from tests.support.eventually import eventually
 from tests.support.pgcluster import pg_cluster
+from tests.support.ports import unused_port
 from tests.support.processes import AgentProcess, ControlClient, ServerProcess
 from tests.support.rollout_fleet import Rollouts, archive, metrics_file_args, pb, seconds
 
@@ -78,7 +79,8 @@ class Deployment:
         data = tmp_path / "data"
         args = ("--database-url", url, *REPLICA_ARGS, *extra)
         self.a = ServerProcess(data, metrics_port=0, extra_args=args)
-        self.b = ServerProcess(data, metrics_port=0, extra_args=args)
+        # B's port is fixed up front: agents list both addresses before B may have started.
+        self.b = ServerProcess(data, port=unused_port(), metrics_port=0, extra_args=args)
         self.tmp_path = tmp_path
         self.agents: list[AgentProcess] = []
         self.clients: list[ControlClient] = []
@@ -329,7 +331,9 @@ async def test_losing_the_replica_with_the_streams_and_the_lease(
     deployments: Callable[..., Deployment], pg_database: str
 ) -> None:
     d = deployments(pg_database)
-    await d.start()
+    # B starts once A leads: two drivers racing for a new rollout's lease would decide
+    # who leads by timing, and this scenario needs A to.
+    await d.start(replicas=1)
     # The agents list A first: their streams are on A, like the rollout's lease.
     agents = [d.agent(f"edge-{i}", {"env": "prod"}, d.addresses) for i in range(3)]
     for agent in agents:
@@ -343,6 +347,7 @@ async def test_losing_the_replica_with_the_streams_and_the_lease(
         assert leading(d.a, created.id) == [1] and (await rollouts.get(created.id)).progress.current_step >= 1
 
     await eventually(led_by_a, timeout=60, what="A leads and step 1 is written")
+    await d.b.start()
     assert all(a.log_since_start().count("server.move") == 0 for a in agents)
     b_mark = len(d.b.log())
     agent_marks = [a.mark() for a in agents]

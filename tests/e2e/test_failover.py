@@ -341,7 +341,9 @@ async def test_losing_the_replica_with_the_streams_and_the_lease(
     control = d.client(d.a)
     rollouts = Rollouts(control.channel, metadata=control.metadata)
     v1 = await control.upload(archive("v1"))
-    created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(1))
+    # A bake long enough that A cannot finish the rollout while B starts: the takeover
+    # happens mid-rollout, whatever the load.
+    created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(8))
 
     async def led_by_a() -> None:
         assert leading(d.a, created.id) == [1] and (await rollouts.get(created.id)).progress.current_step >= 1

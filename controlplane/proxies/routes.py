@@ -96,3 +96,41 @@ def diff(running: Mapping[str, Server], want: Mapping[str, Server]) -> Changes:
     )
     remove = tuple(sorted(name for name in mine if name not in want))
     return Changes(add, move, reweight, remove)
+
+
+@dataclass(frozen=True)
+class Table:
+    """A router's routing table as its driver applies it: the backend section whose
+    servers it manages, and the servers it wants there."""
+
+    revision: int
+    backend: str
+    servers: Mapping[str, Server]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "revision": self.revision,
+            "backend": self.backend,
+            "servers": [[s.name, str(s.address), s.weight] for s in self.servers.values()],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> Table:
+        servers = data["servers"]
+        assert isinstance(servers, list)
+        return cls(
+            int(str(data["revision"])),
+            str(data["backend"]),
+            {str(n): Server(str(n), Address.parse(str(a)), int(w)) for n, a, w in servers},
+        )
+
+
+def table(revision: int, backend: str, backends: Iterable[tuple[str, str, int]]) -> Table:
+    """A table from the control plane's (node id, address, weight) backends; ValueError
+    naming a bad entry."""
+    if not _SERVER_NAME.match(backend):
+        raise ValueError(f"backend name {backend!r} is not one a proxy takes")
+    for _, _, weight in backends:
+        if not 0 <= weight <= 256:
+            raise ValueError(f"weight {weight} is outside 0-256")
+    return Table(revision, backend, wanted(backends))

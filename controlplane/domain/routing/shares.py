@@ -132,7 +132,7 @@ def describe(splits: Sequence[Split], weights_: Mapping[str, int]) -> str:
 
 NOT_APPLIED = (
     "not applied: no router routes this rollout's nodes (declare one with "
-    "`controlplane node router set NODE --selector S --backend B`); canary steps only choose "
+    "`controlplane nodes router set NODE --selector S --backend B`); canary steps only choose "
     "which nodes run the bundle, and blue-green weights reach the nodes' own drivers alone "
     "(DesiredState.traffic_weight)"
 )

@@ -42,10 +42,10 @@ from agent_stub.errors import ApplyFailed, TransientFailure
 from agent_stub.heartbeat import HEALTH, METRIC_BOUNDS
 from agent_stub.rpc import CHANNEL_OPTIONS
 from agent_stub.state import MemoryStateStore
-from controlplane.proxies.routes import Table
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
 from controlplane.api.node.v1 import node_pb2
 from controlplane.api.watch.v1 import watch_pb2
+from controlplane.proxies.routes import Table
 
 WATCH_METHOD = "/controlplane.watch.v1.WatchService/WatchBundles"
 # Streams per HTTP/2 connection: well under the usual 100-stream server default, so no

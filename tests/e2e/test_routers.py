@@ -197,7 +197,9 @@ async def _scenario(nodes: Nodes, control: ControlClient) -> None:
     )
     # The rollback's table (the canary node at 0, or, if it already runs v1 again, back
     # at its equal share): any table after the step's, acknowledged.
-    await nodes.routed(router_id, lambda w: set(w) == set(ids), "the rollback's table", after=at_step.revision)
+    await nodes.routed(
+        router_id, lambda w: set(w) == set(ids), "the rollback's table", after=at_step.revision
+    )
     measured = await split(port, PROOF)
     assert measured == {"v1": PROOF}, measured
     for agent in web:

@@ -227,7 +227,9 @@ async def test_refused_inputs(plane: Harness) -> None:
                     "backend",
                 ),
                 (
-                    node_pb2.DeclareRouterRequest(node_id=router.node_id, selector="env=prod!", backend="app"),
+                    node_pb2.DeclareRouterRequest(
+                        node_id=router.node_id, selector="env=prod!", backend="app"
+                    ),
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "selector",
                 ),

@@ -70,6 +70,11 @@ class RouteFollower:
             routed = await tx.routers.projects()
         written = 0
         for project in sorted(routed if projects is None else routed & projects):
+            # Mostly nothing changed (a report of a node not changing bundles, the sweep):
+            # a read says so without holding the revision lock that every writer waits on.
+            async with self.store.read() as tx:
+                if not await tables.stale(tx, project):
+                    continue
             async with self.store.write() as tx:
                 count = sum(1 for r in await tables.refresh(tx, project, self.clock()) if r.written)
                 if count:

@@ -161,6 +161,16 @@ async def refresh(
     return written
 
 
+async def stale(tx: Tx, project: str) -> bool:
+    """Whether a router of the project would get a new table now: a read, so that a
+    caller takes the revision lock (`refresh`) only when there is something to write."""
+    for router in await tx.routers.of_project(project):
+        latest = await current(tx, router.node_id)
+        if latest is None or not (await compute(tx, router)).same_routing(latest.routes):
+            return True
+    return False
+
+
 async def coverage(tx: Tx, project: str) -> dict[str, set[str]]:
     """Each router of the project and the nodes it routes (those with an address)."""
     return {r.node_id: set((await backends(tx, r)).routed) for r in await tx.routers.of_project(project)}

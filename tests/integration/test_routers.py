@@ -5,15 +5,19 @@ every refused input. The real HAProxy router is tests/e2e/test_routers.py."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 import pytest
+from click.testing import CliRunner
 
 from agent_stub.simulator import FleetSimulator, SimNode
 from controlplane.api.node.v1 import node_pb2
+from controlplane.cli.main import cli
 from controlplane.domain.model.roles import Role
 from tests.conftest import HarnessFactory
 from tests.support.eventually import eventually
@@ -288,3 +292,40 @@ async def test_removing_a_router_withdraws_its_table(plane: Harness) -> None:
 
 async def _withdrawn(node: SimNode) -> None:
     assert node.routes is None
+
+
+async def test_the_router_commands(plane: Harness) -> None:
+    """`controlplane nodes router set|get|list|remove`, and `rollout get` saying where a
+    rollout's weights are applied."""
+
+    async def run(*args: str) -> Any:
+        base = ["--api-key", plane.admin_key, *args, "--server", plane.address, "-o", "json"]
+        result = await asyncio.to_thread(CliRunner().invoke, cli, base)
+        return result
+
+    async with web_and_router(plane) as (_, router):
+        declared = await run(
+            "nodes", "router", "set", "--selector", "env=prod", "--backend", "app", router.node_id
+        )
+        assert declared.exit_code == 0, declared.output
+        answer = json.loads(declared.output)["router"]
+        assert answer["selector"] == "env=prod" and len(answer["backends"]) == 2
+        got = await run("nodes", "router", "get", router.node_id)
+        assert got.exit_code == 0 and json.loads(got.output)["router"]["backend"] == "app", got.output
+        listed = await run("nodes", "router", "list", "--project", "default")
+        assert [r["node_id"] for r in json.loads(listed.output)["routers"]] == [router.node_id], listed.output
+        refused = await run(
+            "nodes", "router", "set", "--selector", "env=none", "--backend", "app", router.node_id
+        )
+        assert refused.exit_code != 0 and "matches no node" in refused.output, refused.output
+
+        v1 = await plane.upload(archive("v1"))
+        created = await _canary(Rollouts(plane.channel), v1)
+        shown = await run("rollout", "get", created.id)
+        assert (
+            json.loads(shown.output)["rollout"]["progress"]["traffic"]
+            == f"applied by router(s) {router.node_id}"
+        )
+
+        removed = await run("nodes", "router", "remove", router.node_id)
+        assert removed.exit_code == 0 and int(json.loads(removed.output)["revision"]) > 0, removed.output

@@ -1089,7 +1089,9 @@ class RolloutEvent(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     kind: _builtins.str
-    """state, step, node, gates, analysis, hold, approval, write, baseline."""
+    """state, step, node, gates, analysis, hold, approval, write, baseline, webhook,
+    traffic (routers: tables written, acknowledged, refused; weights not applied).
+    """
     state: Global___RolloutState.ValueType
     message: _builtins.str
     step: _builtins.int

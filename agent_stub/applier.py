@@ -31,6 +31,7 @@ from agent_stub.logs import EventLog
 from agent_stub.unpack import UnpackCancelled, UnpackError, UnpackLimits, unpack
 from agent_stub.verify import BundleVerifier
 from controlplane.api.node.v1 import node_pb2
+from controlplane.proxies.routes import Table
 
 # The server keeps 4096 characters of a FAILED report's error: leave room for the prefix.
 MAX_REASON = 3500
@@ -102,6 +103,15 @@ class Driver:
         """At the agent's start, before its first report: make the proxy serve `current`
         (`request.bundle_dir`), whatever a crash left it running. ApplyFailed when it
         cannot."""
+
+    async def route(self, table: Table | None) -> None:
+        """A router node's routing table: put its servers at their weights in the
+        proxy's backend and confirm it runs them (None: remove the servers it added).
+        Only a driver whose proxy routes takes a table; ApplyFailed says why not."""
+        if table is not None:
+            raise ApplyFailed(
+                f"this node's {self.name} driver cannot route: a router's agent runs --proxy haproxy"
+            )
 
     async def metrics(self, digest: str) -> node_pb2.NodeMetrics | None:
         """Health and load as the proxy itself reports them while it should be serving
@@ -394,6 +404,10 @@ class FilesystemInstaller:
             return
         if self.log is not None:
             self.log.warning("reconcile.reverted", current=fallback, refused=active)
+
+    async def route(self, table: Table | None) -> None:
+        """A router's routing table, to the driver."""
+        await self.driver.route(table)
 
     async def reweight(self, target: Target, node_id: str) -> None:
         """Tell the driver the running bundle's new TRAFFIC_WEIGHT."""

@@ -19,6 +19,7 @@ from agent_stub.drivers.command import parse_health_url
 from agent_stub.state import CorruptState
 from agent_stub.unpack import UnpackLimits
 from agent_stub.verify import PIN_FILE
+from controlplane.proxies import routes
 from controlplane.proxies.binaries import BinaryError, locate
 from controlplane.proxies.http import Address
 from controlplane.telemetry import logs, tracing
@@ -43,6 +44,16 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} must be a positive number")
     return value
+
+
+def backend_address(text: str) -> str:
+    """`--address`: the rule the control plane checks it by (controlplane.proxies.routes)."""
+    if not text:
+        return ""  # argparse passes the default through here too
+    try:
+        return str(routes.backend_address(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def positive_int(text: str) -> int:
@@ -128,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--health-command", default="", help="--proxy command: healthy when this shell command exits 0"
     )
     p.add_argument("--name", default="", help="node name (default: saved name, then hostname)")
+    p.add_argument(
+        "--address",
+        type=backend_address,
+        default="",
+        help="host:port this node's proxy serves on, registered for routers that send it traffic",
+    )
     p.add_argument("--metrics-file", type=Path, help="JSON metrics re-read on every heartbeat")
     p.add_argument(
         "--heartbeat-interval", type=positive_float, default=10.0, help="seconds until the server says"
@@ -235,6 +252,7 @@ def config_from(
         proxy=proxy or ProxyConfig(),
         agent_version=f"agent-stub/{__version__}" + (f" {proxy_version}" if proxy_version else ""),
         name=args.name,
+        address=args.address,
         metrics_file=args.metrics_file,
         heartbeat_interval=args.heartbeat_interval,
         liveness_timeout=args.liveness_timeout,

@@ -72,6 +72,8 @@ class AgentConfig:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     # Stable node name in the project; defaults to the saved one, then the hostname.
     name: str = ""
+    # host:port this node's proxy serves on, for routers ("" when it is not routed).
+    address: str = ""
     metrics_file: Path | None = None
     # Until the server's first Heartbeat reply says otherwise.
     heartbeat_interval: float = 10.0

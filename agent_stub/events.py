@@ -4,6 +4,11 @@ The watch loop hands every response here. Events are handled one after the other
 the time a `snapshot_end` or `bookmark` is reached everything before it is applied, and
 the cursor may move to its revision. Desired states are level-triggered: of several in
 one response only the last is applied.
+
+A router's desired state also carries its routing table (`DesiredState.router`). It is
+applied after the bundle, and the one report at that revision covers both: ACTIVE when
+the proxy runs the bundle and the table, FAILED with the proxy's words when it refused
+either. A refused table never parks the bundle: the next table is tried afresh.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from agent_stub.reporter import Reporter
 from agent_stub.state import Cursor, Failure, StateStore
 from agent_stub.tracing import apply_span
 from controlplane.api.watch.v1 import watch_pb2 as pb
+from controlplane.proxies import routes
 
 
 @dataclass
@@ -41,6 +47,9 @@ class Counters:
     parked: int = 0
     unchanged: int = 0
     bookmarks: int = 0
+    # Routing tables applied and refused (router nodes).
+    routed: int = 0
+    route_refused: int = 0
 
 
 class EventHandler:
@@ -174,13 +183,21 @@ class EventHandler:
             key_id=desired.key_id,
         )
         log = self.log.bind(revision=target.revision, digest=target.digest or None)
+        router = desired.router if desired.HasField("router") else None
         if not target.digest:
-            log.info("desired.none", detail="nothing assigned; keeping the current bundle")
+            if router is not None:
+                log.warning(
+                    "router.waiting",
+                    routes=router.revision,
+                    detail="a routing table but no bundle: the proxy runs nothing to route with",
+                )
+            else:
+                log.info("desired.none", detail="nothing assigned; keeping the current bundle")
             self._advance(target.revision)
             return
         active = self.installer.active_digest()
         if target.digest == active:
-            await self._unchanged(target, active, log)
+            await self._unchanged(target, active, log, router)
             return
         failed = self.cursor.failed
         if failed is not None and failed.parks(
@@ -217,6 +234,7 @@ class EventHandler:
             )
             return
         self.counters.applied += 1
+        refused, applied_routes = await self._route(router, log)
         cursor = self.cursor.advanced(target.revision, self.stream.epoch)
         self._persist(
             replace(
@@ -224,16 +242,28 @@ class EventHandler:
                 applied_digest=target.digest,
                 applied_revision=target.revision,
                 applied_weight=target.traffic_weight,
+                applied_routes=applied_routes,
                 previous_digest=active,
                 failed=None,
             )
         )
         log.info("apply.active", previous=active or None)
+        if refused:
+            await self.reporter.report(
+                self.stream.stream_id,
+                target.revision,
+                target.digest,
+                "FAILED",
+                f"the bundle is active; {refused}",
+            )
+            return
         await self.reporter.report(self.stream.stream_id, target.revision, target.digest, "ACTIVE")
 
-    async def _unchanged(self, target: Target, active: str, log: EventLog) -> None:
+    async def _unchanged(
+        self, target: Target, active: str, log: EventLog, router: pb.RouterState | None
+    ) -> None:
         """The node already runs this bundle: acknowledge it, after telling the proxy
-        its new traffic weight if only that changed."""
+        its new traffic weight if only that changed, and a router its routing table."""
         cursor = self.cursor.advanced(target.revision, self.stream.epoch)
         if target.traffic_weight != self.cursor.applied_weight:
             log.info("apply.reweight", weight=target.traffic_weight, previous=self.cursor.applied_weight)
@@ -249,10 +279,58 @@ class EventHandler:
                 )
                 return
             cursor = replace(cursor, applied_weight=target.traffic_weight)
-        else:
+        elif router is None or router.revision == self.cursor.applied_routes:
             self.counters.unchanged += 1
             log.info("desired.unchanged", detail="already running this bundle")
+        refused, applied_routes = await self._route(router, log)
         if cursor.failed is not None and cursor.failed.digest == target.digest:
             cursor = replace(cursor, failed=None)
-        self._persist(replace(cursor, applied_digest=active))
+        self._persist(replace(cursor, applied_digest=active, applied_routes=applied_routes))
+        if refused:
+            await self.reporter.report(
+                self.stream.stream_id, target.revision, target.digest, "FAILED", refused
+            )
+            return
         await self.reporter.report(self.stream.stream_id, target.revision, target.digest, "ACTIVE")
+
+    async def _route(self, router: pb.RouterState | None, log: EventLog) -> tuple[str, int]:
+        """Apply a router's routing table unless it already runs it (or withdraw the one
+        it runs when none is sent). Returns the refusal ("" for none) and the revision of
+        the table now applied."""
+        applied = self.cursor.applied_routes
+        if router is None and not applied:
+            return "", 0
+        if router is not None and router.revision == applied:
+            return "", applied
+        route = getattr(self.installer, "route", None)
+        try:
+            table = (
+                routes.table(
+                    router.revision,
+                    router.backend,
+                    [(b.node_id, b.address, b.weight) for b in router.backends],
+                )
+                if router is not None
+                else None
+            )
+            if route is None:
+                if table is None:
+                    return "", 0
+                raise ApplyFailed("this agent's installer cannot route")
+            await route(table)
+        except ValueError as e:
+            reason = f"routing table (revision {router.revision if router else 0}) refused: {e}"
+        except ApplyFailed as e:
+            reason = f"routing table (revision {router.revision if router else 0}) refused: {e.reason}"
+        else:
+            self.counters.routed += 1
+            log.info(
+                "router.routed",
+                routes=router.revision if router else 0,
+                backend=router.backend if router else None,
+                servers=len(router.backends) if router else 0,
+            )
+            return "", router.revision if router is not None else 0
+        self.counters.route_refused += 1
+        log.error("router.refused", reason=reason)
+        return reason, applied

@@ -69,7 +69,11 @@ class Registrar:
     def _fits(self, saved: Identity) -> bool:
         c = self.config
         return (
-            saved.project == c.project and (not c.name or saved.name == c.name) and saved.labels == c.labels
+            saved.project == c.project
+            and (not c.name or saved.name == c.name)
+            and saved.labels == c.labels
+            # Another --address is registered again, so routers send traffic to it.
+            and saved.address == c.address
         )
 
     @property
@@ -185,6 +189,7 @@ class Registrar:
                 labels=c.labels,
                 agent_version=c.agent_version,
                 hostname=c.hostname,
+                address=c.address,
             ),
             metadata=proof,
             timeout=c.rpc_timeout,
@@ -195,6 +200,7 @@ class Registrar:
             project=reply.project or c.project,
             name=self.name,
             labels=dict(c.labels),
+            address=c.address,
         )
         self.state.save_identity(identity)
         self.saved = identity

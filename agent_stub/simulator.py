@@ -45,6 +45,7 @@ from agent_stub.state import MemoryStateStore
 from controlplane.api.bundle.v1 import bundle_pb2, bundle_pb2_grpc
 from controlplane.api.node.v1 import node_pb2
 from controlplane.api.watch.v1 import watch_pb2
+from controlplane.proxies.routes import Table
 
 WATCH_METHOD = "/controlplane.watch.v1.WatchService/WatchBundles"
 # Streams per HTTP/2 connection: well under the usual 100-stream server default, so no
@@ -149,6 +150,8 @@ class FleetConfig:
     log_level: int = logging.WARNING
     # Extra metadata for the shared channels' calls (none needed normally).
     channel_options: tuple[tuple[str, Any], ...] = ()
+    # Register addresses for routers: node i at 127.0.0.1:(address_port + i); 0: none.
+    address_port: int = 0
 
 
 @dataclass
@@ -179,6 +182,9 @@ class SimNode:
         self.observed: list[Observed] = []
         # Bundles (digest prefixes) this node alone rejects.
         self.rejects: set[str] = set()
+        # A router: the routing table it runs, and a reason to refuse tables ("": none).
+        self.routes: Table | None = None
+        self.refuse_routes = ""
         self.agent: Agent | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -224,6 +230,12 @@ class SimNode:
 
     async def reweight(self, target: Target, node_id: str) -> None:
         """Simulated proxies take any weight; the watch history records what arrived."""
+
+    async def route(self, table: Table | None) -> None:
+        """A simulated router takes any routing table unless told to refuse them."""
+        if table is not None and self.refuse_routes:
+            raise ApplyFailed(f"simulated: {self.name} refuses routing tables: {self.refuse_routes}")
+        self.routes = table
 
     def _received(self, digest: str) -> float:
         for seen in reversed(self.observed):
@@ -312,6 +324,7 @@ class FleetSimulator:
             backoff=cfg.backoff,
             fsync=False,
             hostname=f"{node.name}.sim",
+            address=f"127.0.0.1:{cfg.address_port + index}" if cfg.address_port else "",
         )
         node.agent = Agent(
             agent_config,

@@ -32,6 +32,8 @@ class Identity:
     project: str
     name: str
     labels: dict[str, str] = field(default_factory=dict)
+    # The --address registered with it ("" for none).
+    address: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class Cursor:
     applied_revision: int = 0
     # The traffic weight the apply command last accepted for the running bundle.
     applied_weight: int = 100
+    # A router: the revision of the routing table its driver last applied (0: none).
+    applied_routes: int = 0
     # The bundle before it, kept on disk for a quick manual rollback.
     previous_digest: str = ""
     failed: Failure | None = None
@@ -89,6 +93,7 @@ class Cursor:
             applied_digest=str(data.get("applied_digest", "")),
             applied_revision=int(data.get("applied_revision", 0)),
             applied_weight=int(data.get("applied_weight", 100)),
+            applied_routes=int(data.get("applied_routes", 0)),
             previous_digest=str(data.get("previous_digest", "")),
             node_id=str(data.get("node_id", "")),
             failed=Failure(
@@ -221,6 +226,7 @@ class FileStateStore:
                 project=str(data["project"]),
                 name=str(data["name"]),
                 labels={str(k): str(v) for k, v in dict(data.get("labels", {})).items()},
+                address=str(data.get("address", "")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptState(f"{self.directory / IDENTITY_FILE} lacks {e}") from None

@@ -51,6 +51,8 @@ from controlplane.domain.rollouts.bus import RolloutBus
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.directory import RolloutDirectory
 from controlplane.domain.rollouts.driver import RolloutDriver
+from controlplane.domain.routing.directory import RouterDirectory
+from controlplane.domain.routing.follow import RouteFollower
 from controlplane.outbound.http import OutboundHttp
 from controlplane.outbound.notify import HttpNotificationSender, HttpWebhookCaller
 from controlplane.outbound.prometheus import PrometheusProvider
@@ -81,7 +83,7 @@ from controlplane.tasks.fleet import sweep_offline
 from controlplane.tasks.fleet_metrics import FleetMetrics
 from controlplane.tasks.notify import NotificationTasks
 from controlplane.tasks.notify import record_pass as record_notify_pass
-from controlplane.tasks.periodic import Periodic
+from controlplane.tasks.periodic import Loop, Periodic
 from controlplane.tasks.retention import Retention
 from controlplane.tasks.rollouts import RolloutTasks, record_pass
 from controlplane.watch import metrics as watch_metrics
@@ -110,7 +112,7 @@ class App:
         # Every time-driven rule reads this clock (bakes, leases, offline detection,
         # retention, expiries): tests move it instead of waiting.
         self.clock = clock
-        self._periodic: list[Periodic] = []
+        self._periodic: list[Periodic | Loop] = []
         self._listener: PgListener | None = None
         self._keeper: PgLeaseKeeper | None = None
         self._liveness: FileLiveness | None = None
@@ -152,6 +154,9 @@ class App:
         # (a step may be complete), an operator's change, another replica's NOTIFY.
         rollouts_due = Wakeup()
         self.projects = ProjectDirectory(self.store, self.clock)
+        # Routing tables follow the reports of backends changing bundles.
+        self.route_follower = RouteFollower(self.store, self.clock, self.hub.wake)
+        self.routers = RouterDirectory(self.store, self.clock, self.hub.wake, self.hub)
         self.nodes = NodeRegistry(
             self.store,
             self.clock,
@@ -161,6 +166,7 @@ class App:
             heartbeat_interval=s.heartbeat_interval,
             on_nack=watch_metrics.count_nack,
             on_report=rollouts_due,
+            on_applied=self.route_follower.reported,
         )
         self.writer = DesiredStateWriter(self.store, self.clock, self.hub.wake, self.hub)
         await self._build_bundles(undo)
@@ -180,7 +186,7 @@ class App:
 
         self.grpc = GrpcServer(
             GuardInterceptor(self.authenticator, scopes, self.limiter),
-            NodeServicer(self.nodes),
+            NodeServicer(self.nodes, self.routers),
             WatchServicer(self.hub, self.feed),
             BundleServicer(self.bundles, self.lifecycle, self.writer),
             ProjectServicer(self.projects),
@@ -258,6 +264,7 @@ class App:
         self._periodic.append(
             Periodic("fleet-metrics", s.fleet_metrics_interval.total_seconds(), self.fleet_metrics.run)
         )
+        self._periodic.append(Loop("route-follower", self.route_follower.run))
         for job in self._periodic:
             job.start()
             undo.push_async_callback(job.stop)

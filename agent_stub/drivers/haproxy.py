@@ -12,22 +12,30 @@ the agent talks to its master socket.
 
 Metrics: requests and 5xx responses of every frontend but the driver's own, from the
 stats socket's `show stat`. No p99: HAProxy 2.6 reports latency only as averages.
+
+Router: a routing table's servers go into the named backend of the bundle through the
+runtime API (`controlplane.proxies.haproxy_routes`); the last table applied is kept in
+`<state>/proxy/routes.json` and applied again after every start or reload the driver
+makes, since servers added at run time do not survive one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
+import socket
 import time
 
 from agent_stub.applier import ApplyRequest
 from agent_stub.drivers.base import ProxyDriver
 from agent_stub.errors import ApplyFailed
 from controlplane.api.node.v1 import node_pb2
-from controlplane.proxies import haproxy
+from controlplane.proxies import haproxy, haproxy_routes, routes
 from controlplane.proxies.check import DEFAULT_STATUS
 from controlplane.proxies.haproxy import CliError
-from controlplane.proxies.http import HttpError
+from controlplane.proxies.http import Address, HttpError
 from controlplane.proxies.validate import bounded
 from controlplane.proxies.window import delta, ratio
 
@@ -42,6 +50,7 @@ class HaproxyDriver(ProxyDriver):
         self.stats_socket = sockets / haproxy.STATS_SOCKET
         self.words_path = self.config.log if self.attach else self.out_path
         self._last: tuple[float, haproxy.FrontendTotals] | None = None
+        self.routes_path = self.run_dir / "routes.json"
 
     def main_text(self, digest: str) -> str:
         return haproxy.render_main(run_dir=self.run_dir, status=self.status, digest=digest)
@@ -85,8 +94,13 @@ class HaproxyDriver(ProxyDriver):
             return await self._serving(digest)
 
         await self.until(loaded, f"load {digest}")
+        await self._reroute()
 
     async def _start(self, digest: str) -> None:
+        await self._start_proxy(digest)
+        await self._reroute()
+
+    async def _start_proxy(self, digest: str) -> None:
         if self.attach:
             await self.until(lambda: self._serving(digest), f"start serving {digest} (attached: no master)")
             return
@@ -124,6 +138,7 @@ class HaproxyDriver(ProxyDriver):
             return
         if procs is not None and await self._serving(digest):
             self.log.info("reconcile.serving", proxy=self.kind, pid=procs.master_pid, digest=digest)
+            await self._reroute()
             return
         self.log.warning("reconcile.reload", proxy=self.kind, digest=digest)
         await self.activate(request)
@@ -148,3 +163,120 @@ class HaproxyDriver(ProxyDriver):
             out.error_rate = ratio(delta(before.errors, totals.errors), requests)
         self._last = (now, totals)
         return out
+
+    # -- a router's servers ---------------------------------------------------------------
+
+    def _applied_table(self) -> routes.Table | None:
+        try:
+            return routes.Table.from_json(json.loads(self.routes_path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+            self.log.warning("router.state_unreadable", path=str(self.routes_path), error=str(e))
+            return None
+
+    async def route(self, table: routes.Table | None) -> None:
+        """Make the router's backend hold `table`'s servers at their weights (None:
+        remove the servers this driver added), then confirm HAProxy runs them."""
+        before = self._applied_table()
+        if table is not None:
+            table = await self._resolved(table)
+        if before is not None and (table is None or before.backend != table.backend):
+            # Withdrawn, or moved to another backend section: empty the old one.
+            await self._apply(routes.Table(before.revision, before.backend, {}))
+        if table is not None:
+            await self._apply(table)
+        self._save(table)
+        self.log.info(
+            "router.applied",
+            revision=table.revision if table else None,
+            backend=table.backend if table else None,
+            servers=len(table.servers) if table else 0,
+        )
+
+    async def _reroute(self) -> None:
+        """After a start or reload: the new worker has only its configuration's servers."""
+        table = self._applied_table()
+        if table is not None:
+            await self._apply(table)
+            self.log.info("router.reapplied", revision=table.revision, servers=len(table.servers))
+
+    def _save(self, table: routes.Table | None) -> None:
+        try:
+            if table is None:
+                self.routes_path.unlink(missing_ok=True)
+                return
+            temp = self.routes_path.with_suffix(".tmp")
+            temp.write_text(json.dumps(table.to_json()))
+            temp.replace(self.routes_path)
+        except OSError as e:
+            raise ApplyFailed(
+                f"keeping the routing table in {self.routes_path} failed on this node: {e}"
+            ) from None
+
+    async def _resolved(self, table: routes.Table) -> routes.Table:
+        """HAProxy 2.6 needs resolvers for a server named by host name: the driver looks
+        names up once, here, and gives it the first address."""
+        loop = asyncio.get_running_loop()
+        servers = dict(table.servers)
+        for name, server in table.servers.items():
+            host = server.address.host
+            if _is_ip(host):
+                continue
+            try:
+                found = await loop.getaddrinfo(host, server.address.port, type=socket.SOCK_STREAM)
+            except OSError as e:
+                raise ApplyFailed(
+                    f"backend {name} at {server.address}: {host} does not resolve: {e}"
+                ) from None
+            ip = str(found[0][4][0])
+            servers[name] = routes.Server(name, Address(ip, server.address.port), server.weight)
+        return routes.Table(table.revision, table.backend, servers)
+
+    async def _state(self, backend: str) -> tuple[dict[str, routes.Server], set[str]]:
+        try:
+            answer = await haproxy.cli(self.stats_socket, f"show servers state {backend}")
+            return haproxy_routes.parse_servers_state(answer, backend)
+        except haproxy_routes.NoBackend:
+            raise ApplyFailed(
+                f"haproxy has no backend {backend!r}: the router's configuration must declare "
+                f"`backend {backend}` (balance roundrobin) for the servers the control plane routes to"
+            ) from None
+        except (CliError, ValueError) as e:
+            raise ApplyFailed(f"haproxy's runtime API did not answer: {e}") from None
+
+    async def _apply(self, table: routes.Table) -> None:
+        running, maint = await self._state(table.backend)
+        changes = routes.diff(running, table.servers)
+        for command in haproxy_routes.commands(table.backend, changes, maint, table.servers):
+            await self._command(command)
+        after, maint = await self._state(table.backend)
+        wrong = [name for name, want in table.servers.items() if after.get(name) != want or name in maint]
+        if wrong:
+            raise ApplyFailed(
+                f"haproxy does not run the routing table's servers as sent: {', '.join(wrong[:5])}"
+            )
+
+    async def _command(self, command: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                answer = await haproxy.cli(self.stats_socket, command)
+            except CliError as e:
+                raise ApplyFailed(f"haproxy's runtime API did not answer {command!r}: {e}") from None
+            refused = haproxy_routes.refusal(command, answer)
+            if refused is None:
+                return
+            # A deleted server's connections close asynchronously: `del server` waits for them.
+            if command.startswith("del server") and "connection" in refused and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                continue
+            raise ApplyFailed(bounded(f"haproxy refused `{command}`: {refused}"))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True

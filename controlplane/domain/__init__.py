@@ -11,9 +11,11 @@ Packages, from the ground up; each imports only those below it (import-linter's
 - `audit`      who is acting (request context), the HMAC chain, reading and verifying it
 - `leases`     one holder at a time for background work, fenced by epoch
 - `projects`   tenants and their rollout policy
-- `desired`    the desired-state log's write path and its retention
+- `desired`    the desired-state log's write path, its retention, and reading what
+               decides nodes' desired state inside a transaction
 - `identity`   roles, API keys, enrollment tokens, node credentials and node tokens
 - `bundles`    the bundle pipeline, its archive format, validation, risk, signing and keys
+- `routing`    routers: their declaration and the routing tables (weights) computed for them
 - `fleet`      nodes, heartbeats, status reports, operator assignments
 - `rollouts`   rollouts: plans, gates, the state machine, the driver
 - `drift`      drift episodes and their remediation

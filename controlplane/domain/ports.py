@@ -32,6 +32,7 @@ from controlplane.domain.model.rollouts import (
     RolloutState,
     Step,
 )
+from controlplane.domain.model.routing import Router
 
 
 class ProjectRepo(Protocol):
@@ -56,7 +57,13 @@ class NodeRepo(Protocol):
     async def get_many(self, node_ids: Collection[str], for_update: bool = False) -> list[Node]: ...
     async def insert(self, node: Node, credential_hash: str) -> None: ...
     async def update_registration(
-        self, node_id: str, labels: Mapping[str, str], credential_hash: str, agent_version: str, hostname: str
+        self,
+        node_id: str,
+        labels: Mapping[str, str],
+        credential_hash: str,
+        agent_version: str,
+        hostname: str,
+        address: str = "",
     ) -> None: ...
     async def set_labels(self, node_id: str, labels: Mapping[str, str]) -> None: ...
     async def credential_hash(self, node_id: str) -> str | None: ...
@@ -285,6 +292,8 @@ class Tx(Protocol):
     def drift(self) -> DriftRepo: ...
     @property
     def notify(self) -> NotifyRepo: ...
+    @property
+    def routers(self) -> RouterRepo: ...
     def after_commit(self, callback: Callable[[], None]) -> None: ...
 
 
@@ -438,6 +447,20 @@ class RolloutRepo(Protocol):
     async def target_nodes(self, project: str, selector_terms: Sequence[tuple[str, str]]) -> list[str]:
         """Ids of the project's nodes whose labels match every term, sorted."""
         ...
+
+
+class RouterRepo(Protocol):
+    async def get(self, node_id: str) -> Router | None: ...
+    async def of_project(self, project: str) -> list[Router]: ...
+    async def projects(self) -> set[str]:
+        """The projects that have routers."""
+        ...
+
+    async def put(self, router: Router) -> None:
+        """Declare it, or change the selector and backend of a declared one."""
+        ...
+
+    async def delete(self, node_id: str) -> bool: ...
 
 
 class FreezeRepo(Protocol):

@@ -19,6 +19,7 @@ from controlplane.domain.model.fleet import (
     Project,
     ReportPhase,
 )
+from controlplane.domain.routing.directory import RouterView
 
 _HEALTH = {
     Health.UNKNOWN: node_pb2.HEALTH_STATUS_UNSPECIFIED,
@@ -86,6 +87,7 @@ def node_out(node: Node, desired: DesiredRow | None) -> node_pb2.Node:
         hostname=node.hostname,
         applied_revoked_reason=node.applied_revoked_reason,
         desired_revoked_reason=node.desired_revoked_reason,
+        address=node.address,
     )
     if desired is not None:
         msg.desired_digest = desired.digest
@@ -106,6 +108,27 @@ def node_out(node: Node, desired: DesiredRow | None) -> node_pb2.Node:
             )
         )
     return msg
+
+
+def router_out(view: RouterView) -> node_pb2.Router:
+    router, table = view.router, view.table
+    return node_pb2.Router(
+        node_id=router.node_id,
+        project=router.project,
+        selector=router.selector,
+        backend=router.backend,
+        revision=view.revision,
+        backends=[
+            node_pb2.RouterBackend(node_id=b.node_id, address=b.address, weight=b.weight)
+            for b in (table.backends if table is not None else ())
+        ],
+        unrouted=list(table.unrouted) if table is not None else [],
+        reason=table.reason if table is not None else "",
+        applied_revision=view.applied_revision,
+        error=view.error,
+        created_by=router.created_by,
+        created_at=timestamp(router.created_at),
+    )
 
 
 def project_out(project: Project) -> project_pb2.Project:

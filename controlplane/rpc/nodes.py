@@ -7,12 +7,14 @@ import grpc
 from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
 from controlplane.domain.fleet.nodes import NodeRegistry
 from controlplane.domain.kernel.errors import InvalidArgument
+from controlplane.domain.routing.directory import RouterDirectory
 from controlplane.rpc import auth, convert
 
 
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
-    def __init__(self, nodes: NodeRegistry):
+    def __init__(self, nodes: NodeRegistry, routers: RouterDirectory):
         self._nodes = nodes
+        self._routers = routers
 
     async def RegisterNode(
         self, request: node_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
@@ -26,6 +28,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             request.hostname,
             # Registering a name again takes the node's current credential.
             current_credential=auth.bearer(context.invocation_metadata() or ()) or "",
+            address=request.address,
         )
         return node_pb2.RegisterNodeResponse(
             node_id=reg.node.id, node_credential=reg.credential, project=reg.node.project
@@ -87,3 +90,25 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     ) -> node_pb2.ListHeartbeatsResponse:
         beats = await self._nodes.heartbeats(request.node_id)
         return node_pb2.ListHeartbeatsResponse(heartbeats=[convert.heartbeat_out(b) for b in beats])
+
+    async def DeclareRouter(
+        self, request: node_pb2.DeclareRouterRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.DeclareRouterResponse:
+        view = await self._routers.declare(request.node_id, request.selector, request.backend)
+        return node_pb2.DeclareRouterResponse(router=convert.router_out(view))
+
+    async def RemoveRouter(
+        self, request: node_pb2.RemoveRouterRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.RemoveRouterResponse:
+        return node_pb2.RemoveRouterResponse(revision=await self._routers.remove(request.node_id))
+
+    async def GetRouter(
+        self, request: node_pb2.GetRouterRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.GetRouterResponse:
+        return node_pb2.GetRouterResponse(router=convert.router_out(await self._routers.get(request.node_id)))
+
+    async def ListRouters(
+        self, request: node_pb2.ListRoutersRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.ListRoutersResponse:
+        views = await self._routers.list(request.project)
+        return node_pb2.ListRoutersResponse(routers=[convert.router_out(v) for v in views])

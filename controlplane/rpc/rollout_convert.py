@@ -264,6 +264,7 @@ def progress_out(rollout: Rollout) -> pb.Progress:
         current_step=rollout.current_step,
         current_step_state=STEP_STATE[StepState(step["state"])] if step else pb.STEP_STATE_UNSPECIFIED,
         gates=step.get("gates", "") if step else "",
+        traffic=p.get("traffic", ""),
     )
 
 
@@ -298,6 +299,10 @@ def step_out(s: Step) -> pb.Step:
         failure=s.detail.get("failure", ""),
         measurements=[
             _measurement_out(m) for m in [*s.detail.get("superseded", []), *s.detail.get("measurements", [])]
+        ],
+        routers=[
+            pb.StepRouter(node_id=node_id, revision=e["revision"], state=e["state"], error=e.get("error", ""))
+            for node_id, e in sorted((s.detail.get("routers") or {}).items())
         ],
     )
 

@@ -11,6 +11,7 @@ from sqlalchemy.orm import aliased
 
 from controlplane.domain.audit.context import acting_as, system
 from controlplane.domain.model.desired import ChangeKind, DesiredRow
+from controlplane.domain.model.routing import RouteTable
 from controlplane.store import epochs
 from controlplane.store.audit import SqlAuditLog
 from controlplane.store.schema import desired_state_log, revision_counter, server_meta
@@ -34,6 +35,7 @@ def row_to_desired(row: Any) -> DesiredRow:
         key_id=row.key_id,
         written_at=row.written_at,
         trace_parent=row.trace_parent or "",
+        routes=RouteTable.from_json(row.routes) if row.routes else None,
         **_scope(row.scope),
     )
 
@@ -142,6 +144,7 @@ class SqlDesiredLog:
                     "key_id": r.key_id,
                     "trace_parent": r.trace_parent or None,
                     "scope": {"baseline": r.baseline, "exclude": sorted(r.exclude)} if r.baseline else None,
+                    "routes": r.routes.to_json() if r.routes is not None else None,
                 }
                 for r in rows
             ],

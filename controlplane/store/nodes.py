@@ -66,6 +66,7 @@ def _node(row: Any) -> Node:
         failed_digest=row.failed_digest,
         failed_revision=row.failed_revision,
         failed_error=row.failed_error,
+        address=row.address or "",
     )
 
 
@@ -134,12 +135,19 @@ class SqlNodes:
                 registered_at=node.registered_at,
                 agent_version=node.agent_version,
                 hostname=node.hostname,
+                address=node.address,
             )
         )
         await self._write_labels(node.id, node.labels)
 
     async def update_registration(
-        self, node_id: str, labels: Mapping[str, str], credential_hash: str, agent_version: str, hostname: str
+        self,
+        node_id: str,
+        labels: Mapping[str, str],
+        credential_hash: str,
+        agent_version: str,
+        hostname: str,
+        address: str = "",
     ) -> None:
         await self._conn.execute(
             update(nodes)
@@ -149,6 +157,7 @@ class SqlNodes:
                 credential_hash=credential_hash,
                 agent_version=agent_version,
                 hostname=hostname,
+                address=address,
             )
         )
         await self._write_labels(node_id, labels)

@@ -22,6 +22,7 @@ from controlplane.store.nodes import SqlNodes
 from controlplane.store.notify import SqlNotify
 from controlplane.store.projects import SqlProjects
 from controlplane.store.rollouts import SqlRollouts
+from controlplane.store.routers import SqlRouters
 
 
 class SqlTx:
@@ -48,6 +49,7 @@ class SqlTx:
         self.freezes = SqlFreezes(conn)
         self.leases = SqlLeases(conn, holder_gone)
         self.drift = SqlDrift(conn)
+        self.routers = SqlRouters(conn)
         self._after_commit: list[Callable[[], None]] = []
         # An emitted notification event wakes this process's delivery worker at commit.
         self.notify = SqlNotify(conn, lambda: self.after_commit(on_emit) if on_emit is not None else None)

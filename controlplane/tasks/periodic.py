@@ -3,7 +3,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -35,3 +36,21 @@ class Periodic:
                 raise
             except Exception:
                 log.warning("%s failed", self.name, exc_info=True)
+
+
+class Loop:
+    """A job that runs its own loop (it waits for its own wake-ups): started and stopped
+    with the periodic jobs."""
+
+    def __init__(self, name: str, job: Callable[[], Coroutine[Any, Any, None]]):
+        self.name = name
+        self.job = job
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.job(), name=self.name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
 from controlplane.domain.kernel.labels import source_name
-from controlplane.domain.model.desired import DesiredRow
+from controlplane.domain.model.desired import ChangeKind, DesiredRow
 
 
 def _varint(value: int) -> bytes:
@@ -44,23 +44,37 @@ def started(stream_id: str, epoch: str, mode: pb.StreamMode.ValueType, head: int
 def desired(revision: int, row: DesiredRow | None) -> bytes:
     if row is None:
         return fragment(pb.WatchEvent(desired=pb.DesiredState(revision=revision)))
-    return fragment(
-        pb.WatchEvent(
-            desired=pb.DesiredState(
-                revision=revision,
-                digest=row.digest,
-                assigned_revision=row.revision,
-                source=source_name(row.key),
-                traffic_weight=row.traffic_weight,
-                pinned=row.pinned,
-                size_bytes=row.size_bytes,
-                annotations=dict(row.annotations),
-                signature=row.signature,
-                key_id=row.key_id,
-                trace_parent=row.trace_parent,
+    if row.kind is ChangeKind.ROUTES:
+        # A router assigned no bundle: its routing table alone.
+        state = pb.DesiredState(revision=revision, trace_parent=row.trace_parent)
+    else:
+        state = pb.DesiredState(
+            revision=revision,
+            digest=row.digest,
+            assigned_revision=row.revision,
+            source=source_name(row.key),
+            traffic_weight=row.traffic_weight,
+            pinned=row.pinned,
+            size_bytes=row.size_bytes,
+            annotations=dict(row.annotations),
+            signature=row.signature,
+            key_id=row.key_id,
+            trace_parent=row.trace_parent,
+        )
+    if row.routes is not None:
+        table = row.routes
+        state.router.CopyFrom(
+            pb.RouterState(
+                revision=row.routes_revision,
+                selector=table.selector,
+                backend=table.backend,
+                backends=[
+                    pb.RouterBackend(node_id=b.node_id, address=b.address, weight=b.weight)
+                    for b in table.backends
+                ],
             )
         )
-    )
+    return fragment(pb.WatchEvent(desired=state))
 
 
 def snapshot_end(revision: int) -> bytes:

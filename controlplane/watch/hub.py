@@ -7,7 +7,8 @@ resume is computed from the image at P and every later batch continues from P, s
 snapshot and the live changes share one ordering with nothing in between.
 
 Per batch of new rows the work is O(rows + affected streams): rows are routed by key
-(`node:<id>` to that node's streams, a selector to the streams whose labels match it,
+(`node:<id>` and a router's `route:<id>` to that node's streams, a selector to the
+streams whose labels match it,
 found through a label index), each affected stream's effective state is resolved once,
 and identical events are encoded once for every stream they go to.
 """
@@ -420,8 +421,9 @@ class WatchHub:
                 for stream in self._streams.of_node(node_id):
                     self._relabel(stream, dict(labels))
                     affected[stream] = row.revision
-            elif row.key.startswith("node:"):
-                for stream in self._streams.of_node(row.key[5:]):
+            elif row.key.startswith(("node:", "route:")):
+                # A node's own assignment, or a router's routing table: its streams only.
+                for stream in self._streams.of_node(row.key.split(":", 1)[1]):
                     affected[stream] = row.revision
             else:
                 selectors[row.key] = row.revision

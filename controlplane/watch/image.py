@@ -6,13 +6,17 @@ Besides the rows it keeps two derived maps so routing never scans the log: each 
 node's project and labels (from its `meta:` row) and each project's selectors (from its
 `sel:` rows). The image never moves backwards: a row older than the one it holds for the
 same key changes nothing.
+
+A router node also watches its `route:` key: what it resolves to is its bundle row with
+the routing table attached (`DesiredRow.with_routes`), one object per (bundle row,
+table row) so the hub's per-batch caches, keyed by object, stay right.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from controlplane.domain.kernel.labels import Selector, meta_key, node_key, parse_selector_key
+from controlplane.domain.kernel.labels import Selector, meta_key, node_key, parse_selector_key, route_key
 from controlplane.domain.model.desired import ChangeKind, DesiredRow, FeedSnapshot, resolve
 
 
@@ -28,12 +32,15 @@ class LogImage:
         self.latest: dict[str, DesiredRow] = {}
         self._nodes: dict[str, tuple[str, dict[str, str]]] = {}
         self._selectors: dict[str, dict[str, Selector]] = {}
+        # Router node id -> (bundle row, table row, the row its stream resolves to).
+        self._routed: dict[str, tuple[DesiredRow | None, DesiredRow, DesiredRow]] = {}
 
     def load(self, snapshot: FeedSnapshot) -> None:
         """Replace everything with a snapshot (at start, or after the history moved)."""
         self.latest = {}
         self._nodes = {}
         self._selectors = {}
+        self._routed = {}
         for row in snapshot.rows:
             self.remember(row)
         self.epoch = snapshot.position.epoch
@@ -75,20 +82,32 @@ class LogImage:
 
     def keys_for(self, project: str, node_id: str, labels: dict[str, str]) -> set[str]:
         """The watch keys whose rows decide what a node with these labels runs."""
-        keys = {node_key(node_id)}
+        keys = {node_key(node_id), route_key(node_id)}
         keys.update(k for k, sel in self._selectors.get(project, {}).items() if sel.matches(labels))
         return keys
 
     def resolve(self, keys: Iterable[str], node_id: str) -> DesiredRow | None:
-        """The row that decides `node_id`'s state among its `keys` (`desired.resolve`)."""
+        """What `node_id`'s stream sends: the row that decides its bundle among its `keys`
+        (`desired.resolve`), with its routing table attached if it is a router."""
         latest = self.latest
-        return resolve((latest.get(k) for k in keys), node_id)
+        row = resolve((latest.get(k) for k in keys), node_id)
+        table = latest.get(route_key(node_id))
+        if table is None or table.kind is not ChangeKind.ROUTES:
+            return row
+        held = self._routed.get(node_id)
+        if held is not None and held[0] is row and held[1] is table:
+            return held[2]
+        routed = (row or table).with_routes(table)
+        self._routed[node_id] = (row, table, routed)
+        return routed
 
     def effective(self, node_id: str) -> DesiredRow | None:
         info = self._nodes.get(node_id)
         if info is None:
             return None
-        return self.resolve(self.keys_for(info[0], node_id, info[1]), node_id)
+        latest = self.latest
+        # The bundle row alone: what the domain compares with what a node runs.
+        return resolve((latest.get(k) for k in self.keys_for(info[0], node_id, info[1])), node_id)
 
     def changed_at(self, keys: Iterable[str], node_id: str) -> int:
         """The newest revision that touched `keys` or the node's own routing row: a

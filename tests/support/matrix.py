@@ -401,6 +401,39 @@ def freeze_request() -> rpb.CreateFreezeWindowRequest:
     )
 
 
+async def routed_slot(w: World) -> tuple[str, str]:
+    """A router node and a selector with one backend (with an address) of its own."""
+    slot = w.unique("routed-")
+    reply = await w.nodes.RegisterNode(
+        npb.RegisterNodeRequest(
+            project=PROJECT,
+            enrollment_token=w.h.token,
+            name=f"m-{slot}-web",
+            labels={"slot": slot},
+            address="127.0.0.1:8080",
+        )
+    )
+    assert reply.node_id
+    return await w.enroll(f"{slot}-edge"), f"slot={slot}"
+
+
+async def declare_router(w: World) -> Request:
+    router, selector = await routed_slot(w)
+    return npb.DeclareRouterRequest(node_id=router, selector=selector, backend="app")
+
+
+def on_router(message: Callable[..., Message]) -> Builder:
+    """A request naming a router declared for it."""
+
+    async def build(w: World) -> Request:
+        declared = await declare_router(w)
+        assert isinstance(declared, npb.DeclareRouterRequest)
+        await w.nodes.DeclareRouter(declared)
+        return message(node_id=declared.node_id)
+
+    return build
+
+
 async def unpin_node(w: World) -> Request:
     node_id = await w.enroll(w.unique("pinned-"))
     await w.rollouts.PinNode(pin_request(node_id, w.main))
@@ -446,6 +479,10 @@ CASES: list[Case] = [
         same(lambda w: npb.UpdateNodeLabelsRequest(node_id=w.node.node_id, labels={"env": "prod"})),
     ),
     Case("ListHeartbeats", same(lambda w: npb.ListHeartbeatsRequest(node_id=w.node.node_id))),
+    Case("DeclareRouter", declare_router, fresh=True),
+    Case("RemoveRouter", on_router(npb.RemoveRouterRequest), fresh=True),
+    Case("GetRouter", on_router(npb.GetRouterRequest), fresh=True),
+    Case("ListRouters", same(lambda w: npb.ListRoutersRequest(project=P))),
     # WatchService
     Case("WatchBundles", same(lambda w: wpb.WatchBundlesRequest(node_id=w.node.node_id))),
     # BundleService

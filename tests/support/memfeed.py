@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from controlplane.domain.kernel.labels import meta_key
+from controlplane.domain.kernel.labels import meta_key, route_key
 from controlplane.domain.model.desired import Assignment, ChangeKind, DesiredRow, FeedPosition, FeedSnapshot
+from controlplane.domain.model.routing import RoutedBackend, RouteTable
 
 
 class MemoryFeed:
@@ -86,6 +87,20 @@ class MemoryFeed:
     def unassign(self, keys: tuple[str, ...], project: str = "p") -> int:
         revision = self._next()
         self._write([DesiredRow(k, revision, project, ChangeKind.UNASSIGN) for k in keys])
+        return revision
+
+    def routes(self, router: str, backends: dict[str, int], project: str = "p") -> int:
+        """A routing table for `router`: each backend node at 127.0.0.1 with its weight."""
+        revision = self._next()
+        table = RouteTable(
+            "env=prod",
+            "app",
+            tuple(
+                RoutedBackend(n, f"127.0.0.1:{8000 + i}", w)
+                for i, (n, w) in enumerate(sorted(backends.items()))
+            ),
+        )
+        self._write([DesiredRow(route_key(router), revision, project, ChangeKind.ROUTES, routes=table)])
         return revision
 
     def revoke(self, node_id: str, project: str = "p") -> int:

@@ -3,7 +3,7 @@ streams, no loop. Rows go in as the MemoryFeed writes them."""
 
 from __future__ import annotations
 
-from controlplane.domain.kernel.labels import Selector, meta_key, node_key, selector_key
+from controlplane.domain.kernel.labels import Selector, meta_key, node_key, route_key, selector_key
 from controlplane.domain.model.desired import ChangeKind, DesiredRow, FeedPosition, FeedSnapshot
 from controlplane.watch.image import LogImage
 from tests.support.memfeed import MemoryFeed
@@ -46,7 +46,7 @@ def test_a_node_runs_its_own_assignment_over_an_older_selector_and_a_newer_selec
     feed.assign((PROD,), "sel-1")
     feed.assign((node_key("a"),), "own")
     image = image_of(feed)
-    assert image.keys_for("p", "a", {"env": "prod"}) == {node_key("a"), PROD}
+    assert image.keys_for("p", "a", {"env": "prod"}) == {node_key("a"), route_key("a"), PROD}
     effective = image.effective("a")
     assert effective is not None and effective.digest == "own"
     feed.assign((PROD,), "sel-2")

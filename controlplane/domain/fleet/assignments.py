@@ -25,6 +25,7 @@ from controlplane.domain.kernel.labels import Selector, node_key, selector_key
 from controlplane.domain.model.desired import Assignment
 from controlplane.domain.ports import Clock, DesiredView, Store, Tx
 from controlplane.domain.projects import require_project
+from controlplane.domain.routing.tables import refresh as refresh_routes
 
 # One assignment may name at most this many nodes; larger sets should use a selector.
 MAX_NODE_TARGETS = 10_000
@@ -175,6 +176,8 @@ class DesiredStateWriter:
             )
             if newcomers:
                 await audit_break_glass(tx, project, _resource(keys), digest, newcomers, glass, revision)
+            # The weights of routers of these nodes follow what they are assigned.
+            await refresh_routes(tx, project, self.clock())
             tx.after_commit(self.notify)
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         return revision, keys
@@ -202,6 +205,8 @@ class DesiredStateWriter:
                     **({"freeze_override_reason": override} if override else {}),
                 },
             )
+            # The weights of routers of these nodes follow what they are assigned.
+            await refresh_routes(tx, project, self.clock())
             tx.after_commit(self.notify)
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         return revision, tuple(live)

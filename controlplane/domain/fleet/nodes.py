@@ -41,8 +41,11 @@ from controlplane.domain.model.fleet import (
 )
 from controlplane.domain.model.notify import EventKind as NotifyKind
 from controlplane.domain.model.notify import NotificationEvent
+from controlplane.domain.model.routing import Router
 from controlplane.domain.ports import Clock, DeliveryLedger, DesiredView, Store, Tx
 from controlplane.domain.projects import require_project
+from controlplane.domain.routing.checks import node_address
+from controlplane.domain.routing.tables import refresh as refresh_routes
 
 # Ten minutes of history at the default 10 s interval: enough for a health gate's window,
 # bounded whatever the fleet does (a ring buffer per node, never one row per beat).
@@ -74,6 +77,9 @@ class NodeRegistry:
     on_nack: Callable[[Node, StatusReport], None] = field(default=lambda node, report: None)
     # Called after every recorded report (the rollout driver wakes on it).
     on_report: Callable[[], None] = field(default=lambda: None)
+    # Called after a recorded ACTIVE or FAILED report with the node's project and id
+    # (routing tables follow what backends run: domain/routing/follow.py).
+    on_applied: Callable[[str, str], None] = field(default=lambda project, node_id: None)
 
     def __post_init__(self) -> None:
         self._heartbeats = HeartbeatWriter(self.store, HEARTBEAT_HISTORY)
@@ -93,6 +99,7 @@ class NodeRegistry:
         agent_version: str = "",
         hostname: str = "",
         current_credential: str = "",
+        address: str = "",
     ) -> Registration:
         """Enroll a node with an enrollment token (one use of it is spent).
 
@@ -105,6 +112,7 @@ class NodeRegistry:
         lost, and without it the name would be locked for good.
         """
         labels = validate_labels(labels)
+        address = node_address(address)
         if name:
             validate_node_name(name)
         if not enrollment_token:
@@ -133,7 +141,7 @@ class NodeRegistry:
                         field="name",
                     )
                 await tx.nodes.update_registration(
-                    existing.id, labels, hash_secret(credential), agent_version[:64], hostname[:255]
+                    existing.id, labels, hash_secret(credential), agent_version[:64], hostname[:255], address
                 )
                 # The old credential's tokens and streams end with it, on every replica;
                 # the meta row written below makes the node known again.
@@ -148,7 +156,12 @@ class NodeRegistry:
                             "labels": dict(existing.labels),
                             "credential": "live" if stored else "revoked",
                         },
-                        after={"labels": labels, "credential": "rotated", "enrollment_token": token.id},
+                        after={
+                            "labels": labels,
+                            "credential": "rotated",
+                            "enrollment_token": token.id,
+                            **({"address": address} if address != existing.address else {}),
+                        },
                     )
             else:
                 node = Node(
@@ -160,6 +173,7 @@ class NodeRegistry:
                     registered_at=now,
                     agent_version=agent_version[:64],
                     hostname=hostname[:255],
+                    address=address,
                 )
                 await tx.nodes.insert(node, hash_secret(credential))
                 labels_changed = True
@@ -173,9 +187,14 @@ class NodeRegistry:
                             "labels": labels,
                             "agent_version": node.agent_version,
                             "enrollment_token": token.id,
+                            "address": address,
                         },
                     )
             revision = await self._write_labels(tx, project, node_id, labels) if labels_changed else 0
+            # Routers of the selectors it left or joined route to it (or no more), at its
+            # address now.
+            before_labels = dict(existing.labels) if existing is not None else {}
+            await refresh_routes(tx, project, now, affects=_matching(before_labels, labels))
             stored_node = await tx.nodes.get(node_id)
         assert stored_node is not None
         # The hub knows the node (and has dropped its old tokens) before the agent's
@@ -210,6 +229,8 @@ class NodeRegistry:
         if phase is ReportPhase.FAILED:
             self.on_nack(node, report)
         self.on_report()
+        if phase is not ReportPhase.DOWNLOADED:
+            self.on_applied(node.project, node_id)
 
     async def _commit_reports(self, batch: list[Submitted[_Report]]) -> list[Node | Exception | None]:
         """Check and record a batch of reports in one transaction, in arrival order: a
@@ -296,6 +317,7 @@ class NodeRegistry:
             if dict(node.labels) != labels:
                 await tx.nodes.set_labels(node_id, labels)
                 revision = await self._write_labels(tx, node.project, node_id, labels)
+                await refresh_routes(tx, node.project, self.clock(), affects=_matching(node.labels, labels))
                 await tx.audit.record(
                     "node.relabel",
                     f"node/{node_id}",
@@ -393,6 +415,16 @@ class NodeRegistry:
         await tx.desired.append([row])
         tx.after_commit(self.notify)
         return revision
+
+
+def _matching(before: Mapping[str, str], after: Mapping[str, str]) -> Callable[[Router], bool]:
+    """The routers whose selector a node matched before or matches after a change."""
+
+    def affects(router: Router) -> bool:
+        selector = Selector.parse(router.selector)
+        return selector.matches(before) or selector.matches(after)
+
+    return affects
 
 
 async def _assignment_keys(tx: Tx, node: Node) -> list[str]:

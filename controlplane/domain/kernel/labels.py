@@ -107,6 +107,11 @@ def node_key(node_id: str) -> str:
     return f"node:{node_id}"
 
 
+def route_key(node_id: str) -> str:
+    """The key of a router node's routing table (domain/routing/)."""
+    return f"route:{node_id}"
+
+
 def meta_key(node_id: str) -> str:
     return f"meta:{node_id}"
 

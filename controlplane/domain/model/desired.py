@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from controlplane.domain.model.routing import RouteTable
 
 
 class ChangeKind(enum.StrEnum):
@@ -30,6 +32,8 @@ class ChangeKind(enum.StrEnum):
     NODE = "node"
     # The node's identity was revoked: its streams end. Only on `meta:<id>` keys.
     REVOKED = "revoked"
+    # A router's routing table; only on `route:<id>` keys (a tombstone withdraws it).
+    ROUTES = "routes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,15 @@ class DesiredRow:
     baseline: str = ""
     # Node ids a baseline row does not apply to.
     exclude: frozenset[str] = frozenset()
+    # ROUTES rows: the table. On the row a router's stream resolves to (`with_routes`),
+    # the router's table and the revision of the row that carried it.
+    routes: RouteTable | None = None
+    routes_revision: int = 0
+
+    def with_routes(self, table: DesiredRow) -> DesiredRow:
+        """This row as a router's stream sends it: its bundle, plus the routing table of
+        the ROUTES row `table`."""
+        return replace(self, routes=table.routes, routes_revision=table.revision)
 
     @property
     def is_assignment(self) -> bool:
@@ -78,6 +91,8 @@ class Effective:
     pinned: bool
     size_bytes: int
     annotations: Mapping[str, str]
+    # A router's routing table revision (0: none): a new one is a change to send.
+    routes_revision: int = 0
 
     @classmethod
     def of(cls, row: DesiredRow) -> Effective:
@@ -89,6 +104,7 @@ class Effective:
             pinned=row.pinned,
             size_bytes=row.size_bytes,
             annotations=row.annotations,
+            routes_revision=row.routes_revision,
         )
 
     def unchanged_from(self, other: Effective | None) -> bool:
@@ -104,7 +120,15 @@ class Effective:
             self.digest,
             self.traffic_weight,
             self.pinned,
-        ) == (other.assigned_revision, other.source_key, other.digest, other.traffic_weight, other.pinned)
+            self.routes_revision,
+        ) == (
+            other.assigned_revision,
+            other.source_key,
+            other.digest,
+            other.traffic_weight,
+            other.pinned,
+            other.routes_revision,
+        )
 
 
 def resolve(latest_rows: Iterable[DesiredRow | None], node_id: str = "") -> DesiredRow | None:

@@ -88,6 +88,8 @@ class Node:
     failed_revision: int = 0
     failed_error: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
+    # host:port its proxy serves on (`--address`), for routers; "" when not given.
+    address: str = ""
     # Why the bundle the node runs (applied) or is assigned (desired) was revoked; empty
     # when it was not. Filled by the node registry's reads, not stored on the node.
     applied_revoked_reason: str = ""

@@ -42,7 +42,9 @@ from controlplane.domain.rollouts.resolved import (
     latest_node_rows,
     previous_state,
 )
-from controlplane.domain.rollouts.run import EventKind, Run, StepWrite
+from controlplane.domain.rollouts.run import ROUTER_WAITING, EventKind, Run, StepWrite
+from controlplane.domain.routing.shares import split_of, traffic_note
+from controlplane.domain.routing.tables import refresh as refresh_routes
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,8 @@ async def commit(tx: Tx, run: Run, now: datetime) -> Committed:
         revisions += await _restore(tx, run, now)
     if run.baseline:
         revisions += await write_baseline(tx, run, now)
+    if run.writes or run.restore or run.baseline or run.transitions or run.route:
+        revisions += await _route(tx, run, now)
     loaded = run.loaded_rollout
     rollout = run.rollout
     events = [
@@ -163,6 +167,42 @@ async def _notify(tx: Tx, run: Run, saved: Rollout, now: datetime) -> None:
                     {**data, "step": step.index},
                 )
             )
+
+
+async def _route(tx: Tx, run: Run, now: datetime) -> list[int]:
+    """Bring the project's routers up to date with this decision (domain/routing/), in
+    its transaction: a step written drains its nodes while they change bundles, a step
+    whose nodes are ACTIVE (`run.route`) gives them their share and records the revision
+    each router of its nodes must acknowledge, a rollback or cancel puts the traffic
+    back. Returns the revisions written."""
+    rollout = run.rollout
+    split = split_of(rollout, run.steps, run.nodes.values())
+    refreshed = await refresh_routes(tx, rollout.project, now, {rollout.id: split})
+    ours = {n.node_id for n in run.nodes.values() if n.state is not NodeState.SKIPPED}
+    covering = {r.router.node_id: r for r in refreshed if ours & {b.node_id for b in r.table.backends}}
+    for r in covering.values():
+        if r.written:
+            run.event(
+                EventKind.TRAFFIC,
+                f"router {r.router.node_id}: routing table at revision {r.revision}: {r.table.reason}",
+                node_id=r.router.node_id,
+                revision=r.revision,
+            )
+    if run.writes or run.route:
+        run.traffic = traffic_note(
+            run.spec.strategy, ours, {i: {b.node_id for b in r.table.backends} for i, r in covering.items()}
+        )
+    step = run.current
+    if run.route and step is not None:
+        routers = {i: {"revision": r.revision, "state": ROUTER_WAITING} for i, r in covering.items()}
+        run.set_step(step, detail={**step.detail, "routers": routers})
+        if not routers:
+            run.event(
+                EventKind.TRAFFIC,
+                f"step {step.index}: traffic weights not applied: no router routes its nodes",
+                step=step.index,
+            )
+    return [r.revision for r in refreshed if r.written]
 
 
 async def _write_step(tx: Tx, run: Run, write: StepWrite, now: datetime) -> list[int]:

@@ -431,13 +431,15 @@ class RolloutController:
 
 
 def _watched_nodes(base: Loaded) -> list[str]:
-    """The nodes whose reports and heartbeats the current step depends on."""
+    """The nodes whose reports and heartbeats the current step depends on, and the
+    routers whose acknowledgement it waits for."""
     if base.rollout.state is not RolloutState.RUNNING:
         return []
     i = base.rollout.current_step
     if not 0 <= i < len(base.steps) or base.steps[i].state not in (StepState.APPLYING, StepState.BAKING):
         return []
-    return [n.node_id for n in Run(base.rollout, list(base.steps), base.nodes).members(base.steps[i])]
+    members = [n.node_id for n in Run(base.rollout, list(base.steps), base.nodes).members(base.steps[i])]
+    return members + [r for r in base.steps[i].detail.get("routers") or {} if r not in base.nodes]
 
 
 async def _require(tx: Tx, project: str, rollout_id: str) -> Rollout:

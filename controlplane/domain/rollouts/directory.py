@@ -50,6 +50,9 @@ from controlplane.domain.rollouts.bus import RolloutBus, RolloutUpdate
 from controlplane.domain.rollouts.plan import plan
 from controlplane.domain.rollouts.resolved import effective_rows, is_pin, latest_node_rows
 from controlplane.domain.rollouts.run import EventKind, Run
+from controlplane.domain.routing.shares import traffic_note
+from controlplane.domain.routing.tables import coverage as route_coverage
+from controlplane.domain.routing.tables import refresh as refresh_routes
 
 # One rollout may move at most this many nodes: the per-step writes and the rollback
 # stay single transactions of bounded size.
@@ -166,6 +169,9 @@ class RolloutDirectory:
                 targets=len(targets),
                 pinned=pinned[:50],
             )
+            run.traffic = traffic_note(spec.strategy, targets, await route_coverage(tx, project))
+            if run.traffic:
+                run.event(EventKind.TRAFFIC, f"traffic weights: {run.traffic}")
             events = [
                 RolloutEvent(rollout.id, i + 1, now, e.kind, state, e.message, e.step, e.node_id, e.detail)
                 for i, e in enumerate(run.events)
@@ -364,6 +370,8 @@ class RolloutDirectory:
             )
             if newcomers:
                 await audit_break_glass(tx, project, f"node/{node.id}", digest, newcomers, glass, revision)
+            # The weights of routers of these nodes follow what they are assigned.
+            await refresh_routes(tx, project, self.clock())
             tx.after_commit(self.notify)
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         self.wake()
@@ -383,6 +391,8 @@ class RolloutDirectory:
                 project=project,
                 before={"digest": row.digest, "pinned": True},
             )
+            # The weights of routers of these nodes follow what they are assigned.
+            await refresh_routes(tx, project, self.clock())
             tx.after_commit(self.notify)
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         return revision

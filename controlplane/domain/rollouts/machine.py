@@ -8,7 +8,9 @@ One tick, for a RUNNING rollout, works through the current step:
   or after the step's revision, FAILED = NACK, OFFLINE, pinned = SKIPPED). More NACKs
   than the failure budget fail the rollout. Once no online node is still waiting and at
   most `max_unavailable` nodes are unavailable — counted over the whole rollout: nodes
-  of earlier steps that never became ACTIVE stay counted — the step bakes.
+  of earlier steps that never became ACTIVE stay counted — a step that moves traffic
+  (canary, blue-green) has the routers of its nodes brought up to date and waits for
+  each to acknowledge its table (a refusal fails the rollout); then the step bakes.
 - BAKING: the health gates must pass continuously for the bake time (a failure restarts
   the bake); failing longer than the gate window fails the rollout. A canary step then
   runs the analysis: promote, extend by one bake, or roll back.
@@ -38,7 +40,8 @@ from controlplane.domain.model.rollouts import (
 )
 from controlplane.domain.model.webhooks import OnFailure, WebhookPhase
 from controlplane.domain.rollouts import canary, gates, metrics, webhooks
-from controlplane.domain.rollouts.run import EventKind, Run, StepWrite
+from controlplane.domain.rollouts.run import ROUTER_APPLIED, ROUTER_REFUSED, EventKind, Run, StepWrite
+from controlplane.domain.routing.shares import TRAFFIC_STRATEGIES
 
 HOLD_PREFIX = "held: "
 
@@ -216,11 +219,19 @@ def _work(run: Run, world: World, step: Step) -> None:
         )
         return
     step = run.steps[step.index]
+    if _router_refused(run, world, step):
+        return
+    step = run.steps[step.index]
     limit = run.spec.progress_deadline + step.extensions * _extension(run, world)
     assert step.started_at is not None
     elapsed = (now - step.started_at).total_seconds() - step.paused_seconds
     if elapsed > limit.total_seconds():
         waiting = [n.node_id for n in run.members(step) if n.state in (NodeState.ASSIGNED, NodeState.OFFLINE)]
+        routers = [
+            f"{r} (revision {e['revision']})"
+            for r, e in (step.detail.get("routers") or {}).items()
+            if e["state"] != ROUTER_APPLIED
+        ]
         _fail(
             run,
             now,
@@ -228,6 +239,8 @@ def _work(run: Run, world: World, step: Step) -> None:
             + (
                 f"; not ACTIVE: {', '.join(waiting[:5])}"
                 if waiting
+                else f"; router(s) did not acknowledge their routing table: {', '.join(routers[:5])}"
+                if routers and step.state is StepState.APPLYING
                 else f"; gates: {step.detail.get('gates')}"
             ),
         )
@@ -241,7 +254,9 @@ def _work(run: Run, world: World, step: Step) -> None:
             return
         if unavailable > run.spec.max_unavailable:
             return
-        step = run.set_step(step, state=StepState.BAKING, applied_at=now)
+        if not _routed(run, world, step):
+            return
+        step = run.set_step(run.steps[step.index], state=StepState.BAKING, applied_at=now)
         active = sum(1 for n in members if n.state is NodeState.ACTIVE)
         offline = sum(1 for n in members if n.state is NodeState.OFFLINE)
         run.event(
@@ -261,6 +276,67 @@ def _work(run: Run, world: World, step: Step) -> None:
         _advance(run, world)
         return
     _bake(run, world, step, members, unavailable)
+
+
+def _routed(run: Run, world: World, step: Step) -> bool:
+    """A step that moves traffic is applied once every router of its nodes acknowledged
+    the routing table giving them their share. The first time here the step asks the
+    commit to bring the routers up to date and record those revisions (`run.route`)."""
+    if run.spec.strategy not in TRAFFIC_STRATEGIES:
+        return True
+    routers = step.detail.get("routers")
+    if routers is None:
+        run.route = True
+        return False
+    pending = False
+    updated = dict(routers)
+    for node_id, entry in routers.items():
+        if entry["state"] == ROUTER_APPLIED:
+            continue
+        facts = world.facts.get(node_id)
+        if facts is not None and facts.applied_revision >= entry["revision"]:
+            updated[node_id] = {**entry, "state": ROUTER_APPLIED}
+            run.event(
+                EventKind.TRAFFIC,
+                f"step {step.index}: router {node_id} applied its routing table "
+                f"(revision {entry['revision']})",
+                step=step.index,
+                node_id=node_id,
+            )
+        else:
+            pending = True
+    if updated != routers:
+        run.set_step(step, detail={**step.detail, "routers": updated})
+    return not pending
+
+
+def _router_refused(run: Run, world: World, step: Step) -> bool:
+    """A router that refused the step's routing table (FAILED at or after its revision,
+    with no acknowledgement since) fails the rollout, as a NACK beyond the budget does:
+    the traffic split the step stands for is not in place."""
+    for node_id, entry in (step.detail.get("routers") or {}).items():
+        facts = world.facts.get(node_id)
+        if entry["state"] == ROUTER_APPLIED or facts is None:
+            continue
+        if facts.failed_revision >= entry["revision"] and facts.failed_revision > facts.applied_revision:
+            error = facts.failed_error[:500]
+            routers = {**step.detail["routers"], node_id: {**entry, "state": ROUTER_REFUSED, "error": error}}
+            run.set_step(step, detail={**step.detail, "routers": routers})
+            run.event(
+                EventKind.TRAFFIC,
+                f"step {step.index}: router {node_id} refused its routing table "
+                f"(revision {entry['revision']}): {error[:200]}",
+                step=step.index,
+                node_id=node_id,
+            )
+            _fail(
+                run,
+                world.now,
+                f"router {node_id} refused the routing table of step {step.index} "
+                f"(revision {entry['revision']}): {error[:300]}",
+            )
+            return True
+    return False
 
 
 def _classify(run: Run, world: World, node: RolloutNode) -> None:

@@ -28,7 +28,13 @@ def plan(
         size = spec.batch_size or max(1, math.ceil(len(targets) * spec.batch_percent / 100))
         batches = [list(targets[i : i + size]) for i in range(0, len(targets), size)]
     else:
-        batches = _canary_batches(spec.canary_steps, targets)
+        batches, shares = _canary_batches(spec.canary_steps, targets)
+        steps = [
+            Step(i, StepKind.DEPLOY, traffic_weight=share, node_count=len(b))
+            for i, (b, share) in enumerate(zip(batches, shares, strict=True))
+        ]
+        nodes = [RolloutNode(node_id, i) for i, batch in enumerate(batches) for node_id in batch]
+        return steps, nodes
     steps = [Step(i, StepKind.DEPLOY, node_count=len(b)) for i, b in enumerate(batches)]
     nodes = [RolloutNode(node_id, i) for i, batch in enumerate(batches) for node_id in batch]
     return steps, nodes
@@ -38,22 +44,33 @@ def canary_sizes(percents: Sequence[int], total: int) -> list[int]:
     """Cumulative node counts for canary steps given in percent of the targets: each at
     least one node, strictly growing, the last one every target. Steps that would add no
     node on a small fleet are dropped."""
-    sizes: list[int] = []
+    return [size for size, _ in _canary_plan(percents, total)]
+
+
+def _canary_plan(percents: Sequence[int], total: int) -> list[tuple[int, int]]:
+    """(cumulative node count, percent) per canary step. The percent is also the share
+    of traffic the new bundle takes at that step where a router routes the targets
+    (domain/routing/shares.py): the first percent that reached the step's node count,
+    100 for the last step."""
+    plan: list[tuple[int, int]] = []
     for percent in percents:
         size = min(total, max(1, math.ceil(total * percent / 100)))
-        if not sizes or size > sizes[-1]:
-            sizes.append(size)
-    if sizes[-1] != total:
-        sizes.append(total)
-    return sizes
+        if not plan or size > plan[-1][0]:
+            plan.append((size, percent))
+    if plan[-1][0] != total:
+        plan.append((total, 100))
+    elif plan[-1][1] != 100:
+        plan[-1] = (total, 100)
+    return plan
 
 
-def _canary_batches(percents: Sequence[int], targets: Sequence[str]) -> list[list[str]]:
-    batches, done = [], 0
-    for size in canary_sizes(percents, len(targets)):
+def _canary_batches(percents: Sequence[int], targets: Sequence[str]) -> tuple[list[list[str]], list[int]]:
+    batches, shares, done = [], [], 0
+    for size, percent in _canary_plan(percents, len(targets)):
         batches.append(list(targets[done:size]))
+        shares.append(percent)
         done = size
-    return batches
+    return batches, shares
 
 
 def _blue_green(

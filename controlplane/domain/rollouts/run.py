@@ -45,6 +45,15 @@ class EventKind:
     BASELINE = "baseline"
     # A webhook gate's call and answer (webhooks.py).
     WEBHOOK = "webhook"
+    # Where traffic weights are applied: routers' tables and acknowledgements.
+    TRAFFIC = "traffic"
+
+
+# A step's routers (`Step.detail["routers"]`: router node id -> revision, state, error):
+# each must acknowledge the revision of its routing table before the step bakes.
+ROUTER_WAITING = "waiting"
+ROUTER_APPLIED = "applied"
+ROUTER_REFUSED = "refused"
 
 
 class IllegalTransition(FailedPrecondition):
@@ -88,6 +97,12 @@ class Run:
     needs_samples: bool = False
     # A webhook gate's call is due: (phase, step). Make it and tick again.
     needs_gate: tuple[WebhookPhase, int] | None = None
+    # The current step's nodes are ACTIVE: bring the routers of its nodes up to date and
+    # record the revision each must acknowledge (commit.py).
+    route: bool = False
+    # Where the rollout's traffic weights are applied, when a commit found out
+    # (None: as the stored progress says).
+    traffic: str | None = None
 
     def __post_init__(self) -> None:
         self.loaded_rollout = self.rollout
@@ -126,7 +141,7 @@ class Run:
     def changed(self) -> bool:
         return (
             self.rollout is not self.loaded_rollout
-            or bool(self.events or self.writes or self.restore or self.baseline)
+            or bool(self.events or self.writes or self.restore or self.baseline or self.route)
             or any(s is not old for s, old in zip(self.steps, self.loaded_steps, strict=True))
             or bool(self.changed_nodes())
         )
@@ -137,7 +152,7 @@ class Run:
         them again from the nodes table, so writing them can wait."""
         return (
             self.rollout is self.loaded_rollout
-            and not (self.writes or self.restore or self.baseline or self.transitions)
+            and not (self.writes or self.restore or self.baseline or self.transitions or self.route)
             and all(s is old for s, old in zip(self.steps, self.loaded_steps, strict=True))
             and all(e.kind == EventKind.NODE for e in self.events)
         )
@@ -215,6 +230,9 @@ class Run:
             "steps": len(self.steps),
             "steps_done": sum(1 for s in self.steps if s.state is StepState.DONE),
         }
+        traffic = self.traffic if self.traffic is not None else self.rollout.progress.get("traffic")
+        if traffic:
+            summary["traffic"] = traffic
         if step is not None:
             summary["step"] = {
                 "index": step.index,

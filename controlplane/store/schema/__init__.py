@@ -20,6 +20,7 @@ from controlplane.store.schema.core import (
     nodes,
     projects,
     revision_counter,
+    routers,
     server_meta,
 )
 from controlplane.store.schema.identity import api_key_grants, api_keys
@@ -69,6 +70,7 @@ __all__ = [
     "rollout_nodes",
     "rollout_steps",
     "rollouts",
+    "routers",
     "server_meta",
     "signing_key_endorsements",
     "signing_keys",

@@ -109,9 +109,25 @@ nodes = Table(
     Column("failed_digest", String(80), nullable=False, default=""),
     Column("failed_revision", BigInteger, nullable=False, default=0),
     Column("failed_error", Text, nullable=False, default=""),
+    # host:port its proxy serves on, for routers (`--address`); migration 0013.
+    Column("address", String(300), nullable=False, server_default=""),
     UniqueConstraint("project", "name"),
     Index(None, "project", "id"),
     Index(None, "status", "last_heartbeat_at"),
+)
+
+# Router nodes (domain/routing/): each routes the nodes of its selector, through the
+# backend section `backend` of its own configuration; migration 0013.
+routers = Table(
+    "routers",
+    metadata,
+    Column("node_id", String(64), ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True),
+    Column("project", String(63), ForeignKey("projects.name"), nullable=False),
+    Column("selector", String(1000), nullable=False),
+    Column("backend", String(128), nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index(None, "project"),
 )
 
 # Labels again, one row per pair, so selectors filter in SQL.
@@ -199,6 +215,8 @@ desired_state_log = Table(
     # Set on the baseline a successful rollout leaves on its selector: {"baseline": rollout
     # id, "exclude": [node ids]} (domain/model/desired.py); migration 0012.
     Column("scope", Json, nullable=True),
+    # ROUTES rows: a router's routing table (domain/model/routing.py); migration 0013.
+    Column("routes", Json, nullable=True),
     PrimaryKeyConstraint("key", "revision"),
     Index(None, "revision"),
 )

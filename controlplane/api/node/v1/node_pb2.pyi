@@ -250,6 +250,7 @@ class Node(_message.Message):
     HOSTNAME_FIELD_NUMBER: _builtins.int
     APPLIED_REVOKED_REASON_FIELD_NUMBER: _builtins.int
     DESIRED_REVOKED_REASON_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     project: _builtins.str
     name: _builtins.str
@@ -272,6 +273,10 @@ class Node(_message.Message):
     desired_revoked_reason: _builtins.str
     """Set to the revocation reason when the bundle the node is assigned (desired_digest)
     was revoked after the assignment.
+    """
+    address: _builtins.str
+    """host:port the node's proxy serves on, as the agent registered it (`--address`);
+    a router sends this node's share of traffic there. Empty: not routable.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -305,10 +310,11 @@ class Node(_message.Message):
         hostname: _builtins.str = ...,
         applied_revoked_reason: _builtins.str = ...,
         desired_revoked_reason: _builtins.str = ...,
+        address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "last_heartbeat_at", b"last_heartbeat_at", "last_report", b"last_report", "registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "applied_digest", b"applied_digest", "applied_revision", b"applied_revision", "applied_revoked_reason", b"applied_revoked_reason", "desired_digest", b"desired_digest", "desired_revision", b"desired_revision", "desired_revoked_reason", b"desired_revoked_reason", "failed_digest", b"failed_digest", "failed_error", b"failed_error", "hostname", b"hostname", "id", b"id", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "last_heartbeat_at", b"last_heartbeat_at", "last_report", b"last_report", "name", b"name", "project", b"project", "registered_at", b"registered_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "applied_digest", b"applied_digest", "applied_revision", b"applied_revision", "applied_revoked_reason", b"applied_revoked_reason", "desired_digest", b"desired_digest", "desired_revision", b"desired_revision", "desired_revoked_reason", b"desired_revoked_reason", "failed_digest", b"failed_digest", "failed_error", b"failed_error", "hostname", b"hostname", "id", b"id", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "last_heartbeat_at", b"last_heartbeat_at", "last_report", b"last_report", "name", b"name", "project", b"project", "registered_at", b"registered_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -344,12 +350,17 @@ class RegisterNodeRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
     project: _builtins.str
     enrollment_token: _builtins.str
     name: _builtins.str
     """Stable name of the node within the project (for example its hostname)."""
     agent_version: _builtins.str
     hostname: _builtins.str
+    address: _builtins.str
+    """host:port the node's proxy serves on, for routers (optional): an IP address or
+    a DNS name, and a port 1-65535.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -361,10 +372,11 @@ class RegisterNodeRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         agent_version: _builtins.str = ...,
         hostname: _builtins.str = ...,
+        address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "enrollment_token", b"enrollment_token", "hostname", b"hostname", "labels", b"labels", "name", b"name", "project", b"project"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "enrollment_token", b"enrollment_token", "hostname", b"hostname", "labels", b"labels", "name", b"name", "project", b"project"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -693,3 +705,266 @@ class ListHeartbeatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListHeartbeatsResponse: _TypeAlias = ListHeartbeatsResponse  # noqa: Y015
+
+@_typing.final
+class Router(_message.Message):
+    """A router node and the routing table the control plane computed for it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    BACKENDS_FIELD_NUMBER: _builtins.int
+    UNROUTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    APPLIED_REVISION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    project: _builtins.str
+    selector: _builtins.str
+    """Its backends are this selector's nodes (the router itself excluded)."""
+    backend: _builtins.str
+    """The backend section of the router's configuration the driver manages."""
+    revision: _builtins.int
+    """The routing table in force: its revision and each backend's weight (0-256)."""
+    reason: _builtins.str
+    """Why the weights are what they are, e.g. "rollout r-1 step 0: new bundle 10 %"."""
+    applied_revision: _builtins.int
+    """The latest revision the router acknowledged (ACTIVE); when it is below
+    `revision`, the router has not applied the table in force yet.
+    """
+    error: _builtins.str
+    """The router's last refusal (FAILED report) since it last acknowledged, if any."""
+    created_by: _builtins.str
+    @_builtins.property
+    def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouterBackend]: ...
+    @_builtins.property
+    def unrouted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Nodes of the selector that registered no address: no traffic reaches them
+        through this router.
+        """
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        project: _builtins.str = ...,
+        selector: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        backends: _abc.Iterable[Global___RouterBackend] | None = ...,
+        unrouted: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+        applied_revision: _builtins.int = ...,
+        error: _builtins.str = ...,
+        created_by: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "backend", b"backend", "backends", b"backends", "created_at", b"created_at", "created_by", b"created_by", "error", b"error", "node_id", b"node_id", "project", b"project", "reason", b"reason", "revision", b"revision", "selector", b"selector", "unrouted", b"unrouted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Router: _TypeAlias = Router  # noqa: Y015
+
+@_typing.final
+class RouterBackend(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    address: _builtins.str
+    weight: _builtins.int
+    """0-256, HAProxy's range; 0 takes no new requests."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        weight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "node_id", b"node_id", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouterBackend: _TypeAlias = RouterBackend  # noqa: Y015
+
+@_typing.final
+class DeclareRouterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The node that routes (its agent runs a proxy with a router driver, HAProxy)."""
+    selector: _builtins.str
+    """The nodes it routes to: a selector of the node's project (`app=web`, or `*`)."""
+    backend: _builtins.str
+    """The backend section of the router's own configuration holding the servers the
+    driver adds (HAProxy: `backend <name>`, balance roundrobin or another algorithm
+    that takes weights at run time).
+    """
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        selector: _builtins.str = ...,
+        backend: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "node_id", b"node_id", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclareRouterRequest: _TypeAlias = DeclareRouterRequest  # noqa: Y015
+
+@_typing.final
+class DeclareRouterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def router(self) -> Global___Router: ...
+    def __init__(
+        self,
+        *,
+        router: Global___Router | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["router", b"router"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["router", b"router"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclareRouterResponse: _TypeAlias = DeclareRouterResponse  # noqa: Y015
+
+@_typing.final
+class RemoveRouterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveRouterRequest: _TypeAlias = RemoveRouterRequest  # noqa: Y015
+
+@_typing.final
+class RemoveRouterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """The revision of the tombstone that withdrew the routing table."""
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveRouterResponse: _TypeAlias = RemoveRouterResponse  # noqa: Y015
+
+@_typing.final
+class GetRouterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRouterRequest: _TypeAlias = GetRouterRequest  # noqa: Y015
+
+@_typing.final
+class GetRouterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def router(self) -> Global___Router: ...
+    def __init__(
+        self,
+        *,
+        router: Global___Router | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["router", b"router"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["router", b"router"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRouterResponse: _TypeAlias = GetRouterResponse  # noqa: Y015
+
+@_typing.final
+class ListRoutersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRoutersRequest: _TypeAlias = ListRoutersRequest  # noqa: Y015
+
+@_typing.final
+class ListRoutersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def routers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Router]: ...
+    def __init__(
+        self,
+        *,
+        routers: _abc.Iterable[Global___Router] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["routers", b"routers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRoutersResponse: _TypeAlias = ListRoutersResponse  # noqa: Y015

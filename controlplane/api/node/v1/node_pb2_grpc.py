@@ -71,6 +71,26 @@ class NodeServiceStub:
                 request_serializer=controlplane_dot_node_dot_v1_dot_node__pb2.ListHeartbeatsRequest.SerializeToString,
                 response_deserializer=controlplane_dot_node_dot_v1_dot_node__pb2.ListHeartbeatsResponse.FromString,
                 _registered_method=True)
+        self.DeclareRouter = channel.unary_unary(
+                '/controlplane.node.v1.NodeService/DeclareRouter',
+                request_serializer=controlplane_dot_node_dot_v1_dot_node__pb2.DeclareRouterRequest.SerializeToString,
+                response_deserializer=controlplane_dot_node_dot_v1_dot_node__pb2.DeclareRouterResponse.FromString,
+                _registered_method=True)
+        self.RemoveRouter = channel.unary_unary(
+                '/controlplane.node.v1.NodeService/RemoveRouter',
+                request_serializer=controlplane_dot_node_dot_v1_dot_node__pb2.RemoveRouterRequest.SerializeToString,
+                response_deserializer=controlplane_dot_node_dot_v1_dot_node__pb2.RemoveRouterResponse.FromString,
+                _registered_method=True)
+        self.GetRouter = channel.unary_unary(
+                '/controlplane.node.v1.NodeService/GetRouter',
+                request_serializer=controlplane_dot_node_dot_v1_dot_node__pb2.GetRouterRequest.SerializeToString,
+                response_deserializer=controlplane_dot_node_dot_v1_dot_node__pb2.GetRouterResponse.FromString,
+                _registered_method=True)
+        self.ListRouters = channel.unary_unary(
+                '/controlplane.node.v1.NodeService/ListRouters',
+                request_serializer=controlplane_dot_node_dot_v1_dot_node__pb2.ListRoutersRequest.SerializeToString,
+                response_deserializer=controlplane_dot_node_dot_v1_dot_node__pb2.ListRoutersResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -130,6 +150,38 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclareRouter(self, request, context):
+        """DeclareRouter makes a node the router for a selector: its backends are the
+        selector's nodes at the addresses they registered, and its desired state (on
+        its own WatchBundles stream) is the weight of each, which rollouts that move
+        traffic change. Declaring it again replaces the selector and backend name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveRouter(self, request, context):
+        """RemoveRouter ends a node's routing: its routing table is withdrawn (a
+        tombstone), and its driver removes the servers it added.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRouter(self, request, context):
+        """GetRouter returns a router with the weights now in force and what it applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRouters(self, request, context):
+        """ListRouters lists a project's routers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +219,26 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.ListHeartbeats,
                     request_deserializer=controlplane_dot_node_dot_v1_dot_node__pb2.ListHeartbeatsRequest.FromString,
                     response_serializer=controlplane_dot_node_dot_v1_dot_node__pb2.ListHeartbeatsResponse.SerializeToString,
+            ),
+            'DeclareRouter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclareRouter,
+                    request_deserializer=controlplane_dot_node_dot_v1_dot_node__pb2.DeclareRouterRequest.FromString,
+                    response_serializer=controlplane_dot_node_dot_v1_dot_node__pb2.DeclareRouterResponse.SerializeToString,
+            ),
+            'RemoveRouter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveRouter,
+                    request_deserializer=controlplane_dot_node_dot_v1_dot_node__pb2.RemoveRouterRequest.FromString,
+                    response_serializer=controlplane_dot_node_dot_v1_dot_node__pb2.RemoveRouterResponse.SerializeToString,
+            ),
+            'GetRouter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRouter,
+                    request_deserializer=controlplane_dot_node_dot_v1_dot_node__pb2.GetRouterRequest.FromString,
+                    response_serializer=controlplane_dot_node_dot_v1_dot_node__pb2.GetRouterResponse.SerializeToString,
+            ),
+            'ListRouters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRouters,
+                    request_deserializer=controlplane_dot_node_dot_v1_dot_node__pb2.ListRoutersRequest.FromString,
+                    response_serializer=controlplane_dot_node_dot_v1_dot_node__pb2.ListRoutersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -360,6 +432,114 @@ class NodeService:
             '/controlplane.node.v1.NodeService/ListHeartbeats',
             controlplane_dot_node_dot_v1_dot_node__pb2.ListHeartbeatsRequest.SerializeToString,
             controlplane_dot_node_dot_v1_dot_node__pb2.ListHeartbeatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclareRouter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.node.v1.NodeService/DeclareRouter',
+            controlplane_dot_node_dot_v1_dot_node__pb2.DeclareRouterRequest.SerializeToString,
+            controlplane_dot_node_dot_v1_dot_node__pb2.DeclareRouterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveRouter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.node.v1.NodeService/RemoveRouter',
+            controlplane_dot_node_dot_v1_dot_node__pb2.RemoveRouterRequest.SerializeToString,
+            controlplane_dot_node_dot_v1_dot_node__pb2.RemoveRouterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRouter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.node.v1.NodeService/GetRouter',
+            controlplane_dot_node_dot_v1_dot_node__pb2.GetRouterRequest.SerializeToString,
+            controlplane_dot_node_dot_v1_dot_node__pb2.GetRouterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRouters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/controlplane.node.v1.NodeService/ListRouters',
+            controlplane_dot_node_dot_v1_dot_node__pb2.ListRoutersRequest.SerializeToString,
+            controlplane_dot_node_dot_v1_dot_node__pb2.ListRoutersResponse.FromString,
             options,
             channel_credentials,
             insecure,

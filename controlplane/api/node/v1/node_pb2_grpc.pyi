@@ -54,6 +54,20 @@ class NodeServiceStub:
     """UpdateNodeLabels replaces a node's labels; its watch re-routes at once."""
     ListHeartbeats: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListHeartbeatsRequest, _node_pb2.ListHeartbeatsResponse]
     """ListHeartbeats returns a node's recent heartbeats, newest first."""
+    DeclareRouter: _grpc.UnaryUnaryMultiCallable[_node_pb2.DeclareRouterRequest, _node_pb2.DeclareRouterResponse]
+    """DeclareRouter makes a node the router for a selector: its backends are the
+    selector's nodes at the addresses they registered, and its desired state (on
+    its own WatchBundles stream) is the weight of each, which rollouts that move
+    traffic change. Declaring it again replaces the selector and backend name.
+    """
+    RemoveRouter: _grpc.UnaryUnaryMultiCallable[_node_pb2.RemoveRouterRequest, _node_pb2.RemoveRouterResponse]
+    """RemoveRouter ends a node's routing: its routing table is withdrawn (a
+    tombstone), and its driver removes the servers it added.
+    """
+    GetRouter: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetRouterRequest, _node_pb2.GetRouterResponse]
+    """GetRouter returns a router with the weights now in force and what it applied."""
+    ListRouters: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListRoutersRequest, _node_pb2.ListRoutersResponse]
+    """ListRouters lists a project's routers."""
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -81,6 +95,20 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """UpdateNodeLabels replaces a node's labels; its watch re-routes at once."""
     ListHeartbeats: _aio.UnaryUnaryMultiCallable[_node_pb2.ListHeartbeatsRequest, _node_pb2.ListHeartbeatsResponse]  # type: ignore[assignment]
     """ListHeartbeats returns a node's recent heartbeats, newest first."""
+    DeclareRouter: _aio.UnaryUnaryMultiCallable[_node_pb2.DeclareRouterRequest, _node_pb2.DeclareRouterResponse]  # type: ignore[assignment]
+    """DeclareRouter makes a node the router for a selector: its backends are the
+    selector's nodes at the addresses they registered, and its desired state (on
+    its own WatchBundles stream) is the weight of each, which rollouts that move
+    traffic change. Declaring it again replaces the selector and backend name.
+    """
+    RemoveRouter: _aio.UnaryUnaryMultiCallable[_node_pb2.RemoveRouterRequest, _node_pb2.RemoveRouterResponse]  # type: ignore[assignment]
+    """RemoveRouter ends a node's routing: its routing table is withdrawn (a
+    tombstone), and its driver removes the servers it added.
+    """
+    GetRouter: _aio.UnaryUnaryMultiCallable[_node_pb2.GetRouterRequest, _node_pb2.GetRouterResponse]  # type: ignore[assignment]
+    """GetRouter returns a router with the weights now in force and what it applied."""
+    ListRouters: _aio.UnaryUnaryMultiCallable[_node_pb2.ListRoutersRequest, _node_pb2.ListRoutersResponse]  # type: ignore[assignment]
+    """ListRouters lists a project's routers."""
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """NodeService is how nodes join a project, report health and acknowledge what
@@ -147,5 +175,43 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.ListHeartbeatsResponse, _abc.Awaitable[_node_pb2.ListHeartbeatsResponse]]:
         """ListHeartbeats returns a node's recent heartbeats, newest first."""
+
+    @_abc_1.abstractmethod
+    def DeclareRouter(
+        self,
+        request: _node_pb2.DeclareRouterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.DeclareRouterResponse, _abc.Awaitable[_node_pb2.DeclareRouterResponse]]:
+        """DeclareRouter makes a node the router for a selector: its backends are the
+        selector's nodes at the addresses they registered, and its desired state (on
+        its own WatchBundles stream) is the weight of each, which rollouts that move
+        traffic change. Declaring it again replaces the selector and backend name.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveRouter(
+        self,
+        request: _node_pb2.RemoveRouterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.RemoveRouterResponse, _abc.Awaitable[_node_pb2.RemoveRouterResponse]]:
+        """RemoveRouter ends a node's routing: its routing table is withdrawn (a
+        tombstone), and its driver removes the servers it added.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRouter(
+        self,
+        request: _node_pb2.GetRouterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.GetRouterResponse, _abc.Awaitable[_node_pb2.GetRouterResponse]]:
+        """GetRouter returns a router with the weights now in force and what it applied."""
+
+    @_abc_1.abstractmethod
+    def ListRouters(
+        self,
+        request: _node_pb2.ListRoutersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.ListRoutersResponse, _abc.Awaitable[_node_pb2.ListRoutersResponse]]:
+        """ListRouters lists a project's routers."""
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

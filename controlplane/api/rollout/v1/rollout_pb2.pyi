@@ -718,6 +718,7 @@ class Step(_message.Message):
     ANALYSES_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
     MEASUREMENTS_FIELD_NUMBER: _builtins.int
+    ROUTERS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     kind: Global___StepKind.ValueType
     state: Global___StepState.ValueType
@@ -745,6 +746,12 @@ class Step(_message.Message):
     def measurements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Measurement]:
         """Metric analysis measurements of this step, oldest first."""
 
+    @_builtins.property
+    def routers(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepRouter]:
+        """The routers this step moved weight on: the step is done only once each has
+        acknowledged its routing table's revision.
+        """
+
     def __init__(
         self,
         *,
@@ -763,14 +770,46 @@ class Step(_message.Message):
         analyses: _abc.Iterable[Global___CanaryResult] | None = ...,
         failure: _builtins.str = ...,
         measurements: _abc.Iterable[Global___Measurement] | None = ...,
+        routers: _abc.Iterable[Global___StepRouter] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["applied_at", b"applied_at", "finished_at", b"finished_at", "gate_failing_since", b"gate_failing_since", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyses", b"analyses", "applied_at", b"applied_at", "extensions", b"extensions", "failure", b"failure", "finished_at", b"finished_at", "gate_failing_since", b"gate_failing_since", "gates", b"gates", "index", b"index", "kind", b"kind", "measurements", b"measurements", "node_count", b"node_count", "revision", b"revision", "started_at", b"started_at", "state", b"state", "traffic_weight", b"traffic_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyses", b"analyses", "applied_at", b"applied_at", "extensions", b"extensions", "failure", b"failure", "finished_at", b"finished_at", "gate_failing_since", b"gate_failing_since", "gates", b"gates", "index", b"index", "kind", b"kind", "measurements", b"measurements", "node_count", b"node_count", "revision", b"revision", "routers", b"routers", "started_at", b"started_at", "state", b"state", "traffic_weight", b"traffic_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Step: _TypeAlias = Step  # noqa: Y015
+
+@_typing.final
+class StepRouter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    revision: _builtins.int
+    """The revision of the routing table the step wrote for this router."""
+    state: _builtins.str
+    """waiting, applied or refused."""
+    error: _builtins.str
+    """The router's words when it refused."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        state: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "node_id", b"node_id", "revision", b"revision", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepRouter: _TypeAlias = StepRouter  # noqa: Y015
 
 @_typing.final
 class CanaryResult(_message.Message):
@@ -872,12 +911,19 @@ class Progress(_message.Message):
     CURRENT_STEP_FIELD_NUMBER: _builtins.int
     CURRENT_STEP_STATE_FIELD_NUMBER: _builtins.int
     GATES_FIELD_NUMBER: _builtins.int
+    TRAFFIC_FIELD_NUMBER: _builtins.int
     total: _builtins.int
     steps: _builtins.int
     steps_done: _builtins.int
     current_step: _builtins.int
     current_step_state: Global___StepState.ValueType
     gates: _builtins.str
+    traffic: _builtins.str
+    """Where this rollout's traffic weights are applied: the routers that route its
+    nodes, or, for a canary or blue-green rollout no router routes, that they are
+    not applied (docs/rollouts.md, "Routers"). Empty for strategies that move no
+    traffic.
+    """
     @_builtins.property
     def nodes(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     def __init__(
@@ -890,10 +936,11 @@ class Progress(_message.Message):
         current_step: _builtins.int = ...,
         current_step_state: Global___StepState.ValueType = ...,
         gates: _builtins.str = ...,
+        traffic: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_step", b"current_step", "current_step_state", b"current_step_state", "gates", b"gates", "nodes", b"nodes", "steps", b"steps", "steps_done", b"steps_done", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_step", b"current_step", "current_step_state", b"current_step_state", "gates", b"gates", "nodes", b"nodes", "steps", b"steps", "steps_done", b"steps_done", "total", b"total", "traffic", b"traffic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1042,7 +1089,9 @@ class RolloutEvent(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     kind: _builtins.str
-    """state, step, node, gates, analysis, hold, approval, write, baseline."""
+    """state, step, node, gates, analysis, hold, approval, write, baseline, webhook,
+    traffic (routers: tables written, acknowledged, refused; weights not applied).
+    """
     state: Global___RolloutState.ValueType
     message: _builtins.str
     step: _builtins.int

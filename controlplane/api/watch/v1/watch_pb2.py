@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!controlplane/watch/v1/watch.proto\x12\x15\x63ontrolplane.watch.v1\"M\n\x13WatchBundlesRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0esince_revision\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\t\"I\n\x14WatchBundlesResponse\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.controlplane.watch.v1.WatchEvent\"\xa6\x02\n\nWatchEvent\x12\x37\n\x07started\x18\x01 \x01(\x0b\x32$.controlplane.watch.v1.StreamStartedH\x00\x12\x36\n\x07\x64\x65sired\x18\x02 \x01(\x0b\x32#.controlplane.watch.v1.DesiredStateH\x00\x12:\n\x0csnapshot_end\x18\x03 \x01(\x0b\x32\".controlplane.watch.v1.SnapshotEndH\x00\x12\x33\n\x08\x62ookmark\x18\x04 \x01(\x0b\x32\x1f.controlplane.watch.v1.BookmarkH\x00\x12-\n\x05reset\x18\x05 \x01(\x0b\x32\x1c.controlplane.watch.v1.ResetH\x00\x42\x07\n\x05\x65vent\"\x91\x01\n\rStreamStarted\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12/\n\x04mode\x18\x03 \x01(\x0e\x32!.controlplane.watch.v1.StreamMode\x12\x15\n\rhead_revision\x18\x04 \x01(\x03\x12\x16\n\x0e\x66loor_revision\x18\x05 \x01(\x03\"\xcf\x02\n\x0c\x44\x65siredState\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x19\n\x11\x61ssigned_revision\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x16\n\x0etraffic_weight\x18\x05 \x01(\r\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12I\n\x0b\x61nnotations\x18\x08 \x03(\x0b\x32\x34.controlplane.watch.v1.DesiredState.AnnotationsEntry\x12\x11\n\tsignature\x18\t \x01(\x0c\x12\x0e\n\x06key_id\x18\n \x01(\t\x12\x14\n\x0ctrace_parent\x18\x0b \x01(\t\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\x0bSnapshotEnd\x12\x10\n\x08revision\x18\x01 \x01(\x03\"-\n\x08\x42ookmark\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0f\n\x07\x63losing\x18\x02 \x01(\x08\"y\n\x05Reset\x12\x32\n\x06reason\x18\x01 \x01(\x0e\x32\".controlplane.watch.v1.ResetReason\x12\x16\n\x0e\x66loor_revision\x18\x02 \x01(\x03\x12\x15\n\rhead_revision\x18\x03 \x01(\x03\x12\r\n\x05\x65poch\x18\x04 \x01(\t*\\\n\nStreamMode\x12\x1b\n\x17STREAM_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15STREAM_MODE_BOOTSTRAP\x10\x01\x12\x16\n\x12STREAM_MODE_RESUME\x10\x02*\x85\x01\n\x0bResetReason\x12\x1c\n\x18RESET_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14RESET_REASON_TOO_OLD\x10\x01\x12\x1e\n\x1aRESET_REASON_AHEAD_OF_HEAD\x10\x02\x12\x1e\n\x1aRESET_REASON_EPOCH_CHANGED\x10\x03\x32y\n\x0cWatchService\x12i\n\x0cWatchBundles\x12*.controlplane.watch.v1.WatchBundlesRequest\x1a+.controlplane.watch.v1.WatchBundlesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!controlplane/watch/v1/watch.proto\x12\x15\x63ontrolplane.watch.v1\"M\n\x13WatchBundlesRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0esince_revision\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\t\"I\n\x14WatchBundlesResponse\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.controlplane.watch.v1.WatchEvent\"\xa6\x02\n\nWatchEvent\x12\x37\n\x07started\x18\x01 \x01(\x0b\x32$.controlplane.watch.v1.StreamStartedH\x00\x12\x36\n\x07\x64\x65sired\x18\x02 \x01(\x0b\x32#.controlplane.watch.v1.DesiredStateH\x00\x12:\n\x0csnapshot_end\x18\x03 \x01(\x0b\x32\".controlplane.watch.v1.SnapshotEndH\x00\x12\x33\n\x08\x62ookmark\x18\x04 \x01(\x0b\x32\x1f.controlplane.watch.v1.BookmarkH\x00\x12-\n\x05reset\x18\x05 \x01(\x0b\x32\x1c.controlplane.watch.v1.ResetH\x00\x42\x07\n\x05\x65vent\"\x91\x01\n\rStreamStarted\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12/\n\x04mode\x18\x03 \x01(\x0e\x32!.controlplane.watch.v1.StreamMode\x12\x15\n\rhead_revision\x18\x04 \x01(\x03\x12\x16\n\x0e\x66loor_revision\x18\x05 \x01(\x03\"\x83\x03\n\x0c\x44\x65siredState\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x19\n\x11\x61ssigned_revision\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x16\n\x0etraffic_weight\x18\x05 \x01(\r\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12I\n\x0b\x61nnotations\x18\x08 \x03(\x0b\x32\x34.controlplane.watch.v1.DesiredState.AnnotationsEntry\x12\x11\n\tsignature\x18\t \x01(\x0c\x12\x0e\n\x06key_id\x18\n \x01(\t\x12\x14\n\x0ctrace_parent\x18\x0b \x01(\t\x12\x32\n\x06router\x18\x0c \x01(\x0b\x32\".controlplane.watch.v1.RouterState\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\x0bRouterState\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x10\n\x08selector\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x36\n\x08\x62\x61\x63kends\x18\x04 \x03(\x0b\x32$.controlplane.watch.v1.RouterBackend\"A\n\rRouterBackend\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\"\x1f\n\x0bSnapshotEnd\x12\x10\n\x08revision\x18\x01 \x01(\x03\"-\n\x08\x42ookmark\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0f\n\x07\x63losing\x18\x02 \x01(\x08\"y\n\x05Reset\x12\x32\n\x06reason\x18\x01 \x01(\x0e\x32\".controlplane.watch.v1.ResetReason\x12\x16\n\x0e\x66loor_revision\x18\x02 \x01(\x03\x12\x15\n\rhead_revision\x18\x03 \x01(\x03\x12\r\n\x05\x65poch\x18\x04 \x01(\t*\\\n\nStreamMode\x12\x1b\n\x17STREAM_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15STREAM_MODE_BOOTSTRAP\x10\x01\x12\x16\n\x12STREAM_MODE_RESUME\x10\x02*\x85\x01\n\x0bResetReason\x12\x1c\n\x18RESET_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14RESET_REASON_TOO_OLD\x10\x01\x12\x1e\n\x1aRESET_REASON_AHEAD_OF_HEAD\x10\x02\x12\x1e\n\x1aRESET_REASON_EPOCH_CHANGED\x10\x03\x32y\n\x0cWatchService\x12i\n\x0cWatchBundles\x12*.controlplane.watch.v1.WatchBundlesRequest\x1a+.controlplane.watch.v1.WatchBundlesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DESIREDSTATE_ANNOTATIONSENTRY']._loaded_options = None
   _globals['_DESIREDSTATE_ANNOTATIONSENTRY']._serialized_options = b'8\001'
-  _globals['_STREAMMODE']._serialized_start=1200
-  _globals['_STREAMMODE']._serialized_end=1292
-  _globals['_RESETREASON']._serialized_start=1295
-  _globals['_RESETREASON']._serialized_end=1428
+  _globals['_STREAMMODE']._serialized_start=1443
+  _globals['_STREAMMODE']._serialized_end=1535
+  _globals['_RESETREASON']._serialized_start=1538
+  _globals['_RESETREASON']._serialized_end=1671
   _globals['_WATCHBUNDLESREQUEST']._serialized_start=60
   _globals['_WATCHBUNDLESREQUEST']._serialized_end=137
   _globals['_WATCHBUNDLESRESPONSE']._serialized_start=139
@@ -46,15 +46,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMSTARTED']._serialized_start=512
   _globals['_STREAMSTARTED']._serialized_end=657
   _globals['_DESIREDSTATE']._serialized_start=660
-  _globals['_DESIREDSTATE']._serialized_end=995
-  _globals['_DESIREDSTATE_ANNOTATIONSENTRY']._serialized_start=945
-  _globals['_DESIREDSTATE_ANNOTATIONSENTRY']._serialized_end=995
-  _globals['_SNAPSHOTEND']._serialized_start=997
-  _globals['_SNAPSHOTEND']._serialized_end=1028
-  _globals['_BOOKMARK']._serialized_start=1030
-  _globals['_BOOKMARK']._serialized_end=1075
-  _globals['_RESET']._serialized_start=1077
-  _globals['_RESET']._serialized_end=1198
-  _globals['_WATCHSERVICE']._serialized_start=1430
-  _globals['_WATCHSERVICE']._serialized_end=1551
+  _globals['_DESIREDSTATE']._serialized_end=1047
+  _globals['_DESIREDSTATE_ANNOTATIONSENTRY']._serialized_start=997
+  _globals['_DESIREDSTATE_ANNOTATIONSENTRY']._serialized_end=1047
+  _globals['_ROUTERSTATE']._serialized_start=1049
+  _globals['_ROUTERSTATE']._serialized_end=1171
+  _globals['_ROUTERBACKEND']._serialized_start=1173
+  _globals['_ROUTERBACKEND']._serialized_end=1238
+  _globals['_SNAPSHOTEND']._serialized_start=1240
+  _globals['_SNAPSHOTEND']._serialized_end=1271
+  _globals['_BOOKMARK']._serialized_start=1273
+  _globals['_BOOKMARK']._serialized_end=1318
+  _globals['_RESET']._serialized_start=1320
+  _globals['_RESET']._serialized_end=1441
+  _globals['_WATCHSERVICE']._serialized_start=1673
+  _globals['_WATCHSERVICE']._serialized_end=1794
 # @@protoc_insertion_point(module_scope)

@@ -236,6 +236,7 @@ class DesiredState(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
     TRACE_PARENT_FIELD_NUMBER: _builtins.int
+    ROUTER_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """Stream position of this event; the node's cursor after applying it."""
     digest: _builtins.str
@@ -247,7 +248,10 @@ class DesiredState(_message.Message):
     source: _builtins.str
     """Watch key of the assignment: `node:<id>` or a selector such as `env=prod`."""
     traffic_weight: _builtins.int
-    """Share of traffic this node should take, 0-100 (blue-green, canary)."""
+    """Share of traffic this node should take, 0-100 (blue-green). A router
+    declared for the node's selector applies it (RouterState); otherwise it only
+    reaches the node's driver.
+    """
     pinned: _builtins.bool
     """The node is pinned to this bundle; rollouts skip it."""
     size_bytes: _builtins.int
@@ -266,6 +270,13 @@ class DesiredState(_message.Message):
     def annotations(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form rollout metadata (rollout id, step)."""
 
+    @_builtins.property
+    def router(self) -> Global___RouterState:
+        """Set only for a router node (docs/rollouts.md, "Routers"): the weight of each
+        backend it routes to, as of `router.revision`. Absent: the node routes nothing
+        for the control plane (a router whose driver added backends removes them).
+        """
+
     def __init__(
         self,
         *,
@@ -280,14 +291,86 @@ class DesiredState(_message.Message):
         signature: _builtins.bytes = ...,
         key_id: _builtins.str = ...,
         trace_parent: _builtins.str = ...,
+        router: Global___RouterState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["router", b"router"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "assigned_revision", b"assigned_revision", "digest", b"digest", "key_id", b"key_id", "pinned", b"pinned", "revision", b"revision", "signature", b"signature", "size_bytes", b"size_bytes", "source", b"source", "trace_parent", b"trace_parent", "traffic_weight", b"traffic_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations", b"annotations", "assigned_revision", b"assigned_revision", "digest", b"digest", "key_id", b"key_id", "pinned", b"pinned", "revision", b"revision", "router", b"router", "signature", b"signature", "size_bytes", b"size_bytes", "source", b"source", "trace_parent", b"trace_parent", "traffic_weight", b"traffic_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DesiredState: _TypeAlias = DesiredState  # noqa: Y015
+
+@_typing.final
+class RouterState(_message.Message):
+    """What a router node should route: the backends of its selector and their weights,
+    computed by the control plane from the rollouts that move traffic.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    BACKENDS_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """The revision of this routing table (the row of the router's `route:` key). A
+    router acknowledges it by reporting ACTIVE at DesiredState.revision, or refuses
+    it with FAILED and the proxy's words.
+    """
+    selector: _builtins.str
+    """The selector whose nodes are the backends."""
+    backend: _builtins.str
+    """The name of the backend section in the router's configuration whose servers
+    the driver manages (HAProxy: `backend <name>`).
+    """
+    @_builtins.property
+    def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouterBackend]: ...
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        selector: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        backends: _abc.Iterable[Global___RouterBackend] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backends", b"backends", "revision", b"revision", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouterState: _TypeAlias = RouterState  # noqa: Y015
+
+@_typing.final
+class RouterBackend(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The backend's node id; the driver names its server after it."""
+    address: _builtins.str
+    """host:port the backend's proxy serves on (the node's registered address)."""
+    weight: _builtins.int
+    """0-256 (HAProxy's range; a driver for another proxy scales it). 0 takes no new
+    requests (a blue-green standby, a node that runs no bundle).
+    """
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        weight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "node_id", b"node_id", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouterBackend: _TypeAlias = RouterBackend  # noqa: Y015
 
 @_typing.final
 class SnapshotEnd(_message.Message):

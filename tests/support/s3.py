@@ -85,7 +85,7 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
     # The one installed with this interpreter first, whether or not its bin is on PATH.
     binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
     if binary is None:
-        pytest.fail("moto_server is not installed (pip install 'moto[server]')")
+        pytest.fail("moto_server is not installed (pip install -e '.[dev]')")
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with log.open("wb") as out:
         # Port 0: the server picks one and prints it (never "find a free port, then bind").

@@ -11,12 +11,23 @@ Per batch of new rows the work is O(rows + affected streams): rows are routed by
 streams whose labels match it,
 found through a label index), each affected stream's effective state is resolved once,
 and identical events are encoded once for every stream they go to.
+
+Reading and fanning out are separate steps. Reading a batch updates the image, advances
+the position (waking the writes that wait to be visible) and marks each affected stream
+*owed* the change; a fan-out task then resolves, encodes and queues what each owed stream
+is owed, a chunk of streams at a time, yielding to the event loop between chunks so the
+writes' replies and new reads are not stuck behind thousands of stream writes. A stream
+owed several batches by the time its turn comes gets one message with its newest state
+(a watch is level-triggered). Every other stream has been handed everything up to the
+position, which is what makes a bookmark at the position safe: owed streams get none
+until they are paid.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import secrets
@@ -80,6 +91,10 @@ class HubSettings:
     # stream was not freed, or at least this often: a cycle that holds no stream cannot
     # be seen, and this bounds how long its garbage stays frozen.
     gc_thaw_after: float = 3600.0
+    # Owed streams paid per step of the fan-out before it yields to the event loop: small
+    # enough that a write's reply waits for ~10 ms of fan-out at most, large enough that
+    # the yields cost nothing measurable.
+    fanout_chunk: int = 256
 
 
 class WatchHub:
@@ -96,6 +111,13 @@ class WatchHub:
         self._streams = StreamIndex()
         self._wheel = BookmarkWheel()
         self._expires: dict[WatchStream, float] = {}
+        # Streams owed a change the fan-out has not queued yet -> the newest revision
+        # that touched them. Insertion-ordered: the oldest debt is paid first.
+        self._owed: dict[WatchStream, int] = {}
+        self._fanout_wakeup = asyncio.Event()
+        # When the rows read since the debts were last all paid were written.
+        self._unpaid_writes: set[float] = set()
+        self._background = False
         self._wakeup = asyncio.Event()
         self._progress = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -119,12 +141,18 @@ class WatchHub:
         """
         self._load(await self.feed.snapshot())
         if background:
+            self._background = True
             loop = asyncio.get_running_loop()
-            self._tasks = [loop.create_task(self._run()), loop.create_task(self._tick())]
+            self._tasks = [
+                loop.create_task(self._run()),
+                loop.create_task(self._tick()),
+                loop.create_task(self._fan_out()),
+            ]
 
     async def catch_up(self) -> None:
-        """Read and route everything committed so far."""
+        """Read and route everything committed so far, and queue what streams are owed."""
         await self._read()
+        self._pay(len(self._owed))
 
     async def stop(self, grace: float = 5.0) -> None:
         """Refuse new streams, end every open one with a closing bookmark, stop reading.
@@ -133,6 +161,8 @@ class WatchHub:
         the same connection, and must be sent elsewhere rather than accepted here and
         cut a moment later."""
         self.stopping = True
+        # The closing bookmark says "you have everything up to here": pay every debt first.
+        self._pay(len(self._owed))
         for stream in self._streams:
             stream.close(encoding.bookmark(self.position, closing=True))
         pending = [s.done for s in self._streams if not s.done.done()]
@@ -278,6 +308,7 @@ class WatchHub:
         if not self._streams.remove(stream):
             return
         self._expires.pop(stream, None)
+        self._owed.pop(stream, None)
         self._wheel.remove(stream)
         self._heap.ended(stream, self._clock())
         metrics.STREAMS_OPEN.dec()
@@ -321,6 +352,8 @@ class WatchHub:
         head = self.position
         row = self.image.resolve(stream.keys, stream.node_id)
         self._record(stream, head, row)
+        # The latest state at the head pays whatever the stream was still owed.
+        self._owed.pop(stream, None)
         return encoding.desired(head, row) + encoding.bookmark(head, closing=stream.closing)
 
     # -- reading the log -------------------------------------------------------------
@@ -390,6 +423,9 @@ class WatchHub:
         return False
 
     def _load(self, snapshot: FeedSnapshot) -> None:
+        # Debts against the old image are void: a reload either ends every stream or
+        # re-resolves every stream (_resolve_all).
+        self._owed.clear()
         self.image.load(snapshot)
         self._advance(snapshot.position.head)
 
@@ -432,22 +468,61 @@ class WatchHub:
             for stream in self._streams.matching(project, selector):
                 stream.keys.add(key)
                 affected[stream] = max(affected.get(stream, 0), revision)
-        # Advance (waking whoever waits for this revision, like the operator's call that
-        # wrote it) before queueing the fan-out, so their replies are not stuck behind
-        # thousands of stream writes on the loop.
+        # Owe, then advance (waking whoever waits for this revision, like the operator's
+        # call that wrote it): the fan-out task pays the debts in chunks, so those
+        # replies are not stuck behind thousands of stream writes on the loop.
+        self._owe(affected)
         self._advance(upto)
-        self._deliver(affected)
         if traced is not None:
             traced.end(affected)
-        if rows:
-            now = time.time()
-            for written_at in {r.written_at for r in rows}:
-                metrics.FANOUT_LATENCY.observe(max(0.0, now - written_at))
+        self._unpaid_writes.update(r.written_at for r in rows)
+        if not self._owed:
+            self._observe_paid()
+
+    def _observe_paid(self) -> None:
+        """Every debt is paid: each write read since the last time is on every stream."""
+        now = time.time()
+        for written_at in self._unpaid_writes:
+            metrics.FANOUT_LATENCY.observe(max(0.0, now - written_at))
+        self._unpaid_writes.clear()
+
+    def _owe(self, affected: dict[WatchStream, int]) -> None:
+        owed = self._owed
+        for stream, revision in affected.items():
+            # Revisions only rise: a later batch's revision replaces an earlier one.
+            owed[stream] = revision
+        if owed:
+            self._fanout_wakeup.set()
+
+    async def _fan_out(self) -> None:
+        chunk = max(1, self.settings.fanout_chunk)
+        while True:
+            await self._fanout_wakeup.wait()
+            self._fanout_wakeup.clear()
+            while self._owed:
+                self._pay(chunk)
+                # Let the replies, reads and stream writes the chunk woke run first.
+                await asyncio.sleep(0)
+
+    def _pay(self, count: int) -> None:
+        """Queue what the `count` longest-owed streams are owed: each one's state at the
+        hub's position, under the newest revision that touched it."""
+        owed = self._owed
+        if not owed:
+            return
+        if count >= len(owed):
+            batch, self._owed = owed, {}
+        else:
+            batch = {stream: owed.pop(stream) for stream in list(itertools.islice(owed, count))}
+        self._deliver(batch)
+        if not self._owed:
+            self._observe_paid()
 
     def _deliver(self, affected: dict[WatchStream, int]) -> None:
-        # Per batch, every distinct (row, revision) is resolved to an Effective and encoded
-        # once, however many streams it goes to.
-        effective: dict[int, Effective] = {}
+        # Per call, every distinct (row, revision) is resolved to an Effective and encoded
+        # once, however many streams it goes to. The caches hold the rows they are keyed
+        # by (by id), so no id can be reused by another row while they live.
+        effective: dict[int, tuple[DesiredRow, Effective]] = {}
         encoded: dict[tuple[int, int], bytes] = {}
         image = self.image
         delivered = 0
@@ -458,9 +533,10 @@ class WatchHub:
                     continue
                 eff = None
             else:
-                eff = effective.get(id(row))
-                if eff is None:
-                    eff = effective[id(row)] = Effective.of(row)
+                held = effective.get(id(row))
+                if held is None:
+                    held = effective[id(row)] = (row, Effective.of(row))
+                eff = held[1]
                 if eff.unchanged_from(stream.last_effective):
                     continue
             cache_key = (id(row), revision)
@@ -480,7 +556,7 @@ class WatchHub:
                 stream.abort(Unavailable("the node is gone from the control plane"))
                 continue
             self._relabel(stream, info[1])
-        self._deliver(dict.fromkeys(self._streams, self.position))
+        self._owe(dict.fromkeys(self._streams, self.position))
 
     def _relabel(self, stream: WatchStream, labels: dict[str, str]) -> None:
         self._streams.relabel(stream, labels)
@@ -509,10 +585,17 @@ class WatchHub:
         payload: bytes | None = None
         sent = 0
         grace = self.settings.close_grace
+        owed = self._owed
         for stream in due:
             if stream.done.done():
                 continue
             expires = self._expires.get(stream, now)
+            if stream in owed:
+                # Not handed everything up to the position yet: neither a bookmark nor a
+                # closing one until the fan-out has paid it (within a few loop turns),
+                # so look again next slot rather than a whole interval later.
+                self._wheel.schedule(stream, now, SLOT)
+                continue
             if stream.closing:
                 if now > expires + grace:
                     stream.abort(Unavailable("closing stream did not drain in time"))

@@ -596,3 +596,36 @@ async def test_stop_ends_the_reader_even_when_a_wakeup_lands_with_the_cancel(
         await asyncio.sleep(0)
     async with asyncio.timeout(5):
         await hub.stop(grace=0)
+
+
+async def test_a_write_is_visible_before_its_fan_out_is_queued(feed: MemoryFeed) -> None:
+    """The hub reads a revision, wakes whoever waits for it (the write's reply), and only
+    then pays the streams it touched, a chunk at a time; a stream still owed the change
+    gets no bookmark that would claim it has it."""
+    hub = WatchHub(
+        feed, HubSettings(bookmark_interval=1.0, lifetime_min=100.0, lifetime_max=100.0, fanout_chunk=1)
+    )
+    for i in range(3):
+        feed.node(f"n{i}", {"env": "prod"})
+    await hub.start()
+    opened = [
+        (hub.open(f"n{i}", 0, hub.epoch, sink), sink)
+        for i, sink in enumerate(RecordingSink() for _ in range(3))
+    ]
+    await settle()
+    revision = feed.assign((SEL_PROD,), "d1")
+    hub.wake()
+    assert await hub.wait_until(None, revision, 5.0)
+    # Visible, while some streams are not even queued their change yet.
+    assert sum(stream.in_flight for stream, _ in opened) < len(opened)
+    hub.tick(time.monotonic() + 1.5)  # every stream's bookmark is due
+    for _ in range(100):
+        if all(sink.of("desired")[-1].revision == revision for _, sink in opened):
+            break
+        await settle()
+    for _, sink in opened:
+        # Bookmark-safe: nothing at or past the revision before the change itself.
+        seen = [(e.WhichOneof("event"), e.desired.revision or e.bookmark.revision) for e in sink.events]
+        first_change = seen.index(("desired", revision))
+        assert all(rev < revision for _, rev in seen[:first_change]), seen
+    await hub.stop(grace=0.1)

@@ -55,6 +55,12 @@ from controlplane.watch.wheel import SLOT, BookmarkWheel
 
 log = logging.getLogger(__name__)
 
+# Stream ids are this many random bytes in hex; StreamStarted templates hold a placeholder
+# of the same length where the id goes.
+STREAM_ID_BYTES = 8
+STREAM_ID_SLOT = "~" * (2 * STREAM_ID_BYTES)
+STREAM_ID_SLOT_BYTES = STREAM_ID_SLOT.encode()
+
 
 @dataclass(frozen=True)
 class HubSettings:
@@ -118,6 +124,12 @@ class WatchHub:
         # When the rows read since the debts were last all paid were written.
         self._unpaid_writes: set[float] = set()
         self._background = False
+        # Encodings every stream opened at one head shares (a storm opens thousands at
+        # the same head): the head they are for, its bookmark and snapshot end, and the
+        # DesiredState of each row by id (holding the row, so no id is reused).
+        self._shared_head = -1
+        self._shared: dict[str, bytes] = {}
+        self._shared_desired: dict[int, tuple[DesiredRow | None, bytes]] = {}
         self._wakeup = asyncio.Event()
         self._progress = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -276,32 +288,68 @@ class WatchHub:
         info = image.node(node_id)
         assert info is not None, "the caller waits until the hub knows the node"
         project, labels = info
-        stream = WatchStream(secrets.token_hex(8), node_id, project, labels, sink, self._catch_up)
+        stream = WatchStream(
+            secrets.token_hex(STREAM_ID_BYTES), node_id, project, labels, sink, self._catch_up
+        )
         stream.keys = image.keys_for(project, node_id, labels)
         head = self.position
         row = image.resolve(stream.keys, stream.node_id)
         reset = self._reset_reason(since, epoch)
         mode = pb.STREAM_MODE_RESUME if since > 0 and reset is None else pb.STREAM_MODE_BOOTSTRAP
-        parts = [encoding.started(stream.stream_id, self.epoch, mode, head, self.floor)]
+        parts = [self._started(stream.stream_id, mode, head)]
         if reset is not None:
             metrics.RESETS.labels(pb.ResetReason.Name(reset)).inc()
             parts.append(encoding.reset(reset, self.floor, head, self.epoch))
         if mode == pb.STREAM_MODE_BOOTSTRAP:
             metrics.BOOTSTRAPS.inc()
-            parts += [encoding.desired(head, row), encoding.snapshot_end(head)]
+            parts += [self._desired_at(head, row), self._mark_at(head, "snapshot_end")]
             self._record(stream, head, row)
         else:
             metrics.RESUMES.inc()
             if image.changed_at(stream.keys, node_id) > since:
-                parts.append(encoding.desired(head, row))
+                parts.append(self._desired_at(head, row))
                 self._record(stream, head, row)
             else:
                 stream.cursor = since
                 stream.last_effective = Effective.of(row) if row else None
-            parts.append(encoding.bookmark(head))
+            parts.append(self._mark_at(head, "bookmark"))
         self._register(stream)
         stream.send(b"".join(parts))
         return stream
+
+    def _shared_at(self, head: int) -> dict[str, bytes]:
+        if head != self._shared_head:
+            self._shared_head = head
+            self._shared = {}
+            self._shared_desired = {}
+        return self._shared
+
+    def _started(self, stream_id: str, mode: pb.StreamMode.ValueType, head: int) -> bytes:
+        """StreamStarted, from a template per (epoch, mode, head, floor) with the id
+        spliced in: the id is the first field, of a fixed length."""
+        shared = self._shared_at(head)
+        name = f"started:{mode}:{self.epoch}:{self.floor}"
+        template = shared.get(name)
+        if template is None:
+            template = shared[name] = encoding.started(STREAM_ID_SLOT, self.epoch, mode, head, self.floor)
+        at = template.index(STREAM_ID_SLOT_BYTES)
+        return b"".join((template[:at], stream_id.encode(), template[at + len(STREAM_ID_SLOT_BYTES) :]))
+
+    def _mark_at(self, head: int, kind: str) -> bytes:
+        shared = self._shared_at(head)
+        payload = shared.get(kind)
+        if payload is None:
+            payload = shared[kind] = (
+                encoding.bookmark(head) if kind == "bookmark" else encoding.snapshot_end(head)
+            )
+        return payload
+
+    def _desired_at(self, head: int, row: DesiredRow | None) -> bytes:
+        self._shared_at(head)
+        held = self._shared_desired.get(id(row))
+        if held is None or held[0] is not row:
+            held = self._shared_desired[id(row)] = (row, encoding.desired(head, row))
+        return held[1]
 
     def close(self, stream: WatchStream) -> None:
         """Forget a stream whose call has ended."""
@@ -426,6 +474,7 @@ class WatchHub:
         # Debts against the old image are void: a reload either ends every stream or
         # re-resolves every stream (_resolve_all).
         self._owed.clear()
+        self._shared_head = -1
         self.image.load(snapshot)
         self._advance(snapshot.position.head)
 

@@ -19,6 +19,9 @@ from collections.abc import Iterable
 from controlplane.domain.kernel.labels import Selector, meta_key, node_key, parse_selector_key, route_key
 from controlplane.domain.model.desired import ChangeKind, DesiredRow, FeedSnapshot, resolve
 
+# Distinct (project, labels) sets whose matching selectors are remembered.
+MAX_LABEL_SETS = 100_000
+
 
 class LogImage:
     def __init__(self) -> None:
@@ -34,6 +37,10 @@ class LogImage:
         self._selectors: dict[str, dict[str, Selector]] = {}
         # Router node id -> (bundle row, table row, the row its stream resolves to).
         self._routed: dict[str, tuple[DesiredRow | None, DesiredRow, DesiredRow]] = {}
+        # (project, labels) -> the selector keys they match. Nodes share label sets, so a
+        # reconnect storm or a drift sweep matches each set once; emptied whenever a
+        # project's selectors change.
+        self._matching: dict[tuple[str, frozenset[tuple[str, str]]], frozenset[str]] = {}
 
     def load(self, snapshot: FeedSnapshot) -> None:
         """Replace everything with a snapshot (at start, or after the history moved)."""
@@ -41,6 +48,7 @@ class LogImage:
         self._nodes = {}
         self._selectors = {}
         self._routed = {}
+        self._matching = {}
         for row in snapshot.rows:
             self.remember(row)
         self.epoch = snapshot.position.epoch
@@ -62,6 +70,7 @@ class LogImage:
             parsed[0], {}
         ):
             self._selectors.setdefault(parsed[0], {})[row.key] = parsed[1]
+            self._matching.clear()
         return True
 
     def forget_below(self, floor: int) -> None:
@@ -73,6 +82,7 @@ class LogImage:
                 parsed = parse_selector_key(key)
                 if parsed is not None:
                     self._selectors.get(parsed[0], {}).pop(key, None)
+                    self._matching.clear()
         self.floor = max(self.floor, floor)
 
     def node(self, node_id: str) -> tuple[str, dict[str, str]] | None:
@@ -82,8 +92,17 @@ class LogImage:
 
     def keys_for(self, project: str, node_id: str, labels: dict[str, str]) -> set[str]:
         """The watch keys whose rows decide what a node with these labels runs."""
+        cache_key = (project, frozenset(labels.items()))
+        matching = self._matching.get(cache_key)
+        if matching is None:
+            selectors = self._selectors.get(project, {})
+            matching = frozenset(k for k, sel in selectors.items() if sel.matches(labels))
+            if len(self._matching) >= MAX_LABEL_SETS:
+                self._matching.clear()
+            self._matching[cache_key] = matching
+        # A new set each time: the hub adds to a stream's keys as selectors appear.
         keys = {node_key(node_id), route_key(node_id)}
-        keys.update(k for k, sel in self._selectors.get(project, {}).items() if sel.matches(labels))
+        keys |= matching
         return keys
 
     def resolve(self, keys: Iterable[str], node_id: str) -> DesiredRow | None:

@@ -629,3 +629,27 @@ async def test_a_write_is_visible_before_its_fan_out_is_queued(feed: MemoryFeed)
         first_change = seen.index(("desired", revision))
         assert all(rev < revision for _, rev in seen[:first_change]), seen
     await hub.stop(grace=0.1)
+
+
+async def test_streams_opened_at_one_head_share_encodings_but_not_their_ids(
+    feed: MemoryFeed, hub: WatchHub, open_stream: Opener
+) -> None:
+    feed.node("a", {"env": "prod"})
+    feed.node("b", {"env": "prod"})
+    feed.assign((SEL_PROD,), "d1")
+    await hub.catch_up()
+    opened = [open_stream("a"), open_stream("b"), open_stream("a", since=1)]
+    await settle()
+    for stream, sink in opened:
+        started = sink.of("started")[0]
+        assert started.stream_id == stream.stream_id
+        assert (started.epoch, started.head_revision, started.floor_revision) == (
+            hub.epoch,
+            hub.position,
+            hub.floor,
+        )
+        assert [d.digest for d in sink.of("desired")] == ["d1"]
+    assert len({stream.stream_id for stream, _ in opened}) == 3
+    assert [s.of("started")[0].mode for _, s in opened] == [pb.STREAM_MODE_BOOTSTRAP] * 2 + [
+        pb.STREAM_MODE_RESUME
+    ]

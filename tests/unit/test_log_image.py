@@ -114,3 +114,22 @@ def test_load_replaces_the_whole_image() -> None:
     assert (image.position, image.floor, image.epoch) == (7, 2, "epoch-2")
     assert image.latest == {} and image.node("a") is None
     assert PROD not in image.keys_for("p", "a", {"env": "prod"})
+
+
+def test_keys_for_a_label_set_follow_the_selectors_as_they_appear_and_go() -> None:
+    """The matching selectors are remembered per label set: a selector written or buried
+    later must still be seen by the next node with those labels."""
+    image = LogImage()
+    image.remember(DesiredRow(PROD, 1, "p", ChangeKind.ASSIGN, digest="d1"))
+    labels = {"env": "prod"}
+    assert image.keys_for("p", "a", labels) == {node_key("a"), route_key("a"), PROD}
+    image.remember(DesiredRow(EVERY, 2, "p", ChangeKind.ASSIGN, digest="d2"))
+    assert image.keys_for("p", "b", dict(labels)) == {node_key("b"), route_key("b"), PROD, EVERY}
+    image.remember(DesiredRow(EVERY, 3, "p", ChangeKind.UNASSIGN))
+    image.forget_below(4)
+    assert image.keys_for("p", "c", dict(labels)) == {node_key("c"), route_key("c"), PROD}
+    # Each call's set is the caller's own: the hub adds to a stream's keys.
+    keys = image.keys_for("p", "d", labels)
+    keys.add("extra")
+    assert "extra" not in image.keys_for("p", "d", labels)
+    assert image.keys_for("q", "e", labels) == {node_key("e"), route_key("e")}

@@ -30,6 +30,31 @@ MAX_PENDING = 16
 LEDGER_SIZE = 32
 
 
+class Tally:
+    """Writes a fan-out started that have not returned yet; `wait()` resolves when at most
+    `threshold` are left."""
+
+    __slots__ = ("outstanding", "threshold", "waiter")
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+        self.threshold = 0
+        self.waiter: asyncio.Future[None] | None = None
+
+    def written(self) -> None:
+        self.outstanding -= 1
+        waiter = self.waiter
+        if waiter is not None and self.outstanding <= self.threshold and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, threshold: int) -> None:
+        if self.outstanding <= threshold:
+            return
+        self.threshold = threshold
+        self.waiter = asyncio.get_running_loop().create_future()
+        await self.waiter
+
+
 class Sink(Protocol):
     async def write(self, payload: bytes) -> None: ...
 
@@ -50,6 +75,7 @@ class WatchStream:
         "last_effective",
         "ledger",
         "node_id",
+        "paced",
         "pending",
         "project",
         "sink",
@@ -80,6 +106,9 @@ class WatchStream:
         self.pending: list[bytes] = []
         self.lagging = False
         self.closing = False
+        # The hub's count of its fan-out's writes still outstanding, told when this
+        # stream's next write returns.
+        self.paced: Tally | None = None
         # Where the hub's bookmark wheel holds this stream (so closing it is O(1)).
         self.wheel_slot = 0
         self.ledger: collections.deque[tuple[int, str]] = collections.deque(maxlen=LEDGER_SIZE)
@@ -144,10 +173,17 @@ class WatchStream:
         if not self.done.done():
             self.done.set_result(None)
 
+    def _paced(self) -> None:
+        tally, self.paced = self.paced, None
+        if tally is not None:
+            tally.written()
+
     async def _drain(self, payload: bytes | None) -> None:
         try:
             while payload is not None and not self.done.done():
                 await self.sink.write(payload)
+                if self.paced is not None:
+                    self._paced()
                 if self.lagging:
                     # Everything queued was dropped: replace it with the latest state.
                     payload = self._catch_up(self)
@@ -165,6 +201,8 @@ class WatchStream:
             self._finish()
         finally:
             self.in_flight = False
+            if self.paced is not None:
+                self._paced()
             if self.lagging:
                 self.lagging = False
                 metrics.STREAMS_LAGGING.dec()

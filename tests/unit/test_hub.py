@@ -653,3 +653,45 @@ async def test_streams_opened_at_one_head_share_encodings_but_not_their_ids(
     assert [s.of("started")[0].mode for _, s in opened] == [pb.STREAM_MODE_BOOTSTRAP] * 2 + [
         pb.STREAM_MODE_RESUME
     ]
+
+
+async def test_the_fan_out_lets_a_chunks_writes_return_before_the_next_chunk(feed: MemoryFeed) -> None:
+    """A chunk's writes return before the next chunk is paid (so a new call is not queued
+    behind every stream's write), and a later change finds the unpaid streams still owed:
+    they get one message with the newest state."""
+    hub = WatchHub(
+        feed,
+        HubSettings(lifetime_min=100.0, lifetime_max=100.0, fanout_chunk=1, fanout_wait=3600.0),
+    )
+    feed.node("a", {"env": "prod"})
+    feed.node("b", {"env": "prod"})
+    await hub.start()
+    (_, first), (_, second) = [
+        (hub.open(n, 0, hub.epoch, sink), sink)
+        for n, sink in (("a", RecordingSink()), ("b", RecordingSink()))
+    ]
+    await settle()
+    first.block()
+    second.block()
+    r1 = feed.assign((SEL_PROD,), "d1")
+    hub.wake()
+    assert await hub.wait_until(None, r1, 5.0)
+    await settle()
+    # One stream's write is out and stuck; the other is still owed, not written.
+    assert (first.writes, second.writes) in ((2, 1), (1, 2))
+    stuck, waiting = (first, second) if first.writes == 2 else (second, first)
+    r2 = feed.assign((SEL_PROD,), "d2")
+    hub.wake()
+    assert await hub.wait_until(None, r2, 5.0)
+    await settle()
+    assert waiting.writes == 1
+    stuck.unblock()
+    waiting.unblock()
+    for _ in range(100):
+        if all(s.of("desired")[-1].digest == "d2" for s in (first, second)):
+            break
+        await settle()
+    # The stream that waited got d2 alone (coalesced), the other d1 then d2.
+    assert [d.digest for d in waiting.of("desired")] == ["", "d2"]
+    assert [d.digest for d in stuck.of("desired")] == ["", "d1", "d2"]
+    await hub.stop(grace=0.1)

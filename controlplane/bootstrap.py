@@ -71,6 +71,8 @@ from controlplane.rpc.scope import CachedResolver, ScopeFinder
 from controlplane.rpc.server import GrpcServer, ListenError
 from controlplane.rpc.signing import SigningKeyServicer
 from controlplane.rpc.watch import WatchServicer
+from controlplane.rpc.xds_feed import HubFeeds
+from controlplane.rpc.xds_feed import servicers as xds_servicers
 from controlplane.store.engine import connections_in_use, make_engine, sqlite_directory, upgrade
 from controlplane.store.feed import SqlChangeFeed
 from controlplane.store.lease_keeper import PgLeaseKeeper
@@ -184,6 +186,8 @@ class App:
             await self.signing_keys.register()
             await self.signing_keys.sign_unsigned()
 
+        # Envoy nodes follow the same hub over ADS (rpc/xds_feed.py, docs/xds.md).
+        self.xds_feeds = HubFeeds(self.hub, self.nodes, self.bundles, s.data_dir / "xds")
         self.grpc = GrpcServer(
             GuardInterceptor(self.authenticator, scopes, self.limiter),
             NodeServicer(self.nodes, self.routers),
@@ -200,6 +204,7 @@ class App:
             rollouts=RolloutServicer(self.rollout_directory, self.rollouts, self.rollout_bus),
             drift=DriftServicer(self.drift),
             notify=NotificationServicer(self.notifications),
+            xds=xds_servicers(self.xds_feeds),
         )
         undo.push_async_callback(self.grpc.stop, 0.0)
         port = self.grpc.bind(s.listen, s.tls_cert, s.tls_key, s.tls_client_ca)

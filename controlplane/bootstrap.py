@@ -190,7 +190,7 @@ class App:
         self.xds_feeds = HubFeeds(self.hub, self.nodes, self.bundles, s.data_dir / "xds")
         self.grpc = GrpcServer(
             GuardInterceptor(self.authenticator, scopes, self.limiter),
-            NodeServicer(self.nodes, self.routers),
+            NodeServicer(self.nodes, self.routers, self.xds_feeds.status_of),
             WatchServicer(self.hub, self.feed),
             BundleServicer(self.bundles, self.lifecycle, self.writer),
             ProjectServicer(self.projects),

@@ -245,6 +245,11 @@ class HubFeeds:
             raise
         return feed
 
+    def status_of(self, node_id: str) -> NodeXdsStatus | None:
+        """What the node's open stream on this server says it acknowledged, if it has one."""
+        session = self.sessions.get(node_id)
+        return session.status if session is not None else None
+
     async def heartbeat(self, node_id: str, metrics: NodeMetrics) -> None:
         """A stats flush of Envoy's: the node's heartbeat, with what it runs whole."""
         session = self.sessions.get(node_id)

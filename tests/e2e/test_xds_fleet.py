@@ -13,8 +13,13 @@ with nothing sent again); a revoked node's stream ended.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -26,8 +31,6 @@ from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
 from controlplane.api.identity.v1 import identity_pb2, identity_pb2_grpc
-from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
-from controlplane.xds.bootstrap import BootstrapSpec, bootstrap
 from tests.support.archives import bundle
 from tests.support.envoy import EnvoyProcess
 from tests.support.eventually import eventually
@@ -68,18 +71,34 @@ class EnvoyNode:
         self.envoy = envoy
 
 
-async def register(server: ServerProcess, name: str) -> tuple[str, str]:
-    channel = grpc.aio.insecure_channel(server.address)
-    try:
-        reply = await node_pb2_grpc.NodeServiceStub(channel).RegisterNode(
-            node_pb2.RegisterNodeRequest(
-                project="default", enrollment_token=server.token, name=name, labels={"env": "prod"}
-            ),
-            timeout=10,
-        )
-    finally:
-        await channel.close()
-    return reply.node_id, reply.node_credential
+def cli(server: ServerProcess, *args: str) -> str:
+    """The operator's command line against the server; its standard output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "controlplane", *args],
+        env={
+            **os.environ,
+            "CONTROLPLANE_SERVER": server.address,
+            "CONTROLPLANE_API_KEY": server.admin_key,
+            "GRPC_VERBOSITY": "ERROR",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+async def push(server: ServerProcess, where: Path, files: dict[str, bytes], version: str) -> str:
+    """`controlplane bundle push DIR`: a directory of Envoy resources becomes a bundle."""
+    for name, body in files.items():
+        (where / name).parent.mkdir(parents=True, exist_ok=True)
+        (where / name).write_bytes(body)
+    printed = await asyncio.to_thread(cli, server, "bundle", "push", str(where), "--version", version)
+    found = re.search(r"(?:created|exists ) (sha256:[0-9a-f]{64})", printed)
+    assert found and "state      VALID" in printed, printed
+    return found.group(1)
 
 
 @pytest.fixture
@@ -107,22 +126,44 @@ async def test_an_envoy_fleet_on_the_real_server(
     port = unused_port()
     rollouts = Rollouts(control.channel, metadata=control.metadata)
     with upstreams() as ups:
-        v1 = await control.upload(bundle(site(port, "app-v1", ups["v1"].port)), version="v1")
+        v1 = await push(server, tmp_path / "v1", site(port, "app-v1", ups["v1"].port), "v1")
         nodes: list[EnvoyNode] = []
         for i in range(NODES):
-            node_id, credential = await register(server, f"envoy-{mode}-{i}")
-            admin = unused_port()
-            spec = BootstrapSpec(
-                node_id, "default", "127.0.0.1", server.port, credential, mode, admin, stats_flush_seconds=1
-            )
+            # `controlplane envoy bootstrap` enrolls the node and prints its bootstrap.
             workdir = tmp_path / f"envoy-{i}"
             workdir.mkdir()
-            envoy = EnvoyProcess(bootstrap(spec), workdir, admin)
+            admin = unused_port()
+            await asyncio.to_thread(
+                cli,
+                server,
+                "envoy",
+                "bootstrap",
+                "--node",
+                f"envoy-{mode}-{i}",
+                "--labels",
+                "env=prod",
+                "--token",
+                server.token,
+                "--mode",
+                mode,
+                "--admin-port",
+                str(admin),
+                "--stats-flush",
+                "1",
+                "--credential-file",
+                str(workdir / "credential.json"),
+                "--output",
+                str(workdir / "bootstrap.json"),
+            )
+            held = json.loads((workdir / "credential.json").read_text())
+            config = json.loads((workdir / "bootstrap.json").read_text())
+            assert config["node"]["id"] == held["node_id"]
+            envoy = EnvoyProcess(config, workdir, admin)
             envoys.append(envoy)
             await envoy.start()
-            nodes.append(EnvoyNode(node_id, credential, envoy))
+            nodes.append(EnvoyNode(held["node_id"], held["credential"], envoy))
         try:
-            await fleet_scenario(server, control, rollouts, nodes, port, v1, ups)
+            await fleet_scenario(server, control, rollouts, nodes, port, v1, ups, tmp_path)
         except BaseException:
             for node in nodes:
                 print(f"--- envoy {node.node_id}\n{node.envoy.log()[-4000:]}")
@@ -138,6 +179,7 @@ async def fleet_scenario(
     port: int,
     v1: str,
     ups: Any,
+    tmp: Path,
 ) -> None:
     ids = [n.node_id for n in nodes]
 
@@ -157,7 +199,7 @@ async def fleet_scenario(
         await loop.wait_for(30, timeout=30)
 
         # 2. A rolling rollout to v2, one Envoy at a time, under the request loop.
-        v2 = await control.upload(bundle(site(port, "app-v2", ups["v2"].port)), version="v2")
+        v2 = await push(server, tmp / "v2", site(port, "app-v2", ups["v2"].port), "v2")
         rolling = await rollouts.create(v2, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(1))
         watched = await rollouts.watch(rolling.id, timeout=120)
         assert watched.last_state == pb.ROLLOUT_STATE_SUCCEEDED, watched.messages("step")
@@ -180,6 +222,15 @@ async def fleet_scenario(
         touched = [n for n in await rollouts.nodes(nacked.id) if n.state != pb.NODE_STATE_PENDING]
         assert [n.state for n in touched] == [pb.NODE_STATE_ROLLED_BACK], touched
         assert touched[0].error == "RouteConfiguration: missing ): (unclosed", touched
+        # `nodes get` shows what that Envoy acknowledged and the response it refused.
+        shown = json.loads(
+            await asyncio.to_thread(cli, server, "nodes", "get", touched[0].node_id, "-o", "json")
+        )
+        xds = shown["node"]["xds"]
+        assert (
+            xds["last_nack"]["type"] == "RouteConfiguration" and "missing )" in xds["last_nack"]["error"]
+        ), xds
+        assert set(xds["acked_versions"]) >= {"Listener", "RouteConfiguration", "Cluster"}, xds
         await every_node_runs(v2)
         await loop.wait_for(40, timeout=30)
         assert loop.failures(mark) == [] and set(loop.since(mark)) == {"v2"}, loop.counts(mark)

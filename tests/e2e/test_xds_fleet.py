@@ -127,48 +127,104 @@ async def test_an_envoy_fleet_on_the_real_server(
     rollouts = Rollouts(control.channel, metadata=control.metadata)
     with upstreams() as ups:
         v1 = await push(server, tmp_path / "v1", site(port, "app-v1", ups["v1"].port), "v1")
-        nodes: list[EnvoyNode] = []
-        for i in range(NODES):
-            # `controlplane envoy bootstrap` enrolls the node and prints its bootstrap.
-            workdir = tmp_path / f"envoy-{i}"
-            workdir.mkdir()
-            admin = unused_port()
-            await asyncio.to_thread(
-                cli,
-                server,
-                "envoy",
-                "bootstrap",
-                "--node",
-                f"envoy-{mode}-{i}",
-                "--labels",
-                "env=prod",
-                "--token",
-                server.token,
-                "--mode",
-                mode,
-                "--admin-port",
-                str(admin),
-                "--stats-flush",
-                "1",
-                "--credential-file",
-                str(workdir / "credential.json"),
-                "--output",
-                str(workdir / "bootstrap.json"),
-            )
-            held = json.loads((workdir / "credential.json").read_text())
-            config = json.loads((workdir / "bootstrap.json").read_text())
-            assert config["node"]["id"] == held["node_id"]
-            envoy = EnvoyProcess(config, workdir, admin)
-            envoys.append(envoy)
-            await envoy.start()
-            nodes.append(EnvoyNode(held["node_id"], held["credential"], envoy))
+        nodes = await enroll_and_start(server, mode, envoys, tmp_path)
         try:
             await fleet_scenario(server, control, rollouts, nodes, port, v1, ups, tmp_path)
         except BaseException:
-            for node in nodes:
-                print(f"--- envoy {node.node_id}\n{node.envoy.log()[-4000:]}")
-            print(server.log()[-8000:])
+            dump_logs(server, nodes)
             raise
+
+
+async def test_a_canary_answering_503_rolls_back_on_envoys_own_5xx_rate(
+    server: ServerProcess, control: ControlClient, envoys: list[EnvoyProcess], tmp_path: Path
+) -> None:
+    port = unused_port()
+    rollouts = Rollouts(control.channel, metadata=control.metadata)
+    with upstreams() as ups:
+        v1 = await push(server, tmp_path / "v1", site(port, "app-v1", ups["v1"].port), "v1")
+        nodes = await enroll_and_start(server, "delta", envoys, tmp_path)
+        try:
+            first = await rollouts.create(v1, strategy=pb.STRATEGY_ALL_AT_ONCE)
+            assert (await rollouts.watch(first.id, timeout=90)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+            loop = RequestLoop(port).start()
+            try:
+                await loop.wait_for(30, timeout=30)
+                # Valid resources; the new cluster's upstream answers 503.
+                bad = await push(server, tmp_path / "bad", site(port, "app-bad", ups["bad"].port), "bad")
+                canary = await rollouts.create(
+                    bad,
+                    strategy=pb.STRATEGY_CANARY,
+                    canary=pb.CanaryParams(steps_percent=[50, 100]),
+                    gates=pb.HealthGates(require_healthy=True, max_error_rate=0.05),
+                    bake_time=seconds(20),
+                    gate_failure_window=seconds(2),
+                )
+                watched = await rollouts.watch(canary.id, timeout=90)
+                assert watched.last_state == pb.ROLLOUT_STATE_ROLLED_BACK, watched.messages("step")
+                reason = (await rollouts.get(canary.id)).reason
+                # Judged by what Envoy counted: its stats flushes are the heartbeats.
+                assert "error_rate" in reason, reason
+                assert "HTTP 503" in loop.counts(), "the canary Envoy answered 503s"
+                for node in nodes:
+                    await control.wait_node(
+                        node.node_id, lambda n: n.applied_digest == v1, timeout=60, what="back on v1"
+                    )
+                mark = loop.mark()
+                await loop.wait_for(40, timeout=30)
+                assert set(loop.since(mark)) == {"v1"}, loop.counts(mark)
+            finally:
+                await loop.stop()
+        except BaseException:
+            dump_logs(server, nodes)
+            raise
+
+
+async def enroll_and_start(
+    server: ServerProcess, mode: str, envoys: list[EnvoyProcess], tmp_path: Path
+) -> list[EnvoyNode]:
+    """`controlplane envoy bootstrap` enrolls each node and writes its bootstrap; an
+    Envoy starts from each."""
+    nodes: list[EnvoyNode] = []
+    for i in range(NODES):
+        workdir = tmp_path / f"envoy-{i}"
+        workdir.mkdir()
+        admin = unused_port()
+        await asyncio.to_thread(
+            cli,
+            server,
+            "envoy",
+            "bootstrap",
+            "--node",
+            f"envoy-{mode}-{i}",
+            "--labels",
+            "env=prod",
+            "--token",
+            server.token,
+            "--mode",
+            mode,
+            "--admin-port",
+            str(admin),
+            "--stats-flush",
+            "1",
+            "--credential-file",
+            str(workdir / "credential.json"),
+            "--output",
+            str(workdir / "bootstrap.json"),
+        )
+        held = json.loads((workdir / "credential.json").read_text())
+        config = json.loads((workdir / "bootstrap.json").read_text())
+        assert config["node"]["id"] == held["node_id"]
+        envoy = EnvoyProcess(config, workdir, admin)
+        envoys.append(envoy)
+        await envoy.start()
+        nodes.append(EnvoyNode(held["node_id"], held["credential"], envoy))
+    return nodes
+
+
+def dump_logs(server: ServerProcess, nodes: list[EnvoyNode]) -> None:
+    for node in nodes:
+        print(f"--- envoy {node.node_id}\n{node.envoy.log()[-4000:]}")
+    print(server.log()[-8000:])
 
 
 async def fleet_scenario(

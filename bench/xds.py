@@ -33,7 +33,6 @@ from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
 from bench import procstat, seed
@@ -50,23 +49,19 @@ from bench.common import (
 )
 from controlplane.api.watch.v1 import watch_pb2, watch_pb2_grpc
 from controlplane.xds import types
-from tests.support.xds import cluster, endpoints, listener, route
+from tests.support.xds import bundle_files, cluster, endpoints, listener, route
 
 CHANNELS = 8
 
 
 def xds_bundle(upstream_port: int) -> bytes:
-    docs = []
-    for message in (
+    site = (
         listener("http", "main", 18080),
         route("main", "app"),
         cluster("app"),
         endpoints("app", upstream_port),
-    ):
-        packed = any_pb2.Any()
-        packed.Pack(message)
-        docs.append(json_format.MessageToDict(packed))
-    return bundle_archive({"site.json": json.dumps({"resources": docs}).encode()})
+    )
+    return bundle_archive(bundle_files(site))
 
 
 class AdsClient:

@@ -27,8 +27,6 @@ from typing import Any, Literal
 import grpc
 import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2, json_format
-from google.protobuf.message import Message
 
 from controlplane.api.identity.v1 import identity_pb2, identity_pb2_grpc
 from tests.support.archives import bundle
@@ -38,7 +36,7 @@ from tests.support.ports import unused_port
 from tests.support.processes import ControlClient, ServerProcess
 from tests.support.proxies import RequestLoop, upstreams
 from tests.support.rollout_fleet import SERVER_ARGS, Rollouts, pb, seconds
-from tests.support.xds import cluster, endpoints, listener, route
+from tests.support.xds import bundle_files, cluster, endpoints, listener, route
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server_args(*SERVER_ARGS)]
 
@@ -46,22 +44,10 @@ NODES = 2
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 
 
-def _doc(message: Message) -> dict[str, Any]:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return dict(json_format.MessageToDict(packed))
-
-
 def site(port: int, name: str, upstream: int, bad_regex: bool = False) -> dict[str, bytes]:
     """An xDS bundle: one listener, route configuration `main` to cluster `name` (EDS)."""
     rc: Any = route("main", name, regex="(unclosed" if bad_regex else None)
-    docs = [
-        _doc(listener("http", "main", port)),
-        _doc(rc),
-        _doc(cluster(name)),
-        _doc(endpoints(name, upstream)),
-    ]
-    return {"edge/site.json": json.dumps({"resources": docs}, indent=1).encode()}
+    return bundle_files([listener("http", "main", port), rc, cluster(name), endpoints(name, upstream)])
 
 
 class EnvoyNode:

@@ -47,6 +47,7 @@ from bench.common import (
     pin_self,
     write_json,
 )
+from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
 from controlplane.api.watch.v1 import watch_pb2, watch_pb2_grpc
 from controlplane.xds import types
 from tests.support.xds import bundle_files, cluster, endpoints, listener, route
@@ -100,22 +101,41 @@ class AdsClient:
 
 
 class WatchClient:
-    def __init__(self, node: dict[str, str]):
+    """One WatchBundles stream; with `report`, each desired state is acknowledged as an
+    agent does once it runs it (ReportStatus ACTIVE), so both kinds record a report."""
+
+    def __init__(self, node: dict[str, str], report: bool = False):
         self.node = node
+        self.report = report
         self.revision = 0
         self.changed = asyncio.Event()
 
     async def run(self, channel: grpc.aio.Channel) -> None:
         stub = watch_pb2_grpc.WatchServiceStub(channel)
-        call = stub.WatchBundles(
-            watch_pb2.WatchBundlesRequest(node_id=self.node["node_id"]),
-            metadata=(("authorization", f"Bearer {self.node['token']}"),),
-        )
+        nodes = node_pb2_grpc.NodeServiceStub(channel)
+        bearer = (("authorization", f"Bearer {self.node['token']}"),)
+        call = stub.WatchBundles(watch_pb2.WatchBundlesRequest(node_id=self.node["node_id"]), metadata=bearer)
+        stream_id = ""
         async for response in call:
             for event in response.events:
-                if event.WhichOneof("event") == "desired" and event.desired.digest:
-                    self.revision = max(self.revision, event.desired.revision)
-                    self.changed.set()
+                kind = event.WhichOneof("event")
+                if kind == "started":
+                    stream_id = event.started.stream_id
+                if kind != "desired" or not event.desired.digest:
+                    continue
+                if self.report:
+                    await nodes.ReportStatus(
+                        node_pb2.ReportStatusRequest(
+                            node_id=self.node["node_id"],
+                            stream_id=stream_id,
+                            revision=event.desired.revision,
+                            digest=event.desired.digest,
+                            phase=node_pb2.REPORT_PHASE_ACTIVE,
+                        ),
+                        metadata=bearer,
+                    )
+                self.revision = max(self.revision, event.desired.revision)
+                self.changed.set()
 
 
 async def all_at(clients: Sequence[AdsClient | WatchClient], revision: int, within: float) -> None:
@@ -150,7 +170,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await operator.assign(xds[0], nodes=ads_ids)
         await operator.assign(plain[0], nodes=watch_ids)
         ads: list[AdsClient | WatchClient] = [AdsClient(n) for n in ads_nodes]
-        watch: list[AdsClient | WatchClient] = [WatchClient(n) for n in watch_nodes]
+        watch: list[AdsClient | WatchClient] = [WatchClient(n, args.watch_report) for n in watch_nodes]
         t0 = time.monotonic()
         cpu0 = procstat.cpu_seconds(server.pid)
         tasks = [asyncio.create_task(c.run(channels[i % CHANNELS])) for i, c in enumerate(ads + watch)]
@@ -173,7 +193,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 revision, _, _ = await operator.assign(bundles[r], nodes=ids)
                 await all_at(clients, revision, 120)
                 wall = time.monotonic() - w0
-                if kind == "ads":
+                if kind == "ads" or args.watch_report:
                     await asyncio.sleep(0.5)  # include the ACTIVE reports' writes
                     wall = time.monotonic() - w0
                 cpu = procstat.cpu_seconds(server.pid) - c0
@@ -192,6 +212,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         return {
             "nodes_per_kind": args.nodes,
+            "watch_report": args.watch_report,
             "rounds": rounds,
             "summary": summary,
             "opened": opened,
@@ -218,6 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--idle", type=float, default=5.0, help="seconds to measure the idle CPU rate")
     p.add_argument("--server-arg", action="append", default=[])
+    p.add_argument(
+        "--watch-report",
+        action="store_true",
+        help="WatchBundles clients report ACTIVE (ReportStatus) for each desired state, as agents do",
+    )
     args = p.parse_args(argv)
     args.load_before = os.getloadavg()
     pin_self(CLIENT_CPU)
@@ -225,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     result["load_after"] = os.getloadavg()
     print(json.dumps(result["summary"], indent=2))
     print(f"load average before {args.load_before}, after {result['load_after']}")
-    print(f"wrote {write_json('xds', result)}")
+    print(f"wrote {write_json('xds.json', result)}")
 
 
 if __name__ == "__main__":

@@ -64,22 +64,22 @@ class BundleResources:
     async def get(self, project: str, digest: str) -> ResourceSet:
         if not digest:
             return EMPTY
-        future = self._cache.get(digest)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._cache[digest] = future
-            try:
-                future.set_result(await self._load(project, digest))
-            except BaseException as e:
-                del self._cache[digest]  # not cached: the next stream tries again
-                future.set_exception(e)
-                future.exception()  # retrieved: nobody else may be waiting
-                raise
+        load = self._cache.get(digest)
+        if load is None:
+            # A task of its own: a stream that goes away while it waits does not cancel
+            # the read the others wait for.
+            load = self._cache[digest] = asyncio.ensure_future(self._load(project, digest))
+            load.add_done_callback(lambda done: self._forget_failed(digest, done))
             while len(self._cache) > self._keep:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(digest)
-        return await asyncio.shield(future)
+        return await asyncio.shield(load)
+
+    def _forget_failed(self, digest: str, load: asyncio.Future[ResourceSet]) -> None:
+        """Failures are not cached: the next stream tries again."""
+        if (load.cancelled() or load.exception() is not None) and self._cache.get(digest) is load:
+            del self._cache[digest]
 
     async def _load(self, project: str, digest: str) -> ResourceSet:
         self.loads += 1
@@ -97,6 +97,13 @@ class BundleResources:
         if not loaded.ok:
             raise FailedPrecondition(
                 f"bundle {digest} holds no valid Envoy resources: {loaded.errors[0][:500]}", field="digest"
+            )
+        if not loaded.resources.count():
+            # Another proxy's bundle, most likely: running it would remove everything.
+            raise FailedPrecondition(
+                f"bundle {digest} holds no valid Envoy resources: no .yaml, .yml or .json file "
+                "holds one (an xDS node runs only xDS bundles)",
+                field="digest",
             )
         return loaded.resources
 

@@ -148,24 +148,31 @@ async def test_streams_without_the_nodes_credential_are_refused(
     edge = await harness.register("edge")
     other = await harness.register("other")
     api_key = await harness.api_key({"*": 3})
+    # (credential, answer, whether the refusal needs to read whom the stream is for)
     cases = [
-        (f"{edge.node_id}.cpn_forged", grpc.StatusCode.UNAUTHENTICATED),
-        ("", grpc.StatusCode.UNAUTHENTICATED),
-        (other.credential, grpc.StatusCode.PERMISSION_DENIED),  # another node's, for edge
-        (api_key, grpc.StatusCode.PERMISSION_DENIED),  # an operator is not a node
-        (edge.token, grpc.StatusCode.OK),  # a node token is accepted too
+        (f"{edge.node_id}.cpn_forged", grpc.StatusCode.UNAUTHENTICATED, False),
+        ("", grpc.StatusCode.UNAUTHENTICATED, False),
+        (other.credential, grpc.StatusCode.PERMISSION_DENIED, True),  # another node's, for edge
+        (api_key, grpc.StatusCode.PERMISSION_DENIED, False),  # an operator is not a node
     ]
-    for credential, code in cases:
-        stream = Stream(harness, FakeEnvoy(mode, edge.node_id), credential)
-        streams.append(stream)
-        if code is grpc.StatusCode.OK:
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(harness.channel)
+    method = stub.StreamAggregatedResources if mode == "sotw" else stub.DeltaAggregatedResources
+    for credential, code, reads in cases:
+        call = method(metadata=auth(credential) if credential else None)
+        if reads:
+            # Written only where the refusal waits for it: a write racing a refusal that
+            # needs no request could end the call on the client's side first.
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call.write(FakeEnvoy(mode, edge.node_id).opening()[0])
+        assert await call.code() is code, credential
 
-            async def serving() -> None:
-                assert edge.node_id in harness.app.xds_feeds.sessions
+    # A node token is accepted too.
+    streams.append(Stream(harness, FakeEnvoy(mode, edge.node_id), edge.token))
 
-            await eventually(serving, what="the stream opened with a node token")
-            continue
-        assert await stream.ended() is code, credential
+    async def serving() -> None:
+        assert edge.node_id in harness.app.xds_feeds.sessions
+
+    await eventually(serving, what="the stream opened with a node token")
 
 
 async def test_requests_of_another_node_on_a_stream_are_refused(mode: str, harness: Harness) -> None:
@@ -182,3 +189,28 @@ async def test_requests_of_another_node_on_a_stream_are_refused(mode: str, harne
     with contextlib.suppress(grpc.aio.AioRpcError):
         await call.write(request)
     assert await call.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_bundle_without_envoy_resources_is_failed_for_an_xds_node(
+    mode: str, harness: Harness, streams: list[Stream]
+) -> None:
+    edge = await harness.register("edge")
+    v1 = await harness.upload(bundle(site("blue")), version="v1")
+    await harness.assign(v1, nodes=[edge.node_id])
+    streams.append(Stream(harness, FakeEnvoy(mode, edge.node_id), edge.credential))
+
+    async def applied() -> None:
+        assert (await node(harness, edge.node_id)).applied_digest == v1
+
+    await eventually(applied, what="ACTIVE at v1")
+    plain = await harness.upload(bundle({"nginx.conf": b"events {}\n"}), version="not-xds")
+    await harness.assign(plain, nodes=[edge.node_id])
+
+    async def failed() -> node_pb2.Node:
+        n = await node(harness, edge.node_id)
+        assert n.failed_digest == plain, n
+        return n
+
+    refused = await eventually(failed, what="FAILED at the plain bundle")
+    assert "holds no valid Envoy resources" in refused.failed_error, refused.failed_error
+    assert refused.applied_digest == v1

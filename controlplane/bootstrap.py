@@ -90,6 +90,7 @@ from controlplane.tasks.retention import Retention
 from controlplane.tasks.rollouts import RolloutTasks, record_pass
 from controlplane.watch import metrics as watch_metrics
 from controlplane.watch.hub import WatchHub
+from controlplane.xds.pipeline import XdsCheck
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +371,8 @@ class App:
             proxy_binaries=proxy_binaries,
             max_bundle_bytes=s.max_bundle_bytes,
             kdl=self.kdl,
+            # Bundles of Envoy resources are checked at push (docs/xds.md).
+            content_checks=(XdsCheck(),),
         )
         self.bundles.clean_staging()
         self.lifecycle = BundleLifecycle(

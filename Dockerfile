@@ -24,7 +24,12 @@ RUN apt-get update \
     && useradd --system --uid 10001 --gid controlplane --home-dir /var/lib/controlplane --create-home controlplane
 COPY --from=build /wheels /wheels
 # install: run
+# xds-protos ships an older copy of OpenTelemetry's protos in the same package: the second
+# step puts opentelemetry-proto's own files back, whatever order pip installed them in
+# (its version is the one the build stage made a wheel of: DL3013 does not apply).
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir --no-index --find-links /wheels 'controlplane[server,validators]==0.1.0' \
+    && pip install --no-cache-dir --no-index --find-links /wheels --no-deps --force-reinstall opentelemetry-proto \
     && rm -rf /wheels
 USER 10001:10001
 WORKDIR /var/lib/controlplane

@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# xds-protos ships an older copy of OpenTelemetry's protos: opentelemetry-proto's own win.
+	$(BIN)/pip install --quiet -c constraints.txt --no-deps --force-reinstall opentelemetry-proto
 	touch $(STAMP)
 
 ## Re-resolve the dev install from pyproject.toml in a scratch venv and pin it in constraints.txt.

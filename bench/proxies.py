@@ -246,11 +246,18 @@ async def load(port: int, rate: float, seconds: float, connections: int = 8) -> 
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         start, sent = time.monotonic(), 0
         while time.monotonic() < deadline:
-            writer.write(request)
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
-            await reader.readexactly(length)
+            try:
+                writer.write(request)
+                await writer.drain()
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
+                await reader.readexactly(length)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                # The proxy ends a keep-alive connection after so many requests (nginx:
+                # keepalive_requests, 1,000): open another, as a client would.
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                continue
             sent += 1
             await asyncio.sleep(max(0.0, start + sent / per - time.monotonic()))
         writer.close()

@@ -50,6 +50,9 @@ def setup(options: dict[str, Any], level: str, service: str = "controlplane") ->
         context=(observe.ids,),
         trace_ids=tracing.current_ids,
     )
-    traces = tracing.setup(service, options.pop("otlp_endpoint"), process)
+    try:
+        traces = tracing.setup(service, options.pop("otlp_endpoint"), process)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from e
     observe.install(tracing.tracer(), tracing.traceparent)
     return traces

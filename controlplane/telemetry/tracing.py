@@ -56,6 +56,14 @@ class Tracing:
         _tracer = _provider = None
 
 
+# xds-protos (Envoy's API) ships its own, older copy of OpenTelemetry's protos in the same
+# `opentelemetry.proto` package: whichever distribution pip installs last owns the files.
+PROTO_CLASH = (
+    "xds-protos overwrote opentelemetry-proto's files; reinstall them: "
+    "pip install --no-deps --force-reinstall opentelemetry-proto"
+)
+
+
 def setup(service: str, endpoint: str = "", process: str = "", exporter: Any = None) -> Tracing:
     """Turn tracing on if it is configured (`exporter`: a span exporter to use instead of
     OTLP, for benchmarks). Process-wide, like OpenTelemetry's own provider."""
@@ -67,7 +75,10 @@ def setup(service: str, endpoint: str = "", process: str = "", exporter: Any = N
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     if exporter is None:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError as e:
+            raise RuntimeError(f"the OTLP exporter does not import ({e}): {PROTO_CLASH}") from e
 
         if endpoint and "://" not in endpoint:
             # A bare host:port is a collector beside us, in plaintext (https:// for TLS).

@@ -53,14 +53,14 @@ def instructions() -> list[tuple[str, str, str]]:
     return out
 
 
-def pip_step(marker: str) -> list[str]:
-    """The `pip ...` command of the RUN after `# install: <marker>`."""
+def pip_steps(marker: str) -> list[list[str]]:
+    """The `pip ...` commands of the RUN after `# install: <marker>`, in order."""
     for found, word, rest in instructions():
         if found == marker and word == "RUN":
-            first = rest.split("&&")[0].strip()
-            args = shlex.split(first)
-            assert args[0] == "pip", first
-            return [a for a in args[1:] if a != "--no-cache-dir"]
+            commands = [shlex.split(part.strip()) for part in rest.split("&&")]
+            steps = [[a for a in args[1:] if a != "--no-cache-dir"] for args in commands if args[0] == "pip"]
+            assert steps and commands[0][0] == "pip", rest
+            return steps
     raise AssertionError(f"no RUN after '# install: {marker}' in the Dockerfile")
 
 
@@ -109,17 +109,20 @@ def test_the_image_runs_as_a_numbered_user_with_a_grpc_health_check() -> None:
 async def test_the_images_install_steps_and_the_agent_alone(tmp_path: Path) -> None:
     src = sources(tmp_path / "src")
     wheels = tmp_path / "wheels"
-    build = pip_step("build")
+    (build,) = pip_steps("build")
     assert build[:1] == ["wheel"]
     build = [str(wheels) if a == "/wheels" else a for a in build]
     builder = make_venv(tmp_path / "build-venv")
     await run([str(builder), "-m", "pip", *build], src)
     assert any(p.name.startswith("controlplane-0.1.0-") for p in wheels.iterdir())
 
-    install = [str(wheels) if a == "/wheels" else a for a in pip_step("run")]
-    assert install[:1] == ["install"]
     server_python = make_venv(tmp_path / "server-venv")
-    await run([str(server_python), "-m", "pip", *install])
+    for step in pip_steps("run"):
+        install = [str(wheels) if a == "/wheels" else a for a in step]
+        assert install[:1] == ["install"]
+        await run([str(server_python), "-m", "pip", *install])
+    # Tracing's exporter imports: xds-protos's copy of OpenTelemetry's protos was replaced.
+    await run([str(server_python), "-c", "from opentelemetry.exporter.otlp.proto.grpc import trace_exporter"])
     bindir = server_python.parent
     assert (bindir / "controlplane").exists() and (bindir / "agent-stub").exists()
     envoy = await run(

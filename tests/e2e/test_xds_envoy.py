@@ -317,8 +317,9 @@ async def scenario(
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         for metadata in ((), (("authorization", "Bearer forged"),)):
             call = stub.StreamAggregatedResources(metadata=metadata)
-            await call.write(discovery_pb2.DiscoveryRequest(type_url="x", node={"id": NODE}))
             with pytest.raises(grpc.aio.AioRpcError) as refused:
+                # The refusal may end the stream before the write is taken.
+                await call.write(discovery_pb2.DiscoveryRequest(type_url="x", node={"id": NODE}))
                 await call.read()
             assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
         call = stub.DeltaAggregatedResources(metadata=(("authorization", f"Bearer {CREDENTIAL}"),))

@@ -12,6 +12,9 @@ import sys
 def test_opentelemetry_protobuf_and_the_envoy_api_import_together() -> None:
     code = (
         "import opentelemetry.sdk.trace, opentelemetry.trace, opentelemetry.sdk.resources\n"
+        # The exporter needs opentelemetry-proto's files, which xds-protos's copy replaces
+        # when pip installs it last (the Makefile and the Dockerfile reinstall them).
+        "from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter\n"
         "import google.protobuf.any_pb2\n"
         "from envoy.config.listener.v3 import listener_pb2\n"
         "from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2\n"

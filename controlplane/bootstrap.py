@@ -71,6 +71,8 @@ from controlplane.rpc.scope import CachedResolver, ScopeFinder
 from controlplane.rpc.server import GrpcServer, ListenError
 from controlplane.rpc.signing import SigningKeyServicer
 from controlplane.rpc.watch import WatchServicer
+from controlplane.rpc.xds_feed import HubFeeds
+from controlplane.rpc.xds_feed import servicers as xds_servicers
 from controlplane.store.engine import connections_in_use, make_engine, sqlite_directory, upgrade
 from controlplane.store.feed import SqlChangeFeed
 from controlplane.store.lease_keeper import PgLeaseKeeper
@@ -88,6 +90,7 @@ from controlplane.tasks.retention import Retention
 from controlplane.tasks.rollouts import RolloutTasks, record_pass
 from controlplane.watch import metrics as watch_metrics
 from controlplane.watch.hub import WatchHub
+from controlplane.xds.pipeline import XdsCheck
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +187,11 @@ class App:
             await self.signing_keys.register()
             await self.signing_keys.sign_unsigned()
 
+        # Envoy nodes follow the same hub over ADS (rpc/xds_feed.py, docs/xds.md).
+        self.xds_feeds = HubFeeds(self.hub, self.nodes, self.bundles, s.data_dir / "xds")
         self.grpc = GrpcServer(
             GuardInterceptor(self.authenticator, scopes, self.limiter),
-            NodeServicer(self.nodes, self.routers),
+            NodeServicer(self.nodes, self.routers, self.xds_feeds.status_of),
             WatchServicer(self.hub, self.feed),
             BundleServicer(self.bundles, self.lifecycle, self.writer),
             ProjectServicer(self.projects),
@@ -200,6 +205,7 @@ class App:
             rollouts=RolloutServicer(self.rollout_directory, self.rollouts, self.rollout_bus),
             drift=DriftServicer(self.drift),
             notify=NotificationServicer(self.notifications),
+            xds=xds_servicers(self.xds_feeds),
         )
         undo.push_async_callback(self.grpc.stop, 0.0)
         port = self.grpc.bind(s.listen, s.tls_cert, s.tls_key, s.tls_client_ca)
@@ -365,6 +371,8 @@ class App:
             proxy_binaries=proxy_binaries,
             max_bundle_bytes=s.max_bundle_bytes,
             kdl=self.kdl,
+            # Bundles of Envoy resources are checked at push (docs/xds.md).
+            content_checks=(XdsCheck(),),
         )
         self.bundles.clean_staging()
         self.lifecycle = BundleLifecycle(

@@ -120,13 +120,20 @@ def channel(server: str) -> Any:
     return ServerChannel(split_servers(server), _open)
 
 
-def _open(server: str) -> Any:
+def _open(server: str, as_operator: bool = True) -> Any:
     from controlplane.cli.channel import open_channel
 
     c = _connection
-    return open_channel(
-        server, c.api_key or default_api_key(), c.tls_ca, c.tls_cert, c.tls_key, c.tls_server_name
-    )
+    key = (c.api_key or default_api_key()) if as_operator else ""
+    return open_channel(server, key, c.tls_ca, c.tls_cert, c.tls_key, c.tls_server_name)
+
+
+def node_channel(server: str) -> Any:
+    """A channel to `server` (the first of several) with TLS but no API key: for calls a
+    node makes itself, such as RegisterNode with an enrollment token."""
+    from controlplane.cli.servers import split_servers
+
+    return _open(split_servers(server)[0], as_operator=False)
 
 
 def print_message(message: Message, show_defaults: bool = False) -> None:

@@ -17,6 +17,7 @@ COMMANDS = {
     "db": ("controlplane.cli.db:db", "Database schema."),
     "projects": ("controlplane.cli.projects:projects", "Projects."),
     "nodes": ("controlplane.cli.nodes:nodes", "Nodes."),
+    "envoy": ("controlplane.cli.envoy:envoy", "Envoy nodes over xDS: enroll one, print its bootstrap."),
     "bundle": ("controlplane.cli.bundles:bundle", "Bundles: push, inspect, compare, revoke; validators."),
     "assign": ("controlplane.cli.bundles:assign", "Set the desired bundle of a selector's or listed nodes."),
     "unassign": ("controlplane.cli.bundles:unassign", "Remove an assignment."),

@@ -33,6 +33,9 @@ class Rule(enum.Enum):
     NODE_OR_READ = "node-or-read"
     # A node presenting its long-lived credential: only to exchange it for a token.
     NODE_CREDENTIAL = "node-credential"
+    # A node on a stream whose metadata is fixed when the node starts (Envoy's ADS and
+    # stats sink: docs/xds.md): its long-lived, revocable credential or a node token.
+    NODE_STREAM = "node-stream"
 
 
 # The role an operator key needs, in the request's project, for each operator rule.
@@ -53,6 +56,7 @@ class Kind(enum.Enum):
 _IDENTITY = "/controlplane.identity.v1.IdentityService/"
 _AUDIT = "/controlplane.audit.v1.AuditService/"
 _NOTIFY = "/controlplane.notification.v1.NotificationService/"
+_ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
 
 POLICY: dict[str, Rule] = {
     "/grpc.health.v1.Health/Check": Rule.PUBLIC,
@@ -134,6 +138,9 @@ POLICY: dict[str, Rule] = {
     _NOTIFY + "DeleteChannel": Rule.ADMIN,
     _NOTIFY + "ListMessages": Rule.READ,
     _NOTIFY + "RedeliverMessage": Rule.WRITE,
+    _ADS + "StreamAggregatedResources": Rule.NODE_STREAM,
+    _ADS + "DeltaAggregatedResources": Rule.NODE_STREAM,
+    "/envoy.service.metrics.v3.MetricsService/StreamMetrics": Rule.NODE_STREAM,
 }
 
 

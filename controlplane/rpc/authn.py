@@ -5,8 +5,9 @@ Three kinds of bearer, told apart by shape:
 - a node token (a JWT, `eyJ...`): verified by signature and the in-memory revocation
   floors, never a database read, so a reconnect storm costs only signature checks;
 - an API key (`cpk_<id>_<secret>`): one primary-key read, then cached briefly;
-- a node credential (`<node id>.cpn_...`): accepted only by IssueNodeToken, checked
-  against the database each time (exchanges are rare: one per node per ~10 minutes).
+- a node credential (`<node id>.cpn_...`): accepted by IssueNodeToken and by the
+  streams of nodes whose metadata is fixed at start (Envoy's ADS and stats sink),
+  checked against the database each time (exchanges and stream opens are rare).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class Authenticator:
             raise Unauthenticated("the bearer token is too long")
         if rule is Rule.NODE_CREDENTIAL:
             return await self._credential(bearer)
+        if rule is Rule.NODE_STREAM and not bearer.startswith(("eyJ", API_KEY_PREFIX)):
+            return await self._credential(bearer)
         if bearer.startswith("eyJ"):
             claims = self.tokens.verify(bearer)
             return Identity(Kind.NODE, claims.node_id, claims.project, revision=claims.revision)
@@ -67,7 +70,7 @@ class Authenticator:
     async def _credential(self, credential: str) -> Identity:
         node_id, sep, _ = credential.partition(".")
         if not sep or not node_id or credential.startswith(("eyJ", API_KEY_PREFIX)):
-            raise Unauthenticated("IssueNodeToken takes the node credential from RegisterNode")
+            raise Unauthenticated("not a node credential (the one RegisterNode issued: <node id>.cpn_...)")
         node, head = await self._credentials.verify(node_id, credential)
         return Identity(Kind.NODE, node.id, node.project, revision=head)
 

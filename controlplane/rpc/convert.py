@@ -20,6 +20,8 @@ from controlplane.domain.model.fleet import (
     ReportPhase,
 )
 from controlplane.domain.routing.directory import RouterView
+from controlplane.xds import types as xds_types
+from controlplane.xds.status import NodeXdsStatus
 
 _HEALTH = {
     Health.UNKNOWN: node_pb2.HEALTH_STATUS_UNSPECIFIED,
@@ -71,7 +73,21 @@ def heartbeat_out(beat: HeartbeatRecord) -> node_pb2.Heartbeat:
     )
 
 
-def node_out(node: Node, desired: DesiredRow | None) -> node_pb2.Node:
+def xds_out(status: NodeXdsStatus) -> node_pb2.XdsStream:
+    msg = node_pb2.XdsStream(
+        acked_versions={xds_types.short(url): v for url, v in status.acked.items()},
+        running_revision=status.running_revision,
+        running_digest=status.running_digest,
+    )
+    nack = status.last_nack
+    if nack is not None:
+        msg.last_nack.CopyFrom(
+            node_pb2.XdsNack(revision=nack.revision, type=xds_types.short(nack.type_url), error=nack.error)
+        )
+    return msg
+
+
+def node_out(node: Node, desired: DesiredRow | None, xds: NodeXdsStatus | None = None) -> node_pb2.Node:
     msg = node_pb2.Node(
         id=node.id,
         project=node.project,
@@ -95,6 +111,8 @@ def node_out(node: Node, desired: DesiredRow | None) -> node_pb2.Node:
     if node.last_heartbeat is not None:
         msg.last_heartbeat_at.FromDatetime(node.last_heartbeat.received_at)
         msg.last_heartbeat.CopyFrom(heartbeat_out(node.last_heartbeat))
+    if xds is not None:
+        msg.xds.CopyFrom(xds_out(xds))
     if node.last_report is not None:
         r = node.last_report
         msg.last_report.CopyFrom(

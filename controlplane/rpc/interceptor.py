@@ -58,7 +58,9 @@ REFUSED = Counter(
 _OPEN = frozenset(m for m in auth.POLICY if m.startswith(("/grpc.health.", "/grpc.reflection.")))
 _WATCH = "/controlplane.watch.v1.WatchService/WatchBundles"
 _OPERATOR_RULES = frozenset({auth.Rule.READ, auth.Rule.WRITE, auth.Rule.ADMIN})
-_NODE_RULES = frozenset({auth.Rule.NODE, auth.Rule.NODE_CREDENTIAL})
+_NODE_RULES = frozenset({auth.Rule.NODE, auth.Rule.NODE_CREDENTIAL, auth.Rule.NODE_STREAM})
+# Long-lived node streams share the watch's rate bucket (one call per reconnect).
+_STREAMS = frozenset({_WATCH, *(m for m, r in auth.POLICY.items() if r is auth.Rule.NODE_STREAM)})
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -244,7 +246,7 @@ def _check_kind(method: str, rule: auth.Rule, identity: auth.Identity) -> None:
 
 def _bucket(method: str, identity: auth.Identity) -> str:
     if identity.kind is auth.Kind.NODE:
-        return "watch" if method == _WATCH else "node"
+        return "watch" if method in _STREAMS else "node"
     return "operator"
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import grpc
 
@@ -9,12 +10,20 @@ from controlplane.domain.fleet.nodes import NodeRegistry
 from controlplane.domain.kernel.errors import InvalidArgument
 from controlplane.domain.routing.directory import RouterDirectory
 from controlplane.rpc import auth, convert
+from controlplane.xds.status import NodeXdsStatus
 
 
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
-    def __init__(self, nodes: NodeRegistry, routers: RouterDirectory):
+    def __init__(
+        self,
+        nodes: NodeRegistry,
+        routers: RouterDirectory,
+        xds_status: Callable[[str], NodeXdsStatus | None] = lambda node_id: None,
+    ):
         self._nodes = nodes
         self._routers = routers
+        # An Envoy node's open ADS stream on this server (rpc/xds_feed.py), if any.
+        self._xds_status = xds_status
 
     async def RegisterNode(
         self, request: node_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
@@ -60,7 +69,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.GetNodeRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.GetNodeResponse:
         node = await self._nodes.get(request.node_id)
-        return node_pb2.GetNodeResponse(node=convert.node_out(node, self._nodes.desired(node.id)))
+        desired = self._nodes.desired(node.id)
+        return node_pb2.GetNodeResponse(node=convert.node_out(node, desired, self._xds_status(node.id)))
 
     async def ListNodes(
         self, request: node_pb2.ListNodesRequest, context: grpc.aio.ServicerContext

@@ -16,6 +16,7 @@ from controlplane.api.project.v1 import project_pb2, project_pb2_grpc
 from controlplane.api.rollout.v1 import drift_pb2, drift_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from controlplane.api.watch.v1 import watch_pb2
 from controlplane.rpc import watch
+from controlplane.rpc import xds as rpc_xds
 from controlplane.rpc.audit import AuditServicer
 from controlplane.rpc.bundles import BundleServicer
 from controlplane.rpc.identity import IdentityServicer
@@ -94,6 +95,7 @@ class GrpcServer:
         rollouts: RolloutServicer,
         drift: DriftServicer,
         notify: NotificationServicer,
+        xds: tuple[rpc_xds.AdsServicer, rpc_xds.MetricsServicer] | None = None,
     ):
         self._inflight = guard.inflight
         self.server = grpc.aio.server(
@@ -109,11 +111,16 @@ class GrpcServer:
         drift_pb2_grpc.add_DriftServiceServicer_to_server(drift, self.server)
         notification_pb2_grpc.add_NotificationServiceServicer_to_server(notify, self.server)
         self.server.add_generic_rpc_handlers((watch.handler(watch_servicer),))
+        # Envoy's aggregated discovery and stats sink (docs/xds.md), on the same port.
+        xds_services: tuple[str, ...] = ()
+        if xds is not None:
+            self.server.add_generic_rpc_handlers(rpc_xds.handlers(*xds))
+            xds_services = rpc_xds.SERVICES
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # v1 and v1alpha; they resolve method symbols too (`grpcurl describe` of a method).
         self.server.add_generic_rpc_handlers(
-            reflection_handlers(ReflectionServicer((*SERVICES, health.SERVICE_NAME)))
+            reflection_handlers(ReflectionServicer((*SERVICES, *xds_services, health.SERVICE_NAME)))
         )
         self.port = 0
 

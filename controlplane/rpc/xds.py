@@ -19,11 +19,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
-from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.discovery.v3 import ads_pb2, discovery_pb2
+from prometheus_client import Counter, Gauge
 
 from controlplane.api.third_party.envoy.service.metrics.v3 import metrics_service_pb2 as metrics_pb
 from controlplane.domain.kernel.errors import DomainError, PermissionDenied, Unauthenticated
 from controlplane.domain.model.fleet import NodeMetrics
+from controlplane.rpc import auth
 from controlplane.rpc.errors import set_status
 from controlplane.xds.delta import DeltaSession
 from controlplane.xds.encode import Encoder
@@ -35,8 +37,15 @@ from controlplane.xds.status import NodeXdsStatus
 
 log = logging.getLogger(__name__)
 
-ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-METRICS_SERVICE = "envoy.service.metrics.v3.MetricsService"
+ADS_SERVICE = ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"].full_name
+METRICS_SERVICE = metrics_pb.DESCRIPTOR.services_by_name["MetricsService"].full_name
+SERVICES = (ADS_SERVICE, METRICS_SERVICE)
+STREAMS_OPEN = Gauge("controlplane_xds_streams_open", "Open aggregated discovery (ADS) streams.")
+RESOURCES_SENT = Counter(
+    "controlplane_xds_resources_sent_total",
+    "Resources sent over ADS; a node that resumes with what it has adds nothing.",
+)
+
 # A session's gate timeout is checked this often (it is 15 s): a second is plenty.
 TICK_SECONDS = 1.0
 
@@ -50,8 +59,12 @@ class Feed(Protocol):
     @property
     def base(self) -> Snapshot | None: ...
 
-    async def next(self) -> Snapshot | None:
-        """The next target; None when the stream must end (the node was revoked)."""
+    async def next(self) -> Snapshot | DomainError | None:
+        """The next target; else why the stream must end (None: the node was revoked)."""
+        ...
+
+    async def report(self, status: NodeXdsStatus) -> None:
+        """The node's status changed (what it acknowledged or refused)."""
         ...
 
     def close(self) -> None: ...
@@ -63,6 +76,18 @@ class Feeds(Protocol):
 
 # The node a call authenticates as, from its metadata or peer certificate.
 Authenticate = Callable[[grpc.aio.ServicerContext], Awaitable[str]]
+
+
+async def authenticated_node(context: grpc.aio.ServicerContext) -> str:
+    """The node the interceptor authenticated (rule NODE_STREAM: its credential or token)."""
+    identity = auth.current()
+    if identity.kind is not auth.Kind.NODE:
+        raise Unauthenticated(
+            "an xDS stream needs the node's credential (authorization: Bearer <credential>)"
+        )
+    return identity.subject
+
+
 OnStatus = Callable[[str, NodeXdsStatus], Awaitable[None]]
 OnMetrics = Callable[[str, NodeMetrics], Awaitable[None]]
 
@@ -71,8 +96,8 @@ class AdsServicer:
     def __init__(
         self,
         feeds: Feeds,
-        authenticate: Authenticate,
-        on_status: OnStatus,
+        authenticate: Authenticate = authenticated_node,
+        on_status: OnStatus | None = None,
         encoder: Encoder | None = None,
         limits: Limits | None = None,
     ):
@@ -105,19 +130,26 @@ class AdsServicer:
             return
         session = cls(node_id, feed.target, base=feed.base, encoder=self.encoder, limits=self._limits)
         self.sessions[node_id] = session
+        STREAMS_OPEN.inc()
         lock = asyncio.Lock()
+        sent = 0
 
         async def emit(out: Output) -> None:
+            nonlocal sent
             for payload in out.sends:
                 await context.write(payload)
+            RESOURCES_SENT.inc(session.resources_sent - sent)
+            sent = session.resources_sent
             if out.status is not None:
-                await self._on_status(node_id, out.status)
+                await feed.report(out.status)
+                if self._on_status is not None:
+                    await self._on_status(node_id, out.status)
 
         async def follow() -> DomainError | None:
-            while (target := await feed.next()) is not None:
+            while isinstance(target := await feed.next(), Snapshot):
                 async with lock:
                     await emit(session.set_target(target))
-            return Unauthenticated("this node's identity was revoked")
+            return target or Unauthenticated("this node's identity was revoked")
 
         async def tick() -> None:
             while True:
@@ -147,6 +179,7 @@ class AdsServicer:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*tasks, return_exceptions=True)
             feed.close()
+            STREAMS_OPEN.dec()
             if self.sessions.get(node_id) is session:
                 del self.sessions[node_id]
 
@@ -155,7 +188,10 @@ class MetricsServicer:
     """Envoy's stats sink: each flush becomes the node's heartbeat figures."""
 
     def __init__(
-        self, authenticate: Authenticate, on_metrics: OnMetrics, clock: Callable[[], float] = time.time
+        self,
+        on_metrics: OnMetrics,
+        authenticate: Authenticate = authenticated_node,
+        clock: Callable[[], float] = time.time,
     ):
         self._authenticate = authenticate
         self._on_metrics = on_metrics

@@ -11,14 +11,20 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import time
+from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import text_format
 
+from controlplane.domain.bundles.archive.formats import ConfigFormat, parse
 from controlplane.domain.model.bundles import ValidationResult
 from controlplane.xds import refs, types
-from controlplane.xds.resources import EXTENSIONS, Loaded
+from controlplane.xds.resources import EXTENSIONS, Loaded, load
 from controlplane.xds.snapshot import ResourceSet, canonical
 
 VALIDATOR = "xds:" + ",".join(f"*{ext}" for ext in EXTENSIONS)
@@ -41,6 +47,57 @@ _TLS = {
     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
     "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
 }
+
+
+# A file is read for these only up to this size before it counts as a candidate.
+_SNIFF_BYTES = 4 * 1024 * 1024
+_SERVED = re.compile(
+    rb"type\.googleapis\.com/(?:"
+    + b"|".join(re.escape(t.url.split("/", 1)[1].encode()) for t in types.ORDER)
+    + rb")"
+)
+
+
+class XdsCheck:
+    """The xDS checks at push (`resources.load`), for a bundle that holds xDS resources:
+    a file of the bundle names a served type (Listener, Cluster...) as a top-level
+    resource. An Envoy bootstrap for an agent's Envoy (its `static_resources`) is not one."""
+
+    def wanted(self, root: Path, paths: Sequence[str]) -> bool:
+        for path in paths:
+            if os.path.splitext(path)[1].lower() not in EXTENSIONS:
+                continue
+            try:
+                with (root / path).open("rb") as f:
+                    head = f.read(_SNIFF_BYTES)
+            except OSError:
+                continue
+            if _SERVED.search(head) and _top_level_resources(root, path):
+                return True
+        return False
+
+    def run(self, root: Path, paths: Sequence[str]) -> ValidationResult:
+        started = time.monotonic()
+        loaded = load(root, paths)
+        return validation_result(loaded, timedelta(seconds=time.monotonic() - started))
+
+
+def _top_level_resources(root: Path, path: str) -> bool:
+    """Whether the file holds resources in one of the shapes `resources.load` reads."""
+    fmt = EXTENSIONS[os.path.splitext(path)[1].lower()]
+    parsed = parse(root, path, fmt)
+    if not parsed.ok:
+        return False
+    documents = parsed.document if fmt is ConfigFormat.YAML else [parsed.document]
+    for doc in documents:
+        items = doc if isinstance(doc, list) else doc.get("resources") if isinstance(doc, dict) else None
+        if isinstance(doc, dict) and isinstance(doc.get("@type"), str):
+            items = [doc]
+        if isinstance(items, list) and any(
+            isinstance(i, dict) and i.get("@type") in types.BY_URL for i in items
+        ):
+            return True
+    return False
 
 
 def validation_result(loaded: Loaded, duration: timedelta = timedelta(0)) -> ValidationResult:

@@ -46,11 +46,18 @@ async def test_reflection_lists_every_service(harness: Harness) -> None:
         "controlplane.project.v1.ProjectService",
         "controlplane.watch.v1.WatchService",
         "grpc.health.v1.Health",
+        # Envoy's, on the same port (docs/xds.md).
+        "envoy.service.discovery.v3.AggregatedDiscoveryService",
+        "envoy.service.metrics.v3.MetricsService",
     }
     code, out, err = await grpcurl(
         "-plaintext", harness.address, "describe", "controlplane.watch.v1.WatchService"
     )
     assert code == 0 and "WatchBundles" in out, err
+    code, out, err = await grpcurl(
+        "-plaintext", harness.address, "describe", "envoy.service.discovery.v3.AggregatedDiscoveryService"
+    )
+    assert code == 0 and "DeltaAggregatedResources" in out and "StreamAggregatedResources" in out, err
 
 
 async def test_describe_resolves_a_method_and_its_messages(harness: Harness) -> None:

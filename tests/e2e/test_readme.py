@@ -33,6 +33,7 @@ import pytest
 
 from tests.support.eventually import eventually
 from tests.support.ports import unused_port
+from tests.support.proxies import stop_proxies
 
 pytestmark = pytest.mark.e2e
 
@@ -286,3 +287,5 @@ async def test_the_first_session_runs_as_written(repository: Path, tmp_path: Pat
         await shell.close()
         for process in reversed(started):
             await process.stop()
+        # A supervised proxy outlives its agent (it keeps serving): stopped by pid.
+        await asyncio.to_thread(stop_proxies, repository / "agent-state")

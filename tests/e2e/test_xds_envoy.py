@@ -76,6 +76,9 @@ class Feed:
     async def next(self) -> Snapshot | None:
         return await self.queue.get()
 
+    async def report(self, status: NodeXdsStatus) -> None:
+        pass
+
     def close(self) -> None:
         self.feeds.open_feeds.discard(self)
 
@@ -136,7 +139,7 @@ class ControlPlane:
 
     async def start(self) -> None:
         self.ads = rpc_xds.AdsServicer(self.feeds, self.authenticate, self.on_status)
-        metrics = rpc_xds.MetricsServicer(self.authenticate, self.on_metrics)
+        metrics = rpc_xds.MetricsServicer(self.on_metrics, self.authenticate)
         server = grpc.aio.server()
         server.add_generic_rpc_handlers(rpc_xds.handlers(self.ads, metrics))
         self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")

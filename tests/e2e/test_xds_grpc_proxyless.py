@@ -87,6 +87,9 @@ class Feed:
     async def next(self) -> Any:
         return await self._never
 
+    async def report(self, status: NodeXdsStatus) -> None:
+        pass
+
     def close(self) -> None:
         self._never.cancel()
 

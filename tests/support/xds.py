@@ -8,6 +8,7 @@ The client is a protocol peer, not a double of our code: the real Envoy tests
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
 from controlplane.xds import refs, types
@@ -26,6 +28,16 @@ from controlplane.xds.snapshot import Resource, ResourceSet, Snapshot, canonical
 from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 # -- building resources -------------------------------------------------------------------
+
+
+def bundle_files(messages: Iterable[Message], path: str = "edge/site.json") -> dict[str, bytes]:
+    """The files of an xDS bundle holding `messages` (Envoy's file-subscription shape)."""
+    docs = []
+    for message in messages:
+        packed = any_pb2.Any()
+        packed.Pack(message)
+        docs.append(json_format.MessageToDict(packed))
+    return {path: json.dumps({"resources": docs}, indent=1).encode()}
 
 
 def resource(message: Message) -> Resource:

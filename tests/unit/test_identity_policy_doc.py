@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 
 from controlplane.domain.model.roles import Role
@@ -48,8 +49,10 @@ def cell(rule: Rule, caller: str, project_scoped: bool) -> str:
     if caller == "node":
         if rule is Rule.NODE_CREDENTIAL:
             return "credential"
+        if rule is Rule.NODE_STREAM:
+            return "own, credential or token"
         return "own" if rule in (Rule.NODE, Rule.NODE_OR_READ) else "—"
-    if rule in (Rule.NODE, Rule.NODE_CREDENTIAL):
+    if rule in (Rule.NODE, Rule.NODE_CREDENTIAL, Rule.NODE_STREAM):
         return "—"
     if Role[caller.upper()] < ROLE_FOR[rule]:
         return "—"
@@ -67,6 +70,11 @@ def table() -> str:
         service = rpc.path.split("/")[1].split(".")[-1]
         cells = [cell(rule, c, project_scoped) for c in ("anonymous", "node", "reader", "operator", "admin")]
         rows.append(f"| `{service}/{rpc.name}` | {rule.value} | " + " | ".join(cells) + " |")
+    for path, rule in sorted(POLICY.items()):
+        if path.startswith("/envoy."):
+            name = path.lstrip("/").split(".")[-1]
+            cells = [cell(rule, c, False) for c in ("anonymous", "node", "reader", "operator", "admin")]
+            rows.append(f"| `{name}` (Envoy's) | {rule.value} | " + " | ".join(cells) + " |")
     for path, rule in sorted(POLICY.items()):
         if path.startswith("/grpc."):
             name = path.lstrip("/")
@@ -90,8 +98,18 @@ def test_every_rpc_has_a_rule() -> None:
     assert not missing, missing
     # ...and no rule names an RPC that does not exist (a typo would leave the real one unguarded).
     served = {r.path for r in all_rpcs()}
-    stale = [p for p in POLICY if not p.startswith("/grpc.") and p not in served]
+    stale = [p for p in POLICY if not p.startswith(("/grpc.", "/envoy.")) and p not in served]
     assert not stale, stale
+
+
+def test_envoy_rules_name_envoy_methods() -> None:
+    # Envoy's services (docs/xds.md) are not ours: checked against their descriptors.
+    import controlplane.rpc.xds  # noqa: F401  (registers Envoy's services' descriptors)
+
+    pool = descriptor_pool.Default()
+    for path in (p for p in POLICY if p.startswith("/envoy.")):
+        service, method = path.lstrip("/").split("/")
+        assert pool.FindServiceByName(service).methods_by_name[method] is not None, path
 
 
 if __name__ == "__main__":

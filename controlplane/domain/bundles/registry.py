@@ -158,6 +158,8 @@ class BundleRegistry:
     intake_deadlines: IntakeDeadlines = field(default_factory=IntakeDeadlines)
     download_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_DOWNLOADS))
     download_wait: float = DOWNLOAD_WAIT
+    # Checks of content the server recognizes (xDS resources), run on every push.
+    content_checks: tuple[validators.ContentCheck, ...] = ()
 
     def __post_init__(self) -> None:
         # Validators run inside the scratch tree: a path relative to the server's working
@@ -326,6 +328,10 @@ class BundleRegistry:
             )
         for check in config.parsers:
             results.append(await in_thread(validators.run_parser, check, config.main, manifest, cache))
+        paths = [e.path for e in manifest.files]
+        for content in self.content_checks:
+            if await in_thread(content.wanted, root, paths):
+                results.append(await in_thread(content.run, root, paths))
         found = await self.proxy_binaries.find(config.proxies)
         for proxy in config.proxies:
             results.append(await run_proxy(proxy, found[proxy.kind], root, digest))

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from controlplane.domain.bundles.archive import kdl_config
 from controlplane.domain.bundles.archive.formats import EXTENSIONS, ConfigFormat, Parsed, parse
@@ -89,6 +89,16 @@ class ProxyCheck:
     @property
     def label(self) -> str:
         return f"proxy:{self.kind}"
+
+
+class ContentCheck(Protocol):
+    """A check the server runs on every bundle whose content it recognizes, whatever the
+    project's validation config (the xDS checks: controlplane/xds/pipeline.py). Both
+    calls block (file reads, parsing): the pipeline runs them on a thread."""
+
+    def wanted(self, root: Path, paths: Sequence[str]) -> bool: ...
+
+    def run(self, root: Path, paths: Sequence[str]) -> ValidationResult: ...
 
 
 @dataclass(frozen=True)

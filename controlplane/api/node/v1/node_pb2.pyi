@@ -251,6 +251,7 @@ class Node(_message.Message):
     APPLIED_REVOKED_REASON_FIELD_NUMBER: _builtins.int
     DESIRED_REVOKED_REASON_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
+    XDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     project: _builtins.str
     name: _builtins.str
@@ -288,6 +289,12 @@ class Node(_message.Message):
     def last_heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def last_report(self) -> Global___StatusReport: ...
+    @_builtins.property
+    def xds(self) -> Global___XdsStream:
+        """An Envoy node (docs/xds.md) whose ADS stream is open on the server that answered:
+        what Envoy acknowledged, and the last response it refused.
+        """
+
     def __init__(
         self,
         *,
@@ -311,14 +318,98 @@ class Node(_message.Message):
         applied_revoked_reason: _builtins.str = ...,
         desired_revoked_reason: _builtins.str = ...,
         address: _builtins.str = ...,
+        xds: Global___XdsStream | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "last_heartbeat_at", b"last_heartbeat_at", "last_report", b"last_report", "registered_at", b"registered_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "last_heartbeat_at", b"last_heartbeat_at", "last_report", b"last_report", "registered_at", b"registered_at", "xds", b"xds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "applied_digest", b"applied_digest", "applied_revision", b"applied_revision", "applied_revoked_reason", b"applied_revoked_reason", "desired_digest", b"desired_digest", "desired_revision", b"desired_revision", "desired_revoked_reason", b"desired_revoked_reason", "failed_digest", b"failed_digest", "failed_error", b"failed_error", "hostname", b"hostname", "id", b"id", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "last_heartbeat_at", b"last_heartbeat_at", "last_report", b"last_report", "name", b"name", "project", b"project", "registered_at", b"registered_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "applied_digest", b"applied_digest", "applied_revision", b"applied_revision", "applied_revoked_reason", b"applied_revoked_reason", "desired_digest", b"desired_digest", "desired_revision", b"desired_revision", "desired_revoked_reason", b"desired_revoked_reason", "failed_digest", b"failed_digest", "failed_error", b"failed_error", "hostname", b"hostname", "id", b"id", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "last_heartbeat_at", b"last_heartbeat_at", "last_report", b"last_report", "name", b"name", "project", b"project", "registered_at", b"registered_at", "status", b"status", "xds", b"xds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class XdsStream(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AckedVersionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ACKED_VERSIONS_FIELD_NUMBER: _builtins.int
+    RUNNING_REVISION_FIELD_NUMBER: _builtins.int
+    RUNNING_DIGEST_FIELD_NUMBER: _builtins.int
+    LAST_NACK_FIELD_NUMBER: _builtins.int
+    running_revision: _builtins.int
+    """The last revision Envoy acknowledged whole (every type): what it runs."""
+    running_digest: _builtins.str
+    @_builtins.property
+    def acked_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Per resource type (Listener, RouteConfiguration, Cluster, ClusterLoadAssignment,
+        Secret), the version Envoy last acknowledged: `<revision>-<content hash>`.
+        """
+
+    @_builtins.property
+    def last_nack(self) -> Global___XdsNack:
+        """The last response Envoy refused on this stream (NACK), with Envoy's own words."""
+
+    def __init__(
+        self,
+        *,
+        acked_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        running_revision: _builtins.int = ...,
+        running_digest: _builtins.str = ...,
+        last_nack: Global___XdsNack | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_nack", b"last_nack"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_versions", b"acked_versions", "last_nack", b"last_nack", "running_digest", b"running_digest", "running_revision", b"running_revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___XdsStream: _TypeAlias = XdsStream  # noqa: Y015
+
+@_typing.final
+class XdsNack(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    type: _builtins.str
+    """The resource type refused (Listener, Cluster, ...)."""
+    error: _builtins.str
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        type: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "revision", b"revision", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___XdsNack: _TypeAlias = XdsNack  # noqa: Y015
 
 @_typing.final
 class RegisterNodeRequest(_message.Message):

@@ -1,0 +1,155 @@
+"""`controlplane envoy ...`: Envoy nodes, which follow the control plane over xDS."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from controlplane.cli.client import (
+    default_enrollment_token,
+    labels,
+    node_channel,
+    project_option,
+    server_option,
+    unary,
+)
+from controlplane.cli.output import OutputGroup
+
+
+@click.group(cls=OutputGroup)
+def envoy() -> None:
+    """Envoy nodes: no agent, their configuration over xDS (docs/xds.md)."""
+
+
+@envoy.command("bootstrap")
+@server_option
+@project_option
+@click.option("--node", "name", required=True, help="The node's name (enrolled under it if needed).")
+@click.option("--labels", "label_pairs", multiple=True, help="env=prod,region=eu (at enrollment).")
+@click.option("--token", envvar="CONTROLPLANE_ENROLLMENT_TOKEN", show_envvar=True, help="Enrollment token.")
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File holding the enrollment token (default: data/enrollment-token when readable).",
+)
+@click.option(
+    "--credential-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where the node's id and credential are kept: read if it exists (no enrollment), "
+    "else written (mode 0600) once the node is enrolled.",
+)
+@click.option(
+    "--ads-address",
+    default="",
+    help="host:port Envoy dials for ADS and its stats (default: the first --server).",
+)
+@click.option("--mode", type=click.Choice(["delta", "sotw"]), default="delta", show_default=True)
+@click.option("--admin-port", type=int, default=9901, show_default=True, help="Envoy's admin, on 127.0.0.1.")
+@click.option(
+    "--stats-flush", type=float, default=10.0, show_default=True, help="Seconds between stats flushes."
+)
+@click.option(
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the bootstrap here (mode 0600) instead of standard output.",
+)
+def bootstrap(
+    server: str,
+    project: str,
+    name: str,
+    label_pairs: tuple[str, ...],
+    token: str | None,
+    token_file: Path | None,
+    credential_file: Path | None,
+    ads_address: str,
+    mode: str,
+    admin_port: int,
+    stats_flush: float,
+    out: Path | None,
+) -> None:
+    """Enroll an Envoy as node NAME (unless --credential-file already holds it) and print
+    the bootstrap it starts with: its node id, ADS and the stats sink to the control
+    plane, its credential in the gRPC initial metadata. The bootstrap holds the
+    credential: keep it readable by the Envoy user only."""
+    from controlplane.xds.bootstrap import BootstrapSpec
+    from controlplane.xds.bootstrap import bootstrap as build
+
+    if credential_file is not None and credential_file.exists():
+        node_id, credential = _read_credential(credential_file)
+    else:
+        node_id, credential = _enroll(server, project, name, labels(label_pairs), token, token_file)
+        if credential_file is not None:
+            _write_private(credential_file, json.dumps({"node_id": node_id, "credential": credential}) + "\n")
+        click.echo(f"enrolled {name!r} as node {node_id} in project {project!r}", err=True)
+    host, port = _host_port(ads_address or server.split(",", maxsplit=1)[0].strip())
+    spec = BootstrapSpec(
+        node_id,
+        project,
+        host,
+        port,
+        credential,
+        "sotw" if mode == "sotw" else "delta",
+        admin_port,
+        stats_flush_seconds=stats_flush,
+    )
+    text = json.dumps(build(spec), indent=2) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        _write_private(out, text)
+        click.echo(f"wrote {out} (it holds the node credential)", err=True)
+
+
+def _enroll(
+    server: str,
+    project: str,
+    name: str,
+    node_labels: dict[str, str],
+    token: str | None,
+    token_file: Path | None,
+) -> tuple[str, str]:
+    from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
+
+    if token_file is not None:
+        token = token_file.read_text().strip()
+    token = token or default_enrollment_token()
+    if not token:
+        raise click.UsageError(
+            "give --token or --token-file (the project's enrollment token), or --credential-file "
+            "holding an enrolled node's credential"
+        )
+    stub = node_pb2_grpc.NodeServiceStub(node_channel(server))
+    request = node_pb2.RegisterNodeRequest(
+        project=project, enrollment_token=token, name=name, labels=node_labels, agent_version="envoy"
+    )
+    reply: Any = unary(lambda: stub.RegisterNode(request))
+    return str(reply.node_id), str(reply.node_credential)
+
+
+def _read_credential(path: Path) -> tuple[str, str]:
+    try:
+        held = json.loads(path.read_text())
+        return str(held["node_id"]), str(held["credential"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise click.BadParameter(
+            f"{path}: not a credential file ({e})", param_hint="--credential-file"
+        ) from None
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise click.BadParameter(f"{address!r} is not host:port", param_hint="--ads-address")
+    return host.strip("[]"), int(port)

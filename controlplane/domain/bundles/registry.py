@@ -329,12 +329,18 @@ class BundleRegistry:
         for check in config.parsers:
             results.append(await in_thread(validators.run_parser, check, config.main, manifest, cache))
         paths = [e.path for e in manifest.files]
+        contents = []
         for content in self.content_checks:
             if await in_thread(content.wanted, root, paths):
+                contents.append(content)
                 results.append(await in_thread(content.run, root, paths))
         found = await self.proxy_binaries.find(config.proxies)
         for proxy in config.proxies:
-            results.append(await run_proxy(proxy, found[proxy.kind], root, digest))
+            result = None
+            for content in contents:
+                if (result := await content.proxy(proxy, found[proxy.kind], root, paths)) is not None:
+                    break
+            results.append(result or await run_proxy(proxy, found[proxy.kind], root, digest))
         # Last: commands run on the received tree and may write to it; the archive is
         # already packed, in a directory of its own, and the blob store refuses it if
         # its bytes no longer hash to the digest.

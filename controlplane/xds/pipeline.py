@@ -84,6 +84,12 @@ class XdsCheck:
         loaded = load(root, paths)
         return validation_result(loaded, timedelta(seconds=time.monotonic() - started))
 
+    def structure(self, root: Path, paths: Sequence[str]) -> dict[str, dict[str, Any]] | None:
+        """The resources as risk scoring reads them (`structure` below); None when they
+        do not load (the check fails the bundle anyway)."""
+        loaded = load(root, paths)
+        return structure(loaded.resources) if loaded.ok else None
+
     async def proxy(
         self, check: ProxyCheck, binary: Binary, root: Path, paths: Sequence[str]
     ) -> ValidationResult | None:

@@ -101,6 +101,11 @@ class ContentCheck(Protocol):
 
     def run(self, root: Path, paths: Sequence[str]) -> ValidationResult: ...
 
+    def structure(self, root: Path, paths: Sequence[str]) -> kdl_config.Structure | None:
+        """What the content declares, in the shape risk scoring and the SBOM read (one
+        entry per listener, upstream, route...); None when it does not load."""
+        ...
+
     async def proxy(
         self, check: ProxyCheck, binary: Binary, root: Path, paths: Sequence[str]
     ) -> ValidationResult | None:

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -195,10 +195,12 @@ class Node:
 
 
 def _log_time(line: str) -> float | None:
-    match = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
+    """The time a line of the agent's log begins with: structlog's ISO 8601 in UTC
+    (`2026-12-07T14:59:03.896511Z`)."""
+    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)Z", line)
     if match is None:
         return None
-    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(match.group(2)) / 1000
+    return datetime.fromisoformat(match.group(1)).replace(tzinfo=UTC).timestamp()
 
 
 def stop_proxies_under(state: Path) -> None:

@@ -39,3 +39,12 @@ async def test_risk_names_the_resources_added_removed_and_changed(harness: Harne
     )
     assert "1 changed" in findings["routes-changed"].reason, findings["routes-changed"].reason
     assert "upstream-removed" not in findings and "listener-changed" not in findings, findings
+
+    # `bundle compare` (DiffBundles) judges the same way, from the stored structures.
+    diff = await harness.bundles.DiffBundles(
+        bpb.DiffBundlesRequest(project="default", from_digest=first.digest, to_digest=third.digest)
+    )
+    compared = {f.rule: f.reason for f in diff.risk.findings}
+    assert compared["upstream-removed"] == "upstream(s) removed: 'b'", compared
+    assert compared["upstream-added"] == "upstream(s) added: 'c'", compared
+    assert [c.path for c in diff.changes] == ["edge/site.json"], diff.changes

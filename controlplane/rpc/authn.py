@@ -27,13 +27,11 @@ from controlplane.domain.identity.node_tokens import NodeTokens
 from controlplane.domain.kernel.errors import Unauthenticated
 from controlplane.domain.kernel.secrets import API_KEY_PREFIX, hash_secret
 from controlplane.rpc.auth import ANONYMOUS, Identity, Kind, Rule
+from controlplane.xds.bootstrap import NODE_URI
 
 # Longest accepted bearer: far above any token we issue, small enough to bound the work
 # an attacker can make us do per call.
 MAX_BEARER = 4096
-
-# A node certificate's URI subject alternative name: urn:controlplane:node:<project>:<node id>.
-NODE_URI = "urn:controlplane:node:"
 
 
 class NodeCertificates:

@@ -20,8 +20,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from controlplane.api.identity.v1 import identity_pb2, identity_pb2_grpc
 from controlplane.api.node.v1 import node_pb2
-from controlplane.rpc.authn import NODE_URI
-from controlplane.xds.bootstrap import BootstrapSpec, Tls, bootstrap
+from controlplane.xds.bootstrap import NODE_URI, BootstrapSpec, Tls, bootstrap
 from tests.e2e.test_xds_fleet import LDS, site
 from tests.support.archives import bundle
 from tests.support.certs import CertificateAuthority, Pair

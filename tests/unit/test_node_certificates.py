@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from controlplane.domain.kernel.errors import Unauthenticated
-from controlplane.rpc.authn import NODE_URI, NodeCertificates
+from controlplane.rpc.authn import NodeCertificates
+from controlplane.xds.bootstrap import NODE_URI
 from tests.support.certs import CertificateAuthority
 
 

@@ -57,7 +57,7 @@ from controlplane.outbound.http import OutboundHttp
 from controlplane.outbound.notify import HttpNotificationSender, HttpWebhookCaller
 from controlplane.outbound.prometheus import PrometheusProvider
 from controlplane.rpc.audit import AuditServicer
-from controlplane.rpc.authn import Authenticator
+from controlplane.rpc.authn import Authenticator, NodeCertificates
 from controlplane.rpc.bundles import BundleServicer
 from controlplane.rpc.http_sd import HttpServiceDiscovery
 from controlplane.rpc.identity import IdentityServicer
@@ -180,7 +180,12 @@ class App:
         self.enrollment = EnrollmentTokens(self.store, self.clock)
         self.credentials = NodeCredentials(self.store, self.clock, self.hub, self.hub.wake, self.revocations)
         self.tokens = NodeTokens(firststart.token_keyring(s), self.revocations, s.node_token_ttl)
-        self.authenticator = Authenticator(self.api_keys, self.tokens, self.credentials)
+        node_certificates = (
+            NodeCertificates(s.tls_node_ca.read_bytes()) if s.tls_node_ca is not None else None
+        )
+        self.authenticator = Authenticator(
+            self.api_keys, self.tokens, self.credentials, node_certificates=node_certificates
+        )
         scopes = ScopeFinder({"node_id": CachedResolver(self._node_project), "key_id": self._key_projects})
         self.limiter = RateLimiter(s.rate_limits)
         with acting_as(system("signing-keys")):
@@ -208,7 +213,7 @@ class App:
             xds=xds_servicers(self.xds_feeds),
         )
         undo.push_async_callback(self.grpc.stop, 0.0)
-        port = self.grpc.bind(s.listen, s.tls_cert, s.tls_key, s.tls_client_ca)
+        port = self.grpc.bind(s.listen, s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_node_ca)
         metrics_port = self._start_metrics()
         undo.callback(self._stop_metrics)
         await self._start_liveness(undo)

@@ -92,6 +92,9 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # CA(s) whose client certificates identify nodes on their xDS streams (docs/xds.md);
+    # added to the trust store, so with it too every client must present a certificate.
+    tls_node_ca: Path | None = None
     rate_limits: RateLimits = field(default_factory=RateLimits)
     # Networks (CIDR) outbound calls may reach although internal (controlplane/outbound/
     # guard.py): loopback, link-local and the like are refused unless listed.

@@ -53,6 +53,26 @@ def envoy() -> None:
     "--stats-flush", type=float, default=10.0, show_default=True, help="Seconds between stats flushes."
 )
 @click.option(
+    "--ca-file",
+    default="",
+    help="TLS to the control plane: the CA file Envoy trusts for it (a path on the Envoy host).",
+)
+@click.option(
+    "--cert-file", default="", help="Mutual TLS: Envoy's client certificate (a path on the Envoy host)."
+)
+@click.option("--key-file", default="", help="Mutual TLS: its private key (a path on the Envoy host).")
+@click.option(
+    "--server-name", default="", help="TLS: the name the control plane's certificate is checked for."
+)
+@click.option(
+    "--identity",
+    type=click.Choice(["credential", "certificate"]),
+    default="credential",
+    show_default=True,
+    help="What identifies the node on its streams: its credential in the metadata, or its client "
+    "certificate alone (a server with --tls-node-ca; docs/xds.md).",
+)
+@click.option(
     "--output",
     "out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -70,15 +90,29 @@ def bootstrap(
     mode: str,
     admin_port: int,
     stats_flush: float,
+    ca_file: str,
+    cert_file: str,
+    key_file: str,
+    server_name: str,
+    identity: str,
     out: Path | None,
 ) -> None:
     """Enroll an Envoy as node NAME (unless --credential-file already holds it) and print
     the bootstrap it starts with: its node id, ADS and the stats sink to the control
     plane, its credential in the gRPC initial metadata. The bootstrap holds the
     credential: keep it readable by the Envoy user only."""
-    from controlplane.xds.bootstrap import BootstrapSpec
+    from controlplane.xds.bootstrap import NODE_URI, BootstrapSpec, Tls
     from controlplane.xds.bootstrap import bootstrap as build
 
+    if bool(cert_file) != bool(key_file):
+        raise click.BadParameter("give both --cert-file and --key-file, or neither", param_hint="--cert-file")
+    if (cert_file or server_name) and not ca_file:
+        raise click.BadParameter("TLS to the control plane needs its CA: --ca-file", param_hint="--ca-file")
+    if identity == "certificate" and not cert_file:
+        raise click.BadParameter(
+            "--identity certificate needs the node's certificate: --cert-file and --key-file",
+            param_hint="--identity",
+        )
     if credential_file is not None and credential_file.exists():
         node_id, credential = _read_credential(credential_file)
     else:
@@ -92,17 +126,25 @@ def bootstrap(
         project,
         host,
         port,
-        credential,
+        "" if identity == "certificate" else credential,
         "sotw" if mode == "sotw" else "delta",
         admin_port,
+        tls=Tls(ca_file, cert_file, key_file, server_name) if ca_file else None,
         stats_flush_seconds=stats_flush,
     )
+    if identity == "certificate":
+        click.echo(
+            f"the certificate {cert_file} must carry the URI SAN {NODE_URI}{project}:{node_id}, "
+            "signed by a CA of the server's --tls-node-ca",
+            err=True,
+        )
     text = json.dumps(build(spec), indent=2) + "\n"
     if out is None:
         click.echo(text, nl=False)
     else:
         _write_private(out, text)
-        click.echo(f"wrote {out} (it holds the node credential)", err=True)
+        held = "no credential" if identity == "certificate" else "it holds the node credential"
+        click.echo(f"wrote {out} ({held})", err=True)
 
 
 def _enroll(

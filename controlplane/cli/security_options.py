@@ -42,6 +42,16 @@ _OPTIONS = [
         help="Mutual TLS: every client must present a certificate signed by this CA.",
     ),
     click.option(
+        "--tls-node-ca",
+        type=_FILE,
+        default=None,
+        envvar="CONTROLPLANE_TLS_NODE_CA",
+        show_envvar=True,
+        help="Mutual TLS for nodes: certificates this CA signs identify the node their URI SAN "
+        "urn:controlplane:node:<project>:<node id> names on its xDS streams (docs/xds.md). "
+        "Every client must then present a certificate of this CA or --tls-client-ca.",
+    ),
+    click.option(
         "--token-signing-key",
         default="",
         envvar="CONTROLPLANE_TOKEN_SIGNING_KEY",
@@ -80,7 +90,15 @@ _OPTIONS = [
     ),
 ]
 
-NAMES = ("tls_cert", "tls_key", "tls_client_ca", "token_signing_key", "token_verify_keys", "node_token_ttl")
+NAMES = (
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "tls_node_ca",
+    "token_signing_key",
+    "token_verify_keys",
+    "node_token_ttl",
+)
 
 
 def security_options(command: F) -> F:
@@ -96,6 +114,8 @@ def security_settings(options: dict[str, Any]) -> dict[str, Any]:
         raise click.BadParameter("give both --tls-cert and --tls-key, or neither")
     if values["tls_client_ca"] is not None and values["tls_cert"] is None:
         raise click.BadParameter("--tls-client-ca needs --tls-cert and --tls-key")
+    if values["tls_node_ca"] is not None and values["tls_cert"] is None:
+        raise click.BadParameter("--tls-node-ca needs --tls-cert and --tls-key")
     values["token_verify_keys"] = tuple(values["token_verify_keys"])
     values["node_token_ttl"] = timedelta(seconds=values["node_token_ttl"])
     values["rate_limits"] = parse_rate_limits(options.pop("rate_limits"))

@@ -8,6 +8,9 @@ Three kinds of bearer, told apart by shape:
 - a node credential (`<node id>.cpn_...`): accepted by IssueNodeToken and by the
   streams of nodes whose metadata is fixed at start (Envoy's ADS and stats sink),
   checked against the database each time (exchanges and stream opens are rare).
+
+Those streams also accept, with no bearer at all, a client certificate issued by the
+node CA (`--tls-node-ca`) that names the node (`NodeCertificates`, docs/xds.md).
 """
 
 from __future__ import annotations
@@ -15,16 +18,63 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
 from controlplane.domain.identity.api_keys import ApiKeyRegistry
 from controlplane.domain.identity.node_credentials import NodeCredentials
 from controlplane.domain.identity.node_tokens import NodeTokens
 from controlplane.domain.kernel.errors import Unauthenticated
 from controlplane.domain.kernel.secrets import API_KEY_PREFIX, hash_secret
 from controlplane.rpc.auth import ANONYMOUS, Identity, Kind, Rule
+from controlplane.xds.bootstrap import NODE_URI
 
 # Longest accepted bearer: far above any token we issue, small enough to bound the work
 # an attacker can make us do per call.
 MAX_BEARER = 4096
+
+
+class NodeCertificates:
+    """Which node a client certificate names: one issued directly by a CA of the node CA
+    file, with exactly one URI SAN `urn:controlplane:node:<project>:<node id>`. The TLS
+    handshake has already checked the chain and validity period against the server's
+    trust store (which holds these CAs); this checks the issuer is a *node* CA, so a
+    certificate of the operators' client CA cannot name a node."""
+
+    def __init__(self, ca_pem: bytes):
+        self._cas = x509.load_pem_x509_certificates(ca_pem)
+
+    def claim(self, pem: bytes) -> tuple[str, str]:
+        """(project, node id) the certificate names; UNAUTHENTICATED otherwise."""
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+        except ValueError:
+            raise Unauthenticated("the client certificate does not parse") from None
+        if not any(_issued_by(cert, ca) for ca in self._cas):
+            raise Unauthenticated("the client certificate is not issued by a node CA (--tls-node-ca)")
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = [
+                u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(NODE_URI)
+            ]
+        except x509.ExtensionNotFound:
+            uris = []
+        project, sep, node_id = (
+            uris[0].removeprefix(NODE_URI).partition(":") if len(uris) == 1 else ("", "", "")
+        )
+        if not (project and sep and node_id) or ":" in node_id:
+            raise Unauthenticated(
+                f"a node certificate names one node: a URI SAN {NODE_URI}<project>:<node id>"
+            )
+        return project, node_id
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):  # another issuer name, key type, signature
+        return False
+    return True
 
 
 class Authenticator:
@@ -40,8 +90,10 @@ class Authenticator:
         credentials: NodeCredentials,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        node_certificates: NodeCertificates | None = None,
     ):
         self._api_keys = api_keys
+        self.node_certificates = node_certificates
         self.tokens = tokens
         self._credentials = credentials
         self._clock = clock
@@ -66,6 +118,19 @@ class Authenticator:
             "not a node token or API key (a node credential is only accepted by "
             "IdentityService/IssueNodeToken: exchange it for a token)"
         )
+
+    async def certificate(self, pem: bytes) -> Identity:
+        """The node a client certificate names (only the node-stream rule asks), if it
+        is enrolled in that project and not revoked: checked against the database."""
+        if self.node_certificates is None:
+            raise Unauthenticated("this server identifies no node by its certificate (no --tls-node-ca)")
+        project, node_id = self.node_certificates.claim(pem)
+        node, head = await self._credentials.enrolled(node_id)
+        if node.project != project:
+            raise Unauthenticated(
+                f"node {node.id} is not in project {project[:64]!r}, as its certificate says"
+            )
+        return Identity(Kind.NODE, node.id, node.project, revision=head)
 
     async def _credential(self, credential: str) -> Identity:
         node_id, sep, _ = credential.partition(".")

@@ -6,7 +6,8 @@ In order, before any servicer code runs:
 1. the method must have a rule in `auth.POLICY` (else PERMISSION_DENIED);
 2. PUBLIC methods (health, reflection, RegisterNode) take no credential; enrollment is
    rate limited per peer address;
-3. the bearer becomes an Identity (`authn.Authenticator`); none, or an invalid one, is
+3. the bearer becomes an Identity (`authn.Authenticator`) — on a node stream with no
+   bearer, the client certificate naming the node (mutual TLS); none, or an invalid one, is
    UNAUTHENTICATED, and failures spend the peer address's bucket, so guessing soon gets
    only RESOURCE_EXHAUSTED (a valid credential from that address still passes);
 4. the identity's bucket is charged (RESOURCE_EXHAUSTED with a retry hint when empty);
@@ -171,8 +172,15 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> auth.Identity:
         token = auth.bearer(metadata)
         try:
+            if token is None and rule is auth.Rule.NODE_STREAM and self._authn.node_certificates is not None:
+                # Mutual TLS: the handshake verified the chain; the certificate names the node.
+                pem = (context.auth_context() or {}).get("x509_pem_cert")
+                if pem:
+                    return await self._authn.certificate(pem[0])
             if token is None:
                 what = "a node credential (a node token: authorization: Bearer <token>)"
+                if rule is auth.Rule.NODE_STREAM:
+                    what = "the node's credential or token (authorization: Bearer ...) or a node certificate"
                 if rule in _OPERATOR_RULES or rule is auth.Rule.NODE_OR_READ:
                     what = "an API key (authorization: Bearer cpk_...)"
                 raise Unauthenticated(f"{method} needs {what}")

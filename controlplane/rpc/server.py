@@ -130,17 +130,22 @@ class GrpcServer:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         client_ca: Path | None = None,
+        node_ca: Path | None = None,
     ) -> int:
-        """Listen on `listen`: TLS with a certificate and key, and with `client_ca` every
-        client must present a certificate signed by it (mutual TLS)."""
+        """Listen on `listen`: TLS with a certificate and key, and with `client_ca` or
+        `node_ca` every client must present a certificate signed by one of them (mutual
+        TLS; a node CA's certificates also identify nodes on their xDS streams)."""
         try:
             if tls_cert is None or tls_key is None:
                 self.port = self.server.add_insecure_port(listen)
             else:
+                trusted = [
+                    ca.read_bytes().rstrip(b"\n") + b"\n" for ca in (client_ca, node_ca) if ca is not None
+                ]
                 credentials = grpc.ssl_server_credentials(
                     [(tls_key.read_bytes(), tls_cert.read_bytes())],
-                    root_certificates=client_ca.read_bytes() if client_ca is not None else None,
-                    require_client_auth=client_ca is not None,
+                    root_certificates=b"".join(trusted) if trusted else None,
+                    require_client_auth=bool(trusted),
                 )
                 self.port = self.server.add_secure_port(listen, credentials)
         except RuntimeError as exc:  # grpc's way of saying the bind failed

@@ -79,11 +79,13 @@ Authenticate = Callable[[grpc.aio.ServicerContext], Awaitable[str]]
 
 
 async def authenticated_node(context: grpc.aio.ServicerContext) -> str:
-    """The node the interceptor authenticated (rule NODE_STREAM: its credential or token)."""
+    """The node the interceptor authenticated (rule NODE_STREAM: its credential, token or
+    node certificate)."""
     identity = auth.current()
     if identity.kind is not auth.Kind.NODE:
         raise Unauthenticated(
-            "an xDS stream needs the node's credential (authorization: Bearer <credential>)"
+            "an xDS stream needs the node's credential (authorization: Bearer <credential>) "
+            "or a node certificate"
         )
     return identity.subject
 

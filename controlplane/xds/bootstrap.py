@@ -24,6 +24,9 @@ from typing import Any, Literal
 
 CONTROL_PLANE_CLUSTER = "controlplane"
 ADS_MODES = {"sotw": "GRPC", "delta": "DELTA_GRPC"}
+# A node certificate's URI subject alternative name: urn:controlplane:node:<project>:<node
+# id> (with `serve --tls-node-ca`, the certificate alone identifies the node: docs/xds.md).
+NODE_URI = "urn:controlplane:node:"
 
 
 @dataclass(frozen=True)

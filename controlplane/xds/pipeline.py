@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -22,8 +23,10 @@ from typing import Any
 from google.protobuf import text_format
 
 from controlplane.domain.bundles.archive.formats import ConfigFormat, parse
+from controlplane.domain.bundles.validators import ProxyCheck, cap_output
 from controlplane.domain.model.bundles import ValidationResult
-from controlplane.xds import refs, types
+from controlplane.proxies.binaries import Binary
+from controlplane.xds import refs, types, validate
 from controlplane.xds.resources import EXTENSIONS, Loaded, load
 from controlplane.xds.snapshot import ResourceSet, canonical
 
@@ -80,6 +83,36 @@ class XdsCheck:
         started = time.monotonic()
         loaded = load(root, paths)
         return validation_result(loaded, timedelta(seconds=time.monotonic() - started))
+
+    def structure(self, root: Path, paths: Sequence[str]) -> dict[str, dict[str, Any]] | None:
+        """The resources as risk scoring reads them (`structure` below); None when they
+        do not load (the check fails the bundle anyway)."""
+        loaded = load(root, paths)
+        return structure(loaded.resources) if loaded.ok else None
+
+    async def proxy(
+        self, check: ProxyCheck, binary: Binary, root: Path, paths: Sequence[str]
+    ) -> ValidationResult | None:
+        """A project validated by `envoy`: `envoy --mode validate` on a bootstrap that
+        embeds the bundle's resources (validate.py), run with the binary the pipeline
+        found for it, within the check's timeout; Envoy's own words when it refuses."""
+        if check.kind != "envoy":
+            return None
+        started = time.monotonic()
+
+        def result(ok: bool, output: str) -> ValidationResult:
+            elapsed = timedelta(seconds=time.monotonic() - started)
+            return ValidationResult(
+                check.label, ok, cap_output(output), elapsed, version=f"envoy {binary.version}"
+            )
+
+        loaded = await asyncio.to_thread(load, root, paths)
+        if not loaded.ok:
+            return result(False, "not run: the bundle's xDS resources do not load (see the xds check)")
+        verdict = await validate.run(loaded.resources, check.timeout.total_seconds(), binary.path)
+        if verdict.ok:
+            return result(True, verdict.output or "valid")
+        return result(False, f"envoy {binary.version} refused the resources: {verdict.output}")
 
 
 def _top_level_resources(root: Path, path: str) -> bool:

@@ -51,7 +51,17 @@ with grpc.insecure_channel("xds:///greeter") as channel:
 """
 
 
-def resources(backend_port: int) -> ResourceSet:
+async def run_client(env: dict[str, str]) -> str:
+    """`CLIENT` in a process of its own with `env` (its bootstrap): what it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return out.decode().strip()
+
+
+def messages(backend_port: int) -> list[Any]:
     """What a gRPC client needs for `greeter`: an API listener, its route, an EDS cluster
     and its endpoints."""
     manager: Any = hcm.HttpConnectionManager(stat_prefix="greeter")
@@ -68,14 +78,11 @@ def resources(backend_port: int) -> ResourceSet:
     cluster: Any = cluster_pb2.Cluster(name="greeter", type=cluster_pb2.Cluster.EDS)
     cluster.eds_cluster_config.eds_config.ads.SetInParent()
     cluster.eds_cluster_config.eds_config.resource_api_version = 2
-    return ResourceSet(
-        [
-            resource(listener),
-            resource(route("greeter-routes", "greeter")),
-            resource(cluster),
-            resource(cla),
-        ]
-    )
+    return [listener, route("greeter-routes", "greeter"), cluster, cla]
+
+
+def resources(backend_port: int) -> ResourceSet:
+    return ResourceSet([resource(m) for m in messages(backend_port)])
 
 
 class Feed:
@@ -170,17 +177,7 @@ async def test_grpc_proxyless_client_follows_the_servicer(tmp_path: Path) -> Non
                 "GRPC_XDS_BOOTSTRAP_CONFIG": json.dumps(bootstrap),
                 "GRPC_EXPERIMENTAL_XDS_BOOTSTRAP_CALL_CREDS": "true" if call_creds else "false",
             }
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                CLIENT,
-                env=env,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            out, err = await asyncio.wait_for(proc.communicate(), 90)
-            assert proc.returncode == 0, err.decode()[-3000:]
-            assert out.decode().strip() == "SERVING"
+            assert await run_client(env) == "SERVING"
             assert seen and seen[0][0] == NODE
             assert seen[0][1] == (f"Bearer {token}" if call_creds else "")
 

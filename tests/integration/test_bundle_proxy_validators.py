@@ -17,6 +17,7 @@ from google.protobuf.duration_pb2 import Duration
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.proxies import KINDS, ProxyKind, nginx
 from controlplane.proxies.check import RESERVED
+from tests.support import xds
 from tests.support.bundles import create
 from tests.support.harness import Harness
 from tests.support.proxies import binary, proxy_files, refused_files
@@ -190,3 +191,37 @@ def running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_envoy_validates_an_xds_bundle_on_a_bootstrap_embedding_it(make_harness: Any) -> None:
+    """An xDS bundle holds no Envoy bootstrap: a project validated by `envoy` runs
+    `envoy --mode validate` on one embedding its resources, and a refusal is Envoy's."""
+    found = binary("envoy")
+    harness: Harness = await make_harness(validator_allow=ALLOWED)
+    await validate_with(harness, "envoy")
+
+    def site(regex: str | None) -> dict[str, bytes]:
+        return xds.bundle_files(
+            [
+                xds.listener("http", "main", PORT),
+                xds.route("main", "app", regex=regex),
+                xds.cluster("app"),
+                xds.endpoints("app", UPSTREAM),
+            ]
+        )
+
+    good = (await create(harness.bundles, site(None))).bundle
+    assert good.state == bpb.BUNDLE_STATE_VALID, good.state_reason
+    by_name = {v.validator: v for v in good.validation}
+    assert by_name["proxy:envoy"].ok and by_name["proxy:envoy"].version == f"envoy {found.version}"
+    assert any(name.startswith("xds:") and v.ok for name, v in by_name.items()), by_name
+
+    # Protobuf accepts the regex (the xDS checks pass); only Envoy refuses it.
+    bad = (await create(harness.bundles, site("(unclosed"))).bundle
+    assert bad.state == bpb.BUNDLE_STATE_FAILED and not bad.signature
+    assert bad.state_reason.startswith(f"proxy:envoy: envoy {found.version} refused the resources"), (
+        bad.state_reason
+    )
+    assert "missing )" in bad.state_reason, bad.state_reason
+    assert [v.ok for v in bad.validation if v.validator.startswith("xds:")] == [True]

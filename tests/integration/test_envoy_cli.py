@@ -64,3 +64,32 @@ async def test_bootstrap_refusals_say_what_is_wrong(harness: Harness, tmp_path: 
     (tmp_path / "junk.json").write_text("{}")
     junk = await run(*base, "--credential-file", str(tmp_path / "junk.json"))
     assert junk.exit_code != 0 and "not a credential file" in junk.output
+
+
+async def test_bootstrap_for_a_node_identified_by_its_certificate(harness: Harness, tmp_path: Path) -> None:
+    """`--identity certificate`: TLS to the control plane with the node's client
+    certificate, no credential in the bootstrap, and the URI SAN the certificate needs."""
+    out = tmp_path / "envoy.json"
+    tls = ["--ca-file", "/etc/envoy/cp-ca.pem", "--cert-file", "/etc/envoy/node.pem"]
+    made = await run(
+        *["envoy", "bootstrap", "--server", harness.address, "--node", "edge-9", "--token", harness.token],
+        *[*tls, "--key-file", "/etc/envoy/node.key", "--identity", "certificate", "--output", str(out)],
+    )
+    assert made.exit_code == 0, made.output
+    config = json.loads(out.read_text())
+    node_id = config["node"]["id"]
+    assert f"URI SAN urn:controlplane:node:default:{node_id}" in made.output, made.output
+    service = config["dynamic_resources"]["ads_config"]["grpc_services"][0]
+    assert "initial_metadata" not in service and "Bearer" not in out.read_text()
+    socket = next(c for c in config["static_resources"]["clusters"] if c["name"] == "controlplane")
+    common = socket["transport_socket"]["typed_config"]["common_tls_context"]
+    assert common["tls_certificates"][0]["certificate_chain"] == {"filename": "/etc/envoy/node.pem"}
+    assert common["validation_context"]["trusted_ca"] == {"filename": "/etc/envoy/cp-ca.pem"}
+
+    base = ["envoy", "bootstrap", "--server", harness.address, "--node", "edge-10", "--token", harness.token]
+    no_cert = await run(*base, "--identity", "certificate", "--ca-file", "/ca.pem")
+    assert no_cert.exit_code != 0 and "--identity certificate needs" in no_cert.output, no_cert.output
+    no_ca = await run(*base, "--cert-file", "/n.pem", "--key-file", "/n.key")
+    assert no_ca.exit_code != 0 and "--ca-file" in no_ca.output, no_ca.output
+    half = await run(*base, "--ca-file", "/ca.pem", "--cert-file", "/n.pem")
+    assert half.exit_code != 0 and "--key-file" in half.output, half.output

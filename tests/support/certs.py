@@ -68,7 +68,9 @@ class CertificateAuthority:
         )
         self.pem = _write(directory, name.replace(" ", "-"), self.cert, self.key).cert
 
-    def issue(self, common_name: str, server: bool) -> Pair:
+    def issue(self, common_name: str, server: bool, uris: tuple[str, ...] = ()) -> Pair:
+        """A certificate signed by this CA; `uris`: URI subject alternative names (a
+        node certificate's `urn:controlplane:node:<project>:<node id>`)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.now(UTC)
         builder = (
@@ -93,5 +95,9 @@ class CertificateAuthority:
                     [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
                 ),
                 critical=False,
+            )
+        if uris:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False
             )
         return _write(self.directory, common_name, builder.sign(self.key, hashes.SHA256()), key)

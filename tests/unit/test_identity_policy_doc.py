@@ -50,7 +50,7 @@ def cell(rule: Rule, caller: str, project_scoped: bool) -> str:
         if rule is Rule.NODE_CREDENTIAL:
             return "credential"
         if rule is Rule.NODE_STREAM:
-            return "own, credential or token"
+            return "own, credential, token or certificate"
         return "own" if rule in (Rule.NODE, Rule.NODE_OR_READ) else "—"
     if rule in (Rule.NODE, Rule.NODE_CREDENTIAL, Rule.NODE_STREAM):
         return "—"

@@ -50,3 +50,14 @@ def test_every_option_reaches_its_setting(monkeypatch: pytest.MonkeyPatch) -> No
     }
     assert given == replace(DEFAULTS, **changes)
     assert given.offline_after.total_seconds() == 12 and given.rollout_tick.total_seconds() == 0.2
+
+
+def test_the_node_ca_needs_a_tls_port(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    ca = tmp_path / "nodes.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    for name in [f.name for f in fields(Settings)]:
+        monkeypatch.delenv(f"CONTROLPLANE_{name.upper()}", raising=False)
+    refused = CliRunner().invoke(serve_cli.serve, ["--tls-node-ca", str(ca)])
+    assert refused.exit_code != 0 and "--tls-node-ca needs --tls-cert and --tls-key" in refused.output
+    given = parsed(["--tls-cert", str(ca), "--tls-key", str(ca), "--tls-node-ca", str(ca)], monkeypatch)
+    assert given.tls_node_ca == ca and given.tls_client_ca is None

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -254,13 +254,22 @@ class BundleRegistry:
                 # Asked of the blob store after the read, not while holding it.
                 if same is not None and await self._archive_kept(same):
                     return same, False
+                paths = [e.path for e in manifest.files]
+                contents = [c for c in self.content_checks if await in_thread(c.wanted, tree.root, paths)]
                 with observe.span("bundle.parse"):
                     structure = await in_thread(validators.structure, manifest, cache)
+                    for check in contents:
+                        # An xDS bundle is judged per resource (docs/xds.md), beside any KDL.
+                        found = await in_thread(check.structure, tree.root, paths)
+                        for kind, entries in (found or {}).items():
+                            structure.setdefault(kind, {}).update(entries)
                 with observe.span("bundle.pack"):
                     document = sbom.build(manifest, structure)
                     packed = await in_thread(pack, tree.root, manifest, document, archive)
                 with observe.span("bundle.validate", {"controlplane.digest": packed.digest}):
-                    results = await self._validate(config, tree.root, manifest, cache, packed.digest)
+                    results = await self._validate(
+                        config, tree.root, manifest, cache, packed.digest, contents
+                    )
             with observe.span("bundle.risk"):
                 risk = assess(previous, Facts(packed.digest, manifest, structure))
             bundle = _record(project, version, packed, info.files, manifest, results, risk, self.clock())
@@ -320,6 +329,7 @@ class BundleRegistry:
         manifest: Manifest,
         cache: validators.ParseCache,
         digest: str,
+        contents: Sequence[validators.ContentCheck],
     ) -> tuple[ValidationResult, ...]:
         results: list[ValidationResult] = []
         if config.main and config.main not in {e.path for e in manifest.files}:
@@ -329,12 +339,15 @@ class BundleRegistry:
         for check in config.parsers:
             results.append(await in_thread(validators.run_parser, check, config.main, manifest, cache))
         paths = [e.path for e in manifest.files]
-        for content in self.content_checks:
-            if await in_thread(content.wanted, root, paths):
-                results.append(await in_thread(content.run, root, paths))
+        for content in contents:
+            results.append(await in_thread(content.run, root, paths))
         found = await self.proxy_binaries.find(config.proxies)
         for proxy in config.proxies:
-            results.append(await run_proxy(proxy, found[proxy.kind], root, digest))
+            result = None
+            for content in contents:
+                if (result := await content.proxy(proxy, found[proxy.kind], root, paths)) is not None:
+                    break
+            results.append(result or await run_proxy(proxy, found[proxy.kind], root, digest))
         # Last: commands run on the received tree and may write to it; the archive is
         # already packed, in a directory of its own, and the blob store refuses it if
         # its bytes no longer hash to the digest.

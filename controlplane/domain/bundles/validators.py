@@ -36,6 +36,7 @@ from controlplane.domain.kernel.errors import InvalidArgument, Unavailable
 from controlplane.domain.kernel.threads import in_thread
 from controlplane.domain.model.bundles import ValidationResult
 from controlplane.proxies import KINDS, ProxyKind
+from controlplane.proxies.binaries import Binary
 from controlplane.proxies.run import Child
 
 DEFAULT_TIMEOUT = timedelta(seconds=30)
@@ -99,6 +100,19 @@ class ContentCheck(Protocol):
     def wanted(self, root: Path, paths: Sequence[str]) -> bool: ...
 
     def run(self, root: Path, paths: Sequence[str]) -> ValidationResult: ...
+
+    def structure(self, root: Path, paths: Sequence[str]) -> kdl_config.Structure | None:
+        """What the content declares, in the shape risk scoring and the SBOM read (one
+        entry per listener, upstream, route...); None when it does not load."""
+        ...
+
+    async def proxy(
+        self, check: ProxyCheck, binary: Binary, root: Path, paths: Sequence[str]
+    ) -> ValidationResult | None:
+        """The project's proxy validator `check`, the way this content needs it (an xDS
+        bundle holds no Envoy bootstrap: `envoy --mode validate` on one embedding its
+        resources), for a bundle `wanted` took; None: the driver's check applies."""
+        ...
 
 
 @dataclass(frozen=True)

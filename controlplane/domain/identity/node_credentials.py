@@ -49,6 +49,18 @@ class NodeCredentials:
             raise Unauthenticated("node credential is not valid")
         return node, head
 
+    async def enrolled(self, node_id: str) -> tuple[Node, int]:
+        """The node, if it holds a live credential (enrolled and not revoked), and the
+        log's head read before it: a node authenticated by other means (its client
+        certificate, docs/xds.md) is refused once revoked, as its credential is."""
+        async with self.store.read() as tx:
+            head = await tx.desired.head()
+            stored = await tx.nodes.credential_hash(node_id)
+            node = await tx.nodes.get(node_id) if stored else None
+        if node is None or stored in (None, "", BARRED):
+            raise Unauthenticated(f"node {node_id[:64]!r} is not enrolled, or was revoked")
+        return node, head
+
     async def revoke(self, node_id: str, allow_reenroll: bool = False) -> int:
         """End the node's identity: its credential, tokens and open streams. Returns the
         revision of the revocation. The node record stays. Its name stays barred from

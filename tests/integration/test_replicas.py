@@ -101,6 +101,8 @@ async def test_a_stream_moving_to_another_replica_resumes(make_pg_harness: Harne
     # Missed a change while between replicas: B resumes with that change and nothing else.
     r2 = await a.assign(d2, selector="env=prod")
     on_b = b.open_watch(node, since=cursor, epoch=epoch)
+    # B learns of r2 by notification, which may come after the stream opened there.
+    await on_b.wait_digest(d2)
     await on_b.wait_for(lambda r: "bookmark" in r.kinds, what="the resume's bookmark on B")
     started = on_b.of("started")[0]
     assert started.mode == wpb.STREAM_MODE_RESUME and started.epoch == epoch

@@ -198,7 +198,7 @@ class App:
             GuardInterceptor(self.authenticator, scopes, self.limiter),
             NodeServicer(self.nodes, self.routers, self.xds_feeds.status_of),
             WatchServicer(self.hub, self.feed),
-            BundleServicer(self.bundles, self.lifecycle, self.writer),
+            BundleServicer(self.bundles, self.lifecycle, self.writer, self.xds_feeds.resources.compare),
             ProjectServicer(self.projects),
             max_pending=s.max_pending_requests,
             min_ping_interval_ms=int(s.min_client_ping_interval * 1000),

@@ -184,7 +184,12 @@ class App:
             NodeCertificates(s.tls_node_ca.read_bytes()) if s.tls_node_ca is not None else None
         )
         self.authenticator = Authenticator(
-            self.api_keys, self.tokens, self.credentials, node_certificates=node_certificates
+            self.api_keys,
+            self.tokens,
+            self.credentials,
+            node_certificates=node_certificates,
+            xds_contact=self.nodes.contact if s.xds_enrollment else None,
+            xds_metadata_labels=s.xds_metadata_labels,
         )
         scopes = ScopeFinder({"node_id": CachedResolver(self._node_project), "key_id": self._key_projects})
         self.limiter = RateLimiter(s.rate_limits)

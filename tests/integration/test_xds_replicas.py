@@ -9,7 +9,6 @@ B learns of A's writes by NOTIFY (tests/integration/test_replicas.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,21 +17,14 @@ from controlplane.api.node.v1 import node_pb2
 from controlplane.xds.types import CLUSTER
 from tests.conftest import HarnessFactory
 from tests.integration.test_replicas import listening, notify_only
-from tests.integration.test_xds_hub import Stream, site
+from tests.integration.test_xds_hub import site
 from tests.support.archives import bundle
 from tests.support.eventually import eventually
 from tests.support.harness import Harness
 from tests.support.xds import FakeEnvoy
+from tests.support.xds_stream import Stream
 
 pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("mode", ["sotw", "delta"])]
-
-
-@pytest.fixture
-async def streams() -> AsyncIterator[list[Stream]]:
-    opened: list[Stream] = []
-    yield opened
-    for s in opened:
-        await s.close()
 
 
 async def test_an_envoy_reconnecting_to_another_replica_is_sent_nothing_again(

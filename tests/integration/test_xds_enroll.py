@@ -22,6 +22,8 @@ from sqlalchemy import update
 
 from controlplane.api.identity.v1 import identity_pb2 as ipb
 from controlplane.api.node.v1 import node_pb2
+from controlplane.api.third_party.envoy.service.metrics.v3 import metrics_service_pb2 as metrics_pb
+from controlplane.api.third_party.envoy.service.metrics.v3 import metrics_service_pb2_grpc as metrics_grpc
 from controlplane.store.schema import enrollment_tokens
 from controlplane.xds.types import CLUSTER
 from tests.conftest import HarnessFactory
@@ -91,6 +93,20 @@ async def test_an_envoy_enrolls_on_first_contact_and_its_labels_select_its_bundl
     # Its reconnects carry the same token: the same node resumes, and is sent nothing.
     assert (await reconnect(h, streams, client, node.id, h.token, v1)).resources_sent == 0
     assert (await enrolled(h, "edge-7")).id == node.id
+
+    # Its stats sink carries the same token: a flush is the enrolled node's heartbeat.
+    flush = metrics_pb.StreamMetricsMessage()
+    flush.identifier.node.CopyFrom(base_pb2.Node(id="edge-7", cluster="default"))
+    sink = metrics_grpc.MetricsServiceStub(h.channel).StreamMetrics(metadata=auth(h.token))
+    await sink.write(flush)
+
+    async def beating() -> None:
+        shown = (await h.nodes.GetNode(node_pb2.GetNodeRequest(node_id=node.id))).node
+        assert shown.HasField("last_heartbeat_at"), shown
+
+    await eventually(beating, what="a heartbeat from the enrolled Envoy's stats")
+    await sink.done_writing()
+    await sink
 
     # A revoked token refuses its reconnects too (Envoy keeps what it last had).
     for token in (

@@ -184,7 +184,12 @@ class App:
             NodeCertificates(s.tls_node_ca.read_bytes()) if s.tls_node_ca is not None else None
         )
         self.authenticator = Authenticator(
-            self.api_keys, self.tokens, self.credentials, node_certificates=node_certificates
+            self.api_keys,
+            self.tokens,
+            self.credentials,
+            node_certificates=node_certificates,
+            xds_contact=self.nodes.contact if s.xds_enrollment else None,
+            xds_metadata_labels=s.xds_metadata_labels,
         )
         scopes = ScopeFinder({"node_id": CachedResolver(self._node_project), "key_id": self._key_projects})
         self.limiter = RateLimiter(s.rate_limits)
@@ -198,7 +203,7 @@ class App:
             GuardInterceptor(self.authenticator, scopes, self.limiter),
             NodeServicer(self.nodes, self.routers, self.xds_feeds.status_of),
             WatchServicer(self.hub, self.feed),
-            BundleServicer(self.bundles, self.lifecycle, self.writer),
+            BundleServicer(self.bundles, self.lifecycle, self.writer, self.xds_feeds.resources.compare),
             ProjectServicer(self.projects),
             max_pending=s.max_pending_requests,
             min_ping_interval_ms=int(s.min_client_ping_interval * 1000),

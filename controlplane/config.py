@@ -95,6 +95,11 @@ class Settings:
     # CA(s) whose client certificates identify nodes on their xDS streams (docs/xds.md);
     # added to the trust store, so with it too every client must present a certificate.
     tls_node_ca: Path | None = None
+    # An Envoy with an enrollment token in its metadata registers itself on first contact
+    # (autoscaled fleets, docs/xds.md); with labels from its node.metadata only if the
+    # second switch is on too. Both off by default.
+    xds_enrollment: bool = False
+    xds_metadata_labels: bool = False
     rate_limits: RateLimits = field(default_factory=RateLimits)
     # Networks (CIDR) outbound calls may reach although internal (controlplane/outbound/
     # guard.py): loopback, link-local and the like are refused unless listed.

@@ -212,7 +212,7 @@ def bundle_list(
 @click.argument("to_bundle")
 def bundle_diff(server: str, project: str, context_lines: int, from_bundle: str, to_bundle: str) -> None:
     """Files added, removed and changed from FROM to TO (digests or version labels),
-    with unified diffs and risk."""
+    with unified diffs and risk; for two xDS bundles, their Envoy resources too."""
     stub = bundle_pb2_grpc.BundleServiceStub(channel(server))
     request = bundle_pb2.DiffBundlesRequest(
         project=project,
@@ -227,6 +227,12 @@ def bundle_diff(server: str, project: str, context_lines: int, from_bundle: str,
     for change in reply.changes:
         kind = bundle_pb2.FileChangeKind.Name(change.kind).removeprefix("FILE_CHANGE_KIND_").lower()
         click.echo(f"{kind:8} {change.path}" + (" (binary)" if change.binary else ""))
+    if reply.resource_changes:
+        click.echo("resources:")
+    for resource in reply.resource_changes:
+        kind = bundle_pb2.FileChangeKind.Name(resource.kind).removeprefix("FILE_CHANGE_KIND_").lower()
+        rtype = resource.type_url.rsplit(".", 1)[-1]
+        click.echo(f"  {kind:8} {rtype} {resource.name}")
     for change in reply.changes:
         if change.unified_diff:
             click.echo(change.unified_diff, nl=False)

@@ -52,6 +52,22 @@ _OPTIONS = [
         "Every client must then present a certificate of this CA or --tls-client-ca.",
     ),
     click.option(
+        "--xds-enrollment/--no-xds-enrollment",
+        default=False,
+        envvar="CONTROLPLANE_XDS_ENROLLMENT",
+        show_envvar=True,
+        help="An Envoy whose xDS streams carry an enrollment token registers itself on first "
+        "contact, its node.id the name (autoscaled fleets, docs/xds.md).",
+    ),
+    click.option(
+        "--xds-metadata-labels/--no-xds-metadata-labels",
+        default=False,
+        envvar="CONTROLPLANE_XDS_METADATA_LABELS",
+        show_envvar=True,
+        help="With --xds-enrollment: an Envoy enrolling itself takes its labels from its "
+        "node.metadata `labels` struct.",
+    ),
+    click.option(
         "--token-signing-key",
         default="",
         envvar="CONTROLPLANE_TOKEN_SIGNING_KEY",
@@ -95,6 +111,8 @@ NAMES = (
     "tls_key",
     "tls_client_ca",
     "tls_node_ca",
+    "xds_enrollment",
+    "xds_metadata_labels",
     "token_signing_key",
     "token_verify_keys",
     "node_token_ttl",
@@ -116,6 +134,8 @@ def security_settings(options: dict[str, Any]) -> dict[str, Any]:
         raise click.BadParameter("--tls-client-ca needs --tls-cert and --tls-key")
     if values["tls_node_ca"] is not None and values["tls_cert"] is None:
         raise click.BadParameter("--tls-node-ca needs --tls-cert and --tls-key")
+    if values["xds_metadata_labels"] and not values["xds_enrollment"]:
+        raise click.BadParameter("--xds-metadata-labels needs --xds-enrollment")
     values["token_verify_keys"] = tuple(values["token_verify_keys"])
     values["node_token_ttl"] = timedelta(seconds=values["node_token_ttl"])
     values["rate_limits"] = parse_rate_limits(options.pop("rate_limits"))

@@ -190,6 +190,13 @@ class IdentityRepo(Protocol):
     async def revoke_enrollment_token(
         self, project: str, token_id: str, at: datetime
     ) -> EnrollmentToken | None: ...
+    async def live_enrollment_token(
+        self, project: str, token_hash: str, now: datetime
+    ) -> EnrollmentToken | None:
+        """The token if it is neither revoked nor expired, whatever uses it has left;
+        spends nothing (an xDS node enrolled with it reconnecting, docs/xds.md)."""
+        ...
+
     async def use_enrollment_token(
         self, project: str, token_hash: str, now: datetime
     ) -> EnrollmentToken | None:

@@ -155,6 +155,8 @@ class Identity:
     principal: Principal | None = None
     # A node: the log head its token (or credential check) was issued at.
     revision: int = 0
+    # A node an Envoy enrolled on first contact: the name it goes by (its Envoy `node.id`).
+    alias: str = ""
 
     def actor(self) -> Actor:
         if self.kind is Kind.NODE:

@@ -16,7 +16,8 @@ node CA (`--tls-node-ca`) that names the node (`NodeCertificates`, docs/xds.md).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -24,8 +25,9 @@ from cryptography.exceptions import InvalidSignature
 from controlplane.domain.identity.api_keys import ApiKeyRegistry
 from controlplane.domain.identity.node_credentials import NodeCredentials
 from controlplane.domain.identity.node_tokens import NodeTokens
-from controlplane.domain.kernel.errors import Unauthenticated
+from controlplane.domain.kernel.errors import InvalidArgument, Unauthenticated
 from controlplane.domain.kernel.secrets import API_KEY_PREFIX, hash_secret
+from controlplane.domain.model.fleet import Node
 from controlplane.rpc.auth import ANONYMOUS, Identity, Kind, Rule
 from controlplane.xds.bootstrap import NODE_URI
 
@@ -77,6 +79,35 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     return True
 
 
+# An enrollment token's prefix: on a node stream, an Envoy's first contact (docs/xds.md).
+ENROLLMENT_PREFIX = "cpe_"
+# (project, enrollment token, name, labels) -> the node and the log's head before it.
+XdsContact = Callable[[str, str, str, Mapping[str, str]], Awaitable[tuple[Node, int]]]
+
+
+def _envoy_node(message: Any) -> Any:
+    """The Envoy node a stream's first message names (ADS requests, metrics flushes)."""
+    fields = message.DESCRIPTOR.fields_by_name if message is not None else {}
+    if "identifier" in fields:
+        return message.identifier.node
+    return message.node if "node" in fields else None
+
+
+def metadata_labels(node: Any) -> dict[str, str]:
+    """The `labels` struct of an Envoy node's metadata, as strings."""
+    found = node.metadata.fields.get("labels")
+    if found is None:
+        return {}
+    if found.WhichOneof("kind") != "struct_value":
+        raise InvalidArgument("must be a struct of strings", field="node.metadata.labels")
+    labels = {}
+    for key, value in found.struct_value.fields.items():
+        if value.WhichOneof("kind") != "string_value":
+            raise InvalidArgument(f"{key[:64]!r} must be a string", field="node.metadata.labels")
+        labels[key] = value.string_value
+    return labels
+
+
 class Authenticator:
     # How long a verified API key is trusted without reading it again. It bounds how long
     # a key revoked on another replica keeps working here (this replica forgets at once).
@@ -91,9 +122,15 @@ class Authenticator:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         node_certificates: NodeCertificates | None = None,
+        xds_contact: XdsContact | None = None,
+        xds_metadata_labels: bool = False,
     ):
         self._api_keys = api_keys
         self.node_certificates = node_certificates
+        # Enrollment on first contact, and labels from node.metadata: off unless the
+        # server is started with them (serve --xds-enrollment, --xds-metadata-labels).
+        self._xds_contact = xds_contact
+        self._xds_metadata_labels = xds_metadata_labels
         self.tokens = tokens
         self._credentials = credentials
         self._clock = clock
@@ -107,6 +144,12 @@ class Authenticator:
             raise Unauthenticated("the bearer token is too long")
         if rule is Rule.NODE_CREDENTIAL:
             return await self._credential(bearer)
+        if rule is Rule.NODE_STREAM and bearer.startswith(ENROLLMENT_PREFIX):
+            # Reached only when this server does not enroll (or no first message came).
+            raise Unauthenticated(
+                "this server enrolls no node on first contact (serve --xds-enrollment): "
+                "use the node's credential"
+            )
         if rule is Rule.NODE_STREAM and not bearer.startswith(("eyJ", API_KEY_PREFIX)):
             return await self._credential(bearer)
         if bearer.startswith("eyJ"):
@@ -118,6 +161,25 @@ class Authenticator:
             "not a node token or API key (a node credential is only accepted by "
             "IdentityService/IssueNodeToken: exchange it for a token)"
         )
+
+    @property
+    def enrolls(self) -> bool:
+        """Whether an enrollment token on a node stream is an Envoy's first contact."""
+        return self._xds_contact is not None
+
+    async def first_contact(self, token: str, first: Any) -> Identity:
+        """An Envoy's node stream carrying an enrollment token: the node its first
+        message names (`node.id` its name, `node.cluster` its project), registered on
+        first contact or resumed after (NodeRegistry.contact)."""
+        assert self._xds_contact is not None, "only when it enrolls (`enrolls`)"
+        node = _envoy_node(first)
+        if node is None or not node.id:
+            raise InvalidArgument("the first message must carry the node", field="node.id")
+        if not node.cluster:
+            raise InvalidArgument("must name the node's project", field="node.cluster")
+        labels = metadata_labels(node) if self._xds_metadata_labels else {}
+        found, head = await self._xds_contact(node.cluster[:128], token, node.id, labels)
+        return Identity(Kind.NODE, found.id, found.project, revision=head, alias=found.name)
 
     async def certificate(self, pem: bytes) -> Identity:
         """The node a client certificate names (only the node-stream rule asks), if it

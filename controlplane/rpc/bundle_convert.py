@@ -23,6 +23,7 @@ from controlplane.domain.model.bundles import (
 )
 from controlplane.proxies import ProxyKind
 from controlplane.rpc.convert import timestamp
+from controlplane.xds.snapshot import ResourceDiff
 
 STATE = {
     BundleState.VALID: bundle_pb2.BUNDLE_STATE_VALID,
@@ -115,6 +116,18 @@ def change_out(change: FileChange) -> bundle_pb2.FileChange:
         binary=change.binary,
         diff_truncated=change.diff_truncated,
     )
+
+
+def resource_changes_out(diff: ResourceDiff) -> list[bundle_pb2.ResourceChange]:
+    """Added, then removed, then changed; each by type (make-before-break order) and name."""
+    out = []
+    for kind, changes in (
+        (bundle_pb2.FILE_CHANGE_KIND_ADDED, diff.added),
+        (bundle_pb2.FILE_CHANGE_KIND_REMOVED, diff.removed),
+        (bundle_pb2.FILE_CHANGE_KIND_MODIFIED, diff.changed),
+    ):
+        out += [bundle_pb2.ResourceChange(type_url=c.type_url, name=c.name, kind=kind) for c in changes]
+    return out
 
 
 def revoked_node_out(node: RevokedNode) -> bundle_pb2.RevokedBundleNode:

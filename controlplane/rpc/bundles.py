@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from prometheus_client import Counter
@@ -19,9 +19,14 @@ from controlplane.rpc.bundle_convert import (
     change_out,
     config_in,
     config_out,
+    resource_changes_out,
     revoked_node_out,
     risk_out,
 )
+from controlplane.xds.snapshot import ResourceDiff
+
+# Two xDS bundles' resources compared (rpc/xds_feed.py, BundleResources.compare).
+CompareResources = Callable[[str, str, str], Awaitable[ResourceDiff | None]]
 
 DAMAGED_DOWNLOADS = Counter(
     "controlplane_bundle_damaged_downloads_total",
@@ -30,10 +35,17 @@ DAMAGED_DOWNLOADS = Counter(
 
 
 class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
-    def __init__(self, bundles: BundleRegistry, lifecycle: BundleLifecycle, writer: DesiredStateWriter):
+    def __init__(
+        self,
+        bundles: BundleRegistry,
+        lifecycle: BundleLifecycle,
+        writer: DesiredStateWriter,
+        compare_resources: CompareResources | None = None,
+    ):
         self._bundles = bundles
         self._lifecycle = lifecycle
         self._writer = writer
+        self._compare_resources = compare_resources
 
     async def CreateBundle(
         self,
@@ -145,8 +157,14 @@ class BundleServicer(bundle_pb2_grpc.BundleServiceServicer):
         changes, risk, truncated = await self._lifecycle.diff(
             request.project, request.from_digest, request.to_digest, context_lines
         )
+        resources = None
+        if self._compare_resources is not None:
+            resources = await self._compare_resources(request.project, request.from_digest, request.to_digest)
         return bundle_pb2.DiffBundlesResponse(
-            changes=[change_out(c) for c in changes], risk=risk_out(risk), truncated=truncated
+            changes=[change_out(c) for c in changes],
+            risk=risk_out(risk),
+            truncated=truncated,
+            resource_changes=resource_changes_out(resources) if resources is not None else [],
         )
 
     async def RevokeBundle(

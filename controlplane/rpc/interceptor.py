@@ -43,7 +43,7 @@ from controlplane.domain.kernel.errors import (
     Unauthenticated,
 )
 from controlplane.rpc import auth, observe
-from controlplane.rpc.authn import Authenticator
+from controlplane.rpc.authn import ENROLLMENT_PREFIX, Authenticator
 from controlplane.rpc.errors import abort
 from controlplane.rpc.inflight import InFlight
 from controlplane.rpc.ratelimit import RateLimiter
@@ -149,11 +149,24 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if isinstance(request, _Refused):
                 raise request.error
             return request
-        identity = await self._authenticate(method, rule, context, metadata)
+        first: Message | None = request
+        token = auth.bearer(metadata)
+        enrolling = (
+            streams_in
+            and rule is auth.Rule.NODE_STREAM
+            and token is not None
+            and token.startswith(ENROLLMENT_PREFIX)
+            and self._authn.enrolls
+        )
+        if enrolling:
+            # An Envoy's first contact: the token names no node, its first message does.
+            request = _well_formed(request)
+            first = await anext(aiter(request), None)
+            request = _prepend(first, request)
+        identity = await self._authenticate(method, rule, context, metadata, first if enrolling else None)
         self._charge(_bucket(method, identity), identity.subject)
         _check_kind(method, rule, identity)
-        first: Message | None = request
-        if streams_in:
+        if streams_in and not enrolling:
             request = _well_formed(request)
             first = await anext(aiter(request), None)
             request = _prepend(first, request)
@@ -169,9 +182,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         rule: auth.Rule,
         context: grpc.aio.ServicerContext,
         metadata: Sequence[tuple[str, str | bytes]],
+        enrolling: Message | None = None,
     ) -> auth.Identity:
         token = auth.bearer(metadata)
         try:
+            if enrolling is not None and token is not None:
+                return await self._authn.first_contact(token, enrolling)
             if token is None and rule is auth.Rule.NODE_STREAM and self._authn.node_certificates is not None:
                 # Mutual TLS: the handshake verified the chain; the certificate names the node.
                 pem = (context.auth_context() or {}).get("x509_pem_cert")

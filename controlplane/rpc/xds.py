@@ -131,6 +131,7 @@ class AdsServicer:
             set_status(context, e)
             return
         session = cls(node_id, feed.target, base=feed.base, encoder=self.encoder, limits=self._limits)
+        session.alias = auth.current().alias
         self.sessions[node_id] = session
         STREAMS_OPEN.inc()
         lock = asyncio.Lock()
@@ -207,7 +208,7 @@ class MetricsServicer:
             async for message in requests:
                 if first:
                     claimed = message.identifier.node.id
-                    if claimed and claimed != node_id:
+                    if claimed and claimed not in (node_id, auth.current().alias or node_id):
                         raise PermissionDenied(
                             f"metrics of node {claimed[:128]!r} on node {node_id!r}'s stream"
                         )

@@ -33,11 +33,13 @@ from controlplane.domain.bundles.archive.read import read_members
 from controlplane.domain.bundles.registry import BundleRegistry
 from controlplane.domain.fleet.nodes import NodeRegistry
 from controlplane.domain.kernel.errors import DomainError, FailedPrecondition, Unavailable
+from controlplane.domain.model.bundles import BundleState
 from controlplane.domain.model.fleet import NodeMetrics, ReportPhase
 from controlplane.rpc import xds as rpc_xds
 from controlplane.watch.hub import WatchHub
 from controlplane.watch.stream import WatchStream
-from controlplane.xds import resources
+from controlplane.xds import resources, snapshot
+from controlplane.xds.pipeline import VALIDATOR
 from controlplane.xds.session import Session
 from controlplane.xds.snapshot import EMPTY, ResourceSet, Snapshot
 from controlplane.xds.status import NodeXdsStatus, Phase
@@ -81,13 +83,28 @@ class BundleResources:
         if (load.cancelled() or load.exception() is not None) and self._cache.get(digest) is load:
             del self._cache[digest]
 
-    async def _load(self, project: str, digest: str) -> ResourceSet:
+    async def compare(self, project: str, from_digest: str, to_digest: str) -> snapshot.ResourceDiff | None:
+        """The resources added, removed and changed from one bundle to the other, when
+        both passed the xDS checks at push; None otherwise (`bundle compare`)."""
+        sets = []
+        for digest in (from_digest, to_digest):
+            bundle = await self._bundles.get(project, digest)
+            if not any(r.validator == VALIDATOR and r.ok for r in bundle.validation):
+                return None
+            # Only bundles nodes may run go through the cache the streams read.
+            if bundle.state is BundleState.VALID:
+                sets.append(await self.get(project, digest))
+            else:
+                sets.append(await self._load(project, digest, for_node=False))
+        return snapshot.diff(sets[0], sets[1])
+
+    async def _load(self, project: str, digest: str, for_node: bool = True) -> ResourceSet:
         self.loads += 1
         self._scratch.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="xds-", dir=self._scratch))
         try:
             archive = work / "bundle.tar.zst"
-            _, chunks = await self._bundles.open(project, digest, for_node=True)
+            _, chunks = await self._bundles.open(project, digest, for_node=for_node)
             with archive.open("wb") as out:
                 async for chunk in chunks:
                     out.write(chunk)

@@ -157,6 +157,21 @@ class SqlIdentity:
             token.id, token.project, token.created_at, token.expires_at, row.revoked_at or at, token.uses_left
         )
 
+    async def live_enrollment_token(
+        self, project: str, token_hash: str, now: datetime
+    ) -> EnrollmentToken | None:
+        row = (
+            await self._conn.execute(
+                select(enrollment_tokens).where(
+                    enrollment_tokens.c.token_hash == token_hash,
+                    enrollment_tokens.c.project == project,
+                    enrollment_tokens.c.revoked_at.is_(None),
+                    or_(enrollment_tokens.c.expires_at.is_(None), enrollment_tokens.c.expires_at > now),
+                )
+            )
+        ).one_or_none()
+        return _token(row) if row is not None else None
+
     async def use_enrollment_token(
         self, project: str, token_hash: str, now: datetime
     ) -> EnrollmentToken | None:

@@ -129,6 +129,8 @@ class Session:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.node_id = node_id
+        # The name an Envoy enrolled on first contact goes by (its `node.id`), if any.
+        self.alias = ""
         self.target = target
         # The last configuration the node accepted whole (from its record when the stream
         # opens; then whatever this stream brings to ACTIVE).
@@ -194,7 +196,7 @@ class Session:
                 f"more than {lim.burst} requests in a burst (or {lim.rate:g} a second) on one stream"
             )
         self._tokens -= 1.0
-        if node_id and node_id != self.node_id:
+        if node_id and node_id != self.node_id and not (self.alias and node_id == self.alias):
             raise PermissionDenied(
                 f"this stream belongs to node {self.node_id!r}, not {node_id[:128]!r}", field="node.id"
             )

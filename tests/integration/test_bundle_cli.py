@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 from controlplane.cli import bundles as bundle_cli
 from controlplane.cli import signing_keys as keys_cli
 from controlplane.cli.main import cli
+from tests.support import xds
 from tests.support.harness import Harness
 
 
@@ -134,6 +135,29 @@ async def test_push_of_an_invalid_config_exits_1_with_the_reason(
     assert result.exit_code == 1, result.output
     assert "state      FAILED" in result.output
     assert "FAIL       kdl:*.kdl" in result.output and "main.kdl:2: Unexpected end of data" in result.output
+
+
+async def test_diff_of_two_xds_bundles_lists_their_resources(
+    harness: Harness, authed: None, tmp_path: Path
+) -> None:
+    server = ["--server", harness.address]
+    digests = []
+    for name, clusters in (("old", ("a", "b")), ("new", ("a",))):
+        messages = [xds.listener("http", "main", 10000), xds.route("main", "a")]
+        for i, cluster in enumerate(clusters):
+            messages += [xds.cluster(cluster), xds.endpoints(cluster, 9000 + i)]
+        for path, body in xds.bundle_files(messages).items():
+            (tmp_path / name / path).parent.mkdir(parents=True)
+            (tmp_path / name / path).write_bytes(body)
+        pushed = await run("bundle", "push", str(tmp_path / name), *server)
+        assert pushed.exit_code == 0, pushed.output
+        digests.append(pushed.output.split()[1])
+    diff = await run("bundle", "diff", *digests, *server)
+    assert diff.exit_code == 0, diff.output
+    assert "resources:\n  removed  Cluster b\n  removed  ClusterLoadAssignment b\n" in diff.output, (
+        diff.output
+    )
+    assert "upstream(s) removed: 'b'" in diff.output
 
 
 async def test_validation_revoke_diff_and_keys(harness: Harness, authed: None, tmp_path: Path) -> None:

@@ -10,9 +10,7 @@ server process in tests/e2e/test_xds_fleet.py.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -27,6 +25,7 @@ from tests.support.archives import bundle
 from tests.support.eventually import eventually
 from tests.support.harness import Harness, auth
 from tests.support.xds import FakeEnvoy, bundle_files, cluster, endpoints, listener, route
+from tests.support.xds_stream import Stream, reconnect
 
 pytestmark = pytest.mark.parametrize("mode", ["sotw", "delta"])
 LDS = LISTENER.url
@@ -34,43 +33,6 @@ LDS = LISTENER.url
 
 def site(name: str) -> dict[str, bytes]:
     return bundle_files([listener("http", "main"), route("main", name), cluster(name), endpoints(name)])
-
-
-class Stream:
-    """One ADS stream of a FakeEnvoy: requests written, responses handed to the client."""
-
-    def __init__(self, harness: Harness, client: FakeEnvoy, credential: str, resume: bool = False):
-        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(harness.channel)
-        method = stub.StreamAggregatedResources if client.mode == "sotw" else stub.DeltaAggregatedResources
-        self.call = method(metadata=auth(credential))
-        self.client = client
-        self.task = asyncio.create_task(self._run(client.opening(resume)))
-
-    async def _run(self, opening: list[Message]) -> None:
-        for request in opening:
-            await self.call.write(request)
-        async for response in self.call:
-            for request in self.client.handle(response.SerializeToString()):
-                await self.call.write(request)
-
-    async def ended(self) -> grpc.StatusCode:
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-            await self.task
-        code: grpc.StatusCode = await self.call.code()
-        return code
-
-    async def close(self) -> None:
-        self.call.cancel()
-        with contextlib.suppress(BaseException):
-            await self.task
-
-
-@pytest.fixture
-async def streams() -> AsyncIterator[list[Stream]]:
-    opened: list[Stream] = []
-    yield opened
-    for s in opened:
-        await s.close()
 
 
 async def node(harness: Harness, node_id: str) -> node_pb2.Node:
@@ -125,16 +87,7 @@ async def test_an_xds_node_follows_the_hub_and_reports_through_the_registry(
     await eventually(lambda: applied(v3), what="ACTIVE at v3")
     first = harness.app.xds_feeds.sessions[edge.node_id]
     assert first.resources_sent > 0
-    await streams.pop().close()
-    streams.append(Stream(harness, client, edge.credential, resume=True))
-
-    async def resumed() -> Any:
-        session = harness.app.xds_feeds.sessions.get(edge.node_id)
-        assert session is not None and session is not first and session.status is not None
-        assert session.status.phase.value == "active" and session.status.digest == v3, session.status
-        return session
-
-    session = await eventually(resumed, what="the resumed stream ACTIVE")
+    session = await reconnect(harness, streams, client, edge.node_id, edge.credential, v3)
     assert session.resources_sent == 0
 
     # Revoking the node ends its stream.

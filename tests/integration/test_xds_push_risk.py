@@ -48,3 +48,22 @@ async def test_risk_names_the_resources_added_removed_and_changed(harness: Harne
     assert compared["upstream-removed"] == "upstream(s) removed: 'b'", compared
     assert compared["upstream-added"] == "upstream(s) added: 'c'", compared
     assert [c.path for c in diff.changes] == ["edge/site.json"], diff.changes
+    # ...and lists every resource that differs, by type and name, whatever file holds it.
+    by_kind = {
+        k: [(c.type_url.rsplit(".", 1)[-1], c.name) for c in diff.resource_changes if c.kind == k]
+        for k in (bpb.FILE_CHANGE_KIND_ADDED, bpb.FILE_CHANGE_KIND_REMOVED, bpb.FILE_CHANGE_KIND_MODIFIED)
+    }
+    assert by_kind[bpb.FILE_CHANGE_KIND_ADDED] == [("Cluster", "c"), ("ClusterLoadAssignment", "c")]
+    assert by_kind[bpb.FILE_CHANGE_KIND_REMOVED] == [("Cluster", "b"), ("ClusterLoadAssignment", "b")]
+    assert by_kind[bpb.FILE_CHANGE_KIND_MODIFIED] == [("Listener", "http"), ("RouteConfiguration", "main")]
+
+
+async def test_compare_lists_resources_only_for_two_xds_bundles(harness: Harness) -> None:
+    xds_bundle = (await create(harness.bundles, site("a"))).bundle
+    other = (await create(harness.bundles, {"limits.yaml": b"rps: 5\n"})).bundle
+    assert other.state == bpb.BUNDLE_STATE_VALID, other.state_reason
+    diff = await harness.bundles.DiffBundles(
+        bpb.DiffBundlesRequest(project="default", from_digest=xds_bundle.digest, to_digest=other.digest)
+    )
+    assert {c.path for c in diff.changes} == {"edge/site.json", "limits.yaml"}
+    assert list(diff.resource_changes) == []

@@ -57,6 +57,9 @@ UNCLAIMED_WINDOW = timedelta(minutes=10)
 # How long a write waits for this process's watch hub to route it before answering, so a
 # caller's next read sees it; the hub reads within milliseconds unless the database stalls.
 READ_YOUR_WRITES = 2.0
+# The agent version of a node an Envoy enrolled on first contact (docs/xds.md): only such
+# a node may be resumed with the enrollment token, never one holding an agent's credential.
+XDS_ENROLLED = "xds (enrolled on first contact)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,34 @@ class NodeRegistry:
         # next call, so its first watch opens without waiting.
         await self.view.wait_until(None, revision, READ_YOUR_WRITES)
         return Registration(node=stored_node, credential=credential, revision=revision)
+
+    async def contact(
+        self, project: str, enrollment_token: str, name: str, labels: Mapping[str, str]
+    ) -> tuple[Node, int]:
+        """An Envoy's first contact with an enrollment token registers it by `name`, as
+        RegisterNode does (a use of the token is spent; its credential is never handed
+        out: Envoy's metadata is static, so the token comes back on every reconnect).
+        Later contacts resume that node, spending nothing, while the token is neither
+        revoked nor expired. Returns the node and the log's head read before it."""
+        async with self.store.read() as tx:
+            head = await tx.desired.head()
+            await require_project(tx, project)
+            existing = await tx.nodes.get_by_name(project, name) if name else None
+            if existing is not None:
+                await enrollment.live(tx, project, enrollment_token, self.clock)
+                stored = await tx.nodes.credential_hash(existing.id)
+        if existing is None:
+            registration = await self.register(
+                project, enrollment_token, name, labels, agent_version=XDS_ENROLLED
+            )
+            return registration.node, registration.revision
+        if stored in (None, "", BARRED):
+            raise Unauthenticated(f"node {name[:64]!r} was revoked")
+        if existing.agent_version != XDS_ENROLLED:
+            raise PermissionDenied(
+                f"node {name[:64]!r} holds a credential of its own: an enrollment token cannot act as it"
+            )
+        return existing, head
 
     async def heartbeat(self, node_id: str, metrics: NodeMetrics, applied_digest: str) -> timedelta:
         _check_metrics(metrics)

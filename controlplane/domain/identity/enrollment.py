@@ -83,6 +83,16 @@ class EnrollmentTokens:
         return token
 
 
+async def live(tx: Tx, project: str, secret: str, clock: Clock) -> EnrollmentToken:
+    """`secret` if it is a token of `project` neither revoked nor expired; spends nothing."""
+    token = await tx.identity.live_enrollment_token(project, hash_secret(secret), clock()) if secret else None
+    if token is None:
+        raise Unauthenticated(
+            f"enrollment token is not valid for project {project!r}", field="enrollment_token"
+        )
+    return token
+
+
 async def use(tx: Tx, project: str, secret: str, clock: Clock) -> EnrollmentToken:
     """Spend one use of `secret` for `project` inside the registering transaction."""
     if not secret:

@@ -724,6 +724,7 @@ class DiffBundlesResponse(_message.Message):
     CHANGES_FIELD_NUMBER: _builtins.int
     RISK_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
+    RESOURCE_CHANGES_FIELD_NUMBER: _builtins.int
     truncated: _builtins.bool
     """Some unified diffs were left out to keep the answer within its size limit."""
     @_builtins.property
@@ -732,20 +733,57 @@ class DiffBundlesResponse(_message.Message):
     def risk(self) -> Global___RiskAssessment:
         """Moving from `from_digest` to `to_digest`, scored as for a new bundle."""
 
+    @_builtins.property
+    def resource_changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResourceChange]:
+        """When both bundles hold Envoy resources (docs/xds.md): the resources added,
+        removed and changed, by type and name, whatever files hold them. Empty
+        otherwise.
+        """
+
     def __init__(
         self,
         *,
         changes: _abc.Iterable[Global___FileChange] | None = ...,
         risk: Global___RiskAssessment | None = ...,
         truncated: _builtins.bool = ...,
+        resource_changes: _abc.Iterable[Global___ResourceChange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["risk", b"risk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "risk", b"risk", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "resource_changes", b"resource_changes", "risk", b"risk", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DiffBundlesResponse: _TypeAlias = DiffBundlesResponse  # noqa: Y015
+
+@_typing.final
+class ResourceChange(_message.Message):
+    """One Envoy resource that differs between two xDS bundles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_URL_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    type_url: _builtins.str
+    """The resource's type URL, e.g. type.googleapis.com/envoy.config.cluster.v3.Cluster."""
+    name: _builtins.str
+    kind: Global___FileChangeKind.ValueType
+    """ADDED, REMOVED or MODIFIED, as for files."""
+    def __init__(
+        self,
+        *,
+        type_url: _builtins.str = ...,
+        name: _builtins.str = ...,
+        kind: Global___FileChangeKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "type_url", b"type_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResourceChange: _TypeAlias = ResourceChange  # noqa: Y015
 
 @_typing.final
 class RevokeBundleRequest(_message.Message):

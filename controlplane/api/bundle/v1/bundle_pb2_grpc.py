@@ -156,7 +156,8 @@ class BundleServiceServicer:
 
     def DiffBundles(self, request, context):
         """DiffBundles compares two bundles file by file, with unified diffs of
-        text files and the risk of moving from one to the other.
+        text files and the risk of moving from one to the other; two xDS bundles
+        also resource by resource.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -61,7 +61,8 @@ class BundleServiceStub:
     """ListBundles pages through a project's bundles, newest first."""
     DiffBundles: _grpc.UnaryUnaryMultiCallable[_bundle_pb2.DiffBundlesRequest, _bundle_pb2.DiffBundlesResponse]
     """DiffBundles compares two bundles file by file, with unified diffs of
-    text files and the risk of moving from one to the other.
+    text files and the risk of moving from one to the other; two xDS bundles
+    also resource by resource.
     """
     RevokeBundle: _grpc.UnaryUnaryMultiCallable[_bundle_pb2.RevokeBundleRequest, _bundle_pb2.RevokeBundleResponse]
     """RevokeBundle withdraws a bundle: it can no longer be assigned, rolled out
@@ -124,7 +125,8 @@ class BundleServiceAsyncStub(BundleServiceStub):
     """ListBundles pages through a project's bundles, newest first."""
     DiffBundles: _aio.UnaryUnaryMultiCallable[_bundle_pb2.DiffBundlesRequest, _bundle_pb2.DiffBundlesResponse]  # type: ignore[assignment]
     """DiffBundles compares two bundles file by file, with unified diffs of
-    text files and the risk of moving from one to the other.
+    text files and the risk of moving from one to the other; two xDS bundles
+    also resource by resource.
     """
     RevokeBundle: _aio.UnaryUnaryMultiCallable[_bundle_pb2.RevokeBundleRequest, _bundle_pb2.RevokeBundleResponse]  # type: ignore[assignment]
     """RevokeBundle withdraws a bundle: it can no longer be assigned, rolled out
@@ -220,7 +222,8 @@ class BundleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_bundle_pb2.DiffBundlesResponse, _abc.Awaitable[_bundle_pb2.DiffBundlesResponse]]:
         """DiffBundles compares two bundles file by file, with unified diffs of
-        text files and the risk of moving from one to the other.
+        text files and the risk of moving from one to the other; two xDS bundles
+        also resource by resource.
         """
 
     @_abc_1.abstractmethod

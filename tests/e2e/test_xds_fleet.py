@@ -155,6 +155,15 @@ async def test_a_canary_answering_503_rolls_back_on_envoys_own_5xx_rate(
                     await control.wait_node(
                         node.node_id, lambda n: n.applied_digest == v1, timeout=60, what="back on v1"
                     )
+
+                # An ACK says Envoy took the configuration; its worker threads pick it up
+                # just after, so a request or two may still meet the canary's route.
+                async def only_v1() -> None:
+                    window = loop.mark()
+                    await loop.wait_for(20, timeout=30)
+                    assert set(loop.since(window)) == {"v1"}, loop.counts(window)
+
+                await eventually(only_v1, timeout=60, what="traffic back on v1")
                 mark = loop.mark()
                 await loop.wait_for(40, timeout=30)
                 assert set(loop.since(mark)) == {"v1"}, loop.counts(mark)

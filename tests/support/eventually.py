@@ -20,3 +20,9 @@ async def eventually(
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what} not reached within {timeout}s: {e}") from e
         await asyncio.sleep(interval)
+
+
+async def settle(turns: int = 20) -> None:
+    """Let every ready task run until it blocks: a few turns of the event loop."""
+    for _ in range(turns):
+        await asyncio.sleep(0)

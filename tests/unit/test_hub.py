@@ -6,7 +6,7 @@ import asyncio
 import gc
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -17,24 +17,12 @@ from controlplane.domain.model.desired import DesiredRow
 from controlplane.watch import encoding
 from controlplane.watch.hub import HubSettings, WatchHub
 from controlplane.watch.stream import LEDGER_SIZE, MAX_PENDING, WatchStream
+from tests.support.eventually import settle
 from tests.support.memfeed import MemoryFeed
 from tests.support.sinks import RecordingSink
 
 SEL_PROD = selector_key("p", Selector.parse("env=prod"))
 SEL_ALL = selector_key("p", Selector.parse("*"))
-
-
-async def settle() -> None:
-    """Let every drain task that can run, run."""
-    for _ in range(20):
-        await asyncio.sleep(0)
-
-
-@pytest.fixture(autouse=True)
-def thaw() -> Iterator[None]:
-    """The hub freezes the heap when it settles; never leave the test process frozen."""
-    yield
-    gc.unfreeze()
 
 
 @pytest.fixture

@@ -56,6 +56,7 @@ from controlplane.domain.kernel.labels import Selector, meta_key, node_key, sele
 from controlplane.domain.model.desired import ChangeKind, DesiredRow
 from controlplane.watch.hub import HubSettings, WatchHub
 from controlplane.watch.stream import MAX_PENDING, WatchStream
+from tests.support.eventually import settle
 from tests.support.memfeed import MemoryFeed
 from tests.support.profiles import examples
 from tests.support.sinks import RecordingSink
@@ -152,11 +153,6 @@ class Client:
     events: list[str] = field(default_factory=list)
 
 
-async def _settle() -> None:
-    for _ in range(30):
-        await asyncio.sleep(0)
-
-
 class HubMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -185,7 +181,7 @@ class HubMachine(RuleBasedStateMachine):
             if client.sink is not None:
                 client.sink.dead = True
                 client.sink.unblock()
-        self.loop.run_until_complete(_settle())
+        self.loop.run_until_complete(settle(30))
         self.loop.run_until_complete(self.hub.stop(grace=0.05))
         self.loop.close()
 
@@ -200,7 +196,7 @@ class HubMachine(RuleBasedStateMachine):
 
     def run(self, coro: object) -> None:
         self.loop.run_until_complete(coro)  # type: ignore[arg-type]
-        self.loop.run_until_complete(_settle())
+        self.loop.run_until_complete(settle(30))
         self.consume()
         for client in self.clients.values():
             stream = client.stream
@@ -307,7 +303,7 @@ class HubMachine(RuleBasedStateMachine):
         self.clock += 1.0
         clock = self.clock
         self.call(lambda: self.hub.tick(clock))
-        self.run(_settle())
+        self.run(settle(30))
 
     # -- consumers ---------------------------------------------------------------
 
@@ -346,7 +342,7 @@ class HubMachine(RuleBasedStateMachine):
         client.stream = self.call(lambda: self.hub.open(node, since, epoch, sink))
         client.sink, client.seen = sink, 0
         client.streams_opened += 1
-        self.run(_settle())
+        self.run(settle(30))
         started = sink.events[0].started
         assert (started.head_revision, started.floor_revision, started.epoch) == (
             read.head,
@@ -381,7 +377,7 @@ class HubMachine(RuleBasedStateMachine):
         self.call(lambda: self.hub.close(stream))
         client.sink.dead = True
         client.sink.unblock()
-        self.run(_settle())
+        self.run(settle(30))
         client.stream = client.sink = None
 
     @rule(node=st.sampled_from(NODES))
@@ -408,7 +404,7 @@ class HubMachine(RuleBasedStateMachine):
     def unblock(self, node: str) -> None:
         if (sink := self.clients[node].sink) is not None:
             sink.unblock()
-            self.run(_settle())
+            self.run(settle(30))
 
     def consume(self) -> None:
         """Each node applies what it received, checking every guarantee on the way."""

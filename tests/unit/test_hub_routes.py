@@ -4,30 +4,18 @@ no other node."""
 
 from __future__ import annotations
 
-import asyncio
-import gc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
 from controlplane.api.watch.v1 import watch_pb2 as pb
 from controlplane.domain.kernel.labels import Selector, node_key, route_key, selector_key
 from controlplane.watch.hub import HubSettings, WatchHub
+from tests.support.eventually import settle
 from tests.support.memfeed import MemoryFeed
 from tests.support.sinks import RecordingSink
 
 SEL_PROD = selector_key("p", Selector.parse("env=prod"))
-
-
-async def settle() -> None:
-    for _ in range(20):
-        await asyncio.sleep(0)
-
-
-@pytest.fixture(autouse=True)
-def thaw() -> Iterator[None]:
-    yield
-    gc.unfreeze()
 
 
 @pytest.fixture

@@ -10,14 +10,9 @@ import pytest
 
 from controlplane.domain.bundles.slots import IntakeSlots
 from controlplane.domain.kernel.errors import ResourceExhausted
+from tests.support.eventually import settle
 
 LONG = 600.0  # waits that must end by a release, never by the clock
-
-
-async def settle() -> None:
-    """Let every ready task run until it blocks (a few loop turns suffice here)."""
-    for _ in range(5):
-        await asyncio.sleep(0)
 
 
 class Push:

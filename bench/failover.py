@@ -164,7 +164,7 @@ async def lease_holder(url: str, name: str) -> str:
 
 async def takeover_run(agents: int, work: Path) -> dict[str, Any]:
     await postgres.ensure_running()
-    url = await postgres.create_database()
+    url = await postgres.create_database(durable=True)
     data = work / "data"
     a = ServerProcess(
         data, database_url=url, cpus=None, extra_args=("--replica-id", "a"), log_path=work / "a.log"

@@ -20,6 +20,7 @@ from controlplane.domain.ports import Clock
 from controlplane.store.engine import make_engine, upgrade
 from controlplane.watch.hub import HubSettings
 from tests.support import postgres, profiles  # noqa: F401  (profiles: loads the Hypothesis profile)
+from tests.support.dbsupply import DatabaseSupply
 from tests.support.harness import Harness
 
 T = TypeVar("T")
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ["sqlite", "postgres"]
 # Tests that use these fixtures run against PostgreSQL: they carry the `postgres` mark.
-_POSTGRES_FIXTURES = {"pg_url", "make_pg_harness", "pg_harness", "pg_template"}
+_POSTGRES_FIXTURES = {"pg_url", "make_pg_harness", "pg_harness", "pg_template", "pg_supply"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -51,7 +52,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 #
 # Migrations run once per test run (per xdist worker) into a template; each test that
 # needs a migrated database gets a copy of it (a file copy on SQLite, CREATE DATABASE ...
-# TEMPLATE on PostgreSQL), which is what makes ~400 server starts affordable.
+# TEMPLATE on PostgreSQL, made ahead and dropped behind by tests/support/dbsupply.py),
+# which is what makes ~400 server starts affordable.
 
 
 async def _migrate(url: str) -> None:
@@ -91,6 +93,14 @@ def pg_template(worker_id: str) -> Iterator[str]:
     _run_apart(postgres.drop_database(url))
 
 
+@pytest.fixture(scope="session")
+def pg_supply(pg_template: str) -> Iterator[DatabaseSupply]:
+    """Copies of the template made while the previous test runs, dropped behind it."""
+    supply = DatabaseSupply(pg_template)
+    yield supply
+    supply.close()
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Every integration test that takes a database runs on both."""
@@ -122,21 +132,23 @@ async def migrated_url(backend: str, tmp_path: Path, request: pytest.FixtureRequ
         shutil.copyfile(template, target)
         yield f"sqlite+aiosqlite:///{target}"
         return
-    url = await postgres.create_database(template=request.getfixturevalue("pg_template"))
+    supply: DatabaseSupply = request.getfixturevalue("pg_supply")
+    url = await supply.take()
     try:
         yield url
     finally:
-        await postgres.drop_database(url)
+        supply.discard(url)
 
 
 @pytest.fixture
 async def pg_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     """A migrated PostgreSQL database (PostgreSQL-only tests)."""
-    url = await postgres.create_database(template=request.getfixturevalue("pg_template"))
+    supply: DatabaseSupply = request.getfixturevalue("pg_supply")
+    url = await supply.take()
     try:
         yield url
     finally:
-        await postgres.drop_database(url)
+        supply.discard(url)
 
 
 def fast_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:

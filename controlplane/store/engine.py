@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
@@ -83,10 +86,19 @@ def alembic_config() -> Config:
     return cfg
 
 
+@functools.cache
+def head_revision() -> str | None:
+    """The newest migration: the scripts are read once per process."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
-    """Apply the Alembic migrations up to `revision`."""
+    """Apply the Alembic migrations up to `revision`. A database already at the head is
+    only read (one query), which is every start but a new version's first."""
 
     def run(conn: Connection) -> None:
+        if revision == "head" and MigrationContext.configure(conn).get_current_revision() == head_revision():
+            return
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK})
         cfg = alembic_config()

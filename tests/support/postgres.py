@@ -53,14 +53,23 @@ async def ensure_running() -> None:
     raise PostgresUnavailable(f"PostgreSQL did not come up at {ADMIN_DSN}")
 
 
-async def create_database(template: str = "", name: str = "") -> str:
+async def create_database(template: str = "", name: str = "", *, durable: bool = False) -> str:
     """A fresh database, empty or a copy of `template` (a database's URL); returns its
-    SQLAlchemy URL."""
+    SQLAlchemy URL.
+
+    Unless `durable`, its sessions commit without waiting for the WAL flush
+    (`synchronous_commit = off`): a commit is visible to every other session exactly as
+    before, only a crash of this PostgreSQL server could lose the last ones, and no test
+    crashes it (failover tests run servers of their own, tests/support/pgcluster.py).
+    The suite's PostgreSQL tests wait on the disk for nothing else. Benchmarks ask for
+    `durable` so that they measure what production runs."""
     name = name or f"cp_test_{secrets.token_hex(6)}"
     copy = f' TEMPLATE "{template.rsplit("/", 1)[1]}"' if template else ""
     conn = await asyncpg.connect(ADMIN_DSN)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"{copy}')
+        if not durable:
+            await conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     finally:
         await conn.close()
     base = ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")

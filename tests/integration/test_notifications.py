@@ -88,6 +88,16 @@ async def messages(plane: Harness, state: int = 0) -> list[pb.NotificationMessag
     return list(reply.messages)
 
 
+async def grouped(plane: Harness, events: int) -> None:
+    """Wait until one pending message holds `events` events."""
+
+    async def check() -> None:
+        pending = await messages(plane, pb.MESSAGE_STATE_PENDING)
+        assert [len(m.event_ids) for m in pending] == [events], pending
+
+    await eventually(check, timeout=20.0, what=f"one pending message of {events} events")
+
+
 async def test_a_receiver_failing_twice_gets_the_event_three_times_with_one_key(
     make_harness: HarnessFactory, receiver: Receiver
 ) -> None:
@@ -179,6 +189,9 @@ async def test_a_storm_is_one_message_and_the_rate_limit_holds_the_next(
     # A window longer than the storm (on the server's clock, which the test holds).
     await channel(plane, receiver.url, group_window=window(5), rate_per_minute=1)
     digests = [await revoke(plane, f"v{i}") for i in range(12)]
+    # The worker groups events as it reads them, after the writes return: the window may
+    # close (the clock moves) only once it holds all twelve.
+    await grouped(plane, 12)
     clock.advance(timedelta(seconds=6))
     await until(lambda: len(receiver.received) == 1, "one message for the storm")
     events = receiver.received[0].json["events"]

@@ -194,7 +194,9 @@ async def test_a_new_leader_restarts_the_bake_nobody_watched(make_harness: Harne
         return utcnow() + timedelta(hours=2)
 
     def replica(holder: str, clock: Callable[[], datetime]) -> RolloutDriver:
-        leases = Leases(app.store, clock, ttl=timedelta(seconds=1), holder=holder)
+        # Long enough that no pass of the test outlives a lease on its own clock, however
+        # slow the machine: the first leader's lapses only on the second's clock.
+        leases = Leases(app.store, clock, ttl=timedelta(seconds=60), holder=holder)
         wakeup = Wakeup()
         controller = RolloutController(app.store, clock, app.hub, app.hub.wake, app.rollout_bus, wakeup)
         return RolloutDriver(controller, leases, wakeup=wakeup)

@@ -73,9 +73,13 @@ async def test_canary_promotes_through_cumulative_steps(plane: Harness) -> None:
         seen = await rollouts.watch(created.id)
         assert seen.last_state == pb.ROLLOUT_STATE_SUCCEEDED, seen.messages("state")
         done = await rollouts.get(created.id)
-        decisions = [a.decision for s in done.steps for a in s.analyses]
-        assert decisions == ["promote", "promote"]
-        assert all(a.canary_samples >= 2 for s in done.steps for a in s.analyses)
+        analyses = [a for s in done.steps for a in s.analyses]
+        # A slow machine may see too few heartbeats in a bake: that analysis extends it,
+        # and only for that reason.
+        assert all(a.canary_samples < 2 for a in analyses if a.decision == "extend"), analyses
+        decided = [a for a in analyses if a.decision != "extend"]
+        assert [a.decision for a in decided] == ["promote", "promote"]
+        assert all(a.canary_samples >= 2 for a in decided)
         assert {n.digest for n in sim.nodes} == {v1}
 
 

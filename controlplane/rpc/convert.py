@@ -11,6 +11,7 @@ from controlplane.api.project.v1 import project_pb2
 from controlplane.domain.model.desired import DesiredRow
 from controlplane.domain.model.fleet import (
     METRIC_NAMES,
+    Enrollment,
     Health,
     HeartbeatRecord,
     Node,
@@ -38,6 +39,10 @@ _PHASE = {
     ReportPhase.FAILED: node_pb2.REPORT_PHASE_FAILED,
 }
 PHASE_IN = {v: k for k, v in _PHASE.items()}
+_ENROLLMENT = {
+    Enrollment.REGISTERED: node_pb2.NODE_ENROLLMENT_REGISTERED,
+    Enrollment.XDS_FIRST_CONTACT: node_pb2.NODE_ENROLLMENT_XDS_FIRST_CONTACT,
+}
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -104,6 +109,8 @@ def node_out(node: Node, desired: DesiredRow | None, xds: NodeXdsStatus | None =
         applied_revoked_reason=node.applied_revoked_reason,
         desired_revoked_reason=node.desired_revoked_reason,
         address=node.address,
+        enrollment=_ENROLLMENT[node.enrollment],
+        labels_by_operator=node.labels_by_operator,
     )
     if desired is not None:
         msg.desired_digest = desired.digest

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from controlplane.domain.kernel.labels import Selector
 from controlplane.domain.model.fleet import (
     METRIC_NAMES,
+    Enrollment,
     Health,
     HeartbeatRecord,
     Node,
@@ -67,6 +68,8 @@ def _node(row: Any) -> Node:
         failed_revision=row.failed_revision,
         failed_error=row.failed_error,
         address=row.address or "",
+        enrollment=Enrollment(row.enrollment),
+        labels_by_operator=bool(row.labels_by_operator),
     )
 
 
@@ -136,6 +139,8 @@ class SqlNodes:
                 agent_version=node.agent_version,
                 hostname=node.hostname,
                 address=node.address,
+                enrollment=node.enrollment.value,
+                labels_by_operator=node.labels_by_operator,
             )
         )
         await self._write_labels(node.id, node.labels)
@@ -148,6 +153,7 @@ class SqlNodes:
         agent_version: str,
         hostname: str,
         address: str = "",
+        enrollment: Enrollment = Enrollment.REGISTERED,
     ) -> None:
         await self._conn.execute(
             update(nodes)
@@ -158,13 +164,24 @@ class SqlNodes:
                 agent_version=agent_version,
                 hostname=hostname,
                 address=address,
+                enrollment=enrollment.value,
+                labels_by_operator=False,
             )
         )
         await self._write_labels(node_id, labels)
 
-    async def set_labels(self, node_id: str, labels: Mapping[str, str]) -> None:
-        await self._conn.execute(update(nodes).where(nodes.c.id == node_id).values(labels=dict(labels)))
+    async def set_labels(self, node_id: str, labels: Mapping[str, str], by_operator: bool) -> None:
+        await self._conn.execute(
+            update(nodes)
+            .where(nodes.c.id == node_id)
+            .values(labels=dict(labels), labels_by_operator=by_operator)
+        )
         await self._write_labels(node_id, labels)
+
+    async def set_agent_version(self, node_id: str, agent_version: str) -> None:
+        await self._conn.execute(
+            update(nodes).where(nodes.c.id == node_id).values(agent_version=agent_version)
+        )
 
     async def _write_labels(self, node_id: str, labels: Mapping[str, str]) -> None:
         await self._conn.execute(delete(node_labels).where(node_labels.c.node_id == node_id))

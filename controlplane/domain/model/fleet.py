@@ -21,6 +21,17 @@ class Health(enum.StrEnum):
     UNHEALTHY = "unhealthy"
 
 
+class Enrollment(enum.StrEnum):
+    """How a node was enrolled (docs/xds.md)."""
+
+    # RegisterNode with an enrollment token: an agent, or an Envoy enrolled by
+    # `controlplane envoy bootstrap`. It holds a credential of its own.
+    REGISTERED = "registered"
+    # An Envoy that enrolled itself on its first xDS contact with an enrollment token
+    # (`serve --xds-enrollment`): that token resumes it; no one holds its credential.
+    XDS_FIRST_CONTACT = "xds_first_contact"
+
+
 class ReportPhase(enum.StrEnum):
     DOWNLOADED = "downloaded"
     ACTIVE = "active"
@@ -90,6 +101,10 @@ class Node:
     extra: Mapping[str, str] = field(default_factory=dict)
     # host:port its proxy serves on (`--address`), for routers; "" when not given.
     address: str = ""
+    enrollment: Enrollment = Enrollment.REGISTERED
+    # An operator set its labels (UpdateNodeLabels): an Envoy's node.metadata no longer
+    # changes them (`serve --xds-metadata-labels`); a new registration clears it.
+    labels_by_operator: bool = False
     # Why the bundle the node runs (applied) or is assigned (desired) was revoked; empty
     # when it was not. Filled by the node registry's reads, not stored on the node.
     applied_revoked_reason: str = ""

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 from controlplane.store.schema.base import Json, UTCDateTime, metadata
@@ -111,6 +112,10 @@ nodes = Table(
     Column("failed_error", Text, nullable=False, default=""),
     # host:port its proxy serves on, for routers (`--address`); migration 0013.
     Column("address", String(300), nullable=False, server_default=""),
+    # How it was enrolled (model.fleet.Enrollment), and whether an operator set its
+    # labels (an Envoy's node.metadata then no longer does); migration 0014.
+    Column("enrollment", String(24), nullable=False, server_default="registered"),
+    Column("labels_by_operator", Boolean, nullable=False, server_default=false()),
     UniqueConstraint("project", "name"),
     Index(None, "project", "id"),
     Index(None, "status", "last_heartbeat_at"),

@@ -25,6 +25,7 @@ from controlplane.domain.model.fleet import (
     NodeStatus,
     Project,
     StatusReport,
+    XdsRecord,
 )
 from controlplane.domain.model.identity import ApiKey, EnrollmentToken
 from controlplane.domain.model.leases import Lease
@@ -83,7 +84,11 @@ class NodeRepo(Protocol):
     async def record_heartbeats(
         self, beats: Sequence[tuple[str, HeartbeatRecord]], history_size: int
     ) -> dict[str, NodeStatus]: ...
-    async def record_report(self, node_id: str, report: StatusReport) -> None: ...
+    async def record_report(self, node_id: str, report: StatusReport) -> None:
+        """Also stores `report.xds`, when given, as the node's XdsRecord."""
+        ...
+
+    async def xds(self, node_id: str) -> XdsRecord | None: ...
     async def announce_reports(self) -> None:
         """Tell every replica, at commit, that status reports were recorded (the rollout
         driver that leads may run elsewhere)."""

@@ -19,6 +19,7 @@ from controlplane.domain.model.fleet import (
     NodeStatus,
     Project,
     ReportPhase,
+    XdsRecord,
 )
 from controlplane.domain.routing.directory import RouterView
 from controlplane.xds import types as xds_types
@@ -78,21 +79,34 @@ def heartbeat_out(beat: HeartbeatRecord) -> node_pb2.Heartbeat:
     )
 
 
-def xds_out(status: NodeXdsStatus) -> node_pb2.XdsStream:
+def xds_out(record: XdsRecord, live: bool) -> node_pb2.XdsStream:
     msg = node_pb2.XdsStream(
-        acked_versions={xds_types.short(url): v for url, v in status.acked.items()},
-        running_revision=status.running_revision,
-        running_digest=status.running_digest,
+        acked_versions={xds_types.short(url): v for url, v in record.acked.items()},
+        running_revision=record.running_revision,
+        running_digest=record.running_digest,
+        live=live,
     )
-    nack = status.last_nack
-    if nack is not None:
+    if record.nack_type_url:
         msg.last_nack.CopyFrom(
-            node_pb2.XdsNack(revision=nack.revision, type=xds_types.short(nack.type_url), error=nack.error)
+            node_pb2.XdsNack(
+                revision=record.nack_revision,
+                type=xds_types.short(record.nack_type_url),
+                error=record.nack_error,
+            )
         )
+    if record.recorded_at is not None:
+        msg.recorded_at.FromDatetime(record.recorded_at)
     return msg
 
 
-def node_out(node: Node, desired: DesiredRow | None, xds: NodeXdsStatus | None = None) -> node_pb2.Node:
+def node_out(
+    node: Node,
+    desired: DesiredRow | None,
+    xds: NodeXdsStatus | None = None,
+    recorded: XdsRecord | None = None,
+) -> node_pb2.Node:
+    """`xds`: the node's open stream on this server; else `recorded`, what its last
+    ACTIVE or FAILED report kept."""
     msg = node_pb2.Node(
         id=node.id,
         project=node.project,
@@ -119,7 +133,9 @@ def node_out(node: Node, desired: DesiredRow | None, xds: NodeXdsStatus | None =
         msg.last_heartbeat_at.FromDatetime(node.last_heartbeat.received_at)
         msg.last_heartbeat.CopyFrom(heartbeat_out(node.last_heartbeat))
     if xds is not None:
-        msg.xds.CopyFrom(xds_out(xds))
+        msg.xds.CopyFrom(xds_out(xds.record(), live=True))
+    elif recorded is not None:
+        msg.xds.CopyFrom(xds_out(recorded, live=False))
     if node.last_report is not None:
         r = node.last_report
         msg.last_report.CopyFrom(

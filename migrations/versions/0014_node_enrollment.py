@@ -1,4 +1,4 @@
-"""How a node was enrolled, as a field (issue 11).
+"""How a node was enrolled, as a field, and what an xDS node acknowledged (issue 11).
 
 - `nodes.enrollment`: `registered` (RegisterNode: an agent, or an Envoy enrolled by
   `controlplane envoy bootstrap`) or `xds_first_contact` (an Envoy that enrolled itself
@@ -9,6 +9,10 @@
   Envoy's `node.metadata` no longer changes them (`serve --xds-metadata-labels`). False
   for every existing row: nothing recorded who set their labels.
 
+- `node_xds`: what an xDS node had acknowledged at its last ACTIVE or FAILED report
+  (versions per type, the revision it ran whole, its last NACK), so every replica shows
+  it. Empty at first: filled by the nodes' next reports.
+
 No batch mode: ADD COLUMN (with a default) and UPDATE are plain statements on both
 databases.
 
@@ -18,6 +22,9 @@ Revises: 0013
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects.postgresql import JSONB
+
+from controlplane.store.schema import UTCDateTime
 
 revision = "0014"
 down_revision = "0013"
@@ -26,6 +33,8 @@ depends_on = None
 
 # The agent version that marked a node enrolled on first contact before this migration.
 OLD_MARKER = "xds (enrolled on first contact)"
+
+Json = sa.JSON().with_variant(JSONB(), "postgresql")
 
 _nodes = sa.table(
     "nodes",
@@ -46,9 +55,25 @@ def upgrade() -> None:
         .where(_nodes.c.agent_version == OLD_MARKER)
         .values(enrollment="xds_first_contact", agent_version="")
     )
+    op.create_table(
+        "node_xds",
+        sa.Column("node_id", sa.String(64), nullable=False),
+        sa.Column("acked", Json, nullable=False),
+        sa.Column("running_revision", sa.BigInteger(), nullable=False),
+        sa.Column("running_digest", sa.String(80), nullable=False),
+        sa.Column("nack_revision", sa.BigInteger(), nullable=False),
+        sa.Column("nack_type_url", sa.String(200), nullable=False),
+        sa.Column("nack_error", sa.Text(), nullable=False),
+        sa.Column("recorded_at", UTCDateTime(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["node_id"], ["nodes.id"], name="fk_node_xds_node_id_nodes", ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("node_id", name="pk_node_xds"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("node_xds")
     op.execute(
         _nodes.update().where(_nodes.c.enrollment == "xds_first_contact").values(agent_version=OLD_MARKER)
     )

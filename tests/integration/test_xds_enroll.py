@@ -175,7 +175,7 @@ async def test_a_later_contact_relabels_from_metadata_unless_an_operator_set_the
     node = await eventually(lambda: runs(prod), what="ACTIVE at prod")
     client.labels = {"env": "staging"}
     await reconnect(h, streams, client, node.id, h.token, staging)
-    shown = await runs(staging)
+    shown = await eventually(lambda: runs(staging), what="ACTIVE at staging, as recorded")
     assert dict(shown.labels) == {"env": "staging"} and set(client.held[CLUSTER.url]) == {"green"}
     audit = await h.audit.ListAuditEvents(apb.ListAuditEventsRequest(project="default"))
     relabel = [e for e in audit.events if e.action == "node.relabel"]

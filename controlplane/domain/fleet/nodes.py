@@ -39,6 +39,7 @@ from controlplane.domain.model.fleet import (
     NodeStatus,
     ReportPhase,
     StatusReport,
+    XdsRecord,
 )
 from controlplane.domain.model.notify import EventKind as NotifyKind
 from controlplane.domain.model.notify import NotificationEvent
@@ -309,8 +310,17 @@ class NodeRegistry:
         return self.heartbeat_interval
 
     async def report_status(
-        self, node_id: str, stream_id: str, revision: int, digest: str, phase: ReportPhase, error: str
+        self,
+        node_id: str,
+        stream_id: str,
+        revision: int,
+        digest: str,
+        phase: ReportPhase,
+        error: str,
+        xds: XdsRecord | None = None,
     ) -> None:
+        """Record a node's report; an xDS node's acknowledged versions (`xds`) are kept
+        with it, so every replica can show them (`xds_record`)."""
         validation.digest(digest)
         if revision <= 0:
             raise InvalidArgument("must be a revision the node received (> 0)", field="revision")
@@ -320,7 +330,7 @@ class NodeRegistry:
             raise InvalidArgument("a FAILED report must say why", field="error")
         if len(error) > MAX_ERROR_TEXT:
             raise InvalidArgument(f"at most {MAX_ERROR_TEXT} characters", field="error")
-        report = StatusReport(stream_id, revision, digest, phase, error, self.clock())
+        report = StatusReport(stream_id, revision, digest, phase, error, self.clock(), xds)
         node = await self._reports.submit((node_id, report))
         if node is None:
             return  # a replay of the report already held
@@ -432,6 +442,11 @@ class NodeRegistry:
         async with self.store.read() as tx:
             [updated] = await self._flag_revoked(tx, updated.project, [updated])
         return updated, revision
+
+    async def xds_record(self, node_id: str) -> XdsRecord | None:
+        """What the xDS node had acknowledged at its last ACTIVE or FAILED report."""
+        async with self.store.read() as tx:
+            return await tx.nodes.xds(node_id)
 
     async def get(self, node_id: str) -> Node:
         async with self.store.read() as tx:

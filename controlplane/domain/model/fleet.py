@@ -72,6 +72,23 @@ class HeartbeatRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class XdsRecord:
+    """What an xDS node had acknowledged when it reported (ACTIVE or FAILED), kept so
+    that every replica shows it, not only the one holding its stream (docs/xds.md)."""
+
+    # Type URL -> the version it last acknowledged.
+    acked: Mapping[str, str]
+    # The last revision it acknowledged whole: what it runs.
+    running_revision: int
+    running_digest: str
+    # The last response it refused (NACK): 0 and "" when none.
+    nack_revision: int = 0
+    nack_type_url: str = ""
+    nack_error: str = ""
+    recorded_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class StatusReport:
     stream_id: str
     revision: int
@@ -79,6 +96,9 @@ class StatusReport:
     phase: ReportPhase
     error: str
     reported_at: datetime
+    # An xDS node's acknowledged versions with its report (stored beside it); None for
+    # an agent's report.
+    xds: XdsRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)

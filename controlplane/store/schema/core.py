@@ -165,6 +165,24 @@ node_heartbeats = Table(
     PrimaryKeyConstraint("node_id", "slot"),
 )
 
+# What an xDS node had acknowledged at its last ACTIVE or FAILED report (docs/xds.md),
+# so every replica can show it, not only the one holding its stream; migration 0014.
+# Written with the report, never per heartbeat.
+node_xds = Table(
+    "node_xds",
+    metadata,
+    Column("node_id", String(64), ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True),
+    # Type URL -> the version Envoy acknowledged (at most the five served types).
+    Column("acked", Json, nullable=False),
+    Column("running_revision", BigInteger, nullable=False),
+    Column("running_digest", String(80), nullable=False),
+    # The last response it refused (NACK); 0 and "" when none.
+    Column("nack_revision", BigInteger, nullable=False),
+    Column("nack_type_url", String(200), nullable=False),
+    Column("nack_error", Text, nullable=False),
+    Column("recorded_at", UTCDateTime, nullable=False),
+)
+
 # One row per (project, digest). Its manifest and parsed structure are in
 # `bundle_details`, its signatures in `bundle_signatures` (schema/bundles.py).
 bundles = Table(

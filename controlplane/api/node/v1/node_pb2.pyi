@@ -334,8 +334,9 @@ class Node(_message.Message):
     def last_report(self) -> Global___StatusReport: ...
     @_builtins.property
     def xds(self) -> Global___XdsStream:
-        """An Envoy node (docs/xds.md) whose ADS stream is open on the server that answered:
-        what Envoy acknowledged, and the last response it refused.
+        """An Envoy node (docs/xds.md): what Envoy acknowledged, and the last response it
+        refused — from its ADS stream when it is open on the server that answered
+        (`live`), else as its last ACTIVE or FAILED report recorded it.
         """
 
     def __init__(
@@ -401,9 +402,15 @@ class XdsStream(_message.Message):
     RUNNING_REVISION_FIELD_NUMBER: _builtins.int
     RUNNING_DIGEST_FIELD_NUMBER: _builtins.int
     LAST_NACK_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
     running_revision: _builtins.int
     """The last revision Envoy acknowledged whole (every type): what it runs."""
     running_digest: _builtins.str
+    live: _builtins.bool
+    """True: read from the node's ADS stream open on the server that answered. False:
+    as recorded with the node's last ACTIVE or FAILED report (any server answers).
+    """
     @_builtins.property
     def acked_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Per resource type (Listener, RouteConfiguration, Cluster, ClusterLoadAssignment,
@@ -414,6 +421,10 @@ class XdsStream(_message.Message):
     def last_nack(self) -> Global___XdsNack:
         """The last response Envoy refused on this stream (NACK), with Envoy's own words."""
 
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was recorded (unset when live)."""
+
     def __init__(
         self,
         *,
@@ -421,10 +432,12 @@ class XdsStream(_message.Message):
         running_revision: _builtins.int = ...,
         running_digest: _builtins.str = ...,
         last_nack: Global___XdsNack | None = ...,
+        live: _builtins.bool = ...,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_nack", b"last_nack"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_nack", b"last_nack", "recorded_at", b"recorded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_versions", b"acked_versions", "last_nack", b"last_nack", "running_digest", b"running_digest", "running_revision", b"running_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_versions", b"acked_versions", "last_nack", b"last_nack", "live", b"live", "recorded_at", b"recorded_at", "running_digest", b"running_digest", "running_revision", b"running_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

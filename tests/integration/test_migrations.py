@@ -5,19 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from controlplane.domain.audit import chain, trail
 from controlplane.domain.kernel.labels import Selector
 from controlplane.domain.model import audit as audit_model
 from controlplane.domain.model.fleet import Enrollment, Health, HeartbeatRecord, NodeMetrics
-from controlplane.store.engine import alembic_config, make_engine, upgrade
+from controlplane.store.engine import make_engine, upgrade
 from controlplane.store.schema import audit_log, metadata, node_heartbeats, node_labels, nodes, projects
 from controlplane.store.sql import SqlStore
+from tests.integration.test_audit_seal_migration import downgrade
 
 
 def _diff(conn: Connection) -> list[Any]:
@@ -224,13 +223,3 @@ async def test_node_enrollment_moves_from_the_agent_version_marker_to_its_field(
         assert versions == {"n-1": "xds (enrolled on first contact)", "n-2": "agent 1.2.3", "n-3": "envoy"}
     finally:
         await engine.dispose()
-
-
-async def downgrade(engine: AsyncEngine, revision: str) -> None:
-    def run(conn: Connection) -> None:
-        cfg = alembic_config()
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, revision)
-
-    async with engine.begin() as conn:
-        await conn.run_sync(run)

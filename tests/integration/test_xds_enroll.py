@@ -10,6 +10,7 @@ contacts re-label the node from its metadata, unless an operator set its labels.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -239,3 +240,27 @@ async def test_first_contact_is_refused_without_a_valid_token_or_the_switch(
     # Off (the default): a valid token enrolls nothing.
     off = await make_harness()
     assert await refused(off, mode, off.token, envoy) is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_two_streams_of_one_envoy_contacting_at_once_enroll_it_once(
+    mode: str, make_harness: HarnessFactory
+) -> None:
+    """ADS and the stats sink of a new Envoy open together: both see no node, one
+    enrolls it, the other resumes it — one use spent, no credential rotated (which
+    would end the first stream)."""
+    h = await make_harness(xds_enrollment=True)
+    made = await h.identity.CreateEnrollmentToken(
+        ipb.CreateEnrollmentTokenRequest(project="default", max_uses=2)
+    )
+    contact = h.app.nodes.contact
+    first, second = await asyncio.gather(
+        contact("default", made.secret, f"edge-{mode}", None, "envoy 1.40.0"),
+        contact("default", made.secret, f"edge-{mode}", None, "envoy 1.40.0"),
+    )
+    assert first[0].id == second[0].id
+    tokens = (
+        await h.identity.ListEnrollmentTokens(ipb.ListEnrollmentTokensRequest(project="default"))
+    ).tokens
+    assert [t.uses_left for t in tokens if t.id == made.token.id] == [1]
+    audit = await h.audit.ListAuditEvents(apb.ListAuditEventsRequest(project="default"))
+    assert [e.action for e in audit.events if e.resource == f"node/{first[0].id}"] == ["node.register"]

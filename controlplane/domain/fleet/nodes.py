@@ -61,6 +61,11 @@ UNCLAIMED_WINDOW = timedelta(minutes=10)
 READ_YOUR_WRITES = 2.0
 
 
+class _EnrolledMeanwhile(Exception):
+    """A first contact found the Envoy enrolled on first contact by another of its
+    streams since it looked: resume that node (NodeRegistry.contact)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Registration:
     node: Node
@@ -130,6 +135,15 @@ class NodeRegistry:
             credential = f"{node_id}.{new_secret('cpn')}"
             if existing is not None:
                 stored = await tx.nodes.credential_hash(existing.id)
+                if (
+                    enrolled is Enrollment.XDS_FIRST_CONTACT
+                    and existing.enrollment is Enrollment.XDS_FIRST_CONTACT
+                    and stored not in ("", BARRED)
+                ):
+                    # Another stream of the same Envoy (ADS and its stats sink open
+                    # together) enrolled it a moment ago: nothing is spent, nothing
+                    # rotated (which would end that stream); contact() resumes it.
+                    raise _EnrolledMeanwhile()
                 if stored == BARRED:
                     raise PermissionDenied(
                         f"node {name!r} was revoked; an admin must allow it to enroll again "
@@ -242,14 +256,17 @@ class NodeRegistry:
                 await enrollment.live(tx, project, enrollment_token, self.clock)
                 stored = await tx.nodes.credential_hash(existing.id)
         if existing is None or stored == "":
-            registration = await self.register(
-                project,
-                enrollment_token,
-                name,
-                labels or {},
-                agent_version=agent_version,
-                enrolled=Enrollment.XDS_FIRST_CONTACT,
-            )
+            try:
+                registration = await self.register(
+                    project,
+                    enrollment_token,
+                    name,
+                    labels or {},
+                    agent_version=agent_version,
+                    enrolled=Enrollment.XDS_FIRST_CONTACT,
+                )
+            except _EnrolledMeanwhile:
+                return await self.contact(project, enrollment_token, name, labels, agent_version)
             return registration.node, registration.revision
         if stored in (None, BARRED):
             raise Unauthenticated(f"node {name[:64]!r} was revoked")

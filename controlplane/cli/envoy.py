@@ -73,6 +73,13 @@ def envoy() -> None:
     "certificate alone (a server with --tls-node-ca; docs/xds.md).",
 )
 @click.option(
+    "--first-contact",
+    is_flag=True,
+    help="Enroll nothing: the bootstrap carries the enrollment token, and the Envoy enrolls "
+    "itself as NAME on its first contact (a server with --xds-enrollment; --labels go into "
+    "node.metadata, taken with --xds-metadata-labels). For autoscaled fleets (docs/xds.md).",
+)
+@click.option(
     "--output",
     "out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -95,12 +102,14 @@ def bootstrap(
     key_file: str,
     server_name: str,
     identity: str,
+    first_contact: bool,
     out: Path | None,
 ) -> None:
-    """Enroll an Envoy as node NAME (unless --credential-file already holds it) and print
-    the bootstrap it starts with: its node id, ADS and the stats sink to the control
-    plane, its credential in the gRPC initial metadata. The bootstrap holds the
-    credential: keep it readable by the Envoy user only."""
+    """Enroll an Envoy as node NAME (unless --credential-file already holds it, or with
+    --first-contact) and print the bootstrap it starts with: its node id, ADS and the
+    stats sink to the control plane, its credential (or the enrollment token) in the gRPC
+    initial metadata. The bootstrap holds that secret: keep it readable by the Envoy user
+    only."""
     from controlplane.xds.bootstrap import NODE_URI, BootstrapSpec, Tls
     from controlplane.xds.bootstrap import bootstrap as build
 
@@ -113,7 +122,18 @@ def bootstrap(
             "--identity certificate needs the node's certificate: --cert-file and --key-file",
             param_hint="--identity",
         )
-    if credential_file is not None and credential_file.exists():
+    metadata: dict[str, Any] = {}
+    if first_contact:
+        if credential_file is not None or identity == "certificate":
+            raise click.BadParameter(
+                "an Envoy enrolling on first contact holds the enrollment token, no credential "
+                "or certificate of a node",
+                param_hint="--first-contact",
+            )
+        # Its node.id is its name; the token stands in for the credential.
+        node_id, credential = name, _enrollment_token(token, token_file)
+        metadata = {"labels": labels(label_pairs)} if label_pairs else {}
+    elif credential_file is not None and credential_file.exists():
         node_id, credential = _read_credential(credential_file)
     else:
         node_id, credential = _enroll(server, project, name, labels(label_pairs), token, token_file)
@@ -130,6 +150,7 @@ def bootstrap(
         "sotw" if mode == "sotw" else "delta",
         admin_port,
         tls=Tls(ca_file, cert_file, key_file, server_name) if ca_file else None,
+        metadata=metadata,
         stats_flush_seconds=stats_flush,
     )
     if identity == "certificate":
@@ -144,6 +165,8 @@ def bootstrap(
     else:
         _write_private(out, text)
         held = "no credential" if identity == "certificate" else "it holds the node credential"
+        if first_contact:
+            held = "it holds the enrollment token"
         click.echo(f"wrote {out} ({held})", err=True)
 
 
@@ -157,6 +180,16 @@ def _enroll(
 ) -> tuple[str, str]:
     from controlplane.api.node.v1 import node_pb2, node_pb2_grpc
 
+    token = _enrollment_token(token, token_file)
+    stub = node_pb2_grpc.NodeServiceStub(node_channel(server))
+    request = node_pb2.RegisterNodeRequest(
+        project=project, enrollment_token=token, name=name, labels=node_labels, agent_version="envoy"
+    )
+    reply: Any = unary(lambda: stub.RegisterNode(request))
+    return str(reply.node_id), str(reply.node_credential)
+
+
+def _enrollment_token(token: str | None, token_file: Path | None) -> str:
     if token_file is not None:
         token = token_file.read_text().strip()
     token = token or default_enrollment_token()
@@ -165,12 +198,7 @@ def _enroll(
             "give --token or --token-file (the project's enrollment token), or --credential-file "
             "holding an enrolled node's credential"
         )
-    stub = node_pb2_grpc.NodeServiceStub(node_channel(server))
-    request = node_pb2.RegisterNodeRequest(
-        project=project, enrollment_token=token, name=name, labels=node_labels, agent_version="envoy"
-    )
-    reply: Any = unary(lambda: stub.RegisterNode(request))
-    return str(reply.node_id), str(reply.node_credential)
+    return token
 
 
 def _read_credential(path: Path) -> tuple[str, str]:

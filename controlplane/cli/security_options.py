@@ -64,8 +64,8 @@ _OPTIONS = [
         default=False,
         envvar="CONTROLPLANE_XDS_METADATA_LABELS",
         show_envvar=True,
-        help="With --xds-enrollment: an Envoy enrolling itself takes its labels from its "
-        "node.metadata `labels` struct.",
+        help="With --xds-enrollment: an Envoy enrolled on first contact takes its labels from its "
+        "node.metadata `labels` struct, at every contact, unless an operator has set them.",
     ),
     click.option(
         "--token-signing-key",

@@ -18,7 +18,15 @@ from controlplane.domain.model.bundles import Bundle, BundleSignature, BundleSta
 from controlplane.domain.model.desired import DesiredRow, FeedPosition, FeedSnapshot
 from controlplane.domain.model.drift import DriftEpisode, NodeApplied
 from controlplane.domain.model.facts import NodeFacts
-from controlplane.domain.model.fleet import HeartbeatRecord, Node, NodeStatus, Project, StatusReport
+from controlplane.domain.model.fleet import (
+    Enrollment,
+    HeartbeatRecord,
+    Node,
+    NodeStatus,
+    Project,
+    StatusReport,
+    XdsRecord,
+)
 from controlplane.domain.model.identity import ApiKey, EnrollmentToken
 from controlplane.domain.model.leases import Lease
 from controlplane.domain.model.notify import Channel, Message, MessageState, NotificationEvent
@@ -64,13 +72,23 @@ class NodeRepo(Protocol):
         agent_version: str,
         hostname: str,
         address: str = "",
-    ) -> None: ...
-    async def set_labels(self, node_id: str, labels: Mapping[str, str]) -> None: ...
+        enrollment: Enrollment = Enrollment.REGISTERED,
+    ) -> None:
+        """A new registration of the node: its labels are the node's again (not the
+        operator's: `labels_by_operator` is cleared)."""
+        ...
+
+    async def set_labels(self, node_id: str, labels: Mapping[str, str], by_operator: bool) -> None: ...
+    async def set_agent_version(self, node_id: str, agent_version: str) -> None: ...
     async def credential_hash(self, node_id: str) -> str | None: ...
     async def record_heartbeats(
         self, beats: Sequence[tuple[str, HeartbeatRecord]], history_size: int
     ) -> dict[str, NodeStatus]: ...
-    async def record_report(self, node_id: str, report: StatusReport) -> None: ...
+    async def record_report(self, node_id: str, report: StatusReport) -> None:
+        """Also stores `report.xds`, when given, as the node's XdsRecord."""
+        ...
+
+    async def xds(self, node_id: str) -> XdsRecord | None: ...
     async def announce_reports(self) -> None:
         """Tell every replica, at commit, that status reports were recorded (the rollout
         driver that leads may run elsewhere)."""

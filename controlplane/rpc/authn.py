@@ -81,8 +81,9 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 # An enrollment token's prefix: on a node stream, an Envoy's first contact (docs/xds.md).
 ENROLLMENT_PREFIX = "cpe_"
-# (project, enrollment token, name, labels) -> the node and the log's head before it.
-XdsContact = Callable[[str, str, str, Mapping[str, str]], Awaitable[tuple[Node, int]]]
+# (project, enrollment token, name, labels from node.metadata or None when not taken from
+# it, agent version) -> the node and the log's head before it (NodeRegistry.contact).
+XdsContact = Callable[[str, str, str, Mapping[str, str] | None, str], Awaitable[tuple[Node, int]]]
 
 
 def _envoy_node(message: Any) -> Any:
@@ -106,6 +107,20 @@ def metadata_labels(node: Any) -> dict[str, str]:
             raise InvalidArgument(f"{key[:64]!r} must be a string", field="node.metadata.labels")
         labels[key] = value.string_value
     return labels
+
+
+def agent_version(node: Any) -> str:
+    """What an Envoy node says it runs: `envoy 1.40.0` from `user_agent_name` and
+    `user_agent_build_version` (or `user_agent_version`, as gRPC clients send it)."""
+    kind = node.WhichOneof("user_agent_version_type")
+    if kind == "user_agent_build_version":
+        v = node.user_agent_build_version.version
+        version = f"{v.major_number}.{v.minor_number}.{v.patch}"
+    elif kind == "user_agent_version":
+        version = node.user_agent_version
+    else:
+        version = ""
+    return " ".join(part for part in (node.user_agent_name, version) if part)[:64]
 
 
 class Authenticator:
@@ -170,15 +185,16 @@ class Authenticator:
     async def first_contact(self, token: str, first: Any) -> Identity:
         """An Envoy's node stream carrying an enrollment token: the node its first
         message names (`node.id` its name, `node.cluster` its project), registered on
-        first contact or resumed after (NodeRegistry.contact)."""
+        first contact or resumed after, its agent version and (with
+        --xds-metadata-labels) its labels brought up to date (NodeRegistry.contact)."""
         assert self._xds_contact is not None, "only when it enrolls (`enrolls`)"
         node = _envoy_node(first)
         if node is None or not node.id:
             raise InvalidArgument("the first message must carry the node", field="node.id")
         if not node.cluster:
             raise InvalidArgument("must name the node's project", field="node.cluster")
-        labels = metadata_labels(node) if self._xds_metadata_labels else {}
-        found, head = await self._xds_contact(node.cluster[:128], token, node.id, labels)
+        labels = metadata_labels(node) if self._xds_metadata_labels else None
+        found, head = await self._xds_contact(node.cluster[:128], token, node.id, labels, agent_version(node))
         return Identity(Kind.NODE, found.id, found.project, revision=head, alias=found.name)
 
     async def certificate(self, pem: bytes) -> Identity:

@@ -11,6 +11,7 @@ from controlplane.api.project.v1 import project_pb2
 from controlplane.domain.model.desired import DesiredRow
 from controlplane.domain.model.fleet import (
     METRIC_NAMES,
+    Enrollment,
     Health,
     HeartbeatRecord,
     Node,
@@ -18,6 +19,7 @@ from controlplane.domain.model.fleet import (
     NodeStatus,
     Project,
     ReportPhase,
+    XdsRecord,
 )
 from controlplane.domain.routing.directory import RouterView
 from controlplane.xds import types as xds_types
@@ -38,6 +40,10 @@ _PHASE = {
     ReportPhase.FAILED: node_pb2.REPORT_PHASE_FAILED,
 }
 PHASE_IN = {v: k for k, v in _PHASE.items()}
+_ENROLLMENT = {
+    Enrollment.REGISTERED: node_pb2.NODE_ENROLLMENT_REGISTERED,
+    Enrollment.XDS_FIRST_CONTACT: node_pb2.NODE_ENROLLMENT_XDS_FIRST_CONTACT,
+}
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -73,21 +79,34 @@ def heartbeat_out(beat: HeartbeatRecord) -> node_pb2.Heartbeat:
     )
 
 
-def xds_out(status: NodeXdsStatus) -> node_pb2.XdsStream:
+def xds_out(record: XdsRecord, live: bool) -> node_pb2.XdsStream:
     msg = node_pb2.XdsStream(
-        acked_versions={xds_types.short(url): v for url, v in status.acked.items()},
-        running_revision=status.running_revision,
-        running_digest=status.running_digest,
+        acked_versions={xds_types.short(url): v for url, v in record.acked.items()},
+        running_revision=record.running_revision,
+        running_digest=record.running_digest,
+        live=live,
     )
-    nack = status.last_nack
-    if nack is not None:
+    if record.nack_type_url:
         msg.last_nack.CopyFrom(
-            node_pb2.XdsNack(revision=nack.revision, type=xds_types.short(nack.type_url), error=nack.error)
+            node_pb2.XdsNack(
+                revision=record.nack_revision,
+                type=xds_types.short(record.nack_type_url),
+                error=record.nack_error,
+            )
         )
+    if record.recorded_at is not None:
+        msg.recorded_at.FromDatetime(record.recorded_at)
     return msg
 
 
-def node_out(node: Node, desired: DesiredRow | None, xds: NodeXdsStatus | None = None) -> node_pb2.Node:
+def node_out(
+    node: Node,
+    desired: DesiredRow | None,
+    xds: NodeXdsStatus | None = None,
+    recorded: XdsRecord | None = None,
+) -> node_pb2.Node:
+    """`xds`: the node's open stream on this server; else `recorded`, what its last
+    ACTIVE or FAILED report kept."""
     msg = node_pb2.Node(
         id=node.id,
         project=node.project,
@@ -104,6 +123,8 @@ def node_out(node: Node, desired: DesiredRow | None, xds: NodeXdsStatus | None =
         applied_revoked_reason=node.applied_revoked_reason,
         desired_revoked_reason=node.desired_revoked_reason,
         address=node.address,
+        enrollment=_ENROLLMENT[node.enrollment],
+        labels_by_operator=node.labels_by_operator,
     )
     if desired is not None:
         msg.desired_digest = desired.digest
@@ -112,7 +133,9 @@ def node_out(node: Node, desired: DesiredRow | None, xds: NodeXdsStatus | None =
         msg.last_heartbeat_at.FromDatetime(node.last_heartbeat.received_at)
         msg.last_heartbeat.CopyFrom(heartbeat_out(node.last_heartbeat))
     if xds is not None:
-        msg.xds.CopyFrom(xds_out(xds))
+        msg.xds.CopyFrom(xds_out(xds.record(), live=True))
+    elif recorded is not None:
+        msg.xds.CopyFrom(xds_out(recorded, live=False))
     if node.last_report is not None:
         r = node.last_report
         msg.last_report.CopyFrom(

@@ -70,7 +70,10 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     ) -> node_pb2.GetNodeResponse:
         node = await self._nodes.get(request.node_id)
         desired = self._nodes.desired(node.id)
-        return node_pb2.GetNodeResponse(node=convert.node_out(node, desired, self._xds_status(node.id)))
+        live = self._xds_status(node.id)
+        # No stream here: what its last report recorded (any replica answers).
+        recorded = await self._nodes.xds_record(node.id) if live is None else None
+        return node_pb2.GetNodeResponse(node=convert.node_out(node, desired, live, recorded))
 
     async def ListNodes(
         self, request: node_pb2.ListNodesRequest, context: grpc.aio.ServicerContext

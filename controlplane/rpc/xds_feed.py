@@ -34,7 +34,7 @@ from controlplane.domain.bundles.registry import BundleRegistry
 from controlplane.domain.fleet.nodes import NodeRegistry
 from controlplane.domain.kernel.errors import DomainError, FailedPrecondition, Unavailable
 from controlplane.domain.model.bundles import BundleState
-from controlplane.domain.model.fleet import NodeMetrics, ReportPhase
+from controlplane.domain.model.fleet import NodeMetrics, ReportPhase, XdsRecord
 from controlplane.rpc import xds as rpc_xds
 from controlplane.watch.hub import WatchHub
 from controlplane.watch.stream import WatchStream
@@ -211,18 +211,23 @@ class HubFeed:
     async def report(self, status: NodeXdsStatus) -> None:
         if status.phase is Phase.PENDING or not status.digest:
             return  # the registry hears of outcomes only (and of bundles, not of "nothing")
+        # What Envoy acknowledged is kept with the report, for every replica to show.
         if status.phase is Phase.ACTIVE:
-            await self._report(status.revision, status.digest, ReportPhase.ACTIVE, "")
+            await self._report(status.revision, status.digest, ReportPhase.ACTIVE, "", status.record())
         else:
-            await self._report(status.revision, status.digest, ReportPhase.FAILED, status.error)
+            await self._report(
+                status.revision, status.digest, ReportPhase.FAILED, status.error, status.record()
+            )
 
-    async def _report(self, revision: int, digest: str, phase: ReportPhase, error: str) -> None:
+    async def _report(
+        self, revision: int, digest: str, phase: ReportPhase, error: str, xds: XdsRecord | None = None
+    ) -> None:
         key = (revision, digest, Phase.ACTIVE if phase is ReportPhase.ACTIVE else Phase.FAILED)
         if key == self._reported or self.stream is None:
             return
         try:
             await self._feeds.nodes.report_status(
-                self.node_id, self.stream.stream_id, revision, digest, phase, error[:4000]
+                self.node_id, self.stream.stream_id, revision, digest, phase, error[:4000], xds
             )
             self._reported = key
         except DomainError as e:

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from controlplane.domain.kernel.labels import Selector
 from controlplane.domain.model.fleet import (
     METRIC_NAMES,
+    Enrollment,
     Health,
     HeartbeatRecord,
     Node,
@@ -19,8 +20,12 @@ from controlplane.domain.model.fleet import (
     NodeStatus,
     ReportPhase,
     StatusReport,
+    XdsRecord,
 )
-from controlplane.store.schema import node_heartbeats, node_labels, nodes
+from controlplane.store.schema import node_heartbeats, node_labels, node_xds, nodes
+
+# Envoy's words on a NACK, as the node's report error is bounded.
+MAX_NACK_TEXT = 4096
 
 
 # A metric the node did not report is NULL, never 0.0 (records.NodeMetrics).
@@ -67,6 +72,8 @@ def _node(row: Any) -> Node:
         failed_revision=row.failed_revision,
         failed_error=row.failed_error,
         address=row.address or "",
+        enrollment=Enrollment(row.enrollment),
+        labels_by_operator=bool(row.labels_by_operator),
     )
 
 
@@ -136,6 +143,8 @@ class SqlNodes:
                 agent_version=node.agent_version,
                 hostname=node.hostname,
                 address=node.address,
+                enrollment=node.enrollment.value,
+                labels_by_operator=node.labels_by_operator,
             )
         )
         await self._write_labels(node.id, node.labels)
@@ -148,6 +157,7 @@ class SqlNodes:
         agent_version: str,
         hostname: str,
         address: str = "",
+        enrollment: Enrollment = Enrollment.REGISTERED,
     ) -> None:
         await self._conn.execute(
             update(nodes)
@@ -158,13 +168,24 @@ class SqlNodes:
                 agent_version=agent_version,
                 hostname=hostname,
                 address=address,
+                enrollment=enrollment.value,
+                labels_by_operator=False,
             )
         )
         await self._write_labels(node_id, labels)
 
-    async def set_labels(self, node_id: str, labels: Mapping[str, str]) -> None:
-        await self._conn.execute(update(nodes).where(nodes.c.id == node_id).values(labels=dict(labels)))
+    async def set_labels(self, node_id: str, labels: Mapping[str, str], by_operator: bool) -> None:
+        await self._conn.execute(
+            update(nodes)
+            .where(nodes.c.id == node_id)
+            .values(labels=dict(labels), labels_by_operator=by_operator)
+        )
         await self._write_labels(node_id, labels)
+
+    async def set_agent_version(self, node_id: str, agent_version: str) -> None:
+        await self._conn.execute(
+            update(nodes).where(nodes.c.id == node_id).values(agent_version=agent_version)
+        )
 
     async def _write_labels(self, node_id: str, labels: Mapping[str, str]) -> None:
         await self._conn.execute(delete(node_labels).where(node_labels.c.node_id == node_id))
@@ -255,6 +276,41 @@ class SqlNodes:
                 "failed_error": report.error,
             }
         await self._conn.execute(update(nodes).where(nodes.c.id == node_id).values(**values))
+        if report.xds is not None:
+            await self._record_xds(node_id, report.xds, report.reported_at)
+
+    async def _record_xds(self, node_id: str, xds: XdsRecord, at: datetime) -> None:
+        values = {
+            "node_id": node_id,
+            "acked": dict(xds.acked),
+            "running_revision": xds.running_revision,
+            "running_digest": xds.running_digest,
+            "nack_revision": xds.nack_revision,
+            "nack_type_url": xds.nack_type_url[:200],
+            "nack_error": xds.nack_error[:MAX_NACK_TEXT],
+            "recorded_at": at,
+        }
+        insert = pg_insert if self._conn.dialect.name == "postgresql" else sqlite_insert
+        stmt = insert(node_xds).values(**values)
+        await self._conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["node_id"], set_={k: stmt.excluded[k] for k in values if k != "node_id"}
+            )
+        )
+
+    async def xds(self, node_id: str) -> XdsRecord | None:
+        row = (await self._conn.execute(select(node_xds).where(node_xds.c.node_id == node_id))).first()
+        if row is None:
+            return None
+        return XdsRecord(
+            dict(row.acked),
+            row.running_revision,
+            row.running_digest,
+            row.nack_revision,
+            row.nack_type_url,
+            row.nack_error,
+            row.recorded_at,
+        )
 
     async def page(
         self, project: str, selector: Selector | None, status: NodeStatus | None, limit: int, after_id: str

@@ -46,12 +46,15 @@ class BootstrapSpec:
     project: str
     server_host: str
     server_port: int
-    # The node credential sent as a bearer; empty with mutual TLS.
+    # The node credential sent as a bearer (or the enrollment token of an Envoy that
+    # enrolls itself on first contact); empty with mutual TLS.
     credential: str = ""
     mode: Literal["sotw", "delta"] = "delta"
     admin_port: int = 9901
     tls: Tls | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
+    # node.metadata (JSON values): `labels`, a struct of strings, is what a server with
+    # --xds-metadata-labels takes as the labels of an Envoy enrolling on first contact.
+    metadata: dict[str, Any] = field(default_factory=dict)
     # How often Envoy flushes its statistics to the control plane. Health gates judge
     # heartbeats no older than --gate-stale-after (30 s by default): three flushes fit.
     stats_flush_seconds: float = 10.0

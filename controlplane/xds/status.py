@@ -13,6 +13,8 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from controlplane.domain.model.fleet import XdsRecord
+
 
 class Phase(enum.StrEnum):
     # Moving to `revision`: some type is not acknowledged yet.
@@ -43,6 +45,18 @@ class NodeXdsStatus:
     # Per type URL, the version the node last acknowledged.
     acked: Mapping[str, str] = field(default_factory=dict)
     last_nack: Nack | None = None
+
+    def record(self) -> XdsRecord:
+        """What is kept of it with the node's report, for every replica to show."""
+        nack = self.last_nack
+        return XdsRecord(
+            dict(self.acked),
+            self.running_revision,
+            self.running_digest,
+            nack.revision if nack is not None else 0,
+            nack.type_url if nack is not None else "",
+            nack.error if nack is not None else "",
+        )
 
     def same_as(self, other: NodeXdsStatus | None) -> bool:
         """Equal in everything a report carries (acked versions included)."""

@@ -8,19 +8,22 @@ reaches the whole fleet. Through the real server: a rolling rollout v1 -> v2 wit
 failed request; a bundle Envoy refuses at run time (FAILED with Envoy's words, the old
 configuration kept, the rollout rolled back); refused streams (no, a forged and another
 node's credential); the server SIGKILLed and restarted (Envoy keeps serving and resumes
-with nothing sent again); a revoked node's stream ended.
+with nothing sent again); a revoked node's stream ended. And an Envoy that enrolls
+itself on first contact (`serve --xds-enrollment`) with the enrollment token alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,8 +32,9 @@ import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from controlplane.api.identity.v1 import identity_pb2, identity_pb2_grpc
+from controlplane.api.node.v1 import node_pb2
 from tests.support.archives import bundle
-from tests.support.envoy import EnvoyProcess
+from tests.support.envoy import EnvoyProcess, get
 from tests.support.eventually import eventually
 from tests.support.ports import unused_port
 from tests.support.processes import ControlClient, ServerProcess
@@ -214,6 +218,149 @@ async def enroll_and_start(
         await envoy.start()
         nodes.append(EnvoyNode(held["node_id"], held["credential"], envoy))
     return nodes
+
+
+async def start_first_contact(
+    server: ServerProcess,
+    mode: str,
+    envoys: list[EnvoyProcess],
+    workdir: Path,
+    name: str,
+    labels: str,
+    token: str,
+) -> EnvoyProcess:
+    """`controlplane envoy bootstrap --first-contact`: a bootstrap holding only the
+    enrollment token and the labels in node.metadata (nothing is enrolled); an Envoy
+    starts from it."""
+    await asyncio.to_thread(workdir.mkdir)
+    admin = unused_port()
+    args = ("--node", name, "--labels", labels, "--token", token, "--mode", mode, "--first-contact")
+    await asyncio.to_thread(
+        cli,
+        server,
+        "envoy",
+        "bootstrap",
+        *args,
+        "--admin-port",
+        str(admin),
+        "--stats-flush",
+        "1",
+        "--output",
+        str(workdir / "bootstrap.json"),
+    )
+    config = json.loads((workdir / "bootstrap.json").read_text())
+    assert config["node"]["id"] == name and "credential" not in json.dumps(config), config
+    envoy = EnvoyProcess(config, workdir, admin)
+    envoys.append(envoy)
+    await envoy.start()
+    return envoy
+
+
+async def named(control: ControlClient, name: str) -> node_pb2.Node:
+    """The project's node called `name`."""
+    reply = await control.nodes.ListNodes(
+        node_pb2.ListNodesRequest(project="default", page_size=1000), metadata=control.metadata, timeout=10
+    )
+    found = [n for n in reply.nodes if n.name == name]
+    assert found, f"no node {name!r} among {[n.name for n in reply.nodes]}"
+    node: node_pb2.Node = found[0]
+    return node
+
+
+@pytest.mark.server_args(*SERVER_ARGS, "--xds-enrollment", "--xds-metadata-labels")
+@pytest.mark.parametrize("mode", ["sotw", "delta"])
+async def test_an_envoy_enrolls_itself_on_first_contact(
+    mode: Literal["sotw", "delta"],
+    server: ServerProcess,
+    control: ControlClient,
+    envoys: list[EnvoyProcess],
+    tmp_path: Path,
+) -> None:
+    """An Envoy whose bootstrap holds only the project's enrollment token becomes a node
+    on its first contact, labelled from its node.metadata; a rollout selecting those
+    labels reaches it, and its node says how it was enrolled and which Envoy runs.
+    Restarted with other metadata labels, it is re-labelled. An Envoy with a wrong or an
+    expired token is refused, and no node is made for it."""
+    port = unused_port()
+    rollouts = Rollouts(control.channel, metadata=control.metadata)
+    identity = identity_pb2_grpc.IdentityServiceStub(control.channel)
+    # Expires while the rest runs (60 s is the shortest lifetime a token may have).
+    short = await identity.CreateEnrollmentToken(
+        identity_pb2.CreateEnrollmentTokenRequest(project="default", ttl=seconds(60)),
+        metadata=control.metadata,
+        timeout=10,
+    )
+    with upstreams() as ups:
+        v1 = await push(server, tmp_path / "v1", site(port, "app-v1", ups["v1"].port), "v1")
+        name = f"edge-{mode}"
+        envoy = await start_first_contact(
+            server, mode, envoys, tmp_path / "a", name, "tier=edge,zone=a", server.token
+        )
+        try:
+            node = await eventually(
+                lambda: named(control, name), timeout=60, what="enrolled on first contact"
+            )
+            assert node.enrollment == node_pb2.NODE_ENROLLMENT_XDS_FIRST_CONTACT, node
+            assert re.fullmatch(r"envoy 1\.40\.\d+", node.agent_version), node.agent_version
+            assert dict(node.labels) == {"tier": "edge", "zone": "a"}, node
+
+            rollout = await rollouts.create(v1, selector="tier=edge", strategy=pb.STRATEGY_ALL_AT_ONCE)
+            assert (await rollouts.watch(rollout.id, timeout=90)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+            await control.wait_node(
+                node.id, lambda n: n.applied_digest == v1, timeout=60, what="ACTIVE at v1"
+            )
+            await serves(port, "v1")
+            shown = json.loads(await asyncio.to_thread(cli, server, "nodes", "get", node.id, "-o", "json"))
+            assert shown["node"]["enrollment"] == "NODE_ENROLLMENT_XDS_FIRST_CONTACT", shown
+            assert set(shown["node"]["xds"]["acked_versions"]) >= {"Listener", "Cluster"}, shown
+
+            # Restarted with other labels in its metadata: the same node, re-labelled,
+            # still selected (tier=edge), resuming what it ran.
+            await envoy.stop()
+            envoy = await start_first_contact(
+                server, mode, envoys, tmp_path / "b", name, "tier=edge,zone=b", server.token
+            )
+            await control.wait_node(
+                node.id,
+                lambda n: dict(n.labels) == {"tier": "edge", "zone": "b"},
+                timeout=60,
+                what="re-labelled",
+            )
+            await serves(port, "v1")
+            # Its stats sink contacts with the same node: the labels stay the metadata's.
+            again = await named(control, name)
+            assert again.id == node.id and dict(again.labels) == {"tier": "edge", "zone": "b"}, again
+
+            # A wrong token, and one that has expired: refused (Envoy logs the server's
+            # answer), no node made.
+            expires = short.token.expires_at.ToDatetime(tzinfo=UTC)
+            await asyncio.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds() + 1))
+            for label, token in (("wrong", "cpe_" + "0" * 40), ("expired", short.secret)):
+                refused = await start_first_contact(
+                    server, mode, envoys, tmp_path / label, f"edge-{label}", "tier=edge", token
+                )
+
+                told = functools.partial(logged, refused, "enrollment token is not valid")
+                await eventually(told, timeout=60, what=f"the {label} token refused")
+                with pytest.raises(AssertionError, match="no node"):
+                    await named(control, f"edge-{label}")
+        except BaseException:
+            print(f"--- envoy\n{envoy.log()[-4000:]}\n{server.log()[-8000:]}")
+            raise
+
+
+async def logged(envoy: EnvoyProcess, text: str) -> None:
+    assert text in envoy.log(), envoy.log()[-2000:]
+
+
+async def serves(port: int, body: str) -> None:
+    """Requests through the Envoy on `port` answer `body` (once its workers took the
+    configuration its main thread acknowledged)."""
+
+    async def answered() -> None:
+        assert await get(f"http://127.0.0.1:{port}/") == (200, body)
+
+    await eventually(answered, timeout=30, what=f"Envoy serving {body}")
 
 
 def dump_logs(server: ServerProcess, nodes: list[EnvoyNode]) -> None:

@@ -93,3 +93,32 @@ async def test_bootstrap_for_a_node_identified_by_its_certificate(harness: Harne
     assert no_ca.exit_code != 0 and "--ca-file" in no_ca.output, no_ca.output
     half = await run(*base, "--ca-file", "/ca.pem", "--cert-file", "/n.pem")
     assert half.exit_code != 0 and "--key-file" in half.output, half.output
+
+
+async def test_bootstrap_for_an_envoy_that_enrolls_itself_on_first_contact(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """`--first-contact`: nothing is enrolled; the bootstrap names the node by its name,
+    carries the enrollment token where a credential would be, and the labels in
+    node.metadata (what `serve --xds-metadata-labels` takes)."""
+    out = tmp_path / "envoy.json"
+    args = ["envoy", "bootstrap", "--server", harness.address, "--node", "edge-3", "--first-contact"]
+    made = await run(*args, "--labels", "tier=edge,zone=a", "--token", harness.token, "--output", str(out))
+    assert made.exit_code == 0, made.output
+    assert "enrollment token" in made.output and "enrolled" not in made.output, made.output
+    config = json.loads(out.read_text())
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert config["node"] == {
+        "id": "edge-3",
+        "cluster": "default",
+        "metadata": {"labels": {"tier": "edge", "zone": "a"}},
+    }
+    assert {"key": "authorization", "value": f"Bearer {harness.token}"} in metadata_of(config)
+    listed = await harness.nodes.ListNodes(node_pb2.ListNodesRequest(project="default"))
+    assert [n.name for n in listed.nodes] == []
+
+    # It holds the token, never a node's credential or certificate.
+    both = await run(*args, "--token", harness.token, "--credential-file", str(tmp_path / "c.json"))
+    assert both.exit_code != 0 and "--first-contact" in both.output, both.output
+    no_token = await run(*args)
+    assert no_token.exit_code != 0 and "--token" in no_token.output

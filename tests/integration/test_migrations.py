@@ -12,10 +12,11 @@ from sqlalchemy import Connection, text
 from controlplane.domain.audit import chain, trail
 from controlplane.domain.kernel.labels import Selector
 from controlplane.domain.model import audit as audit_model
-from controlplane.domain.model.fleet import Health, HeartbeatRecord, NodeMetrics
+from controlplane.domain.model.fleet import Enrollment, Health, HeartbeatRecord, NodeMetrics
 from controlplane.store.engine import make_engine, upgrade
 from controlplane.store.schema import audit_log, metadata, node_heartbeats, node_labels, nodes, projects
 from controlplane.store.sql import SqlStore
+from tests.integration.test_audit_seal_migration import downgrade
 
 
 def _diff(conn: Connection) -> list[Any]:
@@ -166,5 +167,59 @@ async def test_metric_presence_keeps_the_rows_it_migrates(database_url: str) -> 
         assert node.last_heartbeat.metrics == NodeMetrics()
         assert history[0].metrics == NodeMetrics() and history[0].metrics.error_rate is None
         assert [b.metrics for b in history[1:]] == [kept, kept]
+    finally:
+        await engine.dispose()
+
+
+async def test_node_enrollment_moves_from_the_agent_version_marker_to_its_field(database_url: str) -> None:
+    """0014 makes how a node was enrolled a field: a node marked by the old agent version
+    `xds (enrolled on first contact)` becomes `xds_first_contact` with no agent version
+    (its next contact says what it runs); every other node is `registered`, its agent
+    version kept; no node's labels are the operator's. Downgrading puts the marker back."""
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    engine = make_engine(database_url)
+
+    def row(node_id: str, name: str, agent_version: str) -> dict[str, Any]:
+        return {
+            "id": node_id,
+            "project": "default",
+            "name": name,
+            "labels": {"env": "prod"},
+            "credential_hash": "h" * 64,
+            "status": "offline",
+            "registered_at": at,
+            "agent_version": agent_version,
+            "hostname": "",
+            "heartbeat_digest": "",
+            "heartbeat_seq": 0,
+            "applied_digest": "",
+            "applied_revision": 0,
+            "failed_digest": "",
+            "failed_revision": 0,
+            "failed_error": "",
+        }
+
+    try:
+        await upgrade(engine, "0013")
+        async with engine.begin() as conn:
+            await conn.execute(projects.insert().values(name="default", created_at=at))
+            await conn.execute(nodes.insert().values(row("n-1", "edge-1", "xds (enrolled on first contact)")))
+            await conn.execute(nodes.insert().values(row("n-2", "agent-1", "agent 1.2.3")))
+            await conn.execute(nodes.insert().values(row("n-3", "envoy-1", "envoy")))
+        await upgrade(engine)
+        store = SqlStore(engine, b"k" * 32)
+        async with store.read() as tx:
+            found = {n.id: n for n in await tx.nodes.get_many(["n-1", "n-2", "n-3"])}
+        assert {k: (n.enrollment, n.agent_version, n.labels_by_operator) for k, n in found.items()} == {
+            "n-1": (Enrollment.XDS_FIRST_CONTACT, "", False),
+            "n-2": (Enrollment.REGISTERED, "agent 1.2.3", False),
+            "n-3": (Enrollment.REGISTERED, "envoy", False),
+        }
+
+        await downgrade(engine, "0013")
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT id, agent_version FROM nodes"))).all()
+        versions = {r.id: r.agent_version for r in rows}
+        assert versions == {"n-1": "xds (enrolled on first contact)", "n-2": "agent 1.2.3", "n-3": "envoy"}
     finally:
         await engine.dispose()

@@ -74,6 +74,7 @@ async def test_an_xds_node_follows_the_hub_and_reports_through_the_registry(
     refused = await eventually(failed, what="FAILED at v2")
     assert refused.applied_digest == v1
     assert refused.xds.last_nack.type == "Cluster" and "refused" in refused.xds.last_nack.error
+    assert refused.xds.live
 
     async def back_on_v1() -> None:
         assert set(client.held[LISTENER.url]) == {"http"}
@@ -93,6 +94,13 @@ async def test_an_xds_node_follows_the_hub_and_reports_through_the_registry(
     # Revoking the node ends its stream.
     await harness.identity.RevokeNode(identity_pb2.RevokeNodeRequest(node_id=edge.node_id))
     assert await streams[-1].ended() is grpc.StatusCode.UNAUTHENTICATED
+
+    # With no stream, GetNode shows what its reports recorded: the versions of v3 it
+    # acknowledged, and the NACK of v2.
+    kept = (await node(harness, edge.node_id)).xds
+    assert not kept.live and kept.HasField("recorded_at"), kept
+    assert kept.running_digest == v3 and set(kept.acked_versions) >= {"Listener", "Cluster"}, kept
+    assert kept.last_nack.type == "Cluster" and "refused" in kept.last_nack.error, kept
 
 
 async def test_streams_without_the_nodes_credential_are_refused(

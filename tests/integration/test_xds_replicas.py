@@ -3,7 +3,8 @@
 Versions and nonces come from revisions and content, never from one process's counter
 (docs/xds.md), so an Envoy-like client (tests/support/xds.FakeEnvoy) that held its
 stream on replica A and reconnects to replica B with the versions it has is sent
-nothing, is ACTIVE there, and follows a change made through A from B. PostgreSQL only:
+nothing, is ACTIVE there, and follows a change made through A from B; B shows what it
+acknowledged while the stream is on A. PostgreSQL only:
 B learns of A's writes by NOTIFY (tests/integration/test_replicas.py).
 """
 
@@ -48,6 +49,11 @@ async def test_an_envoy_reconnecting_to_another_replica_is_sent_nothing_again(
 
     on_a = await eventually(lambda: active_on(a, v1), what="ACTIVE at v1 on A")
     assert on_a.resources_sent > 0
+    # B, which holds no stream of it, shows what its ACTIVE report recorded.
+    shown = (await b.nodes.GetNode(node_pb2.GetNodeRequest(node_id=edge.node_id))).node.xds
+    live = (await a.nodes.GetNode(node_pb2.GetNodeRequest(node_id=edge.node_id))).node.xds
+    assert not shown.live and live.live
+    assert (dict(shown.acked_versions), shown.running_digest) == (dict(live.acked_versions), v1), shown
     assert set(client.held[CLUSTER.url]) == {"blue"}
     received = len(client.received)
     await streams.pop().close()

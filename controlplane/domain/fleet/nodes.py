@@ -32,12 +32,14 @@ from controlplane.domain.kernel.labels import (
 from controlplane.domain.kernel.secrets import BARRED, hash_secret, new_id, new_secret, secret_matches
 from controlplane.domain.model.desired import ChangeKind, DesiredRow
 from controlplane.domain.model.fleet import (
+    Enrollment,
     HeartbeatRecord,
     Node,
     NodeMetrics,
     NodeStatus,
     ReportPhase,
     StatusReport,
+    XdsRecord,
 )
 from controlplane.domain.model.notify import EventKind as NotifyKind
 from controlplane.domain.model.notify import NotificationEvent
@@ -57,9 +59,11 @@ UNCLAIMED_WINDOW = timedelta(minutes=10)
 # How long a write waits for this process's watch hub to route it before answering, so a
 # caller's next read sees it; the hub reads within milliseconds unless the database stalls.
 READ_YOUR_WRITES = 2.0
-# The agent version of a node an Envoy enrolled on first contact (docs/xds.md): only such
-# a node may be resumed with the enrollment token, never one holding an agent's credential.
-XDS_ENROLLED = "xds (enrolled on first contact)"
+
+
+class _EnrolledMeanwhile(Exception):
+    """A first contact found the Envoy enrolled on first contact by another of its
+    streams since it looked: resume that node (NodeRegistry.contact)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,7 @@ class NodeRegistry:
         hostname: str = "",
         current_credential: str = "",
         address: str = "",
+        enrolled: Enrollment = Enrollment.REGISTERED,
     ) -> Registration:
         """Enroll a node with an enrollment token (one use of it is spent).
 
@@ -130,6 +135,15 @@ class NodeRegistry:
             credential = f"{node_id}.{new_secret('cpn')}"
             if existing is not None:
                 stored = await tx.nodes.credential_hash(existing.id)
+                if (
+                    enrolled is Enrollment.XDS_FIRST_CONTACT
+                    and existing.enrollment is Enrollment.XDS_FIRST_CONTACT
+                    and stored not in ("", BARRED)
+                ):
+                    # Another stream of the same Envoy (ADS and its stats sink open
+                    # together) enrolled it a moment ago: nothing is spent, nothing
+                    # rotated (which would end that stream); contact() resumes it.
+                    raise _EnrolledMeanwhile()
                 if stored == BARRED:
                     raise PermissionDenied(
                         f"node {name!r} was revoked; an admin must allow it to enroll again "
@@ -144,7 +158,13 @@ class NodeRegistry:
                         field="name",
                     )
                 await tx.nodes.update_registration(
-                    existing.id, labels, hash_secret(credential), agent_version[:64], hostname[:255], address
+                    existing.id,
+                    labels,
+                    hash_secret(credential),
+                    agent_version[:64],
+                    hostname[:255],
+                    address,
+                    enrolled,
                 )
                 # The old credential's tokens and streams end with it, on every replica;
                 # the meta row written below makes the node known again.
@@ -163,6 +183,7 @@ class NodeRegistry:
                             "labels": labels,
                             "credential": "rotated",
                             "enrollment_token": token.id,
+                            "enrollment": enrolled.value,
                             **({"address": address} if address != existing.address else {}),
                         },
                     )
@@ -177,6 +198,7 @@ class NodeRegistry:
                     agent_version=agent_version[:64],
                     hostname=hostname[:255],
                     address=address,
+                    enrollment=enrolled,
                 )
                 await tx.nodes.insert(node, hash_secret(credential))
                 labels_changed = True
@@ -190,6 +212,7 @@ class NodeRegistry:
                             "labels": labels,
                             "agent_version": node.agent_version,
                             "enrollment_token": token.id,
+                            "enrollment": enrolled.value,
                             "address": address,
                         },
                     )
@@ -206,13 +229,25 @@ class NodeRegistry:
         return Registration(node=stored_node, credential=credential, revision=revision)
 
     async def contact(
-        self, project: str, enrollment_token: str, name: str, labels: Mapping[str, str]
+        self,
+        project: str,
+        enrollment_token: str,
+        name: str,
+        labels: Mapping[str, str] | None,
+        agent_version: str = "",
     ) -> tuple[Node, int]:
         """An Envoy's first contact with an enrollment token registers it by `name`, as
         RegisterNode does (a use of the token is spent; its credential is never handed
         out: Envoy's metadata is static, so the token comes back on every reconnect).
         Later contacts resume that node, spending nothing, while the token is neither
-        revoked nor expired. Returns the node and the log's head read before it."""
+        revoked nor expired, and bring it up to date: its agent version (what Envoy says
+        it runs), and its labels when `labels` is given (the server takes them from
+        node.metadata) unless an operator has set them since. A node revoked with
+        re-enrollment allowed is enrolled again. Returns the node and the log's head read
+        before it (or the revision its labels were written at)."""
+        if labels is not None:
+            labels = validate_labels(labels)
+        agent_version = agent_version[:64]
         async with self.store.read() as tx:
             head = await tx.desired.head()
             await require_project(tx, project)
@@ -220,18 +255,68 @@ class NodeRegistry:
             if existing is not None:
                 await enrollment.live(tx, project, enrollment_token, self.clock)
                 stored = await tx.nodes.credential_hash(existing.id)
-        if existing is None:
-            registration = await self.register(
-                project, enrollment_token, name, labels, agent_version=XDS_ENROLLED
-            )
+        if existing is None or stored == "":
+            try:
+                registration = await self.register(
+                    project,
+                    enrollment_token,
+                    name,
+                    labels or {},
+                    agent_version=agent_version,
+                    enrolled=Enrollment.XDS_FIRST_CONTACT,
+                )
+            except _EnrolledMeanwhile:
+                return await self.contact(project, enrollment_token, name, labels, agent_version)
             return registration.node, registration.revision
-        if stored in (None, "", BARRED):
+        if stored in (None, BARRED):
             raise Unauthenticated(f"node {name[:64]!r} was revoked")
-        if existing.agent_version != XDS_ENROLLED:
+        if existing.enrollment is not Enrollment.XDS_FIRST_CONTACT:
             raise PermissionDenied(
                 f"node {name[:64]!r} holds a credential of its own: an enrollment token cannot act as it"
             )
+        if _contact_changes(existing, labels, agent_version):
+            return await self._update_on_contact(existing.id, enrollment_token, labels, agent_version, head)
         return existing, head
+
+    async def _update_on_contact(
+        self,
+        node_id: str,
+        enrollment_token: str,
+        labels: Mapping[str, str] | None,
+        agent_version: str,
+        head: int,
+    ) -> tuple[Node, int]:
+        """Write what a later contact changed (checked again under the row's lock: the
+        ADS and stats streams of one Envoy contact at about the same time)."""
+        revision = 0
+        async with self.store.write() as tx:
+            [node] = await tx.nodes.get_many([node_id], for_update=True)
+            if agent_version and agent_version != node.agent_version:
+                await tx.nodes.set_agent_version(node_id, agent_version)
+            if _relabels(node, labels):
+                assert labels is not None
+                token = await enrollment.live(tx, node.project, enrollment_token, self.clock)
+                await tx.nodes.set_labels(node_id, labels, by_operator=False)
+                revision = await self._write_labels(tx, node.project, node_id, labels)
+                await refresh_routes(tx, node.project, self.clock(), affects=_matching(node.labels, labels))
+                with acting_as(Actor(ActorKind.NODE, node_id, node.project), current_request_id()):
+                    await tx.audit.record(
+                        "node.relabel",
+                        f"node/{node_id}",
+                        project=node.project,
+                        before={"labels": dict(node.labels)},
+                        after={
+                            "labels": dict(labels),
+                            "revision": revision,
+                            "from": "node.metadata",
+                            "enrollment_token": token.id,
+                        },
+                    )
+            updated = await tx.nodes.get(node_id)
+        assert updated is not None
+        # The stream's first resolution sees its new labels' selectors.
+        await self.view.wait_until(None, revision, READ_YOUR_WRITES)
+        return updated, max(head, revision)
 
     async def heartbeat(self, node_id: str, metrics: NodeMetrics, applied_digest: str) -> timedelta:
         _check_metrics(metrics)
@@ -242,8 +327,17 @@ class NodeRegistry:
         return self.heartbeat_interval
 
     async def report_status(
-        self, node_id: str, stream_id: str, revision: int, digest: str, phase: ReportPhase, error: str
+        self,
+        node_id: str,
+        stream_id: str,
+        revision: int,
+        digest: str,
+        phase: ReportPhase,
+        error: str,
+        xds: XdsRecord | None = None,
     ) -> None:
+        """Record a node's report; an xDS node's acknowledged versions (`xds`) are kept
+        with it, so every replica can show them (`xds_record`)."""
         validation.digest(digest)
         if revision <= 0:
             raise InvalidArgument("must be a revision the node received (> 0)", field="revision")
@@ -253,7 +347,7 @@ class NodeRegistry:
             raise InvalidArgument("a FAILED report must say why", field="error")
         if len(error) > MAX_ERROR_TEXT:
             raise InvalidArgument(f"at most {MAX_ERROR_TEXT} characters", field="error")
-        report = StatusReport(stream_id, revision, digest, phase, error, self.clock())
+        report = StatusReport(stream_id, revision, digest, phase, error, self.clock(), xds)
         node = await self._reports.submit((node_id, report))
         if node is None:
             return  # a replay of the report already held
@@ -345,8 +439,10 @@ class NodeRegistry:
             if node is None:
                 raise NotFound(f"node {node_id!r} does not exist", field="node_id")
             revision = 0
+            if dict(node.labels) != labels or not node.labels_by_operator:
+                # From now on the operator's: an Envoy's node.metadata no longer changes them.
+                await tx.nodes.set_labels(node_id, labels, by_operator=True)
             if dict(node.labels) != labels:
-                await tx.nodes.set_labels(node_id, labels)
                 revision = await self._write_labels(tx, node.project, node_id, labels)
                 await refresh_routes(tx, node.project, self.clock(), affects=_matching(node.labels, labels))
                 await tx.audit.record(
@@ -363,6 +459,11 @@ class NodeRegistry:
         async with self.store.read() as tx:
             [updated] = await self._flag_revoked(tx, updated.project, [updated])
         return updated, revision
+
+    async def xds_record(self, node_id: str) -> XdsRecord | None:
+        """What the xDS node had acknowledged at its last ACTIVE or FAILED report."""
+        async with self.store.read() as tx:
+            return await tx.nodes.xds(node_id)
 
     async def get(self, node_id: str) -> Node:
         async with self.store.read() as tx:
@@ -509,6 +610,17 @@ def _check_metrics(m: NodeMetrics) -> None:
     for name, (low, high) in METRIC_BOUNDS.items():
         if (value := getattr(m, name)) is not None:
             validation.bounded(value, low, high, f"metrics.{name}")
+
+
+def _relabels(node: Node, labels: Mapping[str, str] | None) -> bool:
+    """Whether the labels an Envoy's metadata gives on a later contact replace `node`'s:
+    only when the server takes them from metadata (`labels` given), they differ, and no
+    operator has set the node's labels since."""
+    return labels is not None and not node.labels_by_operator and dict(node.labels) != dict(labels)
+
+
+def _contact_changes(node: Node, labels: Mapping[str, str] | None, agent_version: str) -> bool:
+    return _relabels(node, labels) or (bool(agent_version) and agent_version != node.agent_version)
 
 
 def _unclaimed(node: Node, now: datetime) -> bool:

@@ -21,6 +21,17 @@ class Health(enum.StrEnum):
     UNHEALTHY = "unhealthy"
 
 
+class Enrollment(enum.StrEnum):
+    """How a node was enrolled (docs/xds.md)."""
+
+    # RegisterNode with an enrollment token: an agent, or an Envoy enrolled by
+    # `controlplane envoy bootstrap`. It holds a credential of its own.
+    REGISTERED = "registered"
+    # An Envoy that enrolled itself on its first xDS contact with an enrollment token
+    # (`serve --xds-enrollment`): that token resumes it; no one holds its credential.
+    XDS_FIRST_CONTACT = "xds_first_contact"
+
+
 class ReportPhase(enum.StrEnum):
     DOWNLOADED = "downloaded"
     ACTIVE = "active"
@@ -61,6 +72,23 @@ class HeartbeatRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class XdsRecord:
+    """What an xDS node had acknowledged when it reported (ACTIVE or FAILED), kept so
+    that every replica shows it, not only the one holding its stream (docs/xds.md)."""
+
+    # Type URL -> the version it last acknowledged.
+    acked: Mapping[str, str]
+    # The last revision it acknowledged whole: what it runs.
+    running_revision: int
+    running_digest: str
+    # The last response it refused (NACK): 0 and "" when none.
+    nack_revision: int = 0
+    nack_type_url: str = ""
+    nack_error: str = ""
+    recorded_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class StatusReport:
     stream_id: str
     revision: int
@@ -68,6 +96,9 @@ class StatusReport:
     phase: ReportPhase
     error: str
     reported_at: datetime
+    # An xDS node's acknowledged versions with its report (stored beside it); None for
+    # an agent's report.
+    xds: XdsRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +121,10 @@ class Node:
     extra: Mapping[str, str] = field(default_factory=dict)
     # host:port its proxy serves on (`--address`), for routers; "" when not given.
     address: str = ""
+    enrollment: Enrollment = Enrollment.REGISTERED
+    # An operator set its labels (UpdateNodeLabels): an Envoy's node.metadata no longer
+    # changes them (`serve --xds-metadata-labels`); a new registration clears it.
+    labels_by_operator: bool = False
     # Why the bundle the node runs (applied) or is assigned (desired) was revoked; empty
     # when it was not. Filled by the node registry's reads, not stored on the node.
     applied_revoked_reason: str = ""

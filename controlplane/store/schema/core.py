@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 from controlplane.store.schema.base import Json, UTCDateTime, metadata
@@ -111,6 +112,10 @@ nodes = Table(
     Column("failed_error", Text, nullable=False, default=""),
     # host:port its proxy serves on, for routers (`--address`); migration 0013.
     Column("address", String(300), nullable=False, server_default=""),
+    # How it was enrolled (model.fleet.Enrollment), and whether an operator set its
+    # labels (an Envoy's node.metadata then no longer does); migration 0014.
+    Column("enrollment", String(24), nullable=False, server_default="registered"),
+    Column("labels_by_operator", Boolean, nullable=False, server_default=false()),
     UniqueConstraint("project", "name"),
     Index(None, "project", "id"),
     Index(None, "status", "last_heartbeat_at"),
@@ -158,6 +163,24 @@ node_heartbeats = Table(
     Column("requests_per_second", Float, nullable=True),
     Column("applied_digest", String(80), nullable=False),
     PrimaryKeyConstraint("node_id", "slot"),
+)
+
+# What an xDS node had acknowledged at its last ACTIVE or FAILED report (docs/xds.md),
+# so every replica can show it, not only the one holding its stream; migration 0014.
+# Written with the report, never per heartbeat.
+node_xds = Table(
+    "node_xds",
+    metadata,
+    Column("node_id", String(64), ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True),
+    # Type URL -> the version Envoy acknowledged (at most the five served types).
+    Column("acked", Json, nullable=False),
+    Column("running_revision", BigInteger, nullable=False),
+    Column("running_digest", String(80), nullable=False),
+    # The last response it refused (NACK); 0 and "" when none.
+    Column("nack_revision", BigInteger, nullable=False),
+    Column("nack_type_url", String(200), nullable=False),
+    Column("nack_error", Text, nullable=False),
+    Column("recorded_at", UTCDateTime, nullable=False),
 )
 
 # One row per (project, digest). Its manifest and parsed structure are in

@@ -56,6 +56,38 @@ HEALTH_STATUS_DEGRADED: HealthStatus.ValueType  # 2
 HEALTH_STATUS_UNHEALTHY: HealthStatus.ValueType  # 3
 Global___HealthStatus: _TypeAlias = HealthStatus  # noqa: Y015
 
+class _NodeEnrollment:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NodeEnrollmentEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeEnrollment.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NODE_ENROLLMENT_UNSPECIFIED: _NodeEnrollment.ValueType  # 0
+    NODE_ENROLLMENT_REGISTERED: _NodeEnrollment.ValueType  # 1
+    """RegisterNode with an enrollment token: an agent, or an Envoy enrolled by
+    `controlplane envoy bootstrap`. The node holds a credential of its own.
+    """
+    NODE_ENROLLMENT_XDS_FIRST_CONTACT: _NodeEnrollment.ValueType  # 2
+    """An Envoy that enrolled itself on its first xDS contact with an enrollment
+    token (`serve --xds-enrollment`); that token resumes it, no one holds its
+    credential.
+    """
+
+class NodeEnrollment(_NodeEnrollment, metaclass=_NodeEnrollmentEnumTypeWrapper):
+    """How a node was enrolled (docs/xds.md)."""
+
+NODE_ENROLLMENT_UNSPECIFIED: NodeEnrollment.ValueType  # 0
+NODE_ENROLLMENT_REGISTERED: NodeEnrollment.ValueType  # 1
+"""RegisterNode with an enrollment token: an agent, or an Envoy enrolled by
+`controlplane envoy bootstrap`. The node holds a credential of its own.
+"""
+NODE_ENROLLMENT_XDS_FIRST_CONTACT: NodeEnrollment.ValueType  # 2
+"""An Envoy that enrolled itself on its first xDS contact with an enrollment
+token (`serve --xds-enrollment`); that token resumes it, no one holds its
+credential.
+"""
+Global___NodeEnrollment: _TypeAlias = NodeEnrollment  # noqa: Y015
+
 class _ReportPhase:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -252,6 +284,8 @@ class Node(_message.Message):
     DESIRED_REVOKED_REASON_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     XDS_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_FIELD_NUMBER: _builtins.int
+    LABELS_BY_OPERATOR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     project: _builtins.str
     name: _builtins.str
@@ -266,6 +300,9 @@ class Node(_message.Message):
     """The last bundle the node rejected, if it has not since applied a newer one."""
     failed_error: _builtins.str
     agent_version: _builtins.str
+    """What the node runs: the agent's version, or for an Envoy the name and
+    version its xDS node reports (`envoy 1.40.0`).
+    """
     hostname: _builtins.str
     applied_revoked_reason: _builtins.str
     """Set to the revocation reason when the bundle the node runs (applied_digest) was
@@ -279,6 +316,12 @@ class Node(_message.Message):
     """host:port the node's proxy serves on, as the agent registered it (`--address`);
     a router sends this node's share of traffic there. Empty: not routable.
     """
+    enrollment: Global___NodeEnrollment.ValueType
+    labels_by_operator: _builtins.bool
+    """An operator set the labels (UpdateNodeLabels): an Envoy's node.metadata no
+    longer changes them (`serve --xds-metadata-labels`). A new registration
+    clears it.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -291,8 +334,9 @@ class Node(_message.Message):
     def last_report(self) -> Global___StatusReport: ...
     @_builtins.property
     def xds(self) -> Global___XdsStream:
-        """An Envoy node (docs/xds.md) whose ADS stream is open on the server that answered:
-        what Envoy acknowledged, and the last response it refused.
+        """An Envoy node (docs/xds.md): what Envoy acknowledged, and the last response it
+        refused — from its ADS stream when it is open on the server that answered
+        (`live`), else as its last ACTIVE or FAILED report recorded it.
         """
 
     def __init__(
@@ -319,10 +363,12 @@ class Node(_message.Message):
         desired_revoked_reason: _builtins.str = ...,
         address: _builtins.str = ...,
         xds: Global___XdsStream | None = ...,
+        enrollment: Global___NodeEnrollment.ValueType = ...,
+        labels_by_operator: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "last_heartbeat_at", b"last_heartbeat_at", "last_report", b"last_report", "registered_at", b"registered_at", "xds", b"xds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "applied_digest", b"applied_digest", "applied_revision", b"applied_revision", "applied_revoked_reason", b"applied_revoked_reason", "desired_digest", b"desired_digest", "desired_revision", b"desired_revision", "desired_revoked_reason", b"desired_revoked_reason", "failed_digest", b"failed_digest", "failed_error", b"failed_error", "hostname", b"hostname", "id", b"id", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "last_heartbeat_at", b"last_heartbeat_at", "last_report", b"last_report", "name", b"name", "project", b"project", "registered_at", b"registered_at", "status", b"status", "xds", b"xds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "applied_digest", b"applied_digest", "applied_revision", b"applied_revision", "applied_revoked_reason", b"applied_revoked_reason", "desired_digest", b"desired_digest", "desired_revision", b"desired_revision", "desired_revoked_reason", b"desired_revoked_reason", "enrollment", b"enrollment", "failed_digest", b"failed_digest", "failed_error", b"failed_error", "hostname", b"hostname", "id", b"id", "labels", b"labels", "labels_by_operator", b"labels_by_operator", "last_heartbeat", b"last_heartbeat", "last_heartbeat_at", b"last_heartbeat_at", "last_report", b"last_report", "name", b"name", "project", b"project", "registered_at", b"registered_at", "status", b"status", "xds", b"xds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -356,9 +402,15 @@ class XdsStream(_message.Message):
     RUNNING_REVISION_FIELD_NUMBER: _builtins.int
     RUNNING_DIGEST_FIELD_NUMBER: _builtins.int
     LAST_NACK_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
     running_revision: _builtins.int
     """The last revision Envoy acknowledged whole (every type): what it runs."""
     running_digest: _builtins.str
+    live: _builtins.bool
+    """True: read from the node's ADS stream open on the server that answered. False:
+    as recorded with the node's last ACTIVE or FAILED report (any server answers).
+    """
     @_builtins.property
     def acked_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Per resource type (Listener, RouteConfiguration, Cluster, ClusterLoadAssignment,
@@ -369,6 +421,10 @@ class XdsStream(_message.Message):
     def last_nack(self) -> Global___XdsNack:
         """The last response Envoy refused on this stream (NACK), with Envoy's own words."""
 
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was recorded (unset when live)."""
+
     def __init__(
         self,
         *,
@@ -376,10 +432,12 @@ class XdsStream(_message.Message):
         running_revision: _builtins.int = ...,
         running_digest: _builtins.str = ...,
         last_nack: Global___XdsNack | None = ...,
+        live: _builtins.bool = ...,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_nack", b"last_nack"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_nack", b"last_nack", "recorded_at", b"recorded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_versions", b"acked_versions", "last_nack", b"last_nack", "running_digest", b"running_digest", "running_revision", b"running_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_versions", b"acked_versions", "last_nack", b"last_nack", "live", b"live", "recorded_at", b"recorded_at", "running_digest", b"running_digest", "running_revision", b"running_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -80,6 +80,7 @@ type stream struct {
 	tFailed  float64
 	cancel   context.CancelFunc
 	done     chan struct{}
+	held     *adsHeld // ADS: what the node holds, across its calls
 }
 
 type waiter struct {
@@ -94,6 +95,7 @@ type worker struct {
 	srcAddrs []string
 	nChan    int
 	conns    []*grpc.ClientConn
+	routes   []string // ADS: the route configurations each stream asks for by name
 
 	mu       sync.Mutex // everything below
 	streams  []*stream
@@ -111,9 +113,9 @@ type worker struct {
 	details  map[string]int
 }
 
-func newWorker(target, proto, etcdKey string, srcAddrs []string, channels int, nodes []node) (*worker, error) {
+func newWorker(target, proto, etcdKey string, srcAddrs []string, channels int, nodes []node, routes []string) (*worker, error) {
 	w := &worker{
-		target: target, proto: proto, etcdKey: []byte(etcdKey), srcAddrs: srcAddrs,
+		target: target, proto: proto, etcdKey: []byte(etcdKey), srcAddrs: srcAddrs, routes: routes,
 		receipts: map[int64][]float64{}, waiters: map[int64]*waiter{},
 		errors: map[string]int{}, drops: map[string]int{}, details: map[string]int{},
 	}
@@ -358,6 +360,9 @@ func (w *worker) once(ctx context.Context, s *stream, since int64, epoch string)
 			w.mu.Unlock()
 		}
 		return gotAny, closing, name
+	}
+	if w.proto == "ads-delta" || w.proto == "ads-sotw" {
+		return w.onceADS(ctx, s, conn, since > 0, fail)
 	}
 	if w.proto == "etcd" {
 		cs, err := conn.NewStream(ctx, etcdDesc, etcdMethod)

@@ -46,7 +46,8 @@ RESOURCES_SENT = Counter(
     "Resources sent over ADS; a node that resumes with what it has adds nothing.",
 )
 
-# A session's gate timeout is checked this often (it is 15 s): a second is plenty.
+# A session's gate timeout is checked this often (it is 15 s): a second is plenty. Only
+# a session waiting on a stage is ticked (`Session.staging`).
 TICK_SECONDS = 1.0
 
 
@@ -136,13 +137,19 @@ class AdsServicer:
         STREAMS_OPEN.inc()
         lock = asyncio.Lock()
         sent = 0
+        # Set while the session waits on a stage, the only time a tick can change
+        # anything (a gate timeout): an idle stream has no timer.
+        staging = asyncio.Event()
 
         async def emit(out: Output) -> None:
             nonlocal sent
             for payload in out.sends:
                 await context.write(payload)
-            RESOURCES_SENT.inc(session.resources_sent - sent)
-            sent = session.resources_sent
+            if session.resources_sent != sent:
+                RESOURCES_SENT.inc(session.resources_sent - sent)
+                sent = session.resources_sent
+            if session.staging:
+                staging.set()
             if out.status is not None:
                 await feed.report(out.status)
                 if self._on_status is not None:
@@ -156,8 +163,10 @@ class AdsServicer:
 
         async def tick() -> None:
             while True:
+                await staging.wait()
                 await asyncio.sleep(TICK_SECONDS)
                 async with lock:
+                    staging.clear()  # emit sets it again while the session still stages
                     await emit(session.tick())
 
         async def read() -> DomainError | None:

@@ -44,6 +44,7 @@ from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, R
 
 NOTHING = Snapshot(0, "", EMPTY)
 WILDCARD = "*"
+RECENT_NONCES = 16
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Limits:
     max_ignored: int = 16
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     nonce: str
     # The target revision it was sent for.
@@ -78,7 +79,7 @@ class Pending:
     version: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class TypeState:
     rtype: ResourceType
     requested: bool = False
@@ -96,7 +97,9 @@ class TypeState:
     told_missing: set[str] = field(default_factory=set)
     pending: Pending | None = None
     last_nonce: str = ""
-    recent: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=16))
+    # The last RECENT_NONCES nonces sent (a list: most types send a few in a stream's
+    # life, and an empty deque costs ~600 bytes a type on every idle stream).
+    recent: list[str] = field(default_factory=list)
     # Putting `base` back was refused: nothing more is sent until a new target.
     parked: bool = False
 
@@ -182,6 +185,12 @@ class Session:
     def tick(self) -> Output:
         """Time passed: a stage that waited past the gate timeout moves on."""
         return self._pump()
+
+    @property
+    def staging(self) -> bool:
+        """A stage is still open, so `tick` may move it on; once the last stage is
+        reached only a request or a new target changes anything."""
+        return self.stage < 2
 
     # -- the request side, for subclasses -------------------------------------------------
 
@@ -406,6 +415,8 @@ class Session:
             self._counter += 1
             nonce = f"{nonce}~{self._counter}"
         ts.recent.append(nonce)
+        if len(ts.recent) > RECENT_NONCES:
+            del ts.recent[0]
         ts.last_nonce = nonce
         return nonce
 

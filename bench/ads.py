@@ -10,11 +10,14 @@ under test; kinds run one after the other, each on a fresh `controlplane serve` 
 to CPU 0; the load generator and this orchestrator on CPU 1), so each kind's memory and
 idle figures start from the same empty server:
 
-  watch  WatchBundles with the node's token (bench/goloadgen, --proto cp);
-  delta  DeltaAggregatedResources with the node's credential, as Envoy: clusters and
-         listeners by wildcard, the route configurations by name, every response
-         acknowledged at once (--proto ads-delta);
-  sotw   StreamAggregatedResources, the same subscriptions (--proto ads-sotw).
+  watch         WatchBundles with the node's token (bench/goloadgen, --proto cp);
+  watch-report  the same, and each desired state reported ACTIVE (ReportStatus), as an
+                agent does once it runs it: the counterpart of an ADS ACK, which the
+                server records as ACTIVE (--proto cp --report);
+  delta         DeltaAggregatedResources with the node's credential, as Envoy: clusters
+                and listeners by wildcard, the route configurations by name, every
+                response acknowledged at once (--proto ads-delta);
+  sotw          StreamAggregatedResources, the same subscriptions (--proto ads-sotw).
 
 Every node holds the same fixed set: 1 listener, 10 route configurations, 10 clusters
 (static, endpoints inline). Each change is an AssignBundle (one node-list revision for
@@ -74,7 +77,8 @@ from bench.compare import parse_sources
 from bench.workers import Workers, merge_open
 from tests.support.xds import bundle_files, cluster, listener, route
 
-KINDS = {"watch": "cp", "delta": "ads-delta", "sotw": "ads-sotw"}
+KINDS = {"watch": "cp", "watch-report": "cp", "delta": "ads-delta", "sotw": "ads-sotw"}
+WATCH_KINDS = ("watch", "watch-report")
 ROUTES = [f"r{i}" for i in range(10)]
 STREAMS_OPEN = "controlplane_xds_streams_open"
 SENT = "controlplane_xds_resources_sent_total"
@@ -134,6 +138,8 @@ class KindRun:
         try:
             await operator.assign(self.bundles[0], nodes=[*self.ids, self.warm["node_id"]])
             extra = ["--proto", KINDS[self.kind], "--ads-routes", ",".join(ROUTES)]
+            if self.kind == "watch-report":
+                extra.append("--report")
             if a.source_addrs:
                 extra += ["--source-addrs", ",".join(parse_sources(a.source_addrs))]
             for workers, nodes, connections, sub in (
@@ -192,7 +198,7 @@ class KindRun:
 
     def secret(self, n: dict[str, str]) -> dict[str, str]:
         """What the stream authenticates with: a node token (agent), the credential (Envoy)."""
-        if self.kind == "watch":
+        if self.kind in WATCH_KINDS:
             return {"node_id": n["node_id"], "token": n["token"]}
         return {"node_id": n["node_id"], "credential": n["credential"]}
 
@@ -238,7 +244,7 @@ class KindRun:
         rev, _, _ = await operator.assign(self.bundles[1], nodes=self.ids)
         await self.workers.all("wait", rev=rev, need=-1, timeout=a.timeout)
         await quiet(self.server.pid, self.idle_rate, 30)
-        s0 = self.server.metrics()
+        s0, stats0 = self.server.metrics(), await self.workers.all("stats")
         c0, l0, w0 = self.cpu(), self.workers.cpu(), time.monotonic()
         changes: list[tuple[int, float, float]] = []
         for i in range(a.changes):
@@ -249,7 +255,7 @@ class KindRun:
         settle = await quiet(self.server.pid, self.idle_rate, 30)
         wall = time.monotonic() - w0
         cpu, lcpu = self.cpu() - c0, self.workers.cpu() - l0
-        s1 = self.server.metrics()
+        s1, stats1 = self.server.metrics(), await self.workers.all("stats")
         receipts = await self._receipts([r for r, _, _ in changes])
         delivered = sum(len(receipts.get(r, [])) for r, _, _ in changes)
         latencies = [t - t0 for r, t0, _ in changes for t in receipts.get(r, [])]
@@ -272,6 +278,8 @@ class KindRun:
             "loadgen_us_per_update": lcpu / max(delivered, 1) * 1e6,
             "loadgen_cpu_pct": lcpu / wall * 100,
             "xds_resources_sent": metric_sum(s1, SENT) - metric_sum(s0, SENT),
+            "reports": sum(x.get("reports", 0) for x in stats1) - sum(x.get("reports", 0) for x in stats0),
+            "errors": [x["errors"] for x in stats1],
         }
         f = self.out["fleet"]
         say(
@@ -290,14 +298,14 @@ class KindRun:
             c0, l0, at = self.cpu(), self.workers.cpu(), time.time() + 0.2
             reports = await self.workers.all("storm", at=at, kind="streams", timeout=a.timeout)
             opened = merge_open(reports, at)
-            if self.kind == "watch":
+            if self.kind in WATCH_KINDS:
                 caught_up = opened["all_ready_s"]
             else:
                 # The streams are open again on the server (its gauge back at N) and
                 # it has handled their requests (its CPU back near idle).
                 deadline = time.monotonic() + a.timeout
                 while metric_sum(self.server.metrics(), STREAMS_OPEN) < n and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.25)
                 await quiet(self.server.pid, self.idle_rate, a.timeout, window=0.1)
                 caught_up = time.time() - at
             wall = time.time() - at
@@ -372,18 +380,17 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
 def table(res: dict[str, Any]) -> str:
     kinds = [k for k in KINDS if res["runs"].get(k)]
     meds = {k: medians(res["runs"][k]) for k in kinds}
-    ads = [k for k in kinds if k != "watch"]
-    head = ["figure", *kinds] + ([f"{k} / watch" for k in ads] if "watch" in kinds else [])
+    ads = [k for k in kinds if k not in WATCH_KINDS]
+    pairs = [(k, w) for w in WATCH_KINDS if w in kinds for k in ads]
+    head = ["figure", *kinds] + [f"{k} / {w}" for k, w in pairs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for section, key, label, unit in FIGURES:
         k = f"{section}.{key}"
         row = [label, *(fmt(meds[kind][k], unit) for kind in kinds)]
-        if "watch" in kinds:
-            base = meds["watch"][k]
-            for kind in ads:
-                v = meds[kind][k]
-                ok = section == "fleet" and key == "server_us_per_update" and v is not None and base
-                row.append(f"{v / base:.2f}x" if ok and base else "")
+        for kind, w in pairs:
+            v, base = meds[kind][k], meds[w][k]
+            ok = (section, key) == ("fleet", "server_us_per_update") and v is not None and base
+            row.append(f"{v / base:.2f}x" if ok and base else "")
         lines.append("| " + " | ".join(row) + " |")
     p = res["params"]
     lines += [
@@ -450,7 +457,7 @@ def result_name(a: argparse.Namespace, run_id: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=1000, help="streams of each kind (N)")
-    p.add_argument("--kinds", default=",".join(KINDS), help="watch, delta, sotw (in this order)")
+    p.add_argument("--kinds", default=",".join(KINDS), help=", ".join(KINDS))
     p.add_argument("--rounds", type=int, default=1, help="rounds over the kinds; medians are reported")
     p.add_argument("--changes", type=int, default=10, help="fleet-wide changes per kind")
     p.add_argument("--gap", type=float, default=0.3, help="pause between changes, s")

@@ -24,6 +24,7 @@ from bench.etcdapi import EtcdApi
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2 as ads
 
+from controlplane.api.node.v1 import node_pb2 as node_pb
 from controlplane.api.watch.v1 import watch_pb2 as pb
 
 SOURCE = ROOT / "bench" / "goloadgen"
@@ -36,10 +37,11 @@ def cp_field_numbers() -> dict[str, int]:
         pb.WatchBundlesRequest: ("node_id", "since_revision", "epoch"),
         pb.WatchBundlesResponse: ("events",),
         pb.WatchEvent: ("started", "desired", "snapshot_end", "bookmark", "reset"),
-        pb.DesiredState: ("revision",),
+        pb.DesiredState: ("revision", "digest"),
         pb.Bookmark: ("revision", "closing"),
         pb.SnapshotEnd: ("revision",),
-        pb.StreamStarted: ("epoch", "mode"),
+        pb.StreamStarted: ("epoch", "mode", "stream_id"),
+        node_pb.ReportStatusRequest: ("node_id", "stream_id", "revision", "digest", "phase"),
     }
     return {
         f"{msg.DESCRIPTOR.name}.{f}": msg.DESCRIPTOR.fields_by_name[f].number
@@ -86,7 +88,7 @@ def fields_go(numbers: dict[str, int]) -> str:
     lines += [")", "", "var cpModes = map[uint64]string{"]
     for value in pb.StreamMode.DESCRIPTOR.values:
         lines.append(f'\t{value.number}: "{value.name}",')
-    lines += ["}", ""]
+    lines += ["}", "", f"const reportPhaseActive = {node_pb.REPORT_PHASE_ACTIVE}", ""]
     return "\n".join(lines)
 
 

@@ -263,6 +263,7 @@ func (w *worker) handle(c cmd) (map[string]interface{}, error) {
 		return map[string]interface{}{
 			"messages": w.messages, "events": w.events, "received": w.received,
 			"errors": copyCounts(w.errors), "drops": copyCounts(w.drops), "resets": w.resets,
+			"reports": w.reports,
 			"ready": ready, "cpu": cpu, "connections": len(w.conns),
 		}, nil
 	}
@@ -275,6 +276,7 @@ func main() {
 	channels := flag.Int("channels", 1, "HTTP/2 connections")
 	proto := flag.String("proto", "cp", "cp (WatchBundles), etcd (etcd v3 Watch), ads-delta or ads-sotw (Envoy's ADS)")
 	adsRoutes := flag.String("ads-routes", "", "ADS: comma-separated route configuration names each stream asks for")
+	report := flag.Bool("report", false, "cp: report ACTIVE (ReportStatus) for each desired state, as agents do")
 	etcdKey := flag.String("etcd-key", "bench/fleet", "the key every etcd watcher watches")
 	srcAddrs := flag.String("source-addrs", "", "comma-separated local addresses to dial from, round-robin")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run here (go tool pprof)")
@@ -318,6 +320,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
+	w.report = *report
 	var outMu sync.Mutex
 	out := bufio.NewWriter(os.Stdout)
 	in := bufio.NewReaderSize(os.Stdin, 1<<20)

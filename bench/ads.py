@@ -113,6 +113,15 @@ async def quiet(pid: int, idle_rate: float, within: float, window: float = 0.25)
     return time.monotonic() - t0
 
 
+async def until_open(server: ServerProcess, n: int, within: float) -> None:
+    """Poll the server's gauge of open ADS streams until it reads `n` (or `within` s)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if metric_sum(server.metrics(), STREAMS_OPEN) >= n:
+            return
+        await asyncio.sleep(0.25)
+
+
 class KindRun:
     def __init__(self, a: argparse.Namespace, kind: str, nodes: list[dict[str, str]], bundles: list[str]):
         self.a = a
@@ -156,7 +165,8 @@ class KindRun:
                     program=program,
                     extra_args=lambda i: extra,
                 )
-            warm = merge_open(await self.warm_workers.all("open", since="zero", timeout=a.timeout), time.time())
+            opened = await self.warm_workers.all("open", since="zero", timeout=a.timeout)
+            warm = merge_open(opened, time.time())
             if warm["ready"] != 1:
                 raise RuntimeError(f"the warm-up stream did not open: {warm['details']}")
             await asyncio.sleep(3.0)
@@ -186,7 +196,7 @@ class KindRun:
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [self.a.py_spy, "record", "--pid", str(self.server.pid), "--rate", "200", "--nonblocking"]
         cmd += ["--format", "raw", "--threads", "--output", str(out)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
         await asyncio.sleep(0.5)
         try:
             yield
@@ -216,7 +226,9 @@ class KindRun:
         }
         say(f"  {self.kind}: {opened['ready']}/{len(self.nodes)} streams ready in {opened['all_ready_s']} s")
         if opened["ready"] < len(self.nodes):
-            raise RuntimeError(f"only {opened['ready']} of {len(self.nodes)} streams opened: {opened['details']}")
+            raise RuntimeError(
+                f"only {opened['ready']} of {len(self.nodes)} streams opened: {opened['details']}"
+            )
 
     async def idle(self, rss0: int) -> None:
         await asyncio.sleep(self.a.settle)
@@ -303,9 +315,7 @@ class KindRun:
             else:
                 # The streams are open again on the server (its gauge back at N) and
                 # it has handled their requests (its CPU back near idle).
-                deadline = time.monotonic() + a.timeout
-                while metric_sum(self.server.metrics(), STREAMS_OPEN) < n and time.monotonic() < deadline:
-                    await asyncio.sleep(0.25)
+                await until_open(self.server, n, a.timeout)
                 await quiet(self.server.pid, self.idle_rate, a.timeout, window=0.1)
                 caught_up = time.time() - at
             wall = time.time() - at

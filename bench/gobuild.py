@@ -5,8 +5,9 @@
 GOPATH mode against Debian's Go sources (`golang-google-grpc-dev`, `golang-google-protobuf-dev`
 under /usr/share/gocode), with the `go` of Debian's `golang-go`; no module download. The
 field numbers the generator encodes and decodes are written into `fields_gen.go` from the
-descriptors generated from the .proto files (the control plane's watch.proto, Envoy's
-discovery.proto from xds-protos, and etcd's rpc.proto and kv.proto through bench/etcdapi.py), so they cannot drift from the API.
+descriptors generated from the .proto files (the control plane's watch.proto and
+node.proto, Envoy's discovery.proto from xds-protos, and etcd's rpc.proto and kv.proto
+through bench/etcdapi.py), so they cannot drift from the API.
 Rebuilt only when the source or the fields change. The binary is never committed.
 """
 
@@ -19,11 +20,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench.common import OUT, ROOT
-from bench.etcdapi import EtcdApi
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2 as ads
 
+from bench.common import OUT, ROOT
+from bench.etcdapi import EtcdApi
 from controlplane.api.node.v1 import node_pb2 as node_pb
 from controlplane.api.watch.v1 import watch_pb2 as pb
 

@@ -145,9 +145,8 @@ class AdsServicer:
             nonlocal sent
             for payload in out.sends:
                 await context.write(payload)
-            if session.resources_sent != sent:
-                RESOURCES_SENT.inc(session.resources_sent - sent)
-                sent = session.resources_sent
+            RESOURCES_SENT.inc(session.resources_sent - sent)
+            sent = session.resources_sent
             if session.staging:
                 staging.set()
             if out.status is not None:
@@ -161,21 +160,13 @@ class AdsServicer:
                     await emit(session.set_target(target))
             return target or Unauthenticated("this node's identity was revoked")
 
-        async def tick() -> None:
-            while True:
-                await staging.wait()
-                await asyncio.sleep(TICK_SECONDS)
-                async with lock:
-                    staging.clear()  # emit sets it again while the session still stages
-                    await emit(session.tick())
-
         async def read() -> DomainError | None:
             async for request in requests:
                 async with lock:
                     await emit(session.receive(request))
             return None
 
-        tasks = [asyncio.create_task(c) for c in (read(), follow(), tick())]
+        tasks = [asyncio.create_task(c) for c in (read(), follow(), _tick(session, staging, lock, emit))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             first = next(iter(done))
@@ -194,6 +185,19 @@ class AdsServicer:
             STREAMS_OPEN.dec()
             if self.sessions.get(node_id) is session:
                 del self.sessions[node_id]
+
+
+async def _tick(
+    session: Session, staging: asyncio.Event, lock: asyncio.Lock, emit: Callable[[Output], Awaitable[None]]
+) -> None:
+    """Tick the session once a second while it waits on a stage (`staging` is set)."""
+    while True:
+        await staging.wait()
+        await asyncio.sleep(TICK_SECONDS)
+        staging.clear()  # emit sets it again while the session still stages
+        if session.staging:
+            async with lock:
+                await emit(session.tick())
 
 
 class MetricsServicer:

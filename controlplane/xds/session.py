@@ -161,6 +161,8 @@ class Session:
         self.resources_sent = 0
         # Types still in legacy wildcard mode (an empty first request, no names since).
         self._legacy: set[str] = set()
+        # Offers by type URL while a pump runs (see _pump_stages); None otherwise.
+        self._offers: dict[str, dict[str, Resource] | None] | None = None
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -266,6 +268,14 @@ class Session:
 
     def offer(self, rtype: ResourceType) -> dict[str, Resource] | None:
         """The resources `rtype` should hold at this stage; None: hold it for now."""
+        memo = self._offers
+        if memo is None:
+            return self._offer(rtype)
+        if rtype.url not in memo:
+            memo[rtype.url] = self._offer(rtype)
+        return memo[rtype.url]
+
+    def _offer(self, rtype: ResourceType) -> dict[str, Resource] | None:
         if rtype in (LISTENER, ROUTE) and self.stage == 0:
             return None
         target = self.target.resources.of(rtype)
@@ -334,8 +344,17 @@ class Session:
     # -- the engine ------------------------------------------------------------------------
 
     def _pump(self) -> Output:
+        try:
+            return self._pump_stages()
+        finally:
+            self._offers = None
+
+    def _pump_stages(self) -> Output:
         sends: list[bytes] = []
         while True:
+            # Within one stage of one pump an offer does not change (sending only sets a
+            # type's pending response): the sends and the gate below share each one.
+            self._offers = {}
             for rtype in types.ORDER:
                 ts = self.types[rtype.url]
                 if not ts.requested or ts.parked or ts.pending is not None:

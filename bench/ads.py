@@ -145,7 +145,8 @@ class KindRun:
         self.server.start()
         operator = Operator(self.server.target, a.data_dir)
         try:
-            await operator.assign(self.bundles[0], nodes=[*self.ids, self.warm["node_id"]])
+            await operator.assign(self.bundles[0], nodes=self.ids)  # node lists hold ≤ 10,000
+            await operator.assign(self.bundles[0], nodes=[self.warm["node_id"]])
             extra = ["--proto", KINDS[self.kind], "--ads-routes", ",".join(ROUTES)]
             if self.kind == "watch-report":
                 extra.append("--report")

@@ -130,7 +130,7 @@ class KindRun:
         # one-off costs (the bundle parsed, modules and caches warmed) are not per stream.
         self.nodes, self.warm = nodes[:-1], nodes[-1]
         self.bundles = bundles
-        self.ids = [n["node_id"] for n in nodes]
+        self.ids = [n["node_id"] for n in self.nodes]
         self.out: dict[str, Any] = {"kind": kind, "nodes": len(nodes)}
         self.server = ServerProcess(a.data_dir, extra_args=a.server_arg)
         self.workers = Workers()

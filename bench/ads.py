@@ -316,7 +316,7 @@ class KindRun:
             else:
                 # The streams are open again on the server (its gauge back at N) and
                 # it has handled their requests (its CPU back near idle).
-                await until_open(self.server, n, a.timeout)
+                await until_open(self.server, n + 1, a.timeout)  # and the warm-up stream
                 await quiet(self.server.pid, self.idle_rate, a.timeout, window=0.1)
                 caught_up = time.time() - at
             wall = time.time() - at

@@ -400,8 +400,8 @@ def table(res: dict[str, Any]) -> str:
         row = [label, *(fmt(meds[kind][k], unit) for kind in kinds)]
         for kind, w in pairs:
             v, base = meds[kind][k], meds[w][k]
-            ok = (section, key) == ("fleet", "server_us_per_update") and v is not None and base
-            row.append(f"{v / base:.2f}x" if ok and base else "")
+            ratio = (section, key) == ("fleet", "server_us_per_update")
+            row.append(f"{v / base:.2f}x" if ratio and v is not None and base else "")
         lines.append("| " + " | ".join(row) + " |")
     p = res["params"]
     lines += [

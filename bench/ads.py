@@ -245,13 +245,6 @@ class KindRun:
         }
         say(f"  {self.kind}: {self.out['idle']['rss_kib_per_stream']:.1f} KiB RSS per idle stream")
 
-    async def _receipts(self, revs: list[int]) -> dict[int, list[float]]:
-        out: dict[int, list[float]] = {}
-        for rep in await self.workers.all("receipts", revs=revs):
-            for rev, times in rep["receipts"].items():
-                out.setdefault(int(rev), []).extend(times)
-        return out
-
     async def fleet(self, operator: Operator) -> None:
         a, n = self.a, len(self.nodes)
         rev, _, _ = await operator.assign(self.bundles[1], nodes=self.ids)
@@ -269,7 +262,7 @@ class KindRun:
         wall = time.monotonic() - w0
         cpu, lcpu = self.cpu() - c0, self.workers.cpu() - l0
         s1, stats1 = self.server.metrics(), await self.workers.all("stats")
-        receipts = await self._receipts([r for r, _, _ in changes])
+        receipts = await self.workers.receipts([r for r, _, _ in changes])
         delivered = sum(len(receipts.get(r, [])) for r, _, _ in changes)
         latencies = [t - t0 for r, t0, _ in changes for t in receipts.get(r, [])]
         all_have = [max(receipts[r]) - t0 for r, t0, _ in changes if receipts.get(r)]

@@ -7,7 +7,7 @@ PYTEST := $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 # Two workers: each binds port 0 for its servers; the template database is per worker.
 WORKERS ?= -n 2 --dist worksteal
 
-.PHONY: lock run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-notify bench-identity bench-failover bench-group-commit bench-etcd bench-cli bench-proxies clean
+.PHONY: lock run test test-unit test-integration test-e2e test-for kept check fmt lint types buf gen gen-check imports bench bench-seed bench-bundles bench-rollouts bench-notify bench-identity bench-failover bench-group-commit bench-etcd bench-ads bench-cli bench-proxies clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -101,6 +101,10 @@ bench: $(STAMP)
 ## Debian's etcd-server, golang-go, golang-google-grpc-dev and golang-etcd-server-dev.
 bench-etcd: $(STAMP)
 	$(BIN)/python -m bench.compare --nodes $(or $(BENCH_NODES),1000) $(BENCH_ARGS)
+
+## ADS (delta and SotW) beside WatchBundles, Go load generator (docs/benchmarks.md).
+bench-ads: $(STAMP)
+	$(BIN)/python -m bench.ads --nodes $(or $(BENCH_NODES),1000) $(BENCH_ARGS)
 
 bench-bundles: $(STAMP)
 	$(BIN)/python -m bench.bundles $(BENCH_ARGS)

@@ -5,8 +5,9 @@
 GOPATH mode against Debian's Go sources (`golang-google-grpc-dev`, `golang-google-protobuf-dev`
 under /usr/share/gocode), with the `go` of Debian's `golang-go`; no module download. The
 field numbers the generator encodes and decodes are written into `fields_gen.go` from the
-descriptors generated from the .proto files (the control plane's watch.proto, and etcd's
-rpc.proto and kv.proto through bench/etcdapi.py), so they cannot drift from the API.
+descriptors generated from the .proto files (the control plane's watch.proto and
+node.proto, Envoy's discovery.proto from xds-protos, and etcd's rpc.proto and kv.proto
+through bench/etcdapi.py), so they cannot drift from the API.
 Rebuilt only when the source or the fields change. The binary is never committed.
 """
 
@@ -19,8 +20,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2 as ads
+
 from bench.common import OUT, ROOT
 from bench.etcdapi import EtcdApi
+from controlplane.api.node.v1 import node_pb2 as node_pb
 from controlplane.api.watch.v1 import watch_pb2 as pb
 
 SOURCE = ROOT / "bench" / "goloadgen"
@@ -33,10 +38,34 @@ def cp_field_numbers() -> dict[str, int]:
         pb.WatchBundlesRequest: ("node_id", "since_revision", "epoch"),
         pb.WatchBundlesResponse: ("events",),
         pb.WatchEvent: ("started", "desired", "snapshot_end", "bookmark", "reset"),
-        pb.DesiredState: ("revision",),
+        pb.DesiredState: ("revision", "digest"),
         pb.Bookmark: ("revision", "closing"),
         pb.SnapshotEnd: ("revision",),
-        pb.StreamStarted: ("epoch", "mode"),
+        pb.StreamStarted: ("epoch", "mode", "stream_id"),
+        node_pb.ReportStatusRequest: ("node_id", "stream_id", "revision", "digest", "phase"),
+    }
+    return {
+        f"{msg.DESCRIPTOR.name}.{f}": msg.DESCRIPTOR.fields_by_name[f].number
+        for msg, fields in wanted.items()
+        for f in fields
+    }
+
+
+def ads_field_numbers() -> dict[str, int]:
+    """Envoy's discovery messages, as the ADS streams (goloadgen/ads.go) use them."""
+    wanted: dict[Any, tuple[str, ...]] = {
+        ads.DiscoveryRequest: ("version_info", "node", "resource_names", "type_url", "response_nonce"),
+        ads.DiscoveryResponse: ("version_info", "resources", "type_url", "nonce"),
+        ads.DeltaDiscoveryRequest: (
+            "node",
+            "type_url",
+            "resource_names_subscribe",
+            "initial_resource_versions",
+            "response_nonce",
+        ),
+        ads.DeltaDiscoveryResponse: ("resources", "type_url", "removed_resources", "nonce"),
+        ads.Resource: ("name", "version"),
+        base_pb2.Node: ("id",),
     }
     return {
         f"{msg.DESCRIPTOR.name}.{f}": msg.DESCRIPTOR.fields_by_name[f].number
@@ -60,7 +89,7 @@ def fields_go(numbers: dict[str, int]) -> str:
     lines += [")", "", "var cpModes = map[uint64]string{"]
     for value in pb.StreamMode.DESCRIPTOR.values:
         lines.append(f'\t{value.number}: "{value.name}",')
-    lines += ["}", ""]
+    lines += ["}", "", f"const reportPhaseActive = {node_pb.REPORT_PHASE_ACTIVE}", ""]
     return "\n".join(lines)
 
 
@@ -72,7 +101,7 @@ def build(api: EtcdApi) -> Path:
         )
     if not (GOCODE / "src/google.golang.org/grpc").is_dir():
         raise SystemExit(f"grpc-go not found under {GOCODE}: install Debian's golang-google-grpc-dev")
-    generated = fields_go({**cp_field_numbers(), **api.field_numbers()})
+    generated = fields_go({**cp_field_numbers(), **ads_field_numbers(), **api.field_numbers()})
     sources = {p.name: p.read_text() for p in sorted(SOURCE.glob("*.go"))}
     digest = hashlib.sha256("".join([*sources.values(), generated]).encode()).hexdigest()[:12]
     base = OUT / "go"

@@ -100,6 +100,14 @@ class Workers:
     async def all(self, cmd: str, **args: Any) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(self.call(i, cmd, **args) for i in range(len(self.procs)))))
 
+    async def receipts(self, revs: list[int]) -> dict[int, list[float]]:
+        """When each stream received each of `revs` (wall-clock times), over every worker."""
+        out: dict[int, list[float]] = {}
+        for rep in await self.all("receipts", revs=revs):
+            for rev, times in rep["receipts"].items():
+                out.setdefault(int(rev), []).extend(times)
+        return out
+
     def cpu(self) -> float:
         return procstat.cpu_of(self.pids)
 

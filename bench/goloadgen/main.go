@@ -2,12 +2,14 @@
 // bench/loadgen.py, with the same JSON-lines commands on stdin and answers on stdout
 // (open, storm, wait, receipts, close, stats, quit), so bench/workers.py drives either.
 //
-// It speaks two protocols, chosen by --proto:
+// It speaks these protocols, chosen by --proto:
 //
-//	cp    controlplane.watch.v1.WatchService/WatchBundles (the control plane and
-//	      bench/bareserver.py), one server-streaming call per node;
-//	etcd  etcdserverpb.Watch/Watch, one bidirectional call per node holding one watcher
-//	      on --etcd-key.
+//	cp         controlplane.watch.v1.WatchService/WatchBundles (the control plane and
+//	           bench/bareserver.py), one server-streaming call per node;
+//	etcd       etcdserverpb.Watch/Watch, one bidirectional call per node holding one
+//	           watcher on --etcd-key;
+//	ads-delta  Envoy's DeltaAggregatedResources, one call per node (ads.go);
+//	ads-sotw   Envoy's StreamAggregatedResources (state of the world), the same way.
 //
 // Messages go over the wire as raw bytes and are encoded and decoded with protowire; the
 // field numbers are not written here but generated at build time from the .proto files
@@ -261,6 +263,7 @@ func (w *worker) handle(c cmd) (map[string]interface{}, error) {
 		return map[string]interface{}{
 			"messages": w.messages, "events": w.events, "received": w.received,
 			"errors": copyCounts(w.errors), "drops": copyCounts(w.drops), "resets": w.resets,
+			"reports": w.reports,
 			"ready": ready, "cpu": cpu, "connections": len(w.conns),
 		}, nil
 	}
@@ -271,7 +274,9 @@ func main() {
 	target := flag.String("target", "", "host:port of the server")
 	nodesFile := flag.String("nodes-file", "", "JSON list of {node_id, token|credential}")
 	channels := flag.Int("channels", 1, "HTTP/2 connections")
-	proto := flag.String("proto", "cp", "cp (WatchBundles) or etcd (etcd v3 Watch)")
+	proto := flag.String("proto", "cp", "cp (WatchBundles), etcd (etcd v3 Watch), ads-delta or ads-sotw (Envoy's ADS)")
+	adsRoutes := flag.String("ads-routes", "", "ADS: comma-separated route configuration names each stream asks for")
+	report := flag.Bool("report", false, "cp: report ACTIVE (ReportStatus) for each desired state, as agents do")
 	etcdKey := flag.String("etcd-key", "bench/fleet", "the key every etcd watcher watches")
 	srcAddrs := flag.String("source-addrs", "", "comma-separated local addresses to dial from, round-robin")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run here (go tool pprof)")
@@ -288,8 +293,8 @@ func main() {
 		}
 		defer pprof.StopCPUProfile()
 	}
-	if *proto != "cp" && *proto != "etcd" {
-		fmt.Fprintf(os.Stderr, "--proto: %q is neither cp nor etcd\n", *proto)
+	if *proto != "cp" && *proto != "etcd" && *proto != "ads-delta" && *proto != "ads-sotw" {
+		fmt.Fprintf(os.Stderr, "--proto: %q is not cp, etcd, ads-delta or ads-sotw\n", *proto)
 		os.Exit(2)
 	}
 	raw, err := os.ReadFile(*nodesFile)
@@ -306,11 +311,16 @@ func main() {
 	if *srcAddrs != "" {
 		addrs = strings.Split(*srcAddrs, ",")
 	}
-	w, err := newWorker(*target, *proto, *etcdKey, addrs, *channels, nodes)
+	var routes []string
+	if *adsRoutes != "" {
+		routes = strings.Split(*adsRoutes, ",")
+	}
+	w, err := newWorker(*target, *proto, *etcdKey, addrs, *channels, nodes, routes)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
+	w.report = *report
 	var outMu sync.Mutex
 	out := bufio.NewWriter(os.Stdout)
 	in := bufio.NewReaderSize(os.Stdin, 1<<20)

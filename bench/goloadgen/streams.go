@@ -80,6 +80,8 @@ type stream struct {
 	tFailed  float64
 	cancel   context.CancelFunc
 	done     chan struct{}
+	held     *adsHeld // ADS: what the node holds, across its calls
+	streamID string   // cp: the server's id of the current call (for ReportStatus)
 }
 
 type waiter struct {
@@ -94,6 +96,8 @@ type worker struct {
 	srcAddrs []string
 	nChan    int
 	conns    []*grpc.ClientConn
+	routes   []string // ADS: the route configurations each stream asks for by name
+	report   bool     // cp: report ACTIVE (ReportStatus) for each desired state, as agents do
 
 	mu       sync.Mutex // everything below
 	streams  []*stream
@@ -106,14 +110,15 @@ type worker struct {
 	events   int
 	received int
 	resets   int
+	reports  int
 	errors   map[string]int
 	drops    map[string]int
 	details  map[string]int
 }
 
-func newWorker(target, proto, etcdKey string, srcAddrs []string, channels int, nodes []node) (*worker, error) {
+func newWorker(target, proto, etcdKey string, srcAddrs []string, channels int, nodes []node, routes []string) (*worker, error) {
 	w := &worker{
-		target: target, proto: proto, etcdKey: []byte(etcdKey), srcAddrs: srcAddrs,
+		target: target, proto: proto, etcdKey: []byte(etcdKey), srcAddrs: srcAddrs, routes: routes,
 		receipts: map[int64][]float64{}, waiters: map[int64]*waiter{},
 		errors: map[string]int{}, drops: map[string]int{}, details: map[string]int{},
 	}
@@ -206,8 +211,14 @@ func (w *worker) markFailed(s *stream, code string) {
 	}
 }
 
-// onCP handles one WatchBundlesResponse; true if it ends with a closing bookmark.
-func (w *worker) onCP(s *stream, msg []byte, t float64) (bool, error) {
+type desired struct {
+	rev    int64
+	digest string
+}
+
+// onCP handles one WatchBundlesResponse; true if it ends with a closing bookmark. The
+// desired states it held are added to `got`.
+func (w *worker) onCP(s *stream, msg []byte, t float64, got *[]desired) (bool, error) {
 	closing := false
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -221,13 +232,20 @@ func (w *worker) onCP(s *stream, msg []byte, t float64) (bool, error) {
 			switch kind {
 			case fWatchEvent_desired:
 				var rev int64
-				_ = fields(body, func(f protowire.Number, _ protowire.Type, v uint64, _ []byte) {
-					if f == fDesiredState_revision {
+				var digest string
+				_ = fields(body, func(f protowire.Number, _ protowire.Type, v uint64, sub []byte) {
+					switch f {
+					case fDesiredState_revision:
 						rev = int64(v)
+					case fDesiredState_digest:
+						digest = string(sub)
 					}
 				})
 				s.cursor = rev
 				w.receipt(rev, t)
+				if digest != "" {
+					*got = append(*got, desired{rev, digest})
+				}
 			case fWatchEvent_bookmark:
 				_ = fields(body, func(f protowire.Number, _ protowire.Type, v uint64, _ []byte) {
 					switch f {
@@ -256,6 +274,8 @@ func (w *worker) onCP(s *stream, msg []byte, t float64) (bool, error) {
 						s.epoch = string(sub)
 					case fStreamStarted_mode:
 						s.mode = cpModes[v]
+					case fStreamStarted_stream_id:
+						s.streamID = string(sub)
 					}
 				})
 				s.tStarted = t
@@ -359,6 +379,9 @@ func (w *worker) once(ctx context.Context, s *stream, since int64, epoch string)
 		}
 		return gotAny, closing, name
 	}
+	if w.proto == "ads-delta" || w.proto == "ads-sotw" {
+		return w.onceADS(ctx, s, conn, since > 0, fail)
+	}
 	if w.proto == "etcd" {
 		cs, err := conn.NewStream(ctx, etcdDesc, etcdMethod)
 		if err != nil {
@@ -404,11 +427,17 @@ func (w *worker) once(ctx context.Context, s *stream, since int64, epoch string)
 			return fail(err)
 		}
 		gotAny = true
-		c, err := w.onCP(s, b, now())
+		var got []desired
+		c, err := w.onCP(s, b, now(), &got)
 		if err != nil {
 			return gotAny, false, "BAD_MESSAGE"
 		}
 		closing = c
+		if w.report {
+			for _, d := range got {
+				w.reportActive(ctx, conn, s, d)
+			}
+		}
 	}
 }
 
@@ -466,4 +495,36 @@ func (w *worker) run(ctx context.Context, s *stream, resume bool, delay time.Dur
 		case <-time.After(time.Duration(wait * float64(time.Second))):
 		}
 	}
+}
+
+const reportMethod = "/controlplane.node.v1.NodeService/ReportStatus"
+
+// reportActive says the node runs `d` (ReportStatus ACTIVE), as an agent does once it
+// has applied a desired state; a refusal is counted, not retried.
+func (w *worker) reportActive(ctx context.Context, conn *grpc.ClientConn, s *stream, d desired) {
+	w.mu.Lock()
+	sid := s.streamID
+	w.mu.Unlock()
+	var b []byte
+	b = protowire.AppendTag(b, fReportStatusRequest_node_id, protowire.BytesType)
+	b = protowire.AppendString(b, s.nodeID)
+	b = protowire.AppendTag(b, fReportStatusRequest_stream_id, protowire.BytesType)
+	b = protowire.AppendString(b, sid)
+	b = protowire.AppendTag(b, fReportStatusRequest_revision, protowire.VarintType)
+	b = protowire.AppendVarint(b, uint64(d.rev))
+	b = protowire.AppendTag(b, fReportStatusRequest_digest, protowire.BytesType)
+	b = protowire.AppendString(b, d.digest)
+	b = protowire.AppendTag(b, fReportStatusRequest_phase, protowire.VarintType)
+	b = protowire.AppendVarint(b, reportPhaseActive)
+	var reply []byte
+	if err := conn.Invoke(ctx, reportMethod, b, &reply); err != nil {
+		name, _ := codeOf(err)
+		w.mu.Lock()
+		w.errors["REPORT_"+name]++
+		w.mu.Unlock()
+		return
+	}
+	w.mu.Lock()
+	w.reports++
+	w.mu.Unlock()
 }

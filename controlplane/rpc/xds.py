@@ -46,7 +46,8 @@ RESOURCES_SENT = Counter(
     "Resources sent over ADS; a node that resumes with what it has adds nothing.",
 )
 
-# A session's gate timeout is checked this often (it is 15 s): a second is plenty.
+# A session's gate timeout is checked this often (it is 15 s): a second is plenty. Only
+# a session waiting on a stage is ticked (`Session.staging`).
 TICK_SECONDS = 1.0
 
 
@@ -136,6 +137,9 @@ class AdsServicer:
         STREAMS_OPEN.inc()
         lock = asyncio.Lock()
         sent = 0
+        # Set while the session waits on a stage, the only time a tick can change
+        # anything (a gate timeout): an idle stream has no timer.
+        staging = asyncio.Event()
 
         async def emit(out: Output) -> None:
             nonlocal sent
@@ -143,6 +147,8 @@ class AdsServicer:
                 await context.write(payload)
             RESOURCES_SENT.inc(session.resources_sent - sent)
             sent = session.resources_sent
+            if session.staging:
+                staging.set()
             if out.status is not None:
                 await feed.report(out.status)
                 if self._on_status is not None:
@@ -154,19 +160,13 @@ class AdsServicer:
                     await emit(session.set_target(target))
             return target or Unauthenticated("this node's identity was revoked")
 
-        async def tick() -> None:
-            while True:
-                await asyncio.sleep(TICK_SECONDS)
-                async with lock:
-                    await emit(session.tick())
-
         async def read() -> DomainError | None:
             async for request in requests:
                 async with lock:
                     await emit(session.receive(request))
             return None
 
-        tasks = [asyncio.create_task(c) for c in (read(), follow(), tick())]
+        tasks = [asyncio.create_task(c) for c in (read(), follow(), _tick(session, staging, lock, emit))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             first = next(iter(done))
@@ -185,6 +185,19 @@ class AdsServicer:
             STREAMS_OPEN.dec()
             if self.sessions.get(node_id) is session:
                 del self.sessions[node_id]
+
+
+async def _tick(
+    session: Session, staging: asyncio.Event, lock: asyncio.Lock, emit: Callable[[Output], Awaitable[None]]
+) -> None:
+    """Tick the session once a second while it waits on a stage (`staging` is set)."""
+    while True:
+        await staging.wait()
+        await asyncio.sleep(TICK_SECONDS)
+        staging.clear()  # emit sets it again while the session still stages
+        if session.staging:
+            async with lock:
+                await emit(session.tick())
 
 
 class MetricsServicer:

@@ -159,7 +159,10 @@ class HubFeed:
         self.stream: WatchStream | None = None
         # The newest desired state not yet taken: (revision, digest).
         self._latest: tuple[int, str] | None = None
-        self._changed = asyncio.Event()
+        # What `next` (or `first`) waits on, while it waits: woken by a new desired state
+        # or the hub stream's end. A plain future, not a task per wait: an idle Envoy
+        # stream holds nothing else here.
+        self._waiter: asyncio.Future[None] | None = None
         self._reported: tuple[int, str, Phase] | None = None
 
     # -- the hub's side: a Sink ------------------------------------------------------
@@ -168,13 +171,34 @@ class HubFeed:
         for event in pb.WatchBundlesResponse.FromString(payload).events:
             if event.WhichOneof("event") == "desired":
                 self._latest = (event.desired.revision, event.desired.digest)
-                self._changed.set()
+                self._wake()
+
+    def _wake(self, _: object = None) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        """Until a new desired state arrives or the hub stream ends."""
+        stream = self.stream
+        assert stream is not None
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        stream.done.add_done_callback(self._wake)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            stream.done.remove_done_callback(self._wake)
 
     # -- the session's side ------------------------------------------------------------
 
     async def first(self) -> None:
         """Resolve the desired state the hub queued when the stream opened."""
-        await self._changed.wait()
+        while self._latest is None:
+            assert self.stream is not None
+            if self.stream.done.done():
+                break
+            await self._wait()
         result = await self.next()
         if not isinstance(result, Snapshot):
             raise result or Unavailable("the stream ended as it opened; reconnect")
@@ -187,18 +211,14 @@ class HubFeed:
             if self._latest is not None:
                 revision, digest = self._latest
                 self._latest = None
-                self._changed.clear()
                 try:
                     found = await self._feeds.resources.get(self.project, digest)
                 except DomainError as e:
                     await self._refuse(revision, digest, e)
                     continue
                 return Snapshot(revision, digest, found)
-            waiter = asyncio.ensure_future(self._changed.wait())
-            try:
-                await asyncio.wait((waiter, stream.done), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
+            if not stream.done.done():
+                await self._wait()
             if stream.done.done() and self._latest is None:
                 end = stream.done.result()
                 return end if end is not None else Unavailable("the server closed this stream; reconnect")

@@ -21,6 +21,9 @@ from controlplane.domain.kernel.errors import ResourceExhausted
 from controlplane.xds.session import WILDCARD, Output, Pending, Session, TypeState, digest_of
 from controlplane.xds.snapshot import Resource, type_hash
 
+# What a type's response holds: updates, names removed, subscribed names that do not exist.
+Changes = tuple[list[Resource], list[str], list[str]]
+
 
 class DeltaSession(Session):
     def receive(self, request: Any) -> Output:
@@ -122,9 +125,7 @@ class DeltaSession(Session):
         ts.unknown = False
         ts.pending = None
 
-    def _changes(
-        self, ts: TypeState, offer: Mapping[str, Resource]
-    ) -> tuple[list[Resource], list[str], list[str]]:
+    def _changes(self, ts: TypeState, offer: Mapping[str, Resource]) -> Changes:
         view = ts.view(offer)
         updates = [
             r
@@ -136,12 +137,24 @@ class DeltaSession(Session):
         missing = sorted(n for n in ts.names if n not in view and n not in known and n not in ts.told_missing)
         return updates, removed, missing
 
+    # The changes `_wants_send` found, for `_send` right after it with the same type and
+    # offer (the pump asks one, then the other): (type state, offer, changes).
+    _planned: tuple[TypeState, Mapping[str, Resource], Changes] | None = None
+
     def _wants_send(self, ts: TypeState, offer: Mapping[str, Resource]) -> bool:
-        updates, removed, missing = self._changes(ts, offer)
-        return bool(updates or removed or missing) or ts.unknown
+        changes = self._changes(ts, offer)
+        updates, removed, missing = changes
+        wants = bool(updates or removed or missing) or ts.unknown
+        # Kept only for the send that follows (an idle stream holds no offer).
+        self._planned = (ts, offer, changes) if wants else None
+        return wants
 
     def _send(self, ts: TypeState, offer: Mapping[str, Resource]) -> bytes:
-        updates, removed, missing = self._changes(ts, offer)
+        planned, self._planned = self._planned, None
+        if planned is not None and planned[0] is ts and planned[1] is offer:
+            updates, removed, missing = planned[2]
+        else:
+            updates, removed, missing = self._changes(ts, offer)
         gone = sorted({*removed, *missing})
         content = digest_of([f"{r.name}={r.digest}" for r in updates] + [f"-{n}" for n in gone])
         nonce = self.nonce(ts, content)

@@ -44,6 +44,7 @@ from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, R
 
 NOTHING = Snapshot(0, "", EMPTY)
 WILDCARD = "*"
+RECENT_NONCES = 16
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Limits:
     max_ignored: int = 16
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     nonce: str
     # The target revision it was sent for.
@@ -78,7 +79,7 @@ class Pending:
     version: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class TypeState:
     rtype: ResourceType
     requested: bool = False
@@ -96,7 +97,9 @@ class TypeState:
     told_missing: set[str] = field(default_factory=set)
     pending: Pending | None = None
     last_nonce: str = ""
-    recent: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=16))
+    # The last RECENT_NONCES nonces sent (a list: most types send a few in a stream's
+    # life, and an empty deque costs ~600 bytes a type on every idle stream).
+    recent: list[str] = field(default_factory=list)
     # Putting `base` back was refused: nothing more is sent until a new target.
     parked: bool = False
 
@@ -158,6 +161,8 @@ class Session:
         self.resources_sent = 0
         # Types still in legacy wildcard mode (an empty first request, no names since).
         self._legacy: set[str] = set()
+        # Offers by type URL while a pump runs (see _pump_stages); None otherwise.
+        self._offers: dict[str, dict[str, Resource] | None] | None = None
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -182,6 +187,12 @@ class Session:
     def tick(self) -> Output:
         """Time passed: a stage that waited past the gate timeout moves on."""
         return self._pump()
+
+    @property
+    def staging(self) -> bool:
+        """A stage is still open, so `tick` may move it on; once the last stage is
+        reached only a request or a new target changes anything."""
+        return self.stage < 2
 
     # -- the request side, for subclasses -------------------------------------------------
 
@@ -257,6 +268,14 @@ class Session:
 
     def offer(self, rtype: ResourceType) -> dict[str, Resource] | None:
         """The resources `rtype` should hold at this stage; None: hold it for now."""
+        memo = self._offers
+        if memo is None:
+            return self._offer(rtype)
+        if rtype.url not in memo:
+            memo[rtype.url] = self._offer(rtype)
+        return memo[rtype.url]
+
+    def _offer(self, rtype: ResourceType) -> dict[str, Resource] | None:
         if rtype in (LISTENER, ROUTE) and self.stage == 0:
             return None
         target = self.target.resources.of(rtype)
@@ -325,8 +344,17 @@ class Session:
     # -- the engine ------------------------------------------------------------------------
 
     def _pump(self) -> Output:
+        try:
+            return self._pump_stages()
+        finally:
+            self._offers = None
+
+    def _pump_stages(self) -> Output:
         sends: list[bytes] = []
         while True:
+            # Within one stage of one pump an offer does not change (sending only sets a
+            # type's pending response): the sends and the gate below share each one.
+            self._offers = {}
             for rtype in types.ORDER:
                 ts = self.types[rtype.url]
                 if not ts.requested or ts.parked or ts.pending is not None:
@@ -406,6 +434,8 @@ class Session:
             self._counter += 1
             nonce = f"{nonce}~{self._counter}"
         ts.recent.append(nonce)
+        if len(ts.recent) > RECENT_NONCES:
+            del ts.recent[0]
         ts.last_nonce = nonce
         return nonce
 

@@ -185,8 +185,11 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    async def start(self, timeout: float = 20.0) -> None:
+    async def start(self, timeout: float | None = None) -> None:
         assert not self.running, "server already running"
+        if timeout is None:
+            # Several serving processes start one after the first-start work (serve --workers).
+            timeout = 60.0 if "--workers" in self.extra_args else 20.0
         metrics = "" if self.metrics_port is None else f"127.0.0.1:{self.metrics_port}"
         options = {
             "data-dir": self.data_dir.name if self.relative_data_dir else str(self.data_dir),

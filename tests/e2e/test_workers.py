@@ -138,7 +138,8 @@ async def planes(server: ServerProcess) -> AsyncIterator[tuple[Plane, Plane, Pla
     """The shared port, worker 0's own address, worker 1's own address."""
     table = workers(server)
     assert [w["index"] for w in table] == [0, 1]
-    made = [Plane(a, server.admin_key, server.token) for a in (server.address, *(w["address"] for w in table))]
+    addresses = (server.address, *(w["address"] for w in table))
+    made = [Plane(a, server.admin_key, server.token) for a in addresses]
     try:
         yield made[0], made[1], made[2]
     finally:

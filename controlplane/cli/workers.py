@@ -136,6 +136,10 @@ class Supervisor:
 
     def start(self) -> Ready:
         s = self.settings
+        # From now on SIGTERM and SIGINT stop the workers (at once if they come before
+        # every worker serves): never a parent gone with its workers half started.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._signalled)
         first = asyncio.run(first_start(s))
         self._reserved, port = reserve(s.listen)
         create_heads(s.data_dir, self.count)
@@ -236,8 +240,6 @@ class Supervisor:
 
     def wait(self) -> None:
         """Until SIGTERM or SIGINT: restart workers that die."""
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._signalled)
         while not self._stopping:
             sentinels: dict[int, _Slot] = {
                 slot.process.sentinel: slot for slot in self._slots if slot.process is not None

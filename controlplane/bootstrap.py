@@ -100,6 +100,8 @@ METRICS_OPTION = "--metrics-listen / CONTROLPLANE_METRICS_LISTEN"
 # How long a call waits for this process's hub to read a revision another serving process
 # committed just before (as long as a stream waits for a revision its node has seen).
 READ_YOUR_WRITES = 3.0
+# Database connections a replica keeps (and as many again at peaks).
+POOL_SIZE = 10
 
 
 @dataclass
@@ -186,7 +188,9 @@ class App:
         # Many long-lived stream objects: collect the youngest generation less often
         # (docs/benchmarks.md: the larger part of the GC saving).
         gc.set_threshold(50_000, 50, 1000)
-        self.engine = make_engine(s.url)
+        # Serving processes share one pool's worth of connections (at least 3 each), so
+        # `--workers auto` on a many-core machine does not exhaust PostgreSQL's.
+        self.engine = make_engine(s.url, pool_size=max(3, POOL_SIZE // max(1, s.workers)))
         undo.push_async_callback(self.engine.dispose)
         await upgrade(self.engine)
         audit_key = firststart.audit_key(s)

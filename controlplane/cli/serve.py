@@ -128,10 +128,10 @@ def _run_workers(settings: Settings, count: int, telemetry: dict[str, Any], log_
         _check_free(settings.metrics_listen, METRICS_OPTION, "serve metrics")
     supervisor = Supervisor(settings, count, telemetry, log_level)
     try:
-        ready = supervisor.start()
-    except WorkerFailed as e:
-        raise click.ClickException(str(e)) from None
-    try:
+        try:
+            ready = supervisor.start()
+        except WorkerFailed as e:
+            raise click.ClickException(str(e)) from None
         first = ready.first
         _announce(
             settings,

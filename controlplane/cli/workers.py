@@ -188,7 +188,11 @@ class Supervisor:
         try:
             message = slot.pipe.recv()
         except EOFError:
+            slot.process.join(1.0)
             message = ("error", f"worker {slot.index} exited with code {slot.process.exitcode}")
+        finally:
+            slot.pipe.close()
+            slot.pipe = None
         if message[0] == "error":
             raise WorkerFailed(str(message[1]))
         _, private_port, metrics_port = message

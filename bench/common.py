@@ -155,6 +155,9 @@ class ServerProcess:
             "127.0.0.1:0",
             *self.extra_args,
         ]
+        if "--workers" not in self.extra_args:
+            # One process, as pinned and measured (by its pid) here.
+            cmd += ["--workers", "1"]
         if self.database_url:
             cmd += ["--database-url", self.database_url]
         return pinned(cmd, self.cpus)

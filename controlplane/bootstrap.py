@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,7 @@ from controlplane.store.feed import SqlChangeFeed
 from controlplane.store.lease_keeper import PgLeaseKeeper
 from controlplane.store.listen import PgListener
 from controlplane.store.liveness import FileLiveness, holder_identity
+from controlplane.store.peers import Peers
 from controlplane.store.sql import SqlStore
 from controlplane.tasks import fleet_metrics
 from controlplane.tasks.bundle_gc import collect_bundles
@@ -95,6 +97,11 @@ from controlplane.xds.pipeline import XdsCheck
 log = logging.getLogger(__name__)
 
 METRICS_OPTION = "--metrics-listen / CONTROLPLANE_METRICS_LISTEN"
+# How long a call waits for this process's hub to read a revision another serving process
+# committed just before (as long as a stream waits for a revision its node has seen).
+READ_YOUR_WRITES = 3.0
+# Database connections a replica keeps (and as many again at peaks).
+POOL_SIZE = 10
 
 
 @dataclass
@@ -107,6 +114,48 @@ class StartInfo:
     admin_key: str | None = None
     # The HTTP service-discovery port for Prometheus (0: off).
     http_sd_port: int = 0
+    # A worker's own gRPC port besides the shared one (serve --workers; 0: none).
+    private_port: int = 0
+
+
+@dataclass
+class FirstStart:
+    """What the first-start work made or found: printed once by `serve`."""
+
+    enrollment_token: str | None
+    token_created: bool
+    admin_key: str | None
+
+
+async def first_start(settings: Settings, clock: Clock = utcnow) -> FirstStart:
+    """The work `serve --workers` does once, before any serving process starts: the data
+    directory, the migrations, every key made on first start, the default project, the
+    first admin API key and the trusted keys file. Each serving process then finds all of
+    it in place (App.start repeats none of it)."""
+    s = settings
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(s.url, pool_size=2)
+    try:
+        await upgrade(engine)
+        store = SqlStore(engine, firststart.audit_key(s), clock)
+        await seal_audit_head(store)
+        firststart.token_keyring(s)
+        signing_keys = KeyDirectory(
+            store, clock, firststart.signer(s), lambda: None, firststart.cross_signer(s)
+        )
+        with acting_as(system("signing-keys")):
+            await signing_keys.register()
+            await signing_keys.sign_unsigned()
+        token, created = await firststart.enrollment_token(ProjectDirectory(store, clock), s.data_dir)
+        admin_key = await firststart.admin_key(ApiKeyRegistry(store, clock), s.data_dir)
+        firststart.write_trusted_keys(
+            s.data_dir / firststart.TRUSTED_KEYS_FILE,
+            await signing_keys.trusted(),
+            signing_keys.signer.key_id,
+        )
+        return FirstStart(token, created, admin_key)
+    finally:
+        await engine.dispose()
 
 
 class App:
@@ -122,6 +171,7 @@ class App:
         self._stopped = False
         self._metrics_server: Any = None
         self.http_sd: HttpServiceDiscovery | None = None
+        self.peers: Peers | None = None
 
     async def start(self) -> StartInfo:
         """Open everything and serve. A start that fails part-way releases what it had
@@ -138,7 +188,9 @@ class App:
         # Many long-lived stream objects: collect the youngest generation less often
         # (docs/benchmarks.md: the larger part of the GC saving).
         gc.set_threshold(50_000, 50, 1000)
-        self.engine = make_engine(s.url)
+        # Serving processes share one pool's worth of connections (at least 3 each), so
+        # `--workers auto` on a many-core machine does not exhaust PostgreSQL's.
+        self.engine = make_engine(s.url, pool_size=max(3, POOL_SIZE // max(1, s.workers)))
         undo.push_async_callback(self.engine.dispose)
         await upgrade(self.engine)
         audit_key = firststart.audit_key(s)
@@ -151,6 +203,7 @@ class App:
         self.hub = WatchHub(RevocationTap(self.feed, self.revocations), s.hub)
         await self.hub.start()
         undo.push_async_callback(self.hub.stop, 0.0)
+        self._start_peers(undo)
         self.revocations.merge(await load_revocations(self.store))
 
         # Rung by whatever should make the rollout driver look now: a status report
@@ -200,7 +253,7 @@ class App:
         # Envoy nodes follow the same hub over ADS (rpc/xds_feed.py, docs/xds.md).
         self.xds_feeds = HubFeeds(self.hub, self.nodes, self.bundles, s.data_dir / "xds")
         self.grpc = GrpcServer(
-            GuardInterceptor(self.authenticator, scopes, self.limiter),
+            self._guard(scopes),
             NodeServicer(self.nodes, self.routers, self.xds_feeds.status_of),
             WatchServicer(self.hub, self.feed),
             BundleServicer(self.bundles, self.lifecycle, self.writer, self.xds_feeds.resources.compare),
@@ -216,15 +269,59 @@ class App:
             drift=DriftServicer(self.drift),
             notify=NotificationServicer(self.notifications),
             xds=xds_servicers(self.xds_feeds),
+            reuse_port=s.workers > 1,
         )
         undo.push_async_callback(self.grpc.stop, 0.0)
-        port = self.grpc.bind(s.listen, s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_node_ca)
+        port = self._bind()
         metrics_port = self._start_metrics()
         undo.callback(self._stop_metrics)
         await self._start_liveness(undo)
         self._start_background(undo)
         await self.grpc.start()
-        return StartInfo(port, metrics_port, token, created, admin_key, await self._start_outbound(undo))
+        http_sd_port = await self._start_outbound(undo)
+        return StartInfo(port, metrics_port, token, created, admin_key, http_sd_port, self.grpc.private_port)
+
+    def _guard(self, scopes: ScopeFinder) -> GuardInterceptor:
+        guard = GuardInterceptor(self.authenticator, scopes, self.limiter)
+        if self.peers is not None:
+            guard.barrier = self._barrier
+        return guard
+
+    def _bind(self) -> int:
+        """The shared port, and a worker's private address too."""
+        s = self.settings
+        port = self.grpc.bind(s.listen, s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_node_ca)
+        if s.private_listen:
+            self.grpc.bind_private(s.private_listen, s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_node_ca)
+        return port
+
+    def _start_peers(self, undo: contextlib.AsyncExitStack) -> None:
+        """With several serving processes, the others hear of every commit at once."""
+        s = self.settings
+        if s.workers <= 1:
+            return
+        self.peers = Peers(s.data_dir, s.process_index, s.workers, self._heard)
+        self.peers.start()
+        undo.callback(self.peers.stop)
+        self.store.on_revision = self.peers.committed
+
+    def _heard(self, revision: int) -> None:
+        """Another serving process committed `revision`."""
+        if revision > self.hub.position:
+            self.hub.wake()
+
+    def _barrier(self) -> Awaitable[None] | None:
+        """Before a call: None if this hub has read everything any process of this
+        machine committed, else the wait for it (rpc/interceptor.py)."""
+        assert self.peers is not None
+        heard = self.peers.head()
+        if heard <= self.hub.position:
+            return None
+        return self._catch_up(heard)
+
+    async def _catch_up(self, revision: int) -> None:
+        # A database that cannot be read is the call's own problem to report.
+        await self.hub.sync(revision, READ_YOUR_WRITES)
 
     async def _start_outbound(self, undo: contextlib.AsyncExitStack) -> int:
         """The outbound HTTP client's cleanup, and Prometheus's service discovery."""
@@ -312,6 +409,8 @@ class App:
         self._forget_fleet_metrics()
         if self._listener is not None:
             await self._listener.stop()
+        if self.peers is not None:
+            self.peers.stop()
         self._stop_metrics()
         if self.http_sd is not None:
             await self.http_sd.stop()
@@ -366,6 +465,10 @@ class App:
             self.store, self.clock, signer, self.hub.wake, firststart.cross_signer(s)
         )
         allowed = frozenset(s.validator_allow)
+        # Scratch trees are cleaned at start: each serving process cleans only its own.
+        staging = s.data_dir / "staging"
+        if s.workers > 1:
+            staging = staging / f"worker-{s.process_index}"
         proxy_binaries = ProxyBinaries(dict(s.validator_binaries), allowed)
         # KDL is parsed in worker processes (ckdl holds the GIL), started on first use:
         # one per pipeline slot, so every bundle being validated has its own.
@@ -375,7 +478,7 @@ class App:
             self.store,
             self.blobs,
             self.clock,
-            staging_dir=s.data_dir / "staging",
+            staging_dir=staging,
             signer=signer,
             allowed_programs=allowed,
             proxy_binaries=proxy_binaries,
@@ -386,7 +489,7 @@ class App:
         )
         self.bundles.clean_staging()
         self.lifecycle = BundleLifecycle(
-            self.store, self.blobs, self.clock, self.hub, s.data_dir / "staging", allowed, proxy_binaries
+            self.store, self.blobs, self.clock, self.hub, staging, allowed, proxy_binaries
         )
         self.blob_collector = BlobCollector(self.store, self.blobs, self.clock, s.bundle_retention)
 

@@ -44,6 +44,11 @@ class Settings:
     # unless set, and the serving process's slot on the machine.
     replica_id: str = ""
     process_index: int = 0
+    # Serving processes on this machine (`serve --workers`). With more than one, each
+    # shares the listening port (SO_REUSEPORT), tells the others what it commits
+    # (store/peers.py) and also listens on `private_listen`, an address of its own.
+    workers: int = 1
+    private_listen: str = ""
     drift_interval: timedelta = timedelta(seconds=10)
     # Fleet gauges (nodes, rollouts, drift) are recounted this often by one process: well
     # inside the lease's time to live, so the series never lapse between two counts.

@@ -17,8 +17,9 @@ from controlplane.cli.bundle_options import bundle_options, bundle_settings
 from controlplane.cli.outbound_options import outbound_options, outbound_settings
 from controlplane.cli.rollout_options import rollout_options, rollout_settings
 from controlplane.cli.security_options import security_options, security_settings
+from controlplane.cli.telemetry_options import TELEMETRY_KEYS, telemetry_options
 from controlplane.cli.telemetry_options import setup as telemetry_setup
-from controlplane.cli.telemetry_options import telemetry_options
+from controlplane.cli.workers import Supervisor, WorkerFailed, cpu_count
 from controlplane.config import DEFAULTS, Settings, seconds
 from controlplane.firststart import (
     NO_PROXY_NOTE,
@@ -56,6 +57,39 @@ def _check_free(address: str, option: str, what: str) -> None:
             raise ListenError(what, address, option, (e.strerror or str(e)).lower()) from None
 
 
+def _announce(
+    settings: Settings,
+    port: int,
+    metrics_port: int,
+    admin_key: str | None,
+    enrollment_token: str | None,
+    token_created: bool,
+) -> None:
+    """The lines a start prints (README.md's first session quotes them)."""
+    trusted_keys = settings.data_dir / TRUSTED_KEYS_FILE
+    where = "SQLite in " + str(settings.data_dir) if settings.embedded else "PostgreSQL"
+    bound = f"{settings.listen.rpartition(':')[0]}:{port}"  # port 0 becomes the real one
+    click.echo(f"controlplane serving on {bound} (port {port}), state in {where}")
+    if metrics_port:
+        click.echo(f"metrics on http://{settings.metrics_listen.rpartition(':')[0]}:{metrics_port}/metrics")
+    if admin_key:
+        click.echo(
+            "created a global admin API key; it is shown only now and kept in "
+            f"{settings.data_dir / 'admin-key'} (readable only by you):\n  {admin_key}"
+        )
+    if enrollment_token:
+        if token_created:
+            token_file = settings.data_dir / "enrollment-token"
+            click.echo(f"created project 'default'; its enrollment token is in {token_file}")
+        proxy = agent_proxy()
+        command = agent_command(settings.listen, port, enrollment_token, program=agent_program(), proxy=proxy)
+        click.echo(f"start an agent with:\n  {command} --trusted-keys {shlex.quote(str(trusted_keys))}")
+        if not proxy:
+            click.echo(NO_PROXY_NOTE)
+        click.echo(NEXT_STEPS)
+    sys.stdout.flush()
+
+
 def _run(settings: Settings) -> None:
     _check_free(settings.listen, LISTEN_OPTION, "listen")
     if settings.metrics_listen:
@@ -68,33 +102,9 @@ def _run(settings: Settings) -> None:
         # this server can prove, never a key that is only a row (domain/bundles/key_trust.py).
         trusted_keys = settings.data_dir / TRUSTED_KEYS_FILE
         write_trusted_keys(trusted_keys, await app.signing_keys.trusted(), app.signing_keys.signer.key_id)
-        where = "SQLite in " + str(settings.data_dir) if settings.embedded else "PostgreSQL"
-        bound = f"{settings.listen.rpartition(':')[0]}:{info.port}"  # port 0 becomes the real one
-        click.echo(f"controlplane serving on {bound} (port {info.port}), state in {where}")
-        if info.metrics_port:
-            click.echo(
-                f"metrics on http://{settings.metrics_listen.rpartition(':')[0]}:{info.metrics_port}/metrics"
-            )
-        if info.admin_key:
-            click.echo(
-                "created a global admin API key; it is shown only now and kept in "
-                f"{settings.data_dir / 'admin-key'} (readable only by you):\n  {info.admin_key}"
-            )
-        if info.enrollment_token:
-            if info.token_created:
-                click.echo(
-                    "created project 'default'; its enrollment token is in "
-                    f"{settings.data_dir / 'enrollment-token'}"
-                )
-            proxy = agent_proxy()
-            command = agent_command(
-                settings.listen, info.port, info.enrollment_token, program=agent_program(), proxy=proxy
-            )
-            click.echo(f"start an agent with:\n  {command} --trusted-keys {shlex.quote(str(trusted_keys))}")
-            if not proxy:
-                click.echo(NO_PROXY_NOTE)
-            click.echo(NEXT_STEPS)
-        sys.stdout.flush()
+        _announce(
+            settings, info.port, info.metrics_port, info.admin_key, info.enrollment_token, info.token_created
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -109,6 +119,47 @@ def _run(settings: Settings) -> None:
         uvloop.run(main())
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         asyncio.run(main())
+
+
+def _run_workers(settings: Settings, count: int, telemetry: dict[str, Any], log_level: str) -> None:
+    """Several serving processes on one port (cli/workers.py)."""
+    _check_free(settings.listen, LISTEN_OPTION, "listen")
+    if settings.metrics_listen:
+        _check_free(settings.metrics_listen, METRICS_OPTION, "serve metrics")
+    supervisor = Supervisor(settings, count, telemetry, log_level)
+    try:
+        try:
+            ready = supervisor.start()
+        except WorkerFailed as e:
+            raise click.ClickException(str(e)) from None
+        first = ready.first
+        _announce(
+            settings,
+            ready.port,
+            ready.metrics_port,
+            first.admin_key,
+            first.enrollment_token,
+            first.token_created,
+        )
+        supervisor.wait()
+        click.echo("shutting down: streams get a closing bookmark")
+    finally:
+        supervisor.stop()
+
+
+def _workers(value: str) -> int:
+    """`--workers`: a count, or `auto` for one per core."""
+    if value.strip().lower() == "auto":
+        return cpu_count()
+    try:
+        count = int(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is neither a number nor 'auto'", param_hint="--workers"
+        ) from None
+    if not 1 <= count <= 256:
+        raise click.BadParameter(f"{count} is not between 1 and 256", param_hint="--workers")
+    return count
 
 
 @click.command()
@@ -231,6 +282,14 @@ def _run(settings: Settings) -> None:
     help="Hex HMAC key of the audit chain; default: <data-dir>/audit-key, made on first start.",
 )
 @click.option(
+    "--workers",
+    default="auto",
+    show_default=True,
+    envvar="CONTROLPLANE_WORKERS",
+    show_envvar=True,
+    help="Serving processes sharing the port: a number, or 'auto' for one per core (docs/operations.md).",
+)
+@click.option(
     "--log-level", default="INFO", show_default=True, envvar="CONTROLPLANE_LOG_LEVEL", show_envvar=True
 )
 @bundle_options
@@ -253,10 +312,14 @@ def serve(
     prune_interval: float,
     epoch_follows_timeline: bool | None,
     audit_key: str,
+    workers: str,
     log_level: str,
     **bundle: Any,
 ) -> None:
     """Run the control plane (SQLite and a local directory unless --database-url)."""
+    count = _workers(workers)
+    # What each worker sets its logs and traces up with, as this process does.
+    telemetry = {k: bundle[k] for k in TELEMETRY_KEYS}
     traces = telemetry_setup(bundle, log_level)
     if epoch_follows_timeline is not None:
         logging.getLogger(__name__).warning(
@@ -284,7 +347,10 @@ def serve(
         **outbound_settings(bundle),
     )
     try:
-        _run(settings)
+        if count > 1:
+            _run_workers(settings, count, telemetry, log_level)
+        else:
+            _run(settings)
     except ListenError as e:
         # A busy port is an operator's everyday mistake: one line naming the option.
         raise click.ClickException(str(e)) from None

@@ -12,6 +12,8 @@ from controlplane.domain.kernel import observe
 from controlplane.telemetry import logs, tracing
 
 F = TypeVar("F", bound=Callable[..., Any])
+# The options `setup` takes (and pops): what `serve --workers` hands each worker.
+TELEMETRY_KEYS = ("log_format", "otlp_endpoint")
 
 _OPTIONS = [
     click.option(

@@ -74,6 +74,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # Wrapped handlers by method: a service's handler for a method never changes, so
         # it is wrapped once instead of on every call (a reconnect storm is 10,000 calls).
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        # With several serving processes (serve --workers): returns something to await
+        # when another process committed a revision this one's hub has not read yet, so a
+        # call that follows a write (on any process) sees it. None otherwise.
+        self.barrier: Callable[[], Awaitable[None] | None] | None = None
 
     async def intercept_service(
         self,
@@ -134,6 +138,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> Any:
         """Authenticate and authorize the call; returns the request to hand on (for a
         client stream, the iterator with its first message put back)."""
+        if self.barrier is not None and (behind := self.barrier()) is not None:
+            await behind
         rule = auth.POLICY.get(method)
         if rule is None:
             REFUSED.labels("no_rule").inc()

@@ -52,7 +52,9 @@ LISTEN_OPTION = "--listen / CONTROLPLANE_LISTEN"
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 
 
-def server_options(max_pending: int, min_ping_interval_ms: int = 20_000) -> list[tuple[str, int]]:
+def server_options(
+    max_pending: int, min_ping_interval_ms: int = 20_000, reuse_port: bool = False
+) -> list[tuple[str, int]]:
     return [
         # The aio server accepts calls one at a time; core drops calls queued beyond
         # these limits (defaults 1000/3000) with CANCELLED. A reconnect storm of every
@@ -66,8 +68,10 @@ def server_options(max_pending: int, min_ping_interval_ms: int = 20_000) -> list
         ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         # gRPC sets SO_REUSEPORT by default on Linux: a second server on a taken port
-        # would start "successfully" and silently share its connections. Refuse instead.
-        ("grpc.so_reuseport", 0),
+        # would start "successfully" and silently share its connections. Refuse instead,
+        # unless this is one of `serve --workers`' processes, which share the port on
+        # purpose (the parent checked it was free and holds it: cli/workers.py).
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
 
 
@@ -96,10 +100,11 @@ class GrpcServer:
         drift: DriftServicer,
         notify: NotificationServicer,
         xds: tuple[rpc_xds.AdsServicer, rpc_xds.MetricsServicer] | None = None,
+        reuse_port: bool = False,
     ):
         self._inflight = guard.inflight
         self.server = grpc.aio.server(
-            interceptors=[guard], options=server_options(max_pending, min_ping_interval_ms)
+            interceptors=[guard], options=server_options(max_pending, min_ping_interval_ms, reuse_port)
         )
         node_pb2_grpc.add_NodeServiceServicer_to_server(nodes, self.server)
         bundle_pb2_grpc.add_BundleServiceServicer_to_server(bundles, self.server)
@@ -123,6 +128,8 @@ class GrpcServer:
             reflection_handlers(ReflectionServicer((*SERVICES, *xds_services, health.SERVICE_NAME)))
         )
         self.port = 0
+        # A worker's own address besides the shared port (serve --workers): 0 if none.
+        self.private_port = 0
 
     def bind(
         self,
@@ -135,9 +142,34 @@ class GrpcServer:
         """Listen on `listen`: TLS with a certificate and key, and with `client_ca` or
         `node_ca` every client must present a certificate signed by one of them (mutual
         TLS; a node CA's certificates also identify nodes on their xDS streams)."""
+        self.port = self._add_port(listen, tls_cert, tls_key, client_ca, node_ca)
+        return self.port
+
+    def bind_private(
+        self,
+        listen: str,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        client_ca: Path | None = None,
+        node_ca: Path | None = None,
+    ) -> int:
+        """A second address of this process alone (a worker's, for its own health and
+        metrics): the same services under the same TLS as the shared one."""
+        self.private_port = self._add_port(listen, tls_cert, tls_key, client_ca, node_ca)
+        return self.private_port
+
+    def _add_port(
+        self,
+        listen: str,
+        tls_cert: Path | None,
+        tls_key: Path | None,
+        client_ca: Path | None,
+        node_ca: Path | None,
+    ) -> int:
+        port = 0
         try:
             if tls_cert is None or tls_key is None:
-                self.port = self.server.add_insecure_port(listen)
+                port = self.server.add_insecure_port(listen)
             else:
                 trusted = [
                     ca.read_bytes().rstrip(b"\n") + b"\n" for ca in (client_ca, node_ca) if ca is not None
@@ -147,14 +179,14 @@ class GrpcServer:
                     root_certificates=b"".join(trusted) if trusted else None,
                     require_client_auth=bool(trusted),
                 )
-                self.port = self.server.add_secure_port(listen, credentials)
+                port = self.server.add_secure_port(listen, credentials)
         except RuntimeError as exc:  # grpc's way of saying the bind failed
             raise ListenError(
                 "listen", listen, LISTEN_OPTION, "the address is in use or not available"
             ) from exc
-        if not self.port:
+        if not port:
             raise ListenError("listen", listen, LISTEN_OPTION, "the address is in use or not available")
-        return self.port
+        return int(port)
 
     async def start(self) -> None:
         await self.server.start()

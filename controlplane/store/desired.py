@@ -68,6 +68,9 @@ class SqlDesiredLog:
         self._audit = audit
         # This transaction holds the revision row (lock() or a revision allocated).
         self._locked = False
+        # The newest revision this transaction allocated (0: none), told to the other
+        # serving processes once it commits (store/peers.py).
+        self.allocated = 0
 
     async def allocate_revision(self) -> int:
         # Only under an epoch that belongs to this database (store/epochs.py): checked in
@@ -86,6 +89,7 @@ class SqlDesiredLog:
             revision = await self._conn.scalar(increment)
         assert revision is not None
         self._locked = True
+        self.allocated = max(self.allocated, int(revision))
         if self._conn.dialect.name == "postgresql":
             # Delivered at commit, to every replica's hub; only a wake-up, never the data.
             await self._conn.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))

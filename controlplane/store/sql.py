@@ -77,6 +77,9 @@ class SqlStore:
         self._span_read = {"db.system": system, "controlplane.db.access": "read"}
         # Rung after a commit that emitted a notification event (the delivery worker).
         self.on_emit: Callable[[], None] | None = None
+        # Told the revision a commit allocated, before anything else hears of the commit
+        # (the other serving processes of this machine: store/peers.py).
+        self.on_revision: Callable[[int], None] | None = None
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[SqlTx]:
@@ -94,6 +97,8 @@ class SqlStore:
                 yield tx
                 # Last, so the audit head is the last lock the transaction takes.
                 await tx.audit.flush()
+        if self.on_revision is not None and tx.desired.allocated:
+            self.on_revision(tx.desired.allocated)
         for callback in tx._after_commit:
             callback()
 

@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 
 # Rollouts by state, and drift episodes open, are counted once from the database
 # (tasks/fleet_metrics.py); these are this process's own.
-LED = Gauge("controlplane_rollouts_led", "Active rollouts whose lease this process holds.")
+LED = Gauge(
+    "controlplane_rollouts_led",
+    "Active rollouts whose lease this process holds.",
+    multiprocess_mode="livesum",
+)
 ADVANCES = Counter("controlplane_rollouts_advances_total", "Driver ticks that changed a rollout.")
 PASS_SECONDS = Histogram(
     "controlplane_rollouts_driver_pass_seconds",

@@ -146,6 +146,10 @@ class WatchHub:
         # One reader at a time (the background task, a caller's catch_up()): the image
         # and the position advance together, in revision order.
         self._reading = asyncio.Lock()
+        # Reads of the log begun and finished (sync(): a read begun after a moment sees
+        # everything committed before it).
+        self._reads_begun = 0
+        self._reads_done = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -194,6 +198,30 @@ class WatchHub:
     def wake(self) -> None:
         """A revision was committed (in this process or, via NOTIFY, elsewhere)."""
         self._wakeup.set()
+
+    async def sync(self, revision: int, within: float) -> bool:
+        """Make sure a revision another process committed is read before answering.
+
+        Returns once the hub has read `revision`, or once a read of the log begun after
+        this call has finished: that read saw everything committed before the call, so a
+        revision it did not reach is not in this history (an epoch fork dropped it).
+        False only if neither happened within `within` seconds."""
+        if self.position >= revision:
+            return True
+        target = self._reads_begun + 1
+        deadline = time.monotonic() + within
+        while self.position < revision and self._reads_done < target:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.wake()
+            progress = self._progress
+            try:
+                async with asyncio.timeout(remaining):
+                    await progress.wait()
+            except TimeoutError:
+                return False
+        return True
 
     @property
     def position(self) -> int:
@@ -440,20 +468,28 @@ class WatchHub:
 
     async def _read(self) -> None:
         async with self._reading:
-            pos = await self.feed.position()
-            if await self._reloaded(pos):
-                return
-            while self.position < pos.head:
-                upto = min(pos.head, self.position + self.settings.batch_revisions)
-                rows = await self.feed.changes(self.position, upto)
-                if not rows:
-                    # Revisions that wrote nothing, or the floor passed our position
-                    # while we read (the feed then returns nothing rather than a history
-                    # with holes in it): look again before moving on.
-                    pos = await self.feed.position()
-                    if await self._reloaded(pos):
-                        return
-                self._apply(rows, upto)
+            self._reads_begun += 1
+            begun = self._reads_begun
+            await self._read_locked()
+            self._reads_done = begun
+            self._progress.set()
+            self._progress = asyncio.Event()
+
+    async def _read_locked(self) -> None:
+        pos = await self.feed.position()
+        if await self._reloaded(pos):
+            return
+        while self.position < pos.head:
+            upto = min(pos.head, self.position + self.settings.batch_revisions)
+            rows = await self.feed.changes(self.position, upto)
+            if not rows:
+                # Revisions that wrote nothing, or the floor passed our position
+                # while we read (the feed then returns nothing rather than a history
+                # with holes in it): look again before moving on.
+                pos = await self.feed.position()
+                if await self._reloaded(pos):
+                    return
+            self._apply(rows, upto)
 
     async def _reloaded(self, pos: FeedPosition) -> bool:
         """Rebuild from a snapshot if `pos` says the log cannot be followed from our

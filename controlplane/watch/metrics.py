@@ -12,9 +12,15 @@ from controlplane.domain.model.fleet import Node, StatusReport
 
 log = logging.getLogger(__name__)
 
-STREAMS_OPEN = Gauge("controlplane_watch_streams_open", "WatchBundles streams currently open.")
+# multiprocess_mode: how `serve --workers`' aggregate endpoint combines its processes'
+# values (prometheus_client's multiprocess mode; ignored with one process).
+STREAMS_OPEN = Gauge(
+    "controlplane_watch_streams_open", "WatchBundles streams currently open.", multiprocess_mode="livesum"
+)
 STREAMS_LAGGING = Gauge(
-    "controlplane_watch_streams_lagging", "Streams whose queue overflowed and that are catching up."
+    "controlplane_watch_streams_lagging",
+    "Streams whose queue overflowed and that are catching up.",
+    multiprocess_mode="livesum",
 )
 LAGGING_TOTAL = Counter(
     "controlplane_watch_stream_overflows_total",
@@ -34,8 +40,14 @@ FANOUT_LATENCY = Histogram(
     "From the write of a revision to its events being queued on every affected stream.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
-HEAD = Gauge("controlplane_watch_head_revision", "Newest revision the hub has read.")
-FLOOR = Gauge("controlplane_watch_floor_revision", "Oldest revision a resume can start from.")
+HEAD = Gauge(
+    "controlplane_watch_head_revision", "Newest revision the hub has read.", multiprocess_mode="livemax"
+)
+FLOOR = Gauge(
+    "controlplane_watch_floor_revision",
+    "Oldest revision a resume can start from.",
+    multiprocess_mode="livemax",
+)
 FEED_ERRORS = Counter("controlplane_watch_feed_errors_total", "Failed reads of the desired-state log.")
 
 

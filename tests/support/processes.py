@@ -147,6 +147,9 @@ class ServerProcess:
     # Run in `data_dir`'s parent with `--data-dir <its name>`, as `make run` runs with
     # the default relative `data`: every path the server hands on must still resolve.
     relative_data_dir: bool = False
+    # Serving processes (`--workers`): one unless a test asks for more (tests/e2e/
+    # test_workers.py); None: the server's default, one per core, as `make run` runs.
+    workers: str | None = "1"
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -185,8 +188,12 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    async def start(self, timeout: float = 20.0) -> None:
+    async def start(self, timeout: float | None = None) -> None:
         assert not self.running, "server already running"
+        many = self.workers != "1" or "--workers" in self.extra_args
+        if timeout is None:
+            # Several serving processes start after the first-start work (serve --workers).
+            timeout = 60.0 if many else 20.0
         metrics = "" if self.metrics_port is None else f"127.0.0.1:{self.metrics_port}"
         options = {
             "data-dir": self.data_dir.name if self.relative_data_dir else str(self.data_dir),
@@ -195,6 +202,8 @@ class ServerProcess:
             "bookmark-interval": str(self.bookmark_interval),
             "heartbeat-interval": str(self.heartbeat_interval),
         }
+        if self.workers is not None and "--workers" not in self.extra_args:
+            options["workers"] = self.workers
         env = {f"CONTROLPLANE_{k.upper().replace('-', '_')}": v for k, v in options.items()}
         flags = [] if self.via_environment else [a for k, v in options.items() for a in (f"--{k}", v)]
         args = [self.python or sys.executable, "-m", "controlplane", "serve", *flags, *self.extra_args]

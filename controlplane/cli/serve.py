@@ -283,7 +283,7 @@ def _workers(value: str) -> int:
 )
 @click.option(
     "--workers",
-    default="auto",
+    default="1",
     show_default=True,
     envvar="CONTROLPLANE_WORKERS",
     show_envvar=True,

@@ -61,7 +61,7 @@ async def test_the_readme_first_session_ends_in_a_rollout_that_succeeds(tmp_path
     start, commands, *_ = first_session_blocks()
     assert start.splitlines()[0] == "make run", start
 
-    # As `make run` runs: the default number of serving processes (one per core).
+    # As `make run` runs: the default number of serving processes.
     server = ServerProcess(work / "data", relative_data_dir=True, workers=None)
     agent: subprocess.Popen[bytes] | None = None
     agent_log = tmp_path / "agent.log"

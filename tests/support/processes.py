@@ -148,7 +148,7 @@ class ServerProcess:
     # the default relative `data`: every path the server hands on must still resolve.
     relative_data_dir: bool = False
     # Serving processes (`--workers`): one unless a test asks for more (tests/e2e/
-    # test_workers.py); None: the server's default, one per core, as `make run` runs.
+    # test_workers.py); None: the server's default, as `make run` runs.
     workers: str | None = "1"
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -228,7 +228,13 @@ class ServerProcess:
                 self.metrics_port = int(found.group(1))
             await self.health()
 
-        await wait_until(ready, timeout, "server start")
+        try:
+            await wait_until(ready, timeout, "server start")
+        except BaseException:
+            # A server that never got ready is the test's failure, not a process left
+            # running for the rest of the suite (a caller may not reach its close()).
+            await self.close()
+            raise
         _ADMIN_KEYS[self.address] = self.admin_key
         _TRUSTED_KEYS[self.address] = self.trusted_keys
 

@@ -211,16 +211,23 @@ class WatchHub:
         target = self._reads_begun + 1
         deadline = time.monotonic() + within
         while self.position < revision and self._reads_done < target:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if not await self._progressed(deadline):
                 return False
-            self.wake()
-            progress = self._progress
-            try:
-                async with asyncio.timeout(remaining):
-                    await progress.wait()
-            except TimeoutError:
-                return False
+        return True
+
+    async def _progressed(self, deadline: float) -> bool:
+        """Wake the reader and wait for its next finished read; False once `deadline`
+        (time.monotonic()) has passed first."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        self.wake()
+        progress = self._progress
+        try:
+            async with asyncio.timeout(remaining):
+                await progress.wait()
+        except TimeoutError:
+            return False
         return True
 
     @property
@@ -284,15 +291,7 @@ class WatchHub:
             or (node_id is not None and not self.knows_node(node_id))
             or (epoch is not None and self.epoch != epoch)
         ):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self.wake()
-            progress = self._progress
-            try:
-                async with asyncio.timeout(remaining):
-                    await progress.wait()
-            except TimeoutError:
+            if not await self._progressed(deadline):
                 return False
         return True
 

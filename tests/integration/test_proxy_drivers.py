@@ -192,7 +192,14 @@ async def test_a_bundle_the_proxy_cannot_run_is_reverted(node: Node) -> None:
     assert "in use" in reason and f"the node is back on {v1}" in reason, reason
     assert node.installer.active_digest() == v1
     assert await node.served() == v1
-    assert await node.bodies() == {"v1"}
+
+    async def only_v1() -> None:
+        assert await node.bodies() == {"v1"}
+
+    # An Envoy whose hot restart failed is put back as a new process family; requests
+    # still on the replaced family's sockets in the next moments can be reset (a known
+    # weakness of the Envoy driver's revert). Then only v1 is served.
+    await eventually(only_v1, timeout=10, what="only v1 served after the revert")
     assert any(name == "apply.reverted" for name, _ in node.events)
 
 

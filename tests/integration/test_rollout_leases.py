@@ -29,8 +29,11 @@ async def writes_per_step(rollouts: Rollouts, rollout_id: str) -> list[int]:
 
 
 async def test_two_replicas_drive_each_rollout_once(make_harness: HarnessFactory) -> None:
-    a = await make_harness(**FAST)
-    b = await make_harness(**FAST)
+    # A lease no stall of this machine outlives: on SQLite both replicas write one file,
+    # and a renewal can wait behind the other's writes. Takeovers have tests of their own.
+    steady = {**FAST, "lease_ttl": timedelta(seconds=30)}
+    a = await make_harness(**steady)
+    b = await make_harness(**steady)
     async with running(fleet(a.address, a.token, 4)):
         v1 = await a.upload(archive("v1"))
         rollouts = Rollouts(b.channel)

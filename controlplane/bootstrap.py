@@ -292,7 +292,9 @@ class App:
         s = self.settings
         port = self.grpc.bind(s.listen, s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_node_ca)
         if s.private_listen:
-            self.grpc.bind_private(s.private_listen, s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_node_ca)
+            self.grpc.bind(
+                s.private_listen, s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_node_ca, private=True
+            )
         return port
 
     def _start_peers(self, undo: contextlib.AsyncExitStack) -> None:

@@ -138,25 +138,20 @@ class GrpcServer:
         tls_key: Path | None = None,
         client_ca: Path | None = None,
         node_ca: Path | None = None,
+        *,
+        private: bool = False,
     ) -> int:
         """Listen on `listen`: TLS with a certificate and key, and with `client_ca` or
         `node_ca` every client must present a certificate signed by one of them (mutual
-        TLS; a node CA's certificates also identify nodes on their xDS streams)."""
-        self.port = self._add_port(listen, tls_cert, tls_key, client_ca, node_ca)
-        return self.port
-
-    def bind_private(
-        self,
-        listen: str,
-        tls_cert: Path | None = None,
-        tls_key: Path | None = None,
-        client_ca: Path | None = None,
-        node_ca: Path | None = None,
-    ) -> int:
-        """A second address of this process alone (a worker's, for its own health and
-        metrics): the same services under the same TLS as the shared one."""
-        self.private_port = self._add_port(listen, tls_cert, tls_key, client_ca, node_ca)
-        return self.private_port
+        TLS; a node CA's certificates also identify nodes on their xDS streams).
+        `private`: a second address of this process alone (a worker's, for its own
+        health and metrics), with the same services under the same TLS."""
+        port = self._add_port(listen, tls_cert, tls_key, client_ca, node_ca)
+        if private:
+            self.private_port = port
+        else:
+            self.port = port
+        return port
 
     def _add_port(
         self,

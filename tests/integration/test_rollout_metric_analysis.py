@@ -192,7 +192,9 @@ async def test_dry_run_records_the_verdict_without_acting(setup: Setup) -> None:
     rollouts = Rollouts(setup.plane.channel)
     v1 = await setup.plane.upload(archive("v1"))
     setup.ratios[v1] = 0.3
-    dry = analysis(setup.prometheus.url)
+    # Six looks a second apart: on a slow machine the first ones may come before
+    # Prometheus has scraped the step's node on v1 (it scrapes every second).
+    dry = analysis(setup.prometheus.url, count=6)
     dry.dry_run = True
     created = await create(rollouts, v1, dry)
     assert (await rollouts.watch(created.id, timeout=90)).last_state == pb.ROLLOUT_STATE_SUCCEEDED

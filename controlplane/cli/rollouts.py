@@ -511,8 +511,8 @@ def _event_line(e: pb.RolloutEvent) -> str:
 
 class _Follower:
     """Prints one rollout's progress across as many WatchRollout streams as it takes:
-    after a reconnect it prints the events it missed (ListRolloutEvents after the last
-    one printed) and nothing twice."""
+    first its history, then, after a reconnect, the events it missed (ListRolloutEvents
+    after the last one printed); nothing twice."""
 
     def __init__(self, stub: rollout_pb2_grpc.RolloutServiceStub, project: str, rollout_id: str):
         self.stub = stub
@@ -543,10 +543,11 @@ class _Follower:
 
     def _snapshot(self, r: pb.Rollout) -> None:
         if self.last_seq is None:
+            # The story so far first: a watch started late (or after the end) still
+            # shows every event, once.
             click.echo(f"rollout {r.id}: {r.selector} -> {r.bundle_digest} ({len(r.steps)} step(s))")
-            self.last_seq = r.event_seq
-            return
-        # Back after a reconnect: what happened meanwhile, from the history.
+            self.last_seq = 0
+        # What happened before this stream, from the history.
         while self.last_seq < r.event_seq:
             page = self.stub.ListRolloutEvents(
                 pb.ListRolloutEventsRequest(

@@ -22,6 +22,7 @@ from controlplane.watch.hub import HubSettings
 from tests.support import postgres, profiles  # noqa: F401  (profiles: loads the Hypothesis profile)
 from tests.support.dbsupply import DatabaseSupply
 from tests.support.harness import Harness
+from tests.support.stalls import SLOW_TEARDOWN, watched, watched_sync
 
 T = TypeVar("T")
 
@@ -90,7 +91,8 @@ def pg_template(worker_id: str) -> Iterator[str]:
     url = _run_apart(postgres.create_database(name=name))
     _run_apart(_migrate(url))
     yield url
-    _run_apart(postgres.drop_database(url))
+    with watched_sync(f"dropping the template {url}"):
+        _run_apart(postgres.drop_database(url))
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +100,8 @@ def pg_supply(pg_template: str) -> Iterator[DatabaseSupply]:
     """Copies of the template made while the previous test runs, dropped behind it."""
     supply = DatabaseSupply(pg_template)
     yield supply
-    supply.close()
+    with watched_sync("closing the database supply"):
+        supply.close()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -190,7 +193,7 @@ async def _harnesses(tmp_path: Path, url: str) -> AsyncIterator[HarnessFactory]:
     try:
         for harness in started:
             await harness.close()
-            await harness.app.stop()
+            await watched(f"stopping the control plane at {harness.address}", harness.app.stop())
     finally:
         shutdown_log.removeHandler(warned)
     leaked = [m for m in warned.messages if "still in use at shutdown" in m]
@@ -245,3 +248,21 @@ async def planes(tmp_path: Path) -> AsyncIterator[Planes]:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Teardowns slower than SLOW_TEARDOWN (a worker's last one includes the session's
+    fixtures), kept for the summary with what they printed (tests/support/stalls.py)."""
+    if report.when == "teardown" and report.duration > SLOW_TEARDOWN:
+        _slow_reports.append(report)
+
+
+_slow_reports: list[pytest.TestReport] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for report in _slow_reports:
+        terminalreporter.section(f"slow teardown: {report.nodeid} ({report.duration:.0f} s)")
+        printed = [content for name, content in report.sections if "teardown" in name]
+        terminalreporter.write("".join(printed) or "(it printed nothing)\n")

@@ -4,7 +4,9 @@ catches up to a revision committed elsewhere before a call is answered (WatchHub
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -60,8 +62,19 @@ async def test_sync_gives_up_when_the_log_cannot_be_read(reading_hub: tuple[Memo
     assert not await hub.sync(feed.head, 0.3)
 
 
-async def test_a_commit_is_in_the_shared_slots_at_once_and_wakes_the_peer(tmp_path: Path) -> None:
-    create_heads(tmp_path, 3)
+@dataclass
+class Pair:
+    """Two serving processes' peers: `second` records the revisions it hears of."""
+
+    first: Peers
+    second: Peers
+    heard: list[int]
+    woken: asyncio.Event
+
+
+@contextlib.contextmanager
+def pair(tmp_path: Path, slots: int) -> Iterator[Pair]:
+    create_heads(tmp_path, slots)
     heard: list[int] = []
     woken = asyncio.Event()
 
@@ -69,49 +82,40 @@ async def test_a_commit_is_in_the_shared_slots_at_once_and_wakes_the_peer(tmp_pa
         heard.append(revision)
         woken.set()
 
-    first = Peers(tmp_path, 0, 3, lambda _r: None)
-    second = Peers(tmp_path, 1, 3, on_revision)
-    first.start()
-    second.start()
+    peers = Pair(
+        Peers(tmp_path, 0, slots, lambda _r: None), Peers(tmp_path, 1, slots, on_revision), heard, woken
+    )
+    peers.first.start()
+    peers.second.start()
     try:
-        # The third slot has no process (restarting): telling it is not an error.
-        first.committed(7)
-        # Before any turn of the loop: a call the peer takes next finds it.
-        assert second.head() == 7
-        await asyncio.wait_for(woken.wait(), 10)
-        assert heard == [7]
-        # An older revision than one already told changes nothing.
-        first.committed(5)
-        assert second.head() == 7
-        second.committed(9)
-        assert first.head() == 9 and second.head() == 9
+        yield peers
     finally:
-        first.stop()
-        second.stop()
+        peers.first.stop()
+        peers.second.stop()
+
+
+async def test_a_commit_is_in_the_shared_slots_at_once_and_wakes_the_peer(tmp_path: Path) -> None:
+    with pair(tmp_path, 3) as p:
+        # The third slot has no process (restarting): telling it is not an error.
+        p.first.committed(7)
+        # Before any turn of the loop: a call the peer takes next finds it.
+        assert p.second.head() == 7
+        await asyncio.wait_for(p.woken.wait(), 10)
+        assert p.heard == [7]
+        # An older revision than one already told changes nothing.
+        p.first.committed(5)
+        assert p.second.head() == 7
+        p.second.committed(9)
+        assert p.first.head() == 9 and p.second.head() == 9
 
 
 async def test_a_peer_far_behind_loses_no_wakeup(tmp_path: Path) -> None:
     """More commits than a peer's socket queues: the ones that did not fit are dropped,
     and the peer still hears the newest revision in the slots and a wake-up."""
-    create_heads(tmp_path, 2)
-    heard: list[int] = []
-    woken = asyncio.Event()
-
-    def on_revision(revision: int) -> None:
-        heard.append(revision)
-        woken.set()
-
-    first = Peers(tmp_path, 0, 2, lambda _r: None)
-    second = Peers(tmp_path, 1, 2, on_revision)
-    first.start()
-    second.start()
-    try:
+    with pair(tmp_path, 2) as p:
         for revision in range(1, 501):
-            first.committed(revision)
-        assert second.head() == 500
-        await asyncio.wait_for(woken.wait(), 10)
+            p.first.committed(revision)
+        assert p.second.head() == 500
+        await asyncio.wait_for(p.woken.wait(), 10)
         # What it heard is what fitted in its queue: the newest is in the slots.
-        assert heard and max(heard) <= 500
-    finally:
-        first.stop()
-        second.stop()
+        assert p.heard and max(p.heard) <= 500

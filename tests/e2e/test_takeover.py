@@ -85,8 +85,9 @@ async def test_a_dead_leaders_rollout_is_taken_over_by_the_other_replica(pg_url:
         data,
         metrics_port=0,
         # B notices the rollout only through its reports and its own ticks: A, which
-        # creates it, leads it.
-        extra_args=("--database-url", pg_url, *NO_EXPIRY[2:], "--rollout-tick", "0.5"),
+        # creates it and is woken at once, leads it (with a 0.5 s tick B could come
+        # first on a loaded machine).
+        extra_args=("--database-url", pg_url, *NO_EXPIRY[2:], "--rollout-tick", "3"),
     )
     agents: list[AgentProcess] = []
     control = None
@@ -112,7 +113,8 @@ async def test_a_dead_leaders_rollout_is_taken_over_by_the_other_replica(pg_url:
         v1 = await control.upload(archive("v1"))
         created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(1))
         await step_at_least(rollouts, created.id, 1)
-        assert leading(a, created.id) == [1] and leading(b, created.id) == []
+        led = (leading(a, created.id), leading(b, created.id))
+        assert led == ([1], []), f"lease epochs led by A, by B: {led}"
         mark = len(b.log())
         await a.kill()
         await control.close()

@@ -23,7 +23,6 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -279,17 +278,10 @@ async def test_an_envoy_enrolls_itself_on_first_contact(
     """An Envoy whose bootstrap holds only the project's enrollment token becomes a node
     on its first contact, labelled from its node.metadata; a rollout selecting those
     labels reaches it, and its node says how it was enrolled and which Envoy runs.
-    Restarted with other metadata labels, it is re-labelled. An Envoy with a wrong or an
-    expired token is refused, and no node is made for it."""
+    Restarted with other metadata labels, it is re-labelled. An Envoy with a wrong token
+    is refused, and no node is made for it."""
     port = unused_port()
     rollouts = Rollouts(control.channel, metadata=control.metadata)
-    identity = identity_pb2_grpc.IdentityServiceStub(control.channel)
-    # Expires while the rest runs (60 s is the shortest lifetime a token may have).
-    short = await identity.CreateEnrollmentToken(
-        identity_pb2.CreateEnrollmentTokenRequest(project="default", ttl=seconds(60)),
-        metadata=control.metadata,
-        timeout=10,
-    )
     with upstreams() as ups:
         v1 = await push(server, tmp_path / "v1", site(port, "app-v1", ups["v1"].port), "v1")
         name = f"edge-{mode}"
@@ -331,19 +323,16 @@ async def test_an_envoy_enrolls_itself_on_first_contact(
             again = await named(control, name)
             assert again.id == node.id and dict(again.labels) == {"tier": "edge", "zone": "b"}, again
 
-            # A wrong token, and one that has expired: refused (Envoy logs the server's
-            # answer), no node made.
-            expires = short.token.expires_at.ToDatetime(tzinfo=UTC)
-            await asyncio.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds() + 1))
-            for label, token in (("wrong", "cpe_" + "0" * 40), ("expired", short.secret)):
-                refused = await start_first_contact(
-                    server, mode, envoys, tmp_path / label, f"edge-{label}", "tier=edge", token
-                )
-
-                told = functools.partial(logged, refused, "enrollment token is not valid")
-                await eventually(told, timeout=60, what=f"the {label} token refused")
-                with pytest.raises(AssertionError, match="no node"):
-                    await named(control, f"edge-{label}")
+            # A wrong token: refused (Envoy logs the server's answer), no node made. An
+            # expired one takes the same path; tests/integration/test_xds_enroll.py ages
+            # one in the database rather than waiting a minute here.
+            refused = await start_first_contact(
+                server, mode, envoys, tmp_path / "wrong", "edge-wrong", "tier=edge", "cpe_" + "0" * 40
+            )
+            told = functools.partial(logged, refused, "enrollment token is not valid")
+            await eventually(told, timeout=60, what="the wrong token refused")
+            with pytest.raises(AssertionError, match="no node"):
+                await named(control, "edge-wrong")
         except BaseException:
             print(f"--- envoy\n{envoy.log()[-4000:]}\n{server.log()[-8000:]}")
             raise

@@ -34,7 +34,7 @@ from controlplane.domain.bundles.registry import BundleRegistry
 from controlplane.domain.fleet.nodes import NodeRegistry
 from controlplane.domain.kernel.errors import DomainError, FailedPrecondition, Unavailable
 from controlplane.domain.model.bundles import BundleState
-from controlplane.domain.model.fleet import NodeMetrics, ReportPhase, XdsRecord
+from controlplane.domain.model.fleet import Node, NodeMetrics, ReportPhase, XdsRecord
 from controlplane.rpc import xds as rpc_xds
 from controlplane.watch.hub import WatchHub
 from controlplane.watch.stream import WatchStream
@@ -273,12 +273,16 @@ class HubFeeds:
         # The servicer's open sessions by node (what each Envoy runs whole).
         self.sessions: Mapping[str, Session] = {}
 
-    async def open(self, node_id: str) -> HubFeed:
+    async def open(self, node_id: str, node: Node | None = None) -> HubFeed:
+        """`node`: the node's record as the stream's authentication read it (a credential
+        or certificate check), else read here. What the feed takes from it, the node's
+        project and the bundle it last ran, is the same either way."""
         hub = self.hub
         hub.check_accepting()
         if not hub.knows_node(node_id) and not await hub.wait_until(node_id, 0, VISIBILITY_TIMEOUT):
             raise Unavailable("this server does not know this node yet; retry", retry_after_ms=1000)
-        node = await self.nodes.get(node_id)
+        if node is None:
+            node = await self.nodes.get(node_id)
         base = None
         if node.applied_digest:
             with contextlib.suppress(DomainError):

@@ -76,6 +76,8 @@ class BundleResources:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(digest)
+            if load.done() and not load.cancelled() and load.exception() is None:
+                return load.result()  # the usual case: no shield to build per stream
         return await asyncio.shield(load)
 
     def _forget_failed(self, digest: str, load: asyncio.Future[ResourceSet]) -> None:
@@ -150,7 +152,14 @@ def _parse(archive: Path, root: Path) -> resources.Loaded:
 class HubFeed:
     """One ADS stream's view of its node on the hub (a `rpc_xds.Feed`)."""
 
-    def __init__(self, feeds: HubFeeds, node_id: str, project: str, base: Snapshot | None):
+    def __init__(
+        self,
+        feeds: HubFeeds,
+        node_id: str,
+        project: str,
+        base: Snapshot | None,
+        reported: tuple[int, str, Phase] | None = None,
+    ):
         self._feeds = feeds
         self.node_id = node_id
         self.project = project
@@ -163,7 +172,9 @@ class HubFeed:
         # or the hub stream's end. A plain future, not a task per wait: an idle Envoy
         # stream holds nothing else here.
         self._waiter: asyncio.Future[None] | None = None
-        self._reported: tuple[int, str, Phase] | None = None
+        # The last outcome reported (or found recorded when the stream opened): reporting
+        # it again would be a replay the registry ignores.
+        self._reported = reported
 
     # -- the hub's side: a Sink ------------------------------------------------------
 
@@ -288,7 +299,8 @@ class HubFeeds:
             with contextlib.suppress(DomainError):
                 found = await self.resources.get(node.project, node.applied_digest)
                 base = Snapshot(node.applied_revision, node.applied_digest, found)
-        feed = HubFeed(self, node_id, node.project, base)
+        # A node that reconnects acknowledges what it already reported: no report then.
+        feed = HubFeed(self, node_id, node.project, base, _recorded(node))
         feed.stream = hub.open(node_id, 0, hub.epoch, feed)
         self.opened.add(feed)
         try:
@@ -308,6 +320,16 @@ class HubFeeds:
         session = self.sessions.get(node_id)
         running = session.base.bundle_digest if session is not None else ""
         await self.nodes.heartbeat(node_id, metrics, running)
+
+
+def _recorded(node: Node) -> tuple[int, str, Phase] | None:
+    """The outcome the node's last recorded report holds, as a feed reports it. The
+    same report again is a replay (nothing recorded, nobody told), or stale if another
+    stream moved the node on since it was read: a no-op either way."""
+    last = node.last_report
+    if last is None or last.phase is ReportPhase.DOWNLOADED:
+        return None
+    return last.revision, last.digest, Phase.ACTIVE if last.phase is ReportPhase.ACTIVE else Phase.FAILED
 
 
 def servicers(feeds: HubFeeds) -> tuple[rpc_xds.AdsServicer, rpc_xds.MetricsServicer]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -140,6 +141,7 @@ async def run(args: argparse.Namespace) -> None:
     finally:
         await operator.close()
         await app.stop()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 async def _reports(app: App, operator: Operator, ids: list[str], digests: list[str], args: Any) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextvars
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from controlplane.domain.audit.context import ANONYMOUS as ANONYMOUS_ACTOR
 from controlplane.domain.audit.context import Actor, ActorKind
 from controlplane.domain.kernel.errors import PermissionDenied
+from controlplane.domain.model.fleet import Node
 from controlplane.domain.model.roles import Principal, Role
 
 
@@ -157,6 +158,9 @@ class Identity:
     revision: int = 0
     # A node an Envoy enrolled on first contact: the name it goes by (its Envoy `node.id`).
     alias: str = ""
+    # A node: its record as authentication read it (a credential or certificate check
+    # reads the row anyway), for the call to use instead of reading it again (`take_node`).
+    node: Node | None = field(default=None, compare=False, repr=False)
 
     def actor(self) -> Actor:
         if self.kind is Kind.NODE:
@@ -176,6 +180,17 @@ def current() -> Identity:
 
 def set_current(identity: Identity) -> None:
     _current.set(identity)
+
+
+def take_node(node_id: str) -> Node | None:
+    """The record of node `node_id` that authenticating this call read, if it did; handed
+    out once, so the identity a stream keeps for its life holds no copy of it."""
+    identity = current()
+    node = identity.node
+    if node is None:
+        return None
+    set_current(replace(identity, node=None))
+    return node if node.id == node_id else None
 
 
 def require_node(node_id: str) -> Identity:

@@ -195,7 +195,7 @@ class Authenticator:
             raise InvalidArgument("must name the node's project", field="node.cluster")
         labels = metadata_labels(node) if self._xds_metadata_labels else None
         found, head = await self._xds_contact(node.cluster[:128], token, node.id, labels, agent_version(node))
-        return Identity(Kind.NODE, found.id, found.project, revision=head, alias=found.name)
+        return Identity(Kind.NODE, found.id, found.project, revision=head, alias=found.name, node=found)
 
     async def certificate(self, pem: bytes) -> Identity:
         """The node a client certificate names (only the node-stream rule asks), if it
@@ -208,14 +208,14 @@ class Authenticator:
             raise Unauthenticated(
                 f"node {node.id} is not in project {project[:64]!r}, as its certificate says"
             )
-        return Identity(Kind.NODE, node.id, node.project, revision=head)
+        return Identity(Kind.NODE, node.id, node.project, revision=head, node=node)
 
     async def _credential(self, credential: str) -> Identity:
         node_id, sep, _ = credential.partition(".")
         if not sep or not node_id or credential.startswith(("eyJ", API_KEY_PREFIX)):
             raise Unauthenticated("not a node credential (the one RegisterNode issued: <node id>.cpn_...)")
         node, head = await self._credentials.verify(node_id, credential)
-        return Identity(Kind.NODE, node.id, node.project, revision=head)
+        return Identity(Kind.NODE, node.id, node.project, revision=head, node=node)
 
     async def _api_key(self, secret: str) -> Identity:
         cache_key = hash_secret(secret)

@@ -24,7 +24,7 @@ from prometheus_client import Counter, Gauge
 
 from controlplane.api.third_party.envoy.service.metrics.v3 import metrics_service_pb2 as metrics_pb
 from controlplane.domain.kernel.errors import DomainError, PermissionDenied, Unauthenticated
-from controlplane.domain.model.fleet import NodeMetrics
+from controlplane.domain.model.fleet import Node, NodeMetrics
 from controlplane.rpc import auth
 from controlplane.rpc.errors import set_status
 from controlplane.xds.delta import DeltaSession
@@ -72,7 +72,9 @@ class Feed(Protocol):
 
 
 class Feeds(Protocol):
-    async def open(self, node_id: str) -> Feed: ...
+    async def open(self, node_id: str, node: Node | None = None) -> Feed:
+        """The node's feed; `node`: its record, when authentication read it already."""
+        ...
 
 
 # The node a call authenticates as, from its metadata or peer certificate.
@@ -127,7 +129,7 @@ class AdsServicer:
     ) -> None:
         try:
             node_id = await self._authenticate(context)
-            feed = await self._feeds.open(node_id)
+            feed = await self._feeds.open(node_id, auth.take_node(node_id))
         except DomainError as e:
             set_status(context, e)
             return
@@ -216,6 +218,9 @@ class MetricsServicer:
     async def StreamMetrics(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         try:
             node_id = await self._authenticate(context)
+            # The node's record its authentication read is not needed here: taken, so
+            # the identity this stream keeps for its life holds no copy of it.
+            auth.take_node(node_id)
             stats = NodeStats()
             first = True
             async for message in requests:

@@ -34,7 +34,7 @@ from controlplane.domain.bundles.registry import BundleRegistry
 from controlplane.domain.fleet.nodes import NodeRegistry
 from controlplane.domain.kernel.errors import DomainError, FailedPrecondition, Unavailable
 from controlplane.domain.model.bundles import BundleState
-from controlplane.domain.model.fleet import NodeMetrics, ReportPhase, XdsRecord
+from controlplane.domain.model.fleet import Node, NodeMetrics, ReportPhase, XdsRecord
 from controlplane.rpc import xds as rpc_xds
 from controlplane.watch.hub import WatchHub
 from controlplane.watch.stream import WatchStream
@@ -76,6 +76,8 @@ class BundleResources:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(digest)
+            if load.done() and not load.cancelled() and load.exception() is None:
+                return load.result()  # the usual case: no shield to build per stream
         return await asyncio.shield(load)
 
     def _forget_failed(self, digest: str, load: asyncio.Future[ResourceSet]) -> None:
@@ -150,7 +152,14 @@ def _parse(archive: Path, root: Path) -> resources.Loaded:
 class HubFeed:
     """One ADS stream's view of its node on the hub (a `rpc_xds.Feed`)."""
 
-    def __init__(self, feeds: HubFeeds, node_id: str, project: str, base: Snapshot | None):
+    def __init__(
+        self,
+        feeds: HubFeeds,
+        node_id: str,
+        project: str,
+        base: Snapshot | None,
+        reported: tuple[int, str, Phase] | None = None,
+    ):
         self._feeds = feeds
         self.node_id = node_id
         self.project = project
@@ -163,7 +172,9 @@ class HubFeed:
         # or the hub stream's end. A plain future, not a task per wait: an idle Envoy
         # stream holds nothing else here.
         self._waiter: asyncio.Future[None] | None = None
-        self._reported: tuple[int, str, Phase] | None = None
+        # The last outcome reported (or found recorded when the stream opened): reporting
+        # it again would be a replay the registry ignores.
+        self._reported = reported
 
     # -- the hub's side: a Sink ------------------------------------------------------
 
@@ -273,18 +284,23 @@ class HubFeeds:
         # The servicer's open sessions by node (what each Envoy runs whole).
         self.sessions: Mapping[str, Session] = {}
 
-    async def open(self, node_id: str) -> HubFeed:
+    async def open(self, node_id: str, node: Node | None = None) -> HubFeed:
+        """`node`: the node's record as the stream's authentication read it (a credential
+        or certificate check), else read here. What the feed takes from it, the node's
+        project and the bundle it last ran, is the same either way."""
         hub = self.hub
         hub.check_accepting()
         if not hub.knows_node(node_id) and not await hub.wait_until(node_id, 0, VISIBILITY_TIMEOUT):
             raise Unavailable("this server does not know this node yet; retry", retry_after_ms=1000)
-        node = await self.nodes.get(node_id)
+        if node is None:
+            node = await self.nodes.get(node_id)
         base = None
         if node.applied_digest:
             with contextlib.suppress(DomainError):
                 found = await self.resources.get(node.project, node.applied_digest)
                 base = Snapshot(node.applied_revision, node.applied_digest, found)
-        feed = HubFeed(self, node_id, node.project, base)
+        # A node that reconnects acknowledges what it already reported: no report then.
+        feed = HubFeed(self, node_id, node.project, base, _recorded(node))
         feed.stream = hub.open(node_id, 0, hub.epoch, feed)
         self.opened.add(feed)
         try:
@@ -304,6 +320,16 @@ class HubFeeds:
         session = self.sessions.get(node_id)
         running = session.base.bundle_digest if session is not None else ""
         await self.nodes.heartbeat(node_id, metrics, running)
+
+
+def _recorded(node: Node) -> tuple[int, str, Phase] | None:
+    """The outcome the node's last recorded report holds, as a feed reports it. The
+    same report again is a replay (nothing recorded, nobody told), or stale if another
+    stream moved the node on since it was read: a no-op either way."""
+    last = node.last_report
+    if last is None or last.phase is ReportPhase.DOWNLOADED:
+        return None
+    return last.revision, last.digest, Phase.ACTIVE if last.phase is ReportPhase.ACTIVE else Phase.FAILED
 
 
 def servicers(feeds: HubFeeds) -> tuple[rpc_xds.AdsServicer, rpc_xds.MetricsServicer]:

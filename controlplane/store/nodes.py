@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -22,7 +23,7 @@ from controlplane.domain.model.fleet import (
     StatusReport,
     XdsRecord,
 )
-from controlplane.store.schema import node_heartbeats, node_labels, node_xds, nodes
+from controlplane.store.schema import node_heartbeats, node_labels, node_xds, nodes, revision_counter
 
 # Envoy's words on a NACK, as the node's report error is bounded.
 MAX_NACK_TEXT = 4096
@@ -84,13 +85,75 @@ REPORTS_CHANNEL = "controlplane_reports"
 _BEAT_UPDATE = update(nodes).where(nodes.c.id == bindparam("b_id"))
 
 
+@functools.cache
 def _ring_upsert(dialect: str) -> Any:
-    """INSERT … ON CONFLICT (node_id, slot) DO UPDATE, in the dialect's own construct."""
+    """INSERT … ON CONFLICT (node_id, slot) DO UPDATE, in the dialect's own construct, built
+    once per dialect."""
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
     stmt = insert(node_heartbeats)
     changing = [c.name for c in node_heartbeats.columns if c.name not in ("node_id", "slot")]
     return stmt.on_conflict_do_update(
         index_elements=["node_id", "slot"], set_={name: stmt.excluded[name] for name in changing}
+    )
+
+
+_WITH_CREDENTIAL = select(nodes, select(revision_counter.c.value).scalar_subquery().label("log_head")).where(
+    nodes.c.id == bindparam("n_id")
+)
+
+# Executed with one parameter set per node: the keys name the columns to set.
+_REPORT_UPDATE = update(nodes).where(nodes.c.id == bindparam("r_id"))
+
+
+def _report_values(report: StatusReport) -> dict[str, Any]:
+    """The node's columns a report sets: what it reported, and what it runs (ACTIVE) or
+    refused (FAILED)."""
+    values: dict[str, Any] = {
+        "report_stream_id": report.stream_id,
+        "report_revision": report.revision,
+        "report_digest": report.digest,
+        "report_phase": report.phase.value,
+        "report_error": report.error,
+        "reported_at": report.reported_at,
+    }
+    if report.phase is ReportPhase.ACTIVE:
+        values |= {
+            "applied_digest": report.digest,
+            "applied_revision": report.revision,
+            "failed_digest": "",
+            "failed_revision": 0,
+            "failed_error": "",
+        }
+    elif report.phase is ReportPhase.FAILED:
+        values |= {
+            "failed_digest": report.digest,
+            "failed_revision": report.revision,
+            "failed_error": report.error,
+        }
+    return values
+
+
+def _xds_values(node_id: str, xds: XdsRecord, at: datetime) -> dict[str, Any]:
+    return {
+        "node_id": node_id,
+        "acked": dict(xds.acked),
+        "running_revision": xds.running_revision,
+        "running_digest": xds.running_digest,
+        "nack_revision": xds.nack_revision,
+        "nack_type_url": xds.nack_type_url[:200],
+        "nack_error": xds.nack_error[:MAX_NACK_TEXT],
+        "recorded_at": at,
+    }
+
+
+@functools.cache
+def _xds_upsert(dialect: str) -> Any:
+    """INSERT … ON CONFLICT (node_id) DO UPDATE of every column, built once per dialect."""
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert(node_xds)
+    changing = [c.name for c in node_xds.columns if c.name != "node_id"]
+    return stmt.on_conflict_do_update(
+        index_elements=["node_id"], set_={name: stmt.excluded[name] for name in changing}
     )
 
 
@@ -198,6 +261,12 @@ class SqlNodes:
         value = await self._conn.scalar(select(nodes.c.credential_hash).where(nodes.c.id == node_id))
         return str(value) if value is not None else None
 
+    async def with_credential(self, node_id: str) -> tuple[Node, str, int] | None:
+        """The node, its credential hash and the desired-state log's head, in one
+        statement: one snapshot, so the head is never newer than the credential."""
+        row = (await self._conn.execute(_WITH_CREDENTIAL, {"n_id": node_id})).first()
+        return (_node(row), str(row.credential_hash), int(row.log_head or 0)) if row else None
+
     async def record_heartbeats(
         self, beats: Sequence[tuple[str, HeartbeatRecord]], history_size: int
     ) -> dict[str, NodeStatus]:
@@ -252,51 +321,25 @@ class SqlNodes:
         if self._conn.dialect.name == "postgresql":  # SQLite: one process, woken in-process
             await self._conn.execute(text(f"NOTIFY {REPORTS_CHANNEL}"))
 
-    async def record_report(self, node_id: str, report: StatusReport) -> None:
-        values: dict[str, Any] = {
-            "report_stream_id": report.stream_id,
-            "report_revision": report.revision,
-            "report_digest": report.digest,
-            "report_phase": report.phase.value,
-            "report_error": report.error,
-            "reported_at": report.reported_at,
-        }
-        if report.phase is ReportPhase.ACTIVE:
-            values |= {
-                "applied_digest": report.digest,
-                "applied_revision": report.revision,
-                "failed_digest": "",
-                "failed_revision": 0,
-                "failed_error": "",
-            }
-        elif report.phase is ReportPhase.FAILED:
-            values |= {
-                "failed_digest": report.digest,
-                "failed_revision": report.revision,
-                "failed_error": report.error,
-            }
-        await self._conn.execute(update(nodes).where(nodes.c.id == node_id).values(**values))
-        if report.xds is not None:
-            await self._record_xds(node_id, report.xds, report.reported_at)
-
-    async def _record_xds(self, node_id: str, xds: XdsRecord, at: datetime) -> None:
-        values = {
-            "node_id": node_id,
-            "acked": dict(xds.acked),
-            "running_revision": xds.running_revision,
-            "running_digest": xds.running_digest,
-            "nack_revision": xds.nack_revision,
-            "nack_type_url": xds.nack_type_url[:200],
-            "nack_error": xds.nack_error[:MAX_NACK_TEXT],
-            "recorded_at": at,
-        }
-        insert = pg_insert if self._conn.dialect.name == "postgresql" else sqlite_insert
-        stmt = insert(node_xds).values(**values)
-        await self._conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["node_id"], set_={k: stmt.excluded[k] for k in values if k != "node_id"}
-            )
-        )
+    async def record_reports(self, reports: Sequence[tuple[str, StatusReport]]) -> None:
+        """Store a batch of checked reports (in order; a node may appear more than once)
+        in a few statements, whatever the batch's size: each node's columns as its last
+        report leaves them, one UPDATE per distinct set of columns (three at most), and
+        its last xDS record in one upsert."""
+        latest: dict[str, dict[str, Any]] = {}
+        xds: dict[str, dict[str, Any]] = {}
+        for node_id, report in reports:
+            latest.setdefault(node_id, {"r_id": node_id}).update(_report_values(report))
+            if report.xds is not None:
+                xds[node_id] = _xds_values(node_id, report.xds, report.reported_at)
+        by_columns: dict[frozenset[str], list[dict[str, Any]]] = {}
+        for node_id in sorted(latest):  # id order, like every other batch of node rows
+            values = latest[node_id]
+            by_columns.setdefault(frozenset(values), []).append(values)
+        for rows in by_columns.values():
+            await self._conn.execute(_REPORT_UPDATE, rows)
+        if xds:
+            await self._conn.execute(_xds_upsert(self._conn.dialect.name), [xds[n] for n in sorted(xds)])
 
     async def xds(self, node_id: str) -> XdsRecord | None:
         row = (await self._conn.execute(select(node_xds).where(node_xds.c.node_id == node_id))).first()

@@ -23,7 +23,7 @@ import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from controlplane.domain.kernel.errors import Unauthenticated
-from controlplane.domain.model.fleet import NodeMetrics
+from controlplane.domain.model.fleet import Node, NodeMetrics
 from controlplane.rpc import xds as rpc_xds
 from controlplane.xds.bootstrap import BootstrapSpec, bootstrap
 from controlplane.xds.snapshot import ResourceSet, Snapshot
@@ -93,7 +93,7 @@ class StaticFeeds:
     base: Snapshot | None = None
     open_feeds: set[Feed] = field(default_factory=set)
 
-    async def open(self, node_id: str) -> Feed:
+    async def open(self, node_id: str, node: Node | None = None) -> Feed:
         feed = Feed(self)
         self.open_feeds.add(feed)
         return feed

@@ -31,6 +31,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from grpc_health.v1 import health, health_pb2_grpc
 
 from controlplane.domain.kernel.errors import Unauthenticated
+from controlplane.domain.model.fleet import Node
 from controlplane.rpc import xds as rpc_xds
 from controlplane.xds.snapshot import ResourceSet
 from controlplane.xds.status import NodeXdsStatus, Phase
@@ -105,7 +106,7 @@ class Feeds:
     def __init__(self, target: Any):
         self.target = target
 
-    async def open(self, node_id: str) -> Feed:
+    async def open(self, node_id: str, node: Node | None = None) -> Feed:
         return Feed(self.target)
 
 

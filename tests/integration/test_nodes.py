@@ -8,10 +8,12 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import event
 
 from controlplane.api.audit.v1 import audit_pb2 as apb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.domain.fleet.nodes import HEARTBEAT_HISTORY
+from controlplane.domain.model.fleet import ReportPhase, XdsRecord
 from tests.conftest import HarnessFactory
 from tests.support.archives import bundle
 from tests.support.eventually import eventually
@@ -251,3 +253,69 @@ async def test_ack_and_nack_are_recorded(harness: Harness) -> None:
     # A replay of the same report is harmless.
     await report(bad, nacked.revision, npb.REPORT_PHASE_FAILED, "nginx -t: unknown directive")
     await rec.cancel()
+
+
+async def test_a_batch_of_reports_is_written_in_a_few_statements(harness: Harness) -> None:
+    """Reports committed together (group commit) are written with a few statements
+    whatever the batch's size, not one UPDATE and one upsert per report; each node still
+    ends as its reports leave it in order (DOWNLOADED then ACTIVE in one batch, FAILED),
+    its xDS record the last one given."""
+    app = harness.app
+    first = await harness.upload(bundle({"a": b"first"}))
+    second = await harness.upload(bundle({"a": b"second"}))
+    nodes = [await harness.register(f"n{i}") for i in range(24)]
+    recs = [harness.open_watch(n) for n in nodes]
+    revision = await harness.assign(first, selector="*")
+    for rec in recs:
+        await rec.wait_digest(first)
+    writes: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        reported = statement.startswith("UPDATE nodes SET") and "report_phase" in statement
+        if reported or statement.startswith("INSERT INTO node_xds"):
+            writes.append(statement)
+
+    def report(i: int, digest: str, rev: int, phase: ReportPhase, xds: bool = False) -> Any:
+        record = XdsRecord({"t": f"v{i}"}, rev, digest) if xds else None
+        error = "refused" if phase is ReportPhase.FAILED else ""
+        return app.nodes.report_status(nodes[i].node_id, recs[i].stream_id, rev, digest, phase, error, record)
+
+    event.listen(app.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        statements = []
+        for batch in (range(3), range(3, 24)):
+            writes.clear()
+            await asyncio.gather(*(report(i, first, revision, ReportPhase.DOWNLOADED) for i in batch))
+            statements.append(len(writes))
+        assert statements == [1, 1]
+
+        again = await harness.assign(second, selector="*")
+        for rec in recs:
+            await rec.wait_digest(second)
+        writes.clear()
+        calls = []
+        for i in range(24):
+            if i % 2:
+                calls.append(report(i, second, again, ReportPhase.FAILED, xds=True))
+            else:
+                calls.append(report(i, second, again, ReportPhase.DOWNLOADED, xds=True))
+                calls.append(report(i, second, again, ReportPhase.ACTIVE, xds=True))
+        await asyncio.gather(*calls)
+        # One UPDATE for the failed, one for the active, one upsert of every xDS record.
+        assert len(writes) == 3, writes
+    finally:
+        event.remove(app.engine.sync_engine, "before_cursor_execute", count)
+    for i, node in enumerate(nodes):
+        got = (await harness.nodes.GetNode(npb.GetNodeRequest(node_id=node.node_id))).node
+        if i % 2:
+            assert (got.applied_digest, got.failed_digest) == ("", second)
+            assert got.last_report.phase == npb.REPORT_PHASE_FAILED
+        else:
+            assert (got.applied_digest, got.applied_revision, got.failed_digest) == (second, again, "")
+            assert got.last_report.phase == npb.REPORT_PHASE_ACTIVE
+        recorded = await app.nodes.xds_record(node.node_id)
+        assert recorded is not None and recorded.running_revision == again
+    verified = await harness.audit.VerifyAuditChain(apb.VerifyAuditChainRequest())
+    assert verified.ok, verified
+    for rec in recs:
+        await rec.cancel()

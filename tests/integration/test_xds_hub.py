@@ -17,6 +17,7 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
+from sqlalchemy import event
 
 from controlplane.api.identity.v1 import identity_pb2
 from controlplane.api.node.v1 import node_pb2
@@ -175,3 +176,32 @@ async def test_a_bundle_without_envoy_resources_is_failed_for_an_xds_node(
     refused = await eventually(failed, what="FAILED at the plain bundle")
     assert "holds no valid Envoy resources" in refused.failed_error, refused.failed_error
     assert refused.applied_digest == v1
+
+
+async def test_a_stream_open_reads_the_node_once(mode: str, harness: Harness, streams: list[Stream]) -> None:
+    """Opening an ADS stream reads the node's row once: its credential, its record and
+    the log's head in one statement, and the feed starts from the record the check read
+    instead of reading it again. A reconnect storm pays this per stream."""
+    edge = await harness.register("edge")
+    v1 = await harness.upload(bundle(site("blue")), version="v1")
+    await harness.assign(v1, nodes=[edge.node_id])
+    client = FakeEnvoy(mode, edge.node_id)
+    streams.append(Stream(harness, client, edge.credential))
+
+    async def applied() -> None:
+        assert (await node(harness, edge.node_id)).applied_digest == v1
+
+    await eventually(applied, what="ACTIVE at v1")
+    reads: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "credential_hash" in statement and "WHERE nodes.id =" in statement:
+            reads.append(statement)
+
+    engine = harness.app.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        await reconnect(harness, streams, client, edge.node_id, edge.credential, v1)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(reads) == 1, reads

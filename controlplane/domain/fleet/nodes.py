@@ -361,8 +361,14 @@ class NodeRegistry:
         """Check and record a batch of reports in one transaction, in arrival order: a
         report sees the ones before it (a node's DOWNLOADED and ACTIVE often come
         together). Each outcome is the node as it was before its report, None for a
-        replay, or the error that report alone earned."""
+        replay, or the error that report alone earned. Every report is checked before
+        the first is written, and the accepted ones are written together: a few
+        statements whatever the batch's size (`record_reports`)."""
         outcomes: list[Node | Exception | None] = []
+        accepted: list[_Report] = []
+        # Each project's selector keys, read once per batch (only reports whose stream
+        # is not on this replica look them up).
+        selectors: dict[str, list[str]] = {}
         async with self.store.write() as tx:
             head = await tx.desired.head()
             # Locked (PostgreSQL): a report another replica records for the same node
@@ -373,21 +379,34 @@ class NodeRegistry:
                 node_id, report = s.item
                 try:
                     with acting_as(s.actor, s.request_id):
-                        node = await self._record_report(tx, nodes.get(node_id), node_id, head, report)
+                        node = await self._check_report(
+                            tx, nodes.get(node_id), node_id, head, report, selectors
+                        )
                 except DomainError as e:
                     outcomes.append(e)
                     continue
                 outcomes.append(node)
                 if node is not None:
                     nodes[node_id] = _after(node, report)
-            if any(isinstance(o, Node) for o in outcomes):
+                    accepted.append(s.item)
+            if accepted:
+                await tx.nodes.record_reports(accepted)
                 await tx.nodes.announce_reports()
         return outcomes
 
-    async def _record_report(
-        self, tx: Tx, node: Node | None, node_id: str, head: int, report: StatusReport
+    async def _check_report(
+        self,
+        tx: Tx,
+        node: Node | None,
+        node_id: str,
+        head: int,
+        report: StatusReport,
+        selectors: dict[str, list[str]],
     ) -> Node | None:
-        """Every check precedes the first write: a report that fails one leaves nothing."""
+        """Check one report against the node as the reports before it in the batch left
+        it; an accepted one has its audit entry recorded (it is chained with the
+        transaction's others at commit) and is written by the caller with the batch.
+        Returns the node as it was, or None for a replay (nothing to write)."""
         revision, digest, phase = report.revision, report.digest, report.phase
         if node is None:
             raise NotFound(f"node {node_id!r} does not exist", field="node_id")
@@ -401,7 +420,7 @@ class NodeRegistry:
                 f"stream {report.stream_id} never sent revision {revision} with {digest} to node {node_id}"
             )
         if sent is None and not await tx.desired.was_desired(
-            await _assignment_keys(tx, node), digest, revision
+            await _assignment_keys(tx, node, selectors), digest, revision
         ):
             raise FailedPrecondition(
                 f"node {node_id} was never sent {digest} at or before revision {revision}", field="digest"
@@ -414,7 +433,6 @@ class NodeRegistry:
                 f"stale report: node already reported {last.phase.value} for revision {last.revision}",
                 field="revision",
             )
-        await tx.nodes.record_report(node_id, report)
         if phase is ReportPhase.FAILED:
             await tx.audit.record(
                 "node.nack",
@@ -559,9 +577,14 @@ def _matching(before: Mapping[str, str], after: Mapping[str, str]) -> Callable[[
     return affects
 
 
-async def _assignment_keys(tx: Tx, node: Node) -> list[str]:
+async def _assignment_keys(tx: Tx, node: Node, selectors: dict[str, list[str]]) -> list[str]:
+    """The keys that may have assigned `node` a bundle; `selectors`: the selector keys
+    of each project read so far in this transaction."""
     keys = [node_key(node.id)]
-    for key in await tx.desired.selector_keys(node.project):
+    found = selectors.get(node.project)
+    if found is None:
+        found = selectors[node.project] = await tx.desired.selector_keys(node.project)
+    for key in found:
         selector = Selector.parse(key.split(":", 2)[2])
         if selector.matches(node.labels):
             keys.append(key)

@@ -39,27 +39,30 @@ class NodeCredentials:
     revocations: NodeRevocations
 
     async def verify(self, node_id: str, credential: str) -> tuple[Node, int]:
-        """The node whose current credential this is, and the log's head read *before*
-        the credential (the `rev` of the token about to be issued)."""
-        async with self.store.read() as tx:
-            head = await tx.desired.head()
-            stored = await tx.nodes.credential_hash(node_id)
-            node = await tx.nodes.get(node_id) if stored else None
-        if node is None or stored is None or not secret_matches(credential, stored):
+        """The node whose current credential this is, and the log's head read with the
+        credential, never after it (the `rev` of the token about to be issued). One
+        statement: a stream open of an Envoy pays it on every reconnect."""
+        node, stored, head = await self._read(node_id)
+        if node is None or not secret_matches(credential, stored):
             raise Unauthenticated("node credential is not valid")
         return node, head
 
     async def enrolled(self, node_id: str) -> tuple[Node, int]:
         """The node, if it holds a live credential (enrolled and not revoked), and the
-        log's head read before it: a node authenticated by other means (its client
+        log's head read with it: a node authenticated by other means (its client
         certificate, docs/xds.md) is refused once revoked, as its credential is."""
-        async with self.store.read() as tx:
-            head = await tx.desired.head()
-            stored = await tx.nodes.credential_hash(node_id)
-            node = await tx.nodes.get(node_id) if stored else None
-        if node is None or stored in (None, "", BARRED):
+        node, stored, head = await self._read(node_id)
+        if node is None or stored in ("", BARRED):
             raise Unauthenticated(f"node {node_id[:64]!r} is not enrolled, or was revoked")
         return node, head
+
+    async def _read(self, node_id: str) -> tuple[Node | None, str, int]:
+        """(node, credential hash, head), in one snapshot; (None, "", 0) for no such node.
+        Read at every check, never cached: a credential revoked on any replica is
+        refused by the next stream that presents it."""
+        async with self.store.read() as tx:
+            found = await tx.nodes.with_credential(node_id)
+        return found if found is not None else (None, "", 0)
 
     async def revoke(self, node_id: str, allow_reenroll: bool = False) -> int:
         """End the node's identity: its credential, tokens and open streams. Returns the

@@ -71,6 +71,8 @@ from bench.common import (
     metric_sum,
     pin_self,
     quantiles,
+    result_name,
+    rotated,
     write_json,
 )
 from bench.compare import parse_sources
@@ -437,25 +439,19 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
         await operator.close()
         server.stop()
     run_dir = OUT / f"ads-{run_id}"
-    for rnd in range(a.rounds):
-        order = kinds[rnd % len(kinds) :] + kinds[: rnd % len(kinds)]
-        for kind in order:
-            say(f"round {rnd + 1}/{a.rounds}: {kind}, {a.nodes} streams")
-            run = KindRun(a, kind, nodes, bundles)
-            try:
-                out = await run.go(program, run_dir / f"r{rnd}")
-            except Exception as e:  # keep the other kinds' figures; the table names the gap
-                say(f"  {kind} failed: {e!r}")
-                out = {**run.out, "error": repr(e)}
-            out["load_after"] = os.getloadavg()
-            res["runs"][kind].append(out)
-            write_json(result_name(a, run_id), res)
+    for rnd, kind in rotated(kinds, a.rounds):
+        say(f"round {rnd + 1}/{a.rounds}: {kind}, {a.nodes} streams")
+        run = KindRun(a, kind, nodes, bundles)
+        try:
+            out = await run.go(program, run_dir / f"r{rnd}")
+        except Exception as e:  # keep the other kinds' figures; the table names the gap
+            say(f"  {kind} failed: {e!r}")
+            out = {**run.out, "error": repr(e)}
+        out["load_after"] = os.getloadavg()
+        res["runs"][kind].append(out)
+        write_json(result_name("ads", a, run_id), res)
     res["load_after"] = os.getloadavg()
     return res
-
-
-def result_name(a: argparse.Namespace, run_id: str) -> str:
-    return f"ads-n{a.nodes}-{run_id}{'-' + a.tag if a.tag else ''}.json"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -488,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
     pin_self(CLIENT_CPU)
     res = asyncio.run(main_async(a))
     res["summary"] = text = table(res)
-    path = write_json(result_name(a, res["run_id"]), res)
+    path = write_json(result_name("ads", a, res["run_id"]), res)
     print(text)
     print(f"results: {path}")
 

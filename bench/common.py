@@ -16,7 +16,7 @@ import sys
 import tarfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -306,6 +306,20 @@ def quantiles(values: Sequence[float]) -> dict[str, float]:
         return s[min(len(s) - 1, max(0, int(q * len(s) + 0.999999) - 1))]
 
     return {"n": len(s), "p50": rank(0.50), "p99": rank(0.99), "max": s[-1]}
+
+
+def rotated(names: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
+    """(round, name) for `rounds` rounds over `names`, each round starting one further
+    on, so no name always runs first (on a warm or a cold machine)."""
+    for rnd in range(rounds):
+        k = rnd % len(names)
+        for name in [*names[k:], *names[:k]]:
+            yield rnd, name
+
+
+def result_name(bench: str, a: Any, run_id: str) -> str:
+    """The result file of a run of `bench` (`a`: its parsed arguments, with nodes and tag)."""
+    return f"{bench}-n{a.nodes}-{run_id}{'-' + a.tag if a.tag else ''}.json"
 
 
 def write_json(name: str, data: dict[str, Any]) -> Path:

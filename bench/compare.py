@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import etcdapi, gobuild, procstat
-from bench.common import OUT, machine, pin_self, quantiles, write_json
+from bench.common import OUT, machine, pin_self, quantiles, result_name, rotated, write_json
 from bench.etcdapi import EtcdApi
 from bench.targets import BareTarget, ControlPlaneTarget, EtcdTarget, Target
 from bench.workers import Workers, merge_open
@@ -456,25 +456,19 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
         "runs": {n: [] for n in names},
     }
     pin_self(a.client_cpus)
-    for rnd in range(a.rounds):
-        order = names[rnd % len(names) :] + names[: rnd % len(names)]
-        for name in order:
-            tag = f"{run_id}-r{rnd}-{name}"
-            say(f"round {rnd + 1}/{a.rounds}, {name}")
-            run = Run(a, make_target(name, a, api, tag), program, tag)
-            try:
-                await run.go()
-            except Exception as e:  # keep the other targets' runs; the table shows the gap
-                say(f"  {name} failed: {e!r}")
-                run.out["error"] = repr(e)
-            res["runs"][name].append(run.out)
-            write_json(result_name(a, run_id), res)  # a long run that dies keeps what it had
+    for rnd, name in rotated(names, a.rounds):
+        tag = f"{run_id}-r{rnd}-{name}"
+        say(f"round {rnd + 1}/{a.rounds}, {name}")
+        run = Run(a, make_target(name, a, api, tag), program, tag)
+        try:
+            await run.go()
+        except Exception as e:  # keep the other targets' runs; the table shows the gap
+            say(f"  {name} failed: {e!r}")
+            run.out["error"] = repr(e)
+        res["runs"][name].append(run.out)
+        write_json(result_name("compare", a, run_id), res)  # a long run that dies keeps what it had
     res["medians"] = summarize(res["runs"])
     return res
-
-
-def result_name(a: argparse.Namespace, run_id: str) -> str:
-    return f"compare-n{a.nodes}-{run_id}{'-' + a.tag if a.tag else ''}.json"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -526,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     res = asyncio.run(main_async(a))
     res["summary"] = text = table(res)
-    path = write_json(result_name(a, res["run_id"]), res)
+    path = write_json(result_name("compare", a, res["run_id"]), res)
     print(text)
     print(f"results: {path}")
 

@@ -1,7 +1,8 @@
 """Writers that check and then write, racing on PostgreSQL (READ COMMITTED), each with
 the interleaving forced: a key retired while an assignment is between reading the
-bundle's signature and writing it, and a status report recorded by another replica
-while a stalled batch holds an older one. SQLite's writers are one at a time, so only
+bundle's signature and writing it, a status report recorded by another replica
+while a stalled batch holds an older one, and a late report whose batch waited for the
+node's lock while a newer revision and its report were committed. SQLite's writers are one at a time, so only
 PostgreSQL can interleave them."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable, Collection, Coroutine
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import grpc
 import pytest
 from sqlalchemy import text
 
@@ -171,3 +173,55 @@ async def test_a_bundle_revoked_while_an_assignment_is_writing_it_is_revoked_aft
     listed = await h.audit.ListAuditEvents(apb.ListAuditEventsRequest(project="default", page_size=1000))
     order = [e.action for e in listed.events if e.action in ("desired.assign", "bundle.revoke")]
     assert order == ["desired.assign", "bundle.revoke"]
+
+
+async def test_a_report_that_waited_for_the_lock_is_judged_against_the_newest_head(
+    make_pg_harness: HarnessFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica A's batch holding the node's late ACTIVE for r1 stalls before it locks the
+    node's row; meanwhile r2 is written and the node reports ACTIVE for r2 to replica B.
+    A's report must be judged against a head that includes r2 (read after the lock):
+    refused as stale, the node stays on r2 — never moved back by the late report."""
+    a = await make_pg_harness()
+    b = await make_pg_harness()
+    node = await a.register("n1")
+    v1 = await a.upload(archive("v1"))
+    r1 = await a.assign(v1, nodes=[node.node_id])
+    v2 = await a.upload(archive("v2"))
+    stalled, go_on = asyncio.Event(), asyncio.Event()
+    get_many = SqlNodes.get_many
+
+    async def stall_then_lock(
+        self: SqlNodes, node_ids: Collection[str], for_update: bool = False
+    ) -> list[Node]:
+        if not stalled.is_set():
+            stalled.set()
+            await go_on.wait()
+        return await get_many(self, node_ids, for_update)
+
+    monkeypatch.setattr(SqlNodes, "get_many", stall_then_lock)
+
+    def active(revision: int, digest: str, stream_id: str) -> npb.ReportStatusRequest:
+        return npb.ReportStatusRequest(
+            node_id=node.node_id,
+            stream_id=stream_id,
+            revision=revision,
+            digest=digest,
+            phase=npb.REPORT_PHASE_ACTIVE,
+        )
+
+    async def report(replica: Harness, request: npb.ReportStatusRequest) -> None:
+        await replica.nodes.ReportStatus(request, metadata=node.metadata)
+
+    late = asyncio.create_task(report(a, active(r1, v1, "stream-a")))
+    await asyncio.wait_for(stalled.wait(), 10)
+    r2 = await a.assign(v2, nodes=[node.node_id])
+    await report(b, active(r2, v2, "stream-b"))
+    go_on.set()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await late
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value
+    assert "stale report" in str(refused.value.details())
+    stored = await a.app.nodes.get(node.node_id)
+    assert stored.last_report is not None
+    assert (stored.last_report.revision, stored.applied_digest) == (r2, v2)

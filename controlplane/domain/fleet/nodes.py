@@ -370,11 +370,14 @@ class NodeRegistry:
         # is not on this replica look them up).
         selectors: dict[str, list[str]] = {}
         async with self.store.write() as tx:
-            head = await tx.desired.head()
             # Locked (PostgreSQL): a report another replica records for the same node
             # meanwhile waits, then is checked against this one, never overwritten by it.
             batch_ids = {s.item[0] for s in batch}
             nodes = {n.id: n for n in await tx.nodes.get_many(batch_ids, for_update=True)}
+            # The head after the locks: a revision another replica committed while they
+            # were awaited (and a report at it) is then below the head, so a late report
+            # of an older revision is judged stale against it, never taken as new.
+            head = await tx.desired.head()
             for s in batch:
                 node_id, report = s.item
                 try:

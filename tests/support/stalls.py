@@ -46,7 +46,12 @@ def _awaiting(coro: object) -> list[str]:
         frame = _first(coro, "cr_frame", "gi_frame", "ag_frame")
         if frame is not None:
             lines.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
-        coro = _first(coro, "cr_await", "gi_yieldfrom", "ag_await")
+        awaited = _first(coro, "cr_await", "gi_yieldfrom", "ag_await")
+        if frame is not None and frame.f_code.co_name in ("__aenter__", "__aexit__"):
+            # An @asynccontextmanager awaits its generator through an `asend` object
+            # that names nothing: go on from the generator itself.
+            awaited = getattr(frame.f_locals.get("self"), "gen", None) or awaited
+        coro = awaited
     return lines
 
 

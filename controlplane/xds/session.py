@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +47,29 @@ from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, R
 NOTHING = Snapshot(0, "", EMPTY)
 WILDCARD = "*"
 RECENT_NONCES = 16
+# The set of names a TypeState holds until it holds one: shared, so an idle stream's
+# unrequested types and empty sets cost nothing (an empty set is 216 bytes; a session
+# has 15 of them otherwise). Sets are changed only through `added`, `discarded`.
+NO_NAMES: frozenset[str] = frozenset()
+
+
+def added(names: AbstractSet[str], *new: str) -> AbstractSet[str]:
+    """`names` with `new` in it: the same set, or a set of its own for a shared empty one."""
+    if not new:
+        return names
+    if isinstance(names, set):
+        names.update(new)
+        return names
+    return {*names, *new}
+
+
+def discarded(names: AbstractSet[str], name: str) -> AbstractSet[str]:
+    """`names` without `name`; the shared empty set once nothing is left."""
+    if name not in names:
+        return names
+    assert isinstance(names, set)  # only the shared empty set is frozen
+    names.discard(name)
+    return names or NO_NAMES
 
 
 @dataclass(frozen=True)
@@ -84,7 +109,7 @@ class TypeState:
     rtype: ResourceType
     requested: bool = False
     wildcard: bool = False
-    names: set[str] = field(default_factory=set)
+    names: AbstractSet[str] = NO_NAMES
     # What the node holds, as far as the session knows.
     acked: dict[str, Resource] = field(default_factory=dict)
     acked_version: str = ""
@@ -92,14 +117,14 @@ class TypeState:
     # matching version, or a NACK left it half applied): the offer is sent regardless.
     unknown: bool = False
     # Delta: names whose content on the node is unknown (resend, or remove).
-    dirty: set[str] = field(default_factory=set)
+    dirty: AbstractSet[str] = NO_NAMES
     # Delta: subscribed names already told they do not exist.
-    told_missing: set[str] = field(default_factory=set)
+    told_missing: AbstractSet[str] = NO_NAMES
     pending: Pending | None = None
     last_nonce: str = ""
-    # The last RECENT_NONCES nonces sent (a list: most types send a few in a stream's
-    # life, and an empty deque costs ~600 bytes a type on every idle stream).
-    recent: list[str] = field(default_factory=list)
+    # The last RECENT_NONCES nonces sent (a tuple: most types send a few in a stream's
+    # life, and an empty deque costs ~600 bytes a type on every idle stream, a list 56).
+    recent: tuple[str, ...] = ()
     # Putting `base` back was refused: nothing more is sent until a new target.
     parked: bool = False
 
@@ -154,13 +179,14 @@ class Session:
         self._tokens = float(self.limits.burst)
         self._refilled = clock()
         self._counter = 0
-        self.ignored: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # Created when the first ignored type URL arrives (most streams send none).
+        self.ignored: collections.OrderedDict[str, int] | None = None
         self.stale_requests = 0
         self.gate_timeouts = 0
         # Resources sent, in all: a resume that sends nothing again leaves it at 0.
         self.resources_sent = 0
         # Types still in legacy wildcard mode (an empty first request, no names since).
-        self._legacy: set[str] = set()
+        self._legacy: AbstractSet[str] = NO_NAMES
         # Offers by type URL while a pump runs (see _pump_stages); None otherwise.
         self._offers: dict[str, dict[str, Resource] | None] | None = None
 
@@ -223,9 +249,12 @@ class Session:
         if rtype is None:
             # Not a type this server serves (Runtime, VirtualHost...): the protocol lets a
             # server leave it unanswered; the client's own timeout applies.
-            self.ignored[type_url] = self.ignored.pop(type_url, 0) + 1
-            if len(self.ignored) > lim.max_ignored:
-                self.ignored.popitem(last=False)
+            if self.ignored is None:
+                self.ignored = collections.OrderedDict()
+            ignored = self.ignored
+            ignored[type_url] = ignored.pop(type_url, 0) + 1
+            if len(ignored) > lim.max_ignored:
+                ignored.popitem(last=False)
         return rtype
 
     def _check_names(self, names: Iterable[str], what: str) -> list[str]:
@@ -236,7 +265,9 @@ class Session:
         for name in out:
             if len(name) > lim.max_name_length:
                 raise InvalidArgument(f"a name longer than {lim.max_name_length} characters", field=what)
-        return out
+        # One copy of each name for every stream that keeps it (every Envoy of a fleet
+        # asks for the same route configurations): each request's are fresh strings.
+        return [sys.intern(name) for name in out]
 
     def _refused(self, ts: TypeState, pending: Pending, error: str) -> None:
         """Envoy NACKed `pending`: record it, then put back the last good configuration."""
@@ -433,9 +464,7 @@ class Session:
         if nonce in ts.recent or nonce == ts.last_nonce:
             self._counter += 1
             nonce = f"{nonce}~{self._counter}"
-        ts.recent.append(nonce)
-        if len(ts.recent) > RECENT_NONCES:
-            del ts.recent[0]
+        ts.recent = (*ts.recent[1 - RECENT_NONCES :], nonce)
         ts.last_nonce = nonce
         return nonce
 

@@ -179,8 +179,7 @@ class Session:
         self._tokens = float(self.limits.burst)
         self._refilled = clock()
         self._counter = 0
-        # Created when the first ignored type URL arrives (most streams send none).
-        self.ignored: collections.OrderedDict[str, int] | None = None
+        self.ignored: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.stale_requests = 0
         self.gate_timeouts = 0
         # Resources sent, in all: a resume that sends nothing again leaves it at 0.
@@ -249,12 +248,9 @@ class Session:
         if rtype is None:
             # Not a type this server serves (Runtime, VirtualHost...): the protocol lets a
             # server leave it unanswered; the client's own timeout applies.
-            if self.ignored is None:
-                self.ignored = collections.OrderedDict()
-            ignored = self.ignored
-            ignored[type_url] = ignored.pop(type_url, 0) + 1
-            if len(ignored) > lim.max_ignored:
-                ignored.popitem(last=False)
+            self.ignored[type_url] = self.ignored.pop(type_url, 0) + 1
+            if len(self.ignored) > lim.max_ignored:
+                self.ignored.popitem(last=False)
         return rtype
 
     def _check_names(self, names: Iterable[str], what: str) -> list[str]:

@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -171,23 +170,12 @@ async def _active(app: Any, ids: list[str], within: float) -> None:
 
 async def _kind(kind: str, args: argparse.Namespace) -> None:
     from bench.ads import fixed_set
-    from bench.common import Operator
-    from controlplane.bootstrap import App
-    from controlplane.config import Settings
-    from controlplane.rpc.ratelimit import RateLimit, RateLimits
+    from bench.ads_costs import register_nodes, start_unlimited
 
-    unlimited = RateLimit(1e9, 1e9)
     data = Path(tempfile.mkdtemp(prefix="bench-ads-idle-"))
-    limits = RateLimits(operator=unlimited, node=unlimited, anonymous=unlimited, watch=unlimited)
-    settings = replace(Settings(data_dir=data, listen="127.0.0.1:0", metrics_listen=""), rate_limits=limits)
-    app = App(settings)
-    info = await app.start()
-    operator = Operator(f"127.0.0.1:{info.port}", data)
+    app, operator, info = await start_unlimited(data)
     try:
-        registered = [
-            await app.nodes.register("default", info.enrollment_token or "", f"x{i}", {"env": "b"})
-            for i in range(args.nodes + 1)
-        ]
+        registered = await register_nodes(app, info.enrollment_token or "", args.nodes + 1)
         pairs = [(r.node.id, r.credential) for r in registered]
         digest = await operator.upload(fixed_set(0))
         await operator.assign(digest, nodes=[p[0] for p in pairs])

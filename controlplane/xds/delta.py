@@ -28,6 +28,7 @@ from controlplane.xds.session import (
     added,
     digest_of,
     discarded,
+    shared,
 )
 from controlplane.xds.snapshot import Resource, type_hash
 
@@ -105,6 +106,7 @@ class DeltaSession(Session):
             raise ResourceExhausted(
                 f"more than {self.limits.max_names} names subscribed", field="resource_names_subscribe"
             )
+        ts.names = shared(ts.names)
 
     def _seed(self, ts: TypeState, initial: dict[str, str]) -> None:
         """What a reconnecting node says it holds, matched against target and base."""

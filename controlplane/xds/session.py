@@ -49,7 +49,8 @@ WILDCARD = "*"
 RECENT_NONCES = 16
 # The set of names a TypeState holds until it holds one: shared, so an idle stream's
 # unrequested types and empty sets cost nothing (an empty set is 216 bytes; a session
-# has 15 of them otherwise). Sets are changed only through `added`, `discarded`.
+# has 15 of them otherwise). Sets are changed only through `added`, `discarded`, which
+# copy a frozen set (this one, or one from `shared`) rather than change it.
 NO_NAMES: frozenset[str] = frozenset()
 
 
@@ -67,9 +68,34 @@ def discarded(names: AbstractSet[str], name: str) -> AbstractSet[str]:
     """`names` without `name`; the shared empty set once nothing is left."""
     if name not in names:
         return names
-    assert isinstance(names, set)  # only the shared empty set is frozen
+    if not isinstance(names, set):
+        return (names - {name}) or NO_NAMES  # a shared set (`shared`) is not changed
     names.discard(name)
     return names or NO_NAMES
+
+
+# Small sets of subscribed names, one frozen copy each for every stream holding the
+# same (every Envoy of a fleet asks for the same route configurations): a set of 10
+# names is 512-728 bytes a stream otherwise. Bounded; forgetting one changes nothing
+# for the streams that hold it.
+SHARED_SETS = 1024
+SHARED_SET_NAMES = 64
+_shared: dict[frozenset[str], frozenset[str]] = {}
+
+
+def shared(names: AbstractSet[str]) -> AbstractSet[str]:
+    """`names`, or the same names as a frozen set shared between streams."""
+    if not names:
+        return NO_NAMES
+    if len(names) > SHARED_SET_NAMES:
+        return names
+    key = frozenset(names)
+    found = _shared.get(key)
+    if found is None:
+        if len(_shared) >= SHARED_SETS:
+            _shared.clear()
+        found = _shared[key] = key
+    return found
 
 
 @dataclass(frozen=True)

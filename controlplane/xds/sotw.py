@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from controlplane.xds.session import NO_NAMES, WILDCARD, Output, Pending, Session, TypeState, added, discarded
+from controlplane.xds.session import WILDCARD, Output, Pending, Session, TypeState, added, discarded, shared
 from controlplane.xds.snapshot import Resource, type_hash
 
 
@@ -65,7 +65,7 @@ class SotwSession(Session):
                 return
             self._legacy = discarded(self._legacy, url)
         ts.wildcard = WILDCARD in names
-        ts.names = {n for n in names if n != WILDCARD} or NO_NAMES
+        ts.names = shared({n for n in names if n != WILDCARD})
         if not ts.wildcard:
             # Names no longer asked for are forgotten: asked again, they are sent again.
             ts.acked = {n: r for n, r in ts.acked.items() if n in ts.names}

@@ -112,21 +112,29 @@ async def _in_flight(calls: list[Callable[[], Awaitable[Any]]], at_once: int) ->
     return _cpu_per_item(start, len(calls))
 
 
-async def run(args: argparse.Namespace) -> None:
-    data = Path(tempfile.mkdtemp(prefix="bench-ads-costs-"))
+async def start_unlimited(data: Path, database_url: str = "") -> tuple[App, Operator, Any]:
+    """A control plane in this process on `data`, with no rate limits (a bench's calls
+    are no flood); an operator client of it; what it started on (port, enrollment token)."""
     limits = RateLimits(operator=UNLIMITED, node=UNLIMITED, anonymous=UNLIMITED, watch=UNLIMITED)
     settings = replace(
-        Settings(data_dir=data, listen="127.0.0.1:0", metrics_listen="", database_url=args.database_url),
+        Settings(data_dir=data, listen="127.0.0.1:0", metrics_listen="", database_url=database_url),
         rate_limits=limits,
     )
     app = App(settings)
     info = await app.start()
-    operator = Operator(f"127.0.0.1:{info.port}", data)
+    return app, Operator(f"127.0.0.1:{info.port}", data), info
+
+
+async def register_nodes(app: App, token: str, n: int) -> list[Any]:
+    """`n` nodes x0, x1, ... (label env=b): their registrations, credentials included."""
+    return [await app.nodes.register("default", token, f"x{i}", {"env": "b"}) for i in range(n)]
+
+
+async def run(args: argparse.Namespace) -> None:
+    data = Path(tempfile.mkdtemp(prefix="bench-ads-costs-"))
+    app, operator, info = await start_unlimited(data, args.database_url)
     try:
-        registered = [
-            await app.nodes.register("default", info.enrollment_token or "", f"x{i}", {"env": "b"})
-            for i in range(args.nodes)
-        ]
+        registered = await register_nodes(app, info.enrollment_token or "", args.nodes)
         ids = [r.node.id for r in registered]
         digests = [await operator.upload(fixed_set(k)) for k in range(2)]
         await operator.assign(digests[0], nodes=ids)

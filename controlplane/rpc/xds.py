@@ -137,69 +137,104 @@ class AdsServicer:
         session.alias = auth.current().alias
         self.sessions[node_id] = session
         STREAMS_OPEN.inc()
-        lock = asyncio.Lock()
-        sent = 0
-        # Set while the session waits on a stage, the only time a tick can change
-        # anything (a gate timeout): an idle stream has no timer.
-        staging = asyncio.Event()
-
-        async def emit(out: Output) -> None:
-            nonlocal sent
-            for payload in out.sends:
-                await context.write(payload)
-            RESOURCES_SENT.inc(session.resources_sent - sent)
-            sent = session.resources_sent
-            if session.staging:
-                staging.set()
-            if out.status is not None:
-                await feed.report(out.status)
-                if self._on_status is not None:
-                    await self._on_status(node_id, out.status)
-
-        async def follow() -> DomainError | None:
-            while isinstance(target := await feed.next(), Snapshot):
-                async with lock:
-                    await emit(session.set_target(target))
-            return target or Unauthenticated("this node's identity was revoked")
-
-        async def read() -> DomainError | None:
-            async for request in requests:
-                async with lock:
-                    await emit(session.receive(request))
-            return None
-
-        tasks = [asyncio.create_task(c) for c in (read(), follow(), _tick(session, staging, lock, emit))]
+        stream = _Stream(session, feed, context, self._on_status)
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            first = next(iter(done))
-            error = first.exception() if first.exception() is not None else first.result()
+            error = await stream.run(requests)
             if isinstance(error, DomainError):
                 set_status(context, error)
             elif error is not None:
                 # The call went away (the client hung up): nothing to report to it.
                 log.debug("xDS stream of %s ended: %r", node_id, error)
         finally:
-            for task in tasks:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*tasks, return_exceptions=True)
             feed.close()
             STREAMS_OPEN.dec()
             if self.sessions.get(node_id) is session:
                 del self.sessions[node_id]
 
 
-async def _tick(
-    session: Session, staging: asyncio.Event, lock: asyncio.Lock, emit: Callable[[Output], Awaitable[None]]
-) -> None:
-    """Tick the session once a second while it waits on a stage (`staging` is set)."""
-    while True:
-        await staging.wait()
-        await asyncio.sleep(TICK_SECONDS)
-        staging.clear()  # emit sets it again while the session still stages
-        if session.staging:
-            async with lock:
-                await emit(session.tick())
+class _Stream:
+    """One ADS stream's running parts: a task reading requests, a task following the
+    feed, and a tick task only while the session waits on a stage. An object with slots
+    rather than closures: 10,000 idle streams hold one each."""
+
+    __slots__ = ("context", "ended", "feed", "lock", "on_status", "sent", "session", "ticks")
+
+    def __init__(
+        self, session: Session, feed: Feed, context: grpc.aio.ServicerContext, on_status: OnStatus | None
+    ):
+        self.session = session
+        self.feed = feed
+        self.context = context
+        self.on_status = on_status
+        self.lock = asyncio.Lock()
+        self.sent = 0
+        # The gate timeout's ticks, only while the session waits on a stage (the only
+        # time a tick can change anything): an idle stream has no timer and no task.
+        self.ticks: asyncio.Task[None] | None = None
+        # The first of the stream's tasks to end (a tick task only when it fails).
+        self.ended: asyncio.Future[asyncio.Task[Any]] = asyncio.get_running_loop().create_future()
+
+    async def run(self, requests: AsyncIterator[Any]) -> BaseException | DomainError | None:
+        """Until the client goes, the feed ends or a request is refused: why."""
+        tasks = [asyncio.create_task(self._read(requests)), asyncio.create_task(self._follow())]
+        for task in tasks:
+            task.add_done_callback(self._end)
+        try:
+            first = await self.ended
+            return first.exception() if first.exception() is not None else first.result()
+        finally:
+            if self.ticks is not None:
+                tasks.append(self.ticks)
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _end(self, task: asyncio.Task[Any]) -> None:
+        if not self.ended.done():
+            self.ended.set_result(task)
+
+    def _ticks_ended(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._end(task)
+        elif self.ticks is task:
+            self.ticks = None  # a done task keeps its coroutine: let both go
+
+    async def _emit(self, out: Output) -> None:
+        session = self.session
+        for payload in out.sends:
+            await self.context.write(payload)
+        RESOURCES_SENT.inc(session.resources_sent - self.sent)
+        self.sent = session.resources_sent
+        if session.staging and (self.ticks is None or self.ticks.done()):
+            self.ticks = asyncio.create_task(self._tick())
+            self.ticks.add_done_callback(self._ticks_ended)
+        if out.status is not None:
+            await self.feed.report(out.status)
+            if self.on_status is not None:
+                await self.on_status(session.node_id, out.status)
+
+    async def _follow(self) -> DomainError | None:
+        while isinstance(target := await self.feed.next(), Snapshot):
+            async with self.lock:
+                await self._emit(self.session.set_target(target))
+        return target or Unauthenticated("this node's identity was revoked")
+
+    async def _read(self, requests: AsyncIterator[Any]) -> DomainError | None:
+        async for request in requests:
+            async with self.lock:
+                await self._emit(self.session.receive(request))
+        return None
+
+    async def _tick(self) -> None:
+        """Tick the session once a second while it waits on a stage; then end (`_emit`
+        starts another when a request or a new target opens a stage again)."""
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            if not self.session.staging:
+                return
+            async with self.lock:
+                await self._emit(self.session.tick())
 
 
 class MetricsServicer:

@@ -152,6 +152,11 @@ def _parse(archive: Path, root: Path) -> resources.Loaded:
 class HubFeed:
     """One ADS stream's view of its node on the hub (a `rpc_xds.Feed`)."""
 
+    # One per open stream: no instance dict.
+    __slots__ = (
+        "_feeds", "_latest", "_reported", "_waiter", "base", "node_id", "project", "stream", "target",
+    )  # fmt: skip
+
     def __init__(
         self,
         feeds: HubFeeds,

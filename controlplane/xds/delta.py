@@ -18,7 +18,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from controlplane.domain.kernel.errors import ResourceExhausted
-from controlplane.xds.session import WILDCARD, Output, Pending, Session, TypeState, digest_of
+from controlplane.xds.session import (
+    NO_NAMES,
+    WILDCARD,
+    Output,
+    Pending,
+    Session,
+    TypeState,
+    added,
+    digest_of,
+    discarded,
+    shared,
+)
 from controlplane.xds.snapshot import Resource, type_hash
 
 # What a type's response holds: updates, names removed, subscribed names that do not exist.
@@ -40,7 +51,7 @@ class DeltaSession(Session):
             self._check_names(initial, "initial_resource_versions")
             ts.requested = True
             if not subscribe and rtype.full_state:
-                self._legacy.add(rtype.url)
+                self._legacy = added(self._legacy, rtype.url)
                 ts.wildcard = True
             self._update(ts, subscribe, unsubscribe, first=True)
             self._seed(ts, initial)
@@ -53,7 +64,7 @@ class DeltaSession(Session):
                 if request.HasField("error_detail"):
                     for name in (*pending.resources, *pending.removed):
                         ts.acked.pop(name, None)
-                        ts.dirty.add(name)
+                        ts.dirty = added(ts.dirty, name)
                     self._refused(ts, pending, request.error_detail.message)
                 else:
                     self._ack(ts, pending)
@@ -67,33 +78,35 @@ class DeltaSession(Session):
         if subscribe and url in self._legacy:
             # Naming resources ends legacy wildcard mode; the wildcard itself stays until
             # `*` is unsubscribed (Envoy's xDS protocol, "how the client specifies").
-            self._legacy.discard(url)
+            self._legacy = discarded(self._legacy, url)
         for name in subscribe:
             if name == WILDCARD:
                 ts.wildcard = True
                 continue
             if not first and name in ts.acked:
-                ts.dirty.add(name)  # asked again: the client may have forgotten it
-            ts.names.add(name)
-            ts.told_missing.discard(name)
+                ts.dirty = added(ts.dirty, name)  # asked again: the client may have forgotten it
+            ts.names = added(ts.names, name)
+            ts.told_missing = discarded(ts.told_missing, name)
         for name in unsubscribe:
             if name == WILDCARD:
                 ts.wildcard = False
                 continue
-            ts.names.discard(name)
-            ts.told_missing.discard(name)
+            ts.names = discarded(ts.names, name)
+            ts.told_missing = discarded(ts.told_missing, name)
             if ts.wildcard:
-                ts.dirty.add(name)  # say whether it still exists for the wildcard
+                ts.dirty = added(ts.dirty, name)  # say whether it still exists for the wildcard
             else:
                 ts.acked.pop(name, None)
-                ts.dirty.discard(name)
+                ts.dirty = discarded(ts.dirty, name)
         if not ts.wildcard:
             ts.acked = {n: r for n, r in ts.acked.items() if n in ts.names}
-            ts.dirty &= ts.names
+            if ts.dirty:
+                ts.dirty = {n for n in ts.dirty if n in ts.names} or NO_NAMES
         if len(ts.names) > self.limits.max_names:
             raise ResourceExhausted(
                 f"more than {self.limits.max_names} names subscribed", field="resource_names_subscribe"
             )
+        ts.names = shared(ts.names)
 
     def _seed(self, ts: TypeState, initial: dict[str, str]) -> None:
         """What a reconnecting node says it holds, matched against target and base."""
@@ -108,7 +121,7 @@ class DeltaSession(Session):
                     known = r
                     break
             if known is None:
-                ts.dirty.add(name)  # something this server cannot tell: resend or remove
+                ts.dirty = added(ts.dirty, name)  # something this server cannot tell: resend or remove
             else:
                 ts.acked[name] = known
         if ts.acked:
@@ -117,10 +130,10 @@ class DeltaSession(Session):
     def _ack(self, ts: TypeState, pending: Pending) -> None:
         for name, r in pending.resources.items():
             ts.acked[name] = r
-            ts.dirty.discard(name)
+            ts.dirty = discarded(ts.dirty, name)
         for name in pending.removed:
             ts.acked.pop(name, None)
-            ts.dirty.discard(name)
+            ts.dirty = discarded(ts.dirty, name)
         ts.acked_version = type_hash(ts.acked.values())[:12]
         ts.unknown = False
         ts.pending = None
@@ -158,7 +171,7 @@ class DeltaSession(Session):
         gone = sorted({*removed, *missing})
         content = digest_of([f"{r.name}={r.digest}" for r in updates] + [f"-{n}" for n in gone])
         nonce = self.nonce(ts, content)
-        ts.told_missing.update(missing)
+        ts.told_missing = added(ts.told_missing, *missing)
         ts.pending = Pending(nonce, self.target.revision, {r.name: r for r in updates}, tuple(gone))
         self.resources_sent += len(updates)
         return self.encoder.delta(ts.rtype.url, str(self.target.revision), nonce, content, updates, gone)

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +47,55 @@ from controlplane.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, R
 NOTHING = Snapshot(0, "", EMPTY)
 WILDCARD = "*"
 RECENT_NONCES = 16
+# The set of names a TypeState holds until it holds one: shared, so an idle stream's
+# unrequested types and empty sets cost nothing (an empty set is 216 bytes; a session
+# has 15 of them otherwise). Sets are changed only through `added`, `discarded`, which
+# copy a frozen set (this one, or one from `shared`) rather than change it.
+NO_NAMES: frozenset[str] = frozenset()
+
+
+def added(names: AbstractSet[str], *new: str) -> AbstractSet[str]:
+    """`names` with `new` in it: the same set, or a set of its own for a shared empty one."""
+    if not new:
+        return names
+    if isinstance(names, set):
+        names.update(new)
+        return names
+    return {*names, *new}
+
+
+def discarded(names: AbstractSet[str], name: str) -> AbstractSet[str]:
+    """`names` without `name`; the shared empty set once nothing is left."""
+    if name not in names:
+        return names
+    if not isinstance(names, set):
+        return (names - {name}) or NO_NAMES  # a shared set (`shared`) is not changed
+    names.discard(name)
+    return names or NO_NAMES
+
+
+# Small sets of subscribed names, one frozen copy each for every stream holding the
+# same (every Envoy of a fleet asks for the same route configurations): a set of 10
+# names is 512-728 bytes a stream otherwise. Bounded; forgetting one changes nothing
+# for the streams that hold it.
+SHARED_SETS = 1024
+SHARED_SET_NAMES = 64
+_shared: dict[frozenset[str], frozenset[str]] = {}
+
+
+def shared(names: AbstractSet[str]) -> AbstractSet[str]:
+    """`names`, or the same names as a frozen set shared between streams."""
+    if not names:
+        return NO_NAMES
+    if len(names) > SHARED_SET_NAMES:
+        return names
+    key = frozenset(names)
+    found = _shared.get(key)
+    if found is None:
+        if len(_shared) >= SHARED_SETS:
+            _shared.clear()
+        found = _shared[key] = key
+    return found
 
 
 @dataclass(frozen=True)
@@ -84,7 +135,7 @@ class TypeState:
     rtype: ResourceType
     requested: bool = False
     wildcard: bool = False
-    names: set[str] = field(default_factory=set)
+    names: AbstractSet[str] = NO_NAMES
     # What the node holds, as far as the session knows.
     acked: dict[str, Resource] = field(default_factory=dict)
     acked_version: str = ""
@@ -92,14 +143,14 @@ class TypeState:
     # matching version, or a NACK left it half applied): the offer is sent regardless.
     unknown: bool = False
     # Delta: names whose content on the node is unknown (resend, or remove).
-    dirty: set[str] = field(default_factory=set)
+    dirty: AbstractSet[str] = NO_NAMES
     # Delta: subscribed names already told they do not exist.
-    told_missing: set[str] = field(default_factory=set)
+    told_missing: AbstractSet[str] = NO_NAMES
     pending: Pending | None = None
     last_nonce: str = ""
-    # The last RECENT_NONCES nonces sent (a list: most types send a few in a stream's
-    # life, and an empty deque costs ~600 bytes a type on every idle stream).
-    recent: list[str] = field(default_factory=list)
+    # The last RECENT_NONCES nonces sent (a tuple: most types send a few in a stream's
+    # life, and an empty deque costs ~600 bytes a type on every idle stream, a list 56).
+    recent: tuple[str, ...] = ()
     # Putting `base` back was refused: nothing more is sent until a new target.
     parked: bool = False
 
@@ -160,7 +211,7 @@ class Session:
         # Resources sent, in all: a resume that sends nothing again leaves it at 0.
         self.resources_sent = 0
         # Types still in legacy wildcard mode (an empty first request, no names since).
-        self._legacy: set[str] = set()
+        self._legacy: AbstractSet[str] = NO_NAMES
         # Offers by type URL while a pump runs (see _pump_stages); None otherwise.
         self._offers: dict[str, dict[str, Resource] | None] | None = None
 
@@ -236,7 +287,9 @@ class Session:
         for name in out:
             if len(name) > lim.max_name_length:
                 raise InvalidArgument(f"a name longer than {lim.max_name_length} characters", field=what)
-        return out
+        # One copy of each name for every stream that keeps it (every Envoy of a fleet
+        # asks for the same route configurations): each request's are fresh strings.
+        return [sys.intern(name) for name in out]
 
     def _refused(self, ts: TypeState, pending: Pending, error: str) -> None:
         """Envoy NACKed `pending`: record it, then put back the last good configuration."""
@@ -433,9 +486,7 @@ class Session:
         if nonce in ts.recent or nonce == ts.last_nonce:
             self._counter += 1
             nonce = f"{nonce}~{self._counter}"
-        ts.recent.append(nonce)
-        if len(ts.recent) > RECENT_NONCES:
-            del ts.recent[0]
+        ts.recent = (*ts.recent[1 - RECENT_NONCES :], nonce)
         ts.last_nonce = nonce
         return nonce
 

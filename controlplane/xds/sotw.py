@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from controlplane.xds.session import WILDCARD, Output, Pending, Session, TypeState
+from controlplane.xds.session import WILDCARD, Output, Pending, Session, TypeState, added, discarded, shared
 from controlplane.xds.snapshot import Resource, type_hash
 
 
@@ -40,7 +40,7 @@ class SotwSession(Session):
                 return Output()
             ts.requested = True
             if not names and rtype.full_state:
-                self._legacy.add(rtype.url)
+                self._legacy = added(self._legacy, rtype.url)
             self._subscribe(ts, names)
             self._resume(ts, request.version_info)
         elif nonce != ts.last_nonce:
@@ -63,9 +63,9 @@ class SotwSession(Session):
             if not names:
                 ts.wildcard = True
                 return
-            self._legacy.discard(url)
+            self._legacy = discarded(self._legacy, url)
         ts.wildcard = WILDCARD in names
-        ts.names = {n for n in names if n != WILDCARD}
+        ts.names = shared({n for n in names if n != WILDCARD})
         if not ts.wildcard:
             # Names no longer asked for are forgotten: asked again, they are sent again.
             ts.acked = {n: r for n, r in ts.acked.items() if n in ts.names}
@@ -86,7 +86,7 @@ class SotwSession(Session):
 
     def _ack(self, ts: TypeState, pending: Pending) -> None:
         if ts.rtype.full_state:
-            ts.acked = dict(pending.resources)
+            ts.acked = pending.resources  # the response's own view, not kept elsewhere
         else:
             ts.acked.update(pending.resources)
         ts.acked_version = pending.version

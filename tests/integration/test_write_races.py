@@ -32,7 +32,7 @@ from controlplane.domain.ports import Tx
 from controlplane.store.nodes import SqlNodes
 from tests.conftest import HarnessFactory
 from tests.support.eventually import eventually
-from tests.support.harness import Harness
+from tests.support.harness import Harness, Registered
 from tests.support.rollout_fleet import archive
 
 pytestmark = pytest.mark.postgres
@@ -104,6 +104,20 @@ async def test_a_key_retired_while_an_assignment_is_signing_is_not_left_on_it(
     assert resigned == 1
 
 
+async def two_replicas_with_a_node(
+    make: HarnessFactory,
+) -> tuple[Harness, Harness, Registered, str, int, str]:
+    """Replicas A and B of one database, a node assigned v1 at r1 (returned), and v2
+    uploaded, not assigned yet."""
+    a = await make()
+    b = await make()
+    node = await a.register("n1")
+    v1 = await a.upload(archive("v1"))
+    r1 = await a.assign(v1, nodes=[node.node_id])
+    v2 = await a.upload(archive("v2"))
+    return a, b, node, v1, r1, v2
+
+
 async def test_a_stalled_older_report_does_not_overwrite_a_newer_one(
     make_pg_harness: HarnessFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -111,12 +125,7 @@ async def test_a_stalled_older_report_does_not_overwrite_a_newer_one(
     the node (its caller timed out; the batch goes on); meanwhile the node reports ACTIVE
     for r2 to replica B. The node must end on r2: B's report waits for A's and is checked
     against it, never overwritten by the older one."""
-    a = await make_pg_harness()
-    b = await make_pg_harness()
-    node = await a.register("n1")
-    v1 = await a.upload(archive("v1"))
-    r1 = await a.assign(v1, nodes=[node.node_id])
-    v2 = await a.upload(archive("v2"))
+    a, b, node, v1, r1, v2 = await two_replicas_with_a_node(make_pg_harness)
     r2 = await a.assign(v2, nodes=[node.node_id])
     read, go_on = asyncio.Event(), asyncio.Event()
     get_many = SqlNodes.get_many
@@ -182,12 +191,7 @@ async def test_a_report_that_waited_for_the_lock_is_judged_against_the_newest_he
     node's row; meanwhile r2 is written and the node reports ACTIVE for r2 to replica B.
     A's report must be judged against a head that includes r2 (read after the lock):
     refused as stale, the node stays on r2 — never moved back by the late report."""
-    a = await make_pg_harness()
-    b = await make_pg_harness()
-    node = await a.register("n1")
-    v1 = await a.upload(archive("v1"))
-    r1 = await a.assign(v1, nodes=[node.node_id])
-    v2 = await a.upload(archive("v2"))
+    a, b, node, v1, r1, v2 = await two_replicas_with_a_node(make_pg_harness)
     stalled, go_on = asyncio.Event(), asyncio.Event()
     get_many = SqlNodes.get_many
 

@@ -105,6 +105,9 @@ async def test_direct_paths_need_approvals_and_a_late_agent_joins_the_rollouts_b
     await ok(server, bob, "rollout", "approve", rollout_id, "--reason", "lgtm")
     watched = await ok(server, admin, "rollout", "watch", rollout_id)
     assert "baseline written" in watched and "[succeeded]" in watched.splitlines()[-1], watched
+    # Watched after its end, a rollout still tells its story, each event once.
+    again = await ok(server, admin, "rollout", "watch", rollout_id)
+    assert again.count("baseline written") == 1 and "[succeeded]" in again.splitlines()[-1], again
     await first.wait_current(v3)
     # An agent started now, with the selector's labels, installs the rollout's bundle.
     late = spawn_agent("edge-late", {"env": "prod"}, extra_args=metrics_file_args(tmp_path / "m1.json"))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.resources
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,28 @@ def sqlite_directory(url: str) -> Path:
     return Path(make_url(url).database or ".").resolve().parent
 
 
+class _RollbackOnClose(sqlite3.Connection):
+    """A SQLite connection that ends its transaction when it is closed.
+
+    A write cancelled mid-statement (a client that gave up) makes SQLAlchemy invalidate
+    its connection, and aiosqlite closes it once the statement is done. A closed
+    connection whose statements are still held by cursors (the cancelled call's
+    traceback keeps them) is only a zombie in SQLite: it keeps its open transaction,
+    and with it the database's write lock, until the garbage collector frees the cursors,
+    seconds or minutes later. Every other writer waits meanwhile, then fails with
+    "database is locked". Rolling back first releases the lock at close.
+    """
+
+    def close(self) -> None:
+        # Closed already, or the database is gone: nothing to release.
+        with contextlib.suppress(sqlite3.Error):
+            self.rollback()
+        super().close()
+
+
 def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30, "factory": _RollbackOnClose})
         _sqlite_transactions(engine)
         return engine
     # Several hosts (a replicated PostgreSQL): each new connection goes to the primary,

@@ -4,7 +4,8 @@ Validate: `haproxy -c -C <new tree> -f .agent-haproxy.cfg -f haproxy.cfg`. Activ
 the master CLI's `reload` (the master re-executes itself with its arguments, and
 `-C <state>/current` now leads to the new bundle); the driver confirms through the master
 CLI's `show proc` (one more reload, none more failed) and the status frontend answering
-the new digest. A failed reload leaves the old worker serving; its words come from the
+the new digest. A master that runs (the pid file) but is slow to answer its CLI is
+waited for, never started twice. A failed reload leaves the old worker serving; its words come from the
 master's output (`<state>/proxy/haproxy.out`, or `--proxy-log` when attached). Started by
 the agent: `haproxy -W -S <state>/proxy/master.sock -p … -C <state>/current -f
 .agent-haproxy.cfg -f haproxy.cfg`. Attached: the same command run by a service manager;
@@ -27,9 +28,10 @@ import os
 import signal
 import socket
 import time
+from typing import Literal
 
 from agent_stub.applier import ApplyRequest
-from agent_stub.drivers.base import ProxyDriver
+from agent_stub.drivers.base import ProxyDriver, alive, cmdline, read_pid
 from agent_stub.errors import ApplyFailed
 from controlplane.api.node.v1 import node_pb2
 from controlplane.proxies import haproxy, haproxy_routes, routes
@@ -58,13 +60,32 @@ class HaproxyDriver(ProxyDriver):
     async def prepare(self, request: ApplyRequest) -> None:
         await self.check(request)
 
-    async def processes(self) -> haproxy.Processes | None:
-        """The master's `show proc`; None when no master answers."""
+    def master(self) -> int | None:
+        """The pid of the HAProxy master this agent started (this run or an earlier one),
+        from the process or the pid file; None when none runs, or when attached (a service
+        manager's HAProxy is known by its master socket only)."""
         self.reap()
-        try:
-            return haproxy.parse_show_proc(await haproxy.cli(self.master_socket, "show proc"))
-        except (CliError, ValueError):
+        if self.proc is not None:
+            return self.proc.pid
+        if self.attach:
             return None
+        pid = read_pid(self.run_dir / haproxy.PID_FILE)
+        return pid if pid is not None and alive(pid) and "haproxy" in cmdline(pid) else None
+
+    async def processes(self) -> haproxy.Processes | None:
+        """The master's `show proc`; None when no master runs. A master that runs but does
+        not answer yet (a loaded machine, or the master re-executing itself for a reload)
+        is waited for, up to the confirmation timeout: starting a second HAProxy beside it
+        would serve the old bundle and the new one side by side."""
+
+        async def answer() -> haproxy.Processes | Literal[False] | None:
+            try:
+                return haproxy.parse_show_proc(await haproxy.cli(self.master_socket, "show proc"))
+            except (CliError, ValueError):
+                return None if self.master() is not None else False
+
+        found = await self.until(answer, f"answer on its master socket {self.master_socket}")
+        return found if isinstance(found, haproxy.Processes) else None
 
     def _words(self, mark: int) -> str:
         if self.words_path is None:
@@ -86,7 +107,7 @@ class HaproxyDriver(ProxyDriver):
         self.log.info("proxy.reload", proxy=self.kind, pid=before.master_pid, digest=digest)
 
         async def loaded() -> bool | None:
-            now = await self.processes()  # None while the master re-executes itself
+            now = await self.processes()
             if now is None or now.reloads <= before.reloads:
                 return None
             if now.failed_reloads > before.failed_reloads:
@@ -123,12 +144,10 @@ class HaproxyDriver(ProxyDriver):
         return True if served == digest else None
 
     async def stop(self) -> None:
-        if self.attach:
-            return
-        procs = await self.processes()
-        if procs is not None:
-            os.kill(procs.master_pid, signal.SIGUSR1)  # soft stop: finish connections, exit
-            self.log.info("proxy.stopped", proxy=self.kind, pid=procs.master_pid)
+        pid = self.master()
+        if pid is not None:
+            os.kill(pid, signal.SIGUSR1)  # soft stop: finish connections, exit
+            self.log.info("proxy.stopped", proxy=self.kind, pid=pid)
 
     async def reconcile(self, request: ApplyRequest) -> None:
         digest = request.target.digest

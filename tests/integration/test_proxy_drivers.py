@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from tests.support.proxies import (
     port_taken,
     proxy_files,
     proxy_reloads,
+    proxy_roots,
     refused_files,
     served_digest,
     stop_proxies,
@@ -305,6 +308,26 @@ async def test_a_restarted_agent_finds_its_proxy_and_reconciles_it(node: Node) -
         await node.settles_on("v2", v2)
     finally:
         await third.close()
+
+
+@pytest.mark.parametrize("kind", ["haproxy"])
+async def test_a_master_slow_to_answer_is_waited_for_not_started_twice(node: Node) -> None:
+    """A restarted agent whose HAProxy master does not answer its CLI at once (a loaded
+    machine; here: stopped for 6 s) waits for it. Starting a second HAProxy beside it
+    would serve the old bundle and the new one side by side, for good."""
+    v1 = await node.install(node.files("v1"))
+    pid = main_pid(node.kind, node.state)
+    os.kill(pid, signal.SIGSTOP)
+    resume = asyncio.get_running_loop().call_later(6.0, os.kill, pid, signal.SIGCONT)
+    try:
+        await FilesystemInstaller(
+            node.installer.store, node.blobs, node.fresh_driver(), fsync=False
+        ).reconcile(v1)
+    finally:
+        resume.cancel()
+        os.kill(pid, signal.SIGCONT)
+    assert proxy_roots(node.state) == [pid], "one HAProxy, the first"
+    await node.settles_on("v1", v1)
 
 
 @each_proxy

@@ -331,6 +331,14 @@ def proxy_pids(state_dir: Path) -> list[int]:
     return sorted(found)
 
 
+def proxy_roots(state_dir: Path) -> list[int]:
+    """The proxies started for `state_dir` that no other of them started: one per running
+    proxy (the nginx or HAProxy master, the Envoy)."""
+    pids = proxy_pids(state_dir)
+    table = _cmdlines()
+    return [pid for pid in pids if table.get(pid, (0, ""))[0] not in pids]
+
+
 def stop_proxies(state_dir: Path, timeout: float = 5.0) -> None:
     """SIGTERM the proxies started for `state_dir`, then SIGKILL what is left, by pid."""
     pids = proxy_pids(state_dir)

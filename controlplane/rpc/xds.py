@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 ADS_SERVICE = ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"].full_name
 METRICS_SERVICE = metrics_pb.DESCRIPTOR.services_by_name["MetricsService"].full_name
 SERVICES = (ADS_SERVICE, METRICS_SERVICE)
-STREAMS_OPEN = Gauge("controlplane_xds_streams_open", "Open aggregated discovery (ADS) streams.")
+# livesum: with `serve --workers`, the server's streams, whichever process holds them.
+STREAMS_OPEN = Gauge(
+    "controlplane_xds_streams_open", "Open aggregated discovery (ADS) streams.", multiprocess_mode="livesum"
+)
 RESOURCES_SENT = Counter(
     "controlplane_xds_resources_sent_total",
     "Resources sent over ADS; a node that resumes with what it has adds nothing.",

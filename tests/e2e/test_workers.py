@@ -3,7 +3,8 @@
 Real processes on SQLite and on PostgreSQL: streams opened on the shared port land on
 both workers; a write on one worker (its private address) reaches the watchers of the
 other with no gap; a write on one is seen by the next call and the next stream on the
-other (read your writes across processes); a lease-held job (the fleet gauges) runs in
+other (read your writes across processes); writes racing on both workers reach every
+stream in revision order, each with its own bundle; a lease-held job (the fleet gauges) runs in
 one worker only; the shared metrics endpoint adds both workers' counts; a killed worker
 is started again and its agents reconnect.
 """
@@ -220,6 +221,51 @@ async def test_two_workers_serve_one_port_as_one_server(
     assert sample(aggregate, name) == sum(sample(t, name) for t in own)
     assert sample(aggregate, "controlplane_watch_streams_open") == CONNECTIONS
     assert re.search(r"^controlplane_fleet_nodes\{", aggregate, re.MULTILINE), "no fleet gauges"
+    for stream in streams:
+        await stream.cancel()
+
+
+@pytest.mark.both_backends
+async def test_writes_racing_on_both_workers_reach_every_stream_in_one_order(
+    server: ServerProcess, planes: tuple[Plane, Plane, Plane]
+) -> None:
+    """Two processes write at once (each through its own address): every revision is
+    handed out once, and every stream, whichever worker serves it, receives the writes
+    in revision order, each with the bundle of its write, and ends on the newest. (The
+    watch is level-triggered: of revisions of one key read together, a stream is sent
+    the newest only, so it need not see every one.)"""
+    shared, first, second = planes
+    nodes = [await shared.register(f"race-{i}", {"race": "yes"}) for i in range(8)]
+    streams = [shared.watch(node, own_connection=True) for node in nodes]
+    for stream in streams:
+        await stream.wait_for(lambda r: bool(r.of("snapshot_end")), 20, "the bootstrap")
+    digests = [
+        await first.upload({"nginx.conf": f"events {{ worker_connections {64 + i}; }}\n".encode()})
+        for i in range(4)
+    ]
+
+    async def writer(plane: Plane, offset: int) -> list[tuple[int, str]]:
+        done = []
+        for k in range(12):
+            digest = digests[(offset + k) % len(digests)]
+            done.append((await plane.assign(digest, "race=yes"), digest))
+        return done
+
+    by_first, by_second = await asyncio.gather(writer(first, 0), writer(second, 1))
+    writes = dict(by_first + by_second)
+    assert len(writes) == 24, "a revision handed out twice"
+    last = max(writes)
+    for stream in streams:
+        await stream.wait_for(
+            lambda r: any(d.revision == last for d in r.of("desired")), 20, f"revision {last}"
+        )
+
+    for stream in streams:
+        seen = [(d.revision, d.digest) for d in stream.of("desired") if d.revision in writes]
+        revisions = [revision for revision, _ in seen]
+        assert revisions == sorted(set(revisions)), f"out of order or twice: {revisions}"
+        assert all(writes[revision] == digest for revision, digest in seen), seen
+        assert seen[-1] == (last, writes[last])
     for stream in streams:
         await stream.cancel()
 

@@ -53,7 +53,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 #
 # Migrations run once per test run (per xdist worker) into a template; each test that
 # needs a migrated database gets a copy of it (a file copy on SQLite, CREATE DATABASE ...
-# TEMPLATE on PostgreSQL, made ahead and dropped behind by tests/support/dbsupply.py),
+# TEMPLATE on PostgreSQL, made ahead and reset behind by tests/support/dbsupply.py),
 # which is what makes ~400 server starts affordable.
 
 
@@ -97,7 +97,7 @@ def pg_template(worker_id: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def pg_supply(pg_template: str) -> Iterator[DatabaseSupply]:
-    """Copies of the template made while the previous test runs, dropped behind it."""
+    """Copies of the template made ahead of the tests, reset for the next one behind them."""
     supply = DatabaseSupply(pg_template)
     yield supply
     with watched_sync("closing the database supply"):

@@ -4,8 +4,9 @@ simulated fleet of real agents, and a RolloutService client that follows WatchRo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Container, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,7 +19,10 @@ from google.protobuf.duration_pb2 import Duration
 from agent_stub.backoff import BackoffPolicy
 from agent_stub.simulator import FleetConfig, FleetSimulator, MetricsProfile
 from controlplane.api.rollout.v1 import drift_pb2_grpc, rollout_pb2, rollout_pb2_grpc
+from controlplane.bootstrap import App
+from controlplane.domain.rollouts.driver import PassResult
 from tests.support.archives import bundle
+from tests.support.clock import TestClock
 from tests.support.processes import FAST_AGENT_ARGS
 
 pb = rollout_pb2
@@ -199,6 +203,42 @@ class Rollouts:
             await asyncio.sleep(0.1)
 
 
+async def watch_past_bakes(
+    rollouts: Rollouts,
+    rollout_id: str,
+    clock: TestClock,
+    bake: timedelta,
+    steps: Container[int] | None = None,
+    timeout: float = 60.0,
+) -> Watched:
+    """Follow the rollout to its end (`Rollouts.watch`), moving the server's `clock` on
+    by `bake` as each step's bake begins (the step BAKING, its gates passing), so no bake
+    is waited out; `steps` limits that to some step indexes. Heartbeats must stay fresh
+    across the jumps: the server's `offline_after` far longer than they add up to."""
+    jumped: set[int] = set()
+
+    async def cut() -> None:
+        while True:
+            for step in (await rollouts.get(rollout_id)).steps:
+                if (
+                    step.index not in jumped
+                    and (steps is None or step.index in steps)
+                    and step.state == pb.STEP_STATE_BAKING
+                    and not step.HasField("gate_failing_since")
+                ):
+                    jumped.add(step.index)
+                    clock.advance(bake)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.get_running_loop().create_task(cut())
+    try:
+        return await rollouts.watch(rollout_id, timeout)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class _Authorized:
     """A channel whose calls carry `metadata` (an operator's API key) unless given their own."""
 
@@ -221,6 +261,31 @@ class _Authorized:
             return invoke
 
         return multicallable
+
+
+async def driver_passes(app: App, count: int, timeout: float = 30.0) -> None:
+    """Wait until the app's rollout driver has made `count` whole passes that began after
+    this call: what it would have done to a rollout by now, it has done (an event to wait
+    for where a test would otherwise sleep through a few ticks)."""
+    driver = app.driver
+    inner = driver.on_pass
+    done = 0
+    enough = asyncio.Event()
+
+    def counting(result: PassResult) -> None:
+        nonlocal done
+        inner(result)
+        done += 1
+        if done > count:  # the first may have begun before the call
+            enough.set()
+
+    driver.on_pass = counting
+    try:
+        await asyncio.wait_for(enough.wait(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"{done} driver pass(es) within {timeout}s, want {count + 1}") from None
+    finally:
+        driver.on_pass = inner
 
 
 def bad(error_rate: float = 0.3, p99: float = 900.0) -> MetricsProfile:

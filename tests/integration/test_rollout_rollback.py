@@ -211,7 +211,8 @@ async def test_nacks_count_against_the_failure_budget(plane: Harness) -> None:
         done = await rollouts.get(failing.id)
         assert "rejected the bundle (budget 1)" in done.reason
         assert done.steps[1].state == pb.STEP_STATE_PENDING  # never written
-        await asyncio.sleep(0.5)
+        await driver_passes(plane.app, 2)  # nor by a later pass
+        assert set(await desired(plane, ids[1:])) == {v2}
         assert {by_id[i].digest for i in ids[1:]} == {v2}
 
 
@@ -384,7 +385,7 @@ async def test_cancel_keeps_nodes_on_the_bundle_and_puts_back_the_others(plane: 
                 break
             await asyncio.sleep(0.1)
         assert away.digest == v1 and v2 not in {o.digest for o in away.observed}, away.observed
-        await asyncio.sleep(0.5)
+        assert await desired(plane, [n.node_id for n in sim.nodes]) == [v2, v1, v2]
         assert [n.digest for n in sim.nodes] == [v2, v1, v2]
 
         # A FAILED rollout (auto-rollback off): cancelling it takes the NACKing node off v3.
@@ -403,6 +404,14 @@ async def test_cancel_keeps_nodes_on_the_bundle_and_puts_back_the_others(plane: 
             await asyncio.sleep(0.1)
         assert nacking.observed[-1].digest == v2 and nacking.digest == v2
         assert {n.digest for n in sim.nodes[1:]} == {v3}
+
+
+async def desired(plane: Harness, node_ids: list[str]) -> list[str]:
+    """What the server wants each node to run: a write the nodes have yet to hear of
+    shows here at once (where waiting on the nodes would need a sleep)."""
+    return [
+        (await plane.nodes.GetNode(node_pb2.GetNodeRequest(node_id=n))).node.desired_digest for n in node_ids
+    ]
 
 
 async def recorded_active(rollouts: Rollouts, rollout_id: str, count: int) -> None:
@@ -442,7 +451,8 @@ async def test_rollback_never_restores_a_revoked_bundle(plane: Harness) -> None:
         assert back.rollout.state == pb.ROLLOUT_STATE_ROLLED_BACK
         nodes = await rollouts.nodes(upgrade.id)
         assert all("not restored" in n.error and "revoked" in n.error for n in nodes), nodes
-        await asyncio.sleep(1.0)
+        await driver_passes(plane.app, 2)  # nor by a later pass
+        assert set(await desired(plane, [n.node_id for n in sim.nodes])) == {v2}
         assert {n.digest for n in sim.nodes} == {v2}
 
 

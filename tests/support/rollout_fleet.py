@@ -20,6 +20,7 @@ from agent_stub.backoff import BackoffPolicy
 from agent_stub.simulator import FleetConfig, FleetSimulator, MetricsProfile
 from controlplane.api.rollout.v1 import drift_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from controlplane.bootstrap import App
+from controlplane.domain.drift import SweepResult
 from controlplane.domain.rollouts.driver import PassResult
 from tests.support.archives import bundle
 from tests.support.clock import TestClock
@@ -286,6 +287,31 @@ async def driver_passes(app: App, count: int, timeout: float = 30.0) -> None:
         raise AssertionError(f"{done} driver pass(es) within {timeout}s, want {count + 1}") from None
     finally:
         driver.on_pass = inner
+
+
+async def drift_sweeps(app: App, count: int, timeout: float = 30.0) -> None:
+    """Wait until the app's drift detector has made `count` whole sweeps that began after
+    this call (where a test would otherwise sleep through a few sweep intervals)."""
+    detector = app.drift
+    sweep = detector.sweep
+    done = 0
+    enough = asyncio.Event()
+
+    async def counting() -> SweepResult:
+        nonlocal done
+        result = await sweep()
+        done += 1
+        if done > count:  # the first may have begun before the call
+            enough.set()
+        return result
+
+    detector.sweep = counting  # type: ignore[method-assign]
+    try:
+        await asyncio.wait_for(enough.wait(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"{done} drift sweep(s) within {timeout}s, want {count + 1}") from None
+    finally:
+        del detector.sweep  # back to the method
 
 
 def bad(error_rate: float = 0.3, p99: float = 900.0) -> MetricsProfile:

@@ -19,6 +19,7 @@ from tests.support.eventually import eventually
 from tests.support.harness import Harness
 from tests.support.rollout_fleet import (
     FAST,
+    STEADY,
     Rollouts,
     archive,
     bad,
@@ -147,7 +148,7 @@ async def test_gates_fail_on_metrics_the_nodes_do_not_report(make_harness: Harne
     The node shows the metric absent, not 0.0. The server's clock is moved past the
     failure window (heartbeats stay fresh across the jump: only the metric fails)."""
     clock = TestClock()
-    plane = await make_harness(clock=clock, **{**FAST, "offline_after": timedelta(days=1)})
+    plane = await make_harness(clock=clock, **STEADY)
     no_errors = MetricsProfile(error_rate=None)
     async with running(fleet(plane.address, plane.token, 3, metrics=no_errors)) as sim:
         rollouts = Rollouts(plane.channel)
@@ -258,7 +259,7 @@ async def test_pause_holds_and_resume_continues(make_harness: HarnessFactory) ->
     step — the node beat since it applied the bundle, and the server's clock is moved far
     past the bake (heartbeats stay fresh across the jump) — and resumed, it finishes."""
     clock = TestClock()
-    plane = await make_harness(clock=clock, **{**FAST, "offline_after": timedelta(days=1)})
+    plane = await make_harness(clock=clock, **STEADY)
     async with running(fleet(plane.address, plane.token, 3)) as sim:
         rollouts = Rollouts(plane.channel)
         v1 = await plane.upload(archive("v1"))

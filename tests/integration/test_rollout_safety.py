@@ -25,6 +25,7 @@ from tests.support.harness import Harness
 from tests.support.refusals import expect
 from tests.support.rollout_fleet import (
     FAST,
+    STEADY,
     Rollouts,
     archive,
     driver_passes,
@@ -147,7 +148,7 @@ async def test_freeze_windows_block_create_and_hold_start_and_advance(make_harne
     """Times are the server's clock, moved by the test to the scheduled start
     (heartbeats stay fresh across the jump)."""
     clock = TestClock()
-    plane = await make_harness(clock=clock, **{**FAST, "offline_after": timedelta(days=1)})
+    plane = await make_harness(clock=clock, **STEADY)
 
     def at(delta: timedelta) -> Timestamp:
         return stamp(clock() + delta)
@@ -317,7 +318,7 @@ async def test_scheduled_rollouts_start_on_time_and_can_be_cancelled_while_waiti
     cancelled while it waited never starts. Heartbeats stay fresh across the jump (offline
     and gate staleness far longer than it), so only the schedule is under test."""
     clock = TestClock()
-    plane = await make_harness(clock=clock, **{**FAST, "offline_after": timedelta(days=1)})
+    plane = await make_harness(clock=clock, **STEADY)
     async with running(fleet(plane.address, plane.token, 2)) as sim:
         v0, v1 = await plane.upload(archive("v0")), await plane.upload(archive("v1"))
         rollouts = Rollouts(plane.channel)
@@ -352,7 +353,7 @@ async def test_scheduled_rollouts_start_on_time_and_can_be_cancelled_while_waiti
 async def test_pinned_nodes_are_skipped_and_reported(make_harness: HarnessFactory) -> None:
     # Bakes are cut short by moving the server's clock (heartbeats stay fresh for a day).
     clock = TestClock()
-    plane = await make_harness(clock=clock, **{**FAST, "offline_after": timedelta(days=1)})
+    plane = await make_harness(clock=clock, **STEADY)
     async with running(fleet(plane.address, plane.token, 4)) as sim:
         v1, v2 = await plane.upload(archive("v1")), await plane.upload(archive("v2"))
         rollouts = Rollouts(plane.channel)

@@ -11,7 +11,17 @@ from tests.conftest import HarnessFactory
 from tests.support.clock import TestClock
 from tests.support.eventually import eventually
 from tests.support.harness import Harness
-from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running, seconds, watch_past_bakes
+from tests.support.rollout_fleet import (
+    FAST,
+    STEADY,
+    Rollouts,
+    archive,
+    fleet,
+    pb,
+    running,
+    seconds,
+    watch_past_bakes,
+)
 
 
 @pytest.fixture
@@ -67,9 +77,7 @@ async def test_canary_promotes_through_cumulative_steps(make_harness: HarnessFac
     last, unanalysed, is cut short by moving the server's clock past its bake (nodes go
     offline after a day, gates call a beat stale after 3 s, as the analysis expects)."""
     clock = TestClock()
-    plane = await make_harness(
-        clock=clock, **{**FAST, "offline_after": timedelta(days=1), "gate_stale_after": FAST["offline_after"]}
-    )
+    plane = await make_harness(clock=clock, **{**STEADY, "gate_stale_after": FAST["offline_after"]})
     async with running(fleet(plane.address, plane.token, 10)) as sim:
         v1 = await plane.upload(archive("v1"))
         rollouts = Rollouts(plane.channel)

@@ -45,6 +45,11 @@ FAST = {
     "lease_ttl": timedelta(seconds=3),
 }
 
+# FAST, but nodes go offline, and heartbeats go stale, only after a day: for a server on
+# a TestClock (tests/support/clock.py) that the test moves past bakes, schedules and
+# failure windows instead of waiting for them.
+STEADY = {**FAST, "offline_after": timedelta(days=1)}
+
 # The same for a server process (e2e): `@pytest.mark.server_args(*SERVER_ARGS)`.
 SERVER_ARGS = ("--rollout-tick", "0.1", "--lease-ttl", "3", "--offline-after", "3")
 

@@ -16,6 +16,7 @@ from tests.support.rollout_fleet import (
     STEADY,
     Rollouts,
     archive,
+    canary_sampled,
     fleet,
     pb,
     running,
@@ -73,9 +74,9 @@ async def test_all_at_once_is_one_step(plane: Harness) -> None:
 
 
 async def test_canary_promotes_through_cumulative_steps(make_harness: HarnessFactory) -> None:
-    """The analysed steps bake in real time (their samples are real heartbeats); the
-    last, unanalysed, is cut short by moving the server's clock past its bake (nodes go
-    offline after a day, gates call a beat stale after 3 s, as the analysis expects)."""
+    """Bakes are cut short by moving the server's clock past them (nodes go offline
+    after a day, gates call a beat stale after 3 s): an analysed step's once its canary
+    nodes sent the heartbeats the analysis needs, so no analysis waits for samples."""
     clock = TestClock()
     plane = await make_harness(clock=clock, **{**STEADY, "gate_stale_after": FAST["offline_after"]})
     async with running(fleet(plane.address, plane.token, 10)) as sim:
@@ -88,7 +89,9 @@ async def test_canary_promotes_through_cumulative_steps(make_harness: HarnessFac
             bake_time=seconds(2),
         )
         assert [s.node_count for s in created.steps] == [1, 4, 5]
-        seen = await watch_past_bakes(rollouts, created.id, clock, timedelta(seconds=2), steps={2})
+
+        sampled = canary_sampled(plane, rollouts, created.id, v1, 2)
+        seen = await watch_past_bakes(rollouts, created.id, clock, timedelta(seconds=2), sampled)
         assert seen.last_state == pb.ROLLOUT_STATE_SUCCEEDED, seen.messages("state")
         done = await rollouts.get(created.id)
         analyses = [a for s in done.steps for a in s.analyses]

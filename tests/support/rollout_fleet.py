@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Container, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,12 +18,14 @@ from google.protobuf.duration_pb2 import Duration
 
 from agent_stub.backoff import BackoffPolicy
 from agent_stub.simulator import FleetConfig, FleetSimulator, MetricsProfile
+from controlplane.api.node.v1 import node_pb2
 from controlplane.api.rollout.v1 import drift_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from controlplane.bootstrap import App
 from controlplane.domain.drift import SweepResult
 from controlplane.domain.rollouts.driver import PassResult
 from tests.support.archives import bundle
 from tests.support.clock import TestClock
+from tests.support.harness import Harness
 from tests.support.processes import FAST_AGENT_ARGS
 
 pb = rollout_pb2
@@ -214,13 +216,14 @@ async def watch_past_bakes(
     rollout_id: str,
     clock: TestClock,
     bake: timedelta,
-    steps: Container[int] | None = None,
+    ready: Callable[[pb.Step], Awaitable[bool]] | None = None,
     timeout: float = 60.0,
 ) -> Watched:
     """Follow the rollout to its end (`Rollouts.watch`), moving the server's `clock` on
     by `bake` as each step's bake begins (the step BAKING, its gates passing), so no bake
-    is waited out; `steps` limits that to some step indexes. Heartbeats must stay fresh
-    across the jumps: the server's `offline_after` far longer than they add up to."""
+    is waited out; with `ready`, once that also says the step is ready (a canary's
+    samples are in). Heartbeats must stay fresh across the jumps: the server's
+    `offline_after` far longer than they add up to."""
     jumped: set[int] = set()
 
     async def cut() -> None:
@@ -228,9 +231,9 @@ async def watch_past_bakes(
             for step in (await rollouts.get(rollout_id)).steps:
                 if (
                     step.index not in jumped
-                    and (steps is None or step.index in steps)
                     and step.state == pb.STEP_STATE_BAKING
                     and not step.HasField("gate_failing_since")
+                    and (ready is None or await ready(step))
                 ):
                     jumped.add(step.index)
                     clock.advance(bake)
@@ -267,6 +270,26 @@ class _Authorized:
             return invoke
 
         return multicallable
+
+
+def canary_sampled(
+    plane: Harness, rollouts: Rollouts, rollout_id: str, digest: str, need: int
+) -> Callable[[pb.Step], Awaitable[bool]]:
+    """For `watch_past_bakes`: a step is ready once the canary nodes so far (the
+    rollout's nodes up to that step) sent `need` heartbeats on `digest` since it applied,
+    the samples its analysis counts; so no analysis lacks them when the bake is over."""
+
+    async def sampled(step: pb.Step) -> bool:
+        canary = [n.node_id for n in await rollouts.nodes(rollout_id) if n.step <= step.index]
+        applied = step.applied_at.ToDatetime()
+        samples = 0
+        for node_id in canary:
+            beats = await plane.nodes.ListHeartbeats(node_pb2.ListHeartbeatsRequest(node_id=node_id))
+            on_digest = [h for h in beats.heartbeats if h.applied_digest == digest]
+            samples += sum(1 for h in on_digest if h.received_at.ToDatetime() > applied)
+        return samples >= need
+
+    return sampled
 
 
 async def driver_passes(app: App, count: int, timeout: float = 30.0) -> None:

@@ -88,7 +88,7 @@ STALE = timedelta(seconds=3)
     [
         # Stale once the node would be marked offline (the default), 3 s here; the
         # offline sweep never runs, so the silent node stays ONLINE.
-        {"offline_sweep_interval": timedelta(minutes=10)},
+        {"offline_after": STALE, "offline_sweep_interval": timedelta(minutes=10)},
         # A gate window of its own (--gate-stale-after), far shorter than offline_after.
         {"offline_after": timedelta(minutes=10), "gate_stale_after": STALE},
     ],
@@ -273,10 +273,12 @@ async def test_pause_holds_and_resume_continues(make_harness: HarnessFactory) ->
         assert paused.state == pb.ROLLOUT_STATE_PAUSED and paused.reason == "checking graphs"
 
         async def beat_on_v1() -> None:
-            # Step 0's node runs v1 and has beaten since: all its gate would ask for.
-            node = next(n for n in await rollouts.nodes(created.id) if n.assigned_revision)
-            beats = await plane.nodes.ListHeartbeats(node_pb2.ListHeartbeatsRequest(node_id=node.node_id))
-            assert any(h.applied_digest == v1 for h in beats.heartbeats), beats
+            # Step 0's node (written as the rollout started) runs v1 and has beaten
+            # since: all its gate would ask for.
+            written = [n for n in await rollouts.nodes(created.id) if n.assigned_revision]
+            for node in written:
+                beats = await plane.nodes.ListHeartbeats(node_pb2.ListHeartbeatsRequest(node_id=node.node_id))
+                assert any(h.applied_digest == v1 for h in beats.heartbeats), beats
 
         await eventually(beat_on_v1, what="a heartbeat of step 0's node on v1")
         clock.advance(timedelta(minutes=2))  # the bake over, the step deadline not

@@ -16,10 +16,11 @@ from controlplane.api.rollout.v1 import drift_pb2
 from tests.conftest import HarnessFactory
 from tests.support.clock import TestClock
 from tests.support.harness import Harness
-from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running
+from tests.support.rollout_fleet import FAST, Rollouts, archive, drift_sweeps, fleet, pb, running
 
 # Drift is judged on the server's clock, which these tests move: an hour's grace is
-# passed by a jump, not waited for (sweeps still run every half second of real time).
+# passed by a jump, not waited for. Sweeps run every tenth of a second of real time, and
+# the tests wait for whole sweeps (`drift_sweeps`), never for an interval.
 GRACE = timedelta(hours=1)
 
 
@@ -35,6 +36,7 @@ async def plane(make_harness: HarnessFactory, clock: TestClock) -> Harness:
         **{
             **FAST,
             "drift_grace": GRACE,
+            "drift_interval": timedelta(seconds=0.1),
             "offline_after": timedelta(days=1),
             "fleet_metrics_interval": timedelta(seconds=0.2),
         },
@@ -74,14 +76,14 @@ async def test_one_episode_per_drift_resolved_on_convergence(plane: Harness, clo
         opened_before = counter("controlplane_drift_episodes_opened_total")
         await plane.assign(v1, selector="env=prod")
         await until(lambda: _refused(stuck, v1), what="the node refusing the bundle")
-        await asyncio.sleep(1.0)  # sweeps see the mismatch (the grace runs from then): no episode yet
+        await drift_sweeps(plane.app, 2)  # sweeps see the mismatch (the grace runs from then): no episode yet
         assert await episodes(rollouts) == []
         clock.advance(GRACE)
         found = await until(lambda: episodes(rollouts), what="a drift episode")
         assert [e.node_id for e in found] == [stuck.node_id]
         assert found[0].desired_digest == v1 and found[0].applied_digest == ""
         # Sweeps keep seeing it: still one episode, one count.
-        await asyncio.sleep(1.2)
+        await drift_sweeps(plane.app, 3)
         assert len(await episodes(rollouts)) == 1
         assert counter("controlplane_drift_episodes_opened_total") - opened_before == 1
         # Counted from the database by the one process holding the fleet-metrics lease.
@@ -112,7 +114,7 @@ async def test_remediation_reasserts_the_desired_state_once_per_attempt(
         stuck.rejects.add(v1)
         await plane.assign(v1, selector="env=prod")
         await until(lambda: _refused(stuck, v1), what="the node refusing the bundle")
-        await asyncio.sleep(1.0)  # a sweep sees the mismatch first: the grace runs from then
+        await drift_sweeps(plane.app, 2)  # a sweep sees the mismatch first: the grace runs from then
         clock.advance(GRACE)
         await until(lambda: episodes(rollouts), what="a drift episode")
 
@@ -122,7 +124,7 @@ async def test_remediation_reasserts_the_desired_state_once_per_attempt(
             drift_pb2.UpdateDriftSettingsRequest(project="default", remediate=True)
         )
         clock.advance(GRACE)
-        await asyncio.sleep(1.2)  # sweeps past the grace: still none for a held node
+        await drift_sweeps(plane.app, 3)  # sweeps past the grace: still none for a held node
         assert (await episodes(rollouts))[0].remediations == 0
         assert sum(1 for o in stuck.observed if o.digest == v1) == 1
         await rollouts.stub.CancelRollout(pb.CancelRolloutRequest(project="default", rollout_id=waiting.id))
@@ -130,7 +132,7 @@ async def test_remediation_reasserts_the_desired_state_once_per_attempt(
         # Free again: re-asserted, at most a few times however long it stays stuck.
         first = await until(lambda: _remediated(rollouts, 1), what="a remediation")
         assert first.remediations == 1
-        await asyncio.sleep(1.2)  # one per grace period, however many sweeps
+        await drift_sweeps(plane.app, 3)  # one per grace period, however many sweeps
         assert (await episodes(rollouts))[0].remediations == 1
         clock.advance(GRACE)
         await until(lambda: _remediated(rollouts, 2), what="a second remediation")

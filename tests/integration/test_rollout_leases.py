@@ -18,6 +18,7 @@ from controlplane.domain.model.leases import Lease, LeaseLost
 from controlplane.domain.rollouts.controller import RolloutController
 from controlplane.domain.rollouts.driver import RolloutDriver, lease_name
 from tests.conftest import HarnessFactory
+from tests.support.clock import TestClock
 from tests.support.eventually import eventually
 from tests.support.harness import Harness
 from tests.support.liveness import alive
@@ -53,12 +54,16 @@ async def test_two_replicas_drive_each_rollout_once(make_harness: HarnessFactory
 
 
 async def test_a_replacement_replica_resumes_where_the_leader_stopped(make_harness: HarnessFactory) -> None:
-    a = await make_harness(**FAST)
-    b = await make_harness(**FAST)
+    # A short lease: the takeover waits for it to lapse (on PostgreSQL after the keeper
+    # gave up renewing a lease nobody asks about, five lives of it). A replica that loses
+    # it early to a stall hands over the same way, fenced: the outcome below still holds.
+    short = {**FAST, "lease_ttl": timedelta(seconds=1)}
+    a = await make_harness(**short)
+    b = await make_harness(**short)
     async with running(fleet(a.address, a.token, 4)) as sim:
         v1 = await a.upload(archive("v1"))
         rollouts = Rollouts(a.channel)
-        created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(1))
+        created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(0.5))
 
         async def led() -> Harness:
             holders = [h for h in (a, b) if created.id in h.app.driver.held]
@@ -130,8 +135,12 @@ async def test_a_stalled_holders_late_writes_match_nothing(make_harness: Harness
     app = plane.app
     await app.rollout_tasks.stop()  # this test plays both replicas itself
 
+    # The replicas' leases read a clock the test moves: A "stalls" past its lease by a
+    # jump of that clock, on the database's expiry and on its own deadline alike.
+    clock = TestClock()
+
     def replica(holder: str) -> tuple[Leases, RolloutController]:
-        leases = Leases(app.store, utcnow, ttl=timedelta(seconds=1), holder=holder)
+        leases = Leases(app.store, clock, ttl=timedelta(seconds=1), holder=holder, monotonic=clock.monotonic)
         controller = RolloutController(
             app.store,
             utcnow,
@@ -165,7 +174,7 @@ async def test_a_stalled_holders_late_writes_match_nothing(make_harness: Harness
 
             await eventually(applied, what="step 0 applied")
             # A stalls past its lease; B takes over with a higher epoch.
-            await asyncio.sleep(1.2)
+            clock.advance(timedelta(seconds=1.2))
             assert not leases_a.valid(lease_a)
             lease_b = await leases_b.acquire(name)
             assert lease_b is not None and lease_b.epoch == lease_a.epoch + 1

@@ -14,9 +14,22 @@ from agent_stub.simulator import FleetSimulator, MetricsProfile
 from controlplane.api.bundle.v1 import bundle_pb2
 from controlplane.api.node.v1 import node_pb2
 from tests.conftest import HarnessFactory
+from tests.support.clock import TestClock
 from tests.support.eventually import eventually
 from tests.support.harness import Harness
-from tests.support.rollout_fleet import FAST, Rollouts, archive, bad, fleet, pb, running, seconds
+from tests.support.rollout_fleet import (
+    FAST,
+    STEADY,
+    Rollouts,
+    archive,
+    bad,
+    driver_passes,
+    fleet,
+    pb,
+    running,
+    seconds,
+    watch_past_bakes,
+)
 
 
 @pytest.fixture
@@ -66,14 +79,18 @@ async def test_canary_rolls_back_on_bad_metrics_from_the_simulator(plane: Harnes
         assert len(told) == 1
 
 
+# The gates' staleness in both cases below.
+STALE = timedelta(seconds=3)
+
+
 @pytest.mark.parametrize(
     "staleness",
     [
         # Stale once the node would be marked offline (the default), 3 s here; the
         # offline sweep never runs, so the silent node stays ONLINE.
-        {"offline_sweep_interval": timedelta(minutes=10)},
+        {"offline_after": STALE, "offline_sweep_interval": timedelta(minutes=10)},
         # A gate window of its own (--gate-stale-after), far shorter than offline_after.
-        {"offline_after": timedelta(minutes=10), "gate_stale_after": timedelta(seconds=3)},
+        {"offline_after": timedelta(minutes=10), "gate_stale_after": STALE},
     ],
     ids=["offline-after", "gate-stale-after"],
 )
@@ -81,8 +98,11 @@ async def test_gates_fail_on_stale_metrics_while_the_node_stays_online(
     make_harness: HarnessFactory, staleness: dict[str, timedelta]
 ) -> None:
     # A node that goes silent keeps status ONLINE: only the age of its last heartbeat
-    # (past the gates' staleness) can fail it.
-    plane = await make_harness(**{**FAST, **staleness})
+    # (past the gates' staleness) can fail it. The server's clock is moved past the
+    # staleness and then past the failure window, instead of waiting for both: the
+    # others beat again within a second of each jump, the silent node never does.
+    clock = TestClock()
+    plane = await make_harness(clock=clock, **{**FAST, **staleness})
     async with running(fleet(plane.address, plane.token, 3)) as sim:
         rollouts = Rollouts(plane.channel)
         v1 = await everyone_on(rollouts, await plane.upload(archive("v1")))
@@ -103,6 +123,14 @@ async def test_gates_fail_on_stale_metrics_while_the_node_stays_online(
         # A node goes silent while the step bakes: no more heartbeats, no more metrics.
         silent = sim.nodes[0].node_id
         await sim.stop_node(0)
+        clock.advance(STALE)
+
+        async def failing() -> None:
+            gates = (await rollouts.get(created.id)).steps[0].gates
+            assert f"{silent}: last heartbeat" in gates, gates
+
+        await eventually(failing, what="the gates failing on the silent node")
+        clock.advance(timedelta(seconds=2.5))  # past the failure window
         seen = await rollouts.watch(created.id)
         assert seen.last_state == pb.ROLLOUT_STATE_ROLLED_BACK
         reason = (await rollouts.get(created.id)).reason
@@ -114,10 +142,13 @@ async def test_gates_fail_on_stale_metrics_while_the_node_stays_online(
         await settle(sim, v1)
 
 
-async def test_gates_fail_on_metrics_the_nodes_do_not_report(plane: Harness) -> None:
+async def test_gates_fail_on_metrics_the_nodes_do_not_report(make_harness: HarnessFactory) -> None:
     """Healthy nodes that send no error rate (a broken metrics source) do not pass a
     max_error_rate gate: the rollout fails its gates naming the metric and rolls back.
-    The node shows the metric absent, not 0.0."""
+    The node shows the metric absent, not 0.0. The server's clock is moved past the
+    failure window (heartbeats stay fresh across the jump: only the metric fails)."""
+    clock = TestClock()
+    plane = await make_harness(clock=clock, **STEADY)
     no_errors = MetricsProfile(error_rate=None)
     async with running(fleet(plane.address, plane.token, 3, metrics=no_errors)) as sim:
         rollouts = Rollouts(plane.channel)
@@ -131,6 +162,18 @@ async def test_gates_fail_on_metrics_the_nodes_do_not_report(plane: Harness) -> 
             bake_time=seconds(30),
             gate_failure_window=seconds(2),
         )
+
+        async def beaten() -> None:
+            # Every node beat since it activated v2: the gates see its metrics.
+            for node in await rollouts.nodes(created.id):
+                assert node.state == pb.NODE_STATE_ACTIVE, node
+                got = (await plane.nodes.GetNode(node_pb2.GetNodeRequest(node_id=node.node_id))).node
+                beat = got.last_heartbeat.received_at.ToDatetime()
+                assert beat > node.updated_at.ToDatetime(), (beat, node.updated_at)
+
+        await eventually(beaten, what="a heartbeat from every node since it activated v2")
+        assert "failing" in (await rollouts.get(created.id)).steps[0].gates  # since before the jump
+        clock.advance(timedelta(seconds=2.5))  # past the failure window
         seen = await rollouts.watch(created.id)
         assert seen.last_state == pb.ROLLOUT_STATE_ROLLED_BACK
         reason = (await rollouts.get(created.id)).reason
@@ -169,7 +212,8 @@ async def test_nacks_count_against_the_failure_budget(plane: Harness) -> None:
         done = await rollouts.get(failing.id)
         assert "rejected the bundle (budget 1)" in done.reason
         assert done.steps[1].state == pb.STEP_STATE_PENDING  # never written
-        await asyncio.sleep(0.5)
+        await driver_passes(plane.app, 2)  # nor by a later pass
+        assert set(await desired(plane, ids[1:])) == {v2}
         assert {by_id[i].digest for i in ids[1:]} == {v2}
 
 
@@ -210,11 +254,16 @@ async def test_offline_nodes_count_against_max_unavailable(plane: Harness) -> No
         await settle(sim, v2)
 
 
-async def test_pause_holds_and_resume_continues(plane: Harness) -> None:
+async def test_pause_holds_and_resume_continues(make_harness: HarnessFactory) -> None:
+    """Paused, the rollout stays put through driver passes that would have finished its
+    step — the node beat since it applied the bundle, and the server's clock is moved far
+    past the bake (heartbeats stay fresh across the jump) — and resumed, it finishes."""
+    clock = TestClock()
+    plane = await make_harness(clock=clock, **STEADY)
     async with running(fleet(plane.address, plane.token, 3)) as sim:
         rollouts = Rollouts(plane.channel)
         v1 = await plane.upload(archive("v1"))
-        created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(1))
+        created = await rollouts.create(v1, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(60))
         await rollouts.watch(created.id, until=[pb.ROLLOUT_STATE_RUNNING])
         paused = (
             await rollouts.stub.PauseRollout(
@@ -222,7 +271,18 @@ async def test_pause_holds_and_resume_continues(plane: Harness) -> None:
             )
         ).rollout
         assert paused.state == pb.ROLLOUT_STATE_PAUSED and paused.reason == "checking graphs"
-        await asyncio.sleep(2.5)
+
+        async def beat_on_v1() -> None:
+            # Step 0's node (written as the rollout started) runs v1 and has beaten
+            # since: all its gate would ask for.
+            written = [n for n in await rollouts.nodes(created.id) if n.assigned_revision]
+            for node in written:
+                beats = await plane.nodes.ListHeartbeats(node_pb2.ListHeartbeatsRequest(node_id=node.node_id))
+                assert any(h.applied_digest == v1 for h in beats.heartbeats), beats
+
+        await eventually(beat_on_v1, what="a heartbeat of step 0's node on v1")
+        clock.advance(timedelta(minutes=2))  # the bake over, the step deadline not
+        await driver_passes(plane.app, 5)
         still = await rollouts.get(created.id)
         assert still.state == pb.ROLLOUT_STATE_PAUSED
         assert [s.state for s in still.steps[1:]] == [pb.STEP_STATE_PENDING] * 2
@@ -231,7 +291,8 @@ async def test_pause_holds_and_resume_continues(plane: Harness) -> None:
             pb.ResumeRolloutRequest(project="default", rollout_id=created.id)
         )
         assert resumed.rollout.state == pb.ROLLOUT_STATE_RUNNING
-        assert (await rollouts.watch(created.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        seen = await watch_past_bakes(rollouts, created.id, clock, timedelta(seconds=60))
+        assert seen.last_state == pb.ROLLOUT_STATE_SUCCEEDED
         assert {n.digest for n in sim.nodes} == {v1}
 
 
@@ -327,7 +388,7 @@ async def test_cancel_keeps_nodes_on_the_bundle_and_puts_back_the_others(plane: 
                 break
             await asyncio.sleep(0.1)
         assert away.digest == v1 and v2 not in {o.digest for o in away.observed}, away.observed
-        await asyncio.sleep(0.5)
+        assert await desired(plane, [n.node_id for n in sim.nodes]) == [v2, v1, v2]
         assert [n.digest for n in sim.nodes] == [v2, v1, v2]
 
         # A FAILED rollout (auto-rollback off): cancelling it takes the NACKing node off v3.
@@ -346,6 +407,14 @@ async def test_cancel_keeps_nodes_on_the_bundle_and_puts_back_the_others(plane: 
             await asyncio.sleep(0.1)
         assert nacking.observed[-1].digest == v2 and nacking.digest == v2
         assert {n.digest for n in sim.nodes[1:]} == {v3}
+
+
+async def desired(plane: Harness, node_ids: list[str]) -> list[str]:
+    """What the server wants each node to run: a write the nodes have yet to hear of
+    shows here at once (where waiting on the nodes would need a sleep)."""
+    return [
+        (await plane.nodes.GetNode(node_pb2.GetNodeRequest(node_id=n))).node.desired_digest for n in node_ids
+    ]
 
 
 async def recorded_active(rollouts: Rollouts, rollout_id: str, count: int) -> None:
@@ -385,7 +454,8 @@ async def test_rollback_never_restores_a_revoked_bundle(plane: Harness) -> None:
         assert back.rollout.state == pb.ROLLOUT_STATE_ROLLED_BACK
         nodes = await rollouts.nodes(upgrade.id)
         assert all("not restored" in n.error and "revoked" in n.error for n in nodes), nodes
-        await asyncio.sleep(1.0)
+        await driver_passes(plane.app, 2)  # nor by a later pass
+        assert set(await desired(plane, [n.node_id for n in sim.nodes])) == {v2}
         assert {n.digest for n in sim.nodes} == {v2}
 
 

@@ -23,7 +23,18 @@ from tests.conftest import HarnessFactory
 from tests.support.clock import TestClock
 from tests.support.harness import Harness
 from tests.support.refusals import expect
-from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running, seconds
+from tests.support.rollout_fleet import (
+    FAST,
+    STEADY,
+    Rollouts,
+    archive,
+    driver_passes,
+    fleet,
+    pb,
+    running,
+    seconds,
+    watch_past_bakes,
+)
 
 
 @pytest.fixture
@@ -133,7 +144,15 @@ async def audit_entries(plane: Harness, action: str) -> list[dict[str, Any]]:
     return [json_format.MessageToDict(e) for e in reply.events]
 
 
-async def test_freeze_windows_block_create_and_hold_start_and_advance(plane: Harness) -> None:
+async def test_freeze_windows_block_create_and_hold_start_and_advance(make_harness: HarnessFactory) -> None:
+    """Times are the server's clock, moved by the test to the scheduled start
+    (heartbeats stay fresh across the jump)."""
+    clock = TestClock()
+    plane = await make_harness(clock=clock, **STEADY)
+
+    def at(delta: timedelta) -> Timestamp:
+        return stamp(clock() + delta)
+
     async with running(fleet(plane.address, plane.token, 2)) as sim:
         v1 = await plane.upload(archive("v1"))
         rollouts = Rollouts(plane.channel)
@@ -147,9 +166,10 @@ async def test_freeze_windows_block_create_and_hold_start_and_advance(plane: Har
         # Start: a scheduled rollout whose time comes inside a window waits for it to end.
         v2 = await plane.upload(archive("v2"))
         scheduled = await rollouts.create(
-            v2, scheduled_at=at(timedelta(seconds=2)), rolling=pb.RollingParams(batch_size=1)
+            v2, scheduled_at=at(timedelta(hours=1)), rolling=pb.RollingParams(batch_size=1)
         )
-        window = await freeze(rollouts, "late", at(timedelta(seconds=1)), at(timedelta(hours=1)), "x")
+        window = await freeze(rollouts, "late", at(timedelta(minutes=30)), at(timedelta(hours=2)), "x")
+        clock.advance(timedelta(hours=1))
         held = await rollouts.wait_state(scheduled.id, pb.ROLLOUT_STATE_PENDING)
         for _ in range(50):
             held = await rollouts.get(scheduled.id)
@@ -253,7 +273,9 @@ async def test_approvals_need_distinct_operators_other_than_the_creator(plane: H
             grpc.StatusCode.ALREADY_EXISTS, approve(bobs_alias), "approvals from one line count once"
         )
         assert len((await rollouts.get(created.id)).approvals) == 1
-        await asyncio.sleep(0.5)
+        await driver_passes(plane.app, 3)
+        waiting = await rollouts.get(created.id)
+        assert waiting.state == pb.ROLLOUT_STATE_PENDING_APPROVAL and not waiting.steps[0].revision
         assert {n.digest for n in sim.nodes} == {""}, "nothing may start before approval"
         two = (await approve(carol)).rollout
         assert {a.actor for a in two.approvals} == {
@@ -296,7 +318,7 @@ async def test_scheduled_rollouts_start_on_time_and_can_be_cancelled_while_waiti
     cancelled while it waited never starts. Heartbeats stay fresh across the jump (offline
     and gate staleness far longer than it), so only the schedule is under test."""
     clock = TestClock()
-    plane = await make_harness(clock=clock, **{**FAST, "offline_after": timedelta(days=1)})
+    plane = await make_harness(clock=clock, **STEADY)
     async with running(fleet(plane.address, plane.token, 2)) as sim:
         v0, v1 = await plane.upload(archive("v0")), await plane.upload(archive("v1"))
         rollouts = Rollouts(plane.channel)
@@ -328,7 +350,10 @@ async def test_scheduled_rollouts_start_on_time_and_can_be_cancelled_while_waiti
         assert not any(step.revision for step in never.steps)
 
 
-async def test_pinned_nodes_are_skipped_and_reported(plane: Harness) -> None:
+async def test_pinned_nodes_are_skipped_and_reported(make_harness: HarnessFactory) -> None:
+    # Bakes are cut short by moving the server's clock (heartbeats stay fresh for a day).
+    clock = TestClock()
+    plane = await make_harness(clock=clock, **STEADY)
     async with running(fleet(plane.address, plane.token, 4)) as sim:
         v1, v2 = await plane.upload(archive("v1")), await plane.upload(archive("v2"))
         rollouts = Rollouts(plane.channel)
@@ -336,13 +361,17 @@ async def test_pinned_nodes_are_skipped_and_reported(plane: Harness) -> None:
         await rollouts.stub.PinNode(
             pb.PinNodeRequest(project="default", node_id=ids[0], digest=v1, reason="canary host")
         )
-        created = await rollouts.create(v2, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(0.5))
+        bake = timedelta(seconds=60)
+        created = await rollouts.create(
+            v2, rolling=pb.RollingParams(batch_size=1), bake_time=seconds(bake.total_seconds())
+        )
         assert "1 pinned node(s) skipped" in (await rollouts.events(created.id))[0].message
         # Pinned during the rollout: skipped when its step comes.
         await rollouts.stub.PinNode(
             pb.PinNodeRequest(project="default", node_id=ids[3], digest=v1, reason="hold")
         )
-        assert (await rollouts.watch(created.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
+        seen = await watch_past_bakes(rollouts, created.id, clock, bake)
+        assert seen.last_state == pb.ROLLOUT_STATE_SUCCEEDED
         states = {n.node_id: n for n in await rollouts.nodes(created.id)}
         assert states[ids[0]].state == pb.NODE_STATE_SKIPPED and "pinned" in states[ids[0]].error
         assert states[ids[3]].state == pb.NODE_STATE_SKIPPED

@@ -3,12 +3,26 @@ gRPC, RolloutService and WatchRollout; on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from tests.conftest import HarnessFactory
+from tests.support.clock import TestClock
 from tests.support.eventually import eventually
 from tests.support.harness import Harness
-from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running, seconds
+from tests.support.rollout_fleet import (
+    FAST,
+    STEADY,
+    Rollouts,
+    archive,
+    canary_sampled,
+    fleet,
+    pb,
+    running,
+    seconds,
+    watch_past_bakes,
+)
 
 
 @pytest.fixture
@@ -59,7 +73,12 @@ async def test_all_at_once_is_one_step(plane: Harness) -> None:
         assert {n.digest for n in sim.nodes} == {v1}
 
 
-async def test_canary_promotes_through_cumulative_steps(plane: Harness) -> None:
+async def test_canary_promotes_through_cumulative_steps(make_harness: HarnessFactory) -> None:
+    """Bakes are cut short by moving the server's clock past them (nodes go offline
+    after a day, gates call a beat stale after 3 s): an analysed step's once its canary
+    nodes sent the heartbeats the analysis needs, so no analysis waits for samples."""
+    clock = TestClock()
+    plane = await make_harness(clock=clock, **{**STEADY, "gate_stale_after": FAST["offline_after"]})
     async with running(fleet(plane.address, plane.token, 10)) as sim:
         v1 = await plane.upload(archive("v1"))
         rollouts = Rollouts(plane.channel)
@@ -70,7 +89,9 @@ async def test_canary_promotes_through_cumulative_steps(plane: Harness) -> None:
             bake_time=seconds(2),
         )
         assert [s.node_count for s in created.steps] == [1, 4, 5]
-        seen = await rollouts.watch(created.id)
+
+        sampled = canary_sampled(plane, rollouts, created.id, v1, 2)
+        seen = await watch_past_bakes(rollouts, created.id, clock, timedelta(seconds=2), sampled)
         assert seen.last_state == pb.ROLLOUT_STATE_SUCCEEDED, seen.messages("state")
         done = await rollouts.get(created.id)
         analyses = [a for s in done.steps for a in s.analyses]

@@ -14,19 +14,30 @@ import pytest
 
 from controlplane.api.notification.v1 import notification_pb2 as npb
 from controlplane.api.notification.v1 import notification_pb2_grpc
+from controlplane.domain.rollouts.webhooks import BACKOFF_BASE
 from tests.conftest import HarnessFactory
+from tests.support.clock import TestClock
 from tests.support.eventually import eventually
 from tests.support.harness import Harness
 from tests.support.receivers import Receiver
 from tests.support.refusals import expect
-from tests.support.rollout_fleet import FAST, Rollouts, archive, fleet, pb, running, seconds
+from tests.support.rollout_fleet import STEADY, Rollouts, archive, fleet, pb, running, seconds
 
 SECRET = "gate-secret"
 
 
 @pytest.fixture
-async def plane(make_harness: HarnessFactory) -> Harness:
-    return await make_harness(**FAST, outbound_allow=("127.0.0.0/8",), notify_timeout=timedelta(seconds=2))
+def clock() -> TestClock:
+    return TestClock()
+
+
+@pytest.fixture
+async def plane(make_harness: HarnessFactory, clock: TestClock) -> Harness:
+    # A gate's retries are spaced on the server's clock: the tests move it past the
+    # backoff instead of waiting it out (heartbeats stay fresh across the jump).
+    return await make_harness(
+        clock=clock, **STEADY, outbound_allow=("127.0.0.0/8",), notify_timeout=timedelta(seconds=2)
+    )
 
 
 @pytest.fixture
@@ -54,8 +65,20 @@ def calls(receiver: Receiver, phase: str) -> list[dict[str, object]]:
     return [r.json for r in receiver.received if r.headers.get("X-Controlplane-Gate") == phase]
 
 
+async def past_backoff(rollouts: Rollouts, rollout_id: str, clock: TestClock, failed: str) -> None:
+    """Once the rollout recorded the failed call `failed` names, move the server's clock
+    past the backoff before the next attempt."""
+
+    async def recorded() -> None:
+        messages = [e.message for e in await rollouts.events(rollout_id)]
+        assert any(failed in m for m in messages), messages
+
+    await eventually(recorded, what=f"the gate call {failed!r} recorded")
+    clock.advance(BACKOFF_BASE)
+
+
 async def test_a_gate_answering_503_then_200_holds_then_releases_the_step(
-    plane: Harness, receiver: Receiver
+    plane: Harness, receiver: Receiver, clock: TestClock
 ) -> None:
     async with running(fleet(plane.address, plane.token, 2)) as sim:
         channel_id = await webhook_channel(plane, receiver.url)
@@ -68,6 +91,7 @@ async def test_a_gate_answering_503_then_200_holds_then_releases_the_step(
             gates=pb.HealthGates(),
             webhooks=[gate(pb.WEBHOOK_PHASE_PRE_PROMOTION, channel_id)],
         )
+        await past_backoff(rollouts, created.id, clock, "pre_promotion, attempt 1: failed")
         assert (await rollouts.watch(created.id)).last_state == pb.ROLLOUT_STATE_SUCCEEDED
         assert {n.digest for n in sim.nodes} == {v1}
         made = calls(receiver, "pre_promotion")
@@ -83,7 +107,7 @@ async def test_a_gate_answering_503_then_200_holds_then_releases_the_step(
 
 
 async def test_a_gate_that_keeps_failing_pauses_and_a_resume_retries_it(
-    plane: Harness, receiver: Receiver
+    plane: Harness, receiver: Receiver, clock: TestClock
 ) -> None:
     async with running(fleet(plane.address, plane.token, 1)):
         channel_id = await webhook_channel(plane, receiver.url)
@@ -96,6 +120,7 @@ async def test_a_gate_that_keeps_failing_pauses_and_a_resume_retries_it(
             gates=pb.HealthGates(),
             webhooks=[gate(pb.WEBHOOK_PHASE_POST_STEP, channel_id, max_attempts=2)],
         )
+        await past_backoff(rollouts, created.id, clock, "post_step, attempt 1: failed")
         paused = await rollouts.wait_state(created.id, pb.ROLLOUT_STATE_PAUSED)
         assert "webhook gate post_step at step 0 failed 2 time(s)" in paused.reason, paused.reason
         receiver.default = 200

@@ -5,6 +5,7 @@ activation) see it pass."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 
@@ -16,6 +17,11 @@ class TestClock:
 
     def __call__(self) -> datetime:
         return datetime.now(UTC) + self._offset
+
+    def monotonic(self) -> float:
+        """`time.monotonic` moved by the same jumps: for what measures its own deadlines
+        (a lease holder's `Leases.monotonic`)."""
+        return time.monotonic() + self._offset.total_seconds()
 
     def advance(self, by: timedelta | float) -> datetime:
         self._offset += by if isinstance(by, timedelta) else timedelta(seconds=by)

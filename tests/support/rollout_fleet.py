@@ -4,8 +4,9 @@ simulated fleet of real agents, and a RolloutService client that follows WatchRo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -17,8 +18,14 @@ from google.protobuf.duration_pb2 import Duration
 
 from agent_stub.backoff import BackoffPolicy
 from agent_stub.simulator import FleetConfig, FleetSimulator, MetricsProfile
+from controlplane.api.node.v1 import node_pb2
 from controlplane.api.rollout.v1 import drift_pb2_grpc, rollout_pb2, rollout_pb2_grpc
+from controlplane.bootstrap import App
+from controlplane.domain.drift import SweepResult
+from controlplane.domain.rollouts.driver import PassResult
 from tests.support.archives import bundle
+from tests.support.clock import TestClock
+from tests.support.harness import Harness
 from tests.support.processes import FAST_AGENT_ARGS
 
 pb = rollout_pb2
@@ -39,6 +46,11 @@ FAST = {
     "drift_grace": timedelta(seconds=2),
     "lease_ttl": timedelta(seconds=3),
 }
+
+# FAST, but nodes go offline, and heartbeats go stale, only after a day: for a server on
+# a TestClock (tests/support/clock.py) that the test moves past bakes, schedules and
+# failure windows instead of waiting for them.
+STEADY = {**FAST, "offline_after": timedelta(days=1)}
 
 # The same for a server process (e2e): `@pytest.mark.server_args(*SERVER_ARGS)`.
 SERVER_ARGS = ("--rollout-tick", "0.1", "--lease-ttl", "3", "--offline-after", "3")
@@ -199,6 +211,43 @@ class Rollouts:
             await asyncio.sleep(0.1)
 
 
+async def watch_past_bakes(
+    rollouts: Rollouts,
+    rollout_id: str,
+    clock: TestClock,
+    bake: timedelta,
+    ready: Callable[[pb.Step], Awaitable[bool]] | None = None,
+    timeout: float = 60.0,
+) -> Watched:
+    """Follow the rollout to its end (`Rollouts.watch`), moving the server's `clock` on
+    by `bake` as each step's bake begins (the step BAKING, its gates passing), so no bake
+    is waited out; with `ready`, once that also says the step is ready (a canary's
+    samples are in). Heartbeats must stay fresh across the jumps: the server's
+    `offline_after` far longer than they add up to."""
+    jumped: set[int] = set()
+
+    async def cut() -> None:
+        while True:
+            for step in (await rollouts.get(rollout_id)).steps:
+                if (
+                    step.index not in jumped
+                    and step.state == pb.STEP_STATE_BAKING
+                    and not step.HasField("gate_failing_since")
+                    and (ready is None or await ready(step))
+                ):
+                    jumped.add(step.index)
+                    clock.advance(bake)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.get_running_loop().create_task(cut())
+    try:
+        return await rollouts.watch(rollout_id, timeout)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class _Authorized:
     """A channel whose calls carry `metadata` (an operator's API key) unless given their own."""
 
@@ -221,6 +270,76 @@ class _Authorized:
             return invoke
 
         return multicallable
+
+
+def canary_sampled(
+    plane: Harness, rollouts: Rollouts, rollout_id: str, digest: str, need: int
+) -> Callable[[pb.Step], Awaitable[bool]]:
+    """For `watch_past_bakes`: a step is ready once the canary nodes so far (the
+    rollout's nodes up to that step) sent `need` heartbeats on `digest` since it applied,
+    the samples its analysis counts; so no analysis lacks them when the bake is over."""
+
+    async def sampled(step: pb.Step) -> bool:
+        canary = [n.node_id for n in await rollouts.nodes(rollout_id) if n.step <= step.index]
+        applied = step.applied_at.ToDatetime()
+        samples = 0
+        for node_id in canary:
+            beats = await plane.nodes.ListHeartbeats(node_pb2.ListHeartbeatsRequest(node_id=node_id))
+            on_digest = [h for h in beats.heartbeats if h.applied_digest == digest]
+            samples += sum(1 for h in on_digest if h.received_at.ToDatetime() > applied)
+        return samples >= need
+
+    return sampled
+
+
+async def driver_passes(app: App, count: int, timeout: float = 30.0) -> None:
+    """Wait until the app's rollout driver has made `count` whole passes that began after
+    this call: what it would have done to a rollout by now, it has done (an event to wait
+    for where a test would otherwise sleep through a few ticks)."""
+    driver = app.driver
+    inner = driver.on_pass
+    done = 0
+    enough = asyncio.Event()
+
+    def counting(result: PassResult) -> None:
+        nonlocal done
+        inner(result)
+        done += 1
+        if done > count:  # the first may have begun before the call
+            enough.set()
+
+    driver.on_pass = counting
+    try:
+        await asyncio.wait_for(enough.wait(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"{done} driver pass(es) within {timeout}s, want {count + 1}") from None
+    finally:
+        driver.on_pass = inner
+
+
+async def drift_sweeps(app: App, count: int, timeout: float = 30.0) -> None:
+    """Wait until the app's drift detector has made `count` whole sweeps that began after
+    this call (where a test would otherwise sleep through a few sweep intervals)."""
+    detector = app.drift
+    sweep = detector.sweep
+    done = 0
+    enough = asyncio.Event()
+
+    async def counting() -> SweepResult:
+        nonlocal done
+        result = await sweep()
+        done += 1
+        if done > count:  # the first may have begun before the call
+            enough.set()
+        return result
+
+    detector.sweep = counting  # type: ignore[method-assign]
+    try:
+        await asyncio.wait_for(enough.wait(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"{done} drift sweep(s) within {timeout}s, want {count + 1}") from None
+    finally:
+        del detector.sweep  # back to the method
 
 
 def bad(error_rate: float = 0.3, p99: float = 900.0) -> MetricsProfile:

@@ -17,6 +17,7 @@ cells are also written down here by hand, so that a wrong edit of the table fail
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from functools import partial
 
@@ -132,24 +133,38 @@ async def check_matrix(h: Harness, w: World) -> None:
     seen: dict[grpc.StatusCode, int] = {}
     # A bare channel: the harness's own signs credential-less calls as its admin.
     async with grpc.aio.insecure_channel(h.address) as channel:
+
+        async def cell(case: Case, rpc: Rpc, caller: Caller, want: grpc.StatusCode, request: Request) -> None:
+            name = f"{case.label} x {caller.name}"
+            written = CRITICAL.get((case.label, caller.name))
+            if written is not None and written != want:
+                wrong.append(f"{name}: POLICY implies {want.name}, but it must be {written.name}")
+            got = await unless_lost(rpc, partial(answer, channel, rpc, request, metadata=caller.metadata))
+            seen[got.code] = seen.get(got.code, 0) + 1
+            if got.code is not want:
+                wrong.append(f"{name}: expected {want.name}, got {got.code.name} ({got.details})")
+            elif want is OK and got.reply is None:
+                wrong.append(f"{name}: OK, but no {describe(rpc)} arrived")
+
         for case in CASES:
             rpc = rpcs[case.rpc]
             # Denied cells share one request; a cell meant to succeed on a target it uses
-            # up gets a target of its own.
+            # up gets a target of its own, all made at once (a rollout's waits overlap).
             shared = await case.build(w)
-            for caller in w.callers.values():
-                want = expected(POLICY[rpc.path], caller, case, shared)
-                request = await case.build(w) if case.fresh and want is OK else shared
-                cell = f"{case.label} x {caller.name}"
-                written = CRITICAL.get((case.label, caller.name))
-                if written is not None and written != want:
-                    wrong.append(f"{cell}: POLICY implies {want.name}, but it must be {written.name}")
-                got = await unless_lost(rpc, partial(answer, channel, rpc, request, metadata=caller.metadata))
-                seen[got.code] = seen.get(got.code, 0) + 1
-                if got.code is not want:
-                    wrong.append(f"{cell}: expected {want.name}, got {got.code.name} ({got.details})")
-                elif want is OK and got.reply is None:
-                    wrong.append(f"{cell}: OK, but no {describe(rpc)} arrived")
+            wants = {c.name: expected(POLICY[rpc.path], c, case, shared) for c in w.callers.values()}
+            served = [c for c in w.callers.values() if wants[c.name] is OK]
+            built = (
+                await asyncio.gather(*(case.build(w) for _ in served))
+                if case.fresh
+                else [shared] * len(served)
+            )
+            # Refusals change nothing: they go at once. Calls meant to succeed go one by one,
+            # as a client would make them.
+            await asyncio.gather(
+                *(cell(case, rpc, c, wants[c.name], shared) for c in w.callers.values() if c not in served)
+            )
+            for caller, request in zip(served, built, strict=True):
+                await cell(case, rpc, caller, OK, request)
     assert not wrong, f"{len(wrong)} wrong cell(s):\n" + "\n".join(wrong)
     # Every caller was tried on every case, and each verdict really happened.
     assert sum(seen.values()) == len(CASES) * len(w.callers)

@@ -1,29 +1,51 @@
 """Bad inputs get INVALID_ARGUMENT naming the field or member, never INTERNAL, and a bad
 value is never echoed whole: errors quote a bounded prefix and stay far inside a
 client's metadata limit (16 KiB), so the caller sees the field-naming INVALID_ARGUMENT
-rather than the transport's RESOURCE_EXHAUSTED."""
+rather than the transport's RESOURCE_EXHAUSTED.
+
+Every call here is refused and writes nothing: the module's tests share one control
+plane on each backend."""
 
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.node.v1 import node_pb2 as npb
 from controlplane.api.rollout.v1 import rollout_pb2 as rpb
 from controlplane.api.rollout.v1 import rollout_pb2_grpc
+from tests.conftest import BACKENDS
 from tests.support.archives import member, tar_zst
 from tests.support.harness import Harness
+from tests.support.module_plane import module_harnesses
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 MIB = 1024 * 1024
 # What a message may hold: enough for any field name and a readable prefix of the value.
 BOUND = 2048
 
 SHA = "sha256:" + "0" * 64
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def harness(
+    module_backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Harness]:
+    directory = tmp_path_factory.mktemp(f"bounded-errors-{module_backend}")
+    async with module_harnesses(module_backend, request, directory) as make_harness:
+        yield await make_harness()
 
 
 def cases(h: Harness) -> dict[str, tuple[Callable[[], Awaitable[Any]], str]]:

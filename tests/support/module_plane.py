@@ -3,10 +3,11 @@ costly world (a real Prometheus scraping a simulated fleet, a world of callers) 
 interfere with each other through it.
 
 A module-scoped fixture runs on the module's event loop: the module sets
-`pytestmark = pytest.mark.asyncio(loop_scope="module")` and its async fixtures
-`loop_scope="module"` (`pytest_asyncio.fixture`). Its database is a copy of the run's template, as a test's own
-(`migrated_url` in tests/conftest.py), and its control planes are stopped as a test's
-are (`_harnesses`: a stop that leaves a connection open fails).
+`pytestmark = pytest.mark.asyncio(loop_scope="module")` and declares its async fixtures
+with `pytest_asyncio.fixture(..., loop_scope="module")`. Its database is a copy of the
+run's template, as a test's own (`migrated_url` in tests/conftest.py), and its control
+planes are stopped as a test's are (`_harnesses`: a stop that leaves a connection open
+fails).
 """
 
 from __future__ import annotations

@@ -29,13 +29,18 @@ async def module_harnesses(
 ) -> AsyncIterator[HarnessFactory]:
     """Start control planes on a migrated database of `backend` of their own, with
     `directory` as their data directory's parent; all stopped on exit."""
-    async with _migrated(backend, request, directory) as url:
+    async with migrated_database(backend, request, directory) as url:
         async for factory in _harnesses(directory, url):
             yield factory
 
 
 @contextlib.asynccontextmanager
-async def _migrated(backend: str, request: pytest.FixtureRequest, directory: Path) -> AsyncIterator[str]:
+async def migrated_database(
+    backend: str, request: pytest.FixtureRequest, directory: Path
+) -> AsyncIterator[str]:
+    """A migrated database of `backend` for the caller alone: on SQLite a copy of the
+    template in `directory`/data (where a control plane on `directory` looks), on
+    PostgreSQL a copy from the run's supply, dropped after."""
     if backend == "sqlite":
         template: Path = request.getfixturevalue("sqlite_template")
         target = directory / "data" / "controlplane.db"

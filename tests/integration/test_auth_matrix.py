@@ -18,6 +18,7 @@ cells are also written down here by hand, so that a wrong edit of the table fail
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 
@@ -120,6 +121,18 @@ async def test_every_rpc_by_every_caller(make_harness: HarnessFactory) -> None:
         await w.close()
 
 
+@dataclass
+class Prepared:
+    """A case's requests, and the answer each caller must get."""
+
+    case: Case
+    rpc: Rpc
+    shared: Request
+    wants: dict[str, grpc.StatusCode]
+    served: list[Caller]
+    built: list[Request]
+
+
 async def check_matrix(h: Harness, w: World) -> None:
     rpcs = {r.name: r for r in all_rpcs()}
     unmatched = {c.rpc for c in CASES} ^ set(rpcs)
@@ -146,25 +159,41 @@ async def check_matrix(h: Harness, w: World) -> None:
             elif want is OK and got.reply is None:
                 wrong.append(f"{name}: OK, but no {describe(rpc)} arrived")
 
-        for case in CASES:
-            rpc = rpcs[case.rpc]
+        async def prepare(case: Case) -> Prepared:
             # Denied cells share one request; a cell meant to succeed on a target it uses
             # up gets a target of its own, all made at once (a rollout's waits overlap).
+            rpc = rpcs[case.rpc]
             shared = await case.build(w)
             wants = {c.name: expected(POLICY[rpc.path], c, case, shared) for c in w.callers.values()}
             served = [c for c in w.callers.values() if wants[c.name] is OK]
             built = (
-                await asyncio.gather(*(case.build(w) for _ in served))
+                list(await asyncio.gather(*(case.build(w) for _ in served)))
                 if case.fresh
                 else [shared] * len(served)
             )
-            # Refusals change nothing: they go at once. Calls meant to succeed go one by one,
-            # as a client would make them.
-            await asyncio.gather(
-                *(cell(case, rpc, c, wants[c.name], shared) for c in w.callers.values() if c not in served)
-            )
-            for caller, request in zip(served, built, strict=True):
-                await cell(case, rpc, caller, OK, request)
+            return Prepared(case, rpc, shared, wants, served, built)
+
+        # The next case's requests are made while this case's calls go: each case's
+        # targets are its own, and no call of one case acts on what the next one makes.
+        upcoming = asyncio.create_task(prepare(CASES[0]))
+        try:
+            for i in range(len(CASES)):
+                p = await upcoming
+                if i + 1 < len(CASES):
+                    upcoming = asyncio.create_task(prepare(CASES[i + 1]))
+                # Refusals change nothing: they go at once. Calls meant to succeed go one by one,
+                # as a client would make them.
+                await asyncio.gather(
+                    *(
+                        cell(p.case, p.rpc, c, p.wants[c.name], p.shared)
+                        for c in w.callers.values()
+                        if c not in p.served
+                    )
+                )
+                for caller, request in zip(p.served, p.built, strict=True):
+                    await cell(p.case, p.rpc, caller, OK, request)
+        finally:
+            upcoming.cancel()  # a case that failed leaves none pending
     assert not wrong, f"{len(wrong)} wrong cell(s):\n" + "\n".join(wrong)
     # Every caller was tried on every case, and each verdict really happened.
     assert sum(seen.values()) == len(CASES) * len(w.callers)

@@ -15,9 +15,12 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf.duration_pb2 import Duration
 
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.node.v1 import node_pb2 as npb
+from controlplane.api.notification.v1 import notification_pb2 as npf
+from controlplane.api.notification.v1 import notification_pb2_grpc
 from controlplane.api.rollout.v1 import rollout_pb2 as rpb
 from controlplane.api.rollout.v1 import rollout_pb2_grpc
 from tests.conftest import BACKENDS
@@ -32,6 +35,7 @@ MIB = 1024 * 1024
 BOUND = 2048
 
 SHA = "sha256:" + "0" * 64
+HUGE = Duration(seconds=-(2**63))
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -50,6 +54,7 @@ async def harness(
 
 def cases(h: Harness) -> dict[str, tuple[Callable[[], Awaitable[Any]], str]]:
     rollouts = rollout_pb2_grpc.RolloutServiceStub(h.channel)
+    notify = notification_pb2_grpc.NotificationServiceStub(h.channel)
 
     def register(**fields: Any) -> Awaitable[Any]:
         request = npb.RegisterNodeRequest(
@@ -95,6 +100,27 @@ def cases(h: Harness) -> dict[str, tuple[Callable[[], Awaitable[Any]], str]]:
             lambda: h.nodes.ListNodes(npb.ListNodesRequest(project="p" * MIB)),
             "project",
         ),
+        # Durations past what the server's time type holds (found by test_auth_fuzz.py).
+        "a group window of -2^63 s to update": (
+            lambda: notify.UpdateChannel(
+                npf.UpdateChannelRequest(project="default", channel_id="ch-none", group_window=HUGE)
+            ),
+            "group_window",
+        ),
+        "a group window of -2^63 s to create": (
+            lambda: notify.CreateChannel(
+                npf.CreateChannelRequest(
+                    project="default",
+                    channel=npf.ChannelSpec(
+                        name="huge",
+                        kind=npf.CHANNEL_KIND_WEBHOOK,
+                        url="http://receiver.invalid/hook",
+                        group_window=HUGE,
+                    ),
+                )
+            ),
+            "channel.group_window",
+        ),
     }
 
 
@@ -109,6 +135,8 @@ def cases(h: Harness) -> dict[str, tuple[Callable[[], Awaitable[Any]], str]]:
         "a 100 KB selector to roll out",
         "a 1 MiB digest",
         "a 1 MiB project",
+        "a group window of -2^63 s to update",
+        "a group window of -2^63 s to create",
     ],
 )
 async def test_a_huge_bad_value_gets_a_bounded_field_naming_error(harness: Harness, case: str) -> None:

@@ -69,7 +69,10 @@ def message_out(m: Message) -> pb.NotificationMessage:
 
 
 def _window(d: object, field: str) -> timedelta:
-    value: timedelta = d.ToTimedelta()  # type: ignore[attr-defined]
+    try:
+        value: timedelta = d.ToTimedelta()  # type: ignore[attr-defined]
+    except (OverflowError, ValueError):  # a Duration may hold ±2^63 s; a timedelta ends at 10^9 days
+        raise InvalidArgument("is not a duration this server can represent", field=field) from None
     if value < timedelta(0):
         raise InvalidArgument("must not be negative", field=field)
     return value

@@ -32,7 +32,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import ScalarSelect, Table, bindparam, func, select
 
 from controlplane.api.rollout.v1 import rollout_pb2 as rpb
 from controlplane.config import DEFAULTS, Settings
@@ -223,12 +223,35 @@ class Snapshot:
     revision: int
 
 
+def _count(table: Table) -> ScalarSelect[int]:
+    return select(func.count()).select_from(table).scalar_subquery()
+
+
+def _entries(action: str) -> ScalarSelect[int]:
+    return select(func.count()).select_from(audit_log).where(audit_log.c.action == action).scalar_subquery()
+
+
+# Built once: building a statement of every table costs more than running it.
+_SNAPSHOT = select(
+    *(_count(t).label(t.name) for t in TABLES),
+    select(revision_counter.c.value).scalar_subquery().label("revision"),
+)
+_AUDITED = select(audit_log.c.action).where(audit_log.c.request_id == bindparam("request_id"))
+# What every node, key and project should have an audit entry of its creation for.
+_CREATIONS = select(
+    _count(nodes).label("nodes"),
+    _entries("node.register").label("registered"),
+    _count(api_keys).label("api_keys"),
+    _entries("apikey.create").label("keys_created"),
+    _count(projects).label("projects"),
+    _entries("project.create").label("projects_created"),
+)
+
+
 async def snapshot(h: Harness) -> Snapshot:
     """Every table's row count and the revision counter, in one statement."""
-    columns = [select(func.count()).select_from(t).scalar_subquery().label(t.name) for t in TABLES]
-    columns.append(select(revision_counter.c.value).scalar_subquery().label("revision"))
     async with h.app.engine.connect() as conn:
-        row = (await conn.execute(select(*columns))).one()._mapping
+        row = (await conn.execute(_SNAPSHOT)).one()._mapping
     return Snapshot({t.name: int(row[t.name]) for t in TABLES}, int(row["revision"]))
 
 
@@ -267,11 +290,7 @@ async def _call_once_explained(
         got = await answer(channel, rpc, request, metadata=metadata, timeout=10)
     after = await snapshot(h)
     async with h.app.engine.connect() as conn:
-        audited = list(
-            (
-                await conn.execute(select(audit_log.c.action).where(audit_log.c.request_id == request_id))
-            ).scalars()
-        )
+        audited = list((await conn.execute(_AUDITED, {"request_id": request_id})).scalars())
     changed = {
         t: f"{n} -> {after.counts[t]}"
         for t, n in before.counts.items()
@@ -294,20 +313,10 @@ async def check_nothing_half_written(h: Harness) -> None:
     report = await trail.verify(h.app.store, h.app.store._audit_key)
     assert report.ok, report.reason
     async with h.app.engine.connect() as conn:
-
-        async def count(query: Any) -> int:
-            return int(await conn.scalar(query) or 0)
-
-        def entries(action: str) -> Any:
-            return select(func.count()).select_from(audit_log).where(audit_log.c.action == action)
-
-        assert await count(select(func.count()).select_from(nodes)) <= await count(entries("node.register"))
-        assert await count(select(func.count()).select_from(api_keys)) == await count(
-            entries("apikey.create")
-        )
-        assert await count(select(func.count()).select_from(projects)) == await count(
-            entries("project.create")
-        )
+        made = (await conn.execute(_CREATIONS)).one()
+    assert made.nodes <= made.registered, made
+    assert made.api_keys == made.keys_created, made
+    assert made.projects == made.projects_created, made
 
 
 async def assert_serving(h: Harness) -> None:

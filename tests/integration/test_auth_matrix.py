@@ -17,6 +17,8 @@ cells are also written down here by hand, so that a wrong edit of the table fail
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 
@@ -119,6 +121,18 @@ async def test_every_rpc_by_every_caller(make_harness: HarnessFactory) -> None:
         await w.close()
 
 
+@dataclass
+class Prepared:
+    """A case's requests, and the answer each caller must get."""
+
+    case: Case
+    rpc: Rpc
+    shared: Request
+    wants: dict[str, grpc.StatusCode]
+    served: list[Caller]
+    built: list[Request]
+
+
 async def check_matrix(h: Harness, w: World) -> None:
     rpcs = {r.name: r for r in all_rpcs()}
     unmatched = {c.rpc for c in CASES} ^ set(rpcs)
@@ -132,24 +146,54 @@ async def check_matrix(h: Harness, w: World) -> None:
     seen: dict[grpc.StatusCode, int] = {}
     # A bare channel: the harness's own signs credential-less calls as its admin.
     async with grpc.aio.insecure_channel(h.address) as channel:
-        for case in CASES:
-            rpc = rpcs[case.rpc]
+
+        async def cell(case: Case, rpc: Rpc, caller: Caller, want: grpc.StatusCode, request: Request) -> None:
+            name = f"{case.label} x {caller.name}"
+            written = CRITICAL.get((case.label, caller.name))
+            if written is not None and written != want:
+                wrong.append(f"{name}: POLICY implies {want.name}, but it must be {written.name}")
+            got = await unless_lost(rpc, partial(answer, channel, rpc, request, metadata=caller.metadata))
+            seen[got.code] = seen.get(got.code, 0) + 1
+            if got.code is not want:
+                wrong.append(f"{name}: expected {want.name}, got {got.code.name} ({got.details})")
+            elif want is OK and got.reply is None:
+                wrong.append(f"{name}: OK, but no {describe(rpc)} arrived")
+
+        async def prepare(case: Case) -> Prepared:
             # Denied cells share one request; a cell meant to succeed on a target it uses
-            # up gets a target of its own.
+            # up gets a target of its own, all made at once (a rollout's waits overlap).
+            rpc = rpcs[case.rpc]
             shared = await case.build(w)
-            for caller in w.callers.values():
-                want = expected(POLICY[rpc.path], caller, case, shared)
-                request = await case.build(w) if case.fresh and want is OK else shared
-                cell = f"{case.label} x {caller.name}"
-                written = CRITICAL.get((case.label, caller.name))
-                if written is not None and written != want:
-                    wrong.append(f"{cell}: POLICY implies {want.name}, but it must be {written.name}")
-                got = await unless_lost(rpc, partial(answer, channel, rpc, request, metadata=caller.metadata))
-                seen[got.code] = seen.get(got.code, 0) + 1
-                if got.code is not want:
-                    wrong.append(f"{cell}: expected {want.name}, got {got.code.name} ({got.details})")
-                elif want is OK and got.reply is None:
-                    wrong.append(f"{cell}: OK, but no {describe(rpc)} arrived")
+            wants = {c.name: expected(POLICY[rpc.path], c, case, shared) for c in w.callers.values()}
+            served = [c for c in w.callers.values() if wants[c.name] is OK]
+            built = (
+                list(await asyncio.gather(*(case.build(w) for _ in served)))
+                if case.fresh
+                else [shared] * len(served)
+            )
+            return Prepared(case, rpc, shared, wants, served, built)
+
+        # The next case's requests are made while this case's calls go: each case's
+        # targets are its own, and no call of one case acts on what the next one makes.
+        upcoming = asyncio.create_task(prepare(CASES[0]))
+        try:
+            for i in range(len(CASES)):
+                p = await upcoming
+                if i + 1 < len(CASES):
+                    upcoming = asyncio.create_task(prepare(CASES[i + 1]))
+                # Refusals change nothing: they go at once. Calls meant to succeed go one by one,
+                # as a client would make them.
+                await asyncio.gather(
+                    *(
+                        cell(p.case, p.rpc, c, p.wants[c.name], p.shared)
+                        for c in w.callers.values()
+                        if c not in p.served
+                    )
+                )
+                for caller, request in zip(p.served, p.built, strict=True):
+                    await cell(p.case, p.rpc, caller, OK, request)
+        finally:
+            upcoming.cancel()  # a case that failed leaves none pending
     assert not wrong, f"{len(wrong)} wrong cell(s):\n" + "\n".join(wrong)
     # Every caller was tried on every case, and each verdict really happened.
     assert sum(seen.values()) == len(CASES) * len(w.callers)

@@ -1,33 +1,60 @@
 """Bad inputs get INVALID_ARGUMENT naming the field or member, never INTERNAL, and a bad
 value is never echoed whole: errors quote a bounded prefix and stay far inside a
 client's metadata limit (16 KiB), so the caller sees the field-naming INVALID_ARGUMENT
-rather than the transport's RESOURCE_EXHAUSTED."""
+rather than the transport's RESOURCE_EXHAUSTED.
+
+Every call here is refused and writes nothing: the module's tests share one control
+plane on each backend."""
 
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
+from google.protobuf.duration_pb2 import Duration
 
 from controlplane.api.bundle.v1 import bundle_pb2 as bpb
 from controlplane.api.node.v1 import node_pb2 as npb
+from controlplane.api.notification.v1 import notification_pb2 as npf
+from controlplane.api.notification.v1 import notification_pb2_grpc
 from controlplane.api.rollout.v1 import rollout_pb2 as rpb
 from controlplane.api.rollout.v1 import rollout_pb2_grpc
+from tests.conftest import BACKENDS
 from tests.support.archives import member, tar_zst
 from tests.support.harness import Harness
+from tests.support.module_plane import module_harnesses
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 MIB = 1024 * 1024
 # What a message may hold: enough for any field name and a readable prefix of the value.
 BOUND = 2048
 
 SHA = "sha256:" + "0" * 64
+HUGE = Duration(seconds=-(2**63))
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def harness(
+    module_backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Harness]:
+    directory = tmp_path_factory.mktemp(f"bounded-errors-{module_backend}")
+    async with module_harnesses(module_backend, request, directory) as make_harness:
+        yield await make_harness()
 
 
 def cases(h: Harness) -> dict[str, tuple[Callable[[], Awaitable[Any]], str]]:
     rollouts = rollout_pb2_grpc.RolloutServiceStub(h.channel)
+    notify = notification_pb2_grpc.NotificationServiceStub(h.channel)
 
     def register(**fields: Any) -> Awaitable[Any]:
         request = npb.RegisterNodeRequest(
@@ -73,6 +100,27 @@ def cases(h: Harness) -> dict[str, tuple[Callable[[], Awaitable[Any]], str]]:
             lambda: h.nodes.ListNodes(npb.ListNodesRequest(project="p" * MIB)),
             "project",
         ),
+        # Durations past what the server's time type holds (found by test_auth_fuzz.py).
+        "a group window of -2^63 s to update": (
+            lambda: notify.UpdateChannel(
+                npf.UpdateChannelRequest(project="default", channel_id="ch-none", group_window=HUGE)
+            ),
+            "group_window",
+        ),
+        "a group window of -2^63 s to create": (
+            lambda: notify.CreateChannel(
+                npf.CreateChannelRequest(
+                    project="default",
+                    channel=npf.ChannelSpec(
+                        name="huge",
+                        kind=npf.CHANNEL_KIND_WEBHOOK,
+                        url="http://receiver.invalid/hook",
+                        group_window=HUGE,
+                    ),
+                )
+            ),
+            "channel.group_window",
+        ),
     }
 
 
@@ -87,6 +135,8 @@ def cases(h: Harness) -> dict[str, tuple[Callable[[], Awaitable[Any]], str]]:
         "a 100 KB selector to roll out",
         "a 1 MiB digest",
         "a 1 MiB project",
+        "a group window of -2^63 s to update",
+        "a group window of -2^63 s to create",
     ],
 )
 async def test_a_huge_bad_value_gets_a_bounded_field_naming_error(harness: Harness, case: str) -> None:

@@ -2,9 +2,12 @@
 
 `PrometheusProcess` runs its own server on a free loopback port with its own config and
 data directory, discovering targets through the control plane's HTTP service discovery,
-and is stopped by its pid. `MetricTargets` serves one `/metrics` page per port (one per
-simulated node) whose values a callback decides, so a node's series follow the bundle
-it runs.
+and is stopped by its pid. Prometheus 2.42 hands discovered targets to its scrapers on
+a fixed 5 s tick (the discovery manager's and the scrape manager's), so a started server
+scrapes its first targets about 5 s in: tests share one where they can.
+
+`MetricTargets` serves one `/metrics` page per port (one per simulated node) whose
+values a callback decides, so a node's series follow the bundle it runs.
 """
 
 from __future__ import annotations
@@ -52,7 +55,23 @@ class PrometheusProcess:
         # JSON is YAML: Prometheus reads it as is.
         (workdir / "prometheus.yml").write_text(json.dumps(config))
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     async def start(self, timeout: float = 30.0) -> None:
+        """Start it and wait until it is ready; on another free port while the one chosen
+        was taken meanwhile (by another process: it had to be chosen before binding)."""
+        for attempt in range(3):
+            try:
+                return await self._start(timeout)
+            except _PortTaken:
+                if attempt == 2:
+                    raise
+                self.port = unused_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+
+    async def _start(self, timeout: float) -> None:
         log = (self.workdir / "prometheus.log").open("wb")
         self.process = subprocess.Popen(  # noqa: ASYNC220 - starts at once, nothing to await
             [
@@ -71,6 +90,8 @@ class PrometheusProcess:
         async with aiohttp.ClientSession() as session:
             while True:
                 if self.process.poll() is not None:
+                    if "address already in use" in self.log():
+                        raise _PortTaken(self.log()[-2000:])
                     raise RuntimeError(f"prometheus exited {self.process.returncode}: {self.log()[-2000:]}")
                 try:
                     async with session.get(f"{self.url}/-/ready") as response:
@@ -106,6 +127,10 @@ class PrometheusProcess:
             await asyncio.to_thread(process.wait, 10)
 
 
+class _PortTaken(RuntimeError):
+    """Prometheus exited: its listen port was taken."""
+
+
 class MetricTargets:
     """One loopback HTTP server per target, each serving `/metrics` in Prometheus's text
     format: `values(index)` gives the metric name → value map of target `index` now."""
@@ -122,10 +147,9 @@ class MetricTargets:
             app.router.add_get("/metrics", self._handler(index))
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
-            port = unused_port()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
             self._runners.append(runner)
-            self.ports.append(port)
+            self.ports.append(int(runner.addresses[0][1]))
 
     def _handler(self, index: int) -> Callable[[web.Request], Any]:
         async def handle(request: web.Request) -> web.Response:

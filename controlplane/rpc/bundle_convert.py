@@ -22,7 +22,7 @@ from controlplane.domain.model.bundles import (
     SigningKey,
 )
 from controlplane.proxies import ProxyKind
-from controlplane.rpc.convert import timestamp
+from controlplane.rpc.convert import duration_in, timestamp
 from controlplane.xds.snapshot import ResourceDiff
 
 STATE = {
@@ -168,18 +168,20 @@ def config_in(message: bundle_pb2.ValidationConfig) -> validators.ValidationConf
         parsers.append(validators.ParserCheck(fmt, tuple(p.paths)))
     commands = []
     for i, c in enumerate(message.commands):
-        timeout = c.timeout.ToTimedelta() if c.HasField("timeout") else validators.DEFAULT_TIMEOUT
+        field = f"config.commands[{i}].timeout"
+        timeout = duration_in(c.timeout, field) if c.HasField("timeout") else validators.DEFAULT_TIMEOUT
         if timeout <= timedelta(0):
-            raise InvalidArgument("must be positive", field=f"config.commands[{i}].timeout")
+            raise InvalidArgument("must be positive", field=field)
         commands.append(validators.CommandCheck(c.name, tuple(c.argv), timeout))
     proxies = []
     for i, x in enumerate(message.proxies):
         kind = _PROXY_IN.get(x.kind)
         if kind is None:
             raise InvalidArgument("name a proxy (NGINX, HAPROXY, ENVOY)", field=f"config.proxies[{i}].kind")
-        timeout = x.timeout.ToTimedelta() if x.HasField("timeout") else validators.DEFAULT_TIMEOUT
+        field = f"config.proxies[{i}].timeout"
+        timeout = duration_in(x.timeout, field) if x.HasField("timeout") else validators.DEFAULT_TIMEOUT
         if timeout <= timedelta(0):
-            raise InvalidArgument("must be positive", field=f"config.proxies[{i}].timeout")
+            raise InvalidArgument("must be positive", field=field)
         proxies.append(validators.ProxyCheck(kind, timeout))
     return validators.ValidationConfig(message.main, tuple(parsers), tuple(commands), tuple(proxies))
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.api.node.v1 import node_pb2
 from controlplane.api.project.v1 import project_pb2
+from controlplane.domain.kernel.errors import InvalidArgument
 from controlplane.domain.model.desired import DesiredRow
 from controlplane.domain.model.fleet import (
     METRIC_NAMES,
@@ -44,6 +46,15 @@ _ENROLLMENT = {
     Enrollment.REGISTERED: node_pb2.NODE_ENROLLMENT_REGISTERED,
     Enrollment.XDS_FIRST_CONTACT: node_pb2.NODE_ENROLLMENT_XDS_FIRST_CONTACT,
 }
+
+
+def duration_in(d: Duration, field: str) -> timedelta:
+    """A request's Duration as a timedelta. A Duration holds up to ±2^63 s, a timedelta
+    ends at 10^9 days: a value past that is refused naming the field, never INTERNAL."""
+    try:
+        return timedelta(seconds=d.seconds, microseconds=d.nanos // 1000)
+    except (OverflowError, ValueError):
+        raise InvalidArgument("is not a duration this server can represent", field=field) from None
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:

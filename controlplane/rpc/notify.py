@@ -6,13 +6,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from controlplane.api.notification.v1 import notification_pb2 as pb
 from controlplane.api.notification.v1 import notification_pb2_grpc
 from controlplane.domain.kernel.errors import InvalidArgument
 from controlplane.domain.model.notify import Channel, ChannelKind, Message, MessageState
 from controlplane.domain.notify.channels import ChannelChange, NotificationDirectory
-from controlplane.rpc.convert import timestamp
+from controlplane.rpc.convert import duration_in, timestamp
 
 KIND = {
     ChannelKind.WEBHOOK: pb.CHANNEL_KIND_WEBHOOK,
@@ -68,11 +69,8 @@ def message_out(m: Message) -> pb.NotificationMessage:
     )
 
 
-def _window(d: object, field: str) -> timedelta:
-    try:
-        value: timedelta = d.ToTimedelta()  # type: ignore[attr-defined]
-    except (OverflowError, ValueError):  # a Duration may hold ±2^63 s; a timedelta ends at 10^9 days
-        raise InvalidArgument("is not a duration this server can represent", field=field) from None
+def _window(d: Duration, field: str) -> timedelta:
+    value = duration_in(d, field)
     if value < timedelta(0):
         raise InvalidArgument("must not be negative", field=field)
     return value

@@ -32,7 +32,7 @@ from controlplane.domain.model.rollouts import (
     Strategy,
 )
 from controlplane.domain.model.webhooks import OnFailure, WebhookGate, WebhookPhase
-from controlplane.rpc.convert import timestamp
+from controlplane.rpc.convert import duration_in, timestamp
 
 STRATEGY = {
     Strategy.ALL_AT_ONCE: pb.STRATEGY_ALL_AT_ONCE,
@@ -46,13 +46,6 @@ STATE_IN = {v: k for k, v in STATE.items()}
 STEP_STATE = {s: pb.StepState.Value(f"STEP_STATE_{s.name}") for s in StepState}
 STEP_KIND = {k: pb.StepKind.Value(f"STEP_KIND_{k.name}") for k in StepKind}
 NODE_STATE = {s: pb.NodeState.Value(f"NODE_STATE_{s.name}") for s in NodeState}
-
-
-def _seconds(d: Duration, field: str) -> timedelta:
-    try:
-        return timedelta(seconds=d.seconds, microseconds=d.nanos // 1000)
-    except (OverflowError, ValueError):
-        raise InvalidArgument("is not a duration this server can represent", field=field) from None
 
 
 def time_in(ts: Timestamp, field: str) -> datetime:
@@ -113,7 +106,7 @@ def spec_in(r: pb.CreateRolloutRequest) -> RolloutSpec:
         )
     for name in ("bake_time", "progress_deadline", "gate_failure_window"):
         if r.HasField(name):
-            values[name] = _seconds(getattr(r, name), name)
+            values[name] = duration_in(getattr(r, name), name)
     if r.HasField("scheduled_at"):
         values["scheduled_at"] = time_in(r.scheduled_at, "scheduled_at")
     if r.HasField("metric_analysis"):
@@ -144,7 +137,7 @@ def _analysis_in(a: pb.MetricAnalysis) -> MetricAnalysis:
                 query=m.query,
                 success_condition=m.success_condition,
                 failure_condition=m.failure_condition,
-                interval=_seconds(m.interval, f"metric_analysis.metrics[{i}].interval")
+                interval=duration_in(m.interval, f"metric_analysis.metrics[{i}].interval")
                 if m.HasField("interval")
                 else d.interval,
                 count=m.count or d.count,
@@ -171,7 +164,7 @@ def _gate_in(i: int, g: pb.WebhookGate) -> WebhookGate:
     return WebhookGate(
         phase=_PHASE_IN[g.phase],
         channel_id=g.channel_id,
-        timeout=_seconds(g.timeout, f"webhooks[{i}].timeout") if g.HasField("timeout") else d.timeout,
+        timeout=duration_in(g.timeout, f"webhooks[{i}].timeout") if g.HasField("timeout") else d.timeout,
         max_attempts=g.max_attempts or d.max_attempts,
         on_failure=OnFailure.ROLLBACK if g.on_failure == pb.WEBHOOK_FAILURE_ROLLBACK else OnFailure.PAUSE,
     )

@@ -121,6 +121,28 @@ def cases(h: Harness) -> dict[str, tuple[Callable[[], Awaitable[Any]], str]]:
             ),
             "channel.group_window",
         ),
+        "a validator command timeout of -2^63 s": (
+            lambda: h.bundles.SetValidationConfig(
+                bpb.SetValidationConfigRequest(
+                    project="default",
+                    config=bpb.ValidationConfig(
+                        commands=[bpb.CommandCheck(name="check", argv=["true"], timeout=HUGE)]
+                    ),
+                )
+            ),
+            "config.commands[0].timeout",
+        ),
+        "a proxy validator timeout of -2^63 s": (
+            lambda: h.bundles.SetValidationConfig(
+                bpb.SetValidationConfigRequest(
+                    project="default",
+                    config=bpb.ValidationConfig(
+                        proxies=[bpb.ProxyCheck(kind=bpb.PROXY_KIND_NGINX, timeout=HUGE)]
+                    ),
+                )
+            ),
+            "config.proxies[0].timeout",
+        ),
     }
 
 
@@ -137,6 +159,8 @@ def cases(h: Harness) -> dict[str, tuple[Callable[[], Awaitable[Any]], str]]:
         "a 1 MiB project",
         "a group window of -2^63 s to update",
         "a group window of -2^63 s to create",
+        "a validator command timeout of -2^63 s",
+        "a proxy validator timeout of -2^63 s",
     ],
 )
 async def test_a_huge_bad_value_gets_a_bounded_field_naming_error(harness: Harness, case: str) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import secrets
@@ -124,13 +125,16 @@ async def database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
         await postgres.drop_database(url)
 
 
-@pytest.fixture
-async def migrated_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[str]:
-    """A database at the latest migration, copied from the run's template. On SQLite it is
-    the file a harness on `tmp_path` opens (`<data_dir>/controlplane.db`)."""
+@contextlib.asynccontextmanager
+async def migrated_database(
+    backend: str, request: pytest.FixtureRequest, directory: Path
+) -> AsyncIterator[str]:
+    """A migrated database of `backend` for the caller alone: on SQLite a copy of the
+    template in `directory`/data (where a control plane on `directory` looks), on
+    PostgreSQL a copy from the run's supply, reset or dropped after."""
     if backend == "sqlite":
         template: Path = request.getfixturevalue("sqlite_template")
-        target = tmp_path / "data" / "controlplane.db"
+        target = directory / "data" / "controlplane.db"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(template, target)
         yield f"sqlite+aiosqlite:///{target}"
@@ -141,6 +145,14 @@ async def migrated_url(backend: str, tmp_path: Path, request: pytest.FixtureRequ
         yield url
     finally:
         supply.discard(url)
+
+
+@pytest.fixture
+async def migrated_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A database at the latest migration, copied from the run's template. On SQLite it is
+    the file a harness on `tmp_path` opens (`<data_dir>/controlplane.db`)."""
+    async with migrated_database(backend, request, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

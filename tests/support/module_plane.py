@@ -13,14 +13,12 @@ fails).
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import HarnessFactory, _harnesses
-from tests.support.dbsupply import DatabaseSupply
+from tests.conftest import HarnessFactory, _harnesses, migrated_database
 
 
 @contextlib.asynccontextmanager
@@ -32,25 +30,3 @@ async def module_harnesses(
     async with migrated_database(backend, request, directory) as url:
         async for factory in _harnesses(directory, url):
             yield factory
-
-
-@contextlib.asynccontextmanager
-async def migrated_database(
-    backend: str, request: pytest.FixtureRequest, directory: Path
-) -> AsyncIterator[str]:
-    """A migrated database of `backend` for the caller alone: on SQLite a copy of the
-    template in `directory`/data (where a control plane on `directory` looks), on
-    PostgreSQL a copy from the run's supply, dropped after."""
-    if backend == "sqlite":
-        template: Path = request.getfixturevalue("sqlite_template")
-        target = directory / "data" / "controlplane.db"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(template, target)
-        yield f"sqlite+aiosqlite:///{target}"
-        return
-    supply: DatabaseSupply = request.getfixturevalue("pg_supply")
-    url = await supply.take()
-    try:
-        yield url
-    finally:
-        supply.discard(url)

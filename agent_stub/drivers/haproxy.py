@@ -5,8 +5,9 @@ the master CLI's `reload` (the master re-executes itself with its arguments, and
 `-C <state>/current` now leads to the new bundle); the driver confirms through the master
 CLI's `show proc` (one more reload, none more failed) and the status frontend answering
 the new digest. A master that runs (the pid file) but is slow to answer its CLI is
-waited for, never started twice. A failed reload leaves the old worker serving; its words come from the
-master's output (`<state>/proxy/haproxy.out`, or `--proxy-log` when attached). Started by
+waited for, never started twice. A failed reload leaves the old worker serving; its
+words come from the master's output (`<state>/proxy/haproxy.out`, or `--proxy-log` when
+attached). Started by
 the agent: `haproxy -W -S <state>/proxy/master.sock -p … -C <state>/current -f
 .agent-haproxy.cfg -f haproxy.cfg`. Attached: the same command run by a service manager;
 the agent talks to its master socket.
@@ -72,17 +73,24 @@ class HaproxyDriver(ProxyDriver):
         pid = read_pid(self.run_dir / haproxy.PID_FILE)
         return pid if pid is not None and alive(pid) and "haproxy" in cmdline(pid) else None
 
+    async def show_proc(self) -> haproxy.Processes | None:
+        """The master's `show proc` once; None when it does not answer."""
+        try:
+            return haproxy.parse_show_proc(await haproxy.cli(self.master_socket, "show proc"))
+        except (CliError, ValueError):
+            return None
+
     async def processes(self) -> haproxy.Processes | None:
         """The master's `show proc`; None when no master runs. A master that runs but does
-        not answer yet (a loaded machine, or the master re-executing itself for a reload)
-        is waited for, up to the confirmation timeout: starting a second HAProxy beside it
-        would serve the old bundle and the new one side by side."""
+        not answer yet (a loaded machine) is waited for, up to the confirmation timeout:
+        starting a second HAProxy beside it would serve the old bundle and the new one
+        side by side."""
 
         async def answer() -> haproxy.Processes | Literal[False] | None:
-            try:
-                return haproxy.parse_show_proc(await haproxy.cli(self.master_socket, "show proc"))
-            except (CliError, ValueError):
-                return None if self.master() is not None else False
+            found = await self.show_proc()
+            if found is None and self.master() is None:
+                return False
+            return found
 
         found = await self.until(answer, f"answer on its master socket {self.master_socket}")
         return found if isinstance(found, haproxy.Processes) else None
@@ -107,7 +115,7 @@ class HaproxyDriver(ProxyDriver):
         self.log.info("proxy.reload", proxy=self.kind, pid=before.master_pid, digest=digest)
 
         async def loaded() -> bool | None:
-            now = await self.processes()
+            now = await self.show_proc()  # None while the master re-executes itself
             if now is None or now.reloads <= before.reloads:
                 return None
             if now.failed_reloads > before.failed_reloads:

@@ -62,6 +62,10 @@ def cases(h: Harness) -> dict[str, tuple[Callable[[], Awaitable[Any]], str]]:
         )
         return h.nodes.RegisterNode(request)
 
+    def validation(**config: Any) -> Awaitable[Any]:
+        request = bpb.SetValidationConfigRequest(project="default", config=bpb.ValidationConfig(**config))
+        return h.bundles.SetValidationConfig(request)
+
     huge_selector = "env=" + "x" * (100 * 1024)
     return {
         "a 1 MiB label value": (lambda: register(labels={"env": "v" * MIB}), "labels['env']"),
@@ -122,25 +126,11 @@ def cases(h: Harness) -> dict[str, tuple[Callable[[], Awaitable[Any]], str]]:
             "channel.group_window",
         ),
         "a validator command timeout of -2^63 s": (
-            lambda: h.bundles.SetValidationConfig(
-                bpb.SetValidationConfigRequest(
-                    project="default",
-                    config=bpb.ValidationConfig(
-                        commands=[bpb.CommandCheck(name="check", argv=["true"], timeout=HUGE)]
-                    ),
-                )
-            ),
+            lambda: validation(commands=[bpb.CommandCheck(name="check", argv=["true"], timeout=HUGE)]),
             "config.commands[0].timeout",
         ),
         "a proxy validator timeout of -2^63 s": (
-            lambda: h.bundles.SetValidationConfig(
-                bpb.SetValidationConfigRequest(
-                    project="default",
-                    config=bpb.ValidationConfig(
-                        proxies=[bpb.ProxyCheck(kind=bpb.PROXY_KIND_NGINX, timeout=HUGE)]
-                    ),
-                )
-            ),
+            lambda: validation(proxies=[bpb.ProxyCheck(kind=bpb.PROXY_KIND_NGINX, timeout=HUGE)]),
             "config.proxies[0].timeout",
         ),
     }

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from controlplane.store.pgconnect import PgConnector
 from tests.support import pgreset
 from tests.support.dbsupply import DatabaseSupply
 
@@ -24,7 +25,7 @@ async def supply(pg_template: str) -> AsyncIterator[DatabaseSupply]:
 
 
 async def connect(url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    return await PgConnector(url).connect()
 
 
 async def exists(url: str) -> bool:

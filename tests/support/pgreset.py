@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
+from controlplane.store.pgconnect import PgConnector
 
 # Every relation, column, constraint, index, sequence, trigger and function of the
 # public schema, in one string: equal strings, equal schemas.
@@ -64,7 +64,7 @@ class TemplateState:
 
 
 async def read_state(url: str) -> TemplateState:
-    conn = await asyncpg.connect(_dsn(url))
+    conn = await PgConnector(url).connect()
     try:
         schema = str(await conn.fetchval(_SCHEMA))
         tables = tuple(str(r[0]) for r in await conn.fetch(_TABLES))
@@ -85,7 +85,7 @@ async def read_state(url: str) -> TemplateState:
 async def reset(url: str, state: TemplateState) -> bool:
     """Put `url` back into `state`; False (and nothing changed) when it cannot be
     reused: a session is still connected to it, or its schema differs."""
-    conn = await asyncpg.connect(_dsn(url))
+    conn = await PgConnector(url).connect()
     try:
         if await conn.fetchval(_OTHERS) or await conn.fetchval(_SCHEMA) != state.schema:
             return False
@@ -101,7 +101,3 @@ async def reset(url: str, state: TemplateState) -> bool:
         return not await conn.fetchval(_OTHERS)
     finally:
         await conn.close()
-
-
-def _dsn(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://")

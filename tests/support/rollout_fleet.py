@@ -292,27 +292,46 @@ def canary_sampled(
     return sampled
 
 
+class _Completions:
+    """Counts the completions of something that runs over and over (the rollout driver's
+    passes, the drift detector's sweeps); `wait` returns once `count` whole ones began
+    after this was made (the first to complete may have begun before)."""
+
+    def __init__(self, count: int, what: str):
+        self.count = count
+        self.what = what
+        self.done = 0
+        self._enough = asyncio.Event()
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.done > self.count:
+            self._enough.set()
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._enough.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"{self.done} {self.what} within {timeout}s, want {self.count + 1}"
+            ) from None
+
+
 async def driver_passes(app: App, count: int, timeout: float = 30.0) -> None:
     """Wait until the app's rollout driver has made `count` whole passes that began after
     this call: what it would have done to a rollout by now, it has done (an event to wait
     for where a test would otherwise sleep through a few ticks)."""
     driver = app.driver
     inner = driver.on_pass
-    done = 0
-    enough = asyncio.Event()
+    passes = _Completions(count, "driver pass(es)")
 
     def counting(result: PassResult) -> None:
-        nonlocal done
         inner(result)
-        done += 1
-        if done > count:  # the first may have begun before the call
-            enough.set()
+        passes.tick()
 
     driver.on_pass = counting
     try:
-        await asyncio.wait_for(enough.wait(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"{done} driver pass(es) within {timeout}s, want {count + 1}") from None
+        await passes.wait(timeout)
     finally:
         driver.on_pass = inner
 
@@ -322,22 +341,16 @@ async def drift_sweeps(app: App, count: int, timeout: float = 30.0) -> None:
     this call (where a test would otherwise sleep through a few sweep intervals)."""
     detector = app.drift
     sweep = detector.sweep
-    done = 0
-    enough = asyncio.Event()
+    sweeps = _Completions(count, "drift sweep(s)")
 
     async def counting() -> SweepResult:
-        nonlocal done
         result = await sweep()
-        done += 1
-        if done > count:  # the first may have begun before the call
-            enough.set()
+        sweeps.tick()
         return result
 
     detector.sweep = counting  # type: ignore[method-assign]
     try:
-        await asyncio.wait_for(enough.wait(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"{done} drift sweep(s) within {timeout}s, want {count + 1}") from None
+        await sweeps.wait(timeout)
     finally:
         del detector.sweep  # back to the method
 
